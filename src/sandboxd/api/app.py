@@ -1,0 +1,252 @@
+"""Control-plane routes (field guide §2). Each handler validates, calls the manager, serializes."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+from datetime import datetime
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from sandboxd.api import serialize
+from sandboxd.api.models import ConnectBody, NewSandbox, TimeoutBody
+from sandboxd.core.errors import BadRequest, SandboxdError
+from sandboxd.core.manager import Sandbox, SandboxManager
+
+MAX_LIMIT = 100
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"code": status, "message": message}, status_code=status, headers=headers)
+
+
+async def _body(request: Request, model: type[BaseModel], required: bool = True) -> Any:
+    raw = await request.body()
+    if not raw.strip():
+        if required:
+            raise BadRequest("request body is required (JSON)")
+        raw = b"{}"
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise BadRequest(f"request body is not valid JSON: {e}") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}" for err in e.errors())
+        raise BadRequest(f"invalid request body: {problems}") from None
+
+
+class ApiKeyAuth:
+    """`X-API-KEY` on every control-plane route except `/health`."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.api_key = api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = next((v for k, v in scope["headers"] if k == b"x-api-key"), None)
+            if given is None:
+                await error(401, "missing API key: send it in the X-API-KEY header")(scope, receive, send)
+                return
+            if not hmac.compare_digest(given, self.api_key):
+                await error(401, "invalid API key")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _parse_metadata_filter(raw: str) -> dict[str, str]:
+    # The SDK url-encodes `k=v&k2=v2` (each key and value quoted) and the HTTP client encodes it again.
+    return {unquote(k): unquote(v) for k, v in parse_qsl(raw, keep_blank_values=True)}
+
+
+def _encode_token(s: Sandbox) -> str:
+    return base64.urlsafe_b64encode(f"{s.record.started_at!r}|{s.id}".encode()).decode()
+
+
+def _decode_token(token: str) -> tuple[float, str]:
+    try:
+        started, _, sid = base64.urlsafe_b64decode(token.encode()).decode().partition("|")
+        return float(started), sid
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise BadRequest("nextToken is not a token this server issued") from None
+
+
+def build_control_plane(manager: SandboxManager, api_key: str) -> ASGIApp:
+    async def health(request: Request) -> Response:
+        return Response(status_code=204)
+
+    async def create(request: Request) -> Response:
+        body: NewSandbox = await _body(request, NewSandbox)
+        sandbox = await manager.create(
+            body.template_id,
+            timeout=body.timeout,
+            metadata=body.metadata,
+            env_vars=body.env_vars,
+            auto_pause=body.auto_pause,
+        )
+        return JSONResponse(serialize.sandbox_created(sandbox), status_code=201)
+
+    async def get_info(request: Request) -> Response:
+        return JSONResponse(serialize.sandbox_detail(manager.get(request.path_params["sandbox_id"])))
+
+    async def kill(request: Request) -> Response:
+        sandbox_id = request.path_params["sandbox_id"]
+        if not await manager.kill(sandbox_id):
+            return error(404, f"sandbox '{sandbox_id}' not found")
+        return Response(status_code=204)
+
+    async def set_timeout(request: Request) -> Response:
+        body: TimeoutBody = await _body(request, TimeoutBody)
+        manager.set_timeout(request.path_params["sandbox_id"], body.timeout)
+        return Response(status_code=204)
+
+    async def connect(request: Request) -> Response:
+        body: ConnectBody = await _body(request, ConnectBody, required=False)
+        sandbox, resumed = await manager.connect(request.path_params["sandbox_id"], body.timeout)
+        return JSONResponse(serialize.sandbox_created(sandbox), status_code=201 if resumed else 200)
+
+    async def pause(request: Request) -> Response:
+        await manager.pause(request.path_params["sandbox_id"])
+        return Response(status_code=204)
+
+    async def metrics(request: Request) -> Response:
+        sandbox = manager.get(request.path_params["sandbox_id"])
+        st = await _stats(sandbox)
+        return JSONResponse([st])
+
+    async def _stats(sandbox: Sandbox) -> dict[str, Any]:
+        import time
+
+        st = manager.runtime.stats(sandbox.handle)
+        now = time.time()
+        return {
+            "timestamp": serialize.rfc3339(now),
+            "timestampUnix": int(now),
+            "cpuCount": sandbox.record.cpu_count,
+            "cpuUsedPct": 0.0,
+            "memUsed": st.memory_bytes,
+            "memTotal": st.memory_limit_bytes,
+            "memCache": 0,
+            "diskUsed": 0,
+            "diskTotal": 0,
+        }
+
+    def _filtered(request: Request, default_states: set[str]) -> list[Sandbox]:
+        q = request.query_params
+        states = {s for part in q.getlist("state") for s in part.split(",") if s} or default_states
+        bad = states - {"running", "paused"}
+        if bad:
+            raise BadRequest(f"unknown state(s) {sorted(bad)}: use running and/or paused")
+        meta = _parse_metadata_filter(q["metadata"]) if q.get("metadata") else {}
+        template = q.get("template")
+        after = None
+        if q.get("startedAfter"):
+            try:
+                after = datetime.fromisoformat(q["startedAfter"].replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                raise BadRequest(f"startedAfter must be an RFC 3339 time, got {q['startedAfter']!r}") from None
+        result = []
+        for s in manager.sandboxes.values():
+            r = s.record
+            if r.state not in states:
+                continue
+            if template and template not in (r.template_id, r.alias):
+                continue
+            if after is not None and r.started_at < after:
+                continue
+            if any(r.metadata.get(k) != v for k, v in meta.items()):
+                continue
+            result.append(s)
+        return result
+
+    async def list_v2(request: Request) -> Response:
+        q = request.query_params
+        order = q.get("order", "desc").lower()
+        if order not in ("asc", "desc"):
+            raise BadRequest(f"order must be 'asc' or 'desc', got {order!r}")
+        try:
+            limit = int(q.get("limit", MAX_LIMIT))
+        except ValueError:
+            raise BadRequest(f"limit must be a whole number, got {q.get('limit')!r}") from None
+        if not 1 <= limit <= MAX_LIMIT:
+            raise BadRequest(f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
+        items = _filtered(request, {"running", "paused"})
+        reverse = order == "desc"
+        items.sort(key=lambda s: (s.record.started_at, s.id), reverse=reverse)
+        if q.get("nextToken"):
+            cursor = _decode_token(q["nextToken"])
+            items = [
+                s
+                for s in items
+                if ((s.record.started_at, s.id) < cursor if reverse else (s.record.started_at, s.id) > cursor)
+            ]
+        page = items[:limit]
+        headers = {"X-Total-Running": str(sum(1 for s in manager.sandboxes.values() if s.record.state == "running"))}
+        if len(items) > limit:
+            headers["X-Next-Token"] = _encode_token(page[-1])
+        return JSONResponse([serialize.listed_sandbox(s) for s in page], headers=headers)
+
+    async def list_v1(request: Request) -> Response:
+        items = _filtered(request, {"running"})
+        items.sort(key=lambda s: (s.record.started_at, s.id), reverse=True)
+        return JSONResponse([serialize.listed_sandbox(s) for s in items])
+
+    async def list_templates(request: Request) -> Response:
+        out = []
+        for name in manager.templates.names():
+            t = manager.templates.get(name)
+            out.append(
+                {
+                    "templateID": t.name,
+                    "aliases": [t.name],
+                    "buildID": t.digest,
+                    "public": True,
+                    "sizeBytes": t.size_bytes,
+                    "createdAt": serialize.rfc3339(t.built_at),
+                }
+            )
+        return JSONResponse(out)
+
+    async def on_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, SandboxdError)
+        return error(exc.status, str(exc))
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return error(404, f"no such endpoint: {request.method} {request.url.path}")
+
+    async def method_not_allowed(request: Request, exc: Exception) -> Response:
+        return error(405, f"method {request.method} is not allowed on {request.url.path}")
+
+    sid = "/{sandbox_id:str}"
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/sandboxes", create, methods=["POST"]),
+        Route("/v2/sandboxes", create, methods=["POST"]),
+        Route("/sandboxes", list_v1, methods=["GET"]),
+        Route("/v2/sandboxes", list_v2, methods=["GET"]),
+        Route("/sandboxes" + sid, get_info, methods=["GET"]),
+        Route("/sandboxes" + sid, kill, methods=["DELETE"]),
+        Route("/sandboxes" + sid + "/timeout", set_timeout, methods=["POST"]),
+        Route("/sandboxes" + sid + "/connect", connect, methods=["POST"]),
+        Route("/v2/sandboxes" + sid + "/connect", connect, methods=["POST"]),
+        Route("/sandboxes" + sid + "/resume", connect, methods=["POST"]),
+        Route("/sandboxes" + sid + "/pause", pause, methods=["POST"]),
+        Route("/sandboxes" + sid + "/metrics", metrics, methods=["GET"]),
+        Route("/templates", list_templates, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={SandboxdError: on_error, 404: not_found, 405: method_not_allowed},
+    )
+    return ApiKeyAuth(app, api_key)

@@ -1,0 +1,57 @@
+"""The JSON shapes the SDK expects: Sandbox (create/connect), SandboxDetail (info), ListedSandbox (list)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sandboxd.core.manager import ENVD_VERSION, Sandbox
+
+
+def rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def sandbox_created(s: Sandbox) -> dict[str, Any]:
+    r = s.record
+    return {
+        "templateID": r.template_id,
+        "sandboxID": r.sandbox_id,
+        "clientID": r.client_id,
+        "envdVersion": ENVD_VERSION,
+        "alias": r.alias,
+        "envdAccessToken": r.envd_token,
+        "trafficAccessToken": None,
+        "domain": None,
+    }
+
+
+def _common(s: Sandbox) -> dict[str, Any]:
+    r = s.record
+    return {
+        "templateID": r.template_id,
+        "alias": r.alias,
+        "sandboxID": r.sandbox_id,
+        "clientID": r.client_id,
+        "startedAt": rfc3339(r.started_at),
+        "endAt": rfc3339(r.end_at),
+        "envdVersion": ENVD_VERSION,
+        "cpuCount": r.cpu_count,
+        "memoryMB": r.memory_mb,
+        "diskSizeMB": r.disk_mb,
+        "metadata": r.metadata,
+        "state": r.state,
+    }
+
+
+def sandbox_detail(s: Sandbox) -> dict[str, Any]:
+    return {
+        **_common(s),
+        "envdAccessToken": s.record.envd_token,
+        "domain": None,
+        "lifecycle": {"autoResume": False, "onTimeout": "pause" if s.record.auto_pause else "kill"},
+    }
+
+
+def listed_sandbox(s: Sandbox) -> dict[str, Any]:
+    return _common(s)

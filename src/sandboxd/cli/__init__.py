@@ -1,0 +1,1 @@
+"""The `sandboxd` command line."""

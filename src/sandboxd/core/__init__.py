@@ -1,0 +1,1 @@
+"""The sandbox manager: lifecycle of sandboxes (create, timeouts, pause, kill, re-adoption) over a runtime."""

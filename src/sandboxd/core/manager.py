@@ -1,0 +1,249 @@
+"""Sandbox lifecycle over a runtime backend: create, time out, pause, resume, kill, re-adopt.
+
+The manager owns the truth about which sandboxes exist (in memory, mirrored to SQLite). The API layer
+calls it; the envd layer asks it for a sandbox and attaches per-sandbox state (`Sandbox.ext`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import string
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sandboxd.core.errors import BadRequest, Conflict, NotFound
+from sandboxd.runtime.base import Limits, Runtime, SandboxHandle, SandboxSpec
+from sandboxd.state.db import SandboxRecord, StateDB
+from sandboxd.templates.store import TemplateError, TemplateStore
+
+log = logging.getLogger("sandboxd.core")
+
+ID_ALPHABET = string.ascii_lowercase + string.digits
+# What the envd layer implements; the SDK switches features on by this version (field guide §3.5).
+ENVD_VERSION = "0.5.2"
+
+
+def new_sandbox_id() -> str:
+    return "".join(secrets.choice(ID_ALPHABET) for _ in range(20))
+
+
+@dataclass
+class Settings:
+    default_timeout: int = 300
+    max_timeout: int = 24 * 3600
+    memory_mb: int = 512
+    cpu_count: float = 1.0
+    pids: int = 512
+
+
+class Sandbox:
+    """A live sandbox: its record, its runtime handle, and what other layers attach to it."""
+
+    def __init__(self, record: SandboxRecord, handle: SandboxHandle) -> None:
+        self.record = record
+        self.handle = handle
+        self.killed = asyncio.Event()
+        self.ext: dict[str, Any] = {}
+        self.on_kill: list[Callable[[], None]] = []
+
+    @property
+    def id(self) -> str:
+        return self.record.sandbox_id
+
+    @property
+    def running(self) -> bool:
+        return self.record.state == "running" and not self.killed.is_set()
+
+
+class SandboxManager:
+    def __init__(self, runtime: Runtime, templates: TemplateStore, db: StateDB, settings: Settings | None = None):
+        self.runtime = runtime
+        self.templates = templates
+        self.db = db
+        self.settings = settings or Settings()
+        self.sandboxes: dict[str, Sandbox] = {}
+        self._by_token: dict[str, str] = {}
+        self._wake = asyncio.Event()
+        self._reaper: asyncio.Task[None] | None = None
+
+    # -- start / stop ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        adopted: set[str] = set()
+        for rec in self.db.all():
+            handle = SandboxHandle(**{**rec.handle, "state_dir": Path(rec.handle["state_dir"])})
+            if self.runtime.is_alive(handle):
+                self._register(Sandbox(rec, handle))
+                adopted.add(rec.sandbox_id)
+            else:
+                self.db.delete(rec.sandbox_id)
+        removed = await self.runtime.sweep(adopted)
+        if adopted:
+            log.info("re-adopted %d sandbox(es) from the previous run", len(adopted))
+        if removed:
+            log.info("cleaned up %d leftover sandbox(es): %s", len(removed), ", ".join(removed))
+        self._reaper = asyncio.create_task(self._reap_expired(), name="sandbox-reaper")
+
+    async def stop(self, destroy: bool = True) -> None:
+        if self._reaper:
+            self._reaper.cancel()
+        if destroy:
+            await asyncio.gather(*(self.kill(sid) for sid in list(self.sandboxes)), return_exceptions=True)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def create(
+        self,
+        template_id: str,
+        timeout: int | None = None,
+        metadata: dict[str, str] | None = None,
+        env_vars: dict[str, str] | None = None,
+        auto_pause: bool = False,
+    ) -> Sandbox:
+        timeout = self._check_timeout(self.settings.default_timeout if timeout is None else timeout)
+        _check_str_map("metadata", metadata)
+        _check_str_map("envVars", env_vars)
+        try:
+            template = self.templates.get(template_id)
+        except TemplateError as e:
+            raise NotFound(str(e)) from None
+        sandbox_id = new_sandbox_id()
+        s = self.settings
+        handle = await self.runtime.create(
+            SandboxSpec(
+                sandbox_id=sandbox_id,
+                rootfs=template.rootfs,
+                hostname=sandbox_id,
+                limits=Limits(memory_mb=s.memory_mb, cpu_count=s.cpu_count, pids=s.pids),
+            )
+        )
+        now = time.time()
+        rec = SandboxRecord(
+            sandbox_id=sandbox_id,
+            template_id=template.name,
+            alias=template.name,
+            client_id="sandboxd",
+            envd_token=secrets.token_urlsafe(24),
+            started_at=now,
+            end_at=now + timeout,
+            state="running",
+            metadata=dict(metadata or {}),
+            env_vars=dict(env_vars or {}),
+            cpu_count=max(1, int(s.cpu_count)),
+            memory_mb=s.memory_mb,
+            disk_mb=0,
+            auto_pause=auto_pause,
+            default_user=template.default_user,
+            default_workdir=template.default_workdir,
+            handle={**asdict(handle), "state_dir": str(handle.state_dir)},
+        )
+        sandbox = Sandbox(rec, handle)
+        self._register(sandbox)
+        self.db.put(rec)
+        self._wake.set()
+        return sandbox
+
+    def _register(self, sandbox: Sandbox) -> None:
+        self.sandboxes[sandbox.id] = sandbox
+        self._by_token[sandbox.record.envd_token] = sandbox.id
+
+    def get(self, sandbox_id: str) -> Sandbox:
+        sandbox = self.sandboxes.get(sandbox_id)
+        if sandbox is None:
+            raise NotFound(f"sandbox '{sandbox_id}' not found")
+        return sandbox
+
+    def find(self, sandbox_id: str) -> Sandbox | None:
+        return self.sandboxes.get(sandbox_id)
+
+    def by_token(self, token: str) -> Sandbox | None:
+        sid = self._by_token.get(token)
+        return self.sandboxes.get(sid) if sid else None
+
+    async def kill(self, sandbox_id: str) -> bool:
+        sandbox = self.sandboxes.pop(sandbox_id, None)
+        if sandbox is None:
+            return False
+        self._by_token.pop(sandbox.record.envd_token, None)
+        sandbox.killed.set()
+        for cb in sandbox.on_kill:
+            try:
+                cb()
+            except Exception:
+                log.exception("kill hook failed for %s", sandbox_id)
+        try:
+            await self.runtime.destroy(sandbox.handle)
+        finally:
+            self.db.delete(sandbox_id)
+        return True
+
+    def set_timeout(self, sandbox_id: str, timeout: int) -> None:
+        sandbox = self.get(sandbox_id)
+        timeout = self._check_timeout(timeout)
+        sandbox.record.end_at = time.time() + timeout
+        self.db.put(sandbox.record)
+        self._wake.set()
+
+    async def pause(self, sandbox_id: str) -> None:
+        sandbox = self.get(sandbox_id)
+        if sandbox.record.state == "paused":
+            raise Conflict(f"sandbox '{sandbox_id}' is already paused")
+        await asyncio.to_thread(self.runtime.freeze, sandbox.handle, True)
+        sandbox.record.state = "paused"
+        self.db.put(sandbox.record)
+
+    async def connect(self, sandbox_id: str, timeout: int | None) -> tuple[Sandbox, bool]:
+        """Resume if paused; extend (never shorten) the end time. Returns (sandbox, resumed)."""
+        sandbox = self.get(sandbox_id)
+        timeout = self._check_timeout(self.settings.default_timeout if timeout is None else timeout)
+        resumed = False
+        if sandbox.record.state == "paused":
+            await asyncio.to_thread(self.runtime.freeze, sandbox.handle, False)
+            sandbox.record.state = "running"
+            sandbox.record.end_at = time.time() + timeout
+            resumed = True
+        else:
+            sandbox.record.end_at = max(sandbox.record.end_at, time.time() + timeout)
+        self.db.put(sandbox.record)
+        self._wake.set()
+        return sandbox, resumed
+
+    def _check_timeout(self, timeout: Any) -> int:
+        if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 0:
+            raise BadRequest(f"timeout must be a whole number of seconds >= 0, got {timeout!r}")
+        if timeout > self.settings.max_timeout:
+            raise BadRequest(f"timeout {timeout} s is above the maximum of {self.settings.max_timeout} s")
+        return timeout
+
+    async def _reap_expired(self) -> None:
+        while True:
+            now = time.time()
+            running = [s for s in self.sandboxes.values() if s.record.state == "running"]
+            for sandbox in running:
+                if sandbox.record.end_at <= now:
+                    log.info("sandbox %s reached its end time: killing it", sandbox.id)
+                    try:
+                        await self.kill(sandbox.id)
+                    except Exception:
+                        log.exception("killing expired sandbox %s failed", sandbox.id)
+            also_dead = [s for s in self.sandboxes.values() if not self.runtime.is_alive(s.handle)]
+            for sandbox in also_dead:
+                log.warning("sandbox %s's init process is gone: cleaning up", sandbox.id)
+                await self.kill(sandbox.id)
+            pending = [s.record.end_at for s in self.sandboxes.values() if s.record.state == "running"]
+            delay = min([1.0, *(max(0.0, t - time.time()) for t in pending)])
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+
+
+def _check_str_map(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise BadRequest(f"{name} must be an object of string keys and string values")

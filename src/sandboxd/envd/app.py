@@ -1,0 +1,30 @@
+"""envd's HTTP surface for one request already routed to a sandbox: Connect services + plain endpoints."""
+
+from __future__ import annotations
+
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from sandboxd.core.manager import SandboxManager
+from sandboxd.envd import context
+from sandboxd.envd.gen.process.process_connect import ProcessASGIApplication
+from sandboxd.envd.process_service import ProcessService
+
+
+def build_envd_app(manager: SandboxManager) -> ASGIApp:
+    process_app = ProcessASGIApplication(ProcessService(manager), read_max_bytes=64 * 1024 * 1024)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        if path.startswith("/process.Process/"):
+            await process_app(scope, receive, send)
+        elif path == "/health":
+            await Response(status_code=204)(scope, receive, send)
+        elif path == "/envs" and scope["method"] == "GET":
+            await JSONResponse(dict(context.sandbox().record.env_vars))(scope, receive, send)
+        else:
+            await JSONResponse(
+                {"code": 404, "message": f"envd has no endpoint {scope['method']} {path} (yet)"}, status_code=404
+            )(scope, receive, send)
+
+    return app

@@ -1,0 +1,53 @@
+"""Per-request context for envd handlers: which sandbox (set by the router) and which user."""
+
+from __future__ import annotations
+
+import base64
+import contextvars
+from typing import TYPE_CHECKING
+
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+
+from sandboxd.core.users import User, lookup_user
+
+if TYPE_CHECKING:
+    from sandboxd.core.manager import Sandbox, SandboxManager
+
+current_sandbox: contextvars.ContextVar[Sandbox] = contextvars.ContextVar("current_sandbox")
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def sandbox() -> Sandbox:
+    return current_sandbox.get()
+
+
+def username_from_header(value: str | None, default: str) -> str:
+    """`Authorization: Basic base64(<user>:)` selects the user; the password is ignored."""
+    if not value:
+        return default
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "basic":
+        raise ConnectError(Code.UNAUTHENTICATED, "authorization must use the Basic scheme: 'Basic base64(<user>:)'")
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise ConnectError(Code.UNAUTHENTICATED, "authorization header is not valid base64") from None
+    return decoded.partition(":")[0] or default
+
+
+def resolve_user(manager: SandboxManager, sbx: Sandbox, header: str | None) -> User:
+    name = username_from_header(header, sbx.record.default_user)
+    root = str(manager.runtime.root_path(sbx.handle))
+    user = lookup_user(root, name)
+    if user is None:
+        raise ConnectError(Code.UNAUTHENTICATED, f"invalid username: '{name}'")
+    return user
+
+
+def base_env(sbx: Sandbox, user: User) -> dict[str, str]:
+    """PATH, HOME, USER, then the sandbox's envVars (a request's envs go on top)."""
+    env = {"PATH": DEFAULT_PATH, "HOME": user.home, "USER": user.name, "LOGNAME": user.name}
+    env.update(sbx.record.env_vars)
+    return env

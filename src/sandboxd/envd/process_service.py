@@ -1,0 +1,200 @@
+"""The `process.Process` Connect service (field guide §3.2), implemented over the runtime's exec."""
+
+from __future__ import annotations
+
+import asyncio
+import posixpath
+import signal
+from collections.abc import AsyncIterator
+
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+from connectrpc.request import RequestContext
+from protobuf import Oneof
+
+from sandboxd.core.manager import Sandbox, SandboxManager
+from sandboxd.envd import context
+from sandboxd.envd.gen.process import process_pb as pb
+from sandboxd.envd.processes import Proc, ProcessGone, ProcessTable, SandboxKilled, Subscriber
+from sandboxd.runtime.base import ExecSpec
+
+DEFAULT_KEEPALIVE = 90.0
+
+
+def table_of(sbx: Sandbox) -> ProcessTable:
+    table = sbx.ext.get("processes")
+    if table is None:
+        table = sbx.ext["processes"] = ProcessTable()
+        sbx.on_kill.append(table.kill_all)
+    return table
+
+
+def _keepalive(ctx: RequestContext) -> float:
+    raw = ctx.request_headers.get("keepalive-ping-interval")
+    try:
+        return max(1.0, float(raw)) if raw else DEFAULT_KEEPALIVE
+    except ValueError:
+        return DEFAULT_KEEPALIVE
+
+
+def _find(sbx: Sandbox, selector: pb.ProcessSelector | None) -> Proc:
+    table = table_of(sbx)
+    sel = selector.selector if selector is not None else None
+    if sel is None:
+        raise ConnectError(Code.INVALID_ARGUMENT, "a process selector (pid or tag) is required")
+    if sel.field == "pid":
+        proc = table.find(pid=sel.value)
+        what = f"pid {sel.value}"
+    else:
+        proc = table.find(tag=sel.value)
+        what = f"tag '{sel.value}'"
+    if proc is None:
+        raise ConnectError(Code.NOT_FOUND, f"process with {what} not found")
+    return proc
+
+
+async def _stream(
+    proc: Proc, sub: Subscriber, ctx: RequestContext, kill_on_deadline: bool
+) -> AsyncIterator[pb.ProcessEvent]:
+    """Events of `proc`, bounded by the request's Connect-Timeout-Ms (enforced here, on the server)."""
+    timeout_ms = ctx.timeout_ms
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_ms / 1000 if timeout_ms else None
+    keepalive = _keepalive(ctx)
+    events = proc.events(sub, keepalive)
+    try:
+        while True:
+            wait = None if deadline is None else deadline - loop.time()
+            if wait is not None and wait <= 0:
+                raise TimeoutError
+            try:
+                event = await asyncio.wait_for(anext(events), wait) if wait is not None else await anext(events)
+            except StopAsyncIteration:
+                return
+            yield event
+    except TimeoutError:
+        if kill_on_deadline:
+            try:
+                proc.signal(signal.SIGKILL)
+            except ProcessGone:
+                pass
+        raise ConnectError(Code.DEADLINE_EXCEEDED, f"the deadline of {timeout_ms:.0f} ms was exceeded") from None
+    except SandboxKilled as e:
+        raise ConnectError(Code.UNAVAILABLE, f"{e}: the sandbox was not found") from None
+    finally:
+        await events.aclose()
+        proc.unsubscribe(sub)
+
+
+class ProcessService:
+    def __init__(self, manager: SandboxManager) -> None:
+        self.manager = manager
+
+    async def list(self, request: pb.ListRequest, ctx: RequestContext) -> pb.ListResponse:
+        table = table_of(context.sandbox())
+        return pb.ListResponse(
+            processes=[
+                pb.ProcessInfo(config=p.config, pid=p.pid, tag=p.tag)
+                for p in table.by_pid.values()
+                if not p.done.is_set()
+            ]
+        )
+
+    async def start(self, request: pb.StartRequest, ctx: RequestContext) -> AsyncIterator[pb.StartResponse]:
+        sbx = context.sandbox()
+        user = context.resolve_user(self.manager, sbx, ctx.request_headers.get("authorization"))
+        cfg = request.process
+        if cfg is None or not cfg.cmd:
+            raise ConnectError(Code.INVALID_ARGUMENT, "process.cmd is required")
+        env = context.base_env(sbx, user)
+        env.update(cfg.envs)
+        cwd = cfg.cwd or user.home
+        if not cwd.startswith("/"):
+            cwd = posixpath.join(user.home, cwd)
+        pty = request.pty
+        size = (pty.size.rows, pty.size.cols) if pty is not None and pty.size is not None else None
+        spec = ExecSpec(
+            argv=[cfg.cmd, *cfg.args],
+            env=env,
+            cwd=cwd,
+            uid=user.uid,
+            gid=user.gid,
+            groups=user.groups,
+            pty=pty is not None,
+        )
+        table = table_of(sbx)
+        proc = Proc(table, cfg, request.tag, pty=pty is not None)
+        sub = proc.subscribe()  # before the process can write anything
+        try:
+            await proc.spawn(self.manager.runtime, sbx.handle, spec, stdin=bool(request.stdin), size=size)
+        except BaseException:
+            proc.unsubscribe(sub)
+            raise
+        table.add(proc)
+        yield pb.StartResponse(event=pb.ProcessEvent(event=Oneof("start", pb.ProcessEvent.StartEvent(pid=proc.pid))))
+        async for event in _stream(proc, sub, ctx, kill_on_deadline=True):
+            yield pb.StartResponse(event=event)
+
+    async def connect(self, request: pb.ConnectRequest, ctx: RequestContext) -> AsyncIterator[pb.ConnectResponse]:
+        proc = _find(context.sandbox(), request.process)
+        yield pb.ConnectResponse(event=pb.ProcessEvent(event=Oneof("start", pb.ProcessEvent.StartEvent(pid=proc.pid))))
+        async for event in _stream(proc, proc.subscribe(), ctx, kill_on_deadline=False):
+            yield pb.ConnectResponse(event=event)
+
+    async def update(self, request: pb.UpdateRequest, ctx: RequestContext) -> pb.UpdateResponse:
+        proc = _find(context.sandbox(), request.process)
+        if request.pty is not None and request.pty.size is not None:
+            try:
+                proc.resize(request.pty.size.cols, request.pty.size.rows)
+            except ProcessGone as e:
+                raise ConnectError(Code.FAILED_PRECONDITION, str(e)) from None
+        return pb.UpdateResponse()
+
+    async def stream_input(
+        self, request: AsyncIterator[pb.StreamInputRequest], ctx: RequestContext
+    ) -> pb.StreamInputResponse:
+        sbx = context.sandbox()
+        proc: Proc | None = None
+        async for message in request:
+            ev = message.event
+            if ev is None or ev.field == "keepalive":
+                continue
+            if ev.field == "start":
+                proc = _find(sbx, ev.value.process)
+            elif ev.field == "data":
+                if proc is None:
+                    raise ConnectError(Code.INVALID_ARGUMENT, "the first message must be 'start' with a process")
+                self._write(proc, ev.value.input)
+        return pb.StreamInputResponse()
+
+    async def send_input(self, request: pb.SendInputRequest, ctx: RequestContext) -> pb.SendInputResponse:
+        proc = _find(context.sandbox(), request.process)
+        self._write(proc, request.input)
+        return pb.SendInputResponse()
+
+    @staticmethod
+    def _write(proc: Proc, data: pb.ProcessInput | None) -> None:
+        if data is None or data.input is None:
+            return
+        try:
+            proc.write_stdin(data.input.value)
+        except ProcessGone as e:
+            raise ConnectError(Code.FAILED_PRECONDITION, str(e)) from None
+
+    async def send_signal(self, request: pb.SendSignalRequest, ctx: RequestContext) -> pb.SendSignalResponse:
+        proc = _find(context.sandbox(), request.process)
+        sig = {pb.Signal.SIGKILL: signal.SIGKILL, pb.Signal.SIGTERM: signal.SIGTERM}.get(request.signal)
+        if sig is None:
+            raise ConnectError(Code.INVALID_ARGUMENT, f"unsupported signal {request.signal!r}: use SIGTERM or SIGKILL")
+        try:
+            proc.signal(sig)
+        except ProcessGone as e:
+            raise ConnectError(Code.NOT_FOUND, str(e)) from None
+        return pb.SendSignalResponse()
+
+    async def close_stdin(self, request: pb.CloseStdinRequest, ctx: RequestContext) -> pb.CloseStdinResponse:
+        proc = _find(context.sandbox(), request.process)
+        if proc.is_pty:
+            raise ConnectError(Code.FAILED_PRECONDITION, "cannot close stdin of a PTY process: send Ctrl-D (0x04)")
+        proc.close_stdin()
+        return pb.CloseStdinResponse()

@@ -1,0 +1,97 @@
+"""The runtime interface: what every isolation backend (namespaces today; gVisor, microVMs later) provides.
+
+A backend turns a `SandboxSpec` into a running, isolated Linux environment and runs processes in it.
+Everything above this layer (envd, the control plane) talks only to these types.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class RuntimeError_(Exception):
+    """A backend failed to create, enter or destroy a sandbox."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory_mb: int = 512
+    cpu_count: float = 1.0
+    pids: int = 512
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    sandbox_id: str
+    rootfs: Path
+    hostname: str
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass
+class SandboxHandle:
+    """What a backend needs to find a sandbox again, also after a server restart (persisted as JSON)."""
+
+    sandbox_id: str
+    backend: str
+    init_pid: int
+    init_start_time: int
+    state_dir: Path
+    cgroups: list[str]
+
+
+@dataclass(frozen=True)
+class ExecSpec:
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+    pty: bool = False
+
+
+@dataclass
+class Stats:
+    memory_bytes: int
+    memory_limit_bytes: int
+    cpu_usage_ns: int
+    pids: int
+    oom_kills: int
+
+
+class Runtime(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    async def create(self, spec: SandboxSpec) -> SandboxHandle: ...
+
+    @abc.abstractmethod
+    def exec_argv(self, handle: SandboxHandle, spec: ExecSpec, report_fd: int | None = None) -> list[str]:
+        """The host command that runs `spec` inside the sandbox; its exit status is the process's.
+
+        With `report_fd`, the command writes `c <pid in sandbox>` and `h <host pid>` lines to that fd.
+        """
+
+    @abc.abstractmethod
+    def freeze(self, handle: SandboxHandle, frozen: bool) -> None:
+        """Stop (or restart) every process of the sandbox, keeping its memory (pause/resume)."""
+
+    @abc.abstractmethod
+    def is_alive(self, handle: SandboxHandle) -> bool: ...
+
+    @abc.abstractmethod
+    async def destroy(self, handle: SandboxHandle) -> None: ...
+
+    @abc.abstractmethod
+    def stats(self, handle: SandboxHandle) -> Stats: ...
+
+    @abc.abstractmethod
+    def root_path(self, handle: SandboxHandle) -> Path:
+        """Host path of the sandbox's `/` (valid while it runs)."""
+
+    @abc.abstractmethod
+    async def sweep(self, keep: set[str]) -> list[str]:
+        """Destroy every leftover of this backend whose sandbox ID is not in `keep`; return their IDs."""

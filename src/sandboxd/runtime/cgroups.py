@@ -1,0 +1,177 @@
+"""Per-sandbox cgroups on cgroup v1, hybrid (v1 controllers + a v2 mount) and pure v2 hosts.
+
+v1 carries the memory, cpu and pids limits where the controllers live there (these machines: see
+../shared/isolation.md §0 and §7). A v2 group, when a v2 hierarchy is mounted, adds `cgroup.kill`
+(atomic kill of everything in the sandbox) even when it has no controllers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path("/sys/fs/cgroup")
+PARENT = "sandboxd"
+
+
+@dataclass(frozen=True)
+class Layout:
+    v1: dict[str, Path]  # controller -> mount point
+    v2: Path | None
+    v2_controllers: frozenset[str]
+
+    @property
+    def pure_v2(self) -> bool:
+        return not self.v1 and self.v2 is not None
+
+
+def detect() -> Layout:
+    v1: dict[str, Path] = {}
+    v2: Path | None = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            fstype, _src, opts = ([*right.split(), "", "", ""])[:3]
+            mnt = Path(fields[4])
+            if fstype == "cgroup2" and v2 is None:
+                v2 = mnt
+            elif fstype == "cgroup":
+                for opt in opts.split(","):
+                    if opt in ("memory", "cpu", "cpuacct", "pids", "freezer"):
+                        v1.setdefault(opt, mnt)
+    controllers: frozenset[str] = frozenset()
+    if v2 is not None:
+        try:
+            controllers = frozenset((v2 / "cgroup.controllers").read_text().split())
+        except OSError:
+            pass
+    return Layout(v1=v1, v2=v2, v2_controllers=controllers)
+
+
+class CgroupError(Exception):
+    pass
+
+
+class SandboxCgroups:
+    """The cgroup directories of one sandbox."""
+
+    def __init__(self, layout: Layout, sandbox_id: str) -> None:
+        self.layout = layout
+        self.sandbox_id = sandbox_id
+        dirs: dict[str, Path] = {}
+        for ctrl in ("memory", "cpu", "cpuacct", "pids", "freezer"):
+            if ctrl in layout.v1:
+                dirs[ctrl] = layout.v1[ctrl] / PARENT / sandbox_id
+        if layout.v2 is not None:
+            dirs["unified"] = layout.v2 / PARENT / sandbox_id
+        self.dirs = dirs
+
+    @property
+    def paths(self) -> list[str]:
+        return sorted({str(p) for p in self.dirs.values()})
+
+    def create(self, memory_mb: int, cpu_count: float, pids: int) -> None:
+        if self.layout.pure_v2:
+            parent = self.dirs["unified"].parent
+            parent.mkdir(exist_ok=True)
+            wanted = {"memory", "cpu", "pids"} & self.layout.v2_controllers
+            _write(self.layout.v2 / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted), quiet=True)  # type: ignore[operator]
+            _write(parent / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted), quiet=True)
+        for path in {p for p in self.dirs.values()}:
+            path.parent.mkdir(exist_ok=True)
+            path.mkdir(exist_ok=True)
+        limit = memory_mb * 1024 * 1024
+        period = 100_000
+        quota = max(1000, int(cpu_count * period))
+        if "memory" in self.dirs:
+            d = self.dirs["memory"]
+            _write(d / "memory.limit_in_bytes", str(limit))
+            _write(d / "memory.memsw.limit_in_bytes", str(limit), quiet=True)
+            _write(d / "memory.swappiness", "0", quiet=True)
+        elif "memory" in self.layout.v2_controllers:
+            d = self.dirs["unified"]
+            _write(d / "memory.max", str(limit))
+            _write(d / "memory.swap.max", "0", quiet=True)
+        if "cpu" in self.dirs:
+            _write(self.dirs["cpu"] / "cpu.cfs_period_us", str(period))
+            _write(self.dirs["cpu"] / "cpu.cfs_quota_us", str(quota))
+        elif "cpu" in self.layout.v2_controllers:
+            _write(self.dirs["unified"] / "cpu.max", f"{quota} {period}")
+        if "pids" in self.dirs:
+            _write(self.dirs["pids"] / "pids.max", str(pids))
+        elif "pids" in self.layout.v2_controllers:
+            _write(self.dirs["unified"] / "pids.max", str(pids))
+
+    def procs(self) -> set[int]:
+        pids: set[int] = set()
+        for d in self.dirs.values():
+            try:
+                pids.update(int(x) for x in (d / "cgroup.procs").read_text().split())
+            except OSError:
+                pass
+        return pids
+
+    def kill_all(self, timeout: float = 5.0) -> None:
+        unified = self.dirs.get("unified")
+        if unified is not None and (unified / "cgroup.kill").exists():
+            _write(unified / "cgroup.kill", "1", quiet=True)
+        freezer = self.dirs.get("freezer")
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = self.procs()
+            if not pids:
+                return
+            if freezer is not None:
+                _write(freezer / "freezer.state", "FROZEN", quiet=True)
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if freezer is not None:
+                _write(freezer / "freezer.state", "THAWED", quiet=True)
+            if time.monotonic() > deadline:
+                raise CgroupError(f"processes {sorted(pids)} of sandbox {self.sandbox_id} survived SIGKILL")
+            time.sleep(0.005)
+
+    def remove(self) -> None:
+        for d in self.dirs.values():
+            for _ in range(200):
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.005)  # the last exiting task may still be detaching
+
+    def read(self, ctrl: str, name: str) -> str | None:
+        d = self.dirs.get(ctrl)
+        if d is None:
+            return None
+        try:
+            return (d / name).read_text()
+        except OSError:
+            return None
+
+
+def leftover_ids(layout: Layout) -> set[str]:
+    ids: set[str] = set()
+    for mnt in [*layout.v1.values(), *([layout.v2] if layout.v2 else [])]:
+        parent = mnt / PARENT
+        if parent.is_dir():
+            ids.update(p.name for p in parent.iterdir() if p.is_dir())
+    return ids
+
+
+def _write(path: Path, value: str, quiet: bool = False) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError as e:
+        if not quiet:
+            raise CgroupError(f"cannot write {value!r} to {path}: {e.strerror}") from e

@@ -1,0 +1,203 @@
+"""The default backend: Linux namespaces + overlayfs + cgroups + seccomp, driven by `sbxhelper`.
+
+One sandbox costs one idle process (its PID 1, `sandbox-init`), a few namespaces, an overlay mount
+that exists only inside the sandbox's own mount namespace, and cgroup directories. There is no shim,
+no monitor and no per-sandbox daemon on the host. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+from pathlib import Path
+
+from sandboxd.runtime import cgroups
+from sandboxd.runtime.base import ExecSpec, Runtime, RuntimeError_, SandboxHandle, SandboxSpec, Stats
+from sandboxd.runtime.native import helper_path
+from sandboxd.templates.specs import UID_RANGE, UID_SHIFT
+
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel's start time of `pid` (clock ticks since boot): tells a process from a PID reuse."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name may contain spaces and parentheses: fields start after the last ')'.
+    fields = data[data.rindex(b")") + 2 :].split()
+    state = fields[0]
+    if state in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+class NamespaceRuntime(Runtime):
+    name = "namespaces"
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.sandboxes_dir = self.state_dir / "sandboxes"
+        self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
+        self.helper = str(helper_path(self.state_dir / "bin"))
+        self.layout = cgroups.detect()
+        if "memory" not in self.layout.v1 and "memory" not in self.layout.v2_controllers:
+            raise RuntimeError_(
+                "no memory cgroup controller found: sandboxd needs cgroup v1 memory or cgroup v2 with the "
+                "memory controller enabled"
+            )
+
+    async def create(self, spec: SandboxSpec) -> SandboxHandle:
+        sdir = self.sandboxes_dir / spec.sandbox_id
+        upper, work, merged = sdir / "upper", sdir / "work", sdir / "merged"
+        for d in (upper, work, merged):
+            d.mkdir(parents=True, exist_ok=True)
+        # The overlay's root directory takes the upper dir's owner: make it sandbox root.
+        os.chown(upper, UID_SHIFT, UID_SHIFT)
+        os.chmod(upper, 0o755)
+        cg = cgroups.SandboxCgroups(self.layout, spec.sandbox_id)
+        try:
+            cg.create(spec.limits.memory_mb, spec.limits.cpu_count, spec.limits.pids)
+            argv = [
+                self.helper,
+                "create",
+                "--lower",
+                str(spec.rootfs),
+                "--upper",
+                str(upper),
+                "--work",
+                str(work),
+                "--merged",
+                str(merged),
+                "--hostname",
+                spec.hostname,
+                "--shift",
+                str(UID_SHIFT),
+                "--range",
+                str(UID_RANGE),
+            ]
+            for path in cg.paths:
+                argv += ["--cgroup", path]
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await proc.communicate()
+            if proc.returncode != 0:
+                reason = err.decode(errors="replace").strip()
+                raise RuntimeError_(f"creating sandbox {spec.sandbox_id} failed: {reason}")
+            pid = int(out.split()[0])
+            start = process_start_time(pid)
+            if start is None:
+                raise RuntimeError_(f"sandbox {spec.sandbox_id}: init process {pid} died at start")
+        except BaseException:
+            cg.kill_all()
+            cg.remove()
+            shutil.rmtree(sdir, ignore_errors=True)
+            raise
+        return SandboxHandle(
+            sandbox_id=spec.sandbox_id,
+            backend=self.name,
+            init_pid=pid,
+            init_start_time=start,
+            state_dir=sdir,
+            cgroups=cg.paths,
+        )
+
+    def exec_argv(self, handle: SandboxHandle, spec: ExecSpec, report_fd: int | None = None) -> list[str]:
+        argv = [
+            self.helper,
+            "exec",
+            "--pid",
+            str(handle.init_pid),
+            "--uid",
+            str(spec.uid),
+            "--gid",
+            str(spec.gid),
+            "--cwd",
+            spec.cwd,
+        ]
+        for g in spec.groups:
+            argv += ["--group", str(g)]
+        for path in handle.cgroups:
+            argv += ["--cgroup", path]
+        if spec.pty:
+            argv.append("--pty")
+        if report_fd is not None:
+            argv += ["--report-fd", str(report_fd)]
+        return [*argv, "--", *spec.argv]
+
+    def is_alive(self, handle: SandboxHandle) -> bool:
+        return process_start_time(handle.init_pid) == handle.init_start_time
+
+    def _cgroups(self, sandbox_id: str) -> cgroups.SandboxCgroups:
+        return cgroups.SandboxCgroups(self.layout, sandbox_id)
+
+    async def destroy(self, handle: SandboxHandle) -> None:
+        await asyncio.to_thread(self._destroy_sync, handle.sandbox_id)
+
+    def _destroy_sync(self, sandbox_id: str) -> None:
+        cg = self._cgroups(sandbox_id)
+        cg.kill_all()
+        cg.remove()
+        # The overlay lived only in the sandbox's mount namespace, gone with its last process.
+        shutil.rmtree(self.sandboxes_dir / sandbox_id, ignore_errors=True)
+
+    def freeze(self, handle: SandboxHandle, frozen: bool) -> None:
+        cg = self._cgroups(handle.sandbox_id)
+        if "freezer" in cg.dirs:
+            cgroups._write(cg.dirs["freezer"] / "freezer.state", "FROZEN" if frozen else "THAWED")
+        elif "unified" in cg.dirs:
+            cgroups._write(cg.dirs["unified"] / "cgroup.freeze", "1" if frozen else "0")
+
+    def stats(self, handle: SandboxHandle) -> Stats:
+        cg = self._cgroups(handle.sandbox_id)
+
+        def num(ctrl: str, name: str, default: int = 0) -> int:
+            v = cg.read(ctrl, name)
+            try:
+                return int(v.split()[0]) if v else default
+            except ValueError:
+                return default
+
+        oom = 0
+        oc = cg.read("memory", "memory.oom_control") or cg.read("unified", "memory.events") or ""
+        for line in oc.splitlines():
+            k, _, v = line.partition(" ")
+            if k == "oom_kill":
+                oom = int(v)
+        if "memory" in cg.dirs:
+            mem, limit = num("memory", "memory.usage_in_bytes"), num("memory", "memory.limit_in_bytes")
+        else:
+            mem, limit = num("unified", "memory.current"), num("unified", "memory.max")
+        if "cpuacct" in cg.dirs:
+            cpu = num("cpuacct", "cpuacct.usage")
+        else:
+            cpu = 0
+            for line in (cg.read("unified", "cpu.stat") or "").splitlines():
+                if line.startswith("usage_usec"):
+                    cpu = int(line.split()[1]) * 1000
+        pids = num("pids", "pids.current") if "pids" in cg.dirs else num("unified", "pids.current")
+        return Stats(memory_bytes=mem, memory_limit_bytes=limit, cpu_usage_ns=cpu, pids=pids, oom_kills=oom)
+
+    def root_path(self, handle: SandboxHandle) -> Path:
+        return Path(f"/proc/{handle.init_pid}/root")
+
+    async def sweep(self, keep: set[str]) -> list[str]:
+        leftovers = cgroups.leftover_ids(self.layout)
+        leftovers.update(p.name for p in self.sandboxes_dir.iterdir() if p.is_dir())
+        removed = sorted(leftovers - keep)
+        for sandbox_id in removed:
+            await asyncio.to_thread(self._destroy_sync, sandbox_id)
+        return removed
+
+    @staticmethod
+    def signal_host_pid(pid: int, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass

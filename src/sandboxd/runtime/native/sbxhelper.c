@@ -1,0 +1,540 @@
+/*
+ * sbxhelper: the privileged, short-lived half of sandboxd's namespace runtime.
+ *
+ * The server is a big Python process; forking it for every sandbox or command is the dominant
+ * cost (../shared/isolation.md §2). This helper is small, so the hot path is one fork+exec of it.
+ *
+ *   sbxhelper create  [options]          build a sandbox and leave its init (PID 1) running
+ *   sbxhelper exec    [options] -- argv  run argv inside a running sandbox, relay its exit status
+ *
+ * Namespace ownership (the heart of the design):
+ *   mount, UTS, IPC, net, PID and cgroup namespaces are created by host root, so they are owned by
+ *   the initial user namespace. The sandbox's processes then live in a child user namespace (uid 0
+ *   inside = SHIFT outside). Capabilities there are worth nothing against namespaces the child
+ *   userns does not own: mount(), sethostname(), network configuration all fail with EPERM even
+ *   before seccomp and the capability bounding set say no.
+ *
+ * create (run as host root; cgroups already made by the server):
+ *   join cgroups -> unshare(mnt|uts|ipc|net|pid|cgroup) -> overlay root -> hostname, lo up
+ *   -> fork: child is PID 1 -> /proc, /sys, /dev, /dev/pts -> pivot_root -> unshare(user)
+ *   -> parent writes uid/gid maps -> child drops to sandbox root, seccomp, and reaps forever.
+ *   The parent prints the child's host PID and exits. The mounts live only in the sandbox's mount
+ *   namespace, so they disappear with it: nothing can leak on the host.
+ *
+ * exec: join cgroups -> setns(pidfd, all but user) -> setns(pidfd, user) -> fork -> child: ids,
+ *   caps, no_new_privs, seccomp, chdir, execvpe. On --report-fd the child writes `c <pid inside>`
+ *   and the parent `h <host pid>`; the parent then waits and exits with the child's status (or dies of the same signal).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <linux/capability.h>
+#include <net/if.h>
+#include <sched.h>
+#include <seccomp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/sysmacros.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#ifndef CLONE_NEWCGROUP
+#define CLONE_NEWCGROUP 0x02000000
+#endif
+#ifndef CLONE_NEWTIME
+#define CLONE_NEWTIME 0x00000080
+#endif
+
+#define MAX_CGROUPS 16
+
+static void die(const char *fmt, ...) {
+    va_list ap;
+    int e = errno;
+    fputs("sbxhelper: ", stderr);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    if (e) fprintf(stderr, ": %s", strerror(e));
+    fputc('\n', stderr);
+    exit(125);
+}
+
+static void write_file(const char *path, const char *data) {
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0) die("open %s", path);
+    size_t n = strlen(data);
+    if (write(fd, data, n) != (ssize_t)n) die("write %s", path);
+    close(fd);
+}
+
+static void write_file_at(int dirfd, const char *path, const char *data) {
+    int fd = openat(dirfd, path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0) die("open /proc/%s", path);
+    size_t n = strlen(data);
+    if (write(fd, data, n) != (ssize_t)n) die("write /proc/%s", path);
+    close(fd);
+}
+
+static void join_cgroups(char **cgroups, int n) {
+    char path[4096], pid[32];
+    snprintf(pid, sizeof pid, "%d", getpid());
+    for (int i = 0; i < n; i++) {
+        snprintf(path, sizeof path, "%s/cgroup.procs", cgroups[i]);
+        write_file(path, pid);
+    }
+}
+
+/* Seccomp: a deny-list modelled on Docker's default profile. Everything that reconfigures the kernel,
+ * the mount table or namespaces, loads code into the kernel, or reads kernel memory gets EPERM. */
+static void apply_seccomp(void) {
+    static const char *denied[] = {
+        "mount", "umount", "umount2", "pivot_root", "swapon", "swapoff",
+        "reboot", "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
+        "create_module", "get_kernel_syms", "query_module", "acct", "settimeofday", "clock_settime",
+        "clock_adjtime", "adjtimex", "stime", "syslog", "open_by_handle_at", "name_to_handle_at", "bpf",
+        "perf_event_open", "userfaultfd", "keyctl", "add_key", "request_key", "unshare", "setns",
+        "lookup_dcookie", "quotactl", "quotactl_fd", "iopl", "ioperm", "uselib", "vm86", "vm86old",
+        "nfsservctl", "mount_setattr", "fsopen", "fsconfig", "fsmount", "fspick", "move_mount",
+        "open_tree", "sethostname", "setdomainname", "vhangup", "pidfd_getfd", "kcmp",
+        "fanotify_init", "ustat", "sysfs", "_sysctl",
+        "lsm_set_self_attr", NULL,
+    };
+    scmp_filter_ctx ctx = seccomp_init(SCMP_ACT_ALLOW);
+    if (!ctx) die("seccomp_init");
+    for (int i = 0; denied[i]; i++) {
+        int nr = seccomp_syscall_resolve_name(denied[i]);
+        if (nr == __NR_SCMP_ERROR) continue;
+        if (seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), nr, 0) < 0) die("seccomp rule %s", denied[i]);
+    }
+    static const unsigned long flags[] = {CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER,
+                                          CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWCGROUP, CLONE_NEWTIME};
+    for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
+        if (seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(clone), 1,
+                             SCMP_A0(SCMP_CMP_MASKED_EQ, flags[i], flags[i])) < 0)
+            die("seccomp clone rule");
+    /* clone3 passes flags in memory that seccomp cannot read: ENOSYS makes libc fall back to clone. */
+    if (seccomp_rule_add(ctx, SCMP_ACT_ERRNO(ENOSYS), SCMP_SYS(clone3), 0) < 0) die("seccomp clone3");
+    /* ioctl(TIOCSTI) injects input into a terminal: denied, as in Docker. */
+    if (seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(ioctl), 1,
+                         SCMP_A1(SCMP_CMP_MASKED_EQ, 0xffffffffUL, TIOCSTI)) < 0)
+        die("seccomp tiocsti");
+    if (seccomp_load(ctx) < 0) die("seccomp_load");
+    seccomp_release(ctx);
+}
+
+/* Docker's default capability set, for sandbox root. */
+static const int keep_caps[] = {
+    CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FSETID, CAP_FOWNER, CAP_MKNOD, CAP_NET_RAW, CAP_SETGID,
+    CAP_SETUID, CAP_SETFCAP, CAP_SETPCAP, CAP_NET_BIND_SERVICE, CAP_SYS_CHROOT, CAP_KILL, CAP_AUDIT_WRITE,
+};
+
+static int is_kept(int cap) {
+    for (size_t i = 0; i < sizeof keep_caps / sizeof keep_caps[0]; i++)
+        if (keep_caps[i] == cap) return 1;
+    return 0;
+}
+
+/* Called while still holding full caps in the sandbox userns, before changing ids. */
+static void drop_bounding_set(int keep_default) {
+    int last = CAP_LAST_CAP;
+    FILE *f = fopen("/proc/sys/kernel/cap_last_cap", "re");
+    if (f) {
+        if (fscanf(f, "%d", &last) != 1) last = CAP_LAST_CAP;
+        fclose(f);
+    }
+    for (int cap = 0; cap <= last; cap++)
+        if (!(keep_default && is_kept(cap)) && prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL)
+            die("PR_CAPBSET_DROP %d", cap);
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+}
+
+/* After setresuid(0): restrict effective/permitted/inheritable to the kept set. */
+static void set_root_caps(void) {
+    struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    memset(data, 0, sizeof data);
+    for (size_t i = 0; i < sizeof keep_caps / sizeof keep_caps[0]; i++) {
+        int c = keep_caps[i];
+        data[c / 32].effective |= 1u << (c % 32);
+        data[c / 32].permitted |= 1u << (c % 32);
+    }
+    if (syscall(SYS_capset, &hdr, data) < 0) die("capset");
+}
+
+static void lo_up(void) {
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0) die("socket");
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strcpy(ifr.ifr_name, "lo");
+    if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0) die("SIOCGIFFLAGS lo");
+    ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+    if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0) die("SIOCSIFFLAGS lo");
+    close(s);
+}
+
+static void xmount(const char *src, const char *dst, const char *type, unsigned long flags, const char *data) {
+    if (mount(src, dst, type, flags, data) < 0) die("mount %s on %s", type ? type : src, dst);
+}
+
+static void xmkdir(const char *path, mode_t mode) {
+    if (mkdir(path, mode) < 0 && errno != EEXIST) die("mkdir %s", path);
+}
+
+static void mknod_dev(const char *dev, const char *name, int major, int minor, unsigned shift) {
+    char p[4096];
+    snprintf(p, sizeof p, "%s/%s", dev, name);
+    if (mknod(p, S_IFCHR | 0666, makedev(major, minor)) < 0) die("mknod %s", p);
+    if (chmod(p, 0666) < 0) die("chmod %s", p);
+    if (chown(p, shift, shift) < 0) die("chown %s", p);
+}
+
+static void setup_dev(const char *root, unsigned shift) {
+    char dev[4096], p[4096], opts[256];
+    snprintf(dev, sizeof dev, "%s/dev", root);
+    xmkdir(dev, 0755);
+    snprintf(opts, sizeof opts, "mode=755,size=65536k,uid=%u,gid=%u", shift, shift);
+    xmount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, opts);
+    mknod_dev(dev, "null", 1, 3, shift);
+    mknod_dev(dev, "zero", 1, 5, shift);
+    mknod_dev(dev, "full", 1, 7, shift);
+    mknod_dev(dev, "random", 1, 8, shift);
+    mknod_dev(dev, "urandom", 1, 9, shift);
+    mknod_dev(dev, "tty", 5, 0, shift);
+    snprintf(p, sizeof p, "%s/pts", dev);
+    xmkdir(p, 0755);
+    snprintf(opts, sizeof opts, "newinstance,ptmxmode=0666,mode=0620,gid=%u", shift + 5);
+    xmount("devpts", p, "devpts", MS_NOSUID | MS_NOEXEC, opts);
+    snprintf(p, sizeof p, "%s/ptmx", dev);
+    if (symlink("pts/ptmx", p) < 0) die("symlink ptmx");
+    snprintf(p, sizeof p, "%s/shm", dev);
+    xmkdir(p, 01777);
+    snprintf(opts, sizeof opts, "mode=1777,size=65536k,uid=%u,gid=%u", shift, shift);
+    xmount("shm", p, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts);
+    static const char *links[][2] = {{"/proc/self/fd", "fd"}, {"/proc/self/fd/0", "stdin"},
+                                     {"/proc/self/fd/1", "stdout"}, {"/proc/self/fd/2", "stderr"},
+                                     {"/proc/kcore", "core"}};
+    for (size_t i = 0; i < sizeof links / sizeof links[0]; i++) {
+        snprintf(p, sizeof p, "%s/%s", dev, links[i][1]);
+        if (symlink(links[i][0], p) < 0) die("symlink %s", p);
+    }
+}
+
+/* Hide host-kernel knobs that userns root could otherwise read: as Docker's masked paths. */
+static void mask_proc(const char *root) {
+    static const char *masked[] = {"/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug",
+                                   "/proc/sysrq-trigger", "/proc/kallsyms", NULL};
+    char dst[4096], src[4096];
+    snprintf(src, sizeof src, "%s/dev/null", root);
+    for (int i = 0; masked[i]; i++) {
+        snprintf(dst, sizeof dst, "%s%s", root, masked[i]);
+        if (access(dst, F_OK) == 0) mount(src, dst, NULL, MS_BIND, NULL);
+    }
+    static const char *ro[] = {"/proc/sys", "/proc/irq", "/proc/bus", "/proc/fs", NULL};
+    for (int i = 0; ro[i]; i++) {
+        snprintf(dst, sizeof dst, "%s%s", root, ro[i]);
+        if (access(dst, F_OK) != 0) continue;
+        if (mount(dst, dst, NULL, MS_BIND | MS_REC, NULL) == 0)
+            mount(NULL, dst, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    }
+}
+
+static void write_etc(const char *root, const char *hostname, unsigned shift) {
+    char p[4096], buf[1024];
+    snprintf(p, sizeof p, "%s/etc/hostname", root);
+    FILE *f = fopen(p, "we");
+    if (!f) die("open %s", p);
+    fprintf(f, "%s\n", hostname);
+    fclose(f);
+    if (chown(p, shift, shift) < 0) die("chown %s", p);
+    snprintf(p, sizeof p, "%s/etc/hosts", root);
+    f = fopen(p, "we");
+    if (!f) die("open %s", p);
+    snprintf(buf, sizeof buf, "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t%s\n",
+             hostname);
+    fputs(buf, f);
+    fclose(f);
+    if (chown(p, shift, shift) < 0) die("chown %s", p);
+}
+
+static int read_all(int fd, char *buf, size_t n) {
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = read(fd, buf + got, n - got);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) return (int)got;
+        got += (size_t)r;
+    }
+    return (int)got;
+}
+
+/* Child side of create: becomes the sandbox's PID 1. Errors go to errfd as text. */
+static void init_child(int tochild, int toparent, const char *merged, const char *hostname, unsigned shift,
+                       int argc, char **argv) {
+    char p[4096], c;
+    /* Redirect our own diagnostics to the parent. */
+    dup2(toparent, 2);
+    snprintf(p, sizeof p, "%s/proc", merged);
+    xmkdir(p, 0555);
+    xmount("proc", p, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    snprintf(p, sizeof p, "%s/sys", merged);
+    xmkdir(p, 0555);
+    xmount("sysfs", p, "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, NULL);
+    setup_dev(merged, shift);
+    mask_proc(merged);
+    write_etc(merged, hostname, shift);
+    snprintf(p, sizeof p, "%s/tmp", merged);
+    xmkdir(p, 01777);
+
+    if (chdir(merged) < 0) die("chdir %s", merged);
+    if (syscall(SYS_pivot_root, ".", ".") < 0) die("pivot_root");
+    if (umount2(".", MNT_DETACH) < 0) die("umount old root");
+    if (chdir("/") < 0) die("chdir /");
+
+    if (unshare(CLONE_NEWUSER) < 0) die("unshare(user)");
+    if (write(toparent, "U", 1) != 1) die("sync write");
+    if (read_all(tochild, &c, 1) != 1 || c != 'M') exit(125); /* parent failed to map ids */
+
+    if (setresgid(0, 0, 0) < 0) die("setresgid");
+    if (setgroups(0, NULL) < 0) die("setgroups");
+    if (setresuid(0, 0, 0) < 0) die("setresuid");
+    drop_bounding_set(0);
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) die("no_new_privs");
+    /* init keeps no capabilities at all. */
+    struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    memset(data, 0, sizeof data);
+    if (syscall(SYS_capset, &hdr, data) < 0) die("capset");
+    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0) die("dumpable");
+    apply_seccomp();
+    prctl(PR_SET_NAME, "sandbox-init", 0, 0, 0);
+    /* Host paths in our argv would show in the sandbox's /proc/1/cmdline: overwrite them. */
+    char *end = argv[argc - 1] + strlen(argv[argc - 1]);
+    memset(argv[0], 0, (size_t)(end - argv[0]));
+    strcpy(argv[0], "sandbox-init");
+
+    sigset_t set;
+    sigfillset(&set);
+    sigprocmask(SIG_BLOCK, &set, NULL);
+    if (write(toparent, "R", 1) != 1) exit(125);
+    /* init never execs, so close-on-exec does nothing for it: close every inherited fd by hand,
+     * or the server would wait forever for EOF on a pipe (or socket) that init still holds. */
+    int devnull = open("/dev/null", O_RDWR);
+    for (int fd = 0; fd < 3; fd++) dup2(devnull, fd);
+    if (syscall(SYS_close_range, 3, ~0U, 0) < 0)
+        for (int fd = 3; fd < 1024; fd++) close(fd);
+    /* PID 1: reap orphans forever. All signals are blocked; only SIGKILL (from the host) ends us. */
+    for (;;) {
+        int sig;
+        sigwait(&set, &sig);
+        while (waitpid(-1, NULL, WNOHANG) > 0) {
+        }
+    }
+}
+
+static int cmd_create(int argc, char **argv) {
+    const char *lower = NULL, *upper = NULL, *work = NULL, *merged = NULL, *hostname = "sandbox";
+    unsigned shift = 100000, range = 65536;
+    char *cgroups[MAX_CGROUPS];
+    int ncg = 0;
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!v) die("missing value for %s", a);
+        if (!strcmp(a, "--lower")) lower = v;
+        else if (!strcmp(a, "--upper")) upper = v;
+        else if (!strcmp(a, "--work")) work = v;
+        else if (!strcmp(a, "--merged")) merged = v;
+        else if (!strcmp(a, "--hostname")) hostname = v;
+        else if (!strcmp(a, "--shift")) shift = (unsigned)strtoul(v, NULL, 10);
+        else if (!strcmp(a, "--range")) range = (unsigned)strtoul(v, NULL, 10);
+        else if (!strcmp(a, "--cgroup")) {
+            if (ncg == MAX_CGROUPS) die("too many cgroups");
+            cgroups[ncg++] = (char *)v;
+        } else die("unknown option %s", a);
+        i++;
+    }
+    if (!lower || !upper || !work || !merged) die("create needs --lower --upper --work --merged");
+    join_cgroups(cgroups, ncg);
+    if (unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWCGROUP) < 0)
+        die("unshare");
+    xmount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL);
+    char opts[8192];
+    snprintf(opts, sizeof opts, "lowerdir=%s,upperdir=%s,workdir=%s,volatile", lower, upper, work);
+    xmount("overlay", merged, "overlay", 0, opts);
+    if (sethostname(hostname, strlen(hostname)) < 0) die("sethostname");
+    lo_up();
+
+    /* The child's pivot_root also moves our root (same mount namespace): keep the host /proc open. */
+    int procfd = open("/proc", O_DIRECTORY | O_CLOEXEC);
+    if (procfd < 0) die("open /proc");
+    int p2c[2], c2p[2];
+    if (pipe2(p2c, O_CLOEXEC) < 0 || pipe2(c2p, O_CLOEXEC) < 0) die("pipe");
+    pid_t child = fork();
+    if (child < 0) die("fork");
+    if (child == 0) {
+        close(p2c[1]);
+        close(c2p[0]);
+        init_child(p2c[0], c2p[1], merged, hostname, shift, argc, argv);
+        _exit(125);
+    }
+    close(p2c[0]);
+    close(c2p[1]);
+    char buf[4096];
+    int n = read_all(c2p[0], buf, 1);
+    if (n != 1 || buf[0] != 'U') goto child_failed;
+    char path[64], map[64];
+    snprintf(map, sizeof map, "0 %u %u\n", shift, range);
+    snprintf(path, sizeof path, "%d/uid_map", child);
+    write_file_at(procfd, path, map);
+    snprintf(path, sizeof path, "%d/gid_map", child);
+    write_file_at(procfd, path, map);
+    if (write(p2c[1], "M", 1) != 1) die("sync write");
+    n = read_all(c2p[0], buf, 1);
+    if (n != 1 || buf[0] != 'R') goto child_failed;
+    printf("%d\n", child);
+    fflush(stdout);
+    return 0;
+
+child_failed : {
+    /* The child wrote its error text to the pipe (it dup'ed it onto stderr). */
+    int off = n > 0 && (buf[0] == 'U' || buf[0] == 'R') ? 0 : n;
+    int more = read_all(c2p[0], buf + off, sizeof buf - 1 - (size_t)off);
+    buf[off + (more > 0 ? more : 0)] = 0;
+    kill(child, SIGKILL);
+    waitpid(child, NULL, 0);
+    fprintf(stderr, "%s", buf[0] ? buf : "sbxhelper: sandbox init failed\n");
+    return 125;
+}
+}
+
+static int cmd_exec(int argc, char **argv) {
+    pid_t target = 0;
+    uid_t uid = 0;
+    gid_t gid = 0;
+    gid_t groups[64];
+    int ngroups = 0, pty = 0, report_fd = -1;
+    const char *cwd = NULL;
+    char *cgroups[MAX_CGROUPS];
+    int ncg = 0, i;
+    for (i = 2; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--")) {
+            i++;
+            break;
+        }
+        if (!strcmp(a, "--pty")) {
+            pty = 1;
+            continue;
+        }
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!v) die("missing value for %s", a);
+        if (!strcmp(a, "--pid")) target = (pid_t)strtol(v, NULL, 10);
+        else if (!strcmp(a, "--uid")) uid = (uid_t)strtoul(v, NULL, 10);
+        else if (!strcmp(a, "--gid")) gid = (gid_t)strtoul(v, NULL, 10);
+        else if (!strcmp(a, "--group")) {
+            if (ngroups < 64) groups[ngroups++] = (gid_t)strtoul(v, NULL, 10);
+        } else if (!strcmp(a, "--cwd")) cwd = v;
+        else if (!strcmp(a, "--report-fd")) report_fd = (int)strtol(v, NULL, 10);
+        else if (!strcmp(a, "--cgroup")) {
+            if (ncg == MAX_CGROUPS) die("too many cgroups");
+            cgroups[ncg++] = (char *)v;
+        } else die("unknown option %s", a);
+        i++;
+    }
+    if (report_fd >= 0) fcntl(report_fd, F_SETFD, FD_CLOEXEC);
+    if (target <= 0 || i >= argc) die("exec needs --pid and -- argv");
+    char **cmd = argv + i;
+
+    int pidfd = (int)syscall(SYS_pidfd_open, target, 0);
+    if (pidfd < 0) die("sandbox init %d is gone", target);
+    join_cgroups(cgroups, ncg);
+    if (setns(pidfd, CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWCGROUP) < 0)
+        die("setns");
+    if (setns(pidfd, CLONE_NEWUSER) < 0) die("setns(user)");
+    close(pidfd);
+
+    pid_t child = fork();
+    if (child < 0) die("fork");
+    if (child == 0) {
+        signal(SIGPIPE, SIG_DFL);
+        /* Our PID as the sandbox sees it (report_fd is close-on-exec: gone once we exec). */
+        if (report_fd >= 0) dprintf(report_fd, "c %d\n", getpid());
+        if (pty) {
+            if (setsid() < 0) die("setsid");
+            if (ioctl(0, TIOCSCTTY, 0) < 0) die("TIOCSCTTY");
+        } else if (setpgid(0, 0) < 0) die("setpgid");
+        drop_bounding_set(uid == 0);
+        if (setgroups((size_t)ngroups, groups) < 0) die("setgroups");
+        if (setresgid(gid, gid, gid) < 0) die("setresgid %u", gid);
+        if (setresuid(uid, uid, uid) < 0) die("setresuid %u", uid);
+        if (uid == 0) set_root_caps();
+        if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) die("no_new_privs");
+        if (cwd && chdir(cwd) < 0) {
+            int e = errno;
+            dprintf(2, "sandboxd: cannot use working directory '%s': %s\n", cwd, strerror(e));
+            _exit(1);
+        }
+        apply_seccomp();
+        execvpe(cmd[0], cmd, environ);
+        int e = errno;
+        dprintf(2, "sandboxd: cannot execute '%s': %s\n", cmd[0], strerror(e));
+        _exit(e == ENOENT ? 127 : 126);
+    }
+    /* Report the child's host PID if the caller asked for it. */
+    if (report_fd >= 0) {
+        dprintf(report_fd, "h %d\n", child);
+        close(report_fd);
+    }
+    /* Our stdio belongs to the child now. */
+    int devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (devnull >= 0) {
+        dup2(devnull, 0);
+        dup2(devnull, 1);
+        dup2(devnull, 2);
+    }
+    signal(SIGINT, SIG_IGN);
+    signal(SIGTERM, SIG_IGN);
+    signal(SIGHUP, SIG_IGN);
+    signal(SIGPIPE, SIG_IGN);
+    prctl(PR_SET_NAME, "sandbox-exec", 0, 0, 0);
+    int status;
+    while (waitpid(child, &status, 0) < 0)
+        if (errno != EINTR) return 125;
+    if (WIFEXITED(status)) return WEXITSTATUS(status);
+    int sig = WTERMSIG(status);
+    signal(sig, SIG_DFL);
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, sig);
+    sigprocmask(SIG_UNBLOCK, &set, NULL);
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0); /* no core file for the relayed signal */
+    kill(getpid(), sig);
+    return 128 + sig;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        fprintf(stderr, "usage: sbxhelper create|exec|version ...\n");
+        return 2;
+    }
+    if (!strcmp(argv[1], "create")) return cmd_create(argc, argv);
+    if (!strcmp(argv[1], "exec")) return cmd_exec(argc, argv);
+    if (!strcmp(argv[1], "version")) {
+        puts("sbxhelper 1");
+        return 0;
+    }
+    fprintf(stderr, "sbxhelper: unknown command %s\n", argv[1]);
+    return 2;
+}

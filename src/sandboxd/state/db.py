@@ -1,0 +1,95 @@
+"""SQLite state: the API key and every live sandbox, so a restarted server can re-adopt or clean up."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sandboxes (
+    id TEXT PRIMARY KEY,
+    template_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    end_at REAL NOT NULL,
+    record TEXT NOT NULL
+);
+"""
+
+
+@dataclass
+class SandboxRecord:
+    sandbox_id: str
+    template_id: str
+    alias: str | None
+    client_id: str
+    envd_token: str
+    started_at: float
+    end_at: float
+    state: str  # running | paused
+    metadata: dict[str, str] = field(default_factory=dict)
+    env_vars: dict[str, str] = field(default_factory=dict)
+    cpu_count: int = 1
+    memory_mb: int = 512
+    disk_mb: int = 0
+    auto_pause: bool = False
+    default_user: str = "user"
+    default_workdir: str = "/home/user"
+    handle: dict = field(default_factory=dict)  # the runtime's SandboxHandle, as JSON
+
+
+class StateDB:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # -- settings ----------------------------------------------------------------------------
+    def get_setting(self, key: str) -> str | None:
+        with self._lock:
+            row = self._conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self._lock:
+            self._conn.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, value))
+
+    def api_key(self) -> tuple[str, bool]:
+        """The server's API key, creating it on first use. Returns (key, created)."""
+        key = self.get_setting("api_key")
+        if key:
+            return key, False
+        # e2b_ + 40 hex: accepted by every SDK version, including those that validate the format.
+        key = "e2b_" + secrets.token_hex(20)
+        self.set_setting("api_key", key)
+        return key, True
+
+    # -- sandboxes ---------------------------------------------------------------------------
+    def put(self, rec: SandboxRecord) -> None:
+        with self._lock:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO sandboxes (id, template_id, state, started_at, end_at, record) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (rec.sandbox_id, rec.template_id, rec.state, rec.started_at, rec.end_at, json.dumps(asdict(rec))),
+            )
+
+    def delete(self, sandbox_id: str) -> None:
+        with self._lock:
+            self._conn.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
+
+    def all(self) -> list[SandboxRecord]:
+        with self._lock:
+            rows = self._conn.execute("SELECT record FROM sandboxes").fetchall()
+        return [SandboxRecord(**json.loads(r[0])) for r in rows]

@@ -1,0 +1,79 @@
+"""The built-in template definitions. A spec's hash decides whether a cached build is still valid."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+# Bump when the build procedure itself changes in a way that changes the result.
+BUILDER_VERSION = 1
+
+# Sandbox uid/gid 0..RANGE-1 are host uid/gid SHIFT..SHIFT+RANGE-1 (user namespace mapping).
+UID_SHIFT = 100000
+UID_RANGE = 65536
+
+
+@dataclass(frozen=True)
+class TemplateSpec:
+    name: str
+    suite: str = "bookworm"
+    packages: tuple[str, ...] = ()
+    # Shell commands run in a chroot of the new root filesystem after the packages are installed.
+    steps: tuple[str, ...] = ()
+    parent: str | None = None
+    default_user: str = "user"
+    default_workdir: str = "/home/user"
+    description: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def digest(self) -> str:
+        body = json.dumps(
+            {"spec": asdict(self), "builder": BUILDER_VERSION, "shift": [UID_SHIFT, UID_RANGE]}, sort_keys=True
+        )
+        return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+_USER_SETUP = (
+    "useradd --create-home --uid 1000 --user-group --shell /bin/bash user",
+    "printf 'user ALL=(ALL:ALL) NOPASSWD: ALL\\n' > /etc/sudoers.d/user && chmod 0440 /etc/sudoers.d/user",
+    "mkdir -p /code && chown user:user /code",
+    # No daemons are started in a sandbox by package scripts.
+    "rm -f /usr/sbin/policy-rc.d",
+    "apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin",
+)
+
+BASE = TemplateSpec(
+    name="base",
+    description="Debian bookworm with bash, coreutils, python3, nodejs, git, curl and build tools",
+    packages=(
+        "bash",
+        "coreutils",
+        "procps",
+        "sudo",
+        "passwd",
+        "python3",
+        "python3-pip",
+        "python3-venv",
+        "nodejs",
+        "npm",
+        "git",
+        "curl",
+        "ca-certificates",
+        "build-essential",
+        "less",
+        "nano",
+        "file",
+        "iproute2",
+        "iputils-ping",
+        "netbase",
+        "locales-all",
+        "tzdata",
+        "unzip",
+        "xz-utils",
+        "zip",
+    ),
+    steps=_USER_SETUP,
+)
+
+BUILTIN: dict[str, TemplateSpec] = {BASE.name: BASE}

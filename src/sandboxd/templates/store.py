@@ -1,0 +1,240 @@
+"""Template store: where built root filesystems live, how they are built, and how a build is kept atomic.
+
+Layout under the templates directory:
+
+    <dir>/<name>/rootfs/         the root filesystem (owned by shifted uids, see specs.UID_SHIFT)
+    <dir>/<name>/template.json   what was built: spec, digest, size, build time
+    <dir>/.build-<name>-<pid>/   a build in progress; renamed into place only when complete
+
+A failed or interrupted build leaves only a `.build-*` folder, which the next build (or server start)
+removes, so there is never a half-built template under a real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sandboxd.templates.specs import BUILTIN, UID_SHIFT, TemplateSpec
+
+Progress = Callable[[str], None]
+
+
+class TemplateError(Exception):
+    """A template is unknown, missing, or failed to build."""
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    path: Path
+    digest: str
+    default_user: str
+    default_workdir: str
+    built_at: float
+    size_bytes: int
+
+    @property
+    def rootfs(self) -> Path:
+        return self.path / "rootfs"
+
+
+def _print_progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class TemplateStore:
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
+
+    # -- reading ---------------------------------------------------------------------------------
+    def get(self, name: str) -> Template:
+        meta_path = self.dir / name / "template.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except FileNotFoundError:
+            raise TemplateError(self.unknown_message(name)) from None
+        return Template(
+            name=meta["name"],
+            path=self.dir / name,
+            digest=meta["digest"],
+            default_user=meta.get("default_user", "user"),
+            default_workdir=meta.get("default_workdir", "/home/user"),
+            built_at=meta.get("built_at", 0.0),
+            size_bytes=meta.get("size_bytes", 0),
+        )
+
+    def names(self) -> list[str]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(p.name for p in self.dir.iterdir() if (p / "template.json").is_file())
+
+    def unknown_message(self, name: str) -> str:
+        available = ", ".join(self.names()) or "none (build one with `sandboxd template build base`)"
+        return f"template '{name}' not found; available templates: {available}"
+
+    def is_current(self, spec: TemplateSpec) -> bool:
+        try:
+            return self.get(spec.name).digest == spec.digest()
+        except (TemplateError, KeyError, ValueError):
+            return False
+
+    # -- building --------------------------------------------------------------------------------
+    def clean_stale_builds(self) -> None:
+        if not self.dir.is_dir():
+            return
+        for p in self.dir.glob(".build-*"):
+            pid = p.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and Path(f"/proc/{pid}").exists() and int(pid) != os.getpid():
+                continue  # another build is running
+            shutil.rmtree(p, ignore_errors=True)
+
+    def ensure(self, name: str, progress: Progress = _print_progress, force: bool = False) -> Template:
+        spec = BUILTIN.get(name)
+        if spec is None:
+            return self.get(name)
+        if not force and self.is_current(spec):
+            return self.get(name)
+        return self.build(spec, progress)
+
+    def build(self, spec: TemplateSpec, progress: Progress = _print_progress) -> Template:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.clean_stale_builds()
+        work = self.dir / f".build-{spec.name}-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        rootfs = work / "rootfs"
+        started = time.monotonic()
+        try:
+            if spec.parent:
+                parent = self.ensure(spec.parent, progress)
+                progress(f"[{spec.name}] copying parent template '{spec.parent}'")
+                subprocess.run(["cp", "-a", "--reflink=auto", str(parent.rootfs), str(rootfs)], check=True)
+                _unshift_tree(rootfs, progress, spec.name)
+                if spec.packages:
+                    self._chroot(
+                        rootfs,
+                        spec,
+                        "apt-get update -qq && DEBIAN_FRONTEND=noninteractive "
+                        "apt-get install -y --no-install-recommends " + " ".join(spec.packages),
+                        progress,
+                    )
+            else:
+                self._debootstrap(spec, rootfs, progress)
+            for i, step in enumerate(spec.steps, 1):
+                progress(f"[{spec.name}] step {i}/{len(spec.steps)}: {step}")
+                self._chroot(rootfs, spec, step, progress)
+            progress(f"[{spec.name}] shifting ownership into the sandbox uid range (+{UID_SHIFT})")
+            _shift_tree(rootfs, UID_SHIFT)
+            size = _tree_size(rootfs)
+            meta = {
+                "name": spec.name,
+                "digest": spec.digest(),
+                "default_user": spec.default_user,
+                "default_workdir": spec.default_workdir,
+                "built_at": time.time(),
+                "size_bytes": size,
+                "packages": list(spec.packages),
+                "steps": list(spec.steps),
+            }
+            (work / "template.json").write_text(json.dumps(meta, indent=2))
+            final = self.dir / spec.name
+            old = self.dir / f".build-{spec.name}-old-{os.getpid()}"
+            if final.exists():
+                final.rename(old)
+            work.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        progress(f"[{spec.name}] built in {time.monotonic() - started:.0f} s, {size / 1e6:.0f} MB")
+        return self.get(spec.name)
+
+    def _debootstrap(self, spec: TemplateSpec, rootfs: Path, progress: Progress) -> None:
+        if shutil.which("mmdebstrap") is None:
+            raise TemplateError("mmdebstrap is not installed: run `apt-get install mmdebstrap` (or scripts/setup.sh)")
+        cmd = [
+            "mmdebstrap",
+            "--mode=root",
+            "--variant=minbase",
+            "--format=directory",
+            "--include=" + ",".join(spec.packages),
+            '--aptopt=Acquire::Retries "3"',
+            "--dpkgopt=path-exclude=/usr/share/man/*",
+            "--dpkgopt=path-exclude=/usr/share/doc/*",
+            "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+            spec.suite,
+            str(rootfs),
+        ]
+        progress(f"[{spec.name}] mmdebstrap {spec.suite} with {len(spec.packages)} packages (a few minutes)")
+        _run_with_progress(cmd, progress, spec.name)
+
+    def _chroot(self, rootfs: Path, spec: TemplateSpec, script: str, progress: Progress) -> None:
+        # Package scripts may want /proc and /dev; run in a private mount namespace so nothing leaks.
+        inner = (
+            f"mount -t proc proc {rootfs}/proc && mount --rbind /dev {rootfs}/dev && "
+            f'mount --make-rslave {rootfs}/dev && exec chroot {rootfs} /bin/sh -c "$1"'
+        )
+        cmd = ["unshare", "--mount", "--pid", "--fork", "sh", "-c", inner, "sh", script]
+        _run_with_progress(cmd, progress, spec.name)
+
+
+def _run_with_progress(cmd: list[str], progress: Progress, name: str) -> None:
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    tail: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip()
+        if not line:
+            continue
+        tail = ([*tail, line])[-30:]
+        if line.startswith(("I: ", "E: ", "W: ")) or "Unpacking" in line or "Setting up" in line:
+            progress(f"[{name}] {line}")
+    if proc.wait() != 0:
+        raise TemplateError(
+            f"template '{name}': `{' '.join(cmd[:3])} …` failed (exit {proc.returncode}):\n" + "\n".join(tail)
+        )
+
+
+def _shift_tree(root: Path, shift: int) -> None:
+    """Add `shift` to every owner and group, keeping setuid/setgid bits (chown clears them)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames, None]:
+            path = dirpath if name is None else os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if st.st_uid >= shift:
+                continue
+            os.lchown(path, st.st_uid + shift, st.st_gid + shift)
+            if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                os.chmod(path, stat.S_IMODE(st.st_mode))
+
+
+def _unshift_tree(root: Path, progress: Progress, name: str) -> None:
+    for dirpath, dirnames, filenames in os.walk(root):
+        for entry in [*dirnames, *filenames, None]:
+            path = dirpath if entry is None else os.path.join(dirpath, entry)
+            st = os.lstat(path)
+            if st.st_uid >= UID_SHIFT:
+                os.lchown(path, st.st_uid - UID_SHIFT, st.st_gid - UID_SHIFT)
+                if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                    os.chmod(path, stat.S_IMODE(st.st_mode))
+
+
+def _tree_size(root: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total
