@@ -94,6 +94,13 @@ class App:
 def serve(config: ServerConfig) -> None:
     import uvicorn
 
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            # Shut down gracefully (sandboxes destroyed, state closed), then exit 0: uvicorn would
+            # otherwise re-raise the signal after its shutdown and report death by SIGTERM.
+            super().handle_exit(sig, frame)  # type: ignore[arg-type]
+            self._captured_signals.clear()
+
     app = App(config)
     uconfig = uvicorn.Config(
         app,
@@ -107,4 +114,4 @@ def serve(config: ServerConfig) -> None:
         timeout_keep_alive=650,
         timeout_graceful_shutdown=5,
     )
-    uvicorn.Server(uconfig).run()
+    _Server(uconfig).run()

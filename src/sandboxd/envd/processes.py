@@ -89,7 +89,7 @@ class Proc:
         child_fds: list[int] = [report_w]
         try:
             if self.is_pty:
-                master, slave = os.openpty()
+                master, slave = runtime.open_pty(handle)
                 if size:
                     _set_winsize(slave, *size)
                 child_fds.append(slave)

@@ -79,6 +79,13 @@ class Runtime(abc.ABC):
     def freeze(self, handle: SandboxHandle, frozen: bool) -> None:
         """Stop (or restart) every process of the sandbox, keeping its memory (pause/resume)."""
 
+    def open_pty(self, handle: SandboxHandle) -> tuple[int, int]:
+        """A (master, slave) terminal pair for a process in the sandbox. Backends with their own devpts
+        override this so that the terminal is the sandbox's own (`tty` shows /dev/pts/N inside)."""
+        import os
+
+        return os.openpty()
+
     @abc.abstractmethod
     def is_alive(self, handle: SandboxHandle) -> bool: ...
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from sandboxd.runtime import cgroups
 from sandboxd.runtime.base import ExecSpec, Runtime, RuntimeError_, SandboxHandle, SandboxSpec, Stats
 from sandboxd.runtime.native import helper_path
+from sandboxd.runtime.rootfs import open_pty_in_root
 from sandboxd.templates.specs import UID_RANGE, UID_SHIFT
 
 
@@ -130,6 +131,9 @@ class NamespaceRuntime(Runtime):
         if report_fd is not None:
             argv += ["--report-fd", str(report_fd)]
         return [*argv, "--", *spec.argv]
+
+    def open_pty(self, handle: SandboxHandle) -> tuple[int, int]:
+        return open_pty_in_root(str(self.root_path(handle)))
 
     def is_alive(self, handle: SandboxHandle) -> bool:
         return process_start_time(handle.init_pid) == handle.init_start_time

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Installs sandboxd and everything it needs on Debian 12, as root, and builds the default templates.
+# Idempotent: a second run installs nothing new and reuses the cached template builds.
+#   bash scripts/setup.sh          # runtime
+#   bash scripts/setup.sh --dev    # + test and lint dependencies
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEV=0
+[ "${1:-}" = "--dev" ] && DEV=1
+VENV=${SANDBOXD_VENV:-/opt/sandboxd/venv}
+DATA_DIR=${SANDBOXD_DATA_DIR:-/var/lib/sandboxd}
+
+if [ "$(id -u)" != 0 ]; then
+    echo "setup.sh: run as root (sandboxd creates namespaces, mounts and cgroups)" >&2
+    exit 1
+fi
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+PKGS=(python3 python3-venv python3-dev build-essential libseccomp-dev mmdebstrap iproute2 util-linux procps
+      ca-certificates curl)
+missing=()
+for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    step "apt: installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+    step "apt: all ${#PKGS[@]} packages present"
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    step "creating virtualenv $VENV (Debian's /usr/bin/python3)"
+    /usr/bin/python3 -m venv "$VENV"
+fi
+extra=""
+[ $DEV = 1 ] && extra="[dev]"
+step "pip: installing sandboxd$extra into $VENV"
+"$VENV/bin/pip" install -q --disable-pip-version-check -e ".$extra" 2>&1 | grep -v -e '^WARNING: Location' || true
+ln -sf "$VENV/bin/sandboxd" /usr/local/bin/sandboxd
+
+step "templates: base (cached in $DATA_DIR/templates; built only when missing or changed)"
+"$VENV/bin/sandboxd" template build base --data-dir "$DATA_DIR"
+step "ready: start the server with 'sandboxd serve' (prints the API key and the E2B_* variables to export)"

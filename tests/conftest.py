@@ -1,0 +1,152 @@
+"""Test harness: starts the real `sandboxd serve` and points the official e2b SDK at it.
+
+Nothing is mocked: every test talks HTTP to a real server that makes real sandboxes. The server uses a
+throw-away data directory, and the cached templates in /var/lib/sandboxd/templates (built by
+scripts/setup.sh), so a second run does not rebuild them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+TEMPLATES_DIR = Path(os.environ.get("SANDBOXD_TEMPLATES_DIR", "/var/lib/sandboxd/templates"))
+SANDBOXD = str(Path(sys.executable).with_name("sandboxd"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    api_key: str
+    data_dir: Path
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def api(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"X-API-KEY": self.api_key}, timeout=30)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+
+def start_server(data_dir: Path, *extra: str, port: int | None = None) -> Server:
+    port = port or free_port()
+    log_path = data_dir.with_suffix(".log")
+    log = open(log_path, "ab")
+    proc = subprocess.Popen(
+        [
+            SANDBOXD,
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+            "--templates-dir",
+            str(TEMPLATES_DIR),
+            *extra,
+        ],
+        stdout=log,
+        stderr=log,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sandboxd exited with {proc.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 204:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"sandboxd did not become healthy:\n{log_path.read_text()}")
+        time.sleep(0.05)
+    text = log_path.read_text()
+    keys = re.findall(r"API key[^:]*: (e2b_[0-9a-f]{40})", text)
+    assert keys, text
+    return Server(url=url, api_key=keys[-1], data_dir=data_dir, proc=proc, log_path=log_path)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Server]:
+    if os.geteuid() != 0:
+        pytest.exit("the tests start real sandboxes and must run as root", returncode=2)
+    if not (TEMPLATES_DIR / "base" / "template.json").exists():
+        pytest.exit(f"no base template in {TEMPLATES_DIR}: run scripts/setup.sh first", returncode=2)
+    tmp = Path(tempfile.mkdtemp(prefix="sandboxd-test-"))
+    srv = start_server(tmp / "data")
+    env = {"E2B_API_URL": srv.url, "E2B_SANDBOX_URL": srv.url, "E2B_API_KEY": srv.api_key}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    os.environ.pop("E2B_DEBUG", None)
+    try:
+        yield srv
+    finally:
+        code = srv.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        assert code == 0, f"server exited with {code}:\n{srv.log()}"
+        # A clean shutdown destroys every sandbox: nothing may be left behind.
+        leftovers = list((srv.data_dir / "sandboxes").iterdir())
+        assert not leftovers, leftovers
+
+
+@pytest.fixture
+def sandbox(server: Server):
+    from e2b import Sandbox
+
+    sbx = Sandbox.create(template="base", timeout=120)
+    try:
+        yield sbx
+    finally:
+        sbx.kill()
+
+
+@pytest.fixture
+async def async_sandbox(server: Server):
+    from e2b import AsyncSandbox
+
+    sbx = await AsyncSandbox.create(template="base", timeout=120)
+    try:
+        yield sbx
+    finally:
+        await sbx.kill()
+
+
+def host_pids_of(server: Server, sandbox_id: str) -> set[int]:
+    """Host PIDs of every process in a sandbox (from its cgroup)."""
+    pids: set[int] = set()
+    for ctrl in ("memory", "pids", "unified"):
+        p = Path(f"/sys/fs/cgroup/{ctrl}/sandboxd/{sandbox_id}/cgroup.procs")
+        if p.exists():
+            pids.update(int(x) for x in p.read_text().split())
+    return pids

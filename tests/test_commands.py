@@ -1,0 +1,325 @@
+"""envd process service through the official SDK: run, background, stdin, signals, PTY (sync and async)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+
+import pytest
+from e2b import AsyncSandbox, CommandExitException, PtySize, Sandbox
+from e2b.exceptions import AuthenticationException, NotFoundException, SandboxException, TimeoutException
+
+
+def test_stdout_stderr_exit_code(sandbox: Sandbox) -> None:
+    r = sandbox.commands.run("echo out; echo err >&2")
+    assert (r.stdout, r.stderr, r.exit_code) == ("out\n", "err\n", 0)
+    with pytest.raises(CommandExitException) as exc:
+        sandbox.commands.run("echo partial; exit 3")
+    assert exc.value.exit_code == 3 and exc.value.stdout == "partial\n"
+
+
+def test_envs_cwd_and_users(sandbox: Sandbox) -> None:
+    r = sandbox.commands.run("echo $FOO-$HOME-$USER; pwd", envs={"FOO": "bar"})
+    assert r.stdout == "bar-/home/user-user\n/home/user\n"
+    assert sandbox.commands.run("pwd", cwd="/tmp").stdout == "/tmp\n"
+    assert sandbox.commands.run("id -u; id -un").stdout == "1000\nuser\n"
+    assert sandbox.commands.run("id -u; echo $HOME", user="root").stdout == "0\n/root\n"
+    with pytest.raises(CommandExitException):
+        sandbox.commands.run("touch /etc/forbidden")  # user is not root
+    sandbox.commands.run("touch /etc/allowed", user="root")
+
+
+def test_unknown_user_is_rejected(sandbox: Sandbox) -> None:
+    with pytest.raises(AuthenticationException) as exc:
+        sandbox.commands.run("true", user="nobody-here")  # type: ignore[arg-type]
+    assert "invalid username" in str(exc.value)
+
+
+def test_sandbox_env_vars_layering(server) -> None:
+    sbx = Sandbox.create(template="base", envs={"LAYER": "sandbox", "ONLY_SBX": "1"}, timeout=60)
+    try:
+        assert sbx.commands.run("echo $LAYER $ONLY_SBX").stdout == "sandbox 1\n"
+        assert sbx.commands.run("echo $LAYER $ONLY_SBX", envs={"LAYER": "request"}).stdout == "request 1\n"
+    finally:
+        sbx.kill()
+
+
+def test_missing_cwd_fails_clearly(sandbox: Sandbox) -> None:
+    with pytest.raises(CommandExitException) as exc:
+        sandbox.commands.run("pwd", cwd="/does/not/exist")
+    assert "/does/not/exist" in exc.value.stderr
+
+
+def test_too_short_timeout_is_enforced(sandbox: Sandbox) -> None:
+    start = time.monotonic()
+    with pytest.raises(TimeoutException):
+        sandbox.commands.run("sleep 30; echo late", timeout=1)
+    assert time.monotonic() - start < 10
+    # the server killed the process: nothing named sleep is left
+    assert "sleep 30" not in sandbox.commands.run("ps -eo args").stdout
+
+
+def test_special_characters_and_invalid_utf8(sandbox: Sandbox) -> None:
+    text = "quotes ' \" back\\slash $HOME `x` ünïcödé 🚀 tab\tnew"
+    r = sandbox.commands.run(f"printf '%s' {_sh_quote(text)}")
+    assert r.stdout == text
+    r = sandbox.commands.run(r"printf 'ok \xff\xfe end'")
+    assert r.stdout.startswith("ok ") and r.stdout.endswith(" end") and "\ufffd" in r.stdout
+
+
+def _sh_quote(s: str) -> str:
+    return "'" + s.replace("'", "'\\''") + "'"
+
+
+def test_large_output_is_streamed(sandbox: Sandbox) -> None:
+    chunks: list[str] = []
+    size = 20 * 1024 * 1024
+    r = sandbox.commands.run(f"head -c {size} /dev/zero | tr '\\0' 'a'", on_stdout=chunks.append, timeout=120)
+    assert len(r.stdout) == size
+    assert len(chunks) > 100  # streamed in many pieces (<= 32 KiB each), not one blob
+    assert max(len(c) for c in chunks) <= 32 * 1024
+
+
+def test_background_connect_list_kill(sandbox: Sandbox) -> None:
+    h = sandbox.commands.run(
+        "for i in 1 2 3 4 5 6 7 8 9 10; do echo tick $i; sleep 0.2; done; sleep 60", background=True
+    )
+    assert h.pid > 0
+    listed = {p.pid: p for p in sandbox.commands.list()}
+    assert h.pid in listed and listed[h.pid].cmd == "/bin/bash"
+    h.disconnect()
+    time.sleep(0.5)
+    again = sandbox.commands.connect(h.pid)
+    got: list[str] = []
+
+    def wait() -> None:
+        try:
+            again.wait(on_stdout=got.append)
+        except CommandExitException:
+            pass
+
+    t = threading.Thread(target=wait)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not any("tick 10" in g for g in got) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any("tick 10" in g for g in got), got
+    assert sandbox.commands.kill(h.pid) is True
+    t.join(10)
+    assert not t.is_alive()
+    assert h.pid not in {p.pid for p in sandbox.commands.list()}
+    assert sandbox.commands.kill(h.pid) is False
+    with pytest.raises(NotFoundException):
+        sandbox.commands.connect(h.pid)
+
+
+def test_background_survives_client_disconnect(sandbox: Sandbox) -> None:
+    h = sandbox.commands.run("sleep 1; echo done > /tmp/bg-done", background=True)
+    h.disconnect()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if sandbox.commands.run("cat /tmp/bg-done 2>/dev/null || true").stdout == "done\n":
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("background command did not finish after its client disconnected")
+
+
+def test_tag_selects_process(sandbox: Sandbox, server) -> None:
+    # The SDK does not expose tags; speak Connect (JSON, streaming envelopes) on the wire directly.
+    import base64
+    import json
+    import struct
+
+    import httpx
+
+    token = sandbox._envd_access_token
+    headers = {
+        "E2b-Sandbox-Id": sandbox.sandbox_id,
+        "E2b-Sandbox-Port": "49983",
+        "X-Access-Token": token,
+        "Content-Type": "application/connect+json",
+        "Connect-Protocol-Version": "1",
+    }
+
+    def envelope(msg: dict) -> bytes:
+        body = json.dumps(msg).encode()
+        return struct.pack(">BI", 0, len(body)) + body
+
+    def messages(resp: httpx.Response):
+        buf = b""
+        for chunk in resp.iter_bytes():
+            buf += chunk
+            while len(buf) >= 5:
+                flags, n = struct.unpack(">BI", buf[:5])
+                if len(buf) < 5 + n:
+                    break
+                payload, buf = json.loads(buf[5 : 5 + n]), buf[5 + n :]
+                yield flags, payload
+
+    start = {"process": {"cmd": "/bin/bash", "args": ["-c", "echo tagged; sleep 30"]}, "tag": "my-tag"}
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        with client.stream("POST", "/process.Process/Start", headers=headers, content=envelope(start)) as resp:
+            it = messages(resp)
+            _, first = next(it)
+            pid = first["event"]["start"]["pid"]
+            _, second = next(it)
+            assert base64.b64decode(second["event"]["data"]["stdout"]) == b"tagged\n"
+            listed = client.post(
+                "/process.Process/List", content=b"{}", headers={**headers, "Content-Type": "application/json"}
+            ).json()
+            assert {"pid": pid, "tag": "my-tag"}.items() <= next(
+                p for p in listed["processes"] if p["pid"] == pid
+            ).items()
+            with client.stream(
+                "POST", "/process.Process/Connect", headers=headers, content=envelope({"process": {"tag": "my-tag"}})
+            ) as conn:
+                _flags, ev = next(messages(conn))
+                assert ev["event"]["start"]["pid"] == pid
+            r = client.post(
+                "/process.Process/SendSignal",
+                headers={**headers, "Content-Type": "application/json"},
+                content=json.dumps({"process": {"tag": "my-tag"}, "signal": "SIGNAL_SIGKILL"}).encode(),
+            )
+            assert r.status_code == 200, r.text
+            rest = list(it)
+            end = [p for f, p in rest if f == 0 and "end" in p.get("event", {})]
+            assert end and end[0]["event"]["end"]["status"] == "signal: killed"
+            assert rest[-1][0] == 2  # end-of-stream envelope
+        r = client.post("/process.Process/Connect", headers=headers, content=envelope({"process": {"tag": "nope"}}))
+        assert b"not_found" in r.content
+
+
+def test_stdin_send_and_close(sandbox: Sandbox) -> None:
+    h = sandbox.commands.run("cat", background=True, stdin=True)
+    sandbox.commands.send_stdin(h.pid, "hello ")
+    h.send_stdin(b"world\n")
+    sandbox.commands.close_stdin(h.pid)
+    r = h.wait()
+    assert r.stdout == "hello world\n"
+
+
+def test_stream_input(sandbox: Sandbox) -> None:
+    h = sandbox.commands.run("sha256sum", background=True, stdin=True)
+    parts = [f"line {i}\n".encode() for i in range(2000)]
+    sandbox.commands.stream_input(h.pid, iter(parts))
+    sandbox.commands.close_stdin(h.pid)
+    r = h.wait()
+    assert r.stdout.split()[0] == hashlib.sha256(b"".join(parts)).hexdigest()
+
+
+def test_stdin_disabled_by_default(sandbox: Sandbox) -> None:
+    # without stdin=True the process reads EOF at once instead of hanging
+    assert sandbox.commands.run("cat; echo eof", timeout=10).stdout == "eof\n"
+
+
+def test_sigterm_via_kill_of_a_process_group(sandbox: Sandbox) -> None:
+    h = sandbox.commands.run("sleep 100 & sleep 100 & wait", background=True)
+    time.sleep(0.3)
+    assert sandbox.commands.kill(h.pid)
+    with pytest.raises(CommandExitException):
+        h.wait()
+    assert "sleep 100" not in sandbox.commands.run("ps -eo args").stdout
+
+
+def test_pty_create_input_resize_kill(sandbox: Sandbox) -> None:
+    out = bytearray()
+    h = sandbox.pty.create(PtySize(rows=24, cols=80))
+    done = threading.Event()
+
+    def reader() -> None:
+        try:
+            h.wait(on_pty=lambda b: out.extend(b))
+        except CommandExitException:
+            pass
+        finally:
+            done.set()
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+
+    def until(needle: bytes, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in out and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert needle in out, bytes(out)[-500:]
+
+    sandbox.pty.send_stdin(h.pid, b"tty; echo marker-$((6*7))\n")
+    until(b"marker-42")
+    assert b"/dev/pts/0" in out and b"not a tty" not in out  # the sandbox's own devpts
+    sandbox.pty.send_stdin(h.pid, b"stty size\n")
+    until(b"24 80")
+    sandbox.pty.resize(h.pid, PtySize(rows=40, cols=120))
+    sandbox.pty.send_stdin(h.pid, b"stty size\n")
+    until(b"40 120")
+    assert sandbox.pty.kill(h.pid) is True
+    assert done.wait(10)
+
+
+def test_kill_sandbox_during_command(server) -> None:
+    sbx = Sandbox.create(template="base", timeout=60)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            sbx.commands.run("sleep 60", timeout=30)
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(0.5)
+    assert sbx.kill() is True
+    t.join(15)
+    assert not t.is_alive(), "the command stream did not end when the sandbox was killed"
+    assert errors and isinstance(errors[0], SandboxException), errors
+    assert not sbx.is_running()
+
+
+# -- async SDK -----------------------------------------------------------------------------------
+
+
+async def test_async_run_and_exit_codes(async_sandbox: AsyncSandbox) -> None:
+    r = await async_sandbox.commands.run("echo a; echo b >&2", envs={"X": "1"})
+    assert (r.stdout, r.stderr) == ("a\n", "b\n")
+    with pytest.raises(CommandExitException):
+        await async_sandbox.commands.run("exit 7")
+    assert (await async_sandbox.commands.run("whoami", user="root")).stdout == "root\n"
+    assert (await async_sandbox.commands.run("pwd", cwd="/usr")).stdout == "/usr\n"
+
+
+async def test_async_too_short_timeout(async_sandbox: AsyncSandbox) -> None:
+    start = time.monotonic()
+    with pytest.raises(TimeoutException):
+        await async_sandbox.commands.run("sleep 30", timeout=1)
+    assert time.monotonic() - start < 10
+
+
+async def test_async_background_stdin_and_kill(async_sandbox: AsyncSandbox) -> None:
+    h = await async_sandbox.commands.run("cat", background=True, stdin=True)
+    await async_sandbox.commands.send_stdin(h.pid, "abc\n")
+    await async_sandbox.commands.close_stdin(h.pid)
+    assert (await h.wait()).stdout == "abc\n"
+    h2 = await async_sandbox.commands.run("sleep 60", background=True)
+    assert h2.pid in {p.pid for p in await async_sandbox.commands.list()}
+    assert await async_sandbox.commands.kill(h2.pid) is True
+    with pytest.raises(CommandExitException):
+        await h2.wait()
+
+
+async def test_async_pty(async_sandbox: AsyncSandbox) -> None:
+    out = bytearray()
+    h = await async_sandbox.pty.create(PtySize(rows=10, cols=50), on_data=lambda b: out.extend(b))
+    await async_sandbox.pty.send_stdin(h.pid, b"echo hi-$((1+1))\nexit\n")
+    try:
+        await h.wait()
+    except CommandExitException:
+        pass
+    assert b"hi-2" in out
+
+
+async def test_async_large_output(async_sandbox: AsyncSandbox) -> None:
+    r = await async_sandbox.commands.run("seq 1 2000000", timeout=120)
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2_000_000 and lines[-1] == "2000000"
