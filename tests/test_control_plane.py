@@ -8,9 +8,10 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
-from conftest import Server, host_pids_of
 from e2b import AsyncSandbox, Sandbox, SandboxQuery, SandboxState
 from e2b.exceptions import NotFoundException, SandboxException
+
+from conftest import Server, host_pids_of
 
 
 def test_create_with_metadata_envs_timeout(server: Server) -> None:

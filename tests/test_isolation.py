@@ -10,8 +10,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import TEMPLATES_DIR, Server, host_pids_of
 from e2b import CommandExitException, Sandbox
+
+from conftest import TEMPLATES_DIR, Server, host_pids_of
 
 PY = "python3 -c"
 

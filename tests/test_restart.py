@@ -1,0 +1,82 @@
+"""Server restarts and crashes leave nothing behind: live sandboxes are re-adopted, dead ones cleaned up."""
+
+from __future__ import annotations
+
+import signal
+import tempfile
+from pathlib import Path
+
+import httpx
+from e2b import Sandbox
+
+from conftest import Server, host_pids_of, start_server
+
+
+def _cgroup_dirs(sandbox_id: str) -> list[Path]:
+    return [p for p in Path("/sys/fs/cgroup").glob(f"*/sandboxd/{sandbox_id}") if p.exists()]
+
+
+def _env(srv: Server) -> dict[str, str]:
+    return {"api_key": srv.api_key, "api_url": srv.url, "sandbox_url": srv.url}
+
+
+def test_crash_then_restart_readopts_running_sandboxes() -> None:
+    data = Path(tempfile.mkdtemp(prefix="sandboxd-restart-")) / "data"
+    srv = start_server(data)
+    sbx = Sandbox.create(template="base", timeout=120, metadata={"keep": "me"}, **_env(srv))
+    sbx.commands.run("echo before-crash > /tmp/state")
+    port = int(srv.url.rsplit(":", 1)[1])
+    srv.stop(signal.SIGKILL)  # a crash: no cleanup at all
+    assert host_pids_of(srv, sbx.sandbox_id), "the sandbox outlives a crashed server"
+
+    srv2 = start_server(data, port=port)
+    try:
+        assert srv2.api_key == srv.api_key, "the API key survives a restart"
+        again = Sandbox.connect(sbx.sandbox_id, **_env(srv2))
+        assert again.commands.run("cat /tmp/state").stdout == "before-crash\n"
+        assert again.get_info().metadata == {"keep": "me"}
+        assert "re-adopted 1 sandbox" in srv2.log()
+    finally:
+        assert srv2.stop() == 0
+    assert not host_pids_of(srv2, sbx.sandbox_id)
+    assert not _cgroup_dirs(sbx.sandbox_id)
+    assert not (data / "sandboxes" / sbx.sandbox_id).exists()
+
+
+def test_leftovers_of_dead_sandboxes_are_cleaned_at_start() -> None:
+    data = Path(tempfile.mkdtemp(prefix="sandboxd-restart-")) / "data"
+    srv = start_server(data)
+    a = Sandbox.create(template="base", timeout=120, **_env(srv))
+    b = Sandbox.create(template="base", timeout=120, **_env(srv))
+    port = int(srv.url.rsplit(":", 1)[1])
+    srv.stop(signal.SIGKILL)
+    # While the server is down, one sandbox dies (as after a host reboot or an OOM of its init).
+    for pid in host_pids_of(srv, a.sandbox_id):
+        import os
+
+        os.kill(pid, signal.SIGKILL)
+    srv2 = start_server(data, port=port)
+    try:
+        assert not _cgroup_dirs(a.sandbox_id), "cgroups of a dead sandbox are removed at start"
+        assert not (data / "sandboxes" / a.sandbox_id).exists()
+        with httpx.Client(base_url=srv2.url, headers={"X-API-KEY": srv2.api_key}) as api:
+            assert api.get(f"/sandboxes/{a.sandbox_id}").status_code == 404
+            assert api.get(f"/sandboxes/{b.sandbox_id}").status_code == 200
+    finally:
+        assert srv2.stop() == 0
+    assert not _cgroup_dirs(b.sandbox_id)
+
+
+def test_keep_sandboxes_on_clean_shutdown() -> None:
+    data = Path(tempfile.mkdtemp(prefix="sandboxd-restart-")) / "data"
+    srv = start_server(data, "--keep-sandboxes")
+    sbx = Sandbox.create(template="base", timeout=120, **_env(srv))
+    port = int(srv.url.rsplit(":", 1)[1])
+    assert srv.stop(signal.SIGTERM) == 0
+    assert host_pids_of(srv, sbx.sandbox_id)
+    srv2 = start_server(data, port=port)
+    try:
+        assert Sandbox.connect(sbx.sandbox_id, **_env(srv2)).commands.run("echo back").stdout == "back\n"
+    finally:
+        assert srv2.stop(signal.SIGINT) == 0
+    assert not _cgroup_dirs(sbx.sandbox_id)
