@@ -142,11 +142,21 @@ async def async_sandbox(server: Server):
         await sbx.kill()
 
 
+def cgroup_dir(ctrl: str, sandbox_id: str) -> Path:
+    """A sandbox's cgroup directory for one controller (`sandboxd/<server instance>/<id>`)."""
+    found = list(Path(f"/sys/fs/cgroup/{ctrl}/sandboxd").glob(f"*/{sandbox_id}"))
+    return found[0] if found else Path(f"/sys/fs/cgroup/{ctrl}/sandboxd/none/{sandbox_id}")
+
+
+def cgroup_dirs(sandbox_id: str) -> list[Path]:
+    return list(Path("/sys/fs/cgroup").glob(f"*/sandboxd/*/{sandbox_id}"))
+
+
 def host_pids_of(server: Server, sandbox_id: str) -> set[int]:
     """Host PIDs of every process in a sandbox (from its cgroup)."""
     pids: set[int] = set()
     for ctrl in ("memory", "pids", "unified"):
-        p = Path(f"/sys/fs/cgroup/{ctrl}/sandboxd/{sandbox_id}/cgroup.procs")
+        p = cgroup_dir(ctrl, sandbox_id) / "cgroup.procs"
         if p.exists():
             pids.update(int(x) for x in p.read_text().split())
     return pids

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from e2b import CommandExitException, Sandbox
 
-from conftest import TEMPLATES_DIR, Server, host_pids_of
+from conftest import TEMPLATES_DIR, Server, cgroup_dir, host_pids_of
 
 PY = "python3 -c"
 
@@ -178,7 +178,7 @@ def test_memory_hog_is_oom_killed_and_server_keeps_serving(server: Server) -> No
         with pytest.raises(CommandExitException) as exc:
             sbx.commands.run(hog, timeout=60)
         assert exc.value.exit_code != 0
-        mem = Path(f"/sys/fs/cgroup/memory/sandboxd/{sbx.sandbox_id}/memory.oom_control")
+        mem = cgroup_dir("memory", sbx.sandbox_id) / "memory.oom_control"
         if mem.exists():
             assert "oom_kill 1" in mem.read_text() or "oom_kill 2" in mem.read_text()
         assert httpx.get(server.url + "/health").status_code == 204
@@ -193,8 +193,8 @@ def test_fork_bomb_is_contained(server: Server) -> None:
     try:
         sbx.commands.run("bomb() { bomb | bomb & }; bomb", background=True, user="root")
         time.sleep(3)
-        pids = Path(f"/sys/fs/cgroup/pids/sandboxd/{sbx.sandbox_id}/pids.current")
-        pids_max = Path(f"/sys/fs/cgroup/pids/sandboxd/{sbx.sandbox_id}/pids.max")
+        pids = cgroup_dir("pids", sbx.sandbox_id) / "pids.current"
+        pids_max = cgroup_dir("pids", sbx.sandbox_id) / "pids.max"
         if pids.exists():
             assert int(pids.read_text()) <= int(pids_max.read_text())
         # the host and other sandboxes are unaffected
@@ -213,7 +213,7 @@ def test_fork_bomb_is_contained(server: Server) -> None:
 def test_cpu_hog_gets_only_its_quota(server: Server) -> None:
     sbx = Sandbox.create(template="base", timeout=60)
     try:
-        usage = Path(f"/sys/fs/cgroup/cpuacct/sandboxd/{sbx.sandbox_id}/cpuacct.usage")
+        usage = cgroup_dir("cpuacct", sbx.sandbox_id) / "cpuacct.usage"
         if not usage.exists():
             pytest.skip("no cpuacct controller on this host")
         sbx.commands.run("for i in 1 2 3; do (while :; do :; done) & done; sleep 30", background=True)

@@ -9,11 +9,7 @@ from pathlib import Path
 import httpx
 from e2b import Sandbox
 
-from conftest import Server, host_pids_of, start_server
-
-
-def _cgroup_dirs(sandbox_id: str) -> list[Path]:
-    return [p for p in Path("/sys/fs/cgroup").glob(f"*/sandboxd/{sandbox_id}") if p.exists()]
+from conftest import Server, cgroup_dirs, host_pids_of, start_server
 
 
 def _env(srv: Server) -> dict[str, str]:
@@ -39,7 +35,7 @@ def test_crash_then_restart_readopts_running_sandboxes() -> None:
     finally:
         assert srv2.stop() == 0
     assert not host_pids_of(srv2, sbx.sandbox_id)
-    assert not _cgroup_dirs(sbx.sandbox_id)
+    assert not cgroup_dirs(sbx.sandbox_id)
     assert not (data / "sandboxes" / sbx.sandbox_id).exists()
 
 
@@ -57,14 +53,14 @@ def test_leftovers_of_dead_sandboxes_are_cleaned_at_start() -> None:
         os.kill(pid, signal.SIGKILL)
     srv2 = start_server(data, port=port)
     try:
-        assert not _cgroup_dirs(a.sandbox_id), "cgroups of a dead sandbox are removed at start"
+        assert not cgroup_dirs(a.sandbox_id), "cgroups of a dead sandbox are removed at start"
         assert not (data / "sandboxes" / a.sandbox_id).exists()
         with httpx.Client(base_url=srv2.url, headers={"X-API-KEY": srv2.api_key}) as api:
             assert api.get(f"/sandboxes/{a.sandbox_id}").status_code == 404
             assert api.get(f"/sandboxes/{b.sandbox_id}").status_code == 200
     finally:
         assert srv2.stop() == 0
-    assert not _cgroup_dirs(b.sandbox_id)
+    assert not cgroup_dirs(b.sandbox_id)
 
 
 def test_keep_sandboxes_on_clean_shutdown() -> None:
@@ -79,4 +75,17 @@ def test_keep_sandboxes_on_clean_shutdown() -> None:
         assert Sandbox.connect(sbx.sandbox_id, **_env(srv2)).commands.run("echo back").stdout == "back\n"
     finally:
         assert srv2.stop(signal.SIGINT) == 0
-    assert not _cgroup_dirs(sbx.sandbox_id)
+    assert not cgroup_dirs(sbx.sandbox_id)
+
+
+def test_two_servers_on_one_host_leave_each_other_alone(sandbox: Sandbox) -> None:
+    # `sandbox` belongs to the session server; a second server with its own data dir starts and stops.
+    data = Path(tempfile.mkdtemp(prefix="sandboxd-other-")) / "data"
+    other = start_server(data)
+    try:
+        mine = Sandbox.create(template="base", timeout=60, **_env(other))
+        assert mine.commands.run("echo other").stdout == "other\n"
+    finally:
+        assert other.stop() == 0
+    assert sandbox.is_running()
+    assert sandbox.commands.run("echo still").stdout == "still\n"

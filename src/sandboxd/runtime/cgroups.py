@@ -57,17 +57,21 @@ class CgroupError(Exception):
 
 
 class SandboxCgroups:
-    """The cgroup directories of one sandbox."""
+    """The cgroup directories of one sandbox: `<hierarchy>/sandboxd/<instance>/<sandbox id>`.
 
-    def __init__(self, layout: Layout, sandbox_id: str) -> None:
+    `instance` names one server (one data directory), so that servers sharing a host never sweep
+    each other's sandboxes.
+    """
+
+    def __init__(self, layout: Layout, instance: str, sandbox_id: str) -> None:
         self.layout = layout
         self.sandbox_id = sandbox_id
         dirs: dict[str, Path] = {}
         for ctrl in ("memory", "cpu", "cpuacct", "pids", "freezer"):
             if ctrl in layout.v1:
-                dirs[ctrl] = layout.v1[ctrl] / PARENT / sandbox_id
+                dirs[ctrl] = layout.v1[ctrl] / PARENT / instance / sandbox_id
         if layout.v2 is not None:
-            dirs["unified"] = layout.v2 / PARENT / sandbox_id
+            dirs["unified"] = layout.v2 / PARENT / instance / sandbox_id
         self.dirs = dirs
 
     @property
@@ -76,14 +80,14 @@ class SandboxCgroups:
 
     def create(self, memory_mb: int, cpu_count: float, pids: int) -> None:
         if self.layout.pure_v2:
-            parent = self.dirs["unified"].parent
-            parent.mkdir(exist_ok=True)
-            wanted = {"memory", "cpu", "pids"} & self.layout.v2_controllers
-            _write(self.layout.v2 / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted), quiet=True)  # type: ignore[operator]
-            _write(parent / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted), quiet=True)
-        for path in {p for p in self.dirs.values()}:
-            path.parent.mkdir(exist_ok=True)
-            path.mkdir(exist_ok=True)
+            assert self.layout.v2 is not None
+            wanted = " ".join(f"+{c}" for c in {"memory", "cpu", "pids"} & self.layout.v2_controllers)
+            instance_dir = self.dirs["unified"].parent
+            for d in (self.layout.v2, instance_dir.parent, instance_dir):
+                d.mkdir(exist_ok=True)
+                _write(d / "cgroup.subtree_control", wanted, quiet=True)
+        for path in self.dirs.values():
+            path.mkdir(parents=True, exist_ok=True)
         limit = memory_mb * 1024 * 1024
         period = 100_000
         quota = max(1000, int(cpu_count * period))
@@ -159,10 +163,11 @@ class SandboxCgroups:
             return None
 
 
-def leftover_ids(layout: Layout) -> set[str]:
+def leftover_ids(layout: Layout, instance: str) -> set[str]:
+    """IDs of every sandbox cgroup of this server instance."""
     ids: set[str] = set()
     for mnt in [*layout.v1.values(), *([layout.v2] if layout.v2 else [])]:
-        parent = mnt / PARENT
+        parent = mnt / PARENT / instance
         if parent.is_dir():
             ids.update(p.name for p in parent.iterdir() if p.is_dir())
     return ids

@@ -8,6 +8,7 @@ no monitor and no per-sandbox daemon on the host. See docs/architecture.md.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
 import signal
@@ -44,6 +45,8 @@ class NamespaceRuntime(Runtime):
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
         self.helper = str(helper_path(self.state_dir / "bin"))
         self.layout = cgroups.detect()
+        # One cgroup group per data directory: servers sharing a host never touch each other's sandboxes.
+        self.instance = "i" + hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:12]
         if "memory" not in self.layout.v1 and "memory" not in self.layout.v2_controllers:
             raise RuntimeError_(
                 "no memory cgroup controller found: sandboxd needs cgroup v1 memory or cgroup v2 with the "
@@ -58,7 +61,7 @@ class NamespaceRuntime(Runtime):
         # The overlay's root directory takes the upper dir's owner: make it sandbox root.
         os.chown(upper, UID_SHIFT, UID_SHIFT)
         os.chmod(upper, 0o755)
-        cg = cgroups.SandboxCgroups(self.layout, spec.sandbox_id)
+        cg = self._cgroups(spec.sandbox_id)
         try:
             cg.create(spec.limits.memory_mb, spec.limits.cpu_count, spec.limits.pids)
             argv = [
@@ -139,7 +142,7 @@ class NamespaceRuntime(Runtime):
         return process_start_time(handle.init_pid) == handle.init_start_time
 
     def _cgroups(self, sandbox_id: str) -> cgroups.SandboxCgroups:
-        return cgroups.SandboxCgroups(self.layout, sandbox_id)
+        return cgroups.SandboxCgroups(self.layout, self.instance, sandbox_id)
 
     async def destroy(self, handle: SandboxHandle) -> None:
         await asyncio.to_thread(self._destroy_sync, handle.sandbox_id)
@@ -192,7 +195,7 @@ class NamespaceRuntime(Runtime):
         return Path(f"/proc/{handle.init_pid}/root")
 
     async def sweep(self, keep: set[str]) -> list[str]:
-        leftovers = cgroups.leftover_ids(self.layout)
+        leftovers = cgroups.leftover_ids(self.layout, self.instance)
         leftovers.update(p.name for p in self.sandboxes_dir.iterdir() if p.is_dir())
         removed = sorted(leftovers - keep)
         for sandbox_id in removed:
