@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import threading
 import time
 
+import httpx
 import pytest
 from e2b import AsyncSandbox, CommandExitException, PtySize, Sandbox
 from e2b.exceptions import AuthenticationException, NotFoundException, SandboxException, TimeoutException
+
+from wire import envd_headers, envelope, messages
 
 
 def test_stdout_stderr_exit_code(sandbox: Sandbox) -> None:
@@ -127,37 +132,9 @@ def test_background_survives_client_disconnect(sandbox: Sandbox) -> None:
 
 
 def test_tag_selects_process(sandbox: Sandbox, server) -> None:
-    # The SDK does not expose tags; speak Connect (JSON, streaming envelopes) on the wire directly.
-    import base64
-    import json
-    import struct
-
-    import httpx
-
-    token = sandbox._envd_access_token
-    headers = {
-        "E2b-Sandbox-Id": sandbox.sandbox_id,
-        "E2b-Sandbox-Port": "49983",
-        "X-Access-Token": token,
-        "Content-Type": "application/connect+json",
-        "Connect-Protocol-Version": "1",
-    }
-
-    def envelope(msg: dict) -> bytes:
-        body = json.dumps(msg).encode()
-        return struct.pack(">BI", 0, len(body)) + body
-
-    def messages(resp: httpx.Response):
-        buf = b""
-        for chunk in resp.iter_bytes():
-            buf += chunk
-            while len(buf) >= 5:
-                flags, n = struct.unpack(">BI", buf[:5])
-                if len(buf) < 5 + n:
-                    break
-                payload, buf = json.loads(buf[5 : 5 + n]), buf[5 + n :]
-                yield flags, payload
-
+    # The SDK does not expose tags: speak Connect on the wire directly.
+    headers = envd_headers(sandbox)
+    unary = envd_headers(sandbox, streaming=False)
     start = {"process": {"cmd": "/bin/bash", "args": ["-c", "echo tagged; sleep 30"]}, "tag": "my-tag"}
     with httpx.Client(base_url=server.url, timeout=30) as client:
         with client.stream("POST", "/process.Process/Start", headers=headers, content=envelope(start)) as resp:
@@ -166,22 +143,16 @@ def test_tag_selects_process(sandbox: Sandbox, server) -> None:
             pid = first["event"]["start"]["pid"]
             _, second = next(it)
             assert base64.b64decode(second["event"]["data"]["stdout"]) == b"tagged\n"
-            listed = client.post(
-                "/process.Process/List", content=b"{}", headers={**headers, "Content-Type": "application/json"}
-            ).json()
-            assert {"pid": pid, "tag": "my-tag"}.items() <= next(
-                p for p in listed["processes"] if p["pid"] == pid
-            ).items()
+            listed = client.post("/process.Process/List", content=b"{}", headers=unary).json()
+            mine = next(p for p in listed["processes"] if p["pid"] == pid)
+            assert mine["tag"] == "my-tag" and mine["config"]["cmd"] == "/bin/bash"
             with client.stream(
                 "POST", "/process.Process/Connect", headers=headers, content=envelope({"process": {"tag": "my-tag"}})
             ) as conn:
-                _flags, ev = next(messages(conn))
+                _, ev = next(messages(conn))
                 assert ev["event"]["start"]["pid"] == pid
-            r = client.post(
-                "/process.Process/SendSignal",
-                headers={**headers, "Content-Type": "application/json"},
-                content=json.dumps({"process": {"tag": "my-tag"}, "signal": "SIGNAL_SIGKILL"}).encode(),
-            )
+            body = json.dumps({"process": {"tag": "my-tag"}, "signal": "SIGNAL_SIGKILL"}).encode()
+            r = client.post("/process.Process/SendSignal", headers=unary, content=body)
             assert r.status_code == 200, r.text
             rest = list(it)
             end = [p for f, p in rest if f == 0 and "end" in p.get("event", {})]
@@ -189,6 +160,17 @@ def test_tag_selects_process(sandbox: Sandbox, server) -> None:
             assert rest[-1][0] == 2  # end-of-stream envelope
         r = client.post("/process.Process/Connect", headers=headers, content=envelope({"process": {"tag": "nope"}}))
         assert b"not_found" in r.content
+
+
+def test_keepalive_events_during_silence(sandbox: Sandbox, server) -> None:
+    headers = envd_headers(sandbox, **{"Keepalive-Ping-Interval": "1"})
+    start = {"process": {"cmd": "/bin/bash", "args": ["-c", "sleep 2.6; echo late"]}}
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        with client.stream("POST", "/process.Process/Start", headers=headers, content=envelope(start)) as resp:
+            kinds = [next(iter(p["event"])) for f, p in messages(resp) if f == 0]
+    assert kinds[0] == "start" and kinds[-1] == "end"
+    assert kinds.count("keepalive") >= 2, kinds
+    assert kinds.index("data") > kinds.index("keepalive")
 
 
 def test_stdin_send_and_close(sandbox: Sandbox) -> None:

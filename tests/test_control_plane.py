@@ -113,6 +113,26 @@ def test_timeout_expiry_kills(server: Server) -> None:
     assert not (server.data_dir / "sandboxes" / sbx.sandbox_id).exists()
 
 
+def test_auto_pause_at_end_time(server: Server) -> None:
+    with server.api() as api:
+        r = api.post("/v2/sandboxes", json={"templateID": "base", "timeout": 1, "autoPause": True})
+        assert r.status_code == 201, r.text
+        sid = r.json()["sandboxID"]
+    sbx = Sandbox.connect(sid, timeout=1)
+    try:
+        sbx.commands.run("echo kept > /tmp/kept")
+        deadline = time.monotonic() + 15
+        while Sandbox.get_info(sid).state != SandboxState.PAUSED and time.monotonic() < deadline:
+            time.sleep(0.2)
+        info = Sandbox.get_info(sid)
+        assert info.state == SandboxState.PAUSED and info.lifecycle["on_timeout"].value == "pause"
+        assert not sbx.is_running()
+        resumed = Sandbox.connect(sid, timeout=60)
+        assert resumed.commands.run("cat /tmp/kept").stdout == "kept\n"
+    finally:
+        Sandbox.kill(sid)
+
+
 def test_set_timeout_extends_and_shortens(sandbox: Sandbox) -> None:
     sandbox.set_timeout(600)
     info = sandbox.get_info()

@@ -224,11 +224,15 @@ class SandboxManager:
             running = [s for s in self.sandboxes.values() if s.record.state == "running"]
             for sandbox in running:
                 if sandbox.record.end_at <= now:
-                    log.info("sandbox %s reached its end time: killing it", sandbox.id)
+                    action = "pausing" if sandbox.record.auto_pause else "killing"
+                    log.info("sandbox %s reached its end time: %s it", sandbox.id, action)
                     try:
-                        await self.kill(sandbox.id)
+                        if sandbox.record.auto_pause:
+                            await self.pause(sandbox.id)
+                        else:
+                            await self.kill(sandbox.id)
                     except Exception:
-                        log.exception("killing expired sandbox %s failed", sandbox.id)
+                        log.exception("%s expired sandbox %s failed", action, sandbox.id)
             also_dead = [s for s in self.sandboxes.values() if not self.runtime.is_alive(s.handle)]
             for sandbox in also_dead:
                 log.warning("sandbox %s's init process is gone: cleaning up", sandbox.id)
