@@ -41,6 +41,13 @@ extra=""
 step "pip: installing sandboxd$extra into $VENV"
 "$VENV/bin/pip" install -q --disable-pip-version-check -e ".$extra" 2>&1 | grep -v -e '^WARNING: Location' || true
 ln -sf "$VENV/bin/sandboxd" /usr/local/bin/sandboxd
+if [ $DEV = 1 ]; then
+    # An older official SDK release (v1 create/connect paths), for tests/test_compat.py.
+    OLD=${SANDBOXD_OLD_SDK_VENV:-/opt/sandboxd/venv-e2b-2.45}
+    [ -x "$OLD/bin/python" ] || /usr/bin/python3 -m venv "$OLD"
+    step "pip: e2b==2.45.1 into $OLD (compatibility tests)"
+    "$OLD/bin/pip" install -q --disable-pip-version-check e2b==2.45.1 2>&1 | grep -v -e '^WARNING: Location' || true
+fi
 
 step "templates: base (cached in $DATA_DIR/templates; built only when missing or changed)"
 "$VENV/bin/sandboxd" template build base --data-dir "$DATA_DIR"
