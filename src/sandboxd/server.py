@@ -30,6 +30,7 @@ class ServerConfig:
     data_dir: Path = DEFAULT_DATA_DIR
     templates_dir: Path | None = None
     keep_sandboxes: bool = False  # on shutdown, leave sandboxes running for the next start to re-adopt
+    favor_dynmods: bool = True  # remount cgroup2 with favordynmods (see runtime/cgroups.py)
     settings: Settings = field(default_factory=Settings)
 
     @property
@@ -48,7 +49,7 @@ class App:
         self.db = StateDB(config.data_dir / "state.db")
         self.api_key, self.key_created = self.db.api_key()
         self.templates = TemplateStore(config.template_path)
-        self.runtime = NamespaceRuntime(config.data_dir)
+        self.runtime = NamespaceRuntime(config.data_dir, favor_dynmods=config.favor_dynmods)
         self.manager = SandboxManager(self.runtime, self.templates, self.db, config.settings)
         self.router = Router(
             self.manager, build_control_plane(self.manager, self.api_key), {ENVD_PORT: build_envd_app(self.manager)}

@@ -30,9 +30,20 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--cpus", type=float, default=1.0, help="CPU quota per sandbox, in CPUs (default 1)")
     p_serve.add_argument("--pids", type=int, default=512, help="process limit per sandbox (default 512)")
     p_serve.add_argument(
+        "--pool-size",
+        type=int,
+        default=2,
+        help="idle sandboxes kept created per recently used template (default 2; 0 = none)",
+    )
+    p_serve.add_argument(
         "--keep-sandboxes",
         action="store_true",
         help="on shutdown leave sandboxes running, to be re-adopted by the next start",
+    )
+    p_serve.add_argument(
+        "--no-favordynmods",
+        action="store_true",
+        help="leave the host's cgroup2 mount options alone (execs then take a few ms longer)",
     )
     p_serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -56,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         from sandboxd.server import ServerConfig, serve
 
         settings = Settings(
-            default_timeout=args.default_timeout, memory_mb=args.memory_mb, cpu_count=args.cpus, pids=args.pids
+            default_timeout=args.default_timeout,
+            memory_mb=args.memory_mb,
+            cpu_count=args.cpus,
+            pids=args.pids,
+            pool_size=args.pool_size,
         )
         serve(
             ServerConfig(
@@ -65,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 data_dir=args.data_dir,
                 templates_dir=args.templates_dir,
                 keep_sandboxes=args.keep_sandboxes,
+                favor_dynmods=not args.no_favordynmods,
                 settings=settings,
             )
         )

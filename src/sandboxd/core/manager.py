@@ -28,6 +28,10 @@ ID_ALPHABET = string.ascii_lowercase + string.digits
 ENVD_VERSION = "0.5.2"
 
 
+# Seconds between handing out a pooled sandbox and pre-creating its replacement.
+REFILL_DELAY = 0.25
+
+
 def new_sandbox_id() -> str:
     return "".join(secrets.choice(ID_ALPHABET) for _ in range(20))
 
@@ -39,6 +43,8 @@ class Settings:
     memory_mb: int = 512
     cpu_count: float = 1.0
     pids: int = 512
+    # Sandboxes kept created and idle per recently used template, so that create only hands one out.
+    pool_size: int = 2
 
 
 class Sandbox:
@@ -70,6 +76,11 @@ class SandboxManager:
         self._by_token: dict[str, str] = {}
         self._wake = asyncio.Event()
         self._reaper: asyncio.Task[None] | None = None
+        # template name -> idle, already created sandboxes (id, handle, template digest)
+        self._pool: dict[str, list[tuple[str, SandboxHandle, str]]] = {}
+        self._refilling: dict[str, asyncio.Task[None]] = {}
+        self._closing = False
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- start / stop ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -87,12 +98,63 @@ class SandboxManager:
         if removed:
             log.info("cleaned up %d leftover sandbox(es): %s", len(removed), ", ".join(removed))
         self._reaper = asyncio.create_task(self._reap_expired(), name="sandbox-reaper")
+        if "base" in self.templates.names():
+            self._schedule_refill("base", delay=0)
 
     async def stop(self, destroy: bool = True) -> None:
+        self._closing = True
         if self._reaper:
             self._reaper.cancel()
+        for task in self._refilling.values():
+            task.cancel()
+        await asyncio.gather(*self._refilling.values(), return_exceptions=True)
+        pooled = [h for entries in self._pool.values() for _, h, _ in entries]
+        self._pool.clear()
+        await asyncio.gather(*(self.runtime.destroy(h) for h in pooled), return_exceptions=True)
         if destroy:
             await asyncio.gather(*(self.kill(sid) for sid in list(self.sandboxes)), return_exceptions=True)
+
+    # -- warm pool -------------------------------------------------------------------------------
+    def _spec(self, sandbox_id: str, rootfs: Path) -> SandboxSpec:
+        s = self.settings
+        limits = Limits(memory_mb=s.memory_mb, cpu_count=s.cpu_count, pids=s.pids)
+        return SandboxSpec(sandbox_id=sandbox_id, rootfs=rootfs, hostname=sandbox_id, limits=limits)
+
+    def _schedule_refill(self, name: str, delay: float = REFILL_DELAY) -> None:
+        if self.settings.pool_size <= 0 or self._closing:
+            return
+        task = self._refilling.get(name)
+        if task is None or task.done():
+            self._refilling[name] = asyncio.create_task(self._refill(name, delay), name=f"pool-{name}")
+
+    async def _refill(self, name: str, delay: float) -> None:
+        # Creating a sandbox takes kernel-wide namespace locks and most of a CPU for ~15 ms: wait a
+        # little, so that the refill does not land on the new sandbox's first commands.
+        await asyncio.sleep(delay)
+        entries = self._pool.setdefault(name, [])
+        while len(entries) < self.settings.pool_size and not self._closing:
+            try:
+                template = self.templates.get(name)
+                sandbox_id = new_sandbox_id()
+                handle = await self.runtime.create(self._spec(sandbox_id, template.rootfs))
+            except Exception:
+                log.exception("pre-creating a sandbox of template '%s' failed", name)
+                return
+            if self._closing:
+                await self.runtime.destroy(handle)
+                return
+            entries.append((sandbox_id, handle, template.digest))
+
+    def _take_pooled(self, name: str, digest: str) -> tuple[str, SandboxHandle] | None:
+        entries = self._pool.get(name, [])
+        while entries:
+            sandbox_id, handle, pooled_digest = entries.pop(0)
+            if pooled_digest == digest and self.runtime.is_alive(handle):
+                return sandbox_id, handle
+            task = asyncio.create_task(self.runtime.destroy(handle))  # stale: template rebuilt, or died
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return None
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def create(
@@ -110,16 +172,14 @@ class SandboxManager:
             template = self.templates.get(template_id)
         except TemplateError as e:
             raise NotFound(str(e)) from None
-        sandbox_id = new_sandbox_id()
+        pooled = self._take_pooled(template.name, template.digest)
+        if pooled is not None:
+            sandbox_id, handle = pooled
+        else:
+            sandbox_id = new_sandbox_id()
+            handle = await self.runtime.create(self._spec(sandbox_id, template.rootfs))
+        self._schedule_refill(template.name)
         s = self.settings
-        handle = await self.runtime.create(
-            SandboxSpec(
-                sandbox_id=sandbox_id,
-                rootfs=template.rootfs,
-                hostname=sandbox_id,
-                limits=Limits(memory_mb=s.memory_mb, cpu_count=s.cpu_count, pids=s.pids),
-            )
-        )
         now = time.time()
         rec = SandboxRecord(
             sandbox_id=sandbox_id,

@@ -7,11 +7,14 @@ v1 carries the memory, cpu and pids limits where the controllers live there (the
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger("sandboxd.runtime")
 
 ROOT = Path("/sys/fs/cgroup")
 PARENT = "sandboxd"
@@ -54,6 +57,37 @@ def detect() -> Layout:
 
 class CgroupError(Exception):
     pass
+
+
+def favor_dynamic_modifications(layout: Layout) -> None:
+    """Remount the cgroup2 hierarchy with `favordynmods`, once, if the kernel supports it.
+
+    Every exec moves a process into the sandbox's cgroups. A migration write-locks the kernel's global
+    per-CPU `cgroup_threadgroup_rwsem`, and unless another migration happened moments before, that
+    waits for an RCU grace period: measured here, ~7 ms added to an exec or a create after the host
+    was quiet for 0.1 s (create 15 -> 3.4 ms, exec 11 -> 3 ms with the option). `favordynmods` is the
+    kernel's documented switch for hosts that migrate often, at a small cost to fork/exit.
+    """
+    if layout.v2 is None:
+        return
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if left.split()[4] == str(layout.v2) and right.startswith("cgroup2 "):
+                if "favordynmods" in right.split()[-1].split(","):
+                    return
+                break
+    import subprocess
+
+    res = subprocess.run(["mount", "-o", "remount,favordynmods", str(layout.v2)], capture_output=True, text=True)
+    if res.returncode == 0:
+        log.info("remounted %s with favordynmods (faster cgroup migrations; see cgroups.py)", layout.v2)
+    else:
+        log.warning(
+            "could not enable favordynmods on %s (%s): each exec may take a few ms longer",
+            layout.v2,
+            res.stderr.strip(),
+        )
 
 
 class SandboxCgroups:
