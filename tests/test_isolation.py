@@ -226,3 +226,20 @@ def test_cpu_hog_gets_only_its_quota(server: Server) -> None:
         assert 0.5 < cpus_used < 1.25, cpus_used
     finally:
         sbx.kill()
+
+
+def test_file_broker_has_the_users_credentials_only(sandbox: Sandbox, server: Server) -> None:
+    sandbox.files.write("cred-check.txt", "x")  # starts the broker for `user`
+    sandbox.files.write("/root/cred-check.txt", "x", user="root")  # and one for root
+    found = {}
+    for pid in host_pids_of(server, sandbox.sandbox_id):
+        status = Path(f"/proc/{pid}/status").read_text()
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        if fields.get("Name") == "sandbox-files":
+            found[fields["Uid"].split()[0]] = fields
+    assert set(found) == {"101000", "100000"}, found
+    user, root = found["101000"], found["100000"]
+    assert int(user["CapEff"], 16) == 0 and int(user["CapPrm"], 16) == 0
+    assert not int(root["CapEff"], 16) & (1 << 21)  # no CAP_SYS_ADMIN, even for sandbox root
+    for fields in (user, root):
+        assert fields["NoNewPrivs"].strip() == "1" and fields["Seccomp"].strip() == "2"

@@ -25,7 +25,7 @@ log = logging.getLogger("sandboxd.core")
 
 ID_ALPHABET = string.ascii_lowercase + string.digits
 # What the envd layer implements; the SDK switches features on by this version (field guide §3.5).
-ENVD_VERSION = "0.5.2"
+ENVD_VERSION = "0.6.4"
 
 
 # Seconds between handing out a pooled sandbox and pre-creating its replacement.

@@ -7,24 +7,33 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sandboxd.core.manager import SandboxManager
 from sandboxd.envd import context
+from sandboxd.envd.files_http import FilesEndpoint
+from sandboxd.envd.filesystem_service import FilesystemService
+from sandboxd.envd.gen.filesystem.filesystem_connect import FilesystemASGIApplication
 from sandboxd.envd.gen.process.process_connect import ProcessASGIApplication
 from sandboxd.envd.process_service import ProcessService
 
 
 def build_envd_app(manager: SandboxManager) -> ASGIApp:
     process_app = ProcessASGIApplication(ProcessService(manager), read_max_bytes=64 * 1024 * 1024)
+    filesystem_app = FilesystemASGIApplication(FilesystemService(manager))
+    files = FilesEndpoint(manager)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         if path.startswith("/process.Process/"):
             await process_app(scope, receive, send)
+        elif path.startswith("/filesystem.Filesystem/"):
+            await filesystem_app(scope, receive, send)
+        elif path == "/files":
+            await files(scope, receive, send, context.sandbox())
         elif path == "/health":
             await Response(status_code=204)(scope, receive, send)
         elif path == "/envs" and scope["method"] == "GET":
             await JSONResponse(dict(context.sandbox().record.env_vars))(scope, receive, send)
         else:
             await JSONResponse(
-                {"code": 404, "message": f"envd has no endpoint {scope['method']} {path} (yet)"}, status_code=404
+                {"code": 404, "message": f"envd has no endpoint {scope['method']} {path}"}, status_code=404
             )(scope, receive, send)
 
     return app

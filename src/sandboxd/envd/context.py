@@ -46,6 +46,15 @@ def resolve_user(manager: SandboxManager, sbx: Sandbox, header: str | None) -> U
     return user
 
 
+def keepalive_interval(headers: object, default: float = 90.0) -> float:
+    """Seconds of silence before a stream sends a keepalive (`Keepalive-Ping-Interval`, min 1 s)."""
+    raw = headers.get("keepalive-ping-interval")  # type: ignore[attr-defined]
+    try:
+        return max(1.0, float(raw)) if raw else default
+    except ValueError:
+        return default
+
+
 def base_env(sbx: Sandbox, user: User) -> dict[str, str]:
     """PATH, HOME, USER, then the sandbox's envVars (a request's envs go on top)."""
     env = {"PATH": DEFAULT_PATH, "HOME": user.home, "USER": user.name, "LOGNAME": user.name}

@@ -29,14 +29,6 @@ def table_of(sbx: Sandbox) -> ProcessTable:
     return table
 
 
-def _keepalive(ctx: RequestContext) -> float:
-    raw = ctx.request_headers.get("keepalive-ping-interval")
-    try:
-        return max(1.0, float(raw)) if raw else DEFAULT_KEEPALIVE
-    except ValueError:
-        return DEFAULT_KEEPALIVE
-
-
 def _find(sbx: Sandbox, selector: pb.ProcessSelector | None) -> Proc:
     table = table_of(sbx)
     sel = selector.selector if selector is not None else None
@@ -60,7 +52,7 @@ async def _stream(
     timeout_ms = ctx.timeout_ms
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_ms / 1000 if timeout_ms else None
-    keepalive = _keepalive(ctx)
+    keepalive = context.keepalive_interval(ctx.request_headers, DEFAULT_KEEPALIVE)
     events = proc.events(sub, keepalive)
     try:
         while True:

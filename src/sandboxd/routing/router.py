@@ -9,16 +9,19 @@ answers 502 with the JSON body the SDK recognises ("The sandbox was not found"),
 from __future__ import annotations
 
 import hmac
+from urllib.parse import parse_qsl
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sandboxd.core.manager import SandboxManager
 from sandboxd.envd.context import current_sandbox
+from sandboxd.envd.files_http import operation_of, signature_matches
 
 ENVD_PORT = 49983
-# envd paths reachable without X-Access-Token (upstream: /health; /files take a signature instead).
-PUBLIC_ENVD_PATHS = frozenset({"/health"})
+# envd paths reachable without X-Access-Token: /health, and /files, which checks the token or a signature.
+PUBLIC_ENVD_PATHS = frozenset({"/health", "/files"})
+SIGNATURE_CACHE = 4096
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -33,12 +36,40 @@ class Router:
         self.manager = manager
         self.control_plane = control_plane
         self.ports = ports
+        self._by_signature: dict[str, str] = {}  # signature -> sandbox ID (bounded, most recent kept)
+
+    def _sandbox_by_signature(self, scope: Scope) -> str | None:
+        """Signed /files URLs carry no sandbox header: the sandbox is the one whose access token
+        reproduces the signature. One sha256 per running sandbox, then cached: O(1) for repeats."""
+        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
+        sig = query.get("signature")
+        if not sig:
+            return None
+        cached = self._by_signature.get(sig)
+        if cached is not None and self.manager.find(cached) is not None:
+            return cached
+        operation = operation_of(scope["method"])
+        for sandbox in list(self.manager.sandboxes.values()):
+            if signature_matches(query, operation, sandbox.record.envd_token):
+                if len(self._by_signature) >= SIGNATURE_CACHE:
+                    self._by_signature.pop(next(iter(self._by_signature)))
+                self._by_signature[sig] = sandbox.id
+                return sandbox.id
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.control_plane(scope, receive, send)
             return
         sandbox_id = _header(scope, b"e2b-sandbox-id")
+        if sandbox_id is None and scope["path"] == "/files":
+            sandbox_id = self._sandbox_by_signature(scope)
+            if sandbox_id is None:
+                await JSONResponse(
+                    {"code": 401, "message": "a /files request needs the E2b-Sandbox-Id header or a valid signature"},
+                    status_code=401,
+                )(scope, receive, send)
+                return
         if sandbox_id is None:
             await self.control_plane(scope, receive, send)
             return

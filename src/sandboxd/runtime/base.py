@@ -79,6 +79,10 @@ class Runtime(abc.ABC):
     def freeze(self, handle: SandboxHandle, frozen: bool) -> None:
         """Stop (or restart) every process of the sandbox, keeping its memory (pause/resume)."""
 
+    def broker_argv(self, handle: SandboxHandle, uid: int, gid: int, groups: tuple[int, ...]) -> list[str]:
+        """The host command of a file broker for this sandbox and user (see runtime/broker.py)."""
+        raise NotImplementedError(f"the {self.name} backend has no file broker")
+
     def open_pty(self, handle: SandboxHandle) -> tuple[int, int]:
         """A (master, slave) terminal pair for a process in the sandbox. Backends with their own devpts
         override this so that the terminal is the sandbox's own (`tty` shows /dev/pts/N inside)."""

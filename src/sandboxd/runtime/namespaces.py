@@ -140,6 +140,14 @@ class NamespaceRuntime(Runtime):
     def open_pty(self, handle: SandboxHandle) -> tuple[int, int]:
         return open_pty_in_root(str(self.root_path(handle)))
 
+    def broker_argv(self, handle: SandboxHandle, uid: int, gid: int, groups: tuple[int, ...]) -> list[str]:
+        argv = [self.helper, "broker", "--pid", str(handle.init_pid), "--uid", str(uid), "--gid", str(gid)]
+        for g in groups:
+            argv += ["--group", str(g)]
+        for path in handle.cgroups:
+            argv += ["--cgroup", path]
+        return argv
+
     def is_alive(self, handle: SandboxHandle) -> bool:
         return process_start_time(handle.init_pid) == handle.init_start_time
 

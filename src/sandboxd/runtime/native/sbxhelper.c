@@ -6,6 +6,7 @@
  *
  *   sbxhelper create  [options]          build a sandbox and leave its init (PID 1) running
  *   sbxhelper exec    [options] -- argv  run argv inside a running sandbox, relay its exit status
+ *   sbxhelper broker  [options]          open/mutate paths inside a sandbox for the server (see below)
  *
  * Namespace ownership (the heart of the design):
  *   mount, UTS, IPC, net, PID and cgroup namespaces are created by host root, so they are owned by
@@ -28,7 +29,9 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <ftw.h>
 #include <grp.h>
+#include <stdint.h>
 #include <linux/capability.h>
 #include <net/if.h>
 #include <sched.h>
@@ -44,6 +47,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <sys/sysmacros.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -169,6 +173,13 @@ static void set_root_caps(void) {
         data[c / 32].effective |= 1u << (c % 32);
         data[c / 32].permitted |= 1u << (c % 32);
     }
+    if (syscall(SYS_capset, &hdr, data) < 0) die("capset");
+}
+
+static void clear_caps(void) {
+    struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    memset(data, 0, sizeof data);
     if (syscall(SYS_capset, &hdr, data) < 0) die("capset");
 }
 
@@ -311,11 +322,7 @@ static void init_child(int tochild, int toparent, const char *merged, const char
     if (setresuid(0, 0, 0) < 0) die("setresuid");
     drop_bounding_set(0);
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) die("no_new_privs");
-    /* init keeps no capabilities at all. */
-    struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
-    struct __user_cap_data_struct data[2];
-    memset(data, 0, sizeof data);
-    if (syscall(SYS_capset, &hdr, data) < 0) die("capset");
+    clear_caps(); /* init keeps no capabilities at all */
     if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0) die("dumpable");
     apply_seccomp();
     prctl(PR_SET_NAME, "sandbox-init", 0, 0, 0);
@@ -419,80 +426,77 @@ child_failed : {
 }
 }
 
-static int cmd_exec(int argc, char **argv) {
-    pid_t target = 0;
-    uid_t uid = 0;
-    gid_t gid = 0;
+/* Options shared by exec and broker: which sandbox, which identity. */
+struct entry {
+    pid_t target;
+    uid_t uid;
+    gid_t gid;
     gid_t groups[64];
-    int ngroups = 0, pty = 0, report_fd = -1;
-    const char *cwd = NULL;
+    int ngroups, pty, report_fd, sock_fd;
+    const char *cwd;
     char *cgroups[MAX_CGROUPS];
-    int ncg = 0, i;
+    int ncg;
+};
+
+/* Parses options up to `--` (or the end); returns the index of the first argument after them. */
+static int parse_entry(int argc, char **argv, struct entry *e) {
+    memset(e, 0, sizeof *e);
+    e->report_fd = e->sock_fd = -1;
+    int i;
     for (i = 2; i < argc; i++) {
         const char *a = argv[i];
-        if (!strcmp(a, "--")) {
-            i++;
-            break;
-        }
+        if (!strcmp(a, "--")) return i + 1;
         if (!strcmp(a, "--pty")) {
-            pty = 1;
+            e->pty = 1;
             continue;
         }
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!v) die("missing value for %s", a);
-        if (!strcmp(a, "--pid")) target = (pid_t)strtol(v, NULL, 10);
-        else if (!strcmp(a, "--uid")) uid = (uid_t)strtoul(v, NULL, 10);
-        else if (!strcmp(a, "--gid")) gid = (gid_t)strtoul(v, NULL, 10);
+        if (!strcmp(a, "--pid")) e->target = (pid_t)strtol(v, NULL, 10);
+        else if (!strcmp(a, "--uid")) e->uid = (uid_t)strtoul(v, NULL, 10);
+        else if (!strcmp(a, "--gid")) e->gid = (gid_t)strtoul(v, NULL, 10);
         else if (!strcmp(a, "--group")) {
-            if (ngroups < 64) groups[ngroups++] = (gid_t)strtoul(v, NULL, 10);
-        } else if (!strcmp(a, "--cwd")) cwd = v;
-        else if (!strcmp(a, "--report-fd")) report_fd = (int)strtol(v, NULL, 10);
+            if (e->ngroups < 64) e->groups[e->ngroups++] = (gid_t)strtoul(v, NULL, 10);
+        } else if (!strcmp(a, "--cwd")) e->cwd = v;
+        else if (!strcmp(a, "--report-fd")) e->report_fd = (int)strtol(v, NULL, 10);
+        else if (!strcmp(a, "--sock")) e->sock_fd = (int)strtol(v, NULL, 10);
         else if (!strcmp(a, "--cgroup")) {
-            if (ncg == MAX_CGROUPS) die("too many cgroups");
-            cgroups[ncg++] = (char *)v;
+            if (e->ncg == MAX_CGROUPS) die("too many cgroups");
+            e->cgroups[e->ncg++] = (char *)v;
         } else die("unknown option %s", a);
         i++;
     }
-    if (report_fd >= 0) fcntl(report_fd, F_SETFD, FD_CLOEXEC);
-    if (target <= 0 || i >= argc) die("exec needs --pid and -- argv");
-    char **cmd = argv + i;
+    return i;
+}
 
-    int pidfd = (int)syscall(SYS_pidfd_open, target, 0);
-    if (pidfd < 0) die("sandbox init %d is gone", target);
-    join_cgroups(cgroups, ncg);
+/* Join the sandbox's cgroups and namespaces (user namespace last: see the header comment). */
+static void enter_sandbox(const struct entry *e) {
+    if (e->target <= 0) die("--pid is required");
+    int pidfd = (int)syscall(SYS_pidfd_open, e->target, 0);
+    if (pidfd < 0) die("sandbox init %d is gone", e->target);
+    join_cgroups((char **)e->cgroups, e->ncg);
     if (setns(pidfd, CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWCGROUP) < 0)
         die("setns");
     if (setns(pidfd, CLONE_NEWUSER) < 0) die("setns(user)");
     close(pidfd);
+}
 
-    pid_t child = fork();
-    if (child < 0) die("fork");
-    if (child == 0) {
-        signal(SIGPIPE, SIG_DFL);
-        /* Our PID as the sandbox sees it (report_fd is close-on-exec: gone once we exec). */
-        if (report_fd >= 0) dprintf(report_fd, "c %d\n", getpid());
-        if (pty) {
-            if (setsid() < 0) die("setsid");
-            if (ioctl(0, TIOCSCTTY, 0) < 0) die("TIOCSCTTY");
-        } else if (setpgid(0, 0) < 0) die("setpgid");
-        drop_bounding_set(uid == 0);
-        if (setgroups((size_t)ngroups, groups) < 0) die("setgroups");
-        if (setresgid(gid, gid, gid) < 0) die("setresgid %u", gid);
-        if (setresuid(uid, uid, uid) < 0) die("setresuid %u", uid);
-        if (uid == 0) set_root_caps();
-        if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) die("no_new_privs");
-        if (cwd && chdir(cwd) < 0) {
-            int e = errno;
-            dprintf(2, "sandboxd: cannot use working directory '%s': %s\n", cwd, strerror(e));
-            _exit(1);
-        }
-        apply_seccomp();
-        execvpe(cmd[0], cmd, environ);
-        int e = errno;
-        dprintf(2, "sandboxd: cannot execute '%s': %s\n", cmd[0], strerror(e));
-        _exit(e == ENOENT ? 127 : 126);
-    }
-    /* Report the child's host PID if the caller asked for it. */
+/* In the forked child: become the sandbox user, with the sandbox's restrictions. */
+static void become_user(const struct entry *e) {
+    drop_bounding_set(e->uid == 0);
+    if (setgroups((size_t)e->ngroups, e->groups) < 0) die("setgroups");
+    if (setresgid(e->gid, e->gid, e->gid) < 0) die("setresgid %u", e->gid);
+    if (setresuid(e->uid, e->uid, e->uid) < 0) die("setresuid %u", e->uid);
+    /* The kernel clears capabilities on setuid only when the old uid was root *of the current user
+     * namespace*; ours was host root, unmapped here, so it did not. Set them explicitly: Docker's set
+     * for sandbox root, none at all for anyone else (exec would drop them too; the broker never execs). */
+    if (e->uid == 0) set_root_caps();
+    else clear_caps();
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) die("no_new_privs");
+}
+
+/* Parent side of exec and broker: report the child's host PID, then relay its exit status. */
+static int wait_and_relay(pid_t child, int report_fd) {
     if (report_fd >= 0) {
         dprintf(report_fd, "h %d\n", child);
         close(report_fd);
@@ -524,6 +528,201 @@ static int cmd_exec(int argc, char **argv) {
     return 128 + sig;
 }
 
+static int cmd_exec(int argc, char **argv) {
+    struct entry e;
+    int i = parse_entry(argc, argv, &e);
+    if (e.report_fd >= 0) fcntl(e.report_fd, F_SETFD, FD_CLOEXEC);
+    if (i >= argc) die("exec needs -- argv");
+    char **cmd = argv + i;
+    enter_sandbox(&e);
+    pid_t child = fork();
+    if (child < 0) die("fork");
+    if (child == 0) {
+        signal(SIGPIPE, SIG_DFL);
+        /* Our PID as the sandbox sees it (report_fd is close-on-exec: gone once we exec). */
+        if (e.report_fd >= 0) dprintf(e.report_fd, "c %d\n", getpid());
+        if (e.pty) {
+            if (setsid() < 0) die("setsid");
+            if (ioctl(0, TIOCSCTTY, 0) < 0) die("TIOCSCTTY");
+        } else if (setpgid(0, 0) < 0) die("setpgid");
+        become_user(&e);
+        if (e.cwd && chdir(e.cwd) < 0) {
+            int err = errno;
+            dprintf(2, "sandboxd: cannot use working directory '%s': %s\n", e.cwd, strerror(err));
+            _exit(1);
+        }
+        apply_seccomp();
+        execvpe(cmd[0], cmd, environ);
+        int err = errno;
+        dprintf(2, "sandboxd: cannot execute '%s': %s\n", cmd[0], strerror(err));
+        _exit(err == ENOENT ? 127 : 126);
+    }
+    return wait_and_relay(child, e.report_fd);
+}
+
+/*
+ * broker: file operations inside the sandbox, as one of its users, for the server's filesystem API.
+ *
+ * Paths are resolved here, in the sandbox's mount namespace with its root as ours, under the user's
+ * identity and the sandbox's seccomp filter: exactly as a process in the sandbox would. Whatever the
+ * sandbox plants (symlinks, .., bind tricks, FIFOs) can therefore reach nothing it could not reach
+ * itself. Opened files go back to the server as file descriptors (SCM_RIGHTS), so the server moves
+ * data without ever resolving a sandbox path on the host.
+ *
+ * Protocol on the SOCK_SEQPACKET socket --sock: request = struct broker_req + path1 (len1 bytes)
+ * + path2 (rest); reply = struct broker_rep (+ one fd for OPEN). EOF on the socket ends the broker.
+ */
+enum { OP_OPEN = 1, OP_MKDIR = 2, OP_MKDIRS = 3, OP_RENAME = 4, OP_UNLINK = 5, OP_REMOVE_ALL = 6, OP_RMDIR = 7 };
+
+struct broker_req {
+    uint32_t op, flags, mode, len1;
+};
+struct broker_rep {
+    int32_t err, value;
+};
+
+static int mkdirs(char *path, mode_t mode) {
+    size_t n = strlen(path);
+    for (size_t i = 1; i <= n; i++) {
+        if (path[i] != '/' && path[i] != 0) continue;
+        char saved = path[i];
+        path[i] = 0;
+        int r = mkdir(path, mode);
+        int err = errno;
+        path[i] = saved;
+        if (r < 0 && err != EEXIST) return err;
+        if (r < 0) {
+            struct stat st;
+            path[i] = 0;
+            int sr = stat(path, &st);
+            path[i] = saved;
+            if (sr < 0) return errno;
+            if (!S_ISDIR(st.st_mode)) return ENOTDIR;
+        }
+    }
+    return 0;
+}
+
+static int remove_one(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
+    (void)st;
+    (void)ftw;
+    int r = (flag == FTW_DP) ? rmdir(path) : unlink(path);
+    return r < 0 && errno != ENOENT ? errno : 0;
+}
+
+static void broker_loop(int sock) {
+    char buf[2 * 4096 + sizeof(struct broker_req) + 8];
+    for (;;) {
+        ssize_t n = recv(sock, buf, sizeof buf - 2, 0);
+        if (n == 0) _exit(0);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            _exit(0);
+        }
+        struct broker_rep rep = {0, 0};
+        int fd = -1;
+        if ((size_t)n < sizeof(struct broker_req)) {
+            rep.err = EINVAL;
+            goto reply;
+        }
+        struct broker_req req;
+        memcpy(&req, buf, sizeof req);
+        size_t rest = (size_t)n - sizeof req;
+        if (req.len1 > rest || req.len1 > 4095 || rest - req.len1 > 4095) {
+            rep.err = ENAMETOOLONG;
+            goto reply;
+        }
+        char p1[4096], p2[4096];
+        memcpy(p1, buf + sizeof req, req.len1);
+        p1[req.len1] = 0;
+        memcpy(p2, buf + sizeof req + req.len1, rest - req.len1);
+        p2[rest - req.len1] = 0;
+        if (strlen(p1) != req.len1) {
+            rep.err = EINVAL; /* NUL inside a path */
+            goto reply;
+        }
+        switch (req.op) {
+        case OP_OPEN:
+            fd = open(p1, (int)req.flags | O_CLOEXEC, (mode_t)req.mode);
+            if (fd < 0) rep.err = errno;
+            break;
+        case OP_MKDIR:
+            if (mkdir(p1, (mode_t)req.mode) < 0) rep.err = errno;
+            break;
+        case OP_MKDIRS:
+            rep.err = mkdirs(p1, (mode_t)req.mode);
+            break;
+        case OP_RENAME:
+            if (rename(p1, p2) < 0) rep.err = errno;
+            break;
+        case OP_UNLINK:
+            if (unlink(p1) < 0) rep.err = errno;
+            break;
+        case OP_RMDIR:
+            if (rmdir(p1) < 0) rep.err = errno;
+            break;
+        case OP_REMOVE_ALL: {
+            struct stat st;
+            if (lstat(p1, &st) < 0) rep.err = errno == ENOENT ? 0 : errno;
+            else if (!S_ISDIR(st.st_mode)) rep.err = unlink(p1) < 0 ? errno : 0;
+            else {
+                int r = nftw(p1, remove_one, 32, FTW_DEPTH | FTW_PHYS);
+                rep.err = r == 0 ? 0 : r > 0 ? r : errno;
+            }
+            break;
+        }
+        default:
+            rep.err = ENOSYS;
+        }
+    reply : {
+        struct iovec iov = {&rep, sizeof rep};
+        union {
+            char b[CMSG_SPACE(sizeof(int))];
+            struct cmsghdr align;
+        } ctl;
+        struct msghdr msg = {0};
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        if (fd >= 0) {
+            memset(&ctl, 0, sizeof ctl);
+            msg.msg_control = ctl.b;
+            msg.msg_controllen = sizeof ctl.b;
+            struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+            c->cmsg_level = SOL_SOCKET;
+            c->cmsg_type = SCM_RIGHTS;
+            c->cmsg_len = CMSG_LEN(sizeof(int));
+            memcpy(CMSG_DATA(c), &fd, sizeof fd);
+        }
+        while (sendmsg(sock, &msg, MSG_NOSIGNAL) < 0)
+            if (errno != EINTR) _exit(0);
+        if (fd >= 0) close(fd);
+    }
+    }
+}
+
+static int cmd_broker(int argc, char **argv) {
+    struct entry e;
+    parse_entry(argc, argv, &e);
+    if (e.sock_fd < 0) die("broker needs --sock");
+    fcntl(e.sock_fd, F_SETFD, FD_CLOEXEC);
+    enter_sandbox(&e);
+    pid_t child = fork();
+    if (child < 0) die("fork");
+    if (child == 0) {
+        become_user(&e);
+        /* Not ptrace-able by the sandbox's processes, which share our uid. */
+        if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0) die("dumpable");
+        apply_seccomp();
+        umask(022);
+        if (chdir("/") < 0) die("chdir /");
+        prctl(PR_SET_NAME, "sandbox-files", 0, 0, 0);
+        broker_loop(e.sock_fd);
+        _exit(0);
+    }
+    close(e.sock_fd);
+    return wait_and_relay(child, -1);
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) {
         fprintf(stderr, "usage: sbxhelper create|exec|version ...\n");
@@ -531,6 +730,7 @@ int main(int argc, char **argv) {
     }
     if (!strcmp(argv[1], "create")) return cmd_create(argc, argv);
     if (!strcmp(argv[1], "exec")) return cmd_exec(argc, argv);
+    if (!strcmp(argv[1], "broker")) return cmd_broker(argc, argv);
     if (!strcmp(argv[1], "version")) {
         puts("sbxhelper 1");
         return 0;

@@ -1,0 +1,446 @@
+"""envd's `/files`: download (Range, gzip) and upload (multipart or raw, gzip), streamed both ways.
+
+Data never sits whole in memory: downloads are read from the descriptor in 1 MiB pieces, uploads are
+parsed as they arrive and written in pieces. An upload goes to a temporary file next to its target
+and is renamed over it only when complete, so a failed upload (a dropped connection, a full disk)
+leaves the old file, if any, untouched and no partial file behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import hashlib
+import hmac
+import os
+import posixpath
+import secrets
+import stat
+import time
+import zlib
+from collections.abc import AsyncIterator
+from urllib.parse import quote
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from sandboxd.core.manager import Sandbox, SandboxManager
+from sandboxd.core.users import User, lookup_user
+from sandboxd.envd import fs
+from sandboxd.runtime.broker import Broker, BrokerGone
+
+READ_CHUNK = 1 << 20
+WRITE_BATCH = 1 << 20
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"code": status, "message": message}, status_code=status)
+
+
+def signature(path: str, operation: str, username: str, token: str, expiration: int | None) -> str:
+    raw = f"{path}:{operation}:{username}:{token}" + (f":{expiration}" if expiration is not None else "")
+    digest = hashlib.sha256(raw.encode()).digest()
+    return "v1_" + base64.b64encode(digest).rstrip(b"=").decode()
+
+
+def signature_matches(request_query: dict[str, str], operation: str, token: str) -> bool:
+    given = request_query.get("signature")
+    if not given:
+        return False
+    exp_raw = request_query.get("signature_expiration")
+    expiration = int(exp_raw) if exp_raw and exp_raw.lstrip("-").isdigit() else None
+    expected = signature(request_query.get("path", ""), operation, request_query.get("username", ""), token, expiration)
+    return hmac.compare_digest(given, expected)
+
+
+def operation_of(method: str) -> str:
+    return "write" if method == "POST" else "read"
+
+
+def _http_error(e: OSError, path: str) -> JSONResponse:
+    shown = fs.display_path(path)
+    match e.errno:
+        case errno.ENOENT:
+            return error(404, f"path '{shown}' does not exist")
+        case errno.EACCES | errno.EPERM:
+            return error(403, f"permission denied: '{shown}'")
+        case errno.EISDIR:
+            return error(400, f"path '{shown}' is a directory")
+        case errno.ENOTDIR:
+            return error(400, f"a parent of '{shown}' is not a directory")
+        case errno.ENOSPC | errno.EDQUOT:
+            return error(507, f"not enough disk space in the sandbox to write '{shown}'")
+        case errno.ELOOP:
+            return error(400, f"too many levels of symbolic links in '{shown}'")
+        case errno.ENAMETOOLONG | errno.EINVAL:
+            return error(400, f"invalid path '{shown[:200]}'")
+        case _:
+            return error(500, f"{e.strerror or e}: '{shown}'")
+
+
+class FilesEndpoint:
+    def __init__(self, manager: SandboxManager) -> None:
+        self.manager = manager
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, sandbox: Sandbox) -> None:
+        request = Request(scope, receive)
+        query = dict(request.query_params)
+        # Either the sandbox's access token, or a signature made with it (download_url / upload_url).
+        token = request.headers.get("x-access-token")
+        if token is None or not hmac.compare_digest(token, sandbox.record.envd_token):
+            if not query.get("signature"):
+                await error(401, "missing X-Access-Token or signature")(scope, receive, send)
+                return
+            exp = query.get("signature_expiration")
+            if exp is not None:
+                if not exp.lstrip("-").isdigit():
+                    await error(400, "signature_expiration must be a unix timestamp")(scope, receive, send)
+                    return
+                if int(exp) < time.time():
+                    await error(401, "signature is already expired")(scope, receive, send)
+                    return
+            if not signature_matches(query, operation_of(request.method), sandbox.record.envd_token):
+                await error(401, "invalid signature")(scope, receive, send)
+                return
+        name = query.get("username") or sandbox.record.default_user
+        user = lookup_user(str(self.manager.runtime.root_path(sandbox.handle)), name)
+        if user is None:
+            await error(401, f"invalid username: '{name}'")(scope, receive, send)
+            return
+        try:
+            broker = fs.brokers_of(self.manager, sandbox).get(user)
+            if request.method in ("GET", "HEAD"):
+                response = await self.download(request, query, user, broker)
+            elif request.method == "POST":
+                response = await self.upload(request, query, user, broker)
+            else:
+                response = error(405, f"method {request.method} is not allowed on /files")
+        except BrokerGone:
+            response = JSONResponse(
+                {"sandboxId": sandbox.id, "message": "The sandbox was not found", "code": 502}, status_code=502
+            )
+        await response(scope, receive, send)
+
+    # -- download --------------------------------------------------------------------------------
+    async def download(self, request: Request, query: dict[str, str], user: User, broker: Broker) -> Response:
+        if "path" not in query:
+            return error(400, "the 'path' query parameter is required")
+        path = fs.resolve(query["path"], user)
+        try:
+            fd = await broker.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        except OSError as e:
+            return _http_error(e, path)
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                return error(400, f"path '{fs.display_path(path)}' is a directory")
+            if not stat.S_ISREG(st.st_mode):
+                return error(400, f"path '{fs.display_path(path)}' is not a regular file")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        size = st.st_size
+        filename = posixpath.basename(path)
+        headers = {
+            "Content-Disposition": f"inline; filename*=UTF-8''{quote(filename)}",
+            "Accept-Ranges": "bytes",
+            "Last-Modified": time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(st.st_mtime)),
+        }
+        start, end = 0, size
+        status = 200
+        range_header = request.headers.get("range")
+        if range_header:
+            parsed = _parse_range(range_header, size)
+            if parsed is None:
+                os.close(fd)
+                return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
+            start, end = parsed
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        gzip = not range_header and "gzip" in request.headers.get("accept-encoding", "")
+        if gzip:
+            headers["Content-Encoding"] = "gzip"
+        else:
+            headers["Content-Length"] = str(end - start)
+        if request.method == "HEAD":
+            os.close(fd)
+            return Response(status_code=status, headers=headers, media_type="application/octet-stream")
+        return StreamingResponse(
+            _read_range(fd, start, end, gzip),
+            status_code=status,
+            headers=headers,
+            media_type="application/octet-stream",
+        )
+
+    # -- upload ----------------------------------------------------------------------------------
+    async def upload(self, request: Request, query: dict[str, str], user: User, broker: Broker) -> Response:
+        metadata = {k[len("x-metadata-") :]: v for k, v in request.headers.items() if k.startswith("x-metadata-")}
+        body = _decoded_body(request)
+        ctype, params = parse_options_header(request.headers.get("content-type", ""))
+        written: list[dict[str, str]] = []
+        if ctype == b"multipart/form-data":
+            boundary = params.get(b"boundary")
+            if not boundary:
+                return error(400, "multipart/form-data without a boundary")
+            try:
+                async for filename, chunks in _multipart_files(body, boundary):
+                    target = query.get("path") or filename
+                    if not target:
+                        return error(400, "each file part needs a filename, or give the 'path' query parameter")
+                    path = fs.resolve(target, user)
+                    result = await self._write(broker, path, chunks, metadata)
+                    if isinstance(result, Response):
+                        return result
+                    written.append(result)
+            except _BadBody as e:
+                return error(400, str(e))
+            if not written:
+                return error(400, "no part named 'file' in the multipart body")
+        elif ctype in (b"application/octet-stream", b""):
+            if not query.get("path"):
+                return error(400, "the 'path' query parameter is required for an application/octet-stream upload")
+            path = fs.resolve(query["path"], user)
+            try:
+                result = await self._write(broker, path, body, metadata)
+            except _BadBody as e:
+                return error(400, str(e))
+            if isinstance(result, Response):
+                return result
+            written.append(result)
+        else:
+            return error(
+                400,
+                f"unsupported Content-Type {ctype.decode(errors='replace')!r}: use multipart/form-data "
+                "or application/octet-stream",
+            )
+        return JSONResponse(written)
+
+    async def _write(
+        self, broker: Broker, path: str, chunks: AsyncIterator[bytes], metadata: dict[str, str]
+    ) -> dict[str, str] | Response:
+        import asyncio
+
+        if path.endswith("/"):
+            return error(400, f"path '{path}' names a directory, not a file")
+        parent = posixpath.dirname(path) or "/"
+        tmp = posixpath.join(parent, f".sandboxd-upload-{secrets.token_hex(6)}")
+        try:
+            await broker.makedirs(parent)
+            fd = await broker.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            # drain the body so the client gets our answer rather than a reset
+            async for _ in chunks:
+                pass
+            return _http_error(e, path)
+        ok = False
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return error(400, f"cannot write '{fs.display_path(path)}'")
+            pending: list[bytes] = []
+            size = 0
+            async for chunk in chunks:
+                pending.append(chunk)
+                size += len(chunk)
+                if size >= WRITE_BATCH:
+                    await asyncio.to_thread(_write_all, fd, b"".join(pending))
+                    pending, size = [], 0
+            if pending:
+                await asyncio.to_thread(_write_all, fd, b"".join(pending))
+            await self._carry_over(broker, path, fd, metadata)
+            await broker.rename(tmp, path)
+            ok = True
+        except OSError as e:
+            return _http_error(e, path)
+        finally:
+            os.close(fd)
+            if not ok:
+                with contextlib.suppress(OSError, BrokerGone):
+                    await broker.unlink(tmp)
+        return {"name": posixpath.basename(path), "type": "file", "path": fs.display_path(path)}
+
+    @staticmethod
+    async def _carry_over(broker: Broker, path: str, fd: int, metadata: dict[str, str]) -> None:
+        """New metadata replaces the old; without any, the old file's metadata and permission bits stay."""
+        if metadata:
+            fs.write_metadata(fd, metadata)
+            return
+        try:
+            old = await broker.open(path, os.O_PATH | os.O_NOFOLLOW)
+        except OSError:
+            return
+        try:
+            st = os.fstat(old)
+            if stat.S_ISREG(st.st_mode):
+                os.fchmod(fd, stat.S_IMODE(st.st_mode) & 0o777)
+                fs.write_metadata(fd, fs.read_metadata(old, False))
+        finally:
+            os.close(old)
+
+
+class _BadBody(Exception):
+    pass
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _parse_range(value: str, size: int) -> tuple[int, int] | None:
+    unit, _, spec = value.partition("=")
+    if unit.strip() != "bytes" or "," in spec:
+        return None
+    first, _, last = spec.strip().partition("-")
+    try:
+        if first == "":
+            n = int(last)
+            if n <= 0:
+                return None
+            return max(0, size - n), size
+        start = int(first)
+        end = int(last) + 1 if last else size
+    except ValueError:
+        return None
+    end = min(end, size)
+    if start >= size or start >= end:
+        return None
+    return start, end
+
+
+async def _read_range(fd: int, start: int, end: int, gzip: bool) -> AsyncIterator[bytes]:
+    import asyncio
+
+    compressor = zlib.compressobj(6, zlib.DEFLATED, 31) if gzip else None
+    try:
+        offset = start
+        while offset < end:
+            data = await asyncio.to_thread(os.pread, fd, min(READ_CHUNK, end - offset), offset)
+            if not data:
+                break
+            offset += len(data)
+            if compressor is not None:
+                data = compressor.compress(data)
+                if not data:
+                    continue
+            yield data
+        if compressor is not None:
+            yield compressor.flush()
+    finally:
+        os.close(fd)
+
+
+async def _decoded_body(request: Request) -> AsyncIterator[bytes]:
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding not in ("identity", "gzip"):
+        raise _BadBody(f"unsupported Content-Encoding {encoding!r}: use gzip or none")
+    inflater = zlib.decompressobj(47) if encoding == "gzip" else None
+    async for chunk in request.stream():
+        if inflater is None:
+            if chunk:
+                yield chunk
+            continue
+        try:
+            # bounded output per step, so a small bomb cannot balloon memory
+            data = inflater.decompress(chunk, READ_CHUNK)
+            while data:
+                yield data
+                data = inflater.decompress(inflater.unconsumed_tail, READ_CHUNK) if inflater.unconsumed_tail else b""
+        except zlib.error as e:
+            raise _BadBody(f"the gzip body is corrupt: {e}") from None
+    if inflater is not None and not inflater.eof:
+        raise _BadBody("the gzip body ended early")
+
+
+async def _multipart_files(
+    body: AsyncIterator[bytes], boundary: bytes
+) -> AsyncIterator[tuple[str, AsyncIterator[bytes]]]:
+    """Yields (filename, data chunks) for each part named `file`, parsing as the body arrives."""
+    events: list[tuple[str, object]] = []
+    header: dict[str, bytes] = {}
+    field: list[bytes] = []
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        field.append(data[start:end])
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        name = b"".join(field).decode("latin-1").lower()
+        header[name] = header.get(name, b"") + data[start:end]
+
+    def on_header_end() -> None:
+        field.clear()
+
+    def on_headers_finished() -> None:
+        events.append(("begin", dict(header)))
+        header.clear()
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        events.append(("data", bytes(data[start:end])))
+
+    def on_part_end() -> None:
+        events.append(("end", None))
+
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+        },
+    )
+    body_iter = body.__aiter__()
+    done = False
+
+    async def more() -> bool:
+        nonlocal done
+        if done:
+            return False
+        try:
+            chunk = await body_iter.__anext__()
+        except StopAsyncIteration:
+            done = True
+            parser.finalize()
+            return bool(events)
+        try:
+            parser.write(chunk)
+        except Exception as e:
+            raise _BadBody(f"malformed multipart body: {e}") from None
+        return True
+
+    while True:
+        while not events:
+            if not await more():
+                return
+        kind, value = events.pop(0)
+        if kind != "begin":
+            continue
+        headers: dict[str, bytes] = value  # type: ignore[assignment]
+        _, disp = parse_options_header(headers.get("content-disposition", b""))
+        is_file = disp.get(b"name") == b"file"
+        filename = disp.get(b"filename", b"").decode(errors="surrogateescape")
+
+        async def part_data() -> AsyncIterator[bytes]:
+            while True:
+                while not events:
+                    if not await more():
+                        raise _BadBody("the multipart body ended inside a part")
+                kind, value = events[0]
+                if kind == "begin":
+                    return
+                events.pop(0)
+                if kind == "end":
+                    return
+                yield value  # type: ignore[misc]
+
+        if is_file:
+            yield filename, part_data()
+        else:
+            async for _ in part_data():
+                pass

@@ -1,0 +1,227 @@
+"""The `filesystem.Filesystem` Connect service (field guide §3.3), over brokers inside the sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import posixpath
+import secrets
+import stat
+from collections.abc import AsyncIterator
+
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+from connectrpc.request import RequestContext
+
+from sandboxd.core.manager import SandboxManager
+from sandboxd.core.users import User
+from sandboxd.envd import context, fs
+from sandboxd.envd.gen.filesystem import filesystem_pb as fpb
+from sandboxd.envd.watch import DirWatcher, WatchError, fs_event, keepalive_event, start_event
+from sandboxd.runtime.broker import Broker, BrokerGone
+
+MAX_LIST_ENTRIES = 100_000
+
+
+def connect_error(e: OSError, path: str) -> ConnectError:
+    """One table from errno to Connect code and a message that names the path."""
+    shown = fs.display_path(path)
+    match e.errno:
+        case errno.ENOENT:
+            return ConnectError(Code.NOT_FOUND, f"path '{shown}' does not exist")
+        case errno.EACCES | errno.EPERM:
+            return ConnectError(Code.PERMISSION_DENIED, f"permission denied: '{shown}'")
+        case errno.EEXIST:
+            return ConnectError(Code.ALREADY_EXISTS, f"path '{shown}' already exists")
+        case errno.ENOTDIR:
+            return ConnectError(Code.INVALID_ARGUMENT, f"path '{shown}' is not a directory")
+        case errno.EISDIR:
+            return ConnectError(Code.INVALID_ARGUMENT, f"path '{shown}' is a directory")
+        case errno.ENOTEMPTY:
+            return ConnectError(Code.FAILED_PRECONDITION, f"directory '{shown}' is not empty")
+        case errno.ENOSPC | errno.EDQUOT:
+            return ConnectError(Code.RESOURCE_EXHAUSTED, f"no space left on the sandbox's disk writing '{shown}'")
+        case errno.ELOOP:
+            return ConnectError(Code.INVALID_ARGUMENT, f"too many levels of symbolic links in '{shown}'")
+        case errno.ENAMETOOLONG:
+            return ConnectError(Code.INVALID_ARGUMENT, f"path '{shown[:200]}…' is too long")
+        case _:
+            return ConnectError(Code.INTERNAL, f"{e.strerror or e}: '{shown}'")
+
+
+class _Request:
+    """What every filesystem call needs: sandbox, user, broker, names."""
+
+    def __init__(self, manager: SandboxManager, ctx: RequestContext) -> None:
+        self.sandbox = context.sandbox()
+        self.user: User = context.resolve_user(manager, self.sandbox, ctx.request_headers.get("authorization"))
+        self.broker: Broker = fs.brokers_of(manager, self.sandbox).get(self.user)
+        self.names = fs.names_of(manager, self.sandbox)
+
+    def path(self, raw: str) -> str:
+        return fs.resolve(raw, self.user)
+
+
+class FilesystemService:
+    def __init__(self, manager: SandboxManager) -> None:
+        self.manager = manager
+
+    def _req(self, ctx: RequestContext) -> _Request:
+        return _Request(self.manager, ctx)
+
+    async def stat(self, request: fpb.StatRequest, ctx: RequestContext) -> fpb.StatResponse:
+        r = self._req(ctx)
+        path = r.path(request.path)
+        try:
+            return fpb.StatResponse(entry=await fs.stat_path(r.broker, path, r.names))
+        except OSError as e:
+            raise connect_error(e, path) from None
+
+    async def make_dir(self, request: fpb.MakeDirRequest, ctx: RequestContext) -> fpb.MakeDirResponse:
+        r = self._req(ctx)
+        path = r.path(request.path)
+        try:
+            existing = await fs.stat_path(r.broker, path, r.names)
+        except FileNotFoundError:
+            existing = None
+        except OSError as e:
+            raise connect_error(e, path) from None
+        if existing is not None:
+            if existing.type == fpb.FileType.DIRECTORY:
+                raise ConnectError(Code.ALREADY_EXISTS, f"directory '{fs.display_path(path)}' already exists")
+            raise ConnectError(Code.INVALID_ARGUMENT, f"path '{fs.display_path(path)}' exists and is not a directory")
+        try:
+            await r.broker.makedirs(path)
+            return fpb.MakeDirResponse(entry=await fs.stat_path(r.broker, path, r.names))
+        except OSError as e:
+            raise connect_error(e, path) from None
+
+    async def move(self, request: fpb.MoveRequest, ctx: RequestContext) -> fpb.MoveResponse:
+        r = self._req(ctx)
+        src, dst = r.path(request.source), r.path(request.destination)
+        try:
+            await r.broker.makedirs(posixpath.dirname(dst) or "/")
+            await r.broker.rename(src, dst)
+            return fpb.MoveResponse(entry=await fs.stat_path(r.broker, dst, r.names))
+        except OSError as e:
+            raise connect_error(e, src if e.errno == errno.ENOENT else dst) from None
+
+    async def list_dir(self, request: fpb.ListDirRequest, ctx: RequestContext) -> fpb.ListDirResponse:
+        r = self._req(ctx)
+        root = r.path(request.path)
+        depth = request.depth or 1
+        entries: list[fpb.EntryInfo] = []
+        try:
+            info = await fs.stat_path(r.broker, root, r.names)
+            if info.type != fpb.FileType.DIRECTORY:
+                raise ConnectError(Code.INVALID_ARGUMENT, f"path '{fs.display_path(root)}' is not a directory")
+            await self._list(r, root, depth, entries)
+        except OSError as e:
+            raise connect_error(e, root) from None
+        return fpb.ListDirResponse(entries=entries)
+
+    async def _list(self, r: _Request, directory: str, depth: int, out: list[fpb.EntryInfo]) -> None:
+        fd = await r.broker.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        subdirs: list[str] = []
+        try:
+            for name in sorted(os.listdir(fd)):
+                if len(out) >= MAX_LIST_ENTRIES:
+                    raise ConnectError(
+                        Code.RESOURCE_EXHAUSTED, f"more than {MAX_LIST_ENTRIES} entries: use a smaller depth"
+                    )
+                path = posixpath.join(directory, name)
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # removed while listing
+                if stat.S_ISLNK(st.st_mode):
+                    with contextlib.suppress(OSError):
+                        out.append(await fs.stat_path(r.broker, path, r.names))
+                    continue
+                meta = fs.read_metadata_at(fd, name)
+                out.append(fs.entry_from_stat(st, fs.display_path(path), r.names, metadata=meta))
+                if stat.S_ISDIR(st.st_mode) and depth > 1:
+                    subdirs.append(path)
+        finally:
+            os.close(fd)
+        for sub in subdirs:
+            with contextlib.suppress(PermissionError, FileNotFoundError):
+                await self._list(r, sub, depth - 1, out)
+
+    async def remove(self, request: fpb.RemoveRequest, ctx: RequestContext) -> fpb.RemoveResponse:
+        r = self._req(ctx)
+        path = r.path(request.path)
+        try:
+            await r.broker.remove_all(path)
+        except OSError as e:
+            raise connect_error(e, path) from None
+        return fpb.RemoveResponse()
+
+    async def _watcher(self, r: _Request, path: str, recursive: bool, include_entry: bool) -> DirWatcher:
+        watcher = DirWatcher(r.broker, path, recursive, include_entry, r.names)
+        try:
+            await watcher.start()
+        except WatchError as e:
+            watcher.close()
+            raise ConnectError(Code.INVALID_ARGUMENT, str(e)) from None
+        except OSError as e:
+            watcher.close()
+            raise connect_error(e, path) from None
+        r.sandbox.on_kill.append(watcher.close)
+        return watcher
+
+    async def watch_dir(self, request: fpb.WatchDirRequest, ctx: RequestContext) -> AsyncIterator[fpb.WatchDirResponse]:
+        r = self._req(ctx)
+        path = r.path(request.path)
+        watcher = await self._watcher(r, path, request.recursive, request.include_entry)
+        queue: asyncio.Queue[fpb.FilesystemEvent | None] = asyncio.Queue()
+        watcher.listeners.append(queue.put_nowait)
+        keepalive = context.keepalive_interval(ctx.request_headers)
+        try:
+            yield start_event()
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), keepalive)
+                except TimeoutError:
+                    yield keepalive_event()
+                    continue
+                if event is None:
+                    if r.sandbox.killed.is_set():
+                        raise ConnectError(Code.UNAVAILABLE, "the sandbox was killed: the sandbox was not found")
+                    return
+                yield fs_event(event)
+        finally:
+            watcher.close()
+
+    async def create_watcher(self, request: fpb.CreateWatcherRequest, ctx: RequestContext) -> fpb.CreateWatcherResponse:
+        r = self._req(ctx)
+        path = r.path(request.path)
+        watcher = await self._watcher(r, path, request.recursive, request.include_entry)
+        watchers = r.sandbox.ext.setdefault("watchers", {})
+        watcher_id = secrets.token_hex(8)
+        watchers[watcher_id] = watcher
+        return fpb.CreateWatcherResponse(watcher_id=watcher_id)
+
+    def _find_watcher(self, watcher_id: str) -> DirWatcher:
+        watcher = context.sandbox().ext.get("watchers", {}).get(watcher_id)
+        if watcher is None:
+            raise ConnectError(Code.NOT_FOUND, f"watcher '{watcher_id}' not found")
+        return watcher
+
+    async def get_watcher_events(
+        self, request: fpb.GetWatcherEventsRequest, ctx: RequestContext
+    ) -> fpb.GetWatcherEventsResponse:
+        watcher = self._find_watcher(request.watcher_id)
+        await asyncio.sleep(0)  # let pending entry lookups finish
+        return fpb.GetWatcherEventsResponse(events=watcher.drain())
+
+    async def remove_watcher(self, request: fpb.RemoveWatcherRequest, ctx: RequestContext) -> fpb.RemoveWatcherResponse:
+        watcher = self._find_watcher(request.watcher_id)
+        watcher.close()
+        context.sandbox().ext["watchers"].pop(request.watcher_id, None)
+        return fpb.RemoveWatcherResponse()
+
+
+__all__ = ["BrokerGone", "FilesystemService", "connect_error"]

@@ -1,0 +1,232 @@
+"""Filesystem plumbing for envd: brokers per (sandbox, user), path resolution, EntryInfo from a descriptor.
+
+Every path a client sends is resolved by a broker *inside* the sandbox (runtime/broker.py). Here we
+only turn the client's path into an absolute one (relative paths and `~` are the user's home), keep
+one broker per user of a sandbox, and describe opened descriptors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import posixpath
+import stat
+import time
+
+from protobuf.wkt.google.protobuf import timestamp_pb
+
+from sandboxd.core.manager import Sandbox, SandboxManager
+from sandboxd.core.users import User
+from sandboxd.envd.gen.filesystem import filesystem_pb as fpb
+from sandboxd.runtime.broker import Broker
+from sandboxd.runtime.rootfs import read_file_in_root
+from sandboxd.templates.specs import UID_SHIFT
+
+META_PREFIX = "user.e2b."
+BROKER_IDLE = 60.0
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class Brokers:
+    """One broker per user of a sandbox, started on first use and closed when idle or on kill."""
+
+    def __init__(self, manager: SandboxManager, sandbox: Sandbox) -> None:
+        self.manager = manager
+        self.sandbox = sandbox
+        self.by_uid: dict[int, Broker] = {}
+        self._reaper: asyncio.TimerHandle | None = None
+
+    def get(self, user: User) -> Broker:
+        broker = self.by_uid.get(user.uid)
+        if broker is None or not broker.alive:
+            argv = self.manager.runtime.broker_argv(self.sandbox.handle, user.uid, user.gid, user.groups)
+            broker = self.by_uid[user.uid] = Broker(argv)
+            self._schedule_reap()
+        return broker
+
+    def _schedule_reap(self) -> None:
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().call_later(BROKER_IDLE, self._reap)
+
+    def _reap(self) -> None:
+        self._reaper = None
+        now = time.monotonic()
+        for uid, broker in list(self.by_uid.items()):
+            if now - broker.last_used > BROKER_IDLE and not broker._lock.locked():
+                broker.close()
+                del self.by_uid[uid]
+        if self.by_uid:
+            self._schedule_reap()
+
+    def close(self) -> None:
+        if self._reaper:
+            self._reaper.cancel()
+        for broker in self.by_uid.values():
+            broker.close()
+        self.by_uid.clear()
+
+
+def brokers_of(manager: SandboxManager, sandbox: Sandbox) -> Brokers:
+    brokers = sandbox.ext.get("brokers")
+    if brokers is None:
+        brokers = sandbox.ext["brokers"] = Brokers(manager, sandbox)
+        sandbox.on_kill.append(brokers.close)
+    return brokers
+
+
+def resolve(path: str, user: User) -> str:
+    """An absolute path: relative paths and `~` are the user's home. Not normalised: `..` and symlinks
+    are the kernel's business, inside the sandbox."""
+    if not path:
+        return user.home
+    if path == "~" or path.startswith("~/"):
+        path = user.home + path[1:]
+    elif not path.startswith("/"):
+        path = posixpath.join(user.home, path)
+    return path
+
+
+def display_path(path: str) -> str:
+    return posixpath.normpath(path) if path != "/" else "/"
+
+
+class Names:
+    """uid/gid -> name from the sandbox's /etc/passwd and /etc/group, re-read when they change."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._cache: dict[str, tuple[float, dict[int, str]]] = {}
+
+    def _table(self, file: str) -> dict[int, str]:
+        try:
+            data = read_file_in_root(self.root, file).decode(errors="replace")
+        except OSError:
+            return {}
+        table: dict[int, str] = {}
+        for line in data.splitlines():
+            parts = line.split(":")
+            if len(parts) >= 3 and parts[2].isdigit():
+                table.setdefault(int(parts[2]), parts[0])
+        return table
+
+    def lookup(self, file: str, host_id: int) -> str:
+        now = time.monotonic()
+        cached = self._cache.get(file)
+        if cached is None or now - cached[0] > 2.0:
+            cached = (now, self._table(file))
+            self._cache[file] = cached
+        inner = host_id - UID_SHIFT
+        return cached[1].get(inner, str(inner if inner >= 0 else host_id))
+
+
+def names_of(manager: SandboxManager, sandbox: Sandbox) -> Names:
+    names = sandbox.ext.get("names")
+    if names is None:
+        names = sandbox.ext["names"] = Names(str(manager.runtime.root_path(sandbox.handle)))
+    return names
+
+
+def readlink_fd(fd: int) -> str:
+    """readlinkat(fd, "") on an O_PATH|O_NOFOLLOW descriptor of a symlink."""
+    buf = ctypes.create_string_buffer(4096)
+    n = _libc.readlinkat(fd, b"", buf, len(buf))
+    if n < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return os.fsdecode(buf.raw[:n])
+
+
+def _metadata(path: str, follow: bool) -> dict[str, str]:
+    meta: dict[str, str] = {}
+    try:
+        for key in os.listxattr(path, follow_symlinks=follow):
+            if key.startswith(META_PREFIX):
+                with contextlib.suppress(OSError):
+                    value = os.getxattr(path, key, follow_symlinks=follow)
+                    meta[key[len(META_PREFIX) :]] = value.decode(errors="replace")
+    except OSError:
+        pass
+    return meta
+
+
+def read_metadata(fd: int, is_symlink: bool) -> dict[str, str]:
+    """`user.e2b.*` xattrs of the descriptor's own inode: the magic link is followed to the inode the
+    descriptor holds, and nothing is resolved by name."""
+    return {} if is_symlink else _metadata(f"/proc/self/fd/{fd}", follow=True)
+
+
+def read_metadata_at(dirfd: int, name: str) -> dict[str, str]:
+    """xattrs of one entry of a directory we hold open: a single component, never followed."""
+    return _metadata(f"/proc/self/fd/{dirfd}/{name}", follow=False)
+
+
+def write_metadata(fd: int, metadata: dict[str, str]) -> None:
+    path = f"/proc/self/fd/{fd}"
+    for key in os.listxattr(path):
+        if key.startswith(META_PREFIX):
+            os.removexattr(path, key)
+    for key, value in metadata.items():
+        os.setxattr(path, META_PREFIX + key, value.encode())
+
+
+def _file_type(mode: int) -> int:
+    if stat.S_ISDIR(mode):
+        return fpb.FileType.DIRECTORY
+    if stat.S_ISLNK(mode):
+        return fpb.FileType.SYMLINK
+    return fpb.FileType.FILE
+
+
+def timestamp(ns: int) -> timestamp_pb.Timestamp:
+    return timestamp_pb.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
+
+
+def entry_from_stat(
+    st: os.stat_result,
+    path: str,
+    names: Names,
+    *,
+    target: os.stat_result | None = None,
+    link: str | None = None,
+    metadata: dict[str, str] | None = None,
+) -> fpb.EntryInfo:
+    """EntryInfo for `path`. For a symlink, `st` is the link; `target` (if it resolves) describes the
+    type, size and mode, as envd reports them, with `is_symlink` and `symlink_target` set."""
+    shown = target if target is not None else st
+    is_link = stat.S_ISLNK(st.st_mode)
+    return fpb.EntryInfo(
+        name=posixpath.basename(path) or "/",
+        type=_file_type(shown.st_mode),
+        path=path,
+        size=shown.st_size,
+        mode=stat.S_IMODE(shown.st_mode) & 0o777,
+        permissions=stat.filemode(shown.st_mode),
+        owner=names.lookup("/etc/passwd", st.st_uid),
+        group=names.lookup("/etc/group", st.st_gid),
+        modified_time=timestamp(st.st_mtime_ns),
+        symlink_target=link,
+        metadata=metadata or {},
+        is_symlink=is_link,
+    )
+
+
+async def stat_path(broker: Broker, path: str, names: Names) -> fpb.EntryInfo:
+    """EntryInfo of `path` (absolute) as the broker's user sees it; OSError(ENOENT) if missing."""
+    fd = await broker.open(path, os.O_PATH | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        target = link = None
+        if stat.S_ISLNK(st.st_mode):
+            link = readlink_fd(fd)
+            with contextlib.suppress(OSError):
+                tfd = await broker.open(path, os.O_PATH)
+                try:
+                    target = os.fstat(tfd)
+                finally:
+                    os.close(tfd)
+        meta = read_metadata(fd, stat.S_ISLNK(st.st_mode))
+        return entry_from_stat(st, display_path(path), names, target=target, link=link, metadata=meta)
+    finally:
+        os.close(fd)
