@@ -113,6 +113,8 @@ class SandboxManager:
         await asyncio.gather(*(self.runtime.destroy(h) for h in pooled), return_exceptions=True)
         if destroy:
             await asyncio.gather(*(self.kill(sid) for sid in list(self.sandboxes)), return_exceptions=True)
+        if not self.sandboxes:
+            self.runtime.close()
 
     # -- warm pool -------------------------------------------------------------------------------
     def _spec(self, sandbox_id: str, rootfs: Path) -> SandboxSpec:

@@ -104,5 +104,9 @@ class Runtime(abc.ABC):
         """Host path of the sandbox's `/` (valid while it runs)."""
 
     @abc.abstractmethod
+    def close(self) -> None:
+        """The server is stopping and no sandbox of this runtime is left: remove shared leftovers."""
+
+    @abc.abstractmethod
     async def sweep(self, keep: set[str]) -> list[str]:
         """Destroy every leftover of this backend whose sandbox ID is not in `keep`; return their IDs."""

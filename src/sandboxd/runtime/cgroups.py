@@ -7,6 +7,7 @@ v1 carries the memory, cpu and pids limits where the controllers live there (the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -205,6 +206,13 @@ def leftover_ids(layout: Layout, instance: str) -> set[str]:
         if parent.is_dir():
             ids.update(p.name for p in parent.iterdir() if p.is_dir())
     return ids
+
+
+def remove_instance(layout: Layout, instance: str) -> None:
+    """Remove a server instance's (empty) cgroup directories; left alone if a sandbox is still in one."""
+    for mnt in [*layout.v1.values(), *([layout.v2] if layout.v2 else [])]:
+        with contextlib.suppress(OSError):
+            (mnt / PARENT / instance).rmdir()
 
 
 def _write(path: Path, value: str, quiet: bool = False) -> None:

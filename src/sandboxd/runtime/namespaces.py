@@ -204,6 +204,9 @@ class NamespaceRuntime(Runtime):
     def root_path(self, handle: SandboxHandle) -> Path:
         return Path(f"/proc/{handle.init_pid}/root")
 
+    def close(self) -> None:
+        cgroups.remove_instance(self.layout, self.instance)
+
     async def sweep(self, keep: set[str]) -> list[str]:
         leftovers = cgroups.leftover_ids(self.layout, self.instance)
         leftovers.update(p.name for p in self.sandboxes_dir.iterdir() if p.is_dir())
