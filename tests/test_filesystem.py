@@ -289,3 +289,56 @@ async def test_async_files_and_watch(async_sandbox: AsyncSandbox) -> None:
     assert not await files.exists("as")
     with pytest.raises(FileNotFoundException):
         await files.watch_dir("missing-dir", on_event=seen.append)
+
+
+async def test_100_concurrent_small_reads_and_writes_across_10_sandboxes(server: Server) -> None:
+    import asyncio
+
+    sandboxes = await asyncio.gather(*(AsyncSandbox.create(template="base", timeout=120) for _ in range(10)))
+    try:
+
+        async def roundtrip(i: int) -> None:
+            sbx = sandboxes[i % 10]
+            payload = f"payload {i} ".encode() * (i + 1)
+            await sbx.files.write(f"/home/user/c/{i}.txt", payload)
+            assert await sbx.files.read(f"/home/user/c/{i}.txt", format="bytes") == payload
+
+        await asyncio.gather(*(roundtrip(i) for i in range(100)))
+        counts = await asyncio.gather(*(s.commands.run("ls /home/user/c | wc -l") for s in sandboxes))
+        assert [c.stdout.strip() for c in counts] == ["10"] * 10
+    finally:
+        await asyncio.gather(*(s.kill() for s in sandboxes))
+
+
+def _vm_kib(pid: int, key: str) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise AssertionError(key)
+
+
+def test_big_transfers_stream_with_bounded_server_memory(sandbox: Sandbox, server: Server, tmp_path) -> None:
+    size = 256 << 20
+    blob = tmp_path / "blob"
+    with open(blob, "wb") as f:
+        block = bytes(range(256)) * 4096
+        for _ in range(size // len(block)):
+            f.write(block)
+    pid = server.proc.pid
+    base = _vm_kib(pid, "VmRSS")
+    open(f"/proc/{pid}/clear_refs", "w").write("5")  # reset the peak (VmHWM)
+    with open(blob, "rb") as f:
+        sandbox.files.write("big-upload.bin", f)
+    up_peak = _vm_kib(pid, "VmHWM") - base
+    open(f"/proc/{pid}/clear_refs", "w").write("5")
+    got = 0
+    for chunk in sandbox.files.read("big-upload.bin", format="stream"):
+        got += len(chunk)
+    down_peak = _vm_kib(pid, "VmHWM") - base
+    assert got == size
+    assert (
+        sandbox.commands.run("md5sum big-upload.bin").stdout.split()[0]
+        == __import__("hashlib").md5(blob.read_bytes()).hexdigest()
+    )
+    # a 256 MiB transfer must not be held in the server's memory
+    assert up_peak < 64 * 1024 and down_peak < 64 * 1024, (up_peak, down_peak)
