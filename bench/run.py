@@ -38,7 +38,7 @@ import files
 VENV_BIN = Path("/opt/sandboxd/venv/bin")
 TEMPLATES = Path("/var/lib/sandboxd/templates")
 TEMPLATE = "base"
-ROOTFS = TEMPLATES / TEMPLATE / "rootfs"
+ROOTFS = TEMPLATES / TEMPLATE / "current" / "rootfs"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_MEMORY = CGROUP_ROOT / "memory" / "sandboxd"  # sandboxes: <instance>/<sandbox id>
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"

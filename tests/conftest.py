@@ -97,7 +97,7 @@ def start_server(data_dir: Path, *extra: str, port: int | None = None) -> Server
 def server() -> Iterator[Server]:
     if os.geteuid() != 0:
         pytest.exit("the tests start real sandboxes and must run as root", returncode=2)
-    if not (TEMPLATES_DIR / "base" / "template.json").exists():
+    if not (TEMPLATES_DIR / "base" / "current" / "template.json").exists():
         pytest.exit(f"no base template in {TEMPLATES_DIR}: run scripts/setup.sh first", returncode=2)
     tmp = Path(tempfile.mkdtemp(prefix="sandboxd-test-"))
     srv = start_server(tmp / "data")

@@ -92,7 +92,7 @@ def test_other_sandboxes_files_unreachable(server: Server) -> None:
 
 
 def test_writes_never_reach_the_template(server: Server) -> None:
-    rootfs = TEMPLATES_DIR / "base" / "rootfs"
+    rootfs = TEMPLATES_DIR / "base" / "current" / "rootfs"
     before = (rootfs / "etc" / "os-release").read_bytes()
     sbx = Sandbox.create(template="base", timeout=60)
     try:

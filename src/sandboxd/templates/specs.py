@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 # Bump when the build procedure itself changes in a way that changes the result.
 BUILDER_VERSION = 1
@@ -21,6 +21,12 @@ class TemplateSpec:
     packages: tuple[str, ...] = ()
     # Shell commands run in a chroot of the new root filesystem after the packages are installed.
     steps: tuple[str, ...] = ()
+    # Python packages installed with the host's pip into <rootfs>/opt/sandboxd/site (the template's
+    # python3 is the host venv's interpreter version: checked at build time). No network in the chroot.
+    pip: tuple[str, ...] = ()
+    # A service started in every sandbox of this template (argv, run as `service_user`).
+    service: tuple[str, ...] = ()
+    service_user: str = "user"
     parent: str | None = None
     default_user: str = "user"
     default_workdir: str = "/home/user"
@@ -76,4 +82,37 @@ BASE = TemplateSpec(
     steps=_USER_SETUP,
 )
 
-BUILTIN: dict[str, TemplateSpec] = {BASE.name: BASE}
+SITE_DIR = "/opt/sandboxd/site"  # the template's extra Python packages (on PYTHONPATH of its service)
+CODE_DIR = "/opt/sandboxd/code"  # sandboxd's in-sandbox code, bind-mounted read-only at sandbox start
+
+CODE_INTERPRETER = replace(
+    BASE,
+    name="code-interpreter-v1",
+    description="base + Jupyter kernels (Python with the data stack, bash, JavaScript/TypeScript via Deno) and "
+    "the code interpreter server on port 49999",
+    packages=(*BASE.packages, "fonts-dejavu-core"),
+    pip=(
+        "ipykernel==7.4.0",
+        "jupyter_client==8.10.0",
+        "numpy",
+        "pandas",
+        "matplotlib",
+        "plotly",
+        "pillow",
+        "requests",
+        "scipy",
+        "seaborn",
+        "openpyxl",
+        "sympy",
+        "e2b-charts==1.0.0",
+        "orjson",
+        "bash_kernel==0.10.0",
+        "deno==2.9.8",
+        "starlette",
+        "uvicorn",
+    ),
+    steps=(*BASE.steps, f"mkdir -p {CODE_DIR}"),
+    service=("/usr/bin/python3", "-m", "sandboxd_interpreter.server"),
+)
+
+BUILTIN: dict[str, TemplateSpec] = {BASE.name: BASE, CODE_INTERPRETER.name: CODE_INTERPRETER}

@@ -2,12 +2,14 @@
 
 Layout under the templates directory:
 
-    <dir>/<name>/rootfs/         the root filesystem (owned by shifted uids, see specs.UID_SHIFT)
-    <dir>/<name>/template.json   what was built: spec, digest, size, build time
-    <dir>/.build-<name>-<pid>/   a build in progress; renamed into place only when complete
+    <dir>/<name>/current -> <digest>            the version new sandboxes get (a symlink, switched atomically)
+    <dir>/<name>/<digest>/rootfs/               a root filesystem (owned by shifted uids, see specs.UID_SHIFT)
+    <dir>/<name>/<digest>/template.json         what was built: spec, digest, size, build time
+    <dir>/.build-<name>-<pid>/                  a build in progress; moved into place only when complete
 
-A failed or interrupted build leaves only a `.build-*` folder, which the next build (or server start)
-removes, so there is never a half-built template under a real name.
+A failed or interrupted build leaves only a `.build-*` folder, which the next build removes, so there
+is never a half-built template under a real name. A rebuild never pulls the floor from under running
+sandboxes: an old version is deleted only once no sandbox on the host (of any server) mounts it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sandboxd.templates.specs import BUILTIN, UID_SHIFT, TemplateSpec
+from sandboxd.templates.specs import BUILTIN, SITE_DIR, UID_SHIFT, TemplateSpec
 
 Progress = Callable[[str], None]
 
@@ -41,6 +43,8 @@ class Template:
     default_workdir: str
     built_at: float
     size_bytes: int
+    service: tuple[str, ...] = ()
+    service_user: str = "user"
 
     @property
     def rootfs(self) -> Path:
@@ -57,25 +61,44 @@ class TemplateStore:
 
     # -- reading ---------------------------------------------------------------------------------
     def get(self, name: str) -> Template:
-        meta_path = self.dir / name / "template.json"
+        self._migrate_legacy(name)
+        current = self.dir / name / "current"
         try:
-            meta = json.loads(meta_path.read_text())
-        except FileNotFoundError:
+            meta = json.loads((current / "template.json").read_text())
+        except (FileNotFoundError, NotADirectoryError):
             raise TemplateError(self.unknown_message(name)) from None
         return Template(
             name=meta["name"],
-            path=self.dir / name,
+            path=self.dir / name / os.readlink(current),
             digest=meta["digest"],
             default_user=meta.get("default_user", "user"),
             default_workdir=meta.get("default_workdir", "/home/user"),
             built_at=meta.get("built_at", 0.0),
             size_bytes=meta.get("size_bytes", 0),
+            service=tuple(meta.get("service", ())),
+            service_user=meta.get("service_user", "user"),
         )
 
     def names(self) -> list[str]:
         if not self.dir.is_dir():
             return []
-        return sorted(p.name for p in self.dir.iterdir() if (p / "template.json").is_file())
+        return sorted(
+            p.name
+            for p in self.dir.iterdir()
+            if (p / "current" / "template.json").is_file() or (p / "template.json").is_file()
+        )
+
+    def _migrate_legacy(self, name: str) -> None:
+        """Builds of sandboxd 0.1 kept one unversioned copy in <dir>/<name>/: move it to its digest."""
+        legacy = self.dir / name / "template.json"
+        if not legacy.is_file():
+            return
+        digest = json.loads(legacy.read_text())["digest"]
+        version = self.dir / name / digest
+        version.mkdir(exist_ok=True)
+        (self.dir / name / "rootfs").rename(version / "rootfs")  # running overlays keep their dentries
+        legacy.rename(version / "template.json")
+        _switch_current(self.dir / name, digest)
 
     def unknown_message(self, name: str) -> str:
         available = ", ".join(self.names()) or "none (build one with `sandboxd template build base`)"
@@ -129,6 +152,8 @@ class TemplateStore:
                     )
             else:
                 self._debootstrap(spec, rootfs, progress)
+            if spec.pip:
+                self._pip(rootfs, spec, progress)
             for i, step in enumerate(spec.steps, 1):
                 progress(f"[{spec.name}] step {i}/{len(spec.steps)}: {step}")
                 self._chroot(rootfs, spec, step, progress)
@@ -146,12 +171,17 @@ class TemplateStore:
                 "steps": list(spec.steps),
             }
             (work / "template.json").write_text(json.dumps(meta, indent=2))
-            final = self.dir / spec.name
-            old = self.dir / f".build-{spec.name}-old-{os.getpid()}"
+            self._migrate_legacy(spec.name)
+            home = self.dir / spec.name
+            home.mkdir(exist_ok=True)
+            final = home / spec.digest()
             if final.exists():
-                final.rename(old)
+                shutil.rmtree(final)  # a previous version with this digest that `current` does not name
             work.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
+            _switch_current(home, spec.digest())
+            removed = self.prune(spec.name)
+            if removed:
+                progress(f"[{spec.name}] removed {len(removed)} old version(s) no sandbox uses")
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
@@ -177,6 +207,51 @@ class TemplateStore:
         progress(f"[{spec.name}] mmdebstrap {spec.suite} with {len(spec.packages)} packages (a few minutes)")
         _run_with_progress(cmd, progress, spec.name)
 
+    def prune(self, name: str) -> list[str]:
+        """Delete the versions of `name` other than the current one that no sandbox on the host mounts."""
+        home = self.dir / name
+        current = os.readlink(home / "current") if (home / "current").is_symlink() else None
+        in_use = _mounted_lower_dirs()
+        removed = []
+        for version in home.iterdir():
+            if version.name == current or not version.is_dir() or version.is_symlink():
+                continue
+            rootfs = str((version / "rootfs").resolve())
+            if any(lower == rootfs or lower.startswith(rootfs + "/") for lower in in_use):
+                continue
+            shutil.rmtree(version, ignore_errors=True)
+            removed.append(version.name)
+        return removed
+
+    def _pip(self, rootfs: Path, spec: TemplateSpec, progress: Progress) -> None:
+        inner = subprocess.run(
+            ["chroot", str(rootfs), "/usr/bin/python3", "-c", "import sys; print(*sys.version_info[:2], sep='.')"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        ours = f"{sys.version_info[0]}.{sys.version_info[1]}"
+        if inner != ours:
+            raise TemplateError(
+                f"template '{spec.name}': its python3 is {inner} but the builder runs {ours}: run the build with "
+                f"the Python of the template's Debian release (scripts/setup.sh uses /usr/bin/python3)"
+            )
+        target = rootfs / SITE_DIR.lstrip("/")
+        target.mkdir(parents=True, exist_ok=True)
+        progress(f"[{spec.name}] pip: {len(spec.pip)} packages into {SITE_DIR} (a few minutes)")
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-cache-dir",
+            "--disable-pip-version-check",
+            "--target",
+            str(target),
+            *spec.pip,
+        ]
+        _run_with_progress(cmd, progress, spec.name, keep=("Collecting", "Downloading", "Successfully"))
+
     def _chroot(self, rootfs: Path, spec: TemplateSpec, script: str, progress: Progress) -> None:
         # Package scripts may want /proc and /dev; run in a private mount namespace so nothing leaks.
         inner = (
@@ -187,7 +262,43 @@ class TemplateStore:
         _run_with_progress(cmd, progress, spec.name)
 
 
-def _run_with_progress(cmd: list[str], progress: Progress, name: str) -> None:
+def _switch_current(home: Path, digest: str) -> None:
+    tmp = home / f".current-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(digest)
+    tmp.rename(home / "current")  # atomic: a reader sees the old version or the new one
+
+
+def _mounted_lower_dirs() -> set[str]:
+    """Lower directories of the overlays of every sandbox on the host (read from each sandbox's PID 1)."""
+    lowers: set[str] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() != "sandbox-init":
+                    continue
+            with open(f"/proc/{pid}/mountinfo") as f:
+                for line in f:
+                    _, _, opts = line.partition(" - overlay ")
+                    for opt in opts.split(","):
+                        if opt.startswith("lowerdir="):
+                            lowers.update(opt[len("lowerdir=") :].split(":"))
+        except OSError:
+            continue
+    return lowers
+
+
+DEFAULT_PROGRESS_KEYS = ("I: ", "E: ", "W: ", "Unpacking", "Setting up")
+
+
+def _run_with_progress(
+    cmd: list[str],
+    progress: Progress,
+    name: str,
+    keep: tuple[str, ...] = ("I: ", "E: ", "W: ", "Unpacking", "Setting up"),
+) -> None:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     tail: list[str] = []
@@ -197,7 +308,7 @@ def _run_with_progress(cmd: list[str], progress: Progress, name: str) -> None:
         if not line:
             continue
         tail = ([*tail, line])[-30:]
-        if line.startswith(("I: ", "E: ", "W: ")) or "Unpacking" in line or "Setting up" in line:
+        if any(line.startswith(k) or k in line for k in keep):
             progress(f"[{name}] {line}")
     if proc.wait() != 0:
         raise TemplateError(

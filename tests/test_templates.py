@@ -1,0 +1,84 @@
+"""Templates: cached builds, clear errors, and versions that never disappear under running sandboxes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from e2b import Sandbox
+
+from sandboxd.templates.store import TemplateStore, _switch_current
+
+from conftest import TEMPLATES_DIR, Server
+
+SANDBOXD = str(Path(sys.executable).with_name("sandboxd"))
+
+
+def test_build_is_cached_and_unknown_names_are_clear() -> None:
+    r = subprocess.run(
+        [SANDBOXD, "template", "build", "base", "--templates-dir", str(TEMPLATES_DIR)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0 and "up to date" in r.stderr, r.stderr
+    r = subprocess.run(
+        [SANDBOXD, "template", "build", "nope", "--templates-dir", str(TEMPLATES_DIR)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "unknown template 'nope'" in r.stderr and "base" in r.stderr
+    r = subprocess.run(
+        [SANDBOXD, "template", "list", "--templates-dir", str(TEMPLATES_DIR)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0 and r.stdout.startswith("base\t")
+
+
+def _lowerdirs(server: Server, sandbox_id: str) -> str:
+    from conftest import host_pids_of
+
+    for pid in host_pids_of(server, sandbox_id):
+        if Path(f"/proc/{pid}/comm").read_text().strip() == "sandbox-init":
+            return Path(f"/proc/{pid}/mountinfo").read_text()
+    raise AssertionError("no sandbox-init")
+
+
+def test_old_version_survives_while_a_sandbox_uses_it(server: Server) -> None:
+    store = TemplateStore(TEMPLATES_DIR)
+    home = TEMPLATES_DIR / "base"
+    real = os.readlink(home / "current")
+    fake = "0ldversion0000"
+    shutil.rmtree(home / fake, ignore_errors=True)
+    (home / fake).mkdir()
+    # a cheap second version: hard links to the real one, its own template.json
+    subprocess.run(["cp", "-al", str(home / real / "rootfs"), str(home / fake / "rootfs")], check=True)
+    meta = json.loads((home / real / "template.json").read_text())
+    (home / fake / "template.json").write_text(json.dumps({**meta, "digest": fake}))
+    try:
+        _switch_current(home, fake)
+        old = Sandbox.create(template="base", timeout=60)  # on the soon-old version
+        _switch_current(home, real)
+        assert str(home / fake / "rootfs") in _lowerdirs(server, old.sandbox_id)
+        assert fake not in store.prune("base"), "a version in use was pruned"
+        assert (home / fake / "rootfs" / "usr" / "bin" / "python3").exists()
+        assert old.commands.run("python3 -c 'print(1)'").stdout == "1\n"
+        new = Sandbox.create(template="base", timeout=60)
+        try:
+            assert str(home / real / "rootfs") in _lowerdirs(server, new.sandbox_id)
+        finally:
+            new.kill()
+        old.kill()
+        assert store.prune("base") == [fake]
+        assert not (home / fake).exists() and (home / real / "rootfs").is_dir()
+    finally:
+        if os.readlink(home / "current") != real:
+            _switch_current(home, real)
+        shutil.rmtree(home / fake, ignore_errors=True)
