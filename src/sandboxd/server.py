@@ -13,6 +13,7 @@ from starlette.types import Receive, Scope, Send
 from sandboxd.api.app import build_control_plane
 from sandboxd.core.manager import SandboxManager, Settings
 from sandboxd.envd.app import build_envd_app
+from sandboxd.routing.proxy import PortProxy
 from sandboxd.routing.router import ENVD_PORT, Router
 from sandboxd.runtime.namespaces import NamespaceRuntime
 from sandboxd.state.db import StateDB
@@ -52,7 +53,10 @@ class App:
         self.runtime = NamespaceRuntime(config.data_dir, favor_dynmods=config.favor_dynmods)
         self.manager = SandboxManager(self.runtime, self.templates, self.db, config.settings)
         self.router = Router(
-            self.manager, build_control_plane(self.manager, self.api_key), {ENVD_PORT: build_envd_app(self.manager)}
+            self.manager,
+            build_control_plane(self.manager, self.api_key),
+            {ENVD_PORT: build_envd_app(self.manager)},
+            PortProxy(self.manager),
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

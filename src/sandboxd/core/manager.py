@@ -10,6 +10,7 @@ import asyncio
 import logging
 import secrets
 import string
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -17,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from sandboxd.core.errors import BadRequest, Conflict, NotFound
-from sandboxd.runtime.base import Limits, Runtime, SandboxHandle, SandboxSpec
+from sandboxd.core.users import DEFAULT_PATH, lookup_user
+from sandboxd.runtime.base import ExecSpec, Limits, Runtime, SandboxHandle, SandboxSpec
 from sandboxd.state.db import SandboxRecord, StateDB
-from sandboxd.templates.store import TemplateError, TemplateStore
+from sandboxd.templates.store import Template, TemplateError, TemplateStore
 
 log = logging.getLogger("sandboxd.core")
 
@@ -76,8 +78,8 @@ class SandboxManager:
         self._by_token: dict[str, str] = {}
         self._wake = asyncio.Event()
         self._reaper: asyncio.Task[None] | None = None
-        # template name -> idle, already created sandboxes (id, handle, template digest)
-        self._pool: dict[str, list[tuple[str, SandboxHandle, str]]] = {}
+        # template name -> idle, already created sandboxes (id, handle, template digest, service process)
+        self._pool: dict[str, list[tuple[str, SandboxHandle, str, subprocess.Popen[bytes] | None]]] = {}
         self._refilling: dict[str, asyncio.Task[None]] = {}
         self._closing = False
         self._background: set[asyncio.Task[None]] = set()
@@ -108,7 +110,7 @@ class SandboxManager:
         for task in self._refilling.values():
             task.cancel()
         await asyncio.gather(*self._refilling.values(), return_exceptions=True)
-        pooled = [h for entries in self._pool.values() for _, h, _ in entries]
+        pooled = [h for entries in self._pool.values() for _, h, _, _ in entries]
         self._pool.clear()
         await asyncio.gather(*(self.runtime.destroy(h) for h in pooled), return_exceptions=True)
         if destroy:
@@ -117,10 +119,37 @@ class SandboxManager:
             self.runtime.close()
 
     # -- warm pool -------------------------------------------------------------------------------
-    def _spec(self, sandbox_id: str, rootfs: Path) -> SandboxSpec:
+    def _spec(self, sandbox_id: str, template: Template) -> SandboxSpec:
         s = self.settings
         limits = Limits(memory_mb=s.memory_mb, cpu_count=s.cpu_count, pids=s.pids)
-        return SandboxSpec(sandbox_id=sandbox_id, rootfs=rootfs, hostname=sandbox_id, limits=limits)
+        return SandboxSpec(
+            sandbox_id=sandbox_id, rootfs=template.rootfs, hostname=sandbox_id, limits=limits, binds=template.binds
+        )
+
+    async def _new(self, sandbox_id: str, template: Template) -> tuple[SandboxHandle, subprocess.Popen[bytes] | None]:
+        """Create a sandbox and start its template's service (the code interpreter, say)."""
+        handle = await self.runtime.create(self._spec(sandbox_id, template))
+        if not template.service:
+            return handle, None
+        try:
+            user = lookup_user(str(self.runtime.root_path(handle)), template.service_user)
+            if user is None:
+                raise BadRequest(f"template '{template.name}': its service user '{template.service_user}' is unknown")
+            env = {"PATH": DEFAULT_PATH, "HOME": user.home, "USER": user.name, **template.service_env}
+            log = "/tmp/.sandboxd-service.log"
+            argv = ["/bin/sh", "-c", f'exec "$@" >>{log} 2>&1', "sh", *template.service]
+            spec = ExecSpec(argv=argv, env=env, cwd=user.home, uid=user.uid, gid=user.gid, groups=user.groups)
+            service = subprocess.Popen(  # noqa: ASYNC220 - vfork of the small helper
+                self.runtime.exec_argv(handle, spec),
+                env=spec.env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        except BaseException:
+            await self.runtime.destroy(handle)
+            raise
+        return handle, service
 
     def _schedule_refill(self, name: str, delay: float = REFILL_DELAY) -> None:
         if self.settings.pool_size <= 0 or self._closing:
@@ -138,21 +167,21 @@ class SandboxManager:
             try:
                 template = self.templates.get(name)
                 sandbox_id = new_sandbox_id()
-                handle = await self.runtime.create(self._spec(sandbox_id, template.rootfs))
+                handle, service = await self._new(sandbox_id, template)
             except Exception:
                 log.exception("pre-creating a sandbox of template '%s' failed", name)
                 return
             if self._closing:
                 await self.runtime.destroy(handle)
                 return
-            entries.append((sandbox_id, handle, template.digest))
+            entries.append((sandbox_id, handle, template.digest, service))
 
-    def _take_pooled(self, name: str, digest: str) -> tuple[str, SandboxHandle] | None:
+    def _take_pooled(self, name: str, digest: str) -> tuple[str, SandboxHandle, subprocess.Popen[bytes] | None] | None:
         entries = self._pool.get(name, [])
         while entries:
-            sandbox_id, handle, pooled_digest = entries.pop(0)
+            sandbox_id, handle, pooled_digest, service = entries.pop(0)
             if pooled_digest == digest and self.runtime.is_alive(handle):
-                return sandbox_id, handle
+                return sandbox_id, handle, service
             task = asyncio.create_task(self.runtime.destroy(handle))  # stale: template rebuilt, or died
             self._background.add(task)
             task.add_done_callback(self._background.discard)
@@ -176,10 +205,10 @@ class SandboxManager:
             raise NotFound(str(e)) from None
         pooled = self._take_pooled(template.name, template.digest)
         if pooled is not None:
-            sandbox_id, handle = pooled
+            sandbox_id, handle, service = pooled
         else:
             sandbox_id = new_sandbox_id()
-            handle = await self.runtime.create(self._spec(sandbox_id, template.rootfs))
+            handle, service = await self._new(sandbox_id, template)
         self._schedule_refill(template.name)
         s = self.settings
         now = time.time()
@@ -203,6 +232,8 @@ class SandboxManager:
             handle={**asdict(handle), "state_dir": str(handle.state_dir)},
         )
         sandbox = Sandbox(rec, handle)
+        if service is not None:
+            sandbox.on_kill.append(lambda: sandbox.ext.setdefault("reap", []).append(service))
         self._register(sandbox)
         self.db.put(rec)
         self._wake.set()
@@ -240,6 +271,8 @@ class SandboxManager:
             await self.runtime.destroy(sandbox.handle)
         finally:
             self.db.delete(sandbox_id)
+            for proc in sandbox.ext.get("reap", []):
+                proc.poll()  # the helper exited with the sandbox: collect it
         return True
 
     def set_timeout(self, sandbox_id: str, timeout: int) -> None:

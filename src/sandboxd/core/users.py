@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from sandboxd.runtime.rootfs import read_file_in_root
 
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
 
 @dataclass(frozen=True)
 class User:

@@ -9,14 +9,12 @@ from typing import TYPE_CHECKING
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
-from sandboxd.core.users import User, lookup_user
+from sandboxd.core.users import DEFAULT_PATH, User, lookup_user
 
 if TYPE_CHECKING:
     from sandboxd.core.manager import Sandbox, SandboxManager
 
 current_sandbox: contextvars.ContextVar[Sandbox] = contextvars.ContextVar("current_sandbox")
-
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def sandbox() -> Sandbox:

@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from sandboxd.core.manager import SandboxManager
 from sandboxd.envd.context import current_sandbox
 from sandboxd.envd.files_http import operation_of, signature_matches
+from sandboxd.routing.proxy import PortProxy
 
 ENVD_PORT = 49983
 # envd paths reachable without X-Access-Token: /health, and /files, which checks the token or a signature.
@@ -32,10 +33,13 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 class Router:
-    def __init__(self, manager: SandboxManager, control_plane: ASGIApp, ports: dict[int, ASGIApp]) -> None:
+    def __init__(
+        self, manager: SandboxManager, control_plane: ASGIApp, ports: dict[int, ASGIApp], proxy: PortProxy
+    ) -> None:
         self.manager = manager
         self.control_plane = control_plane
         self.ports = ports
+        self.proxy = proxy  # every other port: the sandbox's own services
         self._by_signature: dict[str, str] = {}  # signature -> sandbox ID (bounded, most recent kept)
 
     def _sandbox_by_signature(self, scope: Scope) -> str | None:
@@ -80,8 +84,11 @@ class Router:
                 {"sandboxId": sandbox_id, "message": "The sandbox was not found", "code": 502}, status_code=502
             )(scope, receive, send)
             return
-        port = int(port_raw) if port_raw.isdigit() else -1
+        port = int(port_raw) if port_raw.isdigit() and 0 < int(port_raw) < 65536 else -1
         app = self.ports.get(port)
+        if app is None and port > 0:
+            await self.proxy(scope, receive, send, sandbox, port)
+            return
         if app is None:
             await JSONResponse(
                 {

@@ -7,6 +7,7 @@ Everything above this layer (envd, the control plane) talks only to these types.
 from __future__ import annotations
 
 import abc
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class SandboxSpec:
     rootfs: Path
     hostname: str
     limits: Limits = field(default_factory=Limits)
+    binds: tuple[tuple[str, str], ...] = ()  # (host dir, path inside), mounted read-only
 
 
 @dataclass
@@ -78,6 +80,10 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     def freeze(self, handle: SandboxHandle, frozen: bool) -> None:
         """Stop (or restart) every process of the sandbox, keeping its memory (pause/resume)."""
+
+    async def connect_tcp(self, handle: SandboxHandle, port: int) -> socket.socket:
+        """A TCP connection to `port` on the sandbox's own loopback (its services, e.g. the interpreter)."""
+        raise NotImplementedError(f"the {self.name} backend cannot reach sandbox ports")
 
     def broker_argv(self, handle: SandboxHandle, uid: int, gid: int, groups: tuple[int, ...]) -> list[str]:
         """The host command of a file broker for this sandbox and user (see runtime/broker.py)."""

@@ -8,11 +8,14 @@ no monitor and no per-sandbox daemon on the host. See docs/architecture.md.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sandboxd.runtime import cgroups
@@ -20,6 +23,29 @@ from sandboxd.runtime.base import ExecSpec, Runtime, RuntimeError_, SandboxHandl
 from sandboxd.runtime.native import helper_path
 from sandboxd.runtime.rootfs import open_pty_in_root
 from sandboxd.templates.specs import UID_RANGE, UID_SHIFT
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+_HOST_NETNS = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _socket_in_netns(path: str) -> socket.socket:
+    """A TCP socket that belongs to the network namespace at `path` (runs in the netns thread)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(fd)
+        try:
+            return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        finally:
+            _setns(_HOST_NETNS)
+    finally:
+        os.close(fd)
 
 
 def process_start_time(pid: int) -> int | None:
@@ -45,6 +71,8 @@ class NamespaceRuntime(Runtime):
         self.sandboxes_dir = self.state_dir / "sandboxes"
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
         self.helper = str(helper_path(self.state_dir / "bin"))
+        # setns() changes only the calling thread's network namespace: one thread does it, and switches back.
+        self._netns_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandboxd-netns")
         self.layout = cgroups.detect()
         if favor_dynmods:
             cgroups.favor_dynamic_modifications(self.layout)
@@ -87,6 +115,8 @@ class NamespaceRuntime(Runtime):
             ]
             for path in cg.paths:
                 argv += ["--cgroup", path]
+            for src, dst in spec.binds:
+                argv += ["--ro-bind", f"{src}:{dst}"]
             # Popen uses vfork: the event loop is not held up by copying the server's page tables, as a
             # fork() would (uvloop's subprocess forks). The helper's wait happens in a thread.
             proc = subprocess.Popen(  # noqa: ASYNC220
@@ -139,6 +169,20 @@ class NamespaceRuntime(Runtime):
 
     def open_pty(self, handle: SandboxHandle) -> tuple[int, int]:
         return open_pty_in_root(str(self.root_path(handle)))
+
+    async def connect_tcp(self, handle: SandboxHandle, port: int) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        sock = await loop.run_in_executor(self._netns_thread, _socket_in_netns, f"/proc/{handle.init_pid}/ns/net")
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+        except BaseException:
+            sock.close()
+            raise
+        if not self.is_alive(handle):  # the PID was reused between our check and the open: refuse
+            sock.close()
+            raise ConnectionRefusedError(f"sandbox {handle.sandbox_id} is gone")
+        return sock
 
     def broker_argv(self, handle: SandboxHandle, uid: int, gid: int, groups: tuple[int, ...]) -> list[str]:
         argv = [self.helper, "broker", "--pid", str(handle.init_pid), "--uid", str(uid), "--gid", str(gid)]

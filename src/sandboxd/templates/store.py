@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sandboxd.templates.specs import BUILTIN, SITE_DIR, UID_SHIFT, TemplateSpec
+from sandboxd.templates.specs import BUILTIN, CODE_DIR, SITE_DIR, UID_SHIFT, TemplateSpec
 
 Progress = Callable[[str], None]
 
@@ -50,6 +50,19 @@ class Template:
     def rootfs(self) -> Path:
         return self.path / "rootfs"
 
+    @property
+    def binds(self) -> tuple[tuple[str, str], ...]:
+        """Host directories mounted read-only into its sandboxes: sandboxd's in-sandbox code."""
+        if not self.service:
+            return ()
+        import sandboxd.interpreter
+
+        return ((str(Path(sandboxd.interpreter.__file__).parent), f"{CODE_DIR}/sandboxd_interpreter"),)
+
+    @property
+    def service_env(self) -> dict[str, str]:
+        return {"PYTHONPATH": f"{CODE_DIR}:{SITE_DIR}", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+
 
 def _print_progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
@@ -67,6 +80,10 @@ class TemplateStore:
             meta = json.loads((current / "template.json").read_text())
         except (FileNotFoundError, NotADirectoryError):
             raise TemplateError(self.unknown_message(name)) from None
+        # a build's digest names its spec exactly: fields an older build did not record come from it
+        builtin = BUILTIN.get(name)
+        if builtin is not None and builtin.digest() != meta["digest"]:
+            builtin = None
         return Template(
             name=meta["name"],
             path=self.dir / name / os.readlink(current),
@@ -75,8 +92,8 @@ class TemplateStore:
             default_workdir=meta.get("default_workdir", "/home/user"),
             built_at=meta.get("built_at", 0.0),
             size_bytes=meta.get("size_bytes", 0),
-            service=tuple(meta.get("service", ())),
-            service_user=meta.get("service_user", "user"),
+            service=tuple(meta.get("service", builtin.service if builtin else ())),
+            service_user=meta.get("service_user", builtin.service_user if builtin else "user"),
         )
 
     def names(self) -> list[str]:
@@ -169,6 +186,9 @@ class TemplateStore:
                 "size_bytes": size,
                 "packages": list(spec.packages),
                 "steps": list(spec.steps),
+                "pip": list(spec.pip),
+                "service": list(spec.service),
+                "service_user": spec.service_user,
             }
             (work / "template.json").write_text(json.dumps(meta, indent=2))
             self._migrate_legacy(spec.name)

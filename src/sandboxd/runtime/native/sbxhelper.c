@@ -61,6 +61,12 @@
 #endif
 
 #define MAX_CGROUPS 16
+#define MAX_BINDS 8
+
+/* Read-only bind mounts of host directories into the sandbox (sandboxd's own in-sandbox code). */
+static const char *bind_src[MAX_BINDS], *bind_dst[MAX_BINDS];
+static int nbinds;
+static char *argv_end; /* end of the argument strings, for scrubbing init's command line */
 
 static void die(const char *fmt, ...) {
     va_list ap;
@@ -304,6 +310,12 @@ static void init_child(int tochild, int toparent, const char *merged, const char
     xmount("sysfs", p, "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, NULL);
     setup_dev(merged, shift);
     mask_proc(merged);
+    for (int i = 0; i < nbinds; i++) {
+        snprintf(p, sizeof p, "%s%s", merged, bind_dst[i]);
+        xmkdir(p, 0755);
+        xmount(bind_src[i], p, NULL, MS_BIND | MS_REC, NULL);
+        xmount(NULL, p, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL);
+    }
     write_etc(merged, hostname, shift);
     snprintf(p, sizeof p, "%s/tmp", merged);
     xmkdir(p, 01777);
@@ -326,9 +338,10 @@ static void init_child(int tochild, int toparent, const char *merged, const char
     if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0) die("dumpable");
     apply_seccomp();
     prctl(PR_SET_NAME, "sandbox-init", 0, 0, 0);
-    /* Host paths in our argv would show in the sandbox's /proc/1/cmdline: overwrite them. */
-    char *end = argv[argc - 1] + strlen(argv[argc - 1]);
-    memset(argv[0], 0, (size_t)(end - argv[0]));
+    /* Host paths in our argv would show in the sandbox's /proc/1/cmdline: overwrite them (the whole
+     * area, measured before option parsing wrote NULs into it). */
+    (void)argc;
+    memset(argv[0], 0, (size_t)(argv_end - argv[0]));
     strcpy(argv[0], "sandbox-init");
 
     sigset_t set;
@@ -366,6 +379,14 @@ static int cmd_create(int argc, char **argv) {
         else if (!strcmp(a, "--hostname")) hostname = v;
         else if (!strcmp(a, "--shift")) shift = (unsigned)strtoul(v, NULL, 10);
         else if (!strcmp(a, "--range")) range = (unsigned)strtoul(v, NULL, 10);
+        else if (!strcmp(a, "--ro-bind")) {
+            /* --ro-bind SRC:DST (DST absolute inside the sandbox, no "..") */
+            char *colon = strchr(v, ':');
+            if (!colon || colon[1] != '/' || strstr(colon, "..") || nbinds == MAX_BINDS) die("bad --ro-bind %s", v);
+            *colon = 0;
+            bind_src[nbinds] = v;
+            bind_dst[nbinds++] = colon + 1;
+        }
         else if (!strcmp(a, "--cgroup")) {
             if (ncg == MAX_CGROUPS) die("too many cgroups");
             cgroups[ncg++] = (char *)v;
@@ -724,6 +745,7 @@ static int cmd_broker(int argc, char **argv) {
 }
 
 int main(int argc, char **argv) {
+    argv_end = argv[argc - 1] + strlen(argv[argc - 1]);
     if (argc < 2) {
         fprintf(stderr, "usage: sbxhelper create|exec|version ...\n");
         return 2;

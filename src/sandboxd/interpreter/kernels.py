@@ -1,0 +1,380 @@
+"""Contexts: one Jupyter kernel each, with its language, working directory and an execution lock."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import shlex
+import sys
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+
+HERE = Path(__file__).resolve().parent
+HOME = os.path.expanduser("~")
+SITE = os.environ.get("SANDBOXD_SITE", "/opt/sandboxd/site")
+KEEPALIVE_S = 5.0
+LATE_RESULT_S = 0.03
+
+# language aliases -> kernel name
+LANGUAGES = {
+    "python": "python3",
+    "javascript": "deno",
+    "js": "deno",
+    "typescript": "deno",
+    "ts": "deno",
+    "bash": "bash",
+}
+CANONICAL = {"python3": "python", "deno": "javascript", "bash": "bash"}
+
+MIME_KEYS = {
+    "text/plain": "text",
+    "text/html": "html",
+    "text/markdown": "markdown",
+    "image/svg+xml": "svg",
+    "image/png": "png",
+    "image/jpeg": "jpeg",
+    "application/pdf": "pdf",
+    "text/latex": "latex",
+    "application/json": "json",
+    "application/javascript": "javascript",
+    "e2b/data": "data",
+    "e2b/chart": "chart",
+}
+
+
+class UnknownLanguage(Exception):
+    pass
+
+
+def write_kernelspecs(root: Path) -> Path:
+    """Kernel specs for the kernels this template has, in a private directory."""
+    python = sys.executable
+    specs = {
+        "python3": {
+            "argv": [
+                python,
+                "-m",
+                "ipykernel_launcher",
+                "-f",
+                "{connection_file}",
+                f"--IPKernelApp.exec_files=['{HERE / 'startup.py'}']",
+            ],
+            "language": "python",
+        },
+        "bash": {"argv": [python, "-m", "bash_kernel", "-f", "{connection_file}"], "language": "bash"},
+        "deno": {
+            "argv": [f"{SITE}/bin/deno", "jupyter", "--kernel", "--conn", "{connection_file}"],
+            "language": "typescript",
+        },
+    }
+    for name, spec in specs.items():
+        d = root / "kernels" / name
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "kernel.json").write_text(json.dumps({**spec, "display_name": name}))
+    return root / "kernels"
+
+
+def _quote_py(s: str) -> str:
+    return json.dumps(s)
+
+
+def env_code(kernel: str, set_vars: dict[str, str], unset: list[str]) -> str:
+    """Code, in the kernel's language, that sets and unsets environment variables."""
+    if kernel == "python3":
+        lines = ["import os as __sbx_os"]
+        lines += [f"__sbx_os.environ[{_quote_py(k)}] = {_quote_py(v)}" for k, v in set_vars.items()]
+        lines += [f"__sbx_os.environ.pop({_quote_py(k)}, None)" for k in unset]
+        lines.append("del __sbx_os")
+        return "\n".join(lines)
+    if kernel == "bash":
+        parts = [f"export {k}={shlex.quote(v)}" for k, v in set_vars.items() if k.isidentifier()]
+        parts += [f"unset {k}" for k in unset if k.isidentifier()]
+        return "; ".join(parts) or "true"
+    parts = [f"Deno.env.set({_quote_py(k)}, {_quote_py(v)});" for k, v in set_vars.items()]
+    parts += [f"Deno.env.delete({_quote_py(k)});" for k in unset]
+    return " ".join(parts) or "undefined;"
+
+
+@dataclass
+class Context:
+    id: str
+    kernel: str
+    cwd: str
+    manager: AsyncKernelManager
+    client: Any = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    start_error: str | None = None
+    global_env: dict[str, str] = field(default_factory=dict)  # sandbox env vars applied so far
+    pending_restore: str | None = None  # code that undoes the running execution's env_vars
+
+    @property
+    def language(self) -> str:
+        return CANONICAL[self.kernel]
+
+    def describe(self) -> dict[str, str]:
+        return {"id": self.id, "language": self.language, "cwd": self.cwd}
+
+
+class Kernels:
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="sandboxd-kernels-"))
+        self.specs = KernelSpecManager(kernel_dirs=[str(write_kernelspecs(self.dir))])
+        self.contexts: dict[str, Context] = {}
+        self.defaults: dict[str, str] = {}  # kernel name -> id of its default context
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def kernel_for(self, language: str | None) -> str:
+        name = LANGUAGES.get((language or "python").lower())
+        if name is None:
+            raise UnknownLanguage(
+                f"language '{language}' is not available in this sandbox; available: python, javascript, "
+                "typescript, bash"
+            )
+        return name
+
+    def create(self, language: str | None, cwd: str | None, default: bool = False) -> Context:
+        kernel = self.kernel_for(language)
+        ctx = Context(
+            id=str(uuid.uuid4()),
+            kernel=kernel,
+            cwd=cwd or os.path.expanduser("~"),
+            manager=AsyncKernelManager(kernel_name=kernel, kernel_spec_manager=self.specs),
+        )
+        self.contexts[ctx.id] = ctx
+        if default:
+            self.defaults[kernel] = ctx.id
+        task = asyncio.ensure_future(self._start(ctx))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return ctx
+
+    async def _start(self, ctx: Context) -> None:
+        try:
+            env = dict(os.environ)
+            env.setdefault("DENO_DIR", f"{HOME}/.cache/deno")
+            env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+            await ctx.manager.start_kernel(cwd=ctx.cwd, env=env)
+            ctx.client = ctx.manager.client()
+            ctx.client.start_channels()
+            await ctx.client.wait_for_ready(timeout=120)
+        except Exception as e:  # reported to whoever executes in this context
+            ctx.start_error = f"{type(e).__name__}: {e}"
+        finally:
+            ctx.ready.set()
+
+    def default_for(self, language: str | None) -> Context:
+        kernel = self.kernel_for(language)
+        ctx_id = self.defaults.get(kernel)
+        if ctx_id is None or ctx_id not in self.contexts:
+            return self.create(language, None, default=True)
+        return self.contexts[ctx_id]
+
+    async def restart(self, ctx: Context) -> None:
+        async with ctx.lock:
+            await ctx.ready.wait()
+            ctx.global_env = {}
+            if ctx.start_error is not None or ctx.client is None:
+                ctx.ready.clear()
+                ctx.start_error = None
+                await self._start(ctx)
+                return
+            await ctx.manager.restart_kernel(now=True)
+            await ctx.client.wait_for_ready(timeout=120)
+
+    async def remove(self, ctx: Context) -> None:
+        self.contexts.pop(ctx.id, None)
+        if self.defaults.get(ctx.kernel) == ctx.id:
+            del self.defaults[ctx.kernel]
+        await ctx.ready.wait()
+        if ctx.client is not None:
+            ctx.client.stop_channels()
+        if ctx.start_error is None:
+            await ctx.manager.shutdown_kernel(now=True)
+
+    async def shutdown(self) -> None:
+        await asyncio.gather(*(self.remove(c) for c in list(self.contexts.values())), return_exceptions=True)
+
+    # -- execution -------------------------------------------------------------------------------
+    async def _silent(self, ctx: Context, code: str) -> None:
+        msg_id = ctx.client.execute(code, silent=True, store_history=False)
+        while True:
+            msg = await ctx.client.get_shell_msg(timeout=60)
+            if msg["parent_header"].get("msg_id") == msg_id:
+                return
+
+    async def execute(
+        self, ctx: Context, code: str, env_vars: dict[str, str] | None, sandbox_env: dict[str, str]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """NDJSON events of one execution. The caller holds ctx.lock."""
+        await ctx.ready.wait()
+        if ctx.start_error is not None:
+            yield {"type": "error", "name": "KernelStartError", "value": ctx.start_error, "traceback": ""}
+            return
+        if not await ctx.manager.is_alive():
+            yield {
+                "type": "error",
+                "name": "KernelDied",
+                "value": "the kernel of this context died (out of memory?): it was restarted, state is lost",
+                "traceback": "",
+            }
+            await ctx.manager.restart_kernel(now=True)
+            await ctx.client.wait_for_ready(timeout=120)
+            ctx.global_env = {}
+            return
+        # sandbox env vars first (once per context, and when they change), then this execution's own
+        if sandbox_env != ctx.global_env:
+            gone = [k for k in ctx.global_env if k not in sandbox_env]
+            await self._silent(ctx, env_code(ctx.kernel, sandbox_env, gone))
+            ctx.global_env = dict(sandbox_env)
+        if env_vars:
+            await self._silent(ctx, env_code(ctx.kernel, env_vars, []))
+            restore = {k: sandbox_env[k] for k in env_vars if k in sandbox_env}
+            ctx.pending_restore = env_code(ctx.kernel, restore, [k for k in env_vars if k not in sandbox_env])
+        async for event in self._run(ctx, code):
+            yield event
+        await self._restore(ctx)
+
+    async def _restore(self, ctx: Context) -> None:
+        """Undo an execution's own env vars (after it ended, or after it was interrupted)."""
+        code, ctx.pending_restore = ctx.pending_restore, None
+        if code:
+            await self._silent(ctx, code)
+
+    async def _run(self, ctx: Context, code: str) -> AsyncIterator[dict[str, Any]]:
+        client = ctx.client
+        msg_id = client.execute(code, store_history=True, allow_stdin=False, stop_on_error=True)
+        error_sent = False
+        idle = False
+        while not idle:
+            try:
+                msg = await client.get_iopub_msg(timeout=KEEPALIVE_S)
+            except Exception:  # queue.Empty: silence
+                if not await ctx.manager.is_alive():
+                    yield {
+                        "type": "error",
+                        "name": "KernelDied",
+                        "value": "the kernel died during the execution (out of memory?); it is being restarted",
+                        "traceback": "",
+                    }
+                    await ctx.manager.restart_kernel(now=True)
+                    await client.wait_for_ready(timeout=120)
+                    ctx.global_env = {}
+                    return
+                yield {"type": "keepalive"}
+                continue
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "execute_input":
+                yield {"type": "number_of_executions", "execution_count": content.get("execution_count")}
+            elif kind == "stream":
+                yield {
+                    "type": "stdout" if content.get("name") == "stdout" else "stderr",
+                    "text": content.get("text", ""),
+                    "timestamp": _timestamp(msg),
+                }
+            elif kind in ("execute_result", "display_data"):
+                yield result_event(content.get("data", {}), is_main=kind == "execute_result")
+            elif kind == "error" and not error_sent:
+                error_sent = True
+                yield {
+                    "type": "error",
+                    "name": content.get("ename", ""),
+                    "value": content.get("evalue", ""),
+                    "traceback": "\n".join(content.get("traceback", [])),
+                }
+            elif kind == "status" and content.get("execution_state") == "idle":
+                idle = True
+        if ctx.kernel == "deno":
+            # Measured: Deno's kernel sometimes publishes execute_result *after* status idle. Collect
+            # what belongs to this execution until the channel has been quiet for a moment.
+            while True:
+                try:
+                    msg = await client.get_iopub_msg(timeout=LATE_RESULT_S)
+                except Exception:
+                    return
+                if msg["parent_header"].get("msg_id") != msg_id:
+                    continue
+                if msg["msg_type"] in ("execute_result", "display_data"):
+                    content = msg["content"]
+                    yield result_event(content.get("data", {}), is_main=msg["msg_type"] == "execute_result")
+                elif msg["msg_type"] == "stream":
+                    content = msg["content"]
+                    yield {
+                        "type": "stdout" if content.get("name") == "stdout" else "stderr",
+                        "text": content.get("text", ""),
+                        "timestamp": _timestamp(msg),
+                    }
+
+    async def interrupt(self, ctx: Context) -> None:
+        """After a client went away mid-execution: stop the code and drain its output."""
+        try:
+            await ctx.manager.interrupt_kernel()
+            async for _ in self._run_until_idle(ctx):
+                pass
+            await self._restore(ctx)
+        except Exception:
+            pass
+
+    async def _run_until_idle(self, ctx: Context) -> AsyncIterator[None]:
+        deadline = asyncio.get_running_loop().time() + 30
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                msg = await ctx.client.get_iopub_msg(timeout=1)
+            except Exception:
+                return
+            if msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle":
+                return
+            yield None
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # Deno colours its text/plain
+
+
+def _strip_quotes(text: str) -> str:
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
+def result_event(data: dict[str, Any], is_main: bool) -> dict[str, Any]:
+    event: dict[str, Any] = {"type": "result", "is_main_result": is_main}
+    extra: dict[str, Any] = {}
+    for mime, value in data.items():
+        key = MIME_KEYS.get(mime)
+        if key is None:
+            extra[mime] = value
+        elif key == "text":
+            event["text"] = _strip_quotes(ANSI.sub("", value)) if isinstance(value, str) else value
+        else:
+            event[key] = value
+    if extra:
+        event["extra"] = extra
+    return event
+
+
+def _timestamp(msg: dict[str, Any]) -> str:
+    date = msg.get("header", {}).get("date")
+    return date.isoformat() if hasattr(date, "isoformat") else str(date or "")
+
+
+def decode_env_header(value: str | None) -> dict[str, str]:
+    if not value:
+        return {}
+    try:
+        data = json.loads(base64.b64decode(value))
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}

@@ -1,0 +1,119 @@
+"""Run in every Python kernel at start: the rich result formats the e2b-code-interpreter SDK reads.
+
+- `e2b/data`: a pandas DataFrame as a dict of columns.
+- `e2b/chart`: a matplotlib Figure as chart data (the `e2b-charts` package does the extraction).
+- `application/json`: dicts and lists that are JSON.
+- PIL `Image.save(...)` also displays the image.
+Registrations match by type name, so nothing heavy is imported at kernel start.
+"""
+
+from __future__ import annotations
+
+
+def _install() -> None:
+    import json
+
+    from IPython import get_ipython
+    from IPython.core.formatters import BaseFormatter
+
+    ip = get_ipython()
+    if ip is None:
+        return
+
+    class _DictFormatter(BaseFormatter):
+        """Printers keyed by (module, class name) along the MRO: lazy (nothing imported here) and
+        robust to libraries that re-export classes under a public module (pandas.DataFrame)."""
+
+        print_method = "_repr_e2b_"
+        _return_type = (dict, list)
+
+        def __init__(self, **kwargs: object) -> None:
+            super().__init__(**kwargs)
+            self.by_name: dict[tuple[str, str], object] = {}
+
+        def __call__(self, obj: object) -> object:
+            for cls in type(obj).__mro__:
+                printer = self.by_name.get((cls.__module__, cls.__name__))
+                if printer is not None:
+                    try:
+                        return printer(obj)  # type: ignore[operator]
+                    except Exception:
+                        return None
+            return None
+
+    class _DataFormatter(_DictFormatter):
+        format_type = "e2b/data"
+
+    class _ChartFormatter(_DictFormatter):
+        format_type = "e2b/chart"
+
+    formatters = ip.display_formatter.formatters
+    data = formatters["e2b/data"] = _DataFormatter(parent=ip.display_formatter)
+    chart = formatters["e2b/chart"] = _ChartFormatter(parent=ip.display_formatter)
+    # IPython computes only the formats listed as active
+    active = ip.display_formatter.active_types
+    for mime in ("e2b/data", "e2b/chart", "application/json"):
+        if mime not in active:
+            active.append(mime)
+
+    def dataframe(df: object) -> dict:
+        # one JSON-safe list per column (NaN -> null, timestamps -> ISO strings)
+        return {
+            str(col): json.loads(df[col].to_json(orient="values", date_format="iso"))  # type: ignore[index]
+            for col in df.columns
+        }  # type: ignore[attr-defined]
+
+    data.by_name[("pandas", "DataFrame")] = dataframe
+    data.by_name[("pandas.core.frame", "DataFrame")] = dataframe
+
+    def figure(fig: object) -> dict | None:
+        try:
+            from e2b_charts import chart_figure_to_dict
+
+            return chart_figure_to_dict(fig)
+        except Exception:  # a figure the extractor does not understand still shows as PNG
+            return None
+
+    chart.by_name[("matplotlib.figure", "Figure")] = figure
+
+    json_formatter = formatters["application/json"]
+    json_formatter.enabled = True
+
+    def as_json(obj: object) -> object:
+        try:
+            json.dumps(obj)
+        except (TypeError, ValueError):
+            return None
+        return obj
+
+    json_formatter.for_type(dict, as_json)
+    json_formatter.for_type(list, as_json)
+
+    try:
+        from PIL import Image
+    except ImportError:
+        return
+    import sys
+
+    original_save = Image.Image.save
+    busy = [False]
+
+    def save_and_display(self: Image.Image, *args: object, **kwargs: object) -> object:
+        result = original_save(self, *args, **kwargs)
+        # Only the user's own saves: matplotlib and IPython save PNGs through PIL while rendering.
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if not busy[0] and not caller.startswith(("matplotlib", "PIL", "IPython", "ipykernel")):
+            from IPython.display import display
+
+            busy[0] = True
+            try:
+                display(self)
+            finally:
+                busy[0] = False
+        return result
+
+    Image.Image.save = save_and_display  # type: ignore[method-assign]
+
+
+_install()
+del _install

@@ -1,0 +1,155 @@
+"""HTTP to a port on a sandbox's own loopback (`E2b-Sandbox-Port` other than envd's): the code
+interpreter on 49999, or anything the user runs in the sandbox.
+
+The connection is made inside the sandbox's network namespace by the runtime, so no host port or
+path is involved. Bodies stream both ways; if the client goes away, the upstream connection is
+closed at once, so the service sees the disconnect (the interpreter then interrupts its kernel).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import time
+
+import h11
+from starlette.responses import JSONResponse
+from starlette.types import Receive, Scope, Send
+
+from sandboxd.core.manager import Sandbox, SandboxManager
+
+INTERPRETER_PORT = 49999
+# The interpreter starts with the sandbox: a request that arrives first waits for it, within reason.
+SERVICE_WAIT_S = 60.0
+HOP_BY_HOP = {
+    b"connection",
+    b"keep-alive",
+    b"proxy-authenticate",
+    b"proxy-authorization",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+    b"host",
+    b"content-length",
+    b"x-sandboxd-env",
+}
+
+
+class UpstreamClosed(ConnectionError):
+    pass
+
+
+def _not_open(sandbox: Sandbox, port: int) -> JSONResponse:
+    return JSONResponse(
+        {
+            "sandboxId": sandbox.id,
+            "port": port,
+            "code": 502,
+            "message": f"The sandbox is running but port is not open: {port}",
+        },
+        status_code=502,
+    )
+
+
+class PortProxy:
+    def __init__(self, manager: SandboxManager) -> None:
+        self.manager = manager
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, sandbox: Sandbox, port: int) -> None:
+        if scope["type"] != "http":
+            await _not_open(sandbox, port)(scope, receive, send)
+            return
+        deadline = time.monotonic() + (SERVICE_WAIT_S if port == INTERPRETER_PORT else 0)
+        delay = 0.01
+        while True:
+            try:
+                sock = await self.manager.runtime.connect_tcp(sandbox.handle, port)
+                break
+            except (ConnectionRefusedError, NotImplementedError):
+                if time.monotonic() >= deadline or not sandbox.running:
+                    await _not_open(sandbox, port)(scope, receive, send)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.2)
+        extra = []
+        if port == INTERPRETER_PORT:
+            env = base64.b64encode(json.dumps(sandbox.record.env_vars).encode())
+            extra.append((b"x-sandboxd-env", env))
+        await _forward(scope, receive, send, sock, extra, sandbox)
+
+
+async def _forward(scope: Scope, receive: Receive, send: Send, sock: object, extra: list, sandbox: Sandbox) -> None:
+    reader, writer = await asyncio.open_connection(sock=sock)  # type: ignore[arg-type]
+    conn = h11.Connection(h11.CLIENT)
+    target = scope.get("raw_path") or scope["path"].encode()
+    if scope.get("query_string"):
+        target += b"?" + scope["query_string"]
+    headers = [
+        (b"host", b"localhost"),
+        *((k, v) for k, v in scope["headers"] if k.lower() not in HOP_BY_HOP),
+        *extra,
+        (b"transfer-encoding", b"chunked"),
+    ]
+    disconnected = asyncio.Event()
+    watcher: asyncio.Task[None] | None = None
+    started = False
+    try:
+        writer.write(conn.send(h11.Request(method=scope["method"], target=target, headers=headers)))
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            if body:
+                writer.write(conn.send(h11.Data(data=body)))
+                await writer.drain()
+            if not message.get("more_body", False):
+                break
+        writer.write(conn.send(h11.EndOfMessage()))
+        await writer.drain()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            disconnected.set()
+            writer.close()  # the service sees the client leave
+
+        watcher = asyncio.ensure_future(watch())
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await reader.read(65536)
+                if disconnected.is_set():
+                    return
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Response):
+                out = [(k, v) for k, v in event.headers if k.lower() not in HOP_BY_HOP]
+                await send({"type": "http.response.start", "status": event.status_code, "headers": out})
+                started = True
+            elif isinstance(event, h11.Data):
+                await send({"type": "http.response.body", "body": bytes(event.data), "more_body": True})
+            elif isinstance(event, h11.EndOfMessage):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            elif isinstance(event, h11.ConnectionClosed):
+                break
+    except (ConnectionError, h11.ProtocolError, OSError):
+        pass
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    if disconnected.is_set():
+        return
+    if not started:
+        await _not_open(sandbox, 0)(scope, receive, send)
+        return
+    # The service went away mid-response (the sandbox was killed, say): abort the client's connection
+    # rather than end the body cleanly, so the client knows the response is incomplete.
+    raise UpstreamClosed(f"sandbox {sandbox.id}: the service closed the connection mid-response")
