@@ -43,9 +43,11 @@ def lookup_user(root: str, name: str) -> User | None:
                     g = gline.split(":")
                     if len(g) >= 4 and name in g[3].split(","):
                         try:
-                            groups.add(int(g[2]))
+                            gid_ = int(g[2])
                         except ValueError:
-                            pass
+                            continue
+                        if 0 <= gid_ < 65536 and len(groups) < 64:  # the user namespace maps 0..65535
+                            groups.add(gid_)
             except OSError:
                 pass
             if not (0 <= uid < 65536 and 0 <= gid < 65536):

@@ -31,9 +31,10 @@ from starlette.types import Receive, Scope, Send
 from sandboxd.core.manager import Sandbox, SandboxManager
 from sandboxd.core.users import User, lookup_user
 from sandboxd.envd import fs
-from sandboxd.runtime.broker import Broker, BrokerGone
+from sandboxd.runtime.broker import Broker, BrokerGone, BrokerTimeout
 
 READ_CHUNK = 1 << 20
+MAX_UNSIZED = 64 << 20  # a size-0 file (procfs) is read to EOF, but no further than this
 WRITE_BATCH = 1 << 20
 WRITE_QUEUE = 4
 
@@ -103,6 +104,8 @@ def _http_error(e: OSError, path: str) -> JSONResponse:
             return error(400, f"too many levels of symbolic links in '{shown}'")
         case errno.ENAMETOOLONG | errno.EINVAL:
             return error(400, f"invalid path '{shown[:200]}'")
+        case errno.ENXIO:
+            return error(400, f"path '{shown}' is not a regular file")
         case _:
             return error(500, f"{e.strerror or e}: '{shown}'")
 
@@ -144,10 +147,15 @@ class FilesEndpoint:
                 response = await self.upload(request, query, user, broker)
             else:
                 response = error(405, f"method {request.method} is not allowed on /files")
-        except BrokerGone:
-            response = JSONResponse(
-                {"sandboxId": sandbox.id, "message": "The sandbox was not found", "code": 502}, status_code=502
-            )
+        except BrokerTimeout as e:
+            response = error(504, str(e))
+        except BrokerGone as e:
+            if sandbox.killed.is_set():
+                response = JSONResponse(
+                    {"sandboxId": sandbox.id, "message": "The sandbox was not found", "code": 502}, status_code=502
+                )
+            else:
+                response = error(500, str(e))
         await response(scope, receive, send)
 
     # -- download --------------------------------------------------------------------------------
@@ -170,6 +178,7 @@ class FilesEndpoint:
             os.close(fd)
             raise
         size = st.st_size
+        unsized = size == 0  # procfs and sysfs files say 0 and have content: stream them to EOF
         filename = posixpath.basename(path)
         headers = {
             "Content-Disposition": f"inline; filename*=UTF-8''{quote(filename)}",
@@ -178,7 +187,7 @@ class FilesEndpoint:
         }
         start, end = 0, size
         status = 200
-        range_header = request.headers.get("range")
+        range_header = None if unsized else request.headers.get("range")
         if range_header:
             parsed = _parse_range(range_header, size)
             if parsed is None:
@@ -190,8 +199,10 @@ class FilesEndpoint:
         gzip = not range_header and wants_gzip(request.headers.get("accept-encoding", ""))
         if gzip:
             headers["Content-Encoding"] = "gzip"
-        else:
+        elif not unsized:
             headers["Content-Length"] = str(end - start)
+        if unsized:
+            end = MAX_UNSIZED
         if request.method == "HEAD":
             os.close(fd)
             return Response(status_code=status, headers=headers, media_type="application/octet-stream")
@@ -218,7 +229,7 @@ class FilesEndpoint:
                     if not target:
                         return error(400, "each file part needs a filename, or give the 'path' query parameter")
                     path = fs.resolve(target, user)
-                    result = await self._write(broker, path, chunks, metadata)
+                    result = await self._write(broker, path, chunks, metadata, user)
                     if isinstance(result, Response):
                         return result
                     written.append(result)
@@ -231,7 +242,7 @@ class FilesEndpoint:
                 return error(400, "the 'path' query parameter is required for an application/octet-stream upload")
             path = fs.resolve(query["path"], user)
             try:
-                result = await self._write(broker, path, body, metadata)
+                result = await self._write(broker, path, body, metadata, user)
             except _BadBody as e:
                 return error(400, str(e))
             if isinstance(result, Response):
@@ -246,10 +257,13 @@ class FilesEndpoint:
         return JSONResponse(written)
 
     async def _write(
-        self, broker: Broker, path: str, chunks: AsyncIterator[bytes], metadata: dict[str, str]
+        self, broker: Broker, path: str, chunks: AsyncIterator[bytes], metadata: dict[str, str], user: User
     ) -> dict[str, str] | Response:
         if path.endswith("/"):
             return error(400, f"path '{path}' names a directory, not a file")
+        with contextlib.suppress(OSError):
+            # like envd, a write goes through symlinks to their target (resolved inside the sandbox)
+            path = await broker.realpath(path)
         parent = posixpath.dirname(path) or "/"
         tmp = posixpath.join(parent, f".sandboxd-upload-{secrets.token_hex(6)}")
         try:
@@ -265,7 +279,7 @@ class FilesEndpoint:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return error(400, f"cannot write '{fs.display_path(path)}'")
             await _pipe_to_fd(chunks, fd)
-            await self._carry_over(broker, path, fd, metadata)
+            await self._carry_over(broker, path, fd, metadata, user)
             await broker.rename(tmp, path)
             ok = True
         except OSError as e:
@@ -278,7 +292,7 @@ class FilesEndpoint:
         return {"name": posixpath.basename(path), "type": "file", "path": fs.display_path(path)}
 
     @staticmethod
-    async def _carry_over(broker: Broker, path: str, fd: int, metadata: dict[str, str]) -> None:
+    async def _carry_over(broker: Broker, path: str, fd: int, metadata: dict[str, str], user: User) -> None:
         """New metadata replaces the old; without any, the old file's metadata and permission bits stay."""
         if metadata:
             fs.write_metadata(fd, metadata)
@@ -291,7 +305,7 @@ class FilesEndpoint:
             st = os.fstat(old)
             if stat.S_ISREG(st.st_mode):
                 os.fchmod(fd, stat.S_IMODE(st.st_mode) & 0o777)
-                fs.write_metadata(fd, fs.read_metadata(old, False))
+                fs.write_metadata(fd, fs.read_metadata(old, st, user))
         finally:
             os.close(old)
 

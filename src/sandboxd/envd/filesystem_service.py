@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
+import inspect
 import os
 import posixpath
 import secrets
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
@@ -20,9 +23,10 @@ from sandboxd.core.users import User
 from sandboxd.envd import context, fs
 from sandboxd.envd.gen.filesystem import filesystem_pb as fpb
 from sandboxd.envd.watch import DirWatcher, WatchError, fs_event, keepalive_event, start_event
-from sandboxd.runtime.broker import Broker, BrokerGone
+from sandboxd.runtime.broker import Broker, BrokerGone, BrokerTimeout
 
 MAX_LIST_ENTRIES = 100_000
+MAX_WATCHERS_PER_SANDBOX = 64
 
 
 def connect_error(e: OSError, path: str) -> ConnectError:
@@ -47,8 +51,47 @@ def connect_error(e: OSError, path: str) -> ConnectError:
             return ConnectError(Code.INVALID_ARGUMENT, f"too many levels of symbolic links in '{shown}'")
         case errno.ENAMETOOLONG:
             return ConnectError(Code.INVALID_ARGUMENT, f"path '{shown[:200]}…' is too long")
+        case errno.EINVAL | errno.EXDEV | errno.EBUSY:
+            return ConnectError(Code.INVALID_ARGUMENT, f"invalid path or operation: '{shown[:200]}' ({e.strerror})")
         case _:
             return ConnectError(Code.INTERNAL, f"{e.strerror or e}: '{shown}'")
+
+
+def broker_error(e: BrokerGone) -> ConnectError:
+    if isinstance(e, BrokerTimeout):
+        return ConnectError(Code.DEADLINE_EXCEEDED, str(e))
+    sandbox = context.sandbox()
+    if sandbox.killed.is_set():
+        return ConnectError(Code.UNAVAILABLE, "the sandbox was killed: the sandbox was not found")
+    return ConnectError(Code.INTERNAL, str(e))
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def broker_errors(fn: F) -> F:
+    """A failing broker is the file service's error, never 'sandbox not found' while it runs."""
+
+    if inspect.isasyncgenfunction(fn):
+
+        @functools.wraps(fn)
+        async def stream(*args: Any, **kwargs: Any) -> Any:
+            try:
+                async for item in fn(*args, **kwargs):
+                    yield item
+            except BrokerGone as e:
+                raise broker_error(e) from None
+
+        return stream  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except BrokerGone as e:
+            raise broker_error(e) from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 class _Request:
@@ -63,6 +106,31 @@ class _Request:
     def path(self, raw: str) -> str:
         return fs.resolve(raw, self.user)
 
+    async def stat(self, path: str) -> fpb.EntryInfo:
+        return await fs.stat_path(self.broker, path, self.names, self.user)
+
+
+def _scan(fd: int, directory: str, names: fs.Names, user: User) -> tuple[list[Any], list[str]]:
+    """One directory, in a worker thread: (entries or symlink paths to resolve, subdirectories)."""
+    out: list[Any] = []
+    subdirs: list[str] = []
+    for name in sorted(os.listdir(fd)):
+        path = posixpath.join(directory, name)
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # removed while listing
+        if stat.S_ISLNK(st.st_mode):
+            out.append(path)  # the broker resolves it (its target, inside the sandbox)
+            continue
+        meta = fs.read_metadata_at(fd, name, st, user)
+        out.append(fs.entry_from_stat(st, fs.display_path(path), names, metadata=meta))
+        if stat.S_ISDIR(st.st_mode):
+            subdirs.append(path)
+        if len(out) > MAX_LIST_ENTRIES:
+            break
+    return out, subdirs
+
 
 class FilesystemService:
     def __init__(self, manager: SandboxManager) -> None:
@@ -71,19 +139,21 @@ class FilesystemService:
     def _req(self, ctx: RequestContext) -> _Request:
         return _Request(self.manager, ctx)
 
+    @broker_errors
     async def stat(self, request: fpb.StatRequest, ctx: RequestContext) -> fpb.StatResponse:
         r = self._req(ctx)
         path = r.path(request.path)
         try:
-            return fpb.StatResponse(entry=await fs.stat_path(r.broker, path, r.names))
+            return fpb.StatResponse(entry=await r.stat(path))
         except OSError as e:
             raise connect_error(e, path) from None
 
+    @broker_errors
     async def make_dir(self, request: fpb.MakeDirRequest, ctx: RequestContext) -> fpb.MakeDirResponse:
         r = self._req(ctx)
         path = r.path(request.path)
         try:
-            existing = await fs.stat_path(r.broker, path, r.names)
+            existing = await r.stat(path)
         except FileNotFoundError:
             existing = None
         except OSError as e:
@@ -94,27 +164,29 @@ class FilesystemService:
             raise ConnectError(Code.INVALID_ARGUMENT, f"path '{fs.display_path(path)}' exists and is not a directory")
         try:
             await r.broker.makedirs(path)
-            return fpb.MakeDirResponse(entry=await fs.stat_path(r.broker, path, r.names))
+            return fpb.MakeDirResponse(entry=await r.stat(path))
         except OSError as e:
             raise connect_error(e, path) from None
 
+    @broker_errors
     async def move(self, request: fpb.MoveRequest, ctx: RequestContext) -> fpb.MoveResponse:
         r = self._req(ctx)
         src, dst = r.path(request.source), r.path(request.destination)
         try:
             await r.broker.makedirs(posixpath.dirname(dst) or "/")
             await r.broker.rename(src, dst)
-            return fpb.MoveResponse(entry=await fs.stat_path(r.broker, dst, r.names))
+            return fpb.MoveResponse(entry=await r.stat(dst))
         except OSError as e:
             raise connect_error(e, src if e.errno == errno.ENOENT else dst) from None
 
+    @broker_errors
     async def list_dir(self, request: fpb.ListDirRequest, ctx: RequestContext) -> fpb.ListDirResponse:
         r = self._req(ctx)
         root = r.path(request.path)
         depth = request.depth or 1
         entries: list[fpb.EntryInfo] = []
         try:
-            info = await fs.stat_path(r.broker, root, r.names)
+            info = await r.stat(root)
             if info.type != fpb.FileType.DIRECTORY:
                 raise ConnectError(Code.INVALID_ARGUMENT, f"path '{fs.display_path(root)}' is not a directory")
             await self._list(r, root, depth, entries)
@@ -124,32 +196,27 @@ class FilesystemService:
 
     async def _list(self, r: _Request, directory: str, depth: int, out: list[fpb.EntryInfo]) -> None:
         fd = await r.broker.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        subdirs: list[str] = []
         try:
-            for name in sorted(os.listdir(fd)):
-                if len(out) >= MAX_LIST_ENTRIES:
-                    raise ConnectError(
-                        Code.RESOURCE_EXHAUSTED, f"more than {MAX_LIST_ENTRIES} entries: use a smaller depth"
-                    )
-                path = posixpath.join(directory, name)
-                try:
-                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                except FileNotFoundError:
-                    continue  # removed while listing
-                if stat.S_ISLNK(st.st_mode):
-                    with contextlib.suppress(OSError):
-                        out.append(await fs.stat_path(r.broker, path, r.names))
-                    continue
-                meta = fs.read_metadata_at(fd, name)
-                out.append(fs.entry_from_stat(st, fs.display_path(path), r.names, metadata=meta))
-                if stat.S_ISDIR(st.st_mode) and depth > 1:
-                    subdirs.append(path)
+            # listdir and one stat per entry: in a thread, so a huge directory holds up no one else
+            found, subdirs = await asyncio.to_thread(_scan, fd, directory, r.names, r.user)
         finally:
             os.close(fd)
-        for sub in subdirs:
-            with contextlib.suppress(PermissionError, FileNotFoundError):
-                await self._list(r, sub, depth - 1, out)
+        for item in found:
+            if len(out) >= MAX_LIST_ENTRIES:
+                raise ConnectError(
+                    Code.RESOURCE_EXHAUSTED, f"more than {MAX_LIST_ENTRIES} entries: use a smaller depth"
+                )
+            if isinstance(item, str):
+                with contextlib.suppress(OSError):
+                    out.append(await r.stat(item))
+            else:
+                out.append(item)
+        if depth > 1:
+            for sub in subdirs:
+                with contextlib.suppress(PermissionError, FileNotFoundError):
+                    await self._list(r, sub, depth - 1, out)
 
+    @broker_errors
     async def remove(self, request: fpb.RemoveRequest, ctx: RequestContext) -> fpb.RemoveResponse:
         r = self._req(ctx)
         path = r.path(request.path)
@@ -160,18 +227,29 @@ class FilesystemService:
         return fpb.RemoveResponse()
 
     async def _watcher(self, r: _Request, path: str, recursive: bool, include_entry: bool) -> DirWatcher:
-        watcher = DirWatcher(r.broker, path, recursive, include_entry, r.names)
+        live = sum(1 for w in r.sandbox.ext.get("all_watchers", set()) if not w.closed)
+        if live >= MAX_WATCHERS_PER_SANDBOX:
+            raise ConnectError(
+                Code.RESOURCE_EXHAUSTED,
+                f"a sandbox may have at most {MAX_WATCHERS_PER_SANDBOX} watchers: stop some first",
+            )
+        watcher = DirWatcher(r.broker, path, recursive, include_entry, r.names, r.user)
         try:
             await watcher.start()
         except WatchError as e:
             watcher.close()
-            raise ConnectError(Code.INVALID_ARGUMENT, str(e)) from None
+            raise ConnectError(e.code, str(e)) from None
         except OSError as e:
             watcher.close()
             raise connect_error(e, path) from None
+        except BaseException:
+            watcher.close()
+            raise
+        r.sandbox.ext.setdefault("all_watchers", set()).add(watcher)
         r.sandbox.on_kill.append(watcher.close)
         return watcher
 
+    @broker_errors
     async def watch_dir(self, request: fpb.WatchDirRequest, ctx: RequestContext) -> AsyncIterator[fpb.WatchDirResponse]:
         r = self._req(ctx)
         path = r.path(request.path)
@@ -195,13 +273,13 @@ class FilesystemService:
         finally:
             watcher.close()
 
+    @broker_errors
     async def create_watcher(self, request: fpb.CreateWatcherRequest, ctx: RequestContext) -> fpb.CreateWatcherResponse:
         r = self._req(ctx)
         path = r.path(request.path)
         watcher = await self._watcher(r, path, request.recursive, request.include_entry)
-        watchers = r.sandbox.ext.setdefault("watchers", {})
         watcher_id = secrets.token_hex(8)
-        watchers[watcher_id] = watcher
+        r.sandbox.ext.setdefault("watchers", {})[watcher_id] = watcher
         return fpb.CreateWatcherResponse(watcher_id=watcher_id)
 
     def _find_watcher(self, watcher_id: str) -> DirWatcher:
@@ -214,7 +292,7 @@ class FilesystemService:
         self, request: fpb.GetWatcherEventsRequest, ctx: RequestContext
     ) -> fpb.GetWatcherEventsResponse:
         watcher = self._find_watcher(request.watcher_id)
-        await asyncio.sleep(0)  # let pending entry lookups finish
+        await watcher.settle()
         return fpb.GetWatcherEventsResponse(events=watcher.drain())
 
     async def remove_watcher(self, request: fpb.RemoveWatcherRequest, ctx: RequestContext) -> fpb.RemoveWatcherResponse:
@@ -222,6 +300,3 @@ class FilesystemService:
         watcher.close()
         context.sandbox().ext["watchers"].pop(request.watcher_id, None)
         return fpb.RemoveWatcherResponse()
-
-
-__all__ = ["BrokerGone", "FilesystemService", "connect_error"]

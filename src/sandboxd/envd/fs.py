@@ -128,16 +128,6 @@ def names_of(manager: SandboxManager, sandbox: Sandbox) -> Names:
     return names
 
 
-def readlink_fd(fd: int) -> str:
-    """readlinkat(fd, "") on an O_PATH|O_NOFOLLOW descriptor of a symlink."""
-    buf = ctypes.create_string_buffer(4096)
-    n = _libc.readlinkat(fd, b"", buf, len(buf))
-    if n < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-    return os.fsdecode(buf.raw[:n])
-
-
 def _metadata(path: str, follow: bool) -> dict[str, str]:
     meta: dict[str, str] = {}
     try:
@@ -151,14 +141,29 @@ def _metadata(path: str, follow: bool) -> dict[str, str]:
     return meta
 
 
-def read_metadata(fd: int, is_symlink: bool) -> dict[str, str]:
-    """`user.e2b.*` xattrs of the descriptor's own inode: the magic link is followed to the inode the
-    descriptor holds, and nothing is resolved by name."""
-    return {} if is_symlink else _metadata(f"/proc/self/fd/{fd}", follow=True)
+def may_read(st: os.stat_result, user: User) -> bool:
+    """Whether `user` may read the inode (its xattrs need that): sandbox root may, others by mode bits."""
+    if user.uid == 0:
+        return True
+    if st.st_uid - UID_SHIFT == user.uid:
+        return bool(st.st_mode & stat.S_IRUSR)
+    if st.st_gid - UID_SHIFT in user.groups:
+        return bool(st.st_mode & stat.S_IRGRP)
+    return bool(st.st_mode & stat.S_IROTH)
 
 
-def read_metadata_at(dirfd: int, name: str) -> dict[str, str]:
+def read_metadata(fd: int, st: os.stat_result, user: User) -> dict[str, str]:
+    """`user.e2b.*` xattrs of the descriptor's own inode (the magic link is followed to the inode the
+    descriptor holds; nothing is resolved by name), if the user may read the file."""
+    if stat.S_ISLNK(st.st_mode) or not may_read(st, user):
+        return {}
+    return _metadata(f"/proc/self/fd/{fd}", follow=True)
+
+
+def read_metadata_at(dirfd: int, name: str, st: os.stat_result, user: User) -> dict[str, str]:
     """xattrs of one entry of a directory we hold open: a single component, never followed."""
+    if stat.S_ISLNK(st.st_mode) or not may_read(st, user):
+        return {}
     return _metadata(f"/proc/self/fd/{dirfd}/{name}", follow=False)
 
 
@@ -212,21 +217,21 @@ def entry_from_stat(
     )
 
 
-async def stat_path(broker: Broker, path: str, names: Names) -> fpb.EntryInfo:
+async def stat_path(broker: Broker, path: str, names: Names, user: User) -> fpb.EntryInfo:
     """EntryInfo of `path` (absolute) as the broker's user sees it; OSError(ENOENT) if missing."""
     fd = await broker.open(path, os.O_PATH | os.O_NOFOLLOW)
     try:
         st = os.fstat(fd)
         target = link = None
         if stat.S_ISLNK(st.st_mode):
-            link = readlink_fd(fd)
+            link = await broker.readlink(path)  # inside the sandbox: never a host path
             with contextlib.suppress(OSError):
                 tfd = await broker.open(path, os.O_PATH)
                 try:
                     target = os.fstat(tfd)
                 finally:
                     os.close(tfd)
-        meta = read_metadata(fd, stat.S_ISLNK(st.st_mode))
+        meta = read_metadata(fd, st, user)
         return entry_from_stat(st, display_path(path), names, target=target, link=link, metadata=meta)
     finally:
         os.close(fd)

@@ -3,6 +3,10 @@
 The broker opens each watched directory as the requesting user; the server adds the inotify watch on
 that descriptor's own inode (`/proc/self/fd/N`), so no sandbox path is ever resolved on the host.
 Recursive watches follow new subdirectories as they appear.
+
+inotify instances are a host-wide resource of the user that creates them (128 for root by default), so
+the whole server shares one instance (`WatchHub`): a watch descriptor can serve several watchers (the
+kernel gives one per inode), and the number of watched directories is capped.
 """
 
 from __future__ import annotations
@@ -13,11 +17,14 @@ import os
 import posixpath
 import stat
 from collections.abc import Callable
+from typing import Any
 
+from connectrpc.code import Code
 from inotify_simple import INotify
 from inotify_simple import flags as F
 from protobuf import Oneof
 
+from sandboxd.core.users import User
 from sandboxd.envd import fs
 from sandboxd.envd.gen.filesystem import filesystem_pb as fpb
 from sandboxd.runtime.broker import Broker
@@ -27,25 +34,78 @@ from sandboxd.runtime.broker import Broker
 HIDDEN_PREFIX = ".sandboxd-upload-"
 MASK = F.CREATE | F.MODIFY | F.DELETE | F.MOVED_FROM | F.MOVED_TO | F.ATTRIB | F.DELETE_SELF | F.ONLYDIR
 MAX_BUFFERED = 10_000
+MAX_WATCHED_DIRS = 50_000  # for the whole server; the host's fs.inotify.max_user_watches is shared
 
 
 class WatchError(Exception):
-    pass
+    def __init__(self, message: str, code: Code = Code.INVALID_ARGUMENT) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class WatchHub:
+    """The server's one inotify instance, multiplexed over every watcher."""
+
+    def __init__(self) -> None:
+        self.inotify: INotify | None = None
+        self.subs: dict[int, list[tuple[DirWatcher, str]]] = {}
+
+    def add(self, fd: int, watcher: DirWatcher, rel: str) -> int:
+        if self.inotify is None:
+            self.inotify = INotify(nonblocking=True)
+            asyncio.get_running_loop().add_reader(self.inotify.fileno(), self._on_readable)
+        if sum(len(v) for v in self.subs.values()) >= MAX_WATCHED_DIRS:
+            raise WatchError("too many watched directories on this server: stop some watchers", Code.RESOURCE_EXHAUSTED)
+        try:
+            wd = self.inotify.add_watch(f"/proc/self/fd/{fd}", MASK)
+        except OSError as e:
+            raise WatchError(f"cannot watch more directories: {e.strerror}", Code.RESOURCE_EXHAUSTED) from None
+        self.subs.setdefault(wd, []).append((watcher, rel))
+        return wd
+
+    def remove(self, wd: int, watcher: DirWatcher) -> None:
+        subs = [s for s in self.subs.get(wd, []) if s[0] is not watcher]
+        if subs:
+            self.subs[wd] = subs
+            return
+        self.subs.pop(wd, None)
+        if self.inotify is not None:
+            with contextlib.suppress(OSError):
+                self.inotify.rm_watch(wd)
+
+    def _on_readable(self) -> None:
+        assert self.inotify is not None
+        try:
+            events = self.inotify.read(timeout=0)
+        except OSError:
+            return
+        for ev in events:
+            if ev.mask & F.IGNORED:
+                for watcher, _ in self.subs.pop(ev.wd, []):
+                    watcher.wds.discard(ev.wd)
+                continue
+            for watcher, rel in list(self.subs.get(ev.wd, [])):
+                watcher.on_event(ev, rel)
+
+
+HUB = WatchHub()
 
 
 class DirWatcher:
-    def __init__(self, broker: Broker, root: str, recursive: bool, include_entry: bool, names: fs.Names) -> None:
+    def __init__(
+        self, broker: Broker, root: str, recursive: bool, include_entry: bool, names: fs.Names, user: User
+    ) -> None:
         self.broker = broker
         self.root = root
         self.recursive = recursive
         self.include_entry = include_entry
         self.names = names
-        self.inotify = INotify(nonblocking=True)
-        self.dirs: dict[int, str] = {}  # watch descriptor -> directory relative to root ("" = root)
+        self.user = user
+        self.wds: set[int] = set()
         self.listeners: list[Callable[[fpb.FilesystemEvent | None], None]] = []
         self.buffer: list[fpb.FilesystemEvent] = []  # for the polling API
         self.closed = False
-        self._pending: set[asyncio.Task[None]] = set()
+        self._pending: set[asyncio.Future[Any]] = set()
         self._hidden_moves: set[int] = set()  # inotify cookies of temp files being renamed into place
         self._ordered: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
         self._worker: asyncio.Future[None] | None = None
@@ -59,69 +119,64 @@ class DirWatcher:
             await self._add(fd, "")
         finally:
             os.close(fd)
-        asyncio.get_running_loop().add_reader(self.inotify.fileno(), self._on_readable)
 
-    async def _add(self, fd: int, rel: str) -> None:
-        wd = self.inotify.add_watch(f"/proc/self/fd/{fd}", MASK)
-        self.dirs[wd] = rel
+    async def _add(self, fd: int, rel: str, announce: bool = False) -> None:
+        """Watch the directory `fd` (at `rel`); with `announce` (a directory that appeared while we
+        watch), also report what it already holds: it may have been filled before its watch existed."""
+        if self.closed:
+            return
+        self.wds.add(HUB.add(fd, self, rel))
         if not self.recursive:
             return
-        for entry in os.scandir(fd):
-            with contextlib.suppress(OSError):
-                if stat.S_ISDIR(os.stat(entry.name, dir_fd=fd, follow_symlinks=False).st_mode):
-                    await self._add_path(posixpath.join(rel, entry.name))
+        entries = await asyncio.to_thread(_entries, fd)
+        for name, is_dir in entries:
+            if announce:
+                self._report(posixpath.join(rel, name), fpb.EventType.CREATE)
+            if is_dir:
+                await self._add_path(posixpath.join(rel, name), announce)
 
-    async def _add_path(self, rel: str) -> None:
+    async def _add_path(self, rel: str, announce: bool = False) -> None:
         try:
             fd = await self.broker.open(posixpath.join(self.root, rel), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except OSError:
             return
         try:
-            await self._add(fd, rel)
+            await self._add(fd, rel, announce)
         finally:
             os.close(fd)
 
-    def _on_readable(self) -> None:
-        try:
-            events = self.inotify.read(timeout=0)
-        except OSError:
+    def on_event(self, ev: Any, base: str) -> None:
+        if self.closed:
             return
-        for ev in events:
-            base = self.dirs.get(ev.wd)
-            if base is None:
-                continue
-            if ev.mask & F.IGNORED:
-                self.dirs.pop(ev.wd, None)
-                continue
-            if ev.mask & F.DELETE_SELF:
-                if base == "":
-                    self._emit(None)  # the watched directory itself is gone
-                continue
-            name = posixpath.join(base, ev.name) if ev.name else base
-            if ev.name.startswith(HIDDEN_PREFIX):
-                if ev.mask & F.MOVED_FROM:
-                    self._hidden_moves.add(ev.cookie)
-                continue
-            if ev.mask & F.MOVED_TO and ev.cookie in self._hidden_moves:
-                self._hidden_moves.discard(ev.cookie)
-                self._report(name, fpb.EventType.CREATE)
-                self._report(name, fpb.EventType.WRITE)
-                continue
-            if ev.mask & F.CREATE or ev.mask & F.MOVED_TO:
-                kind = fpb.EventType.CREATE
-                if self.recursive and ev.mask & F.ISDIR:
-                    self._spawn(self._add_path(name))
-            elif ev.mask & F.MODIFY:
-                kind = fpb.EventType.WRITE
-            elif ev.mask & F.DELETE:
-                kind = fpb.EventType.REMOVE
-            elif ev.mask & F.MOVED_FROM:
-                kind = fpb.EventType.RENAME
-            elif ev.mask & F.ATTRIB:
-                kind = fpb.EventType.CHMOD
-            else:
-                continue
-            self._report(name, kind)
+        if ev.mask & F.DELETE_SELF:
+            if base == "":
+                self._emit(None)  # the watched directory itself is gone
+            return
+        name = posixpath.join(base, ev.name) if ev.name else base
+        if ev.name.startswith(HIDDEN_PREFIX):
+            if ev.mask & F.MOVED_FROM:
+                self._hidden_moves.add(ev.cookie)
+            return
+        if ev.mask & F.MOVED_TO and ev.cookie in self._hidden_moves:
+            self._hidden_moves.discard(ev.cookie)
+            self._report(name, fpb.EventType.CREATE)
+            self._report(name, fpb.EventType.WRITE)
+            return
+        if ev.mask & F.CREATE or ev.mask & F.MOVED_TO:
+            kind = fpb.EventType.CREATE
+            if self.recursive and ev.mask & F.ISDIR:
+                self._spawn(self._add_path(name, announce=True))
+        elif ev.mask & F.MODIFY:
+            kind = fpb.EventType.WRITE
+        elif ev.mask & F.DELETE:
+            kind = fpb.EventType.REMOVE
+        elif ev.mask & F.MOVED_FROM:
+            kind = fpb.EventType.RENAME
+        elif ev.mask & F.ATTRIB:
+            kind = fpb.EventType.CHMOD
+        else:
+            return
+        self._report(name, kind)
 
     def _report(self, name: str, kind: int) -> None:
         if not self.include_entry:
@@ -138,11 +193,17 @@ class DirWatcher:
             entry = None
             if kind not in (fpb.EventType.REMOVE, fpb.EventType.RENAME):
                 with contextlib.suppress(OSError):
-                    entry = await fs.stat_path(self.broker, posixpath.join(self.root, name), self.names)
+                    entry = await fs.stat_path(self.broker, posixpath.join(self.root, name), self.names, self.user)
             self._emit(fpb.FilesystemEvent(name=name, type=kind, entry=entry))
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    async def settle(self) -> None:
+        """Wait (briefly) for entry lookups in progress, so a poll returns complete events."""
+        if self._worker is not None and not self._worker.done():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._worker), 1.0)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
@@ -164,11 +225,22 @@ class DirWatcher:
             task.cancel()
         if self._worker is not None:
             self._worker.cancel()
-        with contextlib.suppress(Exception):
-            asyncio.get_running_loop().remove_reader(self.inotify.fileno())
-        self.inotify.close()
+        for wd in list(self.wds):
+            HUB.remove(wd, self)
+        self.wds.clear()
         for listener in list(self.listeners):
             listener(None)
+
+
+def _entries(fd: int) -> list[tuple[str, bool]]:
+    """(name, is a directory) of each entry, symlinks not followed."""
+    out = []
+    for name in sorted(os.listdir(fd)):
+        if name.startswith(HIDDEN_PREFIX):
+            continue
+        with contextlib.suppress(OSError):
+            out.append((name, stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)))
+    return out
 
 
 def start_event() -> fpb.WatchDirResponse:

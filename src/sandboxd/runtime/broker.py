@@ -15,14 +15,19 @@ import struct
 import subprocess
 import time
 
-OP_OPEN, OP_MKDIR, OP_MKDIRS, OP_RENAME, OP_UNLINK, OP_REMOVE_ALL, OP_RMDIR = 1, 2, 3, 4, 5, 6, 7
+OP_OPEN, OP_MKDIR, OP_MKDIRS, OP_RENAME, OP_UNLINK, OP_REMOVE_ALL, OP_RMDIR, OP_READLINK, OP_REALPATH = range(1, 10)
 _REQ = struct.Struct("IIII")
 _REP = struct.Struct("ii")
-CALL_TIMEOUT = 30.0
+CALL_TIMEOUT = 15.0
 
 
 class BrokerGone(Exception):
-    """The broker process exited (the sandbox was killed, or it was idle-closed)."""
+    """The broker process exited (the sandbox was killed, or the broker failed)."""
+
+
+class BrokerTimeout(BrokerGone):
+    """The broker did not answer in time (something in the sandbox may have stopped it); it was killed,
+    and the next request starts a new one."""
 
 
 class Broker:
@@ -37,6 +42,7 @@ class Broker:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 close_fds=True,
+                env={},  # the broker can read its own /proc/self/environ: nothing of the server's
             )
         finally:
             theirs.close()
@@ -45,6 +51,12 @@ class Broker:
         self.last_used = time.monotonic()
 
     async def _call(self, op: int, path1: str, path2: str = "", flags: int = 0, mode: int = 0) -> int | None:
+        fd, _text = await self._request(op, path1, path2, flags, mode)
+        return fd
+
+    async def _request(
+        self, op: int, path1: str, path2: str = "", flags: int = 0, mode: int = 0
+    ) -> tuple[int | None, bytes]:
         b1, b2 = os.fsencode(path1), os.fsencode(path2)
         if b"\0" in b1 or b"\0" in b2:
             raise OSError(22, "path contains a NUL byte", path1)
@@ -64,27 +76,38 @@ class Broker:
                 await asyncio.wait_for(ready, CALL_TIMEOUT)
             except TimeoutError:
                 self.close()
-                raise BrokerGone("the sandbox's file broker did not answer") from None
+                raise BrokerTimeout(
+                    f"the sandbox's file service did not answer within {CALL_TIMEOUT:.0f} s (a process in the "
+                    "sandbox may have stopped it); it was restarted, try again"
+                ) from None
             finally:
                 loop.remove_reader(fileno)
             try:
-                data, fds, _flags, _addr = socket.recv_fds(self.sock, _REP.size, 1)
+                data, fds, _flags, _addr = socket.recv_fds(self.sock, _REP.size + 4096, 1)
             except OSError as e:
                 raise BrokerGone(str(e)) from None
         if not data:
-            raise BrokerGone("the sandbox's file broker exited")
-        err, _value = _REP.unpack(data)
+            raise BrokerGone(f"the sandbox's file service exited: {self.failure() or 'no message'}")
+        err, length = _REP.unpack(data[: _REP.size])
         if err:
             for fd in fds:
                 os.close(fd)
             raise OSError(err, os.strerror(err), path1)
-        return fds[0] if fds else None
+        return (fds[0] if fds else None), data[_REP.size : _REP.size + length]
 
     async def open(self, path: str, flags: int, mode: int = 0o644) -> int:
         fd = await self._call(OP_OPEN, path, flags=flags, mode=mode)
         if fd is None:
             raise OSError(5, "the broker sent no file descriptor", path)
         return fd
+
+    async def readlink(self, path: str) -> str:
+        """The target of a symlink, read inside the sandbox."""
+        return os.fsdecode((await self._request(OP_READLINK, path))[1])
+
+    async def realpath(self, path: str) -> str:
+        """`path` with every symlink resolved, inside the sandbox."""
+        return os.fsdecode((await self._request(OP_REALPATH, path))[1])
 
     async def mkdir(self, path: str, mode: int = 0o755) -> None:
         await self._call(OP_MKDIR, path, mode=mode)
@@ -103,6 +126,15 @@ class Broker:
 
     async def remove_all(self, path: str) -> None:
         await self._call(OP_REMOVE_ALL, path)
+
+    def failure(self) -> str:
+        """What the broker said before it died (its stderr), if it has died."""
+        if self.popen.poll() is None or self.popen.stderr is None:
+            return ""
+        try:
+            return self.popen.stderr.read(4096).decode(errors="replace").strip()
+        except (OSError, ValueError):
+            return ""
 
     @property
     def alive(self) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from sandboxd.runtime import cgroups
 from sandboxd.runtime.base import ExecSpec, Runtime, RuntimeError_, SandboxHandle, SandboxSpec, Stats
-from sandboxd.runtime.native import helper_path
+from sandboxd.runtime.native import helper_path, sealed_copy
 from sandboxd.runtime.rootfs import open_pty_in_root
 from sandboxd.templates.specs import UID_RANGE, UID_SHIFT
 
@@ -70,7 +70,8 @@ class NamespaceRuntime(Runtime):
         self.state_dir = Path(state_dir)
         self.sandboxes_dir = self.state_dir / "sandboxes"
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
-        self.helper = str(helper_path(self.state_dir / "bin"))
+        self._helper_fd = sealed_copy(helper_path(self.state_dir / "bin"))
+        self.helper = f"/proc/{os.getpid()}/fd/{self._helper_fd}"
         # setns() changes only the calling thread's network namespace: one thread does it, and switches back.
         self._netns_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandboxd-netns")
         self.layout = cgroups.detect()
@@ -120,7 +121,12 @@ class NamespaceRuntime(Runtime):
             # Popen uses vfork: the event loop is not held up by copying the server's page tables, as a
             # fork() would (uvloop's subprocess forks). The helper's wait happens in a thread.
             proc = subprocess.Popen(  # noqa: ASYNC220
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                close_fds=True,
+                env={},  # init's environment is readable inside the sandbox: nothing of the server's
             )
             out, err = await asyncio.to_thread(proc.communicate)
             if proc.returncode != 0:

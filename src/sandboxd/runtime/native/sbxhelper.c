@@ -593,7 +593,27 @@ static int cmd_exec(int argc, char **argv) {
  * Protocol on the SOCK_SEQPACKET socket --sock: request = struct broker_req + path1 (len1 bytes)
  * + path2 (rest); reply = struct broker_rep (+ one fd for OPEN). EOF on the socket ends the broker.
  */
-enum { OP_OPEN = 1, OP_MKDIR = 2, OP_MKDIRS = 3, OP_RENAME = 4, OP_UNLINK = 5, OP_REMOVE_ALL = 6, OP_RMDIR = 7 };
+enum {
+    OP_OPEN = 1, OP_MKDIR = 2, OP_MKDIRS = 3, OP_RENAME = 4, OP_UNLINK = 5, OP_REMOVE_ALL = 6, OP_RMDIR = 7,
+    OP_READLINK = 8, OP_REALPATH = 9,
+};
+
+/* openat2(2): the magic links of /proc (/proc/self/exe, /proc/<pid>/fd/N, map_files, ...) lead to
+ * objects outside the path hierarchy; a broker request never follows one. */
+struct open_how_ {
+    uint64_t flags, mode, resolve;
+};
+#ifndef SYS_openat2
+#define SYS_openat2 437
+#endif
+#define RESOLVE_NO_MAGICLINKS_ 0x02
+
+static int open_no_magic(const char *path, int flags, mode_t mode) {
+    /* a mode only with O_CREAT or O_TMPFILE (whose bits include O_DIRECTORY's): openat2 rejects it otherwise */
+    int creating = (flags & O_CREAT) || (flags & O_TMPFILE) == O_TMPFILE;
+    struct open_how_ how = {(uint64_t)(flags | O_CLOEXEC), creating ? mode : 0, RESOLVE_NO_MAGICLINKS_};
+    return (int)syscall(SYS_openat2, AT_FDCWD, path, &how, sizeof how);
+}
 
 struct broker_req {
     uint32_t op, flags, mode, len1;
@@ -642,6 +662,8 @@ static void broker_loop(int sock) {
         }
         struct broker_rep rep = {0, 0};
         int fd = -1;
+        char text[4096]; /* reply payload (readlink, realpath) */
+        size_t text_len = 0;
         if ((size_t)n < sizeof(struct broker_req)) {
             rep.err = EINVAL;
             goto reply;
@@ -664,9 +686,27 @@ static void broker_loop(int sock) {
         }
         switch (req.op) {
         case OP_OPEN:
-            fd = open(p1, (int)req.flags | O_CLOEXEC, (mode_t)req.mode);
+            fd = open_no_magic(p1, (int)req.flags, (mode_t)req.mode);
             if (fd < 0) rep.err = errno;
             break;
+        case OP_READLINK: {
+            ssize_t n = readlink(p1, text, sizeof text);
+            if (n < 0) rep.err = errno;
+            else if ((size_t)n >= sizeof text) rep.err = ENAMETOOLONG;
+            else text_len = (size_t)n;
+            break;
+        }
+        case OP_REALPATH: {
+            char *r = realpath(p1, NULL);
+            if (!r) rep.err = errno;
+            else if (strlen(r) >= sizeof text) rep.err = ENAMETOOLONG;
+            else {
+                text_len = strlen(r);
+                memcpy(text, r, text_len);
+            }
+            free(r);
+            break;
+        }
         case OP_MKDIR:
             if (mkdir(p1, (mode_t)req.mode) < 0) rep.err = errno;
             break;
@@ -696,14 +736,15 @@ static void broker_loop(int sock) {
             rep.err = ENOSYS;
         }
     reply : {
-        struct iovec iov = {&rep, sizeof rep};
+        rep.value = (int32_t)text_len;
+        struct iovec iov[2] = {{&rep, sizeof rep}, {text, text_len}};
         union {
             char b[CMSG_SPACE(sizeof(int))];
             struct cmsghdr align;
         } ctl;
         struct msghdr msg = {0};
-        msg.msg_iov = &iov;
-        msg.msg_iovlen = 1;
+        msg.msg_iov = iov;
+        msg.msg_iovlen = text_len ? 2 : 1;
         if (fd >= 0) {
             memset(&ctl, 0, sizeof ctl);
             msg.msg_control = ctl.b;
@@ -737,6 +778,10 @@ static int cmd_broker(int argc, char **argv) {
         umask(022);
         if (chdir("/") < 0) die("chdir /");
         prctl(PR_SET_NAME, "sandbox-files", 0, 0, 0);
+        /* Our arguments name host paths (cgroups, the init's host PID): the sandbox sees our
+         * /proc/PID/cmdline, so overwrite them. */
+        memset(argv[0], 0, (size_t)(argv_end - argv[0]));
+        strcpy(argv[0], "sandbox-files");
         broker_loop(e.sock_fd);
         _exit(0);
     }
