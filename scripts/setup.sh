@@ -49,6 +49,6 @@ if [ $DEV = 1 ]; then
     "$OLD/bin/pip" install -q --disable-pip-version-check e2b==2.45.1 2>&1 | grep -v -e '^WARNING: Location' || true
 fi
 
-step "templates: base (cached in $DATA_DIR/templates; built only when missing or changed)"
-"$VENV/bin/sandboxd" template build base --data-dir "$DATA_DIR"
+step "templates: base, code-interpreter-v1 (cached in $DATA_DIR/templates; built only when missing or changed)"
+"$VENV/bin/sandboxd" template build base code-interpreter-v1 --data-dir "$DATA_DIR"
 step "ready: start the server with 'sandboxd serve' (prints the API key and the E2B_* variables to export)"

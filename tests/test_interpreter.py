@@ -209,3 +209,36 @@ async def test_async_interpreter(server: Server) -> None:
         assert (await sbx.run_code("echo hi", language="bash")).logs.stdout == ["hi\n"]
     finally:
         await sbx.kill()
+
+
+def test_dead_kernel_is_reported_and_restarted(ci: Sandbox) -> None:
+    ctx = ci.create_code_context()
+    try:
+        ci.run_code("kept = 1", context=ctx)
+        died = ci.run_code("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", context=ctx)
+        after = died if died.error is not None else ci.run_code("1", context=ctx)
+        assert after.error is not None and after.error.name == "KernelDied", (died, after)
+        e = ci.run_code("'kept' in dir(), 6 * 7", context=ctx)  # a fresh kernel: state gone, works again
+        assert e.error is None and e.text == "(False, 42)"
+    finally:
+        ci.remove_code_context(ctx)
+
+
+def test_executions_in_one_context_are_serialized(ci: Sandbox) -> None:
+    ctx = ci.create_code_context()
+    try:
+        ci.run_code("import time\nlog = []", context=ctx)
+        code = "log.append(('start', {i})); time.sleep(0.3); log.append(('end', {i}))"
+        threads = [threading.Thread(target=ci.run_code, args=(code.format(i=i),), kwargs={"context": ctx})
+                   for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        log = ci.run_code("log", context=ctx).results[0].json
+        assert log is not None and len(log) == 6
+        # each execution ran from start to end before the next began
+        for k in range(0, 6, 2):
+            assert log[k][0] == "start" and log[k + 1] == ["end", log[k][1]], log
+    finally:
+        ci.remove_code_context(ctx)

@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         help="on shutdown leave sandboxes running, to be re-adopted by the next start",
     )
     p_serve.add_argument(
+        "--prewarm",
+        default="base,code-interpreter-v1",
+        help="templates whose pool is filled at start (comma-separated; default %(default)s)",
+    )
+    p_serve.add_argument(
         "--no-favordynmods",
         action="store_true",
         help="leave the host's cgroup2 mount options alone (execs then take a few ms longer)",
@@ -72,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             cpu_count=args.cpus,
             pids=args.pids,
             pool_size=args.pool_size,
+            prewarm=tuple(t for t in args.prewarm.split(",") if t),
         )
         serve(
             ServerConfig(

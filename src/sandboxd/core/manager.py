@@ -47,6 +47,8 @@ class Settings:
     pids: int = 512
     # Sandboxes kept created and idle per recently used template, so that create only hands one out.
     pool_size: int = 2
+    # Templates whose pool is filled at start, before anyone asks (the others: after their first use).
+    prewarm: tuple[str, ...] = ("base", "code-interpreter-v1")
 
 
 class Sandbox:
@@ -100,8 +102,10 @@ class SandboxManager:
         if removed:
             log.info("cleaned up %d leftover sandbox(es): %s", len(removed), ", ".join(removed))
         self._reaper = asyncio.create_task(self._reap_expired(), name="sandbox-reaper")
-        if "base" in self.templates.names():
-            self._schedule_refill("base", delay=0)
+        built = set(self.templates.names())
+        for name in self.settings.prewarm:
+            if name in built:
+                self._schedule_refill(name, delay=0)
 
     async def stop(self, destroy: bool = True) -> None:
         self._closing = True
