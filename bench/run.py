@@ -34,6 +34,7 @@ from types import FrameType
 from typing import Any
 
 import files
+import interp
 
 VENV_BIN = Path("/opt/sandboxd/venv/bin")
 TEMPLATES = Path("/var/lib/sandboxd/templates")
@@ -807,7 +808,10 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=30, help="sandboxes / holders per phase (default %(default)s)")
     parser.add_argument("--deadline", type=float, default=600, help="global time budget in s (default %(default)s)")
     parser.add_argument(
-        "--suite", choices=["all", "sandboxes", "files"], default="all", help="what to measure (default %(default)s)"
+        "--suite",
+        choices=["all", "sandboxes", "files", "interp"],
+        default="all",
+        help="what to measure (default %(default)s)",
     )
     parser.add_argument("--file-mib", type=int, default=1024, help="size of the big-file transfer (default 1024)")
     args = parser.parse_args()
@@ -827,6 +831,8 @@ def main() -> int:
         Server(workdir / "pool", []),
         Server(workdir / "nopool", ["--pool-size", "0"]),
         Server(workdir / "files", []),
+        Server(workdir / "interp", ["--prewarm", interp.TEMPLATE]),
+        Server(workdir / "interp-nopool", ["--pool-size", "0"]),
     ]
     clients = [Client(s) for s in servers]
     holders: list[Holder] = []
@@ -844,6 +850,7 @@ def main() -> int:
     errors: list[str] = []
     status = 0
     file_results: dict[str, Any] = {}
+    interp_results: dict[str, Any] = {}
 
     def phase(name: str, fn: Callable[[], object]) -> bool:
         if dl.left() <= 0:
@@ -861,7 +868,7 @@ def main() -> int:
 
     with sigterm_as_interrupt():
         try:
-            warm, nopool, files_client = clients
+            warm, nopool, files_client, interp_warm, interp_cold = clients
             if args.suite in ("all", "files") and phase("start sandboxd (files)", files_client.server.start):
                 phase(
                     "files: transfers and round trips",
@@ -872,7 +879,13 @@ def main() -> int:
                     ),
                 )
             files_client.server.stop()
-            if args.suite == "files":
+            if args.suite in ("all", "interp"):
+                interp_results.update(
+                    interp.run_interp(n, dl, interp_warm, interp_cold, workdir / "interp-work", phase)
+                )
+                errors.extend(interp_results.pop("errors"))
+                interp.finish(interp_results)
+            if args.suite in ("files", "interp"):
                 raise _SkipRest
             if phase("start sandboxd (default pool)", warm.server.start):
                 phase("sandboxd create, pool", lambda: sbx_create(n, dl, warm, sbx, paced=True))
@@ -957,14 +970,21 @@ def main() -> int:
             "floor_holder_start_first_cmd_ms": summary(floor["holder_start_first_cmd"]),
         },
         "files": file_results,
+        "interp": interp_results,
         "partial": partial,
         "errors": errors,
         "leftovers": left,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    if args.suite != "files":
+    if args.suite not in ("files", "interp"):
         print_report(rows, targets, meta)
+    if interp_results.get("rows"):
+        interp.print_report(interp_results)
+        if args.suite == "interp":
+            print(
+                f"partial results: {meta['partial'] or 'none'}\ncleanup: {meta['cleanup_summary']}\nresults: {RESULTS}"
+            )
     if file_results.get("up_mbs"):
         print_file_report(file_results)
     for e in errors:
