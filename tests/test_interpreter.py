@@ -33,6 +33,7 @@ def test_state_results_and_execution_count(ci: Sandbox) -> None:
     assert e.execution_count and e.execution_count > (first.execution_count or 0)
     assert ci.run_code("'a string'").text == "a string"  # quotes stripped
     assert ci.commands.run("tr -d '\\0' < /proc/1/cmdline").stdout == "sandbox-init"  # no host paths
+    assert ci.get_info().memory_mb == 1024  # the template's default: three kernels need room
 
 
 def test_streaming_callbacks(ci: Sandbox) -> None:
@@ -229,8 +230,9 @@ def test_executions_in_one_context_are_serialized(ci: Sandbox) -> None:
     try:
         ci.run_code("import time\nlog = []", context=ctx)
         code = "log.append(('start', {i})); time.sleep(0.3); log.append(('end', {i}))"
-        threads = [threading.Thread(target=ci.run_code, args=(code.format(i=i),), kwargs={"context": ctx})
-                   for i in range(3)]
+        threads = [
+            threading.Thread(target=ci.run_code, args=(code.format(i=i),), kwargs={"context": ctx}) for i in range(3)
+        ]
         for t in threads:
             t.start()
         for t in threads:

@@ -26,7 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--port", type=int, default=3000, help="port (default %(default)s)")
     _add_dirs(p_serve)
     p_serve.add_argument("--default-timeout", type=int, default=300, help="sandbox lifetime in s if not given")
-    p_serve.add_argument("--memory-mb", type=int, default=512, help="memory limit per sandbox (default 512)")
+    p_serve.add_argument(
+        "--memory-mb",
+        type=int,
+        default=None,
+        help="memory limit per sandbox in MiB (default: the template's, else 512)",
+    )
     p_serve.add_argument("--cpus", type=float, default=1.0, help="CPU quota per sandbox, in CPUs (default 1)")
     p_serve.add_argument("--pids", type=int, default=512, help="process limit per sandbox (default 512)")
     p_serve.add_argument(

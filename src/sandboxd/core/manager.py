@@ -38,11 +38,14 @@ def new_sandbox_id() -> str:
     return "".join(secrets.choice(ID_ALPHABET) for _ in range(20))
 
 
+DEFAULT_MEMORY_MB = 512
+
+
 @dataclass
 class Settings:
     default_timeout: int = 300
     max_timeout: int = 24 * 3600
-    memory_mb: int = 512
+    memory_mb: int | None = None  # None: the template's default, else DEFAULT_MEMORY_MB
     cpu_count: float = 1.0
     pids: int = 512
     # Sandboxes kept created and idle per recently used template, so that create only hands one out.
@@ -125,10 +128,13 @@ class SandboxManager:
     # -- warm pool -------------------------------------------------------------------------------
     def _spec(self, sandbox_id: str, template: Template) -> SandboxSpec:
         s = self.settings
-        limits = Limits(memory_mb=s.memory_mb, cpu_count=s.cpu_count, pids=s.pids)
+        limits = Limits(memory_mb=self._memory_mb(template), cpu_count=s.cpu_count, pids=s.pids)
         return SandboxSpec(
             sandbox_id=sandbox_id, rootfs=template.rootfs, hostname=sandbox_id, limits=limits, binds=template.binds
         )
+
+    def _memory_mb(self, template: Template) -> int:
+        return self.settings.memory_mb or template.memory_mb or DEFAULT_MEMORY_MB
 
     async def _new(self, sandbox_id: str, template: Template) -> tuple[SandboxHandle, subprocess.Popen[bytes] | None]:
         """Create a sandbox and start its template's service (the code interpreter, say)."""
@@ -228,7 +234,7 @@ class SandboxManager:
             metadata=dict(metadata or {}),
             env_vars=dict(env_vars or {}),
             cpu_count=max(1, int(s.cpu_count)),
-            memory_mb=s.memory_mb,
+            memory_mb=self._memory_mb(template),
             disk_mb=0,
             auto_pause=auto_pause,
             default_user=template.default_user,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import os
 import posixpath
 import stat
@@ -218,13 +219,38 @@ def entry_from_stat(
 
 
 async def stat_path(broker: Broker, path: str, names: Names, user: User) -> fpb.EntryInfo:
-    """EntryInfo of `path` (absolute) as the broker's user sees it; OSError(ENOENT) if missing."""
+    """EntryInfo of `path` (absolute) as the broker's user sees it; OSError(ENOENT) if missing.
+
+    A path can change kind between our open and the readlink of its target (a symlink swapped for a
+    file): that is retried a few times, then reported as the entry it last was."""
+    for _ in range(3):
+        try:
+            return await _stat_once(broker, path, names, user)
+        except _Changed:
+            continue
+    return await _stat_once(broker, path, names, user, tolerate_change=True)
+
+
+class _Changed(Exception):
+    pass
+
+
+async def _stat_once(
+    broker: Broker, path: str, names: Names, user: User, tolerate_change: bool = False
+) -> fpb.EntryInfo:
     fd = await broker.open(path, os.O_PATH | os.O_NOFOLLOW)
     try:
         st = os.fstat(fd)
         target = link = None
         if stat.S_ISLNK(st.st_mode):
-            link = await broker.readlink(path)  # inside the sandbox: never a host path
+            try:
+                link = await broker.readlink(path)  # inside the sandbox: never a host path
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOENT):
+                    raise
+                if not tolerate_change:
+                    raise _Changed from None
+                link = ""
             with contextlib.suppress(OSError):
                 tfd = await broker.open(path, os.O_PATH)
                 try:

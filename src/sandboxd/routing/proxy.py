@@ -4,6 +4,8 @@ interpreter on 49999, or anything the user runs in the sandbox.
 The connection is made inside the sandbox's network namespace by the runtime, so no host port or
 path is involved. Bodies stream both ways; if the client goes away, the upstream connection is
 closed at once, so the service sees the disconnect (the interpreter then interrupts its kernel).
+Finished connections are kept for reuse (HTTP/1.1 keep-alive) for a short while: back-to-back
+requests (run_code in a loop) skip the socket set-up.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import base64
 import contextlib
 import json
 import time
+from dataclasses import dataclass, field
 
 import h11
 from starlette.responses import JSONResponse
@@ -23,6 +26,10 @@ from sandboxd.core.manager import Sandbox, SandboxManager
 INTERPRETER_PORT = 49999
 # The interpreter starts with the sandbox: a request that arrives first waits for it, within reason.
 SERVICE_WAIT_S = 60.0
+# Reuse an idle connection only while it is fresh: well inside any server's keep-alive timeout
+# (uvicorn's default is 5 s), so the service never closes it under us.
+IDLE_REUSE_S = 2.0
+MAX_IDLE_PER_PORT = 4
 HOP_BY_HOP = {
     b"connection",
     b"keep-alive",
@@ -42,6 +49,26 @@ class UpstreamClosed(ConnectionError):
     pass
 
 
+@dataclass
+class _Upstream:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    conn: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
+    idle_since: float = 0.0
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+    @property
+    def reusable(self) -> bool:
+        return (
+            time.monotonic() - self.idle_since < IDLE_REUSE_S
+            and not self.reader.at_eof()
+            and not self.writer.is_closing()
+        )
+
+
 def _not_open(sandbox: Sandbox, port: int) -> JSONResponse:
     return JSONResponse(
         {
@@ -57,11 +84,16 @@ def _not_open(sandbox: Sandbox, port: int) -> JSONResponse:
 class PortProxy:
     def __init__(self, manager: SandboxManager) -> None:
         self.manager = manager
+        self._idle: dict[tuple[str, int], list[_Upstream]] = {}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send, sandbox: Sandbox, port: int) -> None:
-        if scope["type"] != "http":
-            await _not_open(sandbox, port)(scope, receive, send)
-            return
+    async def _connect(self, sandbox: Sandbox, port: int) -> _Upstream | None:
+        key = (sandbox.id, port)
+        pool = self._idle.get(key, [])
+        while pool:
+            up = pool.pop()
+            if up.reusable:
+                return up
+            up.close()
         deadline = time.monotonic() + (SERVICE_WAIT_S if port == INTERPRETER_PORT else 0)
         delay = 0.01
         while True:
@@ -70,20 +102,51 @@ class PortProxy:
                 break
             except (ConnectionRefusedError, NotImplementedError):
                 if time.monotonic() >= deadline or not sandbox.running:
-                    await _not_open(sandbox, port)(scope, receive, send)
-                    return
+                    return None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.2)
+        if key not in self._idle:
+            self._idle[key] = []
+            sandbox.on_kill.append(lambda: self._drop(key))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        return _Upstream(reader, writer)
+
+    def _drop(self, key: tuple[str, int]) -> None:
+        for up in self._idle.pop(key, []):
+            up.close()
+
+    def _release(self, sandbox: Sandbox, port: int, up: _Upstream) -> None:
+        conn = up.conn
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE and sandbox.running:
+            conn.start_next_cycle()
+            up.idle_since = time.monotonic()
+            pool = self._idle.setdefault((sandbox.id, port), [])
+            if len(pool) < MAX_IDLE_PER_PORT:
+                pool.append(up)
+                return
+        up.close()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, sandbox: Sandbox, port: int) -> None:
+        if scope["type"] != "http":
+            await _not_open(sandbox, port)(scope, receive, send)
+            return
+        up = await self._connect(sandbox, port)
+        if up is None:
+            await _not_open(sandbox, port)(scope, receive, send)
+            return
         extra = []
         if port == INTERPRETER_PORT:
             env = base64.b64encode(json.dumps(sandbox.record.env_vars).encode())
             extra.append((b"x-sandboxd-env", env))
-        await _forward(scope, receive, send, sock, extra, sandbox)
+        if await _forward(scope, receive, send, up, extra, sandbox):
+            self._release(sandbox, port, up)
+        else:
+            up.close()
 
 
-async def _forward(scope: Scope, receive: Receive, send: Send, sock: object, extra: list, sandbox: Sandbox) -> None:
-    reader, writer = await asyncio.open_connection(sock=sock)  # type: ignore[arg-type]
-    conn = h11.Connection(h11.CLIENT)
+async def _forward(scope: Scope, receive: Receive, send: Send, up: _Upstream, extra: list, sandbox: Sandbox) -> bool:
+    """Forwards one request; True if the connection finished cleanly and may be reused."""
+    conn, reader, writer = up.conn, up.reader, up.writer
     target = scope.get("raw_path") or scope["path"].encode()
     if scope.get("query_string"):
         target += b"?" + scope["query_string"]
@@ -101,7 +164,7 @@ async def _forward(scope: Scope, receive: Receive, send: Send, sock: object, ext
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return False
             body = message.get("body", b"")
             if body:
                 writer.write(conn.send(h11.Data(data=body)))
@@ -123,7 +186,7 @@ async def _forward(scope: Scope, receive: Receive, send: Send, sock: object, ext
             if event is h11.NEED_DATA:
                 data = await reader.read(65536)
                 if disconnected.is_set():
-                    return
+                    return False
                 conn.receive_data(data)
                 continue
             if isinstance(event, h11.Response):
@@ -134,7 +197,7 @@ async def _forward(scope: Scope, receive: Receive, send: Send, sock: object, ext
                 await send({"type": "http.response.body", "body": bytes(event.data), "more_body": True})
             elif isinstance(event, h11.EndOfMessage):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-                return
+                return not disconnected.is_set()
             elif isinstance(event, h11.ConnectionClosed):
                 break
     except (ConnectionError, h11.ProtocolError, OSError):
@@ -142,14 +205,11 @@ async def _forward(scope: Scope, receive: Receive, send: Send, sock: object, ext
     finally:
         if watcher is not None:
             watcher.cancel()
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
     if disconnected.is_set():
-        return
+        return False
     if not started:
         await _not_open(sandbox, 0)(scope, receive, send)
-        return
+        return False
     # The service went away mid-response (the sandbox was killed, say): abort the client's connection
     # rather than end the body cleanly, so the client knows the response is incomplete.
     raise UpstreamClosed(f"sandbox {sandbox.id}: the service closed the connection mid-response")

@@ -14,6 +14,9 @@ UID_SHIFT = 100000
 UID_RANGE = 65536
 
 
+RUNTIME_ONLY = ("memory_mb",)
+
+
 @dataclass(frozen=True)
 class TemplateSpec:
     name: str
@@ -32,11 +35,12 @@ class TemplateSpec:
     default_workdir: str = "/home/user"
     description: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    # Runtime defaults: they do not change the built root filesystem, so they are not in the digest.
+    memory_mb: int | None = None
 
     def digest(self) -> str:
-        body = json.dumps(
-            {"spec": asdict(self), "builder": BUILDER_VERSION, "shift": [UID_SHIFT, UID_RANGE]}, sort_keys=True
-        )
+        spec = {k: v for k, v in asdict(self).items() if k not in RUNTIME_ONLY}
+        body = json.dumps({"spec": spec, "builder": BUILDER_VERSION, "shift": [UID_SHIFT, UID_RANGE]}, sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
@@ -113,6 +117,7 @@ CODE_INTERPRETER = replace(
     ),
     steps=(*BASE.steps, f"mkdir -p {CODE_DIR}"),
     service=("/usr/bin/python3", "-m", "sandboxd_interpreter.server"),
+    memory_mb=1024,  # its server and three warm kernels use ~250 MiB before any user code runs
 )
 
 BUILTIN: dict[str, TemplateSpec] = {BASE.name: BASE, CODE_INTERPRETER.name: CODE_INTERPRETER}

@@ -45,6 +45,7 @@ class Template:
     size_bytes: int
     service: tuple[str, ...] = ()
     service_user: str = "user"
+    memory_mb: int | None = None
 
     @property
     def rootfs(self) -> Path:
@@ -94,6 +95,7 @@ class TemplateStore:
             size_bytes=meta.get("size_bytes", 0),
             service=tuple(meta.get("service", builtin.service if builtin else ())),
             service_user=meta.get("service_user", builtin.service_user if builtin else "user"),
+            memory_mb=meta.get("memory_mb", builtin.memory_mb if builtin else None),
         )
 
     def names(self) -> list[str]:
@@ -189,6 +191,7 @@ class TemplateStore:
                 "pip": list(spec.pip),
                 "service": list(spec.service),
                 "service_user": spec.service_user,
+                "memory_mb": spec.memory_mb,
             }
             (work / "template.json").write_text(json.dumps(meta, indent=2))
             self._migrate_legacy(spec.name)
