@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -99,6 +100,7 @@ def server() -> Iterator[Server]:
         pytest.exit("the tests start real sandboxes and must run as root", returncode=2)
     if not (TEMPLATES_DIR / "base" / "current" / "template.json").exists():
         pytest.exit(f"no base template in {TEMPLATES_DIR}: run scripts/setup.sh first", returncode=2)
+    before = {p.name for p in Path("/sys/fs/cgroup").glob("*/sandboxd/*") if p.is_dir()}
     tmp = Path(tempfile.mkdtemp(prefix="sandboxd-test-"))
     srv = start_server(tmp / "data")
     env = {"E2B_API_URL": srv.url, "E2B_SANDBOX_URL": srv.url, "E2B_API_KEY": srv.api_key}
@@ -115,9 +117,12 @@ def server() -> Iterator[Server]:
             else:
                 os.environ[k] = v
         assert code == 0, f"server exited with {code}:\n{srv.log()}"
-        # A clean shutdown destroys every sandbox: nothing may be left behind.
+        # A clean shutdown destroys every sandbox: nothing may be left behind, not even empty cgroups.
         leftovers = list((srv.data_dir / "sandboxes").iterdir())
         assert not leftovers, leftovers
+        instances = {p.name for p in Path("/sys/fs/cgroup").glob("*/sandboxd/*") if p.is_dir()}
+        assert not instances - before, instances - before
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture

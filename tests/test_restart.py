@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import tempfile
 from pathlib import Path
 
 import httpx
@@ -16,8 +15,8 @@ def _env(srv: Server) -> dict[str, str]:
     return {"api_key": srv.api_key, "api_url": srv.url, "sandbox_url": srv.url}
 
 
-def test_crash_then_restart_readopts_running_sandboxes() -> None:
-    data = Path(tempfile.mkdtemp(prefix="sandboxd-restart-")) / "data"
+def test_crash_then_restart_readopts_running_sandboxes(tmp_path: Path) -> None:
+    data = tmp_path / "data"
     srv = start_server(data)
     sbx = Sandbox.create(template="base", timeout=120, metadata={"keep": "me"}, **_env(srv))
     sbx.commands.run("echo before-crash > /tmp/state")
@@ -39,8 +38,8 @@ def test_crash_then_restart_readopts_running_sandboxes() -> None:
     assert not (data / "sandboxes" / sbx.sandbox_id).exists()
 
 
-def test_leftovers_of_dead_sandboxes_are_cleaned_at_start() -> None:
-    data = Path(tempfile.mkdtemp(prefix="sandboxd-restart-")) / "data"
+def test_leftovers_of_dead_sandboxes_are_cleaned_at_start(tmp_path: Path) -> None:
+    data = tmp_path / "data"
     srv = start_server(data)
     a = Sandbox.create(template="base", timeout=120, **_env(srv))
     b = Sandbox.create(template="base", timeout=120, **_env(srv))
@@ -63,8 +62,8 @@ def test_leftovers_of_dead_sandboxes_are_cleaned_at_start() -> None:
     assert not cgroup_dirs(b.sandbox_id)
 
 
-def test_keep_sandboxes_on_clean_shutdown() -> None:
-    data = Path(tempfile.mkdtemp(prefix="sandboxd-restart-")) / "data"
+def test_keep_sandboxes_on_clean_shutdown(tmp_path: Path) -> None:
+    data = tmp_path / "data"
     srv = start_server(data, "--keep-sandboxes")
     sbx = Sandbox.create(template="base", timeout=120, **_env(srv))
     port = int(srv.url.rsplit(":", 1)[1])
@@ -78,9 +77,9 @@ def test_keep_sandboxes_on_clean_shutdown() -> None:
     assert not cgroup_dirs(sbx.sandbox_id)
 
 
-def test_two_servers_on_one_host_leave_each_other_alone(sandbox: Sandbox) -> None:
+def test_two_servers_on_one_host_leave_each_other_alone(sandbox: Sandbox, tmp_path: Path) -> None:
     # `sandbox` belongs to the session server; a second server with its own data dir starts and stops.
-    data = Path(tempfile.mkdtemp(prefix="sandboxd-other-")) / "data"
+    data = tmp_path / "data"
     other = start_server(data)
     try:
         mine = Sandbox.create(template="base", timeout=60, **_env(other))
