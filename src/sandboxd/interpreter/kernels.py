@@ -223,15 +223,7 @@ class Kernels:
             yield {"type": "error", "name": "KernelStartError", "value": ctx.start_error, "traceback": ""}
             return
         if not await ctx.manager.is_alive():
-            yield {
-                "type": "error",
-                "name": "KernelDied",
-                "value": "the kernel of this context died (out of memory?): it was restarted, state is lost",
-                "traceback": "",
-            }
-            await ctx.manager.restart_kernel(now=True)
-            await ctx.client.wait_for_ready(timeout=120)
-            ctx.global_env = {}
+            yield await self._kernel_died(ctx, "since the last execution")
             return
         # sandbox env vars first (once per context, and when they change), then this execution's own
         if sandbox_env != ctx.global_env:
@@ -252,51 +244,40 @@ class Kernels:
         if code:
             await self._silent(ctx, code)
 
+    async def _kernel_died(self, ctx: Context, when: str) -> dict[str, Any]:
+        """Restart a context whose kernel died; the error event that says so."""
+        await ctx.manager.restart_kernel(now=True)
+        await ctx.client.wait_for_ready(timeout=120)
+        ctx.global_env = {}
+        return {
+            "type": "error",
+            "name": "KernelDied",
+            "traceback": "",
+            "value": f"the kernel of this context died {when} (out of memory?): it was restarted, state is lost",
+        }
+
     async def _run(self, ctx: Context, code: str) -> AsyncIterator[dict[str, Any]]:
         client = ctx.client
         msg_id = client.execute(code, store_history=True, allow_stdin=False, stop_on_error=True)
         error_sent = False
-        idle = False
-        while not idle:
+        while True:
             try:
                 msg = await client.get_iopub_msg(timeout=KEEPALIVE_S)
             except Exception:  # queue.Empty: silence
                 if not await ctx.manager.is_alive():
-                    yield {
-                        "type": "error",
-                        "name": "KernelDied",
-                        "value": "the kernel died during the execution (out of memory?); it is being restarted",
-                        "traceback": "",
-                    }
-                    await ctx.manager.restart_kernel(now=True)
-                    await client.wait_for_ready(timeout=120)
-                    ctx.global_env = {}
+                    yield await self._kernel_died(ctx, "during the execution")
                     return
                 yield {"type": "keepalive"}
                 continue
             if msg["parent_header"].get("msg_id") != msg_id:
                 continue
-            kind, content = msg["msg_type"], msg["content"]
-            if kind == "execute_input":
-                yield {"type": "number_of_executions", "execution_count": content.get("execution_count")}
-            elif kind == "stream":
-                yield {
-                    "type": "stdout" if content.get("name") == "stdout" else "stderr",
-                    "text": content.get("text", ""),
-                    "timestamp": _timestamp(msg),
-                }
-            elif kind in ("execute_result", "display_data"):
-                yield result_event(content.get("data", {}), is_main=kind == "execute_result")
-            elif kind == "error" and not error_sent:
-                error_sent = True
-                yield {
-                    "type": "error",
-                    "name": content.get("ename", ""),
-                    "value": content.get("evalue", ""),
-                    "traceback": "\n".join(content.get("traceback", [])),
-                }
-            elif kind == "status" and content.get("execution_state") == "idle":
-                idle = True
+            content = msg["content"]
+            if msg["msg_type"] == "status" and content.get("execution_state") == "idle":
+                break
+            event = output_event(msg)
+            if event is not None and (event["type"] != "error" or not error_sent):
+                error_sent = error_sent or event["type"] == "error"
+                yield event
         if ctx.kernel == "deno":
             # Measured: Deno's kernel sometimes publishes execute_result *after* status idle. Collect
             # what belongs to this execution until the channel has been quiet for a moment.
@@ -305,18 +286,10 @@ class Kernels:
                     msg = await client.get_iopub_msg(timeout=LATE_RESULT_S)
                 except Exception:
                     return
-                if msg["parent_header"].get("msg_id") != msg_id:
-                    continue
-                if msg["msg_type"] in ("execute_result", "display_data"):
-                    content = msg["content"]
-                    yield result_event(content.get("data", {}), is_main=msg["msg_type"] == "execute_result")
-                elif msg["msg_type"] == "stream":
-                    content = msg["content"]
-                    yield {
-                        "type": "stdout" if content.get("name") == "stdout" else "stderr",
-                        "text": content.get("text", ""),
-                        "timestamp": _timestamp(msg),
-                    }
+                if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] != "error":
+                    event = output_event(msg)
+                    if event is not None:
+                        yield event
 
     async def interrupt(self, ctx: Context) -> None:
         """After a client went away mid-execution: stop the code and drain its output."""
@@ -341,6 +314,29 @@ class Kernels:
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # Deno colours its text/plain
+
+
+def output_event(msg: dict[str, Any]) -> dict[str, Any] | None:
+    """The NDJSON event for one iopub message of an execution (None for those the API does not carry)."""
+    kind, content = msg["msg_type"], msg["content"]
+    if kind == "execute_input":
+        return {"type": "number_of_executions", "execution_count": content.get("execution_count")}
+    if kind == "stream":
+        return {
+            "type": "stdout" if content.get("name") == "stdout" else "stderr",
+            "text": content.get("text", ""),
+            "timestamp": _timestamp(msg),
+        }
+    if kind in ("execute_result", "display_data"):
+        return result_event(content.get("data", {}), is_main=kind == "execute_result")
+    if kind == "error":
+        return {
+            "type": "error",
+            "name": content.get("ename", ""),
+            "value": content.get("evalue", ""),
+            "traceback": "\n".join(content.get("traceback", [])),
+        }
+    return None
 
 
 def _strip_quotes(text: str) -> str:
