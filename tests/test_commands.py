@@ -305,3 +305,31 @@ async def test_async_large_output(async_sandbox: AsyncSandbox) -> None:
     r = await async_sandbox.commands.run("seq 1 2000000", timeout=120)
     lines = r.stdout.splitlines()
     assert len(lines) == 2_000_000 and lines[-1] == "2000000"
+
+
+def test_process_that_never_reads_stdin_does_not_stall_the_server(server) -> None:
+    sbx = Sandbox.create(template="base", timeout=60)
+    try:
+        h = sbx.commands.run("sleep 30", background=True, stdin=True)
+        done = threading.Event()
+
+        def flood() -> None:
+            try:
+                sbx.commands.send_stdin(h.pid, "x" * (1 << 20), request_timeout=30)  # far more than a pipe holds
+            except Exception:
+                pass
+            finally:
+                done.set()
+
+        t = threading.Thread(target=flood, daemon=True)
+        t.start()
+        time.sleep(0.5)
+        start = time.monotonic()
+        assert sbx.commands.run("echo still-serving", timeout=10).stdout == "still-serving\n"
+        assert httpx.get(server.url + "/health", timeout=5).status_code == 204
+        assert time.monotonic() - start < 5
+        assert not done.is_set()  # the writer is still waiting for the process to read
+        sbx.commands.kill(h.pid)
+        assert done.wait(10), "the blocked stdin write did not end when the process died"
+    finally:
+        sbx.kill()

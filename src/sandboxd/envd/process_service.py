@@ -156,20 +156,20 @@ class ProcessService:
             elif ev.field == "data":
                 if proc is None:
                     raise ConnectError(Code.INVALID_ARGUMENT, "the first message must be 'start' with a process")
-                self._write(proc, ev.value.input)
+                await self._write(proc, ev.value.input)
         return pb.StreamInputResponse()
 
     async def send_input(self, request: pb.SendInputRequest, ctx: RequestContext) -> pb.SendInputResponse:
         proc = _find(context.sandbox(), request.process)
-        self._write(proc, request.input)
+        await self._write(proc, request.input)
         return pb.SendInputResponse()
 
     @staticmethod
-    def _write(proc: Proc, data: pb.ProcessInput | None) -> None:
+    async def _write(proc: Proc, data: pb.ProcessInput | None) -> None:
         if data is None or data.input is None:
             return
         try:
-            proc.write_stdin(data.input.value)
+            await proc.write_stdin(data.input.value)
         except ProcessGone as e:
             raise ConnectError(Code.FAILED_PRECONDITION, str(e)) from None
 

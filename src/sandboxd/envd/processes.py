@@ -79,6 +79,8 @@ class Proc:
         self.done = asyncio.Event()
         self._exited = False
         self._pidfd: int | None = None
+        self._stdin_lock = asyncio.Lock()
+        self._stdin_waiter: asyncio.Future[None] | None = None
 
     # -- start ---------------------------------------------------------------------------------
     async def spawn(
@@ -176,6 +178,9 @@ class Proc:
     def _close_reader(self, fd: int) -> None:
         loop = asyncio.get_running_loop()
         loop.remove_reader(fd)
+        if self.out_fds.get(fd) == "pty":  # also the PTY's input side: release a waiting writer first
+            self._wake_stdin_writer()
+            loop.remove_writer(fd)
         self.paused.discard(fd)
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -266,26 +271,40 @@ class Proc:
         finally:
             self.unsubscribe(sub)
 
-    def write_stdin(self, data: bytes) -> None:
-        fd = self.master_fd if self.is_pty else self.stdin_fd
-        if fd is None:
-            raise ProcessGone("stdin is not open for this process (start it with stdin enabled)")
-        view = memoryview(data)
-        while view:
-            try:
-                n = os.write(fd, view)
-            except BlockingIOError:
-                # The process is not reading; block briefly rather than lose input.
-                import select
+    async def write_stdin(self, data: bytes) -> None:
+        """Write all of `data` to the process's stdin (or PTY). When the pipe is full (the process is
+        not reading), wait for it on the event loop: never block the server for everyone else."""
+        loop = asyncio.get_running_loop()
+        async with self._stdin_lock:  # concurrent writers keep their order
+            view = memoryview(data)
+            while view:
+                fd = self.master_fd if self.is_pty else self.stdin_fd
+                if fd is None:
+                    raise ProcessGone("stdin is not open for this process (start it with stdin enabled)")
+                try:
+                    view = view[os.write(fd, view) :]
+                except BlockingIOError:
+                    waiter = self._stdin_waiter = loop.create_future()
+                    loop.add_writer(fd, lambda w=waiter: w.done() or w.set_result(None))
+                    try:
+                        await waiter
+                    finally:
+                        with contextlib.suppress(Exception):
+                            loop.remove_writer(fd)
+                        self._stdin_waiter = None
+                except (BrokenPipeError, OSError):
+                    raise ProcessGone("the process closed its stdin") from None
 
-                select.select([], [fd], [], 1.0)
-                continue
-            except BrokenPipeError:
-                raise ProcessGone("the process closed its stdin") from None
-            view = view[n:]
+    def _wake_stdin_writer(self) -> None:
+        waiter = self._stdin_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ProcessGone("the process closed its stdin"))
 
     def close_stdin(self) -> None:
         if self.stdin_fd is not None:
+            self._wake_stdin_writer()
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_writer(self.stdin_fd)
             with contextlib.suppress(OSError):
                 os.close(self.stdin_fd)
             self.stdin_fd = None
