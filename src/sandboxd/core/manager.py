@@ -63,6 +63,7 @@ class Sandbox:
         self.killed = asyncio.Event()
         self.ext: dict[str, Any] = {}
         self.on_kill: list[Callable[[], None]] = []
+        self.service: subprocess.Popen[bytes] | None = None  # the template's service, if it has one
 
     @property
     def id(self) -> str:
@@ -80,7 +81,6 @@ class SandboxManager:
         self.db = db
         self.settings = settings or Settings()
         self.sandboxes: dict[str, Sandbox] = {}
-        self._by_token: dict[str, str] = {}
         self._wake = asyncio.Event()
         self._reaper: asyncio.Task[None] | None = None
         # template name -> idle, already created sandboxes (id, handle, template digest, service process)
@@ -146,8 +146,8 @@ class SandboxManager:
             if user is None:
                 raise BadRequest(f"template '{template.name}': its service user '{template.service_user}' is unknown")
             env = {"PATH": DEFAULT_PATH, "HOME": user.home, "USER": user.name, **template.service_env}
-            log = "/tmp/.sandboxd-service.log"
-            argv = ["/bin/sh", "-c", f'exec "$@" >>{log} 2>&1', "sh", *template.service]
+            log_file = "/tmp/.sandboxd-service.log"
+            argv = ["/bin/sh", "-c", f'exec "$@" >>{log_file} 2>&1', "sh", *template.service]
             spec = ExecSpec(argv=argv, env=env, cwd=user.home, uid=user.uid, gid=user.gid, groups=user.groups)
             service = subprocess.Popen(  # noqa: ASYNC220 - vfork of the small helper
                 self.runtime.exec_argv(handle, spec),
@@ -242,8 +242,7 @@ class SandboxManager:
             handle={**asdict(handle), "state_dir": str(handle.state_dir)},
         )
         sandbox = Sandbox(rec, handle)
-        if service is not None:
-            sandbox.on_kill.append(lambda: sandbox.ext.setdefault("reap", []).append(service))
+        sandbox.service = service
         self._register(sandbox)
         self.db.put(rec)
         self._wake.set()
@@ -251,7 +250,6 @@ class SandboxManager:
 
     def _register(self, sandbox: Sandbox) -> None:
         self.sandboxes[sandbox.id] = sandbox
-        self._by_token[sandbox.record.envd_token] = sandbox.id
 
     def get(self, sandbox_id: str) -> Sandbox:
         sandbox = self.sandboxes.get(sandbox_id)
@@ -262,15 +260,10 @@ class SandboxManager:
     def find(self, sandbox_id: str) -> Sandbox | None:
         return self.sandboxes.get(sandbox_id)
 
-    def by_token(self, token: str) -> Sandbox | None:
-        sid = self._by_token.get(token)
-        return self.sandboxes.get(sid) if sid else None
-
     async def kill(self, sandbox_id: str) -> bool:
         sandbox = self.sandboxes.pop(sandbox_id, None)
         if sandbox is None:
             return False
-        self._by_token.pop(sandbox.record.envd_token, None)
         sandbox.killed.set()
         for cb in sandbox.on_kill:
             try:
@@ -281,8 +274,8 @@ class SandboxManager:
             await self.runtime.destroy(sandbox.handle)
         finally:
             self.db.delete(sandbox_id)
-            for proc in sandbox.ext.get("reap", []):
-                proc.poll()  # the helper exited with the sandbox: collect it
+            if sandbox.service is not None:
+                sandbox.service.poll()  # its helper exited with the sandbox: collect it
         return True
 
     def set_timeout(self, sandbox_id: str, timeout: int) -> None:
