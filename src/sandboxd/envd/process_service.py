@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import posixpath
 import signal
 from collections.abc import AsyncIterator
@@ -50,32 +51,19 @@ async def _stream(
 ) -> AsyncIterator[pb.ProcessEvent]:
     """Events of `proc`, bounded by the request's Connect-Timeout-Ms (enforced here, on the server)."""
     timeout_ms = ctx.timeout_ms
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_ms / 1000 if timeout_ms else None
+    deadline = asyncio.get_running_loop().time() + timeout_ms / 1000 if timeout_ms else None
     keepalive = context.keepalive_interval(ctx.request_headers, DEFAULT_KEEPALIVE)
-    events = proc.events(sub, keepalive)
     try:
-        while True:
-            wait = None if deadline is None else deadline - loop.time()
-            if wait is not None and wait <= 0:
-                raise TimeoutError
-            try:
-                event = await asyncio.wait_for(anext(events), wait) if wait is not None else await anext(events)
-            except StopAsyncIteration:
-                return
-            yield event
+        async with contextlib.aclosing(proc.events(sub, keepalive, deadline)) as events:
+            async for event in events:
+                yield event
     except TimeoutError:
         if kill_on_deadline:
-            try:
+            with contextlib.suppress(ProcessGone):
                 proc.signal(signal.SIGKILL)
-            except ProcessGone:
-                pass
         raise ConnectError(Code.DEADLINE_EXCEEDED, f"the deadline of {timeout_ms:.0f} ms was exceeded") from None
     except SandboxKilled as e:
         raise ConnectError(Code.UNAVAILABLE, f"{e}: the sandbox was not found") from None
-    finally:
-        await events.aclose()
-        proc.unsubscribe(sub)
 
 
 class ProcessService:
@@ -124,14 +112,16 @@ class ProcessService:
             raise
         table.add(proc)
         yield pb.StartResponse(event=pb.ProcessEvent(event=Oneof("start", pb.ProcessEvent.StartEvent(pid=proc.pid))))
-        async for event in _stream(proc, sub, ctx, kill_on_deadline=True):
-            yield pb.StartResponse(event=event)
+        async with contextlib.aclosing(_stream(proc, sub, ctx, kill_on_deadline=True)) as events:
+            async for event in events:
+                yield pb.StartResponse(event=event)
 
     async def connect(self, request: pb.ConnectRequest, ctx: RequestContext) -> AsyncIterator[pb.ConnectResponse]:
         proc = _find(context.sandbox(), request.process)
         yield pb.ConnectResponse(event=pb.ProcessEvent(event=Oneof("start", pb.ProcessEvent.StartEvent(pid=proc.pid))))
-        async for event in _stream(proc, proc.subscribe(), ctx, kill_on_deadline=False):
-            yield pb.ConnectResponse(event=event)
+        async with contextlib.aclosing(_stream(proc, proc.subscribe(), ctx, kill_on_deadline=False)) as events:
+            async for event in events:
+                yield pb.ConnectResponse(event=event)
 
     async def update(self, request: pb.UpdateRequest, ctx: RequestContext) -> pb.UpdateResponse:
         proc = _find(context.sandbox(), request.process)

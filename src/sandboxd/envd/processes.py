@@ -162,8 +162,7 @@ class Proc:
         if not data:
             self._close_reader(fd)
             return
-        kind = self.out_fds[fd]
-        self._publish(pb.ProcessEvent(event=Oneof("data", pb.ProcessEvent.DataEvent(output=Oneof(kind, data)))))
+        self._publish_data(fd, data)
         if any(s.queue.qsize() >= HIGH_WATER for s in self.subscribers):
             asyncio.get_running_loop().remove_reader(fd)
             self.paused.add(fd)
@@ -188,6 +187,10 @@ class Proc:
         if kind == "pty":
             self.master_fd = None
         self._maybe_finish()
+
+    def _publish_data(self, fd: int, data: bytes) -> None:
+        output = Oneof(self.out_fds[fd], data)  # stdout, stderr or pty
+        self._publish(pb.ProcessEvent(event=Oneof("data", pb.ProcessEvent.DataEvent(output=output))))
 
     def _publish(self, event: pb.ProcessEvent | Exception | None) -> None:
         for sub in self.subscribers:
@@ -222,8 +225,7 @@ class Proc:
                     break
                 if not data:
                     break
-                kind = self.out_fds[fd]
-                self._publish(pb.ProcessEvent(event=Oneof("data", pb.ProcessEvent.DataEvent(output=Oneof(kind, data)))))
+                self._publish_data(fd, data)
             self._close_reader(fd)
 
     def _maybe_finish(self) -> None:
@@ -252,13 +254,24 @@ class Proc:
             self.subscribers.remove(sub)
         self.resume_reading()
 
-    async def events(self, sub: Subscriber, keepalive: float) -> AsyncIterator[pb.ProcessEvent]:
-        """Events for one stream until the end event; keepalives after `keepalive` s of silence."""
+    async def events(
+        self, sub: Subscriber, keepalive: float, deadline: float | None = None
+    ) -> AsyncIterator[pb.ProcessEvent]:
+        """Events for one stream until the end event; keepalives after `keepalive` s of silence;
+        TimeoutError once the loop time `deadline` has passed."""
+        loop = asyncio.get_running_loop()
         try:
             while True:
+                wait = keepalive
+                if deadline is not None:
+                    wait = min(wait, deadline - loop.time())
+                    if wait <= 0:
+                        raise TimeoutError
                 try:
-                    item = await asyncio.wait_for(sub.queue.get(), timeout=keepalive)
+                    item = await asyncio.wait_for(sub.queue.get(), timeout=wait)
                 except TimeoutError:
+                    if deadline is not None and loop.time() >= deadline:
+                        raise
                     yield pb.ProcessEvent(event=Oneof("keepalive", pb.ProcessEvent.KeepAlive()))
                     continue
                 if self.paused:
