@@ -24,32 +24,35 @@ _FALLBACK = {
 }
 
 
-def lookup_user(root: str, name: str) -> User | None:
+def entries(root: str, file: str) -> list[list[str]] | None:
+    """The colon-separated records of /etc/passwd or /etc/group as the sandbox has them (None if it
+    cannot be read)."""
     try:
-        passwd = read_file_in_root(root, "/etc/passwd").decode(errors="replace")
+        data = read_file_in_root(root, file).decode(errors="replace")
     except OSError:
+        return None
+    return [line.split(":") for line in data.splitlines()]
+
+
+def lookup_user(root: str, name: str) -> User | None:
+    passwd = entries(root, "/etc/passwd")
+    if passwd is None:
         return _FALLBACK.get(name)
-    for line in passwd.splitlines():
-        parts = line.split(":")
+    for parts in passwd:
         if len(parts) >= 7 and parts[0] == name:
             try:
                 uid, gid = int(parts[2]), int(parts[3])
             except ValueError:
                 return None
             groups = {gid}
-            try:
-                group = read_file_in_root(root, "/etc/group").decode(errors="replace")
-                for gline in group.splitlines():
-                    g = gline.split(":")
-                    if len(g) >= 4 and name in g[3].split(","):
-                        try:
-                            gid_ = int(g[2])
-                        except ValueError:
-                            continue
-                        if 0 <= gid_ < 65536 and len(groups) < 64:  # the user namespace maps 0..65535
-                            groups.add(gid_)
-            except OSError:
-                pass
+            for g in entries(root, "/etc/group") or []:
+                if len(g) >= 4 and name in g[3].split(","):
+                    try:
+                        gid_ = int(g[2])
+                    except ValueError:
+                        continue
+                    if 0 <= gid_ < 65536 and len(groups) < 64:  # the user namespace maps 0..65535
+                        groups.add(gid_)
             if not (0 <= uid < 65536 and 0 <= gid < 65536):
                 return None
             return User(name, uid, gid, parts[5] or "/", tuple(sorted(groups)))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import os
 import posixpath
@@ -19,15 +18,13 @@ import time
 from protobuf.wkt.google.protobuf import timestamp_pb
 
 from sandboxd.core.manager import Sandbox, SandboxManager
-from sandboxd.core.users import User
+from sandboxd.core.users import User, entries
 from sandboxd.envd.gen.filesystem import filesystem_pb as fpb
 from sandboxd.runtime.broker import Broker
-from sandboxd.runtime.rootfs import read_file_in_root
 from sandboxd.templates.specs import UID_SHIFT
 
 META_PREFIX = "user.e2b."
 BROKER_IDLE = 60.0
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class Brokers:
@@ -94,20 +91,15 @@ def display_path(path: str) -> str:
 
 
 class Names:
-    """uid/gid -> name from the sandbox's /etc/passwd and /etc/group, re-read when they change."""
+    """uid/gid -> name from the sandbox's /etc/passwd and /etc/group, re-read at most every 2 s."""
 
     def __init__(self, root: str) -> None:
         self.root = root
         self._cache: dict[str, tuple[float, dict[int, str]]] = {}
 
     def _table(self, file: str) -> dict[int, str]:
-        try:
-            data = read_file_in_root(self.root, file).decode(errors="replace")
-        except OSError:
-            return {}
         table: dict[int, str] = {}
-        for line in data.splitlines():
-            parts = line.split(":")
+        for parts in entries(self.root, file) or []:
             if len(parts) >= 3 and parts[2].isdigit():
                 table.setdefault(int(parts[2]), parts[0])
         return table
