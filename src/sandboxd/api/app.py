@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import json
 from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -19,7 +18,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sandboxd.api import serialize
 from sandboxd.api.models import ConnectBody, NewSandbox, TimeoutBody
-from sandboxd.core.errors import BadRequest, SandboxdError
+from sandboxd.core.errors import BadRequest, PayloadTooLarge, SandboxdError
+from sandboxd.core.limits import BadJSON, LimitExceeded, RequestLimits, load_bounded_json
 from sandboxd.core.manager import Sandbox, SandboxManager
 
 MAX_LIMIT = 100
@@ -29,16 +29,33 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> J
     return JSONResponse({"code": status, "message": message}, status_code=status, headers=headers)
 
 
-async def _body(request: Request, model: type[BaseModel], required: bool = True) -> Any:
-    raw = await request.body()
+async def _read_capped(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it goes over `limit` bytes: never read whole first."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _body(request: Request, model: type[BaseModel], limits: RequestLimits, required: bool = True) -> Any:
+    raw = await _read_capped(request, limits.max_body_bytes)
     if not raw.strip():
         if required:
             raise BadRequest("request body is required (JSON)")
         raw = b"{}"
     try:
-        data = json.loads(raw)
-    except ValueError as e:
+        data = load_bounded_json(raw, limits.max_json_depth)
+    except BadJSON as e:
         raise BadRequest(f"request body is not valid JSON: {e}") from None
+    except LimitExceeded as e:
+        raise BadRequest(f"request body refused: {e}") from None
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -82,12 +99,12 @@ def _decode_token(token: str) -> tuple[float, str]:
         raise BadRequest("nextToken is not a token this server issued") from None
 
 
-def build_control_plane(manager: SandboxManager, api_key: str) -> ASGIApp:
+def build_control_plane(manager: SandboxManager, api_key: str, limits: RequestLimits) -> ASGIApp:
     async def health(request: Request) -> Response:
         return Response(status_code=204)
 
     async def create(request: Request) -> Response:
-        body: NewSandbox = await _body(request, NewSandbox)
+        body: NewSandbox = await _body(request, NewSandbox, limits)
         sandbox = await manager.create(
             body.template_id,
             timeout=body.timeout,
@@ -107,12 +124,12 @@ def build_control_plane(manager: SandboxManager, api_key: str) -> ASGIApp:
         return Response(status_code=204)
 
     async def set_timeout(request: Request) -> Response:
-        body: TimeoutBody = await _body(request, TimeoutBody)
+        body: TimeoutBody = await _body(request, TimeoutBody, limits)
         manager.set_timeout(request.path_params["sandbox_id"], body.timeout)
         return Response(status_code=204)
 
     async def connect(request: Request) -> Response:
-        body: ConnectBody = await _body(request, ConnectBody, required=False)
+        body: ConnectBody = await _body(request, ConnectBody, limits, required=False)
         sandbox, resumed = await manager.connect(request.path_params["sandbox_id"], body.timeout)
         return JSONResponse(serialize.sandbox_created(sandbox), status_code=201 if resumed else 200)
 

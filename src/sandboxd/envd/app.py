@@ -5,8 +5,10 @@ from __future__ import annotations
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from sandboxd.core.limits import RequestLimits
 from sandboxd.core.manager import SandboxManager
 from sandboxd.envd import context
+from sandboxd.envd.codec import envd_codecs
 from sandboxd.envd.files_http import FilesEndpoint
 from sandboxd.envd.filesystem_service import FilesystemService
 from sandboxd.envd.gen.filesystem.filesystem_connect import FilesystemASGIApplication
@@ -14,9 +16,11 @@ from sandboxd.envd.gen.process.process_connect import ProcessASGIApplication
 from sandboxd.envd.process_service import ProcessService
 
 
-def build_envd_app(manager: SandboxManager) -> ASGIApp:
-    process_app = ProcessASGIApplication(ProcessService(manager), read_max_bytes=64 * 1024 * 1024)
-    filesystem_app = FilesystemASGIApplication(FilesystemService(manager))
+def build_envd_app(manager: SandboxManager, limits: RequestLimits) -> ASGIApp:
+    # Every message is bounded in size (after decompression) and JSON depth before protobuf reads it.
+    bounds = {"read_max_bytes": limits.max_message_bytes, "codecs": envd_codecs(limits)}
+    process_app = ProcessASGIApplication(ProcessService(manager), **bounds)  # type: ignore[arg-type]
+    filesystem_app = FilesystemASGIApplication(FilesystemService(manager), **bounds)  # type: ignore[arg-type]
     files = FilesEndpoint(manager)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
