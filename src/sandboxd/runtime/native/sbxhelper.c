@@ -105,28 +105,85 @@ static void join_cgroups(char **cgroups, int n) {
     }
 }
 
-/* Seccomp: a deny-list modelled on Docker's default profile. Everything that reconfigures the kernel,
- * the mount table or namespaces, loads code into the kernel, or reads kernel memory gets EPERM. */
+/*
+ * Seccomp: the whole policy is here. A deny-list modelled on Docker's default profile (whose
+ * allow-list leaves out everything below): anything that reconfigures the kernel, the mount table or
+ * namespaces, loads code into the kernel, reads kernel memory, or reaches past the sandbox's own
+ * objects fails with EPERM (address families: EAFNOSUPPORT, as the kernel says for one it lacks).
+ * Only the native x86-64 ABI is allowed: an i386 (int 0x80) or x32 syscall kills the thread
+ * (libseccomp's bad-architecture action), so no syscall can slip past these rules under another number.
+ */
+static const char *const denied_syscalls[] = {
+    /* the mount table and root: mount namespaces are the host's to manage */
+    "mount", "umount", "umount2", "pivot_root", "mount_setattr", "fsopen", "fsconfig", "fsmount", "fspick",
+    "move_mount", "open_tree",
+    /* namespaces: a sandbox never makes or joins one (clone with CLONE_NEW* flags: below) */
+    "unshare", "setns",
+    /* kernel code and machine state */
+    "init_module", "finit_module", "delete_module", "create_module", "get_kernel_syms", "query_module",
+    "kexec_load", "kexec_file_load", "reboot", "swapon", "swapoff", "acct", "syslog", "lookup_dcookie",
+    "quotactl", "quotactl_fd", "nfsservctl", "uselib", "ustat", "sysfs", "_sysctl", "vhangup",
+    "sethostname", "setdomainname", "lsm_set_self_attr",
+    /* clocks shared with the host */
+    "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "stime",
+    /* raw hardware access */
+    "iopl", "ioperm", "vm86", "vm86old",
+    /* programs in the kernel, kernel-wide observation */
+    "bpf", "perf_event_open", "fanotify_init",
+    /* file handles bypass path-based checks (CVE-2014-9357 "shocker") */
+    "open_by_handle_at", "name_to_handle_at",
+    /* the kernel keyring is not namespaced */
+    "keyctl", "add_key", "request_key",
+    /* userfaultfd stalls kernel page faults: a classic race-exploit primitive */
+    "userfaultfd",
+    /* io_uring: a second syscall interface with its own history of escapes (Docker blocks it since 25.0) */
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
+    /* reaching into other processes' memory placement or descriptors */
+    "move_pages", "migrate_pages", "pidfd_getfd", "kcmp",
+    /* memory hidden from the kernel's own inspection */
+    "memfd_secret",
+    /* newer than the libseccomp this is built with: numbered in newer_syscalls below */
+    "open_tree_attr",
+    NULL,
+};
+
+/* Syscalls libseccomp 2.5 (Debian 12) cannot name yet, by their x86-64 number. */
+static const struct {
+    const char *name;
+    int nr;
+} newer_syscalls[] = {{"lsm_set_self_attr", 460}, {"open_tree_attr", 467}};
+
+static int syscall_number(const char *name) {
+    int nr = seccomp_syscall_resolve_name(name);
+#ifdef __x86_64__
+    for (size_t i = 0; nr == __NR_SCMP_ERROR && i < sizeof newer_syscalls / sizeof newer_syscalls[0]; i++)
+        if (!strcmp(newer_syscalls[i].name, name)) nr = newer_syscalls[i].nr;
+#endif
+    return nr;
+}
+
+/* Socket families a sandbox may use: local, IPv4, IPv6, and netlink (route queries by libc and ip).
+ * Everything else (AF_VSOCK reaches the hypervisor and is not namespaced; AF_PACKET, AF_KEY, AF_ALG,
+ * AF_BLUETOOTH, ...) is refused. */
+static const int allowed_families[] = {AF_UNIX, AF_INET, AF_INET6, AF_NETLINK};
+#define MAX_FAMILY 64 /* > AF_MAX on any current kernel */
+#define NETLINK_KOBJECT_UEVENT_ 15
+
+static int family_allowed(int f) {
+    for (size_t i = 0; i < sizeof allowed_families / sizeof allowed_families[0]; i++)
+        if (allowed_families[i] == f) return 1;
+    return 0;
+}
+
 static void apply_seccomp(void) {
-    static const char *denied[] = {
-        "mount", "umount", "umount2", "pivot_root", "swapon", "swapoff",
-        "reboot", "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
-        "create_module", "get_kernel_syms", "query_module", "acct", "settimeofday", "clock_settime",
-        "clock_adjtime", "adjtimex", "stime", "syslog", "open_by_handle_at", "name_to_handle_at", "bpf",
-        "perf_event_open", "userfaultfd", "keyctl", "add_key", "request_key", "unshare", "setns",
-        "lookup_dcookie", "quotactl", "quotactl_fd", "iopl", "ioperm", "uselib", "vm86", "vm86old",
-        "nfsservctl", "mount_setattr", "fsopen", "fsconfig", "fsmount", "fspick", "move_mount",
-        "open_tree", "sethostname", "setdomainname", "vhangup", "pidfd_getfd", "kcmp",
-        "fanotify_init", "ustat", "sysfs", "_sysctl",
-        "lsm_set_self_attr", NULL,
-    };
     scmp_filter_ctx ctx = seccomp_init(SCMP_ACT_ALLOW);
     if (!ctx) die("seccomp_init");
-    for (int i = 0; denied[i]; i++) {
-        int nr = seccomp_syscall_resolve_name(denied[i]);
-        if (nr == __NR_SCMP_ERROR) continue;
-        if (seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), nr, 0) < 0) die("seccomp rule %s", denied[i]);
+    for (int i = 0; denied_syscalls[i]; i++) {
+        int nr = syscall_number(denied_syscalls[i]);
+        if (nr == __NR_SCMP_ERROR) continue; /* i386-only names (umount, stime, vm86): not on this ABI */
+        if (seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), nr, 0) < 0) die("seccomp rule %s", denied_syscalls[i]);
     }
+    /* clone() that would make a namespace */
     static const unsigned long flags[] = {CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER,
                                           CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWCGROUP, CLONE_NEWTIME};
     for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
@@ -135,10 +192,31 @@ static void apply_seccomp(void) {
             die("seccomp clone rule");
     /* clone3 passes flags in memory that seccomp cannot read: ENOSYS makes libc fall back to clone. */
     if (seccomp_rule_add(ctx, SCMP_ACT_ERRNO(ENOSYS), SCMP_SYS(clone3), 0) < 0) die("seccomp clone3");
-    /* ioctl(TIOCSTI) injects input into a terminal: denied, as in Docker. */
-    if (seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(ioctl), 1,
-                         SCMP_A1(SCMP_CMP_MASKED_EQ, 0xffffffffUL, TIOCSTI)) < 0)
-        die("seccomp tiocsti");
+    /* ioctl(TIOCSTI) injects input into a terminal; TIOCLINUX reads and writes the console. */
+    static const unsigned long ioctls[] = {TIOCSTI, TIOCLINUX};
+    for (size_t i = 0; i < sizeof ioctls / sizeof ioctls[0]; i++)
+        if (seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(ioctl), 1,
+                             SCMP_A1(SCMP_CMP_MASKED_EQ, 0xffffffffUL, ioctls[i])) < 0)
+            die("seccomp ioctl rule");
+    /* socket families: everything outside allowed_families */
+    for (int f = 0; f <= MAX_FAMILY; f++) {
+        if (family_allowed(f)) continue;
+        if (seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EAFNOSUPPORT), SCMP_SYS(socket), 1, SCMP_A0(SCMP_CMP_EQ, f)) < 0 ||
+            seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EAFNOSUPPORT), SCMP_SYS(socketpair), 1, SCMP_A0(SCMP_CMP_EQ, f)) < 0)
+            die("seccomp socket rule");
+    }
+    if (seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EAFNOSUPPORT), SCMP_SYS(socket), 1, SCMP_A0(SCMP_CMP_GT, MAX_FAMILY)) < 0 ||
+        seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EAFNOSUPPORT), SCMP_SYS(socketpair), 1,
+                         SCMP_A0(SCMP_CMP_GT, MAX_FAMILY)) < 0)
+        die("seccomp socket rule");
+    /* kobject uevents are broadcast into every network namespace the initial user namespace owns, which
+     * the sandbox's is: they would show host device events. The kernel reads these arguments as 32-bit
+     * ints: compare only the low half, or a value with high bits set would slip past. (The family rules
+     * above need no mask: a value with high bits set is above MAX_FAMILY and refused.) */
+    if (seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPROTONOSUPPORT), SCMP_SYS(socket), 2,
+                         SCMP_A0(SCMP_CMP_MASKED_EQ, 0xffffffffUL, AF_NETLINK),
+                         SCMP_A2(SCMP_CMP_MASKED_EQ, 0xffffffffUL, NETLINK_KOBJECT_UEVENT_)) < 0)
+        die("seccomp uevent rule");
     if (seccomp_load(ctx) < 0) die("seccomp_load");
     seccomp_release(ctx);
 }
