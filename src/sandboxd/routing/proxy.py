@@ -43,6 +43,10 @@ HOP_BY_HOP = {
     b"content-length",
     b"x-sandboxd-env",
 }
+# Credentials meant for sandboxd: never passed on to the sandbox's own services, which may be anyone's code.
+# (Authorization stays: it is how a browser authenticates to the user's own web app.)
+CREDENTIALS = {b"x-access-token", b"e2b-traffic-access-token", b"x-api-key"}
+DROPPED = HOP_BY_HOP | CREDENTIALS
 
 
 class UpstreamClosed(ConnectionError):
@@ -152,7 +156,7 @@ async def _forward(scope: Scope, receive: Receive, send: Send, up: _Upstream, ex
         target += b"?" + scope["query_string"]
     headers = [
         (b"host", b"localhost"),
-        *((k, v) for k, v in scope["headers"] if k.lower() not in HOP_BY_HOP),
+        *((k, v) for k, v in scope["headers"] if k.lower() not in DROPPED),
         *extra,
         (b"transfer-encoding", b"chunked"),
     ]

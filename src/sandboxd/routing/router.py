@@ -9,6 +9,7 @@ answers 502 with the JSON body the SDK recognises ("The sandbox was not found"),
 from __future__ import annotations
 
 import hmac
+import re
 from urllib.parse import parse_qsl
 
 from starlette.responses import JSONResponse
@@ -17,11 +18,17 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from sandboxd.core.manager import SandboxManager
 from sandboxd.envd.context import current_sandbox
 from sandboxd.envd.files_http import operation_of, signature_matches
-from sandboxd.routing.proxy import PortProxy
+from sandboxd.routing.proxy import INTERPRETER_PORT, PortProxy
 
 ENVD_PORT = 49983
 # envd paths reachable without X-Access-Token: /health, and /files, which checks the token or a signature.
 PUBLIC_ENVD_PATHS = frozenset({"/health", "/files"})
+# The code interpreter executes code: every request to it needs the access token, except the context
+# calls that the official SDKs make without one (they start, list, restart or remove kernels, never run
+# code given in the request).
+_CONTEXT_CALLS = re.compile(
+    r"(GET|POST) /contexts|(DELETE|PATCH) /contexts/[^/]+|POST /contexts/[^/]+/restart|GET /health"
+)
 SIGNATURE_CACHE = 4096
 
 
@@ -30,6 +37,12 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if k == name:
             return v.decode("latin-1")
     return None
+
+
+async def _unauthorized(scope: Scope, receive: Receive, send: Send) -> None:
+    await JSONResponse({"code": 401, "message": "missing or invalid X-Access-Token for this sandbox"}, status_code=401)(
+        scope, receive, send
+    )
 
 
 class Router:
@@ -41,6 +54,12 @@ class Router:
         self.ports = ports
         self.proxy = proxy  # every other port: the sandbox's own services
         self._by_signature: dict[str, str] = {}  # signature -> sandbox ID (bounded, most recent kept)
+        self.draining = False  # the server is shutting down: new requests get 503
+
+    @staticmethod
+    def _token_ok(scope: Scope, expected: str) -> bool:
+        token = _header(scope, b"x-access-token")
+        return token is not None and hmac.compare_digest(token.encode(), expected.encode())
 
     def _sandbox_by_signature(self, scope: Scope) -> str | None:
         """Signed /files URLs carry no sandbox header: the sandbox is the one whose access token
@@ -65,6 +84,13 @@ class Router:
         if scope["type"] != "http":
             await self.control_plane(scope, receive, send)
             return
+        if self.draining:
+            await JSONResponse(
+                {"code": 503, "message": "sandboxd is shutting down; sandboxes keep running: retry in a moment"},
+                status_code=503,
+                headers={"Retry-After": "2", "Connection": "close"},
+            )(scope, receive, send)
+            return
         sandbox_id = _header(scope, b"e2b-sandbox-id")
         if sandbox_id is None and scope["path"] == "/files":
             sandbox_id = self._sandbox_by_signature(scope)
@@ -87,6 +113,10 @@ class Router:
         port = int(port_raw) if port_raw.isdigit() and 0 < int(port_raw) < 65536 else -1
         app = self.ports.get(port)
         if app is None and port > 0:
+            if port == INTERPRETER_PORT and not _CONTEXT_CALLS.fullmatch(f"{scope['method']} {scope['path']}"):
+                if not self._token_ok(scope, sandbox.record.envd_token):
+                    await _unauthorized(scope, receive, send)
+                    return
             await self.proxy(scope, receive, send, sandbox, port)
             return
         if app is None:
@@ -101,11 +131,8 @@ class Router:
             )(scope, receive, send)
             return
         if port == ENVD_PORT and scope["path"] not in PUBLIC_ENVD_PATHS:
-            token = _header(scope, b"x-access-token")
-            if token is None or not hmac.compare_digest(token, sandbox.record.envd_token):
-                await JSONResponse(
-                    {"code": 401, "message": "missing or invalid X-Access-Token for this sandbox"}, status_code=401
-                )(scope, receive, send)
+            if not self._token_ok(scope, sandbox.record.envd_token):
+                await _unauthorized(scope, receive, send)
                 return
         reset = current_sandbox.set(sandbox)
         try:
