@@ -53,8 +53,12 @@ class Server:
         return self.proc.wait(timeout=timeout)
 
 
-def start_server(data_dir: Path, *extra: str, port: int | None = None) -> Server:
+def start_server(data_dir: Path, *extra: str, port: int | None = None, keep: bool = False) -> Server:
+    """A real `sandboxd serve` on a free port. Unless `keep`, it destroys its sandboxes when stopped
+    (`--destroy-on-exit`), so that the tests can check that nothing is left behind."""
     port = port or free_port()
+    if not keep:
+        extra = ("--destroy-on-exit", *extra)
     log_path = data_dir.with_suffix(".log")
     log = open(log_path, "ab")
     proc = subprocess.Popen(

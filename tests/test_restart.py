@@ -62,9 +62,9 @@ def test_leftovers_of_dead_sandboxes_are_cleaned_at_start(tmp_path: Path) -> Non
     assert not cgroup_dirs(b.sandbox_id)
 
 
-def test_keep_sandboxes_on_clean_shutdown(tmp_path: Path) -> None:
+def test_sandboxes_are_kept_on_clean_shutdown_by_default(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    srv = start_server(data, "--keep-sandboxes")
+    srv = start_server(data, keep=True)
     sbx = Sandbox.create(template="base", timeout=120, **_env(srv))
     port = int(srv.url.rsplit(":", 1)[1])
     assert srv.stop(signal.SIGTERM) == 0

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import fcntl
 import logging
 import os
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,8 +15,10 @@ from pathlib import Path
 from starlette.types import Receive, Scope, Send
 
 from sandboxd.api.app import build_control_plane
+from sandboxd.core.limits import RequestLimits
 from sandboxd.core.manager import SandboxManager, Settings
 from sandboxd.envd.app import build_envd_app
+from sandboxd.envd.process_service import end_streams_for_shutdown
 from sandboxd.routing.proxy import PortProxy
 from sandboxd.routing.router import ENVD_PORT, Router
 from sandboxd.runtime.namespaces import NamespaceRuntime
@@ -30,9 +36,12 @@ class ServerConfig:
     port: int = 3000
     data_dir: Path = DEFAULT_DATA_DIR
     templates_dir: Path | None = None
-    keep_sandboxes: bool = False  # on shutdown, leave sandboxes running for the next start to re-adopt
+    # On shutdown, leave sandboxes running for the next start to re-adopt (an upgrade or restart must
+    # not cost users their sandboxes); False destroys them (`--destroy-on-exit`).
+    keep_sandboxes: bool = True
     favor_dynmods: bool = True  # remount cgroup2 with favordynmods (see runtime/cgroups.py)
     settings: Settings = field(default_factory=Settings)
+    limits: RequestLimits = field(default_factory=RequestLimits)
 
     @property
     def template_path(self) -> Path:
@@ -46,7 +55,8 @@ class App:
         if os.geteuid() != 0:
             raise SystemExit("sandboxd serve must run as root (it creates namespaces, mounts and cgroups)")
         self.config = config
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        if config.template_path.is_dir():
+            os.chmod(config.template_path, 0o700)  # installs made before this was enforced
         self.db = StateDB(config.data_dir / "state.db")
         self.api_key, self.key_created = self.db.api_key()
         self.templates = TemplateStore(config.template_path)
@@ -54,10 +64,18 @@ class App:
         self.manager = SandboxManager(self.runtime, self.templates, self.db, config.settings)
         self.router = Router(
             self.manager,
-            build_control_plane(self.manager, self.api_key),
-            {ENVD_PORT: build_envd_app(self.manager)},
+            build_control_plane(self.manager, self.api_key, config.limits),
+            {ENVD_PORT: build_envd_app(self.manager, config.limits)},
             PortProxy(self.manager),
         )
+
+    def drain(self) -> None:
+        """SIGTERM/SIGINT: refuse new requests (503) and stop refilling pools; open streams then end
+        (uvicorn waits a few seconds for them) and the lifespan shutdown keeps or destroys sandboxes."""
+        log.info("shutting down: refusing new requests")
+        self.router.draining = True
+        self.manager.begin_shutdown()
+        end_streams_for_shutdown(self.manager, sandboxes_kept=self.config.keep_sandboxes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -96,21 +114,81 @@ class App:
         print("\n".join(lines), file=sys.stderr, flush=True)
 
 
+class DataDirLocked(SystemExit):
+    pass
+
+
+def prepare_data_dir(data_dir: Path) -> Path:
+    """Create the data directory if needed, readable by root only: it holds the API key, every
+    sandbox's files (whose setuid bits must never be reachable by host users) and the templates."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+    return data_dir
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Hold `<data>/sandboxd.lock` for the life of the process: one server per data directory.
+
+    A second server would re-adopt the first one's sandboxes, sweep its pool and destroy its sandboxes
+    on exit. The lock is an flock on a close-on-exec descriptor, so it goes with the process, however
+    it ends, and no sandbox helper inherits it."""
+    path = data_dir / "sandboxd.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise DataDirLocked(
+            f"sandboxd: another sandboxd (PID {holder}) is serving the data directory {data_dir}: stop it "
+            "first, or give this server its own --data-dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """Bind the API port before anything is announced, so that a port in use fails the start cleanly."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        what = "is in use by another program" if e.errno == errno.EADDRINUSE else f"cannot be bound: {e.strerror}"
+        raise SystemExit(f"sandboxd: {host}:{port} {what}; choose another with --host/--port") from None
+    sock.listen(2048)
+    sock.set_inheritable(False)
+    return sock
+
+
 def serve(config: ServerConfig) -> None:
     import uvicorn
 
+    if os.geteuid() != 0:
+        raise SystemExit("sandboxd serve must run as root (it creates namespaces, mounts and cgroups)")
+    os.umask(0o077)  # state.db, logs, sandbox state: nothing the server writes is for other host users
+    prepare_data_dir(config.data_dir)
+    lock_fd = lock_data_dir(config.data_dir)
+    sock = bind_listener(config.host, config.port)
+    app = App(config)
+
     class _Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: object) -> None:
-            # Shut down gracefully (sandboxes destroyed, state closed), then exit 0: uvicorn would
+            # Shut down gracefully (sandboxes kept or destroyed, state closed), then exit 0: uvicorn would
             # otherwise re-raise the signal after its shutdown and report death by SIGTERM.
+            if not self.should_exit:
+                try:
+                    asyncio.get_running_loop().call_soon_threadsafe(app.drain)
+                except RuntimeError:  # no loop yet: nothing to drain
+                    pass
             super().handle_exit(sig, frame)  # type: ignore[arg-type]
             self._captured_signals.clear()
 
-    app = App(config)
     uconfig = uvicorn.Config(
         app,
-        host=config.host,
-        port=config.port,
         lifespan="on",
         log_level="warning",
         access_log=False,
@@ -119,4 +197,7 @@ def serve(config: ServerConfig) -> None:
         timeout_keep_alive=650,
         timeout_graceful_shutdown=5,
     )
-    _Server(uconfig).run()
+    try:
+        _Server(uconfig).run(sockets=[sock])
+    finally:
+        os.close(lock_fd)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from sandboxd import __version__
+from sandboxd.core.limits import MiB, RequestLimits
 from sandboxd.server import DEFAULT_DATA_DIR
 
 
@@ -43,7 +44,30 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument(
         "--keep-sandboxes",
         action="store_true",
-        help="on shutdown leave sandboxes running, to be re-adopted by the next start",
+        help="on shutdown leave sandboxes running, to be re-adopted by the next start (the default)",
+    )
+    p_serve.add_argument(
+        "--destroy-on-exit",
+        action="store_true",
+        help="on shutdown (SIGTERM/SIGINT) destroy every sandbox instead of keeping them for the next start",
+    )
+    p_serve.add_argument(
+        "--max-message-mb",
+        type=float,
+        default=RequestLimits.max_message_bytes / MiB,
+        help="largest envd (Connect) request message in MiB, after decompression (default %(default)g)",
+    )
+    p_serve.add_argument(
+        "--max-body-kb",
+        type=int,
+        default=RequestLimits.max_body_bytes // 1024,
+        help="largest control-plane JSON body in KiB (default %(default)d)",
+    )
+    p_serve.add_argument(
+        "--max-json-depth",
+        type=int,
+        default=RequestLimits.max_json_depth,
+        help="deepest nesting of any JSON document a client sends (default %(default)d)",
     )
     p_serve.add_argument(
         "--prewarm",
@@ -90,9 +114,14 @@ def main(argv: list[str] | None = None) -> int:
                 port=args.port,
                 data_dir=args.data_dir,
                 templates_dir=args.templates_dir,
-                keep_sandboxes=args.keep_sandboxes,
+                keep_sandboxes=not args.destroy_on_exit,
                 favor_dynmods=not args.no_favordynmods,
                 settings=settings,
+                limits=RequestLimits(
+                    max_message_bytes=int(args.max_message_mb * MiB),
+                    max_body_bytes=args.max_body_kb * 1024,
+                    max_json_depth=args.max_json_depth,
+                ),
             )
         )
         return 0
@@ -100,7 +129,17 @@ def main(argv: list[str] | None = None) -> int:
         from sandboxd.templates.specs import BUILTIN
         from sandboxd.templates.store import TemplateError, TemplateStore
 
-        store = TemplateStore(args.templates_dir or args.data_dir / "templates")
+        templates_dir = args.templates_dir or args.data_dir / "templates"
+        if args.template_command == "list":
+            if not templates_dir.is_dir():
+                print(
+                    f"sandboxd: no templates directory {templates_dir}: build one with `sandboxd template build "
+                    f"base --data-dir {args.data_dir}`, or pass the --data-dir/--templates-dir your server uses",
+                    file=sys.stderr,
+                )
+                return 2
+        print(f"templates dir: {templates_dir}", file=sys.stderr)
+        store = TemplateStore(templates_dir)
         if args.template_command == "list":
             for name in store.names():
                 t = store.get(name)
@@ -122,7 +161,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "api-key":
         from sandboxd.state.db import StateDB
 
-        print(StateDB(args.data_dir / "state.db").api_key()[0])
+        db_path = args.data_dir / "state.db"
+        if not db_path.is_file():
+            print(
+                f"sandboxd: no server state in {args.data_dir} (no state.db): start `sandboxd serve --data-dir "
+                f"{args.data_dir}` once to create the API key, or pass the --data-dir your server uses",
+                file=sys.stderr,
+            )
+            return 2
+        print(f"data dir: {args.data_dir}", file=sys.stderr)
+        print(StateDB(db_path, create=False).api_key()[0])
         return 0
     return 2
 

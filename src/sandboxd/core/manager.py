@@ -110,6 +110,10 @@ class SandboxManager:
             if name in built:
                 self._schedule_refill(name, delay=0)
 
+    def begin_shutdown(self) -> None:
+        """No more pool refills: the server is stopping."""
+        self._closing = True
+
     async def stop(self, destroy: bool = True) -> None:
         self._closing = True
         if self._reaper:

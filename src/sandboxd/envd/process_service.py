@@ -16,7 +16,7 @@ from protobuf import Oneof
 from sandboxd.core.manager import Sandbox, SandboxManager
 from sandboxd.envd import context
 from sandboxd.envd.gen.process import process_pb as pb
-from sandboxd.envd.processes import Proc, ProcessGone, ProcessTable, SandboxKilled, Subscriber
+from sandboxd.envd.processes import Proc, ProcessGone, ProcessTable, SandboxKilled, ServerShuttingDown, Subscriber
 from sandboxd.runtime.base import ExecSpec
 
 DEFAULT_KEEPALIVE = 90.0
@@ -64,6 +64,24 @@ async def _stream(
         raise ConnectError(Code.DEADLINE_EXCEEDED, f"the deadline of {timeout_ms:.0f} ms was exceeded") from None
     except SandboxKilled as e:
         raise ConnectError(Code.UNAVAILABLE, f"{e}: the sandbox was not found") from None
+    except ServerShuttingDown as e:
+        raise ConnectError(Code.UNAVAILABLE, str(e)) from None
+
+
+def end_streams_for_shutdown(manager: SandboxManager, sandboxes_kept: bool) -> None:
+    """The server is stopping: end every open process stream with an error the SDKs show, instead of
+    cutting the connection. Processes keep running when sandboxes are kept for the next start."""
+    if sandboxes_kept:
+        reason = (
+            "sandboxd server is shutting down, reconnect: the process keeps running in its sandbox "
+            "(commands.connect(pid) once the server is back)"
+        )
+    else:
+        reason = "sandboxd server is shutting down and destroying its sandboxes"
+    for sbx in list(manager.sandboxes.values()):
+        table = sbx.ext.get("processes")
+        if table is not None:
+            table.end_streams(reason)
 
 
 class ProcessService:

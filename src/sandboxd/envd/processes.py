@@ -34,6 +34,10 @@ class ProcessGone(Exception):
     pass
 
 
+class ServerShuttingDown(Exception):
+    """The server is stopping: streams end, the process itself is left running (with the sandbox)."""
+
+
 class SandboxKilled(Exception):
     pass
 
@@ -371,6 +375,12 @@ class ProcessTable:
     def kill_all(self) -> None:
         for proc in list(self.by_pid.values()):
             proc.sandbox_killed()
+
+    def end_streams(self, reason: str) -> None:
+        """End every open stream with ServerShuttingDown (the processes keep running)."""
+        for proc in list(self.by_pid.values()):
+            if not proc.done.is_set():
+                proc._publish(ServerShuttingDown(reason))
 
 
 def _set_winsize(fd: int, rows: int, cols: int) -> None:

@@ -149,6 +149,9 @@ class TemplateStore:
 
     def build(self, spec: TemplateSpec, progress: Progress = _print_progress) -> Template:
         self.dir.mkdir(parents=True, exist_ok=True)
+        # Root filesystems are owned by the shifted sandbox uids: host users must not reach them
+        # (a setuid file in one would run as a sandbox uid; its files would be writable by that uid).
+        os.chmod(self.dir, 0o700)
         self.clean_stale_builds()
         work = self.dir / f".build-{spec.name}-{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)
