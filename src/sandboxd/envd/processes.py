@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from protobuf import Oneof
 
 from sandboxd.envd.gen.process import process_pb as pb
+from sandboxd.runtime import pids
 from sandboxd.runtime.base import ExecSpec, Runtime, SandboxHandle
 
 CHUNK = 32 * 1024  # largest data event, as envd
@@ -82,7 +83,8 @@ class Proc:
         self.end: pb.ProcessEvent | None = None
         self.done = asyncio.Event()
         self._exited = False
-        self._pidfd: int | None = None
+        self._pidfd: int | None = None  # the helper's
+        self._child_pidfd: int | None = None  # the command's (it leads its process group)
         self._stdin_lock = asyncio.Lock()
         self._stdin_waiter: asyncio.Future[None] | None = None
 
@@ -150,6 +152,11 @@ class Proc:
             loop.add_reader(fd, self._on_readable, fd)
         self._pidfd = os.pidfd_open(self.popen.pid)
         loop.add_reader(self._pidfd, self._on_exit)
+        if self.host_pid:
+            # Signals go through a pidfd of the command, checked to be the helper's child: never a PID
+            # that was recycled after the command ended.
+            with contextlib.suppress(pids.ProcessChanged):
+                self._child_pidfd = pids.open_checked(self.host_pid, parent=self.popen.pid)
         if not self.pid:
             # The helper failed before running the command (its message is on stderr): report a pid
             # the table cannot confuse with a real one.
@@ -209,6 +216,9 @@ class Proc:
         loop.remove_reader(self._pidfd)
         os.close(self._pidfd)
         self._pidfd = None
+        if self._child_pidfd is not None:
+            os.close(self._child_pidfd)
+            self._child_pidfd = None
         self._exited = True
         self.close_stdin()
         # Output written just before exit is still in the pipes: drain it. A background grandchild
@@ -327,14 +337,11 @@ class Proc:
             self.stdin_fd = None
 
     def signal(self, sig: int) -> None:
-        if self.done.is_set() or not self.host_pid:
+        if self.done.is_set() or self._child_pidfd is None:
             raise ProcessGone(f"process {self.pid} is not running")
-        try:
-            # The command leads its own process group: signal the group so its children go too.
-            os.killpg(self.host_pid, sig)
-        except ProcessLookupError:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.host_pid, sig)
+        # The command leads its own process group: signal the group so its children go too.
+        with contextlib.suppress(ProcessLookupError):
+            pids.signal_group(self._child_pidfd, sig)
 
     def resize(self, cols: int, rows: int) -> None:
         if self.master_fd is None:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from sandboxd.runtime.pids import kill_member
 
 log = logging.getLogger("sandboxd.runtime")
 
@@ -167,10 +167,8 @@ class SandboxCgroups:
             if freezer is not None:
                 _write(freezer / "freezer.state", "FROZEN", quiet=True)
             for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                # through a pidfd, and only while the PID is still in this sandbox's cgroup
+                kill_member(pid, f"/{self.sandbox_id}")
             if freezer is not None:
                 _write(freezer / "freezer.state", "THAWED", quiet=True)
             if time.monotonic() > deadline:

@@ -12,13 +12,12 @@ import ctypes
 import hashlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sandboxd.runtime import cgroups
+from sandboxd.runtime import cgroups, pids
 from sandboxd.runtime.base import ExecSpec, Runtime, RuntimeError_, SandboxHandle, SandboxSpec, Stats
 from sandboxd.runtime.native import helper_path, sealed_copy
 from sandboxd.runtime.rootfs import open_pty_in_root
@@ -35,9 +34,11 @@ def _setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def _socket_in_netns(path: str) -> socket.socket:
-    """A TCP socket that belongs to the network namespace at `path` (runs in the netns thread)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def _socket_in_netns(pid: int, start: int) -> socket.socket:
+    """A TCP socket that belongs to the network namespace of the sandbox whose init is `pid` started at
+    `start` (runs in the netns thread). setns goes through a checked pidfd, not /proc/<pid>/ns/net: a
+    recycled PID cannot hand us another process's namespace."""
+    fd = pids.open_checked(pid, start=start)
     try:
         _setns(fd)
         try:
@@ -47,20 +48,6 @@ def _socket_in_netns(path: str) -> socket.socket:
     finally:
         os.close(fd)
 
-
-def process_start_time(pid: int) -> int | None:
-    """The kernel's start time of `pid` (clock ticks since boot): tells a process from a PID reuse."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # The command name may contain spaces and parentheses: fields start after the last ')'.
-    fields = data[data.rindex(b")") + 2 :].split()
-    state = fields[0]
-    if state in (b"Z", b"X"):
-        return None
-    return int(fields[19])
 
 
 class NamespaceRuntime(Runtime):
@@ -133,7 +120,7 @@ class NamespaceRuntime(Runtime):
                 reason = err.decode(errors="replace").strip()
                 raise RuntimeError_(f"creating sandbox {spec.sandbox_id} failed: {reason}")
             pid = int(out.split()[0])
-            start = process_start_time(pid)
+            start = pids.start_time(pid)
             if start is None:
                 raise RuntimeError_(f"sandbox {spec.sandbox_id}: init process {pid} died at start")
         except BaseException:
@@ -178,16 +165,18 @@ class NamespaceRuntime(Runtime):
 
     async def connect_tcp(self, handle: SandboxHandle, port: int) -> socket.socket:
         loop = asyncio.get_running_loop()
-        sock = await loop.run_in_executor(self._netns_thread, _socket_in_netns, f"/proc/{handle.init_pid}/ns/net")
+        try:
+            sock = await loop.run_in_executor(
+                self._netns_thread, _socket_in_netns, handle.init_pid, handle.init_start_time
+            )
+        except pids.ProcessChanged:
+            raise ConnectionRefusedError(f"sandbox {handle.sandbox_id} is gone") from None
         sock.setblocking(False)
         try:
             await loop.sock_connect(sock, ("127.0.0.1", port))
         except BaseException:
             sock.close()
             raise
-        if not self.is_alive(handle):  # the PID was reused between our check and the open: refuse
-            sock.close()
-            raise ConnectionRefusedError(f"sandbox {handle.sandbox_id} is gone")
         return sock
 
     def broker_argv(self, handle: SandboxHandle, uid: int, gid: int, groups: tuple[int, ...]) -> list[str]:
@@ -199,7 +188,7 @@ class NamespaceRuntime(Runtime):
         return argv
 
     def is_alive(self, handle: SandboxHandle) -> bool:
-        return process_start_time(handle.init_pid) == handle.init_start_time
+        return pids.start_time(handle.init_pid) == handle.init_start_time
 
     def _cgroups(self, sandbox_id: str) -> cgroups.SandboxCgroups:
         return cgroups.SandboxCgroups(self.layout, self.instance, sandbox_id)
@@ -265,9 +254,3 @@ class NamespaceRuntime(Runtime):
             await asyncio.to_thread(self._destroy_sync, sandbox_id)
         return removed
 
-    @staticmethod
-    def signal_host_pid(pid: int, sig: int = signal.SIGKILL) -> None:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass

@@ -1,0 +1,100 @@
+"""PIDs are handles: every signal and every `/proc/<pid>` object goes through a pidfd checked to be the
+process meant, so that a recycled PID (pid_max is 32768 on many hosts) is never hit.
+
+A pidfd names one process for its whole life; a number may name another process once the first is
+reaped. The pattern everywhere: open the pidfd, then check that the process behind it is the one meant
+(its start time, its parent, or its cgroup), then act through the pidfd only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+
+# include/uapi/linux/pidfd.h (Linux 6.9+): signal the process group the pidfd's process leads.
+PIDFD_SIGNAL_PROCESS_GROUP = 1 << 2
+
+
+class ProcessChanged(ProcessLookupError):
+    """The PID no longer names the process that was meant."""
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name may contain spaces and parentheses: fields start after the last ')'.
+    return data[data.rindex(b")") + 2 :].split()
+
+
+def start_time(pid: int) -> int | None:
+    """The kernel's start time of `pid` (clock ticks since boot), None if it is gone or a zombie."""
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+def parent_of(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields is not None else None
+
+
+def is_alive(pidfd: int) -> bool:
+    try:
+        signal.pidfd_send_signal(pidfd, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def open_checked(pid: int, *, start: int | None = None, parent: int | None = None) -> int:
+    """A pidfd for `pid`, checked after opening to be the process started at `start` (clock ticks) and/or
+    the child of `parent`. Raises ProcessChanged otherwise (the caller closes nothing)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise ProcessChanged(f"process {pid} is gone") from None
+    ok = True
+    if start is not None and start_time(pid) != start:
+        ok = False
+    if parent is not None and parent_of(pid) != parent:
+        ok = False
+    # The checks read /proc/<pid> by number: valid only if the pidfd's process still holds that number.
+    if not ok or not is_alive(fd):
+        os.close(fd)
+        raise ProcessChanged(f"PID {pid} no longer names the process meant")
+    return fd
+
+
+def signal_group(pidfd: int, sig: int) -> None:
+    """Signal the process group led by the pidfd's process (it leads one: setpgid/setsid at spawn)."""
+    try:
+        signal.pidfd_send_signal(pidfd, sig, None, PIDFD_SIGNAL_PROCESS_GROUP)
+    except OSError as e:
+        if isinstance(e, ProcessLookupError):
+            raise
+        # Kernels before 6.9 have no group flag: signal the process itself.
+        signal.pidfd_send_signal(pidfd, sig)
+
+
+def kill_member(pid: int, cgroup_marker: str, sig: int = signal.SIGKILL) -> None:
+    """Signal `pid` only if it is (still) in a cgroup whose path contains `cgroup_marker`."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                member = cgroup_marker in f.read()
+        except OSError:
+            return
+        if member and is_alive(fd):
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, sig)
+    finally:
+        os.close(fd)
