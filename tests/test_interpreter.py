@@ -147,7 +147,11 @@ def test_contexts(ci: Sandbox, server: Server) -> None:
         r = httpx.post(
             f"{server.url}/execute",
             json={"code": "1", "context_id": a.id, "language": "python"},
-            headers={"E2b-Sandbox-Id": ci.sandbox_id, "E2b-Sandbox-Port": "49999"},
+            headers={
+                "E2b-Sandbox-Id": ci.sandbox_id,
+                "E2b-Sandbox-Port": "49999",
+                "X-Access-Token": ci._envd_access_token,
+            },
         )
         assert r.status_code == 400 and "not both" in r.text
     finally:

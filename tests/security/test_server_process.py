@@ -92,6 +92,13 @@ def test_setuid_file_made_in_a_sandbox_cannot_be_run_by_a_host_user(server: Serv
     assert r.returncode != 0 and "secret" not in r.stdout, (r.stdout, r.stderr)
 
 
+def test_sandbox_processes_get_the_usual_umask(sandbox: Sandbox) -> None:
+    # The server's own umask is 077; what runs in a sandbox must not inherit it.
+    assert sandbox.commands.run("umask").stdout.strip() == "0022"
+    sandbox.commands.run("mkdir /tmp/d && touch /tmp/f")
+    assert sandbox.commands.run("stat -c %a /tmp/d /tmp/f").stdout.split() == ["755", "644"]
+
+
 def test_api_key_names_its_data_dir_and_refuses_a_missing_one(server: Server, tmp_path: Path) -> None:
     missing = tmp_path / "no-such-dir"
     r = subprocess.run([SANDBOXD, "api-key", "--data-dir", str(missing)], capture_output=True, text=True, timeout=30)

@@ -95,6 +95,7 @@ class SandboxManager:
         for rec in self.db.all():
             handle = SandboxHandle(**{**rec.handle, "state_dir": Path(rec.handle["state_dir"])})
             if self.runtime.is_alive(handle):
+                self.runtime.adopt(handle)
                 self._register(Sandbox(rec, handle))
                 adopted.add(rec.sandbox_id)
             else:
@@ -146,7 +147,7 @@ class SandboxManager:
         if not template.service:
             return handle, None
         try:
-            user = lookup_user(str(self.runtime.root_path(handle)), template.service_user)
+            user = lookup_user(str(self.runtime.root_path(handle)), template.service_user, handle.uid_base)
             if user is None:
                 raise BadRequest(f"template '{template.name}': its service user '{template.service_user}' is unknown")
             env = {"PATH": DEFAULT_PATH, "HOME": user.home, "USER": user.name, **template.service_env}

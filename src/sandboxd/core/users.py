@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sandboxd.runtime.rootfs import read_file_in_root
 
@@ -16,6 +16,7 @@ class User:
     gid: int
     home: str
     groups: tuple[int, ...]
+    host_base: int = 0  # the host uid/gid of this sandbox's uid/gid 0 (each sandbox has its own range)
 
 
 _FALLBACK = {
@@ -34,10 +35,11 @@ def entries(root: str, file: str) -> list[list[str]] | None:
     return [line.split(":") for line in data.splitlines()]
 
 
-def lookup_user(root: str, name: str) -> User | None:
+def lookup_user(root: str, name: str, host_base: int = 0) -> User | None:
     passwd = entries(root, "/etc/passwd")
     if passwd is None:
-        return _FALLBACK.get(name)
+        fallback = _FALLBACK.get(name)
+        return replace(fallback, host_base=host_base) if fallback else None
     for parts in passwd:
         if len(parts) >= 7 and parts[0] == name:
             try:
@@ -55,5 +57,5 @@ def lookup_user(root: str, name: str) -> User | None:
                         groups.add(gid_)
             if not (0 <= uid < 65536 and 0 <= gid < 65536):
                 return None
-            return User(name, uid, gid, parts[5] or "/", tuple(sorted(groups)))
+            return User(name, uid, gid, parts[5] or "/", tuple(sorted(groups)), host_base)
     return None

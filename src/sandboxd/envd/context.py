@@ -38,7 +38,7 @@ def username_from_header(value: str | None, default: str) -> str:
 def resolve_user(manager: SandboxManager, sbx: Sandbox, header: str | None) -> User:
     name = username_from_header(header, sbx.record.default_user)
     root = str(manager.runtime.root_path(sbx.handle))
-    user = lookup_user(root, name)
+    user = lookup_user(root, name, sbx.handle.uid_base)
     if user is None:
         raise ConnectError(Code.UNAUTHENTICATED, f"invalid username: '{name}'")
     return user

@@ -135,7 +135,7 @@ class FilesEndpoint:
                 await error(401, "invalid signature")(scope, receive, send)
                 return
         name = query.get("username") or sandbox.record.default_user
-        user = lookup_user(str(self.manager.runtime.root_path(sandbox.handle)), name)
+        user = lookup_user(str(self.manager.runtime.root_path(sandbox.handle)), name, sandbox.handle.uid_base)
         if user is None:
             await error(401, f"invalid username: '{name}'")(scope, receive, send)
             return

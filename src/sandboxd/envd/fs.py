@@ -21,7 +21,6 @@ from sandboxd.core.manager import Sandbox, SandboxManager
 from sandboxd.core.users import User, entries
 from sandboxd.envd.gen.filesystem import filesystem_pb as fpb
 from sandboxd.runtime.broker import Broker
-from sandboxd.templates.specs import UID_SHIFT
 
 META_PREFIX = "user.e2b."
 BROKER_IDLE = 60.0
@@ -93,8 +92,9 @@ def display_path(path: str) -> str:
 class Names:
     """uid/gid -> name from the sandbox's /etc/passwd and /etc/group, re-read at most every 2 s."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, host_base: int) -> None:
         self.root = root
+        self.host_base = host_base  # host uid/gid of the sandbox's 0
         self._cache: dict[str, tuple[float, dict[int, str]]] = {}
 
     def _table(self, file: str) -> dict[int, str]:
@@ -110,14 +110,14 @@ class Names:
         if cached is None or now - cached[0] > 2.0:
             cached = (now, self._table(file))
             self._cache[file] = cached
-        inner = host_id - UID_SHIFT
+        inner = host_id - self.host_base
         return cached[1].get(inner, str(inner if inner >= 0 else host_id))
 
 
 def names_of(manager: SandboxManager, sandbox: Sandbox) -> Names:
     names = sandbox.ext.get("names")
     if names is None:
-        names = sandbox.ext["names"] = Names(str(manager.runtime.root_path(sandbox.handle)))
+        names = sandbox.ext["names"] = Names(str(manager.runtime.root_path(sandbox.handle)), sandbox.handle.uid_base)
     return names
 
 
@@ -138,9 +138,9 @@ def may_read(st: os.stat_result, user: User) -> bool:
     """Whether `user` may read the inode (its xattrs need that): sandbox root may, others by mode bits."""
     if user.uid == 0:
         return True
-    if st.st_uid - UID_SHIFT == user.uid:
+    if st.st_uid - user.host_base == user.uid:
         return bool(st.st_mode & stat.S_IRUSR)
-    if st.st_gid - UID_SHIFT in user.groups:
+    if st.st_gid - user.host_base in user.groups:
         return bool(st.st_mode & stat.S_IRGRP)
     return bool(st.st_mode & stat.S_IROTH)
 

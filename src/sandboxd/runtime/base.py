@@ -42,6 +42,9 @@ class SandboxHandle:
     init_start_time: int
     state_dir: Path
     cgroups: list[str]
+    # Host uid/gid of the sandbox's uid/gid 0: each sandbox has a range of its own. Handles recorded
+    # before per-sandbox ranges existed all used 100000.
+    uid_base: int = 100000
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,10 @@ class Runtime(abc.ABC):
         import os
 
         return os.openpty()
+
+    def adopt(self, handle: SandboxHandle) -> None:
+        """A live sandbox of a previous server run is taken over: claim what it holds (its uid range)."""
+        return None
 
     @abc.abstractmethod
     def is_alive(self, handle: SandboxHandle) -> bool: ...

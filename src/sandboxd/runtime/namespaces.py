@@ -17,11 +17,11 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sandboxd.runtime import cgroups, pids
+from sandboxd.runtime import cgroups, identity, pids
 from sandboxd.runtime.base import ExecSpec, Runtime, RuntimeError_, SandboxHandle, SandboxSpec, Stats
 from sandboxd.runtime.native import helper_path, sealed_copy
 from sandboxd.runtime.rootfs import open_pty_in_root
-from sandboxd.templates.specs import UID_RANGE, UID_SHIFT
+from sandboxd.templates.specs import UID_SHIFT
 
 _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET = 0x40000000
@@ -49,11 +49,10 @@ def _socket_in_netns(pid: int, start: int) -> socket.socket:
         os.close(fd)
 
 
-
 class NamespaceRuntime(Runtime):
     name = "namespaces"
 
-    def __init__(self, state_dir: Path, favor_dynmods: bool = True) -> None:
+    def __init__(self, state_dir: Path, favor_dynmods: bool = True, uid_base: int | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.sandboxes_dir = self.state_dir / "sandboxes"
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
@@ -66,6 +65,10 @@ class NamespaceRuntime(Runtime):
             cgroups.favor_dynamic_modifications(self.layout)
         # One cgroup group per data directory: servers sharing a host never touch each other's sandboxes.
         self.instance = "i" + hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:12]
+        self.ids = identity.UidAllocator(
+            first=uid_base if uid_base is not None else identity.default_first(self.instance)
+        )
+        self.ids.check_host()
         if "memory" not in self.layout.v1 and "memory" not in self.layout.v2_controllers:
             raise RuntimeError_(
                 "no memory cgroup controller found: sandboxd needs cgroup v1 memory or cgroup v2 with the "
@@ -74,11 +77,12 @@ class NamespaceRuntime(Runtime):
 
     async def create(self, spec: SandboxSpec) -> SandboxHandle:
         sdir = self.sandboxes_dir / spec.sandbox_id
-        upper, work, merged = sdir / "upper", sdir / "work", sdir / "merged"
-        for d in (upper, work, merged):
-            d.mkdir(parents=True, exist_ok=True)
+        upper = sdir / "upper"
+        for name in ("lower", "upper", "work", "merged"):
+            (sdir / name).mkdir(parents=True, exist_ok=True)
+        base = self.ids.allocate()
         # The overlay's root directory takes the upper dir's owner: make it sandbox root.
-        os.chown(upper, UID_SHIFT, UID_SHIFT)
+        os.chown(upper, base, base)
         os.chmod(upper, 0o755)
         cg = self._cgroups(spec.sandbox_id)
         try:
@@ -88,23 +92,21 @@ class NamespaceRuntime(Runtime):
                 "create",
                 "--lower",
                 str(spec.rootfs),
-                "--upper",
-                str(upper),
-                "--work",
-                str(work),
-                "--merged",
-                str(merged),
+                "--state-dir",
+                str(sdir),
                 "--hostname",
                 spec.hostname,
                 "--shift",
-                str(UID_SHIFT),
+                str(base),
                 "--range",
-                str(UID_RANGE),
+                str(identity.RANGE),
+                "--idmap-from",
+                str(UID_SHIFT),
             ]
             for path in cg.paths:
                 argv += ["--cgroup", path]
             for src, dst in spec.binds:
-                argv += ["--ro-bind", f"{src}:{dst}"]
+                argv += ["--ro-copy", f"{src}:{dst}"]
             # Popen uses vfork: the event loop is not held up by copying the server's page tables, as a
             # fork() would (uvloop's subprocess forks). The helper's wait happens in a thread.
             proc = subprocess.Popen(  # noqa: ASYNC220
@@ -127,6 +129,7 @@ class NamespaceRuntime(Runtime):
             cg.kill_all()
             cg.remove()
             shutil.rmtree(sdir, ignore_errors=True)
+            self.ids.release(base)
             raise
         return SandboxHandle(
             sandbox_id=spec.sandbox_id,
@@ -135,6 +138,7 @@ class NamespaceRuntime(Runtime):
             init_start_time=start,
             state_dir=sdir,
             cgroups=cg.paths,
+            uid_base=base,
         )
 
     def exec_argv(self, handle: SandboxHandle, spec: ExecSpec, report_fd: int | None = None) -> list[str]:
@@ -195,6 +199,10 @@ class NamespaceRuntime(Runtime):
 
     async def destroy(self, handle: SandboxHandle) -> None:
         await asyncio.to_thread(self._destroy_sync, handle.sandbox_id)
+        self.ids.release(handle.uid_base)  # only now: no process of the sandbox is left
+
+    def adopt(self, handle: SandboxHandle) -> None:
+        self.ids.claim(handle.uid_base)
 
     def _destroy_sync(self, sandbox_id: str) -> None:
         cg = self._cgroups(sandbox_id)
@@ -253,4 +261,3 @@ class NamespaceRuntime(Runtime):
         for sandbox_id in removed:
             await asyncio.to_thread(self._destroy_sync, sandbox_id)
         return removed
-

@@ -14,6 +14,7 @@ sandboxes: an old version is deleted only once no sandbox on the host (of any se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -296,7 +297,8 @@ def _switch_current(home: Path, digest: str) -> None:
 
 
 def _mounted_lower_dirs() -> set[str]:
-    """Lower directories of the overlays of every sandbox on the host (read from each sandbox's PID 1)."""
+    """Template root filesystems of every sandbox on the host: each sandbox's PID 1 holds its template open
+    as fd 3 (sbxhelper.c, TEMPLATE_FD); sandboxes made before that name it in their overlay's options."""
     lowers: set[str] = set()
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -305,6 +307,8 @@ def _mounted_lower_dirs() -> set[str]:
             with open(f"/proc/{pid}/comm") as f:
                 if f.read().strip() != "sandbox-init":
                     continue
+            with contextlib.suppress(OSError):
+                lowers.add(os.readlink(f"/proc/{pid}/fd/3"))
             with open(f"/proc/{pid}/mountinfo") as f:
                 for line in f:
                     _, _, opts = line.partition(" - overlay ")

@@ -29,6 +29,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <dirent.h>
 #include <ftw.h>
 #include <grp.h>
 #include <stdint.h>
@@ -63,9 +64,17 @@
 #define MAX_CGROUPS 16
 #define MAX_BINDS 8
 
-/* Read-only bind mounts of host directories into the sandbox (sandboxd's own in-sandbox code). */
-static const char *bind_src[MAX_BINDS], *bind_dst[MAX_BINDS];
-static int nbinds;
+/* Read-only copies of host directories in the sandbox (sandboxd's own in-sandbox code): a tmpfs with
+ * the directory's regular files, so that no host path shows in the sandbox's mountinfo, as a bind
+ * mount's source would. */
+static const char *copy_src[MAX_BINDS], *copy_dst[MAX_BINDS];
+static int ncopies;
+/* init keeps the template's root filesystem open as fd TEMPLATE_FD (O_PATH: nothing can be done with
+ * it, and the sandbox cannot reach init's fds), so that the template store sees which template versions
+ * running sandboxes use (/proc/<init>/fd/3) while their mountinfo names no host path. */
+#define TEMPLATE_FD 3
+static int template_fd = -1;
+#define MAX_COPY_FILE (1 << 20)
 static char *argv_end; /* end of the argument strings, for scrubbing init's command line */
 
 static void die(const char *fmt, ...) {
@@ -326,6 +335,44 @@ static void setup_dev(const char *root, unsigned shift) {
     }
 }
 
+static int read_all(int fd, char *buf, size_t n) {
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = read(fd, buf + got, n - got);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) return (int)got;
+        got += (size_t)r;
+    }
+    return (int)got;
+}
+
+static void copy_into_tmpfs(const char *src, const char *dst, unsigned shift) {
+    char opts[128], from[4096], to[4096];
+    xmkdir(dst, 0755);
+    snprintf(opts, sizeof opts, "mode=755,size=8m,nr_inodes=1024,uid=%u,gid=%u", shift, shift);
+    xmount("tmpfs", dst, "tmpfs", MS_NOSUID | MS_NODEV, opts);
+    DIR *d = opendir(src);
+    if (!d) die("opendir %s", src);
+    static char buf[MAX_COPY_FILE];
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (e->d_type != DT_REG) continue; /* files only: no links, no subdirectories */
+        snprintf(from, sizeof from, "%s/%s", src, e->d_name);
+        snprintf(to, sizeof to, "%s/%s", dst, e->d_name);
+        int in = open(from, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        if (in < 0) die("open %s", from);
+        ssize_t n = read_all(in, buf, sizeof buf);
+        close(in);
+        if (n < 0 || (size_t)n == sizeof buf) die("%s: unreadable or over %d bytes", from, MAX_COPY_FILE);
+        int out = open(to, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+        if (out < 0 || write(out, buf, (size_t)n) != n) die("write %s", to);
+        if (fchown(out, shift, shift) < 0) die("chown %s", to);
+        close(out);
+    }
+    closedir(d);
+    xmount(NULL, dst, NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, opts);
+}
+
 /* Hide host-kernel knobs that userns root could otherwise read: as Docker's masked paths. */
 static void mask_proc(const char *root) {
     static const char *masked[] = {"/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug",
@@ -363,17 +410,6 @@ static void write_etc(const char *root, const char *hostname, unsigned shift) {
     if (chown(p, shift, shift) < 0) die("chown %s", p);
 }
 
-static int read_all(int fd, char *buf, size_t n) {
-    size_t got = 0;
-    while (got < n) {
-        ssize_t r = read(fd, buf + got, n - got);
-        if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) return (int)got;
-        got += (size_t)r;
-    }
-    return (int)got;
-}
-
 /* Child side of create: becomes the sandbox's PID 1. Errors go to errfd as text. */
 static void init_child(int tochild, int toparent, const char *merged, const char *hostname, unsigned shift,
                        int argc, char **argv) {
@@ -388,11 +424,9 @@ static void init_child(int tochild, int toparent, const char *merged, const char
     xmount("sysfs", p, "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, NULL);
     setup_dev(merged, shift);
     mask_proc(merged);
-    for (int i = 0; i < nbinds; i++) {
-        snprintf(p, sizeof p, "%s%s", merged, bind_dst[i]);
-        xmkdir(p, 0755);
-        xmount(bind_src[i], p, NULL, MS_BIND | MS_REC, NULL);
-        xmount(NULL, p, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL);
+    for (int i = 0; i < ncopies; i++) {
+        snprintf(p, sizeof p, "%s%s", merged, copy_dst[i]);
+        copy_into_tmpfs(copy_src[i], p, shift);
     }
     write_etc(merged, hostname, shift);
     snprintf(p, sizeof p, "%s/tmp", merged);
@@ -403,6 +437,12 @@ static void init_child(int tochild, int toparent, const char *merged, const char
     if (umount2(".", MNT_DETACH) < 0) die("umount old root");
     if (chdir("/") < 0) die("chdir /");
 
+    /* The sandbox's user namespace is owned by the sandbox's own host uid (its root, SHIFT), not by
+     * host root: the kernel charges per-user counts made inside (inotify instances and watches, user
+     * namespaces, ...) up the chain to the owner, so one sandbox exhausts only its own share. */
+    if (setgroups(0, NULL) < 0) die("setgroups");
+    if (setresgid(shift, shift, shift) < 0) die("setresgid %u", shift);
+    if (setresuid(shift, shift, shift) < 0) die("setresuid %u", shift);
     if (unshare(CLONE_NEWUSER) < 0) die("unshare(user)");
     if (write(toparent, "U", 1) != 1) die("sync write");
     if (read_all(tochild, &c, 1) != 1 || c != 'M') exit(125); /* parent failed to map ids */
@@ -430,8 +470,10 @@ static void init_child(int tochild, int toparent, const char *merged, const char
      * or the server would wait forever for EOF on a pipe (or socket) that init still holds. */
     int devnull = open("/dev/null", O_RDWR);
     for (int fd = 0; fd < 3; fd++) dup2(devnull, fd);
-    if (syscall(SYS_close_range, 3, ~0U, 0) < 0)
-        for (int fd = 3; fd < 1024; fd++) close(fd);
+    if (template_fd >= 0 && template_fd != TEMPLATE_FD && dup2(template_fd, TEMPLATE_FD) < 0) exit(125);
+    int first = template_fd >= 0 ? TEMPLATE_FD + 1 : TEMPLATE_FD;
+    if (syscall(SYS_close_range, first, ~0U, 0) < 0)
+        for (int fd = first; fd < 1024; fd++) close(fd);
     /* PID 1: reap orphans forever. All signals are blocked; only SIGKILL (from the host) ends us. */
     for (;;) {
         int sig;
@@ -441,9 +483,85 @@ static void init_child(int tochild, int toparent, const char *merged, const char
     }
 }
 
+/*
+ * An idmapped clone of the template's root filesystem: files stored with the template's uids
+ * (FROM..FROM+RANGE-1 on disk) appear as this sandbox's own host uids (SHIFT..SHIFT+RANGE-1), so that
+ * every sandbox has a uid range of its own while all of them share one copy of the template. The
+ * mapping is carried by a user namespace made for the purpose (no process stays in it).
+ */
+#ifndef SYS_open_tree
+#define SYS_open_tree 428
+#endif
+#ifndef SYS_move_mount
+#define SYS_move_mount 429
+#endif
+#ifndef SYS_mount_setattr
+#define SYS_mount_setattr 442
+#endif
+#define OPEN_TREE_CLONE_ 1
+#define MOVE_MOUNT_F_EMPTY_PATH_ 0x00000004
+#define MOUNT_ATTR_RDONLY_ 0x00000001
+#define MOUNT_ATTR_NOSUID_ 0x00000002
+#define MOUNT_ATTR_NODEV_ 0x00000004
+#define MOUNT_ATTR_IDMAP_ 0x00100000
+struct mount_attr_ {
+    uint64_t attr_set, attr_clr, propagation, userns_fd;
+};
+
+static int mapping_userns(int procfd, unsigned from, unsigned to, unsigned range) {
+    int sync[2];
+    if (pipe2(sync, O_CLOEXEC) < 0) die("pipe");
+    pid_t child = fork();
+    if (child < 0) die("fork");
+    if (child == 0) {
+        char c;
+        if (unshare(CLONE_NEWUSER) < 0) _exit(1);
+        close(sync[1]);
+        /* Stay until the parent has the namespace: it closes the pipe (or dies). */
+        (void)!read(sync[0], &c, 1);
+        _exit(0);
+    }
+    close(sync[0]);
+    /* The child may not have unshared yet: wait until its user namespace differs from ours. */
+    char path[64], map[64];
+    struct stat ours, theirs;
+    if (stat("/proc/self/ns/user", &ours) < 0) die("stat ns/user");
+    snprintf(path, sizeof path, "%d/ns/user", child);
+    for (int i = 0;; i++) {
+        if (fstatat(procfd, path, &theirs, 0) == 0 && theirs.st_ino != ours.st_ino) break;
+        if (i > 100000) die("mapping namespace did not appear");
+        sched_yield();
+    }
+    snprintf(map, sizeof map, "%u %u %u\n", from, to, range);
+    snprintf(path, sizeof path, "%d/uid_map", child);
+    write_file_at(procfd, path, map);
+    snprintf(path, sizeof path, "%d/gid_map", child);
+    write_file_at(procfd, path, map);
+    snprintf(path, sizeof path, "%d/ns/user", child);
+    int fd = openat(procfd, path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) die("open mapping namespace");
+    close(sync[1]);
+    waitpid(child, NULL, 0);
+    return fd;
+}
+
+static void attach_idmapped(int procfd, const char *src, const char *dst, unsigned from, unsigned to,
+                            unsigned range) {
+    int userns = mapping_userns(procfd, from, to, range);
+    int tree = (int)syscall(SYS_open_tree, AT_FDCWD, src, OPEN_TREE_CLONE_ | O_CLOEXEC);
+    if (tree < 0) die("open_tree %s", src);
+    struct mount_attr_ attr = {MOUNT_ATTR_IDMAP_ | MOUNT_ATTR_RDONLY_ | MOUNT_ATTR_NOSUID_ | MOUNT_ATTR_NODEV_, 0, 0,
+                               (uint64_t)userns};
+    if (syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH, &attr, sizeof attr) < 0) die("idmap %s", src);
+    if (syscall(SYS_move_mount, tree, "", AT_FDCWD, dst, MOVE_MOUNT_F_EMPTY_PATH_) < 0) die("move_mount %s", dst);
+    close(tree);
+    close(userns);
+}
+
 static int cmd_create(int argc, char **argv) {
-    const char *lower = NULL, *upper = NULL, *work = NULL, *merged = NULL, *hostname = "sandbox";
-    unsigned shift = 100000, range = 65536;
+    const char *lower = NULL, *dir = NULL, *hostname = "sandbox";
+    unsigned shift = 100000, range = 65536, idmap_from = 0;
+    int idmap = 0;
     char *cgroups[MAX_CGROUPS];
     int ncg = 0;
     for (int i = 2; i < argc; i++) {
@@ -451,19 +569,20 @@ static int cmd_create(int argc, char **argv) {
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!v) die("missing value for %s", a);
         if (!strcmp(a, "--lower")) lower = v;
-        else if (!strcmp(a, "--upper")) upper = v;
-        else if (!strcmp(a, "--work")) work = v;
-        else if (!strcmp(a, "--merged")) merged = v;
+        else if (!strcmp(a, "--state-dir")) dir = v;
         else if (!strcmp(a, "--hostname")) hostname = v;
         else if (!strcmp(a, "--shift")) shift = (unsigned)strtoul(v, NULL, 10);
         else if (!strcmp(a, "--range")) range = (unsigned)strtoul(v, NULL, 10);
-        else if (!strcmp(a, "--ro-bind")) {
-            /* --ro-bind SRC:DST (DST absolute inside the sandbox, no "..") */
+        else if (!strcmp(a, "--idmap-from")) {
+            idmap_from = (unsigned)strtoul(v, NULL, 10);
+            idmap = 1;
+        } else if (!strcmp(a, "--ro-copy")) {
+            /* --ro-copy SRC:DST (DST absolute inside the sandbox, no "..") */
             char *colon = strchr(v, ':');
-            if (!colon || colon[1] != '/' || strstr(colon, "..") || nbinds == MAX_BINDS) die("bad --ro-bind %s", v);
+            if (!colon || colon[1] != '/' || strstr(colon, "..") || ncopies == MAX_BINDS) die("bad --ro-copy %s", v);
             *colon = 0;
-            bind_src[nbinds] = v;
-            bind_dst[nbinds++] = colon + 1;
+            copy_src[ncopies] = v;
+            copy_dst[ncopies++] = colon + 1;
         }
         else if (!strcmp(a, "--cgroup")) {
             if (ncg == MAX_CGROUPS) die("too many cgroups");
@@ -471,20 +590,34 @@ static int cmd_create(int argc, char **argv) {
         } else die("unknown option %s", a);
         i++;
     }
-    if (!lower || !upper || !work || !merged) die("create needs --lower --upper --work --merged");
+    if (!lower || !dir) die("create needs --lower and --state-dir");
+    template_fd = open(lower, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (template_fd < 0) die("open %s", lower);
+    char merged[4096];
+    snprintf(merged, sizeof merged, "%s/merged", dir);
     join_cgroups(cgroups, ncg);
-    if (unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWCGROUP) < 0)
-        die("unshare");
+    /* The PID namespace comes last, just before init is forked: the first child after it would be
+     * the namespace's init, and attach_idmapped forks a short-lived helper. */
+    if (unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWCGROUP) < 0) die("unshare");
     xmount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL);
-    char opts[8192];
-    snprintf(opts, sizeof opts, "lowerdir=%s,upperdir=%s,workdir=%s,volatile", lower, upper, work);
-    xmount("overlay", merged, "overlay", 0, opts);
-    if (sethostname(hostname, strlen(hostname)) < 0) die("sethostname");
-    lo_up();
-
     /* The child's pivot_root also moves our root (same mount namespace): keep the host /proc open. */
     int procfd = open("/proc", O_DIRECTORY | O_CLOEXEC);
     if (procfd < 0) die("open /proc");
+    if (chdir(dir) < 0) die("chdir %s", dir);
+    const char *lowerdir = lower;
+    if (idmap && idmap_from != shift) {
+        attach_idmapped(procfd, lower, "lower", idmap_from, shift, range);
+        lowerdir = "lower";
+    }
+    /* Relative layer names: the sandbox's /proc/self/mountinfo shows no host path for its root. */
+    char opts[8192];
+    snprintf(opts, sizeof opts, "lowerdir=%s,upperdir=upper,workdir=work,volatile", lowerdir);
+    xmount("overlay", "merged", "overlay", 0, opts);
+    if (chdir("/") < 0) die("chdir /");
+    if (sethostname(hostname, strlen(hostname)) < 0) die("sethostname");
+    lo_up();
+    if (unshare(CLONE_NEWPID) < 0) die("unshare(pid)");
+
     int p2c[2], c2p[2];
     if (pipe2(p2c, O_CLOEXEC) < 0 || pipe2(c2p, O_CLOEXEC) < 0) die("pipe");
     pid_t child = fork();
@@ -869,6 +1002,8 @@ static int cmd_broker(int argc, char **argv) {
 
 int main(int argc, char **argv) {
     argv_end = argv[argc - 1] + strlen(argv[argc - 1]);
+    /* The server runs with umask 077 (its own files are root's only); sandboxes get the usual 022. */
+    umask(022);
     if (argc < 2) {
         fprintf(stderr, "usage: sbxhelper create|exec|version ...\n");
         return 2;

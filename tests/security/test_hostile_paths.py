@@ -170,17 +170,8 @@ def escapes(path: str) -> list[str]:
 
 
 def overlay_dirs(server: Server, sandbox_id: str) -> tuple[list[Path], Path]:
-    """(lower layers, upper dir) of a sandbox's root overlay, from its mountinfo as the host sees it."""
-    for pid in sorted(host_pids_of(server, sandbox_id)):
-        try:
-            lines = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 4 and fields[4] == "/" and " - overlay " in line:
-                opts = dict(o.partition("=")[::2] for o in line.split(" - ", 1)[1].split()[2].split(","))
-                return [Path(x) for x in opts["lowerdir"].split(":")], Path(opts["upperdir"])
+    """(lower layers, upper dir) of a sandbox's root overlay on the host (the sandbox's mountinfo names
+    them only by relative names, so they come from the layout of the data and template dirs)."""
     base = TEMPLATES_DIR / "base"
     rootfs = base / "current" / "rootfs" if (base / "current").exists() else base / "rootfs"
     return [rootfs.resolve()], server.data_dir / "sandboxes" / sandbox_id / "upper"

@@ -1,0 +1,156 @@
+"""Per-sandbox identity: own host uid range, own user-namespace owner, no host paths in mountinfo."""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import struct
+import textwrap
+import time
+
+from e2b import Sandbox
+
+from conftest import TEMPLATES_DIR, Server, host_pids_of
+
+NS_GET_OWNER_UID = 0xB704  # _IO(0xb7, 0x4)
+
+
+def outside_base(sbx: Sandbox) -> int:
+    inside, outside, count = sbx.commands.run("cat /proc/self/uid_map", user="root").stdout.split()
+    assert inside == "0" and count == "65536"
+    return int(outside)
+
+
+def init_pid(server: Server, sbx: Sandbox) -> int:
+    for pid in host_pids_of(server, sbx.sandbox_id):
+        with open(f"/proc/{pid}/comm") as f:
+            if f.read().strip() == "sandbox-init":
+                return pid
+    raise AssertionError("no sandbox-init")
+
+
+def test_each_sandbox_has_a_uid_range_of_its_own(server: Server, sandbox: Sandbox) -> None:
+    other = Sandbox.create(template="base", timeout=60)
+    try:
+        a, b = outside_base(sandbox), outside_base(other)
+        assert a != b and abs(a - b) >= 65536, (a, b)
+        assert min(a, b) >= 1 << 30  # nowhere near host accounts or the template's stored range
+        for sbx, base in ((sandbox, a), (other, b)):
+            # the shared template still looks root-owned inside
+            assert sbx.commands.run("stat -c %u:%g /usr/bin/env /etc/passwd").stdout.split() == ["0:0", "0:0"]
+            sbx.commands.run("touch /home/user/mine")
+            made = server.data_dir / "sandboxes" / sbx.sandbox_id / "upper" / "home" / "user" / "mine"
+            assert made.stat().st_uid == base + 1000
+        # processes run as the sandbox's own host ids
+        for pid in host_pids_of(server, other.sandbox_id):
+            with open(f"/proc/{pid}/status") as f:
+                uid = next(line for line in f if line.startswith("Uid:")).split()[1]
+            assert b <= int(uid) < b + 65536, (pid, uid)
+    finally:
+        other.kill()
+
+
+def test_template_files_are_owned_by_no_sandbox_uid(sandbox: Sandbox) -> None:
+    base = outside_base(sandbox)
+    st = os.stat(TEMPLATES_DIR / "base" / "current" / "rootfs" / "etc" / "passwd")
+    assert not base <= st.st_uid < base + 65536
+    # and sandbox root cannot write through to the template
+    r = sandbox.commands.run("echo x >> /etc/passwd && tail -c 2 /etc/passwd", user="root")
+    assert r.stdout == "x\n"
+    with open(TEMPLATES_DIR / "base" / "current" / "rootfs" / "etc" / "passwd", "rb") as f:
+        assert not f.read().endswith(b"x\n")
+
+
+def test_the_user_namespace_is_owned_by_the_sandbox_not_host_root(server: Server, sandbox: Sandbox) -> None:
+    base = outside_base(sandbox)
+    fd = os.open(f"/proc/{init_pid(server, sandbox)}/ns/user", os.O_RDONLY)
+    try:
+        buf = bytearray(4)
+        fcntl.ioctl(fd, NS_GET_OWNER_UID, buf)
+    finally:
+        os.close(fd)
+    assert struct.unpack("I", buf)[0] == base
+
+
+INOTIFY_HOG = textwrap.dedent(
+    """
+    import ctypes, time
+    libc = ctypes.CDLL(None, use_errno=True)
+    fds = []
+    while len(fds) < 10000:
+        fd = libc.inotify_init1(0)
+        if fd < 0:
+            break
+        fds.append(fd)
+    err = ctypes.get_errno()
+    with open("/tmp/hog.out", "w") as f:
+        f.write(f"{len(fds)} {err}")
+    time.sleep(30)
+    """
+)
+
+
+def test_inotify_exhaustion_is_charged_to_the_sandbox_alone(server: Server, sandbox: Sandbox) -> None:
+    sandbox.files.write("/tmp/hog.py", INOTIFY_HOG)
+    h = sandbox.commands.run("python3 /tmp/hog.py", background=True)
+    for _ in range(200):
+        if sandbox.files.exists("/tmp/hog.out"):
+            break
+        time.sleep(0.05)
+    held, err = sandbox.files.read("/tmp/hog.out").split()
+    assert int(held) > 50 and err == "24", (held, err)  # EMFILE: the sandbox hit its own limit
+    try:
+        # host root is unaffected
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.inotify_init1(0)
+        assert fd >= 0, f"host root cannot make an inotify instance: errno {ctypes.get_errno()}"
+        os.close(fd)
+        # a neighbour can still watch, and the server's own watches work
+        other = Sandbox.create(template="base", timeout=60)
+        try:
+            r = other.commands.run("python3 -c 'import ctypes; print(ctypes.CDLL(None).inotify_init1(0) >= 0)'")
+            assert r.stdout.strip() == "True"
+            other.files.make_dir("/tmp/watched")
+            w = other.files.watch_dir("/tmp/watched")
+            other.files.write("/tmp/watched/f", "x")
+            time.sleep(0.3)
+            assert w.get_new_events(), "the server's watch saw nothing"
+            w.stop()
+            # and the limit is per sandbox: the neighbour gets as many instances as the hog did
+            other.files.write("/tmp/hog.py", INOTIFY_HOG.replace("time.sleep(30)", ""))
+            other.commands.run("python3 /tmp/hog.py")
+            assert other.files.read("/tmp/hog.out").split()[0] == held
+        finally:
+            other.kill()
+    finally:
+        h.kill()
+
+
+def test_mountinfo_shows_no_host_path(server: Server, sandbox: Sandbox) -> None:
+    from e2b_code_interpreter import Sandbox as CodeSandbox
+
+    ci = CodeSandbox.create(template="code-interpreter-v1", timeout=60)
+    try:
+        for sbx in (sandbox, ci):
+            info = sbx.commands.run("cat /proc/self/mountinfo").stdout
+            for host_path in (str(server.data_dir), str(TEMPLATES_DIR), "/var/lib/sandboxd", "/work", "/tmp/sandboxd"):
+                assert host_path not in info, f"{host_path} in mountinfo:\n{info}"
+            assert "/opt/sandboxd/code" not in info or "tmpfs" in info
+        # the interpreter's code is still there, read-only
+        assert ci.run_code("1 + 1").text == "2"
+        r = ci.commands.run("touch /opt/sandboxd/code/sandboxd_interpreter/x 2>&1; echo $?", user="root")
+        assert r.stdout.strip().endswith("1"), r.stdout
+    finally:
+        ci.kill()
+
+
+def test_inits_template_handle_is_out_of_the_sandboxs_reach(sandbox: Sandbox) -> None:
+    # PID 1 keeps the template open (fd 3) for the host's template store; nothing inside may use it.
+    for user in ("root", "user"):
+        r = sandbox.commands.run(
+            "readlink /proc/1/fd/3; ls /proc/1/fd/3/ 2>&1; cat /proc/1/fd/3/etc/hostname 2>&1; echo end",
+            user=user,  # type: ignore[arg-type]
+        )
+        assert "templates" not in r.stdout and "rootfs" not in r.stdout, r.stdout
+        assert "Permission denied" in r.stdout, r.stdout
