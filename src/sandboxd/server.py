@@ -62,6 +62,8 @@ class App:
         self.templates = TemplateStore(config.template_path)
         self.runtime = NamespaceRuntime(config.data_dir, favor_dynmods=config.favor_dynmods)
         self.manager = SandboxManager(self.runtime, self.templates, self.db, config.settings)
+        h = self.manager.host_limits
+        self.runtime.set_host_limits(h.memory_cap_mb, h.max_total_pids, h.server_memory_mb)
         self.router = Router(
             self.manager,
             build_control_plane(self.manager, self.api_key, config.limits),

@@ -42,6 +42,27 @@ def main(argv: list[str] | None = None) -> int:
         help="idle sandboxes kept created per recently used template (default 2; 0 = none)",
     )
     p_serve.add_argument(
+        "--max-sandboxes", type=int, default=None, help="sandboxes (running, paused, pooled) at most (default 1024)"
+    )
+    p_serve.add_argument(
+        "--max-memory-mb",
+        type=int,
+        default=None,
+        help="sum of the sandboxes' memory limits at most, in MiB (default: twice the host's RAM)",
+    )
+    p_serve.add_argument(
+        "--max-total-pids",
+        type=int,
+        default=None,
+        help="sum of the sandboxes' process limits at most (default: half of kernel.pid_max)",
+    )
+    p_serve.add_argument(
+        "--server-memory-mb",
+        type=int,
+        default=None,
+        help="memory limit of the server process's own cgroup, in MiB (default 4096)",
+    )
+    p_serve.add_argument(
         "--keep-sandboxes",
         action="store_true",
         help="on shutdown leave sandboxes running, to be re-adopted by the next start (the default)",
@@ -97,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(args, "log_level", "info").upper(), format="%(asctime)s %(name)s %(message)s")
 
     if args.command == "serve":
+        from sandboxd.core.limits import HostLimits
         from sandboxd.core.manager import Settings
         from sandboxd.server import ServerConfig, serve
 
@@ -107,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
             pids=args.pids,
             pool_size=args.pool_size,
             prewarm=tuple(t for t in args.prewarm.split(",") if t),
+            host=HostLimits.for_host(
+                max_sandboxes=args.max_sandboxes,
+                max_committed_memory_mb=args.max_memory_mb,
+                max_total_pids=args.max_total_pids,
+                server_memory_mb=args.server_memory_mb,
+            ),
         )
         serve(
             ServerConfig(

@@ -65,3 +65,49 @@ def load_bounded_json(raw: bytes | bytearray | str, max_depth: int) -> Any:
     if json_depth_exceeds(value, max_depth):
         raise LimitExceeded(f"the JSON document nests deeper than the limit of {max_depth} levels")
     return value
+
+
+def _host_memory_mb() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    return 4096
+
+
+def _pid_max() -> int:
+    try:
+        with open("/proc/sys/kernel/pid_max") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 32768
+
+
+@dataclass(frozen=True)
+class HostLimits:
+    """What all sandboxes of one server may take of the host together. Admission (create answers 429
+    naming the limit) counts the limits given to sandboxes, pooled ones included; the kernel enforces
+    the real totals on the server's cgroup group (memory and PIDs of all its sandboxes together)."""
+
+    max_sandboxes: int
+    # Sum of the sandboxes' memory limits. Limits are ceilings that idle sandboxes do not use, so the
+    # default commits up to twice the host's RAM; actual use is capped by the kernel at `memory_cap_mb`.
+    max_committed_memory_mb: int
+    memory_cap_mb: int
+    # Sum of the sandboxes' PID limits: half of the host's PID space (kernel.pid_max) by default, so the
+    # host's own services can always fork.
+    max_total_pids: int
+    # The server process itself (its own cgroup): a backstop, requests are bounded well below it.
+    server_memory_mb: int = 4096
+
+    @classmethod
+    def for_host(cls, **overrides: int | None) -> HostLimits:
+        ram = _host_memory_mb()
+        defaults = {
+            "max_sandboxes": 1024,
+            "max_committed_memory_mb": 2 * ram,
+            "memory_cap_mb": max(ram - max(1024, ram // 10), ram // 2),
+            "max_total_pids": _pid_max() // 2,
+        }
+        defaults.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**defaults)  # type: ignore[arg-type]

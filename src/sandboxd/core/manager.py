@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sandboxd.core.errors import BadRequest, Conflict, NotFound
+from sandboxd.core.errors import BadRequest, Conflict, LimitReached, NotFound
+from sandboxd.core.limits import HostLimits
 from sandboxd.core.users import DEFAULT_PATH, lookup_user
 from sandboxd.runtime.base import ExecSpec, Limits, Runtime, SandboxHandle, SandboxSpec
 from sandboxd.state.db import SandboxRecord, StateDB
@@ -52,6 +53,8 @@ class Settings:
     pool_size: int = 2
     # Templates whose pool is filled at start, before anyone asks (the others: after their first use).
     prewarm: tuple[str, ...] = ("base", "code-interpreter-v1")
+    # What all sandboxes together may take of the host (None: defaults for this host).
+    host: HostLimits | None = None
 
 
 class Sandbox:
@@ -88,6 +91,8 @@ class SandboxManager:
         self._refilling: dict[str, asyncio.Task[None]] = {}
         self._closing = False
         self._background: set[asyncio.Task[None]] = set()
+        self.host_limits = self.settings.host or HostLimits.for_host()
+        self._creating: list[int] = []  # memory (MiB) of sandboxes being created right now
 
     # -- start / stop ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -127,8 +132,7 @@ class SandboxManager:
         await asyncio.gather(*(self.runtime.destroy(h) for h in pooled), return_exceptions=True)
         if destroy:
             await asyncio.gather(*(self.kill(sid) for sid in list(self.sandboxes)), return_exceptions=True)
-        if not self.sandboxes:
-            self.runtime.close()
+        self.runtime.close()  # removes only what no kept sandbox still uses
 
     # -- warm pool -------------------------------------------------------------------------------
     def _spec(self, sandbox_id: str, template: Template) -> SandboxSpec:
@@ -143,7 +147,12 @@ class SandboxManager:
 
     async def _new(self, sandbox_id: str, template: Template) -> tuple[SandboxHandle, subprocess.Popen[bytes] | None]:
         """Create a sandbox and start its template's service (the code interpreter, say)."""
-        handle = await self.runtime.create(self._spec(sandbox_id, template))
+        memory_mb = self._memory_mb(template)
+        self._creating.append(memory_mb)  # counted against the host-wide limits while it is made
+        try:
+            handle = await self.runtime.create(self._spec(sandbox_id, template))
+        finally:
+            self._creating.remove(memory_mb)
         if not template.service:
             return handle, None
         try:
@@ -173,6 +182,56 @@ class SandboxManager:
         if task is None or task.done():
             self._refilling[name] = asyncio.create_task(self._refill(name, delay), name=f"pool-{name}")
 
+    # -- host-wide limits ------------------------------------------------------------------------
+    def committed(self) -> tuple[int, int, int]:
+        """(sandboxes, memory MiB, PIDs) given to sandboxes now: running, paused, pooled and being made."""
+        count = len(self.sandboxes) + len(self._creating)
+        memory = sum(s.record.memory_mb for s in self.sandboxes.values()) + sum(self._creating)
+        for name, entries in self._pool.items():
+            if entries:
+                count += len(entries)
+                memory += len(entries) * self._pool_memory_mb(name)
+        return count, memory, count * self.settings.pids
+
+    def _pool_memory_mb(self, name: str) -> int:
+        try:
+            return self._memory_mb(self.templates.get(name))
+        except TemplateError:
+            return self.settings.memory_mb or DEFAULT_MEMORY_MB
+
+    def _over_limit(self, memory_mb: int) -> str | None:
+        """Why one more sandbox of `memory_mb` does not fit, or None."""
+        h = self.host_limits
+        count, memory, pids = self.committed()
+        if count + 1 > h.max_sandboxes:
+            return (
+                f"this server's limit of {h.max_sandboxes} sandboxes is reached ({count} running, paused or "
+                "pooled): kill sandboxes you no longer need, or raise --max-sandboxes"
+            )
+        if memory + memory_mb > h.max_committed_memory_mb:
+            return (
+                f"this server's memory budget is committed: {memory} of {h.max_committed_memory_mb} MiB given to "
+                f"sandboxes, {memory_mb} MiB more asked: kill sandboxes you no longer need, ask for less memory, "
+                "or raise --max-memory-mb"
+            )
+        if pids + self.settings.pids > h.max_total_pids:
+            return (
+                f"this server's process budget is committed: {pids} of {h.max_total_pids} PIDs given to "
+                "sandboxes: kill sandboxes you no longer need, lower --pids, or raise --max-total-pids"
+            )
+        return None
+
+    async def _admit(self, template: Template) -> None:
+        """Refuse (429) a sandbox that would go over a host-wide limit. Idle pooled sandboxes of other
+        templates give way first: a pool never stops a user from creating a sandbox."""
+        memory_mb = self._memory_mb(template)
+        while (reason := self._over_limit(memory_mb)) is not None:
+            victim = next(((n, e) for n, e in self._pool.items() if e and n != template.name), None)
+            if victim is None:
+                raise LimitReached(reason)
+            _, handle, _, _ = victim[1].pop()
+            await self.runtime.destroy(handle)
+
     async def _refill(self, name: str, delay: float) -> None:
         # Creating a sandbox takes kernel-wide namespace locks and most of a CPU for ~15 ms: wait a
         # little, so that the refill does not land on the new sandbox's first commands.
@@ -181,6 +240,8 @@ class SandboxManager:
         while len(entries) < self.settings.pool_size and not self._closing:
             try:
                 template = self.templates.get(name)
+                if self._over_limit(self._memory_mb(template)) is not None:
+                    return  # the pool never takes the last of a host-wide limit
                 sandbox_id = new_sandbox_id()
                 handle, service = await self._new(sandbox_id, template)
             except Exception:
@@ -222,6 +283,7 @@ class SandboxManager:
         if pooled is not None:
             sandbox_id, handle, service = pooled
         else:
+            await self._admit(template)
             sandbox_id = new_sandbox_id()
             handle, service = await self._new(sandbox_id, template)
         self._schedule_refill(template.name)

@@ -99,6 +99,10 @@ class Runtime(abc.ABC):
 
         return os.openpty()
 
+    def set_host_limits(self, memory_cap_mb: int, total_pids: int, server_memory_mb: int) -> None:
+        """Kernel-enforced caps on all sandboxes of this server together, and on the server itself."""
+        return None
+
     def adopt(self, handle: SandboxHandle) -> None:
         """A live sandbox of a previous server run is taken over: claim what it holds (its uid range)."""
         return None

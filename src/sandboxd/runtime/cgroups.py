@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,6 +212,71 @@ def remove_instance(layout: Layout, instance: str) -> None:
     for mnt in [*layout.v1.values(), *([layout.v2] if layout.v2 else [])]:
         with contextlib.suppress(OSError):
             (mnt / PARENT / instance).rmdir()
+
+
+def limit_instance(layout: Layout, instance: str, memory_bytes: int, pids: int) -> None:
+    """Kernel-enforced caps on all sandboxes of one server together (`sandboxd/<instance>`): the sum of
+    their real memory use and of their processes. Admission control keeps the limits given out in
+    budget; this stops what is actually used from taking the host, whatever admission allowed."""
+    if layout.pure_v2:
+        assert layout.v2 is not None
+        d = layout.v2 / PARENT / instance
+        d.mkdir(parents=True, exist_ok=True)
+        _write(d / "memory.max", str(memory_bytes), quiet=True)
+        _write(d / "pids.max", str(pids), quiet=True)
+        return
+    if "memory" in layout.v1:
+        d = layout.v1["memory"] / PARENT / instance
+        d.mkdir(parents=True, exist_ok=True)
+        _write(d / "memory.limit_in_bytes", str(memory_bytes))
+    if "pids" in layout.v1:
+        d = layout.v1["pids"] / PARENT / instance
+        d.mkdir(parents=True, exist_ok=True)
+        _write(d / "pids.max", str(pids))
+
+
+class ServerCgroup:
+    """The server process's own memory cgroup (`sandboxd/<instance>.server`), a sibling of its sandboxes'
+    group so that the OOM killer of one never picks from the other. A backstop: every request is bounded
+    far below it. At a clean exit the server moves back where it came from and removes the group."""
+
+    def __init__(self, layout: Layout, instance: str) -> None:
+        self.moves: list[tuple[Path, Path]] = []  # (our cgroup dir, where we came from)
+        self.layout = layout
+        self.instance = instance
+
+    def enter(self, memory_bytes: int) -> None:
+        mine = _own_cgroups()
+        targets: list[tuple[str, Path, str]] = []
+        if "memory" in self.layout.v1:
+            targets.append(("memory", self.layout.v1["memory"], "memory.limit_in_bytes"))
+        elif self.layout.v2 is not None and "memory" in self.layout.v2_controllers:
+            targets.append(("", self.layout.v2, "memory.max"))
+        for ctrl, mnt, limit_file in targets:
+            d = mnt / PARENT / f"{self.instance}.server"
+            d.mkdir(parents=True, exist_ok=True)
+            _write(d / limit_file, str(memory_bytes))
+            origin = mnt / mine.get(ctrl, "/").lstrip("/")
+            _write(d / "cgroup.procs", str(os.getpid()))
+            self.moves.append((d, origin))
+
+    def leave(self) -> None:
+        for d, origin in self.moves:
+            _write(origin / "cgroup.procs", str(os.getpid()), quiet=True)
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        self.moves.clear()
+
+
+def _own_cgroups() -> dict[str, str]:
+    """controller ('' for the v2 hierarchy) -> this process's cgroup path in it."""
+    out: dict[str, str] = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, ctrls, path = line.rstrip("\n").split(":", 2)
+            for c in ctrls.split(",") if ctrls else [""]:
+                out[c] = path
+    return out
 
 
 def _write(path: Path, value: str, quiet: bool = False) -> None:

@@ -65,6 +65,7 @@ class NamespaceRuntime(Runtime):
             cgroups.favor_dynamic_modifications(self.layout)
         # One cgroup group per data directory: servers sharing a host never touch each other's sandboxes.
         self.instance = "i" + hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:12]
+        self._server_cgroup = cgroups.ServerCgroup(self.layout, self.instance)
         self.ids = identity.UidAllocator(
             first=uid_base if uid_base is not None else identity.default_first(self.instance)
         )
@@ -251,7 +252,13 @@ class NamespaceRuntime(Runtime):
     def root_path(self, handle: SandboxHandle) -> Path:
         return Path(f"/proc/{handle.init_pid}/root")
 
+    def set_host_limits(self, memory_cap_mb: int, total_pids: int, server_memory_mb: int) -> None:
+        """Kernel caps on all sandboxes together, and the server's own memory cgroup."""
+        cgroups.limit_instance(self.layout, self.instance, memory_cap_mb * 1024 * 1024, total_pids)
+        self._server_cgroup.enter(server_memory_mb * 1024 * 1024)
+
     def close(self) -> None:
+        self._server_cgroup.leave()
         cgroups.remove_instance(self.layout, self.instance)
 
     async def sweep(self, keep: set[str]) -> list[str]:
