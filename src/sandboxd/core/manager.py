@@ -13,11 +13,12 @@ import string
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sandboxd.core.errors import BadRequest, Conflict, NotFound
+from sandboxd.core.tenant_limits import TenantLimits
 from sandboxd.core.users import DEFAULT_PATH, lookup_user
 from sandboxd.runtime.base import ExecSpec, Limits, Runtime, SandboxHandle, SandboxSpec
 from sandboxd.state.db import SandboxRecord, StateDB
@@ -52,6 +53,8 @@ class Settings:
     pool_size: int = 2
     # Templates whose pool is filled at start, before anyone asks (the others: after their first use).
     prewarm: tuple[str, ...] = ("base", "code-interpreter-v1")
+    # What one sandbox may cost the server (output buffers, streams, watches, requests).
+    tenant: TenantLimits = field(default_factory=TenantLimits)
 
 
 class Sandbox:
