@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sandboxd.core.manager import SandboxManager
 from sandboxd.envd import context
@@ -17,9 +18,9 @@ from sandboxd.envd.gen.process.process_connect import ProcessASGIApplication
 from sandboxd.envd.process_service import ProcessService
 
 # Long-lived streams with caps of their own (process_streams, watchers): not counted as requests.
-CAPPED_STREAMS = frozenset(
-    {"/process.Process/Start", "/process.Process/Connect", "/filesystem.Filesystem/WatchDir", "/health"}
-)
+CAPPED_STREAMS = frozenset({"/process.Process/Start", "/process.Process/Connect", "/filesystem.Filesystem/WatchDir"})
+# Never refused: a tenant at its cap can always stop the processes that hold its requests.
+UNCOUNTED = CAPPED_STREAMS | {"/process.Process/SendSignal", "/health"}
 
 
 async def too_many_requests(scope: Scope, receive: Receive, send: Send, message: str) -> None:
@@ -48,8 +49,24 @@ def build_envd_app(manager: SandboxManager) -> ASGIApp:
     cap = manager.settings.tenant.concurrent_requests
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["path"] in CAPPED_STREAMS:
-            await dispatch(scope, receive, send)
+        if scope["path"] in UNCOUNTED:
+            if scope["path"] not in CAPPED_STREAMS:
+                await dispatch(scope, receive, send)
+                return
+            callbacks: list[Callable[[], None]] = []
+
+            async def watched_receive() -> Message:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    for callback in list(callbacks):
+                        callback()
+                return message
+
+            token = context.client_gone.set(callbacks)
+            try:
+                await dispatch(scope, watched_receive, send)
+            finally:
+                context.client_gone.reset(token)
             return
         # Requests in flight for this sandbox: one tenant's flood is refused, nobody else's requests.
         ext = context.sandbox().ext

@@ -258,6 +258,7 @@ class FilesystemService:
         queue: asyncio.Queue[fpb.FilesystemEvent | None] = asyncio.Queue()
         watcher.listeners.append(queue.put_nowait)
         keepalive = context.keepalive_interval(ctx.request_headers)
+        forget = context.on_client_gone(lambda: queue.put_nowait(None))  # ends the stream, frees its watcher
         try:
             yield start_event()
             while True:
@@ -274,6 +275,7 @@ class FilesystemService:
                     return
                 yield fs_event(event)
         finally:
+            forget()
             watcher.close()
 
     @broker_errors

@@ -17,7 +17,15 @@ from sandboxd.core.manager import Sandbox, SandboxManager
 from sandboxd.core.tenant_limits import TenantLimits
 from sandboxd.envd import context
 from sandboxd.envd.gen.process import process_pb as pb
-from sandboxd.envd.processes import Proc, ProcessGone, ProcessTable, SandboxKilled, StreamDropped, Subscriber
+from sandboxd.envd.processes import (
+    ClientGone,
+    Proc,
+    ProcessGone,
+    ProcessTable,
+    SandboxKilled,
+    StreamDropped,
+    Subscriber,
+)
 from sandboxd.runtime.base import ExecSpec
 
 DEFAULT_KEEPALIVE = 90.0
@@ -53,6 +61,7 @@ async def _stream(
     timeout_ms = ctx.timeout_ms
     deadline = asyncio.get_running_loop().time() + timeout_ms / 1000 if timeout_ms else None
     keepalive = context.keepalive_interval(ctx.request_headers, DEFAULT_KEEPALIVE)
+    forget = context.on_client_gone(lambda: sub.queue.put_nowait(ClientGone()))
     try:
         async with contextlib.aclosing(proc.events(sub, keepalive, deadline)) as events:
             async for event in events:
@@ -66,6 +75,8 @@ async def _stream(
         raise ConnectError(Code.UNAVAILABLE, f"{e}: the sandbox was not found") from None
     except StreamDropped as e:
         raise ConnectError(Code.RESOURCE_EXHAUSTED, str(e)) from None
+    finally:
+        forget()
 
 
 @contextlib.contextmanager

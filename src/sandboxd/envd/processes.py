@@ -49,6 +49,10 @@ class SandboxKilled(Exception):
     pass
 
 
+class ClientGone(Exception):
+    """The client of a stream disconnected: the stream ends quietly."""
+
+
 class StreamDropped(Exception):
     """A stream fell so far behind that it held back the process's other streams."""
 
@@ -231,19 +235,21 @@ class Proc:
 
     def _drop_stalled(self) -> None:
         """Reading has been paused for `stalled_stream_seconds`: drop the streams that took nothing
-        meanwhile with a full queue, if others are waiting for them."""
+        meanwhile and keep reading paused (too many events queued to resume), if others wait for them."""
         self._stall_timer = None
         if not self.paused or self.done.is_set():
             return
         limit = self.limits.stream_queue_events
-        stalled = [s for s in self.subscribers if s.queue.qsize() >= limit and s.taken == s.mark]
+        holding = max(1, limit // 4)  # reading resumes once every queue is below this
+        stalled = [s for s in self.subscribers if s.queue.qsize() >= holding and s.taken == s.mark]
         if stalled and len(stalled) < len(self.subscribers):
             for sub in stalled:
                 self.subscribers.remove(sub)
                 sub.dropped = StreamDropped(
                     f"this stream read none of the process's output for {self.limits.stalled_stream_seconds:g} s "
-                    f"with {limit} events queued (the per-stream queue limit) while other streams of the process "
-                    "waited for it: it was dropped; reconnect with Connect to follow the process again"
+                    f"(stalled_stream_seconds) with {sub.queue.qsize()} events queued (the per-stream queue holds "
+                    f"{limit}) while other streams of the process waited for it: it was dropped; reconnect with "
+                    "Connect to follow the process again"
                 )
                 while not sub.queue.empty():  # free what it held; wake it if it is waiting
                     sub.queue.get_nowait()
@@ -381,7 +387,7 @@ class Proc:
                 sub.taken += 1
                 if self.paused:
                     self._pace()
-                if item is None:
+                if item is None or isinstance(item, ClientGone):
                     return
                 if isinstance(item, Exception):
                     raise item
