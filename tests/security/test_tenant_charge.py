@@ -180,6 +180,31 @@ def test_detached_output_past_the_buffer_blocks_the_writer_and_loses_nothing(san
     assert first < 1000
 
 
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_tiny_interleaved_writes_while_detached_cost_little(server: Server, sandbox: Sandbox) -> None:
+    # 1-byte writes alternating between stdout and stderr: each read returns a byte or two, so a buffer
+    # bounded only in bytes would hold a million tiny runs (~150 MiB of objects) and take seconds of CPU.
+    script = "import os\nwhile True:\n    os.write(1, b'o')\n    os.write(2, b'e')\n"
+    sandbox.files.write("/tmp/interleave.py", script)
+    rss0 = rss_mib(server.proc.pid)
+    h = sandbox.commands.run("python3 /tmp/interleave.py", background=True, timeout=0)
+    h.disconnect()
+    time.sleep(2)
+    assert server_cpu_over(server, 2) < 0.5
+    assert rss_mib(server.proc.pid) - rss0 < 32
+    reader = Reader(sandbox.commands.connect(h.pid))
+    reader.until(lambda: reader.size > 1000)
+    sandbox.commands.kill(h.pid)
+    reader.thread.join(15)
+    assert not reader.thread.is_alive()
+
+
 def _wait_quietly(handle, out: list[str]) -> None:
     try:
         handle.wait(on_stdout=out.append)

@@ -39,6 +39,9 @@ from sandboxd.runtime.base import ExecSpec, Runtime, SandboxHandle
 
 CHUNK = 32 * 1024  # largest data event, as envd
 FINAL_READS = 32  # chunks read per pipe after the process exited (a child may keep writing): 1 MiB
+# What one kept run of output costs beyond its bytes (objects, event): counted against the buffer, so
+# that a process alternating 1-byte writes to stdout and stderr cannot make a million tiny runs.
+RUN_COST = 256
 
 
 class ProcessGone(Exception):
@@ -98,10 +101,11 @@ class Proc:
         self.limits: TenantLimits = table.limits
         self.paused: set[int] = set()  # output fds whose reader is removed: back-pressure
         self.subscribers: list[Subscriber] = []
-        # Output produced while no stream is attached, for the next Connect: [kind, data] per run of
-        # one fd's output (merged up to CHUNK), at most about limits.output_buffer_bytes in all.
+        # Output produced while no stream is attached, for the next Connect: (kind, data) per run of
+        # one fd's output (merged up to CHUNK); its cost (bytes + RUN_COST per run) stays about
+        # within limits.output_buffer_bytes.
         self.backlog: deque[tuple[str, bytearray]] = deque()
-        self.backlog_bytes = 0
+        self.backlog_cost = 0
         self._stall_timer: asyncio.TimerHandle | None = None
         self.end: pb.ProcessEvent | None = None
         self.done = asyncio.Event()
@@ -202,7 +206,7 @@ class Proc:
             if resuming:
                 limit = max(1, limit // 4)
             return all(s.queue.qsize() < limit for s in self.subscribers)
-        return self.backlog_bytes < self.limits.output_buffer_bytes
+        return self.backlog_cost < self.limits.output_buffer_bytes
 
     def _pace(self) -> None:
         """Add or remove the pipes' event-loop readers so that output is read only as fast as it is kept."""
@@ -285,9 +289,10 @@ class Proc:
             last[1].extend(data)
         else:
             self.backlog.append((kind, bytearray(data)))
-        self.backlog_bytes += len(data)
-        while self._exited and self.backlog_bytes > self.limits.output_buffer_bytes and len(self.backlog) > 1:
-            self.backlog_bytes -= len(self.backlog.popleft()[1])
+            self.backlog_cost += RUN_COST
+        self.backlog_cost += len(data)
+        while self._exited and self.backlog_cost > self.limits.output_buffer_bytes and len(self.backlog) > 1:
+            self.backlog_cost -= len(self.backlog.popleft()[1]) + RUN_COST
 
     def _publish(self, event: pb.ProcessEvent | Exception | None) -> None:
         for sub in self.subscribers:
@@ -337,7 +342,7 @@ class Proc:
         self._publish(None)
         self.done.set()
         self.backlog.clear()
-        self.backlog_bytes = 0
+        self.backlog_cost = 0
         self.table.forget(self)
 
     # -- control -------------------------------------------------------------------------------
@@ -352,7 +357,7 @@ class Proc:
         while self.backlog:
             kind, data = self.backlog.popleft()
             sub.queue.put_nowait(_data_event(kind, bytes(data)))
-        self.backlog_bytes = 0
+        self.backlog_cost = 0
         self._pace()
         return sub
 
