@@ -35,6 +35,7 @@ from typing import Any
 
 import files
 import interp
+import noisy
 
 VENV_BIN = Path("/opt/sandboxd/venv/bin")
 TEMPLATES = Path("/var/lib/sandboxd/templates")
@@ -809,7 +810,7 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=600, help="global time budget in s (default %(default)s)")
     parser.add_argument(
         "--suite",
-        choices=["all", "sandboxes", "files", "interp"],
+        choices=["all", "sandboxes", "files", "interp", "noisy"],
         default="all",
         help="what to measure (default %(default)s)",
     )
@@ -833,6 +834,7 @@ def main() -> int:
         Server(workdir / "files", []),
         Server(workdir / "interp", ["--prewarm", interp.TEMPLATE]),
         Server(workdir / "interp-nopool", ["--pool-size", "0"]),
+        Server(workdir / "noisy", []),
     ]
     clients = [Client(s) for s in servers]
     holders: list[Holder] = []
@@ -851,6 +853,7 @@ def main() -> int:
     status = 0
     file_results: dict[str, Any] = {}
     interp_results: dict[str, Any] = {}
+    noisy_results: dict[str, Any] = {}
 
     def phase(name: str, fn: Callable[[], object]) -> bool:
         if dl.left() <= 0:
@@ -868,7 +871,14 @@ def main() -> int:
 
     with sigterm_as_interrupt():
         try:
-            warm, nopool, files_client, interp_warm, interp_cold = clients
+            warm, nopool, files_client, interp_warm, interp_cold, noisy_client = clients
+            if args.suite in ("all", "noisy") and phase("start sandboxd (noisy)", noisy_client.server.start):
+                phase(
+                    "noisy neighbours",
+                    lambda: noisy_results.update(noisy.run_noisy(n, dl, noisy_client, run_true)),
+                )
+            errors.extend(noisy_client.kill_all())
+            noisy_client.server.stop()
             if args.suite in ("all", "files") and phase("start sandboxd (files)", files_client.server.start):
                 phase(
                     "files: transfers and round trips",
@@ -885,7 +895,7 @@ def main() -> int:
                 )
                 errors.extend(interp_results.pop("errors"))
                 interp.finish(interp_results)
-            if args.suite in ("files", "interp"):
+            if args.suite in ("files", "interp", "noisy"):
                 raise _SkipRest
             if phase("start sandboxd (default pool)", warm.server.start):
                 phase("sandboxd create, pool", lambda: sbx_create(n, dl, warm, sbx, paced=True))
@@ -971,14 +981,19 @@ def main() -> int:
         },
         "files": file_results,
         "interp": interp_results,
+        "noisy": noisy_results,
         "partial": partial,
         "errors": errors,
         "leftovers": left,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    if args.suite not in ("files", "interp"):
+    if args.suite not in ("files", "interp", "noisy"):
         print_report(rows, targets, meta)
+    if noisy_results:
+        noisy.print_report(noisy_results)
+        if args.suite == "noisy":
+            print(f"cleanup: {meta['cleanup_summary']}\nresults: {RESULTS}")
     if interp_results.get("rows"):
         interp.print_report(interp_results)
         if args.suite == "interp":

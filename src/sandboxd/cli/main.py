@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sandboxd import __version__
 from sandboxd.core.limits import MiB, RequestLimits
+from sandboxd.core.tenant_limits import TenantLimits
 from sandboxd.server import DEFAULT_DATA_DIR
 
 
@@ -100,6 +101,45 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="leave the host's cgroup2 mount options alone (execs then take a few ms longer)",
     )
+    limits = TenantLimits()
+    p_serve.add_argument(
+        "--max-output-buffer-kib",
+        type=int,
+        default=limits.output_buffer_bytes // 1024,
+        help="output kept per process while no client is attached; when full, the process blocks on its "
+        "pipe until one connects (default %(default)s)",
+    )
+    p_serve.add_argument(
+        "--max-process-streams",
+        type=int,
+        default=limits.process_streams,
+        help="open process streams (Start/Connect) per sandbox (default %(default)s)",
+    )
+    p_serve.add_argument(
+        "--max-watchers",
+        type=int,
+        default=limits.watchers,
+        help="watchers (WatchDir streams + CreateWatcher) per sandbox (default %(default)s)",
+    )
+    p_serve.add_argument(
+        "--max-watched-dirs",
+        type=int,
+        default=limits.watched_dirs,
+        help="directories watched per sandbox, over all its (recursive) watches (default %(default)s)",
+    )
+    p_serve.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        default=limits.concurrent_requests,
+        help="envd requests in flight per sandbox, streams above not counted (default %(default)s)",
+    )
+    p_serve.add_argument(
+        "--stalled-stream-seconds",
+        type=float,
+        default=limits.stalled_stream_seconds,
+        help="a stream that reads nothing this long while it holds back other streams of the same process "
+        "is dropped (default %(default)s)",
+    )
     p_serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     p_tpl = sub.add_parser("template", help="build and list templates")
@@ -134,6 +174,14 @@ def main(argv: list[str] | None = None) -> int:
                 max_committed_memory_mb=args.max_memory_mb,
                 max_total_pids=args.max_total_pids,
                 server_memory_mb=args.server_memory_mb,
+            ),
+            tenant=TenantLimits(
+                output_buffer_bytes=args.max_output_buffer_kib * 1024,
+                process_streams=args.max_process_streams,
+                watchers=args.max_watchers,
+                watched_dirs=args.max_watched_dirs,
+                concurrent_requests=args.max_concurrent_requests,
+                stalled_stream_seconds=args.stalled_stream_seconds,
             ),
         )
         serve(

@@ -13,12 +13,13 @@ import string
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sandboxd.core.errors import BadRequest, Conflict, LimitReached, NotFound
 from sandboxd.core.limits import HostLimits
+from sandboxd.core.tenant_limits import TenantLimits
 from sandboxd.core.users import DEFAULT_PATH, lookup_user
 from sandboxd.runtime.base import ExecSpec, Limits, Runtime, SandboxHandle, SandboxSpec
 from sandboxd.state.db import SandboxRecord, StateDB
@@ -55,6 +56,8 @@ class Settings:
     prewarm: tuple[str, ...] = ("base", "code-interpreter-v1")
     # What all sandboxes together may take of the host (None: defaults for this host).
     host: HostLimits | None = None
+    # What one sandbox may cost the server (output buffers, streams, watches, requests).
+    tenant: TenantLimits = field(default_factory=TenantLimits)
 
 
 class Sandbox:

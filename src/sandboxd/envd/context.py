@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import contextvars
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from connectrpc.code import Code
@@ -15,6 +17,23 @@ if TYPE_CHECKING:
     from sandboxd.core.manager import Sandbox, SandboxManager
 
 current_sandbox: contextvars.ContextVar[Sandbox] = contextvars.ContextVar("current_sandbox")
+# Callbacks run when the client of the current (streaming) request goes away: a stream waiting for the
+# next event learns it at once, not at its next event or keepalive, and frees its slot.
+client_gone: contextvars.ContextVar[list[Callable[[], None]]] = contextvars.ContextVar("client_gone")
+
+
+def on_client_gone(callback: Callable[[], None]) -> Callable[[], None]:
+    """Run `callback` if the client disconnects; returns a function that cancels that."""
+    callbacks = client_gone.get(None)
+    if callbacks is None:
+        return lambda: None
+    callbacks.append(callback)
+
+    def cancel() -> None:
+        with contextlib.suppress(ValueError):
+            callbacks.remove(callback)
+
+    return cancel
 
 
 def sandbox() -> Sandbox:

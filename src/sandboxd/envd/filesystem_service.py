@@ -22,11 +22,10 @@ from sandboxd.core.manager import SandboxManager
 from sandboxd.core.users import User
 from sandboxd.envd import context, fs
 from sandboxd.envd.gen.filesystem import filesystem_pb as fpb
-from sandboxd.envd.watch import DirWatcher, WatchError, fs_event, keepalive_event, start_event
+from sandboxd.envd.watch import DirWatcher, SandboxWatches, WatchError, fs_event, keepalive_event, start_event
 from sandboxd.runtime.broker import Broker, BrokerGone, BrokerTimeout
 
 MAX_LIST_ENTRIES = 100_000
-MAX_WATCHERS_PER_SANDBOX = 64
 
 
 def connect_error(e: OSError, path: str) -> ConnectError:
@@ -226,14 +225,18 @@ class FilesystemService:
             raise connect_error(e, path) from None
         return fpb.RemoveResponse()
 
+    def _watches(self, r: _Request) -> SandboxWatches:
+        watches = r.sandbox.ext.get("watches")
+        if watches is None:
+            watches = r.sandbox.ext["watches"] = SandboxWatches(self.manager.settings.tenant)
+            r.sandbox.on_kill.append(watches.close_all)
+        return watches
+
     async def _watcher(self, r: _Request, path: str, recursive: bool, include_entry: bool) -> DirWatcher:
-        live = sum(1 for w in r.sandbox.ext.get("all_watchers", set()) if not w.closed)
-        if live >= MAX_WATCHERS_PER_SANDBOX:
-            raise ConnectError(
-                Code.RESOURCE_EXHAUSTED,
-                f"a sandbox may have at most {MAX_WATCHERS_PER_SANDBOX} watchers: stop some first",
-            )
-        watcher = DirWatcher(r.broker, path, recursive, include_entry, r.names, r.user)
+        try:
+            watcher = DirWatcher(r.broker, path, recursive, include_entry, r.names, r.user, self._watches(r))
+        except WatchError as e:
+            raise ConnectError(e.code, str(e)) from None
         try:
             await watcher.start()
         except WatchError as e:
@@ -245,8 +248,6 @@ class FilesystemService:
         except BaseException:
             watcher.close()
             raise
-        r.sandbox.ext.setdefault("all_watchers", set()).add(watcher)
-        r.sandbox.on_kill.append(watcher.close)
         return watcher
 
     @broker_errors
@@ -257,6 +258,7 @@ class FilesystemService:
         queue: asyncio.Queue[fpb.FilesystemEvent | None] = asyncio.Queue()
         watcher.listeners.append(queue.put_nowait)
         keepalive = context.keepalive_interval(ctx.request_headers)
+        forget = context.on_client_gone(lambda: queue.put_nowait(None))  # ends the stream, frees its watcher
         try:
             yield start_event()
             while True:
@@ -268,9 +270,12 @@ class FilesystemService:
                 if event is None:
                     if r.sandbox.killed.is_set():
                         raise ConnectError(Code.UNAVAILABLE, "the sandbox was killed: the sandbox was not found")
+                    if watcher.error is not None:
+                        raise ConnectError(watcher.error.code, str(watcher.error))
                     return
                 yield fs_event(event)
         finally:
+            forget()
             watcher.close()
 
     @broker_errors
@@ -293,6 +298,8 @@ class FilesystemService:
     ) -> fpb.GetWatcherEventsResponse:
         watcher = self._find_watcher(request.watcher_id)
         await watcher.settle()
+        if watcher.error is not None:
+            raise ConnectError(watcher.error.code, str(watcher.error))
         return fpb.GetWatcherEventsResponse(events=watcher.drain())
 
     async def remove_watcher(self, request: fpb.RemoveWatcherRequest, ctx: RequestContext) -> fpb.RemoveWatcherResponse:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import posixpath
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
@@ -14,24 +14,33 @@ from connectrpc.request import RequestContext
 from protobuf import Oneof
 
 from sandboxd.core.manager import Sandbox, SandboxManager
+from sandboxd.core.tenant_limits import TenantLimits
 from sandboxd.envd import context
 from sandboxd.envd.gen.process import process_pb as pb
-from sandboxd.envd.processes import Proc, ProcessGone, ProcessTable, SandboxKilled, ServerShuttingDown, Subscriber
+from sandboxd.envd.processes import (
+    ClientGone,
+    Proc,
+    ProcessGone,
+    ProcessTable,
+    SandboxKilled,
+    ServerShuttingDown,
+    StreamDropped,
+    Subscriber,
+)
 from sandboxd.runtime.base import ExecSpec
 
 DEFAULT_KEEPALIVE = 90.0
 
 
-def table_of(sbx: Sandbox) -> ProcessTable:
+def table_of(sbx: Sandbox, limits: TenantLimits | None = None) -> ProcessTable:
     table = sbx.ext.get("processes")
     if table is None:
-        table = sbx.ext["processes"] = ProcessTable()
+        table = sbx.ext["processes"] = ProcessTable(limits)
         sbx.on_kill.append(table.kill_all)
     return table
 
 
-def _find(sbx: Sandbox, selector: pb.ProcessSelector | None) -> Proc:
-    table = table_of(sbx)
+def _find(table: ProcessTable, selector: pb.ProcessSelector | None) -> Proc:
     sel = selector.selector if selector is not None else None
     if sel is None:
         raise ConnectError(Code.INVALID_ARGUMENT, "a process selector (pid or tag) is required")
@@ -53,6 +62,7 @@ async def _stream(
     timeout_ms = ctx.timeout_ms
     deadline = asyncio.get_running_loop().time() + timeout_ms / 1000 if timeout_ms else None
     keepalive = context.keepalive_interval(ctx.request_headers, DEFAULT_KEEPALIVE)
+    forget = context.on_client_gone(lambda: sub.queue.put_nowait(ClientGone()))
     try:
         async with contextlib.aclosing(proc.events(sub, keepalive, deadline)) as events:
             async for event in events:
@@ -64,8 +74,30 @@ async def _stream(
         raise ConnectError(Code.DEADLINE_EXCEEDED, f"the deadline of {timeout_ms:.0f} ms was exceeded") from None
     except SandboxKilled as e:
         raise ConnectError(Code.UNAVAILABLE, f"{e}: the sandbox was not found") from None
+    except StreamDropped as e:
+        raise ConnectError(Code.RESOURCE_EXHAUSTED, str(e)) from None
     except ServerShuttingDown as e:
         raise ConnectError(Code.UNAVAILABLE, str(e)) from None
+    finally:
+        forget()
+
+
+@contextlib.contextmanager
+def _stream_slot(table: ProcessTable) -> Iterator[None]:
+    """One of the sandbox's open process streams (Start or Connect), refused beyond the cap."""
+    cap = table.limits.process_streams
+    if table.streams >= cap:
+        raise ConnectError(
+            Code.RESOURCE_EXHAUSTED,
+            f"this sandbox already has {table.streams} open process streams (Start/Connect), the limit "
+            f"(process_streams, `sandboxd serve --max-process-streams`) is {cap}: disconnect from processes "
+            "you do not follow (they keep running and can be reconnected) or wait for some to end",
+        )
+    table.streams += 1
+    try:
+        yield
+    finally:
+        table.streams -= 1
 
 
 def end_streams_for_shutdown(manager: SandboxManager, sandboxes_kept: bool) -> None:
@@ -88,8 +120,14 @@ class ProcessService:
     def __init__(self, manager: SandboxManager) -> None:
         self.manager = manager
 
+    def _table(self) -> ProcessTable:
+        return table_of(context.sandbox(), self.manager.settings.tenant)
+
+    def _find(self, selector: pb.ProcessSelector | None) -> Proc:
+        return _find(self._table(), selector)
+
     async def list(self, request: pb.ListRequest, ctx: RequestContext) -> pb.ListResponse:
-        table = table_of(context.sandbox())
+        table = self._table()
         return pb.ListResponse(
             processes=[
                 pb.ProcessInfo(config=p.config, pid=p.pid, tag=p.tag)
@@ -120,29 +158,35 @@ class ProcessService:
             groups=user.groups,
             pty=pty is not None,
         )
-        table = table_of(sbx)
-        proc = Proc(table, cfg, request.tag, pty=pty is not None)
-        sub = proc.subscribe()  # before the process can write anything
-        try:
-            await proc.spawn(self.manager.runtime, sbx.handle, spec, stdin=bool(request.stdin), size=size)
-        except BaseException:
-            proc.unsubscribe(sub)
-            raise
-        table.add(proc)
-        yield pb.StartResponse(event=pb.ProcessEvent(event=Oneof("start", pb.ProcessEvent.StartEvent(pid=proc.pid))))
-        async with contextlib.aclosing(_stream(proc, sub, ctx, kill_on_deadline=True)) as events:
-            async for event in events:
-                yield pb.StartResponse(event=event)
+        table = self._table()
+        with _stream_slot(table):  # refused before anything is started
+            proc = Proc(table, cfg, request.tag, pty=pty is not None)
+            sub = proc.subscribe()  # before the process can write anything
+            try:
+                await proc.spawn(self.manager.runtime, sbx.handle, spec, stdin=bool(request.stdin), size=size)
+            except BaseException:
+                proc.unsubscribe(sub)
+                raise
+            table.add(proc)
+            start = pb.ProcessEvent.StartEvent(pid=proc.pid)
+            yield pb.StartResponse(event=pb.ProcessEvent(event=Oneof("start", start)))
+            async with contextlib.aclosing(_stream(proc, sub, ctx, kill_on_deadline=True)) as events:
+                async for event in events:
+                    yield pb.StartResponse(event=event)
 
     async def connect(self, request: pb.ConnectRequest, ctx: RequestContext) -> AsyncIterator[pb.ConnectResponse]:
-        proc = _find(context.sandbox(), request.process)
-        yield pb.ConnectResponse(event=pb.ProcessEvent(event=Oneof("start", pb.ProcessEvent.StartEvent(pid=proc.pid))))
-        async with contextlib.aclosing(_stream(proc, proc.subscribe(), ctx, kill_on_deadline=False)) as events:
-            async for event in events:
-                yield pb.ConnectResponse(event=event)
+        table = self._table()
+        proc = _find(table, request.process)
+        with _stream_slot(table):
+            yield pb.ConnectResponse(
+                event=pb.ProcessEvent(event=Oneof("start", pb.ProcessEvent.StartEvent(pid=proc.pid)))
+            )
+            async with contextlib.aclosing(_stream(proc, proc.subscribe(), ctx, kill_on_deadline=False)) as events:
+                async for event in events:
+                    yield pb.ConnectResponse(event=event)
 
     async def update(self, request: pb.UpdateRequest, ctx: RequestContext) -> pb.UpdateResponse:
-        proc = _find(context.sandbox(), request.process)
+        proc = self._find(request.process)
         if request.pty is not None and request.pty.size is not None:
             try:
                 proc.resize(request.pty.size.cols, request.pty.size.rows)
@@ -153,14 +197,13 @@ class ProcessService:
     async def stream_input(
         self, request: AsyncIterator[pb.StreamInputRequest], ctx: RequestContext
     ) -> pb.StreamInputResponse:
-        sbx = context.sandbox()
         proc: Proc | None = None
         async for message in request:
             ev = message.event
             if ev is None or ev.field == "keepalive":
                 continue
             if ev.field == "start":
-                proc = _find(sbx, ev.value.process)
+                proc = self._find(ev.value.process)
             elif ev.field == "data":
                 if proc is None:
                     raise ConnectError(Code.INVALID_ARGUMENT, "the first message must be 'start' with a process")
@@ -168,7 +211,7 @@ class ProcessService:
         return pb.StreamInputResponse()
 
     async def send_input(self, request: pb.SendInputRequest, ctx: RequestContext) -> pb.SendInputResponse:
-        proc = _find(context.sandbox(), request.process)
+        proc = self._find(request.process)
         await self._write(proc, request.input)
         return pb.SendInputResponse()
 
@@ -182,7 +225,7 @@ class ProcessService:
             raise ConnectError(Code.FAILED_PRECONDITION, str(e)) from None
 
     async def send_signal(self, request: pb.SendSignalRequest, ctx: RequestContext) -> pb.SendSignalResponse:
-        proc = _find(context.sandbox(), request.process)
+        proc = self._find(request.process)
         sig = {pb.Signal.SIGKILL: signal.SIGKILL, pb.Signal.SIGTERM: signal.SIGTERM}.get(request.signal)
         if sig is None:
             raise ConnectError(Code.INVALID_ARGUMENT, f"unsupported signal {request.signal!r}: use SIGTERM or SIGKILL")
@@ -193,7 +236,7 @@ class ProcessService:
         return pb.SendSignalResponse()
 
     async def close_stdin(self, request: pb.CloseStdinRequest, ctx: RequestContext) -> pb.CloseStdinResponse:
-        proc = _find(context.sandbox(), request.process)
+        proc = self._find(request.process)
         if proc.is_pty:
             raise ConnectError(Code.FAILED_PRECONDITION, "cannot close stdin of a PTY process: send Ctrl-D (0x04)")
         proc.close_stdin()

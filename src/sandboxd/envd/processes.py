@@ -2,9 +2,19 @@
 
 envd runs host-side: a process in a sandbox is started by the runtime's helper (one small fork+exec),
 and its stdio are pipes (or a PTY) held by the server. Output is read with the event loop's readers,
-never a thread per process, and fanned out to every connected stream (Start, and any Connect). With
-no stream connected, output is read and dropped so the process never blocks on a full pipe. With a
-slow stream connected, reading pauses until it catches up, so memory stays bounded.
+never a thread per process, and fanned out to every connected stream (Start, and any Connect).
+
+Output is never read faster than it can be kept (the work is charged to the sandbox, not the server):
+
+- With streams attached, the slowest one sets the pace: when a stream has `stream_queue_events` events
+  queued, the server stops reading the process's pipes until it has caught up. A stream that stays
+  full for `stalled_stream_seconds` while other streams of the process wait for it is dropped with
+  `resource_exhausted`.
+- With no stream attached, output is kept in a buffer (`output_buffer_bytes`) for the next `Connect`,
+  which receives it first and then live output. When the buffer is full the server stops reading:
+  the process blocks on its full pipe, as it would in a shell, until a client connects.
+- When the process exits, what is still in its pipes is read (at most one pipe's worth more per pipe
+  if a child keeps writing) and the end event follows.
 """
 
 from __future__ import annotations
@@ -17,18 +27,22 @@ import signal
 import struct
 import subprocess
 import termios
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from protobuf import Oneof
 
+from sandboxd.core.tenant_limits import TenantLimits
 from sandboxd.envd.gen.process import process_pb as pb
 from sandboxd.runtime import pids
 from sandboxd.runtime.base import ExecSpec, Runtime, SandboxHandle
 
 CHUNK = 32 * 1024  # largest data event, as envd
-HIGH_WATER = 64  # queued events per subscriber before reading pauses (~2 MiB)
-LOW_WATER = 16
+FINAL_READS = 32  # chunks read per pipe after the process exited (a child may keep writing): 1 MiB
+# What one kept run of output costs beyond its bytes (objects, event): counted against the buffer, so
+# that a process alternating 1-byte writes to stdout and stderr cannot make a million tiny runs.
+RUN_COST = 256
 
 
 class ProcessGone(Exception):
@@ -43,9 +57,20 @@ class SandboxKilled(Exception):
     pass
 
 
+class ClientGone(Exception):
+    """The client of a stream disconnected: the stream ends quietly."""
+
+
+class StreamDropped(Exception):
+    """A stream fell so far behind that it held back the process's other streams."""
+
+
 @dataclass
 class Subscriber:
     queue: asyncio.Queue[pb.ProcessEvent | Exception | None] = field(default_factory=asyncio.Queue)
+    dropped: StreamDropped | None = None
+    taken: int = 0  # events taken from the queue so far: progress, for the stall check
+    mark: int = 0  # `taken` when the stall check was armed
 
 
 def _status_of(returncode: int) -> tuple[int, bool, str]:
@@ -78,8 +103,15 @@ class Proc:
         self.stdin_fd: int | None = None
         self.master_fd: int | None = None
         self.out_fds: dict[int, str] = {}  # fd -> "stdout" | "stderr" | "pty"
-        self.paused: set[int] = set()
+        self.limits: TenantLimits = table.limits
+        self.paused: set[int] = set()  # output fds whose reader is removed: back-pressure
         self.subscribers: list[Subscriber] = []
+        # Output produced while no stream is attached, for the next Connect: (kind, data) per run of
+        # one fd's output (merged up to CHUNK); its cost (bytes + RUN_COST per run) stays about
+        # within limits.output_buffer_bytes.
+        self.backlog: deque[tuple[str, bytearray]] = deque()
+        self.backlog_cost = 0
+        self._stall_timer: asyncio.TimerHandle | None = None
         self.end: pb.ProcessEvent | None = None
         self.done = asyncio.Event()
         self._exited = False
@@ -149,7 +181,8 @@ class Proc:
                 self.host_pid = int(value)
         for fd in self.out_fds:
             os.set_blocking(fd, False)
-            loop.add_reader(fd, self._on_readable, fd)
+        self.paused = set(self.out_fds)
+        self._pace()  # start reading (the Start stream is attached, with nothing queued yet)
         self._pidfd = os.pidfd_open(self.popen.pid)
         loop.add_reader(self._pidfd, self._on_exit)
         if self.host_pid:
@@ -174,16 +207,69 @@ class Proc:
             self._close_reader(fd)
             return
         self._publish_data(fd, data)
-        if any(s.queue.qsize() >= HIGH_WATER for s in self.subscribers):
-            asyncio.get_running_loop().remove_reader(fd)
-            self.paused.add(fd)
+        self._pace()
 
-    def resume_reading(self) -> None:
-        if self.paused and all(s.queue.qsize() <= LOW_WATER for s in self.subscribers):
-            loop = asyncio.get_running_loop()
+    def _can_read(self, resuming: bool) -> bool:
+        """May more output be read now? Attached: while every stream's queue has room (resuming: once
+        every queue is down to a quarter). Detached: while the buffer for the next Connect has room."""
+        if self.subscribers:
+            limit = self.limits.stream_queue_events
+            if resuming:
+                limit = max(1, limit // 4)
+            return all(s.queue.qsize() < limit for s in self.subscribers)
+        return self.backlog_cost < self.limits.output_buffer_bytes
+
+    def _pace(self) -> None:
+        """Add or remove the pipes' event-loop readers so that output is read only as fast as it is kept."""
+        if not self.out_fds:
+            return
+        loop = asyncio.get_running_loop()
+        if self.paused:
+            if not self._can_read(resuming=True):
+                self._arm_stall_check()
+                return
             for fd in self.paused:
                 loop.add_reader(fd, self._on_readable, fd)
             self.paused.clear()
+            if self._stall_timer is not None:
+                self._stall_timer.cancel()
+                self._stall_timer = None
+        elif not self._can_read(resuming=False):
+            for fd in self.out_fds:
+                loop.remove_reader(fd)
+            self.paused.update(self.out_fds)
+            self._arm_stall_check()
+
+    def _arm_stall_check(self) -> None:
+        if self._stall_timer is not None or len(self.subscribers) < 2:
+            return
+        for sub in self.subscribers:
+            sub.mark = sub.taken
+        loop = asyncio.get_running_loop()
+        self._stall_timer = loop.call_later(self.limits.stalled_stream_seconds, self._drop_stalled)
+
+    def _drop_stalled(self) -> None:
+        """Reading has been paused for `stalled_stream_seconds`: drop the streams that took nothing
+        meanwhile and keep reading paused (too many events queued to resume), if others wait for them."""
+        self._stall_timer = None
+        if not self.paused or self.done.is_set():
+            return
+        limit = self.limits.stream_queue_events
+        holding = max(1, limit // 4)  # reading resumes once every queue is below this
+        stalled = [s for s in self.subscribers if s.queue.qsize() >= holding and s.taken == s.mark]
+        if stalled and len(stalled) < len(self.subscribers):
+            for sub in stalled:
+                self.subscribers.remove(sub)
+                sub.dropped = StreamDropped(
+                    f"this stream read none of the process's output for {self.limits.stalled_stream_seconds:g} s "
+                    f"(stalled_stream_seconds) with {sub.queue.qsize()} events queued (the per-stream queue holds "
+                    f"{limit}) while other streams of the process waited for it: it was dropped; reconnect with "
+                    "Connect to follow the process again"
+                )
+                while not sub.queue.empty():  # free what it held; wake it if it is waiting
+                    sub.queue.get_nowait()
+                sub.queue.put_nowait(sub.dropped)
+        self._pace()
 
     def _close_reader(self, fd: int) -> None:
         loop = asyncio.get_running_loop()
@@ -200,8 +286,24 @@ class Proc:
         self._maybe_finish()
 
     def _publish_data(self, fd: int, data: bytes) -> None:
-        output = Oneof(self.out_fds[fd], data)  # stdout, stderr or pty
-        self._publish(pb.ProcessEvent(event=Oneof("data", pb.ProcessEvent.DataEvent(output=output))))
+        kind = self.out_fds[fd]  # stdout, stderr or pty
+        if not self.subscribers:
+            self._keep(kind, data)
+            return
+        self._publish(_data_event(kind, data))
+
+    def _keep(self, kind: str, data: bytes) -> None:
+        """Keep output for the next Connect. Reading stops when the buffer is full, so it overflows
+        only once the process has exited (its last output): then the oldest output goes."""
+        last = self.backlog[-1] if self.backlog else None
+        if last is not None and last[0] == kind and len(last[1]) + len(data) <= CHUNK:
+            last[1].extend(data)
+        else:
+            self.backlog.append((kind, bytearray(data)))
+            self.backlog_cost += RUN_COST
+        self.backlog_cost += len(data)
+        while self._exited and self.backlog_cost > self.limits.output_buffer_bytes and len(self.backlog) > 1:
+            self.backlog_cost -= len(self.backlog.popleft()[1]) + RUN_COST
 
     def _publish(self, event: pb.ProcessEvent | Exception | None) -> None:
         for sub in self.subscribers:
@@ -221,18 +323,16 @@ class Proc:
             self._child_pidfd = None
         self._exited = True
         self.close_stdin()
-        # Output written just before exit is still in the pipes: drain it. A background grandchild
-        # may keep a pipe open forever, so stop waiting for EOF after a short grace period.
+        # Output written just before exit is still in the pipes: it is read as it can be kept, and
+        # after a short grace period what is left is read at once. A background grandchild may keep a
+        # pipe open (and writing) forever, so stop waiting for EOF then.
         loop.call_later(0.2, self._force_finish)
-        for fd in list(self.paused):
-            loop.add_reader(fd, self._on_readable, fd)
-        self.paused.clear()
         self._maybe_finish()
 
     def _force_finish(self) -> None:
         for fd in list(self.out_fds):
-            # read what is buffered, then give up on the pipe
-            while True:
+            # read what the pipe holds (at most one pipe's worth: a child may still be writing), then give up on it
+            for _ in range(FINAL_READS):
                 try:
                     data = os.read(fd, CHUNK)
                 except OSError:
@@ -246,27 +346,40 @@ class Proc:
         if not self._exited or self.out_fds or self.done.is_set():
             return
         assert self.popen is not None
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         code, exited, status = _status_of(self.popen.returncode)
         end = pb.ProcessEvent.EndEvent(exit_code=code, exited=exited, status=status)
         self.end = pb.ProcessEvent(event=Oneof("end", end))
         self._publish(self.end)
         self._publish(None)
         self.done.set()
+        self.backlog.clear()
+        self.backlog_cost = 0
         self.table.forget(self)
 
     # -- control -------------------------------------------------------------------------------
     def subscribe(self) -> Subscriber:
+        """Attach a stream: it receives the output kept while none was attached, then live output."""
         sub = Subscriber()
         self.subscribers.append(sub)
         if self.done.is_set():
             sub.queue.put_nowait(self.end)
             sub.queue.put_nowait(None)
+            return sub
+        while self.backlog:
+            kind, data = self.backlog.popleft()
+            sub.queue.put_nowait(_data_event(kind, bytes(data)))
+        self.backlog_cost = 0
+        self._pace()
         return sub
 
     def unsubscribe(self, sub: Subscriber) -> None:
         with contextlib.suppress(ValueError):
             self.subscribers.remove(sub)
-        self.resume_reading()
+        if not self.done.is_set():
+            self._pace()
 
     async def events(
         self, sub: Subscriber, keepalive: float, deadline: float | None = None
@@ -281,6 +394,8 @@ class Proc:
                     wait = min(wait, deadline - loop.time())
                     if wait <= 0:
                         raise TimeoutError
+                if sub.dropped is not None:
+                    raise sub.dropped
                 try:
                     item = await asyncio.wait_for(sub.queue.get(), timeout=wait)
                 except TimeoutError:
@@ -288,9 +403,10 @@ class Proc:
                         raise
                     yield pb.ProcessEvent(event=Oneof("keepalive", pb.ProcessEvent.KeepAlive()))
                     continue
+                sub.taken += 1
                 if self.paused:
-                    self.resume_reading()
-                if item is None:
+                    self._pace()
+                if item is None or isinstance(item, ClientGone):
                     return
                 if isinstance(item, Exception):
                     raise item
@@ -354,10 +470,12 @@ class Proc:
 
 
 class ProcessTable:
-    """The processes of one sandbox, by PID and by tag."""
+    """The processes of one sandbox, by PID and by tag, and its count of open process streams."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: TenantLimits | None = None) -> None:
+        self.limits = limits or TenantLimits()
         self.by_pid: dict[int, Proc] = {}
+        self.streams = 0
         self._synthetic = 1 << 30
 
     def add(self, proc: Proc) -> None:
@@ -388,6 +506,10 @@ class ProcessTable:
         for proc in list(self.by_pid.values()):
             if not proc.done.is_set():
                 proc._publish(ServerShuttingDown(reason))
+
+
+def _data_event(kind: str, data: bytes) -> pb.ProcessEvent:
+    return pb.ProcessEvent(event=Oneof("data", pb.ProcessEvent.DataEvent(output=Oneof(kind, data))))
 
 
 def _set_winsize(fd: int, rows: int, cols: int) -> None:

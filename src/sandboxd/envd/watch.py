@@ -6,7 +6,8 @@ Recursive watches follow new subdirectories as they appear.
 
 inotify instances are a host-wide resource of the user that creates them (128 for root by default), so
 the whole server shares one instance (`WatchHub`): a watch descriptor can serve several watchers (the
-kernel gives one per inode), and the number of watched directories is capped.
+kernel gives one per inode), and the number of watched directories is capped, for the server and per
+sandbox (`SandboxWatches`: its watchers and the directories they watch, `TenantLimits`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from inotify_simple import INotify
 from inotify_simple import flags as F
 from protobuf import Oneof
 
+from sandboxd.core.tenant_limits import TenantLimits
 from sandboxd.core.users import User
 from sandboxd.envd import fs
 from sandboxd.envd.gen.filesystem import filesystem_pb as fpb
@@ -82,7 +84,7 @@ class WatchHub:
         for ev in events:
             if ev.mask & F.IGNORED:
                 for watcher, _ in self.subs.pop(ev.wd, []):
-                    watcher.wds.discard(ev.wd)
+                    watcher.untrack(ev.wd)
                 continue
             for watcher, rel in list(self.subs.get(ev.wd, [])):
                 watcher.on_event(ev, rel)
@@ -91,10 +93,54 @@ class WatchHub:
 HUB = WatchHub()
 
 
+class SandboxWatches:
+    """One sandbox's watchers and the number of directories they watch, against its caps."""
+
+    def __init__(self, limits: TenantLimits) -> None:
+        self.limits = limits
+        self.live: set[DirWatcher] = set()
+        self.dirs = 0
+
+    def admit(self) -> None:
+        cap = self.limits.watchers
+        if len(self.live) >= cap:
+            raise WatchError(
+                f"this sandbox already has {len(self.live)} watchers (WatchDir streams and CreateWatcher), the "
+                f"limit (watchers, `sandboxd serve --max-watchers`) is {cap}: stop some first",
+                Code.RESOURCE_EXHAUSTED,
+            )
+
+    def add_dir(self) -> None:
+        cap = self.limits.watched_dirs
+        if self.dirs >= cap:
+            raise WatchError(
+                f"this sandbox's watches would cover more than {cap} directories (watched_dirs, "
+                "`sandboxd serve --max-watched-dirs`): watch a smaller tree, watch without recursion, "
+                "or stop other watchers",
+                Code.RESOURCE_EXHAUSTED,
+            )
+        self.dirs += 1
+
+    def close_all(self) -> None:
+        for watcher in list(self.live):
+            watcher.close()
+
+
 class DirWatcher:
     def __init__(
-        self, broker: Broker, root: str, recursive: bool, include_entry: bool, names: fs.Names, user: User
+        self,
+        broker: Broker,
+        root: str,
+        recursive: bool,
+        include_entry: bool,
+        names: fs.Names,
+        user: User,
+        owner: SandboxWatches | None = None,
     ) -> None:
+        self.owner = owner or SandboxWatches(TenantLimits())
+        self.owner.admit()
+        self.owner.live.add(self)
+        self.error: WatchError | None = None  # why the watch ended, if it failed after it started
         self.broker = broker
         self.root = root
         self.recursive = recursive
@@ -125,7 +171,15 @@ class DirWatcher:
         watch), also report what it already holds: it may have been filled before its watch existed."""
         if self.closed:
             return
-        self.wds.add(HUB.add(fd, self, rel))
+        self.owner.add_dir()
+        try:
+            wd = HUB.add(fd, self, rel)
+        except BaseException:
+            self.owner.dirs -= 1
+            raise
+        if wd in self.wds:  # already ours (the same directory reached twice)
+            self.owner.dirs -= 1
+        self.wds.add(wd)
         if not self.recursive:
             return
         entries = await asyncio.to_thread(_entries, fd)
@@ -165,7 +219,7 @@ class DirWatcher:
         if ev.mask & F.CREATE or ev.mask & F.MOVED_TO:
             kind = fpb.EventType.CREATE
             if self.recursive and ev.mask & F.ISDIR:
-                self._spawn(self._add_path(name, announce=True))
+                self._spawn(self._follow(name))
         elif ev.mask & F.MODIFY:
             kind = fpb.EventType.WRITE
         elif ev.mask & F.DELETE:
@@ -177,6 +231,22 @@ class DirWatcher:
         else:
             return
         self._report(name, kind)
+
+    async def _follow(self, rel: str) -> None:
+        """Watch a directory that appeared in a recursive watch; past the sandbox's cap, the watch fails."""
+        try:
+            await self._add_path(rel, announce=True)
+        except WatchError as e:
+            self.fail(e)
+
+    def fail(self, error: WatchError) -> None:
+        self.error = error
+        self.close()
+
+    def untrack(self, wd: int) -> None:
+        if wd in self.wds:
+            self.wds.discard(wd)
+            self.owner.dirs -= 1
 
     def _report(self, name: str, kind: int) -> None:
         if not self.include_entry:
@@ -227,7 +297,9 @@ class DirWatcher:
             self._worker.cancel()
         for wd in list(self.wds):
             HUB.remove(wd, self)
+        self.owner.dirs -= len(self.wds)
         self.wds.clear()
+        self.owner.live.discard(self)
         for listener in list(self.listeners):
             listener(None)
 
