@@ -7,6 +7,7 @@ import errno
 import fcntl
 import logging
 import os
+import resource
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from sandboxd.core.limits import RequestLimits
 from sandboxd.core.manager import SandboxManager, Settings
 from sandboxd.envd.app import build_envd_app
 from sandboxd.envd.process_service import end_streams_for_shutdown
+from sandboxd.routing.http_protocol import BoundedHttpToolsProtocol
 from sandboxd.routing.proxy import PortProxy
 from sandboxd.routing.router import ENVD_PORT, Router
 from sandboxd.runtime.namespaces import NamespaceRuntime
@@ -172,9 +174,19 @@ def serve(config: ServerConfig) -> None:
     if os.geteuid() != 0:
         raise SystemExit("sandboxd serve must run as root (it creates namespaces, mounts and cgroups)")
     os.umask(0o077)  # state.db, logs, sandbox state: nothing the server writes is for other host users
+    # Every process stream holds pipes: take all the descriptors the host allows (per-sandbox caps on
+    # streams and requests keep one tenant from using them up).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     prepare_data_dir(config.data_dir)
     lock_fd = lock_data_dir(config.data_dir)
     sock = bind_listener(config.host, config.port)
+    protocol = type(
+        "Protocol",
+        (BoundedHttpToolsProtocol,),
+        {"max_head_bytes": config.limits.max_head_bytes, "head_timeout": config.limits.head_timeout_s},
+    )
     app = App(config)
 
     class _Server(uvicorn.Server):
@@ -195,7 +207,7 @@ def serve(config: ServerConfig) -> None:
         log_level="warning",
         access_log=False,
         loop="auto",
-        http="auto",
+        http=protocol,  # httptools with bounds on the request head (size, time)
         timeout_keep_alive=650,
         timeout_graceful_shutdown=5,
     )

@@ -7,13 +7,15 @@ segfault inside protobuf's native JSON reader before the bounds of core/limits.p
 from __future__ import annotations
 
 import json
+import socket
 import struct
+import time
 
 import httpx
 import pytest
 from e2b import Sandbox
 
-from conftest import Server
+from conftest import Server, start_server
 from wire import envd_headers
 
 DEEP = 100_000  # crashed the server (depth 10,000 gave a clean 500)
@@ -148,3 +150,46 @@ def test_oversized_control_plane_body(server: Server) -> None:
         r = api.post("/sandboxes", content=chunks(), headers={"Content-Type": "application/json"})
         assert r.status_code == 413, r.text
         assert api.get("/health").status_code == 204
+
+
+def test_an_endless_header_is_cut_off(server: Server, sandbox: Sandbox) -> None:
+    before = rss_kib(server.proc.pid)
+    port = int(server.url.rsplit(":", 1)[1])
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        try:
+            while sent < 64 * 1024 * 1024:
+                s.sendall(b"a" * 65536)
+                sent += 65536
+            answer = s.recv(200)
+        except OSError:
+            answer = b"reset"
+    assert sent < 64 * 1024 * 1024 or answer.startswith(b"HTTP/1.1 431"), (sent, answer)
+    assert (rss_kib(server.proc.pid) - before) / 1024 < 32
+    assert_alive(server, sandbox)
+
+
+def test_slow_clients_are_dropped(tmp_path) -> None:
+    srv = start_server(tmp_path / "data", "--head-timeout", "1", "--prewarm", "")
+    try:
+        port = int(srv.url.rsplit(":", 1)[1])
+        slow = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(20)]
+        for s in slow:
+            s.sendall(b"GET /health HTTP/1.1\r\nHo")  # and never the rest
+        time.sleep(2.5)
+        answers = []
+        for s in slow:
+            try:
+                answers.append(s.recv(200))
+            except OSError:
+                answers.append(b"reset")
+            s.close()
+        assert all(a.startswith(b"HTTP/1.1 408") or a in (b"", b"reset") for a in answers), answers[:3]
+        # an idle keep-alive connection is not a slow head: it stays usable
+        with httpx.Client(base_url=srv.url) as c:
+            assert c.get("/health").status_code == 204
+            time.sleep(2)
+            assert c.get("/health").status_code == 204
+    finally:
+        assert srv.stop() == 0

@@ -237,6 +237,9 @@ def build_control_plane(manager: SandboxManager, api_key: str, limits: RequestLi
 
     async def on_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, SandboxdError)
+        if isinstance(exc, PayloadTooLarge):
+            # answered before the body was read to its end: the connection cannot carry another request
+            return error(exc.status, str(exc), headers={"Connection": "close"})
         return error(exc.status, str(exc))
 
     async def not_found(request: Request, exc: Exception) -> Response:

@@ -86,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         help="largest control-plane JSON body in KiB (default %(default)d)",
     )
     p_serve.add_argument(
+        "--head-timeout",
+        type=float,
+        default=RequestLimits.head_timeout_s,
+        help="seconds a client may take to send a request's headers (default %(default)g)",
+    )
+    p_serve.add_argument(
         "--max-json-depth",
         type=int,
         default=RequestLimits.max_json_depth,
@@ -197,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                     max_message_bytes=int(args.max_message_mb * MiB),
                     max_body_bytes=args.max_body_kb * 1024,
                     max_json_depth=args.max_json_depth,
+                    head_timeout_s=args.head_timeout,
                 ),
             )
         )

@@ -26,6 +26,9 @@ class RequestLimits:
     max_body_bytes: int = 1 * MiB
     # Nesting of any JSON document the server parses. envd's deepest message nests 4 objects.
     max_json_depth: int = 32
+    # A request's head (request line + headers): its size, and the time from its first byte to its last.
+    max_head_bytes: int = 64 * 1024
+    head_timeout_s: float = 30.0
 
 
 class LimitExceeded(Exception):
