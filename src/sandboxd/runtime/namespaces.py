@@ -18,7 +18,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sandboxd.runtime import cgroups
+from sandboxd.runtime import cgroups, quota
 from sandboxd.runtime.base import ExecSpec, Runtime, RuntimeError_, SandboxHandle, SandboxSpec, Stats
 from sandboxd.runtime.native import helper_path, sealed_copy
 from sandboxd.runtime.rootfs import open_pty_in_root
@@ -70,6 +70,7 @@ class NamespaceRuntime(Runtime):
         self.state_dir = Path(state_dir)
         self.sandboxes_dir = self.state_dir / "sandboxes"
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
+        self.disks = quota.Disks(self.state_dir / "images")  # formatted disk images, one per size
         self._helper_fd = sealed_copy(helper_path(self.state_dir / "bin"))
         self.helper = f"/proc/{os.getpid()}/fd/{self._helper_fd}"
         # setns() changes only the calling thread's network namespace: one thread does it, and switches back.
@@ -87,14 +88,22 @@ class NamespaceRuntime(Runtime):
 
     async def create(self, spec: SandboxSpec) -> SandboxHandle:
         sdir = self.sandboxes_dir / spec.sandbox_id
-        upper, work, merged = sdir / "upper", sdir / "work", sdir / "merged"
-        for d in (upper, work, merged):
-            d.mkdir(parents=True, exist_ok=True)
-        # The overlay's root directory takes the upper dir's owner: make it sandbox root.
-        os.chown(upper, UID_SHIFT, UID_SHIFT)
-        os.chmod(upper, 0o755)
+        merged = sdir / "merged"
+        merged.mkdir(parents=True, exist_ok=True)
         cg = self._cgroups(spec.sandbox_id)
         try:
+            disk_args: list[str] = []
+            if spec.limits.disk_mb:
+                # Its own disk (runtime/quota.py): upper and work are in an image the helper mounts.
+                disk_args = await asyncio.to_thread(self.disks.prepare, sdir, spec.limits.disk_mb)
+                upper, work = quota.upper_and_work(sdir)
+            else:
+                upper, work = sdir / "upper", sdir / "work"
+                for d in (upper, work):
+                    d.mkdir(exist_ok=True)
+                # The overlay's root directory takes the upper dir's owner: make it sandbox root.
+                os.chown(upper, UID_SHIFT, UID_SHIFT)
+                os.chmod(upper, 0o755)
             cg.create(spec.limits.memory_mb, spec.limits.cpu_count, spec.limits.pids)
             argv = [
                 self.helper,
@@ -116,6 +125,7 @@ class NamespaceRuntime(Runtime):
             ]
             for path in cg.paths:
                 argv += ["--cgroup", path]
+            argv += disk_args
             for src, dst in spec.binds:
                 argv += ["--ro-bind", f"{src}:{dst}"]
             # Popen uses vfork: the event loop is not held up by copying the server's page tables, as a
@@ -211,7 +221,8 @@ class NamespaceRuntime(Runtime):
         cg = self._cgroups(sandbox_id)
         cg.kill_all()
         cg.remove()
-        # The overlay lived only in the sandbox's mount namespace, gone with its last process.
+        # The overlay (and the disk image's loop mount) lived only in the sandbox's mount namespace,
+        # gone with its last process; the loop device then detached itself. This removes the image.
         shutil.rmtree(self.sandboxes_dir / sandbox_id, ignore_errors=True)
 
     def freeze(self, handle: SandboxHandle, frozen: bool) -> None:

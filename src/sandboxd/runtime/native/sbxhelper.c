@@ -21,6 +21,9 @@
  *   -> parent writes uid/gid maps -> child drops to sandbox root, seccomp, and reaps forever.
  *   The parent prints the child's host PID and exits. The mounts live only in the sandbox's mount
  *   namespace, so they disappear with it: nothing can leak on the host.
+ *   --disk IMAGE:DIR (the disk quota, see runtime/quota.py): before the overlay, IMAGE is attached
+ *   to a free loop device with LO_FLAGS_AUTOCLEAR and mounted on DIR, in the new mount namespace
+ *   only; when the sandbox's last process exits, the mount goes and the loop device detaches itself.
  *
  * exec: join cgroups -> setns(pidfd, all but user) -> setns(pidfd, user) -> fork -> child: ids,
  *   caps, no_new_privs, seccomp, chdir, execvpe. On --report-fd the child writes `c <pid inside>`
@@ -33,6 +36,7 @@
 #include <grp.h>
 #include <stdint.h>
 #include <linux/capability.h>
+#include <linux/loop.h>
 #include <net/if.h>
 #include <sched.h>
 #include <seccomp.h>
@@ -66,7 +70,8 @@
 /* Read-only bind mounts of host directories into the sandbox (sandboxd's own in-sandbox code). */
 static const char *bind_src[MAX_BINDS], *bind_dst[MAX_BINDS];
 static int nbinds;
-static char *argv_end; /* end of the argument strings, for scrubbing init's command line */
+static char *argv_end;
+static void mount_disk(const char *image, const char *dir); /* end of the argument strings, for scrubbing init's command line */
 
 static void die(const char *fmt, ...) {
     va_list ap;
@@ -365,6 +370,7 @@ static void init_child(int tochild, int toparent, const char *merged, const char
 
 static int cmd_create(int argc, char **argv) {
     const char *lower = NULL, *upper = NULL, *work = NULL, *merged = NULL, *hostname = "sandbox";
+    char *disk = NULL;
     unsigned shift = 100000, range = 65536;
     char *cgroups[MAX_CGROUPS];
     int ncg = 0;
@@ -377,6 +383,7 @@ static int cmd_create(int argc, char **argv) {
         else if (!strcmp(a, "--work")) work = v;
         else if (!strcmp(a, "--merged")) merged = v;
         else if (!strcmp(a, "--hostname")) hostname = v;
+        else if (!strcmp(a, "--disk")) disk = (char *)v; /* IMAGE:DIR */
         else if (!strcmp(a, "--shift")) shift = (unsigned)strtoul(v, NULL, 10);
         else if (!strcmp(a, "--range")) range = (unsigned)strtoul(v, NULL, 10);
         else if (!strcmp(a, "--ro-bind")) {
@@ -398,6 +405,12 @@ static int cmd_create(int argc, char **argv) {
     if (unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWCGROUP) < 0)
         die("unshare");
     xmount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL);
+    if (disk) {
+        char *colon = strrchr(disk, ':');
+        if (!colon) die("bad --disk %s", disk);
+        *colon = 0;
+        mount_disk(disk, colon + 1);
+    }
     char opts[8192];
     snprintf(opts, sizeof opts, "lowerdir=%s,upperdir=%s,workdir=%s,volatile", lower, upper, work);
     xmount("overlay", merged, "overlay", 0, opts);
@@ -445,6 +458,47 @@ child_failed : {
     fprintf(stderr, "%s", buf[0] ? buf : "sbxhelper: sandbox init failed\n");
     return 125;
 }
+}
+
+/* The sandbox's disk (runtime/quota.py): a sparse ext4 image on a loop device that detaches itself
+ * when its last user (this mount, in the sandbox's mount namespace only) is gone. */
+static void mount_disk(const char *image, const char *dir) {
+    int ctl = open("/dev/loop-control", O_RDWR | O_CLOEXEC);
+    if (ctl < 0) die("open /dev/loop-control");
+    int img = open(image, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+    if (img < 0) die("open %s", image);
+    char dev[64];
+    int loop = -1, direct = 1;
+    for (int tries = 0; loop < 0; tries++) {
+        /* Another create may take the same free device between GET_FREE and CONFIGURE: EBUSY, retry. */
+        int n = ioctl(ctl, LOOP_CTL_GET_FREE);
+        if (n < 0) die("LOOP_CTL_GET_FREE");
+        snprintf(dev, sizeof dev, "/dev/loop%d", n);
+        int fd = open(dev, O_RDWR | O_CLOEXEC);
+        if (fd < 0) die("open %s", dev);
+        struct loop_config cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.fd = (unsigned)img;
+        cfg.block_size = 4096;
+        /* direct I/O: the image's pages are not cached a second time in the host's page cache */
+        cfg.info.lo_flags = LO_FLAGS_AUTOCLEAR | (direct ? LO_FLAGS_DIRECT_IO : 0);
+        if (ioctl(fd, LOOP_CONFIGURE, &cfg) == 0) {
+            loop = fd;
+            break;
+        }
+        int e = errno;
+        close(fd);
+        if (e == EINVAL && direct) {
+            direct = 0; /* a backing filesystem without O_DIRECT: buffered I/O */
+            continue;
+        }
+        errno = e;
+        if (e != EBUSY || tries > 64) die("LOOP_CONFIGURE %s", dev);
+    }
+    close(img);
+    close(ctl);
+    if (mount(dev, dir, "ext4", MS_NOSUID | MS_NODEV, "discard,noinit_itable") < 0) die("mount %s on %s", dev, dir);
+    close(loop); /* the mount holds the device now: with AUTOCLEAR, unmounting it detaches it */
 }
 
 /* Options shared by exec and broker: which sandbox, which identity. */
