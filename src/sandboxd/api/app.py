@@ -94,6 +94,7 @@ def build_control_plane(manager: SandboxManager, api_key: str) -> ASGIApp:
             metadata=body.metadata,
             env_vars=body.env_vars,
             auto_pause=body.auto_pause,
+            disk_mb=body.disk_mb,
         )
         return JSONResponse(serialize.sandbox_created(sandbox), status_code=201)
 
