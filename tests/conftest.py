@@ -120,6 +120,7 @@ def server() -> Iterator[Server]:
         # A clean shutdown destroys every sandbox: nothing may be left behind, not even empty cgroups.
         leftovers = list((srv.data_dir / "sandboxes").iterdir())
         assert not leftovers, leftovers
+        assert not loop_devices_under(srv.data_dir), "sandbox disk images still attached to loop devices"
         instances = {p.name for p in Path("/sys/fs/cgroup").glob("*/sandboxd/*") if p.is_dir()}
         assert not instances - before, instances - before
         shutil.rmtree(tmp, ignore_errors=True)
@@ -155,6 +156,19 @@ def cgroup_dir(ctrl: str, sandbox_id: str) -> Path:
 
 def cgroup_dirs(sandbox_id: str) -> list[Path]:
     return list(Path("/sys/fs/cgroup").glob(f"*/sandboxd/*/{sandbox_id}"))
+
+
+def loop_devices_under(directory: Path) -> list[str]:
+    """Loop devices whose backing file is under `directory` (sandbox disk images; the kernel's view)."""
+    prefix = str(Path(directory).resolve()) + "/"
+    found = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            if backing.read_text().startswith(prefix):
+                found.append(backing.parent.parent.name)
+        except OSError:
+            pass
+    return found
 
 
 def host_pids_of(server: Server, sandbox_id: str) -> set[int]:

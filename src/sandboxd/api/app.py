@@ -139,8 +139,8 @@ def build_control_plane(manager: SandboxManager, api_key: str) -> ASGIApp:
             "memUsed": st.memory_bytes,
             "memTotal": st.memory_limit_bytes,
             "memCache": 0,
-            "diskUsed": 0,
-            "diskTotal": 0,
+            "diskUsed": st.disk_used_bytes,
+            "diskTotal": st.disk_total_bytes,
         }
 
     def _filtered(request: Request, default_states: set[str]) -> list[Sandbox]:

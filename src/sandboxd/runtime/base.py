@@ -63,6 +63,8 @@ class Stats:
     cpu_usage_ns: int
     pids: int
     oom_kills: int
+    disk_used_bytes: int = 0
+    disk_total_bytes: int = 0
 
 
 class Runtime(abc.ABC):

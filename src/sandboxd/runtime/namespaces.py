@@ -260,7 +260,19 @@ class NamespaceRuntime(Runtime):
                 if line.startswith("usage_usec"):
                     cpu = int(line.split()[1]) * 1000
         pids = num("pids", "pids.current") if "pids" in cg.dirs else num("unified", "pids.current")
-        return Stats(memory_bytes=mem, memory_limit_bytes=limit, cpu_usage_ns=cpu, pids=pids, oom_kills=oom)
+        try:  # the sandbox's own disk, as `df /` shows it inside (overlayfs reports its upper filesystem)
+            disk_used, disk_total = quota.usage(self.root_path(handle))
+        except OSError:
+            disk_used = disk_total = 0
+        return Stats(
+            memory_bytes=mem,
+            memory_limit_bytes=limit,
+            cpu_usage_ns=cpu,
+            pids=pids,
+            oom_kills=oom,
+            disk_used_bytes=disk_used,
+            disk_total_bytes=disk_total,
+        )
 
     def root_path(self, handle: SandboxHandle) -> Path:
         return Path(f"/proc/{handle.init_pid}/root")
