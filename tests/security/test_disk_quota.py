@@ -157,6 +157,9 @@ def test_disk_size_is_reported_as_diskSizeMB(small: Sandbox, quota_server: Serve
         assert api.get(f"/sandboxes/{small.sandbox_id}").json()["diskSizeMB"] == DISK_MB
         listed = {s["sandboxID"]: s for s in api.get("/v2/sandboxes").json()}
         assert listed[small.sandbox_id]["diskSizeMB"] == DISK_MB
+    # and it is what the sandbox really has
+    size = int(_run(small, "df -B1 --output=size / | tail -1")[1])
+    assert DISK_MB * MiB * 0.9 < size <= DISK_MB * MiB, size
 
 
 def test_create_may_ask_for_a_disk_size_up_to_the_maximum(quota_server: Server) -> None:
