@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2b import CommandExitException, Sandbox
+from e2b import CommandExitException, NotEnoughSpaceException, Sandbox
 
 from conftest import Server, host_pids_of, loop_devices_under, start_server
 
@@ -221,3 +221,12 @@ def test_disk_survives_a_server_crash_and_is_released_by_the_next_server(tmp_pat
         assert srv2.stop() == 0
     assert _wait_for(lambda: not loop_devices_under(data))
     assert not list((data / "sandboxes").iterdir())
+
+
+def test_an_upload_bigger_than_the_disk_fails_and_leaves_nothing(small: Sandbox) -> None:
+    free_kib = int(_run(small, "df --output=avail / | tail -1")[1])
+    with pytest.raises(NotEnoughSpaceException):  # the SDK's class for a 507
+        small.files.write("/home/user/big.bin", b"\0" * ((DISK_MB + 16) * MiB))
+    assert not small.files.exists("/home/user/big.bin")
+    # nothing partial is left behind: the free space is back
+    assert int(_run(small, "df --output=avail / | tail -1")[1]) >= free_kib - 1024

@@ -95,7 +95,10 @@ class NamespaceRuntime(Runtime):
             disk_args: list[str] = []
             if spec.limits.disk_mb:
                 # Its own disk (runtime/quota.py): upper and work are in an image the helper mounts.
-                disk_args = await asyncio.to_thread(self.disks.prepare, sdir, spec.limits.disk_mb)
+                try:
+                    disk_args = await asyncio.to_thread(self.disks.prepare, sdir, spec.limits.disk_mb)
+                except (OSError, quota.DiskError) as e:
+                    raise RuntimeError_(f"sandbox {spec.sandbox_id}: making its disk failed: {e}") from e
                 upper, work = quota.upper_and_work(sdir)
             else:
                 upper, work = sdir / "upper", sdir / "work"

@@ -63,6 +63,8 @@ IMAGE_NAME = "disk.img"  # in the sandbox's state dir
 MOUNT_NAME = "disk"  # the image's mount point in the state dir (a mount in the sandbox's namespace only)
 # Bump when the image layout or mkfs options change: cached images of an older format are rebuilt.
 FORMAT = "v1"
+# Formatted images kept (~100-250 KiB of disk each): the defaults, and a few sizes creates asked for.
+CACHE_MAX = 8
 _MKFS_FEATURES = "^has_journal,^resize_inode"  # overlay upper is `volatile`: a journal buys nothing
 
 
@@ -104,12 +106,27 @@ class Disks:
     def formatted(self, disk_mb: int) -> Path:
         """The cached, formatted (never mounted) image of `disk_mb` MiB, made on first use."""
         path = self.cache_dir / f"ext4-{disk_mb}m-{FORMAT}.img"
-        if path.exists():
+        try:
+            os.utime(path)  # recently used: kept by _prune
             return path
+        except FileNotFoundError:
+            pass
         with self._lock:
             if not path.exists():
                 self._mkfs(path, disk_mb)
+                self._prune()
         return path
+
+    def _prune(self) -> None:
+        """Keep the CACHE_MAX most recently used images (copies in progress keep their open file)."""
+        images = []
+        for p in self.cache_dir.glob("ext4-*.img"):
+            try:
+                images.append((p.stat().st_mtime, p))
+            except FileNotFoundError:
+                pass
+        for _, p in sorted(images, reverse=True)[CACHE_MAX:]:
+            p.unlink(missing_ok=True)
 
     def _mkfs(self, path: Path, disk_mb: int) -> None:
         mkfs = shutil.which("mkfs.ext4", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")

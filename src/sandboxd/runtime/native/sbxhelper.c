@@ -464,7 +464,7 @@ child_failed : {
  * when its last user (this mount, in the sandbox's mount namespace only) is gone. */
 static void mount_disk(const char *image, const char *dir) {
     int ctl = open("/dev/loop-control", O_RDWR | O_CLOEXEC);
-    if (ctl < 0) die("open /dev/loop-control");
+    if (ctl < 0) die("open /dev/loop-control (the disk quota needs loop devices; --disk-mb 0 turns it off)");
     int img = open(image, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
     if (img < 0) die("open %s", image);
     char dev[64];
