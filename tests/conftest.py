@@ -7,6 +7,7 @@ scripts/setup.sh), so a second run does not rebuild them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -169,6 +170,27 @@ def loop_devices_under(directory: Path) -> list[str]:
         except OSError:
             pass
     return found
+
+
+@contextlib.contextmanager
+def upper_on_host(server: Server, sandbox_id: str) -> Iterator[Path]:
+    """A host path to a sandbox's overlay upper dir, for tests that look at what it wrote.
+
+    With its own disk (src/sandboxd/runtime/quota.py), the upper dir is in an image mounted only in the
+    sandbox's mount namespace: mount the same loop device (so the same filesystem) here for a moment.
+    """
+    state = server.data_dir / "sandboxes" / sandbox_id
+    loops = loop_devices_under(state)
+    if not loops:
+        yield state / "upper"
+        return
+    mnt = Path(tempfile.mkdtemp(prefix="sandboxd-test-upper-"))
+    subprocess.run(["mount", "-o", "nosuid,nodev,noexec", f"/dev/{loops[0]}", str(mnt)], check=True)
+    try:
+        yield mnt / "upper"
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+        mnt.rmdir()
 
 
 def host_pids_of(server: Server, sandbox_id: str) -> set[int]:
