@@ -70,8 +70,9 @@
 /* Read-only bind mounts of host directories into the sandbox (sandboxd's own in-sandbox code). */
 static const char *bind_src[MAX_BINDS], *bind_dst[MAX_BINDS];
 static int nbinds;
-static char *argv_end;
-static void mount_disk(const char *image, const char *dir); /* end of the argument strings, for scrubbing init's command line */
+static char *argv_end; /* end of the argument strings, for scrubbing init's command line */
+
+static void mount_disk(const char *image, const char *dir);
 
 static void die(const char *fmt, ...) {
     va_list ap;
