@@ -31,8 +31,15 @@ Measured on the project machine (2 vCPU, kernel 6.18.44, ext4 root on virtio; p5
         LOOP_CTL_GET_FREE + LOOP_CONFIGURE          0.1-0.2          0.2-0.3
         mount ext4 (discard,noinit_itable)          0.8-1.4          1.6-1.9
         umount + autoclear detach                   0.7-1.1          1.2-2.3
-    So the quota adds ~2-3 ms to a create (copy + attach + mount), not the 30 ms of an mkfs; the
-    warm pool hides even that from `Sandbox.create()` (bench/run.py: "create -> 1st cmd").
+    With direct I/O, LOOP_CONFIGURE fsyncs the freshly copied image (~0.2 ms quiet, ~3 ms on a busy
+    disk) and the mount reads metadata from disk; buffered I/O measured the same end to end, but
+    would cache the image a second time, in page cache that cgroup v1 does not charge to the sandbox.
+    NamespaceRuntime.create, the three variants interleaved, 30 each, two runs on a loaded host
+    (load average 3-9 from other work): no quota 10.6 / 14.8 ms, quota (direct I/O) 14.7 / 16.9 ms,
+    quota (buffered) 14.4 / 17.2 ms: the quota adds ~2-4 ms to a create, not the 30 ms of an mkfs.
+    bench/run.py (N=20, same loaded host; floor `unshare ... /bin/true` 8.1 ms, 3.3 ms when quiet):
+    create -> 1st cmd p50, pooled 47 ms, no pool 46 ms; no pool with --disk-mb 0 52 ms: within the
+    noise. The warm pool keeps the copy and the mounts off `Sandbox.create()` altogether.
 
 Inodes: one per 16 KiB (ext4's own default `inode_ratio`, mke2fs.conf), 655,360 for 10 GiB: a sandbox
 can fill all of its blocks with files of 16 KiB on average (a Debian rootfs averages ~20 KiB a file,
