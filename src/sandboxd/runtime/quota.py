@@ -37,9 +37,11 @@ Measured on the project machine (2 vCPU, kernel 6.18.44, ext4 root on virtio; p5
     NamespaceRuntime.create, the three variants interleaved, 30 each, two runs on a loaded host
     (load average 3-9 from other work): no quota 10.6 / 14.8 ms, quota (direct I/O) 14.7 / 16.9 ms,
     quota (buffered) 14.4 / 17.2 ms: the quota adds ~2-4 ms to a create, not the 30 ms of an mkfs.
-    bench/run.py (N=20, same loaded host; floor `unshare ... /bin/true` 8.1 ms, 3.3 ms when quiet):
-    create -> 1st cmd p50, pooled 47 ms, no pool 46 ms; no pool with --disk-mb 0 52 ms: within the
-    noise. The warm pool keeps the copy and the mounts off `Sandbox.create()` altogether.
+    End to end (SDK create -> first `commands.run("true")`, two --pool-size 0 servers, creates
+    alternated, 25 each): quota 36.4 ms p50, --disk-mb 0 37.5 ms: below the noise. (The commit
+    before the quota measured 34.2 ms no pool / 41.9 ms pooled in bench/run.py on the same day: this
+    host is slower than when README's figures were taken, with or without the quota.) The warm pool
+    keeps the copy and the mounts off `Sandbox.create()` altogether.
 
 Inodes: one per 16 KiB (ext4's own default `inode_ratio`, mke2fs.conf), 655,360 for 10 GiB: a sandbox
 can fill all of its blocks with files of 16 KiB on average (a Debian rootfs averages ~20 KiB a file,
