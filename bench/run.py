@@ -626,7 +626,9 @@ def check_leftovers(
             break
         time.sleep(0.1)
     new_entries = sandboxd_entries() - entries_before
+    workdirs = {str(c.server.workdir.resolve()) + "/" for c in clients}
     return {
+        "loop_devices": loop_devices_under(workdirs),  # sandbox disk images still attached
         "sandboxes_created": len(ours),
         "cgroup_dirs": [str(p) for sid in sorted(ours) for p in sandbox_cgroup_dirs(sid)],
         "sandbox_init": sorted(
@@ -643,6 +645,15 @@ def check_leftovers(
         "our_new_sandboxd_entries": sorted(new_entries & instances),
         "foreign_new_sandboxd_entries": sorted(new_entries - instances),  # another server started meanwhile
     }
+
+
+def loop_devices_under(prefixes: set[str]) -> list[str]:
+    found = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        with contextlib.suppress(OSError):
+            if any(backing.read_text().startswith(p) for p in prefixes):
+                found.append(backing.parent.parent.name)
+    return sorted(found)
 
 
 def remove_cgroup_dirs(dirs: list[Path]) -> None:
@@ -675,7 +686,9 @@ def clean_up_our_cgroups(clients: list[Client], left: dict[str, Any]) -> None:
 # -- report -------------------------------------------------------------------------------------
 
 
-def build_rows(sbx: dict[str, Any], cold: dict[str, Any], floor: dict[str, Any]) -> list[dict[str, Any]]:
+def build_rows(
+    sbx: dict[str, Any], cold: dict[str, Any], noquota: dict[str, Any], floor: dict[str, Any]
+) -> list[dict[str, Any]]:
     def row(name: str, unit: str, s: dict[str, Any], f: dict[str, Any], floor_op: str) -> dict[str, Any]:
         ratio = s["p50"] / f["p50"] if s.get("p50") is not None and f.get("p50") else None
         return {"metric": name, "unit": unit, "sandboxd": s, "floor": f, "floor_op": floor_op, "ratio_p50": ratio}
@@ -718,6 +731,14 @@ def build_rows(sbx: dict[str, Any], cold: dict[str, Any], floor: dict[str, Any])
             per_holder,
         ),
         row("idle mem: PSS of processes", "MiB", mem(sm, "pss_mib"), mem(fm, "pss_mib"), per_holder),
+        # the rows above run with each sandbox's own 10 GiB disk (the default); this one without
+        row(
+            "create → 1st cmd, no pool, no disk quota",
+            "ms",
+            summary(noquota["create_first_cmd"]),
+            summary(floor["oneshot"]),
+            oneshot,
+        ),
     ]
 
 
@@ -834,12 +855,15 @@ def main() -> int:
         Server(workdir / "files", []),
         Server(workdir / "interp", ["--prewarm", interp.TEMPLATE]),
         Server(workdir / "interp-nopool", ["--pool-size", "0"]),
+        # The disk quota (runtime/quota.py) is on by default: this one shows what it costs a create.
+        Server(workdir / "nopool-noquota", ["--pool-size", "0", "--disk-mb", "0"]),
         Server(workdir / "noisy", []),
     ]
     clients = [Client(s) for s in servers]
     holders: list[Holder] = []
     sbx: dict[str, Any] = {"create_call": [], "create_first_cmd": [], "pool_ready": [], "exec": [], "memory": None}
     cold: dict[str, Any] = {"create_call": [], "create_first_cmd": [], "pool_ready": []}
+    noquota: dict[str, Any] = {"create_call": [], "create_first_cmd": [], "pool_ready": []}
     floor: dict[str, Any] = {
         "oneshot": [],
         "holder_start": [],
@@ -871,7 +895,7 @@ def main() -> int:
 
     with sigterm_as_interrupt():
         try:
-            warm, nopool, files_client, interp_warm, interp_cold, noisy_client = clients
+            warm, nopool, files_client, interp_warm, interp_cold, nopool_noquota, noisy_client = clients
             if args.suite in ("all", "noisy") and phase("start sandboxd (noisy)", noisy_client.server.start):
                 phase(
                     "noisy neighbours",
@@ -907,6 +931,13 @@ def main() -> int:
                 phase("sandboxd create, no pool", lambda: sbx_create(n, dl, nopool, cold, paced=False))
             errors.extend(nopool.kill_all())
             nopool.server.stop()
+            if phase("start sandboxd --pool-size 0 --disk-mb 0", nopool_noquota.server.start):
+                phase(
+                    "sandboxd create, no pool, no disk quota",
+                    lambda: sbx_create(n, dl, nopool_noquota, noquota, paced=False),
+                )
+            errors.extend(nopool_noquota.kill_all())
+            nopool_noquota.server.stop()
             phase("floor create (one-shot)", lambda: floor_oneshot(n, dl, floor["oneshot"]))
             phase("floor holders", lambda: floor_holders(n, dl, holders, floor))
         except _SkipRest:
@@ -930,7 +961,9 @@ def main() -> int:
             left = check_leftovers(clients, holders, entries_before, inits_before)
             shutil.rmtree(workdir, ignore_errors=True)
 
-    leftover_count = sum(len(left[k]) for k in ("cgroup_dirs", "sandbox_init", "holders", "our_new_sandboxd_entries"))
+    leftover_count = sum(
+        len(left[k]) for k in ("cgroup_dirs", "sandbox_init", "holders", "our_new_sandboxd_entries", "loop_devices")
+    )
     notes = [
         f"{left['sandboxes_created']} sandboxes and {len(holders)} holders created",
         "nothing left behind" if not leftover_count else f"LEFT BEHIND: {left}",
@@ -942,7 +975,7 @@ def main() -> int:
     if left["foreign_new_sandboxd_entries"]:
         notes.append(f"other servers started meanwhile: {left['foreign_new_sandboxd_entries']}")
 
-    rows = build_rows(sbx, cold, floor)
+    rows = build_rows(sbx, cold, noquota, floor)
     targets = []
     for name, key, idx in (
         ("create → 1st cmd, pool", "create", 0),

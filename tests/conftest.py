@@ -7,6 +7,7 @@ scripts/setup.sh), so a second run does not rebuild them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -124,6 +125,7 @@ def server() -> Iterator[Server]:
         # A clean shutdown destroys every sandbox: nothing may be left behind, not even empty cgroups.
         leftovers = list((srv.data_dir / "sandboxes").iterdir())
         assert not leftovers, leftovers
+        assert not loop_devices_under(srv.data_dir), "sandbox disk images still attached to loop devices"
         instances = {p.name for p in Path("/sys/fs/cgroup").glob("*/sandboxd/*") if p.is_dir()}
         assert not instances - before, instances - before
         shutil.rmtree(tmp, ignore_errors=True)
@@ -159,6 +161,40 @@ def cgroup_dir(ctrl: str, sandbox_id: str) -> Path:
 
 def cgroup_dirs(sandbox_id: str) -> list[Path]:
     return list(Path("/sys/fs/cgroup").glob(f"*/sandboxd/*/{sandbox_id}"))
+
+
+def loop_devices_under(directory: Path) -> list[str]:
+    """Loop devices whose backing file is under `directory` (sandbox disk images; the kernel's view)."""
+    prefix = str(Path(directory).resolve()) + "/"
+    found = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            if backing.read_text().startswith(prefix):
+                found.append(backing.parent.parent.name)
+        except OSError:
+            pass
+    return found
+
+
+@contextlib.contextmanager
+def upper_on_host(server: Server, sandbox_id: str) -> Iterator[Path]:
+    """A host path to a sandbox's overlay upper dir, for tests that look at what it wrote.
+
+    With its own disk (src/sandboxd/runtime/quota.py), the upper dir is in an image mounted only in the
+    sandbox's mount namespace: mount the same loop device (so the same filesystem) here for a moment.
+    """
+    state = server.data_dir / "sandboxes" / sandbox_id
+    loops = loop_devices_under(state)
+    if not loops:
+        yield state / "upper"
+        return
+    mnt = Path(tempfile.mkdtemp(prefix="sandboxd-test-upper-"))
+    subprocess.run(["mount", "-o", "nosuid,nodev,noexec", f"/dev/{loops[0]}", str(mnt)], check=True)
+    try:
+        yield mnt / "upper"
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+        mnt.rmdir()
 
 
 def host_pids_of(server: Server, sandbox_id: str) -> set[int]:

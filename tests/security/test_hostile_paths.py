@@ -26,7 +26,7 @@ import pytest
 from e2b import AsyncSandbox, CommandExitException, Sandbox
 from e2b.exceptions import FileNotFoundException
 
-from conftest import TEMPLATES_DIR, Server, host_pids_of
+from conftest import TEMPLATES_DIR, Server, host_pids_of, upper_on_host
 
 HOST_SECRET_PREFIX = "HOST-SECRET-"
 HOME = "/home/user"
@@ -673,8 +673,9 @@ def test_other_sandboxes_files_are_unreachable(server: Server) -> None:
         secret = f"a-secret-{uuid.uuid4().hex}"
         a.files.write("/tmp/a-secret", secret)
         a.files.write(f"{HOME}/a-home-secret", secret)
-        _, a_upper = overlay_dirs(server, a.sandbox_id)
-        assert (a_upper / "tmp" / "a-secret").read_text() == secret  # where it lives on the host
+        _, a_upper = overlay_dirs(server, a.sandbox_id)  # its path as the sandbox's mountinfo shows it
+        with upper_on_host(server, a.sandbox_id) as upper:
+            assert (upper / "tmp" / "a-secret").read_text() == secret  # where it lives
         paths = [
             "/tmp/a-secret",
             f"/../../../..{a_upper}/tmp/a-secret",
@@ -848,7 +849,7 @@ def test_failed_uploads_leave_no_temporary_files(sandbox: Sandbox) -> None:
 
 
 def test_writes_never_reach_the_template_rootfs(sandbox: Sandbox, server: Server) -> None:
-    lowers, upper = overlay_dirs(server, sandbox.sandbox_id)
+    lowers, _ = overlay_dirs(server, sandbox.sandbox_id)
     rootfs = lowers[-1]
     assert (rootfs / "etc" / "os-release").exists(), rootfs
     watched = [
@@ -872,7 +873,8 @@ def test_writes_never_reach_the_template_rootfs(sandbox: Sandbox, server: Server
     assert sorted(os.listdir(rootfs / "etc")) == etc_before
     assert not (rootfs / "usr" / "new-dir").exists()
     # /etc/os-release is a symlink to ../usr/lib/os-release: the write goes through it, into the sandbox's own layer
-    assert (upper / "usr" / "lib" / "os-release").read_text() == "tampered"
+    with upper_on_host(server, sandbox.sandbox_id) as upper:
+        assert (upper / "usr" / "lib" / "os-release").read_text() == "tampered"
 
 
 # -- odd paths ---------------------------------------------------------------------------------------

@@ -8,10 +8,13 @@ import os
 import struct
 import textwrap
 import time
+from pathlib import Path
 
 from e2b import Sandbox
 
-from conftest import TEMPLATES_DIR, Server, host_pids_of
+import sandboxd
+
+from conftest import TEMPLATES_DIR, Server, host_pids_of, upper_on_host
 
 NS_GET_OWNER_UID = 0xB704  # _IO(0xb7, 0x4)
 
@@ -40,8 +43,8 @@ def test_each_sandbox_has_a_uid_range_of_its_own(server: Server, sandbox: Sandbo
             # the shared template still looks root-owned inside
             assert sbx.commands.run("stat -c %u:%g /usr/bin/env /etc/passwd").stdout.split() == ["0:0", "0:0"]
             sbx.commands.run("touch /home/user/mine")
-            made = server.data_dir / "sandboxes" / sbx.sandbox_id / "upper" / "home" / "user" / "mine"
-            assert made.stat().st_uid == base + 1000
+            with upper_on_host(server, sbx.sandbox_id) as upper:
+                assert (upper / "home" / "user" / "mine").stat().st_uid == base + 1000
         # processes run as the sandbox's own host ids
         for pid in host_pids_of(server, other.sandbox_id):
             with open(f"/proc/{pid}/status") as f:
@@ -134,7 +137,8 @@ def test_mountinfo_shows_no_host_path(server: Server, sandbox: Sandbox) -> None:
     try:
         for sbx in (sandbox, ci):
             info = sbx.commands.run("cat /proc/self/mountinfo").stdout
-            for host_path in (str(server.data_dir), str(TEMPLATES_DIR), "/var/lib/sandboxd", "/work", "/tmp/sandboxd"):
+            checkout = str(Path(sandboxd.__file__).resolve().parent)  # where the interpreter's code comes from
+            for host_path in (str(server.data_dir), str(TEMPLATES_DIR), "/var/lib/sandboxd", checkout, "/tmp/"):
                 assert host_path not in info, f"{host_path} in mountinfo:\n{info}"
             assert "/opt/sandboxd/code" not in info or "tmpfs" in info
         # the interpreter's code is still there, read-only

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from e2b import CommandExitException, Sandbox
 
-from conftest import TEMPLATES_DIR, Server, cgroup_dir, host_pids_of
+from conftest import TEMPLATES_DIR, Server, cgroup_dir, host_pids_of, upper_on_host
 
 PY = "python3 -c"
 
@@ -41,8 +41,8 @@ def test_root_inside_is_not_root_outside(sandbox: Sandbox, server: Server) -> No
     _, out, _ = run_root(sandbox, "cat /proc/self/uid_map; touch /root/made-by-root")
     inside, outside, count = out.split()
     assert inside == "0" and int(outside) >= 1 << 30 and int(count) > 0
-    upper = server.data_dir / "sandboxes" / sandbox.sandbox_id / "upper" / "root" / "made-by-root"
-    assert upper.stat().st_uid == int(outside)
+    with upper_on_host(server, sandbox.sandbox_id) as upper:
+        assert (upper / "root" / "made-by-root").stat().st_uid == int(outside)
     for pid in host_pids_of(server, sandbox.sandbox_id):
         status = Path(f"/proc/{pid}/status").read_text()
         uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from e2b import Sandbox
 
-from conftest import SANDBOXD, TEMPLATES_DIR, Server, free_port, host_pids_of, start_server
+from conftest import SANDBOXD, TEMPLATES_DIR, Server, free_port, host_pids_of, start_server, upper_on_host
 
 NOBODY = 65534
 
@@ -83,13 +83,19 @@ def test_data_dir_and_secrets_are_root_only(server: Server) -> None:
 
 def test_setuid_file_made_in_a_sandbox_cannot_be_run_by_a_host_user(server: Server, sandbox: Sandbox) -> None:
     reachable_parent(server)
-    # Sandbox root makes a setuid copy of a shell in its upper dir (uid 100000 on the host).
+    # Sandbox root makes a setuid copy of cat (its root is a sandbox uid on the host) and a secret.
     sandbox.commands.run("cp /bin/cat /tmp/suidcat && chmod 4755 /tmp/suidcat", user="root")
-    upper = server.data_dir / "sandboxes" / sandbox.sandbox_id / "upper" / "tmp" / "suidcat"
-    assert upper.stat().st_mode & stat.S_ISUID
     sandbox.commands.run("echo secret > /root/secret && chmod 600 /root/secret", user="root")
-    r = as_nobody(str(upper), str(server.data_dir / "sandboxes" / sandbox.sandbox_id / "upper" / "root" / "secret"))
-    assert r.returncode != 0 and "secret" not in r.stdout, (r.stdout, r.stderr)
+    state = server.data_dir / "sandboxes" / sandbox.sandbox_id
+    with upper_on_host(server, sandbox.sandbox_id) as upper:
+        suid = upper / "tmp" / "suidcat"
+        assert suid.stat().st_mode & stat.S_ISUID  # it is there, setuid, on the host
+        r = as_nobody(str(suid), str(upper / "root" / "secret"))
+        assert r.returncode != 0 and "secret" not in r.stdout, (r.stdout, r.stderr)
+    # and nothing of the sandbox's state (its disk image, its dirs) is open to host users
+    for target in (state, state / "disk.img", server.data_dir / "sandboxes"):
+        r = as_nobody("stat", str(target))
+        assert r.returncode != 0 and "Permission denied" in r.stderr, (target, r.stderr)
 
 
 def test_sandbox_processes_get_the_usual_umask(sandbox: Sandbox) -> None:

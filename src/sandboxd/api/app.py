@@ -111,6 +111,7 @@ def build_control_plane(manager: SandboxManager, api_key: str, limits: RequestLi
             metadata=body.metadata,
             env_vars=body.env_vars,
             auto_pause=body.auto_pause,
+            disk_mb=body.disk_mb,
         )
         return JSONResponse(serialize.sandbox_created(sandbox), status_code=201)
 
@@ -155,8 +156,8 @@ def build_control_plane(manager: SandboxManager, api_key: str, limits: RequestLi
             "memUsed": st.memory_bytes,
             "memTotal": st.memory_limit_bytes,
             "memCache": 0,
-            "diskUsed": 0,
-            "diskTotal": 0,
+            "diskUsed": st.disk_used_bytes,
+            "diskTotal": st.disk_total_bytes,
         }
 
     def _filtered(request: Request, default_states: set[str]) -> list[Sandbox]:

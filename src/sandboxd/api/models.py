@@ -15,6 +15,8 @@ class NewSandbox(_Body):
     metadata: dict[str, str] | None = None
     env_vars: dict[str, str] | None = Field(default=None, alias="envVars")
     auto_pause: bool = Field(default=False, alias="autoPause")
+    # Not in E2B's API (it reports diskSizeMB, does not take it): this server's own disk per create.
+    disk_mb: int | None = Field(default=None, alias="diskSizeMB")
     secure: bool = True
     allow_internet_access: bool | None = None
 

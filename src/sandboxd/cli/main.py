@@ -34,6 +34,18 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="memory limit per sandbox in MiB (default: the template's, else 512)",
     )
+    p_serve.add_argument(
+        "--disk-mb",
+        type=int,
+        default=None,
+        help="each sandbox's own disk (space and inodes) in MiB (default: the template's, else 10240; 0 = no quota)",
+    )
+    p_serve.add_argument(
+        "--max-disk-mb",
+        type=int,
+        default=None,
+        help="largest diskSizeMB a create may ask for (default: the template's default disk)",
+    )
     p_serve.add_argument("--cpus", type=float, default=1.0, help="CPU quota per sandbox, in CPUs (default 1)")
     p_serve.add_argument("--pids", type=int, default=512, help="process limit per sandbox (default 512)")
     p_serve.add_argument(
@@ -166,11 +178,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from sandboxd.core.limits import HostLimits
         from sandboxd.core.manager import Settings
+        from sandboxd.runtime.quota import MIN_DISK_MB
+
+        for name in ("disk_mb", "max_disk_mb"):
+            value = getattr(args, name)
+            if value is not None and value != 0 and value < MIN_DISK_MB:
+                parser.error(f"--{name.replace('_', '-')} must be 0 (no quota) or at least {MIN_DISK_MB} MiB")
         from sandboxd.server import ServerConfig, serve
 
         settings = Settings(
             default_timeout=args.default_timeout,
             memory_mb=args.memory_mb,
+            disk_mb=args.disk_mb,
+            max_disk_mb=args.max_disk_mb,
             cpu_count=args.cpus,
             pids=args.pids,
             pool_size=args.pool_size,

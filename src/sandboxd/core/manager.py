@@ -22,6 +22,7 @@ from sandboxd.core.limits import HostLimits
 from sandboxd.core.tenant_limits import TenantLimits
 from sandboxd.core.users import DEFAULT_PATH, lookup_user
 from sandboxd.runtime.base import ExecSpec, Limits, Runtime, SandboxHandle, SandboxSpec
+from sandboxd.runtime.quota import DEFAULT_DISK_MB, MIN_DISK_MB
 from sandboxd.state.db import SandboxRecord, StateDB
 from sandboxd.templates.store import Template, TemplateError, TemplateStore
 
@@ -50,6 +51,11 @@ class Settings:
     memory_mb: int | None = None  # None: the template's default, else DEFAULT_MEMORY_MB
     cpu_count: float = 1.0
     pids: int = 512
+    # The sandbox's own disk (runtime/quota.py), MiB. None: the template's, else DEFAULT_DISK_MB (10 GiB);
+    # 0: no disk quota (the writable layer shares the data dir's filesystem).
+    disk_mb: int | None = None
+    # The most a create may ask for (`diskSizeMB`); None: no more than the template's default.
+    max_disk_mb: int | None = None
     # Sandboxes kept created and idle per recently used template, so that create only hands one out.
     pool_size: int = 2
     # Templates whose pool is filled at start, before anyone asks (the others: after their first use).
@@ -138,9 +144,9 @@ class SandboxManager:
         self.runtime.close()  # removes only what no kept sandbox still uses
 
     # -- warm pool -------------------------------------------------------------------------------
-    def _spec(self, sandbox_id: str, template: Template) -> SandboxSpec:
+    def _spec(self, sandbox_id: str, template: Template, disk_mb: int) -> SandboxSpec:
         s = self.settings
-        limits = Limits(memory_mb=self._memory_mb(template), cpu_count=s.cpu_count, pids=s.pids)
+        limits = Limits(memory_mb=self._memory_mb(template), cpu_count=s.cpu_count, pids=s.pids, disk_mb=disk_mb)
         return SandboxSpec(
             sandbox_id=sandbox_id, rootfs=template.rootfs, hostname=sandbox_id, limits=limits, binds=template.binds
         )
@@ -148,12 +154,36 @@ class SandboxManager:
     def _memory_mb(self, template: Template) -> int:
         return self.settings.memory_mb or template.memory_mb or DEFAULT_MEMORY_MB
 
-    async def _new(self, sandbox_id: str, template: Template) -> tuple[SandboxHandle, subprocess.Popen[bytes] | None]:
+    def _disk_mb(self, template: Template) -> int:
+        """The template's default disk size (0: no disk quota)."""
+        if self.settings.disk_mb is not None:
+            return self.settings.disk_mb
+        return template.disk_mb or DEFAULT_DISK_MB
+
+    def _check_disk_mb(self, template: Template, disk_mb: Any) -> int:
+        default = self._disk_mb(template)
+        if disk_mb is None:
+            return default
+        if not isinstance(disk_mb, int) or isinstance(disk_mb, bool):
+            raise BadRequest(f"diskSizeMB must be a whole number of MiB, got {disk_mb!r}")
+        if default == 0:
+            raise BadRequest("this server runs without disk quotas (--disk-mb 0): diskSizeMB cannot be set")
+        limit = self.settings.max_disk_mb or default
+        if not MIN_DISK_MB <= disk_mb <= limit:
+            raise BadRequest(
+                f"diskSizeMB must be between {MIN_DISK_MB} and {limit} MiB, got {disk_mb} "
+                "(the server's --max-disk-mb raises the maximum)"
+            )
+        return disk_mb
+
+    async def _new(
+        self, sandbox_id: str, template: Template, disk_mb: int
+    ) -> tuple[SandboxHandle, subprocess.Popen[bytes] | None]:
         """Create a sandbox and start its template's service (the code interpreter, say)."""
         memory_mb = self._memory_mb(template)
         self._creating.append(memory_mb)  # counted against the host-wide limits while it is made
         try:
-            handle = await self.runtime.create(self._spec(sandbox_id, template))
+            handle = await self.runtime.create(self._spec(sandbox_id, template, disk_mb))
         finally:
             self._creating.remove(memory_mb)
         if not template.service:
@@ -246,7 +276,7 @@ class SandboxManager:
                 if self._over_limit(self._memory_mb(template)) is not None:
                     return  # the pool never takes the last of a host-wide limit
                 sandbox_id = new_sandbox_id()
-                handle, service = await self._new(sandbox_id, template)
+                handle, service = await self._new(sandbox_id, template, self._disk_mb(template))
             except Exception:
                 log.exception("pre-creating a sandbox of template '%s' failed", name)
                 return
@@ -274,6 +304,7 @@ class SandboxManager:
         metadata: dict[str, str] | None = None,
         env_vars: dict[str, str] | None = None,
         auto_pause: bool = False,
+        disk_mb: int | None = None,
     ) -> Sandbox:
         timeout = self._check_timeout(self.settings.default_timeout if timeout is None else timeout)
         _check_str_map("metadata", metadata)
@@ -282,13 +313,15 @@ class SandboxManager:
             template = self.templates.get(template_id)
         except TemplateError as e:
             raise NotFound(str(e)) from None
-        pooled = self._take_pooled(template.name, template.digest)
+        disk_mb = self._check_disk_mb(template, disk_mb)
+        # Pooled sandboxes have the template's default disk: another size is made fresh.
+        pooled = self._take_pooled(template.name, template.digest) if disk_mb == self._disk_mb(template) else None
         if pooled is not None:
             sandbox_id, handle, service = pooled
         else:
             await self._admit(template)
             sandbox_id = new_sandbox_id()
-            handle, service = await self._new(sandbox_id, template)
+            handle, service = await self._new(sandbox_id, template, disk_mb)
         self._schedule_refill(template.name)
         s = self.settings
         now = time.time()
@@ -305,7 +338,7 @@ class SandboxManager:
             env_vars=dict(env_vars or {}),
             cpu_count=max(1, int(s.cpu_count)),
             memory_mb=self._memory_mb(template),
-            disk_mb=0,
+            disk_mb=disk_mb,
             auto_pause=auto_pause,
             default_user=template.default_user,
             default_workdir=template.default_workdir,

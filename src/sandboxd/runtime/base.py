@@ -21,6 +21,7 @@ class Limits:
     memory_mb: int = 512
     cpu_count: float = 1.0
     pids: int = 512
+    disk_mb: int = 0  # the sandbox's own disk of this size (runtime/quota.py); 0: no disk quota
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class Stats:
     cpu_usage_ns: int
     pids: int
     oom_kills: int
+    disk_used_bytes: int = 0
+    disk_total_bytes: int = 0
 
 
 class Runtime(abc.ABC):

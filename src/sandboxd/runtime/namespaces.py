@@ -17,7 +17,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sandboxd.runtime import cgroups, identity, pids
+from sandboxd.runtime import cgroups, identity, pids, quota
 from sandboxd.runtime.base import ExecSpec, Runtime, RuntimeError_, SandboxHandle, SandboxSpec, Stats
 from sandboxd.runtime.native import helper_path, sealed_copy
 from sandboxd.runtime.rootfs import open_pty_in_root
@@ -56,6 +56,7 @@ class NamespaceRuntime(Runtime):
         self.state_dir = Path(state_dir)
         self.sandboxes_dir = self.state_dir / "sandboxes"
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
+        self.disks = quota.Disks(self.state_dir / "images")  # formatted disk images, one per size
         self._helper_fd = sealed_copy(helper_path(self.state_dir / "bin"))
         self.helper = f"/proc/{os.getpid()}/fd/{self._helper_fd}"
         # setns() changes only the calling thread's network namespace: one thread does it, and switches back.
@@ -78,15 +79,26 @@ class NamespaceRuntime(Runtime):
 
     async def create(self, spec: SandboxSpec) -> SandboxHandle:
         sdir = self.sandboxes_dir / spec.sandbox_id
-        upper = sdir / "upper"
-        for name in ("lower", "upper", "work", "merged"):
+        for name in ("lower", "merged"):
             (sdir / name).mkdir(parents=True, exist_ok=True)
         base = self.ids.allocate()
-        # The overlay's root directory takes the upper dir's owner: make it sandbox root.
-        os.chown(upper, base, base)
-        os.chmod(upper, 0o755)
         cg = self._cgroups(spec.sandbox_id)
         try:
+            disk_args: list[str] = []
+            if spec.limits.disk_mb:
+                # Its own disk (runtime/quota.py): upper and work are in an image the helper mounts.
+                try:
+                    disk_args = await asyncio.to_thread(self.disks.prepare, sdir, spec.limits.disk_mb)
+                except (OSError, quota.DiskError) as e:
+                    raise RuntimeError_(f"sandbox {spec.sandbox_id}: making its disk failed: {e}") from e
+                # (the helper gives the image's upper dir to this sandbox's root once it is mounted)
+            else:
+                upper, work = sdir / "upper", sdir / "work"
+                for d in (upper, work):
+                    d.mkdir(exist_ok=True)
+                # The overlay's root directory takes the upper dir's owner: make it sandbox root.
+                os.chown(upper, base, base)
+                os.chmod(upper, 0o755)
             cg.create(spec.limits.memory_mb, spec.limits.cpu_count, spec.limits.pids)
             argv = [
                 self.helper,
@@ -106,6 +118,7 @@ class NamespaceRuntime(Runtime):
             ]
             for path in cg.paths:
                 argv += ["--cgroup", path]
+            argv += disk_args
             for src, dst in spec.binds:
                 argv += ["--ro-copy", f"{src}:{dst}"]
             # Popen uses vfork: the event loop is not held up by copying the server's page tables, as a
@@ -209,7 +222,8 @@ class NamespaceRuntime(Runtime):
         cg = self._cgroups(sandbox_id)
         cg.kill_all()
         cg.remove()
-        # The overlay lived only in the sandbox's mount namespace, gone with its last process.
+        # The overlay (and the disk image's loop mount) lived only in the sandbox's mount namespace,
+        # gone with its last process; the loop device then detached itself. This removes the image.
         shutil.rmtree(self.sandboxes_dir / sandbox_id, ignore_errors=True)
 
     def freeze(self, handle: SandboxHandle, frozen: bool) -> None:
@@ -247,7 +261,19 @@ class NamespaceRuntime(Runtime):
                 if line.startswith("usage_usec"):
                     cpu = int(line.split()[1]) * 1000
         pids = num("pids", "pids.current") if "pids" in cg.dirs else num("unified", "pids.current")
-        return Stats(memory_bytes=mem, memory_limit_bytes=limit, cpu_usage_ns=cpu, pids=pids, oom_kills=oom)
+        try:  # the sandbox's own disk, as `df /` shows it inside (overlayfs reports its upper filesystem)
+            disk_used, disk_total = quota.usage(self.root_path(handle))
+        except OSError:
+            disk_used = disk_total = 0
+        return Stats(
+            memory_bytes=mem,
+            memory_limit_bytes=limit,
+            cpu_usage_ns=cpu,
+            pids=pids,
+            oom_kills=oom,
+            disk_used_bytes=disk_used,
+            disk_total_bytes=disk_total,
+        )
 
     def root_path(self, handle: SandboxHandle) -> Path:
         return Path(f"/proc/{handle.init_pid}/root")

@@ -14,7 +14,7 @@ UID_SHIFT = 100000
 UID_RANGE = 65536
 
 
-RUNTIME_ONLY = ("memory_mb",)
+RUNTIME_ONLY = ("memory_mb", "disk_mb")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class TemplateSpec:
     extra: dict[str, str] = field(default_factory=dict)
     # Runtime defaults: they do not change the built root filesystem, so they are not in the digest.
     memory_mb: int | None = None
+    disk_mb: int | None = None  # the sandbox's own disk (runtime/quota.py); None: the server's default
 
     def digest(self) -> str:
         spec = {k: v for k, v in asdict(self).items() if k not in RUNTIME_ONLY}

@@ -47,6 +47,7 @@ class Template:
     service: tuple[str, ...] = ()
     service_user: str = "user"
     memory_mb: int | None = None
+    disk_mb: int | None = None
 
     @property
     def rootfs(self) -> Path:
@@ -97,6 +98,7 @@ class TemplateStore:
             service=tuple(meta.get("service", builtin.service if builtin else ())),
             service_user=meta.get("service_user", builtin.service_user if builtin else "user"),
             memory_mb=meta.get("memory_mb", builtin.memory_mb if builtin else None),
+            disk_mb=meta.get("disk_mb", builtin.disk_mb if builtin else None),
         )
 
     def names(self) -> list[str]:
@@ -196,6 +198,7 @@ class TemplateStore:
                 "service": list(spec.service),
                 "service_user": spec.service_user,
                 "memory_mb": spec.memory_mb,
+                "disk_mb": spec.disk_mb,
             }
             (work / "template.json").write_text(json.dumps(meta, indent=2))
             self._migrate_legacy(spec.name)

@@ -21,6 +21,9 @@
  *   -> parent writes uid/gid maps -> child drops to sandbox root, seccomp, and reaps forever.
  *   The parent prints the child's host PID and exits. The mounts live only in the sandbox's mount
  *   namespace, so they disappear with it: nothing can leak on the host.
+ *   --disk IMAGE:DIR (the disk quota, see runtime/quota.py): before the overlay, IMAGE is attached
+ *   to a free loop device with LO_FLAGS_AUTOCLEAR and mounted on DIR, in the new mount namespace
+ *   only; when the sandbox's last process exits, the mount goes and the loop device detaches itself.
  *
  * exec: join cgroups -> setns(pidfd, all but user) -> setns(pidfd, user) -> fork -> child: ids,
  *   caps, no_new_privs, seccomp, chdir, execvpe. On --report-fd the child writes `c <pid inside>`
@@ -34,6 +37,7 @@
 #include <grp.h>
 #include <stdint.h>
 #include <linux/capability.h>
+#include <linux/loop.h>
 #include <net/if.h>
 #include <sched.h>
 #include <seccomp.h>
@@ -76,6 +80,8 @@ static int ncopies;
 static int template_fd = -1;
 #define MAX_COPY_FILE (1 << 20)
 static char *argv_end; /* end of the argument strings, for scrubbing init's command line */
+
+static void mount_disk(const char *image, const char *dir);
 
 static void die(const char *fmt, ...) {
     va_list ap;
@@ -560,6 +566,7 @@ static void attach_idmapped(int procfd, const char *src, const char *dst, unsign
 
 static int cmd_create(int argc, char **argv) {
     const char *lower = NULL, *dir = NULL, *hostname = "sandbox";
+    char *disk = NULL;
     unsigned shift = 100000, range = 65536, idmap_from = 0;
     int idmap = 0;
     char *cgroups[MAX_CGROUPS];
@@ -571,6 +578,7 @@ static int cmd_create(int argc, char **argv) {
         if (!strcmp(a, "--lower")) lower = v;
         else if (!strcmp(a, "--state-dir")) dir = v;
         else if (!strcmp(a, "--hostname")) hostname = v;
+        else if (!strcmp(a, "--disk")) disk = (char *)v; /* IMAGE:DIR */
         else if (!strcmp(a, "--shift")) shift = (unsigned)strtoul(v, NULL, 10);
         else if (!strcmp(a, "--range")) range = (unsigned)strtoul(v, NULL, 10);
         else if (!strcmp(a, "--idmap-from")) {
@@ -609,9 +617,19 @@ static int cmd_create(int argc, char **argv) {
         attach_idmapped(procfd, lower, "lower", idmap_from, shift, range);
         lowerdir = "lower";
     }
+    const char *layers = ""; /* where upper/ and work/ are: the state dir, or the sandbox's own disk */
+    if (disk) {
+        char *colon = strrchr(disk, ':');
+        if (!colon) die("bad --disk %s", disk);
+        *colon = 0;
+        mount_disk(disk, colon + 1);
+        layers = "disk/";
+        /* the image is formatted once for every sandbox: its upper dir becomes this sandbox's root's */
+        if (chown("disk/upper", shift, shift) < 0) die("chown disk/upper");
+    }
     /* Relative layer names: the sandbox's /proc/self/mountinfo shows no host path for its root. */
     char opts[8192];
-    snprintf(opts, sizeof opts, "lowerdir=%s,upperdir=upper,workdir=work,volatile", lowerdir);
+    snprintf(opts, sizeof opts, "lowerdir=%s,upperdir=%supper,workdir=%swork,volatile", lowerdir, layers, layers);
     xmount("overlay", "merged", "overlay", 0, opts);
     if (chdir("/") < 0) die("chdir /");
     if (sethostname(hostname, strlen(hostname)) < 0) die("sethostname");
@@ -656,6 +674,47 @@ child_failed : {
     fprintf(stderr, "%s", buf[0] ? buf : "sbxhelper: sandbox init failed\n");
     return 125;
 }
+}
+
+/* The sandbox's disk (runtime/quota.py): a sparse ext4 image on a loop device that detaches itself
+ * when its last user (this mount, in the sandbox's mount namespace only) is gone. */
+static void mount_disk(const char *image, const char *dir) {
+    int ctl = open("/dev/loop-control", O_RDWR | O_CLOEXEC);
+    if (ctl < 0) die("open /dev/loop-control (the disk quota needs loop devices; --disk-mb 0 turns it off)");
+    int img = open(image, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+    if (img < 0) die("open %s", image);
+    char dev[64];
+    int loop = -1, direct = 1;
+    for (int tries = 0; loop < 0; tries++) {
+        /* Another create may take the same free device between GET_FREE and CONFIGURE: EBUSY, retry. */
+        int n = ioctl(ctl, LOOP_CTL_GET_FREE);
+        if (n < 0) die("LOOP_CTL_GET_FREE");
+        snprintf(dev, sizeof dev, "/dev/loop%d", n);
+        int fd = open(dev, O_RDWR | O_CLOEXEC);
+        if (fd < 0) die("open %s", dev);
+        struct loop_config cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.fd = (unsigned)img;
+        cfg.block_size = 4096;
+        /* direct I/O: the image's pages are not cached a second time in the host's page cache */
+        cfg.info.lo_flags = LO_FLAGS_AUTOCLEAR | (direct ? LO_FLAGS_DIRECT_IO : 0);
+        if (ioctl(fd, LOOP_CONFIGURE, &cfg) == 0) {
+            loop = fd;
+            break;
+        }
+        int e = errno;
+        close(fd);
+        if (e == EINVAL && direct) {
+            direct = 0; /* a backing filesystem without O_DIRECT: buffered I/O */
+            continue;
+        }
+        errno = e;
+        if (e != EBUSY || tries > 64) die("LOOP_CONFIGURE %s", dev);
+    }
+    close(img);
+    close(ctl);
+    if (mount(dev, dir, "ext4", MS_NOSUID | MS_NODEV, "discard,noinit_itable") < 0) die("mount %s on %s", dev, dir);
+    close(loop); /* the mount holds the device now: with AUTOCLEAR, unmounting it detaches it */
 }
 
 /* Options shared by exec and broker: which sandbox, which identity. */
