@@ -49,6 +49,7 @@ NS_FLAGS = ["-m", "-u", "-i", "-n", "-p"]  # mount, uts, ipc, net, pid
 OP_TIMEOUT = 30.0  # s, any single operation (API call, subprocess, holder start)
 SERVER_START_TIMEOUT = 30.0
 SETTLE = 1.0  # s, before each MemAvailable reading
+POOL_SIZE = 2  # `sandboxd serve`'s default --pool-size
 POOL_WAIT = 2.0  # s, at most, for the warm pool to have a sandbox ready before a paced create
 NOISE_KIB = 2048  # MemAvailable drift after a teardown that makes a window's drop untrustworthy
 ZOMBIE_WAIT = 10.0  # s, for the host's PID 1 to reap killed sandbox-inits
@@ -363,9 +364,11 @@ class Client:
             if p.is_dir() and p.name not in self.live and cgroup_procs(p)
         )
 
-    def wait_for_pool(self) -> bool:
+    def wait_for_pool(self, want: int = POOL_SIZE) -> bool:
+        """Until the pool is full again (the default pool holds POOL_SIZE per template), so that the
+        timed create neither waits for nor competes with a refill: the steady state of a pooled server."""
         end = time.monotonic() + POOL_WAIT
-        while self.pooled() < 1:
+        while self.pooled() < want:
             if time.monotonic() > end:
                 return False
             time.sleep(0.005)
@@ -425,7 +428,7 @@ def run_true(s: Any, dl: Deadline) -> None:
 def sbx_create(n: int, dl: Deadline, client: Client, out: dict[str, Any], paced: bool) -> None:
     """Create -> first `true` -> kill, one at a time; the kill is not timed.
 
-    paced: before each create, wait (untimed, up to POOL_WAIT) until the server's warm pool has a sandbox ready,
+    paced: before each create, wait (untimed, up to POOL_WAIT) until the server's warm pool is full again,
     so the samples show the steady state of a pooled server rather than a burst that drains the pool.
     """
     for i in range(CREATE_WARMUPS + n):

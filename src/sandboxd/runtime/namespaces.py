@@ -284,6 +284,7 @@ class NamespaceRuntime(Runtime):
         self._server_cgroup.enter(server_memory_mb * 1024 * 1024)
 
     def close(self) -> None:
+        self.disks.close()
         self._server_cgroup.leave()
         cgroups.remove_instance(self.layout, self.instance)
 

@@ -74,6 +74,7 @@ MOUNT_NAME = "disk"  # the image's mount point in the state dir (a mount in the 
 FORMAT = "v1"
 # Formatted images kept (~100-250 KiB of disk each): the defaults, and a few sizes creates asked for.
 CACHE_MAX = 8
+SPARES = 2  # copies made ahead per size in use
 _MKFS_FEATURES = "^has_journal,^resize_inode"  # overlay upper is `volatile`: a journal buys nothing
 
 
@@ -93,7 +94,9 @@ def upper_and_work(state_dir: Path) -> tuple[Path, Path]:
 
 
 class Disks:
-    """Makes sandbox disk images from a cache of formatted ones (one per size)."""
+    """Makes sandbox disk images from a cache of formatted ones (one per size), with a few copies made
+    ahead (SPARES per size in use, written and fsynced in the background): attaching a loop device with
+    direct I/O flushes the image's dirty pages first, ~2 ms on the create path for a fresh copy."""
 
     def __init__(self, cache_dir: Path) -> None:
         self.cache_dir = Path(cache_dir)
@@ -101,7 +104,13 @@ class Disks:
         os.chmod(self.cache_dir, 0o700)
         for stale in self.cache_dir.glob("*.tmp*"):  # a build interrupted by a crash
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        self.spares_dir = self.cache_dir / "spares"
+        shutil.rmtree(self.spares_dir, ignore_errors=True)  # a previous run's: made again on demand
+        self.spares_dir.mkdir()
         self._lock = threading.Lock()
+        self._spares: dict[int, list[Path]] = {}
+        self._refilling: set[int] = set()
+        self._closed = False
 
     def prepare(self, state_dir: Path, disk_mb: int) -> list[str]:
         """Make `<state_dir>/disk.img` and its mount point; return the `sbxhelper create` options."""
@@ -109,8 +118,46 @@ class Disks:
             raise DiskError(f"a sandbox disk must be at least {MIN_DISK_MB} MiB, not {disk_mb}")
         image, mnt = state_dir / IMAGE_NAME, state_dir / MOUNT_NAME
         mnt.mkdir(exist_ok=True)
-        _sparse_copy(self.formatted(disk_mb), image)
+        with self._lock:
+            spare = self._spares.get(disk_mb, []).pop() if self._spares.get(disk_mb) else None
+        if spare is not None:
+            os.rename(spare, image)  # same filesystem (the data dir): atomic, no copy
+        else:
+            _sparse_copy(self.formatted(disk_mb), image)
+        self._refill(disk_mb)
         return ["--disk", f"{image}:{mnt}"]
+
+    def close(self) -> None:
+        self._closed = True
+        shutil.rmtree(self.spares_dir, ignore_errors=True)
+
+    def _refill(self, disk_mb: int) -> None:
+        with self._lock:
+            if disk_mb in self._refilling or self._closed:
+                return
+            self._refilling.add(disk_mb)
+        threading.Thread(target=self._make_spares, args=(disk_mb,), name="sandboxd-disk-spares", daemon=True).start()
+
+    def _make_spares(self, disk_mb: int) -> None:
+        try:
+            while not self._closed:
+                with self._lock:
+                    if len(self._spares.get(disk_mb, [])) >= SPARES:
+                        return
+                spare = self.spares_dir / f"{disk_mb}m-{os.urandom(6).hex()}.img"
+                _sparse_copy(self.formatted(disk_mb), spare)
+                fd = os.open(spare, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                with self._lock:
+                    self._spares.setdefault(disk_mb, []).append(spare)
+        except (OSError, DiskError):
+            log.exception("making spare disk images of %d MiB failed", disk_mb)
+        finally:
+            with self._lock:
+                self._refilling.discard(disk_mb)
 
     def formatted(self, disk_mb: int) -> Path:
         """The cached, formatted (never mounted) image of `disk_mb` MiB, made on first use."""
