@@ -18,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 from sandboxd.api.app import build_control_plane
 from sandboxd.core.limits import RequestLimits
 from sandboxd.core.manager import SandboxManager, Settings
+from sandboxd.envd import uploads
 from sandboxd.envd.app import build_envd_app
 from sandboxd.envd.process_service import end_streams_for_shutdown
 from sandboxd.routing.http_protocol import BoundedHttpToolsProtocol
@@ -93,6 +94,9 @@ class App:
             if message["type"] == "lifespan.startup":
                 try:
                     await self.manager.start()
+                    cleaned = await uploads.clean_interrupted(self.manager)
+                    if cleaned:
+                        log.info("removed %d temporary file(s) of uploads a crash interrupted", cleaned)
                 except Exception as e:
                     await send({"type": "lifespan.startup.failed", "message": str(e)})
                     return

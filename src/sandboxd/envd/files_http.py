@@ -21,6 +21,7 @@ import stat
 import time
 import zlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import quote
 
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -30,7 +31,7 @@ from starlette.types import Receive, Scope, Send
 
 from sandboxd.core.manager import Sandbox, SandboxManager
 from sandboxd.core.users import User, lookup_user
-from sandboxd.envd import fs
+from sandboxd.envd import fs, uploads
 from sandboxd.runtime.broker import Broker, BrokerGone, BrokerTimeout
 
 READ_CHUNK = 1 << 20
@@ -144,7 +145,7 @@ class FilesEndpoint:
             if request.method in ("GET", "HEAD"):
                 response = await self.download(request, query, user, broker)
             elif request.method == "POST":
-                response = await self.upload(request, query, user, broker)
+                response = await self.upload(request, query, user, broker, sandbox.handle.state_dir)
             else:
                 response = error(405, f"method {request.method} is not allowed on /files")
         except BrokerTimeout as e:
@@ -214,7 +215,9 @@ class FilesEndpoint:
         )
 
     # -- upload ----------------------------------------------------------------------------------
-    async def upload(self, request: Request, query: dict[str, str], user: User, broker: Broker) -> Response:
+    async def upload(
+        self, request: Request, query: dict[str, str], user: User, broker: Broker, sandbox_dir: Path
+    ) -> Response:
         metadata = {k[len("x-metadata-") :]: v for k, v in request.headers.items() if k.startswith("x-metadata-")}
         body = _decoded_body(request)
         ctype, params = parse_options_header(request.headers.get("content-type", ""))
@@ -229,7 +232,7 @@ class FilesEndpoint:
                     if not target:
                         return error(400, "each file part needs a filename, or give the 'path' query parameter")
                     path = fs.resolve(target, user)
-                    result = await self._write(broker, path, chunks, metadata, user)
+                    result = await self._write(broker, path, chunks, metadata, user, sandbox_dir)
                     if isinstance(result, Response):
                         return result
                     written.append(result)
@@ -242,7 +245,7 @@ class FilesEndpoint:
                 return error(400, "the 'path' query parameter is required for an application/octet-stream upload")
             path = fs.resolve(query["path"], user)
             try:
-                result = await self._write(broker, path, body, metadata, user)
+                result = await self._write(broker, path, body, metadata, user, sandbox_dir)
             except _BadBody as e:
                 return error(400, str(e))
             if isinstance(result, Response):
@@ -257,7 +260,13 @@ class FilesEndpoint:
         return JSONResponse(written)
 
     async def _write(
-        self, broker: Broker, path: str, chunks: AsyncIterator[bytes], metadata: dict[str, str], user: User
+        self,
+        broker: Broker,
+        path: str,
+        chunks: AsyncIterator[bytes],
+        metadata: dict[str, str],
+        user: User,
+        sandbox_dir: Path,
     ) -> dict[str, str] | Response:
         if path.endswith("/"):
             return error(400, f"path '{path}' names a directory, not a file")
@@ -266,10 +275,12 @@ class FilesEndpoint:
             path = await broker.realpath(path)
         parent = posixpath.dirname(path) or "/"
         tmp = posixpath.join(parent, f".sandboxd-upload-{secrets.token_hex(6)}")
+        journal = uploads.begin(sandbox_dir, user.name, tmp)
         try:
             await broker.makedirs(parent)
             fd = await broker.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         except OSError as e:
+            uploads.end(journal)
             # drain the body so the client gets our answer rather than a reset
             async for _ in chunks:
                 pass
@@ -289,6 +300,7 @@ class FilesEndpoint:
             if not ok:
                 with contextlib.suppress(OSError, BrokerGone):
                     await broker.unlink(tmp)
+            uploads.end(journal)
         return {"name": posixpath.basename(path), "type": "file", "path": fs.display_path(path)}
 
     @staticmethod

@@ -1,0 +1,63 @@
+"""A journal of uploads in flight, so that a crash of the server leaves no temporary file in a sandbox.
+
+An upload is written to `.sandboxd-upload-<random>` beside its target and renamed over it when complete
+(files_http.py). Before the temporary file is made, an entry naming it (and the user who wrote it) goes
+into `<sandbox state dir>/uploads/`; the entry goes when the file has been renamed or removed. A server
+that starts after a crash removes, in each sandbox it re-adopts, the files its journal still names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sandboxd.core.users import lookup_user
+
+if TYPE_CHECKING:
+    from sandboxd.core.manager import SandboxManager
+
+log = logging.getLogger("sandboxd.envd")
+JOURNAL = "uploads"
+
+
+def begin(state_dir: Path, user: str, tmp: str) -> Path:
+    journal = state_dir / JOURNAL
+    journal.mkdir(mode=0o700, exist_ok=True)
+    entry = journal / secrets.token_hex(8)
+    entry.write_text(json.dumps({"user": user, "path": tmp}))
+    return entry
+
+
+def end(entry: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(entry)
+
+
+async def clean_interrupted(manager: SandboxManager) -> int:
+    """Remove the temporary files of uploads a crashed server left in its sandboxes; returns how many."""
+    from sandboxd.envd import fs  # the brokers, which resolve paths inside the sandbox as the user
+
+    removed = 0
+    for sandbox in list(manager.sandboxes.values()):
+        journal = sandbox.handle.state_dir / JOURNAL
+        if not journal.is_dir():
+            continue
+        for entry in sorted(journal.iterdir()):
+            try:
+                record = json.loads(entry.read_text())
+                user = lookup_user(
+                    str(manager.runtime.root_path(sandbox.handle)), record["user"], sandbox.handle.uid_base
+                )
+                if user is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        await fs.brokers_of(manager, sandbox).get(user).unlink(record["path"])
+                        removed += 1
+            except Exception:
+                log.exception("cleaning the interrupted upload %s of sandbox %s failed", entry, sandbox.id)
+            end(entry)
+    return removed
