@@ -33,9 +33,7 @@ except OSError:
 def test_entering_a_recycled_init_pid_reaches_nothing() -> None:
     # A host process in a network namespace of its own, listening on its loopback: what a recycled
     # sandbox-init PID would point at.
-    victim = subprocess.Popen(
-        ["unshare", "--net", sys.executable, "-c", LISTENER], stdout=subprocess.PIPE, text=True
-    )
+    victim = subprocess.Popen(["unshare", "--net", sys.executable, "-c", LISTENER], stdout=subprocess.PIPE, text=True)
     try:
         assert victim.stdout is not None
         assert victim.stdout.readline().strip() == "ready"
@@ -53,9 +51,7 @@ def test_entering_a_recycled_init_pid_reaches_nothing() -> None:
 
 
 def test_the_right_process_is_entered() -> None:
-    victim = subprocess.Popen(
-        ["unshare", "--net", sys.executable, "-c", LISTENER], stdout=subprocess.PIPE, text=True
-    )
+    victim = subprocess.Popen(["unshare", "--net", sys.executable, "-c", LISTENER], stdout=subprocess.PIPE, text=True)
     try:
         assert victim.stdout is not None and victim.stdout.readline().strip() == "ready"
         subprocess.run(["nsenter", "-t", str(victim.pid), "-n", "ip", "link", "set", "lo", "up"], check=True)
@@ -121,3 +117,25 @@ def test_kill_member_spares_a_process_outside_the_cgroup() -> None:
     finally:
         victim.kill()
         victim.wait()
+
+
+def test_the_helper_refuses_an_init_pid_with_another_start_time(server, sandbox) -> None:  # type: ignore[no-untyped-def]
+    # The exec helper and the file broker are given the init's PID *and* its start time: a PID that now
+    # names another process (same number, other start) is refused before any namespace is entered.
+    from conftest import host_pids_of
+
+    helper = next((server.data_dir / "bin").glob("sbxhelper-*"))
+    init = next(
+        p for p in host_pids_of(server, sandbox.sandbox_id) if open(f"/proc/{p}/comm").read().strip() == "sandbox-init"
+    )
+    start = pids.start_time(init)
+    assert start is not None
+    base = ["exec", "--pid", str(init), "--uid", "0", "--gid", "0", "--cwd", "/"]
+    wrong = subprocess.run(
+        [str(helper), *base, "--pid-start", str(start + 1), "--", "/bin/true"], capture_output=True, text=True
+    )
+    assert wrong.returncode == 125 and "now names another process" in wrong.stderr, wrong.stderr
+    right = subprocess.run(
+        [str(helper), *base, "--pid-start", str(start), "--", "/bin/hostname"], capture_output=True, text=True
+    )
+    assert right.returncode == 0 and right.stdout.strip() == sandbox.sandbox_id, (right.stdout, right.stderr)

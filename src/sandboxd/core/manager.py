@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import string
 import subprocess
@@ -196,13 +197,11 @@ class SandboxManager:
             log_file = "/tmp/.sandboxd-service.log"
             argv = ["/bin/sh", "-c", f'exec "$@" >>{log_file} 2>&1', "sh", *template.service]
             spec = ExecSpec(argv=argv, env=env, cwd=user.home, uid=user.uid, gid=user.gid, groups=user.groups)
-            service = subprocess.Popen(  # noqa: ASYNC220 - vfork of the small helper
-                self.runtime.exec_argv(handle, spec),
-                env=spec.env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+            devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                service = self.runtime.spawn_exec(handle, spec, (devnull, devnull, devnull))
+            finally:
+                os.close(devnull)
         except BaseException:
             await self.runtime.destroy(handle)
             raise

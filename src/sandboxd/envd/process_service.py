@@ -164,6 +164,9 @@ class ProcessService:
             sub = proc.subscribe()  # before the process can write anything
             try:
                 await proc.spawn(self.manager.runtime, sbx.handle, spec, stdin=bool(request.stdin), size=size)
+            except ValueError as e:  # an environment variable the kernel cannot carry
+                proc.unsubscribe(sub)
+                raise ConnectError(Code.INVALID_ARGUMENT, str(e)) from None
             except BaseException:
                 proc.unsubscribe(sub)
                 raise

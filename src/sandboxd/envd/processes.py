@@ -150,18 +150,9 @@ class Proc:
                     child_fds.append(in_r)
                 stdio = (in_r, out_w, err_w)
                 self.out_fds = {out_r: "stdout", err_r: "stderr"}
-            argv = runtime.exec_argv(handle, spec, report_fd=report_w)
-            # Popen (vfork + exec of a small helper) returns in well under a millisecond; waiting for the
-            # helper is done with a pidfd on the event loop, never by blocking.
-            self.popen = subprocess.Popen(  # noqa: ASYNC220
-                argv,
-                stdin=stdio[0],
-                stdout=stdio[1],
-                stderr=stdio[2],
-                pass_fds=(report_w,),
-                env=spec.env,
-                close_fds=True,
-            )
+            # vfork + exec of a small helper: well under a millisecond; waiting for the helper is done with
+            # a pidfd on the event loop, never by blocking.
+            self.popen = runtime.spawn_exec(handle, spec, stdio, report_fd=report_w)
         except BaseException:
             for fd in [*child_fds, *self.out_fds, *([self.stdin_fd] if self.stdin_fd else []), report_r]:
                 with contextlib.suppress(OSError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import socket
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,11 +78,12 @@ class Runtime(abc.ABC):
     async def create(self, spec: SandboxSpec) -> SandboxHandle: ...
 
     @abc.abstractmethod
-    def exec_argv(self, handle: SandboxHandle, spec: ExecSpec, report_fd: int | None = None) -> list[str]:
-        """The host command that runs `spec` inside the sandbox; its exit status is the process's.
-
-        With `report_fd`, the command writes `c <pid in sandbox>` and `h <host pid>` lines to that fd.
-        """
+    def spawn_exec(
+        self, handle: SandboxHandle, spec: ExecSpec, stdio: tuple[int, int, int], report_fd: int | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start `spec` in the sandbox with these stdin/stdout/stderr; the process's exit status is the
+        command's. The command's environment must reach nothing but the command. With `report_fd`, the
+        process writes `c <pid in sandbox>` and `h <host pid>` lines to that fd."""
 
     @abc.abstractmethod
     def freeze(self, handle: SandboxHandle, frozen: bool) -> None:

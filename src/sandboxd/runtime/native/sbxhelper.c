@@ -723,7 +723,8 @@ struct entry {
     uid_t uid;
     gid_t gid;
     gid_t groups[64];
-    int ngroups, pty, report_fd, sock_fd;
+    int ngroups, pty, report_fd, sock_fd, env_fd;
+    unsigned long long start_time; /* the init's start time (clock ticks): tells it from a recycled PID */
     const char *cwd;
     char *cgroups[MAX_CGROUPS];
     int ncg;
@@ -732,7 +733,7 @@ struct entry {
 /* Parses options up to `--` (or the end); returns the index of the first argument after them. */
 static int parse_entry(int argc, char **argv, struct entry *e) {
     memset(e, 0, sizeof *e);
-    e->report_fd = e->sock_fd = -1;
+    e->report_fd = e->sock_fd = e->env_fd = -1;
     int i;
     for (i = 2; i < argc; i++) {
         const char *a = argv[i];
@@ -750,6 +751,8 @@ static int parse_entry(int argc, char **argv, struct entry *e) {
             if (e->ngroups < 64) e->groups[e->ngroups++] = (gid_t)strtoul(v, NULL, 10);
         } else if (!strcmp(a, "--cwd")) e->cwd = v;
         else if (!strcmp(a, "--report-fd")) e->report_fd = (int)strtol(v, NULL, 10);
+        else if (!strcmp(a, "--env-fd")) e->env_fd = (int)strtol(v, NULL, 10);
+        else if (!strcmp(a, "--pid-start")) e->start_time = strtoull(v, NULL, 10);
         else if (!strcmp(a, "--sock")) e->sock_fd = (int)strtol(v, NULL, 10);
         else if (!strcmp(a, "--cgroup")) {
             if (e->ncg == MAX_CGROUPS) die("too many cgroups");
@@ -760,11 +763,34 @@ static int parse_entry(int argc, char **argv, struct entry *e) {
     return i;
 }
 
+/* The start time (field 22 of /proc/PID/stat, clock ticks since boot) of a process, 0 if unknown. */
+static unsigned long long start_time_of(pid_t pid) {
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 0;
+    buf[n] = 0;
+    char *p = strrchr(buf, ')'); /* the command name may contain anything: fields start after its ')' */
+    if (!p) return 0;
+    p++;
+    for (int field = 3; field < 22 && p; field++) p = strchr(p + 1, ' '); /* p: before field 22 */
+    return p ? strtoull(p + 1, NULL, 10) : 0;
+}
+
 /* Join the sandbox's cgroups and namespaces (user namespace last: see the header comment). */
 static void enter_sandbox(const struct entry *e) {
     if (e->target <= 0) die("--pid is required");
     int pidfd = (int)syscall(SYS_pidfd_open, e->target, 0);
     if (pidfd < 0) die("sandbox init %d is gone", e->target);
+    /* A PID names the init only while the init lives: check, through the pidfd, that it is the process
+     * started at --pid-start and that it was still alive after the check (so the check read its /proc). */
+    if (e->start_time && (start_time_of(e->target) != e->start_time || syscall(SYS_pidfd_send_signal, pidfd, 0, NULL, 0) < 0)) {
+        errno = 0;
+        die("sandbox init %d is gone (the PID now names another process)", e->target);
+    }
     join_cgroups((char **)e->cgroups, e->ncg);
     if (setns(pidfd, CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWCGROUP) < 0)
         die("setns");
@@ -819,10 +845,41 @@ static int wait_and_relay(pid_t child, int report_fd) {
     return 128 + sig;
 }
 
+/* The command's environment comes on a descriptor (`K=V\0` records), read only here, inside the sandbox
+ * and under the user's identity: the environment an API client chose never reaches this host-root helper
+ * while it is outside (its own environment is empty). */
+#define MAX_ENV_BYTES (8 << 20)
+static char **read_env(int fd) {
+    struct stat st;
+    if (fstat(fd, &st) < 0 || st.st_size < 0 || st.st_size > MAX_ENV_BYTES) die("bad --env-fd");
+    size_t n = (size_t)st.st_size;
+    char *buf = malloc(n + 1);
+    if (!buf) die("malloc");
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = pread(fd, buf + got, n - got, (off_t)got);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) die("read --env-fd");
+        got += (size_t)r;
+    }
+    buf[n] = 0;
+    close(fd);
+    size_t count = 0;
+    for (size_t i = 0; i < n; i++)
+        if (!buf[i]) count++;
+    char **envp = calloc(count + 1, sizeof *envp);
+    if (!envp) die("calloc");
+    size_t k = 0;
+    for (size_t i = 0; i < n && k < count; i += strlen(buf + i) + 1) envp[k++] = buf + i;
+    envp[k] = NULL;
+    return envp;
+}
+
 static int cmd_exec(int argc, char **argv) {
     struct entry e;
     int i = parse_entry(argc, argv, &e);
     if (e.report_fd >= 0) fcntl(e.report_fd, F_SETFD, FD_CLOEXEC);
+    if (e.env_fd >= 0) fcntl(e.env_fd, F_SETFD, FD_CLOEXEC);
     if (i >= argc) die("exec needs -- argv");
     char **cmd = argv + i;
     enter_sandbox(&e);
@@ -842,6 +899,7 @@ static int cmd_exec(int argc, char **argv) {
             dprintf(2, "sandboxd: cannot use working directory '%s': %s\n", e.cwd, strerror(err));
             _exit(1);
         }
+        if (e.env_fd >= 0) environ = read_env(e.env_fd);
         apply_seccomp();
         execvpe(cmd[0], cmd, environ);
         int err = errno;
