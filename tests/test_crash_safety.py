@@ -251,3 +251,25 @@ def test_an_upload_cut_by_a_crash_leaves_no_temporary_file(tmp_path: Path) -> No
         assert "removed 1 temporary file" in srv.log()
     finally:
         assert srv.stop() == 0
+
+
+def test_a_pause_cut_by_a_crash_does_not_leave_a_frozen_running_sandbox(tmp_path: Path) -> None:
+    # The crash came after the freezer froze the sandbox and before the record said "paused".
+    from conftest import cgroup_dir
+
+    data = tmp_path / "data"
+    srv = start_server(data, "--prewarm", "", keep=True)
+    port = int(srv.url.rsplit(":", 1)[1])
+    sbx = Sandbox.create(template="base", timeout=600, **_env(srv))  # type: ignore[arg-type]
+    srv.proc.send_signal(signal.SIGKILL)
+    srv.proc.wait(timeout=30)
+    freezer = cgroup_dir("freezer", sbx.sandbox_id) / "freezer.state"
+    unified = cgroup_dir("unified", sbx.sandbox_id) / "cgroup.freeze"
+    target, value = (freezer, "FROZEN") if freezer.exists() else (unified, "1")
+    target.write_text(value)
+    srv = start_server(data, port=port)
+    try:
+        again = Sandbox.connect(sbx.sandbox_id, **_env(srv))  # type: ignore[arg-type]
+        assert again.commands.run("echo thawed", timeout=20).stdout == "thawed\n"
+    finally:
+        assert srv.stop() == 0

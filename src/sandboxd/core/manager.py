@@ -109,8 +109,12 @@ class SandboxManager:
         adopted: set[str] = set()
         for rec in self.db.all():
             handle = SandboxHandle(**{**rec.handle, "state_dir": Path(rec.handle["state_dir"])})
-            if self.runtime.is_alive(handle):
+            # A sandbox whose kill had begun is finished off (by the sweep below), even if its init has
+            # not died yet: a kill is never undone by a crash.
+            if rec.state != "killing" and self.runtime.is_alive(handle):
                 self.runtime.adopt(handle)
+                # A crash during pause or resume may have left the freezer and the record apart.
+                await asyncio.to_thread(self.runtime.freeze, handle, rec.state == "paused")
                 self._register(Sandbox(rec, handle))
                 adopted.add(rec.sandbox_id)
             else:
@@ -367,6 +371,8 @@ class SandboxManager:
         if sandbox is None:
             return False
         sandbox.killed.set()
+        sandbox.record.state = "killing"  # recorded first: a crash from here on never brings it back
+        self.db.put(sandbox.record)
         for cb in sandbox.on_kill:
             try:
                 cb()

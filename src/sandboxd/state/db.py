@@ -32,7 +32,7 @@ class SandboxRecord:
     envd_token: str
     started_at: float
     end_at: float
-    state: str  # running | paused
+    state: str  # running | paused | killing (a kill began: never re-adopted after a crash)
     metadata: dict[str, str] = field(default_factory=dict)
     env_vars: dict[str, str] = field(default_factory=dict)
     cpu_count: int = 1
