@@ -333,3 +333,20 @@ def test_process_that_never_reads_stdin_does_not_stall_the_server(server) -> Non
         assert done.wait(10), "the blocked stdin write did not end when the process died"
     finally:
         sbx.kill()
+
+
+def test_end_event_error_text_as_envd(sandbox: Sandbox) -> None:
+    with pytest.raises(CommandExitException) as e:
+        sandbox.commands.run("exit 3")
+    assert e.value.exit_code == 3 and e.value.error == "exit status 3"
+    with pytest.raises(CommandExitException) as e:
+        sandbox.commands.run("kill -9 $$")
+    assert e.value.exit_code == -1 and e.value.error == "signal: killed"
+    assert sandbox.commands.run("true").error in (None, "")
+
+
+def test_oom_kill_says_so(sandbox: Sandbox) -> None:
+    with pytest.raises(CommandExitException) as e:
+        sandbox.commands.run("python3 -c 'x = bytearray(2 << 30)'", timeout=60)
+    assert "out of memory" in (e.value.error or ""), e.value
+    assert sandbox.commands.run("echo alive").stdout == "alive\n"

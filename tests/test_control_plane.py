@@ -276,3 +276,33 @@ async def test_async_lifecycle(server: Server) -> None:
         assert await sbx.kill() is True
     assert await AsyncSandbox.kill(sbx.sandbox_id) is False
     assert not await sbx.is_running()
+
+
+def test_zero_timeout_is_refused_as_e2b_does(server) -> None:  # type: ignore[no-untyped-def]
+    with server.api() as api:
+        for path in ("/sandboxes", "/v2/sandboxes"):
+            r = api.post(path, json={"templateID": "base", "timeout": 0})
+            assert r.status_code == 400 and r.json()["message"] == "Timeout must be greater than 0", r.text
+    from e2b import Sandbox as _Sandbox
+
+    with pytest.raises(Exception, match="Timeout must be greater than 0"):
+        _Sandbox.create(template="base", timeout=0)
+
+
+def test_metrics_honour_their_window(sandbox) -> None:  # type: ignore[no-untyped-def]
+    import datetime as dt
+
+    now = dt.datetime.now(dt.UTC)
+    first = sandbox.get_metrics()
+    assert first, "no metrics for a running sandbox"
+    m = first[-1]
+    assert m.mem_total > 0 and m.mem_used > 0 and m.cpu_count >= 1
+    assert m.disk_total > 0 and 0 < m.disk_used < m.disk_total
+    sandbox.commands.run("timeout 2 sh -c 'while :; do :; done'; true", timeout=30)  # 2 s of one CPU
+    busy = sandbox.get_metrics()
+    assert len(busy) >= 2 and busy[-1].cpu_used_pct > 20, busy  # measured between the two samples
+    past = sandbox.get_metrics(start=now - dt.timedelta(hours=2), end=now - dt.timedelta(hours=1))
+    assert past == [], past  # nothing outside the window
+    assert sandbox.get_metrics(start=now + dt.timedelta(hours=1)) == []
+    inside = sandbox.get_metrics(start=now - dt.timedelta(seconds=30), end=now + dt.timedelta(seconds=60))
+    assert len(inside) >= 2 and all(s.timestamp >= now - dt.timedelta(seconds=31) for s in inside)

@@ -82,3 +82,11 @@ def test_old_version_survives_while_a_sandbox_uses_it(server: Server) -> None:
         if os.readlink(home / "current") != real:
             _switch_current(home, real)
         shutil.rmtree(home / fake, ignore_errors=True)
+
+
+def test_template_exists_for_built_in_templates(server: Server) -> None:
+    from e2b import Template
+
+    assert Template.exists("base") is True
+    assert Template.exists("code-interpreter-v1") is True
+    assert Template.exists("no-such-template") is False

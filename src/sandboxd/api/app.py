@@ -140,25 +140,18 @@ def build_control_plane(manager: SandboxManager, api_key: str, limits: RequestLi
 
     async def metrics(request: Request) -> Response:
         sandbox = manager.get(request.path_params["sandbox_id"])
-        st = await _stats(sandbox)
-        return JSONResponse([st])
-
-    async def _stats(sandbox: Sandbox) -> dict[str, Any]:
-        import time
-
-        st = manager.runtime.stats(sandbox.handle)
-        now = time.time()
-        return {
-            "timestamp": serialize.rfc3339(now),
-            "timestampUnix": int(now),
-            "cpuCount": sandbox.record.cpu_count,
-            "cpuUsedPct": 0.0,
-            "memUsed": st.memory_bytes,
-            "memTotal": st.memory_limit_bytes,
-            "memCache": 0,
-            "diskUsed": st.disk_used_bytes,
-            "diskTotal": st.disk_total_bytes,
-        }
+        bounds = []
+        for name in ("start", "end"):
+            raw = request.query_params.get(name)
+            if raw is not None and not raw.lstrip("-").isdigit():
+                raise BadRequest(f"{name} must be a unix timestamp in seconds, got {raw!r}")
+            bounds.append(int(raw) if raw is not None else None)
+        start, end = bounds
+        if start is not None and end is not None and start > end:
+            raise BadRequest(f"start ({start}) is after end ({end})")
+        # `end` is a whole second: a sample taken within it belongs to the window
+        samples = await manager.metrics.window(sandbox, start, end + 1 if end is not None else None)
+        return JSONResponse([serialize.metric(s) for s in samples])
 
     def _filtered(request: Request, default_states: set[str]) -> list[Sandbox]:
         q = request.query_params
@@ -236,6 +229,12 @@ def build_control_plane(manager: SandboxManager, api_key: str, limits: RequestLi
             )
         return JSONResponse(out)
 
+    async def template_alias(request: Request) -> Response:
+        alias = request.path_params["alias"]
+        if alias not in manager.templates.names():
+            return error(404, f"template '{alias}' not found")
+        return JSONResponse({"templateID": manager.templates.get(alias).name, "public": True})
+
     async def on_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, SandboxdError)
         if isinstance(exc, PayloadTooLarge):
@@ -265,6 +264,7 @@ def build_control_plane(manager: SandboxManager, api_key: str, limits: RequestLi
         Route("/sandboxes" + sid + "/pause", pause, methods=["POST"]),
         Route("/sandboxes" + sid + "/metrics", metrics, methods=["GET"]),
         Route("/templates", list_templates, methods=["GET"]),
+        Route("/templates/aliases/{alias:str}", template_alias, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,

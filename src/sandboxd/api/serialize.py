@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sandboxd.core.manager import ENVD_VERSION, Sandbox
+from sandboxd.core.metrics import Sample
 
 
 def rfc3339(ts: float) -> str:
@@ -55,3 +56,17 @@ def sandbox_detail(s: Sandbox) -> dict[str, Any]:
 
 def listed_sandbox(s: Sandbox) -> dict[str, Any]:
     return _common(s)
+
+
+def metric(s: Sample) -> dict[str, Any]:
+    return {
+        "timestamp": rfc3339(s.timestamp),
+        "timestampUnix": int(s.timestamp),
+        "cpuCount": s.cpu_count,
+        "cpuUsedPct": s.cpu_used_pct,
+        "memUsed": s.mem_used,
+        "memTotal": s.mem_total,
+        "memCache": 0,
+        "diskUsed": s.disk_used,
+        "diskTotal": s.disk_total,
+    }

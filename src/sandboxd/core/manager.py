@@ -20,6 +20,7 @@ from typing import Any
 
 from sandboxd.core.errors import BadRequest, Conflict, LimitReached, NotFound
 from sandboxd.core.limits import HostLimits
+from sandboxd.core.metrics import MetricsSampler
 from sandboxd.core.tenant_limits import TenantLimits
 from sandboxd.core.users import DEFAULT_PATH, lookup_user
 from sandboxd.runtime.base import ExecSpec, Limits, Runtime, SandboxHandle, SandboxSpec
@@ -102,6 +103,7 @@ class SandboxManager:
         self._closing = False
         self._background: set[asyncio.Task[None]] = set()
         self.host_limits = self.settings.host or HostLimits.for_host()
+        self.metrics = MetricsSampler(self)
         self._creating: list[int] = []  # memory (MiB) of sandboxes being created right now
 
     # -- start / stop ----------------------------------------------------------------------------
@@ -125,6 +127,7 @@ class SandboxManager:
         if removed:
             log.info("cleaned up %d leftover sandbox(es): %s", len(removed), ", ".join(removed))
         self._reaper = asyncio.create_task(self._reap_expired(), name="sandbox-reaper")
+        self.metrics.start()
         built = set(self.templates.names())
         for name in self.settings.prewarm:
             if name in built:
@@ -136,6 +139,7 @@ class SandboxManager:
 
     async def stop(self, destroy: bool = True) -> None:
         self._closing = True
+        await self.metrics.stop()
         if self._reaper:
             self._reaper.cancel()
         for task in self._refilling.values():
@@ -309,7 +313,7 @@ class SandboxManager:
         auto_pause: bool = False,
         disk_mb: int | None = None,
     ) -> Sandbox:
-        timeout = self._check_timeout(self.settings.default_timeout if timeout is None else timeout)
+        timeout = self._check_timeout(self.settings.default_timeout if timeout is None else timeout, positive=True)
         _check_str_map("metadata", metadata)
         _check_str_map("envVars", env_vars)
         try:
@@ -373,6 +377,7 @@ class SandboxManager:
         sandbox.killed.set()
         sandbox.record.state = "killing"  # recorded first: a crash from here on never brings it back
         self.db.put(sandbox.record)
+        self.metrics.forget(sandbox_id)
         for cb in sandbox.on_kill:
             try:
                 cb()
@@ -404,7 +409,7 @@ class SandboxManager:
     async def connect(self, sandbox_id: str, timeout: int | None) -> tuple[Sandbox, bool]:
         """Resume if paused; extend (never shorten) the end time. Returns (sandbox, resumed)."""
         sandbox = self.get(sandbox_id)
-        timeout = self._check_timeout(self.settings.default_timeout if timeout is None else timeout)
+        timeout = self._check_timeout(self.settings.default_timeout if timeout is None else timeout, positive=True)
         resumed = False
         if sandbox.record.state == "paused":
             await asyncio.to_thread(self.runtime.freeze, sandbox.handle, False)
@@ -417,9 +422,12 @@ class SandboxManager:
         self._wake.set()
         return sandbox, resumed
 
-    def _check_timeout(self, timeout: Any) -> int:
+    def _check_timeout(self, timeout: Any, positive: bool = False) -> int:
         if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 0:
             raise BadRequest(f"timeout must be a whole number of seconds >= 0, got {timeout!r}")
+        if positive and timeout == 0:
+            # as E2B: a sandbox (or a resume) with no time to live is refused rather than made dead
+            raise BadRequest("Timeout must be greater than 0")
         if timeout > self.settings.max_timeout:
             raise BadRequest(f"timeout {timeout} s is above the maximum of {self.settings.max_timeout} s")
         return timeout

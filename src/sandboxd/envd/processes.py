@@ -73,6 +73,14 @@ class Subscriber:
     mark: int = 0  # `taken` when the stall check was armed
 
 
+def _oom_kills(runtime: Runtime, handle: SandboxHandle) -> int | None:
+    """How many processes the OOM killer has killed in the sandbox so far (None if unknown)."""
+    try:
+        return runtime.oom_kills(handle)
+    except OSError:
+        return None
+
+
 def _status_of(returncode: int) -> tuple[int, bool, str]:
     """(exit_code, exited, status) in the form envd reports (Go's ProcessState strings)."""
     if returncode >= 0:
@@ -117,6 +125,8 @@ class Proc:
         self._exited = False
         self._pidfd: int | None = None  # the helper's
         self._child_pidfd: int | None = None  # the command's (it leads its process group)
+        self._oom_before: int | None = None  # the sandbox's OOM kill count when the command started
+        self._oom_probe: tuple[Runtime, SandboxHandle] | None = None
         self._stdin_lock = asyncio.Lock()
         self._stdin_waiter: asyncio.Future[None] | None = None
 
@@ -152,6 +162,8 @@ class Proc:
                 self.out_fds = {out_r: "stdout", err_r: "stderr"}
             # vfork + exec of a small helper: well under a millisecond; waiting for the helper is done with
             # a pidfd on the event loop, never by blocking.
+            self._oom_before = _oom_kills(runtime, handle)
+            self._oom_probe = (runtime, handle)
             self.popen = runtime.spawn_exec(handle, spec, stdio, report_fd=report_w)
         except BaseException:
             for fd in [*child_fds, *self.out_fds, *([self.stdin_fd] if self.stdin_fd else []), report_r]:
@@ -341,7 +353,14 @@ class Proc:
             self._stall_timer.cancel()
             self._stall_timer = None
         code, exited, status = _status_of(self.popen.returncode)
-        end = pb.ProcessEvent.EndEvent(exit_code=code, exited=exited, status=status)
+        # As envd (Go's cmd.Wait): an error text whenever the command did not exit 0.
+        error = None if exited and code == 0 else status
+        # Killed by SIGKILL, or a shell reporting a child killed so (137): was it the OOM killer?
+        if self.popen.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL) and self._oom_probe is not None:
+            stats = _oom_kills(*self._oom_probe)
+            if stats is not None and self._oom_before is not None and stats > self._oom_before:
+                error = f"{status} (out of memory: the sandbox reached its memory limit and the kernel killed it)"
+        end = pb.ProcessEvent.EndEvent(exit_code=code, exited=exited, status=status, error=error)
         self.end = pb.ProcessEvent(event=Oneof("end", end))
         self._publish(self.end)
         self._publish(None)

@@ -108,6 +108,10 @@ class Runtime(abc.ABC):
         """Kernel-enforced caps on all sandboxes of this server together, and on the server itself."""
         return None
 
+    def oom_kills(self, handle: SandboxHandle) -> int | None:
+        """Processes the OOM killer has killed in the sandbox so far (cheap: read on every exec)."""
+        return None
+
     def adopt(self, handle: SandboxHandle) -> None:
         """A live sandbox of a previous server run is taken over: claim what it holds (its uid range)."""
         return None

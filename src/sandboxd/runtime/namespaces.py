@@ -285,6 +285,15 @@ class NamespaceRuntime(Runtime):
         elif "unified" in cg.dirs:
             cgroups._write(cg.dirs["unified"] / "cgroup.freeze", "1" if frozen else "0")
 
+    def oom_kills(self, handle: SandboxHandle) -> int | None:
+        cg = self._cgroups(handle.sandbox_id)
+        text = cg.read("memory", "memory.oom_control") or cg.read("unified", "memory.events")
+        for line in (text or "").splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return None
+
     def stats(self, handle: SandboxHandle) -> Stats:
         cg = self._cgroups(handle.sandbox_id)
 
