@@ -75,15 +75,21 @@ def test_stat_list_exists_make_dir_rename_remove(sandbox: Sandbox) -> None:
     d = sandbox.files.get_info("tree")
     assert d.type == FileType.DIR and d.permissions.startswith("d")
     link = sandbox.files.get_info("tree/link")
-    assert link.type == FileType.SYMLINK and link.symlink_target == "top"
+    # as envd: the target resolved to an absolute path; the link's own size and 'L' permissions string
+    assert link.type == FileType.SYMLINK and link.symlink_target == "/home/user/tree/top"
+    assert link.size == 3 and link.permissions == "Lrwxrwxrwx" and link.mode == 0o644
+    dangling = sandbox.files.get_info("tree/dangling")
+    assert dangling.symlink_target == "/home/user/tree/dangling" and dangling.mode == 0  # names itself
     with pytest.raises(FileNotFoundException):
         sandbox.files.get_info("tree/missing")
     assert sandbox.files.exists("tree/a") and not sandbox.files.exists("tree/missing")
 
     one = {e.path for e in sandbox.files.list("tree")}
-    assert one == {"/home/user/tree/" + n for n in ("a", "top", "link", "dangling")}
-    three = {e.path for e in sandbox.files.list("tree", depth=3)}
-    assert {"/home/user/tree/a/b", "/home/user/tree/a/b/f"} <= three
+    # a dangling link has no type (envd: unknown), and the SDK leaves such entries out of a listing
+    assert one == {"/home/user/tree/" + n for n in ("a", "top", "link")}
+    three = [e.path for e in sandbox.files.list("tree", depth=3)]
+    # depth first in name order, as envd (a directory's entries follow it)
+    assert three == ["/home/user/tree/" + p for p in ("a", "a/b", "a/b/f", "link", "top")], three
     with pytest.raises(FileNotFoundException):
         sandbox.files.list("nope")
 

@@ -109,10 +109,10 @@ class _Request:
         return await fs.stat_path(self.broker, path, self.names, self.user)
 
 
-def _scan(fd: int, directory: str, names: fs.Names, user: User) -> tuple[list[Any], list[str]]:
-    """One directory, in a worker thread: (entries or symlink paths to resolve, subdirectories)."""
-    out: list[Any] = []
-    subdirs: list[str] = []
+def _scan(fd: int, directory: str, names: fs.Names, user: User) -> list[tuple[Any, str | None]]:
+    """One directory, in a worker thread, in name order: (entry or a symlink's path to resolve, the path
+    if it is a directory to descend into)."""
+    out: list[tuple[Any, str | None]] = []
     for name in sorted(os.listdir(fd)):
         path = posixpath.join(directory, name)
         try:
@@ -120,15 +120,14 @@ def _scan(fd: int, directory: str, names: fs.Names, user: User) -> tuple[list[An
         except FileNotFoundError:
             continue  # removed while listing
         if stat.S_ISLNK(st.st_mode):
-            out.append(path)  # the broker resolves it (its target, inside the sandbox)
+            out.append((path, None))  # the broker resolves it (its target, inside the sandbox)
             continue
         meta = fs.read_metadata_at(fd, name, st, user)
-        out.append(fs.entry_from_stat(st, fs.display_path(path), names, metadata=meta))
-        if stat.S_ISDIR(st.st_mode):
-            subdirs.append(path)
+        entry = fs.entry_from_stat(st, fs.display_path(path), names, metadata=meta)
+        out.append((entry, path if stat.S_ISDIR(st.st_mode) else None))
         if len(out) > MAX_LIST_ENTRIES:
             break
-    return out, subdirs
+    return out
 
 
 class FilesystemService:
@@ -197,10 +196,12 @@ class FilesystemService:
         fd = await r.broker.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             # listdir and one stat per entry: in a thread, so a huge directory holds up no one else
-            found, subdirs = await asyncio.to_thread(_scan, fd, directory, r.names, r.user)
+            found = await asyncio.to_thread(_scan, fd, directory, r.names, r.user)
         finally:
             os.close(fd)
-        for item in found:
+        # Depth first, as envd (Go's filepath.WalkDir): a directory's entries follow it; symlinks are
+        # listed, never descended into.
+        for item, subdir in found:
             if len(out) >= MAX_LIST_ENTRIES:
                 raise ConnectError(
                     Code.RESOURCE_EXHAUSTED, f"more than {MAX_LIST_ENTRIES} entries: use a smaller depth"
@@ -210,10 +211,9 @@ class FilesystemService:
                     out.append(await r.stat(item))
             else:
                 out.append(item)
-        if depth > 1:
-            for sub in subdirs:
+            if subdir is not None and depth > 1:
                 with contextlib.suppress(PermissionError, FileNotFoundError):
-                    await self._list(r, sub, depth - 1, out)
+                    await self._list(r, subdir, depth - 1, out)
 
     @broker_errors
     async def remove(self, request: fpb.RemoveRequest, ctx: RequestContext) -> fpb.RemoveResponse:

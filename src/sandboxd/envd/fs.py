@@ -190,17 +190,24 @@ def entry_from_stat(
     link: str | None = None,
     metadata: dict[str, str] | None = None,
 ) -> fpb.EntryInfo:
-    """EntryInfo for `path`. For a symlink, `st` is the link; `target` (if it resolves) describes the
-    type, size and mode, as envd reports them, with `is_symlink` and `symlink_target` set."""
-    shown = target if target is not None else st
+    """EntryInfo for `path`, as envd reports it. For a symlink, `st` is the link (its size, permissions
+    string with Go's 'L', owner and time) and `target`, if it resolves, gives the type and mode (else the
+    type is unspecified and the mode 0); `symlink_target` is the resolved absolute path."""
     is_link = stat.S_ISLNK(st.st_mode)
+    permissions = stat.filemode(st.st_mode)
+    if is_link:
+        permissions = "L" + permissions[1:]  # Go's os.FileMode.String() marks a symlink with 'L'
+        ftype = _file_type(target.st_mode) if target is not None else fpb.FileType.UNSPECIFIED
+        mode = stat.S_IMODE(target.st_mode) & 0o777 if target is not None else 0
+    else:
+        ftype, mode = _file_type(st.st_mode), stat.S_IMODE(st.st_mode) & 0o777
     return fpb.EntryInfo(
         name=posixpath.basename(path) or "/",
-        type=_file_type(shown.st_mode),
+        type=ftype,
         path=path,
-        size=shown.st_size,
-        mode=stat.S_IMODE(shown.st_mode) & 0o777,
-        permissions=stat.filemode(shown.st_mode),
+        size=st.st_size,
+        mode=mode,
+        permissions=permissions,
         owner=names.lookup("/etc/passwd", st.st_uid),
         group=names.lookup("/etc/group", st.st_gid),
         modified_time=timestamp(st.st_mtime_ns),
@@ -236,13 +243,18 @@ async def _stat_once(
         target = link = None
         if stat.S_ISLNK(st.st_mode):
             try:
-                link = await broker.readlink(path)  # inside the sandbox: never a host path
+                await broker.readlink(path)  # still a link? (a swap to another kind is retried)
             except OSError as e:
                 if e.errno not in (errno.EINVAL, errno.ENOENT):
                     raise
                 if not tolerate_change:
                     raise _Changed from None
-                link = ""
+            # envd's target is the link resolved to an absolute path, inside the sandbox (never a host
+            # path); a link that does not resolve names itself.
+            try:
+                link = await broker.realpath(path)
+            except OSError:
+                link = path
             with contextlib.suppress(OSError):
                 tfd = await broker.open(path, os.O_PATH)
                 try:

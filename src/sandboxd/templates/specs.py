@@ -49,6 +49,8 @@ _USER_SETUP = (
     "useradd --create-home --uid 1000 --user-group --shell /bin/bash user",
     "printf 'user ALL=(ALL:ALL) NOPASSWD: ALL\\n' > /etc/sudoers.d/user && chmod 0440 /etc/sudoers.d/user",
     "mkdir -p /code && chown user:user /code",
+    # `pip install X` works as on E2B (as `user` it installs to ~/.local): no PEP 668 marker.
+    "rm -f /usr/lib/python3*/EXTERNALLY-MANAGED",
     # No daemons are started in a sandbox by package scripts.
     "rm -f /usr/sbin/policy-rc.d",
     "apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin",
@@ -64,12 +66,16 @@ BASE = TemplateSpec(
         "sudo",
         "passwd",
         "python3",
-        "python3-pip",
+        "python-is-python3",  # `python`, as on E2B's base
+        "python3-pip",  # `pip`, `pip3`
         "python3-venv",
         "nodejs",
         "npm",
         "git",
         "curl",
+        "wget",
+        "jq",
+        "vim-tiny",
         "ca-certificates",
         "build-essential",
         "less",
@@ -88,7 +94,7 @@ BASE = TemplateSpec(
 )
 
 SITE_DIR = "/opt/sandboxd/site"  # the template's extra Python packages (on PYTHONPATH of its service)
-CODE_DIR = "/opt/sandboxd/code"  # sandboxd's in-sandbox code, bind-mounted read-only at sandbox start
+CODE_DIR = "/opt/sandboxd/code"  # sandboxd's in-sandbox code, copied read-only at sandbox start
 
 CODE_INTERPRETER = replace(
     BASE,
