@@ -124,6 +124,15 @@ def test_metadata_round_trip(sandbox: Sandbox) -> None:
     assert sandbox.files.get_info("m.txt").metadata == {"only": "this"}
     listed = {e.name: e for e in sandbox.files.list(".")}
     assert listed["m.txt"].metadata == {"only": "this"}
+    # the write result carries the metadata written, for one file and for many
+    info = sandbox.files.write("w.txt", "z", metadata={"k": "v"})
+    assert info.metadata == {"k": "v"}
+    many = sandbox.files.write_files([{"path": "w1", "data": "1"}, {"path": "w2", "data": "2"}], metadata={"a": "b"})
+    assert [w.metadata for w in many] == [{"a": "b"}, {"a": "b"}]
+    assert sandbox.files.write("plain.txt", "p").metadata in (None, {})
+    # an overwrite without metadata leaves none (as envd)
+    sandbox.files.write("m.txt", "again")
+    assert sandbox.files.get_info("m.txt").metadata in (None, {})
 
 
 def _raw(server: Server, sandbox: Sandbox) -> httpx.Client:

@@ -22,6 +22,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -267,7 +268,7 @@ class FilesEndpoint:
         metadata: dict[str, str],
         user: User,
         sandbox_dir: Path,
-    ) -> dict[str, str] | Response:
+    ) -> dict[str, Any] | Response:
         if path.endswith("/"):
             return error(400, f"path '{path}' names a directory, not a file")
         with contextlib.suppress(OSError):
@@ -301,14 +302,17 @@ class FilesEndpoint:
                 with contextlib.suppress(OSError, BrokerGone):
                     await broker.unlink(tmp)
             uploads.end(journal)
-        return {"name": posixpath.basename(path), "type": "file", "path": fs.display_path(path)}
+        result = {"name": posixpath.basename(path), "type": "file", "path": fs.display_path(path)}
+        if metadata:
+            result["metadata"] = metadata  # as envd: the write result reflects the metadata written
+        return result
 
     @staticmethod
     async def _carry_over(broker: Broker, path: str, fd: int, metadata: dict[str, str], user: User) -> None:
-        """New metadata replaces the old; without any, the old file's metadata and permission bits stay."""
+        """The metadata sent (if any) goes on the new file: an overwrite without metadata leaves none, as
+        on envd. The old file's permission bits stay."""
         if metadata:
             fs.write_metadata(fd, metadata)
-            return
         try:
             old = await broker.open(path, os.O_PATH | os.O_NOFOLLOW)
         except OSError:
@@ -317,7 +321,6 @@ class FilesEndpoint:
             st = os.fstat(old)
             if stat.S_ISREG(st.st_mode):
                 os.fchmod(fd, stat.S_IMODE(st.st_mode) & 0o777)
-                fs.write_metadata(fd, fs.read_metadata(old, st, user))
         finally:
             os.close(old)
 
