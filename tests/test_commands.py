@@ -256,6 +256,11 @@ def test_kill_sandbox_during_command(server) -> None:
     t.join(15)
     assert not t.is_alive(), "the command stream did not end when the sandbox was killed"
     assert errors and isinstance(errors[0], SandboxException), errors
+    # as when envd disappears with its sandbox: the SDK's own "killed" error, not a message of ours
+    from e2b.exceptions import SandboxNotRunningException
+
+    assert isinstance(errors[0], SandboxNotRunningException), repr(errors[0])
+    assert "killed or reached its end of life" in str(errors[0]), str(errors[0])
     assert not sbx.is_running()
 
 

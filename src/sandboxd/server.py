@@ -19,7 +19,7 @@ from sandboxd.api.app import build_control_plane
 from sandboxd.core.limits import RequestLimits
 from sandboxd.core.manager import SandboxManager, Settings
 from sandboxd.envd import uploads
-from sandboxd.envd.app import build_envd_app
+from sandboxd.envd.app import SandboxGone, build_envd_app
 from sandboxd.envd.process_service import end_streams_for_shutdown
 from sandboxd.routing.http_protocol import BoundedHttpToolsProtocol
 from sandboxd.routing.proxy import PortProxy
@@ -172,8 +172,18 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _QuietSandboxGone(logging.Filter):
+    """A stream cut on purpose because its sandbox was killed (envd/app.py, SandboxGone) is no error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, SandboxGone)
+
+
 def serve(config: ServerConfig) -> None:
     import uvicorn
+
+    logging.getLogger("uvicorn.error").addFilter(_QuietSandboxGone())
 
     if os.geteuid() != 0:
         raise SystemExit("sandboxd serve must run as root (it creates namespaces, mounts and cgroups)")

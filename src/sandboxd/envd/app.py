@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sandboxd.core.limits import RequestLimits
-from sandboxd.core.manager import SandboxManager
+from sandboxd.core.manager import Sandbox, SandboxManager
 from sandboxd.envd import context
 from sandboxd.envd.codec import envd_codecs
 from sandboxd.envd.files_http import FilesEndpoint
@@ -23,6 +23,21 @@ from sandboxd.envd.process_service import ProcessService
 CAPPED_STREAMS = frozenset({"/process.Process/Start", "/process.Process/Connect", "/filesystem.Filesystem/WatchDir"})
 # Never refused: a tenant at its cap can always stop the processes that hold its requests.
 UNCOUNTED = CAPPED_STREAMS | {"/process.Process/SendSignal", "/health"}
+
+
+class SandboxGone(Exception):
+    """Raised instead of a stream's last message when its sandbox was killed meanwhile: the connection is
+    cut, as when envd disappears with its sandbox, so the SDKs probe the sandbox and report it killed
+    ("killed or reached its end of life") rather than pass on an error text of ours."""
+
+
+def abort_if_killed(sandbox: Sandbox, send: Send) -> Send:
+    async def checked(message: Message) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False) and sandbox.killed.is_set():
+            raise SandboxGone(f"sandbox {sandbox.id} was killed: connection cut")
+        await send(message)
+
+    return checked
 
 
 async def too_many_requests(scope: Scope, receive: Receive, send: Send, message: str) -> None:
@@ -68,7 +83,7 @@ def build_envd_app(manager: SandboxManager, limits: RequestLimits) -> ASGIApp:
 
             token = context.client_gone.set(callbacks)
             try:
-                await dispatch(scope, watched_receive, send)
+                await dispatch(scope, watched_receive, abort_if_killed(context.sandbox(), send))
             finally:
                 context.client_gone.reset(token)
             return
