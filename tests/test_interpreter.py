@@ -31,7 +31,7 @@ def test_state_results_and_execution_count(ci: Sandbox) -> None:
     e = ci.run_code("counter += 2\ncounter")
     assert e.text == "42" and e.results[0].is_main_result
     assert e.execution_count and e.execution_count > (first.execution_count or 0)
-    assert ci.run_code("'a string'").text == "a string"  # quotes stripped
+    assert ci.run_code("'a string'").text == "'a string'"  # Jupyter's text/plain exactly, as E2B
     assert ci.commands.run("tr -d '\\0' < /proc/1/cmdline").stdout == "sandbox-init"  # no host paths
     assert ci.get_info().memory_mb == 1024  # the template's default: three kernels need room
 
@@ -47,7 +47,7 @@ def test_streaming_callbacks(ci: Sandbox) -> None:
         on_error=errors.append,
     )
     assert [o[0] for o in out] == ["one\n"] and err == ["two\n"]
-    assert [r.text for r in results] == ["shown", "final"] and not errors
+    assert [r.text for r in results] == ["'shown'", "'final'"] and not errors
     assert [r.is_main_result for r in e.results] == [False, True]
     ci.run_code("raise ValueError('boom')", on_error=errors.append)
     assert errors and (errors[0].name, errors[0].value) == ("ValueError", "boom")
@@ -104,12 +104,12 @@ def test_charts(ci: Sandbox, code: str, kind: ChartType) -> None:
 
 
 def test_env_vars_sandbox_execution_and_overwrite(ci: Sandbox) -> None:
-    assert ci.run_code("import os; os.environ.get('SANDBOX_LEVEL')").text == "from-sandbox"
+    assert ci.run_code("import os; os.environ.get('SANDBOX_LEVEL')").text == "'from-sandbox'"
     e = ci.run_code("os.environ.get('ONLY_NOW')", envs={"ONLY_NOW": "yes"})
-    assert e.text == "yes"
-    assert ci.run_code("str(os.environ.get('ONLY_NOW'))").text == "None"  # only for that execution
-    assert ci.run_code("os.environ['SANDBOX_LEVEL']", envs={"SANDBOX_LEVEL": "overwritten"}).text == "overwritten"
-    assert ci.run_code("os.environ['SANDBOX_LEVEL']").text == "from-sandbox"  # restored
+    assert e.text == "'yes'"
+    assert ci.run_code("str(os.environ.get('ONLY_NOW'))").text == "'None'"  # only for that execution
+    assert ci.run_code("os.environ['SANDBOX_LEVEL']", envs={"SANDBOX_LEVEL": "overwritten"}).text == "'overwritten'"
+    assert ci.run_code("os.environ['SANDBOX_LEVEL']").text == "'from-sandbox'"  # restored
     bash = ci.run_code("echo $SANDBOX_LEVEL-$EXTRA", language="bash", envs={"EXTRA": "x"})
     assert bash.logs.stdout == ["from-sandbox-x\n"]
     js = ci.run_code("Deno.env.get('SANDBOX_LEVEL')", language="javascript")
@@ -137,7 +137,7 @@ def test_contexts(ci: Sandbox, server: Server) -> None:
     try:
         assert a.cwd == "/tmp" and a.language == "python"
         ci.run_code("secret = 'in a'", context=a)
-        assert ci.run_code("import os; os.getcwd()", context=a).text == "/tmp"
+        assert ci.run_code("import os; os.getcwd()", context=a).text == "'/tmp'"
         missing = ci.run_code("secret", context=b)
         assert missing.error is not None and missing.error.name == "NameError"  # contexts are isolated
         ids = {c.id for c in ci.list_code_contexts()}
@@ -170,7 +170,7 @@ def test_client_timeout_interrupts_the_kernel(ci: Sandbox) -> None:
         with pytest.raises(TimeoutException):
             ci.run_code("while True: time.sleep(0.01)", context=ctx, timeout=1)
         start = time.monotonic()
-        assert ci.run_code("'free again'", context=ctx, timeout=30).text == "free again"
+        assert ci.run_code("'free again'", context=ctx, timeout=30).text == "'free again'"
         assert time.monotonic() - start < 20
     finally:
         ci.remove_code_context(ctx)

@@ -339,12 +339,6 @@ def output_event(msg: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _strip_quotes(text: str) -> str:
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        return text[1:-1]
-    return text
-
-
 def result_event(data: dict[str, Any], is_main: bool) -> dict[str, Any]:
     event: dict[str, Any] = {"type": "result", "is_main_result": is_main}
     extra: dict[str, Any] = {}
@@ -353,7 +347,8 @@ def result_event(data: dict[str, Any], is_main: bool) -> dict[str, Any]:
         if key is None:
             extra[mime] = value
         elif key == "text":
-            event["text"] = _strip_quotes(ANSI.sub("", value)) if isinstance(value, str) else value
+            # Jupyter's text/plain exactly ('abc' keeps its quotes), as E2B returns it; only Deno's colours go
+            event["text"] = ANSI.sub("", value) if isinstance(value, str) else value
         else:
             event[key] = value
     if extra:
