@@ -355,3 +355,36 @@ def test_oom_kill_says_so(sandbox: Sandbox) -> None:
         sandbox.commands.run("python3 -c 'x = bytearray(2 << 30)'", timeout=60)
     assert "out of memory" in (e.value.error or ""), e.value
     assert sandbox.commands.run("echo alive").stdout == "alive\n"
+
+
+def _tiny_wheel() -> bytes:
+    """A minimal pure-Python wheel (no network or build backend needed to install it)."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    files = {
+        "sbxtiny/__init__.py": "VALUE = 42\n",
+        "sbxtiny-0.1.dist-info/METADATA": "Metadata-Version: 2.1\nName: sbxtiny\nVersion: 0.1\n",
+        "sbxtiny-0.1.dist-info/WHEEL": (
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+    }
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+        z.writestr(
+            "sbxtiny-0.1.dist-info/RECORD", "".join(f"{n},,\n" for n in [*files, "sbxtiny-0.1.dist-info/RECORD"])
+        )
+    return buf.getvalue()
+
+
+def test_python_and_pip_as_on_e2b_base(sandbox: Sandbox) -> None:
+    assert sandbox.commands.run("python --version").stdout.startswith("Python 3")
+    for tool in ("pip", "pip3", "python3", "node", "npm", "git", "curl", "wget", "jq", "vi", "sudo", "make", "gcc"):
+        assert sandbox.commands.run(f"command -v {tool}").stdout.strip(), tool
+    # `pip install` works for the default user (no PEP 668 refusal): into ~/.local
+    sandbox.files.write("/tmp/sbxtiny-0.1-py3-none-any.whl", _tiny_wheel())
+    r = sandbox.commands.run("pip install --no-index /tmp/sbxtiny-0.1-py3-none-any.whl 2>&1")
+    assert "externally-managed" not in r.stdout, r.stdout
+    assert sandbox.commands.run("python -c 'import sbxtiny; print(sbxtiny.VALUE)'").stdout == "42\n"

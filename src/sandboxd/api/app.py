@@ -1,4 +1,5 @@
-"""Control-plane routes (field guide §2). Each handler validates, calls the manager, serializes."""
+"""Control-plane routes: E2B's REST API as the official SDKs call it. Each handler validates, calls the
+manager, serializes."""
 
 from __future__ import annotations
 

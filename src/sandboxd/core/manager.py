@@ -31,7 +31,8 @@ from sandboxd.templates.store import Template, TemplateError, TemplateStore
 log = logging.getLogger("sandboxd.core")
 
 ID_ALPHABET = string.ascii_lowercase + string.digits
-# What the envd layer implements; the SDK switches features on by this version (field guide §3.5).
+# What the envd layer implements; the SDK switches features on by this version (file metadata, for one,
+# needs 0.6.2).
 ENVD_VERSION = "0.6.4"
 
 

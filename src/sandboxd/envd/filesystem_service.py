@@ -1,4 +1,5 @@
-"""The `filesystem.Filesystem` Connect service (field guide §3.3), over brokers inside the sandbox."""
+"""The `filesystem.Filesystem` Connect service (envd's, as the SDKs' `files` call it), over brokers inside
+the sandbox."""
 
 from __future__ import annotations
 

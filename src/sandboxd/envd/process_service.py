@@ -1,4 +1,5 @@
-"""The `process.Process` Connect service (field guide §3.2), implemented over the runtime's exec."""
+"""The `process.Process` Connect service (envd's, as the SDKs' `commands` and `pty` call it), implemented
+over the runtime's exec."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The code interpreter's HTTP API (field guide §4.2), served on the sandbox's own 127.0.0.1:49999.
+"""The code interpreter's HTTP API (the API e2b-code-interpreter's `run_code` and contexts call), served
+on the sandbox's own 127.0.0.1:49999.
 
     GET  /health                  "OK"
     POST /execute                 NDJSON stream: number_of_executions, stdout, stderr, result, error,

@@ -1,7 +1,7 @@
 """Per-sandbox cgroups on cgroup v1, hybrid (v1 controllers + a v2 mount) and pure v2 hosts.
 
-v1 carries the memory, cpu and pids limits where the controllers live there (these machines: see
-../shared/isolation.md §0 and §7). A v2 group, when a v2 hierarchy is mounted, adds `cgroup.kill`
+v1 carries the memory, cpu and pids limits where the controllers live there (as on the project's
+machines, which mount v1 hierarchies plus a cgroup2). A v2 group, when a v2 hierarchy is mounted, adds `cgroup.kill`
 (atomic kill of everything in the sandbox) even when it has no controllers.
 """
 

@@ -47,7 +47,9 @@ class TemplateSpec:
 
 _USER_SETUP = (
     "useradd --create-home --uid 1000 --user-group --shell /bin/bash user",
-    "printf 'user ALL=(ALL:ALL) NOPASSWD: ALL\\n' > /etc/sudoers.d/user && chmod 0440 /etc/sudoers.d/user",
+    # sudo as on E2B: no password, and the command's environment stays visible (`sudo env`)
+    "printf 'Defaults !env_reset\\nuser ALL=(ALL:ALL) NOPASSWD: ALL\\n' > /etc/sudoers.d/user "
+    "&& chmod 0440 /etc/sudoers.d/user",
     "mkdir -p /code && chown user:user /code",
     # `pip install X` works as on E2B (as `user` it installs to ~/.local): no PEP 668 marker.
     "rm -f /usr/lib/python3*/EXTERNALLY-MANAGED",

@@ -2,7 +2,8 @@
  * sbxhelper: the privileged, short-lived half of sandboxd's namespace runtime.
  *
  * The server is a big Python process; forking it for every sandbox or command is the dominant
- * cost (../shared/isolation.md §2). This helper is small, so the hot path is one fork+exec of it.
+ * cost (measured: a fork of the server takes several ms). This helper is small, so the hot path is one
+ * fork+exec of it.
  *
  *   sbxhelper create  [options]          build a sandbox and leave its init (PID 1) running
  *   sbxhelper exec    [options] -- argv  run argv inside a running sandbox, relay its exit status
@@ -193,6 +194,9 @@ static int family_allowed(int f) {
 static void apply_seccomp(void) {
     scmp_filter_ctx ctx = seccomp_init(SCMP_ACT_ALLOW);
     if (!ctx) die("seccomp_init");
+    /* libseccomp sets no_new_privs on load by default: callers decide (commands run without it, so that
+     * sudo works; init and the broker set it themselves before this). */
+    if (seccomp_attr_set(ctx, SCMP_FLTATR_CTL_NNP, 0) < 0) die("seccomp_attr_set");
     for (int i = 0; denied_syscalls[i]; i++) {
         int nr = syscall_number(denied_syscalls[i]);
         if (nr == __NR_SCMP_ERROR) continue; /* i386-only names (umount, stime, vm86): not on this ABI */
@@ -634,6 +638,13 @@ static int cmd_create(int argc, char **argv) {
     if (chdir("/") < 0) die("chdir /");
     if (sethostname(hostname, strlen(hostname)) < 0) die("sethostname");
     lo_up();
+    /* ICMP echo sockets for everyone in the sandbox's own network namespace: `ping` works unprivileged,
+     * as it does on Debian hosts (iputils falls back to them without CAP_NET_RAW). */
+    int pg = open("/proc/sys/net/ipv4/ping_group_range", O_WRONLY | O_CLOEXEC);
+    if (pg >= 0) {
+        (void)!write(pg, "0 2147483647", 12);
+        close(pg);
+    }
     if (unshare(CLONE_NEWPID) < 0) die("unshare(pid)");
 
     int p2c[2], c2p[2];
@@ -798,9 +809,20 @@ static void enter_sandbox(const struct entry *e) {
     close(pidfd);
 }
 
-/* In the forked child: become the sandbox user, with the sandbox's restrictions. */
-static void become_user(const struct entry *e) {
-    drop_bounding_set(e->uid == 0);
+/*
+ * In the forked child: become the sandbox user, with the sandbox's restrictions.
+ *
+ * for_exec: a command. Its bounding set is Docker's default set whoever runs it, and no_new_privs is
+ * NOT set, so that a setuid-root program of the sandbox (sudo, su, ping) works as it does on E2B and in
+ * Docker: it becomes root *of the sandbox* (host uid BASE, Docker's capabilities inside the sandbox's
+ * user namespace only) -- exactly what `commands.run(user="root")` already gives any API client. The
+ * seccomp filter is installed before this (the caller still holds CAP_SYS_ADMIN in the sandbox's user
+ * namespace, which the kernel requires without no_new_privs) and stays across every exec.
+ * Otherwise (the file broker, which never execs): root keeps Docker's set, anyone else none, and
+ * no_new_privs.
+ */
+static void become_user(const struct entry *e, int for_exec) {
+    drop_bounding_set(for_exec || e->uid == 0);
     if (setgroups((size_t)e->ngroups, e->groups) < 0) die("setgroups");
     if (setresgid(e->gid, e->gid, e->gid) < 0) die("setresgid %u", e->gid);
     if (setresuid(e->uid, e->uid, e->uid) < 0) die("setresuid %u", e->uid);
@@ -809,7 +831,7 @@ static void become_user(const struct entry *e) {
      * for sandbox root, none at all for anyone else (exec would drop them too; the broker never execs). */
     if (e->uid == 0) set_root_caps();
     else clear_caps();
-    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) die("no_new_privs");
+    if (!for_exec && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) die("no_new_privs");
 }
 
 /* Parent side of exec and broker: report the child's host PID, then relay its exit status. */
@@ -893,14 +915,14 @@ static int cmd_exec(int argc, char **argv) {
             if (setsid() < 0) die("setsid");
             if (ioctl(0, TIOCSCTTY, 0) < 0) die("TIOCSCTTY");
         } else if (setpgid(0, 0) < 0) die("setpgid");
-        become_user(&e);
+        apply_seccomp(); /* first: without no_new_privs, installing it needs the caps we still hold */
+        become_user(&e, 1);
         if (e.cwd && chdir(e.cwd) < 0) {
             int err = errno;
             dprintf(2, "sandboxd: cannot use working directory '%s': %s\n", e.cwd, strerror(err));
             _exit(1);
         }
         if (e.env_fd >= 0) environ = read_env(e.env_fd);
-        apply_seccomp();
         execvpe(cmd[0], cmd, environ);
         int err = errno;
         dprintf(2, "sandboxd: cannot execute '%s': %s\n", cmd[0], strerror(err));
@@ -1099,7 +1121,7 @@ static int cmd_broker(int argc, char **argv) {
     pid_t child = fork();
     if (child < 0) die("fork");
     if (child == 0) {
-        become_user(&e);
+        become_user(&e, 0);
         /* Not ptrace-able by the sandbox's processes, which share our uid. */
         if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0) die("dumpable");
         apply_seccomp();
