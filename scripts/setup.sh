@@ -42,6 +42,20 @@ step "pip: installing sandboxd$extra into $VENV"
 "$VENV/bin/pip" install -q --disable-pip-version-check -e ".$extra" 2>&1 | grep -v -e '^WARNING: Location' || true
 ln -sf "$VENV/bin/sandboxd" /usr/local/bin/sandboxd
 if [ $DEV = 1 ]; then
+    # The official JavaScript SDKs for tests/js (pinned by its package-lock.json). npm e2b needs node >= 20.18.
+    if ! command -v npm >/dev/null; then
+        step "apt: installing nodejs npm (the JavaScript SDK tests)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm
+    fi
+    lock_sum=$(sha256sum tests/js/package-lock.json | cut -d' ' -f1)
+    if [ "$(cat tests/js/node_modules/.sandboxd-lock 2>/dev/null)" != "$lock_sum" ]; then
+        step "npm: installing the JavaScript SDKs into tests/js"
+        (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
+        echo "$lock_sum" > tests/js/node_modules/.sandboxd-lock
+    else
+        step "npm: the JavaScript SDKs in tests/js are current"
+    fi
     # An older official SDK release (v1 create/connect paths), for tests/test_compat.py.
     OLD=${SANDBOXD_OLD_SDK_VENV:-/opt/sandboxd/venv-e2b-2.45}
     [ -x "$OLD/bin/python" ] || /usr/bin/python3 -m venv "$OLD"
