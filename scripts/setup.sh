@@ -59,8 +59,9 @@ if [ $DEV = 1 ]; then
     # An older official SDK release (v1 create/connect paths), for tests/test_compat.py.
     OLD=${SANDBOXD_OLD_SDK_VENV:-/opt/sandboxd/venv-e2b-2.45}
     [ -x "$OLD/bin/python" ] || /usr/bin/python3 -m venv "$OLD"
-    step "pip: e2b==2.45.1 into $OLD (compatibility tests)"
-    "$OLD/bin/pip" install -q --disable-pip-version-check e2b==2.45.1 2>&1 | grep -v -e '^WARNING: Location' || true
+    step "pip: e2b==2.45.1, e2b-code-interpreter==2.9.2 into $OLD (compatibility tests)"
+    "$OLD/bin/pip" install -q --disable-pip-version-check e2b==2.45.1 e2b-code-interpreter==2.9.2 2>&1 \
+        | grep -v -e '^WARNING: Location' || true
 fi
 
 step "templates: base, code-interpreter-v1 (cached in $DATA_DIR/templates; built only when missing or changed)"

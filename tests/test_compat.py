@@ -24,6 +24,13 @@ def test_e2b_2_45_smoke(server: Server) -> None:
         check=True,
     ).stdout.strip()
     assert version == "2.45.1"
+    ci_version = subprocess.run(
+        [python, "-c", "import importlib.metadata as m; print(m.version('e2b-code-interpreter'))"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    if ci_version != "2.9.2":
+        pytest.fail(f"e2b-code-interpreter 2.9.2 is missing from {OLD_SDK_VENV}: run scripts/setup.sh --dev")
     env = {**os.environ, "E2B_API_URL": server.url, "E2B_SANDBOX_URL": server.url, "E2B_API_KEY": server.api_key}
     r = subprocess.run(
         [python, str(Path(__file__).parent / "compat" / "old_sdk_smoke.py")],

@@ -1,4 +1,5 @@
-"""Run by tests/test_compat.py with an older official SDK (e2b 2.45.1, v1 create/connect paths).
+"""Run by tests/test_compat.py with older official SDKs (e2b 2.45.1, v1 create/connect paths; e2b-code-interpreter
+2.9.2).
 
 Exits 0 and prints OK when every step worked; any exception fails the test with its traceback.
 """
@@ -29,6 +30,16 @@ def main() -> None:
     assert [s.sandbox_id for s in listed] == [sbx.sandbox_id]
     assert sbx.kill() is True
     assert not sbx.is_running()
+    # the code interpreter SDK of the same era (e2b-code-interpreter 2.9.2)
+    from e2b_code_interpreter import Sandbox as CodeSandbox
+
+    ci = CodeSandbox.create(timeout=120)
+    try:
+        assert ci.run_code("x = 6; x * 7").text == "42"
+        assert ci.run_code("'text'").text == "'text'"
+        assert ci.run_code("1/0").error.name == "ZeroDivisionError"
+    finally:
+        ci.kill()
     print("OK", sbx.sandbox_id)
 
 
