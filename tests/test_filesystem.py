@@ -252,10 +252,19 @@ def test_watch_events_sync(sandbox: Sandbox) -> None:
         ("b", FilesystemEventType.REMOVE),
     ]:
         assert expected in kinds, kinds
-    # uploads show the final name, never the temporary file
+    # uploads show the final name, never the temporary file, with the events envd's write makes: a new
+    # file is created, given its owner, written; a replaced one is given its owner and written
     sandbox.files.write("w/up.txt", "x")
-    names = {e.name for e in _events(h, 2)}
-    assert names == {"up.txt"}
+    assert [(e.name, e.type) for e in _events(h, 3)] == [
+        ("up.txt", FilesystemEventType.CREATE),
+        ("up.txt", FilesystemEventType.CHMOD),
+        ("up.txt", FilesystemEventType.WRITE),
+    ]
+    sandbox.files.write("w/up.txt", "again")
+    assert [(e.name, e.type) for e in _events(h, 2)] == [
+        ("up.txt", FilesystemEventType.CHMOD),
+        ("up.txt", FilesystemEventType.WRITE),
+    ]
     h.stop()
     with pytest.raises(SandboxException):
         h.get_new_events()

@@ -32,7 +32,7 @@ from starlette.types import Receive, Scope, Send
 
 from sandboxd.core.manager import Sandbox, SandboxManager
 from sandboxd.core.users import User, lookup_user
-from sandboxd.envd import fs, uploads
+from sandboxd.envd import fs, uploads, watch
 from sandboxd.runtime.broker import Broker, BrokerGone, BrokerTimeout
 
 READ_CHUNK = 1 << 20
@@ -291,7 +291,8 @@ class FilesEndpoint:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return error(400, f"cannot write '{fs.display_path(path)}'")
             await _pipe_to_fd(chunks, fd)
-            await self._carry_over(broker, path, fd, metadata, user)
+            replaced = await self._carry_over(broker, path, fd, metadata, user)
+            watch.note_upload(posixpath.basename(tmp), replaced, os.fstat(fd).st_size)  # for watchers' events
             await broker.rename(tmp, path)
             ok = True
         except OSError as e:
@@ -308,19 +309,20 @@ class FilesEndpoint:
         return result
 
     @staticmethod
-    async def _carry_over(broker: Broker, path: str, fd: int, metadata: dict[str, str], user: User) -> None:
+    async def _carry_over(broker: Broker, path: str, fd: int, metadata: dict[str, str], user: User) -> bool:
         """The metadata sent (if any) goes on the new file: an overwrite without metadata leaves none, as
-        on envd. The old file's permission bits stay."""
+        on envd. The old file's permission bits stay. Returns whether a file is being replaced."""
         if metadata:
             fs.write_metadata(fd, metadata)
         try:
             old = await broker.open(path, os.O_PATH | os.O_NOFOLLOW)
         except OSError:
-            return
+            return False
         try:
             st = os.fstat(old)
             if stat.S_ISREG(st.st_mode):
                 os.fchmod(fd, stat.S_IMODE(st.st_mode) & 0o777)
+            return True
         finally:
             os.close(old)
 

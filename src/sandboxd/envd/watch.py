@@ -17,6 +17,7 @@ import contextlib
 import os
 import posixpath
 import stat
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,18 @@ from sandboxd.runtime.broker import Broker
 # Uploads are written to a temporary name and renamed into place (files_http.py): watchers see the
 # final name appear (CREATE) with its content (WRITE), never the temporary file.
 HIDDEN_PREFIX = ".sandboxd-upload-"
+# What an upload's temporary file becomes, for the events a watch reports when it is renamed into place:
+# tmp name -> (a file was replaced, bytes written, when noted). Set by files_http just before the rename.
+_UPLOADS: dict[str, tuple[bool, int, float]] = {}
+_UPLOAD_TTL = 60.0
+
+
+def note_upload(tmp_name: str, replaced: bool, size: int) -> None:
+    now = time.monotonic()
+    if len(_UPLOADS) > 1024:  # uploads no watch saw: forget the old ones
+        for k in [k for k, v in _UPLOADS.items() if now - v[2] > _UPLOAD_TTL]:
+            del _UPLOADS[k]
+    _UPLOADS[tmp_name] = (replaced, size, now)
 MASK = F.CREATE | F.MODIFY | F.DELETE | F.MOVED_FROM | F.MOVED_TO | F.ATTRIB | F.DELETE_SELF | F.ONLYDIR
 MAX_BUFFERED = 10_000
 MAX_WATCHED_DIRS = 50_000  # for the whole server; the host's fs.inotify.max_user_watches is shared
@@ -152,7 +165,8 @@ class DirWatcher:
         self.buffer: list[fpb.FilesystemEvent] = []  # for the polling API
         self.closed = False
         self._pending: set[asyncio.Future[Any]] = set()
-        self._hidden_moves: set[int] = set()  # inotify cookies of temp files being renamed into place
+        # inotify cookies of upload temp files being renamed into place -> their temp name
+        self._hidden_moves: dict[int, str] = {}
         self._ordered: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
         self._worker: asyncio.Future[None] | None = None
 
@@ -209,12 +223,17 @@ class DirWatcher:
         name = posixpath.join(base, ev.name) if ev.name else base
         if ev.name.startswith(HIDDEN_PREFIX):
             if ev.mask & F.MOVED_FROM:
-                self._hidden_moves.add(ev.cookie)
+                self._hidden_moves[ev.cookie] = ev.name
             return
         if ev.mask & F.MOVED_TO and ev.cookie in self._hidden_moves:
-            self._hidden_moves.discard(ev.cookie)
-            self._report(name, fpb.EventType.CREATE)
-            self._report(name, fpb.EventType.WRITE)
+            # An upload landed: the events envd's write makes (it opens the file, sets its owner, writes):
+            # a new file is CREATE, CHMOD, WRITE; a replaced one CHMOD, WRITE (no WRITE for no bytes).
+            replaced, size, _ = _UPLOADS.pop(self._hidden_moves.pop(ev.cookie), (False, 1, 0.0))
+            if not replaced:
+                self._report(name, fpb.EventType.CREATE)
+            self._report(name, fpb.EventType.CHMOD)
+            if size or replaced:
+                self._report(name, fpb.EventType.WRITE)
             return
         if ev.mask & F.CREATE or ev.mask & F.MOVED_TO:
             kind = fpb.EventType.CREATE
