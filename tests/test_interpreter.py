@@ -248,3 +248,17 @@ def test_executions_in_one_context_are_serialized(ci: Sandbox) -> None:
             assert log[k][0] == "start" and log[k + 1] == ["end", log[k][1]], log
     finally:
         ci.remove_code_context(ctx)
+
+
+def test_idle_sandbox_runs_only_the_python_kernel(server: Server) -> None:
+    # Kernels other than Python start on the first use of their language: an idle sandbox pays for the
+    # server and one kernel only (Deno alone is ~180 MiB).
+    sbx = Sandbox.create(template=TEMPLATE, timeout=120)
+    try:
+        assert sbx.run_code("1 + 1").text == "2"
+        procs = sbx.commands.run("ps -eo args").stdout
+        assert "deno" not in procs and "bash_kernel" not in procs, procs
+        assert sbx.run_code("[1, 2].length", language="javascript").text == "2"  # started on demand
+        assert "deno" in sbx.commands.run("ps -eo args").stdout
+    finally:
+        sbx.kill()

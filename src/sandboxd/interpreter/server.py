@@ -36,8 +36,10 @@ def build_app() -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        kernels.default_for("python")  # warm before the first request
-        kernels.default_for("javascript")
+        # Python is warm before the first request (the common case, ~40 MiB); every other kernel (Deno for
+        # JavaScript/TypeScript, ~180 MiB; bash) starts on the first use of its language, so an idle
+        # sandbox does not pay for it.
+        kernels.default_for("python")
         yield
         await kernels.shutdown()
 
