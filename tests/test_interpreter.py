@@ -103,6 +103,21 @@ def test_charts(ci: Sandbox, code: str, kind: ChartType) -> None:
     assert charts[0].title in ("line", "bar", "scatter", "pie")
 
 
+def test_box_and_whisker_chart(ci: Sandbox) -> None:
+    # e2b-charts (the package E2B's template uses too) reads boxes drawn as patches
+    code = (
+        "import matplotlib.pyplot as plt\nplt.figure()\n"
+        "plt.boxplot([[1, 2, 3, 4, 5, 9], [2, 4, 6, 8, 10, 14, 20]], tick_labels=['A', 'B'], patch_artist=True)\n"
+        "plt.title('box')\nplt.show()"
+    )
+    e = ci.run_code(code)
+    charts = [r.chart for r in e.results if getattr(r, "chart", None) is not None]
+    assert charts and charts[0].type == ChartType.BOX_AND_WHISKER, [r.formats() for r in e.results]
+    a, b = charts[0].elements
+    assert (a.label, a.min, a.first_quartile, a.median, a.third_quartile, a.max) == ("A", 1, 2.25, 3.5, 4.75, 5)
+    assert a.outliers == [9] and b.label == "B" and b.median == 8
+
+
 def test_env_vars_sandbox_execution_and_overwrite(ci: Sandbox) -> None:
     assert ci.run_code("import os; os.environ.get('SANDBOX_LEVEL')").text == "'from-sandbox'"
     e = ci.run_code("os.environ.get('ONLY_NOW')", envs={"ONLY_NOW": "yes"})
