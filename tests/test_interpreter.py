@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import threading
 import time
 
@@ -74,7 +75,9 @@ def test_rich_formats(ci: Sandbox) -> None:
     formats = [set(r.formats()) for r in e.results]
     assert {"html"} <= formats[0] and {"markdown"} <= formats[1] and {"latex"} <= formats[2]
     assert "svg" in formats[3] and "json" in formats[4] and "javascript" in formats[5]
-    assert e.results[-1].json == {"k": [1, 2]} and e.results[-1].is_main_result
+    # a plain dict is text/plain only, as stock Jupyter sends it: no MIME type Jupyter did not send
+    assert e.results[-1].formats() == ["text"] and e.results[-1].text == "{'k': [1, 2]}"
+    assert e.results[-1].is_main_result
 
 
 def test_dataframe_png_and_pil(ci: Sandbox) -> None:
@@ -256,11 +259,11 @@ def test_executions_in_one_context_are_serialized(ci: Sandbox) -> None:
             t.start()
         for t in threads:
             t.join(30)
-        log = ci.run_code("log", context=ctx).results[0].json
+        log = ast.literal_eval(ci.run_code("log", context=ctx).text)
         assert log is not None and len(log) == 6
         # each execution ran from start to end before the next began
         for k in range(0, 6, 2):
-            assert log[k][0] == "start" and log[k + 1] == ["end", log[k][1]], log
+            assert log[k][0] == "start" and tuple(log[k + 1]) == ("end", log[k][1]), log
     finally:
         ci.remove_code_context(ctx)
 

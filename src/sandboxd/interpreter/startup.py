@@ -2,7 +2,6 @@
 
 - `e2b/data`: a pandas DataFrame as a dict of columns.
 - `e2b/chart`: a matplotlib Figure as chart data (the `e2b-charts` package does the extraction).
-- `application/json`: dicts and lists that are JSON.
 - PIL `Image.save(...)` also displays the image.
 Registrations match by type name, so nothing heavy is imported at kernel start.
 """
@@ -52,7 +51,7 @@ def _install() -> None:
     chart = formatters["e2b/chart"] = _ChartFormatter(parent=ip.display_formatter)
     # IPython computes only the formats listed as active
     active = ip.display_formatter.active_types
-    for mime in ("e2b/data", "e2b/chart", "application/json"):
+    for mime in ("e2b/data", "e2b/chart"):
         if mime not in active:
             active.append(mime)
 
@@ -75,19 +74,6 @@ def _install() -> None:
             return None
 
     chart.by_name[("matplotlib.figure", "Figure")] = figure
-
-    json_formatter = formatters["application/json"]
-    json_formatter.enabled = True
-
-    def as_json(obj: object) -> object:
-        try:
-            json.dumps(obj)
-        except (TypeError, ValueError):
-            return None
-        return obj
-
-    json_formatter.for_type(dict, as_json)
-    json_formatter.for_type(list, as_json)
 
     try:
         from PIL import Image
