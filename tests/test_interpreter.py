@@ -275,8 +275,27 @@ def test_idle_sandbox_runs_only_the_python_kernel(server: Server) -> None:
     try:
         assert sbx.run_code("1 + 1").text == "2"
         procs = sbx.commands.run("ps -eo args").stdout
-        assert "deno" not in procs and "bash_kernel" not in procs, procs
+        assert "deno" not in procs and "bash_kernel" not in procs and "IRkernel" not in procs, procs
         assert sbx.run_code("[1, 2].length", language="javascript").text == "2"  # started on demand
         assert "deno" in sbx.commands.run("ps -eo args").stdout
     finally:
         sbx.kill()
+
+
+def test_r_kernel(ci: Sandbox) -> None:
+    # IRkernel, started on the first use of R. It shows values as display_data (not a main result), so
+    # they are in `results`, as on E2B. Env vars per sandbox and per execution, errors, contexts, cwd.
+    def value(e) -> str:  # type: ignore[no-untyped-def]
+        assert e.error is None, e.error
+        return e.results[0].text
+
+    assert value(ci.run_code("x <- 6; x * 7", language="r")) == "[1] 42"
+    assert value(ci.run_code("x + 1", language="r")) == "[1] 7"  # state kept
+    assert value(ci.run_code('Sys.getenv("SANDBOX_LEVEL")', language="r")) == '[1] "from-sandbox"'
+    assert value(ci.run_code('Sys.getenv("ONLY_NOW")', language="r", envs={"ONLY_NOW": "yes"})) == '[1] "yes"'
+    assert value(ci.run_code('Sys.getenv("ONLY_NOW")', language="r")) == '[1] ""'  # undone after
+    err = ci.run_code('stop("r boom")', language="r")
+    assert err.error is not None and "r boom" in err.error.value
+    ctx = ci.create_code_context(cwd="/tmp", language="r")
+    assert value(ci.run_code("getwd()", context=ctx)) == '[1] "/tmp"'
+    ci.remove_code_context(ctx)

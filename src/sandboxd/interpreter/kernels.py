@@ -33,8 +33,9 @@ LANGUAGES = {
     "typescript": "deno",
     "ts": "deno",
     "bash": "bash",
+    "r": "ir",
 }
-CANONICAL = {"python3": "python", "deno": "javascript", "bash": "bash"}
+CANONICAL = {"python3": "python", "deno": "javascript", "bash": "bash", "ir": "r"}
 
 MIME_KEYS = {
     "text/plain": "text",
@@ -76,6 +77,11 @@ def write_kernelspecs(root: Path) -> Path:
             "argv": [f"{SITE}/bin/deno", "jupyter", "--kernel", "--conn", "{connection_file}"],
             "language": "typescript",
         },
+        # IRkernel from Debian (r-cran-irkernel), started on the first use of R
+        "ir": {
+            "argv": ["/usr/bin/R", "--slave", "-e", "IRkernel::main()", "--args", "{connection_file}"],
+            "language": "R",
+        },
     }
     for name, spec in specs.items():
         d = root / "kernels" / name
@@ -96,6 +102,10 @@ def env_code(kernel: str, set_vars: dict[str, str], unset: list[str]) -> str:
         lines += [f"__sbx_os.environ.pop({_quote_py(k)}, None)" for k in unset]
         lines.append("del __sbx_os")
         return "\n".join(lines)
+    if kernel == "ir":
+        parts = [f"do.call(Sys.setenv, setNames(list({_quote_py(v)}), {_quote_py(k)}))" for k, v in set_vars.items()]
+        parts += [f"Sys.unsetenv({_quote_py(k)})" for k in unset]
+        return "; ".join(parts) or "invisible(NULL)"
     if kernel == "bash":
         parts = [f"export {k}={shlex.quote(v)}" for k, v in set_vars.items() if k.isidentifier()]
         parts += [f"unset {k}" for k in unset if k.isidentifier()]
@@ -140,7 +150,7 @@ class Kernels:
         if name is None:
             raise UnknownLanguage(
                 f"language '{language}' is not available in this sandbox; available: python, javascript, "
-                "typescript, bash"
+                "typescript, bash, r"
             )
         return name
 

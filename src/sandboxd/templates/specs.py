@@ -101,9 +101,9 @@ CODE_DIR = "/opt/sandboxd/code"  # sandboxd's in-sandbox code, copied read-only 
 CODE_INTERPRETER = replace(
     BASE,
     name="code-interpreter-v1",
-    description="base + Jupyter kernels (Python with the data stack, bash, JavaScript/TypeScript via Deno) and "
+    description="base + Jupyter kernels (Python with the data stack, bash, JavaScript/TypeScript via Deno, R) and "
     "the code interpreter server on port 49999",
-    packages=(*BASE.packages, "fonts-dejavu-core"),
+    packages=(*BASE.packages, "fonts-dejavu-core", "r-base-core", "r-cran-irkernel"),
     pip=(
         "ipykernel==7.4.0",
         "jupyter_client==8.10.0",
