@@ -376,3 +376,17 @@ def test_a_stalled_stream_is_dropped_and_does_not_hold_back_the_others(small_ser
         assert not t.is_alive() and fast_end == [{}], fast_end  # the fast stream ended normally, with the end event
     finally:
         a.kill()
+
+
+def test_an_oversized_recursive_watch_is_refused_without_server_work(server: Server, sandbox: Sandbox) -> None:
+    # The tree is counted inside the sandbox (its broker, its CPU) before anything is watched: refusing
+    # 20,000 directories costs the server almost nothing (walking them here cost ~5 s of its CPU).
+    sandbox.commands.run("mkdir -p /tmp/huge/d{1..20000}", timeout=120)
+
+    before = cpu_seconds(server.proc.pid)
+    with pytest.raises(SandboxException) as exc:
+        sandbox.files.watch_dir("/tmp/huge", recursive=True)
+    assert "watched_dirs" in str(exc.value), exc.value
+    assert cpu_seconds(server.proc.pid) - before < 1.0
+    # the tree can still be watched without recursion
+    sandbox.files.watch_dir("/tmp/huge").stop()

@@ -19,7 +19,7 @@ import posixpath
 import stat
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from connectrpc.code import Code
 from inotify_simple import INotify
@@ -124,15 +124,18 @@ class SandboxWatches:
             )
 
     def add_dir(self) -> None:
-        cap = self.limits.watched_dirs
-        if self.dirs >= cap:
-            raise WatchError(
-                f"this sandbox's watches would cover more than {cap} directories (watched_dirs, "
-                "`sandboxd serve --max-watched-dirs`): watch a smaller tree, watch without recursion, "
-                "or stop other watchers",
-                Code.RESOURCE_EXHAUSTED,
-            )
+        if self.dirs >= self.limits.watched_dirs:
+            self.add_dir_refused()
         self.dirs += 1
+
+    def add_dir_refused(self) -> NoReturn:
+        cap = self.limits.watched_dirs
+        raise WatchError(
+            f"this sandbox's watches would cover more than {cap} directories (watched_dirs, "
+            "`sandboxd serve --max-watched-dirs`): watch a smaller tree, watch without recursion, "
+            "or stop other watchers",
+            Code.RESOURCE_EXHAUSTED,
+        )
 
     def close_all(self) -> None:
         for watcher in list(self.live):
@@ -176,6 +179,12 @@ class DirWatcher:
         except NotADirectoryError:
             raise WatchError(f"path '{self.root}' is not a directory") from None
         try:
+            if self.recursive:
+                # Too big a tree is refused at once: counted inside the sandbox, on its CPU, not walked
+                # here one broker round trip per directory.
+                room = self.owner.limits.watched_dirs - self.owner.dirs
+                if await self.broker.count_dirs(self.root, room) > room:
+                    self.owner.add_dir_refused()
             await self._add(fd, "")
         finally:
             os.close(fd)

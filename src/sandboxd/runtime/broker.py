@@ -15,7 +15,18 @@ import struct
 import subprocess
 import time
 
-OP_OPEN, OP_MKDIR, OP_MKDIRS, OP_RENAME, OP_UNLINK, OP_REMOVE_ALL, OP_RMDIR, OP_READLINK, OP_REALPATH = range(1, 10)
+(
+    OP_OPEN,
+    OP_MKDIR,
+    OP_MKDIRS,
+    OP_RENAME,
+    OP_UNLINK,
+    OP_REMOVE_ALL,
+    OP_RMDIR,
+    OP_READLINK,
+    OP_REALPATH,
+    OP_COUNT_DIRS,
+) = range(1, 11)
 _REQ = struct.Struct("IIII")
 _REP = struct.Struct("ii")
 CALL_TIMEOUT = 15.0
@@ -108,6 +119,11 @@ class Broker:
     async def realpath(self, path: str) -> str:
         """`path` with every symlink resolved, inside the sandbox."""
         return os.fsdecode((await self._request(OP_REALPATH, path))[1])
+
+    async def count_dirs(self, path: str, limit: int) -> int:
+        """Directories under `path` (itself included, symlinks not followed), walked inside the sandbox;
+        the count stops just past `limit`."""
+        return int((await self._request(OP_COUNT_DIRS, path, flags=max(0, min(limit, 2**31 - 1))))[1] or b"0")
 
     async def mkdir(self, path: str, mode: int = 0o755) -> None:
         await self._call(OP_MKDIR, path, mode=mode)
