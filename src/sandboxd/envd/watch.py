@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import posixpath
 import stat
@@ -22,8 +23,8 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from connectrpc.code import Code
-from inotify_simple import INotify
 from inotify_simple import flags as F
+from inotify_simple import parse_events
 from protobuf import Oneof
 
 from sandboxd.core.tenant_limits import TenantLimits
@@ -49,7 +50,6 @@ def note_upload(tmp_name: str, replaced: bool, size: int) -> None:
     _UPLOADS[tmp_name] = (replaced, size, now)
 MASK = F.CREATE | F.MODIFY | F.DELETE | F.MOVED_FROM | F.MOVED_TO | F.ATTRIB | F.DELETE_SELF | F.ONLYDIR
 MAX_BUFFERED = 10_000
-MAX_WATCHED_DIRS = 50_000  # for the whole server; the host's fs.inotify.max_user_watches is shared
 
 
 class WatchError(Exception):
@@ -59,22 +59,33 @@ class WatchError(Exception):
 
 
 class WatchHub:
-    """The server's one inotify instance, multiplexed over every watcher."""
+    """One sandbox's inotify instance, multiplexed over its watchers. The instance is made inside the
+    sandbox by its broker (Broker.inotify_init), so the kernel charges it and every watch on it to the
+    sandbox's own uid: no tenant can use up an inotify budget the server or its neighbours share."""
 
     def __init__(self) -> None:
-        self.inotify: INotify | None = None
+        self.fd: int | None = None
         self.subs: dict[int, list[tuple[DirWatcher, str]]] = {}
+        self._made: asyncio.Future[None] | None = None
+
+    async def ensure(self, broker: Broker) -> None:
+        if self._made is None:
+            self._made = asyncio.ensure_future(self._make(broker))
+        await asyncio.shield(self._made)
+
+    async def _make(self, broker: Broker) -> None:
+        fd = await broker.inotify_init()
+        os.set_inheritable(fd, False)
+        self.fd = fd
+        asyncio.get_running_loop().add_reader(fd, self._on_readable)
 
     def add(self, fd: int, watcher: DirWatcher, rel: str) -> int:
-        if self.inotify is None:
-            self.inotify = INotify(nonblocking=True)
-            asyncio.get_running_loop().add_reader(self.inotify.fileno(), self._on_readable)
-        if sum(len(v) for v in self.subs.values()) >= MAX_WATCHED_DIRS:
-            raise WatchError("too many watched directories on this server: stop some watchers", Code.RESOURCE_EXHAUSTED)
-        try:
-            wd = self.inotify.add_watch(f"/proc/self/fd/{fd}", MASK)
-        except OSError as e:
-            raise WatchError(f"cannot watch more directories: {e.strerror}", Code.RESOURCE_EXHAUSTED) from None
+        if self.fd is None:
+            raise WatchError("the sandbox's inotify instance is not ready", Code.UNAVAILABLE)
+        wd = _libc.inotify_add_watch(self.fd, os.fsencode(f"/proc/self/fd/{fd}"), MASK)
+        if wd < 0:
+            err = ctypes.get_errno()
+            raise WatchError(f"cannot watch more directories: {os.strerror(err)}", Code.RESOURCE_EXHAUSTED)
         self.subs.setdefault(wd, []).append((watcher, rel))
         return wd
 
@@ -84,17 +95,24 @@ class WatchHub:
             self.subs[wd] = subs
             return
         self.subs.pop(wd, None)
-        if self.inotify is not None:
-            with contextlib.suppress(OSError):
-                self.inotify.rm_watch(wd)
+        if self.fd is not None:
+            _libc.inotify_rm_watch(self.fd, wd)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self.fd)
+            os.close(self.fd)
+            self.fd = None
+        self.subs.clear()
 
     def _on_readable(self) -> None:
-        assert self.inotify is not None
+        assert self.fd is not None
         try:
-            events = self.inotify.read(timeout=0)
-        except OSError:
+            data = os.read(self.fd, 65536)
+        except (BlockingIOError, OSError):
             return
-        for ev in events:
+        for ev in parse_events(data):
             if ev.mask & F.IGNORED:
                 for watcher, _ in self.subs.pop(ev.wd, []):
                     watcher.untrack(ev.wd)
@@ -103,7 +121,7 @@ class WatchHub:
                 watcher.on_event(ev, rel)
 
 
-HUB = WatchHub()
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class SandboxWatches:
@@ -113,6 +131,7 @@ class SandboxWatches:
         self.limits = limits
         self.live: set[DirWatcher] = set()
         self.dirs = 0
+        self.hub = WatchHub()
 
     def admit(self) -> None:
         cap = self.limits.watchers
@@ -140,6 +159,7 @@ class SandboxWatches:
     def close_all(self) -> None:
         for watcher in list(self.live):
             watcher.close()
+        self.hub.close()
 
 
 class DirWatcher:
@@ -175,6 +195,10 @@ class DirWatcher:
 
     async def start(self) -> None:
         try:
+            await self.owner.hub.ensure(self.broker)
+        except OSError as e:
+            raise WatchError(f"cannot watch: {e.strerror or e}", Code.RESOURCE_EXHAUSTED) from None
+        try:
             fd = await self.broker.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         except NotADirectoryError:
             raise WatchError(f"path '{self.root}' is not a directory") from None
@@ -196,7 +220,7 @@ class DirWatcher:
             return
         self.owner.add_dir()
         try:
-            wd = HUB.add(fd, self, rel)
+            wd = self.owner.hub.add(fd, self, rel)
         except BaseException:
             self.owner.dirs -= 1
             raise
@@ -324,7 +348,7 @@ class DirWatcher:
         if self._worker is not None:
             self._worker.cancel()
         for wd in list(self.wds):
-            HUB.remove(wd, self)
+            self.owner.hub.remove(wd, self)
         self.owner.dirs -= len(self.wds)
         self.wds.clear()
         self.owner.live.discard(self)

@@ -26,7 +26,8 @@ import time
     OP_READLINK,
     OP_REALPATH,
     OP_COUNT_DIRS,
-) = range(1, 11)
+    OP_INOTIFY,
+) = range(1, 12)
 _REQ = struct.Struct("IIII")
 _REP = struct.Struct("ii")
 CALL_TIMEOUT = 15.0
@@ -124,6 +125,14 @@ class Broker:
         """Directories under `path` (itself included, symlinks not followed), walked inside the sandbox;
         the count stops just past `limit`."""
         return int((await self._request(OP_COUNT_DIRS, path, flags=max(0, min(limit, 2**31 - 1))))[1] or b"0")
+
+    async def inotify_init(self) -> int:
+        """A non-blocking inotify instance made inside the sandbox by the broker's user (so that it and
+        its watches count against the sandbox's limits, not the server's); the caller owns the fd."""
+        fd = await self._call(OP_INOTIFY, "/")
+        if fd is None:
+            raise OSError(5, "the broker returned no inotify descriptor")
+        return fd
 
     async def mkdir(self, path: str, mode: int = 0o755) -> None:
         await self._call(OP_MKDIR, path, mode=mode)

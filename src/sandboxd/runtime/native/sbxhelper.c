@@ -47,6 +47,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/inotify.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
@@ -945,7 +946,7 @@ static int cmd_exec(int argc, char **argv) {
  */
 enum {
     OP_OPEN = 1, OP_MKDIR = 2, OP_MKDIRS = 3, OP_RENAME = 4, OP_UNLINK = 5, OP_REMOVE_ALL = 6, OP_RMDIR = 7,
-    OP_READLINK = 8, OP_REALPATH = 9, OP_COUNT_DIRS = 10,
+    OP_READLINK = 8, OP_REALPATH = 9, OP_COUNT_DIRS = 10, OP_INOTIFY = 11,
 };
 
 /* OP_COUNT_DIRS: directories under a path (itself included, symlinks not followed), counting stops
@@ -1076,6 +1077,12 @@ static void broker_loop(int sock) {
             text_len = (size_t)snprintf(text, sizeof text, "%ld", count_dirs_seen);
             break;
         }
+        case OP_INOTIFY:
+            /* an inotify instance made by the sandbox's user: it and its watches are charged to the
+             * sandbox (up its user namespace's chain), not to the server's host root */
+            fd = inotify_init1(IN_CLOEXEC | IN_NONBLOCK);
+            if (fd < 0) rep.err = errno;
+            break;
         case OP_MKDIR:
             if (mkdir(p1, (mode_t)req.mode) < 0) rep.err = errno;
             break;
