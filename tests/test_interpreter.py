@@ -275,7 +275,8 @@ def test_idle_sandbox_runs_only_the_python_kernel(server: Server) -> None:
     try:
         assert sbx.run_code("1 + 1").text == "2"
         procs = sbx.commands.run("ps -eo args").stdout
-        assert "deno" not in procs and "bash_kernel" not in procs and "IRkernel" not in procs, procs
+        for lazy in ("deno", "bash_kernel", "IRkernel", "java_kernel"):
+            assert lazy not in procs, procs
         assert sbx.run_code("[1, 2].length", language="javascript").text == "2"  # started on demand
         assert "deno" in sbx.commands.run("ps -eo args").stdout
     finally:
@@ -298,4 +299,20 @@ def test_r_kernel(ci: Sandbox) -> None:
     assert err.error is not None and "r boom" in err.error.value
     ctx = ci.create_code_context(cwd="/tmp", language="r")
     assert value(ci.run_code("getwd()", context=ctx)) == '[1] "/tmp"'
+    ci.remove_code_context(ctx)
+
+
+def test_java_kernel(ci: Sandbox) -> None:
+    # Java over the JDK's JShell API, started on the first use of Java: state, output, values, errors
+    e = ci.run_code("int x = 6;\nSystem.out.println(\"hi from java\");\nx * 7", language="java", timeout=120)
+    assert e.error is None, e.error
+    assert e.text == "42" and e.logs.stdout == ["hi from java\n"], (e.text, e.logs)
+    assert ci.run_code("x + 1", language="java").text == "7"  # state kept
+    assert ci.run_code('System.getenv("SANDBOX_LEVEL")', language="java").text == '"from-sandbox"'
+    err = ci.run_code('throw new IllegalStateException("java boom");', language="java")
+    assert err.error is not None and err.error.name.endswith("IllegalStateException"), err.error
+    bad = ci.run_code("int y = ;", language="java")
+    assert bad.error is not None and bad.error.name == "CompilationError"
+    ctx = ci.create_code_context(cwd="/tmp", language="java")
+    assert ci.run_code('System.getProperty("user.dir")', context=ctx).text == '"/tmp"'
     ci.remove_code_context(ctx)

@@ -34,8 +34,9 @@ LANGUAGES = {
     "ts": "deno",
     "bash": "bash",
     "r": "ir",
+    "java": "java",
 }
-CANONICAL = {"python3": "python", "deno": "javascript", "bash": "bash", "ir": "r"}
+CANONICAL = {"python3": "python", "deno": "javascript", "bash": "bash", "ir": "r", "java": "java"}
 
 MIME_KEYS = {
     "text/plain": "text",
@@ -77,6 +78,11 @@ def write_kernelspecs(root: Path) -> Path:
             "argv": [f"{SITE}/bin/deno", "jupyter", "--kernel", "--conn", "{connection_file}"],
             "language": "typescript",
         },
+        # Java over the JDK's JShell API (java_kernel.py), started on the first use of Java
+        "java": {
+            "argv": [python, "-m", "sandboxd_interpreter.java_kernel", "-f", "{connection_file}"],
+            "language": "java",
+        },
         # IRkernel from Debian (r-cran-irkernel), started on the first use of R
         "ir": {
             "argv": ["/usr/bin/R", "--slave", "-e", "IRkernel::main()", "--args", "{connection_file}"],
@@ -102,6 +108,10 @@ def env_code(kernel: str, set_vars: dict[str, str], unset: list[str]) -> str:
         lines += [f"__sbx_os.environ.pop({_quote_py(k)}, None)" for k in unset]
         lines.append("del __sbx_os")
         return "\n".join(lines)
+    if kernel == "java":
+        # handled by java_kernel.py: a JVM's environment is fixed when it starts, so this sets the one the
+        # JVM will start with (it starts on the first execution, after the sandbox's env vars are set)
+        return "%sbx_env " + json.dumps({"set": set_vars, "unset": unset})
     if kernel == "ir":
         parts = [f"do.call(Sys.setenv, setNames(list({_quote_py(v)}), {_quote_py(k)}))" for k, v in set_vars.items()]
         parts += [f"Sys.unsetenv({_quote_py(k)})" for k in unset]
@@ -150,7 +160,7 @@ class Kernels:
         if name is None:
             raise UnknownLanguage(
                 f"language '{language}' is not available in this sandbox; available: python, javascript, "
-                "typescript, bash, r"
+                "typescript, bash, r, java"
             )
         return name
 
@@ -218,6 +228,8 @@ class Kernels:
 
     # -- execution -------------------------------------------------------------------------------
     async def _silent(self, ctx: Context, code: str) -> None:
+        if not code:
+            return
         msg_id = ctx.client.execute(code, silent=True, store_history=False)
         while True:
             msg = await ctx.client.get_shell_msg(timeout=60)

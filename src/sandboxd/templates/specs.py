@@ -101,8 +101,8 @@ CODE_DIR = "/opt/sandboxd/code"  # sandboxd's in-sandbox code, copied read-only 
 CODE_INTERPRETER = replace(
     BASE,
     name="code-interpreter-v1",
-    description="base + Jupyter kernels (Python with the data stack, bash, JavaScript/TypeScript via Deno, R) and "
-    "the code interpreter server on port 49999",
+    description="base + Jupyter kernels (Python with the data stack, bash, JavaScript/TypeScript via Deno, R, "
+    "Java) and the code interpreter server on port 49999",
     packages=(*BASE.packages, "fonts-dejavu-core", "r-base-core", "r-cran-irkernel"),
     pip=(
         "ipykernel==7.4.0",
@@ -126,7 +126,15 @@ CODE_INTERPRETER = replace(
         "httptools",  # uvicorn's fast HTTP parser: less per run_code
         "uvloop",  # not used by the interpreter (see its server.py), available to users' own servers
     ),
-    steps=(*BASE.steps, f"mkdir -p {CODE_DIR}"),
+    steps=(
+        *BASE.steps,
+        # The JDK (for the Java kernel) in a step, where /proc is mounted: its postinst needs it, and the
+        # man directory minbase leaves out (update-alternatives links the JDK's man pages there)
+        "mkdir -p /usr/share/man/man1 && apt-get update -qq && "
+        "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "
+        "default-jdk-headless && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin",
+        f"mkdir -p {CODE_DIR}",
+    ),
     service=("/usr/bin/python3", "-m", "sandboxd_interpreter.server"),
     memory_mb=1024,  # its server and three warm kernels use ~250 MiB before any user code runs
 )
