@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -205,3 +206,24 @@ def host_pids_of(server: Server, sandbox_id: str) -> set[int]:
         if p.exists():
             pids.update(int(x) for x in p.read_text().split())
     return pids
+
+
+def run_as(sbx: Any, cmd: str, user: str = "root", timeout: float = 60) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of a command in a sandbox, whatever its exit code."""
+    from e2b import CommandExitException
+
+    try:
+        r = sbx.commands.run(cmd, user=user, timeout=timeout)
+        return r.exit_code, r.stdout, r.stderr
+    except CommandExitException as e:
+        return e.exit_code, e.stdout, e.stderr
+
+
+def run_python(sbx: Any, code: str, user: str = "root", timeout: float = 60) -> str:
+    """Run a Python script (dedented) in a sandbox; its stdout, stripped. Fails the test if it fails."""
+    import textwrap
+
+    sbx.files.write("/tmp/attack.py", textwrap.dedent(code))
+    status, out, err = run_as(sbx, "python3 /tmp/attack.py", user=user, timeout=timeout)
+    assert status == 0, err
+    return out.strip()

@@ -6,29 +6,14 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import textwrap
 import threading
 import time
 
 import pytest
-from e2b import CommandExitException, Sandbox
+from e2b import Sandbox
 
-from conftest import Server
-
-
-def run(sbx: Sandbox, cmd: str, user: str = "root", timeout: float = 60) -> tuple[int, str, str]:
-    try:
-        r = sbx.commands.run(cmd, user=user, timeout=timeout)  # type: ignore[arg-type]
-        return r.exit_code, r.stdout, r.stderr
-    except CommandExitException as e:
-        return e.exit_code, e.stdout, e.stderr
-
-
-def py(sbx: Sandbox, code: str, user: str = "root", timeout: float = 60) -> str:
-    sbx.files.write("/tmp/attack.py", textwrap.dedent(code))
-    code_, out, err = run(sbx, "python3 /tmp/attack.py", user=user, timeout=timeout)
-    assert code_ == 0, err
-    return out.strip()
+from conftest import Server, run_as
+from conftest import run_python as py
 
 
 def rss_mib(pid: int) -> float:
@@ -67,7 +52,7 @@ def test_no_process_executable_can_be_overwritten(sandbox: Sandbox) -> None:
 
 def test_no_descriptor_of_the_host_leaks_into_a_command(sandbox: Sandbox) -> None:
     for user in ("root", "user"):
-        _, out, _ = run(sandbox, "ls -l /proc/self/fd/ | tail -n +2", user=user)
+        _, out, _ = run_as(sandbox, "ls -l /proc/self/fd/ | tail -n +2", user=user)
         fds = [line.split()[-3] for line in out.splitlines()]
         targets = [line.split("-> ")[-1] for line in out.splitlines()]
         assert set(fds) <= {"0", "1", "2", "3"}, out  # stdio and ls's own directory handle
@@ -134,7 +119,7 @@ def test_other_sandboxes_loopback_is_unreachable(sandbox: Sandbox) -> None:
         )
         h = other.commands.run("python3 /tmp/srv.py", background=True)
         time.sleep(0.5)
-        code, out, _ = run(sandbox, "python3 -c \"import socket; socket.create_connection(('127.0.0.1', 8765), 2)\"")
+        code, out, _ = run_as(sandbox, "python3 -c \"import socket; socket.create_connection(('127.0.0.1', 8765), 2)\"")
         assert code != 0 and "Connection refused" in out + _, (code, out)
         assert not other.files.exists("/tmp/got")
         h.kill()
@@ -226,13 +211,13 @@ def test_pty_flood_is_bounded(server: Server, sandbox: Sandbox) -> None:
 def test_kernel_knobs_are_read_only(sandbox: Sandbox, cmd: str) -> None:
     knobs = ["/proc/sys/kernel/pid_max", "/proc/sys/vm/drop_caches", "/proc/sys/net/ipv4/ip_forward"]
     before = {k: open(k).read() for k in knobs if os.access(k, os.R_OK)}
-    code, _, _ = run(sandbox, cmd)
+    code, _, _ = run_as(sandbox, cmd)
     assert code != 0, cmd
     assert {k: open(k).read() for k in before} == before
 
 
 def test_device_nodes_cannot_be_made_or_used(sandbox: Sandbox) -> None:
-    _, out, err = run(sandbox, "mknod /tmp/disk b 8 0 2>&1; mknod /tmp/mem c 1 1 2>&1; ls /tmp/disk /tmp/mem 2>&1")
+    _, out, err = run_as(sandbox, "mknod /tmp/disk b 8 0 2>&1; mknod /tmp/mem c 1 1 2>&1; ls /tmp/disk /tmp/mem 2>&1")
     assert "No such file" in out + err and "Operation not permitted" in out + err, (out, err)
-    _, out, _ = run(sandbox, "head -c 1 /dev/mem 2>&1; head -c 1 /dev/sda 2>&1; echo end")
+    _, out, _ = run_as(sandbox, "head -c 1 /dev/mem 2>&1; head -c 1 /dev/sda 2>&1; echo end")
     assert "No such file" in out and out.strip().endswith("end")

@@ -23,22 +23,16 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 import pytest
-from e2b import AsyncSandbox, CommandExitException, Sandbox
+from e2b import AsyncSandbox, Sandbox
 from e2b.exceptions import FileNotFoundException
 
-from conftest import TEMPLATES_DIR, Server, host_pids_of, upper_on_host
+from conftest import TEMPLATES_DIR, Server, host_pids_of, run_as, upper_on_host
 
 HOST_SECRET_PREFIX = "HOST-SECRET-"
 HOME = "/home/user"
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-def run_as(sbx: Sandbox, cmd: str, user: str = "root", timeout: float = 30) -> tuple[int, str, str]:
-    try:
-        r = sbx.commands.run(cmd, user=user, timeout=timeout)  # type: ignore[arg-type]
-        return r.exit_code, r.stdout, r.stderr
-    except CommandExitException as e:
-        return e.exit_code, e.stdout, e.stderr
 
 
 def run_root(sbx: Sandbox, cmd: str, timeout: float = 30) -> tuple[int, str, str]:

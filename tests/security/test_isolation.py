@@ -12,17 +12,13 @@ import httpx
 import pytest
 from e2b import CommandExitException, Sandbox
 
-from conftest import TEMPLATES_DIR, Server, cgroup_dir, host_pids_of, upper_on_host
+from conftest import TEMPLATES_DIR, Server, cgroup_dir, host_pids_of, run_as, upper_on_host
 
 PY = "python3 -c"
 
 
 def run_root(sbx: Sandbox, cmd: str, timeout: float = 60) -> tuple[int, str, str]:
-    try:
-        r = sbx.commands.run(cmd, user="root", timeout=timeout)
-        return r.exit_code, r.stdout, r.stderr
-    except CommandExitException as e:
-        return e.exit_code, e.stdout, e.stderr
+    return run_as(sbx, cmd, "root", timeout)
 
 
 def test_host_processes_invisible_and_pid1_is_the_sandboxs(sandbox: Sandbox) -> None:

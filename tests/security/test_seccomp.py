@@ -6,27 +6,14 @@ Each attack runs as sandbox root (the strongest identity a tenant has) and as th
 from __future__ import annotations
 
 import socket
-import textwrap
 
 import pytest
-from e2b import CommandExitException, Sandbox
+from e2b import Sandbox
+
+from conftest import run_as
+from conftest import run_python as py
 
 USERS = ["root", "user"]
-
-
-def run(sbx: Sandbox, cmd: str, user: str = "root", timeout: float = 60) -> tuple[int, str, str]:
-    try:
-        r = sbx.commands.run(cmd, user=user, timeout=timeout)  # type: ignore[arg-type]
-        return r.exit_code, r.stdout, r.stderr
-    except CommandExitException as e:
-        return e.exit_code, e.stdout, e.stderr
-
-
-def py(sbx: Sandbox, code: str, user: str = "root") -> str:
-    sbx.files.write("/tmp/attack.py", textwrap.dedent(code))
-    code_, out, err = run(sbx, "python3 /tmp/attack.py", user=user)
-    assert code_ == 0, err
-    return out.strip()
 
 
 @pytest.mark.parametrize("user", USERS)
@@ -166,9 +153,9 @@ int main(void) {
 @pytest.mark.parametrize(("name", "source"), [("i386", C_I386), ("x32", C_X32)])
 def test_other_syscall_abis_are_killed(sandbox: Sandbox, name: str, source: str) -> None:
     sandbox.files.write(f"/tmp/{name}.c", source)
-    code, _, err = run(sandbox, f"gcc -O0 -o /tmp/{name} /tmp/{name}.c", user="user", timeout=120)
+    code, _, err = run_as(sandbox, f"gcc -O0 -o /tmp/{name} /tmp/{name}.c", user="user", timeout=120)
     assert code == 0, err
-    code, out, _ = run(sandbox, f"/tmp/{name}; echo status=$?", user="root")
+    code, out, _ = run_as(sandbox, f"/tmp/{name}; echo status=$?", user="root")
     assert "returned" not in out, out  # the syscall never ran
     assert "status=159" in out, out  # 128 + SIGSYS: killed by the filter
 
