@@ -24,9 +24,13 @@ from sandboxd.envd.process_service import end_streams_for_shutdown
 from sandboxd.routing.http_protocol import BoundedHttpToolsProtocol
 from sandboxd.routing.proxy import PortProxy
 from sandboxd.routing.router import ENVD_PORT, Router
+from sandboxd.runtime.base import RuntimeError_
+from sandboxd.runtime.cgroups import CgroupError
+from sandboxd.runtime.identity import IdentityError
 from sandboxd.runtime.namespaces import NamespaceRuntime
+from sandboxd.runtime.native import HelperBuildError
 from sandboxd.state.db import StateDB
-from sandboxd.templates.store import TemplateStore
+from sandboxd.templates.store import TemplateError, TemplateStore
 
 log = logging.getLogger("sandboxd")
 
@@ -43,6 +47,7 @@ class ServerConfig:
     # not cost users their sandboxes); False destroys them (`--destroy-on-exit`).
     keep_sandboxes: bool = True
     favor_dynmods: bool = True  # remount cgroup2 with favordynmods (see runtime/cgroups.py)
+    uid_base: int | None = None  # first host uid of the sandboxes' ranges (None: runtime/identity.py's default)
     settings: Settings = field(default_factory=Settings)
     limits: RequestLimits = field(default_factory=RequestLimits)
 
@@ -63,7 +68,7 @@ class App:
         self.db = StateDB(config.data_dir / "state.db")
         self.api_key, self.key_created = self.db.api_key()
         self.templates = TemplateStore(config.template_path)
-        self.runtime = NamespaceRuntime(config.data_dir, favor_dynmods=config.favor_dynmods)
+        self.runtime = NamespaceRuntime(config.data_dir, favor_dynmods=config.favor_dynmods, uid_base=config.uid_base)
         self.manager = SandboxManager(self.runtime, self.templates, self.db, config.settings)
         h = self.manager.host_limits
         self.runtime.set_host_limits(h.memory_cap_mb, h.max_total_pids, h.server_memory_mb)
@@ -196,12 +201,16 @@ def serve(config: ServerConfig) -> None:
     prepare_data_dir(config.data_dir)
     lock_fd = lock_data_dir(config.data_dir)
     sock = bind_listener(config.host, config.port)
+    try:
+        app = App(config)
+    except (RuntimeError_, IdentityError, CgroupError, HelperBuildError, TemplateError) as e:
+        sock.close()
+        raise SystemExit(f"sandboxd: cannot start: {e}") from None
     protocol = type(
         "Protocol",
         (BoundedHttpToolsProtocol,),
         {"max_head_bytes": config.limits.max_head_bytes, "head_timeout": config.limits.head_timeout_s},
     )
-    app = App(config)
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: object) -> None:

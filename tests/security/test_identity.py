@@ -166,3 +166,21 @@ def test_inits_template_handle_is_out_of_the_sandboxs_reach(sandbox: Sandbox) ->
         )
         assert "templates" not in r.stdout and "rootfs" not in r.stdout, r.stdout
         assert "Permission denied" in r.stdout, r.stdout
+
+
+def test_uid_ranges_never_overlap_the_hosts_subordinate_ids(tmp_path: Path) -> None:
+    from sandboxd.runtime.identity import RANGE, IdentityError, UidAllocator
+
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "subuid").write_text(f"alice:{(1 << 30) + 5 * RANGE}:65536\n")
+    with pytest.raises(IdentityError, match="--uid-base"):
+        UidAllocator(first=1 << 30).check_host(etc)
+    UidAllocator(first=(1 << 30) + 2048 * RANGE).check_host(etc)  # a start past it is fine
+    a = UidAllocator(first=1 << 30, slots=2)
+    first, second = a.allocate(), a.allocate()
+    assert second - first == RANGE
+    with pytest.raises(IdentityError):
+        a.allocate()  # all ranges in use
+    a.release(first)
+    assert a.allocate() == first  # reused only once released

@@ -158,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
         help="a stream that reads nothing this long while it holds back other streams of the same process "
         "is dropped (default %(default)s)",
     )
+    p_serve.add_argument(
+        "--uid-base",
+        type=int,
+        default=None,
+        help="first host uid of the sandboxes' uid ranges (1024 ranges of 65536; default: 2^30 plus a band "
+        "chosen by the data dir)",
+    )
     p_serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     p_tpl = sub.add_parser("template", help="build and list templates")
@@ -218,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 templates_dir=args.templates_dir,
                 keep_sandboxes=not args.destroy_on_exit,
                 favor_dynmods=not args.no_favordynmods,
+                uid_base=args.uid_base,
                 settings=settings,
                 limits=RequestLimits(
                     max_message_bytes=int(args.max_message_mb * MiB),

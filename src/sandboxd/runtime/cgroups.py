@@ -225,14 +225,15 @@ def limit_instance(layout: Layout, instance: str, memory_bytes: int, pids: int) 
         _write(d / "memory.max", str(memory_bytes), quiet=True)
         _write(d / "pids.max", str(pids), quiet=True)
         return
-    if "memory" in layout.v1:
-        d = layout.v1["memory"] / PARENT / instance
+    for ctrl, name, value in (("memory", "memory.limit_in_bytes", memory_bytes), ("pids", "pids.max", pids)):
+        if ctrl not in layout.v1:
+            continue
+        d = layout.v1[ctrl] / PARENT / instance
         d.mkdir(parents=True, exist_ok=True)
-        _write(d / "memory.limit_in_bytes", str(memory_bytes))
-    if "pids" in layout.v1:
-        d = layout.v1["pids"] / PARENT / instance
-        d.mkdir(parents=True, exist_ok=True)
-        _write(d / "pids.max", str(pids))
+        try:
+            _write(d / name, str(value))
+        except CgroupError as e:  # e.g. kept sandboxes already use more than a smaller new cap
+            log.warning("could not cap all sandboxes together (%s): admission limits still apply", e)
 
 
 class ServerCgroup:
