@@ -273,3 +273,74 @@ def test_a_pause_cut_by_a_crash_does_not_leave_a_frozen_running_sandbox(tmp_path
         assert again.commands.run("echo thawed", timeout=20).stdout == "thawed\n"
     finally:
         assert srv.stop() == 0
+
+
+JOINER = r"""
+import os, random, sys, time
+paths = sys.argv[1:]
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    pid = os.fork()
+    if pid == 0:  # a "helper": joins, then starts its "init" in there
+        try:
+            for p in paths:
+                with open(p + "/cgroup.procs", "w") as f:
+                    f.write(str(os.getpid()))
+        except OSError:
+            os._exit(3)  # the cgroup is gone: nothing can join any more
+        child = os.fork()
+        if child == 0:
+            time.sleep(1000)
+            os._exit(0)
+        print(os.getpid(), child, flush=True)
+        time.sleep(1000)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)  # killed by the destroy (or could not join)
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3:
+        break
+    time.sleep(random.uniform(0, 0.002))  # the next one comes a moment after
+"""
+
+
+def _cgroup_of(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return ""
+
+
+def test_processes_joining_during_the_sweep_do_not_survive_it() -> None:
+    """A helper left running by a server that died mid-create joins the sandbox's cgroups at any moment,
+    also while the next server's sweep destroys them. No destroy may end with a process inside. (Each
+    round races the destroy against one process after another joining, each a moment after the last
+    was killed, as a left-over helper and its init would.)"""
+    import subprocess
+    import sys
+
+    from sandboxd.runtime import cgroups
+
+    layout = cgroups.detect()
+    instance = "itest" + os.urandom(4).hex()
+    try:
+        for rnd in range(ROUNDS * 8):
+            cg = cgroups.SandboxCgroups(layout, instance, f"joinrace{rnd}")
+            cg.create(64, 1.0, 64)
+            joiner = subprocess.Popen([sys.executable, "-c", JOINER, *cg.paths], stdout=subprocess.PIPE, text=True)
+            try:
+                assert joiner.stdout is not None
+                first = joiner.stdout.readline()  # one has joined: destroy now, while more keep coming
+                assert first.strip(), "the joiner could not join the test cgroup"
+                cg.destroy()
+                assert not any(p.exists() for p in cg.dirs.values()), f"round {rnd}: the cgroups are still there"
+                assert joiner.wait(timeout=30) == 0, "the joiner did not stop after the cgroups were removed"
+                joined = [int(x) for x in (first + joiner.stdout.read()).split()]
+                survivors = [p for p in joined if f"/joinrace{rnd}\n" in _cgroup_of(p)]
+                assert not survivors, f"round {rnd}: processes {survivors} survived the destroy in its cgroup"
+            finally:
+                if joiner.poll() is None:
+                    joiner.kill()
+                    joiner.wait()
+                with contextlib.suppress(cgroups.CgroupError):
+                    cg.destroy(timeout=2)
+    finally:
+        cgroups.remove_instance(layout, instance)

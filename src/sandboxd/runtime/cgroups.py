@@ -155,37 +155,50 @@ class SandboxCgroups:
                 pass
         return pids
 
-    def kill_all(self, timeout: float = 5.0) -> None:
+    def _kill_members(self) -> None:
+        """SIGKILL every process now in the sandbox's cgroups (frozen meanwhile: none forks away)."""
         unified = self.dirs.get("unified")
         if unified is not None and (unified / "cgroup.kill").exists():
             _write(unified / "cgroup.kill", "1", quiet=True)
+        pids = self.procs()
+        if not pids:
+            return
         freezer = self.dirs.get("freezer")
+        if freezer is not None:
+            _write(freezer / "freezer.state", "FROZEN", quiet=True)
+        for pid in pids:
+            # through a pidfd, and only while the PID is still in this sandbox's cgroup
+            kill_member(pid, f"/{self.sandbox_id}")
+        if freezer is not None:
+            _write(freezer / "freezer.state", "THAWED", quiet=True)
+
+    def _rmdir_all(self) -> bool:
+        """Remove every controller's directory; False if one is still in use."""
+        gone = True
+        for d in self.dirs.values():
+            try:
+                d.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                gone = False
+        return gone
+
+    def destroy(self, timeout: float = 10.0) -> None:
+        """Kill every process in the sandbox's cgroups and remove them, until they are really gone.
+
+        A process can join between a kill and the removal: a helper left running by a server that died
+        mid-create joins its cgroups at any moment, and starts the sandbox's init there. rmdir then fails
+        (EBUSY) and the loop kills again; once the directories are gone, nothing can join any more."""
         deadline = time.monotonic() + timeout
         while True:
-            pids = self.procs()
-            if not pids:
+            self._kill_members()
+            if self._rmdir_all():
                 return
-            if freezer is not None:
-                _write(freezer / "freezer.state", "FROZEN", quiet=True)
-            for pid in pids:
-                # through a pidfd, and only while the PID is still in this sandbox's cgroup
-                kill_member(pid, f"/{self.sandbox_id}")
-            if freezer is not None:
-                _write(freezer / "freezer.state", "THAWED", quiet=True)
             if time.monotonic() > deadline:
-                raise CgroupError(f"processes {sorted(pids)} of sandbox {self.sandbox_id} survived SIGKILL")
-            time.sleep(0.005)
-
-    def remove(self) -> None:
-        for d in self.dirs.values():
-            for _ in range(200):
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.005)  # the last exiting task may still be detaching
+                left = sorted(self.procs())
+                raise CgroupError(f"sandbox {self.sandbox_id}: processes {left} survived SIGKILL in its cgroups")
+            time.sleep(0.002)  # killed tasks are still exiting, or a new one joined
 
     def read(self, ctrl: str, name: str) -> str | None:
         d = self.dirs.get(ctrl)

@@ -11,6 +11,7 @@ import asyncio
 import ctypes
 import fcntl
 import hashlib
+import logging
 import os
 import shutil
 import socket
@@ -23,6 +24,8 @@ from sandboxd.runtime.base import ExecSpec, Runtime, RuntimeError_, SandboxHandl
 from sandboxd.runtime.native import helper_path, sealed_copy
 from sandboxd.runtime.rootfs import open_pty_in_root
 from sandboxd.templates.specs import UID_SHIFT
+
+log = logging.getLogger(__name__)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET = 0x40000000
@@ -164,8 +167,7 @@ class NamespaceRuntime(Runtime):
             if start is None:
                 raise RuntimeError_(f"sandbox {spec.sandbox_id}: init process {pid} died at start")
         except BaseException:
-            cg.kill_all()
-            cg.remove()
+            cg.destroy()
             shutil.rmtree(sdir, ignore_errors=True)
             self.ids.release(base)
             raise
@@ -272,8 +274,7 @@ class NamespaceRuntime(Runtime):
 
     def _destroy_sync(self, sandbox_id: str) -> None:
         cg = self._cgroups(sandbox_id)
-        cg.kill_all()
-        cg.remove()
+        cg.destroy()  # raises if a process survives: the directory stays for the next sweep
         # The overlay (and the disk image's loop mount) lived only in the sandbox's mount namespace,
         # gone with its last process; the loop device then detached itself. This removes the image.
         shutil.rmtree(self.sandboxes_dir / sandbox_id, ignore_errors=True)
@@ -352,7 +353,12 @@ class NamespaceRuntime(Runtime):
     async def sweep(self, keep: set[str]) -> list[str]:
         leftovers = cgroups.leftover_ids(self.layout, self.instance)
         leftovers.update(p.name for p in self.sandboxes_dir.iterdir() if p.is_dir())
-        removed = sorted(leftovers - keep)
-        for sandbox_id in removed:
-            await asyncio.to_thread(self._destroy_sync, sandbox_id)
+        removed = []
+        for sandbox_id in sorted(leftovers - keep):
+            try:
+                await asyncio.to_thread(self._destroy_sync, sandbox_id)
+            except cgroups.CgroupError as e:  # left for the next sweep; the server still starts
+                log.error("could not clean up leftover sandbox %s: %s", sandbox_id, e)
+                continue
+            removed.append(sandbox_id)
         return removed
