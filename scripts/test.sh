@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Installs everything (as setup.sh --dev) and runs the test suite against real sandboxes: ruff, pytest
+# Installs everything (as setup.sh --dev) and runs the test suite against real sandboxes: ruff, mypy, pytest
 # (the Python SDKs), then node's test runner (the JavaScript SDKs, tests/js).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
 VENV=${SANDBOXD_VENV:-/opt/sandboxd/venv}
 "$VENV/bin/ruff" check src tests bench
+"$VENV/bin/mypy"  # the packages under src/sandboxd (pyproject.toml [tool.mypy])
 status=0
 "$VENV/bin/pytest" "$@" || status=$?
 if [ $# -eq 0 ]; then  # the whole suite: the JavaScript SDK tests too

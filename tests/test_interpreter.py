@@ -304,7 +304,7 @@ def test_r_kernel(ci: Sandbox) -> None:
 
 def test_java_kernel(ci: Sandbox) -> None:
     # Java over the JDK's JShell API, started on the first use of Java: state, output, values, errors
-    e = ci.run_code("int x = 6;\nSystem.out.println(\"hi from java\");\nx * 7", language="java", timeout=120)
+    e = ci.run_code('int x = 6;\nSystem.out.println("hi from java");\nx * 7', language="java", timeout=120)
     assert e.error is None, e.error
     assert e.text == "42" and e.logs.stdout == ["hi from java\n"], (e.text, e.logs)
     assert ci.run_code("x + 1", language="java").text == "7"  # state kept

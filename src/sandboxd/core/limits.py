@@ -11,6 +11,7 @@ measured without recursion, and only a document within the bounds is handed to p
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,7 @@ def json_depth_exceeds(value: Any, max_depth: int) -> bool:
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
+        children: Iterable[Any]
         if isinstance(item, dict):
             children = item.values()
         elif isinstance(item, list):
@@ -113,4 +115,4 @@ class HostLimits:
             "max_total_pids": _pid_max() // 2,
         }
         defaults.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**defaults)  # type: ignore[arg-type]
+        return cls(**defaults)

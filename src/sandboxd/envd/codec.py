@@ -45,4 +45,4 @@ class BoundedJSONCodec:
 
 
 def envd_codecs(limits: RequestLimits) -> list[Codec]:
-    return [proto_binary_codec(), BoundedJSONCodec(limits)]  # type: ignore[list-item]
+    return [proto_binary_codec(), BoundedJSONCodec(limits)]

@@ -303,7 +303,7 @@ class FilesEndpoint:
                 with contextlib.suppress(OSError, BrokerGone):
                     await broker.unlink(tmp)
             uploads.end(journal)
-        result = {"name": posixpath.basename(path), "type": "file", "path": fs.display_path(path)}
+        result: dict[str, Any] = {"name": posixpath.basename(path), "type": "file", "path": fs.display_path(path)}
         if metadata:
             result["metadata"] = metadata  # as envd: the write result reflects the metadata written
         return result

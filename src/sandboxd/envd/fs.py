@@ -169,7 +169,7 @@ def write_metadata(fd: int, metadata: dict[str, str]) -> None:
         os.setxattr(path, META_PREFIX + key, value.encode())
 
 
-def _file_type(mode: int) -> int:
+def _file_type(mode: int) -> fpb.FileType:
     if stat.S_ISDIR(mode):
         return fpb.FileType.DIRECTORY
     if stat.S_ISLNK(mode):

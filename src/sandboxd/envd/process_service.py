@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import posixpath
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
@@ -58,7 +58,7 @@ def _find(table: ProcessTable, selector: pb.ProcessSelector | None) -> Proc:
 
 async def _stream(
     proc: Proc, sub: Subscriber, ctx: RequestContext, kill_on_deadline: bool
-) -> AsyncIterator[pb.ProcessEvent]:
+) -> AsyncGenerator[pb.ProcessEvent]:
     """Events of `proc`, bounded by the request's Connect-Timeout-Ms (enforced here, on the server)."""
     timeout_ms = ctx.timeout_ms
     deadline = asyncio.get_running_loop().time() + timeout_ms / 1000 if timeout_ms else None
@@ -173,7 +173,7 @@ class ProcessService:
                 raise
             table.add(proc)
             start = pb.ProcessEvent.StartEvent(pid=proc.pid)
-            yield pb.StartResponse(event=pb.ProcessEvent(event=Oneof("start", start)))
+            yield pb.StartResponse(event=pb.ProcessEvent(event=Oneof("start", start)))  # type: ignore[arg-type]
             async with contextlib.aclosing(_stream(proc, sub, ctx, kill_on_deadline=True)) as events:
                 async for event in events:
                     yield pb.StartResponse(event=event)
@@ -183,7 +183,7 @@ class ProcessService:
         proc = _find(table, request.process)
         with _stream_slot(table):
             yield pb.ConnectResponse(
-                event=pb.ProcessEvent(event=Oneof("start", pb.ProcessEvent.StartEvent(pid=proc.pid)))
+                event=pb.ProcessEvent(event=Oneof("start", pb.ProcessEvent.StartEvent(pid=proc.pid)))  # type: ignore[arg-type]
             )
             async with contextlib.aclosing(_stream(proc, proc.subscribe(), ctx, kill_on_deadline=False)) as events:
                 async for event in events:

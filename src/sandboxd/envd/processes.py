@@ -28,7 +28,7 @@ import struct
 import subprocess
 import termios
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from protobuf import Oneof
@@ -43,6 +43,12 @@ FINAL_READS = 32  # chunks read per pipe after the process exited (a child may k
 # What one kept run of output costs beyond its bytes (objects, event): counted against the buffer, so
 # that a process alternating 1-byte writes to stdout and stderr cannot make a million tiny runs.
 RUN_COST = 256
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    """Loop reader/writer callback: the fd is ready."""
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class ProcessGone(Exception):
@@ -361,7 +367,7 @@ class Proc:
             if stats is not None and self._oom_before is not None and stats > self._oom_before:
                 error = f"{status} (out of memory: the sandbox reached its memory limit and the kernel killed it)"
         end = pb.ProcessEvent.EndEvent(exit_code=code, exited=exited, status=status, error=error)
-        self.end = pb.ProcessEvent(event=Oneof("end", end))
+        self.end = pb.ProcessEvent(event=Oneof("end", end))  # type: ignore[arg-type]
         self._publish(self.end)
         self._publish(None)
         self.done.set()
@@ -393,7 +399,7 @@ class Proc:
 
     async def events(
         self, sub: Subscriber, keepalive: float, deadline: float | None = None
-    ) -> AsyncIterator[pb.ProcessEvent]:
+    ) -> AsyncGenerator[pb.ProcessEvent]:
         """Events for one stream until the end event; keepalives after `keepalive` s of silence;
         TimeoutError once the loop time `deadline` has passed."""
         loop = asyncio.get_running_loop()
@@ -411,7 +417,7 @@ class Proc:
                 except TimeoutError:
                     if deadline is not None and loop.time() >= deadline:
                         raise
-                    yield pb.ProcessEvent(event=Oneof("keepalive", pb.ProcessEvent.KeepAlive()))
+                    yield pb.ProcessEvent(event=Oneof("keepalive", pb.ProcessEvent.KeepAlive()))  # type: ignore[arg-type]
                     continue
                 sub.taken += 1
                 if self.paused:
@@ -438,7 +444,7 @@ class Proc:
                     view = view[os.write(fd, view) :]
                 except BlockingIOError:
                     waiter = self._stdin_waiter = loop.create_future()
-                    loop.add_writer(fd, lambda w=waiter: w.done() or w.set_result(None))
+                    loop.add_writer(fd, _wake, waiter)
                     try:
                         await waiter
                     finally:
@@ -519,7 +525,7 @@ class ProcessTable:
 
 
 def _data_event(kind: str, data: bytes) -> pb.ProcessEvent:
-    return pb.ProcessEvent(event=Oneof("data", pb.ProcessEvent.DataEvent(output=Oneof(kind, data))))
+    return pb.ProcessEvent(event=Oneof("data", pb.ProcessEvent.DataEvent(output=Oneof(kind, data))))  # type: ignore[arg-type]
 
 
 def _set_winsize(fd: int, rows: int, cols: int) -> None:

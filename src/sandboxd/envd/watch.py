@@ -48,6 +48,8 @@ def note_upload(tmp_name: str, replaced: bool, size: int) -> None:
         for k in [k for k, v in _UPLOADS.items() if now - v[2] > _UPLOAD_TTL]:
             del _UPLOADS[k]
     _UPLOADS[tmp_name] = (replaced, size, now)
+
+
 MASK = F.CREATE | F.MODIFY | F.DELETE | F.MOVED_FROM | F.MOVED_TO | F.ATTRIB | F.DELETE_SELF | F.ONLYDIR
 MAX_BUFFERED = 10_000
 
@@ -190,7 +192,7 @@ class DirWatcher:
         self._pending: set[asyncio.Future[Any]] = set()
         # inotify cookies of upload temp files being renamed into place -> their temp name
         self._hidden_moves: dict[int, str] = {}
-        self._ordered: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+        self._ordered: asyncio.Queue[tuple[str, fpb.EventType]] = asyncio.Queue()
         self._worker: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
@@ -300,7 +302,7 @@ class DirWatcher:
             self.wds.discard(wd)
             self.owner.dirs -= 1
 
-    def _report(self, name: str, kind: int) -> None:
+    def _report(self, name: str, kind: fpb.EventType) -> None:
         if not self.include_entry:
             self._emit(fpb.FilesystemEvent(name=name, type=kind))
             return
@@ -368,12 +370,12 @@ def _entries(fd: int) -> list[tuple[str, bool]]:
 
 
 def start_event() -> fpb.WatchDirResponse:
-    return fpb.WatchDirResponse(event=Oneof("start", fpb.WatchDirResponse.StartEvent()))
+    return fpb.WatchDirResponse(event=Oneof("start", fpb.WatchDirResponse.StartEvent()))  # type: ignore[arg-type]
 
 
 def keepalive_event() -> fpb.WatchDirResponse:
-    return fpb.WatchDirResponse(event=Oneof("keepalive", fpb.WatchDirResponse.KeepAlive()))
+    return fpb.WatchDirResponse(event=Oneof("keepalive", fpb.WatchDirResponse.KeepAlive()))  # type: ignore[arg-type]
 
 
 def fs_event(event: fpb.FilesystemEvent) -> fpb.WatchDirResponse:
-    return fpb.WatchDirResponse(event=Oneof("filesystem", event))
+    return fpb.WatchDirResponse(event=Oneof("filesystem", event))  # type: ignore[arg-type]

@@ -52,7 +52,7 @@ class JavaKernel(Kernel):
         assert self._java.stdin is not None and self._java.stdout is not None
         self._java.stdin.write(base64.b64encode(code.encode()) + b"\n")
         self._java.stdin.flush()
-        replies = []
+        replies: list[dict[str, Any]] = []
         while True:
             line = self._java.stdout.readline()
             if not line:
@@ -64,7 +64,7 @@ class JavaKernel(Kernel):
             if "out" in reply and not self._silent:
                 self.send_response(self.iopub_socket, "stream", {"name": "stdout", "text": reply["out"]})
 
-    async def do_execute(  # type: ignore[override]
+    async def do_execute(
         self,
         code: str,
         silent: bool,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 def _install() -> None:
     import json
+    from typing import Any
 
     from IPython import get_ipython
     from IPython.core.formatters import BaseFormatter
@@ -55,12 +56,9 @@ def _install() -> None:
         if mime not in active:
             active.append(mime)
 
-    def dataframe(df: object) -> dict:
+    def dataframe(df: Any) -> dict:
         # one JSON-safe list per column (NaN -> null, timestamps -> ISO strings)
-        return {
-            str(col): json.loads(df[col].to_json(orient="values", date_format="iso"))  # type: ignore[index]
-            for col in df.columns
-        }  # type: ignore[attr-defined]
+        return {str(col): json.loads(df[col].to_json(orient="values", date_format="iso")) for col in df.columns}
 
     data.by_name[("pandas", "DataFrame")] = dataframe
     data.by_name[("pandas.core.frame", "DataFrame")] = dataframe
@@ -98,7 +96,7 @@ def _install() -> None:
                 busy[0] = False
         return result
 
-    Image.Image.save = save_and_display  # type: ignore[method-assign]
+    Image.Image.save = save_and_display
 
 
 _install()

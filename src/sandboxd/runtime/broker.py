@@ -33,6 +33,12 @@ _REP = struct.Struct("ii")
 CALL_TIMEOUT = 15.0
 
 
+def _wake(waiter: asyncio.Future[None]) -> None:
+    """Loop reader/writer callback: the fd is ready."""
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class BrokerGone(Exception):
     """The broker process exited (the sandbox was killed, or the broker failed)."""
 
@@ -83,7 +89,7 @@ class Broker:
                 raise BrokerGone(str(e)) from None
             ready: asyncio.Future[None] = loop.create_future()
             fileno = self.sock.fileno()
-            loop.add_reader(fileno, lambda: ready.done() or ready.set_result(None))
+            loop.add_reader(fileno, _wake, ready)
             try:
                 await asyncio.wait_for(ready, CALL_TIMEOUT)
             except TimeoutError:
