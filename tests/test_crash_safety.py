@@ -14,10 +14,11 @@ A final clean stop with --destroy-on-exit leaves nothing at all.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import httpx
 from e2b import Sandbox
+
+from sandboxd.runtime import cgroups
 
 from conftest import Server, loop_devices_under, start_server
 
@@ -46,8 +49,8 @@ def _listed(srv: Server) -> dict[str, str]:
 
 
 def _instance_cgroups(data: Path) -> set[str]:
-    """Sandbox cgroup dirs of the server with this data dir (runtime/namespaces.py names its instance)."""
-    instance = "i" + hashlib.sha256(str(data.resolve()).encode()).hexdigest()[:12]
+    """Sandbox cgroup dirs of the server with this data dir."""
+    instance = cgroups.instance_name(data)
     found: set[str] = set()
     for inst in Path("/sys/fs/cgroup").glob(f"*/sandboxd/{instance}"):
         found.update(p.name for p in inst.iterdir() if p.is_dir())
@@ -314,11 +317,6 @@ def test_processes_joining_during_the_sweep_do_not_survive_it() -> None:
     also while the next server's sweep destroys them. No destroy may end with a process inside. (Each
     round races the destroy against one process after another joining, each a moment after the last
     was killed, as a left-over helper and its init would.)"""
-    import subprocess
-    import sys
-
-    from sandboxd.runtime import cgroups
-
     layout = cgroups.detect()
     instance = "itest" + os.urandom(4).hex()
     try:

@@ -6,6 +6,7 @@ run a server with 64 MiB disks, so that filling one is quick, and attack it as t
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -16,9 +17,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2b import CommandExitException, NotEnoughSpaceException, Sandbox
+from e2b import NotEnoughSpaceException, Sandbox
 
-from conftest import Server, host_pids_of, loop_devices_under, start_server
+from conftest import Server, host_pids_of, loop_devices_under, run_as, start_server
 
 DISK_MB = 64
 MAX_DISK_MB = 128
@@ -52,12 +53,7 @@ def small(quota_server: Server) -> Iterator[Sandbox]:
         sbx.kill()
 
 
-def _run(sbx: Sandbox, cmd: str, user: str = "user", timeout: float = 60) -> tuple[int, str, str]:
-    try:
-        r = sbx.commands.run(cmd, user=user, timeout=timeout)
-        return r.exit_code, r.stdout, r.stderr
-    except CommandExitException as e:
-        return e.exit_code, e.stdout, e.stderr
+_run = functools.partial(run_as, user="user")  # (exit code, stdout, stderr), as the sandbox's user
 
 
 def _host_free(path: Path) -> int:

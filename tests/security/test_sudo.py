@@ -7,17 +7,14 @@ namespace, the same seccomp filter. These attacks check that nothing more opens 
 from __future__ import annotations
 
 import pytest
-from e2b import CommandExitException, Sandbox
+from e2b import Sandbox
 
-from conftest import Server, host_pids_of
+from conftest import Server, host_pids_of, run_as
 
 
 def sudo(sbx: Sandbox, cmd: str) -> tuple[int, str]:
-    try:
-        r = sbx.commands.run(f"sudo {cmd} 2>&1")
-        return r.exit_code, r.stdout
-    except CommandExitException as e:
-        return e.exit_code, e.stdout
+    code, out, _ = run_as(sbx, f"sudo {cmd} 2>&1", user="user")
+    return code, out
 
 
 def test_sudo_gives_the_sandboxs_root(sandbox: Sandbox) -> None:

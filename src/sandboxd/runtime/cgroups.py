@@ -8,6 +8,7 @@ machines, which mount v1 hierarchies plus a cgroup2). A v2 group, when a v2 hier
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -208,6 +209,12 @@ class SandboxCgroups:
             return (d / name).read_text()
         except OSError:
             return None
+
+
+def instance_name(data_dir: Path) -> str:
+    """The cgroup group of the server with this data dir: servers sharing a host never touch each
+    other's sandboxes."""
+    return "i" + hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
 
 
 def leftover_ids(layout: Layout, instance: str) -> set[str]:

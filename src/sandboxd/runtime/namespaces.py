@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import fcntl
-import hashlib
 import logging
 import os
 import shutil
@@ -91,8 +90,7 @@ class NamespaceRuntime(Runtime):
         self.layout = cgroups.detect()
         if favor_dynmods:
             cgroups.favor_dynamic_modifications(self.layout)
-        # One cgroup group per data directory: servers sharing a host never touch each other's sandboxes.
-        self.instance = "i" + hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:12]
+        self.instance = cgroups.instance_name(self.state_dir)
         self._server_cgroup = cgroups.ServerCgroup(self.layout, self.instance)
         self.ids = identity.UidAllocator(
             first=uid_base if uid_base is not None else identity.default_first(self.instance)
