@@ -87,12 +87,6 @@ def inodes_for(disk_mb: int) -> int:
     return disk_mb * 1024 * 1024 // BYTES_PER_INODE
 
 
-def upper_and_work(state_dir: Path) -> tuple[Path, Path]:
-    """The overlay's upper and work dirs of a sandbox with its own disk (valid inside its namespace)."""
-    mnt = state_dir / MOUNT_NAME
-    return mnt / "upper", mnt / "work"
-
-
 class Disks:
     """Makes sandbox disk images from a cache of formatted ones (one per size), with a few copies made
     ahead (SPARES per size in use, written and fsynced in the background): attaching a loop device with
@@ -240,20 +234,6 @@ def _sparse_copy(src: Path, dst: Path) -> None:
             os.close(fo)
     finally:
         os.close(fi)
-
-
-def loop_devices_backed_by(directory: Path) -> list[str]:
-    """Loop devices whose backing file is under `directory` (leak checks; the kernel's own view)."""
-    prefix = str(Path(directory).resolve()) + "/"
-    found = []
-    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
-        try:
-            target = backing.read_text().strip()
-        except OSError:
-            continue
-        if target.startswith(prefix):
-            found.append("/dev/" + backing.parent.parent.name)
-    return found
 
 
 def usage(root: Path) -> tuple[int, int]:
