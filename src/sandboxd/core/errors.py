@@ -25,9 +25,3 @@ class LimitReached(SandboxdError):
     """A host-wide limit (sandboxes, memory, PIDs) is reached: try again later or raise the limit."""
 
     status = 429
-
-
-class Unavailable(SandboxdError):
-    """The server is shutting down or not ready."""
-
-    status = 503
