@@ -303,12 +303,6 @@ class NamespaceRuntime(Runtime):
             except ValueError:
                 return default
 
-        oom = 0
-        oc = cg.read("memory", "memory.oom_control") or cg.read("unified", "memory.events") or ""
-        for line in oc.splitlines():
-            k, _, v = line.partition(" ")
-            if k == "oom_kill":
-                oom = int(v)
         if "memory" in cg.dirs:
             mem, limit = num("memory", "memory.usage_in_bytes"), num("memory", "memory.limit_in_bytes")
         else:
@@ -330,7 +324,7 @@ class NamespaceRuntime(Runtime):
             memory_limit_bytes=limit,
             cpu_usage_ns=cpu,
             pids=pids,
-            oom_kills=oom,
+            oom_kills=self.oom_kills(handle) or 0,
             disk_used_bytes=disk_used,
             disk_total_bytes=disk_total,
         )
