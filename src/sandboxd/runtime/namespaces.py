@@ -20,7 +20,7 @@ from pathlib import Path
 
 from sandboxd.runtime import cgroups, identity, pids, quota
 from sandboxd.runtime.base import ExecSpec, Runtime, RuntimeError_, SandboxHandle, SandboxSpec, Stats
-from sandboxd.runtime.native import helper_path, sealed_copy
+from sandboxd.runtime.native import compiled_filter, helper_path, sealed_copy
 from sandboxd.runtime.rootfs import open_pty_in_root
 from sandboxd.templates.specs import UID_SHIFT
 
@@ -85,6 +85,8 @@ class NamespaceRuntime(Runtime):
         self.disks = quota.Disks(self.state_dir / "images")  # formatted disk images, one per size
         self._helper_fd = sealed_copy(helper_path(self.state_dir / "bin"))
         self.helper = f"/proc/{os.getpid()}/fd/{self._helper_fd}"
+        self._filter_fd = compiled_filter(self.helper)
+        self.filter = f"/proc/{os.getpid()}/fd/{self._filter_fd}"  # every create, exec and broker loads it
         # setns() changes only the calling thread's network namespace: one thread does it, and switches back.
         self._netns_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandboxd-netns")
         self.layout = cgroups.detect()
@@ -134,6 +136,8 @@ class NamespaceRuntime(Runtime):
                 str(sdir),
                 "--hostname",
                 spec.hostname,
+                "--seccomp",
+                self.filter,
                 "--shift",
                 str(base),
                 "--range",
@@ -195,6 +199,8 @@ class NamespaceRuntime(Runtime):
             str(spec.gid),
             "--cwd",
             spec.cwd,
+            "--seccomp",
+            self.filter,
         ]
         for g in spec.groups:
             argv += ["--group", str(g)]
@@ -250,6 +256,7 @@ class NamespaceRuntime(Runtime):
 
     def broker_argv(self, handle: SandboxHandle, uid: int, gid: int, groups: tuple[int, ...]) -> list[str]:
         argv = [self.helper, "broker", "--pid", str(handle.init_pid), "--pid-start", str(handle.init_start_time)]
+        argv += ["--seccomp", self.filter]
         argv += ["--uid", str(uid), "--gid", str(gid)]
         for g in groups:
             argv += ["--group", str(g)]
