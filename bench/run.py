@@ -172,6 +172,10 @@ def memory_cgroup(sandbox_id: str) -> Path | None:
     return None
 
 
+def _only_init(procs: list[int]) -> bool:
+    return bool(procs) and all(proc_comm(pid) == "sandbox-init" for pid in procs)
+
+
 def sandbox_cgroup_dirs(sandbox_id: str) -> list[Path]:
     """Every controller's directory of one sandbox that still exists (v1 controllers and the v2 mount)."""
     found = {*CGROUP_ROOT.glob(f"*/sandboxd/{sandbox_id}"), *CGROUP_ROOT.glob(f"*/sandboxd/*/{sandbox_id}")}
@@ -336,9 +340,12 @@ class Client:
         s = Sandbox.create(template=TEMPLATE, timeout=max(60, int(dl.left()) + 120), request_timeout=dl.op_timeout())
         self.live[s.sandbox_id] = s
         self.ever.add(s.sandbox_id)
-        cg = memory_cgroup(s.sandbox_id)
-        if cg is not None and cg.parent != CGROUP_MEMORY:
-            self.instances.add(cg.parent.name)
+        if not self.instances:
+            # A server has one instance dir: look it up once (the first create is a warm-up), so that the
+            # timed creates do not also time this glob over the cgroup tree.
+            cg = memory_cgroup(s.sandbox_id)
+            if cg is not None and cg.parent != CGROUP_MEMORY:
+                self.instances.add(cg.parent.name)
         return s
 
     def kill(self, s: Any) -> None:
@@ -356,12 +363,18 @@ class Client:
         return errors
 
     def pooled(self) -> int:
-        """Sandboxes the server holds ready (running, not handed out), seen through its cgroup instance dir."""
+        """Sandboxes the server holds ready (never handed out, made), seen through its cgroup instance dir.
+
+        Ready: the cgroup holds only the sandbox's init (the bench's template runs no service), i.e. the
+        create helper has exited. Not merely "has processes": a sandbox still being made (a refill in
+        flight, its helper still in the cgroup), or one just killed that the server is still destroying,
+        would end the wait too early, and the timed create would race that work instead of showing the
+        steady state."""
         return sum(
             1
             for inst in self.instances
             for p in (CGROUP_MEMORY / inst).glob("*")
-            if p.is_dir() and p.name not in self.live and cgroup_procs(p)
+            if p.is_dir() and p.name not in self.ever and _only_init(cgroup_procs(p))
         )
 
     def wait_for_pool(self, want: int = POOL_SIZE) -> bool:
