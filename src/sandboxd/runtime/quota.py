@@ -74,6 +74,7 @@ MOUNT_NAME = "disk"  # the image's mount point in the state dir (a mount in the 
 FORMAT = "v1"
 # Formatted images kept (~100-250 KiB of disk each): the defaults, and a few sizes creates asked for.
 CACHE_MAX = 8
+SPARE_DELAY = 0.25  # s after a create took a spare image before the next is made
 SPARES = 2  # copies made ahead per size in use
 _MKFS_FEATURES = "^has_journal,^resize_inode"  # overlay upper is `volatile`: a journal buys nothing
 
@@ -130,7 +131,11 @@ class Disks:
             if disk_mb in self._refilling or self._closed:
                 return
             self._refilling.add(disk_mb)
-        threading.Thread(target=self._make_spares, args=(disk_mb,), name="sandboxd-disk-spares", daemon=True).start()
+        # A little later: the copy and its fsync would otherwise compete with the very create that took the
+        # spare (its mount reads the image) for the disk and the CPU.
+        timer = threading.Timer(SPARE_DELAY, self._make_spares, args=(disk_mb,))
+        timer.name, timer.daemon = "sandboxd-disk-spares", True
+        timer.start()
 
     def _make_spares(self, disk_mb: int) -> None:
         try:
