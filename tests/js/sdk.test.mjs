@@ -1,6 +1,7 @@
 // The official E2B JavaScript SDKs (npm `e2b`, `@e2b/code-interpreter`, pinned in package.json) against
 // a real sandboxd: sandboxes, listing, commands, files, PTY, pause/resume, metrics, the code interpreter.
 import assert from 'node:assert/strict'
+import os from 'node:os'
 import { after, before, describe, test } from 'node:test'
 
 import { CommandExitError, FileType, Sandbox, SandboxNotFoundError } from 'e2b'
@@ -115,6 +116,16 @@ describe('commands', () => {
     await pty.wait().catch(() => {})
     assert.match(out, /\/dev\/pts\/\d+/)
     assert.match(out, /24 80/)
+  })
+
+  test('the sandbox sees its own memory limit and CPUs', async () => {
+    // the tests' server runs with the defaults: 512 MiB and 1 CPU per sandbox
+    const meminfo = await sbx.files.read('/proc/meminfo')
+    assert.match(meminfo, /^MemTotal: +524288 kB$/m)
+    assert.equal((await sbx.commands.run("free -m | awk '/^Mem:/ {print $2}'")).stdout, '512\n')
+    const cpus = String(Math.min(os.availableParallelism(), 1))
+    assert.equal((await sbx.commands.run('nproc')).stdout, `${cpus}\n`)
+    assert.equal((await sbx.commands.run('getconf _NPROCESSORS_ONLN')).stdout, `${cpus}\n`)
   })
 })
 

@@ -21,6 +21,7 @@ log = logging.getLogger("sandboxd.runtime")
 
 ROOT = Path("/sys/fs/cgroup")
 PARENT = "sandboxd"
+CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer", "cpuset")  # the v1 ones a sandbox gets
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ def detect() -> Layout:
                 v2 = mnt
             elif fstype == "cgroup":
                 for opt in opts.split(","):
-                    if opt in ("memory", "cpu", "cpuacct", "pids", "freezer"):
+                    if opt in CONTROLLERS:
                         v1.setdefault(opt, mnt)
     controllers: frozenset[str] = frozenset()
     if v2 is not None:
@@ -104,7 +105,7 @@ class SandboxCgroups:
         self.layout = layout
         self.sandbox_id = sandbox_id
         dirs: dict[str, Path] = {}
-        for ctrl in ("memory", "cpu", "cpuacct", "pids", "freezer"):
+        for ctrl in CONTROLLERS:
             if ctrl in layout.v1:
                 dirs[ctrl] = layout.v1[ctrl] / PARENT / instance / sandbox_id
         if layout.v2 is not None:
@@ -115,10 +116,12 @@ class SandboxCgroups:
     def paths(self) -> list[str]:
         return sorted({str(p) for p in self.dirs.values()})
 
-    def create(self, memory_mb: int, cpu_count: float, pids: int) -> None:
+    def create(self, memory_mb: int, cpu_count: float, pids: int, cpus: list[int] | None = None) -> None:
+        """cpus: the CPUs the sandbox may run on (a cpuset, so that `nproc` and every affinity-aware
+        runtime size themselves to it), None for all of the host's."""
         if self.layout.pure_v2:
             assert self.layout.v2 is not None
-            wanted = " ".join(f"+{c}" for c in {"memory", "cpu", "pids"} & self.layout.v2_controllers)
+            wanted = " ".join(f"+{c}" for c in {"memory", "cpu", "pids", "cpuset"} & self.layout.v2_controllers)
             instance_dir = self.dirs["unified"].parent
             for d in (self.layout.v2, instance_dir.parent, instance_dir):
                 d.mkdir(exist_ok=True)
@@ -146,6 +149,22 @@ class SandboxCgroups:
             _write(self.dirs["pids"] / "pids.max", str(pids))
         elif "pids" in self.layout.v2_controllers:
             _write(self.dirs["unified"] / "pids.max", str(pids))
+        self._set_cpuset(cpus)
+
+    def _set_cpuset(self, cpus: list[int] | None) -> None:
+        if "cpuset" in self.dirs:
+            d = self.dirs["cpuset"]
+            # v1 starts a new cpuset empty, and a task cannot join an empty one: give each level above the
+            # sandbox its parent's CPUs and memory nodes first (the sandbox's own: the CPUs chosen).
+            mnt = self.layout.v1["cpuset"]
+            for level in (d.parent.parent, d.parent, d):
+                for name in ("cpuset.cpus", "cpuset.mems"):
+                    if not (level / name).read_text().strip():
+                        _write(level / name, (level.parent / name).read_text().strip() or (mnt / name).read_text())
+            if cpus is not None:
+                _write(d / "cpuset.cpus", ",".join(map(str, cpus)))
+        elif cpus is not None and "cpuset" in self.layout.v2_controllers:
+            _write(self.dirs["unified"] / "cpuset.cpus", ",".join(map(str, cpus)))
 
     def procs(self) -> set[int]:
         pids: set[int] = set()
@@ -209,6 +228,31 @@ class SandboxCgroups:
             return (d / name).read_text()
         except OSError:
             return None
+
+
+def host_cpus(layout: Layout) -> list[int]:
+    """The CPUs sandboxes may use: the root cpuset's (all online CPUs), else this process's affinity."""
+    for path in ([layout.v1["cpuset"] / "cpuset.cpus"] if "cpuset" in layout.v1 else []) + (
+        [layout.v2 / "cpuset.cpus.effective"] if layout.v2 is not None else []
+    ):
+        try:
+            cpus = parse_cpu_list(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if cpus:
+            return cpus
+    return sorted(os.sched_getaffinity(0))
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """The kernel's CPU list format: `0-3,8,10-11`."""
+    cpus: list[int] = []
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return cpus
 
 
 def instance_name(data_dir: Path) -> str:

@@ -11,14 +11,16 @@ import asyncio
 import ctypes
 import fcntl
 import logging
+import math
 import os
 import shutil
 import socket
 import subprocess
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sandboxd.runtime import cgroups, identity, pids, quota
+from sandboxd.runtime import cgroups, identity, pids, quota, views
 from sandboxd.runtime.base import ExecSpec, Runtime, RuntimeError_, SandboxHandle, SandboxSpec, Stats
 from sandboxd.runtime.native import compiled_filter, helper_path, sealed_copy
 from sandboxd.runtime.rootfs import open_pty_in_root
@@ -93,6 +95,10 @@ class NamespaceRuntime(Runtime):
         if favor_dynmods:
             cgroups.favor_dynamic_modifications(self.layout)
         self.instance = cgroups.instance_name(self.state_dir)
+        self.cpus = cgroups.host_cpus(self.layout)
+        self._on_cpu: Counter[int] = Counter()  # sandboxes whose cpuset holds each CPU
+        self._cpus_of: dict[str, list[int]] = {}
+        self._meminfo: dict[str, str] = {}  # the meminfo last written into each sandbox
         self._server_cgroup = cgroups.ServerCgroup(self.layout, self.instance)
         self.ids = identity.UidAllocator(
             first=uid_base if uid_base is not None else identity.default_first(self.instance)
@@ -126,7 +132,9 @@ class NamespaceRuntime(Runtime):
                 # The overlay's root directory takes the upper dir's owner: make it sandbox root.
                 os.chown(upper, base, base)
                 os.chmod(upper, 0o755)
-            cg.create(spec.limits.memory_mb, spec.limits.cpu_count, spec.limits.pids)
+            cpus = self._pick_cpus(spec.sandbox_id, spec.limits.cpu_count)
+            cg.create(spec.limits.memory_mb, spec.limits.cpu_count, spec.limits.pids, cpus)
+            view = views.stage(sdir, self._memory_total(spec.limits.memory_mb), cpus or self.cpus)
             argv = [
                 self.helper,
                 "create",
@@ -138,6 +146,8 @@ class NamespaceRuntime(Runtime):
                 spec.hostname,
                 "--seccomp",
                 self.filter,
+                "--view",
+                str(view),
                 "--shift",
                 str(base),
                 "--range",
@@ -172,6 +182,7 @@ class NamespaceRuntime(Runtime):
             cg.destroy()
             shutil.rmtree(sdir, ignore_errors=True)
             self.ids.release(base)
+            self._release_cpus(spec.sandbox_id)
             raise
         return SandboxHandle(
             sandbox_id=spec.sandbox_id,
@@ -273,9 +284,52 @@ class NamespaceRuntime(Runtime):
     async def destroy(self, handle: SandboxHandle) -> None:
         await asyncio.to_thread(self._destroy_sync, handle.sandbox_id)
         self.ids.release(handle.uid_base)  # only now: no process of the sandbox is left
+        self._release_cpus(handle.sandbox_id)
+        self._meminfo.pop(handle.sandbox_id, None)
 
     def adopt(self, handle: SandboxHandle) -> None:
         self.ids.claim(handle.uid_base)
+        text = self._cgroups(handle.sandbox_id).read("cpuset", "cpuset.cpus")
+        cpus = cgroups.parse_cpu_list(text) if text else []
+        if cpus and len(cpus) < len(self.cpus):
+            self._cpus_of[handle.sandbox_id] = cpus
+            self._on_cpu.update(cpus)
+
+    # -- the sandbox's CPUs and its view of them and of its memory (runtime/views.py) --------------
+    def _pick_cpus(self, sandbox_id: str, cpu_count: float) -> list[int] | None:
+        """The CPUs for a new sandbox: as many as its CPU limit rounded up, those the fewest sandboxes
+        hold (lowest first); None when that is every CPU of the host (no cpuset restriction)."""
+        n = max(1, math.ceil(cpu_count))
+        if n >= len(self.cpus):
+            return None
+        chosen = sorted(sorted(self.cpus, key=lambda c: (self._on_cpu[c], c))[:n])
+        self._cpus_of[sandbox_id] = chosen
+        self._on_cpu.update(chosen)
+        return chosen
+
+    def _release_cpus(self, sandbox_id: str) -> None:
+        self._on_cpu.subtract(self._cpus_of.pop(sandbox_id, []))
+
+    @staticmethod
+    def _memory_total(memory_mb: int) -> int:
+        """What the sandbox's meminfo calls its RAM: its limit, or the host's RAM if that is less."""
+        limit = memory_mb * 1024 * 1024
+        try:
+            with open("/proc/meminfo") as f:
+                host = int(f.readline().split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            return limit
+        return min(limit, host)
+
+    def refresh_view(self, handle: SandboxHandle, st: Stats) -> None:
+        cg = self._cgroups(handle.sandbox_id)
+        stat = views.memory_stat(cg.read("memory", "memory.stat") or cg.read("unified", "memory.stat") or "")
+        total = self._memory_total(st.memory_limit_bytes // (1024 * 1024))
+        text = views.meminfo(total, st.memory_bytes, stat)
+        if self._meminfo.get(handle.sandbox_id) == text:
+            return
+        if views.refresh(self.root_path(handle), text) and self.is_alive(handle):
+            self._meminfo[handle.sandbox_id] = text
 
     def _destroy_sync(self, sandbox_id: str) -> None:
         cg = self._cgroups(sandbox_id)

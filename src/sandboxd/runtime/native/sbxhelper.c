@@ -76,6 +76,7 @@
  * the directory's regular files, so that no host path shows in the sandbox's mountinfo, as a bind
  * mount's source would. */
 static const char *copy_src[MAX_BINDS], *copy_dst[MAX_BINDS];
+static const char *view_dir; /* --view: files shown over /proc and /sys files (see mount_views) */
 static int ncopies;
 /* init keeps the template's root filesystem open as fd TEMPLATE_FD (O_PATH: nothing can be done with
  * it, and the sandbox cannot reach init's fds), so that the template store sees which template versions
@@ -422,6 +423,53 @@ static void copy_into_tmpfs(const char *src, const char *dst, unsigned shift) {
     xmount(NULL, dst, NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, opts);
 }
 
+/*
+ * --view DIR: what the sandbox's own /proc/meminfo, /proc/cpuinfo and /sys/devices/system/cpu/online show
+ * (its memory limit and usage, its CPUs: runtime/views.py writes them), so that `free`, `nproc`-like
+ * counts and programs sizing themselves read the sandbox, not the host. Each file is copied into a small
+ * tmpfs of this mount namespace and bound over the kernel's file; the staging mount is detached at once
+ * (the binds keep it), so mountinfo shows `/meminfo` on a tmpfs, no host path. The copies are owned by
+ * host root (no uid inside: sandbox root cannot write or chmod them) and read-only to everyone; meminfo's
+ * bind stays writable so that the server can refresh it through /proc/<init>/root (views.refresh).
+ */
+static const struct {
+    const char *name, *dst;
+    int writable;
+} views[] = {
+    {"meminfo", "/proc/meminfo", 1},
+    {"cpuinfo", "/proc/cpuinfo", 0},
+    {"cpu-online", "/sys/devices/system/cpu/online", 0},
+};
+
+static void mount_views(const char *root) {
+    if (!view_dir) return;
+    char stage[4096], from[4096], to[4096], dst[4096];
+    static char buf[MAX_COPY_FILE];
+    int fds[sizeof views / sizeof views[0]];
+    for (size_t i = 0; i < sizeof views / sizeof views[0]; i++) {
+        snprintf(from, sizeof from, "%s/%s", view_dir, views[i].name);
+        fds[i] = open(from, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        if (fds[i] < 0) die("open %s", from);
+    }
+    snprintf(stage, sizeof stage, "%s", view_dir); /* the staging tmpfs hides the sources: read above */
+    xmount("tmpfs", stage, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=755,size=256k,nr_inodes=16");
+    for (size_t i = 0; i < sizeof views / sizeof views[0]; i++) {
+        ssize_t n = read_all(fds[i], buf, sizeof buf);
+        close(fds[i]);
+        if (n < 0 || (size_t)n == sizeof buf) die("view %s: unreadable or over %d bytes", views[i].name, MAX_COPY_FILE);
+        snprintf(to, sizeof to, "%s/%s", stage, views[i].name);
+        int out = open(to, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
+        if (out < 0 || write(out, buf, (size_t)n) != n) die("write %s", to);
+        close(out);
+        snprintf(dst, sizeof dst, "%s%s", root, views[i].dst);
+        if (access(dst, F_OK) != 0) continue; /* a kernel without this file: nothing to cover */
+        xmount(to, dst, NULL, MS_BIND, NULL);
+        if (!views[i].writable)
+            xmount(NULL, dst, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    }
+    if (umount2(stage, MNT_DETACH) < 0) die("umount %s", stage);
+}
+
 /* Hide host-kernel knobs that userns root could otherwise read: as Docker's masked paths. */
 static void mask_proc(const char *root) {
     static const char *masked[] = {"/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug",
@@ -473,6 +521,7 @@ static void init_child(int tochild, int toparent, const char *merged, const char
     xmount("sysfs", p, "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, NULL);
     setup_dev(merged, shift);
     mask_proc(merged);
+    mount_views(merged);
     for (int i = 0; i < ncopies; i++) {
         snprintf(p, sizeof p, "%s%s", merged, copy_dst[i]);
         copy_into_tmpfs(copy_src[i], p, shift);
@@ -622,6 +671,7 @@ static int cmd_create(int argc, char **argv) {
         else if (!strcmp(a, "--state-dir")) dir = v;
         else if (!strcmp(a, "--hostname")) hostname = v;
         else if (!strcmp(a, "--seccomp")) read_compiled(v);
+        else if (!strcmp(a, "--view")) view_dir = v;
         else if (!strcmp(a, "--disk")) disk = (char *)v; /* IMAGE:DIR */
         else if (!strcmp(a, "--shift")) shift = (unsigned)strtoul(v, NULL, 10);
         else if (!strcmp(a, "--range")) range = (unsigned)strtoul(v, NULL, 10);
