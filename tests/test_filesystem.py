@@ -117,6 +117,19 @@ def test_read_errors(sandbox: Sandbox) -> None:
     assert sandbox.files.write("~/r.txt", "as root", user="root").path == "/root/r.txt"
 
 
+def test_write_without_permission_answers_as_envd(sandbox: Sandbox) -> None:
+    """envd answers a write it cannot do with a 500 and the OS error in Go's words; the SDK shows it."""
+    with pytest.raises(SandboxException) as e:
+        sandbox.files.write("/root/nope.txt", "x")
+    assert str(e.value).startswith("500: error opening file: open /root/nope.txt: permission denied"), e.value
+    with pytest.raises(SandboxException) as e:
+        sandbox.files.write("/root/new-dir/nope.txt", "x")
+    assert str(e.value).startswith("500: error ensuring directories: mkdir /root/new-dir: permission denied"), e.value
+    # parents the user may create are created, owned by the user, as envd does
+    assert sandbox.files.write("deep/er/f.txt", "ok").path == "/home/user/deep/er/f.txt"
+    assert sandbox.commands.run("stat -c %U /home/user/deep/er").stdout == "user\n"
+
+
 def test_metadata_round_trip(sandbox: Sandbox) -> None:
     sandbox.files.write("m.txt", "x", metadata={"owner": "agent-7", "purpose": "test"})
     assert sandbox.files.get_info("m.txt").metadata == {"owner": "agent-7", "purpose": "test"}

@@ -93,7 +93,7 @@ def test_the_cpu_count_is_enforced_by_a_cpuset(sandbox: Sandbox) -> None:
 
 def test_the_views_cannot_be_changed_from_inside(sandbox: Sandbox) -> None:
     for path in ("/proc/meminfo", "/proc/cpuinfo", "/sys/devices/system/cpu/online"):
-        code, out, err = run_as(
+        _, out, err = run_as(
             sandbox,
             f"echo 'MemTotal: 1 kB' > {path}; chmod 666 {path}; chown root {path}; umount {path}; "
             f"umount -l {path}; mount --bind /etc/hostname {path}; head -c 200 {path}",

@@ -89,13 +89,18 @@ def operation_of(method: str) -> str:
     return "write" if method == "POST" else "read"
 
 
-def _http_error(e: OSError, path: str) -> JSONResponse:
+def _http_error(e: OSError, path: str, doing: str = "error opening file: open") -> JSONResponse:
+    """The answer to a failed file operation. `doing`: what failed, in envd's words, for the errors that
+    envd answers with a 500 and the OS error (a user without permission, as envd says it)."""
     shown = fs.display_path(path)
     match e.errno:
         case errno.ENOENT:
             return error(404, f"path '{shown}' does not exist")
         case errno.EACCES | errno.EPERM:
-            return error(403, f"permission denied: '{shown}'")
+            # envd's own text and status ("error opening file: open /root/x: permission denied", 500);
+            # it reaches the SDKs as the same SandboxException with the same message.
+            reason = (e.strerror or "permission denied").lower()
+            return error(500, f"{doing} {shown}: {reason}")
         case errno.EISDIR:
             return error(400, f"path '{shown}' is a directory")
         case errno.ENOTDIR:
@@ -277,15 +282,17 @@ class FilesEndpoint:
         parent = posixpath.dirname(path) or "/"
         tmp = posixpath.join(parent, f".sandboxd-upload-{secrets.token_hex(6)}")
         journal = uploads.begin(sandbox_dir, user.name, tmp)
+        doing = "error ensuring directories: mkdir"
         try:
             await broker.makedirs(parent)
+            doing = "error opening file: open"
             fd = await broker.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         except OSError as e:
             uploads.end(journal)
             # drain the body so the client gets our answer rather than a reset
             async for _ in chunks:
                 pass
-            return _http_error(e, path)
+            return _http_error(e, parent if doing.startswith("error ensuring") else path, doing)
         ok = False
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
