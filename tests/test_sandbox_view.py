@@ -42,8 +42,8 @@ def test_free_and_meminfo_show_the_memory_limit(sandbox: Sandbox) -> None:
 def test_meminfo_follows_what_the_sandbox_uses(sandbox: Sandbox) -> None:
     before = meminfo(sandbox)
     hold = sandbox.commands.run(
-        "python3 -c 'import time; b = bytearray(200 << 20); b[::4096] = b\"x\" * len(b[::4096]); "
-        "open(\"/tmp/held\", \"w\").close(); time.sleep(60)'",
+        'python3 -c \'import time; b = bytearray(200 << 20); b[::4096] = b"x" * len(b[::4096]); '
+        'open("/tmp/held", "w").close(); time.sleep(60)\'',
         background=True,
     )
     try:
@@ -85,7 +85,7 @@ def test_the_cpu_count_is_enforced_by_a_cpuset(sandbox: Sandbox) -> None:
     cpuset = (cgroup_dir("cpuset", sandbox.sandbox_id) / "cpuset.cpus").read_text().strip()
     assert cpuset.isdigit(), cpuset  # one CPU, as its limit rounded up
     out = sandbox.commands.run(
-        "python3 -c 'import os; os.sched_setaffinity(0, range(os.sysconf(\"SC_NPROCESSORS_CONF\"))); "
+        'python3 -c \'import os; os.sched_setaffinity(0, range(os.sysconf("SC_NPROCESSORS_CONF"))); '
         "print(sorted(os.sched_getaffinity(0)))' 2>&1 || true"
     ).stdout
     assert out.strip() in ("[0]", f"[{cpuset}]") or "Invalid argument" in out, out
