@@ -66,7 +66,7 @@ def write_kernelspecs(root: Path) -> Path:
             "argv": [
                 python,
                 "-m",
-                "ipykernel_launcher",
+                "sandboxd_interpreter.python_kernel",  # ipykernel_launcher without the debugger
                 "-f",
                 "{connection_file}",
                 f"--IPKernelApp.exec_files=['{HERE / 'startup.py'}']",

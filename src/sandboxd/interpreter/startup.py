@@ -2,7 +2,7 @@
 
 - `e2b/data`: a pandas DataFrame as a dict of columns.
 - `e2b/chart`: a matplotlib Figure as chart data (the `e2b-charts` package does the extraction).
-- PIL `Image.save(...)` also displays the image.
+- PIL `Image.save(...)` also displays the image (patched when PIL.Image is first imported).
 Registrations match by type name, so nothing heavy is imported at kernel start.
 """
 
@@ -73,30 +73,57 @@ def _install() -> None:
 
     chart.by_name[("matplotlib.figure", "Figure")] = figure
 
-    try:
-        from PIL import Image
-    except ImportError:
-        return
     import sys
 
-    original_save = Image.Image.save
-    busy = [False]
+    def patch_save(image_module: Any) -> None:
+        original_save = image_module.Image.save
+        busy = [False]
 
-    def save_and_display(self: Image.Image, *args: object, **kwargs: object) -> object:
-        result = original_save(self, *args, **kwargs)
-        # Only the user's own saves: matplotlib and IPython save PNGs through PIL while rendering.
-        caller = sys._getframe(1).f_globals.get("__name__", "")
-        if not busy[0] and not caller.startswith(("matplotlib", "PIL", "IPython", "ipykernel")):
-            from IPython.display import display
+        def save_and_display(self: Any, *args: object, **kwargs: object) -> object:
+            result = original_save(self, *args, **kwargs)
+            # Only the user's own saves: matplotlib and IPython save PNGs through PIL while rendering.
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if not busy[0] and not caller.startswith(("matplotlib", "PIL", "IPython", "ipykernel")):
+                from IPython.display import display
 
-            busy[0] = True
-            try:
-                display(self)
-            finally:
-                busy[0] = False
-        return result
+                busy[0] = True
+                try:
+                    display(self)
+                finally:
+                    busy[0] = False
+            return result
 
-    Image.Image.save = save_and_display
+        image_module.Image.save = save_and_display
+
+    if "PIL.Image" in sys.modules:
+        patch_save(sys.modules["PIL.Image"])
+        return
+
+    import importlib.abc
+    import importlib.util
+
+    class _PatchWhenImported(importlib.abc.MetaPathFinder):
+        """Patches PIL.Image when code first imports it, not at kernel start (PIL costs an idle
+        kernel about 1 MiB)."""
+
+        def find_spec(self, name: str, path: object, target: object = None) -> Any:
+            if name != "PIL.Image":
+                return None
+            sys.meta_path.remove(self)  # once; and the lookup below must not find us again
+            spec = importlib.util.find_spec(name)
+            loader = getattr(spec, "loader", None)
+            if loader is None or not hasattr(loader, "exec_module"):
+                return spec
+            run = loader.exec_module
+
+            def exec_module(module: Any) -> None:
+                run(module)
+                patch_save(module)
+
+            loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, _PatchWhenImported())
 
 
 _install()
