@@ -102,6 +102,11 @@ def test_kernel_starts_light_and_patches_pil_on_first_import(ci: Sandbox) -> Non
         assert e.error is None and any(r.png for r in e.results), e
         e = ci.run_code("import debugpy\nprint(callable(debugpy.listen))", context=ctx)
         assert e.error is None and e.logs.stdout == ["True\n"], e
+        # its first counted execution is number 1 (the warm-up is silent), and the session's input
+        # history works (kept in memory)
+        e = ci.run_code("a = 5", context=ctx)
+        e = ci.run_code("print(_i, len(In))\nget_ipython().execution_count - 1", context=ctx)
+        assert e.logs.stdout == ["a = 5 6\n"] and e.results[0].text == "5", e
     finally:
         ci.remove_code_context(ctx)
 

@@ -17,18 +17,57 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from .kernels import Context, Kernels, UnknownLanguage, decode_env_header
 
 PORT = int(os.environ.get("SANDBOXD_INTERPRETER_PORT", "49999"))
+
+
+class NDJSONStream(Response):
+    """An execution's events as they come (NDJSON), over plain asyncio; a client that disconnects ends
+    the stream, and the generator's cleanup then interrupts the kernel. (Starlette's StreamingResponse
+    does the same through anyio's task groups, whose asyncio backend is imported on first use: ~20-40 ms
+    of a sandbox's first run_code, and 1.2 MiB.)"""
+
+    media_type = "application/json"
+
+    def __init__(self, chunks: AsyncGenerator[bytes, None]) -> None:
+        self.chunks = chunks
+        self.status_code = 200
+        self.background = None
+        self.init_headers(None)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def until_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        async def stream() -> None:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        streaming = asyncio.ensure_future(stream())
+        watching = asyncio.ensure_future(until_disconnect())
+        try:
+            await asyncio.wait((streaming, watching), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (watching, streaming):  # a disconnect cancels the stream inside the generator
+                task.cancel()
+            await asyncio.gather(watching, streaming, return_exceptions=True)
+            await self.chunks.aclose()
+        if not streaming.cancelled() and streaming.exception() is not None:
+            raise streaming.exception()  # type: ignore[misc]
 
 
 def build_app() -> Starlette:
@@ -79,11 +118,11 @@ def build_app() -> Starlette:
             return PlainTextResponse(str(e), status_code=400)
         sandbox_env = decode_env_header(request.headers.get("x-sandboxd-env"))
         env = {str(k): str(v) for k, v in env_vars.items()}
-        return StreamingResponse(_stream(ctx, code, env, sandbox_env), media_type="application/json")
+        return NDJSONStream(_stream(ctx, code, env, sandbox_env))
 
     async def _stream(
         ctx: Context, code: str, env: dict[str, str], sandbox_env: dict[str, str]
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         await ctx.lock.acquire()
         finished = False
         try:
