@@ -91,17 +91,18 @@ def test_dataframe_png_and_pil(ci: Sandbox) -> None:
 
 
 def test_kernel_starts_light_and_patches_pil_on_first_import(ci: Sandbox) -> None:
-    """A new kernel loads neither ipykernel's debugger (debugpy) nor PIL; both work when code wants them,
-    and an image saved with PIL is still displayed."""
+    """A new kernel loads neither ipykernel's debugger (debugpy), psutil nor PIL; each works when code
+    wants it, and an image saved with PIL is still displayed."""
     ctx = ci.create_code_context()
     try:
-        loaded = "import sys\nprint(sorted(m for m in ('debugpy', 'PIL.Image') if m in sys.modules))"
+        loaded = "import sys\nprint(sorted(m for m in ('debugpy', 'psutil', 'PIL.Image') if m in sys.modules))"
         e = ci.run_code(loaded, context=ctx)
         assert e.logs.stdout == ["[]\n"], e
         e = ci.run_code("from PIL import Image\nImage.new('RGB', (4, 4), 'blue').save('/tmp/blue.png')", context=ctx)
         assert e.error is None and any(r.png for r in e.results), e
-        e = ci.run_code("import debugpy\nprint(callable(debugpy.listen))", context=ctx)
-        assert e.error is None and e.logs.stdout == ["True\n"], e
+        later = "import debugpy, psutil\nprint(callable(debugpy.listen), psutil.Process().pid > 0)"
+        e = ci.run_code(later, context=ctx)
+        assert e.error is None and e.logs.stdout == ["True True\n"], e
         # its first counted execution is number 1 (the warm-up is silent), and the session's input
         # history works (kept in memory)
         e = ci.run_code("a = 5", context=ctx)
