@@ -20,6 +20,7 @@ depends on; these three files cover what programs size themselves by.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from pathlib import Path
@@ -141,20 +142,29 @@ def cpu_list(count: int) -> str:
 def stage(state_dir: Path, limit: int, cpus: list[int]) -> Path:
     """Write a new sandbox's view files (nothing used yet); return the dir for `sbxhelper --view`."""
     d = state_dir / VIEW_DIR
-    d.mkdir(mode=0o755, exist_ok=True)
+    os.mkdir(d, 0o755)
+    for name, text in _initial(limit, tuple(cpus)):
+        fd = os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+        try:
+            os.write(fd, text)
+        finally:
+            os.close(fd)
+    return d
+
+
+@functools.lru_cache(maxsize=64)
+def _initial(limit: int, cpus: tuple[int, ...]) -> tuple[tuple[str, bytes], ...]:
+    """The files of a new sandbox with this memory limit and these CPUs (the same for most sandboxes:
+    made once, not on every create)."""
     try:
         host_cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
         host_cpuinfo = ""
-    files = {
-        "meminfo": meminfo(limit, 0, {}),
-        "cpuinfo": cpuinfo(host_cpuinfo, cpus),
-        "cpu-online": cpu_list(len(cpus)),
-    }
-    for name, text in files.items():
-        (d / name).write_text(text)
-        os.chmod(d / name, 0o444)
-    return d
+    return (
+        ("meminfo", meminfo(limit, 0, {}).encode()),
+        ("cpuinfo", cpuinfo(host_cpuinfo, list(cpus)).encode()),
+        ("cpu-online", cpu_list(len(cpus)).encode()),
+    )
 
 
 def refresh(root: Path, text: str) -> bool:
