@@ -22,6 +22,7 @@ log = logging.getLogger("sandboxd.runtime")
 ROOT = Path("/sys/fs/cgroup")
 PARENT = "sandboxd"
 CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer", "cpuset")  # the v1 ones a sandbox gets
+_cpusets_ready: set[Path] = set()  # v1 cpuset levels above sandboxes given their CPUs and memory nodes
 
 
 @dataclass(frozen=True)
@@ -157,12 +158,16 @@ class SandboxCgroups:
             # v1 starts a new cpuset empty, and a task cannot join an empty one: give each level above the
             # sandbox its parent's CPUs and memory nodes first (the sandbox's own: the CPUs chosen).
             mnt = self.layout.v1["cpuset"]
-            for level in (d.parent.parent, d.parent, d):
-                for name in ("cpuset.cpus", "cpuset.mems"):
-                    if not (level / name).read_text().strip():
-                        _write(level / name, (level.parent / name).read_text().strip() or (mnt / name).read_text())
-            if cpus is not None:
-                _write(d / "cpuset.cpus", ",".join(map(str, cpus)))
+            for level in (d.parent.parent, d.parent):  # sandboxd/, sandboxd/<instance>/: once per server
+                if level not in _cpusets_ready:
+                    for name in ("cpuset.cpus", "cpuset.mems"):
+                        if not (level / name).read_text().strip():
+                            _write(level / name, (level.parent / name).read_text().strip() or (mnt / name).read_text())
+                    _cpusets_ready.add(level)
+            # the sandbox's own (new, empty): its memory nodes are its parent's
+            _write(d / "cpuset.mems", (d.parent / "cpuset.mems").read_text().strip())
+            cpu_text = ",".join(map(str, cpus)) if cpus is not None else (d.parent / "cpuset.cpus").read_text().strip()
+            _write(d / "cpuset.cpus", cpu_text)
         elif cpus is not None and "cpuset" in self.layout.v2_controllers:
             _write(self.dirs["unified"] / "cpuset.cpus", ",".join(map(str, cpus)))
 
