@@ -173,6 +173,24 @@ def test_keepalive_events_during_silence(sandbox: Sandbox, server) -> None:
     assert kinds.index("data") > kinds.index("keepalive")
 
 
+def test_timeout_kills_the_command_even_after_its_client_left(sandbox: Sandbox, server) -> None:
+    """As envd: a Start's Connect-Timeout-Ms bounds the command itself. A client whose own timer fires
+    first just disconnects (the SDKs enforce the same deadline locally); the command still ends at it."""
+    headers = envd_headers(sandbox, **{"Connect-Timeout-Ms": "1000"})
+    start = {"process": {"cmd": "/bin/bash", "args": ["-c", "sleep 77"]}}
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        with client.stream("POST", "/process.Process/Start", headers=headers, content=envelope(start)) as resp:
+            _, first = next(messages(resp))
+            assert first["event"]["start"]["pid"] > 0
+        # the stream is closed: the server sees the client gone, long before the deadline
+    assert "sleep 77" in sandbox.commands.run("ps -eo args").stdout  # still running: a disconnect is no kill
+    for _ in range(100):  # bounded: 10 s
+        if "sleep 77" not in sandbox.commands.run("ps -eo args").stdout:
+            break
+        time.sleep(0.1)
+    assert "sleep 77" not in sandbox.commands.run("ps -eo args").stdout
+
+
 def test_stdin_send_and_close(sandbox: Sandbox) -> None:
     h = sandbox.commands.run("cat", background=True, stdin=True)
     sandbox.commands.send_stdin(h.pid, "hello ")

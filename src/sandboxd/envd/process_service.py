@@ -31,6 +31,7 @@ from sandboxd.envd.processes import (
 from sandboxd.runtime.base import ExecSpec
 
 DEFAULT_KEEPALIVE = 90.0
+KILL_WAIT = 2.0  # s: how long a command killed at its deadline may take to be gone before the error is sent
 
 
 def table_of(sbx: Sandbox, limits: TenantLimits | None = None) -> ProcessTable:
@@ -67,11 +68,17 @@ async def _stream(
     try:
         async with contextlib.aclosing(proc.events(sub, keepalive, deadline)) as events:
             async for event in events:
+                if deadline is not None and event is proc.end and asyncio.get_running_loop().time() >= deadline:
+                    raise TimeoutError  # it ended because its deadline killed it (Proc.kill_at): say so
                 yield event
     except TimeoutError:
         if kill_on_deadline:
             with contextlib.suppress(ProcessGone):
                 proc.signal(signal.SIGKILL)
+            # answer once it is gone (bounded): a client that gets the timeout and looks at once (`ps`)
+            # must not still find the command it timed out
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.done.wait(), KILL_WAIT)
         raise ConnectError(Code.DEADLINE_EXCEEDED, f"the deadline of {timeout_ms:.0f} ms was exceeded") from None
     except SandboxKilled as e:
         raise ConnectError(Code.UNAVAILABLE, f"{e}: the sandbox was not found") from None
@@ -172,6 +179,8 @@ class ProcessService:
                 proc.unsubscribe(sub)
                 raise
             table.add(proc)
+            if ctx.timeout_ms:
+                proc.kill_at(asyncio.get_running_loop().time() + ctx.timeout_ms / 1000)
             start = pb.ProcessEvent.StartEvent(pid=proc.pid)
             yield pb.StartResponse(event=pb.ProcessEvent(event=Oneof("start", start)))  # type: ignore[arg-type]
             async with contextlib.aclosing(_stream(proc, sub, ctx, kill_on_deadline=True)) as events:

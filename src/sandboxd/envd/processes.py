@@ -126,6 +126,7 @@ class Proc:
         self.backlog: deque[tuple[str, bytearray]] = deque()
         self.backlog_cost = 0
         self._stall_timer: asyncio.TimerHandle | None = None
+        self._deadline: asyncio.TimerHandle | None = None  # kill_at
         self.end: pb.ProcessEvent | None = None
         self.done = asyncio.Event()
         self._exited = False
@@ -371,11 +372,27 @@ class Proc:
         self._publish(self.end)
         self._publish(None)
         self.done.set()
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         self.backlog.clear()
         self.backlog_cost = 0
         self.table.forget(self)
 
     # -- control -------------------------------------------------------------------------------
+    def kill_at(self, when: float) -> None:
+        """SIGKILL the command's process group at loop time `when` unless it has ended: its deadline, as
+        envd enforces a Start's timeout on the command itself, whether its client is still there or not
+        (a client whose own timer fires first just disconnects)."""
+
+        def expire() -> None:
+            self._deadline = None
+            with contextlib.suppress(ProcessGone):
+                self.signal(signal.SIGKILL)
+
+        if not self.done.is_set():
+            self._deadline = asyncio.get_running_loop().call_at(when, expire)
+
     def subscribe(self) -> Subscriber:
         """Attach a stream: it receives the output kept while none was attached, then live output."""
         sub = Subscriber()
