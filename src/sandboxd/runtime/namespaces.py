@@ -99,6 +99,7 @@ class NamespaceRuntime(Runtime):
         self._on_cpu: Counter[int] = Counter()  # sandboxes whose cpuset holds each CPU
         self._cpus_of: dict[str, list[int]] = {}
         self._meminfo: dict[str, str] = {}  # the meminfo last written into each sandbox
+        self._host_ram = views.host_ram()
         self._server_cgroup = cgroups.ServerCgroup(self.layout, self.instance)
         self.ids = identity.UidAllocator(
             first=uid_base if uid_base is not None else identity.default_first(self.instance)
@@ -310,16 +311,10 @@ class NamespaceRuntime(Runtime):
     def _release_cpus(self, sandbox_id: str) -> None:
         self._on_cpu.subtract(self._cpus_of.pop(sandbox_id, []))
 
-    @staticmethod
-    def _memory_total(memory_mb: int) -> int:
+    def _memory_total(self, memory_mb: int) -> int:
         """What the sandbox's meminfo calls its RAM: its limit, or the host's RAM if that is less."""
         limit = memory_mb * 1024 * 1024
-        try:
-            with open("/proc/meminfo") as f:
-                host = int(f.readline().split()[1]) * 1024
-        except (OSError, ValueError, IndexError):
-            return limit
-        return min(limit, host)
+        return min(limit, self._host_ram) if self._host_ram else limit
 
     def refresh_view(self, handle: SandboxHandle, st: Stats) -> None:
         cg = self._cgroups(handle.sandbox_id)
@@ -328,7 +323,8 @@ class NamespaceRuntime(Runtime):
         text = views.meminfo(total, st.memory_bytes, stat)
         if self._meminfo.get(handle.sandbox_id) == text:
             return
-        if views.refresh(self.root_path(handle), text) and self.is_alive(handle):
+        # through /proc/<init>/root: only while that PID is this sandbox's init, checked on both sides
+        if self.is_alive(handle) and views.refresh(self.root_path(handle), text) and self.is_alive(handle):
             self._meminfo[handle.sandbox_id] = text
 
     def _destroy_sync(self, sandbox_id: str) -> None:

@@ -106,6 +106,15 @@ def meminfo(limit: int, usage: int, st: dict[str, int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def host_ram() -> int:
+    """The host's RAM in bytes (MemTotal of its /proc/meminfo), 0 if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return int(f.readline().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def cpuinfo(host: str, cpus: list[int]) -> str:
     """The host's /proc/cpuinfo cut to the sandbox's CPUs, numbered from 0 as the sandbox counts them."""
     blocks = [b for b in host.strip("\n").split("\n\n") if b.strip()]
