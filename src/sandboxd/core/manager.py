@@ -1,7 +1,9 @@
 """Sandbox lifecycle over a runtime backend: create, time out, pause, resume, kill, re-adopt.
 
-The manager owns the truth about which sandboxes exist (in memory, mirrored to SQLite). The API layer
-calls it; the envd layer asks it for a sandbox and attaches per-sandbox state (`Sandbox.ext`).
+The manager owns the truth about which sandboxes exist (in memory, mirrored to SQLite) and admits new
+ones against the host-wide limits. The API layer calls it; the envd layer asks it for a sandbox and
+attaches per-sandbox state (`Sandbox.ext`). The warm pool (pool.py) and the reaper of expired and dead
+sandboxes (reaper.py) are its parts.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any
 from sandboxd.core.errors import BadRequest, Conflict, LimitReached, NotFound
 from sandboxd.core.limits import HostLimits
 from sandboxd.core.metrics import MetricsSampler
+from sandboxd.core.pool import Pooled, WarmPool
+from sandboxd.core.reaper import Reaper
 from sandboxd.core.tenant_limits import TenantLimits
 from sandboxd.core.users import DEFAULT_PATH, lookup_user
 from sandboxd.runtime.base import ExecSpec, Limits, Runtime, SandboxHandle, SandboxSpec
@@ -34,10 +38,6 @@ ID_ALPHABET = string.ascii_lowercase + string.digits
 # What the envd layer implements; the SDK switches features on by this version (file metadata, for one,
 # needs 0.6.2).
 ENVD_VERSION = "0.6.4"
-
-
-# Seconds between handing out a pooled sandbox and pre-creating its replacement.
-REFILL_DELAY = 0.25
 
 
 def new_sandbox_id() -> str:
@@ -96,13 +96,8 @@ class SandboxManager:
         self.db = db
         self.settings = settings or Settings()
         self.sandboxes: dict[str, Sandbox] = {}
-        self._wake = asyncio.Event()
-        self._reaper: asyncio.Task[None] | None = None
-        # template name -> idle, already created sandboxes (id, handle, template digest, service process)
-        self._pool: dict[str, list[tuple[str, SandboxHandle, str, subprocess.Popen[bytes] | None]]] = {}
-        self._refilling: dict[str, asyncio.Task[None]] = {}
-        self._closing = False
-        self._background: set[asyncio.Task[None]] = set()
+        self.reaper = Reaper(self)
+        self.pool = WarmPool(self.settings.pool_size, runtime, templates, self._make_pooled, self._fits)
         self.host_limits = self.settings.host or HostLimits.for_host()
         self.metrics = MetricsSampler(self)
         self._creating: list[int] = []  # memory (MiB) of sandboxes being created right now
@@ -127,33 +122,27 @@ class SandboxManager:
             log.info("re-adopted %d sandbox(es) from the previous run", len(adopted))
         if removed:
             log.info("cleaned up %d leftover sandbox(es): %s", len(removed), ", ".join(removed))
-        self._reaper = asyncio.create_task(self._reap_expired(), name="sandbox-reaper")
+        self.reaper.start()
         self.metrics.start()
         built = set(self.templates.names())
         for name in self.settings.prewarm:
             if name in built:
-                self._schedule_refill(name, delay=0)
+                self.pool.schedule_refill(name, delay=0)
 
     def begin_shutdown(self) -> None:
         """No more pool refills: the server is stopping."""
-        self._closing = True
+        self.pool.close()
 
     async def stop(self, destroy: bool = True) -> None:
-        self._closing = True
+        self.pool.close()
         await self.metrics.stop()
-        if self._reaper:
-            self._reaper.cancel()
-        for task in self._refilling.values():
-            task.cancel()
-        await asyncio.gather(*self._refilling.values(), return_exceptions=True)
-        pooled = [h for entries in self._pool.values() for _, h, _, _ in entries]
-        self._pool.clear()
-        await asyncio.gather(*(self.runtime.destroy(h) for h in pooled), return_exceptions=True)
+        self.reaper.stop()
+        await self.pool.stop()
         if destroy:
             await asyncio.gather(*(self.kill(sid) for sid in list(self.sandboxes)), return_exceptions=True)
         self.runtime.close()  # removes only what no kept sandbox still uses
 
-    # -- warm pool -------------------------------------------------------------------------------
+    # -- making sandboxes --------------------------------------------------------------------------
     def _spec(self, sandbox_id: str, template: Template, disk_mb: int) -> SandboxSpec:
         s = self.settings
         limits = Limits(memory_mb=self._memory_mb(template), cpu_count=s.cpu_count, pids=s.pids, disk_mb=disk_mb)
@@ -216,22 +205,14 @@ class SandboxManager:
             raise
         return handle, service
 
-    def _schedule_refill(self, name: str, delay: float = REFILL_DELAY) -> None:
-        if self.settings.pool_size <= 0 or self._closing:
-            return
-        task = self._refilling.get(name)
-        if task is None or task.done():
-            self._refilling[name] = asyncio.create_task(self._refill(name, delay), name=f"pool-{name}")
-
     # -- host-wide limits ------------------------------------------------------------------------
     def committed(self) -> tuple[int, int, int]:
         """(sandboxes, memory MiB, PIDs) given to sandboxes now: running, paused, pooled and being made."""
         count = len(self.sandboxes) + len(self._creating)
         memory = sum(s.record.memory_mb for s in self.sandboxes.values()) + sum(self._creating)
-        for name, entries in self._pool.items():
-            if entries:
-                count += len(entries)
-                memory += len(entries) * self._pool_memory_mb(name)
+        for name, idle in self.pool.idle().items():
+            count += idle
+            memory += idle * self._pool_memory_mb(name)
         return count, memory, count * self.settings.pids
 
     def _pool_memory_mb(self, name: str) -> int:
@@ -267,42 +248,16 @@ class SandboxManager:
         templates give way first: a pool never stops a user from creating a sandbox."""
         memory_mb = self._memory_mb(template)
         while (reason := self._over_limit(memory_mb)) is not None:
-            victim = next(((n, e) for n, e in self._pool.items() if e and n != template.name), None)
-            if victim is None:
+            if not await self.pool.evict_other_than(template.name):
                 raise LimitReached(reason)
-            _, handle, _, _ = victim[1].pop()
-            await self.runtime.destroy(handle)
 
-    async def _refill(self, name: str, delay: float) -> None:
-        # Creating a sandbox takes kernel-wide namespace locks and most of a CPU for ~15 ms: wait a
-        # little, so that the refill does not land on the new sandbox's first commands.
-        await asyncio.sleep(delay)
-        entries = self._pool.setdefault(name, [])
-        while len(entries) < self.settings.pool_size and not self._closing:
-            try:
-                template = self.templates.get(name)
-                if self._over_limit(self._memory_mb(template)) is not None:
-                    return  # the pool never takes the last of a host-wide limit
-                sandbox_id = new_sandbox_id()
-                handle, service = await self._new(sandbox_id, template, self._disk_mb(template))
-            except Exception:
-                log.exception("pre-creating a sandbox of template '%s' failed", name)
-                return
-            if self._closing:
-                await self.runtime.destroy(handle)
-                return
-            entries.append((sandbox_id, handle, template.digest, service))
+    def _fits(self, template: Template) -> bool:
+        return self._over_limit(self._memory_mb(template)) is None
 
-    def _take_pooled(self, name: str, digest: str) -> tuple[str, SandboxHandle, subprocess.Popen[bytes] | None] | None:
-        entries = self._pool.get(name, [])
-        while entries:
-            sandbox_id, handle, pooled_digest, service = entries.pop(0)
-            if pooled_digest == digest and self.runtime.is_alive(handle):
-                return sandbox_id, handle, service
-            task = asyncio.create_task(self.runtime.destroy(handle))  # stale: template rebuilt, or died
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-        return None
+    async def _make_pooled(self, template: Template) -> Pooled:
+        sandbox_id = new_sandbox_id()
+        handle, service = await self._new(sandbox_id, template, self._disk_mb(template))
+        return Pooled(sandbox_id, handle, template.digest, service)
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def create(
@@ -323,14 +278,14 @@ class SandboxManager:
             raise NotFound(str(e)) from None
         disk_mb = self._check_disk_mb(template, disk_mb)
         # Pooled sandboxes have the template's default disk: another size is made fresh.
-        pooled = self._take_pooled(template.name, template.digest) if disk_mb == self._disk_mb(template) else None
+        pooled = self.pool.take(template.name, template.digest) if disk_mb == self._disk_mb(template) else None
         if pooled is not None:
-            sandbox_id, handle, service = pooled
+            sandbox_id, handle, service = pooled.sandbox_id, pooled.handle, pooled.service
         else:
             await self._admit(template)
             sandbox_id = new_sandbox_id()
             handle, service = await self._new(sandbox_id, template, disk_mb)
-        self._schedule_refill(template.name)
+        self.pool.schedule_refill(template.name)
         s = self.settings
         now = time.time()
         rec = SandboxRecord(
@@ -356,7 +311,7 @@ class SandboxManager:
         sandbox.service = service
         self._register(sandbox)
         self.db.put(rec)
-        self._wake.set()
+        self.reaper.wake()
         return sandbox
 
     def _register(self, sandbox: Sandbox) -> None:
@@ -397,7 +352,7 @@ class SandboxManager:
         timeout = self._check_timeout(timeout)
         sandbox.record.end_at = time.time() + timeout
         self.db.put(sandbox.record)
-        self._wake.set()
+        self.reaper.wake()
 
     async def pause(self, sandbox_id: str) -> None:
         sandbox = self.get(sandbox_id)
@@ -420,7 +375,7 @@ class SandboxManager:
         else:
             sandbox.record.end_at = max(sandbox.record.end_at, time.time() + timeout)
         self.db.put(sandbox.record)
-        self._wake.set()
+        self.reaper.wake()
         return sandbox, resumed
 
     def _check_timeout(self, timeout: Any, positive: bool = False) -> int:
@@ -432,33 +387,6 @@ class SandboxManager:
         if timeout > self.settings.max_timeout:
             raise BadRequest(f"timeout {timeout} s is above the maximum of {self.settings.max_timeout} s")
         return timeout
-
-    async def _reap_expired(self) -> None:
-        while True:
-            now = time.time()
-            running = [s for s in self.sandboxes.values() if s.record.state == "running"]
-            for sandbox in running:
-                if sandbox.record.end_at <= now:
-                    action = "pausing" if sandbox.record.auto_pause else "killing"
-                    log.info("sandbox %s reached its end time: %s it", sandbox.id, action)
-                    try:
-                        if sandbox.record.auto_pause:
-                            await self.pause(sandbox.id)
-                        else:
-                            await self.kill(sandbox.id)
-                    except Exception:
-                        log.exception("%s expired sandbox %s failed", action, sandbox.id)
-            also_dead = [s for s in self.sandboxes.values() if not self.runtime.is_alive(s.handle)]
-            for sandbox in also_dead:
-                log.warning("sandbox %s's init process is gone: cleaning up", sandbox.id)
-                await self.kill(sandbox.id)
-            pending = [s.record.end_at for s in self.sandboxes.values() if s.record.state == "running"]
-            delay = min([1.0, *(max(0.0, t - time.time()) for t in pending)])
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
-            except TimeoutError:
-                pass
 
 
 def _check_str_map(name: str, value: Any) -> None:

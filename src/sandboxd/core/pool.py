@@ -1,0 +1,117 @@
+"""The warm pool: sandboxes created ahead, idle, per template, so that a create only hands one out.
+
+A template's pool is filled at server start (the `prewarm` templates) or after its first use, and refilled
+a little after each hand-out (REFILL_DELAY: creating a sandbox takes kernel-wide namespace locks and most
+of a CPU for a few ms, which should not land on the new sandbox's first commands). Idle pooled sandboxes
+count against the host-wide limits like running ones, never take the last of a limit, and give way when
+a user's create needs the room (`evict_other_than`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from sandboxd.runtime.base import Runtime, SandboxHandle
+from sandboxd.templates.store import Template, TemplateStore
+
+log = logging.getLogger("sandboxd.core")
+
+REFILL_DELAY = 0.25  # s between handing out a pooled sandbox and pre-creating its replacement
+
+
+@dataclass
+class Pooled:
+    sandbox_id: str
+    handle: SandboxHandle
+    digest: str  # of the template it was made from: a rebuilt template makes it stale
+    service: subprocess.Popen[bytes] | None  # the template's service process, if it has one
+
+
+class WarmPool:
+    def __init__(
+        self,
+        size: int,
+        runtime: Runtime,
+        templates: TemplateStore,
+        make: Callable[[Template], Awaitable[Pooled]],
+        fits: Callable[[Template], bool],
+    ) -> None:
+        """make: create an idle sandbox of a template; fits: whether one more fits the host-wide limits."""
+        self.size = size
+        self.runtime = runtime
+        self.templates = templates
+        self._make = make
+        self._fits = fits
+        self._idle: dict[str, list[Pooled]] = {}  # template name -> idle sandboxes, oldest first
+        self._refilling: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    def idle(self) -> dict[str, int]:
+        """Idle sandboxes per template name."""
+        return {name: len(entries) for name, entries in self._idle.items() if entries}
+
+    def take(self, name: str, digest: str) -> Pooled | None:
+        """An idle sandbox of this template version, alive; stale ones met on the way are destroyed."""
+        entries = self._idle.get(name, [])
+        while entries:
+            entry = entries.pop(0)
+            if entry.digest == digest and self.runtime.is_alive(entry.handle):
+                return entry
+            self._in_background(self.runtime.destroy(entry.handle))  # template rebuilt, or it died
+        return None
+
+    def schedule_refill(self, name: str, delay: float = REFILL_DELAY) -> None:
+        if self.size <= 0 or self._closing:
+            return
+        task = self._refilling.get(name)
+        if task is None or task.done():
+            self._refilling[name] = asyncio.create_task(self._refill(name, delay), name=f"pool-{name}")
+
+    async def evict_other_than(self, name: str) -> bool:
+        """Destroy one idle sandbox of another template (to make room for a user's); False if none."""
+        victim = next((entries for n, entries in self._idle.items() if entries and n != name), None)
+        if victim is None:
+            return False
+        await self.runtime.destroy(victim.pop().handle)
+        return True
+
+    def close(self) -> None:
+        """No more refills: the server is stopping."""
+        self._closing = True
+
+    async def stop(self) -> None:
+        """Cancel the refills and destroy every idle sandbox."""
+        self._closing = True
+        for task in self._refilling.values():
+            task.cancel()
+        await asyncio.gather(*self._refilling.values(), return_exceptions=True)
+        idle = [e.handle for entries in self._idle.values() for e in entries]
+        self._idle.clear()
+        await asyncio.gather(*(self.runtime.destroy(h) for h in idle), return_exceptions=True)
+
+    async def _refill(self, name: str, delay: float) -> None:
+        await asyncio.sleep(delay)
+        entries = self._idle.setdefault(name, [])
+        while len(entries) < self.size and not self._closing:
+            try:
+                template = self.templates.get(name)
+                if not self._fits(template):
+                    return  # the pool never takes the last of a host-wide limit
+                entry = await self._make(template)
+            except Exception:
+                log.exception("pre-creating a sandbox of template '%s' failed", name)
+                return
+            if self._closing:
+                await self.runtime.destroy(entry.handle)
+                return
+            entries.append(entry)
+
+    def _in_background(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

@@ -1,0 +1,61 @@
+"""The reaper: sandboxes whose end time has come are killed (or paused, with auto-pause), and sandboxes
+whose init died on its own are cleaned up. It sleeps until the nearest end time (at most a second), and
+wakes at once when an end time changes (`wake`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sandboxd.core.manager import SandboxManager
+
+log = logging.getLogger("sandboxd.core")
+
+MAX_SLEEP = 1.0  # s: dead inits are noticed within this
+
+
+class Reaper:
+    def __init__(self, manager: SandboxManager) -> None:
+        self.manager = manager
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="sandbox-reaper")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def wake(self) -> None:
+        """An end time changed: look again now."""
+        self._wake.set()
+
+    async def _run(self) -> None:
+        m = self.manager
+        while True:
+            now = time.time()
+            for sandbox in [s for s in m.sandboxes.values() if s.record.state == "running"]:
+                if sandbox.record.end_at <= now:
+                    action = "pausing" if sandbox.record.auto_pause else "killing"
+                    log.info("sandbox %s reached its end time: %s it", sandbox.id, action)
+                    try:
+                        if sandbox.record.auto_pause:
+                            await m.pause(sandbox.id)
+                        else:
+                            await m.kill(sandbox.id)
+                    except Exception:
+                        log.exception("%s expired sandbox %s failed", action, sandbox.id)
+            for sandbox in [s for s in m.sandboxes.values() if not m.runtime.is_alive(s.handle)]:
+                log.warning("sandbox %s's init process is gone: cleaning up", sandbox.id)
+                await m.kill(sandbox.id)
+            pending = [s.record.end_at for s in m.sandboxes.values() if s.record.state == "running"]
+            delay = min([MAX_SLEEP, *(max(0.0, t - time.time()) for t in pending)])
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            except TimeoutError:
+                pass
