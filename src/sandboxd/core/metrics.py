@@ -59,7 +59,7 @@ class MetricsSampler:
     def sample(self, sandbox: Sandbox) -> Sample:
         """Read the sandbox's usage now and keep it (blocking: file reads; call from a thread)."""
         st = self.manager.runtime.stats(sandbox.handle)
-        self.manager.runtime.refresh_view(sandbox.handle, st)
+        self.manager.runtime.refresh_view(sandbox.handle)
         now, mono = time.time(), time.monotonic()
         cpus = sandbox.record.cpu_count
         pct = 0.0

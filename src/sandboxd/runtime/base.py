@@ -112,9 +112,9 @@ class Runtime(abc.ABC):
         """Processes the OOM killer has killed in the sandbox so far (cheap: read on every exec)."""
         return None
 
-    def refresh_view(self, handle: SandboxHandle, st: Stats) -> None:
-        """Show the sandbox its memory use as of `st` where it looks (its /proc/meminfo): called after each
-        metrics sample. Backends whose sandboxes see their own kernel need nothing."""
+    def refresh_view(self, handle: SandboxHandle) -> None:
+        """Show the sandbox its memory use now where it looks (its /proc/meminfo); called at each metrics
+        sample, from a worker thread. Backends whose sandboxes see their own kernel need nothing."""
         return None
 
     def adopt(self, handle: SandboxHandle) -> None:

@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -100,6 +101,7 @@ class NamespaceRuntime(Runtime):
         self._cpus_of: dict[str, list[int]] = {}
         self._meminfo: dict[str, str] = {}  # the meminfo last written into each sandbox
         self._host_ram = views.host_ram()
+        self._view_lock = threading.Lock()
         self._server_cgroup = cgroups.ServerCgroup(self.layout, self.instance)
         self.ids = identity.UidAllocator(
             first=uid_base if uid_base is not None else identity.default_first(self.instance)
@@ -316,16 +318,26 @@ class NamespaceRuntime(Runtime):
         limit = memory_mb * 1024 * 1024
         return min(limit, self._host_ram) if self._host_ram else limit
 
-    def refresh_view(self, handle: SandboxHandle, st: Stats) -> None:
-        cg = self._cgroups(handle.sandbox_id)
-        stat = views.memory_stat(cg.read("memory", "memory.stat") or cg.read("unified", "memory.stat") or "")
-        total = self._memory_total(st.memory_limit_bytes // (1024 * 1024))
-        text = views.meminfo(total, st.memory_bytes, stat)
-        if self._meminfo.get(handle.sandbox_id) == text:
-            return
-        # through /proc/<init>/root: only while that PID is this sandbox's init, checked on both sides
-        if self.is_alive(handle) and views.refresh(self.root_path(handle), text) and self.is_alive(handle):
-            self._meminfo[handle.sandbox_id] = text
+    def refresh_view(self, handle: SandboxHandle) -> None:
+        # Samples run in worker threads and may overlap: reading and writing under one lock, the last
+        # write always carries the newest reading.
+        with self._view_lock:
+            cg = self._cgroups(handle.sandbox_id)
+            if "memory" in cg.dirs:
+                usage, limit = cg.read("memory", "memory.usage_in_bytes"), cg.read("memory", "memory.limit_in_bytes")
+                stat_text = cg.read("memory", "memory.stat")
+            else:
+                usage, limit = cg.read("unified", "memory.current"), cg.read("unified", "memory.max")
+                stat_text = cg.read("unified", "memory.stat")
+            if not usage or not limit or not limit.strip().isdigit():
+                return  # gone, or no limit to show
+            total = self._memory_total(int(limit) // (1024 * 1024))
+            text = views.meminfo(total, int(usage), views.memory_stat(stat_text or ""))
+            if self._meminfo.get(handle.sandbox_id) == text:
+                return
+            # through /proc/<init>/root: only while that PID is this sandbox's init, checked on both sides
+            if self.is_alive(handle) and views.refresh(self.root_path(handle), text) and self.is_alive(handle):
+                self._meminfo[handle.sandbox_id] = text
 
     def _destroy_sync(self, sandbox_id: str) -> None:
         cg = self._cgroups(sandbox_id)
