@@ -35,27 +35,38 @@ class Reaper:
         self._wake.set()
 
     async def _run(self) -> None:
-        m = self.manager
         while True:
-            now = time.time()
-            for sandbox in [s for s in m.sandboxes.values() if s.record.state == "running"]:
-                if sandbox.record.end_at <= now:
-                    action = "pausing" if sandbox.record.auto_pause else "killing"
-                    log.info("sandbox %s reached its end time: %s it", sandbox.id, action)
-                    try:
-                        if sandbox.record.auto_pause:
-                            await m.pause(sandbox.id)
-                        else:
-                            await m.kill(sandbox.id)
-                    except Exception:
-                        log.exception("%s expired sandbox %s failed", action, sandbox.id)
-            for sandbox in [s for s in m.sandboxes.values() if not m.runtime.is_alive(s.handle)]:
-                log.warning("sandbox %s's init process is gone: cleaning up", sandbox.id)
-                await m.kill(sandbox.id)
-            pending = [s.record.end_at for s in m.sandboxes.values() if s.record.state == "running"]
-            delay = min([MAX_SLEEP, *(max(0.0, t - time.time()) for t in pending)])
-            self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
-            except TimeoutError:
-                pass
+                await self._pass()
+            except Exception:  # the reaper must outlive any one failure, or nothing would expire any more
+                log.exception("reaping sandboxes failed; trying again")
+                await asyncio.sleep(MAX_SLEEP)
+
+    async def _pass(self) -> None:
+        """One look at every sandbox, then sleep until the next end time (or a wake)."""
+        m = self.manager
+        now = time.time()
+        for sandbox in [s for s in m.sandboxes.values() if s.record.state == "running"]:
+            if sandbox.record.end_at <= now:
+                action = "pausing" if sandbox.record.auto_pause else "killing"
+                log.info("sandbox %s reached its end time: %s it", sandbox.id, action)
+                try:
+                    if sandbox.record.auto_pause:
+                        await m.pause(sandbox.id)
+                    else:
+                        await m.kill(sandbox.id)
+                except Exception:
+                    log.exception("%s expired sandbox %s failed", action, sandbox.id)
+        for sandbox in [s for s in m.sandboxes.values() if not m.runtime.is_alive(s.handle)]:
+            log.warning("sandbox %s's init process is gone: cleaning up", sandbox.id)
+            try:
+                await m.kill(sandbox.id)
+            except Exception:
+                log.exception("cleaning up dead sandbox %s failed", sandbox.id)
+        pending = [s.record.end_at for s in m.sandboxes.values() if s.record.state == "running"]
+        delay = min([MAX_SLEEP, *(max(0.0, t - time.time()) for t in pending)])
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=delay)
+        except TimeoutError:
+            pass
