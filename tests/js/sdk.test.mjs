@@ -126,6 +126,9 @@ describe('commands', () => {
     const cpus = String(Math.min(os.availableParallelism(), 1))
     assert.equal((await sbx.commands.run('nproc')).stdout, `${cpus}\n`)
     assert.equal((await sbx.commands.run('getconf _NPROCESSORS_ONLN')).stdout, `${cpus}\n`)
+    // node inside the sandbox sizes itself to it too
+    const inside = await sbx.commands.run(`node -e "const os = require('os'); console.log(os.availableParallelism(), os.totalmem() >> 20)"`)
+    assert.equal(inside.stdout, `${cpus} 512\n`)
   })
 })
 

@@ -13,9 +13,10 @@ How
     server's metrics sampler (every core/metrics.INTERVAL seconds, written only when it changed) through
     `/proc/<init>/root/proc/meminfo`, a path the sandbox cannot change (its mounts are locked to it).
 
-Not covered (the kernel answers these without a file): `sysinfo(2)` (node's `os.totalmem()`), and the
-per-CPU lines of /proc/stat. lxcfs covers more, at the price of a FUSE daemon every sandbox's /proc
-depends on; these three files cover what programs size themselves by.
+Not covered: `sysinfo(2)` (the kernel answers it without a file; node's os.totalmem() reads meminfo and
+is covered), and the per-CPU lines of /proc/stat, whose counters change every tick (node's
+`os.cpus().length` still counts the host's CPUs). lxcfs covers more, at the price of a FUSE daemon every
+sandbox's /proc depends on; these three files cover what programs size themselves by.
 """
 
 from __future__ import annotations
