@@ -88,3 +88,35 @@ def test_two_servers_on_one_host_leave_each_other_alone(sandbox: Sandbox, tmp_pa
         assert other.stop() == 0
     assert sandbox.is_running()
     assert sandbox.commands.run("echo still").stdout == "still\n"
+
+
+def test_cpus_are_spread_counting_the_sandboxes_a_restart_readopted(tmp_path: Path) -> None:
+    """Sandboxes of 1 CPU on a host of several get the CPU the fewest sandboxes hold, also right after a
+    restart: the re-adopted sandboxes' cpusets are counted."""
+    import os
+
+    from conftest import cgroup_dir
+
+    if len(os.sched_getaffinity(0)) < 2:
+        return  # one CPU: every sandbox has it, nothing to spread
+    data = tmp_path / "data"
+    srv = start_server(data, "--pool-size", "0")
+
+    def cpus_of(sandbox_id: str) -> str:
+        return (cgroup_dir("cpuset", sandbox_id) / "cpuset.cpus").read_text().strip()
+
+    host = sorted(os.sched_getaffinity(0))
+    count = len(host) + 1  # one CPU gets two sandboxes
+    made = [Sandbox.create(template="base", timeout=120, **_env(srv)) for _ in range(count)]
+    held = [cpus_of(s.sandbox_id) for s in made]
+    assert held == [str(host[i % len(host)]) for i in range(count)], held  # least held first, lowest on a tie
+    port = int(srv.url.rsplit(":", 1)[1])
+    srv.stop(signal.SIGKILL)
+    srv2 = start_server(data, "--pool-size", "0", port=port)
+    try:
+        after = Sandbox.create(template="base", timeout=120, **_env(srv2))
+        # host[0] holds two re-adopted sandboxes, the others one: the next goes to host[1]
+        assert cpus_of(after.sandbox_id) == str(host[1])
+        assert after.commands.run("nproc").stdout == "1\n"
+    finally:
+        assert srv2.stop() == 0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from e2b import Sandbox
 
-from conftest import cgroup_dir, run_as
+from conftest import cgroup_dir, run_as, start_server
 
 MEMORY_MB = 512  # the server's default memory limit per sandbox (tests' server: defaults)
 CPUS = 1.0  # and its CPU limit
@@ -117,3 +117,19 @@ def test_the_host_keeps_its_own_view(sandbox: Sandbox) -> None:
     host = Path("/proc/meminfo").read_text()
     assert f"MemTotal:         {MEMORY_MB * 1024} kB" not in host
     assert meminfo(sandbox)["MemTotal"] == MEMORY_MB * 1024
+
+
+def test_a_limit_of_more_cpus_than_the_host_has_shows_the_host(tmp_path: Path) -> None:
+    """No cpuset then (every CPU), and the views show the host's CPUs; memory still the limit."""
+    srv = start_server(tmp_path / "data", "--cpus", str(host_cpu_count() + 2), "--memory-mb", "300", "--pool-size", "0")
+    try:
+        sbx = Sandbox.create(template="base", timeout=60, api_key=srv.api_key, api_url=srv.url, sandbox_url=srv.url)
+        n = str(host_cpu_count())
+        assert sbx.commands.run("nproc; getconf _NPROCESSORS_ONLN; grep -c '^processor' /proc/cpuinfo").stdout == (
+            f"{n}\n{n}\n{n}\n"
+        )
+        assert meminfo(sbx)["MemTotal"] == 300 * 1024
+        own = cgroup_dir("cpuset", sbx.sandbox_id)
+        assert (own / "cpuset.cpus").read_text() == (own.parent / "cpuset.cpus").read_text()
+    finally:
+        assert srv.stop() == 0
