@@ -57,29 +57,33 @@ def _find(table: ProcessTable, selector: pb.ProcessSelector | None) -> Proc:
     return proc
 
 
+def _deadline(ctx: RequestContext) -> float | None:
+    """The loop time at which the request's Connect-Timeout-Ms runs out (None: no timeout)."""
+    return asyncio.get_running_loop().time() + ctx.timeout_ms / 1000 if ctx.timeout_ms else None
+
+
 async def _stream(
-    proc: Proc, sub: Subscriber, ctx: RequestContext, kill_on_deadline: bool
+    proc: Proc, sub: Subscriber, ctx: RequestContext, deadline: float | None, kills: bool
 ) -> AsyncGenerator[pb.ProcessEvent]:
-    """Events of `proc`, bounded by the request's Connect-Timeout-Ms (enforced here, on the server)."""
-    timeout_ms = ctx.timeout_ms
-    deadline = asyncio.get_running_loop().time() + timeout_ms / 1000 if timeout_ms else None
+    """Events of `proc` until `deadline` (enforced here, on the server). kills: the process dies at that
+    deadline too (Start's Proc.kill_at): an end that comes after it is that kill, reported as the
+    timeout, and the timeout is answered once the process is gone."""
     keepalive = context.keepalive_interval(ctx.request_headers, DEFAULT_KEEPALIVE)
     forget = context.on_client_gone(lambda: sub.queue.put_nowait(ClientGone()))
     try:
         async with contextlib.aclosing(proc.events(sub, keepalive, deadline)) as events:
             async for event in events:
-                if deadline is not None and event is proc.end and asyncio.get_running_loop().time() >= deadline:
-                    raise TimeoutError  # it ended because its deadline killed it (Proc.kill_at): say so
+                if kills and event is proc.end and deadline is not None:
+                    if asyncio.get_running_loop().time() >= deadline:
+                        raise TimeoutError
                 yield event
     except TimeoutError:
-        if kill_on_deadline:
-            with contextlib.suppress(ProcessGone):
-                proc.signal(signal.SIGKILL)
-            # answer once it is gone (bounded): a client that gets the timeout and looks at once (`ps`)
-            # must not still find the command it timed out
+        if kills:
+            # bounded: a client that gets the timeout and looks at once (`ps`) must not still find the
+            # command it timed out
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.done.wait(), KILL_WAIT)
-        raise ConnectError(Code.DEADLINE_EXCEEDED, f"the deadline of {timeout_ms:.0f} ms was exceeded") from None
+        raise ConnectError(Code.DEADLINE_EXCEEDED, f"the deadline of {ctx.timeout_ms:.0f} ms was exceeded") from None
     except SandboxKilled as e:
         raise ConnectError(Code.UNAVAILABLE, f"{e}: the sandbox was not found") from None
     except StreamDropped as e:
@@ -179,11 +183,12 @@ class ProcessService:
                 proc.unsubscribe(sub)
                 raise
             table.add(proc)
-            if ctx.timeout_ms:
-                proc.kill_at(asyncio.get_running_loop().time() + ctx.timeout_ms / 1000)
+            deadline = _deadline(ctx)
+            if deadline is not None:
+                proc.kill_at(deadline)
             start = pb.ProcessEvent.StartEvent(pid=proc.pid)
             yield pb.StartResponse(event=pb.ProcessEvent(event=Oneof("start", start)))  # type: ignore[arg-type]
-            async with contextlib.aclosing(_stream(proc, sub, ctx, kill_on_deadline=True)) as events:
+            async with contextlib.aclosing(_stream(proc, sub, ctx, deadline, kills=deadline is not None)) as events:
                 async for event in events:
                     yield pb.StartResponse(event=event)
 
@@ -194,7 +199,7 @@ class ProcessService:
             yield pb.ConnectResponse(
                 event=pb.ProcessEvent(event=Oneof("start", pb.ProcessEvent.StartEvent(pid=proc.pid)))  # type: ignore[arg-type]
             )
-            async with contextlib.aclosing(_stream(proc, proc.subscribe(), ctx, kill_on_deadline=False)) as events:
+            async with contextlib.aclosing(_stream(proc, proc.subscribe(), ctx, _deadline(ctx), kills=False)) as events:
                 async for event in events:
                     yield pb.ConnectResponse(event=event)
 
