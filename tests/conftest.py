@@ -8,6 +8,7 @@ scripts/setup.sh), so a second run does not rebuild them.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import shutil
@@ -227,3 +228,23 @@ def run_python(sbx: Any, code: str, user: str = "root", timeout: float = 60) -> 
     status, out, err = run_as(sbx, "python3 /tmp/attack.py", user=user, timeout=timeout)
     assert status == 0, err
     return out.strip()
+
+
+# What the tests' server gives each sandbox (its defaults): what the sandbox's views must show.
+MEMORY_MB = 512
+CPUS = 1.0
+
+
+def host_cpu_count() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def expected_cpus() -> int:
+    """The CPUs a sandbox of the tests' server sees: its limit rounded up, at most the host's."""
+    return min(host_cpu_count(), max(1, math.ceil(CPUS)))
+
+
+def sandbox_meminfo(sbx: Any) -> dict[str, int]:
+    """A sandbox's /proc/meminfo, key -> number (kB for sizes)."""
+    out = sbx.commands.run("cat /proc/meminfo").stdout
+    return {line.split(":")[0]: int(line.split()[1]) for line in out.splitlines() if line.strip()}
