@@ -56,12 +56,26 @@ class Server:
         return self.proc.wait(timeout=timeout)
 
 
+_cidrs: dict[Path, str] = {}
+
+
+def network_cidr(data_dir: Path) -> str:
+    """A /24 of its own for the server of each data dir (a restarted server keeps its sandboxes' range):
+    servers that run at the same time must not share one."""
+    if data_dir not in _cidrs:
+        n = (os.getpid() + len(_cidrs)) % 250 + 1
+        _cidrs[data_dir] = f"10.213.{n}.0/24"
+    return _cidrs[data_dir]
+
+
 def start_server(data_dir: Path, *extra: str, port: int | None = None, keep: bool = False) -> Server:
     """A real `sandboxd serve` on a free port. Unless `keep`, it destroys its sandboxes when stopped
     (`--destroy-on-exit`), so that the tests can check that nothing is left behind."""
     port = port or free_port()
     if not keep:
         extra = ("--destroy-on-exit", *extra)
+    if "--no-network" not in extra and "--network-cidr" not in extra:
+        extra = ("--network-cidr", network_cidr(data_dir), *extra)
     log_path = data_dir.with_suffix(".log")
     log = open(log_path, "ab")
     proc = subprocess.Popen(

@@ -29,6 +29,7 @@ from sandboxd.runtime.cgroups import CgroupError
 from sandboxd.runtime.identity import IdentityError
 from sandboxd.runtime.namespaces import NamespaceRuntime
 from sandboxd.runtime.native import HelperBuildError
+from sandboxd.runtime.network import DEFAULT_CIDR
 from sandboxd.state.db import StateDB
 from sandboxd.templates.store import TemplateError, TemplateStore
 
@@ -48,6 +49,7 @@ class ServerConfig:
     keep_sandboxes: bool = True
     favor_dynmods: bool = True  # remount cgroup2 with favordynmods (see runtime/cgroups.py)
     uid_base: int | None = None  # first host uid of the sandboxes' ranges (None: runtime/identity.py's default)
+    network_cidr: str | None = DEFAULT_CIDR  # the sandboxes' addresses (runtime/network.py); None: no network
     settings: Settings = field(default_factory=Settings)
     limits: RequestLimits = field(default_factory=RequestLimits)
 
@@ -68,7 +70,12 @@ class App:
         self.db = StateDB(config.data_dir / "state.db")
         self.api_key, self.key_created = self.db.api_key()
         self.templates = TemplateStore(config.template_path)
-        self.runtime = NamespaceRuntime(config.data_dir, favor_dynmods=config.favor_dynmods, uid_base=config.uid_base)
+        self.runtime = NamespaceRuntime(
+            config.data_dir,
+            favor_dynmods=config.favor_dynmods,
+            uid_base=config.uid_base,
+            network_cidr=config.network_cidr,
+        )
         self.manager = SandboxManager(self.runtime, self.templates, self.db, config.settings)
         h = self.manager.host_limits
         self.runtime.set_host_limits(h.memory_cap_mb, h.max_total_pids, h.server_memory_mb)

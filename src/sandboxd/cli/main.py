@@ -10,6 +10,7 @@ from pathlib import Path
 from sandboxd import __version__
 from sandboxd.core.limits import MiB, RequestLimits
 from sandboxd.core.tenant_limits import TenantLimits
+from sandboxd.runtime.network import DEFAULT_CIDR
 from sandboxd.server import DEFAULT_DATA_DIR
 
 
@@ -165,6 +166,17 @@ def main(argv: list[str] | None = None) -> int:
         help="first host uid of the sandboxes' uid ranges (1024 ranges of 65536; default: 2^30 plus a band "
         "chosen by the data dir)",
     )
+    p_serve.add_argument(
+        "--network-cidr",
+        default=DEFAULT_CIDR,
+        help="the private IPv4 range sandboxes get their addresses from; it must not overlap the host's "
+        "networks, nor another sandboxd server's on this host (default %(default)s)",
+    )
+    p_serve.add_argument(
+        "--no-network",
+        action="store_true",
+        help="sandboxes get no network but their own loopback",
+    )
     p_serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     p_tpl = sub.add_parser("template", help="build and list templates")
@@ -226,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                 keep_sandboxes=not args.destroy_on_exit,
                 favor_dynmods=not args.no_favordynmods,
                 uid_base=args.uid_base,
+                network_cidr=None if args.no_network else args.network_cidr,
                 settings=settings,
                 limits=RequestLimits(
                     max_message_bytes=int(args.max_message_mb * MiB),

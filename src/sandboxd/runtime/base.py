@@ -26,6 +26,29 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Egress:
+    """What one sandbox may reach, in the kernel's terms: CIDRs allowed (these win) and denied. Empty:
+    everything but what is blocked for every sandbox. Built from E2B's network fields by
+    `sandboxd.network.policy`."""
+
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+
+    @property
+    def open(self) -> bool:
+        """Nothing denied: the allow list changes nothing either (allow only wins over a deny)."""
+        return not self.deny
+
+    def to_json(self) -> dict[str, list[str]]:
+        return {"allow": list(self.allow), "deny": list(self.deny)}
+
+    @classmethod
+    def from_json(cls, data: dict | None) -> Egress:
+        data = data or {}
+        return cls(allow=tuple(data.get("allow", ())), deny=tuple(data.get("deny", ())))
+
+
+@dataclass(frozen=True)
 class SandboxSpec:
     sandbox_id: str
     rootfs: Path
@@ -47,6 +70,8 @@ class SandboxHandle:
     # Host uid/gid of the sandbox's uid/gid 0: each sandbox has a range of its own. Handles recorded
     # before per-sandbox ranges existed all used 100000.
     uid_base: int = 100000
+    address: str = ""  # the sandbox's IPv4 address ("": no network but its loopback)
+    egress: dict = field(default_factory=dict)  # its egress policy (Egress.to_json)
 
 
 @dataclass(frozen=True)
@@ -103,6 +128,11 @@ class Runtime(abc.ABC):
         import os
 
         return os.openpty()
+
+    async def set_egress(self, handle: SandboxHandle, egress: Egress) -> None:
+        """Make `egress` what the sandbox may reach (atomically; connections it denies are cut)."""
+        if not egress.open:
+            raise RuntimeError_(f"the {self.name} backend has no network policy")
 
     def set_host_limits(self, memory_cap_mb: int, total_pids: int, server_memory_mb: int) -> None:
         """Kernel-enforced caps on all sandboxes of this server together, and on the server itself."""

@@ -21,8 +21,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sandboxd.runtime import cgroups, identity, pids, quota, views
-from sandboxd.runtime.base import ExecSpec, Runtime, RuntimeError_, SandboxHandle, SandboxSpec, Stats
+from sandboxd.runtime import cgroups, identity, network, pids, quota, views
+from sandboxd.runtime.base import Egress, ExecSpec, Runtime, RuntimeError_, SandboxHandle, SandboxSpec, Stats
 from sandboxd.runtime.native import compiled_filter, helper_path, sealed_copy
 from sandboxd.runtime.rootfs import open_pty_in_root
 from sandboxd.templates.specs import UID_SHIFT
@@ -81,7 +81,13 @@ def _socket_in_netns(pid: int, start: int) -> socket.socket:
 class NamespaceRuntime(Runtime):
     name = "namespaces"
 
-    def __init__(self, state_dir: Path, favor_dynmods: bool = True, uid_base: int | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        favor_dynmods: bool = True,
+        uid_base: int | None = None,
+        network_cidr: str | None = None,
+    ) -> None:
         self.state_dir = Path(state_dir)
         self.sandboxes_dir = self.state_dir / "sandboxes"
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
@@ -112,6 +118,13 @@ class NamespaceRuntime(Runtime):
                 "no memory cgroup controller found: sandboxd needs cgroup v1 memory or cgroup v2 with the "
                 "memory controller enabled"
             )
+        # Sandbox networking (runtime/network.py); None: sandboxes have their loopback only.
+        self.net: network.HostNetwork | None = None
+        self._adopted_egress: dict[str, Egress] = {}
+        if network_cidr:
+            self.net = network.HostNetwork(self.instance, network_cidr, self._netns_thread, _HOST_NETNS)
+            if not self.net.installed():  # a previous run's table stays until sweep() re-installs it
+                self.net.install([])
 
     async def create(self, spec: SandboxSpec) -> SandboxHandle:
         sdir = self.sandboxes_dir / spec.sandbox_id
@@ -119,7 +132,10 @@ class NamespaceRuntime(Runtime):
             (sdir / name).mkdir(parents=True, exist_ok=True)
         base = self.ids.allocate()
         cg = self._cgroups(spec.sandbox_id)
+        net: network.Prepared | None = None
         try:
+            if self.net is not None:
+                net = await self.net.take()
             disk_args: list[str] = []
             if spec.limits.disk_mb:
                 # Its own disk (runtime/quota.py): upper and work are in an image the helper mounts.
@@ -160,6 +176,8 @@ class NamespaceRuntime(Runtime):
             ]
             for path in cg.paths:
                 argv += ["--cgroup", path]
+            if net is not None and self.net is not None:
+                argv += ["--netns", f"/proc/{os.getpid()}/fd/{net.fd}", "--resolv", f"nameserver {self.net.gateway}\n"]
             argv += disk_args
             for src, dst in spec.binds:
                 argv += ["--ro-copy", f"{src}:{dst}"]
@@ -186,7 +204,11 @@ class NamespaceRuntime(Runtime):
             shutil.rmtree(sdir, ignore_errors=True)
             self.ids.release(base)
             self._release_cpus(spec.sandbox_id)
+            if net is not None and self.net is not None:
+                self.net.give_back(net)
             raise
+        if net is not None:
+            net.close()  # the sandbox holds its namespace now: it goes with the sandbox's last process
         return SandboxHandle(
             sandbox_id=spec.sandbox_id,
             backend=self.name,
@@ -195,6 +217,7 @@ class NamespaceRuntime(Runtime):
             state_dir=sdir,
             cgroups=cg.paths,
             uid_base=base,
+            address=net.address if net is not None else "",
         )
 
     def exec_argv(
@@ -287,11 +310,24 @@ class NamespaceRuntime(Runtime):
     async def destroy(self, handle: SandboxHandle) -> None:
         await asyncio.to_thread(self._destroy_sync, handle.sandbox_id)
         self.ids.release(handle.uid_base)  # only now: no process of the sandbox is left
+        if handle.address and self.net is not None:  # its namespace is gone: its policy and address next
+            await asyncio.to_thread(self.net.release, handle.address)
         self._release_cpus(handle.sandbox_id)
         self._meminfo.pop(handle.sandbox_id, None)
 
+    async def set_egress(self, handle: SandboxHandle, egress: Egress) -> None:
+        if not handle.address or self.net is None:
+            if egress.open:
+                return
+            raise RuntimeError_("this sandbox has no network (the server runs without networking)")
+        await asyncio.to_thread(self.net.set_egress, handle.address, egress)
+        handle.egress = egress.to_json()
+
     def adopt(self, handle: SandboxHandle) -> None:
         self.ids.claim(handle.uid_base)
+        if handle.address and self.net is not None:
+            self.net.claim(handle.address)
+            self._adopted_egress[handle.address] = Egress.from_json(handle.egress)
         text = self._cgroups(handle.sandbox_id).read("cpuset", "cpuset.cpus")
         cpus = cgroups.parse_cpu_list(text) if text else []
         if cpus and len(cpus) < len(self.cpus):
@@ -407,6 +443,8 @@ class NamespaceRuntime(Runtime):
         self._server_cgroup.enter(server_memory_mb * 1024 * 1024)
 
     def close(self) -> None:
+        if self.net is not None:
+            self.net.close()
         self.disks.close()
         self._server_cgroup.leave()
         cgroups.remove_instance(self.layout, self.instance)
@@ -422,4 +460,10 @@ class NamespaceRuntime(Runtime):
                 log.error("could not clean up leftover sandbox %s: %s", sandbox_id, e)
                 continue
             removed.append(sandbox_id)
+        if self.net is not None:
+            # The table again, with the policies of the sandboxes taken over, in one transaction (they
+            # were enforced by the previous run's table until now); the connections of the others go.
+            adopted, self._adopted_egress = self._adopted_egress, {}
+            await asyncio.to_thread(self.net.install, adopted.items())
+            await asyncio.to_thread(self.net.forget_all_but, set(adopted))
         return removed

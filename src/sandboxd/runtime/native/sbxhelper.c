@@ -338,6 +338,25 @@ static void lo_up(void) {
     close(s);
 }
 
+/* --resolv TEXT: the sandbox's /etc/resolv.conf (its DNS server is sandboxd's resolver on the gateway).
+ * Written into the new overlay as the sandbox's root, one path component at a time without following a
+ * symlink (the template's /etc/resolv.conf may be one: it is replaced, never written through). */
+static void write_resolv(const char *merged, const char *text, unsigned owner) {
+    int root = open(merged, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (root < 0) die("open %s", merged);
+    int etc = openat(root, "etc", O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    close(root);
+    if (etc < 0) return; /* no /etc (or a symlink): nothing to point at the resolver */
+    if (unlinkat(etc, "resolv.conf", 0) < 0 && errno != ENOENT) die("unlink /etc/resolv.conf");
+    int fd = openat(etc, "resolv.conf", O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+    close(etc);
+    if (fd < 0) die("create /etc/resolv.conf");
+    size_t len = strlen(text);
+    if (write(fd, text, len) != (ssize_t)len) die("write /etc/resolv.conf");
+    if (fchown(fd, owner, owner) < 0) die("chown /etc/resolv.conf");
+    close(fd);
+}
+
 static void xmount(const char *src, const char *dst, const char *type, unsigned long flags, const char *data) {
     if (mount(src, dst, type, flags, data) < 0) die("mount %s on %s", type ? type : src, dst);
 }
@@ -657,7 +676,7 @@ static void attach_idmapped(int procfd, const char *src, const char *dst, unsign
 }
 
 static int cmd_create(int argc, char **argv) {
-    const char *lower = NULL, *dir = NULL, *hostname = "sandbox";
+    const char *lower = NULL, *dir = NULL, *hostname = "sandbox", *netns = NULL, *resolv = NULL;
     char *disk = NULL;
     unsigned shift = 100000, range = 65536, idmap_from = 0;
     int idmap = 0;
@@ -672,6 +691,8 @@ static int cmd_create(int argc, char **argv) {
         else if (!strcmp(a, "--hostname")) hostname = v;
         else if (!strcmp(a, "--seccomp")) read_compiled(v);
         else if (!strcmp(a, "--view")) view_dir = v;
+        else if (!strcmp(a, "--netns")) netns = v;
+        else if (!strcmp(a, "--resolv")) resolv = v;
         else if (!strcmp(a, "--disk")) disk = (char *)v; /* IMAGE:DIR */
         else if (!strcmp(a, "--shift")) shift = (unsigned)strtoul(v, NULL, 10);
         else if (!strcmp(a, "--range")) range = (unsigned)strtoul(v, NULL, 10);
@@ -700,7 +721,16 @@ static int cmd_create(int argc, char **argv) {
     join_cgroups(cgroups, ncg);
     /* The PID namespace comes last, just before init is forked: the first child after it would be
      * the namespace's init, and attach_idmapped forks a short-lived helper. */
-    if (unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWCGROUP) < 0) die("unshare");
+    /* --netns: a namespace the server prepared (eth0, address, routes: runtime/network.py); else a new one
+     * with only lo. */
+    if (netns) {
+        int nfd = open(netns, O_RDONLY | O_CLOEXEC);
+        if (nfd < 0) die("open %s", netns);
+        if (setns(nfd, CLONE_NEWNET) < 0) die("setns(net)");
+        close(nfd);
+    }
+    if (unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | (netns ? 0 : CLONE_NEWNET) | CLONE_NEWCGROUP) < 0)
+        die("unshare");
     xmount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL);
     /* The child's pivot_root also moves our root (same mount namespace): keep the host /proc open. */
     int procfd = open("/proc", O_DIRECTORY | O_CLOEXEC);
@@ -725,6 +755,7 @@ static int cmd_create(int argc, char **argv) {
     char opts[8192];
     snprintf(opts, sizeof opts, "lowerdir=%s,upperdir=%supper,workdir=%swork,volatile", lowerdir, layers, layers);
     xmount("overlay", "merged", "overlay", 0, opts);
+    if (resolv) write_resolv("merged", resolv, shift);
     if (chdir("/") < 0) die("chdir /");
     if (sethostname(hostname, strlen(hostname)) < 0) die("sethostname");
     lo_up();

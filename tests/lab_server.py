@@ -1,0 +1,68 @@
+"""The lab's web server (tests/netlab.py): HTTP on :80 and HTTPS on :443 of each address given, answering
+every request with a JSON echo of it. Run inside the lab's network namespace.
+
+    lab_server.py CERT_AND_KEY.pem ADDRESS...
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Echo(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        data = {
+            "method": self.command,
+            "path": self.path,
+            "host": self.headers.get("Host"),
+            "headers": dict(self.headers.items()),
+            "client": self.client_address[0],
+            "server": self.server.server_address[0],
+            "tls": isinstance(self.connection, ssl.SSLSocket),
+            "body": body.decode(errors="replace"),
+        }
+        if self.path.startswith("/bytes/"):
+            payload = b"x" * int(self.path.split("/")[2])
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            return
+        out = json.dumps(data).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    do_GET = do_POST = do_PUT = _answer
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def main() -> None:
+    pem, addresses = sys.argv[1], sys.argv[2:]
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(pem)
+    servers = []
+    for addr in addresses:
+        servers.append(ThreadingHTTPServer((addr, 80), Echo))
+        tls = ThreadingHTTPServer((addr, 443), Echo)
+        tls.socket = ctx.wrap_socket(tls.socket, server_side=True, do_handshake_on_connect=False)
+        servers.append(tls)
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

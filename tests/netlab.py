@@ -1,0 +1,128 @@
+"""The tests' stand-in for the internet: a network namespace that the tests create, with its own HTTP,
+HTTPS and DNS servers, routed from the host. Nothing a test sends leaves this machine: sandboxes reach
+the lab's addresses (198.18.0.0/24, a range reserved for benchmarking, RFC 2544) through the host's
+routing and sandboxd's NAT, and the lab answers names only from its own table.
+
+  lab netns `sbxlab<pid>`:  uplink 198.18.255.2/30  <-veth->  host `lab<pid>` 198.18.255.1/30
+                            lo: 198.18.0.10 (web), .11 (web2), .53 (dns)
+  host: route 198.18.0.0/24 via 198.18.255.2
+
+Servers (each its own process in the lab, ended by PID): `lab_server.py` answers HTTP on :80 and HTTPS on
+:443 of web and web2 with a JSON echo of the request (host, path, headers, the client's address);
+dnsmasq answers `*.lab.test` from NAMES and refuses the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WEB = "198.18.0.10"
+WEB2 = "198.18.0.11"
+DNS = "198.18.0.53"
+HOST_SIDE = "198.18.255.1"
+NAMES = {
+    "web.lab.test": WEB,
+    "api.lab.test": WEB,
+    "other.lab.test": WEB2,
+    "deep.sub.lab.test": WEB2,
+}
+SERVER_SCRIPT = Path(__file__).with_name("lab_server.py")
+
+
+def _run(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+class Lab:
+    def __init__(self) -> None:
+        tag = os.getpid() % 100000
+        self.netns = f"sbxlab{tag}"
+        self.host_if = f"lab{tag}"
+        self.dir = Path(tempfile.mkdtemp(prefix="sandboxd-lab-"))
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.ca_pem = self.dir / "ca.pem"
+
+    def start(self) -> Lab:
+        import trustme
+
+        ca = trustme.CA()
+        ca.cert_pem.write_to_path(str(self.ca_pem))
+        cert = ca.issue_cert(*NAMES, WEB, WEB2)
+        cert.private_key_and_cert_chain_pem.write_to_path(str(self.dir / "server.pem"))
+        ns = ["ip", "netns", "exec", self.netns]
+        _run("ip", "netns", "add", self.netns)
+        try:
+            _run("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", "uplink", "netns", self.netns)
+            _run("ip", "addr", "add", f"{HOST_SIDE}/30", "dev", self.host_if)
+            _run("ip", "link", "set", self.host_if, "up")
+            _run(*ns, "ip", "link", "set", "lo", "up")
+            _run(*ns, "ip", "link", "set", "uplink", "up")
+            _run(*ns, "ip", "addr", "add", "198.18.255.2/30", "dev", "uplink")
+            for addr in (WEB, WEB2, DNS):
+                _run(*ns, "ip", "addr", "add", f"{addr}/32", "dev", "lo")
+            _run("ip", "route", "add", "198.18.0.0/24", "via", "198.18.255.2", "dev", self.host_if)
+            log = open(self.dir / "servers.log", "ab")
+            self.procs.append(
+                subprocess.Popen(
+                    [*ns, sys.executable, str(SERVER_SCRIPT), str(self.dir / "server.pem"), WEB, WEB2],
+                    stdout=log,
+                    stderr=log,
+                )
+            )
+            dns = [
+                *ns,
+                "dnsmasq",
+                "--no-daemon",
+                "--no-resolv",
+                "--no-hosts",
+                f"--listen-address={DNS}",
+                "--bind-interfaces",
+                "--port=53",
+                "--pid-file=" + str(self.dir / "dnsmasq.pid"),
+                "--user=root",
+            ]
+            dns += [f"--address=/{name}/{addr}" for name, addr in NAMES.items()]
+            self.procs.append(subprocess.Popen(dns, stdout=log, stderr=log))
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        import socket
+
+        deadline = time.monotonic() + 15
+        for port in (80, 443):
+            while True:
+                try:
+                    socket.create_connection((WEB, port), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the lab's web server did not start: " + self.log()) from None
+                    time.sleep(0.05)
+
+    def log(self) -> str:
+        try:
+            return (self.dir / "servers.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)  # takes the veth and routes
+        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
