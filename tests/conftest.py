@@ -25,6 +25,8 @@ from typing import Any
 
 import httpx
 import pytest
+from netlab import DNS as LAB_DNS
+from netlab import Lab
 
 TEMPLATES_DIR = Path(os.environ.get("SANDBOXD_TEMPLATES_DIR", "/var/lib/sandboxd/templates"))
 SANDBOXD = str(Path(sys.executable).with_name("sandboxd"))
@@ -76,6 +78,8 @@ def start_server(data_dir: Path, *extra: str, port: int | None = None, keep: boo
         extra = ("--destroy-on-exit", *extra)
     if "--no-network" not in extra and "--network-cidr" not in extra:
         extra = ("--network-cidr", network_cidr(data_dir), *extra)
+    if "--no-network" not in extra and "--dns" not in extra:
+        extra = ("--dns", LAB_DNS, *extra)  # names resolve in the tests' lab, never outside this machine
     log_path = data_dir.with_suffix(".log")
     log = open(log_path, "ab")
     proc = subprocess.Popen(
@@ -116,12 +120,23 @@ def start_server(data_dir: Path, *extra: str, port: int | None = None, keep: boo
 
 
 @pytest.fixture(scope="session")
-def server() -> Iterator[Server]:
+def lab() -> Iterator[Lab]:
+    """The tests' stand-in internet (tests/netlab.py), for the whole session."""
+    lab = Lab().start()
+    try:
+        yield lab
+    finally:
+        lab.stop()
+
+
+@pytest.fixture(scope="session")
+def server(lab: Lab) -> Iterator[Server]:
     if os.geteuid() != 0:
         pytest.exit("the tests start real sandboxes and must run as root", returncode=2)
     if not (TEMPLATES_DIR / "base" / "current" / "template.json").exists():
         pytest.exit(f"no base template in {TEMPLATES_DIR}: run scripts/setup.sh first", returncode=2)
     before = {p.name for p in Path("/sys/fs/cgroup").glob("*/sandboxd/*") if p.is_dir()}
+    net_before = network_leftovers()
     tmp = Path(tempfile.mkdtemp(prefix="sandboxd-test-"))
     srv = start_server(tmp / "data")
     env = {"E2B_API_URL": srv.url, "E2B_SANDBOX_URL": srv.url, "E2B_API_KEY": srv.api_key}
@@ -144,7 +159,20 @@ def server() -> Iterator[Server]:
         assert not loop_devices_under(srv.data_dir), "sandbox disk images still attached to loop devices"
         instances = {p.name for p in Path("/sys/fs/cgroup").glob("*/sandboxd/*") if p.is_dir()}
         assert not instances - before, instances - before
+        # every server of the session has stopped: none left its table, gateway or a sandbox's link
+        deadline = time.monotonic() + 15
+        while (left := network_leftovers() - net_before) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left, f"network leftovers of the session's servers: {sorted(left)}"
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def network_leftovers() -> set[str]:
+    """sandboxd's nftables tables and host links (gateways sg*, sandbox links sx*) on this host."""
+    out = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    tables = {line.split()[-1] for line in out.splitlines() if "sandboxd_" in line}
+    links = {p.name for p in Path("/sys/class/net").iterdir() if p.name.startswith(("sg", "sx"))}
+    return tables | links
 
 
 @pytest.fixture

@@ -1,12 +1,14 @@
 """The lab's web server (tests/netlab.py): HTTP on :80 and HTTPS on :443 of each address given, answering
-every request with a JSON echo of it. Run inside the lab's network namespace.
+every request with a JSON echo of it (and logging it to DIR/requests.log); UDP on the first address's
+port 9999, logging each datagram to DIR/udp.log. Run inside the lab's network namespace.
 
-    lab_server.py CERT_AND_KEY.pem ADDRESS...
+    lab_server.py DIR ADDRESS...      (DIR/server.pem: certificate chain and key)
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import sys
 import threading
@@ -29,6 +31,8 @@ class Echo(BaseHTTPRequestHandler):
             "tls": isinstance(self.connection, ssl.SSLSocket),
             "body": body.decode(errors="replace"),
         }
+        with LOCK, open(DIR + "/requests.log", "a") as log:
+            log.write(f"{data['server']} {self.path}\n")
         if self.path.startswith("/bytes/"):
             payload = b"x" * int(self.path.split("/")[2])
             self.send_response(200)
@@ -49,10 +53,25 @@ class Echo(BaseHTTPRequestHandler):
         pass
 
 
+LOCK = threading.Lock()
+DIR = ""
+
+
+def udp_log(address: str) -> None:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((address, 9999))
+    while True:
+        data, _ = s.recvfrom(2048)
+        with LOCK, open(DIR + "/udp.log", "a") as log:
+            log.write(data.decode(errors="replace") + "\n")
+
+
 def main() -> None:
-    pem, addresses = sys.argv[1], sys.argv[2:]
+    global DIR
+    DIR, addresses = sys.argv[1], sys.argv[2:]
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(pem)
+    ctx.load_cert_chain(DIR + "/server.pem")
+    threading.Thread(target=udp_log, args=(addresses[0],), daemon=True).start()
     servers = []
     for addr in addresses:
         servers.append(ThreadingHTTPServer((addr, 80), Echo))

@@ -4,12 +4,13 @@ the lab's addresses (198.18.0.0/24, a range reserved for benchmarking, RFC 2544)
 routing and sandboxd's NAT, and the lab answers names only from its own table.
 
   lab netns `sbxlab<pid>`:  uplink 198.18.255.2/30  <-veth->  host `lab<pid>` 198.18.255.1/30
-                            lo: 198.18.0.10 (web), .11 (web2), .53 (dns)
-  host: route 198.18.0.0/24 via 198.18.255.2
+                            lo: 198.18.0.10 (web), .11 (web2), .53 (dns), 169.254.169.254 (metadata)
+  host: routes 198.18.0.0/24 and 169.254.169.254/32 via 198.18.255.2
 
 Servers (each its own process in the lab, ended by PID): `lab_server.py` answers HTTP on :80 and HTTPS on
 :443 of web and web2 with a JSON echo of the request (host, path, headers, the client's address);
-dnsmasq answers `*.lab.test` from NAMES and refuses the rest.
+dnsmasq answers `*.lab.test` from NAMES and refuses the rest. What the servers received is logged
+(`requests_seen`, `udp_seen`: UDP to web:9999).
 """
 
 from __future__ import annotations
@@ -25,11 +26,16 @@ WEB = "198.18.0.10"
 WEB2 = "198.18.0.11"
 DNS = "198.18.0.53"
 HOST_SIDE = "198.18.255.1"
+# The lab also plays the cloud metadata service: a request the firewall let through would be seen here
+# instead of leaving the machine.
+METADATA = "169.254.169.254"
 NAMES = {
     "web.lab.test": WEB,
     "api.lab.test": WEB,
     "other.lab.test": WEB2,
     "deep.sub.lab.test": WEB2,
+    "rebind-host.lab.test": HOST_SIDE,  # DNS rebinding: an allowed name that points at the host
+    "rebind-lo.lab.test": "127.0.0.1",
 }
 SERVER_SCRIPT = Path(__file__).with_name("lab_server.py")
 
@@ -53,7 +59,7 @@ class Lab:
         ca = trustme.CA()
         ca.cert_pem.write_to_path(str(self.ca_pem))
         cert = ca.issue_cert(*NAMES, WEB, WEB2)
-        cert.private_key_and_cert_chain_pem.write_to_path(str(self.dir / "server.pem"))
+        cert.private_key_and_cert_chain_pem.write_to_path(str(self.dir / "server.pem"))  # lab_server.py reads it
         ns = ["ip", "netns", "exec", self.netns]
         _run("ip", "netns", "add", self.netns)
         try:
@@ -63,13 +69,14 @@ class Lab:
             _run(*ns, "ip", "link", "set", "lo", "up")
             _run(*ns, "ip", "link", "set", "uplink", "up")
             _run(*ns, "ip", "addr", "add", "198.18.255.2/30", "dev", "uplink")
-            for addr in (WEB, WEB2, DNS):
+            for addr in (WEB, WEB2, DNS, METADATA):
                 _run(*ns, "ip", "addr", "add", f"{addr}/32", "dev", "lo")
             _run("ip", "route", "add", "198.18.0.0/24", "via", "198.18.255.2", "dev", self.host_if)
+            _run("ip", "route", "add", f"{METADATA}/32", "via", "198.18.255.2", "dev", self.host_if)
             log = open(self.dir / "servers.log", "ab")
             self.procs.append(
                 subprocess.Popen(
-                    [*ns, sys.executable, str(SERVER_SCRIPT), str(self.dir / "server.pem"), WEB, WEB2],
+                    [*ns, sys.executable, str(SERVER_SCRIPT), str(self.dir), WEB, WEB2, METADATA],
                     stdout=log,
                     stderr=log,
                 )
@@ -107,6 +114,29 @@ class Lab:
                     if time.monotonic() > deadline:
                         raise RuntimeError("the lab's web server did not start: " + self.log()) from None
                     time.sleep(0.05)
+
+    def requests_seen(self) -> str:
+        """Every request the web servers answered, a line each: `server-address path`."""
+        try:
+            return (self.dir / "requests.log").read_text()
+        except OSError:
+            return ""
+
+    def udp_seen(self, wait_for: str, timeout: float = 3.0) -> list[str]:
+        """The UDP payloads received on web:9999, once `wait_for` is among them (or the time is up)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                seen = (self.dir / "udp.log").read_text().splitlines()
+            except OSError:
+                seen = []
+            if wait_for in seen or time.monotonic() > deadline:
+                time.sleep(0.3)  # anything sent just before it has arrived too
+                try:
+                    return (self.dir / "udp.log").read_text().splitlines()
+                except OSError:
+                    return seen
+            time.sleep(0.05)
 
     def log(self) -> str:
         try:

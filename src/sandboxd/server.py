@@ -21,6 +21,8 @@ from sandboxd.core.manager import SandboxManager, Settings
 from sandboxd.envd import uploads
 from sandboxd.envd.app import SandboxGone, build_envd_app
 from sandboxd.envd.process_service import end_streams_for_shutdown
+from sandboxd.network.dns import Resolver, host_resolvers
+from sandboxd.network.egress import EgressProxy
 from sandboxd.routing.http_protocol import BoundedHttpToolsProtocol
 from sandboxd.routing.proxy import PortProxy
 from sandboxd.routing.router import ENVD_PORT, Router
@@ -29,7 +31,7 @@ from sandboxd.runtime.cgroups import CgroupError
 from sandboxd.runtime.identity import IdentityError
 from sandboxd.runtime.namespaces import NamespaceRuntime
 from sandboxd.runtime.native import HelperBuildError
-from sandboxd.runtime.network import DEFAULT_CIDR
+from sandboxd.runtime.network import DEFAULT_CIDR, PROXY_MARK, PROXY_PORT
 from sandboxd.state.db import StateDB
 from sandboxd.templates.store import TemplateError, TemplateStore
 
@@ -50,6 +52,7 @@ class ServerConfig:
     favor_dynmods: bool = True  # remount cgroup2 with favordynmods (see runtime/cgroups.py)
     uid_base: int | None = None  # first host uid of the sandboxes' ranges (None: runtime/identity.py's default)
     network_cidr: str | None = DEFAULT_CIDR  # the sandboxes' addresses (runtime/network.py); None: no network
+    dns: list[str] | None = None  # where the sandboxes' resolver forwards (None: the host's /etc/resolv.conf)
     settings: Settings = field(default_factory=Settings)
     limits: RequestLimits = field(default_factory=RequestLimits)
 
@@ -77,6 +80,14 @@ class App:
             network_cidr=config.network_cidr,
         )
         self.manager = SandboxManager(self.runtime, self.templates, self.db, config.settings)
+        self.resolver: Resolver | None = None
+        self.egress: EgressProxy | None = None
+        if self.runtime.net is not None:
+            gateway = self.runtime.net.gateway
+            upstream = config.dns if config.dns is not None else host_resolvers()
+            self.resolver = Resolver(gateway, upstream, self.manager.policy_for)
+            self.egress = EgressProxy(gateway, PROXY_PORT, self.manager.policy_for, upstream, PROXY_MARK)
+            self.manager.on_policy_change.append(self.egress.policy_changed)
         h = self.manager.host_limits
         self.runtime.set_host_limits(h.memory_cap_mb, h.max_total_pids, h.server_memory_mb)
         self.router = Router(
@@ -105,6 +116,9 @@ class App:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
+                    for service in (self.resolver, self.egress):
+                        if service is not None:
+                            await service.start()
                     await self.manager.start()
                     cleaned = await uploads.clean_interrupted(self.manager)
                     if cleaned:
@@ -115,6 +129,9 @@ class App:
                 self._announce()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                for service in (self.resolver, self.egress):
+                    if service is not None:
+                        service.close()
                 await self.manager.stop(destroy=not self.config.keep_sandboxes)
                 self.db.close()
                 await send({"type": "lifespan.shutdown.complete"})

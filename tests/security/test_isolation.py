@@ -158,7 +158,7 @@ def test_hostname_of_host_unchanged(sandbox: Sandbox) -> None:
 
 
 def test_network_is_its_own(sandbox: Sandbox, server: Server) -> None:
-    """Its own loopback and one link to the host (tests/security/test_network.py attacks the link)."""
+    """Its own loopback and one link to the host (tests/security/test_network_escape.py attacks the link)."""
     _, out, _ = run_root(sandbox, "ip -o link show | awk -F': ' '{print $2}' | cut -d@ -f1")
     assert out.split() == ["lo", "eth0"]
     port = int(server.url.rsplit(":", 1)[1])

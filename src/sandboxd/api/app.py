@@ -18,7 +18,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sandboxd.api import serialize
-from sandboxd.api.models import ConnectBody, NewSandbox, TimeoutBody
+from sandboxd.api.models import ConnectBody, NetworkUpdate, NewSandbox, TimeoutBody
 from sandboxd.core.errors import BadRequest, PayloadTooLarge, SandboxdError
 from sandboxd.core.limits import BadJSON, LimitExceeded, RequestLimits, load_bounded_json
 from sandboxd.core.manager import Sandbox, SandboxManager
@@ -116,8 +116,15 @@ def build_control_plane(manager: SandboxManager, api_key: str, limits: RequestLi
             env_vars=body.env_vars,
             auto_pause=body.auto_pause,
             disk_mb=body.disk_mb,
+            network=body.network,
+            allow_internet_access=body.allow_internet_access,
         )
         return JSONResponse(serialize.sandbox_created(sandbox), status_code=201)
+
+    async def update_network(request: Request) -> Response:
+        body: NetworkUpdate = await _body(request, NetworkUpdate, limits)
+        await manager.update_network(request.path_params["sandbox_id"], body.as_network(), body.allow_internet_access)
+        return Response(status_code=204)
 
     async def get_info(request: Request) -> Response:
         return JSONResponse(serialize.sandbox_detail(manager.get(request.path_params["sandbox_id"])))
@@ -267,6 +274,7 @@ def build_control_plane(manager: SandboxManager, api_key: str, limits: RequestLi
         Route("/sandboxes" + sid + "/resume", connect, methods=["POST"]),
         Route("/sandboxes" + sid + "/pause", pause, methods=["POST"]),
         Route("/sandboxes" + sid + "/metrics", metrics, methods=["GET"]),
+        Route("/sandboxes" + sid + "/network", update_network, methods=["PUT"]),
         Route("/templates", list_templates, methods=["GET"]),
         Route("/templates/aliases/{alias:str}", template_alias, methods=["GET"]),
     ]

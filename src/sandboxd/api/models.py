@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -19,6 +21,22 @@ class NewSandbox(_Body):
     disk_mb: int | None = Field(default=None, alias="diskSizeMB")
     secure: bool = True
     allow_internet_access: bool | None = None
+    network: dict[str, Any] | None = None  # checked by network/policy.py
+
+
+class NetworkUpdate(_Body):
+    """PUT /sandboxes/{id}/network: replaces the whole egress configuration."""
+
+    allow_out: list[str] | None = Field(default=None, alias="allowOut")
+    deny_out: list[str] | None = Field(default=None, alias="denyOut")
+    dns_servers: list[str] | None = Field(default=None, alias="dnsServers")
+    egress_proxy: dict[str, Any] | None = Field(default=None, alias="egressProxy")
+    rules: dict[str, Any] | None = None
+    allow_internet_access: bool | None = None
+
+    def as_network(self) -> dict[str, Any]:
+        """The update as create's `network` object (E2B's field names)."""
+        return self.model_dump(by_alias=True, exclude_none=True, exclude={"allow_internet_access"})
 
 
 class TimeoutBody(_Body):

@@ -46,9 +46,12 @@ def _common(s: Sandbox) -> dict[str, Any]:
 
 
 def sandbox_detail(s: Sandbox) -> dict[str, Any]:
+    network = s.policy.to_api()
     return {
         **_common(s),
         "envdAccessToken": s.record.envd_token,
+        "allowInternetAccess": s.record.allow_internet_access,
+        **({"network": network} if network else {}),
         "domain": None,
         "lifecycle": {"autoResume": False, "onTimeout": "pause" if s.record.auto_pause else "kill"},
     }

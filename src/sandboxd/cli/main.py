@@ -173,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         "networks, nor another sandboxd server's on this host (default %(default)s)",
     )
     p_serve.add_argument(
+        "--dns",
+        default=None,
+        help="comma-separated IPv4 addresses of the DNS servers the sandboxes' resolver forwards to "
+        "(default: the host's, from /etc/resolv.conf); a sandbox's own network.dnsServers come first",
+    )
+    p_serve.add_argument(
         "--no-network",
         action="store_true",
         help="sandboxes get no network but their own loopback",
@@ -239,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                 favor_dynmods=not args.no_favordynmods,
                 uid_base=args.uid_base,
                 network_cidr=None if args.no_network else args.network_cidr,
+                dns=None if args.dns is None else [d for d in args.dns.split(",") if d],
                 settings=settings,
                 limits=RequestLimits(
                     max_message_bytes=int(args.max_message_mb * MiB),

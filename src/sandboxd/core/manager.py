@@ -27,7 +27,9 @@ from sandboxd.core.pool import Pooled, WarmPool
 from sandboxd.core.reaper import Reaper
 from sandboxd.core.tenant_limits import TenantLimits
 from sandboxd.core.users import DEFAULT_PATH, lookup_user
-from sandboxd.runtime.base import ExecSpec, Limits, Runtime, SandboxHandle, SandboxSpec
+from sandboxd.network.policy import NetworkPolicy, PolicyError
+from sandboxd.runtime.base import ExecSpec, Limits, Runtime, RuntimeError_, SandboxHandle, SandboxSpec
+from sandboxd.runtime.network import AddressPoolExhausted
 from sandboxd.runtime.quota import DEFAULT_DISK_MB, MIN_DISK_MB
 from sandboxd.state.db import SandboxRecord, StateDB
 from sandboxd.templates.store import Template, TemplateError, TemplateStore
@@ -79,6 +81,7 @@ class Sandbox:
         self.ext: dict[str, Any] = {}
         self.on_kill: list[Callable[[], None]] = []
         self.service: subprocess.Popen[bytes] | None = None  # the template's service, if it has one
+        self.policy = NetworkPolicy.from_json(record.network)
 
     @property
     def id(self) -> str:
@@ -101,6 +104,9 @@ class SandboxManager:
         self.host_limits = self.settings.host or HostLimits.for_host()
         self.metrics = MetricsSampler(self)
         self._creating: list[int] = []  # memory (MiB) of sandboxes being created right now
+        self._by_address: dict[str, Sandbox] = {}
+        # called with a sandbox's address when its network policy changed (the egress proxy re-checks)
+        self.on_policy_change: list[Callable[[str], None]] = []
 
     # -- start / stop ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -183,6 +189,8 @@ class SandboxManager:
         self._creating.append(memory_mb)  # counted against the host-wide limits while it is made
         try:
             handle = await self.runtime.create(self._spec(sandbox_id, template, disk_mb))
+        except AddressPoolExhausted as e:
+            raise LimitReached(str(e)) from None
         finally:
             self._creating.remove(memory_mb)
         if not template.service:
@@ -268,10 +276,13 @@ class SandboxManager:
         env_vars: dict[str, str] | None = None,
         auto_pause: bool = False,
         disk_mb: int | None = None,
+        network: dict[str, Any] | None = None,
+        allow_internet_access: bool | None = None,
     ) -> Sandbox:
         timeout = self._check_timeout(self.settings.default_timeout if timeout is None else timeout, positive=True)
         _check_str_map("metadata", metadata)
         _check_str_map("envVars", env_vars)
+        policy = _policy(network, allow_internet_access)
         try:
             template = self.templates.get(template_id)
         except TemplateError as e:
@@ -286,6 +297,13 @@ class SandboxManager:
             sandbox_id = new_sandbox_id()
             handle, service = await self._new(sandbox_id, template, disk_mb)
         self.pool.schedule_refill(template.name)
+        egress = policy.egress()
+        if not egress.open or egress.intercept:  # pooled or not, a sandbox starts with the open policy
+            try:
+                await self.runtime.set_egress(handle, egress)
+            except BaseException:
+                await self.runtime.destroy(handle)
+                raise
         s = self.settings
         now = time.time()
         rec = SandboxRecord(
@@ -306,6 +324,8 @@ class SandboxManager:
             default_user=template.default_user,
             default_workdir=template.default_workdir,
             handle={**asdict(handle), "state_dir": str(handle.state_dir)},
+            network=policy.to_json(),
+            allow_internet_access=allow_internet_access is not False,
         )
         sandbox = Sandbox(rec, handle)
         sandbox.service = service
@@ -316,6 +336,31 @@ class SandboxManager:
 
     def _register(self, sandbox: Sandbox) -> None:
         self.sandboxes[sandbox.id] = sandbox
+        if sandbox.handle.address:
+            self._by_address[sandbox.handle.address] = sandbox
+
+    def policy_for(self, address: str) -> NetworkPolicy | None:
+        """The network policy of the live sandbox with this address (for the resolver and the proxy)."""
+        sandbox = self._by_address.get(address)
+        return sandbox.policy if sandbox is not None and not sandbox.killed.is_set() else None
+
+    async def update_network(
+        self, sandbox_id: str, network: dict[str, Any], allow_internet_access: bool | None
+    ) -> None:
+        """Replace the sandbox's egress policy (all of it: what the update leaves out is cleared)."""
+        sandbox = self.get(sandbox_id)
+        policy = _policy(network, allow_internet_access)
+        try:
+            await self.runtime.set_egress(sandbox.handle, policy.egress())
+        except RuntimeError_ as e:
+            raise BadRequest(str(e)) from None
+        sandbox.policy = policy
+        sandbox.record.network = policy.to_json()
+        sandbox.record.allow_internet_access = allow_internet_access is not False
+        sandbox.record.handle = {**asdict(sandbox.handle), "state_dir": str(sandbox.handle.state_dir)}
+        self.db.put(sandbox.record)
+        for cb in self.on_policy_change:
+            cb(sandbox.handle.address)
 
     def get(self, sandbox_id: str) -> Sandbox:
         sandbox = self.sandboxes.get(sandbox_id)
@@ -331,6 +376,10 @@ class SandboxManager:
         if sandbox is None:
             return False
         sandbox.killed.set()
+        if self._by_address.get(sandbox.handle.address) is sandbox:
+            del self._by_address[sandbox.handle.address]
+            for changed in self.on_policy_change:
+                changed(sandbox.handle.address)  # its proxied connections end
         sandbox.record.state = "killing"  # recorded first: a crash from here on never brings it back
         self.db.put(sandbox.record)
         self.metrics.forget(sandbox_id)
@@ -387,6 +436,23 @@ class SandboxManager:
         if timeout > self.settings.max_timeout:
             raise BadRequest(f"timeout {timeout} s is above the maximum of {self.settings.max_timeout} s")
         return timeout
+
+
+def _policy(network: dict[str, Any] | None, allow_internet_access: bool | None) -> NetworkPolicy:
+    network = network or {}
+    if not isinstance(network, dict):
+        raise BadRequest("network must be an object")
+    for key, what in (("egressProxy", "an egress proxy"), ("rules", "per-host rules")):
+        if network.get(key):
+            raise BadRequest(f"network.{key}: {what} is not supported by this server yet")
+    if network.get("allowPublicTraffic") is False:
+        raise BadRequest("network.allowPublicTraffic: traffic access tokens are not supported by this server yet")
+    if network.get("maskRequestHost"):
+        raise BadRequest("network.maskRequestHost is not supported by this server yet")
+    try:
+        return NetworkPolicy.from_api(network, allow_internet_access)
+    except PolicyError as e:
+        raise BadRequest(str(e)) from None
 
 
 def _check_str_map(name: str, value: Any) -> None:

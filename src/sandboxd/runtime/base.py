@@ -11,6 +11,7 @@ import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 class RuntimeError_(Exception):
@@ -33,19 +34,22 @@ class Egress:
 
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
+    intercept: bool = False  # its TCP to ports 80 and 443 goes to the egress proxy (its policy names hosts)
 
     @property
     def open(self) -> bool:
         """Nothing denied: the allow list changes nothing either (allow only wins over a deny)."""
         return not self.deny
 
-    def to_json(self) -> dict[str, list[str]]:
-        return {"allow": list(self.allow), "deny": list(self.deny)}
+    def to_json(self) -> dict[str, Any]:
+        return {"allow": list(self.allow), "deny": list(self.deny), "intercept": self.intercept}
 
     @classmethod
     def from_json(cls, data: dict | None) -> Egress:
         data = data or {}
-        return cls(allow=tuple(data.get("allow", ())), deny=tuple(data.get("deny", ())))
+        return cls(
+            allow=tuple(data.get("allow", ())), deny=tuple(data.get("deny", ())), intercept=bool(data.get("intercept"))
+        )
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,7 @@ class Runtime(abc.ABC):
 
     async def set_egress(self, handle: SandboxHandle, egress: Egress) -> None:
         """Make `egress` what the sandbox may reach (atomically; connections it denies are cut)."""
-        if not egress.open:
+        if not egress.open or egress.intercept:
             raise RuntimeError_(f"the {self.name} backend has no network policy")
 
     def set_host_limits(self, memory_cap_mb: int, total_pids: int, server_memory_mb: int) -> None:

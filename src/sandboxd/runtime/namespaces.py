@@ -123,8 +123,12 @@ class NamespaceRuntime(Runtime):
         self._adopted_egress: dict[str, Egress] = {}
         if network_cidr:
             self.net = network.HostNetwork(self.instance, network_cidr, self._netns_thread, _HOST_NETNS)
-            if not self.net.installed():  # a previous run's table stays until sweep() re-installs it
-                self.net.install([])
+            try:
+                if not self.net.installed():  # a previous run's table stays until sweep() re-installs it
+                    self.net.install([])
+            except BaseException:
+                self.net.close()
+                raise
 
     async def create(self, spec: SandboxSpec) -> SandboxHandle:
         sdir = self.sandboxes_dir / spec.sandbox_id
@@ -317,7 +321,7 @@ class NamespaceRuntime(Runtime):
 
     async def set_egress(self, handle: SandboxHandle, egress: Egress) -> None:
         if not handle.address or self.net is None:
-            if egress.open:
+            if egress.open and not egress.intercept:
                 return
             raise RuntimeError_("this sandbox has no network (the server runs without networking)")
         await asyncio.to_thread(self.net.set_egress, handle.address, egress)

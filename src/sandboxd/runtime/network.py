@@ -10,11 +10,15 @@ host, and so passes the table's hooks with the sandbox's own interface as its in
 
 - prerouting: a source address that does not route back through the interface it came in by
   (`fib saddr . iif`) is dropped (no spoofing), and so is all IPv6;
-- input (to any address of the host): only DNS to the gateway; the rest is rejected;
+- prerouting (nat): the TCP to ports 80 and 443 of a sandbox whose policy names hosts goes to the
+  egress proxy on the gateway (`@intercept`);
+- input (to any address of the host): only DNS to the gateway (and the proxy, from those sent to it);
+  the rest is rejected;
 - forward: to another sandbox (of any sandboxd server), to the pool, link-local (metadata) and other
   special ranges is rejected; then the sandbox's own policy chain, when it has one (`@egress`, looked up
   by source address, on every packet, so a new policy also stops existing connections);
   replies come back through conntrack; nothing else may enter a sandbox interface;
+- output: the egress proxy's connections (marked) may not reach the host, the pool or blocked ranges;
 - postrouting: traffic leaving for anything but a sandbox is masqueraded.
 
 Making a sandbox's network costs ~10 ms (a netns, a veth pair, addresses and routes on both sides), so it
@@ -50,6 +54,10 @@ IFF_MULTICAST = 0x1000
 _libc = ctypes.CDLL(None, use_errno=True)
 # Conntrack entries of sandbox connections carry this mark, so that a sandbox's can be found and deleted.
 CT_MARK = 0x5BD0_0000
+# The egress proxy's own connections carry this mark (SO_MARK), which the table polices (network/egress.py).
+PROXY_MARK = 0x5BD1_0000
+# Where the egress proxy listens, on the gateway.
+PROXY_PORT = 15001
 # Where the host's IP forwarding setting from before any sandboxd changed it is kept (tmpfs: a reboot
 # resets both).
 FORWARD_ORIG = Path("/run/sandboxd/ip_forward.orig")
@@ -60,6 +68,10 @@ BLOCKED_V4 = ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/3", "255.
 
 class NetworkError(RuntimeError_):
     """Sandbox networking cannot be set up as asked (the message says why and what to do)."""
+
+
+class AddressPoolExhausted(NetworkError):
+    """Every address of the pool is a live sandbox's."""
 
 
 @dataclass
@@ -77,6 +89,17 @@ class Prepared:
             os.close(self.fd)
 
 
+# The sandbox's own namespace (it cannot change them: they belong to the host's user namespace).
+NETNS_SYSCTLS = {
+    # A socket the sandbox's last process left with unacknowledged data keeps the namespace, and so the
+    # sandbox's address, alive while it retries: give up after one retry.
+    "ipv4/tcp_orphan_retries": "1",
+    "ipv4/tcp_fin_timeout": "5",
+    # eth0 gets no IPv6 (not even link-local); lo keeps ::1.
+    "ipv6/conf/default/disable_ipv6": "1",
+}
+
+
 def _setns(fd: int) -> None:
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
@@ -90,6 +113,9 @@ def _new_netns(host_fd: int) -> tuple[int, socket.socket]:
         err = ctypes.get_errno()
         raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
     try:
+        for name, value in NETNS_SYSCTLS.items():  # /proc/sys/net is the opener's namespace's
+            with open(f"/proc/sys/net/{name}", "w") as f:
+                f.write(value)
         fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, 0)  # NETLINK_ROUTE
@@ -128,8 +154,11 @@ class HostNetwork:
         self._spare: Prepared | None = None
         self._spare_task: asyncio.Task[None] | None = None
         self._policy_lock = threading.Lock()
-        self._policed: set[str] = set()  # addresses with a policy chain
+        self._chains: set[str] = set()  # addresses with a policy chain
+        self._intercepted: set[str] = set()  # addresses whose web traffic goes to the egress proxy
         from pyroute2 import IPRoute  # imported here: a server without networking never loads it
+
+        logging.getLogger("pyroute2").setLevel(max(logging.INFO, log.getEffectiveLevel()))  # not every message
 
         self._ipr = IPRoute()
         self._nft = Nft()
@@ -195,10 +224,23 @@ class HostNetwork:
             f"delete table inet {t}",
             f"""table inet {t} {{
   map egress {{ type ipv4_addr : verdict; }}
+  set intercept {{ type ipv4_addr; }}
   chain prerouting {{
     type filter hook prerouting priority raw; policy accept;
     iifname "{p}*" meta nfproto ipv6 drop
     iifname "{p}*" fib saddr . iif oif missing drop
+  }}
+  chain gateway_out {{
+    type filter hook output priority raw; policy accept;
+    oifname "{self.gw_dev}" notrack
+  }}
+  chain tag_new {{
+    type filter hook prerouting priority mangle; policy accept;
+    iifname "{p}*" ct state new ct mark set {CT_MARK:#x}
+  }}
+  chain intercept_nat {{
+    type nat hook prerouting priority dstnat; policy accept;
+    iifname "{p}*" ip saddr @intercept tcp dport {{ 80, 443 }} dnat ip to {gw}:{PROXY_PORT}
   }}
   chain input {{
     type filter hook input priority filter - 10; policy accept;
@@ -207,6 +249,7 @@ class HostNetwork:
   chain from_sandbox {{
     ip daddr {gw} udp dport 53 accept
     ip daddr {gw} tcp dport 53 accept
+    ip daddr {gw} tcp dport {PROXY_PORT} ip saddr @intercept accept
     reject with icmpx admin-prohibited
   }}
   chain forward {{
@@ -219,8 +262,12 @@ class HostNetwork:
   chain from_sandbox_out {{
     oifname "sx*" reject with icmpx admin-prohibited
     ip daddr {{ {pool}, {", ".join(BLOCKED_V4)} }} reject with icmpx admin-prohibited
-    ct state new ct mark set {CT_MARK:#x}
     ip saddr vmap @egress
+  }}
+  chain proxied {{
+    type filter hook output priority filter - 10; policy accept;
+    meta mark {PROXY_MARK:#x} fib daddr type local reject with icmpx admin-prohibited
+    meta mark {PROXY_MARK:#x} ip daddr {{ {pool}, {", ".join(BLOCKED_V4)} }} reject with icmpx admin-prohibited
   }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
@@ -229,38 +276,49 @@ class HostNetwork:
 }}""",
         ]
         with self._policy_lock:
-            self._policed.clear()
-            policed = []
+            self._chains.clear()
+            self._intercepted.clear()
+            sandboxes = list(sandboxes)
             for address, egress in sandboxes:
                 lines += self._policy_lines(address, egress)
-                if not egress.open:
-                    policed.append(address)
+                self._record(address, egress)
             try:
                 self._nft.run("\n".join(lines))
             except NftError as e:
+                self._chains.clear()
+                self._intercepted.clear()
                 raise NetworkError(f"installing the sandbox firewall (nftables table {t}) failed: {e}") from e
-            self._policed.update(policed)
 
     def _chain(self, address: str) -> str:
         return "p_" + address.replace(".", "_")
 
     def _policy_lines(self, address: str, egress: Egress) -> list[str]:
-        """The nft commands that make `egress` the sandbox's policy (no chain at all when it is open)."""
+        """The nft commands that make `egress` the sandbox's policy: a chain of its own when it denies
+        anything, its address in @intercept when its TCP to ports 80 and 443 goes to the egress proxy."""
         t, chain = self.table, self._chain(address)
-        policed = address in self._policed
-        if egress.open:
-            if not policed:
-                return []
-            return [f"delete element inet {t} egress {{ {address} }}", f"delete chain inet {t} {chain}"]
-        lines = [f"add chain inet {t} {chain}", f"flush chain inet {t} {chain}"]
-        if egress.allow:
-            lines.append(f"add rule inet {t} {chain} ip daddr {{ {', '.join(egress.allow)} }} accept")
-        lines.append(
-            f"add rule inet {t} {chain} ip daddr {{ {', '.join(egress.deny)} }} reject with icmpx admin-prohibited"
-        )
-        if not policed:
-            lines.append(f"add element inet {t} egress {{ {address} : jump {chain} }}")
+        lines: list[str] = []
+        if egress.open and address in self._chains:
+            lines += [f"delete element inet {t} egress {{ {address} }}", f"delete chain inet {t} {chain}"]
+        elif not egress.open:
+            lines += [f"add chain inet {t} {chain}", f"flush chain inet {t} {chain}"]
+            if egress.allow:
+                lines.append(f"add rule inet {t} {chain} ip daddr {{ {', '.join(egress.allow)} }} accept")
+            deny = ", ".join(egress.deny)
+            lines.append(f"add rule inet {t} {chain} ip daddr {{ {deny} }} reject with icmpx admin-prohibited")
+            if address not in self._chains:
+                lines.append(f"add element inet {t} egress {{ {address} : jump {chain} }}")
+        if egress.intercept and address not in self._intercepted:
+            lines.append(f"add element inet {t} intercept {{ {address} }}")
+        elif not egress.intercept and address in self._intercepted:
+            lines.append(f"delete element inet {t} intercept {{ {address} }}")
         return lines
+
+    def _record(self, address: str, egress: Egress) -> None:
+        for book, on in ((self._chains, not egress.open), (self._intercepted, egress.intercept)):
+            if on:
+                book.add(address)
+            else:
+                book.discard(address)
 
     def set_egress(self, address: str, egress: Egress) -> None:
         """Make `egress` the sandbox's policy, in one transaction. Every packet meets the policy in force
@@ -274,26 +332,29 @@ class HostNetwork:
                 self._nft.run("\n".join(lines))
             except NftError as e:
                 raise NetworkError(f"updating the sandbox's firewall failed: {e}") from e
-            if egress.open:
-                self._policed.discard(address)
-            else:
-                self._policed.add(address)
-        if not egress.open:
+            self._record(address, egress)
+        if not egress.open or egress.intercept:
             self.forget_connections(address)
 
     # -- namespaces and addresses ------------------------------------------------------------------
+    def _ifname(self, n: int) -> str:
+        """The host end of the veth of the sandbox with address number `n` (unique among live sandboxes)."""
+        return f"{self.prefix}{n - int(self.pool.network_address):x}"
+
     def _allocate(self) -> str:
         with self._lock:
             size = self._last - self._first + 1
             for i in range(size):
                 n = self._first + (self._next - self._first + i) % size
-                if n not in self._used:
+                # Round robin; and not while the last holder's link exists (its namespace is still going:
+                # a socket it left may hold it for a few seconds).
+                if n not in self._used and not os.path.exists(f"/sys/class/net/{self._ifname(n)}"):
                     self._used.add(n)
                     self._next = n + 1
                     return str(ipaddress.IPv4Address(n))
-        raise NetworkError(
-            f"the sandbox network {self.pool} has no free address ({size} sandboxes have one): kill sandboxes you "
-            "no longer need, or give --network-cidr a bigger range"
+        raise AddressPoolExhausted(
+            f"the sandbox network {self.pool} has no free address (it has room for {size} sandboxes): kill "
+            "sandboxes you no longer need, or give --network-cidr a bigger range"
         )
 
     def claim(self, address: str) -> None:
@@ -344,8 +405,7 @@ class HostNetwork:
         from pyroute2 import IPRoute
 
         address = self._allocate()
-        # Named after the address, which is unique among live sandboxes, also across server restarts.
-        ifname = f"{self.prefix}{int(ipaddress.IPv4Address(address)) - int(self.pool.network_address):x}"
+        ifname = self._ifname(int(ipaddress.IPv4Address(address)))
         prepared = Prepared(fd=fd, address=address, ifname=ifname)
         inner = None
         try:

@@ -42,6 +42,8 @@ class SandboxRecord:
     default_user: str = "user"
     default_workdir: str = "/home/user"
     handle: dict = field(default_factory=dict)  # the runtime's SandboxHandle, as JSON
+    network: dict = field(default_factory=dict)  # its network policy (network/policy.py, NetworkPolicy.to_json)
+    allow_internet_access: bool = True
 
 
 class StateDB:

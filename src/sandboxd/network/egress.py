@@ -1,0 +1,283 @@
+"""The egress proxy: where a sandbox whose policy names hosts has its outgoing TCP to ports 80 and 443
+sent (nftables redirects it to the gateway, runtime/network.py). It learns the name the client asked
+for, from HTTP's `Host` or from TLS's SNI, decides by the sandbox's policy (network/policy.py), and
+connects on the sandbox's behalf:
+
+- a name the policy allows is connected to by *its own* addresses (resolved here, by the sandbox's DNS
+  servers or the server's), not the address the sandbox chose: an allowed name cannot carry traffic to
+  another address;
+- otherwise the address the sandbox connected to decides, as the kernel would have.
+
+The proxy's own connections carry a mark (SO_MARK) that the table checks in the output hook: they may
+not reach this host, the sandbox pool, link-local or special addresses, whatever DNS said (no DNS
+rebinding to the host). A denied HTTP request gets a 403 that says why; a denied TLS connection is
+closed. Each sandbox may have so many proxied connections at once; every read has a time limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import struct
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import dns.asyncresolver
+import dns.exception
+
+from sandboxd.network.policy import NetworkPolicy, matches
+
+log = logging.getLogger(__name__)
+
+SO_ORIGINAL_DST = 80
+MAX_HEAD = 16 * 1024  # an HTTP request head, or a TLS ClientHello, must fit
+HEAD_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 10.0
+MAX_CONNECTIONS = 256  # per sandbox
+BUFFER = 64 * 1024
+
+
+class Denied(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class _Conn:
+    client: str
+    name: str | None
+    address: str  # where it was connected
+    writer: asyncio.StreamWriter
+    upstream: asyncio.StreamWriter | None = None
+
+
+def original_destination(sock: socket.socket) -> tuple[str, int]:
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port, packed = struct.unpack_from("!2xH4s", raw)
+    return socket.inet_ntoa(packed), port
+
+
+def sni(hello: bytes) -> str | None:
+    """The server name of a TLS ClientHello record (None: none given). Raises ValueError on a malformed
+    or incomplete record; every length is checked against what is there."""
+
+    def take(buf: bytes, pos: int, n: int) -> tuple[bytes, int]:
+        if pos + n > len(buf):
+            raise ValueError("truncated")
+        return buf[pos : pos + n], pos + n
+
+    def num(buf: bytes, pos: int, n: int) -> tuple[int, int]:
+        b, pos = take(buf, pos, n)
+        return int.from_bytes(b, "big"), pos
+
+    if len(hello) < 5 or hello[0] != 0x16:
+        raise ValueError("not a TLS handshake")
+    length = int.from_bytes(hello[3:5], "big")
+    body, _ = take(hello, 5, length)
+    kind, pos = num(body, 0, 1)
+    if kind != 1:
+        raise ValueError("not a ClientHello")
+    hlen, pos = num(body, pos, 3)
+    body, _ = take(body, pos, hlen)
+    pos = 2 + 32  # version, random
+    n, pos = num(body, pos, 1)
+    _, pos = take(body, pos, n)  # session id
+    n, pos = num(body, pos, 2)
+    _, pos = take(body, pos, n)  # cipher suites
+    n, pos = num(body, pos, 1)
+    _, pos = take(body, pos, n)  # compression methods
+    if pos == len(body):
+        return None
+    n, pos = num(body, pos, 2)
+    exts, _ = take(body, pos, n)
+    pos = 0
+    while pos < len(exts):
+        etype, pos = num(exts, pos, 2)
+        elen, pos = num(exts, pos, 2)
+        data, pos = take(exts, pos, elen)
+        if etype == 0:  # server_name
+            _, p = num(data, 0, 2)
+            while p < len(data):
+                ntype, p = num(data, p, 1)
+                nlen, p = num(data, p, 2)
+                name, p = take(data, p, nlen)
+                if ntype == 0:
+                    return name.decode("ascii")
+            return None
+    return None
+
+
+def http_host(head: bytes) -> str | None:
+    for line in head.split(b"\r\n")[1:]:
+        if not line:
+            break
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == b"host":
+            host = value.strip().decode("ascii", errors="strict")
+            if host.startswith("["):
+                return None
+            return host.rsplit(":", 1)[0] if ":" in host else host
+    return None
+
+
+class EgressProxy:
+    def __init__(
+        self,
+        address: str,
+        port: int,
+        policy_for: Callable[[str], NetworkPolicy | None],
+        upstream_dns: list[str],
+        mark: int,
+    ) -> None:
+        self.address = address
+        self.port = port
+        self.policy_for = policy_for
+        self.upstream_dns = upstream_dns
+        self.mark = mark
+        self._server: asyncio.Server | None = None
+        self._count: Counter[str] = Counter()
+        self._conns: dict[str, set[_Conn]] = defaultdict(set)
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.address, self.port, reuse_address=True)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conns in self._conns.values():
+            for c in list(conns):
+                c.writer.close()
+
+    def policy_changed(self, client: str) -> None:
+        """Cut the proxied connections of `client` that its new policy does not allow."""
+        policy = self.policy_for(client)
+        for c in list(self._conns.get(client, ())):
+            if policy is None or not self._allowed(policy, c.name, c.address):
+                c.writer.close()
+                if c.upstream is not None:
+                    c.upstream.close()
+
+    @staticmethod
+    def _allowed(policy: NetworkPolicy, name: str | None, address: str) -> bool:
+        """E2B's precedence: an allow (by name, or by address) beats a deny (by name, or by address)."""
+        ip = ipaddress.IPv4Address(address)
+        if name is not None and matches(name, policy.allow_names):
+            return True
+        if any(ip in ipaddress.IPv4Network(c) for c in policy.allow_cidrs):
+            return True
+        if name is not None and matches(name, policy.deny_names):
+            return False
+        return not any(ip in ipaddress.IPv4Network(c) for c in policy.deny_cidrs)
+
+    async def _resolve(self, name: str, policy: NetworkPolicy) -> list[str]:
+        r = dns.asyncresolver.Resolver(configure=False)
+        r.nameservers = list(policy.dns_servers) if policy.dns_servers else list(self.upstream_dns)
+        r.lifetime = 5.0
+        try:
+            answer = await r.resolve(name, "A")
+        except dns.exception.DNSException as e:
+            raise Denied(f"{name} does not resolve: {e}") from None
+        return [rr.to_text() for rr in answer]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        client = writer.get_extra_info("peername")[0]
+        policy = self.policy_for(client)
+        if policy is None or self._count[client] >= MAX_CONNECTIONS:
+            writer.close()
+            return
+        self._count[client] += 1
+        conn: _Conn | None = None
+        tls = False
+        try:
+            try:
+                dst, port = original_destination(writer.get_extra_info("socket"))
+            except OSError:
+                return  # not redirected here by the table
+            head = await self._read_head(reader)
+            tls = head[:1] == b"\x16"
+            try:
+                name = sni(head) if tls else http_host(head)
+            except (ValueError, UnicodeDecodeError):
+                name = None
+            if name is not None:
+                name = name.lower().rstrip(".")
+            if not self._allowed(policy, name, dst):
+                raise Denied(f"{name or dst} is not allowed by this sandbox's network policy")
+            targets = await self._resolve(name, policy) if name and matches(name, policy.allow_names) else [dst]
+            conn = _Conn(client, name, dst, writer)
+            self._conns[client].add(conn)
+            up_reader, up_writer = await self._connect(targets, port)
+            conn.upstream = up_writer
+            up_writer.write(head)
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        except Denied as e:
+            if not tls:
+                body = f"sandboxd: {e}\n".encode()
+                writer.write(
+                    b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                with contextlib.suppress(ConnectionError):
+                    await writer.drain()
+        except (TimeoutError, ConnectionError, OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._count[client] -= 1
+            if not self._count[client]:
+                del self._count[client]
+            if conn is not None:
+                self._conns[client].discard(conn)
+                if not self._conns[client]:
+                    del self._conns[client]
+                if conn.upstream is not None:
+                    conn.upstream.close()
+            writer.close()
+
+    async def _read_head(self, reader: asyncio.StreamReader) -> bytes:
+        """Enough of the stream to know the name: a whole TLS record, or an HTTP head (bounded)."""
+        buf = b""
+        async with asyncio.timeout(HEAD_TIMEOUT):
+            while len(buf) < MAX_HEAD:
+                chunk = await reader.read(MAX_HEAD - len(buf))
+                if not chunk:
+                    break
+                buf += chunk
+                if buf[:1] == b"\x16":
+                    if len(buf) >= 5 and len(buf) >= 5 + int.from_bytes(buf[3:5], "big"):
+                        break
+                elif b"\r\n\r\n" in buf:
+                    break
+        return buf
+
+    async def _connect(self, targets: list[str], port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        last: Exception | None = None
+        loop = asyncio.get_running_loop()
+        for target in targets:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.mark)  # policed by the table's output hook
+            sock.setblocking(False)
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    await loop.sock_connect(sock, (target, port))
+                return await asyncio.open_connection(sock=sock)
+            except (OSError, TimeoutError) as e:
+                sock.close()
+                last = e
+        raise ConnectionError(f"could not connect to {targets}: {last}")
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(BUFFER):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(OSError, RuntimeError):
+            if writer.can_write_eof():
+                writer.write_eof()

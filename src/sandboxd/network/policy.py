@@ -1,0 +1,179 @@
+"""A sandbox's network policy: E2B's fields (`allow_internet_access`, `network.allowOut` / `denyOut` /
+`dnsServers`), checked, and what they mean for the kernel, the DNS resolver and the egress proxy.
+
+Entries are IPv4 addresses, CIDRs, or host names (`api.example.com` names that host only; `*.example.com`
+names every host under example.com, not example.com itself). Precedence is E2B's: what `allowOut`
+names is allowed even when `denyOut` also covers it; `denyOut: ["0.0.0.0/0"]` with an allow list is an
+allow list. `allow_internet_access: false` is `denyOut: ["0.0.0.0/0"]`.
+
+- Addresses and CIDRs are enforced by nftables, for every protocol (runtime/network.py).
+- Names are enforced where a name is visible: by the DNS resolver (a name the policy denies does not
+  resolve) and by the egress proxy, which sees HTTP's `Host` and TLS's SNI on ports 80 and 443 and
+  decides by the name the client asked for, then connects to that name's own address (so resolving a
+  name elsewhere, or connecting to an allowed name's address directly, gains nothing).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from sandboxd.runtime.base import Egress
+
+ALL_TRAFFIC = "0.0.0.0/0"
+MAX_ENTRIES = 256  # per list
+MAX_DNS_SERVERS = 10
+_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
+
+
+class PolicyError(ValueError):
+    """A network field is malformed (the message names the field and the entry)."""
+
+
+def _name(entry: str, field: str) -> str:
+    name = entry.lower().rstrip(".")
+    labels = name[2:].split(".") if name.startswith("*.") else name.split(".")
+    if len(name) > 253 or len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
+        raise PolicyError(
+            f"network.{field}: {entry!r} is neither an IPv4 address, a CIDR nor a host name "
+            "(e.g. 1.2.3.4, 10.0.0.0/8, api.example.com, *.example.com)"
+        )
+    return name
+
+
+def _entries(value: Any, field: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(CIDRs, names) of an allowOut / denyOut list."""
+    if value is None:
+        return (), ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise PolicyError(f"network.{field} must be a list of strings")
+    if len(value) > MAX_ENTRIES:
+        raise PolicyError(f"network.{field} has {len(value)} entries; at most {MAX_ENTRIES} are allowed")
+    cidrs: list[str] = []
+    names: list[str] = []
+    for entry in value:
+        entry = entry.strip()
+        if not entry or len(entry) > 253:
+            raise PolicyError(f"network.{field}: an entry is empty or longer than 253 characters")
+        try:
+            net = ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            names.append(_name(entry, field))
+            continue
+        if net.version != 4:
+            raise PolicyError(f"network.{field}: {entry!r} is IPv6; sandboxes have IPv4 only")
+        if str(net) not in cidrs:
+            cidrs.append(str(net))
+    return tuple(cidrs), tuple(dict.fromkeys(names))
+
+
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    name = name.lower().rstrip(".")
+    for p in patterns:
+        if p.startswith("*."):
+            if name.endswith(p[1:]) and len(name) > len(p) - 1:
+                return True
+        elif name == p:
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class NetworkPolicy:
+    allow_cidrs: tuple[str, ...] = ()
+    deny_cidrs: tuple[str, ...] = ()
+    allow_names: tuple[str, ...] = ()
+    deny_names: tuple[str, ...] = ()
+    dns_servers: tuple[str, ...] | None = None  # where the resolver sends this sandbox's queries
+    allow_out: tuple[str, ...] = ()  # the lists as given (what GET reports)
+    deny_out: tuple[str, ...] = ()
+
+    @classmethod
+    def from_api(cls, network: dict[str, Any] | None, allow_internet_access: bool | None = None) -> NetworkPolicy:
+        network = network or {}
+        if not isinstance(network, dict):
+            raise PolicyError("network must be an object")
+        allow_cidrs, allow_names = _entries(network.get("allowOut"), "allowOut")
+        deny_cidrs, deny_names = _entries(network.get("denyOut"), "denyOut")
+        if allow_internet_access is False and ALL_TRAFFIC not in deny_cidrs:
+            deny_cidrs = (*deny_cidrs, ALL_TRAFFIC)
+        dns = network.get("dnsServers")
+        dns_servers: tuple[str, ...] | None = None
+        if dns is not None:
+            if not isinstance(dns, list) or len(dns) > MAX_DNS_SERVERS:
+                raise PolicyError(f"network.dnsServers must be a list of at most {MAX_DNS_SERVERS} IPv4 addresses")
+            try:
+                dns_servers = tuple(str(ipaddress.IPv4Address(d)) for d in dns)
+            except (ValueError, TypeError):
+                raise PolicyError(f"network.dnsServers: {dns!r} holds something that is not an IPv4 address") from None
+        given = {k: tuple(e.strip() for e in network.get(k) or ()) for k in ("allowOut", "denyOut")}
+        return cls(allow_cidrs, deny_cidrs, allow_names, deny_names, dns_servers, given["allowOut"], given["denyOut"])
+
+    @property
+    def denies_all(self) -> bool:
+        return ALL_TRAFFIC in self.deny_cidrs
+
+    @property
+    def has_names(self) -> bool:
+        return bool(self.allow_names or self.deny_names)
+
+    def egress(self) -> Egress:
+        """The kernel's part: addresses and CIDRs (and the sandbox's own DNS servers, which it may always
+        reach when it names hosts, as on E2B)."""
+        allow = self.allow_cidrs
+        if self.dns_servers and self.has_names:
+            allow = (*allow, *(f"{d}/32" for d in self.dns_servers))
+        return Egress(allow=allow, deny=self.deny_cidrs, intercept=self.has_names)
+
+    def name_allowed(self, name: str) -> bool:
+        """May the sandbox reach host `name` (resolve it, and talk to it through the egress proxy)?"""
+        if matches(name, self.allow_names):
+            return True
+        if matches(name, self.deny_names):
+            return False
+        return not self.denies_all
+
+    def address_allowed(self, address: str) -> bool:
+        """The kernel's verdict for a destination address, for decisions the proxy makes by address."""
+        ip = ipaddress.IPv4Address(address)
+        if any(ip in ipaddress.IPv4Network(c) for c in self.allow_cidrs):
+            return True
+        return not any(ip in ipaddress.IPv4Network(c) for c in self.deny_cidrs)
+
+    def to_api(self) -> dict[str, Any]:
+        """As E2B reports it (`network` of GET /sandboxes/{id})."""
+        out: dict[str, Any] = {}
+        if self.allow_out:
+            out["allowOut"] = list(self.allow_out)
+        if self.deny_out:
+            out["denyOut"] = list(self.deny_out)
+        if self.dns_servers is not None:
+            out["dnsServers"] = list(self.dns_servers)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "allow_cidrs": list(self.allow_cidrs),
+            "deny_cidrs": list(self.deny_cidrs),
+            "allow_names": list(self.allow_names),
+            "deny_names": list(self.deny_names),
+            "dns_servers": None if self.dns_servers is None else list(self.dns_servers),
+            "allow_out": list(self.allow_out),
+            "deny_out": list(self.deny_out),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> NetworkPolicy:
+        data = data or {}
+        dns = data.get("dns_servers")
+        return cls(
+            tuple(data.get("allow_cidrs", ())),
+            tuple(data.get("deny_cidrs", ())),
+            tuple(data.get("allow_names", ())),
+            tuple(data.get("deny_names", ())),
+            None if dns is None else tuple(dns),
+            tuple(data.get("allow_out", ())),
+            tuple(data.get("deny_out", ())),
+        )

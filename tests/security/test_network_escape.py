@@ -1,0 +1,227 @@
+"""Attacks on a sandbox's network, from inside, as its root: reaching other sandboxes, the host and its
+services, link-local metadata; changing addresses, routes, ARP or the firewall; raw sockets; spoofed
+sources; IPv6 around the firewall; DNS rebinding through the egress proxy; exhausting the address pool.
+
+Every target is this machine's own or the tests' lab namespace (tests/netlab.py): the lab also owns
+169.254.169.254, so a metadata request the firewall failed to stop would be answered by the lab, and seen.
+"""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from e2b import Sandbox
+from netlab import DNS, HOST_SIDE, METADATA, WEB, Lab
+
+from conftest import Server, run_as, start_server
+
+PY = "python3 -c"
+
+
+def run_root(sbx: Sandbox, cmd: str, timeout: float = 30) -> tuple[int, str, str]:
+    return run_as(sbx, cmd, "root", timeout)
+
+
+def address_of(sbx: Sandbox) -> str:
+    return run_root(sbx, "ip -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1")[1].strip()
+
+
+def tcp_connects(sbx: Sandbox, host: str, port: int) -> bool:
+    code, _, _ = run_root(sbx, f"timeout 3 bash -c 'echo > /dev/tcp/{host}/{port}'")
+    return code == 0
+
+
+@pytest.fixture
+def host_listener() -> Iterator[int]:
+    """An HTTP server of the host on every address (0.0.0.0), as a host service a sandbox must not reach."""
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("0.0.0.0", 0), Quiet)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield srv.server_address[1]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.fixture
+def pair(server: Server, lab: Lab) -> Iterator[tuple[Sandbox, Sandbox]]:
+    a = Sandbox.create(template="base", timeout=120)
+    b = Sandbox.create(template="base", timeout=120)
+    try:
+        yield a, b
+    finally:
+        a.kill()
+        b.kill()
+
+
+def test_other_sandboxes_are_unreachable(pair: tuple[Sandbox, Sandbox]) -> None:
+    a, b = pair
+    listen = f"{PY} \"import socket,time; s=socket.socket(); s.bind(('0.0.0.0', 8000)); s.listen(); time.sleep(30)\""
+    b.commands.run(listen, background=True, user="root")
+    ip_b = address_of(b)
+    assert ip_b and ip_b != address_of(a)
+    assert tcp_connects(b, "127.0.0.1", 8000), "the listener runs"
+    assert not tcp_connects(a, ip_b, 8000)
+    assert run_root(a, f"ping -c 1 -W 1 {ip_b}")[0] != 0
+
+
+def test_host_services_are_unreachable(sandbox: Sandbox, lab: Lab, host_listener: int) -> None:
+    gateway = run_root(sandbox, "awk '/nameserver/ {print $2}' /etc/resolv.conf")[1].strip()
+    assert tcp_connects(sandbox, WEB, 80), "the internet is reachable"
+    for host in (gateway, HOST_SIDE):
+        assert not tcp_connects(sandbox, host, host_listener), host
+        assert run_root(sandbox, f"ping -c 1 -W 1 {host}")[0] != 0, host
+    # the gateway answers DNS, and nothing else
+    assert not tcp_connects(sandbox, gateway, 22)
+    assert run_root(sandbox, f"dig +short +time=2 +tries=1 @{gateway} web.lab.test || getent hosts web.lab.test")[
+        0
+    ] in (0, 2)
+
+
+def test_metadata_and_link_local_are_unreachable(sandbox: Sandbox, lab: Lab) -> None:
+    code, out, _ = run_root(sandbox, f"curl -sS -m 3 http://{METADATA}/latest/meta-data/")
+    assert code != 0, out
+    assert METADATA not in lab.requests_seen(), "the request reached the lab's stand-in metadata server"
+
+
+def test_network_configuration_is_out_of_reach(sandbox: Sandbox) -> None:
+    me = address_of(sandbox)
+    for cmd in (
+        "ip addr add 10.99.0.1/32 dev eth0",
+        "ip link set eth0 down",
+        "ip route add 10.99.0.0/24 dev eth0",
+        "ip route del default",
+        "ip neigh add 10.213.0.99 lladdr 02:00:00:00:00:01 dev eth0",
+        "ip link add x type dummy",
+        "sysctl -w net.ipv4.ip_forward=1",
+        f'{PY} "import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)"',
+        f'{PY} "import socket; socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)"',
+        f'{PY} "import socket; s=socket.socket(); s.setsockopt(socket.SOL_IP, 19, 1)"',  # IP_TRANSPARENT
+        f'{PY} "import socket; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 1)"',
+    ):
+        code, _, _ = run_root(sandbox, cmd)
+        assert code != 0, cmd
+    assert address_of(sandbox) == me
+    assert "default via" in run_root(sandbox, "ip route")[1]
+
+
+def test_spoofed_source_addresses_are_dropped(sandbox: Sandbox, lab: Lab) -> None:
+    """IP_FREEBIND lets anyone bind an address that is not theirs: sending from it fails in the sandbox's
+    own kernel (no IP_TRANSPARENT without CAP_NET_ADMIN), and the host would drop it (fib check)."""
+    send = (
+        f'{PY} "import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); '
+        "s.setsockopt(socket.SOL_IP, 15, 1); s.bind((sys.argv[1], 0)); "
+        f"s.sendto(sys.argv[2].encode(), ('{WEB}', 9999))\""
+    )
+    me = address_of(sandbox)
+    assert run_root(sandbox, f"{send} {me} honest")[0] == 0
+    spoofs = ["10.213.250.250", "198.18.0.53", "192.0.2.1", "8.8.8.8"]
+    for spoof in spoofs:
+        run_root(sandbox, f"{send} {spoof} spoofed-{spoof}")
+    seen = lab.udp_seen(wait_for="honest")
+    assert "honest" in seen
+    assert not [s for s in seen if s.startswith("spoofed")], seen
+
+
+def test_no_ipv6_around_the_firewall(sandbox: Sandbox, server: Server) -> None:
+    # the host's end of the link has no address, not even link-local: nothing to talk to
+    host_if = _host_link_of(sandbox)
+    out = subprocess.run(["ip", "-6", "addr", "show", "dev", host_if], capture_output=True, text=True).stdout
+    assert "inet6" not in out, out
+    # and the sandbox's IPv6 to anything (all-nodes multicast, say) goes nowhere
+    code, _, _ = run_root(sandbox, "ping -6 -c 1 -W 1 ff02::1%eth0")
+    assert code != 0
+
+
+def _host_link_of(sbx: Sandbox) -> str:
+    peer = run_root(sbx, "cat /sys/class/net/eth0/iflink")[1].strip()
+    for p in Path("/sys/class/net").iterdir():
+        try:
+            if (p / "ifindex").read_text().strip() == peer and p.name.startswith("sx"):
+                return p.name
+        except OSError:
+            continue
+    raise AssertionError(f"no host link with index {peer}")
+
+
+def test_dns_rebinding_through_the_proxy_reaches_nothing_of_the_host(server: Server, lab: Lab) -> None:
+    """An allowed name that resolves to the host (or loopback): the proxy's connection is refused by
+    the kernel, whatever DNS says."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((HOST_SIDE, 80))
+    listener.listen()
+    listener.settimeout(0.5)
+    sbx = Sandbox.create(
+        template="base",
+        timeout=120,
+        network={"allow_out": ["*.lab.test"], "deny_out": ["0.0.0.0/0"], "dns_servers": [DNS]},
+    )
+    try:
+        assert run_root(sbx, "curl -sS -m 4 -o /dev/null http://web.lab.test/")[0] == 0
+        for name in ("rebind-host.lab.test", "rebind-lo.lab.test"):
+            code, out, _ = run_root(sbx, f"curl -sS -m 4 http://{name}/")
+            assert code != 0, (name, out)
+        with pytest.raises(TimeoutError):
+            listener.accept()
+    finally:
+        sbx.kill()
+        listener.close()
+
+
+def test_address_pool_exhaustion_is_a_clear_error_and_leaks_nothing(lab: Lab) -> None:
+    from e2b import SandboxException
+
+    tmp = Path(tempfile.mkdtemp(prefix="sandboxd-test-pool-"))
+    # a /29: addresses .2 to .6 for sandboxes (.1 is the gateway)
+    srv = start_server(tmp / "data", "--network-cidr", "10.213.251.0/29", "--pool-size", "0", "--dns", DNS)
+    env = {"api_url": srv.url, "sandbox_url": srv.url, "api_key": srv.api_key}
+    made = []
+    try:
+        with pytest.raises(SandboxException) as exc:
+            for _ in range(6):
+                made.append(Sandbox.create(template="base", timeout=60, **env))
+        assert "no free address" in str(exc.value) and "--network-cidr" in str(exc.value), exc.value
+        assert len(made) >= 4
+        for sbx in made:
+            sbx.kill()
+        made.clear()
+        sbx = Sandbox.create(template="base", timeout=60, **env)  # addresses came back
+        made.append(sbx)
+        assert sbx.commands.run(f"curl -sS -m 4 -o /dev/null -w '%{{http_code}}' http://{WEB}/").stdout == "200"
+    finally:
+        for sbx in made:
+            sbx.kill()
+        assert srv.stop() == 0
+    assert_no_network_leftovers(srv)
+
+
+def assert_no_network_leftovers(srv: Server) -> None:
+    """After a server stopped with no sandbox left: no table, gateway, veth or conntrack entry of it."""
+    from sandboxd.runtime.cgroups import instance_name
+
+    instance = instance_name(srv.data_dir)
+    tag = instance.lstrip("i")[:5]
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    assert f"sandboxd_{instance}" not in tables
+    links = [p.name for p in Path("/sys/class/net").iterdir()]
+    assert not [n for n in links if n in (f"sg{tag}",) or n.startswith(f"sx{tag}")], links
+    ct = subprocess.run(["conntrack", "-L", "-m", str(0x5BD00000)], capture_output=True, text=True).stdout
+    assert not ct.strip(), ct

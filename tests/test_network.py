@@ -1,0 +1,209 @@
+"""Sandbox networking with the official SDK: NAT to the (stand-in) internet, DNS, the egress policy by
+address, CIDR and name, live updates. The internet is tests/netlab.py's namespace; nothing leaves the
+machine. The attacks on the network are in tests/security/test_network_escape.py."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from e2b import Sandbox
+from netlab import DNS, HOST_SIDE, WEB, WEB2, Lab
+
+from conftest import Server
+
+LAB = {"dns_servers": [DNS]}
+
+
+def curl(sbx: Sandbox, args: str, timeout: float = 8) -> tuple[int, str, str]:
+    r = sbx.commands.run(f"curl -sS -m 4 {args}", timeout=timeout)
+    return r.exit_code, r.stdout, r.stderr
+
+
+def run(sbx: Sandbox, cmd: str, timeout: float = 10) -> tuple[int, str, str]:
+    from e2b import CommandExitException
+
+    try:
+        r = sbx.commands.run(cmd, timeout=timeout)
+        return r.exit_code, r.stdout, r.stderr
+    except CommandExitException as e:
+        return e.exit_code, e.stdout, e.stderr
+
+
+def fetch(sbx: Sandbox, url: str, *extra: str) -> tuple[int, dict | str]:
+    """(exit code, the lab's JSON echo, or what curl and the proxy said) of one request from inside the
+    sandbox. A request the egress proxy refuses fails (HTTP 403, exit code 22) with the proxy's reason."""
+    code, out, err = run(sbx, f"curl -sS -m 4 --fail-with-body --cacert /tmp/lab-ca.pem {' '.join(extra)} {url}")
+    if code == 0:
+        try:
+            return 0, json.loads(out)
+        except ValueError:
+            return 0, out
+    return code, out + err
+
+
+@pytest.fixture
+def make(server: Server, lab: Lab):
+    made: list[Sandbox] = []
+
+    def _make(**kwargs) -> Sandbox:
+        sbx = Sandbox.create(template="base", timeout=120, **kwargs)
+        made.append(sbx)
+        sbx.files.write("/tmp/lab-ca.pem", lab.ca_pem.read_text())
+        return sbx
+
+    yield _make
+    for sbx in made:
+        sbx.kill()
+
+
+def test_internet_by_default_through_nat(make) -> None:
+    sbx = make()
+    code, echo = fetch(sbx, f"http://{WEB}/hello")
+    assert code == 0, echo
+    assert isinstance(echo, dict) and echo["path"] == "/hello"
+    assert echo["client"] == HOST_SIDE, "the lab sees the host's address (masquerade), not the sandbox's"
+    info = Sandbox.get_info(sbx.sandbox_id)
+    assert info.allow_internet_access is not False
+
+
+def test_resolv_conf_names_the_gateway_and_names_resolve(make) -> None:
+    sbx = make(network=LAB)
+    _, conf, _ = run(sbx, "cat /etc/resolv.conf")
+    gateway = conf.split()[1]
+    _, route, _ = run(sbx, "ip route show default")
+    assert f"via {gateway}" in route
+    code, echo = fetch(sbx, "http://web.lab.test/x")
+    assert code == 0, echo
+    assert isinstance(echo, dict) and echo["host"] == "web.lab.test" and echo["server"] == WEB
+    code, echo = fetch(sbx, "https://web.lab.test/tls")
+    assert code == 0, echo
+    assert isinstance(echo, dict) and echo["tls"] is True
+    # the sandbox's root may point resolv.conf elsewhere (E2B's docs tell users to)
+    assert run(sbx, f"sudo sh -c 'echo nameserver {DNS} > /etc/resolv.conf'")[0] == 0
+    assert fetch(sbx, "http://web.lab.test/")[0] == 0
+
+
+def test_internet_off(make) -> None:
+    sbx = make(allow_internet_access=False, network=LAB)
+    code, err = fetch(sbx, f"http://{WEB}/")
+    assert code != 0, err
+    code, _ = fetch(sbx, "http://web.lab.test/")
+    assert code != 0
+    info = Sandbox.get_info(sbx.sandbox_id)
+    assert info.allow_internet_access is False
+
+
+def test_deny_by_address_and_cidr(make) -> None:
+    sbx = make(network={"deny_out": [WEB2]})
+    assert fetch(sbx, f"http://{WEB}/")[0] == 0
+    assert fetch(sbx, f"http://{WEB2}/")[0] != 0
+    sbx2 = make(network={"deny_out": ["198.18.0.0/28"]})
+    assert fetch(sbx2, f"http://{WEB}/")[0] != 0
+    assert fetch(sbx2, f"http://{WEB2}/")[0] != 0
+    info = Sandbox.get_info(sbx2.sandbox_id)
+    assert info.network and info.network.get("deny_out") == ["198.18.0.0/28"]
+
+
+def test_allow_list_mode(make) -> None:
+    sbx = make(network={"allow_out": [WEB], "deny_out": ["0.0.0.0/0"]})
+    assert fetch(sbx, f"http://{WEB}/")[0] == 0
+    assert fetch(sbx, f"https://{WEB}/")[0] == 0
+    assert fetch(sbx, f"http://{WEB2}/")[0] != 0
+    # not only HTTP: any TCP port and UDP meet the same rules
+    assert run(sbx, f"timeout 3 bash -c 'echo > /dev/tcp/{WEB2}/443'")[0] != 0
+
+
+def test_allow_by_name_only(make) -> None:
+    sbx = make(network={"allow_out": ["web.lab.test"], "deny_out": ["0.0.0.0/0"], **LAB})
+    code, echo = fetch(sbx, "http://web.lab.test/ok")
+    assert code == 0, echo
+    code, echo = fetch(sbx, "https://web.lab.test/ok")
+    assert code == 0, echo
+    # a name that is not allowed does not resolve ...
+    code, err = fetch(sbx, "http://other.lab.test/")
+    assert code != 0 and "resolve" in str(err).lower(), err
+    # ... nor pass when the sandbox resolves it itself, over HTTP or TLS
+    code, out = fetch(sbx, "http://other.lab.test/", f"--resolve other.lab.test:80:{WEB2}")
+    assert code == 22 and "not allowed" in str(out), out
+    assert fetch(sbx, "https://other.lab.test/", f"--resolve other.lab.test:443:{WEB2}")[0] != 0
+    # the allowed name's address, connected to directly, is not the name
+    code, out = fetch(sbx, f"http://{WEB}/")
+    assert code == 22 and "not allowed" in str(out), out
+    assert fetch(sbx, f"https://{WEB}/", "-k")[0] != 0
+    # and an allowed name cannot carry traffic to another address: the proxy connects to its own
+    code, echo = fetch(sbx, "http://web.lab.test/", f"--resolve web.lab.test:80:{WEB2}")
+    assert code == 0 and isinstance(echo, dict) and echo["server"] == WEB, echo
+    # other protocols are IP-policed: denied
+    assert run(sbx, f"timeout 3 bash -c 'echo > /dev/tcp/{WEB}/22'")[0] != 0
+
+
+def test_wildcard_names(make) -> None:
+    sbx = make(network={"allow_out": ["*.lab.test"], "deny_out": ["0.0.0.0/0"], **LAB})
+    assert fetch(sbx, "http://web.lab.test/")[0] == 0
+    assert fetch(sbx, "https://deep.sub.lab.test/")[0] == 0
+    # `*.lab.test` names hosts under lab.test, not lab.test itself
+    code, out = fetch(sbx, "http://lab.test/", f"--resolve lab.test:80:{WEB}")
+    assert code == 22 and "not allowed" in str(out), out
+
+
+def test_deny_by_name(make) -> None:
+    sbx = make(network={"deny_out": ["other.lab.test"], **LAB})
+    assert fetch(sbx, "http://web.lab.test/")[0] == 0
+    assert fetch(sbx, "http://other.lab.test/")[0] != 0
+    code, out = fetch(sbx, "http://other.lab.test/", f"--resolve other.lab.test:80:{WEB2}")
+    assert code == 22 and "not allowed" in str(out), out
+    # the address itself is not denied
+    assert fetch(sbx, f"http://{WEB2}/")[0] == 0
+
+
+def test_live_update_adds_and_removes_access_and_cuts_connections(make) -> None:
+    sbx = make(network=LAB)
+    # a long-lived connection: a keep-alive HTTP client making a request every 0.2 s
+    script = f"""
+import http.client, time, sys
+c = http.client.HTTPConnection("{WEB2}", 80, timeout=2)
+for i in range(150):
+    try:
+        c.request("GET", "/tick"); c.getresponse().read(); print("ok", flush=True)
+    except Exception as e:
+        print("fail", type(e).__name__, flush=True); break
+    time.sleep(0.2)
+"""
+    sbx.files.write("/tmp/tick.py", script)
+    handle = sbx.commands.run("python3 /tmp/tick.py > /tmp/tick.log 2>&1", background=True)
+    time.sleep(1.0)
+    assert fetch(sbx, f"http://{WEB2}/")[0] == 0
+    sbx.update_network({"deny_out": [WEB2]})
+    assert fetch(sbx, f"http://{WEB2}/")[0] != 0, "a new connection is denied at once"
+    assert fetch(sbx, f"http://{WEB}/")[0] == 0
+    deadline = time.monotonic() + 10
+    while "fail" not in sbx.files.read("/tmp/tick.log") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "fail" in sbx.files.read("/tmp/tick.log"), "the existing connection is cut"
+    handle.kill()
+    info = Sandbox.get_info(sbx.sandbox_id)
+    assert info.network and info.network.get("deny_out") == [WEB2]
+    # the update replaces everything: no deny list, access is back, nothing restarted
+    sbx.update_network({})
+    assert fetch(sbx, f"http://{WEB2}/")[0] == 0
+    sbx.update_network({"allow_internet_access": False})
+    assert fetch(sbx, f"http://{WEB}/")[0] != 0
+    sbx.update_network({"allow_out": ["web.lab.test"], "deny_out": ["0.0.0.0/0"], **LAB})
+    assert fetch(sbx, "http://web.lab.test/")[0] == 0
+    assert fetch(sbx, f"http://{WEB2}/")[0] != 0
+
+
+def test_bad_policies_are_refused_with_reasons(server: Server, lab: Lab) -> None:
+    from e2b import InvalidArgumentException, SandboxException
+
+    for network, word in (
+        ({"allow_out": ["not a host!"]}, "allowOut"),
+        ({"deny_out": ["::/0"]}, "IPv6"),
+        ({"deny_out": [f"10.0.0.{i}" for i in range(300)]}, "at most"),
+        ({"dns_servers": ["dns.example"]}, "dnsServers"),
+    ):
+        with pytest.raises((InvalidArgumentException, SandboxException)) as exc:
+            Sandbox.create(template="base", timeout=30, network=network)
+        assert word in str(exc.value), exc.value
