@@ -35,6 +35,7 @@ from typing import Any
 
 import files
 import interp
+import net
 import noisy
 
 VENV_BIN = Path("/opt/sandboxd/venv/bin")
@@ -251,11 +252,19 @@ _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class Server:
-    """One `sandboxd serve` of ours, with its own data dir (hence its own cgroup instance)."""
+    """One `sandboxd serve` of ours, with its own data dir (hence its own cgroup instance) and sandbox
+    network (a /24 of 10.214/16, so that it never meets another server's). Names its sandboxes look up
+    are forwarded to the host's loopback (nothing leaves the machine), unless `extra_args` say `--dns`."""
+
+    count = 0
 
     def __init__(self, workdir: Path, extra_args: list[str]) -> None:
         self.workdir = workdir
-        self.extra_args = extra_args
+        Server.count += 1
+        net_args = ["--network-cidr", f"10.214.{Server.count}.0/24"]
+        if "--dns" not in extra_args:
+            net_args += ["--dns", "127.0.0.1"]
+        self.extra_args = [*net_args, *extra_args]
         self.log_path = workdir / "server.log"
         self.url = ""
         self.api_key = ""
@@ -847,7 +856,7 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=600, help="global time budget in s (default %(default)s)")
     parser.add_argument(
         "--suite",
-        choices=["all", "sandboxes", "files", "interp", "noisy"],
+        choices=["all", "sandboxes", "files", "interp", "noisy", "net"],
         default="all",
         help="what to measure (default %(default)s)",
     )
@@ -874,6 +883,7 @@ def main() -> int:
         # The disk quota (runtime/quota.py) is on by default: this one shows what it costs a create.
         Server(workdir / "nopool-noquota", ["--pool-size", "0", "--disk-mb", "0"]),
         Server(workdir / "noisy", []),
+        Server(workdir / "net", ["--dns", net.DNS]),
     ]
     clients = [Client(s) for s in servers]
     holders: list[Holder] = []
@@ -894,6 +904,7 @@ def main() -> int:
     file_results: dict[str, Any] = {}
     interp_results: dict[str, Any] = {}
     noisy_results: dict[str, Any] = {}
+    net_results: dict[str, Any] = {}
 
     def phase(name: str, fn: Callable[[], object]) -> bool:
         if dl.left() <= 0:
@@ -911,7 +922,11 @@ def main() -> int:
 
     with sigterm_as_interrupt():
         try:
-            warm, nopool, files_client, interp_warm, interp_cold, nopool_noquota, noisy_client = clients
+            warm, nopool, files_client, interp_warm, interp_cold, nopool_noquota, noisy_client, net_client = clients
+            if args.suite in ("all", "net") and phase("start sandboxd (net)", net_client.server.start):
+                phase("network: egress and ports", lambda: net_results.update(net.run_net(net_client, dl)))
+            errors.extend(net_client.kill_all())
+            net_client.server.stop()
             if args.suite in ("all", "noisy") and phase("start sandboxd (noisy)", noisy_client.server.start):
                 phase(
                     "noisy neighbours",
@@ -935,7 +950,7 @@ def main() -> int:
                 )
                 errors.extend(interp_results.pop("errors"))
                 interp.finish(interp_results)
-            if args.suite in ("files", "interp", "noisy"):
+            if args.suite in ("files", "interp", "noisy", "net"):
                 raise _SkipRest
             if phase("start sandboxd (default pool)", warm.server.start):
                 phase("sandboxd create, pool", lambda: sbx_create(n, dl, warm, sbx, paced=True))
@@ -1031,14 +1046,21 @@ def main() -> int:
         "files": file_results,
         "interp": interp_results,
         "noisy": noisy_results,
+        "net": net_results,
         "partial": partial,
         "errors": errors,
         "leftovers": left,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    if args.suite not in ("files", "interp", "noisy"):
+    if args.suite not in ("files", "interp", "noisy", "net"):
         print_report(rows, targets, meta)
+    if net_results:
+        net.print_report(net_results)
+        if args.suite == "net":
+            print(
+                f"partial results: {meta['partial'] or 'none'}\ncleanup: {meta['cleanup_summary']}\nresults: {RESULTS}"
+            )
     if noisy_results:
         noisy.print_report(noisy_results)
         if args.suite == "noisy":

@@ -4,14 +4,21 @@ machine. The attacks on the network are in tests/security/test_network_escape.py
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import signal
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from e2b import Sandbox
 from netlab import DNS, HOST_SIDE, WEB, WEB2, Lab
 
-from conftest import Server
+from sandboxd.runtime.cgroups import instance_name
+from sandboxd.runtime.network import CT_MARK
+
+from conftest import Server, network_cidr, network_leftovers, start_server
 
 LAB = {"dns_servers": [DNS]}
 
@@ -207,3 +214,79 @@ def test_bad_policies_are_refused_with_reasons(server: Server, lab: Lab) -> None
         with pytest.raises((InvalidArgumentException, SandboxException)) as exc:
             Sandbox.create(template="base", timeout=30, network=network)
         assert word in str(exc.value), exc.value
+
+
+def _instance_state(data_dir: Path) -> tuple[set[str], str]:
+    """(this server's sandbox links on the host, its nftables table as text)."""
+    instance = instance_name(data_dir)
+    links = {p.name for p in Path("/sys/class/net").iterdir() if p.name.startswith("sx" + instance.lstrip("i")[:5])}
+    table = subprocess.run(["nft", "list", "table", "inet", f"sandboxd_{instance}"], capture_output=True, text=True)
+    return links, table.stdout
+
+
+def _conntrack_sources(cidr: str) -> set[str]:
+    """Source addresses in `cidr` of conntrack entries of sandbox connections (marked by the table)."""
+    net = ipaddress.ip_network(cidr)
+    out = subprocess.run(["conntrack", "-L", "-m", str(CT_MARK)], capture_output=True, text=True).stdout
+    found = set()
+    for line in out.splitlines():
+        for word in line.split():
+            if word.startswith("src="):
+                if ipaddress.ip_address(word[4:]) in net:
+                    found.add(word[4:])
+                break
+    return found
+
+
+def test_no_leaks_after_200_cycles_and_a_sigkill(lab: Lab, tmp_path: Path) -> None:
+    """Links, policy chains and set elements, conntrack entries and addresses come back after each
+    sandbox; a SIGKILLed server's successor keeps the kept sandboxes' policies and cleans the rest."""
+    data = tmp_path / "data"
+    srv = start_server(data, "--pool-size", "1", "--prewarm", "base", keep=True)
+    env = {"api_url": srv.url, "sandbox_url": srv.url, "api_key": srv.api_key}
+    cidr = network_cidr(data)
+    policies = [None, {"deny_out": [WEB2]}, {"allow_out": ["web.lab.test"], "deny_out": ["0.0.0.0/0"]}]
+    for i in range(200):
+        sbx = Sandbox.create(template="base", timeout=60, network=policies[i % 3], **env)
+        if i % 25 == 0:  # some connections, through NAT and through the egress proxy
+            assert sbx.commands.run("curl -sS -m 4 -o /dev/null http://web.lab.test/").exit_code == 0
+        sbx.kill()
+    deadline = time.monotonic() + 15
+    while True:
+        links, table = _instance_state(data)
+        # what is left: the pooled sandbox's link and the namespace prepared for the next create
+        if len(links) <= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(links) <= 2, links
+    assert "chain p_" not in table and "jump p_" not in table, table
+    assert "elements" not in table, table  # @egress and @intercept are empty
+    assert not _conntrack_sources(cidr), "conntrack entries of killed sandboxes"
+
+    kept = [
+        Sandbox.create(template="base", timeout=600, network={"deny_out": [WEB2]}, **env),
+        Sandbox.create(
+            template="base", timeout=600, network={"allow_out": ["web.lab.test"], "deny_out": ["0.0.0.0/0"]}, **env
+        ),
+        Sandbox.create(template="base", timeout=600, allow_internet_access=False, **env),
+    ]
+    srv.proc.send_signal(signal.SIGKILL)
+    srv.proc.wait(timeout=30)
+    srv = start_server(data, port=int(srv.url.rsplit(":", 1)[1]))  # destroys everything at its exit
+    try:
+        env["api_key"] = srv.api_key
+        a, b, c = (Sandbox.connect(s.sandbox_id, **env) for s in kept)
+        assert fetch(a, f"http://{WEB}/")[0] == 0 and fetch(a, f"http://{WEB2}/")[0] != 0
+        assert fetch(b, "http://web.lab.test/")[0] == 0 and fetch(b, f"http://{WEB2}/")[0] != 0
+        assert fetch(c, f"http://{WEB}/")[0] != 0
+        fresh = Sandbox.create(template="base", timeout=60, **env)
+        assert fetch(fresh, f"http://{WEB2}/")[0] == 0
+    finally:
+        assert srv.stop() == 0
+    deadline = time.monotonic() + 15
+    while (leftovers := network_leftovers() & {f"sandboxd_{instance_name(data)}", *_instance_state(data)[0]}) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.2)
+    assert not leftovers, leftovers
+    assert not _conntrack_sources(cidr)

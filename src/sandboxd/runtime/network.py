@@ -150,6 +150,7 @@ class HostNetwork:
         self._host_fd = host_netns_fd
         self._lock = threading.Lock()  # the route socket and the address book
         self._used: set[int] = set()
+        self._ready: set[int] = set()  # addresses of namespaces prepared but not given to a sandbox
         self._next = self._first
         self._spare: Prepared | None = None
         self._spare_task: asyncio.Task[None] | None = None
@@ -405,7 +406,10 @@ class HostNetwork:
         from pyroute2 import IPRoute
 
         address = self._allocate()
-        ifname = self._ifname(int(ipaddress.IPv4Address(address)))
+        n = int(ipaddress.IPv4Address(address))
+        with self._lock:
+            self._ready.add(n)  # (until take() gives it to a sandbox)
+        ifname = self._ifname(n)
         prepared = Prepared(fd=fd, address=address, ifname=ifname)
         inner = None
         try:
@@ -427,8 +431,10 @@ class HostNetwork:
         except BaseException:
             prepared.close()  # the namespace goes, and the veth with it
             with self._lock:
-                self._used.discard(int(ipaddress.IPv4Address(address)))
+                self._used.discard(n)
+                self._ready.discard(n)
             raise
+
         finally:
             if inner is not None:
                 inner.close()
@@ -452,6 +458,8 @@ class HostNetwork:
         spare, self._spare = self._spare, None
         if spare is None:
             spare = await self._prepare()
+        with self._lock:
+            self._ready.discard(int(ipaddress.IPv4Address(spare.address)))
         if self._spare_task is None or self._spare_task.done():
             self._spare_task = asyncio.get_running_loop().create_task(self._refill())
         return spare
@@ -470,6 +478,7 @@ class HostNetwork:
         prepared.close()
         with self._lock:
             self._used.discard(int(ipaddress.IPv4Address(prepared.address)))
+            self._ready.discard(int(ipaddress.IPv4Address(prepared.address)))
 
     def close(self) -> None:
         """The server stops. The spare goes; the table and the gateway stay while sandboxes are kept
@@ -479,7 +488,9 @@ class HostNetwork:
         if self._spare is not None:
             self.give_back(self._spare)
             self._spare = None
-        if not self._used:
+        with self._lock:
+            kept = self._used - self._ready  # sandboxes kept running (prepared namespaces go with us)
+        if not kept:
             try:
                 self._nft.run(f"table inet {self.table} {{}}\ndelete table inet {self.table}")
             except NftError as e:

@@ -1,0 +1,202 @@
+"""Network suite of the benchmark: egress from a sandbox (through NAT, and through the egress proxy that
+polices host names) beside the host's own direct transfer, and a sandbox's HTTP port reached through
+sandboxd beside the same server on the host's loopback. All in one run, against the tests' lab
+namespace (tests/netlab.py): nothing leaves the machine. Called by run.py; see bench/README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from netlab import DNS, WEB, Lab
+
+DOWNLOAD_BYTES = 128 << 20
+RUNS = 3
+REQUESTS = 100
+PORT = 8000
+PORT_FILE_BYTES = 64 << 20
+
+# New connection per request, as an agent's tools mostly do: median and p90 in ms, as JSON.
+LATENCY = textwrap.dedent(
+    """
+    import http.client, json, statistics, sys, time
+    host, n = sys.argv[1], int(sys.argv[2])
+    xs = []
+    for _ in range(n):
+        t = time.perf_counter()
+        c = http.client.HTTPConnection(host, 80, timeout=5)
+        c.request("GET", "/small"); c.getresponse().read(); c.close()
+        xs.append((time.perf_counter() - t) * 1000)
+    xs.sort()
+    print(json.dumps({"p50": statistics.median(xs), "p90": xs[int(len(xs) * 0.9) - 1]}))
+    """
+)
+
+
+def _mbs(seconds: float, size: int) -> float:
+    return size / seconds / 1e6
+
+
+def _curl_seconds(run: Callable[[str], str], url: str) -> float:
+    out = run(f"curl -sS -m 60 -o /dev/null -w '%{{time_total}}' {url}")
+    return float(out.strip())
+
+
+def run_net(client: Any, dl: Any) -> dict[str, Any]:
+    from e2b import Sandbox
+
+    lab = Lab().start()
+    res: dict[str, Any] = {}
+    made: list[Any] = []
+    host_http: subprocess.Popen[bytes] | None = None
+    workdir = Path(tempfile.mkdtemp(prefix="sandboxd-bench-net-"))
+    try:
+        url = f"http://{WEB}/bytes/{DOWNLOAD_BYTES}"
+
+        def host(cmd: str) -> str:
+            return subprocess.run(
+                cmd, shell=True, capture_output=True, text=True, timeout=dl.op_timeout(), check=True
+            ).stdout
+
+        nat = Sandbox.create(template="base", timeout=600)
+        made.append(nat)
+        policy = {"allow_out": ["web.lab.test"], "deny_out": ["0.0.0.0/0"], "dns_servers": [DNS]}
+        proxied = Sandbox.create(template="base", timeout=600, network=policy)
+        made.append(proxied)
+
+        def inside(sbx: Any) -> Callable[[str], str]:
+            return lambda cmd: sbx.commands.run(cmd, timeout=120).stdout
+
+        rows = {}
+        for name, run, target in (
+            ("direct (host)", host, url),
+            ("sandbox, NAT", inside(nat), url),
+            ("sandbox, egress proxy", inside(proxied), f"http://web.lab.test/bytes/{DOWNLOAD_BYTES}"),
+        ):
+            dl.check()
+            secs = [_curl_seconds(run, target) for _ in range(RUNS)]
+            rows[name] = {"download_mbs": _mbs(statistics.median(secs), DOWNLOAD_BYTES)}
+        (workdir / "lat.py").write_text(LATENCY)
+        rows["direct (host)"].update(json.loads(host(f"{sys.executable} {workdir / 'lat.py'} {WEB} {REQUESTS}")))
+        for name, sbx, target in (("sandbox, NAT", nat, WEB), ("sandbox, egress proxy", proxied, "web.lab.test")):
+            dl.check()
+            sbx.files.write("/tmp/lat.py", LATENCY)
+            rows[name].update(
+                json.loads(sbx.commands.run(f"python3 /tmp/lat.py {target} {REQUESTS}", timeout=120).stdout)
+            )
+        res["egress"] = rows
+
+        # A sandbox's port through sandboxd (header routing) beside the same server on the host's loopback.
+        serve = f"python3 -m http.server {PORT} --bind 127.0.0.1 --directory /tmp/www"
+        nat.commands.run(
+            f"mkdir -p /tmp/www && head -c {PORT_FILE_BYTES} /dev/zero > /tmp/www/big && echo hi > /tmp/www/small"
+        )
+        nat.commands.run(serve, background=True)
+        www = workdir / "www"
+        www.mkdir()
+        (www / "big").write_bytes(b"\0" * PORT_FILE_BYTES)
+        (www / "small").write_text("hi\n")
+        host_port = _free_port()
+        host_http = subprocess.Popen(
+            [sys.executable, "-m", "http.server", str(host_port), "--bind", "127.0.0.1", "--directory", str(www)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        headers = {"E2b-Sandbox-Id": nat.sandbox_id, "E2b-Sandbox-Port": str(PORT)}
+        ports = {}
+        for name, base, hdrs in (
+            ("direct loopback", f"http://127.0.0.1:{host_port}", {}),
+            ("through sandboxd", client.server.url, headers),
+        ):
+            _wait_http(base + "/small", hdrs, dl)
+            lat = []
+            for _ in range(REQUESTS):
+                dl.check()
+                t = time.perf_counter()
+                with httpx.Client(timeout=10) as c:  # a new connection each time
+                    c.get(base + "/small", headers=hdrs).raise_for_status()
+                lat.append((time.perf_counter() - t) * 1000)
+            secs = []
+            for _ in range(RUNS):
+                t = time.perf_counter()
+                with httpx.Client(timeout=60) as c, c.stream("GET", base + "/big", headers=hdrs) as r:
+                    got = sum(len(b) for b in r.iter_bytes(1 << 20))
+                secs.append(time.perf_counter() - t)
+                assert got == PORT_FILE_BYTES, got
+            lat.sort()
+            ports[name] = {
+                "p50": statistics.median(lat),
+                "p90": lat[int(len(lat) * 0.9) - 1],
+                "download_mbs": _mbs(statistics.median(secs), PORT_FILE_BYTES),
+            }
+        res["port"] = ports
+    finally:
+        if host_http is not None:
+            host_http.terminate()
+            host_http.wait(timeout=10)
+        for sbx in made:
+            try:
+                sbx.kill()
+            except Exception:
+                pass
+        lab.stop()
+        subprocess.run(["rm", "-rf", str(workdir)], check=False)
+    return res
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_http(url: str, headers: dict[str, str], dl: Any) -> None:
+    end = time.monotonic() + 15
+    while True:
+        try:
+            if httpx.get(url, headers=headers, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > end:
+            raise RuntimeError(f"{url} did not answer")
+        dl.check()
+        time.sleep(0.1)
+
+
+def print_report(res: dict[str, Any]) -> None:
+    eg = res.get("egress", {})
+    if eg:
+        direct = eg.get("direct (host)", {})
+        print("\nEgress to the lab (128 MiB download; 100 new-connection GETs)")
+        print(f"{'path':<24}{'MB/s':>10}{'ratio':>8}{'p50 ms':>10}{'p90 ms':>10}{'vs direct':>11}")
+        for name, r in eg.items():
+            ratio = r["download_mbs"] / direct["download_mbs"] if direct else float("nan")
+            lat = r["p50"] / direct["p50"] if direct else float("nan")
+            print(f"{name:<24}{r['download_mbs']:>10.0f}{ratio:>8.2f}{r['p50']:>10.2f}{r['p90']:>10.2f}{lat:>10.2f}x")
+    po = res.get("port", {})
+    if po:
+        direct = po.get("direct loopback", {})
+        print(
+            f"\nA sandbox's HTTP port ({PORT_FILE_BYTES >> 20} MiB download; 100 new-connection GETs); "
+            "target: ≥ 50 % of direct"
+        )
+        print(f"{'path':<24}{'MB/s':>10}{'ratio':>8}{'p50 ms':>10}{'p90 ms':>10}{'status':>8}")
+        for name, r in po.items():
+            ratio = r["download_mbs"] / direct["download_mbs"] if direct else float("nan")
+            status = "" if name == "direct loopback" else ("PASS" if ratio >= 0.5 else "MISS")
+            print(f"{name:<24}{r['download_mbs']:>10.0f}{ratio:>8.2f}{r['p50']:>10.2f}{r['p90']:>10.2f}{status:>8}")
