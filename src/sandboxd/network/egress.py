@@ -22,6 +22,7 @@ import ipaddress
 import logging
 import socket
 import struct
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ HEAD_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
 MAX_CONNECTIONS = 256  # per sandbox
 BUFFER = 64 * 1024
+DNS_CACHE = 4096  # names
+DNS_CACHE_TTL = 60.0  # s, at most
 
 
 class Denied(Exception):
@@ -140,6 +143,7 @@ class EgressProxy:
         self._server: asyncio.Server | None = None
         self._count: Counter[str] = Counter()
         self._conns: dict[str, set[_Conn]] = defaultdict(set)
+        self._cache: dict[tuple[str, tuple[str, ...]], tuple[float, list[str]]] = {}
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.address, self.port, reuse_address=True)
@@ -173,14 +177,26 @@ class EgressProxy:
         return not any(ip in ipaddress.IPv4Network(c) for c in policy.deny_cidrs)
 
     async def _resolve(self, name: str, policy: NetworkPolicy) -> list[str]:
+        """The name's IPv4 addresses, by the sandbox's DNS servers or the server's; answers are kept for
+        their TTL (at most a minute; a bounded cache shared by the sandboxes that use the same servers)."""
+        servers = tuple(policy.dns_servers) if policy.dns_servers else tuple(self.upstream_dns)
+        key = (name, servers)
+        hit = self._cache.get(key)
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            return hit[1]
         r = dns.asyncresolver.Resolver(configure=False)
-        r.nameservers = list(policy.dns_servers) if policy.dns_servers else list(self.upstream_dns)
+        r.nameservers = list(servers)
         r.lifetime = 5.0
         try:
             answer = await r.resolve(name, "A")
         except dns.exception.DNSException as e:
             raise Denied(f"{name} does not resolve: {e}") from None
-        return [rr.to_text() for rr in answer]
+        addresses = [rr.to_text() for rr in answer]
+        if len(self._cache) >= DNS_CACHE:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = (now + min(answer.rrset.ttl if answer.rrset else 0, DNS_CACHE_TTL), addresses)
+        return addresses
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         client = writer.get_extra_info("peername")[0]

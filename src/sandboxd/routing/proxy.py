@@ -154,11 +154,21 @@ async def _forward(scope: Scope, receive: Receive, send: Send, up: _Upstream, ex
     target = scope.get("raw_path") or scope["path"].encode()
     if scope.get("query_string"):
         target += b"?" + scope["query_string"]
+    # The body is framed as the client framed it: a request without a body gets no framing headers
+    # (a bare "chunked" would leave a terminator that servers without chunked support read as the next
+    # request on a kept-alive connection).
+    framing: list[tuple[bytes, bytes]] = []
+    for k, v in scope["headers"]:
+        if k.lower() == b"transfer-encoding":
+            framing = [(b"transfer-encoding", b"chunked")]
+            break
+        if k.lower() == b"content-length":
+            framing = [(b"content-length", v)]
     headers = [
         (b"host", b"localhost"),
         *((k, v) for k, v in scope["headers"] if k.lower() not in DROPPED),
         *extra,
-        (b"transfer-encoding", b"chunked"),
+        *framing,
     ]
     disconnected = asyncio.Event()
     watcher: asyncio.Task[None] | None = None
