@@ -27,7 +27,6 @@ RUNS = 3
 REQUESTS = 100
 PORT = 8000
 PORT_FILE_BYTES = 64 << 20
-HTTP_ARGS = ("--protocol", "HTTP/1.1", "--bind", "127.0.0.1")
 
 # New connection per request, as an agent's tools mostly do: median and p90 in ms, as JSON.
 LATENCY = textwrap.dedent(
@@ -42,6 +41,39 @@ LATENCY = textwrap.dedent(
         xs.append((time.perf_counter() - t) * 1000)
     xs.sort()
     print(json.dumps({"p50": statistics.median(xs), "p90": xs[int(len(xs) * 0.9) - 1]}))
+    """
+)
+
+
+# A minimal HTTP/1.1 keep-alive server (small responses in one write, so that Nagle and delayed ACKs do
+# not dominate, as they do with http.server), run in the sandbox and on the host alike.
+PORT_SERVER = textwrap.dedent(
+    """
+    import socket, sys, threading
+    BIG = b"\\0" * int(sys.argv[2])
+    def handle(c):
+        f = c.makefile("rb")
+        while True:
+            line = f.readline()
+            if not line:
+                break
+            path, length = line.split()[1], 0
+            while (h := f.readline()) not in (b"\\r\\n", b""):
+                if h.lower().startswith(b"content-length:"):
+                    length = int(h.split(b":")[1])
+            f.read(length)
+            body = b"hi\\n" if path == b"/small" else BIG
+            head = b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(body)
+            c.sendall(head + body if len(body) < 65536 else head)
+            if len(body) >= 65536:
+                c.sendall(body)
+        c.close()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", int(sys.argv[1])))
+    s.listen(64)
+    while True:
+        threading.Thread(target=handle, args=(s.accept()[0],), daemon=True).start()
     """
 )
 
@@ -100,18 +132,12 @@ def run_net(client: Any, dl: Any) -> dict[str, Any]:
         res["egress"] = rows
 
         # A sandbox's port through sandboxd (header routing) beside the same server on the host's loopback.
-        serve = f"python3 -m http.server {PORT} --protocol HTTP/1.1 --bind 127.0.0.1 --directory /tmp/www"
-        nat.commands.run(
-            f"mkdir -p /tmp/www && head -c {PORT_FILE_BYTES} /dev/zero > /tmp/www/big && echo hi > /tmp/www/small"
-        )
-        nat.commands.run(serve, background=True)
-        www = workdir / "www"
-        www.mkdir()
-        (www / "big").write_bytes(b"\0" * PORT_FILE_BYTES)
-        (www / "small").write_text("hi\n")
+        nat.files.write("/tmp/port_server.py", PORT_SERVER)
+        nat.commands.run(f"python3 /tmp/port_server.py {PORT} {PORT_FILE_BYTES}", background=True)
+        (workdir / "port_server.py").write_text(PORT_SERVER)
         host_port = _free_port()
         host_http = subprocess.Popen(
-            [sys.executable, "-m", "http.server", str(host_port), *HTTP_ARGS, "--directory", str(www)],
+            [sys.executable, str(workdir / "port_server.py"), str(host_port), str(PORT_FILE_BYTES)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -90,6 +90,7 @@ class Lab:
                 f"--listen-address={DNS}",
                 "--bind-interfaces",
                 "--port=53",
+                "--local-ttl=60",  # answers may be cached (as real ones are)
                 "--pid-file=" + str(self.dir / "dnsmasq.pid"),
                 "--user=root",
             ]

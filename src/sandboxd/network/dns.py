@@ -6,7 +6,8 @@ server's upstream resolvers (`--dns`, default: the host's /etc/resolv.conf).
 Everything a sandbox sends is hostile input: a query is parsed only if it is small enough for DNS (512
 bytes on UDP unless EDNS asks more, at most 65,535 on TCP), must hold one question, and each sandbox may
 have only so many queries in flight (the rest get SERVFAIL), so one sandbox cannot make the server do
-unbounded work. Answers come from upstream as they are, with the sandbox's query ID.
+unbounded work. Answers come from upstream as they are, with the sandbox's query ID; positive answers
+are kept for their TTL (at most a minute), per name, type and upstream servers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +34,8 @@ MAX_IN_FLIGHT = 32  # queries per sandbox being forwarded at once
 UPSTREAM_TIMEOUT = 3.0
 TCP_IDLE = 10.0
 MAX_TCP_CONNECTIONS = 8  # per sandbox
+CACHE_ENTRIES = 4096
+CACHE_TTL = 60  # s, at most
 
 
 def host_resolvers(path: Path = Path("/etc/resolv.conf")) -> list[str]:
@@ -58,6 +62,7 @@ class Resolver:
         self._tcp: Counter[str] = Counter()
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp_server: asyncio.Server | None = None
+        self._cache: dict[tuple, tuple[float, bytes]] = {}
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -87,6 +92,13 @@ class Resolver:
         if not policy.name_allowed(name):
             return _reply(query, dns.rcode.REFUSED)
         upstream = list(policy.dns_servers) if policy.dns_servers else self.upstream
+        q = query.question[0]
+        key = (name.lower(), q.rdtype, q.rdclass, tuple(upstream), query.payload >= 1232)
+        hit = self._cache.get(key)
+        if hit is not None and not tcp:
+            if hit[0] > time.monotonic():
+                return wire[:2] + hit[1][2:]  # the cached answer, with this query's ID
+            del self._cache[key]
         if not upstream or self._in_flight[client] >= MAX_IN_FLIGHT:
             return _reply(query, dns.rcode.SERVFAIL)
         self._in_flight[client] += 1
@@ -99,7 +111,9 @@ class Resolver:
                         response = await dns.asyncquery.udp(
                             query, server, timeout=UPSTREAM_TIMEOUT, ignore_unexpected=True, raise_on_truncation=False
                         )
-                    return response.to_wire(max_size=65535 if tcp else max(512, query.payload))
+                    out = response.to_wire(max_size=65535 if tcp else max(512, query.payload))
+                    self._keep(key, response, out)
+                    return out
                 except (dns.exception.DNSException, OSError, EOFError) as e:
                     log.debug("upstream %s failed for %s: %s", server, name, e)
             return _reply(query, dns.rcode.SERVFAIL)
@@ -107,6 +121,17 @@ class Resolver:
             self._in_flight[client] -= 1
             if not self._in_flight[client]:
                 del self._in_flight[client]
+
+    def _keep(self, key: tuple, response: dns.message.Message, wire: bytes) -> None:
+        """Answers are kept for their smallest TTL (at most CACHE_TTL; none when it is 0)."""
+        if response.rcode() != dns.rcode.NOERROR or response.flags & dns.flags.TC or not response.answer:
+            return
+        ttl = min(min(rrset.ttl for rrset in response.answer), CACHE_TTL)
+        if ttl <= 0:
+            return
+        if len(self._cache) >= CACHE_ENTRIES:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = (time.monotonic() + ttl, wire)
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         client = writer.get_extra_info("peername")[0]
