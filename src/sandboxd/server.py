@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import logging
@@ -10,8 +11,10 @@ import os
 import resource
 import socket
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
@@ -53,6 +56,8 @@ class ServerConfig:
     uid_base: int | None = None  # first host uid of the sandboxes' ranges (None: runtime/identity.py's default)
     network_cidr: str | None = DEFAULT_CIDR  # the sandboxes' addresses (runtime/network.py); None: no network
     dns: list[str] | None = None  # where the sandboxes' resolver forwards (None: the host's /etc/resolv.conf)
+    domain: str | None = None  # --domain: {port}-{id}.DOMAIN and api.DOMAIN over TLS (routing/tls.py)
+    tls_port: int = 443
     settings: Settings = field(default_factory=Settings)
     limits: RequestLimits = field(default_factory=RequestLimits)
 
@@ -79,6 +84,7 @@ class App:
             uid_base=config.uid_base,
             network_cidr=config.network_cidr,
         )
+        config.settings.domain = config.domain
         self.manager = SandboxManager(self.runtime, self.templates, self.db, config.settings)
         self.resolver: Resolver | None = None
         self.egress: EgressProxy | None = None
@@ -95,7 +101,11 @@ class App:
             build_control_plane(self.manager, self.api_key, config.limits),
             {ENVD_PORT: build_envd_app(self.manager, config.limits)},
             PortProxy(self.manager),
+            domain=config.domain,
         )
+        # More listeners of the same app (the TLS one of --domain), served in the lifespan's loop.
+        self.extra_servers: list[tuple[Any, socket.socket]] = []
+        self._extra_tasks: list[asyncio.Task[None]] = []
 
     def drain(self) -> None:
         """SIGTERM/SIGINT: refuse new requests (503) and stop refilling pools; open streams then end
@@ -120,6 +130,8 @@ class App:
                         if service is not None:
                             await service.start()
                     await self.manager.start()
+                    for server, sock in self.extra_servers:
+                        self._extra_tasks.append(asyncio.create_task(server.serve(sockets=[sock])))
                     cleaned = await uploads.clean_interrupted(self.manager)
                     if cleaned:
                         log.info("removed %d temporary file(s) of uploads a crash interrupted", cleaned)
@@ -129,6 +141,10 @@ class App:
                 self._announce()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                for server, _ in self.extra_servers:
+                    server.should_exit = True
+                if self._extra_tasks:
+                    await asyncio.wait(self._extra_tasks, timeout=10)
                 for service in (self.resolver, self.egress):
                     if service is not None:
                         service.close()
@@ -185,7 +201,7 @@ def lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
-def bind_listener(host: str, port: int) -> socket.socket:
+def bind_listener(host: str, port: int, option: str = "--host/--port") -> socket.socket:
     """Bind the API port before anything is announced, so that a port in use fails the start cleanly."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -195,7 +211,7 @@ def bind_listener(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         what = "is in use by another program" if e.errno == errno.EADDRINUSE else f"cannot be bound: {e.strerror}"
-        raise SystemExit(f"sandboxd: {host}:{port} {what}; choose another with --host/--port") from None
+        raise SystemExit(f"sandboxd: {host}:{port} {what}; choose another with {option}") from None
     sock.listen(2048)
     sock.set_inheritable(False)
     return sock
@@ -225,6 +241,7 @@ def serve(config: ServerConfig) -> None:
     prepare_data_dir(config.data_dir)
     lock_fd = lock_data_dir(config.data_dir)
     sock = bind_listener(config.host, config.port)
+    tls_sock = bind_listener(config.host, config.tls_port, "--tls-port") if config.domain else None
     try:
         app = App(config)
     except (RuntimeError_, IdentityError, CgroupError, HelperBuildError, TemplateError) as e:
@@ -258,6 +275,30 @@ def serve(config: ServerConfig) -> None:
         timeout_keep_alive=650,
         timeout_graceful_shutdown=5,
     )
+    if config.domain and tls_sock is not None:
+        from sandboxd.routing.tls import LocalCA
+
+        chain, key = LocalCA(config.data_dir).server_cert(config.domain)
+
+        class _Listener(uvicorn.Server):
+            """Another listener in the same loop: the main server owns signals and the lifespan."""
+
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                yield
+
+        tls_config = uvicorn.Config(
+            app,
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            http=protocol,
+            timeout_keep_alive=650,
+            timeout_graceful_shutdown=5,
+            ssl_certfile=str(chain),
+            ssl_keyfile=str(key),
+        )
+        app.extra_servers.append((_Listener(tls_config), tls_sock))
     try:
         _Server(uconfig).run(sockets=[sock])
     finally:

@@ -118,6 +118,7 @@ def build_control_plane(manager: SandboxManager, api_key: str, limits: RequestLi
             disk_mb=body.disk_mb,
             network=body.network,
             allow_internet_access=body.allow_internet_access,
+            auto_resume=bool((body.auto_resume or {}).get("enabled")),
         )
         return JSONResponse(serialize.sandbox_created(sandbox), status_code=201)
 

@@ -22,6 +22,7 @@ class NewSandbox(_Body):
     secure: bool = True
     allow_internet_access: bool | None = None
     network: dict[str, Any] | None = None  # checked by network/policy.py
+    auto_resume: dict[str, Any] | None = Field(default=None, alias="autoResume")  # {"enabled": bool}
 
 
 class NetworkUpdate(_Body):

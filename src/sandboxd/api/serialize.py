@@ -22,8 +22,8 @@ def sandbox_created(s: Sandbox) -> dict[str, Any]:
         "envdVersion": ENVD_VERSION,
         "alias": r.alias,
         "envdAccessToken": r.envd_token,
-        "trafficAccessToken": None,
-        "domain": None,
+        "trafficAccessToken": r.traffic_token,
+        "domain": s.domain,
     }
 
 
@@ -46,14 +46,19 @@ def _common(s: Sandbox) -> dict[str, Any]:
 
 
 def sandbox_detail(s: Sandbox) -> dict[str, Any]:
+    r = s.record
     network = s.policy.to_api()
+    if r.traffic_token is not None:
+        network["allowPublicTraffic"] = False
+    if r.mask_request_host is not None:
+        network["maskRequestHost"] = r.mask_request_host
     return {
         **_common(s),
-        "envdAccessToken": s.record.envd_token,
-        "allowInternetAccess": s.record.allow_internet_access,
+        "envdAccessToken": r.envd_token,
+        "allowInternetAccess": r.allow_internet_access,
         **({"network": network} if network else {}),
-        "domain": None,
-        "lifecycle": {"autoResume": False, "onTimeout": "pause" if s.record.auto_pause else "kill"},
+        "domain": s.domain,
+        "lifecycle": {"autoResume": r.auto_resume, "onTimeout": "pause" if r.auto_pause else "kill"},
     }
 
 

@@ -179,6 +179,14 @@ def main(argv: list[str] | None = None) -> int:
         "(default: the host's, from /etc/resolv.conf); a sandbox's own network.dnsServers come first",
     )
     p_serve.add_argument(
+        "--domain",
+        default=None,
+        help="serve sandboxes' ports as https://{port}-{id}.DOMAIN (and the API as https://api.DOMAIN) on "
+        "--tls-port, with a certificate from the server's own CA (`sandboxd ca export`); point *.DOMAIN at "
+        "this host in DNS",
+    )
+    p_serve.add_argument("--tls-port", type=int, default=443, help="HTTPS port for --domain (default %(default)s)")
+    p_serve.add_argument(
         "--no-network",
         action="store_true",
         help="sandboxes get no network but their own loopback",
@@ -196,6 +204,13 @@ def main(argv: list[str] | None = None) -> int:
 
     p_key = sub.add_parser("api-key", help="print the server's API key (created on first use)")
     _add_dirs(p_key)
+
+    p_ca = sub.add_parser("ca", help="the server's certificate authority (for --domain)")
+    ca_sub = p_ca.add_subparsers(dest="ca_command", required=True)
+    p_export = ca_sub.add_parser("export", help="print the CA certificate (PEM), to trust it elsewhere")
+    _add_dirs(p_export)
+    p_install = ca_sub.add_parser("install", help="add the CA to this host's trust store (update-ca-certificates)")
+    _add_dirs(p_install)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "info").upper(), format="%(asctime)s %(name)s %(message)s")
@@ -246,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                 uid_base=args.uid_base,
                 network_cidr=None if args.no_network else args.network_cidr,
                 dns=None if args.dns is None else [d for d in args.dns.split(",") if d],
+                domain=args.domain.lower().strip(".") if args.domain else None,
+                tls_port=args.tls_port,
                 settings=settings,
                 limits=RequestLimits(
                     max_message_bytes=int(args.max_message_mb * MiB),
@@ -302,6 +319,23 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"data dir: {args.data_dir}", file=sys.stderr)
         print(StateDB(db_path, create=False).api_key()[0])
+        return 0
+    if args.command == "ca":
+        from sandboxd.routing.tls import CertError, LocalCA
+
+        if not args.data_dir.is_dir():
+            print(f"sandboxd: no data dir {args.data_dir}: pass the --data-dir your server uses", file=sys.stderr)
+            return 2
+        ca = LocalCA(args.data_dir)
+        if args.ca_command == "export":
+            sys.stdout.write(ca.pem())
+            return 0
+        try:
+            target = ca.install()
+        except (CertError, OSError) as e:
+            print(f"sandboxd: installing the CA failed: {e}", file=sys.stderr)
+            return 1
+        print(f"installed {target} (update-ca-certificates ran)", file=sys.stderr)
         return 0
     return 2
 

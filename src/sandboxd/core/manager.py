@@ -69,6 +69,8 @@ class Settings:
     host: HostLimits | None = None
     # What one sandbox may cost the server (output buffers, streams, watches, requests).
     tenant: TenantLimits = field(default_factory=TenantLimits)
+    # `--domain`: sandboxes' ports are reached as https://{port}-{id}.DOMAIN (routing/hosts.py).
+    domain: str | None = None
 
 
 class Sandbox:
@@ -82,6 +84,7 @@ class Sandbox:
         self.on_kill: list[Callable[[], None]] = []
         self.service: subprocess.Popen[bytes] | None = None  # the template's service, if it has one
         self.policy = NetworkPolicy.from_json(record.network)
+        self.domain: str | None = None  # the server's --domain (the SDK's get_host() names it)
 
     @property
     def id(self) -> str:
@@ -278,11 +281,15 @@ class SandboxManager:
         disk_mb: int | None = None,
         network: dict[str, Any] | None = None,
         allow_internet_access: bool | None = None,
+        auto_resume: bool = False,
     ) -> Sandbox:
         timeout = self._check_timeout(self.settings.default_timeout if timeout is None else timeout, positive=True)
         _check_str_map("metadata", metadata)
         _check_str_map("envVars", env_vars)
         policy = _policy(network, allow_internet_access)
+        public, mask = _ingress(network)
+        if auto_resume and not auto_pause:
+            raise BadRequest("autoResume needs autoPause (a sandbox that is killed at its timeout cannot be resumed)")
         try:
             template = self.templates.get(template_id)
         except TemplateError as e:
@@ -326,6 +333,9 @@ class SandboxManager:
             handle={**asdict(handle), "state_dir": str(handle.state_dir)},
             network=policy.to_json(),
             allow_internet_access=allow_internet_access is not False,
+            traffic_token=None if public else secrets.token_urlsafe(24),
+            mask_request_host=mask,
+            auto_resume=auto_resume,
         )
         sandbox = Sandbox(rec, handle)
         sandbox.service = service
@@ -335,6 +345,7 @@ class SandboxManager:
         return sandbox
 
     def _register(self, sandbox: Sandbox) -> None:
+        sandbox.domain = self.settings.domain
         self.sandboxes[sandbox.id] = sandbox
         if sandbox.handle.address:
             self._by_address[sandbox.handle.address] = sandbox
@@ -445,14 +456,24 @@ def _policy(network: dict[str, Any] | None, allow_internet_access: bool | None) 
     for key, what in (("egressProxy", "an egress proxy"), ("rules", "per-host rules")):
         if network.get(key):
             raise BadRequest(f"network.{key}: {what} is not supported by this server yet")
-    if network.get("allowPublicTraffic") is False:
-        raise BadRequest("network.allowPublicTraffic: traffic access tokens are not supported by this server yet")
-    if network.get("maskRequestHost"):
-        raise BadRequest("network.maskRequestHost is not supported by this server yet")
     try:
         return NetworkPolicy.from_api(network, allow_internet_access)
     except PolicyError as e:
         raise BadRequest(str(e)) from None
+
+
+def _ingress(network: dict[str, Any] | None) -> tuple[bool, str | None]:
+    """(are its ports public, the Host its services see) from `network.allowPublicTraffic` and
+    `network.maskRequestHost`."""
+    network = network or {}
+    public = network.get("allowPublicTraffic", True)
+    if not isinstance(public, bool):
+        raise BadRequest("network.allowPublicTraffic must be true or false")
+    mask = network.get("maskRequestHost")
+    if mask is not None:
+        if not isinstance(mask, str) or not mask or len(mask) > 253 or any(c in mask for c in " \r\n\t/"):
+            raise BadRequest("network.maskRequestHost must be a host name (up to 253 characters; ${PORT} allowed)")
+    return public, mask
 
 
 def _check_str_map(name: str, value: Any) -> None:

@@ -115,6 +115,12 @@ class PortProxy:
         reader, writer = await asyncio.open_connection(sock=sock)
         return _Upstream(reader, writer)
 
+    @staticmethod
+    def host_for(sandbox: Sandbox, port: int) -> str:
+        """The Host header the sandbox's service sees: `localhost`, or its maskRequestHost."""
+        mask = sandbox.record.mask_request_host
+        return mask.replace("${PORT}", str(port)) if mask else "localhost"
+
     def _drop(self, key: tuple[str, int]) -> None:
         for up in self._idle.pop(key, []):
             up.close()
@@ -142,13 +148,15 @@ class PortProxy:
         if port == INTERPRETER_PORT:
             env = base64.b64encode(json.dumps(sandbox.record.env_vars).encode())
             extra.append((b"x-sandboxd-env", env))
-        if await _forward(scope, receive, send, up, extra, sandbox):
+        if await _forward(scope, receive, send, up, extra, sandbox, self.host_for(sandbox, port)):
             self._release(sandbox, port, up)
         else:
             up.close()
 
 
-async def _forward(scope: Scope, receive: Receive, send: Send, up: _Upstream, extra: list, sandbox: Sandbox) -> bool:
+async def _forward(
+    scope: Scope, receive: Receive, send: Send, up: _Upstream, extra: list, sandbox: Sandbox, host: str
+) -> bool:
     """Forwards one request; True if the connection finished cleanly and may be reused."""
     conn, reader, writer = up.conn, up.reader, up.writer
     target = scope.get("raw_path") or scope["path"].encode()
@@ -165,7 +173,7 @@ async def _forward(scope: Scope, receive: Receive, send: Send, up: _Upstream, ex
         if k.lower() == b"content-length":
             framing = [(b"content-length", v)]
     headers = [
-        (b"host", b"localhost"),
+        (b"host", host.encode("latin-1")),
         *((k, v) for k, v in scope["headers"] if k.lower() not in DROPPED),
         *extra,
         *framing,

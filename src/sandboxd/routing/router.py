@@ -1,9 +1,12 @@
 """The top-level ASGI app: sends each request to the control plane or to a sandbox's port.
 
 Requests that carry `E2b-Sandbox-Id` go to that sandbox's service on `E2b-Sandbox-Port` (49983, envd,
-by default); all other requests are the control plane's. An unknown, killed, expired or paused sandbox
-answers 502 with the JSON body the SDK recognises ("The sandbox was not found"), which is how
-`is_running()` learns that a sandbox is gone.
+by default); with `--domain D`, so do requests for the host `{port}-{id}.D` (how E2B's SDKs and a
+browser reach a sandbox's port: `sandbox.get_host(port)`); all other requests are the control plane's.
+A sandbox whose ports are not public (`allowPublicTraffic: false`) wants its `e2b-traffic-access-token`
+on every port but envd's; a paused sandbox with `autoResume` is resumed by a request to its ports. An
+unknown, killed, expired or (otherwise) paused sandbox answers 502 with the JSON body the SDK recognises
+("The sandbox was not found"), which is how `is_running()` learns that a sandbox is gone.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from urllib.parse import parse_qsl
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from sandboxd.core.manager import SandboxManager
+from sandboxd.core.manager import Sandbox, SandboxManager
 from sandboxd.envd.context import current_sandbox
 from sandboxd.envd.files_http import operation_of, signature_matches
 from sandboxd.routing.proxy import INTERPRETER_PORT, PortProxy
+from sandboxd.routing.websocket import proxy_websocket
 
 ENVD_PORT = 49983
 # envd paths reachable without X-Access-Token: /health, and /files, which checks the token or a signature.
@@ -39,6 +43,17 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+async def _forbidden(scope: Scope, receive: Receive, send: Send) -> None:
+    await JSONResponse(
+        {
+            "code": 403,
+            "message": "this sandbox's ports are not public: send its traffic access token in the "
+            "e2b-traffic-access-token header (sandbox.traffic_access_token)",
+        },
+        status_code=403,
+    )(scope, receive, send)
+
+
 async def _unauthorized(scope: Scope, receive: Receive, send: Send) -> None:
     await JSONResponse({"code": 401, "message": "missing or invalid X-Access-Token for this sandbox"}, status_code=401)(
         scope, receive, send
@@ -47,9 +62,18 @@ async def _unauthorized(scope: Scope, receive: Receive, send: Send) -> None:
 
 class Router:
     def __init__(
-        self, manager: SandboxManager, control_plane: ASGIApp, ports: dict[int, ASGIApp], proxy: PortProxy
+        self,
+        manager: SandboxManager,
+        control_plane: ASGIApp,
+        ports: dict[int, ASGIApp],
+        proxy: PortProxy,
+        domain: str | None = None,
     ) -> None:
         self.manager = manager
+        # {port}-{sandbox id}.DOMAIN (an optional :port after it)
+        self._host_route = (
+            re.compile(rf"(\d{{1,5}})-([a-z0-9]{{1,64}})\.{re.escape(domain.lower())}(?::\d+)?") if domain else None
+        )
         self.control_plane = control_plane
         self.ports = ports
         self.proxy = proxy  # every other port: the sandbox's own services
@@ -81,7 +105,7 @@ class Router:
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             await self.control_plane(scope, receive, send)
             return
         if self.draining:
@@ -92,6 +116,14 @@ class Router:
             )(scope, receive, send)
             return
         sandbox_id = _header(scope, b"e2b-sandbox-id")
+        port_raw = _header(scope, b"e2b-sandbox-port")
+        if sandbox_id is None and self._host_route is not None:
+            m = self._host_route.fullmatch((_header(scope, b"host") or "").lower())
+            if m:
+                port_raw, sandbox_id = m.group(1), m.group(2)
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send, sandbox_id, port_raw)
+            return
         if sandbox_id is None and scope["path"] == "/files":
             sandbox_id = self._sandbox_by_signature(scope)
             if sandbox_id is None:
@@ -103,14 +135,17 @@ class Router:
         if sandbox_id is None:
             await self.control_plane(scope, receive, send)
             return
-        port_raw = _header(scope, b"e2b-sandbox-port") or str(ENVD_PORT)
-        sandbox = self.manager.find(sandbox_id)
-        if sandbox is None or not sandbox.running:
+        port_raw = port_raw or str(ENVD_PORT)
+        port = int(port_raw) if port_raw.isdigit() and 0 < int(port_raw) < 65536 else -1
+        sandbox = await self._live(sandbox_id, port)
+        if sandbox is None:
             await JSONResponse(
                 {"sandboxId": sandbox_id, "message": "The sandbox was not found", "code": 502}, status_code=502
             )(scope, receive, send)
             return
-        port = int(port_raw) if port_raw.isdigit() and 0 < int(port_raw) < 65536 else -1
+        if port != ENVD_PORT and not self._traffic_ok(scope, sandbox):
+            await _forbidden(scope, receive, send)
+            return
         app = self.ports.get(port)
         if app is None and port > 0:
             if port == INTERPRETER_PORT and not _CONTEXT_CALLS.fullmatch(f"{scope['method']} {scope['path']}"):
@@ -139,3 +174,40 @@ class Router:
             await app(scope, receive, send)
         finally:
             current_sandbox.reset(reset)
+
+    async def _live(self, sandbox_id: str, port: int) -> Sandbox | None:
+        """The running sandbox, resumed first if it is paused with autoResume and the request is for one of
+        its services (envd's own requests do not wake it: the SDK's connect() does that)."""
+        sandbox = self.manager.find(sandbox_id)
+        if sandbox is None:
+            return None
+        if (
+            not sandbox.running
+            and sandbox.record.state == "paused"
+            and sandbox.record.auto_resume
+            and port != ENVD_PORT
+        ):
+            try:
+                await self.manager.connect(sandbox_id, None)
+            except Exception:
+                return None
+        return sandbox if sandbox.running else None
+
+    @staticmethod
+    def _traffic_ok(scope: Scope, sandbox: Sandbox) -> bool:
+        expected = sandbox.record.traffic_token
+        if expected is None:
+            return True
+        token = _header(scope, b"e2b-traffic-access-token")
+        return token is not None and hmac.compare_digest(token.encode(), expected.encode())
+
+    async def _websocket(
+        self, scope: Scope, receive: Receive, send: Send, sandbox_id: str | None, port_raw: str | None
+    ) -> None:
+        port = int(port_raw) if port_raw and port_raw.isdigit() and 0 < int(port_raw) < 65536 else -1
+        sandbox = await self._live(sandbox_id, port) if sandbox_id else None
+        if sandbox is None or port in (-1, ENVD_PORT) or self.draining or not self._traffic_ok(scope, sandbox):
+            await receive()
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await proxy_websocket(self.manager, scope, receive, send, sandbox, port, self.proxy.host_for(sandbox, port))

@@ -44,6 +44,9 @@ class SandboxRecord:
     handle: dict = field(default_factory=dict)  # the runtime's SandboxHandle, as JSON
     network: dict = field(default_factory=dict)  # its network policy (network/policy.py, NetworkPolicy.to_json)
     allow_internet_access: bool = True
+    traffic_token: str | None = None  # set when its ports are not public (network.allowPublicTraffic: false)
+    mask_request_host: str | None = None  # the Host its services see (${PORT} replaced)
+    auto_resume: bool = False  # a request to one of its ports resumes it when paused
 
 
 class StateDB:
