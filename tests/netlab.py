@@ -9,13 +9,14 @@ routing and sandboxd's NAT, and the lab answers names only from its own table.
 
 Servers (each its own process in the lab, ended by PID): `lab_server.py` answers HTTP on :80 and HTTPS on
 :443 of web and web2 with a JSON echo of the request (host, path, headers, the client's address);
-dnsmasq answers `*.lab.test` from NAMES and refuses the rest. What the servers received is logged
-(`requests_seen`, `udp_seen`: UDP to web:9999).
+dnsmasq answers `*.lab.test` from NAMES and refuses the rest; `lab_socks.py` serves SOCKS5 on SOCKS.
+What the servers received is logged (`requests_seen`, `udp_seen`: UDP to web:9999, `socks_seen`).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,8 @@ from pathlib import Path
 WEB = "198.18.0.10"
 WEB2 = "198.18.0.11"
 DNS = "198.18.0.53"
+SOCKS = "198.18.0.20"  # SOCKS5 proxies: :1080 without credentials, :1081 with SOCKS_USER / SOCKS_PASSWORD
+SOCKS_USER, SOCKS_PASSWORD = "agent", "s3cret-proxy-pw"
 HOST_SIDE = "198.18.255.1"
 # The lab also plays the cloud metadata service: a request the firewall let through would be seen here
 # instead of leaving the machine.
@@ -38,6 +41,7 @@ NAMES = {
     "rebind-lo.lab.test": "127.0.0.1",
 }
 SERVER_SCRIPT = Path(__file__).with_name("lab_server.py")
+SOCKS_SCRIPT = Path(__file__).with_name("lab_socks.py")
 
 
 def _run(*argv: str) -> None:
@@ -52,6 +56,7 @@ class Lab:
         self.dir = Path(tempfile.mkdtemp(prefix="sandboxd-lab-"))
         self.procs: list[subprocess.Popen[bytes]] = []
         self.ca_pem = self.dir / "ca.pem"
+        self.etc = Path("/etc/netns") / self.netns
 
     def start(self) -> Lab:
         import trustme
@@ -61,6 +66,10 @@ class Lab:
         cert = ca.issue_cert(*NAMES, WEB, WEB2)
         cert.private_key_and_cert_chain_pem.write_to_path(str(self.dir / "server.pem"))  # lab_server.py reads it
         ns = ["ip", "netns", "exec", self.netns]
+        # Names looked up inside the lab (its SOCKS proxy resolves what it is asked) go to the lab's DNS:
+        # `ip netns exec` gives the lab /etc/netns/<name>/resolv.conf as its /etc/resolv.conf.
+        self.etc.mkdir(parents=True, exist_ok=True)
+        (self.etc / "resolv.conf").write_text(f"nameserver {DNS}\n")
         _run("ip", "netns", "add", self.netns)
         try:
             _run("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", "uplink", "netns", self.netns)
@@ -69,7 +78,7 @@ class Lab:
             _run(*ns, "ip", "link", "set", "lo", "up")
             _run(*ns, "ip", "link", "set", "uplink", "up")
             _run(*ns, "ip", "addr", "add", "198.18.255.2/30", "dev", "uplink")
-            for addr in (WEB, WEB2, DNS, METADATA):
+            for addr in (WEB, WEB2, DNS, METADATA, SOCKS):
                 _run(*ns, "ip", "addr", "add", f"{addr}/32", "dev", "lo")
             _run("ip", "route", "add", "198.18.0.0/24", "via", "198.18.255.2", "dev", self.host_if)
             _run("ip", "route", "add", f"{METADATA}/32", "via", "198.18.255.2", "dev", self.host_if)
@@ -81,6 +90,9 @@ class Lab:
                     stderr=log,
                 )
             )
+            for extra in ([SOCKS, "1080"], [SOCKS, "1081", SOCKS_USER, SOCKS_PASSWORD]):
+                argv = [*ns, sys.executable, str(SOCKS_SCRIPT), str(self.dir), *extra]
+                self.procs.append(subprocess.Popen(argv, stdout=log, stderr=log))
             dns = [
                 *ns,
                 "dnsmasq",
@@ -106,15 +118,22 @@ class Lab:
         import socket
 
         deadline = time.monotonic() + 15
-        for port in (80, 443):
+        for host, port in ((WEB, 80), (WEB, 443), (SOCKS, 1080), (SOCKS, 1081)):
             while True:
                 try:
-                    socket.create_connection((WEB, port), timeout=1).close()
+                    socket.create_connection((host, port), timeout=1).close()
                     break
                 except OSError:
                     if time.monotonic() > deadline:
                         raise RuntimeError("the lab's web server did not start: " + self.log()) from None
                     time.sleep(0.05)
+
+    def socks_seen(self) -> list[str]:
+        """The targets the lab's SOCKS5 proxies were asked to connect to (`host:port`, in order)."""
+        try:
+            return (self.dir / "socks.log").read_text().splitlines()
+        except OSError:
+            return []
 
     def requests_seen(self) -> str:
         """Every request the web servers answered, a line each: `server-address path`."""
@@ -157,3 +176,4 @@ class Lab:
                 p.wait()
         subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)  # takes the veth and routes
         subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
+        shutil.rmtree(self.etc, ignore_errors=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from e2b import Sandbox
-from netlab import DNS, HOST_SIDE, WEB, WEB2, Lab
+from netlab import DNS, HOST_SIDE, SOCKS, SOCKS_PASSWORD, SOCKS_USER, WEB, WEB2, Lab
 
 from sandboxd.runtime.cgroups import instance_name
 from sandboxd.runtime.network import CT_MARK
@@ -290,3 +290,56 @@ def test_no_leaks_after_200_cycles_and_a_sigkill(lab: Lab, tmp_path: Path) -> No
         time.sleep(0.2)
     assert not leftovers, leftovers
     assert not _conntrack_sources(cidr)
+
+
+# -- the sandbox's own SOCKS5 egress proxy (network.egressProxy) -------------------------------------
+
+
+def test_egress_through_a_socks5_proxy(make, lab: Lab) -> None:
+    before = len(lab.socks_seen())
+    sbx = make(network={"egress_proxy": {"address": f"{SOCKS}:1080"}, **LAB})
+    code, echo = fetch(sbx, f"http://{WEB}/via-socks")
+    assert code == 0, echo
+    assert isinstance(echo, dict) and echo["client"] != HOST_SIDE, "it came through the proxy, not NAT"
+    assert f"{WEB}:80" in lab.socks_seen()[before:]
+    # any TCP port goes through it; other protocols do not leave at all (fail closed)
+    assert run(sbx, f"timeout 3 bash -c 'echo > /dev/tcp/{WEB}/443'")[0] == 0
+    udp = f"socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'udp-via-tunnel', ('{WEB}', 9999))"
+    send = f'python3 -c "import socket; {udp}"'
+    run(sbx, send)
+    assert "udp-via-tunnel" not in lab.udp_seen(wait_for="never", timeout=1.0)
+    info = Sandbox.get_info(sbx.sandbox_id)
+    assert info.network and info.network.get("egress_proxy", {}).get("address") == f"{SOCKS}:1080"
+
+
+def test_socks5_proxy_with_credentials_and_names(make, lab: Lab) -> None:
+    proxy = {"address": f"{SOCKS}:1081", "username": SOCKS_USER, "password": SOCKS_PASSWORD}
+    sbx = make(network={"allow_out": ["web.lab.test"], "deny_out": ["0.0.0.0/0"], "egress_proxy": proxy, **LAB})
+    before = len(lab.socks_seen())
+    code, echo = fetch(sbx, "http://web.lab.test/by-name")
+    assert code == 0, echo
+    assert "web.lab.test:80" in lab.socks_seen()[before:], "an allowed name is asked of the proxy by name"
+    # filtering comes first: what the policy denies never reaches the proxy
+    assert fetch(sbx, f"http://{WEB2}/")[0] != 0
+    assert not [t for t in lab.socks_seen()[before:] if t.startswith(WEB2)]
+    info = Sandbox.get_info(sbx.sandbox_id)
+    shown = info.network.get("egress_proxy") if info.network else None
+    assert shown == {"address": f"{SOCKS}:1081", "username": SOCKS_USER}, "the password is never returned"
+    # the password is the host's: the sandbox never sees it
+    assert SOCKS_PASSWORD not in run(sbx, "sudo cat /proc/*/environ /etc/resolv.conf 2>/dev/null | strings")[1]
+    bad = make(network={"egress_proxy": {**proxy, "password": "wrong"}, **LAB})
+    assert fetch(bad, f"http://{WEB}/")[0] != 0
+
+
+def test_socks5_proxy_fails_closed_and_updates_live(make, lab: Lab) -> None:
+    sbx = make(network={"egress_proxy": {"address": f"{SOCKS}:1099"}, **LAB})  # nothing listens there
+    seen = lab.requests_seen()
+    assert fetch(sbx, f"http://{WEB}/must-not-arrive")[0] != 0
+    assert "must-not-arrive" not in lab.requests_seen()[len(seen) :], "no way around a dead proxy"
+    sbx.update_network({"egress_proxy": {"address": f"{SOCKS}:1080"}, **LAB})
+    before = len(lab.socks_seen())
+    assert fetch(sbx, f"http://{WEB}/")[0] == 0
+    assert lab.socks_seen()[before:]
+    sbx.update_network(LAB)  # the update replaces all: no proxy, out directly again
+    code, echo = fetch(sbx, f"http://{WEB}/")
+    assert code == 0 and isinstance(echo, dict) and echo["client"] == HOST_SIDE

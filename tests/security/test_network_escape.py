@@ -225,3 +225,42 @@ def assert_no_network_leftovers(srv: Server) -> None:
     assert not [n for n in links if n in (f"sg{tag}",) or n.startswith(f"sx{tag}")], links
     ct = subprocess.run(["conntrack", "-L", "-m", str(0x5BD00000)], capture_output=True, text=True).stdout
     assert not ct.strip(), ct
+
+
+def test_an_egress_proxy_cannot_be_the_host_or_a_sandbox(server: Server, lab: Lab) -> None:
+    """The server dials a sandbox's SOCKS5 proxy from the host: the address may not be one of the host's
+    (its services), another sandbox's, loopback or link-local; the sandbox's traffic then goes nowhere."""
+    accepted: list[str] = []
+    listener = socket.socket()
+    listener.bind(("0.0.0.0", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, peer = listener.accept()
+            except OSError:
+                return
+            accepted.append(peer[0])
+            conn.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    other = Sandbox.create(template="base", timeout=60)
+    listen = f"{PY} \"import socket,time; s=socket.socket(); s.bind(('0.0.0.0', 1080)); s.listen(); time.sleep(60)\""
+    other.commands.run(listen, background=True, user="root")
+    try:
+        for address in (f"{HOST_SIDE}:{port}", f"127.0.0.1:{port}", f"{address_of(other)}:1080", f"{METADATA}:80"):
+            sbx = Sandbox.create(template="base", timeout=60, network={"egress_proxy": {"address": address}})
+            try:
+                code, out, _ = run_root(sbx, f"curl -sS -m 4 -o /dev/null -w '%{{http_code}}' http://{WEB}/")
+                assert code != 0, (address, out)
+            finally:
+                sbx.kill()
+        assert METADATA not in lab.requests_seen()
+        assert not accepted, f"the host's listener was reached through the egress proxy from {accepted}"
+        _, established, _ = run_root(other, "ss -tnH state established '( sport = :1080 )' | wc -l")
+        assert established.strip() == "0", "another sandbox was reached as an egress proxy"
+    finally:
+        other.kill()
+        listener.close()

@@ -305,7 +305,7 @@ class SandboxManager:
             handle, service = await self._new(sandbox_id, template, disk_mb)
         self.pool.schedule_refill(template.name)
         egress = policy.egress()
-        if not egress.open or egress.intercept:  # pooled or not, a sandbox starts with the open policy
+        if not egress.default:  # pooled or not, a sandbox starts with the default policy
             try:
                 await self.runtime.set_egress(handle, egress)
             except BaseException:
@@ -453,9 +453,8 @@ def _policy(network: dict[str, Any] | None, allow_internet_access: bool | None) 
     network = network or {}
     if not isinstance(network, dict):
         raise BadRequest("network must be an object")
-    for key, what in (("egressProxy", "an egress proxy"), ("rules", "per-host rules")):
-        if network.get(key):
-            raise BadRequest(f"network.{key}: {what} is not supported by this server yet")
+    if network.get("rules"):
+        raise BadRequest("network.rules: per-host rules are not supported by this server yet")
     try:
         return NetworkPolicy.from_api(network, allow_internet_access)
     except PolicyError as e:

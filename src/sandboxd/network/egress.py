@@ -31,6 +31,7 @@ import dns.asyncresolver
 import dns.exception
 
 from sandboxd.network.policy import NetworkPolicy, matches
+from sandboxd.network.socks import open_tunnel
 
 log = logging.getLogger(__name__)
 
@@ -212,22 +213,35 @@ class EgressProxy:
                 dst, port = original_destination(writer.get_extra_info("socket"))
             except OSError:
                 return  # not redirected here by the table
-            head = await self._read_head(reader)
-            tls = head[:1] == b"\x16"
-            try:
-                name = sni(head) if tls else http_host(head)
-            except (ValueError, UnicodeDecodeError):
-                name = None
-            if name is not None:
-                name = name.lower().rstrip(".")
+            # The name is looked for only where the policy names hosts, on the web's ports: other
+            # protocols may wait for the server to speak first.
+            head, name = b"", None
+            if policy.has_names and port in (80, 443):
+                head = await self._read_head(reader)
+                tls = head[:1] == b"\x16"
+                try:
+                    name = sni(head) if tls else http_host(head)
+                except (ValueError, UnicodeDecodeError):
+                    name = None
+                if name is not None:
+                    name = name.lower().rstrip(".")
+            else:
+                tls = True  # (no 403 page for a protocol we did not read)
             if not self._allowed(policy, name, dst):
                 raise Denied(f"{name or dst} is not allowed by this sandbox's network policy")
-            targets = await self._resolve(name, policy) if name and matches(name, policy.allow_names) else [dst]
+            by_name = name is not None and matches(name, policy.allow_names)
             conn = _Conn(client, name, dst, writer)
             self._conns[client].add(conn)
-            up_reader, up_writer = await self._connect(targets, port)
+            if policy.egress_proxy is not None:  # through the sandbox's SOCKS5 proxy; closed if it fails
+                up_reader, up_writer = await open_tunnel(
+                    policy.egress_proxy, name if by_name and name else dst, port, self.mark
+                )
+            else:
+                targets = await self._resolve(name, policy) if by_name and name else [dst]
+                up_reader, up_writer = await self._connect(targets, port)
             conn.upstream = up_writer
-            up_writer.write(head)
+            if head:
+                up_writer.write(head)
             await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
         except Denied as e:
             if not tls:

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from sandboxd.network.socks import ProxyConfig
 from sandboxd.runtime.base import Egress
 
 ALL_TRAFFIC = "0.0.0.0/0"
@@ -89,6 +90,7 @@ class NetworkPolicy:
     dns_servers: tuple[str, ...] | None = None  # where the resolver sends this sandbox's queries
     allow_out: tuple[str, ...] = ()  # the lists as given (what GET reports)
     deny_out: tuple[str, ...] = ()
+    egress_proxy: ProxyConfig | None = None  # where its allowed TCP goes (SOCKS5), instead of out directly
 
     @classmethod
     def from_api(cls, network: dict[str, Any] | None, allow_internet_access: bool | None = None) -> NetworkPolicy:
@@ -109,7 +111,15 @@ class NetworkPolicy:
             except (ValueError, TypeError):
                 raise PolicyError(f"network.dnsServers: {dns!r} holds something that is not an IPv4 address") from None
         given = {k: tuple(e.strip() for e in network.get(k) or ()) for k in ("allowOut", "denyOut")}
-        return cls(allow_cidrs, deny_cidrs, allow_names, deny_names, dns_servers, given["allowOut"], given["denyOut"])
+        proxy = None
+        if network.get("egressProxy") is not None:
+            try:
+                proxy = ProxyConfig.from_api(network["egressProxy"])
+            except ValueError as e:
+                raise PolicyError(str(e)) from None
+        return cls(
+            allow_cidrs, deny_cidrs, allow_names, deny_names, dns_servers, given["allowOut"], given["denyOut"], proxy
+        )
 
     @property
     def denies_all(self) -> bool:
@@ -125,7 +135,7 @@ class NetworkPolicy:
         allow = self.allow_cidrs
         if self.dns_servers and self.has_names:
             allow = (*allow, *(f"{d}/32" for d in self.dns_servers))
-        return Egress(allow=allow, deny=self.deny_cidrs, intercept=self.has_names)
+        return Egress(allow=allow, deny=self.deny_cidrs, intercept=self.has_names, tunnel=self.egress_proxy is not None)
 
     def name_allowed(self, name: str) -> bool:
         """May the sandbox reach host `name` (resolve it, and talk to it through the egress proxy)?"""
@@ -151,6 +161,8 @@ class NetworkPolicy:
             out["denyOut"] = list(self.deny_out)
         if self.dns_servers is not None:
             out["dnsServers"] = list(self.dns_servers)
+        if self.egress_proxy is not None:
+            out["egressProxy"] = self.egress_proxy.to_api()
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -162,6 +174,7 @@ class NetworkPolicy:
             "dns_servers": None if self.dns_servers is None else list(self.dns_servers),
             "allow_out": list(self.allow_out),
             "deny_out": list(self.deny_out),
+            "egress_proxy": None if self.egress_proxy is None else self.egress_proxy.to_json(),
         }
 
     @classmethod
@@ -176,4 +189,5 @@ class NetworkPolicy:
             None if dns is None else tuple(dns),
             tuple(data.get("allow_out", ())),
             tuple(data.get("deny_out", ())),
+            None if data.get("egress_proxy") is None else ProxyConfig.from_api(data["egress_proxy"]),
         )

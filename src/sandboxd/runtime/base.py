@@ -35,20 +35,29 @@ class Egress:
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
     intercept: bool = False  # its TCP to ports 80 and 443 goes to the egress proxy (its policy names hosts)
+    tunnel: bool = False  # all its TCP goes to the egress proxy (to a SOCKS5 proxy); nothing else leaves
 
     @property
     def open(self) -> bool:
         """Nothing denied: the allow list changes nothing either (allow only wins over a deny)."""
         return not self.deny
 
+    @property
+    def default(self) -> bool:
+        """What every sandbox starts with: nothing denied, nothing sent to the egress proxy."""
+        return self.open and not self.intercept and not self.tunnel
+
     def to_json(self) -> dict[str, Any]:
-        return {"allow": list(self.allow), "deny": list(self.deny), "intercept": self.intercept}
+        return {"allow": list(self.allow), "deny": list(self.deny), "intercept": self.intercept, "tunnel": self.tunnel}
 
     @classmethod
     def from_json(cls, data: dict | None) -> Egress:
         data = data or {}
         return cls(
-            allow=tuple(data.get("allow", ())), deny=tuple(data.get("deny", ())), intercept=bool(data.get("intercept"))
+            allow=tuple(data.get("allow", ())),
+            deny=tuple(data.get("deny", ())),
+            intercept=bool(data.get("intercept")),
+            tunnel=bool(data.get("tunnel")),
         )
 
 
@@ -135,7 +144,7 @@ class Runtime(abc.ABC):
 
     async def set_egress(self, handle: SandboxHandle, egress: Egress) -> None:
         """Make `egress` what the sandbox may reach (atomically; connections it denies are cut)."""
-        if not egress.open or egress.intercept:
+        if not egress.default:
             raise RuntimeError_(f"the {self.name} backend has no network policy")
 
     def set_host_limits(self, memory_cap_mb: int, total_pids: int, server_memory_mb: int) -> None:

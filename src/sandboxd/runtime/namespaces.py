@@ -321,7 +321,7 @@ class NamespaceRuntime(Runtime):
 
     async def set_egress(self, handle: SandboxHandle, egress: Egress) -> None:
         if not handle.address or self.net is None:
-            if egress.open and not egress.intercept:
+            if egress.default:
                 return
             raise RuntimeError_("this sandbox has no network (the server runs without networking)")
         await asyncio.to_thread(self.net.set_egress, handle.address, egress)

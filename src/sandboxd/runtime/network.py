@@ -157,6 +157,7 @@ class HostNetwork:
         self._policy_lock = threading.Lock()
         self._chains: set[str] = set()  # addresses with a policy chain
         self._intercepted: set[str] = set()  # addresses whose web traffic goes to the egress proxy
+        self._tunneled: set[str] = set()  # addresses whose every TCP connection goes to the egress proxy
         from pyroute2 import IPRoute  # imported here: a server without networking never loads it
 
         logging.getLogger("pyroute2").setLevel(max(logging.INFO, log.getEffectiveLevel()))  # not every message
@@ -226,6 +227,7 @@ class HostNetwork:
             f"""table inet {t} {{
   map egress {{ type ipv4_addr : verdict; }}
   set intercept {{ type ipv4_addr; }}
+  set tunnel {{ type ipv4_addr; }}
   chain prerouting {{
     type filter hook prerouting priority raw; policy accept;
     iifname "{p}*" meta nfproto ipv6 drop
@@ -241,6 +243,9 @@ class HostNetwork:
   }}
   chain intercept_nat {{
     type nat hook prerouting priority dstnat; policy accept;
+    iifname "{p}*" ip saddr @tunnel fib daddr type local return
+    iifname "{p}*" ip saddr @tunnel ip daddr {{ {pool}, {", ".join(BLOCKED_V4)} }} return
+    iifname "{p}*" ip saddr @tunnel meta l4proto tcp dnat ip to {gw}:{PROXY_PORT}
     iifname "{p}*" ip saddr @intercept tcp dport {{ 80, 443 }} dnat ip to {gw}:{PROXY_PORT}
   }}
   chain input {{
@@ -251,6 +256,7 @@ class HostNetwork:
     ip daddr {gw} udp dport 53 accept
     ip daddr {gw} tcp dport 53 accept
     ip daddr {gw} tcp dport {PROXY_PORT} ip saddr @intercept accept
+    ip daddr {gw} tcp dport {PROXY_PORT} ip saddr @tunnel accept
     reject with icmpx admin-prohibited
   }}
   chain forward {{
@@ -263,6 +269,7 @@ class HostNetwork:
   chain from_sandbox_out {{
     oifname "sx*" reject with icmpx admin-prohibited
     ip daddr {{ {pool}, {", ".join(BLOCKED_V4)} }} reject with icmpx admin-prohibited
+    ip saddr @tunnel reject with icmpx admin-prohibited
     ip saddr vmap @egress
   }}
   chain proxied {{
@@ -279,6 +286,7 @@ class HostNetwork:
         with self._policy_lock:
             self._chains.clear()
             self._intercepted.clear()
+            self._tunneled.clear()
             sandboxes = list(sandboxes)
             for address, egress in sandboxes:
                 lines += self._policy_lines(address, egress)
@@ -288,6 +296,7 @@ class HostNetwork:
             except NftError as e:
                 self._chains.clear()
                 self._intercepted.clear()
+                self._tunneled.clear()
                 raise NetworkError(f"installing the sandbox firewall (nftables table {t}) failed: {e}") from e
 
     def _chain(self, address: str) -> str:
@@ -308,14 +317,22 @@ class HostNetwork:
             lines.append(f"add rule inet {t} {chain} ip daddr {{ {deny} }} reject with icmpx admin-prohibited")
             if address not in self._chains:
                 lines.append(f"add element inet {t} egress {{ {address} : jump {chain} }}")
-        if egress.intercept and address not in self._intercepted:
-            lines.append(f"add element inet {t} intercept {{ {address} }}")
-        elif not egress.intercept and address in self._intercepted:
-            lines.append(f"delete element inet {t} intercept {{ {address} }}")
+        for name, on, book in (
+            ("intercept", egress.intercept, self._intercepted),
+            ("tunnel", egress.tunnel, self._tunneled),
+        ):
+            if on and address not in book:
+                lines.append(f"add element inet {t} {name} {{ {address} }}")
+            elif not on and address in book:
+                lines.append(f"delete element inet {t} {name} {{ {address} }}")
         return lines
 
     def _record(self, address: str, egress: Egress) -> None:
-        for book, on in ((self._chains, not egress.open), (self._intercepted, egress.intercept)):
+        for book, on in (
+            (self._chains, not egress.open),
+            (self._intercepted, egress.intercept),
+            (self._tunneled, egress.tunnel),
+        ):
             if on:
                 book.add(address)
             else:
@@ -334,7 +351,7 @@ class HostNetwork:
             except NftError as e:
                 raise NetworkError(f"updating the sandbox's firewall failed: {e}") from e
             self._record(address, egress)
-        if not egress.open or egress.intercept:
+        if not egress.default:
             self.forget_connections(address)
 
     # -- namespaces and addresses ------------------------------------------------------------------
