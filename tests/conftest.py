@@ -138,7 +138,7 @@ def server(lab: Lab) -> Iterator[Server]:
     before = {p.name for p in Path("/sys/fs/cgroup").glob("*/sandboxd/*") if p.is_dir()}
     net_before = network_leftovers()
     tmp = Path(tempfile.mkdtemp(prefix="sandboxd-test-"))
-    srv = start_server(tmp / "data")
+    srv = start_server(tmp / "data", "--egress-ca-file", str(lab.ca_pem))
     env = {"E2B_API_URL": srv.url, "E2B_SANDBOX_URL": srv.url, "E2B_API_KEY": srv.api_key}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

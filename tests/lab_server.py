@@ -33,6 +33,23 @@ class Echo(BaseHTTPRequestHandler):
         }
         with LOCK, open(DIR + "/requests.log", "a") as log:
             log.write(f"{data['server']} {self.path}\n")
+        if self.path.startswith("/hash-auth"):
+            # what credentials arrived, as digests: the answer must not carry them back into the sandbox
+            import hashlib
+
+            out = json.dumps(
+                {
+                    k: hashlib.sha256(self.headers.get(k, "").encode()).hexdigest()
+                    for k in ("Authorization", "X-Team", "X-Api-Key")
+                }
+                | {"tls": data["tls"], "host": data["host"]}
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+            return
         if self.path.startswith("/bytes/"):
             payload = b"x" * int(self.path.split("/")[2])
             self.send_response(200)

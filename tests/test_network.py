@@ -343,3 +343,116 @@ def test_socks5_proxy_fails_closed_and_updates_live(make, lab: Lab) -> None:
     sbx.update_network(LAB)  # the update replaces all: no proxy, out directly again
     code, echo = fetch(sbx, f"http://{WEB}/")
     assert code == 0 and isinstance(echo, dict) and echo["client"] == HOST_SIDE
+
+
+# -- rules: credentials injected at the egress, never inside the sandbox -----------------------------
+
+SECRET = "sk-live-" + "7f3a9c1e5b2d4086a1c3e5f7091b2d4f"
+
+
+def _digest(value: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def _memory_holds(server: Server, sandbox_id: str, needle: bytes) -> list[int]:
+    """PIDs of the sandbox's processes whose memory (every readable mapping) contains `needle`, read from
+    the host: what any process in the sandbox could ever have seen."""
+    import re as _re
+
+    from conftest import host_pids_of
+
+    found = []
+    for pid in host_pids_of(server, sandbox_id):
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+            with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+                for line in maps.splitlines():
+                    m = _re.match(r"([0-9a-f]+)-([0-9a-f]+) (r)", line)
+                    if not m or "[vvar]" in line or "[vsyscall]" in line:
+                        continue
+                    start, end = int(m.group(1), 16), int(m.group(2), 16)
+                    try:
+                        mem.seek(start)
+                        if needle in mem.read(end - start):
+                            found.append(pid)
+                            break
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+    return found
+
+
+def test_rules_set_headers_over_http_and_https_and_the_secret_stays_out(make, server: Server) -> None:
+    rules = {"api.lab.test": [{"transform": {"headers": {"Authorization": f"Bearer {SECRET}", "X-Team": "blue"}}}]}
+    network = {"allow_out": ["api.lab.test", "web.lab.test"], "deny_out": ["0.0.0.0/0"], "rules": rules, **LAB}
+    sbx = make(network=network)
+    want = _digest(f"Bearer {SECRET}")
+    # HTTPS, trusted through the system store (no --cacert): the sandbox's CA signed what it sees
+    code, out, err = run(sbx, "curl -sS -m 5 https://api.lab.test/hash-auth")
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["Authorization"] == want and got["X-Team"] == _digest("blue") and got["tls"] is True
+    # plain HTTP; and the client's own Authorization is replaced, not doubled
+    code, out, err = run(sbx, "curl -sS -m 5 -H 'Authorization: Bearer mine' http://api.lab.test/hash-auth")
+    assert code == 0 and json.loads(out)["Authorization"] == want, (out, err)
+    # kept-alive: every request gets the headers; a request for another host on it is refused (421)
+    py = (
+        "import http.client, json; c = http.client.HTTPSConnection('api.lab.test', timeout=5); "
+        "get = lambda: c.request('GET', '/hash-auth') or json.loads(c.getresponse().read())['Authorization']; "
+        "[print(get()) for _ in range(3)]; "
+        "c.request('GET', '/', headers={'Host': 'web.lab.test'}); print(c.getresponse().status)"
+    )
+    code, out, err = run(sbx, f'python3 -c "{py}"')
+    assert out.split() == [want, want, want, "421"], (out, err)
+    # Node (NODE_EXTRA_CA_CERTS) trusts it too
+    js = "fetch('https://api.lab.test/hash-auth').then(r => r.json()).then(j => console.log(j.Authorization))"
+    code, out, err = run(sbx, f'node -e "{js}"')
+    assert out.strip() == want, (out, err)
+    # a host without rules is not intercepted: its own certificate (the lab's CA), no headers added
+    code, echo = fetch(sbx, "https://web.lab.test/")
+    assert code == 0 and isinstance(echo, dict) and "Authorization" not in echo["headers"], echo
+    # the secret is on the host only: not in the sandbox's files, environment or memory
+    sbx.commands.run(
+        "python3 -c \"import urllib.request, time; urllib.request.urlopen('https://api.lab.test/hash-auth').read(); "
+        'time.sleep(60)"',
+        background=True,
+    )
+    time.sleep(1.0)
+    code, out, _ = run(sbx, f"sudo grep -rlsF '{SECRET}' / --exclude-dir=proc --exclude-dir=sys --exclude-dir=dev", 60)
+    assert out.strip() == "", out
+    assert _memory_holds(server, sbx.sandbox_id, b"urllib.request.urlopen"), "the scan sees the sandbox's memory"
+    assert not _memory_holds(server, sbx.sandbox_id, SECRET.encode())
+    info = Sandbox.get_info(sbx.sandbox_id)
+    assert info.network and "api.lab.test" in (info.network.get("rules") or {})
+
+
+def test_rules_need_the_host_allowed_and_refuse_workload_identity(make) -> None:
+    from e2b import InvalidArgumentException, SandboxException
+
+    rules = {"api.lab.test": [{"transform": {"headers": {"Authorization": f"Bearer {SECRET}"}}}]}
+    sbx = make(network={"allow_out": ["web.lab.test"], "deny_out": ["0.0.0.0/0"], "rules": rules, **LAB})
+    assert fetch(sbx, "http://api.lab.test/hash-auth")[0] != 0, "a rule alone does not allow the host"
+    with pytest.raises((InvalidArgumentException, SandboxException)) as exc:
+        bad = {"api.lab.test": [{"transform": {"headers": {"Authorization": "Bearer ${e2b.identity.tokens.aws}"}}}]}
+        Sandbox.create(template="base", timeout=30, network={"rules": bad})
+    assert "workload identity" in str(exc.value)
+    with pytest.raises((InvalidArgumentException, SandboxException)) as exc:
+        Sandbox.create(
+            template="base",
+            timeout=30,
+            network={"rules": {"api.lab.test": [{"transform": {"headers": {"X": "a\r\nb"}}}]}},
+        )
+    assert "CR" in str(exc.value)
+
+
+def test_rules_added_by_a_live_update(make) -> None:
+    sbx = make(network={"allow_out": ["api.lab.test"], "deny_out": ["0.0.0.0/0"], **LAB})
+    code, out, _ = run(sbx, "curl -sS -m 5 --cacert /tmp/lab-ca.pem https://api.lab.test/hash-auth")
+    assert code == 0 and json.loads(out)["Authorization"] == _digest("")
+    rules = {"api.lab.test": [{"transform": {"headers": {"X-Api-Key": SECRET}}}]}
+    sbx.update_network({"allow_out": ["api.lab.test"], "deny_out": ["0.0.0.0/0"], "rules": rules, **LAB})
+    code, out, err = run(sbx, "curl -sS -m 5 https://api.lab.test/hash-auth")
+    assert code == 0 and json.loads(out)["X-Api-Key"] == _digest(SECRET), (out, err)

@@ -57,6 +57,7 @@ class ServerConfig:
     network_cidr: str | None = DEFAULT_CIDR  # the sandboxes' addresses (runtime/network.py); None: no network
     dns: list[str] | None = None  # where the sandboxes' resolver forwards (None: the host's /etc/resolv.conf)
     domain: str | None = None  # --domain: {port}-{id}.DOMAIN and api.DOMAIN over TLS (routing/tls.py)
+    egress_ca_file: str | None = None  # more CAs the egress proxy trusts for intercepted hosts' servers
     tls_port: int = 443
     settings: Settings = field(default_factory=Settings)
     limits: RequestLimits = field(default_factory=RequestLimits)
@@ -92,7 +93,15 @@ class App:
             gateway = self.runtime.net.gateway
             upstream = config.dns if config.dns is not None else host_resolvers()
             self.resolver = Resolver(gateway, upstream, self.manager.policy_for)
-            self.egress = EgressProxy(gateway, PROXY_PORT, self.manager.policy_for, upstream, PROXY_MARK)
+            self.egress = EgressProxy(
+                gateway,
+                PROXY_PORT,
+                self.manager.policy_for,
+                upstream,
+                PROXY_MARK,
+                ca_for=self.manager.ca_for,
+                upstream_ca_file=config.egress_ca_file,
+            )
             self.manager.on_policy_change.append(self.egress.policy_changed)
         h = self.manager.host_limits
         self.runtime.set_host_limits(h.memory_cap_mb, h.max_total_pids, h.server_memory_mb)

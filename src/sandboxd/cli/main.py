@@ -185,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         "--tls-port, with a certificate from the server's own CA (`sandboxd ca export`); point *.DOMAIN at "
         "this host in DNS",
     )
+    p_serve.add_argument(
+        "--egress-ca-file",
+        default=None,
+        help="PEM file of CAs the egress proxy trusts (beside the host's) when it forwards the TLS requests "
+        "of hosts with network.rules",
+    )
     p_serve.add_argument("--tls-port", type=int, default=443, help="HTTPS port for --domain (default %(default)s)")
     p_serve.add_argument(
         "--no-network",
@@ -263,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 dns=None if args.dns is None else [d for d in args.dns.split(",") if d],
                 domain=args.domain.lower().strip(".") if args.domain else None,
                 tls_port=args.tls_port,
+                egress_ca_file=args.egress_ca_file,
                 settings=settings,
                 limits=RequestLimits(
                     max_message_bytes=int(args.max_message_mb * MiB),

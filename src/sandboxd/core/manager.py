@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sandboxd.core import egress_ca
 from sandboxd.core.errors import BadRequest, Conflict, LimitReached, NotFound
 from sandboxd.core.limits import HostLimits
 from sandboxd.core.metrics import MetricsSampler
@@ -27,6 +28,7 @@ from sandboxd.core.pool import Pooled, WarmPool
 from sandboxd.core.reaper import Reaper
 from sandboxd.core.tenant_limits import TenantLimits
 from sandboxd.core.users import DEFAULT_PATH, lookup_user
+from sandboxd.network.intercept import SandboxCA
 from sandboxd.network.policy import NetworkPolicy, PolicyError
 from sandboxd.runtime.base import ExecSpec, Limits, Runtime, RuntimeError_, SandboxHandle, SandboxSpec
 from sandboxd.runtime.network import AddressPoolExhausted
@@ -305,9 +307,13 @@ class SandboxManager:
             handle, service = await self._new(sandbox_id, template, disk_mb)
         self.pool.schedule_refill(template.name)
         egress = policy.egress()
+        ca: SandboxCA | None = None
         if not egress.default:  # pooled or not, a sandbox starts with the default policy
             try:
                 await self.runtime.set_egress(handle, egress)
+                if policy.rules:
+                    ca, ca_vars = await self._install_ca(handle)
+                    env_vars = {**ca_vars, **(env_vars or {})}
             except BaseException:
                 await self.runtime.destroy(handle)
                 raise
@@ -339,6 +345,8 @@ class SandboxManager:
         )
         sandbox = Sandbox(rec, handle)
         sandbox.service = service
+        if ca is not None:
+            sandbox.ext["egress_ca"] = ca
         self._register(sandbox)
         self.db.put(rec)
         self.reaper.wake()
@@ -349,6 +357,22 @@ class SandboxManager:
         self.sandboxes[sandbox.id] = sandbox
         if sandbox.handle.address:
             self._by_address[sandbox.handle.address] = sandbox
+
+    async def _install_ca(self, handle: SandboxHandle) -> tuple[SandboxCA, dict[str, str]]:
+        try:
+            return await egress_ca.install(self.runtime, handle)
+        except egress_ca.CaInstallError as e:
+            raise BadRequest(f"network.rules: {e}") from None
+
+    def ca_for(self, address: str) -> SandboxCA | None:
+        """The CA of the sandbox with this address (for the egress proxy's intercepted TLS)."""
+        sandbox = self._by_address.get(address)
+        if sandbox is None:
+            return None
+        ca = sandbox.ext.get("egress_ca")
+        if ca is None and (sandbox.handle.state_dir / "egress-ca.pem").exists():  # re-adopted
+            ca = sandbox.ext["egress_ca"] = SandboxCA(sandbox.handle.state_dir)
+        return ca
 
     def policy_for(self, address: str) -> NetworkPolicy | None:
         """The network policy of the live sandbox with this address (for the resolver and the proxy)."""
@@ -365,6 +389,10 @@ class SandboxManager:
             await self.runtime.set_egress(sandbox.handle, policy.egress())
         except RuntimeError_ as e:
             raise BadRequest(str(e)) from None
+        if policy.rules and "egress_ca" not in sandbox.ext:
+            ca, ca_vars = await self._install_ca(sandbox.handle)
+            sandbox.ext["egress_ca"] = ca
+            sandbox.record.env_vars = {**ca_vars, **sandbox.record.env_vars}
         sandbox.policy = policy
         sandbox.record.network = policy.to_json()
         sandbox.record.allow_internet_access = allow_internet_access is not False
@@ -453,8 +481,6 @@ def _policy(network: dict[str, Any] | None, allow_internet_access: bool | None) 
     network = network or {}
     if not isinstance(network, dict):
         raise BadRequest("network must be an object")
-    if network.get("rules"):
-        raise BadRequest("network.rules: per-host rules are not supported by this server yet")
     try:
         return NetworkPolicy.from_api(network, allow_internet_access)
     except PolicyError as e:

@@ -21,6 +21,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import ssl
 import struct
 import time
 from collections import Counter, defaultdict
@@ -29,7 +30,9 @@ from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.exception
+import h11
 
+from sandboxd.network.intercept import SandboxCA, Stream, TlsServerStream, relay_http
 from sandboxd.network.policy import NetworkPolicy, matches
 from sandboxd.network.socks import open_tunnel
 
@@ -135,7 +138,15 @@ class EgressProxy:
         policy_for: Callable[[str], NetworkPolicy | None],
         upstream_dns: list[str],
         mark: int,
+        ca_for: Callable[[str], SandboxCA | None] = lambda _: None,
+        upstream_ca_file: str | None = None,
     ) -> None:
+        self.ca_for = ca_for  # the CA of the sandbox with this address, for intercepted TLS
+        # intercepted TLS goes on to the real host over TLS verified against the host's trust store
+        self.upstream_tls = ssl.create_default_context()
+        if upstream_ca_file:
+            self.upstream_tls.load_verify_locations(upstream_ca_file)
+        self.upstream_tls.set_alpn_protocols(["http/1.1"])
         self.address = address
         self.port = port
         self.policy_for = policy_for
@@ -216,7 +227,7 @@ class EgressProxy:
             # The name is looked for only where the policy names hosts, on the web's ports: other
             # protocols may wait for the server to speak first.
             head, name = b"", None
-            if policy.has_names and port in (80, 443):
+            if (policy.has_names or policy.rules) and port in (80, 443):
                 head = await self._read_head(reader)
                 tls = head[:1] == b"\x16"
                 try:
@@ -240,6 +251,10 @@ class EgressProxy:
                 targets = await self._resolve(name, policy) if by_name and name else [dst]
                 up_reader, up_writer = await self._connect(targets, port)
             conn.upstream = up_writer
+            headers = policy.headers_for(name, dst)
+            if headers is not None and (name is not None or not tls):
+                await self._intercept(client, name or dst, tls, head, headers, reader, writer, up_reader, up_writer)
+                return
             if head:
                 up_writer.write(head)
             await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
@@ -266,6 +281,37 @@ class EgressProxy:
                 if conn.upstream is not None:
                     conn.upstream.close()
             writer.close()
+
+    async def _intercept(
+        self,
+        client: str,
+        name: str,
+        tls: bool,
+        head: bytes,
+        headers: dict[str, str],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        up_reader: asyncio.StreamReader,
+        up_writer: asyncio.StreamWriter,
+    ) -> None:
+        """A request to a host with rules: read (HTTP) or terminate (TLS) it, and set the rules' headers."""
+        sandbox_side: Stream = Stream(reader, writer)
+        first = head
+        if tls:
+            ca = self.ca_for(client)
+            if ca is None:
+                raise ConnectionError("no CA for this sandbox's intercepted TLS")
+            server = TlsServerStream(sandbox_side, ca.context_for(name), head)
+            async with asyncio.timeout(HEAD_TIMEOUT):
+                await server.handshake()
+            sandbox_side, first = server, b""
+            await up_writer.start_tls(self.upstream_tls, server_hostname=name)
+        try:
+            await relay_http(sandbox_side, Stream(up_reader, up_writer), name, headers, first)
+        except h11.ProtocolError:
+            pass
+        finally:
+            sandbox_side.close()
 
     async def _read_head(self, reader: asyncio.StreamReader) -> bytes:
         """Enough of the stream to know the name: a whole TLS record, or an HTTP head (bounded)."""

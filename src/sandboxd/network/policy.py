@@ -24,6 +24,11 @@ from sandboxd.network.socks import ProxyConfig
 from sandboxd.runtime.base import Egress
 
 ALL_TRAFFIC = "0.0.0.0/0"
+MAX_RULE_HOSTS = 64
+MAX_RULES_PER_HOST = 16
+MAX_HEADERS = 32  # per rule
+MAX_HEADER_VALUE = 8192
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$")  # an HTTP header name
 MAX_ENTRIES = 256  # per list
 MAX_DNS_SERVERS = 10
 _LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
@@ -70,6 +75,52 @@ def _entries(value: Any, field: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(cidrs), tuple(dict.fromkeys(names))
 
 
+def _rules(value: Any) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
+    """`network.rules` checked: (host, headers to set) in order; the headers of a host's rules merged."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or len(value) > MAX_RULE_HOSTS:
+        raise PolicyError(f"network.rules must be an object of at most {MAX_RULE_HOSTS} hosts")
+    out = []
+    for host, rules in value.items():
+        if not isinstance(host, str) or not host.strip():
+            raise PolicyError("network.rules: a host is empty")
+        host = host.strip()
+        try:
+            net = ipaddress.ip_network(host, strict=False)
+            if net.version != 4:
+                raise PolicyError(f"network.rules: {host!r} is IPv6; sandboxes have IPv4 only")
+            key = str(net)
+        except ValueError:
+            key = _name(host, "rules")
+        if not isinstance(rules, list) or len(rules) > MAX_RULES_PER_HOST:
+            raise PolicyError(f"network.rules[{host!r}] must be a list of at most {MAX_RULES_PER_HOST} rules")
+        headers: dict[str, str] = {}
+        for rule in rules:
+            transform = (rule or {}).get("transform") if isinstance(rule, dict) else None
+            if rule is not None and not isinstance(rule, dict):
+                raise PolicyError(f"network.rules[{host!r}]: a rule must be an object")
+            given = (transform or {}).get("headers") or {}
+            if not isinstance(given, dict) or len(given) > MAX_HEADERS:
+                raise PolicyError(f"network.rules[{host!r}]: headers must be an object of at most {MAX_HEADERS}")
+            for k, v in given.items():
+                if not isinstance(k, str) or not _TOKEN.match(k):
+                    raise PolicyError(f"network.rules[{host!r}]: {k!r} is not an HTTP header name")
+                if not isinstance(v, str) or len(v) > MAX_HEADER_VALUE or any(c in v for c in "\r\n\0"):
+                    raise PolicyError(
+                        f"network.rules[{host!r}].{k}: a header value is a string of at most {MAX_HEADER_VALUE} "
+                        "characters without CR, LF or NUL"
+                    )
+                if "${e2b.identity." in v:
+                    raise PolicyError(
+                        f"network.rules[{host!r}].{k}: workload identity tokens (iam) are not supported by this "
+                        "server; put the header's value itself in the rule (it stays on the host)"
+                    )
+                headers[k] = v
+        out.append((key, tuple(headers.items())))
+    return tuple(out)
+
+
 def matches(name: str, patterns: tuple[str, ...]) -> bool:
     name = name.lower().rstrip(".")
     for p in patterns:
@@ -91,6 +142,7 @@ class NetworkPolicy:
     allow_out: tuple[str, ...] = ()  # the lists as given (what GET reports)
     deny_out: tuple[str, ...] = ()
     egress_proxy: ProxyConfig | None = None  # where its allowed TCP goes (SOCKS5), instead of out directly
+    rules: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()  # (host or CIDR, headers to set)
 
     @classmethod
     def from_api(cls, network: dict[str, Any] | None, allow_internet_access: bool | None = None) -> NetworkPolicy:
@@ -111,6 +163,7 @@ class NetworkPolicy:
             except (ValueError, TypeError):
                 raise PolicyError(f"network.dnsServers: {dns!r} holds something that is not an IPv4 address") from None
         given = {k: tuple(e.strip() for e in network.get(k) or ()) for k in ("allowOut", "denyOut")}
+        rules = _rules(network.get("rules"))
         proxy = None
         if network.get("egressProxy") is not None:
             try:
@@ -118,7 +171,15 @@ class NetworkPolicy:
             except ValueError as e:
                 raise PolicyError(str(e)) from None
         return cls(
-            allow_cidrs, deny_cidrs, allow_names, deny_names, dns_servers, given["allowOut"], given["denyOut"], proxy
+            allow_cidrs,
+            deny_cidrs,
+            allow_names,
+            deny_names,
+            dns_servers,
+            given["allowOut"],
+            given["denyOut"],
+            proxy,
+            rules,
         )
 
     @property
@@ -135,7 +196,25 @@ class NetworkPolicy:
         allow = self.allow_cidrs
         if self.dns_servers and self.has_names:
             allow = (*allow, *(f"{d}/32" for d in self.dns_servers))
-        return Egress(allow=allow, deny=self.deny_cidrs, intercept=self.has_names, tunnel=self.egress_proxy is not None)
+        return Egress(
+            allow=allow,
+            deny=self.deny_cidrs,
+            intercept=self.has_names or bool(self.rules),
+            tunnel=self.egress_proxy is not None,
+        )
+
+    def headers_for(self, name: str | None, address: str) -> dict[str, str] | None:
+        """The headers the rules set on a request to host `name` at `address` (None: no rule matches)."""
+        found: dict[str, str] | None = None
+        ip = ipaddress.IPv4Address(address)
+        for key, headers in self.rules:
+            if "/" in key:
+                hit = ip in ipaddress.IPv4Network(key)
+            else:
+                hit = name is not None and matches(name, (key,))
+            if hit:
+                found = {**(found or {}), **dict(headers)}
+        return found
 
     def name_allowed(self, name: str) -> bool:
         """May the sandbox reach host `name` (resolve it, and talk to it through the egress proxy)?"""
@@ -163,6 +242,8 @@ class NetworkPolicy:
             out["dnsServers"] = list(self.dns_servers)
         if self.egress_proxy is not None:
             out["egressProxy"] = self.egress_proxy.to_api()
+        if self.rules:
+            out["rules"] = {key: [{"transform": {"headers": dict(headers)}}] for key, headers in self.rules}
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -175,6 +256,7 @@ class NetworkPolicy:
             "allow_out": list(self.allow_out),
             "deny_out": list(self.deny_out),
             "egress_proxy": None if self.egress_proxy is None else self.egress_proxy.to_json(),
+            "rules": [[key, [list(h) for h in headers]] for key, headers in self.rules],
         }
 
     @classmethod
@@ -190,4 +272,5 @@ class NetworkPolicy:
             tuple(data.get("allow_out", ())),
             tuple(data.get("deny_out", ())),
             None if data.get("egress_proxy") is None else ProxyConfig.from_api(data["egress_proxy"]),
+            tuple((key, tuple((k, v) for k, v in headers)) for key, headers in data.get("rules", ())),
         )
