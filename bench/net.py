@@ -87,10 +87,10 @@ def _curl_seconds(run: Callable[[str], str], url: str) -> float:
     return float(out.strip())
 
 
-def run_net(client: Any, dl: Any) -> dict[str, Any]:
+def run_net(client: Any, dl: Any, lab: Lab) -> dict[str, Any]:
+    """`lab`: started before the server (which trusts its CA: --egress-ca-file)."""
     from e2b import Sandbox
 
-    lab = Lab().start()
     res: dict[str, Any] = {}
     made: list[Any] = []
     host_http: subprocess.Popen[bytes] | None = None
@@ -108,6 +108,12 @@ def run_net(client: Any, dl: Any) -> dict[str, Any]:
         policy = {"allow_out": ["web.lab.test"], "deny_out": ["0.0.0.0/0"], "dns_servers": [DNS]}
         proxied = Sandbox.create(template="base", timeout=600, network=policy)
         made.append(proxied)
+        rules = {"web.lab.test": [{"transform": {"headers": {"Authorization": "Bearer bench"}}}]}
+        intercepted = Sandbox.create(template="base", timeout=600, network={**policy, "rules": rules})
+        made.append(intercepted)
+        ca = lab.ca_pem.read_text()
+        for sbx in (nat, proxied):
+            sbx.files.write("/tmp/lab-ca.pem", ca)
 
         def inside(sbx: Any) -> Callable[[str], str]:
             return lambda cmd: sbx.commands.run(cmd, timeout=120).stdout
@@ -121,6 +127,16 @@ def run_net(client: Any, dl: Any) -> dict[str, Any]:
             dl.check()
             secs = [_curl_seconds(run, target) for _ in range(RUNS)]
             rows[name] = {"download_mbs": _mbs(statistics.median(secs), DOWNLOAD_BYTES)}
+        https = f"https://web.lab.test/bytes/{DOWNLOAD_BYTES}"
+        for name, run, args in (
+            ("direct (host)", host, f"--cacert {lab.ca_pem} --resolve web.lab.test:443:{WEB} {https}"),
+            ("sandbox, NAT", inside(nat), f"--cacert /tmp/lab-ca.pem https://{WEB}/bytes/{DOWNLOAD_BYTES}"),
+            ("sandbox, egress proxy", inside(proxied), f"--cacert /tmp/lab-ca.pem {https}"),
+            ("sandbox, TLS intercepted (rules)", inside(intercepted), https),
+        ):
+            dl.check()
+            secs = [_curl_seconds(run, args) for _ in range(RUNS)]
+            rows.setdefault(name, {})["https_mbs"] = _mbs(statistics.median(secs), DOWNLOAD_BYTES)
         (workdir / "lat.py").write_text(LATENCY)
         rows["direct (host)"].update(json.loads(host(f"{sys.executable} {workdir / 'lat.py'} {WEB} {REQUESTS}")))
         for name, sbx, target in (("sandbox, NAT", nat, WEB), ("sandbox, egress proxy", proxied, "web.lab.test")):
@@ -178,7 +194,6 @@ def run_net(client: Any, dl: Any) -> dict[str, Any]:
                 sbx.kill()
             except Exception:
                 pass
-        lab.stop()
         subprocess.run(["rm", "-rf", str(workdir)], check=False)
     return res
 
@@ -209,12 +224,20 @@ def print_report(res: dict[str, Any]) -> None:
     eg = res.get("egress", {})
     if eg:
         direct = eg.get("direct (host)", {})
-        print("\nEgress to the lab (128 MiB download; 100 new-connection GETs)")
-        print(f"{'path':<24}{'MB/s':>10}{'ratio':>8}{'p50 ms':>10}{'p90 ms':>10}{'vs direct':>11}")
+        print("\nEgress to the lab (128 MiB download over HTTP and HTTPS; 100 new-connection GETs)")
+        head = f"{'path':<34}{'HTTP MB/s':>10}{'ratio':>7}{'HTTPS MB/s':>11}{'ratio':>7}{'p50 ms':>8}{'p90 ms':>8}"
+        print(head + f"{'vs direct':>10}")
         for name, r in eg.items():
-            ratio = r["download_mbs"] / direct["download_mbs"] if direct else float("nan")
-            lat = r["p50"] / direct["p50"] if direct else float("nan")
-            print(f"{name:<24}{r['download_mbs']:>10.0f}{ratio:>8.2f}{r['p50']:>10.2f}{r['p90']:>10.2f}{lat:>10.2f}x")
+            http = r.get("download_mbs")
+            tls = r.get("https_mbs")
+            cells = [
+                f"{http:>10.0f}" if http else f"{'-':>10}",
+                f"{http / direct['download_mbs']:>7.2f}" if http else f"{'':>7}",
+                f"{tls:>11.0f}" if tls else f"{'-':>11}",
+                f"{tls / direct['https_mbs']:>7.2f}" if tls else f"{'':>7}",
+                f"{r['p50']:>8.2f}{r['p90']:>8.2f}{r['p50'] / direct['p50']:>9.2f}x" if "p50" in r else "",
+            ]
+            print(f"{name:<34}" + "".join(cells))
     po = res.get("port", {})
     if po:
         direct = po.get("direct loopback", {})

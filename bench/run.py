@@ -883,7 +883,7 @@ def main() -> int:
         # The disk quota (runtime/quota.py) is on by default: this one shows what it costs a create.
         Server(workdir / "nopool-noquota", ["--pool-size", "0", "--disk-mb", "0"]),
         Server(workdir / "noisy", []),
-        Server(workdir / "net", ["--dns", net.DNS]),
+        Server(workdir / "net", ["--dns", net.DNS, "--egress-ca-file", str(workdir / "lab" / "ca.pem")]),
     ]
     clients = [Client(s) for s in servers]
     holders: list[Holder] = []
@@ -923,10 +923,18 @@ def main() -> int:
     with sigterm_as_interrupt():
         try:
             warm, nopool, files_client, interp_warm, interp_cold, nopool_noquota, noisy_client, net_client = clients
-            if args.suite in ("all", "net") and phase("start sandboxd (net)", net_client.server.start):
-                phase("network: egress and ports", lambda: net_results.update(net.run_net(net_client, dl)))
-            errors.extend(net_client.kill_all())
-            net_client.server.stop()
+            if args.suite in ("all", "net"):
+                lab = net.Lab(workdir / "lab").start()  # before the server, which trusts its CA
+                try:
+                    if phase("start sandboxd (net)", net_client.server.start):
+                        phase(
+                            "network: egress and ports",
+                            lambda: net_results.update(net.run_net(net_client, dl, lab)),
+                        )
+                    errors.extend(net_client.kill_all())
+                    net_client.server.stop()
+                finally:
+                    lab.stop()
             if args.suite in ("all", "noisy") and phase("start sandboxd (noisy)", noisy_client.server.start):
                 phase(
                     "noisy neighbours",

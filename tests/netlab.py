@@ -49,11 +49,12 @@ def _run(*argv: str) -> None:
 
 
 class Lab:
-    def __init__(self) -> None:
+    def __init__(self, directory: Path | None = None) -> None:
         tag = os.getpid() % 100000
         self.netns = f"sbxlab{tag}"
         self.host_if = f"lab{tag}"
-        self.dir = Path(tempfile.mkdtemp(prefix="sandboxd-lab-"))
+        self.dir = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="sandboxd-lab-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.ca_pem = self.dir / "ca.pem"
         self.etc = Path("/etc/netns") / self.netns

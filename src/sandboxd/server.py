@@ -85,6 +85,13 @@ class App:
             uid_base=config.uid_base,
             network_cidr=config.network_cidr,
         )
+        try:
+            self._assemble(config)
+        except BaseException:
+            self.runtime.close()  # its gateway and table go (nothing runs yet)
+            raise
+
+    def _assemble(self, config: ServerConfig) -> None:
         config.settings.domain = config.domain
         self.manager = SandboxManager(self.runtime, self.templates, self.db, config.settings)
         self.resolver: Resolver | None = None
@@ -145,6 +152,10 @@ class App:
                     if cleaned:
                         log.info("removed %d temporary file(s) of uploads a crash interrupted", cleaned)
                 except Exception as e:
+                    for service in (self.resolver, self.egress):
+                        if service is not None:
+                            service.close()
+                    self.runtime.close()  # removes only what no kept sandbox uses
                     await send({"type": "lifespan.startup.failed", "message": str(e)})
                     return
                 self._announce()

@@ -230,6 +230,13 @@ def main(argv: list[str] | None = None) -> int:
             value = getattr(args, name)
             if value is not None and value != 0 and value < MIN_DISK_MB:
                 parser.error(f"--{name.replace('_', '-')} must be 0 (no quota) or at least {MIN_DISK_MB} MiB")
+        if args.egress_ca_file:
+            import ssl
+
+            try:
+                ssl.create_default_context().load_verify_locations(args.egress_ca_file)
+            except (OSError, ssl.SSLError) as e:
+                parser.error(f"--egress-ca-file {args.egress_ca_file}: not a readable PEM file of CAs ({e})")
         from sandboxd.server import ServerConfig, serve
 
         settings = Settings(
