@@ -221,6 +221,17 @@ def _wait_http(url: str, headers: dict[str, str], dl: Any) -> None:
 
 
 def print_report(res: dict[str, Any]) -> None:
+    cr = res.get("create", {})
+    if cr:
+        base = cr.get("no policy", {}).get("p50")
+        print("\nCreate -> first command, pooled, with network options (target: p50 <= 30 ms)")
+        print(f"{'option':<34}{'p50 ms':>8}{'p95 ms':>8}{'vs none':>9}{'status':>8}")
+        for name, r in cr.items():
+            if not r.get("n"):
+                continue
+            ratio = r["p50"] / base if base else float("nan")
+            status = "PASS" if r["p50"] <= 30 else "MISS"
+            print(f"{name:<34}{r['p50']:>8.1f}{r['p95']:>8.1f}{ratio:>8.2f}x{status:>8}")
     eg = res.get("egress", {})
     if eg:
         direct = eg.get("direct (host)", {})

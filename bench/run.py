@@ -343,10 +343,12 @@ class Client:
     vanished: set[str] = field(default_factory=set)  # already gone when we killed them
     instances: set[str] = field(default_factory=set)  # the server's cgroup instance dir(s)
 
-    def create(self, dl: Deadline) -> Any:
+    def create(self, dl: Deadline, **kwargs: Any) -> Any:
         from e2b import Sandbox
 
-        s = Sandbox.create(template=TEMPLATE, timeout=max(60, int(dl.left()) + 120), request_timeout=dl.op_timeout())
+        s = Sandbox.create(
+            template=TEMPLATE, timeout=max(60, int(dl.left()) + 120), request_timeout=dl.op_timeout(), **kwargs
+        )
         self.live[s.sandbox_id] = s
         self.ever.add(s.sandbox_id)
         if not self.instances:
@@ -467,6 +469,33 @@ def sbx_create(n: int, dl: Deadline, client: Client, out: dict[str, Any], paced:
             out["create_first_cmd"].append((t2 - t0) * 1000)
             if pool_ready is not None:
                 out["pool_ready"].append(pool_ready)
+
+
+# Network options a create may carry (applied when the pooled sandbox is handed out: docs/architecture.md).
+CREATE_POLICIES = {
+    "no policy": None,
+    "deny list (nftables chain)": {"deny_out": ["203.0.113.0/24"]},
+    "allow list by name (+ proxy)": {"allow_out": ["web.lab.test"], "deny_out": ["0.0.0.0/0"]},
+    "rules (+ sandbox CA install)": {
+        "allow_out": ["web.lab.test"],
+        "rules": {"web.lab.test": [{"transform": {"headers": {"X-Key": "k"}}}]},
+    },
+}
+
+
+def net_create(n: int, dl: Deadline, client: Client, out: dict[str, list[float]]) -> None:
+    """Pooled create -> first command with each network option, interleaved (paced like sbx_create)."""
+    for i in range(CREATE_WARMUPS + n):
+        for name, network in CREATE_POLICIES.items():
+            dl.check()
+            client.wait_for_pool()
+            t0 = time.perf_counter()
+            s = client.create(dl, network=network) if network else client.create(dl)
+            run_true(s, dl)
+            t1 = time.perf_counter()
+            client.kill(s)
+            if i >= CREATE_WARMUPS:
+                out.setdefault(name, []).append((t1 - t0) * 1000)
 
 
 def sbx_exec(n: int, dl: Deadline, client: Client, out: list[float]) -> None:
@@ -927,6 +956,9 @@ def main() -> int:
                 lab = net.Lab(workdir / "lab").start()  # before the server, which trusts its CA
                 try:
                     if phase("start sandboxd (net)", net_client.server.start):
+                        creates: dict[str, list[float]] = {}
+                        phase("network: create with network options", lambda: net_create(n, dl, net_client, creates))
+                        net_results["create"] = {k: summary(v) for k, v in creates.items()}
                         phase(
                             "network: egress and ports",
                             lambda: net_results.update(net.run_net(net_client, dl, lab)),

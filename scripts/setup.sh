@@ -20,8 +20,9 @@ step() { printf '\n==> %s\n' "$*" >&2; }
 
 PKGS=(python3 python3-venv python3-dev build-essential libseccomp-dev mmdebstrap iproute2 util-linux procps
       ca-certificates curl nftables)
-# tests: dnsmasq is the DNS server of the tests' stand-in internet (tests/netlab.py)
-[ $DEV = 1 ] && PKGS+=(dnsmasq-base)
+# tests: dnsmasq is the DNS server of the tests' stand-in internet (tests/netlab.py); conntrack reads the
+# kernel's connection table for the leak checks
+[ $DEV = 1 ] && PKGS+=(dnsmasq-base conntrack)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

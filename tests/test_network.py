@@ -456,3 +456,18 @@ def test_rules_added_by_a_live_update(make) -> None:
     sbx.update_network({"allow_out": ["api.lab.test"], "deny_out": ["0.0.0.0/0"], "rules": rules, **LAB})
     code, out, err = run(sbx, "curl -sS -m 5 https://api.lab.test/hash-auth")
     assert code == 0 and json.loads(out)["X-Api-Key"] == _digest(SECRET), (out, err)
+
+
+def test_rule_precedence_exact_then_longest_wildcard_never_merged(make) -> None:
+    rules = {
+        "*.lab.test": [{"transform": {"headers": {"X-Team": "wide", "X-Api-Key": "wide-key"}}}],
+        "*.sub.lab.test": [{"transform": {"headers": {"X-Team": "narrow"}}}],
+        "api.lab.test": [{"transform": {"headers": {"Authorization": "exact"}}}],
+    }
+    sbx = make(network={"allow_out": ["*.lab.test"], "deny_out": ["0.0.0.0/0"], "rules": rules, **LAB})
+    got = json.loads(run(sbx, "curl -sS -m 5 http://api.lab.test/hash-auth")[1])
+    assert (got["Authorization"], got["X-Team"], got["X-Api-Key"]) == (_digest("exact"), _digest(""), _digest(""))
+    got = json.loads(run(sbx, "curl -sS -m 5 http://deep.sub.lab.test/hash-auth")[1])
+    assert (got["X-Team"], got["X-Api-Key"]) == (_digest("narrow"), _digest(""))
+    got = json.loads(run(sbx, "curl -sS -m 5 http://web.lab.test/hash-auth")[1])
+    assert (got["X-Team"], got["X-Api-Key"]) == (_digest("wide"), _digest("wide-key"))

@@ -7,7 +7,7 @@ import { after, before, describe, test } from 'node:test'
 import { CommandExitError, FileType, Sandbox, SandboxNotFoundError } from 'e2b'
 import { Sandbox as CodeSandbox } from '@e2b/code-interpreter'
 
-import { startServer } from './server.mjs'
+import { DOMAIN, startServer } from './server.mjs'
 
 let server
 let sbx
@@ -219,5 +219,31 @@ describe('code interpreter', () => {
     assert.equal((await ci.runCode('import os; os.getcwd()', { context: ctx })).text, "'/tmp'")
     assert.equal((await ci.runCode('[1, 2, 3].length', { language: 'js' })).text, '3')
     await ci.removeCodeContext(ctx)
+  })
+})
+
+describe('network', () => {
+  test('egress policy: create, info, live update; the host of a port', async () => {
+    const s = await Sandbox.create('base', {
+      timeoutMs: 60_000,
+      allowInternetAccess: false,
+      network: { allowOut: ['198.18.0.0/24', 'api.example.com'], denyOut: ({ allTraffic }) => [allTraffic] },
+    })
+    try {
+      let info = await s.getInfo()
+      assert.equal(info.allowInternetAccess, false)
+      assert.deepEqual(info.network.allowOut, ['198.18.0.0/24', 'api.example.com'])
+      assert.deepEqual(info.network.denyOut, ['0.0.0.0/0'])
+      await s.updateNetwork({ denyOut: ['203.0.113.0/24'] })
+      info = await s.getInfo()
+      assert.deepEqual(info.network.denyOut, ['203.0.113.0/24'])
+      assert.equal(info.network.allowOut, undefined, 'an update replaces the whole policy')
+      assert.equal(s.getHost(8000), `8000-${s.sandboxId}.${DOMAIN}`)
+      const route = await s.commands.run('ip route show default')
+      assert.match(route.stdout, /^default via 10\.213\.252\.1 dev eth0/)
+      await assert.rejects(s.updateNetwork({ allowOut: ['not a host!'] }), /allowOut/)
+    } finally {
+      await s.kill()
+    }
   })
 })

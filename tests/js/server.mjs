@@ -8,6 +8,7 @@ import { join } from 'node:path'
 
 const SANDBOXD = process.env.SANDBOXD_BIN || '/opt/sandboxd/venv/bin/sandboxd'
 const TEMPLATES = process.env.SANDBOXD_TEMPLATES_DIR || '/var/lib/sandboxd/templates'
+export const DOMAIN = 'js.sandboxd.test'
 
 function freePort() {
   return new Promise((resolve, reject) => {
@@ -24,12 +25,15 @@ function freePort() {
 export async function startServer() {
   const dir = mkdtempSync(join(tmpdir(), 'sandboxd-js-'))
   const port = await freePort()
+  const tlsPort = await freePort()
   const logPath = join(dir, 'server.log')
   const log = openSync(logPath, 'a')
   const proc = spawn(
     SANDBOXD,
     ['serve', '--host', '127.0.0.1', '--port', String(port), '--data-dir', join(dir, 'data'),
-      '--templates-dir', TEMPLATES, '--destroy-on-exit'],
+      '--templates-dir', TEMPLATES, '--destroy-on-exit',
+      // a sandbox network of its own; names resolve nowhere but this host (nothing leaves the machine)
+      '--network-cidr', '10.213.252.0/24', '--dns', '127.0.0.1', '--domain', DOMAIN, '--tls-port', String(tlsPort)],
     { stdio: ['ignore', log, log] },
   )
   const url = `http://127.0.0.1:${port}`

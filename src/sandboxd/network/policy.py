@@ -83,8 +83,8 @@ def _rules(value: Any) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
         raise PolicyError(f"network.rules must be an object of at most {MAX_RULE_HOSTS} hosts")
     out = []
     for host, rules in value.items():
-        if not isinstance(host, str) or not host.strip():
-            raise PolicyError("network.rules: a host is empty")
+        if not isinstance(host, str) or not host.strip() or host.strip() == "*":
+            raise PolicyError("network.rules: a host is empty, or a bare '*' (use *.example.com)")
         host = host.strip()
         try:
             net = ipaddress.ip_network(host, strict=False)
@@ -204,17 +204,24 @@ class NetworkPolicy:
         )
 
     def headers_for(self, name: str | None, address: str) -> dict[str, str] | None:
-        """The headers the rules set on a request to host `name` at `address` (None: no rule matches)."""
-        found: dict[str, str] | None = None
+        """The headers the rules set on a request to host `name` at `address` (None: no rule matches).
+        As E2B's API: the exact name's rules, else the longest matching wildcard's; never merged. (Rules
+        by address or CIDR, which the Python SDK mentions, come last: the longest prefix.)"""
+        exact = wildcard = cidr = None
+        best_w = best_c = -1
         ip = ipaddress.IPv4Address(address)
         for key, headers in self.rules:
             if "/" in key:
-                hit = ip in ipaddress.IPv4Network(key)
-            else:
-                hit = name is not None and matches(name, (key,))
-            if hit:
-                found = {**(found or {}), **dict(headers)}
-        return found
+                net = ipaddress.IPv4Network(key)
+                if ip in net and net.prefixlen > best_c:
+                    cidr, best_c = headers, net.prefixlen
+            elif name is not None and key.startswith("*."):
+                if matches(name, (key,)) and len(key) > best_w:
+                    wildcard, best_w = headers, len(key)
+            elif name is not None and key == name.lower().rstrip("."):
+                exact = headers
+        chosen = exact if exact is not None else wildcard if wildcard is not None else cidr
+        return None if chosen is None else dict(chosen)
 
     def name_allowed(self, name: str) -> bool:
         """May the sandbox reach host `name` (resolve it, and talk to it through the egress proxy)?"""
