@@ -310,7 +310,7 @@ class SandboxManager:
         ca: SandboxCA | None = None
         if not egress.default:  # pooled or not, a sandbox starts with the default policy
             try:
-                await self.runtime.set_egress(handle, egress)
+                await self.runtime.set_egress(handle, egress, cut=False)  # it has made no connection yet
                 if policy.rules:
                     ca, ca_vars = await self._install_ca(handle)
                     env_vars = {**ca_vars, **(env_vars or {})}

@@ -142,8 +142,9 @@ class Runtime(abc.ABC):
 
         return os.openpty()
 
-    async def set_egress(self, handle: SandboxHandle, egress: Egress) -> None:
-        """Make `egress` what the sandbox may reach (atomically; connections it denies are cut)."""
+    async def set_egress(self, handle: SandboxHandle, egress: Egress, cut: bool = True) -> None:
+        """Make `egress` what the sandbox may reach (atomically). With `cut`, connections it denies are cut
+        at once (a sandbox that has never run anything has none: its create skips that)."""
         if not egress.default:
             raise RuntimeError_(f"the {self.name} backend has no network policy")
 

@@ -319,12 +319,12 @@ class NamespaceRuntime(Runtime):
         self._release_cpus(handle.sandbox_id)
         self._meminfo.pop(handle.sandbox_id, None)
 
-    async def set_egress(self, handle: SandboxHandle, egress: Egress) -> None:
+    async def set_egress(self, handle: SandboxHandle, egress: Egress, cut: bool = True) -> None:
         if not handle.address or self.net is None:
             if egress.default:
                 return
             raise RuntimeError_("this sandbox has no network (the server runs without networking)")
-        await asyncio.to_thread(self.net.set_egress, handle.address, egress)
+        await asyncio.to_thread(self.net.set_egress, handle.address, egress, cut)
         handle.egress = egress.to_json()
 
     def adopt(self, handle: SandboxHandle) -> None:
