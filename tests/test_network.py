@@ -471,3 +471,57 @@ def test_rule_precedence_exact_then_longest_wildcard_never_merged(make) -> None:
     assert (got["X-Team"], got["X-Api-Key"]) == (_digest("narrow"), _digest(""))
     got = json.loads(run(sbx, "curl -sS -m 5 http://web.lab.test/hash-auth")[1])
     assert (got["X-Team"], got["X-Api-Key"]) == (_digest("wide"), _digest("wide-key"))
+
+
+def test_secrets_api_and_rules_that_name_a_secret(make, server: Server) -> None:
+    """E2B's Secret API: values go in and never come out; `Secret.fill(name)` in a rule is replaced by
+    the current value at the egress proxy, request by request."""
+    from e2b import Secret, SecretException
+
+    name = f"lab-key-{time.monotonic_ns()}"
+    info = Secret.create(name, SECRET, metadata={"team": "blue"})
+    try:
+        assert (info.name, info.version, info.metadata) == (name, 1, {"team": "blue"})
+        assert Secret.exists(name) and Secret.get_info(info.secret_id).name == name
+        with server.api() as api:  # no read surface returns the value
+            assert SECRET not in api.get(f"/secrets/{name}").text and SECRET not in api.get("/secrets").text
+        with pytest.raises(SecretException):
+            Secret.create(name, "again")  # names are unique
+        rules = {"api.lab.test": [{"transform": {"headers": {"Authorization": f"Bearer {Secret.fill(name)}"}}}]}
+        sbx = make(network={"allow_out": ["api.lab.test"], "deny_out": ["0.0.0.0/0"], "rules": rules, **LAB})
+        hashed = "curl -sS -m 5 https://api.lab.test/hash-auth"
+        assert json.loads(run(sbx, hashed)[1])["Authorization"] == _digest(f"Bearer {SECRET}")
+        assert Secret.update(name, "rotated").version == 2
+        assert json.loads(run(sbx, hashed)[1])["Authorization"] == _digest("Bearer rotated"), "the current value"
+        assert Secret.destroy(name) and not Secret.exists(name)
+        _, out, _ = run(sbx, hashed + " -w ' %{http_code}'")
+        assert out.endswith(" 502") and name in out, out
+    finally:
+        Secret.destroy(name)
+
+
+def test_secrets_are_listed_by_page_and_checked(server: Server) -> None:
+    from e2b import Secret, SecretException
+
+    names = [f"page-{i}-{time.monotonic_ns()}" for i in range(3)]
+    for n in names:
+        Secret.create(n, "v")
+    try:
+        seen = []
+        pages = Secret.list(limit=2)
+        while pages.has_next:
+            seen += [s.name for s in pages.next_items()]
+        assert set(names) <= set(seen)
+        from e2b import InvalidArgumentException
+
+        for bad in ("", "a{b}", "tab\there"):  # the SDK refuses them; the server too (below, sent raw)
+            with pytest.raises((InvalidArgumentException, SecretException)):
+                Secret.create(bad, "v")
+        with server.api() as api:
+            r = api.post("/secrets", json={"name": "a{b}", "value": "v"})
+            assert r.status_code == 400 and "placeholder" in r.json()["message"], r.text
+        with pytest.raises(SecretException):
+            Secret.create(f"x-{time.monotonic_ns()}", "line\nbreak")
+    finally:
+        for n in names:
+            Secret.destroy(n)

@@ -108,6 +108,7 @@ class App:
                 PROXY_MARK,
                 ca_for=self.manager.ca_for,
                 upstream_ca_file=config.egress_ca_file,
+                fill=self.manager.secrets.fill,
             )
             self.manager.on_policy_change.append(self.egress.policy_changed)
         h = self.manager.host_limits

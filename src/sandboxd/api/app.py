@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sandboxd.api import serialize
 from sandboxd.api.models import ConnectBody, NetworkUpdate, NewSandbox, TimeoutBody
+from sandboxd.api.secrets import secret_routes
 from sandboxd.core.errors import BadRequest, PayloadTooLarge, SandboxdError
 from sandboxd.core.limits import BadJSON, LimitExceeded, RequestLimits, load_bounded_json
 from sandboxd.core.manager import Sandbox, SandboxManager
@@ -276,6 +277,7 @@ def build_control_plane(manager: SandboxManager, api_key: str, limits: RequestLi
         Route("/sandboxes" + sid + "/pause", pause, methods=["POST"]),
         Route("/sandboxes" + sid + "/metrics", metrics, methods=["GET"]),
         Route("/sandboxes" + sid + "/network", update_network, methods=["PUT"]),
+        *secret_routes(manager.secrets, limits, _body),
         Route("/templates", list_templates, methods=["GET"]),
         Route("/templates/aliases/{alias:str}", template_alias, methods=["GET"]),
     ]

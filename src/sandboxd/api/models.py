@@ -46,3 +46,14 @@ class TimeoutBody(_Body):
 
 class ConnectBody(_Body):
     timeout: int | None = Field(default=None, ge=0)
+
+
+class NewSecret(_Body):
+    name: str
+    value: str
+    metadata: dict[str, str] | None = None
+
+
+class SecretUpdate(_Body):
+    value: str
+    metadata: dict[str, str] | None = None

@@ -26,6 +26,7 @@ from sandboxd.core.limits import HostLimits
 from sandboxd.core.metrics import MetricsSampler
 from sandboxd.core.pool import Pooled, WarmPool
 from sandboxd.core.reaper import Reaper
+from sandboxd.core.secrets import Secrets
 from sandboxd.core.tenant_limits import TenantLimits
 from sandboxd.core.users import DEFAULT_PATH, lookup_user
 from sandboxd.network.intercept import SandboxCA
@@ -110,6 +111,7 @@ class SandboxManager:
         self.metrics = MetricsSampler(self)
         self._creating: list[int] = []  # memory (MiB) of sandboxes being created right now
         self._by_address: dict[str, Sandbox] = {}
+        self.secrets = Secrets(db)  # for ${e2b.secrets.NAME} in network rules (the egress proxy fills them)
         # called with a sandbox's address when its network policy changed (the egress proxy re-checks)
         self.on_policy_change: list[Callable[[str], None]] = []
 

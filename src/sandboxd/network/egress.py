@@ -140,7 +140,9 @@ class EgressProxy:
         mark: int,
         ca_for: Callable[[str], SandboxCA | None] = lambda _: None,
         upstream_ca_file: str | None = None,
+        fill: Callable[[str], str] = lambda text: text,
     ) -> None:
+        self.fill = fill  # ${e2b.secrets.NAME} -> the secret's value (KeyError: no such secret)
         self.ca_for = ca_for  # the CA of the sandbox with this address, for intercepted TLS
         # intercepted TLS goes on to the real host over TLS verified against the host's trust store
         self.upstream_tls = ssl.create_default_context()
@@ -307,7 +309,12 @@ class EgressProxy:
             sandbox_side, first = server, b""
             await up_writer.start_tls(self.upstream_tls, server_hostname=name)
         try:
-            await relay_http(sandbox_side, Stream(up_reader, up_writer), name, headers, first)
+            fill = self.fill
+
+            def headers_now() -> dict[str, str]:
+                return {k: fill(v) for k, v in headers.items()}
+
+            await relay_http(sandbox_side, Stream(up_reader, up_writer), name, headers_now, first)
         except h11.ProtocolError:
             pass
         finally:

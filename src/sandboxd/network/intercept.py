@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import ssl
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import h11
@@ -166,12 +166,14 @@ def _host_of(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
-async def relay_http(client: Stream, upstream: Stream, name: str, set_headers: dict[str, str], first: bytes) -> None:
-    """HTTP/1.1 from the sandbox to upstream, request by request, with `set_headers` set on each."""
+async def relay_http(
+    client: Stream, upstream: Stream, name: str, headers_now: Callable[[], dict[str, str]], first: bytes
+) -> None:
+    """HTTP/1.1 from the sandbox to upstream, request by request, with the headers `headers_now()` gives
+    (asked for each request: secrets are filled in then) set on each. A KeyError from it (a secret that
+    does not exist) answers that request 502 and ends the connection."""
     s = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
     c = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
-    replaced = {k.lower().encode() for k in set_headers}
-    extra = [(k.encode(), v.encode()) for k, v in set_headers.items()]
     if first:
         s.receive_data(first)
     while True:
@@ -182,6 +184,16 @@ async def relay_http(client: Stream, upstream: Stream, name: str, set_headers: d
             await client.send(s.send(h11.Response(status_code=421, headers=[(b"content-length", b"0")])))
             await client.send(s.send(h11.EndOfMessage()))
             return
+        try:
+            set_headers = headers_now()
+        except KeyError as e:
+            body = f"sandboxd: the network rule for {name} names secret {e.args[0]!r}, which does not exist\n".encode()
+            head = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
+            await client.send(s.send(h11.Response(status_code=502, headers=head)))
+            await client.send(s.send(h11.Data(data=body)) + s.send(h11.EndOfMessage()))
+            return
+        replaced = {k.lower().encode() for k in set_headers}
+        extra = [(k.encode(), v.encode()) for k, v in set_headers.items()]
         headers = [(k, v) for k, v in event.headers if k.lower() not in replaced] + extra
         await upstream.send(c.send(h11.Request(method=event.method, target=event.target, headers=headers)))
         while True:

@@ -114,7 +114,7 @@ def _rules(value: Any) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
                 if "${e2b.identity." in v:
                     raise PolicyError(
                         f"network.rules[{host!r}].{k}: workload identity tokens (iam) are not supported by this "
-                        "server; put the header's value itself in the rule (it stays on the host)"
+                        "server; keep the credential in a secret (Secret.create) and use Secret.fill(name)"
                     )
                 headers[k] = v
         out.append((key, tuple(headers.items())))

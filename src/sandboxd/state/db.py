@@ -20,6 +20,15 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     end_at REAL NOT NULL,
     record TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS secrets (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    version INTEGER NOT NULL,
+    value TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
 """
 
 
@@ -92,6 +101,34 @@ class StateDB:
         key = "e2b_" + secrets.token_hex(20)
         self.set_setting("api_key", key)
         return key, True
+
+    # -- secrets (values are written, and read only by the egress proxy: core/secrets.py) ----------
+    def secret_row(self, key: str) -> tuple | None:
+        """(id, name, version, value, metadata JSON, created_at, updated_at) by ID or name."""
+        with self._lock:
+            return self._conn.execute(
+                "SELECT id, name, version, value, metadata, created_at, updated_at FROM secrets "
+                "WHERE id = ? OR name = ?",
+                (key, key),
+            ).fetchone()
+
+    def secret_rows(self) -> list[tuple]:
+        with self._lock:
+            return self._conn.execute(
+                "SELECT id, name, version, value, metadata, created_at, updated_at FROM secrets ORDER BY created_at, id"
+            ).fetchall()
+
+    def secret_put(self, row: tuple) -> None:
+        with self._lock:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO secrets (id, name, version, value, metadata, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+
+    def secret_delete(self, secret_id: str) -> bool:
+        with self._lock:
+            return self._conn.execute("DELETE FROM secrets WHERE id = ?", (secret_id,)).rowcount > 0
 
     # -- sandboxes ---------------------------------------------------------------------------
     def put(self, rec: SandboxRecord) -> None:
