@@ -33,6 +33,12 @@ class Echo(BaseHTTPRequestHandler):
         }
         with LOCK, open(DIR + "/requests.log", "a") as log:
             log.write(f"{data['server']} {self.path}\n")
+        if self.path.startswith("/log-auth"):  # what a relying party received, for the test to verify
+            with LOCK, open(DIR + "/auth.log", "a") as log:
+                log.write(self.headers.get("Authorization", "") + "\n")
+            self.send_response(204)
+            self.end_headers()
+            return
         if self.path.startswith("/hash-auth"):
             # what credentials arrived, as digests: the answer must not carry them back into the sandbox
             import hashlib

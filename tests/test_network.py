@@ -437,8 +437,8 @@ def test_rules_need_the_host_allowed_and_refuse_workload_identity(make) -> None:
     assert fetch(sbx, "http://api.lab.test/hash-auth")[0] != 0, "a rule alone does not allow the host"
     with pytest.raises((InvalidArgumentException, SandboxException)) as exc:
         bad = {"api.lab.test": [{"transform": {"headers": {"Authorization": "Bearer ${e2b.identity.tokens.aws}"}}}]}
-        Sandbox.create(template="base", timeout=30, network={"rules": bad})
-    assert "workload identity" in str(exc.value)
+        Sandbox.create(template="base", timeout=30, network={"rules": bad})  # no iam.tokens registered
+    assert "workload identity token 'aws'" in str(exc.value)
     with pytest.raises((InvalidArgumentException, SandboxException)) as exc:
         Sandbox.create(
             template="base",
@@ -525,3 +525,53 @@ def test_secrets_are_listed_by_page_and_checked(server: Server) -> None:
     finally:
         for n in names:
             Secret.destroy(n)
+
+
+def test_workload_identity_tokens_minted_at_the_egress(make, server: Server, lab: Lab) -> None:
+    """`iam.tokens` + `${e2b.identity.tokens.NAME}` in a rule (the SDK's transform callable): the proxy mints
+    an ES256 JWT-SVID per request, verifiable with the server's published keys."""
+    import base64
+
+    import httpx
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+    from e2b import Secret
+
+    def b64(s: str) -> bytes:
+        return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+    iam = {"tokens": {"lab": Secret.iam_token(audience="https://api.lab.test", token_type="JWT-SVID")}}
+    rules = {
+        "api.lab.test": [{"transform": lambda ctx: {"headers": {"Authorization": f"Bearer {ctx.iam.tokens['lab']}"}}}]
+    }
+    network = {"allow_out": ["api.lab.test"], "deny_out": ["0.0.0.0/0"], "rules": rules, **LAB}
+    sbx = Sandbox.create(template="base", timeout=120, iam=iam, network=network)
+    try:
+        for _ in range(2):
+            assert run(sbx, "curl -sS -m 5 -o /dev/null -w '%{http_code}' https://api.lab.test/log-auth")[1] == "204"
+        tokens = [line.removeprefix("Bearer ") for line in (lab.dir / "auth.log").read_text().splitlines()[-2:]]
+        assert tokens[0] != tokens[1], "a token per request"
+        jwks = httpx.get(server.url + "/.well-known/jwks.json").json()  # public: no API key
+        key = jwks["keys"][0]
+        public = ec.EllipticCurvePublicNumbers(
+            int.from_bytes(b64(key["x"]), "big"), int.from_bytes(b64(key["y"]), "big"), ec.SECP256R1()
+        ).public_key()
+        head, body, sig = tokens[-1].split(".")
+        raw = b64(sig)
+        signature = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+        public.verify(signature, f"{head}.{body}".encode(), ec.ECDSA(hashes.SHA256()))  # raises if forged
+        claims = json.loads(b64(body))
+        assert json.loads(b64(head))["kid"] == key["kid"]
+        assert claims["aud"] == ["https://api.lab.test"] and claims["sub"].endswith(sbx.sandbox_id)
+        assert claims["exp"] - claims["iat"] == 300
+        assert claims["iss"] == httpx.get(server.url + "/.well-known/openid-configuration").json()["issuer"]
+        # a rule may only name the sandbox's own tokens
+        from e2b import InvalidArgumentException, SandboxException
+
+        bad = {"api.lab.test": [{"transform": {"headers": {"X": "${e2b.identity.tokens.other}"}}}]}
+        with pytest.raises((InvalidArgumentException, SandboxException)) as exc:
+            sbx.update_network({"allow_out": ["api.lab.test"], "rules": bad})
+        assert "iam.tokens" in str(exc.value)
+    finally:
+        sbx.kill()

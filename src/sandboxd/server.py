@@ -19,6 +19,7 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from sandboxd.api.app import build_control_plane
+from sandboxd.core import workload_identity
 from sandboxd.core.limits import RequestLimits
 from sandboxd.core.manager import SandboxManager, Settings
 from sandboxd.envd import uploads
@@ -59,6 +60,15 @@ class ServerConfig:
     domain: str | None = None  # --domain: {port}-{id}.DOMAIN and api.DOMAIN over TLS (routing/tls.py)
     egress_ca_file: str | None = None  # more CAs the egress proxy trusts for intercepted hosts' servers
     tls_port: int = 443
+
+    @property
+    def issuer(self) -> str:
+        """The URL relying parties know this server by (workload identity tokens' `iss`)."""
+        if self.domain:
+            return f"https://api.{self.domain}" + ("" if self.tls_port == 443 else f":{self.tls_port}")
+        host = "localhost" if self.host in ("127.0.0.1", "0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
+
     settings: Settings = field(default_factory=Settings)
     limits: RequestLimits = field(default_factory=RequestLimits)
 
@@ -94,6 +104,7 @@ class App:
     def _assemble(self, config: ServerConfig) -> None:
         config.settings.domain = config.domain
         self.manager = SandboxManager(self.runtime, self.templates, self.db, config.settings)
+        self.manager.identity = workload_identity.Issuer(config.data_dir, config.issuer)
         self.resolver: Resolver | None = None
         self.egress: EgressProxy | None = None
         if self.runtime.net is not None:
@@ -108,7 +119,7 @@ class App:
                 PROXY_MARK,
                 ca_for=self.manager.ca_for,
                 upstream_ca_file=config.egress_ca_file,
-                fill=self.manager.secrets.fill,
+                fill=self.manager.fill,
             )
             self.manager.on_policy_change.append(self.egress.policy_changed)
         h = self.manager.host_limits

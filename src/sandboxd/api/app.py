@@ -25,6 +25,8 @@ from sandboxd.core.limits import BadJSON, LimitExceeded, RequestLimits, load_bou
 from sandboxd.core.manager import Sandbox, SandboxManager
 
 MAX_LIMIT = 100
+# Without X-API-KEY: the health check, and what relying parties need to verify workload identity tokens.
+PUBLIC_PATHS = frozenset({"/health", "/.well-known/jwks.json", "/.well-known/openid-configuration"})
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -69,14 +71,14 @@ async def _body(request: Request, model: type[BaseModel], limits: RequestLimits,
 
 
 class ApiKeyAuth:
-    """`X-API-KEY` on every control-plane route except `/health`."""
+    """`X-API-KEY` on every control-plane route except `/health` and the public keys of workload identity."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
         self.api_key = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] != "/health":
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
             given = next((v for k, v in scope["headers"] if k == b"x-api-key"), None)
             if given is None:
                 await error(401, "missing API key: send it in the X-API-KEY header")(scope, receive, send)
@@ -120,8 +122,17 @@ def build_control_plane(manager: SandboxManager, api_key: str, limits: RequestLi
             network=body.network,
             allow_internet_access=body.allow_internet_access,
             auto_resume=bool((body.auto_resume or {}).get("enabled")),
+            iam=body.iam,
         )
         return JSONResponse(serialize.sandbox_created(sandbox), status_code=201)
+
+    async def jwks(request: Request) -> Response:
+        return JSONResponse(manager.identity.jwks() if manager.identity else {"keys": []})
+
+    async def discovery(request: Request) -> Response:
+        if manager.identity is None:
+            return error(404, "this server issues no workload identity tokens")
+        return JSONResponse(manager.identity.discovery())
 
     async def update_network(request: Request) -> Response:
         body: NetworkUpdate = await _body(request, NetworkUpdate, limits)
@@ -277,6 +288,8 @@ def build_control_plane(manager: SandboxManager, api_key: str, limits: RequestLi
         Route("/sandboxes" + sid + "/pause", pause, methods=["POST"]),
         Route("/sandboxes" + sid + "/metrics", metrics, methods=["GET"]),
         Route("/sandboxes" + sid + "/network", update_network, methods=["PUT"]),
+        Route("/.well-known/jwks.json", jwks, methods=["GET"]),
+        Route("/.well-known/openid-configuration", discovery, methods=["GET"]),
         *secret_routes(manager.secrets, limits, _body),
         Route("/templates", list_templates, methods=["GET"]),
         Route("/templates/aliases/{alias:str}", template_alias, methods=["GET"]),

@@ -23,6 +23,7 @@ class NewSandbox(_Body):
     allow_internet_access: bool | None = None
     network: dict[str, Any] | None = None  # checked by network/policy.py
     auto_resume: dict[str, Any] | None = Field(default=None, alias="autoResume")  # {"enabled": bool}
+    iam: dict[str, Any] | None = None  # {"tokens": {name: {audience, tokenType}}} (core/workload_identity.py)
 
 
 class NetworkUpdate(_Body):

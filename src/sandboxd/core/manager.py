@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import secrets
 import string
 import subprocess
@@ -20,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandboxd.core import egress_ca
+from sandboxd.core import egress_ca, workload_identity
 from sandboxd.core.errors import BadRequest, Conflict, LimitReached, NotFound
 from sandboxd.core.limits import HostLimits
 from sandboxd.core.metrics import MetricsSampler
@@ -112,6 +113,7 @@ class SandboxManager:
         self._creating: list[int] = []  # memory (MiB) of sandboxes being created right now
         self._by_address: dict[str, Sandbox] = {}
         self.secrets = Secrets(db)  # for ${e2b.secrets.NAME} in network rules (the egress proxy fills them)
+        self.identity: workload_identity.Issuer | None = None  # mints ${e2b.identity.tokens.NAME}
         # called with a sandbox's address when its network policy changed (the egress proxy re-checks)
         self.on_policy_change: list[Callable[[str], None]] = []
 
@@ -286,11 +288,15 @@ class SandboxManager:
         network: dict[str, Any] | None = None,
         allow_internet_access: bool | None = None,
         auto_resume: bool = False,
+        iam: dict[str, Any] | None = None,
     ) -> Sandbox:
         timeout = self._check_timeout(self.settings.default_timeout if timeout is None else timeout, positive=True)
         _check_str_map("metadata", metadata)
         _check_str_map("envVars", env_vars)
-        policy = _policy(network, allow_internet_access)
+        tokens = workload_identity.check_tokens(iam)
+        if tokens and self.identity is None:
+            raise BadRequest("iam: this server issues no workload identity tokens")
+        policy = _policy(network, allow_internet_access, set(tokens))
         public, mask = _ingress(network)
         if auto_resume and not auto_pause:
             raise BadRequest("autoResume needs autoPause (a sandbox that is killed at its timeout cannot be resumed)")
@@ -344,6 +350,7 @@ class SandboxManager:
             traffic_token=None if public else secrets.token_urlsafe(24),
             mask_request_host=mask,
             auto_resume=auto_resume,
+            iam_tokens=tokens,
         )
         sandbox = Sandbox(rec, handle)
         sandbox.service = service
@@ -376,6 +383,24 @@ class SandboxManager:
             ca = sandbox.ext["egress_ca"] = SandboxCA(sandbox.handle.state_dir)
         return ca
 
+    def fill(self, text: str, address: str) -> str:
+        """A rule's header value with its placeholders filled in, for a request of the sandbox at `address`:
+        `${e2b.secrets.NAME}` (the secret's current value), `${e2b.identity.tokens.NAME}` (a token minted
+        now). KeyError names what does not exist."""
+        text = self.secrets.fill(text)
+        if "${e2b.identity." not in text:
+            return text
+        sandbox = self._by_address.get(address)
+        tokens = sandbox.record.iam_tokens if sandbox is not None else {}
+
+        def mint(m: re.Match[str]) -> str:
+            token = tokens.get(m.group(1))
+            if token is None or self.identity is None or sandbox is None:
+                raise KeyError(m.group(1))
+            return self.identity.mint(sandbox.id, token["audience"])
+
+        return workload_identity.PLACEHOLDER.sub(mint, text)
+
     def policy_for(self, address: str) -> NetworkPolicy | None:
         """The network policy of the live sandbox with this address (for the resolver and the proxy)."""
         sandbox = self._by_address.get(address)
@@ -386,7 +411,7 @@ class SandboxManager:
     ) -> None:
         """Replace the sandbox's egress policy (all of it: what the update leaves out is cleared)."""
         sandbox = self.get(sandbox_id)
-        policy = _policy(network, allow_internet_access)
+        policy = _policy(network, allow_internet_access, set(sandbox.record.iam_tokens))
         try:
             await self.runtime.set_egress(sandbox.handle, policy.egress())
         except RuntimeError_ as e:
@@ -479,12 +504,14 @@ class SandboxManager:
         return timeout
 
 
-def _policy(network: dict[str, Any] | None, allow_internet_access: bool | None) -> NetworkPolicy:
+def _policy(
+    network: dict[str, Any] | None, allow_internet_access: bool | None, tokens: set[str] | None = None
+) -> NetworkPolicy:
     network = network or {}
     if not isinstance(network, dict):
         raise BadRequest("network must be an object")
     try:
-        return NetworkPolicy.from_api(network, allow_internet_access)
+        return NetworkPolicy.from_api(network, allow_internet_access, tokens or set())
     except PolicyError as e:
         raise BadRequest(str(e)) from None
 

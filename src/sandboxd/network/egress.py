@@ -140,9 +140,10 @@ class EgressProxy:
         mark: int,
         ca_for: Callable[[str], SandboxCA | None] = lambda _: None,
         upstream_ca_file: str | None = None,
-        fill: Callable[[str], str] = lambda text: text,
+        fill: Callable[[str, str], str] = lambda text, client: text,
     ) -> None:
-        self.fill = fill  # ${e2b.secrets.NAME} -> the secret's value (KeyError: no such secret)
+        # (a rule's header value, the sandbox's address) -> the value with its placeholders filled in
+        self.fill = fill
         self.ca_for = ca_for  # the CA of the sandbox with this address, for intercepted TLS
         # intercepted TLS goes on to the real host over TLS verified against the host's trust store
         self.upstream_tls = ssl.create_default_context()
@@ -312,7 +313,7 @@ class EgressProxy:
             fill = self.fill
 
             def headers_now() -> dict[str, str]:
-                return {k: fill(v) for k, v in headers.items()}
+                return {k: fill(v, client) for k, v in headers.items()}
 
             await relay_http(sandbox_side, Stream(up_reader, up_writer), name, headers_now, first)
         except h11.ProtocolError:

@@ -28,6 +28,7 @@ MAX_RULE_HOSTS = 64
 MAX_RULES_PER_HOST = 16
 MAX_HEADERS = 32  # per rule
 MAX_HEADER_VALUE = 8192
+IDENTITY = re.compile(r"\$\{e2b\.identity\.tokens\.([^{}]*)\}")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$")  # an HTTP header name
 MAX_ENTRIES = 256  # per list
 MAX_DNS_SERVERS = 10
@@ -75,7 +76,7 @@ def _entries(value: Any, field: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(cidrs), tuple(dict.fromkeys(names))
 
 
-def _rules(value: Any) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
+def _rules(value: Any, tokens: set[str]) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
     """`network.rules` checked: (host, headers to set) in order; the headers of a host's rules merged."""
     if value is None:
         return ()
@@ -111,11 +112,12 @@ def _rules(value: Any) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
                         f"network.rules[{host!r}].{k}: a header value is a string of at most {MAX_HEADER_VALUE} "
                         "characters without CR, LF or NUL"
                     )
-                if "${e2b.identity." in v:
-                    raise PolicyError(
-                        f"network.rules[{host!r}].{k}: workload identity tokens (iam) are not supported by this "
-                        "server; keep the credential in a secret (Secret.create) and use Secret.fill(name)"
-                    )
+                for used in IDENTITY.findall(v):
+                    if used not in tokens:
+                        raise PolicyError(
+                            f"network.rules[{host!r}].{k}: workload identity token {used!r} is not one of the "
+                            f"sandbox's iam.tokens ({', '.join(sorted(tokens)) or 'none'})"
+                        )
                 headers[k] = v
         out.append((key, tuple(headers.items())))
     return tuple(out)
@@ -145,7 +147,10 @@ class NetworkPolicy:
     rules: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()  # (host or CIDR, headers to set)
 
     @classmethod
-    def from_api(cls, network: dict[str, Any] | None, allow_internet_access: bool | None = None) -> NetworkPolicy:
+    def from_api(
+        cls, network: dict[str, Any] | None, allow_internet_access: bool | None = None, tokens: set[str] | None = None
+    ) -> NetworkPolicy:
+        """`tokens`: the sandbox's workload identity token names, the only ones its rules may name."""
         network = network or {}
         if not isinstance(network, dict):
             raise PolicyError("network must be an object")
@@ -163,7 +168,7 @@ class NetworkPolicy:
             except (ValueError, TypeError):
                 raise PolicyError(f"network.dnsServers: {dns!r} holds something that is not an IPv4 address") from None
         given = {k: tuple(e.strip() for e in network.get(k) or ()) for k in ("allowOut", "denyOut")}
-        rules = _rules(network.get("rules"))
+        rules = _rules(network.get("rules"), tokens or set())
         proxy = None
         if network.get("egressProxy") is not None:
             try:

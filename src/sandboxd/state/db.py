@@ -56,6 +56,7 @@ class SandboxRecord:
     traffic_token: str | None = None  # set when its ports are not public (network.allowPublicTraffic: false)
     mask_request_host: str | None = None  # the Host its services see (${PORT} replaced)
     auto_resume: bool = False  # a request to one of its ports resumes it when paused
+    iam_tokens: dict = field(default_factory=dict)  # workload identity: {name: {audience, tokenType}}
 
 
 class StateDB:
