@@ -104,24 +104,24 @@ class App:
     def _assemble(self, config: ServerConfig) -> None:
         config.settings.domain = config.domain
         self.manager = SandboxManager(self.runtime, self.templates, self.db, config.settings)
-        self.manager.identity = workload_identity.Issuer(config.data_dir, config.issuer)
+        self.manager.net.identity = workload_identity.Issuer(config.data_dir, config.issuer)
         self.resolver: Resolver | None = None
         self.egress: EgressProxy | None = None
         if self.runtime.net is not None:
             gateway = self.runtime.net.gateway
             upstream = config.dns if config.dns is not None else host_resolvers()
-            self.resolver = Resolver(gateway, upstream, self.manager.policy_for)
+            self.resolver = Resolver(gateway, upstream, self.manager.net.policy_for)
             self.egress = EgressProxy(
                 gateway,
                 PROXY_PORT,
-                self.manager.policy_for,
+                self.manager.net.policy_for,
                 upstream,
                 PROXY_MARK,
-                ca_for=self.manager.ca_for,
+                ca_for=self.manager.net.ca_for,
                 upstream_ca_file=config.egress_ca_file,
-                fill=self.manager.fill,
+                fill=self.manager.net.fill,
             )
-            self.manager.on_policy_change.append(self.egress.policy_changed)
+            self.manager.net.on_policy_change.append(self.egress.policy_changed)
         h = self.manager.host_limits
         self.runtime.set_host_limits(h.memory_cap_mb, h.max_total_pids, h.server_memory_mb)
         self.router = Router(

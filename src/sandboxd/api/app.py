@@ -127,12 +127,12 @@ def build_control_plane(manager: SandboxManager, api_key: str, limits: RequestLi
         return JSONResponse(serialize.sandbox_created(sandbox), status_code=201)
 
     async def jwks(request: Request) -> Response:
-        return JSONResponse(manager.identity.jwks() if manager.identity else {"keys": []})
+        return JSONResponse(manager.net.identity.jwks() if manager.net.identity else {"keys": []})
 
     async def discovery(request: Request) -> Response:
-        if manager.identity is None:
+        if manager.net.identity is None:
             return error(404, "this server issues no workload identity tokens")
-        return JSONResponse(manager.identity.discovery())
+        return JSONResponse(manager.net.identity.discovery())
 
     async def update_network(request: Request) -> Response:
         body: NetworkUpdate = await _body(request, NetworkUpdate, limits)
@@ -290,7 +290,7 @@ def build_control_plane(manager: SandboxManager, api_key: str, limits: RequestLi
         Route("/sandboxes" + sid + "/network", update_network, methods=["PUT"]),
         Route("/.well-known/jwks.json", jwks, methods=["GET"]),
         Route("/.well-known/openid-configuration", discovery, methods=["GET"]),
-        *secret_routes(manager.secrets, limits, _body),
+        *secret_routes(manager.net.secrets, limits, _body),
         Route("/templates", list_templates, methods=["GET"]),
         Route("/templates/aliases/{alias:str}", template_alias, methods=["GET"]),
     ]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import secrets
 import string
 import subprocess
@@ -21,18 +20,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandboxd.core import egress_ca, workload_identity
+from sandboxd.core import workload_identity
 from sandboxd.core.errors import BadRequest, Conflict, LimitReached, NotFound
 from sandboxd.core.limits import HostLimits
 from sandboxd.core.metrics import MetricsSampler
+from sandboxd.core.networking import SandboxNetworks, parse_ingress, parse_policy
 from sandboxd.core.pool import Pooled, WarmPool
 from sandboxd.core.reaper import Reaper
-from sandboxd.core.secrets import Secrets
 from sandboxd.core.tenant_limits import TenantLimits
 from sandboxd.core.users import DEFAULT_PATH, lookup_user
-from sandboxd.network.intercept import SandboxCA
-from sandboxd.network.policy import NetworkPolicy, PolicyError
-from sandboxd.runtime.base import ExecSpec, Limits, Runtime, RuntimeError_, SandboxHandle, SandboxSpec
+from sandboxd.network.policy import NetworkPolicy
+from sandboxd.runtime.base import ExecSpec, Limits, Runtime, SandboxHandle, SandboxSpec
 from sandboxd.runtime.network import AddressPoolExhausted
 from sandboxd.runtime.quota import DEFAULT_DISK_MB, MIN_DISK_MB
 from sandboxd.state.db import SandboxRecord, StateDB
@@ -111,11 +109,7 @@ class SandboxManager:
         self.host_limits = self.settings.host or HostLimits.for_host()
         self.metrics = MetricsSampler(self)
         self._creating: list[int] = []  # memory (MiB) of sandboxes being created right now
-        self._by_address: dict[str, Sandbox] = {}
-        self.secrets = Secrets(db)  # for ${e2b.secrets.NAME} in network rules (the egress proxy fills them)
-        self.identity: workload_identity.Issuer | None = None  # mints ${e2b.identity.tokens.NAME}
-        # called with a sandbox's address when its network policy changed (the egress proxy re-checks)
-        self.on_policy_change: list[Callable[[str], None]] = []
+        self.net = SandboxNetworks(runtime, db)  # addresses, policies, what the egress proxy fills in
 
     # -- start / stop ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -294,10 +288,10 @@ class SandboxManager:
         _check_str_map("metadata", metadata)
         _check_str_map("envVars", env_vars)
         tokens = workload_identity.check_tokens(iam)
-        if tokens and self.identity is None:
+        if tokens and self.net.identity is None:
             raise BadRequest("iam: this server issues no workload identity tokens")
-        policy = _policy(network, allow_internet_access, set(tokens))
-        public, mask = _ingress(network)
+        policy = parse_policy(network, allow_internet_access, set(tokens))
+        public, mask = parse_ingress(network)
         if auto_resume and not auto_pause:
             raise BadRequest("autoResume needs autoPause (a sandbox that is killed at its timeout cannot be resumed)")
         try:
@@ -314,17 +308,12 @@ class SandboxManager:
             sandbox_id = new_sandbox_id()
             handle, service = await self._new(sandbox_id, template, disk_mb)
         self.pool.schedule_refill(template.name)
-        egress = policy.egress()
-        ca: SandboxCA | None = None
-        if not egress.default:  # pooled or not, a sandbox starts with the default policy
-            try:
-                await self.runtime.set_egress(handle, egress, cut=False)  # it has made no connection yet
-                if policy.rules:
-                    ca, ca_vars = await self._install_ca(handle)
-                    env_vars = {**ca_vars, **(env_vars or {})}
-            except BaseException:
-                await self.runtime.destroy(handle)
-                raise
+        try:  # pooled or not, a sandbox starts with the default policy: its own now
+            ca, ca_vars = await self.net.apply_new(handle, policy)
+        except BaseException:
+            await self.runtime.destroy(handle)
+            raise
+        env_vars = {**ca_vars, **(env_vars or {})}
         s = self.settings
         now = time.time()
         rec = SandboxRecord(
@@ -364,69 +353,15 @@ class SandboxManager:
     def _register(self, sandbox: Sandbox) -> None:
         sandbox.domain = self.settings.domain
         self.sandboxes[sandbox.id] = sandbox
-        if sandbox.handle.address:
-            self._by_address[sandbox.handle.address] = sandbox
-
-    async def _install_ca(self, handle: SandboxHandle) -> tuple[SandboxCA, dict[str, str]]:
-        try:
-            return await egress_ca.install(self.runtime, handle)
-        except egress_ca.CaInstallError as e:
-            raise BadRequest(f"network.rules: {e}") from None
-
-    def ca_for(self, address: str) -> SandboxCA | None:
-        """The CA of the sandbox with this address (for the egress proxy's intercepted TLS)."""
-        sandbox = self._by_address.get(address)
-        if sandbox is None:
-            return None
-        ca = sandbox.ext.get("egress_ca")
-        if ca is None and (sandbox.handle.state_dir / "egress-ca.pem").exists():  # re-adopted
-            ca = sandbox.ext["egress_ca"] = SandboxCA(sandbox.handle.state_dir)
-        return ca
-
-    def fill(self, text: str, address: str) -> str:
-        """A rule's header value with its placeholders filled in, for a request of the sandbox at `address`:
-        `${e2b.secrets.NAME}` (the secret's current value), `${e2b.identity.tokens.NAME}` (a token minted
-        now). KeyError names what does not exist."""
-        text = self.secrets.fill(text)
-        if "${e2b.identity." not in text:
-            return text
-        sandbox = self._by_address.get(address)
-        tokens = sandbox.record.iam_tokens if sandbox is not None else {}
-
-        def mint(m: re.Match[str]) -> str:
-            token = tokens.get(m.group(1))
-            if token is None or self.identity is None or sandbox is None:
-                raise KeyError(m.group(1))
-            return self.identity.mint(sandbox.id, token["audience"])
-
-        return workload_identity.PLACEHOLDER.sub(mint, text)
-
-    def policy_for(self, address: str) -> NetworkPolicy | None:
-        """The network policy of the live sandbox with this address (for the resolver and the proxy)."""
-        sandbox = self._by_address.get(address)
-        return sandbox.policy if sandbox is not None and not sandbox.killed.is_set() else None
+        self.net.add(sandbox)
 
     async def update_network(
         self, sandbox_id: str, network: dict[str, Any], allow_internet_access: bool | None
     ) -> None:
         """Replace the sandbox's egress policy (all of it: what the update leaves out is cleared)."""
         sandbox = self.get(sandbox_id)
-        policy = _policy(network, allow_internet_access, set(sandbox.record.iam_tokens))
-        try:
-            await self.runtime.set_egress(sandbox.handle, policy.egress())
-        except RuntimeError_ as e:
-            raise BadRequest(str(e)) from None
-        if policy.rules and "egress_ca" not in sandbox.ext:
-            ca, ca_vars = await self._install_ca(sandbox.handle)
-            sandbox.ext["egress_ca"] = ca
-            sandbox.record.env_vars = {**ca_vars, **sandbox.record.env_vars}
-        sandbox.policy = policy
-        sandbox.record.network = policy.to_json()
-        sandbox.record.allow_internet_access = allow_internet_access is not False
-        sandbox.record.handle = {**asdict(sandbox.handle), "state_dir": str(sandbox.handle.state_dir)}
+        await self.net.update(sandbox, network, allow_internet_access)
         self.db.put(sandbox.record)
-        for cb in self.on_policy_change:
-            cb(sandbox.handle.address)
 
     def get(self, sandbox_id: str) -> Sandbox:
         sandbox = self.sandboxes.get(sandbox_id)
@@ -442,10 +377,7 @@ class SandboxManager:
         if sandbox is None:
             return False
         sandbox.killed.set()
-        if self._by_address.get(sandbox.handle.address) is sandbox:
-            del self._by_address[sandbox.handle.address]
-            for changed in self.on_policy_change:
-                changed(sandbox.handle.address)  # its proxied connections end
+        self.net.remove(sandbox)
         sandbox.record.state = "killing"  # recorded first: a crash from here on never brings it back
         self.db.put(sandbox.record)
         self.metrics.forget(sandbox_id)
@@ -502,32 +434,6 @@ class SandboxManager:
         if timeout > self.settings.max_timeout:
             raise BadRequest(f"timeout {timeout} s is above the maximum of {self.settings.max_timeout} s")
         return timeout
-
-
-def _policy(
-    network: dict[str, Any] | None, allow_internet_access: bool | None, tokens: set[str] | None = None
-) -> NetworkPolicy:
-    network = network or {}
-    if not isinstance(network, dict):
-        raise BadRequest("network must be an object")
-    try:
-        return NetworkPolicy.from_api(network, allow_internet_access, tokens or set())
-    except PolicyError as e:
-        raise BadRequest(str(e)) from None
-
-
-def _ingress(network: dict[str, Any] | None) -> tuple[bool, str | None]:
-    """(are its ports public, the Host its services see) from `network.allowPublicTraffic` and
-    `network.maskRequestHost`."""
-    network = network or {}
-    public = network.get("allowPublicTraffic", True)
-    if not isinstance(public, bool):
-        raise BadRequest("network.allowPublicTraffic must be true or false")
-    mask = network.get("maskRequestHost")
-    if mask is not None:
-        if not isinstance(mask, str) or not mask or len(mask) > 253 or any(c in mask for c in " \r\n\t/"):
-            raise BadRequest("network.maskRequestHost must be a host name (up to 253 characters; ${PORT} allowed)")
-    return public, mask
 
 
 def _check_str_map(name: str, value: Any) -> None:
