@@ -8,6 +8,7 @@ no monitor and no per-sandbox daemon on the host. See docs/architecture.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import fcntl
 import logging
@@ -137,10 +138,9 @@ class NamespaceRuntime(Runtime):
         base = self.ids.allocate()
         cg = self._cgroups(spec.sandbox_id)
         net: network.Prepared | None = None
+        # The network namespace (ready, or made now) while the disk and cgroups are prepared.
+        net_task = asyncio.ensure_future(self.net.take()) if self.net is not None else None
         try:
-            if self.net is not None:
-                net = await self.net.take()
-            disk_args: list[str] = []
             if spec.limits.disk_mb:
                 # Its own disk (runtime/quota.py): upper and work are in an image the helper mounts.
                 try:
@@ -158,6 +158,8 @@ class NamespaceRuntime(Runtime):
             cpus = self._pick_cpus(spec.sandbox_id, spec.limits.cpu_count)
             cg.create(spec.limits.memory_mb, spec.limits.cpu_count, spec.limits.pids, cpus)
             view = views.stage(sdir, self._memory_total(spec.limits.memory_mb), cpus or self.cpus)
+            if net_task is not None:
+                net = await net_task
             argv = [
                 self.helper,
                 "create",
@@ -208,6 +210,10 @@ class NamespaceRuntime(Runtime):
             shutil.rmtree(sdir, ignore_errors=True)
             self.ids.release(base)
             self._release_cpus(spec.sandbox_id)
+            if net_task is not None and net is None:
+                net_task.cancel()
+                with contextlib.suppress(BaseException):
+                    net = await net_task
             if net is not None and self.net is not None:
                 self.net.give_back(net)
             raise

@@ -482,7 +482,7 @@ class HostNetwork:
         return spare
 
     async def _refill(self) -> None:
-        await asyncio.sleep(0.25)  # after the create that took the last one, not during it
+        await asyncio.sleep(0)  # (the create that took the last one goes on first)
         if self._spare is not None:
             return
         try:
