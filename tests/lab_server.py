@@ -96,9 +96,14 @@ def main() -> None:
     ctx.load_cert_chain(DIR + "/server.pem")
     threading.Thread(target=udp_log, args=(addresses[0],), daemon=True).start()
     servers = []
+
+    class Server6(ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+
     for addr in addresses:
-        servers.append(ThreadingHTTPServer((addr, 80), Echo))
-        tls = ThreadingHTTPServer((addr, 443), Echo)
+        kind = Server6 if ":" in addr else ThreadingHTTPServer
+        servers.append(kind((addr, 80), Echo))
+        tls = kind((addr, 443), Echo)
         tls.socket = ctx.wrap_socket(tls.socket, server_side=True, do_handshake_on_connect=False)
         servers.append(tls)
     for s in servers:

@@ -5,7 +5,8 @@ routing and sandboxd's NAT, and the lab answers names only from its own table.
 
   lab netns `sbxlab<pid>`:  uplink 198.18.255.2/30  <-veth->  host `lab<pid>` 198.18.255.1/30
                             lo: 198.18.0.10 (web), .11 (web2), .53 (dns), 169.254.169.254 (metadata)
-  host: routes 198.18.0.0/24 and 169.254.169.254/32 via 198.18.255.2
+  host: routes 198.18.0.0/24 and 169.254.169.254/32 via 198.18.255.2; IPv6: 2001:db8:5b:ff::1/64 on the
+  host side, 2001:db8:5b::/64 (web6 ::10) and fd00:ec2::254 routed into the lab
 
 Servers (each its own process in the lab, ended by PID): `lab_server.py` answers HTTP on :80 and HTTPS on
 :443 of web and web2 with a JSON echo of the request (host, path, headers, the client's address);
@@ -32,6 +33,11 @@ HOST_SIDE = "198.18.255.1"
 # The lab also plays the cloud metadata service: a request the firewall let through would be seen here
 # instead of leaving the machine.
 METADATA = "169.254.169.254"
+# IPv6 (documentation prefix 2001:db8::/32, routed into the lab): the web server, the host's side, and the
+# IPv6 cloud metadata address, also the lab's.
+WEB6 = "2001:db8:5b::10"
+HOST_SIDE6 = "2001:db8:5b:ff::1"
+METADATA6 = "fd00:ec2::254"
 NAMES = {
     "web.lab.test": WEB,
     "api.lab.test": WEB,
@@ -40,6 +46,7 @@ NAMES = {
     "rebind-host.lab.test": HOST_SIDE,  # DNS rebinding: an allowed name that points at the host
     "rebind-lo.lab.test": "127.0.0.1",
 }
+NAMES6 = {"web6.lab.test": WEB6}
 SERVER_SCRIPT = Path(__file__).with_name("lab_server.py")
 SOCKS_SCRIPT = Path(__file__).with_name("lab_socks.py")
 
@@ -81,12 +88,19 @@ class Lab:
             _run(*ns, "ip", "addr", "add", "198.18.255.2/30", "dev", "uplink")
             for addr in (WEB, WEB2, DNS, METADATA, SOCKS):
                 _run(*ns, "ip", "addr", "add", f"{addr}/32", "dev", "lo")
+            _run("ip", "-6", "addr", "add", f"{HOST_SIDE6}/64", "dev", self.host_if, "nodad")
+            _run(*ns, "ip", "-6", "addr", "add", "2001:db8:5b:ff::2/64", "dev", "uplink", "nodad")
+            for addr in (WEB6, METADATA6):
+                _run(*ns, "ip", "-6", "addr", "add", f"{addr}/128", "dev", "lo", "nodad")
+            _run(*ns, "ip", "-6", "route", "add", "default", "via", HOST_SIDE6, "dev", "uplink")
+            for dst in ("2001:db8:5b::/64", f"{METADATA6}/128"):
+                _run("ip", "-6", "route", "add", dst, "via", "2001:db8:5b:ff::2", "dev", self.host_if)
             _run("ip", "route", "add", "198.18.0.0/24", "via", "198.18.255.2", "dev", self.host_if)
             _run("ip", "route", "add", f"{METADATA}/32", "via", "198.18.255.2", "dev", self.host_if)
             log = open(self.dir / "servers.log", "ab")
             self.procs.append(
                 subprocess.Popen(
-                    [*ns, sys.executable, str(SERVER_SCRIPT), str(self.dir), WEB, WEB2, METADATA],
+                    [*ns, sys.executable, str(SERVER_SCRIPT), str(self.dir), WEB, WEB2, METADATA, WEB6, METADATA6],
                     stdout=log,
                     stderr=log,
                 )
@@ -107,7 +121,7 @@ class Lab:
                 "--pid-file=" + str(self.dir / "dnsmasq.pid"),
                 "--user=root",
             ]
-            dns += [f"--address=/{name}/{addr}" for name, addr in NAMES.items()]
+            dns += [f"--address=/{name}/{addr}" for name, addr in {**NAMES, **NAMES6}.items()]
             self.procs.append(subprocess.Popen(dns, stdout=log, stderr=log))
             self._wait_ready()
         except BaseException:

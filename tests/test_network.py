@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 from e2b import Sandbox
-from netlab import DNS, HOST_SIDE, SOCKS, SOCKS_PASSWORD, SOCKS_USER, WEB, WEB2, Lab
+from netlab import DNS, HOST_SIDE, SOCKS, SOCKS_PASSWORD, SOCKS_USER, WEB, WEB2, WEB6, Lab
 
 from sandboxd.runtime.cgroups import instance_name
-from sandboxd.runtime.network import CT_MARK
+from sandboxd.runtime.network import CT_MARK, default_cidr6
 
 from conftest import Server, network_cidr, network_leftovers, start_server
 
@@ -207,7 +207,7 @@ def test_bad_policies_are_refused_with_reasons(server: Server, lab: Lab) -> None
 
     for network, word in (
         ({"allow_out": ["not a host!"]}, "allowOut"),
-        ({"deny_out": ["::/0"]}, "IPv6"),
+        ({"deny_out": ["2001:db8::/129"]}, "denyOut"),
         ({"deny_out": [f"10.0.0.{i}" for i in range(300)]}, "at most"),
         ({"dns_servers": ["dns.example"]}, "dnsServers"),
     ):
@@ -227,7 +227,8 @@ def _instance_state(data_dir: Path) -> tuple[set[str], str]:
 def _conntrack_sources(cidr: str) -> set[str]:
     """Source addresses in `cidr` of conntrack entries of sandbox connections (marked by the table)."""
     net = ipaddress.ip_network(cidr)
-    out = subprocess.run(["conntrack", "-L", "-m", str(CT_MARK)], capture_output=True, text=True).stdout
+    family = "ipv6" if net.version == 6 else "ipv4"
+    out = subprocess.run(["conntrack", "-L", "-f", family, "-m", str(CT_MARK)], capture_output=True, text=True).stdout
     found = set()
     for line in out.splitlines():
         for word in line.split():
@@ -243,13 +244,24 @@ def test_no_leaks_after_200_cycles_and_a_sigkill(lab: Lab, tmp_path: Path) -> No
     sandbox; a SIGKILLed server's successor keeps the kept sandboxes' policies and cleans the rest."""
     data = tmp_path / "data"
     srv = start_server(data, "--pool-size", "1", "--prewarm", "base", keep=True)
+    try:
+        _cycles_then_sigkill(srv, data, tmp_path)
+    finally:
+        if srv.proc.poll() is None:  # an assertion before the SIGKILL: this server must not outlive the test
+            srv.stop()
+            start_server(data).stop()  # (destroys what it kept)
+
+
+def _cycles_then_sigkill(srv: Server, data: Path, tmp_path: Path) -> None:
     env = {"api_url": srv.url, "sandbox_url": srv.url, "api_key": srv.api_key}
     cidr = network_cidr(data)
     policies = [None, {"deny_out": [WEB2]}, {"allow_out": ["web.lab.test"], "deny_out": ["0.0.0.0/0"]}]
     for i in range(200):
         sbx = Sandbox.create(template="base", timeout=60, network=policies[i % 3], **env)
-        if i % 25 == 0:  # some connections, through NAT and through the egress proxy
+        if i % 25 == 0:  # some connections, through NAT (both families) and through the egress proxy
             assert sbx.commands.run("curl -sS -m 4 -o /dev/null http://web.lab.test/").exit_code == 0
+            if i % 3 == 0:  # (no policy: IPv6 out too, when the host has it)
+                sbx.commands.run(f"curl -sS -m 4 -o /dev/null -g 'http://[{WEB6}]/' || true")
         sbx.kill()
     deadline = time.monotonic() + 15
     while True:
@@ -261,7 +273,8 @@ def test_no_leaks_after_200_cycles_and_a_sigkill(lab: Lab, tmp_path: Path) -> No
     assert len(links) <= 2, links
     assert "chain p_" not in table and "jump p_" not in table, table
     assert "elements" not in table, table  # @egress and @intercept are empty
-    assert not _conntrack_sources(cidr), "conntrack entries of killed sandboxes"
+    cidr6 = default_cidr6(instance_name(data))
+    assert not _conntrack_sources(cidr) and not _conntrack_sources(cidr6), "conntrack entries of killed sandboxes"
 
     kept = [
         Sandbox.create(template="base", timeout=600, network={"deny_out": [WEB2]}, **env),
@@ -289,7 +302,7 @@ def test_no_leaks_after_200_cycles_and_a_sigkill(lab: Lab, tmp_path: Path) -> No
     ):
         time.sleep(0.2)
     assert not leftovers, leftovers
-    assert not _conntrack_sources(cidr)
+    assert not _conntrack_sources(cidr) and not _conntrack_sources(cidr6)
 
 
 # -- the sandbox's own SOCKS5 egress proxy (network.egressProxy) -------------------------------------
@@ -575,3 +588,35 @@ def test_workload_identity_tokens_minted_at_the_egress(make, server: Server, lab
         assert "iam.tokens" in str(exc.value)
     finally:
         sbx.kill()
+
+
+# -- IPv6 (the host has it, so sandboxes do: a unique-local /64 per server, NAT66) ----------------------
+
+
+def _has_ipv6(sbx: Sandbox) -> bool:
+    return "inet6" in run(sbx, "ip -6 addr show dev eth0 scope global")[1]
+
+
+def test_ipv6_through_nat66_under_the_same_policy(make) -> None:
+    from netlab import HOST_SIDE6
+
+    sbx = make(network=LAB)
+    if not _has_ipv6(sbx):
+        pytest.skip("this host has no IPv6 default route: sandboxes get IPv4 only")
+    code, echo = fetch(sbx, f"http://[{WEB6}]/six")
+    assert code == 0, echo
+    assert isinstance(echo, dict) and echo["client"] == HOST_SIDE6, "masqueraded to the host's address"
+    assert fetch(sbx, "http://web6.lab.test/")[0] == 0, "AAAA answers come through the resolver"
+    # "all traffic" is both families; an IPv6 CIDR is enforced like an IPv4 one
+    off = make(allow_internet_access=False, network=LAB)
+    assert fetch(off, f"http://[{WEB6}]/")[0] != 0
+    denied = make(network={"deny_out": ["2001:db8:5b::/64"], **LAB})
+    assert fetch(denied, f"http://[{WEB6}]/")[0] != 0 and fetch(denied, f"http://{WEB}/")[0] == 0
+    only = make(network={"allow_out": [f"{WEB6}/128"], "deny_out": ["0.0.0.0/0"], **LAB})
+    assert fetch(only, f"http://[{WEB6}]/")[0] == 0 and fetch(only, f"http://{WEB}/")[0] != 0
+    # a sandbox whose web traffic the proxy polices (by name) has no IPv6 out: it falls back to IPv4
+    named = make(network={"allow_out": ["web.lab.test", "web6.lab.test"], "deny_out": ["0.0.0.0/0"], **LAB})
+    assert fetch(named, f"http://[{WEB6}]/")[0] != 0
+    assert fetch(named, "http://web.lab.test/")[0] == 0
+    sbx.update_network({"deny_out": [WEB6], **LAB})  # a live update covers IPv6 too
+    assert fetch(sbx, f"http://[{WEB6}]/")[0] != 0

@@ -56,6 +56,7 @@ class ServerConfig:
     favor_dynmods: bool = True  # remount cgroup2 with favordynmods (see runtime/cgroups.py)
     uid_base: int | None = None  # first host uid of the sandboxes' ranges (None: runtime/identity.py's default)
     network_cidr: str | None = DEFAULT_CIDR  # the sandboxes' addresses (runtime/network.py); None: no network
+    network_cidr6: str | None = "auto"  # their IPv6 range: "auto" (a ULA /64 when the host has IPv6), None: none
     dns: list[str] | None = None  # where the sandboxes' resolver forwards (None: the host's /etc/resolv.conf)
     domain: str | None = None  # --domain: {port}-{id}.DOMAIN and api.DOMAIN over TLS (routing/tls.py)
     egress_ca_file: str | None = None  # more CAs the egress proxy trusts for intercepted hosts' servers
@@ -94,6 +95,7 @@ class App:
             favor_dynmods=config.favor_dynmods,
             uid_base=config.uid_base,
             network_cidr=config.network_cidr,
+            network_cidr6=config.network_cidr6,
         )
         try:
             self._assemble(config)

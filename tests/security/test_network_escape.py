@@ -9,6 +9,7 @@ Every target is this machine's own or the tests' lab namespace (tests/netlab.py)
 from __future__ import annotations
 
 import http.server
+import ipaddress
 import socket
 import subprocess
 import tempfile
@@ -141,13 +142,13 @@ def test_spoofed_source_addresses_are_dropped(sandbox: Sandbox, lab: Lab) -> Non
 
 
 def test_no_ipv6_around_the_firewall(sandbox: Sandbox, server: Server) -> None:
-    # the host's end of the link has no address, not even link-local: nothing to talk to
+    # the host's end of the link has no address but the sandbox's router's, fe80::1 (none without IPv6)
     host_if = _host_link_of(sandbox)
-    out = subprocess.run(["ip", "-6", "addr", "show", "dev", host_if], capture_output=True, text=True).stdout
-    assert "inet6" not in out, out
-    # and the sandbox's IPv6 to anything (all-nodes multicast, say) goes nowhere
-    code, _, _ = run_root(sandbox, "ping -6 -c 1 -W 1 ff02::1%eth0")
-    assert code != 0
+    out = subprocess.run(["ip", "-6", "-o", "addr", "show", "dev", host_if], capture_output=True, text=True).stdout
+    assert [line.split()[3] for line in out.splitlines()] in ([], ["fe80::1/64"]), out
+    # and that router answers nothing but neighbour discovery: no echo, no port
+    for cmd in ("ping -6 -c 1 -W 1 fe80::1%eth0", "curl -sS -m 3 -g 'http://[fe80::1%eth0]:3000/'"):
+        assert run_root(sandbox, cmd)[0] != 0, cmd
 
 
 def _host_link_of(sbx: Sandbox) -> str:
@@ -210,10 +211,10 @@ def test_address_pool_exhaustion_is_a_clear_error_and_leaks_nothing(lab: Lab) ->
         for sbx in made:
             sbx.kill()
         assert srv.stop() == 0
-    assert_no_network_leftovers(srv)
+    assert_no_network_leftovers(srv, "10.213.251.0/29")
 
 
-def assert_no_network_leftovers(srv: Server) -> None:
+def assert_no_network_leftovers(srv: Server, cidr: str) -> None:
     """After a server stopped with no sandbox left: no table, gateway, veth or conntrack entry of it."""
     from sandboxd.runtime.cgroups import instance_name
 
@@ -223,8 +224,15 @@ def assert_no_network_leftovers(srv: Server) -> None:
     assert f"sandboxd_{instance}" not in tables
     links = [p.name for p in Path("/sys/class/net").iterdir()]
     assert not [n for n in links if n in (f"sg{tag}",) or n.startswith(f"sx{tag}")], links
-    ct = subprocess.run(["conntrack", "-L", "-m", str(0x5BD00000)], capture_output=True, text=True).stdout
-    assert not ct.strip(), ct
+    # (the mark is every sandboxd's: only this server's pools count)
+    from sandboxd.runtime.network import default_cidr6
+
+    pools = [ipaddress.ip_network(cidr), ipaddress.ip_network(default_cidr6(instance))]
+    for family in ("ipv4", "ipv6"):
+        ct = subprocess.run(["conntrack", "-L", "-f", family, "-m", str(0x5BD00000)], capture_output=True, text=True)
+        for line in ct.stdout.splitlines():
+            src = next(w[4:] for w in line.split() if w.startswith("src="))
+            assert not any(ipaddress.ip_address(src) in p for p in pools), line
 
 
 def test_an_egress_proxy_cannot_be_the_host_or_a_sandbox(server: Server, lab: Lab) -> None:
@@ -264,3 +272,25 @@ def test_an_egress_proxy_cannot_be_the_host_or_a_sandbox(server: Server, lab: La
     finally:
         other.kill()
         listener.close()
+
+
+def test_ipv6_reaches_no_other_sandbox_host_or_metadata(pair: tuple[Sandbox, Sandbox], lab: Lab) -> None:
+    from netlab import HOST_SIDE6, METADATA6
+
+    a, b = pair
+    six_b = run_root(b, "ip -6 -o addr show dev eth0 scope global | awk '{print $4}' | cut -d/ -f1")[1].strip()
+    if not six_b:
+        pytest.skip("this host has no IPv6 default route: sandboxes get IPv4 only")
+    six = "s=socket.socket(socket.AF_INET6); s.bind(('::', 8000)); s.listen(); time.sleep(30)"
+    listen = f'{PY} "import socket,time; {six}"'
+    b.commands.run(listen, background=True, user="root")
+    assert not tcp_connects(a, six_b, 8000), "another sandbox over IPv6"
+    for host in ("fe80::1%eth0", HOST_SIDE6):  # the host: its end of the link, its other addresses
+        code, _, _ = run_root(a, f"curl -sS -m 3 -g 'http://[{host}]:22/'")
+        assert code != 0, host
+    code, out, _ = run_root(a, f"curl -sS -m 3 -g 'http://[{METADATA6}]/latest/meta-data/'")
+    assert code != 0, out
+    assert METADATA6 not in lab.requests_seen()
+    # its address and routes are not its to change
+    assert run_root(a, "ip -6 addr add fd00::99/128 dev eth0")[0] != 0
+    assert run_root(a, "ip -6 route del default")[0] != 0

@@ -173,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         "networks, nor another sandboxd server's on this host (default %(default)s)",
     )
     p_serve.add_argument(
+        "--network-cidr6",
+        default="auto",
+        help="the IPv6 range sandboxes get their addresses from: 'auto' (a unique-local /64 of this server's, "
+        "when the host has an IPv6 default route), 'off', or a private /64 or bigger (default %(default)s)",
+    )
+    p_serve.add_argument(
         "--dns",
         default=None,
         help="comma-separated IPv4 addresses of the DNS servers the sandboxes' resolver forwards to "
@@ -273,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                 favor_dynmods=not args.no_favordynmods,
                 uid_base=args.uid_base,
                 network_cidr=None if args.no_network else args.network_cidr,
+                network_cidr6=None if args.network_cidr6 == "off" else args.network_cidr6,
                 dns=None if args.dns is None else [d for d in args.dns.split(",") if d],
                 domain=args.domain.lower().strip(".") if args.domain else None,
                 tls_port=args.tls_port,

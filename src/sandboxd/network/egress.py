@@ -182,14 +182,15 @@ class EgressProxy:
     @staticmethod
     def _allowed(policy: NetworkPolicy, name: str | None, address: str) -> bool:
         """E2B's precedence: an allow (by name, or by address) beats a deny (by name, or by address)."""
-        ip = ipaddress.IPv4Address(address)
         if name is not None and matches(name, policy.allow_names):
             return True
-        if any(ip in ipaddress.IPv4Network(c) for c in policy.allow_cidrs):
+        ip = ipaddress.IPv4Address(address)
+        v4 = [c for c in policy.allow_cidrs if ":" not in c], [c for c in policy.deny_cidrs if ":" not in c]
+        if any(ip in ipaddress.IPv4Network(c) for c in v4[0]):
             return True
         if name is not None and matches(name, policy.deny_names):
             return False
-        return not any(ip in ipaddress.IPv4Network(c) for c in policy.deny_cidrs)
+        return not any(ip in ipaddress.IPv4Network(c) for c in v4[1])
 
     async def _resolve(self, name: str, policy: NetworkPolicy) -> list[str]:
         """The name's IPv4 addresses, by the sandbox's DNS servers or the server's; answers are kept for

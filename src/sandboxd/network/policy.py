@@ -24,6 +24,7 @@ from sandboxd.network.socks import ProxyConfig
 from sandboxd.runtime.base import Egress
 
 ALL_TRAFFIC = "0.0.0.0/0"
+ALL_TRAFFIC6 = "::/0"  # what "all traffic" also means for a sandbox with IPv6
 MAX_RULE_HOSTS = 64
 MAX_RULES_PER_HOST = 16
 MAX_HEADERS = 32  # per rule
@@ -69,8 +70,6 @@ def _entries(value: Any, field: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         except ValueError:
             names.append(_name(entry, field))
             continue
-        if net.version != 4:
-            raise PolicyError(f"network.{field}: {entry!r} is IPv6; sandboxes have IPv4 only")
         if str(net) not in cidrs:
             cidrs.append(str(net))
     return tuple(cidrs), tuple(dict.fromkeys(names))
@@ -158,6 +157,8 @@ class NetworkPolicy:
         deny_cidrs, deny_names = _entries(network.get("denyOut"), "denyOut")
         if allow_internet_access is False and ALL_TRAFFIC not in deny_cidrs:
             deny_cidrs = (*deny_cidrs, ALL_TRAFFIC)
+        if ALL_TRAFFIC in deny_cidrs and ALL_TRAFFIC6 not in deny_cidrs:  # all means both families
+            deny_cidrs = (*deny_cidrs, ALL_TRAFFIC6)
         dns = network.get("dnsServers")
         dns_servers: tuple[str, ...] | None = None
         if dns is not None:
@@ -238,10 +239,10 @@ class NetworkPolicy:
 
     def address_allowed(self, address: str) -> bool:
         """The kernel's verdict for a destination address, for decisions the proxy makes by address."""
-        ip = ipaddress.IPv4Address(address)
-        if any(ip in ipaddress.IPv4Network(c) for c in self.allow_cidrs):
+        ip = ipaddress.ip_address(address)
+        if any(ip in ipaddress.ip_network(c) for c in self.allow_cidrs if (":" in c) == (ip.version == 6)):
             return True
-        return not any(ip in ipaddress.IPv4Network(c) for c in self.deny_cidrs)
+        return not any(ip in ipaddress.ip_network(c) for c in self.deny_cidrs if (":" in c) == (ip.version == 6))
 
     def to_api(self) -> dict[str, Any]:
         """As E2B reports it (`network` of GET /sandboxes/{id})."""

@@ -84,6 +84,7 @@ class SandboxHandle:
     # before per-sandbox ranges existed all used 100000.
     uid_base: int = 100000
     address: str = ""  # the sandbox's IPv4 address ("": no network but its loopback)
+    address6: str = ""  # its IPv6 address ("": none)
     egress: dict = field(default_factory=dict)  # its egress policy (Egress.to_json)
 
 

@@ -88,6 +88,7 @@ class NamespaceRuntime(Runtime):
         favor_dynmods: bool = True,
         uid_base: int | None = None,
         network_cidr: str | None = None,
+        network_cidr6: str | None = "auto",
     ) -> None:
         self.state_dir = Path(state_dir)
         self.sandboxes_dir = self.state_dir / "sandboxes"
@@ -123,7 +124,11 @@ class NamespaceRuntime(Runtime):
         self.net: network.HostNetwork | None = None
         self._adopted_egress: dict[str, Egress] = {}
         if network_cidr:
-            self.net = network.HostNetwork(self.instance, network_cidr, self._netns_thread, _HOST_NETNS)
+            if network_cidr6 == "auto":  # IPv6 too when the host has it
+                network_cidr6 = network.default_cidr6(self.instance) if network.host_has_ipv6() else None
+            self.net = network.HostNetwork(
+                self.instance, network_cidr, self._netns_thread, _HOST_NETNS, cidr6=network_cidr6 or None
+            )
             try:
                 if not self.net.installed():  # a previous run's table stays until sweep() re-installs it
                     self.net.install([])
@@ -228,6 +233,7 @@ class NamespaceRuntime(Runtime):
             cgroups=cg.paths,
             uid_base=base,
             address=net.address if net is not None else "",
+            address6=net.address6 if net is not None else "",
         )
 
     def exec_argv(

@@ -32,7 +32,9 @@ its conntrack entries are deleted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import hashlib
 import ipaddress
 import logging
 import os
@@ -64,6 +66,25 @@ FORWARD_ORIG = Path("/run/sandboxd/ip_forward.orig")
 # Never reachable from a sandbox, whatever its policy: this host, link-local (cloud metadata at
 # 169.254.169.254), multicast and the other special ranges.
 BLOCKED_V4 = ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/3", "255.255.255.255/32")
+# The same for IPv6: unspecified, loopback, link-local, multicast, and the cloud metadata address.
+BLOCKED_V6 = ("::/128", "::1/128", "fe80::/10", "ff00::/8", "fd00:ec2::254/128")
+GATEWAY6 = "fe80::1"  # the host end of every sandbox's link: the sandbox's IPv6 default router
+FORWARD6_ORIG = Path("/run/sandboxd/ip6_forward.orig")
+
+
+def default_cidr6(instance: str) -> str:
+    """A unique-local /64 of the server's own (RFC 4193), from its instance name."""
+    h = hashlib.sha256(instance.encode()).hexdigest()
+    return f"fd{h[0:2]}:{h[2:6]}:{h[6:10]}:{h[10:14]}::/64"
+
+
+def host_has_ipv6() -> bool:
+    """A default IPv6 route in the main table: the host reaches an IPv6 network, so sandboxes may too."""
+    try:
+        with open("/proc/net/ipv6_route") as f:
+            return any(line.split()[0] == "0" * 32 and line.split()[1] == "00" for line in f)
+    except OSError:
+        return False
 
 
 class NetworkError(RuntimeError_):
@@ -81,6 +102,7 @@ class Prepared:
     fd: int
     address: str
     ifname: str
+    address6: str = ""
     closed: bool = field(default=False)
 
     def close(self) -> None:
@@ -106,14 +128,24 @@ def _setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def _new_netns(host_fd: int) -> tuple[int, socket.socket]:
+NETNS_SYSCTLS_V6 = {
+    "ipv4/tcp_orphan_retries": "1",
+    "ipv4/tcp_fin_timeout": "5",
+    # eth0 gets its address from us at once: no router advertisements, no autoconfiguration, no DAD wait
+    "ipv6/conf/default/accept_ra": "0",
+    "ipv6/conf/default/autoconf": "0",
+    "ipv6/conf/default/accept_dad": "0",
+}
+
+
+def _new_netns(host_fd: int, sysctls: dict[str, str] = NETNS_SYSCTLS) -> tuple[int, socket.socket]:
     """A new network namespace (its fd) and a route netlink socket inside it. Runs on the netns thread:
     unshare changes only the calling thread's namespace, which goes back to the host's before returning."""
     if _libc.unshare(CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
     try:
-        for name, value in NETNS_SYSCTLS.items():  # /proc/sys/net is the opener's namespace's
+        for name, value in sysctls.items():  # /proc/sys/net is the opener's namespace's
             with open(f"/proc/sys/net/{name}", "w") as f:
                 f.write(value)
         fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -130,7 +162,9 @@ def _new_netns(host_fd: int) -> tuple[int, socket.socket]:
 class HostNetwork:
     """The pool, the gateway, the nftables table and the prepared namespaces of one server instance."""
 
-    def __init__(self, instance: str, cidr: str, netns_thread: Executor, host_netns_fd: int) -> None:
+    def __init__(
+        self, instance: str, cidr: str, netns_thread: Executor, host_netns_fd: int, cidr6: str | None = None
+    ) -> None:
         try:
             self.pool = ipaddress.IPv4Network(cidr)
         except ValueError as e:
@@ -139,6 +173,16 @@ class HostNetwork:
             raise NetworkError(
                 f"--network-cidr {cidr}: give a private IPv4 range of at least 4 addresses (e.g. {DEFAULT_CIDR})"
             )
+        self.pool6: ipaddress.IPv6Network | None = None
+        if cidr6:
+            try:
+                self.pool6 = ipaddress.IPv6Network(cidr6)
+            except ValueError as e:
+                raise NetworkError(f"--network-cidr6 {cidr6!r} is not an IPv6 network: {e}") from None
+            if self.pool6.num_addresses < self.pool.num_addresses or not self.pool6.is_private:
+                raise NetworkError(
+                    f"--network-cidr6 {cidr6}: give a private (unique-local) IPv6 range with room for the IPv4 pool"
+                )
         self.gateway = str(self.pool.network_address + 1)
         self._first = int(self.pool.network_address) + 2
         self._last = int(self.pool.broadcast_address) - 1
@@ -158,6 +202,7 @@ class HostNetwork:
         self._chains: set[str] = set()  # addresses with a policy chain
         self._intercepted: set[str] = set()  # addresses whose web traffic goes to the egress proxy
         self._tunneled: set[str] = set()  # addresses whose every TCP connection goes to the egress proxy
+        self._noip6: set[str] = set()  # addresses (IPv4) whose IPv6 is refused (their TCP goes to the proxy)
         from pyroute2 import IPRoute  # imported here: a server without networking never loads it
 
         logging.getLogger("pyroute2").setLevel(max(logging.INFO, log.getEffectiveLevel()))  # not every message
@@ -166,6 +211,8 @@ class HostNetwork:
         self._nft = Nft()
         self._check_pool()
         self._gateway_up()
+        if self.pool6 is not None:
+            _enable_forwarding6()
 
     # -- set-up ------------------------------------------------------------------------------------
     def _ours(self, ifname: str | None) -> bool:
@@ -183,6 +230,8 @@ class HostNetwork:
                     f"the sandbox network {self.pool} overlaps {net} of the host's interface {ifname}: choose a "
                     "free range with --network-cidr"
                 )
+        if self.pool6 is not None:
+            self._check_pool6(names)
         for route in self._ipr.get_routes(family=socket.AF_INET, table=254):
             if route["dst_len"] == 0 or route.get_attr("RTA_DST") is None:
                 continue
@@ -192,6 +241,27 @@ class HostNetwork:
                 raise NetworkError(
                     f"the sandbox network {self.pool} overlaps the host's route to {net} (dev {ifname}; another "
                     "sandboxd server on this host?): choose a free range with --network-cidr"
+                )
+
+    def v6(self, address: str) -> str:
+        """The sandbox's IPv6 address ("" without IPv6): the same place in the IPv6 pool as in the IPv4 one."""
+        if self.pool6 is None or not address:
+            return ""
+        n = int(ipaddress.IPv4Address(address)) - int(self.pool.network_address)
+        return str(self.pool6.network_address + n)
+
+    def _check_pool6(self, names: dict[int, str]) -> None:
+        assert self.pool6 is not None
+        for route in self._ipr.get_routes(family=socket.AF_INET6, table=254):
+            dst = route.get_attr("RTA_DST")
+            if route["dst_len"] == 0 or dst is None or dst.startswith("fe80"):
+                continue
+            ifname = names.get(route.get_attr("RTA_OIF"))
+            net = ipaddress.IPv6Network(f"{dst}/{route['dst_len']}", strict=False)
+            if not self._ours(ifname) and net.overlaps(self.pool6):
+                raise NetworkError(
+                    f"the sandbox network {self.pool6} overlaps the host's route to {net} (dev {ifname}): choose a "
+                    "free range with --network-cidr6"
                 )
 
     def _gateway_up(self) -> None:
@@ -220,17 +290,34 @@ class HostNetwork:
         (address, egress). A server re-adopting sandboxes calls this once, so that their policies hold
         without a gap; a sandbox not named loses its policy."""
         pool, p, gw, t = str(self.pool), self.prefix, self.gateway, self.table
-        guard_forward = _forwarding_was_off()
+        guard = []
+        if _forwarding_was_off(FORWARD_ORIG):
+            guard.append('meta nfproto ipv4 iifname != "sx*" oifname != "sx*" drop')
+        if self.pool6 is not None and _forwarding_was_off(FORWARD6_ORIG):
+            guard.append('meta nfproto ipv6 iifname != "sx*" oifname != "sx*" drop')
+        blocked6 = f"{self.pool6}, {', '.join(BLOCKED_V6)}" if self.pool6 is not None else ""
+        v6_pre = f'iifname "{p}*" meta nfproto ipv6 drop' if self.pool6 is None else "# IPv6: the fib check below"
+        v6_in = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept" if self.pool6 is not None else ""
+        v6_out = (
+            f"ip6 daddr {{ {blocked6} }} reject with icmpx admin-prohibited\n"
+            "    ip6 saddr @noip6 reject with icmpx admin-prohibited\n"
+            "    ip6 saddr vmap @egress6"
+            if self.pool6 is not None
+            else ""
+        )
+        v6_nat = f'ip6 saddr {self.pool6} oifname != "sx*" masquerade' if self.pool6 is not None else ""
         lines = [
             f"table inet {t} {{}}",
             f"delete table inet {t}",
             f"""table inet {t} {{
   map egress {{ type ipv4_addr : verdict; }}
+  map egress6 {{ type ipv6_addr : verdict; }}
   set intercept {{ type ipv4_addr; }}
   set tunnel {{ type ipv4_addr; }}
+  set noip6 {{ type ipv6_addr; }}
   chain prerouting {{
     type filter hook prerouting priority raw; policy accept;
-    iifname "{p}*" meta nfproto ipv6 drop
+    {v6_pre}
     iifname "{p}*" fib saddr . iif oif missing drop
   }}
   chain gateway_out {{
@@ -257,6 +344,7 @@ class HostNetwork:
     ip daddr {gw} tcp dport 53 accept
     ip daddr {gw} tcp dport {PROXY_PORT} ip saddr @intercept accept
     ip daddr {gw} tcp dport {PROXY_PORT} ip saddr @tunnel accept
+    {v6_in}
     reject with icmpx admin-prohibited
   }}
   chain forward {{
@@ -264,13 +352,14 @@ class HostNetwork:
     iifname "{p}*" jump from_sandbox_out
     oifname "{p}*" ct state established,related accept
     oifname "{p}*" drop
-    {'iifname != "sx*" oifname != "sx*" drop' if guard_forward else ""}
+    {chr(10).join("    " + g for g in guard).strip()}
   }}
   chain from_sandbox_out {{
     oifname "sx*" reject with icmpx admin-prohibited
     ip daddr {{ {pool}, {", ".join(BLOCKED_V4)} }} reject with icmpx admin-prohibited
     ip saddr @tunnel reject with icmpx admin-prohibited
     ip saddr vmap @egress
+    {v6_out}
   }}
   chain proxied {{
     type filter hook output priority filter - 10; policy accept;
@@ -280,6 +369,7 @@ class HostNetwork:
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
     ip saddr {pool} oifname != "sx*" masquerade
+    {v6_nat}
   }}
 }}""",
         ]
@@ -287,6 +377,7 @@ class HostNetwork:
             self._chains.clear()
             self._intercepted.clear()
             self._tunneled.clear()
+            self._noip6.clear()
             sandboxes = list(sandboxes)
             for address, egress in sandboxes:
                 lines += self._policy_lines(address, egress)
@@ -306,17 +397,25 @@ class HostNetwork:
         """The nft commands that make `egress` the sandbox's policy: a chain of its own when it denies
         anything, its address in @intercept when its TCP to ports 80 and 443 goes to the egress proxy."""
         t, chain = self.table, self._chain(address)
+        address6 = self.v6(address)
         lines: list[str] = []
         if egress.open and address in self._chains:
             lines += [f"delete element inet {t} egress {{ {address} }}", f"delete chain inet {t} {chain}"]
+            if address6:
+                lines.insert(0, f"delete element inet {t} egress6 {{ {address6} }}")
         elif not egress.open:
             lines += [f"add chain inet {t} {chain}", f"flush chain inet {t} {chain}"]
-            if egress.allow:
-                lines.append(f"add rule inet {t} {chain} ip daddr {{ {', '.join(egress.allow)} }} accept")
-            deny = ", ".join(egress.deny)
-            lines.append(f"add rule inet {t} {chain} ip daddr {{ {deny} }} reject with icmpx admin-prohibited")
+            for verdict, cidrs in (("accept", egress.allow), ("reject with icmpx admin-prohibited", egress.deny)):
+                for family, picked in (
+                    ("ip", [c for c in cidrs if ":" not in c]),
+                    ("ip6", [c for c in cidrs if ":" in c]),
+                ):
+                    if picked:
+                        lines.append(f"add rule inet {t} {chain} {family} daddr {{ {', '.join(picked)} }} {verdict}")
             if address not in self._chains:
                 lines.append(f"add element inet {t} egress {{ {address} : jump {chain} }}")
+                if address6:
+                    lines.append(f"add element inet {t} egress6 {{ {address6} : jump {chain} }}")
         for name, on, book in (
             ("intercept", egress.intercept, self._intercepted),
             ("tunnel", egress.tunnel, self._tunneled),
@@ -325,6 +424,13 @@ class HostNetwork:
                 lines.append(f"add element inet {t} {name} {{ {address} }}")
             elif not on and address in book:
                 lines.append(f"delete element inet {t} {name} {{ {address} }}")
+        # A sandbox whose TCP goes through the egress proxy has no IPv6 out (the proxy speaks IPv4): its
+        # programs fall back to IPv4 at once (rejected, not dropped).
+        no6 = egress.intercept or egress.tunnel
+        if address6 and no6 and address not in self._noip6:
+            lines.append(f"add element inet {t} noip6 {{ {address6} }}")
+        elif address6 and not no6 and address in self._noip6:
+            lines.append(f"delete element inet {t} noip6 {{ {address6} }}")
         return lines
 
     def _record(self, address: str, egress: Egress) -> None:
@@ -332,6 +438,7 @@ class HostNetwork:
             (self._chains, not egress.open),
             (self._intercepted, egress.intercept),
             (self._tunneled, egress.tunnel),
+            (self._noip6, bool(self.pool6) and (egress.intercept or egress.tunnel)),
         ):
             if on:
                 book.add(address)
@@ -389,35 +496,44 @@ class HostNetwork:
         with self._lock:
             self._used.discard(int(ipaddress.IPv4Address(address)))
 
+    def _families(self) -> list[int]:
+        return [socket.AF_INET, socket.AF_INET6] if self.pool6 is not None else [socket.AF_INET]
+
     def forget_connections(self, address: str) -> None:
+        """Delete the conntrack entries of the sandbox's connections, both families: those with the mark of
+        sandbox connections (a kernel-side filter), then by source address. (pyroute2's kernel-side filter
+        on the source misses IPv6 entries.) ~15 ms a family, in a worker thread."""
         from pyroute2 import Conntrack
 
-        try:
-            with Conntrack() as ct:
-                for entry in list(ct.dump_entries(mark=CT_MARK)):
-                    if entry.tuple_orig.saddr == address:
-                        try:
-                            ct.delete(entry)
-                        except OSError:
-                            pass  # gone meanwhile
-        except OSError as e:
-            log.warning("could not delete conntrack entries of %s: %s", address, e)
+        for family in self._families():
+            source = address if family == socket.AF_INET else self.v6(address)
+            try:
+                with Conntrack(nfgen_family=family) as ct:
+                    for entry in list(ct.dump_entries(mark=CT_MARK)):
+                        if entry.tuple_orig.saddr == source:
+                            with contextlib.suppress(OSError):  # (gone meanwhile)
+                                ct.delete(entry)
+            except OSError as e:
+                log.warning("could not delete conntrack entries of %s: %s", source, e)
 
     def forget_all_but(self, keep: set[str]) -> None:
         """At start: conntrack entries of sandboxes not re-adopted (a crash left them)."""
         from pyroute2 import Conntrack
 
-        try:
-            with Conntrack() as ct:
-                for entry in list(ct.dump_entries(mark=CT_MARK)):
-                    src = entry.tuple_orig.saddr
-                    if src and ipaddress.IPv4Address(src) in self.pool and src not in keep:
-                        try:
-                            ct.delete(entry)
-                        except OSError:
-                            pass
-        except OSError as e:
-            log.warning("could not clean conntrack: %s", e)
+        kept = {*keep, *(self.v6(k) for k in keep)}
+        for family in self._families():
+            try:
+                with Conntrack(nfgen_family=family) as ct:
+                    for entry in list(ct.dump_entries(mark=CT_MARK)):
+                        src = entry.tuple_orig.saddr
+                        if not src or src in kept:
+                            continue
+                        ip = ipaddress.ip_address(src)
+                        if ip in (self.pool if ip.version == 4 else self.pool6 or self.pool):
+                            with contextlib.suppress(OSError):
+                                ct.delete(entry)
+            except OSError as e:
+                log.warning("could not clean conntrack: %s", e)
 
     def _prepare_sync(self, fd: int, sock: socket.socket) -> Prepared:
         from pyroute2 import IPRoute
@@ -427,7 +543,8 @@ class HostNetwork:
         with self._lock:
             self._ready.add(n)  # (until take() gives it to a sandbox)
         ifname = self._ifname(n)
-        prepared = Prepared(fd=fd, address=address, ifname=ifname)
+        address6 = self.v6(address)
+        prepared = Prepared(fd=fd, address=address, ifname=ifname, address6=address6)
         inner = None
         try:
             inner = IPRoute(use_socket=sock)
@@ -436,15 +553,24 @@ class HostNetwork:
                     raise NetworkError(f"interface {ifname} of a sandbox that just ended still exists")
                 self._ipr.link("add", ifname=ifname, kind="veth", peer={"ifname": "eth0", "net_ns_fd": fd})
                 idx = self._ipr.link_lookup(ifname=ifname)[0]
-                _no_ipv6(ifname)  # the host end has no address at all, not even a link-local one
+                if address6:  # the host end is the sandbox's IPv6 router: fe80::1 and nothing else
+                    _sysctls6(ifname, {"accept_ra": "0", "autoconf": "0", "accept_dad": "0", "addr_gen_mode": "1"})
+                else:
+                    _no_ipv6(ifname)  # the host end has no address at all, not even a link-local one
                 self._ipr.link("set", index=idx, state="up")
                 self._ipr.route("add", dst=f"{address}/32", oif=idx, scope="link")
+                if address6:
+                    self._ipr.addr("add", index=idx, address=GATEWAY6, prefixlen=64, family=socket.AF_INET6)
+                    self._ipr.route("add", dst=f"{address6}/128", oif=idx, family=socket.AF_INET6)
             eth0 = inner.link_lookup(ifname="eth0")[0]
             inner.link("set", index=1, state="up")  # lo
             inner.addr("add", index=eth0, address=address, prefixlen=32)
             inner.link("set", index=eth0, state="up")
             inner.route("add", dst=f"{self.gateway}/32", oif=eth0, scope="link")
             inner.route("add", gateway=self.gateway, oif=eth0)
+            if address6:
+                inner.addr("add", index=eth0, address=address6, prefixlen=128, family=socket.AF_INET6)
+                inner.route("add", dst="::/0", gateway=GATEWAY6, oif=eth0, family=socket.AF_INET6)
         except BaseException:
             prepared.close()  # the namespace goes, and the veth with it
             with self._lock:
@@ -461,7 +587,8 @@ class HostNetwork:
 
     async def _prepare(self) -> Prepared:
         loop = asyncio.get_running_loop()
-        fd, sock = await loop.run_in_executor(self._netns_thread, _new_netns, self._host_fd)
+        sysctls = NETNS_SYSCTLS_V6 if self.pool6 is not None else NETNS_SYSCTLS
+        fd, sock = await loop.run_in_executor(self._netns_thread, _new_netns, self._host_fd, sysctls)
         try:
             return await asyncio.to_thread(self._prepare_sync, fd, sock)
         except NetworkError:
@@ -521,6 +648,33 @@ class HostNetwork:
             self._ipr.link("del", index=idx)
 
 
+def _sysctls6(ifname: str, values: dict[str, str]) -> None:
+    for name, value in values.items():
+        Path(f"/proc/sys/net/ipv6/conf/{ifname}/{name}").write_text(value + "\n")
+
+
+def _enable_forwarding6() -> None:
+    """IPv6 forwarding for the sandboxes. Forwarding makes Linux ignore router advertisements on interfaces
+    with accept_ra=1, which would cost a host its IPv6 route: those get accept_ra=2 (accept them anyway)
+    first. The setting from before is kept, as for IPv4."""
+    conf = Path("/proc/sys/net/ipv6/conf")
+    current = (conf / "all" / "forwarding").read_text().strip()
+    if not FORWARD6_ORIG.exists():
+        FORWARD6_ORIG.parent.mkdir(parents=True, exist_ok=True)
+        FORWARD6_ORIG.write_text(current + "\n")
+    if current == "1":
+        return
+    for iface in conf.iterdir():
+        if iface.name in ("all", "default", "lo") or iface.name.startswith("sx"):
+            continue
+        try:
+            if (iface / "accept_ra").read_text().strip() == "1":
+                (iface / "accept_ra").write_text("2\n")
+        except OSError:
+            continue
+    (conf / "all" / "forwarding").write_text("1\n")
+
+
 def _no_ipv6(ifname: str) -> None:
     Path(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6").write_text("1\n")
 
@@ -551,8 +705,8 @@ def _enable_forwarding() -> None:
         path.write_text("1\n")
 
 
-def _forwarding_was_off() -> bool:
+def _forwarding_was_off(orig: Path = FORWARD_ORIG) -> bool:
     try:
-        return FORWARD_ORIG.read_text().strip() == "0"
+        return orig.read_text().strip() == "0"
     except OSError:
         return False
