@@ -157,6 +157,15 @@ def test_ports_by_url_over_https(domain_server: tuple[Server, int]) -> None:
         assert code == 404 and "no such endpoint" in body, (code, body)
         code, body = _curl(srv, tls_port, f"49983-{sbx.sandbox_id}.{DOMAIN}")
         assert code == 401 and "X-Access-Token" in body, (code, body)
+        # Python's own http.server, as an agent would start it, by URL
+        sbx.commands.run("mkdir -p /tmp/site && echo '<h1>agent app</h1>' > /tmp/site/index.html")
+        sbx.commands.run("python3 -m http.server 8002 --directory /tmp/site", background=True)
+        for _ in range(100):
+            code, body = _curl(srv, tls_port, sbx.get_host(8002))
+            if code == 200:
+                break
+            time.sleep(0.05)
+        assert (code, body.strip()) == (200, "<h1>agent app</h1>"), (code, body)
         # nothing listens: the text the SDK looks for
         code, body = _curl(srv, tls_port, sbx.get_host(8001))
         assert code == 502 and "port is not open" in body, body
