@@ -60,6 +60,7 @@ CT_MARK = 0x5BD0_0000
 PROXY_MARK = 0x5BD1_0000
 # Where the egress proxy listens, on the gateway.
 PROXY_PORT = 15001
+SWEEP_DELAY = 0.5  # s: the conntrack entries of sandboxes that ended are deleted together, this long after
 # Where the host's IP forwarding setting from before any sandboxd changed it is kept (tmpfs: a reboot
 # resets both).
 FORWARD_ORIG = Path("/run/sandboxd/ip_forward.orig")
@@ -194,6 +195,8 @@ class HostNetwork:
         self._host_fd = host_netns_fd
         self._lock = threading.Lock()  # the route socket and the address book
         self._used: set[int] = set()
+        self._forgetting: set[str] = set()  # released, their conntrack entries not yet deleted (still used)
+        self._sweep_timer: threading.Timer | None = None
         self._ready: set[int] = set()  # addresses of namespaces prepared but not given to a sandbox
         self._next = self._first
         self._spare: Prepared | None = None
@@ -467,6 +470,15 @@ class HostNetwork:
         return f"{self.prefix}{n - int(self.pool.network_address):x}"
 
     def _allocate(self) -> str:
+        try:
+            return self._allocate_once()
+        except AddressPoolExhausted:
+            if not self._forgetting:
+                raise
+        self.sweep_forgotten()  # addresses of sandboxes that just ended come back now
+        return self._allocate_once()
+
+    def _allocate_once(self) -> str:
         with self._lock:
             size = self._last - self._first + 1
             for i in range(size):
@@ -487,34 +499,54 @@ class HostNetwork:
             self._used.add(int(ipaddress.IPv4Address(address)))
 
     def release(self, address: str) -> None:
-        """The sandbox is gone (its namespace with it): delete its policy and conntrack entries, free the address."""
+        """The sandbox is gone (its namespace with it): its policy goes now; its conntrack entries go in
+        the next sweep (one dump per family for every sandbox that ended within SWEEP_DELAY, not one per
+        sandbox: ~15 ms each), and only then is the address free again."""
         try:
             self.set_egress(address, Egress())
         except NetworkError as e:
             log.warning("removing the policy of %s failed: %s", address, e)
-        self.forget_connections(address)
         with self._lock:
-            self._used.discard(int(ipaddress.IPv4Address(address)))
+            self._forgetting.add(address)
+            if self._sweep_timer is None:
+                self._sweep_timer = threading.Timer(SWEEP_DELAY, self.sweep_forgotten)
+                self._sweep_timer.daemon = True
+                self._sweep_timer.start()
+
+    def sweep_forgotten(self) -> None:
+        """Delete the conntrack entries of the sandboxes released since the last sweep; free their addresses."""
+        with self._lock:
+            gone, self._forgetting = self._forgetting, set()
+            self._sweep_timer = None
+        if not gone:
+            return
+        self._forget({*gone, *(self.v6(a) for a in gone)} - {""})
+        with self._lock:
+            for address in gone:
+                self._used.discard(int(ipaddress.IPv4Address(address)))
 
     def _families(self) -> list[int]:
         return [socket.AF_INET, socket.AF_INET6] if self.pool6 is not None else [socket.AF_INET]
 
     def forget_connections(self, address: str) -> None:
-        """Delete the conntrack entries of the sandbox's connections, both families: those with the mark of
-        sandbox connections (a kernel-side filter), then by source address. (pyroute2's kernel-side filter
-        on the source misses IPv6 entries.) ~15 ms a family, in a worker thread."""
+        """Delete the conntrack entries of the sandbox's connections (both families)."""
+        self._forget({address, self.v6(address)} - {""})
+
+    def _forget(self, sources: set[str]) -> None:
+        """Conntrack entries with the mark of sandbox connections (a kernel-side filter) whose original source
+        is one of `sources` are deleted. (pyroute2's kernel-side filter on the source misses IPv6 entries.)
+        ~15 ms a family, in a worker thread."""
         from pyroute2 import Conntrack
 
         for family in self._families():
-            source = address if family == socket.AF_INET else self.v6(address)
             try:
                 with Conntrack(nfgen_family=family) as ct:
                     for entry in list(ct.dump_entries(mark=CT_MARK)):
-                        if entry.tuple_orig.saddr == source:
+                        if entry.tuple_orig.saddr in sources:
                             with contextlib.suppress(OSError):  # (gone meanwhile)
                                 ct.delete(entry)
             except OSError as e:
-                log.warning("could not delete conntrack entries of %s: %s", source, e)
+                log.warning("could not delete conntrack entries of %s: %s", sorted(sources), e)
 
     def forget_all_but(self, keep: set[str]) -> None:
         """At start: conntrack entries of sandboxes not re-adopted (a crash left them)."""
@@ -632,6 +664,11 @@ class HostNetwork:
         if self._spare is not None:
             self.give_back(self._spare)
             self._spare = None
+        with self._lock:
+            timer, self._sweep_timer = self._sweep_timer, None
+        if timer is not None:
+            timer.cancel()
+        _off_loop(self.sweep_forgotten)
         with self._lock:
             kept = self._used - self._ready  # sandboxes kept running (prepared namespaces go with us)
         if not kept:
