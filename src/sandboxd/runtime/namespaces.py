@@ -202,7 +202,11 @@ class NamespaceRuntime(Runtime):
                 close_fds=True,
                 env={},  # init's environment is readable inside the sandbox: nothing of the server's
             )
-            out, err = await asyncio.to_thread(proc.communicate)
+            try:
+                out, err = await asyncio.to_thread(proc.communicate)
+            finally:
+                if self.net is not None:
+                    self.net.refill()  # the next sandbox's namespace, now that this one's helper is done
             if proc.returncode != 0:
                 reason = err.decode(errors="replace").strip()
                 raise RuntimeError_(f"creating sandbox {spec.sandbox_id} failed: {reason}")
