@@ -620,3 +620,14 @@ def test_ipv6_through_nat66_under_the_same_policy(make) -> None:
     assert fetch(named, "http://web.lab.test/")[0] == 0
     sbx.update_network({"deny_out": [WEB6], **LAB})  # a live update covers IPv6 too
     assert fetch(sbx, f"http://[{WEB6}]/")[0] != 0
+
+
+def test_a_pool_that_overlaps_the_hosts_networks_is_refused(lab: Lab, tmp_path: Path) -> None:
+    """The lab's link is one of the host's networks now (198.18.255.0/30, 2001:db8:5b::/64 routed)."""
+    for args, option in (
+        (["--network-cidr", "198.18.255.0/24"], "--network-cidr"),
+        (["--network-cidr6", "2001:db8:5b::/64"], "--network-cidr6"),
+    ):
+        with pytest.raises(RuntimeError) as exc:
+            start_server(tmp_path / f"data{option}", *args)
+        assert "overlaps" in str(exc.value) and f"choose a free range with {option}" in str(exc.value), exc.value

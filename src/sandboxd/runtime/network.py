@@ -235,18 +235,9 @@ class HostNetwork:
                     f"the sandbox network {self.pool} overlaps {net} of the host's interface {ifname}: choose a "
                     "free range with --network-cidr"
                 )
+        self._check_routes(names, socket.AF_INET, self.pool, "--network-cidr")
         if self.pool6 is not None:
-            self._check_pool6(names)
-        for route in self._ipr.get_routes(family=socket.AF_INET, table=254):
-            if route["dst_len"] == 0 or route.get_attr("RTA_DST") is None:
-                continue
-            ifname = names.get(route.get_attr("RTA_OIF"))
-            net = ipaddress.IPv4Network(f"{route.get_attr('RTA_DST')}/{route['dst_len']}", strict=False)
-            if not self._ours(ifname) and net.overlaps(self.pool):
-                raise NetworkError(
-                    f"the sandbox network {self.pool} overlaps the host's route to {net} (dev {ifname}; another "
-                    "sandboxd server on this host?): choose a free range with --network-cidr"
-                )
+            self._check_routes(names, socket.AF_INET6, self.pool6, "--network-cidr6")
 
     def v6(self, address: str) -> str:
         """The sandbox's IPv6 address ("" without IPv6): the same place in the IPv6 pool as in the IPv4 one."""
@@ -255,18 +246,19 @@ class HostNetwork:
         n = int(ipaddress.IPv4Address(address)) - int(self.pool.network_address)
         return str(self.pool6.network_address + n)
 
-    def _check_pool6(self, names: dict[int, str]) -> None:
-        assert self.pool6 is not None
-        for route in self._ipr.get_routes(family=socket.AF_INET6, table=254):
+    def _check_routes(
+        self, names: dict[int, str], family: int, pool: ipaddress.IPv4Network | ipaddress.IPv6Network, option: str
+    ) -> None:
+        for route in self._ipr.get_routes(family=family, table=254):
             dst = route.get_attr("RTA_DST")
             if route["dst_len"] == 0 or dst is None or dst.startswith("fe80"):
                 continue
             ifname = names.get(route.get_attr("RTA_OIF"))
-            net = ipaddress.IPv6Network(f"{dst}/{route['dst_len']}", strict=False)
-            if not self._ours(ifname) and net.overlaps(self.pool6):
+            net = ipaddress.ip_network(f"{dst}/{route['dst_len']}", strict=False)
+            if not self._ours(ifname) and net.overlaps(pool):
                 raise NetworkError(
-                    f"the sandbox network {self.pool6} overlaps the host's route to {net} (dev {ifname}): choose a "
-                    "free range with --network-cidr6"
+                    f"the sandbox network {pool} overlaps the host's route to {net} (dev {ifname}; another "
+                    f"sandboxd server on this host?): choose a free range with {option}"
                 )
 
     def _gateway_up(self) -> None:
