@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import fcntl
 import logging
 import math
@@ -29,10 +28,6 @@ from sandboxd.runtime.rootfs import open_pty_in_root
 from sandboxd.templates.specs import UID_SHIFT
 
 log = logging.getLogger(__name__)
-
-_libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
-_HOST_NETNS = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 
 
 def env_memfd(env: dict[str, str]) -> int:
@@ -58,23 +53,17 @@ def env_memfd(env: dict[str, str]) -> int:
     return fd
 
 
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
 def _socket_in_netns(pid: int, start: int) -> socket.socket:
     """A TCP socket that belongs to the network namespace of the sandbox whose init is `pid` started at
     `start` (runs in the netns thread). setns goes through a checked pidfd, not /proc/<pid>/ns/net: a
     recycled PID cannot hand us another process's namespace."""
     fd = pids.open_checked(pid, start=start)
     try:
-        _setns(fd)
+        network.setns(fd)
         try:
             return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         finally:
-            _setns(_HOST_NETNS)
+            network.setns(network.HOST_NETNS)
     finally:
         os.close(fd)
 
@@ -126,9 +115,7 @@ class NamespaceRuntime(Runtime):
         if network_cidr:
             if network_cidr6 == "auto":  # IPv6 too when the host has it
                 network_cidr6 = network.default_cidr6(self.instance) if network.host_has_ipv6() else None
-            self.net = network.HostNetwork(
-                self.instance, network_cidr, self._netns_thread, _HOST_NETNS, cidr6=network_cidr6 or None
-            )
+            self.net = network.HostNetwork(self.instance, network_cidr, self._netns_thread, cidr6=network_cidr6 or None)
             try:
                 if not self.net.installed():  # a previous run's table stays until sweep() re-installs it
                     self.net.install([])

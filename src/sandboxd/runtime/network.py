@@ -9,7 +9,7 @@ address, only the route `<address>/32 dev sx…`. Every packet a sandbox sends i
 host, and so passes the table's hooks with the sandbox's own interface as its input:
 
 - prerouting: a source address that does not route back through the interface it came in by
-  (`fib saddr . iif`) is dropped (no spoofing), and so is all IPv6;
+  (`fib saddr . iif`) is dropped (no spoofing); all IPv6 too when sandboxes have none (see IPv6 below);
 - prerouting (nat): the TCP to ports 80 and 443 of a sandbox whose policy names hosts goes to the
   egress proxy on the gateway (`@intercept`);
 - input (to any address of the host): only DNS to the gateway (and the proxy, from those sent to it);
@@ -21,9 +21,13 @@ host, and so passes the table's hooks with the sandbox's own interface as its in
 - output: the egress proxy's connections (marked) may not reach the host, the pool or blocked ranges;
 - postrouting: traffic leaving for anything but a sandbox is masqueraded.
 
-Making a sandbox's network costs ~10 ms (a netns, a veth pair, addresses and routes on both sides), so it
-is done ahead of time: one namespace is kept ready (`take` hands it out and prepares the next), and the
-create helper joins it (`sbxhelper create --netns`). The namespace lives exactly as long as the sandbox's
+IPv6, when the host has it: an address at the same place in a unique-local /64 of the server's, router
+fe80::1 on the host end, NAT66, and the IPv6 twin of each rule above.
+
+Making a sandbox's network costs ~10 ms (~16 with IPv6: a netns, a veth pair, addresses and routes on both
+sides), so it is done ahead of time: one namespace is kept ready (`take` hands it out; `refill`, called
+once the create is done, prepares the next a little later), and the create helper joins it
+(`sbxhelper create --netns`). The namespace lives exactly as long as the sandbox's
 processes: when the last one exits, the kernel removes the namespace, the veth pair and its route, so a
 crash of the server leaves no interface behind. Addresses are reused only after the sandbox is gone and
 its conntrack entries are deleted.
@@ -54,6 +58,8 @@ DEFAULT_CIDR = "10.213.0.0/16"
 CLONE_NEWNET = 0x40000000
 IFF_MULTICAST = 0x1000
 _libc = ctypes.CDLL(None, use_errno=True)
+# The server's own network namespace, which threads that entered a sandbox's go back to.
+HOST_NETNS = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 # Conntrack entries of sandbox connections carry this mark, so that a sandbox's can be found and deleted.
 CT_MARK = 0x5BD0_0000
 # The egress proxy's own connections carry this mark (SO_MARK), which the table polices (network/egress.py).
@@ -114,33 +120,31 @@ class Prepared:
 
 
 # The sandbox's own namespace (it cannot change them: they belong to the host's user namespace).
-NETNS_SYSCTLS = {
+_NETNS_SYSCTLS = {
     # A socket the sandbox's last process left with unacknowledged data keeps the namespace, and so the
     # sandbox's address, alive while it retries: give up after one retry.
     "ipv4/tcp_orphan_retries": "1",
     "ipv4/tcp_fin_timeout": "5",
-    # eth0 gets no IPv6 (not even link-local); lo keeps ::1.
-    "ipv6/conf/default/disable_ipv6": "1",
 }
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
+# Without IPv6: eth0 gets none (not even link-local); lo keeps ::1.
+NETNS_SYSCTLS = {**_NETNS_SYSCTLS, "ipv6/conf/default/disable_ipv6": "1"}
+# With IPv6: eth0 gets its address from us at once: no router advertisements, no autoconfiguration, no DAD.
 NETNS_SYSCTLS_V6 = {
-    "ipv4/tcp_orphan_retries": "1",
-    "ipv4/tcp_fin_timeout": "5",
-    # eth0 gets its address from us at once: no router advertisements, no autoconfiguration, no DAD wait
+    **_NETNS_SYSCTLS,
     "ipv6/conf/default/accept_ra": "0",
     "ipv6/conf/default/autoconf": "0",
     "ipv6/conf/default/accept_dad": "0",
 }
 
 
-def _new_netns(host_fd: int, sysctls: dict[str, str] = NETNS_SYSCTLS) -> tuple[int, socket.socket]:
+def setns(fd: int) -> None:
+    """The calling thread (only) enters the network namespace of `fd` (an nsfs file or a pidfd)."""
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _new_netns(sysctls: dict[str, str]) -> tuple[int, socket.socket]:
     """A new network namespace (its fd) and a route netlink socket inside it. Runs on the netns thread:
     unshare changes only the calling thread's namespace, which goes back to the host's before returning."""
     if _libc.unshare(CLONE_NEWNET) != 0:
@@ -157,16 +161,14 @@ def _new_netns(host_fd: int, sysctls: dict[str, str] = NETNS_SYSCTLS) -> tuple[i
             os.close(fd)
             raise
     finally:
-        _setns(host_fd)
+        setns(HOST_NETNS)
     return fd, sock
 
 
 class HostNetwork:
     """The pool, the gateway, the nftables table and the prepared namespaces of one server instance."""
 
-    def __init__(
-        self, instance: str, cidr: str, netns_thread: Executor, host_netns_fd: int, cidr6: str | None = None
-    ) -> None:
+    def __init__(self, instance: str, cidr: str, netns_thread: Executor, cidr6: str | None = None) -> None:
         try:
             self.pool = ipaddress.IPv4Network(cidr)
         except ValueError as e:
@@ -193,7 +195,6 @@ class HostNetwork:
         self.gw_dev = f"sg{tag}"
         self.table = f"sandboxd_{instance}"
         self._netns_thread = netns_thread
-        self._host_fd = host_netns_fd
         self._lock = threading.Lock()  # the route socket and the address book
         self._used: set[int] = set()
         self._forgetting: set[str] = set()  # released, their conntrack entries not yet deleted (still used)
@@ -204,10 +205,9 @@ class HostNetwork:
         self._spare_task: asyncio.Task[None] | None = None
         self._preparing = False  # the spare task is past its delay, making a namespace
         self._policy_lock = threading.Lock()
-        self._chains: set[str] = set()  # addresses with a policy chain
-        self._intercepted: set[str] = set()  # addresses whose web traffic goes to the egress proxy
-        self._tunneled: set[str] = set()  # addresses whose every TCP connection goes to the egress proxy
-        self._noip6: set[str] = set()  # addresses (IPv4) whose IPv6 is refused (their TCP goes to the proxy)
+        # the policy in force for each sandbox (by address) that has one other than the default: what the
+        # table holds for it (its chain, its @intercept / @tunnel / @noip6 elements) follows from it
+        self._applied: dict[str, Egress] = {}
         from pyroute2 import IPRoute  # imported here: a server without networking never loads it
 
         logging.getLogger("pyroute2").setLevel(max(logging.INFO, log.getEffectiveLevel()))  # not every message
@@ -371,90 +371,67 @@ class HostNetwork:
 }}""",
         ]
         with self._policy_lock:
-            self._chains.clear()
-            self._intercepted.clear()
-            self._tunneled.clear()
-            self._noip6.clear()
-            sandboxes = list(sandboxes)
+            self._applied.clear()
+            applied = {}
             for address, egress in sandboxes:
-                lines += self._policy_lines(address, egress)
-                self._record(address, egress)
+                lines += self._policy_lines(address, egress, Egress())
+                if not egress.default:
+                    applied[address] = egress
             try:
                 self._nft.run("\n".join(lines))
             except NftError as e:
-                self._chains.clear()
-                self._intercepted.clear()
-                self._tunneled.clear()
                 raise NetworkError(f"installing the sandbox firewall (nftables table {t}) failed: {e}") from e
+            self._applied = applied
 
     def _chain(self, address: str) -> str:
         return "p_" + address.replace(".", "_")
 
-    def _policy_lines(self, address: str, egress: Egress) -> list[str]:
-        """The nft commands that make `egress` the sandbox's policy: a chain of its own when it denies
-        anything, its address in @intercept when its TCP to ports 80 and 443 goes to the egress proxy."""
+    def _policy_lines(self, address: str, egress: Egress, old: Egress) -> list[str]:
+        """The nft commands that turn the sandbox's policy from `old` into `egress`: a chain of its own while
+        it denies anything (jumped to from @egress and @egress6), its address in @intercept when its TCP to
+        ports 80 and 443 goes to the egress proxy, in @tunnel when all of its TCP does, and its IPv6 address
+        in @noip6 in both cases (the proxy speaks IPv4: programs fall back to it at once, rejected)."""
         t, chain = self.table, self._chain(address)
         address6 = self.v6(address)
+        keys = [("egress", address), *([("egress6", address6)] if address6 else [])]
         lines: list[str] = []
-        if egress.open and address in self._chains:
-            lines += [f"delete element inet {t} egress {{ {address} }}", f"delete chain inet {t} {chain}"]
-            if address6:
-                lines.insert(0, f"delete element inet {t} egress6 {{ {address6} }}")
+        if egress.open and not old.open:
+            lines += [f"delete element inet {t} {m} {{ {k} }}" for m, k in keys]
+            lines.append(f"delete chain inet {t} {chain}")
         elif not egress.open:
             lines += [f"add chain inet {t} {chain}", f"flush chain inet {t} {chain}"]
             for verdict, cidrs in (("accept", egress.allow), ("reject with icmpx admin-prohibited", egress.deny)):
-                for family, picked in (
-                    ("ip", [c for c in cidrs if ":" not in c]),
-                    ("ip6", [c for c in cidrs if ":" in c]),
-                ):
+                for family, six in (("ip", False), ("ip6", True)):
+                    picked = ", ".join(c for c in cidrs if (":" in c) == six)
                     if picked:
-                        lines.append(f"add rule inet {t} {chain} {family} daddr {{ {', '.join(picked)} }} {verdict}")
-            if address not in self._chains:
-                lines.append(f"add element inet {t} egress {{ {address} : jump {chain} }}")
-                if address6:
-                    lines.append(f"add element inet {t} egress6 {{ {address6} : jump {chain} }}")
-        for name, on, book in (
-            ("intercept", egress.intercept, self._intercepted),
-            ("tunnel", egress.tunnel, self._tunneled),
+                        lines.append(f"add rule inet {t} {chain} {family} daddr {{ {picked} }} {verdict}")
+            if old.open:
+                lines += [f"add element inet {t} {m} {{ {k} : jump {chain} }}" for m, k in keys]
+        for name, key, member in (
+            ("intercept", address, lambda e: e.intercept),
+            ("tunnel", address, lambda e: e.tunnel),
+            ("noip6", address6, lambda e: e.intercept or e.tunnel),
         ):
-            if on and address not in book:
-                lines.append(f"add element inet {t} {name} {{ {address} }}")
-            elif not on and address in book:
-                lines.append(f"delete element inet {t} {name} {{ {address} }}")
-        # A sandbox whose TCP goes through the egress proxy has no IPv6 out (the proxy speaks IPv4): its
-        # programs fall back to IPv4 at once (rejected, not dropped).
-        no6 = egress.intercept or egress.tunnel
-        if address6 and no6 and address not in self._noip6:
-            lines.append(f"add element inet {t} noip6 {{ {address6} }}")
-        elif address6 and not no6 and address in self._noip6:
-            lines.append(f"delete element inet {t} noip6 {{ {address6} }}")
+            if key and member(egress) != member(old):
+                lines.append(f"{'add' if member(egress) else 'delete'} element inet {t} {name} {{ {key} }}")
         return lines
-
-    def _record(self, address: str, egress: Egress) -> None:
-        for book, on in (
-            (self._chains, not egress.open),
-            (self._intercepted, egress.intercept),
-            (self._tunneled, egress.tunnel),
-            (self._noip6, bool(self.pool6) and (egress.intercept or egress.tunnel)),
-        ):
-            if on:
-                book.add(address)
-            else:
-                book.discard(address)
 
     def set_egress(self, address: str, egress: Egress, cut: bool = True) -> None:
         """Make `egress` the sandbox's policy, in one transaction. Every packet meets the policy in force
         (no shortcut for established connections), and the conntrack entries of the sandbox's connections
         are deleted, so a connection the new policy denies is cut at once."""
         with self._policy_lock:
-            lines = self._policy_lines(address, egress)
+            lines = self._policy_lines(address, egress, self._applied.get(address, Egress()))
             if not lines:
                 return
             try:
                 self._nft.run("\n".join(lines))
             except NftError as e:
                 raise NetworkError(f"updating the sandbox's firewall failed: {e}") from e
-            self._record(address, egress)
+            if egress.default:
+                self._applied.pop(address, None)
+            else:
+                self._applied[address] = egress
         if cut and not egress.default:
             self.forget_connections(address)  # (a conntrack dump: ~15 ms even when there is nothing)
 
@@ -598,12 +575,8 @@ class HostNetwork:
                 inner.addr("add", index=eth0, address=address6, prefixlen=128, family=socket.AF_INET6)
                 inner.route("add", dst="::/0", gateway=GATEWAY6, oif=eth0, family=socket.AF_INET6)
         except BaseException:
-            prepared.close()  # the namespace goes, and the veth with it
-            with self._lock:
-                self._used.discard(n)
-                self._ready.discard(n)
+            self.give_back(prepared)  # the namespace goes, and the veth with it
             raise
-
         finally:
             if inner is not None:
                 inner.close()
@@ -614,7 +587,7 @@ class HostNetwork:
     async def _prepare(self) -> Prepared:
         loop = asyncio.get_running_loop()
         sysctls = NETNS_SYSCTLS_V6 if self.pool6 is not None else NETNS_SYSCTLS
-        fd, sock = await loop.run_in_executor(self._netns_thread, _new_netns, self._host_fd, sysctls)
+        fd, sock = await loop.run_in_executor(self._netns_thread, _new_netns, sysctls)
         try:
             return await asyncio.to_thread(self._prepare_sync, fd, sock)
         except NetworkError:
@@ -702,10 +675,7 @@ def _enable_forwarding6() -> None:
     with accept_ra=1, which would cost a host its IPv6 route: those get accept_ra=2 (accept them anyway)
     first. The setting from before is kept, as for IPv4."""
     conf = Path("/proc/sys/net/ipv6/conf")
-    current = (conf / "all" / "forwarding").read_text().strip()
-    if not FORWARD6_ORIG.exists():
-        FORWARD6_ORIG.parent.mkdir(parents=True, exist_ok=True)
-        FORWARD6_ORIG.write_text(current + "\n")
+    current = _remember(FORWARD6_ORIG, conf / "all" / "forwarding")
     if current == "1":
         return
     for iface in conf.iterdir():
@@ -720,7 +690,7 @@ def _enable_forwarding6() -> None:
 
 
 def _no_ipv6(ifname: str) -> None:
-    Path(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6").write_text("1\n")
+    _sysctls6(ifname, {"disable_ipv6": "1"})
 
 
 def _off_loop(fn: Callable[[], object]) -> None:
@@ -741,12 +711,17 @@ def _enable_forwarding() -> None:
     and when it was off, the table drops every forwarded packet that is not a sandbox's, so the host does
     not start routing for anyone else."""
     path = Path("/proc/sys/net/ipv4/ip_forward")
-    current = path.read_text().strip()
-    if not FORWARD_ORIG.exists():
-        FORWARD_ORIG.parent.mkdir(parents=True, exist_ok=True)
-        FORWARD_ORIG.write_text(current + "\n")
-    if current != "1":
+    if _remember(FORWARD_ORIG, path) != "1":
         path.write_text("1\n")
+
+
+def _remember(orig: Path, setting: Path) -> str:
+    """The setting's value now; the first sandboxd to change it keeps the value from before in `orig`."""
+    current = setting.read_text().strip()
+    if not orig.exists():
+        orig.parent.mkdir(parents=True, exist_ok=True)
+        orig.write_text(current + "\n")
+    return current
 
 
 def _forwarding_was_off(orig: Path = FORWARD_ORIG) -> bool:
