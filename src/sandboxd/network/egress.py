@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import socket
 import ssl
@@ -34,7 +33,7 @@ import h11
 
 from sandboxd.network.intercept import SandboxCA, Stream, TlsServerStream, relay_http
 from sandboxd.network.policy import NetworkPolicy, matches
-from sandboxd.network.socks import open_tunnel
+from sandboxd.network.socks import connect_marked, open_tunnel
 
 log = logging.getLogger(__name__)
 
@@ -174,23 +173,10 @@ class EgressProxy:
         """Cut the proxied connections of `client` that its new policy does not allow."""
         policy = self.policy_for(client)
         for c in list(self._conns.get(client, ())):
-            if policy is None or not self._allowed(policy, c.name, c.address):
+            if policy is None or not policy.allows(c.name, c.address):
                 c.writer.close()
                 if c.upstream is not None:
                     c.upstream.close()
-
-    @staticmethod
-    def _allowed(policy: NetworkPolicy, name: str | None, address: str) -> bool:
-        """E2B's precedence: an allow (by name, or by address) beats a deny (by name, or by address)."""
-        if name is not None and matches(name, policy.allow_names):
-            return True
-        ip = ipaddress.IPv4Address(address)
-        v4 = [c for c in policy.allow_cidrs if ":" not in c], [c for c in policy.deny_cidrs if ":" not in c]
-        if any(ip in ipaddress.IPv4Network(c) for c in v4[0]):
-            return True
-        if name is not None and matches(name, policy.deny_names):
-            return False
-        return not any(ip in ipaddress.IPv4Network(c) for c in v4[1])
 
     async def _resolve(self, name: str, policy: NetworkPolicy) -> list[str]:
         """The name's IPv4 addresses, by the sandbox's DNS servers or the server's; answers are kept for
@@ -242,7 +228,7 @@ class EgressProxy:
                     name = name.lower().rstrip(".")
             else:
                 tls = True  # (no 403 page for a protocol we did not read)
-            if not self._allowed(policy, name, dst):
+            if not policy.allows(name, dst):
                 raise Denied(f"{name or dst} is not allowed by this sandbox's network policy")
             by_name = name is not None and matches(name, policy.allow_names)
             conn = _Conn(client, name, dst, writer)
@@ -340,16 +326,15 @@ class EgressProxy:
 
     async def _connect(self, targets: list[str], port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         last: Exception | None = None
-        loop = asyncio.get_running_loop()
         for target in targets:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.mark)  # policed by the table's output hook
-            sock.setblocking(False)
             try:
-                async with asyncio.timeout(CONNECT_TIMEOUT):
-                    await loop.sock_connect(sock, (target, port))
-                return await asyncio.open_connection(sock=sock)
+                sock = await connect_marked((target, port), self.mark, CONNECT_TIMEOUT)
             except (OSError, TimeoutError) as e:
+                last = e
+                continue
+            try:
+                return await asyncio.open_connection(sock=sock)
+            except OSError as e:
                 sock.close()
                 last = e
         raise ConnectionError(f"could not connect to {targets}: {last}")

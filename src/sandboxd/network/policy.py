@@ -237,12 +237,22 @@ class NetworkPolicy:
             return False
         return not self.denies_all
 
-    def address_allowed(self, address: str) -> bool:
-        """The kernel's verdict for a destination address, for decisions the proxy makes by address."""
-        ip = ipaddress.ip_address(address)
-        if any(ip in ipaddress.ip_network(c) for c in self.allow_cidrs if (":" in c) == (ip.version == 6)):
+    def allows(self, name: str | None, address: str) -> bool:
+        """May the sandbox connect to `address`, asked for as host `name` (None: not known)? E2B's
+        precedence: an allow (by name, or by address) beats a deny (by name, or by address). The egress
+        proxy decides with this; for addresses alone it is the kernel's verdict."""
+        if name is not None and matches(name, self.allow_names):
             return True
-        return not any(ip in ipaddress.ip_network(c) for c in self.deny_cidrs if (":" in c) == (ip.version == 6))
+        ip = ipaddress.ip_address(address)
+
+        def covered(cidrs: tuple[str, ...]) -> bool:
+            return any(ip in ipaddress.ip_network(c) for c in cidrs if (":" in c) == (ip.version == 6))
+
+        if covered(self.allow_cidrs):
+            return True
+        if name is not None and matches(name, self.deny_names):
+            return False
+        return not covered(self.deny_cidrs)
 
     def to_api(self) -> dict[str, Any]:
         """As E2B reports it (`network` of GET /sandboxes/{id})."""

@@ -98,6 +98,21 @@ class ProxyConfig:
         }
 
 
+async def connect_marked(address: tuple[str, int], mark: int, timeout: float) -> socket.socket:
+    """A TCP connection from the host carrying `mark` (SO_MARK), which the sandbox table's output hook
+    polices: the egress proxy's connections, to a destination or to a SOCKS5 proxy."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def open_tunnel(
     proxy: ProxyConfig, host: str, port: int, mark: int
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -107,13 +122,11 @@ async def open_tunnel(
     infos = await loop.getaddrinfo(proxy.host, proxy.port, family=socket.AF_INET, type=socket.SOCK_STREAM)
     if not infos:
         raise SocksError(f"the egress proxy {proxy.host} does not resolve")
-    addr = infos[0][4]  # resolved once, and this address used for the whole connection
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-    sock.setblocking(False)
+    # resolved once, and this address used for the whole connection (AF_INET: the sockaddr is (host, port))
+    addr = (str(infos[0][4][0]), int(infos[0][4][1]))
+    sock = await connect_marked(addr, mark, HANDSHAKE_TIMEOUT)
     try:
         async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-            await loop.sock_connect(sock, addr)
             ctx = None
             if proxy.tls:
                 ctx = (
