@@ -19,7 +19,8 @@ from sandboxd.state.db import StateDB
 MAX_VALUE = 64 * 1024
 MAX_SECRETS = 1024
 MAX_METADATA = 64
-_INVALID_NAME = re.compile(r"[{}\x00-\x1f\x7f]")
+# What a name that goes into a ${e2b.*.NAME} placeholder may not hold (secrets, workload identity tokens).
+UNUSABLE_IN_PLACEHOLDER = re.compile(r"[{}\x00-\x1f\x7f]")
 PLACEHOLDER = re.compile(r"\$\{e2b\.secrets\.([^{}\x00-\x1f\x7f]+)\}")
 
 
@@ -62,7 +63,7 @@ class Secrets:
         self.db = db
 
     def create(self, name: Any, value: Any, metadata: Any = None) -> SecretInfo:
-        if not isinstance(name, str) or not name or len(name) > 256 or _INVALID_NAME.search(name):
+        if not isinstance(name, str) or not name or len(name) > 256 or UNUSABLE_IN_PLACEHOLDER.search(name):
             raise BadRequest(
                 "name must be a non-empty string of at most 256 characters without '{', '}' or control "
                 "characters (it goes into the ${e2b.secrets.<name>} placeholder)"

@@ -24,11 +24,11 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from sandboxd import pki
 from sandboxd.core.errors import BadRequest
+from sandboxd.core.secrets import UNUSABLE_IN_PLACEHOLDER
 
 TOKEN_TYPES = ("JWT-SVID",)
 LIFETIME = 300  # s
 MAX_TOKENS = 16
-_INVALID_NAME = re.compile(r"[{}\x00-\x1f\x7f]")
 PLACEHOLDER = re.compile(r"\$\{e2b\.identity\.tokens\.([^{}\x00-\x1f\x7f]+)\}")
 
 
@@ -47,7 +47,7 @@ def check_tokens(iam: Any) -> dict[str, dict[str, str]]:
         raise BadRequest(f"iam.tokens must be an object of at most {MAX_TOKENS} named token definitions")
     out = {}
     for name, t in tokens.items():
-        if not isinstance(name, str) or not name or len(name) > 128 or _INVALID_NAME.search(name):
+        if not isinstance(name, str) or not name or len(name) > 128 or UNUSABLE_IN_PLACEHOLDER.search(name):
             raise BadRequest(f"iam.tokens: {name!r} is not a usable name (no '{{', '}}' or control characters)")
         if not isinstance(t, dict):
             raise BadRequest(f"iam.tokens.{name} must be an object with audience and tokenType")
