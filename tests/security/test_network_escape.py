@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from e2b import Sandbox
 from netlab import DNS, HOST_SIDE, METADATA, WEB, Lab
@@ -294,3 +295,71 @@ def test_ipv6_reaches_no_other_sandbox_host_or_metadata(pair: tuple[Sandbox, San
     # its address and routes are not its to change
     assert run_root(a, "ip -6 addr add fd00::99/128 dev eth0")[0] != 0
     assert run_root(a, "ip -6 route del default")[0] != 0
+
+
+# The egress proxy and the resolver read what sandboxes send: malformed, oversized, slow and many.
+HOSTILE = r"""
+import socket, struct, sys, time
+gw, web = sys.argv[1], sys.argv[2]
+def conn(port):
+    s = socket.create_connection((web, port), timeout=5)
+    return s
+results = []
+# a TLS record that lies about its length, a ClientHello cut short, a head with no end
+for port, data in ((443, b"\x16\x03\x01\xff\xff" + b"A" * 200), (443, b"\x16\x03\x01\x00\x30\x01\x00\x00\x2c\x03\x03"),
+                   (80, b"GET / HTTP/1.1\r\nX: " + b"a" * 40000)):
+    s = conn(port)
+    try:
+        s.sendall(data)
+        s.settimeout(12)
+        results.append(s.recv(100)[:12])
+    except OSError as e:
+        results.append(type(e).__name__)
+    s.close()
+# more connections than a sandbox may hold at the proxy (256): the extra ones are closed, not queued
+held = []
+for _ in range(300):
+    try:
+        held.append(conn(80))
+    except OSError:
+        break
+time.sleep(0.5)
+closed = 0
+for s in held:
+    s.settimeout(0.05)
+    try:
+        if s.recv(1) == b"":
+            closed += 1
+    except OSError:
+        pass
+for s in held:
+    s.close()
+# the resolver: garbage, a reply instead of a query, a TCP length that never comes
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for junk in (b"\x00", b"\xff" * 4096, struct.pack("!HHHHHH", 1, 0x8000, 1, 0, 0, 0)):
+    u.sendto(junk, (gw, 53))
+t = socket.create_connection((gw, 53), timeout=5)
+t.sendall(b"\xff\xff" + b"x" * 10)
+print(results, len(held), closed)
+"""
+
+
+def test_hostile_input_to_the_egress_proxy_and_the_resolver(server: Server, lab: Lab) -> None:
+    sbx = Sandbox.create(
+        template="base",
+        timeout=120,
+        network={"allow_out": ["web.lab.test"], "deny_out": ["0.0.0.0/0"], "dns_servers": [DNS]},
+    )
+    try:
+        sbx.files.write("/tmp/hostile.py", HOSTILE)
+        gateway = run_root(sbx, "awk '/nameserver/ {print $2}' /etc/resolv.conf")[1].strip()
+        code, out, err = run_root(sbx, f"python3 /tmp/hostile.py {gateway} {WEB}", timeout=120)
+        assert code == 0, err
+        held, closed = (int(x) for x in out.split()[-2:])
+        assert held - closed <= 256, out  # the proxy holds at most 256 connections of one sandbox
+        # and both still serve this sandbox, and the server its API
+        assert run_root(sbx, "getent hosts web.lab.test")[1].split()[0] == WEB
+        assert run_root(sbx, "curl -sS -m 5 -o /dev/null -w '%{http_code}' http://web.lab.test/")[1] == "200"
+        assert httpx.get(server.url + "/health").status_code == 204
+    finally:
+        sbx.kill()
