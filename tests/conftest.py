@@ -70,7 +70,9 @@ def network_cidr(data_dir: Path) -> str:
     return _cidrs[data_dir]
 
 
-def start_server(data_dir: Path, *extra: str, port: int | None = None, keep: bool = False) -> Server:
+def start_server(
+    data_dir: Path, *extra: str, port: int | None = None, keep: bool = False, templates_dir: Path | None = None
+) -> Server:
     """A real `sandboxd serve` on a free port. Unless `keep`, it destroys its sandboxes when stopped
     (`--destroy-on-exit`), so that the tests can check that nothing is left behind."""
     port = port or free_port()
@@ -93,7 +95,7 @@ def start_server(data_dir: Path, *extra: str, port: int | None = None, keep: boo
             "--data-dir",
             str(data_dir),
             "--templates-dir",
-            str(TEMPLATES_DIR),
+            str(templates_dir or TEMPLATES_DIR),
             *extra,
         ],
         stdout=log,

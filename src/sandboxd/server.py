@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from sandboxd.api.app import build_control_plane
 from sandboxd.core import workload_identity
+from sandboxd.core.builds import TemplateBuilds
 from sandboxd.core.limits import RequestLimits
 from sandboxd.core.manager import SandboxManager, Settings
 from sandboxd.envd import uploads
@@ -107,6 +108,7 @@ class App:
         config.settings.domain = config.domain
         self.manager = SandboxManager(self.runtime, self.templates, self.db, config.settings)
         self.manager.net.identity = workload_identity.Issuer(config.data_dir, config.issuer)
+        self.builds = TemplateBuilds(self.manager, self.templates)
         self.resolver: Resolver | None = None
         self.egress: EgressProxy | None = None
         if self.runtime.net is not None:
@@ -128,7 +130,7 @@ class App:
         self.runtime.set_host_limits(h.memory_cap_mb, h.max_total_pids, h.server_memory_mb)
         self.router = Router(
             self.manager,
-            build_control_plane(self.manager, self.api_key, config.limits),
+            build_control_plane(self.manager, self.api_key, config.limits, self.builds),
             {ENVD_PORT: build_envd_app(self.manager, config.limits)},
             PortProxy(self.manager),
             domain=config.domain,
@@ -182,6 +184,7 @@ class App:
                 for service in (self.resolver, self.egress):
                     if service is not None:
                         service.close()
+                await self.builds.stop()
                 await self.manager.stop(destroy=not self.config.keep_sandboxes)
                 self.db.close()
                 await send({"type": "lifespan.shutdown.complete"})

@@ -20,6 +20,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from sandboxd.api import serialize
 from sandboxd.api.models import ConnectBody, NetworkUpdate, NewSandbox, TimeoutBody
 from sandboxd.api.secrets import secret_routes
+from sandboxd.api.templates import UPLOAD_PREFIX, template_routes
+from sandboxd.core.builds import TemplateBuilds
 from sandboxd.core.errors import BadRequest, PayloadTooLarge, SandboxdError
 from sandboxd.core.limits import BadJSON, LimitExceeded, RequestLimits, load_bounded_json
 from sandboxd.core.manager import Sandbox, SandboxManager
@@ -71,14 +73,16 @@ async def _body(request: Request, model: type[BaseModel], limits: RequestLimits,
 
 
 class ApiKeyAuth:
-    """`X-API-KEY` on every control-plane route except `/health` and the public keys of workload identity."""
+    """`X-API-KEY` on every control-plane route except `/health`, the public keys of workload identity and
+    template file uploads (their URLs are signed: api/templates.py)."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
         self.api_key = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path not in PUBLIC_PATHS and not path.startswith(UPLOAD_PREFIX):
             given = next((v for k, v in scope["headers"] if k == b"x-api-key"), None)
             if given is None:
                 await error(401, "missing API key: send it in the X-API-KEY header")(scope, receive, send)
@@ -106,7 +110,9 @@ def _decode_token(token: str) -> tuple[float, str]:
         raise BadRequest("nextToken is not a token this server issued") from None
 
 
-def build_control_plane(manager: SandboxManager, api_key: str, limits: RequestLimits) -> ASGIApp:
+def build_control_plane(
+    manager: SandboxManager, api_key: str, limits: RequestLimits, builds: TemplateBuilds | None = None
+) -> ASGIApp:
     async def health(request: Request) -> Response:
         return Response(status_code=204)
 
@@ -237,28 +243,6 @@ def build_control_plane(manager: SandboxManager, api_key: str, limits: RequestLi
         items.sort(key=lambda s: (s.record.started_at, s.id), reverse=True)
         return JSONResponse([serialize.listed_sandbox(s) for s in items])
 
-    async def list_templates(request: Request) -> Response:
-        out = []
-        for name in manager.templates.names():
-            t = manager.templates.get(name)
-            out.append(
-                {
-                    "templateID": t.name,
-                    "aliases": [t.name],
-                    "buildID": t.digest,
-                    "public": True,
-                    "sizeBytes": t.size_bytes,
-                    "createdAt": serialize.rfc3339(t.built_at),
-                }
-            )
-        return JSONResponse(out)
-
-    async def template_alias(request: Request) -> Response:
-        alias = request.path_params["alias"]
-        if alias not in manager.templates.names():
-            return error(404, f"template '{alias}' not found")
-        return JSONResponse({"templateID": manager.templates.get(alias).name, "public": True})
-
     async def on_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, SandboxdError)
         if isinstance(exc, PayloadTooLarge):
@@ -291,8 +275,7 @@ def build_control_plane(manager: SandboxManager, api_key: str, limits: RequestLi
         Route("/.well-known/jwks.json", jwks, methods=["GET"]),
         Route("/.well-known/openid-configuration", discovery, methods=["GET"]),
         *secret_routes(manager.net.secrets, limits, _body),
-        Route("/templates", list_templates, methods=["GET"]),
-        Route("/templates/aliases/{alias:str}", template_alias, methods=["GET"]),
+        *(template_routes(builds, limits, _body) if builds is not None else []),
     ]
     app = Starlette(
         routes=routes,

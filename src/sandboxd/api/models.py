@@ -58,3 +58,29 @@ class NewSecret(_Body):
 class SecretUpdate(_Body):
     value: str
     metadata: dict[str, str] | None = None
+
+
+class TemplateRequest(_Body):
+    """POST /v3/templates: a new build of a template named `name` (`name:tag` tags it too)."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=256)
+    alias: str | None = Field(default=None, min_length=1, max_length=256)
+    tags: list[str] = Field(default_factory=list, max_length=64)
+    cpu_count: int | None = Field(default=None, alias="cpuCount")
+    memory_mb: int | None = Field(default=None, alias="memoryMB")
+
+
+class BuildStart(_Body):
+    """POST /v2/templates/{id}/builds/{buildID}: kept whole, checked by templates/recipe.py."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class TagAssign(_Body):
+    target: str = Field(min_length=1, max_length=256)
+    tags: list[str] = Field(min_length=1, max_length=64)
+
+
+class TagRemove(_Body):
+    name: str = Field(min_length=1, max_length=256)
+    tags: list[str] = Field(min_length=1, max_length=64)

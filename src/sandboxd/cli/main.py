@@ -56,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         help="idle sandboxes kept created per recently used template (default 2; 0 = none)",
     )
     p_serve.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=120.0,
+        help="seconds a template's ready command may take to succeed, at create and at build (default 120)",
+    )
+    p_serve.add_argument(
         "--max-sandboxes", type=int, default=None, help="sandboxes (running, paused, pooled) at most (default 1024)"
     )
     p_serve.add_argument(
@@ -253,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             cpu_count=args.cpus,
             pids=args.pids,
             pool_size=args.pool_size,
+            ready_timeout=args.ready_timeout,
             prewarm=tuple(t for t in args.prewarm.split(",") if t),
             host=HostLimits.for_host(
                 max_sandboxes=args.max_sandboxes,

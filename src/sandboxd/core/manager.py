@@ -9,6 +9,7 @@ sandboxes (reaper.py) are its parts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -16,12 +17,12 @@ import string
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sandboxd.core import workload_identity
-from sandboxd.core.errors import BadRequest, Conflict, LimitReached, NotFound
+from sandboxd.core import startup, workload_identity
+from sandboxd.core.errors import BadRequest, Conflict, LimitReached, NotFound, SandboxdError
 from sandboxd.core.limits import HostLimits
 from sandboxd.core.metrics import MetricsSampler
 from sandboxd.core.networking import SandboxNetworks, parse_ingress, parse_policy
@@ -65,6 +66,8 @@ class Settings:
     max_disk_mb: int | None = None
     # Sandboxes kept created and idle per recently used template, so that create only hands one out.
     pool_size: int = 2
+    # How long a template's ready command may take to succeed (at create, and at a build's finalize).
+    ready_timeout: float = startup.READY_TIMEOUT
     # Templates whose pool is filled at start, before anyone asks (the others: after their first use).
     prewarm: tuple[str, ...] = ("base", "code-interpreter-v1")
     # What all sandboxes together may take of the host (None: defaults for this host).
@@ -109,6 +112,7 @@ class SandboxManager:
         self.host_limits = self.settings.host or HostLimits.for_host()
         self.metrics = MetricsSampler(self)
         self._creating: list[int] = []  # memory (MiB) of sandboxes being created right now
+        self._build_memory: dict[str, int] = {}  # template builds' sandboxes (also in _creating)
         self.net = SandboxNetworks(runtime, db)  # addresses, policies, what the egress proxy fills in
 
     # -- start / stop ----------------------------------------------------------------------------
@@ -154,10 +158,15 @@ class SandboxManager:
     # -- making sandboxes --------------------------------------------------------------------------
     def _spec(self, sandbox_id: str, template: Template, disk_mb: int) -> SandboxSpec:
         s = self.settings
-        limits = Limits(memory_mb=self._memory_mb(template), cpu_count=s.cpu_count, pids=s.pids, disk_mb=disk_mb)
+        memory_mb, cpus = self._memory_mb(template), self._cpu_count(template)
+        limits = Limits(memory_mb=memory_mb, cpu_count=cpus, pids=s.pids, disk_mb=disk_mb)
         return SandboxSpec(
-            sandbox_id=sandbox_id, rootfs=template.rootfs, hostname=sandbox_id, limits=limits, binds=template.binds
+            sandbox_id=sandbox_id, layers=template.layers, hostname=sandbox_id, limits=limits, binds=template.binds
         )
+
+    def _cpu_count(self, template: Template) -> float:
+        """The template's CPUs (its build's cpuCount), else the server's default; never more than the host's."""
+        return min(float(template.cpu_count or self.settings.cpu_count), float(os.cpu_count() or 1))
 
     def _memory_mb(self, template: Template) -> int:
         return self.settings.memory_mb or template.memory_mb or DEFAULT_MEMORY_MB
@@ -196,6 +205,19 @@ class SandboxManager:
             raise LimitReached(str(e)) from None
         finally:
             self._creating.remove(memory_mb)
+        if template.start_cmd or template.ready_cmd:
+            try:
+                who = startup.identity(
+                    self.runtime, handle, template.default_user, template.env, template.default_workdir
+                )
+                service = await startup.start_service(self.runtime, handle, who, template.start_cmd, template.ready_cmd)
+            except startup.StartError as e:
+                await self.runtime.destroy(handle)
+                raise SandboxdError(f"template '{template.name}': its sandbox did not start: {e}") from None
+            except BaseException:
+                await self.runtime.destroy(handle)
+                raise
+            return handle, service
         if not template.service:
             return handle, None
         try:
@@ -215,6 +237,34 @@ class SandboxManager:
             await self.runtime.destroy(handle)
             raise
         return handle, service
+
+    async def build_sandbox(self, spec: SandboxSpec) -> SandboxHandle:
+        """A sandbox for one step of a template build (core/builds.py): counted against the host-wide
+        limits while it lives, networked with the default policy, not in the sandbox list."""
+        while (reason := self._over_limit(spec.limits.memory_mb)) is not None:
+            if not await self.pool.evict_other_than(""):
+                raise LimitReached(reason)
+        spec = replace(spec, sandbox_id=new_sandbox_id())
+        spec = replace(spec, hostname=spec.sandbox_id)
+        self._creating.append(spec.limits.memory_mb)
+        try:
+            handle = await self.runtime.create(spec)
+        except AddressPoolExhausted as e:
+            self._creating.remove(spec.limits.memory_mb)
+            raise LimitReached(str(e)) from None
+        except BaseException:
+            self._creating.remove(spec.limits.memory_mb)
+            raise
+        self._build_memory[handle.sandbox_id] = spec.limits.memory_mb
+        if handle.address:
+            self.net.add_builder(handle.address)
+        return handle
+
+    def build_sandbox_gone(self, handle: SandboxHandle) -> None:
+        if handle.address:
+            self.net.remove_builder(handle.address)
+        with contextlib.suppress(ValueError):
+            self._creating.remove(self._build_memory.pop(handle.sandbox_id, -1))
 
     # -- host-wide limits ------------------------------------------------------------------------
     def committed(self) -> tuple[int, int, int]:
@@ -313,8 +363,7 @@ class SandboxManager:
         except BaseException:
             await self.runtime.destroy(handle)
             raise
-        env_vars = {**ca_vars, **(env_vars or {})}
-        s = self.settings
+        env_vars = {**template.env, **ca_vars, **(env_vars or {})}
         now = time.time()
         rec = SandboxRecord(
             sandbox_id=sandbox_id,
@@ -327,7 +376,7 @@ class SandboxManager:
             state="running",
             metadata=dict(metadata or {}),
             env_vars=dict(env_vars or {}),
-            cpu_count=max(1, int(s.cpu_count)),
+            cpu_count=max(1, int(self._cpu_count(template))),
             memory_mb=self._memory_mb(template),
             disk_mb=disk_mb,
             auto_pause=auto_pause,

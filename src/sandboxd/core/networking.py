@@ -56,6 +56,7 @@ class SandboxNetworks:
         self.secrets = Secrets(db)  # ${e2b.secrets.NAME} in rules
         self.identity: workload_identity.Issuer | None = None  # mints ${e2b.identity.tokens.NAME}
         self._by_address: dict[str, Sandbox] = {}
+        self._builders: dict[str, NetworkPolicy] = {}  # template builds' sandboxes (core/builds.py)
         # called with a sandbox's address when its policy changed or it ended (the egress proxy re-checks)
         self.on_policy_change: list[Callable[[str], None]] = []
 
@@ -109,8 +110,18 @@ class SandboxNetworks:
             raise BadRequest(f"network.rules: {e}") from None
 
     # -- what the resolver and the egress proxy ask ---------------------------------------------------
+    def add_builder(self, address: str) -> None:
+        """A template build's sandbox: the default policy (the internet, as package managers need)."""
+        self._builders[address] = parse_policy(None, None, set())
+
+    def remove_builder(self, address: str) -> None:
+        if self._builders.pop(address, None) is not None:
+            self._changed(address)
+
     def policy_for(self, address: str) -> NetworkPolicy | None:
         """The network policy of the live sandbox with this address."""
+        if address in self._builders:
+            return self._builders[address]
         sandbox = self._by_address.get(address)
         return sandbox.policy if sandbox is not None and not sandbox.killed.is_set() else None
 

@@ -156,7 +156,9 @@ class ProcessService:
             raise ConnectError(Code.INVALID_ARGUMENT, "process.cmd is required")
         env = context.base_env(sbx, user)
         env.update(cfg.envs)
-        cwd = cfg.cwd or user.home
+        # the template's WORKDIR (a built template's, as envd's defaultWorkdir), else the user's home
+        workdir = sbx.record.default_workdir
+        cwd = cfg.cwd or (workdir if workdir and workdir != "/home/user" else user.home)
         if not cwd.startswith("/"):
             cwd = posixpath.join(user.home, cwd)
         pty = request.pty

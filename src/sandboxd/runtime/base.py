@@ -64,7 +64,7 @@ class Egress:
 @dataclass(frozen=True)
 class SandboxSpec:
     sandbox_id: str
-    rootfs: Path
+    layers: tuple[Path, ...]  # the template's root filesystem: its layers, topmost first (overlay lower dirs)
     hostname: str
     limits: Limits = field(default_factory=Limits)
     binds: tuple[tuple[str, str], ...] = ()  # (host dir, path inside), mounted read-only
@@ -170,7 +170,9 @@ class Runtime(abc.ABC):
     def is_alive(self, handle: SandboxHandle) -> bool: ...
 
     @abc.abstractmethod
-    async def destroy(self, handle: SandboxHandle) -> None: ...
+    async def destroy(self, handle: SandboxHandle, keep_upper: Path | None = None) -> None:
+        """End the sandbox and remove what it held. With `keep_upper`, what it changed in its root filesystem
+        (the overlay's upper dir, owned by its host uids) is moved there first (a template build's layer)."""
 
     @abc.abstractmethod
     def stats(self, handle: SandboxHandle) -> Stats: ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import math
@@ -132,6 +133,7 @@ class NamespaceRuntime(Runtime):
         net: network.Prepared | None = None
         # The network namespace (ready, or made now) while the disk and cgroups are prepared.
         net_task = asyncio.ensure_future(self.net.take()) if self.net is not None else None
+        disk_args: list[str] = []
         try:
             if spec.limits.disk_mb:
                 # Its own disk (runtime/quota.py): upper and work are in an image the helper mounts.
@@ -155,8 +157,7 @@ class NamespaceRuntime(Runtime):
             argv = [
                 self.helper,
                 "create",
-                "--lower",
-                str(spec.rootfs),
+                *(arg for layer in spec.layers for arg in ("--lower", str(layer))),
                 "--state-dir",
                 str(sdir),
                 "--hostname",
@@ -314,8 +315,8 @@ class NamespaceRuntime(Runtime):
     def _cgroups(self, sandbox_id: str) -> cgroups.SandboxCgroups:
         return cgroups.SandboxCgroups(self.layout, self.instance, sandbox_id)
 
-    async def destroy(self, handle: SandboxHandle) -> None:
-        await asyncio.to_thread(self._destroy_sync, handle.sandbox_id)
+    async def destroy(self, handle: SandboxHandle, keep_upper: Path | None = None) -> None:
+        await asyncio.to_thread(self._destroy_sync, handle.sandbox_id, keep_upper)
         self.ids.release(handle.uid_base)  # only now: no process of the sandbox is left
         if handle.address and self.net is not None:  # its namespace is gone: its policy and address next
             await asyncio.to_thread(self.net.release, handle.address)
@@ -382,9 +383,19 @@ class NamespaceRuntime(Runtime):
             if self.is_alive(handle) and views.refresh(self.root_path(handle), text) and self.is_alive(handle):
                 self._meminfo[handle.sandbox_id] = text
 
-    def _destroy_sync(self, sandbox_id: str) -> None:
+    def _destroy_sync(self, sandbox_id: str, keep_upper: Path | None = None) -> None:
         cg = self._cgroups(sandbox_id)
         cg.destroy()  # raises if a process survives: the directory stays for the next sweep
+        if keep_upper is not None:  # no process is left, so no mount of the overlay either
+            upper = self.sandboxes_dir / sandbox_id / "upper"
+            if not upper.is_dir():
+                raise RuntimeError_(f"sandbox {sandbox_id} has no upper dir to keep (it has its own disk)")
+            try:
+                os.rename(upper, keep_upper)
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise
+                subprocess.run(["cp", "-a", str(upper), str(keep_upper)], check=True)
         # The overlay (and the disk image's loop mount) lived only in the sandbox's mount namespace,
         # gone with its last process; the loop device then detached itself. This removes the image.
         shutil.rmtree(self.sandboxes_dir / sandbox_id, ignore_errors=True)

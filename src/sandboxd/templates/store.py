@@ -7,6 +7,15 @@ Layout under the templates directory:
     <dir>/<name>/<digest>/template.json         what was built: spec, digest, size, build time
     <dir>/.build-<name>-<pid>/                  a build in progress; moved into place only when complete
 
+Templates built from steps (the E2B template API, templates/recipe.py) are stacks of layers
+(templates/layers.py) instead of one rootfs; they live under their template ID:
+
+    <dir>/<id>/meta.json                        {templateID, names, createdAt}
+    <dir>/<id>/<buildID>/template.json          a build: its top layer, the rootfs below, its config
+    <dir>/<id>/current -> <buildID>             the `default` tag: what `name` alone means
+    <dir>/<id>/tags/<tag> -> ../<buildID>       what `name:tag` means
+    <dir>/.names/<quoted name> -> ../<id>       names (aliases) of templates
+
 A failed or interrupted build leaves only a `.build-*` folder, which the next build removes, so there
 is never a half-built template under a real name. A rebuild never pulls the floor from under running
 sandboxes: an old version is deleted only once no sandbox on the host (of any server) mounts it.
@@ -23,9 +32,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
+from sandboxd.templates.layers import LayerStore
 from sandboxd.templates.specs import BUILTIN, CODE_DIR, SITE_DIR, UID_SHIFT, TemplateSpec
 
 Progress = Callable[[str], None]
@@ -37,9 +48,9 @@ class TemplateError(Exception):
 
 @dataclass(frozen=True)
 class Template:
-    name: str
+    name: str  # its template ID
     path: Path
-    digest: str
+    digest: str  # the build (version) a sandbox is made from
     default_user: str
     default_workdir: str
     built_at: float
@@ -48,10 +59,24 @@ class Template:
     service_user: str = "user"
     memory_mb: int | None = None
     disk_mb: int | None = None
+    cpu_count: float | None = None
+    # Built from steps: its layers (topmost first, then the rootfs they sit on); () means path/rootfs.
+    lowers: tuple[Path, ...] = ()
+    top_layer: str | None = None
+    base: str = ""  # the rootfs at the bottom of its layers
+    env: dict[str, str] = field(default_factory=dict)
+    start_cmd: str = ""
+    ready_cmd: str = ""
+    names: tuple[str, ...] = ()
 
     @property
     def rootfs(self) -> Path:
         return self.path / "rootfs"
+
+    @property
+    def layers(self) -> tuple[Path, ...]:
+        """Its root filesystem as overlay lower dirs, topmost first."""
+        return self.lowers or (self.rootfs,)
 
     @property
     def binds(self) -> tuple[tuple[str, str], ...]:
@@ -77,19 +102,28 @@ class TemplateStore:
 
     # -- reading ---------------------------------------------------------------------------------
     def get(self, name: str) -> Template:
-        self._migrate_legacy(name)
-        current = self.dir / name / "current"
+        """A template by ID, name or `name:tag` (its `default` tag when none is given)."""
+        ident, tag = self.resolve(name)
+        if ident is None:
+            raise TemplateError(self.unknown_message(name))
+        self._migrate_legacy(ident)
+        home = self.dir / ident
+        version = home / "current" if tag is None else home / "tags" / tag
         try:
-            meta = json.loads((current / "template.json").read_text())
+            meta = json.loads((version / "template.json").read_text())
         except (FileNotFoundError, NotADirectoryError):
+            if tag is not None and (home / "meta.json").is_file():
+                raise TemplateError(f"template '{ident}' has no tag '{tag}'") from None
             raise TemplateError(self.unknown_message(name)) from None
+        if meta.get("kind") == "layers":
+            return self._layered(ident, home / os.readlink(version) if version.is_symlink() else version, meta)
         # a build's digest names its spec exactly: fields an older build did not record come from it
-        builtin = BUILTIN.get(name)
+        builtin = BUILTIN.get(ident)
         if builtin is not None and builtin.digest() != meta["digest"]:
             builtin = None
         return Template(
             name=meta["name"],
-            path=self.dir / name / os.readlink(current),
+            path=home / os.readlink(version),
             digest=meta["digest"],
             default_user=meta.get("default_user", "user"),
             default_workdir=meta.get("default_workdir", "/home/user"),
@@ -99,7 +133,112 @@ class TemplateStore:
             service_user=meta.get("service_user", builtin.service_user if builtin else "user"),
             memory_mb=meta.get("memory_mb", builtin.memory_mb if builtin else None),
             disk_mb=meta.get("disk_mb", builtin.disk_mb if builtin else None),
+            names=(ident,),
         )
+
+    def _layered(self, ident: str, path: Path, meta: dict) -> Template:
+        try:
+            lowers = self.layers.lowers(meta.get("top"), Path(meta["base"]))
+        except (FileNotFoundError, ValueError) as e:
+            raise TemplateError(f"template '{ident}' is damaged: {e}; build it again") from None
+        return Template(
+            name=ident,
+            path=path,
+            digest=meta["build_id"],
+            default_user=meta.get("default_user", "user"),
+            default_workdir=meta.get("default_workdir", "/home/user"),
+            built_at=meta.get("built_at", 0.0),
+            size_bytes=meta.get("size_bytes", 0),
+            memory_mb=meta.get("memory_mb"),
+            disk_mb=meta.get("disk_mb"),
+            cpu_count=meta.get("cpu_count"),
+            lowers=lowers,
+            top_layer=meta.get("top"),
+            base=meta["base"],
+            env=dict(meta.get("env", {})),
+            start_cmd=meta.get("start_cmd", ""),
+            ready_cmd=meta.get("ready_cmd", ""),
+            names=tuple(self.meta(ident).get("names", [])),
+        )
+
+    @property
+    def layers(self) -> LayerStore:
+        return LayerStore(self.dir)
+
+    # -- names, tags -----------------------------------------------------------------------------
+    @staticmethod
+    def split_tag(name: str) -> tuple[str, str | None]:
+        base, sep, tag = name.rpartition(":")
+        if not sep or "/" in tag:
+            return name, None
+        return base, tag
+
+    def resolve(self, name: str) -> tuple[str | None, str | None]:
+        """(template ID, tag) that `name` means, or (None, tag) when nothing has that name."""
+        base, tag = self.split_tag(name)
+        if not base or len(base) > 256 or "\0" in base:
+            return None, tag
+        link = self.dir / ".names" / quote(base, safe="")
+        if link.is_symlink():
+            return os.readlink(link).rpartition("/")[2], tag
+        if "/" not in base and not base.startswith(".") and (self.dir / base).is_dir():
+            return base, tag
+        return None, tag
+
+    def meta(self, ident: str) -> dict:
+        try:
+            return json.loads((self.dir / ident / "meta.json").read_text())
+        except (FileNotFoundError, NotADirectoryError, ValueError):
+            return {"templateID": ident, "names": [ident] if ident in BUILTIN else []}
+
+    def write_meta(self, ident: str, meta: dict) -> None:
+        home = self.dir / ident
+        home.mkdir(parents=True, exist_ok=True)
+        tmp = home / f".meta-{os.getpid()}"
+        tmp.write_text(json.dumps(meta, indent=1))
+        tmp.rename(home / "meta.json")
+
+    def set_name(self, name: str, ident: str) -> None:
+        names = self.dir / ".names"
+        names.mkdir(parents=True, exist_ok=True)
+        tmp = names / f".new-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(f"../{ident}")
+        tmp.rename(names / quote(name, safe=""))
+
+    def drop_name(self, name: str) -> None:
+        (self.dir / ".names" / quote(name, safe="")).unlink(missing_ok=True)
+
+    def tags(self, ident: str) -> dict[str, str]:
+        """tag -> build ID (`default`: the current build)."""
+        home = self.dir / ident
+        out: dict[str, str] = {}
+        if (home / "current").is_symlink():
+            out["default"] = os.readlink(home / "current")
+        if (home / "tags").is_dir():
+            for link in (home / "tags").iterdir():
+                if link.is_symlink():
+                    out[link.name] = os.readlink(link).rpartition("/")[2]
+        return out
+
+    def set_tag(self, ident: str, tag: str, build_id: str) -> None:
+        home = self.dir / ident
+        if tag == "default":
+            _switch_current(home, build_id)
+            return
+        (home / "tags").mkdir(exist_ok=True)
+        tmp = home / "tags" / f".new-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(f"../{build_id}")
+        tmp.rename(home / "tags" / tag)
+
+    def drop_tag(self, ident: str, tag: str) -> bool:
+        home = self.dir / ident
+        link = home / "current" if tag == "default" else home / "tags" / tag
+        if not link.is_symlink():
+            return False
+        link.unlink()
+        return True
 
     def names(self) -> list[str]:
         if not self.dir.is_dir():

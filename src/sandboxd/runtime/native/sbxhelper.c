@@ -662,9 +662,7 @@ static int mapping_userns(int procfd, unsigned from, unsigned to, unsigned range
     return fd;
 }
 
-static void attach_idmapped(int procfd, const char *src, const char *dst, unsigned from, unsigned to,
-                            unsigned range) {
-    int userns = mapping_userns(procfd, from, to, range);
+static void attach_idmapped(int userns, const char *src, const char *dst) {
     int tree = (int)syscall(SYS_open_tree, AT_FDCWD, src, OPEN_TREE_CLONE_ | O_CLOEXEC);
     if (tree < 0) die("open_tree %s", src);
     struct mount_attr_ attr = {MOUNT_ATTR_IDMAP_ | MOUNT_ATTR_RDONLY_ | MOUNT_ATTR_NOSUID_ | MOUNT_ATTR_NODEV_, 0, 0,
@@ -672,11 +670,15 @@ static void attach_idmapped(int procfd, const char *src, const char *dst, unsign
     if (syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH, &attr, sizeof attr) < 0) die("idmap %s", src);
     if (syscall(SYS_move_mount, tree, "", AT_FDCWD, dst, MOVE_MOUNT_F_EMPTY_PATH_) < 0) die("move_mount %s", dst);
     close(tree);
-    close(userns);
 }
 
+/* A template is one root filesystem or a stack of layers (templates/layers.py): --lower is given once
+ * per layer, topmost first, and each becomes one overlay lower dir. */
+#define MAX_LOWERS 128
+
 static int cmd_create(int argc, char **argv) {
-    const char *lower = NULL, *dir = NULL, *hostname = "sandbox", *netns = NULL, *resolv = NULL;
+    const char *lowers[MAX_LOWERS], *dir = NULL, *hostname = "sandbox", *netns = NULL, *resolv = NULL;
+    int nlowers = 0;
     char *disk = NULL;
     unsigned shift = 100000, range = 65536, idmap_from = 0;
     int idmap = 0;
@@ -686,7 +688,10 @@ static int cmd_create(int argc, char **argv) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!v) die("missing value for %s", a);
-        if (!strcmp(a, "--lower")) lower = v;
+        if (!strcmp(a, "--lower")) {
+            if (nlowers == MAX_LOWERS) die("too many layers (at most %d)", MAX_LOWERS);
+            lowers[nlowers++] = v;
+        }
         else if (!strcmp(a, "--state-dir")) dir = v;
         else if (!strcmp(a, "--hostname")) hostname = v;
         else if (!strcmp(a, "--seccomp")) read_compiled(v);
@@ -713,9 +718,10 @@ static int cmd_create(int argc, char **argv) {
         } else die("unknown option %s", a);
         i++;
     }
-    if (!lower || !dir) die("create needs --lower and --state-dir");
-    template_fd = open(lower, O_PATH | O_DIRECTORY | O_CLOEXEC);
-    if (template_fd < 0) die("open %s", lower);
+    if (!nlowers || !dir) die("create needs --lower and --state-dir");
+    /* init holds the topmost layer open: what is in use is found from it (templates/store.py) */
+    template_fd = open(lowers[0], O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (template_fd < 0) die("open %s", lowers[0]);
     char merged[4096];
     snprintf(merged, sizeof merged, "%s/merged", dir);
     join_cgroups(cgroups, ncg);
@@ -736,11 +742,26 @@ static int cmd_create(int argc, char **argv) {
     int procfd = open("/proc", O_DIRECTORY | O_CLOEXEC);
     if (procfd < 0) die("open /proc");
     if (chdir(dir) < 0) die("chdir %s", dir);
-    const char *lowerdir = lower;
-    if (idmap && idmap_from != shift) {
-        attach_idmapped(procfd, lower, "lower", idmap_from, shift, range);
-        lowerdir = "lower";
+    /* Relative names: the sandbox's /proc/self/mountinfo shows no host path for its root. One layer keeps
+     * the name "lower" (as sandboxes made before layers had it); more are "lower.1", "lower.2", ... */
+    char lowerdir[4096];
+    size_t used = 0;
+    int userns = idmap && idmap_from != shift ? mapping_userns(procfd, idmap_from, shift, range) : -1;
+    for (int i = 0; i < nlowers; i++) {
+        char name[32];
+        const char *layer = lowers[i];
+        if (userns >= 0) {
+            if (i == 0) snprintf(name, sizeof name, "lower");
+            else snprintf(name, sizeof name, "lower.%d", i);
+            if (mkdir(name, 0700) < 0 && errno != EEXIST) die("mkdir %s", name);
+            attach_idmapped(userns, lowers[i], name);
+            layer = name;
+        }
+        int n = snprintf(lowerdir + used, sizeof lowerdir - used, "%s%s", i ? ":" : "", layer);
+        if (n < 0 || (size_t)n >= sizeof lowerdir - used) die("layer paths too long");
+        used += (size_t)n;
     }
+    if (userns >= 0) close(userns);
     const char *layers = ""; /* where upper/ and work/ are: the state dir, or the sandbox's own disk */
     if (disk) {
         char *colon = strrchr(disk, ':');

@@ -1,0 +1,212 @@
+"""E2B's template API, as the official SDKs' `Template` calls it: request a build, upload COPY files by
+hash, start the build, poll its status and logs; names, tags, listing and deletion. The builds
+themselves are core/builds.py's."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from sandboxd.api.models import BuildStart, TagAssign, TagRemove, TemplateRequest
+from sandboxd.api.serialize import rfc3339
+from sandboxd.core.builds import TAG_RE, TemplateBuilds
+from sandboxd.core.errors import BadRequest, NotFound
+from sandboxd.core.limits import RequestLimits
+from sandboxd.templates.recipe import HASH_RE, RecipeError, parse_recipe
+from sandboxd.templates.store import TemplateError
+
+UPLOAD_PREFIX = "/template-files/"  # PUT without X-API-KEY: a signed URL (the SDK sends no key there)
+MAX_LOG_PAGE = 1000
+
+
+def _empty(status: int) -> Response:
+    return Response(status_code=status, headers={"Content-Length": "0"})
+
+
+def template_routes(builds: TemplateBuilds, limits: RequestLimits, read: Callable[..., Awaitable[Any]]) -> list[Route]:
+    store = builds.store
+
+    def shape(ident: str) -> dict[str, Any]:
+        t = store.get(ident)
+        meta = store.meta(ident)
+        names = list(meta.get("names", [])) or [ident]
+        return {
+            "templateID": ident,
+            "buildID": t.digest,
+            "cpuCount": int(t.cpu_count or 1),
+            "memoryMB": t.memory_mb or 512,
+            "diskSizeMB": t.disk_mb or 0,
+            "public": False,
+            "aliases": names,
+            "names": names,
+            "createdAt": rfc3339(meta.get("createdAt", t.built_at)),
+            "updatedAt": rfc3339(t.built_at),
+            "createdBy": None,
+            "lastSpawnedAt": None,
+            "spawnCount": 0,
+            "buildCount": 1,
+            "envdVersion": "0.6.4",
+            "buildStatus": "ready",
+            "sizeBytes": t.size_bytes,
+            "tags": sorted(store.tags(ident)),
+        }
+
+    async def request_build(request: Request) -> Response:
+        b: TemplateRequest = await read(request, TemplateRequest, limits)
+        name = b.name or b.alias
+        if not name:
+            raise BadRequest("name is required")
+        build = builds.request(name, b.tags, b.cpu_count, b.memory_mb)
+        body = {
+            "templateID": build.template_id,
+            "buildID": build.build_id,
+            "public": False,
+            "names": build.names,
+            "aliases": build.names,
+            "tags": build.tags,
+        }
+        return JSONResponse(body, status_code=202)
+
+    async def file_link(request: Request) -> Response:
+        ident = builds.template_id(request.path_params["template"])
+        files_hash = request.path_params["hash"]
+        if not HASH_RE.match(files_hash):
+            raise BadRequest("the files hash must be 64 lowercase hex digits (a sha256)")
+        present = builds.has_files(ident, files_hash)
+        token = builds.upload_token(ident, files_hash)
+        url = f"{str(request.base_url).rstrip('/')}{UPLOAD_PREFIX}{ident}/{files_hash}?token={token}"
+        return JSONResponse({"present": present, "url": url}, status_code=201)
+
+    async def upload(request: Request) -> Response:
+        ident, files_hash = request.path_params["template"], request.path_params["hash"]
+        if not HASH_RE.match(files_hash) or not builds.check_upload_token(
+            ident, files_hash, request.query_params.get("token", "")
+        ):
+            message = "the upload URL is not valid (or expired): ask for a new one"
+            return JSONResponse({"code": 403, "message": message}, 403)
+        await builds.receive_files(ident, files_hash, request.stream())
+        return _empty(200)
+
+    async def start_build(request: Request) -> Response:
+        ident = builds.template_id(request.path_params["template"])
+        b: BuildStart = await read(request, BuildStart, limits)
+        try:
+            recipe = parse_recipe(b.model_dump())
+        except RecipeError as e:
+            raise BadRequest(f"invalid build: {e}") from None
+        builds.start(ident, request.path_params["build"], recipe)
+        return _empty(202)
+
+    async def status(request: Request) -> Response:
+        ident = builds.template_id(request.path_params["template"])
+        build = builds.get(ident, request.path_params["build"])
+        q = request.query_params
+        try:
+            offset = max(0, int(q.get("logsOffset", 0)))
+            limit = min(MAX_LOG_PAGE, max(0, int(q.get("limit", MAX_LOG_PAGE))))
+        except ValueError:
+            raise BadRequest("logsOffset and limit must be whole numbers") from None
+        levels = ["debug", "info", "warn", "error"]
+        level = q.get("level")
+        entries = build.logs[offset : offset + limit]
+        if level in levels:
+            entries = [e for e in entries if levels.index(e["level"]) >= levels.index(level)]
+        body: dict[str, Any] = {
+            "templateID": ident,
+            "buildID": build.build_id,
+            "status": build.status,
+            "logs": [],
+            "logEntries": entries,
+        }
+        if build.reason:
+            body["reason"] = build.reason
+        return JSONResponse(body)
+
+    async def alias(request: Request) -> Response:
+        ident, tag = store.resolve(request.path_params["alias"])
+        if ident is None or ident not in store.names():
+            return JSONResponse({"code": 404, "message": f"template '{request.path_params['alias']}' not found"}, 404)
+        if tag is not None and tag not in store.tags(ident):
+            return JSONResponse({"code": 404, "message": f"template '{ident}' has no tag '{tag}'"}, 404)
+        return JSONResponse({"templateID": ident, "public": False})
+
+    def _target(name: str) -> tuple[str, str | None]:
+        ident, tag = store.resolve(name)
+        if ident is None or ident not in store.names():
+            raise NotFound(f"template '{name}' not found")
+        return ident, tag
+
+    async def assign_tags(request: Request) -> Response:
+        b: TagAssign = await read(request, TagAssign, limits)
+        ident, tag = _target(b.target)
+        build_id = store.tags(ident).get(tag or "default")
+        if build_id is None:
+            raise NotFound(f"template '{b.target}' has no build tagged '{tag or 'default'}'")
+        for t in b.tags:
+            if not TAG_RE.match(t):
+                raise BadRequest(f"tag '{t[:130]}' is not valid: letters, digits, '.', '_', '-', at most 128")
+        for t in b.tags:
+            store.set_tag(ident, t, build_id)
+        return JSONResponse({"tags": b.tags, "buildID": build_id}, status_code=201)
+
+    async def remove_tags(request: Request) -> Response:
+        b: TagRemove = await read(request, TagRemove, limits)
+        ident, _ = _target(b.name)
+        missing = [t for t in b.tags if t not in store.tags(ident)]
+        if missing:
+            raise NotFound(f"template '{b.name}' has no tag {', '.join(repr(t) for t in missing)}")
+        for t in b.tags:
+            store.drop_tag(ident, t)
+        return _empty(204)
+
+    async def get_tags(request: Request) -> Response:
+        ident, _ = _target(request.path_params["template"])
+        out = []
+        for tag, build_id in sorted(store.tags(ident).items()):
+            try:
+                built = store.get(f"{ident}:{tag}" if tag != "default" else ident).built_at
+            except TemplateError:
+                continue
+            out.append({"tag": tag, "buildID": build_id, "createdAt": rfc3339(built)})
+        return JSONResponse(out)
+
+    async def list_templates(request: Request) -> Response:
+        out = []
+        for ident in store.names():
+            try:
+                out.append(shape(ident))
+            except TemplateError:
+                continue
+        return JSONResponse(out)
+
+    async def get_template(request: Request) -> Response:
+        ident, _ = _target(request.path_params["template"])
+        try:
+            return JSONResponse({**shape(ident), "builds": []})
+        except TemplateError as e:
+            raise NotFound(str(e)) from None
+
+    async def delete(request: Request) -> Response:
+        ident, _ = _target(request.path_params["template"])
+        await builds.delete(ident)
+        return _empty(204)
+
+    t = "/templates/{template:str}"
+    return [
+        Route("/v3/templates", request_build, methods=["POST"]),
+        Route("/templates", list_templates, methods=["GET"]),
+        Route("/templates/aliases/{alias:path}", alias, methods=["GET"]),
+        Route("/templates/tags", assign_tags, methods=["POST"]),
+        Route("/templates/tags", remove_tags, methods=["DELETE"]),
+        Route("/templates/{template:path}/tags", get_tags, methods=["GET"]),
+        Route(t, get_template, methods=["GET"]),
+        Route("/templates/{template:path}", delete, methods=["DELETE"]),
+        Route(t + "/files/{hash:str}", file_link, methods=["GET"]),
+        Route(UPLOAD_PREFIX + "{template:str}/{hash:str}", upload, methods=["PUT"]),
+        Route("/v2/templates/{template:str}/builds/{build:str}", start_build, methods=["POST"]),
+        Route(t + "/builds/{build:str}/status", status, methods=["GET"]),
+    ]

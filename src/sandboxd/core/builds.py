@@ -1,0 +1,524 @@
+"""Template builds: E2B's template API made real. Each step runs in a sandbox of this server's own
+runtime (with networking, so package managers work) whose changes become a content-addressed layer
+(templates/layers.py); a step whose layer exists is not run again. Builds of one template run one
+after another, builds of different templates side by side. A failed build leaves no version behind
+and says which step failed, its command, its exit status and its last lines of output.
+
+    <templates>/<id>/builds/<buildID>.json     a build's status, reason and log (kept after it ends)
+    <templates>/<id>/files/<hash>              an uploaded COPY archive (+ <hash>.json: its real sha256)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sandboxd.core import startup
+from sandboxd.core.errors import BadRequest, NotFound
+from sandboxd.runtime.base import Limits, SandboxHandle, SandboxSpec
+from sandboxd.templates.context import ContextError, CopyTarget, copy_stream
+from sandboxd.templates.layers import LayerStore, layer_key
+from sandboxd.templates.recipe import DEFAULT_IMAGE, BuildState, Recipe, Step
+from sandboxd.templates.store import TemplateError, TemplateStore
+
+if TYPE_CHECKING:
+    from sandboxd.core.manager import SandboxManager
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}(/[a-z0-9][a-z0-9._-]{0,99})?$")
+TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+STEP_TIMEOUT = 3600.0
+MAX_LOG_ENTRIES = 20_000
+MAX_UPLOAD = 4 << 30  # one COPY archive, as uploaded
+MAX_UNPACKED = 16 << 30  # what one COPY step may unpack
+BUILD_MEMORY_MB = 2048
+BUILDER = 1  # bump when a step's result would differ for the same inputs
+TAIL_LINES = 20
+
+
+def _now_iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class StepFailed(Exception):
+    def __init__(self, step: str, message: str) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+@dataclass
+class Build:
+    template_id: str
+    build_id: str
+    names: list[str]
+    tags: list[str]
+    cpu_count: float | None = None
+    memory_mb: int | None = None
+    status: str = "waiting"  # waiting -> building -> ready | error
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    reason: dict[str, Any] | None = None
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+
+    def log(self, message: str, level: str = "info", step: str | None = None) -> None:
+        if len(self.logs) >= MAX_LOG_ENTRIES:
+            if len(self.logs) == MAX_LOG_ENTRIES:
+                self.logs.append({"timestamp": _now_iso(time.time()), "level": "warn", "message": "(log truncated)"})
+            return
+        entry: dict[str, Any] = {"timestamp": _now_iso(time.time()), "level": level, "message": message}
+        if step is not None:
+            entry["step"] = step
+        self.logs.append(entry)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "templateID": self.template_id,
+            "buildID": self.build_id,
+            "names": self.names,
+            "tags": self.tags,
+            "cpuCount": self.cpu_count,
+            "memoryMB": self.memory_mb,
+            "status": self.status,
+            "logEntries": self.logs,
+            "reason": self.reason,
+            "created": self.created,
+            "finished": self.finished,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Build:
+        return cls(
+            template_id=d["templateID"],
+            build_id=d["buildID"],
+            names=d.get("names", []),
+            tags=d.get("tags", []),
+            cpu_count=d.get("cpuCount"),
+            memory_mb=d.get("memoryMB"),
+            status=d.get("status", "error"),
+            logs=d.get("logEntries", []),
+            reason=d.get("reason"),
+            created=d.get("created", 0.0),
+            finished=d.get("finished"),
+        )
+
+
+class TemplateBuilds:
+    def __init__(self, manager: SandboxManager, store: TemplateStore) -> None:
+        self.manager = manager
+        self.store = store
+        self.layers: LayerStore = store.layers
+        self.builds: dict[str, Build] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._upload_key = secrets.token_bytes(32)
+
+    # -- requests ----------------------------------------------------------------------------------
+    def request(self, name: str, tags: list[str], cpu_count: int | None, memory_mb: int | None) -> Build:
+        """POST /v3/templates: a new build of the template `name` (made if it does not exist)."""
+        base, tag = self.store.split_tag(name)
+        if not NAME_RE.match(base):
+            raise BadRequest(
+                f"template name '{base[:120]}' is not valid: lowercase letters, digits, '.', '_', '-', at most "
+                "100 characters, optionally one 'namespace/' in front"
+            )
+        all_tags = [*([tag] if tag else []), *tags]
+        for t in all_tags:
+            if not TAG_RE.match(t):
+                raise BadRequest(f"tag '{t[:130]}' is not valid: letters, digits, '.', '_', '-', at most 128")
+        all_tags = list(dict.fromkeys(all_tags)) or ["default"]
+        if cpu_count is not None and not 1 <= cpu_count <= 64:
+            raise BadRequest("cpuCount must be between 1 and 64")
+        if memory_mb is not None and not 128 <= memory_mb <= 1 << 20:
+            raise BadRequest("memoryMB must be at least 128")
+        ident, _ = self.store.resolve(base)
+        if ident is not None and ident in self.store.names() and not (self.store.dir / ident / "meta.json").exists():
+            raise BadRequest(f"'{base}' is a built-in template: give your template another name")
+        if ident is None:
+            ident = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(20))
+            self.store.write_meta(ident, {"templateID": ident, "names": [base], "createdAt": time.time()})
+            self.store.set_name(base, ident)
+        build = Build(
+            template_id=ident,
+            build_id=str(uuid.uuid4()),
+            names=[base],
+            tags=all_tags,
+            cpu_count=cpu_count,
+            memory_mb=memory_mb,
+        )
+        self.builds[build.build_id] = build
+        self._save(build)
+        return build
+
+    def template_id(self, ident_or_name: str) -> str:
+        ident, _ = self.store.resolve(ident_or_name)
+        if ident is None or not (self.store.dir / ident / "meta.json").is_file():
+            raise NotFound(f"template '{ident_or_name}' not found")
+        return ident
+
+    def get(self, template_id: str, build_id: str) -> Build:
+        build = self.builds.get(build_id)
+        if build is None:
+            try:
+                uuid.UUID(build_id)
+                path = self.store.dir / template_id / "builds" / f"{build_id}.json"
+                build = Build.from_json(json.loads(path.read_text()))
+            except (ValueError, OSError, KeyError):
+                raise NotFound(f"build '{build_id[:64]}' of template '{template_id[:64]}' not found") from None
+            if build.status in ("waiting", "building"):  # the server that ran it is gone
+                build.status = "error"
+                build.reason = {"message": "the build was interrupted (the server stopped); start it again"}
+        if build.template_id != template_id:
+            raise NotFound(f"build '{build_id}' of template '{template_id}' not found")
+        return build
+
+    def _save(self, build: Build) -> None:
+        d = self.store.dir / build.template_id / "builds"
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".{build.build_id}.{os.getpid()}"
+        tmp.write_text(json.dumps(build.to_json()))
+        tmp.rename(d / f"{build.build_id}.json")
+
+    async def delete(self, template_id: str) -> None:
+        """Remove a template: its names, builds, tags and uploaded files (its layers stay until a prune
+        finds no template and no sandbox using them)."""
+        for name in self.store.meta(template_id).get("names", []):
+            self.store.drop_name(name)
+        home = self.store.dir / template_id
+        doomed = self.store.dir / f".deleted-{template_id}-{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(home, doomed)
+        await asyncio.to_thread(shutil.rmtree, doomed, True)
+
+    # -- files -------------------------------------------------------------------------------------
+    def _files(self, template_id: str) -> Path:
+        return self.store.dir / template_id / "files"
+
+    def upload_token(self, template_id: str, files_hash: str) -> str:
+        expires = int(time.time()) + 3600
+        msg = f"{template_id}/{files_hash}/{expires}".encode()
+        return f"{expires}.{hmac.new(self._upload_key, msg, hashlib.sha256).hexdigest()}"
+
+    def check_upload_token(self, template_id: str, files_hash: str, token: str) -> bool:
+        expires, _, mac = token.partition(".")
+        if not expires.isdigit() or int(expires) < time.time():
+            return False
+        msg = f"{template_id}/{files_hash}/{expires}".encode()
+        return hmac.compare_digest(mac, hmac.new(self._upload_key, msg, hashlib.sha256).hexdigest())
+
+    def has_files(self, template_id: str, files_hash: str) -> bool:
+        return (self._files(template_id) / f"{files_hash}.json").is_file()
+
+    async def receive_files(self, template_id: str, files_hash: str, chunks: AsyncIterator[bytes]) -> None:
+        d = self._files(template_id)
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".up-{secrets.token_hex(8)}"
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > MAX_UPLOAD:
+                        raise BadRequest(f"the upload is over the limit of {MAX_UPLOAD} bytes")
+                    digest.update(chunk)
+                    await asyncio.to_thread(_write_all, fd, chunk)
+                await asyncio.to_thread(os.fsync, fd)
+            finally:
+                os.close(fd)
+            tmp.rename(d / files_hash)
+            (d / f"{files_hash}.json").write_text(json.dumps({"sha256": digest.hexdigest(), "size": size}))
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    # -- running -----------------------------------------------------------------------------------
+    def start(self, template_id: str, build_id: str, recipe: Recipe) -> None:
+        build = self.get(template_id, build_id)
+        if build.status != "waiting":
+            raise BadRequest(f"build '{build_id}' was started already (it is {build.status})")
+        for i, step in enumerate(recipe.steps, 1):
+            if step.type == "COPY" and not self.has_files(template_id, step.files_hash or ""):
+                raise BadRequest(
+                    f"step {i} (COPY {step.args[0]}): its files were not uploaded (filesHash {step.files_hash})"
+                )
+        build.status = "building"
+        self._save(build)
+        task = asyncio.ensure_future(self._run(build, recipe))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _run(self, build: Build, recipe: Recipe) -> None:
+        started = time.monotonic()
+        lock = self._locks.setdefault(build.template_id, asyncio.Lock())
+        try:
+            if lock.locked():
+                build.log("waiting for the running build of this template to end")
+            async with lock:
+                await self._build(build, recipe)
+            build.status = "ready"
+            build.log(f"build finished in {time.monotonic() - started:.1f} s")
+        except StepFailed as e:
+            build.status = "error"
+            build.reason = {"message": str(e), "step": e.step, "logEntries": build.logs[-TAIL_LINES:]}
+            build.log(str(e), "error", e.step)
+        except asyncio.CancelledError:
+            build.status = "error"
+            build.reason = {"message": "the build was cancelled (the server is stopping)"}
+            raise
+        except Exception as e:  # a bug or the host: still an answer for the client
+            log.exception("build %s of %s failed", build.build_id, build.template_id)
+            build.status = "error"
+            build.reason = {"message": f"the build failed: {e}"}
+            build.log(f"the build failed: {e}", "error")
+        finally:
+            build.finished = time.time()
+            self._save(build)
+
+    def _base(self, recipe: Recipe) -> tuple[str | None, Path, BuildState, str]:
+        """(top layer, rootfs below it, the state it leaves, a description) of the recipe's base."""
+        if recipe.from_template:
+            name = recipe.from_template
+        else:
+            image = recipe.from_image or DEFAULT_IMAGE
+            if image not in (DEFAULT_IMAGE, "e2bdev/base:latest", "e2bdev/code-interpreter"):
+                raise StepFailed(
+                    "base",
+                    f"image '{image}': this server pulls no images yet: build from the default base "
+                    "(Template() / from_base_image()) or from one of its templates (from_template)",
+                )
+            name = "code-interpreter-v1" if image == "e2bdev/code-interpreter" else "base"
+        try:
+            t = self.store.get(name)
+        except TemplateError as e:
+            raise StepFailed("base", str(e)) from None
+        state = BuildState(user=t.default_user, workdir=t.default_workdir, env=dict(t.env))
+        base = Path(t.base) if t.base else t.rootfs
+        return t.top_layer, base, state, f"{name} ({t.digest[:12]})"
+
+    async def _build(self, build: Build, recipe: Recipe) -> None:
+        build.log(f"FROM {recipe.base}", step="base")
+        top, base, state, described = self._base(recipe)
+        build.log(f"base: {described}", "debug", "base")
+        parent = top or f"rootfs:{base}"
+        forced = recipe.force
+        total = len(recipe.steps)
+        for i, step in enumerate(recipe.steps, 1):
+            label = f"[{i}/{total}] {step.describe()}"
+            forced = forced or step.force
+            if step.type == "ENV":
+                state.env.update(zip(step.args[::2], step.args[1::2], strict=False))
+                build.log(label, step=str(i))
+                continue
+            if step.type == "USER":
+                state.user = step.args[0]
+                build.log(label, step=str(i))
+                continue
+            if step.type == "WORKDIR":
+                state.workdir = step.args[0]
+            payload: dict[str, Any] = {"builder": BUILDER, "type": step.type, "args": list(step.args), **state.key()}
+            if step.type == "COPY":
+                payload["files"] = self._files_digest(build.template_id, step.files_hash or "")
+            if forced:
+                payload["forced"] = build.build_id
+            key = layer_key(parent, payload)
+            if not forced and self.layers.get(key) is not None:
+                build.log(f"CACHED {label}", step=str(i))
+                top, parent = key, key
+                continue
+            build.log(label, step=str(i))
+            step_started = time.monotonic()
+            await self._run_step(build, str(i), step, state, top, base, key, label)
+            build.log(f"done {label} in {time.monotonic() - step_started:.2f} s", "debug", str(i))
+            top, parent = key, key
+        if recipe.start_cmd or recipe.ready_cmd:
+            await self._finalize(build, recipe, state, top, base)
+        self._commit_version(build, recipe, state, top, base)
+
+    def _files_digest(self, template_id: str, files_hash: str) -> str:
+        meta = json.loads((self._files(template_id) / f"{files_hash}.json").read_text())
+        return str(meta["sha256"])
+
+    async def _sandbox(self, build: Build, top: str | None, base: Path) -> SandboxHandle:
+        layers = self.layers.lowers(top, base)
+        limits = Limits(
+            memory_mb=max(build.memory_mb or 0, BUILD_MEMORY_MB),
+            cpu_count=float(build.cpu_count or 2),
+            pids=4096,
+            disk_mb=0,
+        )
+        return await self.manager.build_sandbox(SandboxSpec("", layers, "build", limits))
+
+    async def _run_step(
+        self, build: Build, n: str, step: Step, state: BuildState, top: str | None, base: Path, key: str, label: str
+    ) -> None:
+        runtime = self.manager.runtime
+        handle = await self._sandbox(build, top, base)
+        work = self.layers.new_dir()
+        kept = False
+        try:
+            tail: list[str] = []
+
+            def line(text: str) -> None:
+                tail.append(text)
+                del tail[:-TAIL_LINES]
+                build.log(text, step=n)
+
+            try:
+                if step.type == "RUN":
+                    who = startup.identity(
+                        runtime,
+                        handle,
+                        step.args[1] if len(step.args) > 1 and step.args[1] else state.user,
+                        state.env,
+                        state.workdir,
+                    )
+                    code = await startup.run(runtime, handle, who, step.args[0], line, timeout=STEP_TIMEOUT)
+                elif step.type == "WORKDIR":
+                    who = startup.identity(runtime, handle, "root", {}, "/")
+                    code = await startup.run(runtime, handle, who, f"mkdir -p '{_q(step.args[0])}'", line)
+                else:  # COPY
+                    code = await self._copy(build, handle, step, state, line)
+            except startup.StartError as e:
+                raise StepFailed(n, f"step {label} failed: {e}") from None
+            if code != 0:
+                how = "timed out" if code == -1 else f"exited with status {code}"
+                output = ("; last output:\n" + "\n".join(tail)) if tail else ""
+                raise StepFailed(n, f"step {label} failed: the command {how}{output}")
+            await runtime.destroy(handle, keep_upper=work / "diff")
+            kept = True
+            _drop_per_sandbox_files(work / "diff")
+            await asyncio.to_thread(self.layers.commit, work, key, top, base, label, handle.uid_base)
+        finally:
+            if not kept:
+                await runtime.destroy(handle)
+            self.manager.build_sandbox_gone(handle)
+            shutil.rmtree(work, ignore_errors=True)
+
+    async def _copy(self, build: Build, handle: SandboxHandle, step: Step, state: BuildState, line: Any) -> int:
+        runtime = self.manager.runtime
+        owner = startup.identity(runtime, handle, step.args[2] or state.user, {}, "/").user
+        mode = int(step.args[3], 8) if step.args[3] else None
+        target = CopyTarget(step.args[0], step.args[1], owner.uid, owner.gid, mode)
+        archive = self._files(build.template_id) / (step.files_hash or "")
+        root = startup.identity(runtime, handle, "root", {}, "/")
+        read, write = os.pipe()
+        errors: list[str] = []
+
+        def feed() -> None:
+            try:
+                with open(archive, "rb") as src, os.fdopen(write, "wb") as out:
+                    count = copy_stream(src, target, out, MAX_UNPACKED)
+                line(f"copied {count} entries to {step.args[1]}")
+            except ContextError as e:
+                errors.append(str(e))
+            except BrokenPipeError:
+                errors.append("the sandbox's tar stopped reading")
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        try:
+            code = await startup.run(
+                runtime,
+                handle,
+                root,
+                "tar -x -f - -C / --same-owner --same-permissions --keep-directory-symlink --no-overwrite-dir",
+                line,
+                stdin=read,
+            )
+        finally:
+            os.close(read)
+        await asyncio.to_thread(feeder.join)
+        if errors:
+            raise StepFailed("copy", errors[0])
+        return code
+
+    async def _finalize(self, build: Build, recipe: Recipe, state: BuildState, top: str | None, base: Path) -> None:
+        build.log(
+            f"[finalize] start: {recipe.start_cmd or '(none)'}; ready: {recipe.ready_cmd or '(none)'}", step="finalize"
+        )
+        runtime = self.manager.runtime
+        handle = await self._sandbox(build, top, base)
+        try:
+            who = startup.identity(runtime, handle, state.user, state.env, state.workdir)
+            started = time.monotonic()
+            timeout = self.manager.settings.ready_timeout
+            await startup.start_service(runtime, handle, who, recipe.start_cmd, recipe.ready_cmd, timeout)
+            build.log(f"[finalize] ready after {time.monotonic() - started:.2f} s", step="finalize")
+        except startup.StartError as e:
+            raise StepFailed("finalize", f"the template does not start: {e}") from None
+        finally:
+            await runtime.destroy(handle)
+            self.manager.build_sandbox_gone(handle)
+
+    def _commit_version(self, build: Build, recipe: Recipe, state: BuildState, top: str | None, base: Path) -> None:
+        home = self.store.dir / build.template_id
+        version = home / build.build_id
+        version.mkdir(parents=True, exist_ok=True)
+        size = sum(layer.size_bytes for layer in self.layers.chain(top)) if top else 0
+        meta = {
+            "kind": "layers",
+            "name": build.template_id,
+            "build_id": build.build_id,
+            "top": top,
+            "base": str(base),
+            "env": state.env,
+            "default_user": state.user,
+            "default_workdir": state.workdir,
+            "start_cmd": recipe.start_cmd,
+            "ready_cmd": recipe.ready_cmd,
+            "cpu_count": build.cpu_count,
+            "memory_mb": build.memory_mb,
+            "built_at": time.time(),
+            "size_bytes": size,
+        }
+        tmp = version / f".template.json.{os.getpid()}"
+        tmp.write_text(json.dumps(meta, indent=1))
+        tmp.rename(version / "template.json")
+        for tag in build.tags:
+            self.store.set_tag(build.template_id, tag, build.build_id)
+        if not (home / "current").exists():
+            self.store.set_tag(build.template_id, "default", build.build_id)
+        build.log(f"template {build.names[0]} ({build.template_id}) tagged {', '.join(build.tags)}")
+
+
+def _drop_per_sandbox_files(diff: Path) -> None:
+    """What every sandbox's start writes into its root (its name, its resolver) is no step's result."""
+    etc = diff / "etc"
+    for name in ("hostname", "hosts", "resolv.conf"):
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            (etc / name).unlink()
+    with contextlib.suppress(OSError):
+        if not os.listxattr(etc, follow_symlinks=False):  # not an opaque dir: its absence changes nothing
+            os.rmdir(etc)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _q(s: str) -> str:
+    return s.replace("'", "'\\''")

@@ -1,0 +1,188 @@
+"""Content-addressed layers: what one build step changed, stacked as overlay lower dirs.
+
+    <templates>/.layers/<key>/diff/         the step's changes (an overlay upper dir: whiteouts are 0/0
+                                            character devices, opaque dirs carry trusted.overlay.opaque)
+    <templates>/.layers/<key>/layer.json    {key, parent, base, step, size_bytes, created}
+    <templates>/.layers/.new-<pid>-<n>/     a layer being committed (removed if the build fails)
+
+A layer's key is a digest of its parent's key and of everything the step's result depends on (the
+step, the build's environment, workdir and user at that point, the hashes of copied files), so two
+builds that take the same step from the same parent share one layer, and a cached step is never run
+again. The bottom layer of a stack names the root filesystem it sits on (`base`: a built template's
+rootfs). Files are owned by the template uids (UID_SHIFT + uid in the sandbox), like every rootfs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sandboxd.templates.specs import UID_RANGE, UID_SHIFT
+
+_counter = itertools.count()
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def layer_key(parent: str, step: dict[str, Any]) -> str:
+    body = json.dumps({"parent": parent, "step": step}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Layer:
+    key: str
+    path: Path
+    parent: str | None  # the layer below, or None: this one sits directly on `base`
+    base: str  # the root filesystem at the bottom of the stack (a path)
+    step: str
+    size_bytes: int
+    created: float
+
+    @property
+    def diff(self) -> Path:
+        return self.path / "diff"
+
+
+class LayerStore:
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory) / ".layers"
+
+    def get(self, key: str) -> Layer | None:
+        path = self.dir / key
+        try:
+            meta = json.loads((path / "layer.json").read_text())
+        except (FileNotFoundError, NotADirectoryError, ValueError):
+            return None
+        return Layer(
+            key=key,
+            path=path,
+            parent=meta.get("parent"),
+            base=meta["base"],
+            step=meta.get("step", ""),
+            size_bytes=meta.get("size_bytes", 0),
+            created=meta.get("created", 0.0),
+        )
+
+    def chain(self, key: str) -> list[Layer]:
+        """The stack that ends in `key`, topmost first."""
+        out: list[Layer] = []
+        next_key: str | None = key
+        while next_key is not None:
+            layer = self.get(next_key)
+            if layer is None:
+                raise FileNotFoundError(f"layer {next_key} is missing (pruned while in use?)")
+            out.append(layer)
+            next_key = layer.parent
+            if len(out) > 1000:
+                raise ValueError(f"layer {key}: its chain does not end")
+        return out
+
+    def lowers(self, key: str | None, base: Path) -> tuple[Path, ...]:
+        """Overlay lower dirs, topmost first, of the stack ending in `key` (None: `base` alone)."""
+        if key is None:
+            return (base,)
+        chain = self.chain(key)
+        return (*(layer.diff for layer in chain), Path(chain[-1].base))
+
+    def new_dir(self) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir.parent, 0o700)
+        path = self.dir / f".new-{os.getpid()}-{next(_counter)}"
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir()
+        return path
+
+    def commit(
+        self, work: Path, key: str, parent: str | None, base: Path, step: str, shift_from: int | None = None
+    ) -> Layer:
+        """Make `work` (a dir holding `diff/`) the layer `key`. With `shift_from`, the files are owned by a
+        sandbox's host uids (shift_from + uid): they move to the template uids first."""
+        diff = work / "diff"
+        if shift_from is not None:
+            shift_ids(diff, shift_from, UID_SHIFT)
+        size = tree_size(diff)
+        meta = {
+            "key": key,
+            "parent": parent,
+            "base": str(base),
+            "step": step,
+            "size_bytes": size,
+            "created": time.time(),
+        }
+        (work / "layer.json").write_text(json.dumps(meta, indent=1))
+        fd = os.open(work, os.O_RDONLY)
+        try:
+            _libc.syncfs(fd)  # a layer is never half on disk after a crash
+        finally:
+            os.close(fd)
+        final = self.dir / key
+        if final.exists():  # built by a concurrent build in the meantime: the same content
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            os.rename(work, final)
+        layer = self.get(key)
+        assert layer is not None
+        return layer
+
+    def keys(self) -> list[str]:
+        if not self.dir.is_dir():
+            return []
+        return [p.name for p in self.dir.iterdir() if not p.name.startswith(".")]
+
+    def clean_stale(self) -> None:
+        if not self.dir.is_dir():
+            return
+        for p in self.dir.glob(".new-*"):
+            pid = p.name.split("-")[1]
+            if pid.isdigit() and Path(f"/proc/{pid}").exists():
+                continue  # a build of a running server (this one's included)
+            shutil.rmtree(p, ignore_errors=True)
+
+    def remove(self, key: str) -> int:
+        path = self.dir / key
+        layer = self.get(key)
+        size = layer.size_bytes if layer else 0
+        # out of the way atomically first: a reader never sees half a layer
+        doomed = self.dir / f".new-{os.getpid()}-{next(_counter)}"
+        try:
+            os.rename(path, doomed)
+        except FileNotFoundError:
+            return 0
+        shutil.rmtree(doomed, ignore_errors=True)
+        return size
+
+
+def shift_ids(root: Path, old: int, new: int, count: int = UID_RANGE) -> None:
+    """Move owners in [old, old+count) to [new, new+count), keeping setuid/setgid bits (chown clears them).
+    Other owners (the overlay's whiteouts: host root) stay."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames, None]:
+            path = dirpath if name is None else os.path.join(dirpath, name)
+            st = os.lstat(path)
+            uid = st.st_uid - old + new if old <= st.st_uid < old + count else st.st_uid
+            gid = st.st_gid - old + new if old <= st.st_gid < old + count else st.st_gid
+            if (uid, gid) == (st.st_uid, st.st_gid):
+                continue
+            os.lchown(path, uid, gid)
+            if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                os.chmod(path, stat.S_IMODE(st.st_mode))
+
+
+def tree_size(root: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total

@@ -1,0 +1,329 @@
+"""Templates built with the official SDK's `Template` builder against a real server: every builder method
+that needs no outside network, files from a context with symlinks, start and ready commands, the layer
+cache (asserted from the build log), skip_cache, a failing step, builds in the background, tags,
+aliases, `exists`, and deletion.
+
+The server has a templates directory of its own (the cached built-in templates linked into it), so the
+layers these tests make never mix with the shared template cache.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from e2b import Sandbox, Template, wait_for_file, wait_for_port
+from e2b.exceptions import BuildException
+
+from conftest import TEMPLATES_DIR, Server, start_server
+
+
+@pytest.fixture(scope="module")
+def tserver(tmp_path_factory: pytest.TempPathFactory, lab: object) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("tbuild")
+    templates = root / "templates"
+    templates.mkdir()
+    for name in ("base", "code-interpreter-v1"):
+        (templates / name).symlink_to(TEMPLATES_DIR / name)
+    srv = start_server(root / "data", "--ready-timeout", "5", templates_dir=templates)
+    old = {k: os.environ.get(k) for k in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY")}
+    os.environ.update(E2B_API_URL=srv.url, E2B_SANDBOX_URL=srv.url, E2B_API_KEY=srv.api_key)
+    try:
+        yield srv
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        srv.stop()
+
+
+def _wheel(path: Path) -> Path:
+    """A minimal pure-Python wheel (pip installs it with no network)."""
+    whl = path / "sbxdemo-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        z.writestr("sbxdemo/__init__.py", "ANSWER = 42\n")
+        z.writestr("sbxdemo-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: sbxdemo\nVersion: 1.0\n")
+        z.writestr(
+            "sbxdemo-1.0.dist-info/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
+        z.writestr("sbxdemo-1.0.dist-info/RECORD", "")
+    return whl
+
+
+@pytest.fixture
+def context(tmp_path: Path) -> Path:
+    ctx = tmp_path / "ctx"
+    (ctx / "app" / "sub").mkdir(parents=True)
+    (ctx / "app" / "hello.txt").write_text("hello from the context\n")
+    (ctx / "app" / "sub" / "deep.txt").write_text("deep\n")
+    (ctx / "app" / "link.txt").symlink_to("hello.txt")
+    (ctx / "app" / "run.sh").write_text("#!/bin/sh\necho run\n")
+    (ctx / "server.py").write_text(
+        "import http.server, socketserver\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        body = open('/etc/motd-build').read().encode()\n"
+        "        self.send_response(200); self.send_header('Content-Length', str(len(body))); self.end_headers()\n"
+        "        self.wfile.write(body)\n"
+        "socketserver.TCPServer(('0.0.0.0', 8080), H).serve_forever()\n"
+    )
+    _wheel(ctx)
+    return ctx
+
+
+def _logs() -> tuple[list[str], object]:
+    lines: list[str] = []
+    return lines, lambda e: lines.append(e.message)
+
+
+def test_build_with_the_builder_methods_then_a_sandbox_finds_its_service_ready(tserver: Server, context: Path) -> None:
+    name = f"full-{secrets.token_hex(3)}"
+    t = (
+        Template(file_context_path=str(context))
+        .from_base_image()
+        .run_cmd("echo building as $(whoami)")
+        .copy("app", "/home/user/app")
+        .copy("app/run.sh", "/usr/local/bin/run-demo", user="root", mode=0o755)
+        .copy("server.py", "/srv/")
+        .copy("sbxdemo-1.0-py3-none-any.whl", "/tmp/wheels/")
+        .pip_install("/tmp/wheels/sbxdemo-1.0-py3-none-any.whl")
+        .set_envs({"GREETING": "hello env", "MODE": "test"})
+        .make_dir("/srv/data", mode=0o750, user="root")
+        .make_symlink("/srv/server.py", "/srv/current.py", user="root")
+        .run_cmd(
+            "git init -q /tmp/repo && cd /tmp/repo && echo v1 > f && git add f && "
+            "git -c user.email=a@b -c user.name=t commit -q -m one"
+        )
+        .git_clone("file:///tmp/repo", "/home/user/clone")
+        .run_cmd("touch /tmp/gone /tmp/old")
+        .remove("/tmp/gone", force=True)
+        .rename("/tmp/old", "/tmp/new")
+        .run_cmd("echo built-motd > /etc/motd-build", user="root")
+        .set_workdir("/srv")
+        .set_user("user")
+        .set_start_cmd("python3 /srv/server.py", wait_for_port(8080))
+    )
+    lines, on_logs = _logs()
+    info = Template.build(t, f"{name}:v1", on_build_logs=on_logs)
+    assert info.tags == ["v1"]
+    assert any("[finalize] ready" in line for line in lines), lines
+    assert Template.exists(name) and Template.exists(f"{name}:v1")
+    assert not Template.exists(f"{name}:nope") and not Template.exists(f"missing-{name}")
+
+    started = time.monotonic()
+    sbx = Sandbox.create(f"{name}:v1")
+    try:
+        assert time.monotonic() - started < 60
+        # the service answered before create returned: no waiting here
+        r = sbx.commands.run("curl -s localhost:8080")
+        assert r.stdout == "built-motd\n"
+        r = sbx.commands.run(
+            "cat app/hello.txt 2>/dev/null || true; cd /home/user; cat app/hello.txt; readlink app/link.txt; "
+            "cat app/sub/deep.txt; stat -c '%U %a' app/hello.txt /usr/local/bin/run-demo /srv/data; run-demo; "
+            "python3 -c 'import sbxdemo; print(sbxdemo.ANSWER)'; echo $GREETING/$MODE; readlink /srv/current.py; "
+            "cat clone/f; ls /tmp/gone 2>&1 | head -c 0; test -e /tmp/gone || echo gone; test -e /tmp/new && echo new; "
+            "whoami"
+        )
+        out = r.stdout.splitlines()
+        assert out == [
+            "hello from the context",
+            "hello.txt",
+            "deep",
+            "user 644",
+            "root 755",
+            "root 750",
+            "run",
+            "42",
+            "hello env/test",
+            "/srv/server.py",
+            "v1",
+            "gone",
+            "new",
+            "user",
+        ], r.stdout
+        assert sbx.commands.run("pwd").stdout.strip() == "/srv"  # WORKDIR is where commands start
+        # the port is reachable through sandboxd from the host, too
+        host = sbx.get_host(8080)
+        got = httpx.get(f"{tserver.url}/", headers={"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "8080"})
+        assert got.text == "built-motd\n", (host, got.status_code, got.text)
+    finally:
+        sbx.kill()
+
+
+def test_a_rebuild_that_changes_only_the_last_step_reruns_only_that_step(tserver: Server, tmp_path: Path) -> None:
+    name = f"cache-{secrets.token_hex(3)}"
+    (tmp_path / "f.txt").write_text("one\n")
+
+    def template(extra: str) -> Template:
+        return (
+            Template(file_context_path=str(tmp_path))
+            .from_template("base")
+            .run_cmd(f"echo first {name} > /tmp/first")
+            .run_cmd("echo second > /tmp/second")
+            .copy("f.txt", f"/opt/{extra}/")
+        )
+
+    lines, on_logs = _logs()
+    Template.build(template("a"), name, on_build_logs=on_logs)
+    assert [line for line in lines if line.startswith("CACHED")] == []
+    (tmp_path / "f.txt").write_text("two\n")
+    lines, on_logs = _logs()
+    started = time.monotonic()
+    Template.build(template("a"), name, on_build_logs=on_logs)
+    rebuild = time.monotonic() - started
+    cached = [line for line in lines if line.startswith("CACHED")]
+    ran = [line for line in lines if line.startswith("[") and "/3]" in line]
+    assert len(cached) == 2 and "RUN echo first" in cached[0] and "RUN echo second" in cached[1], lines
+    assert ran == ["[3/3] COPY f.txt /opt/a/"], lines
+    sbx = Sandbox.create(name)
+    try:
+        assert sbx.commands.run("cat /opt/a/f.txt /tmp/second").stdout == "two\nsecond\n"
+    finally:
+        sbx.kill()
+    print(f"cached rebuild: {rebuild:.2f} s")
+
+    # skip_cache: every step from there on runs again
+    lines, on_logs = _logs()
+    Template.build(template("a"), name, on_build_logs=on_logs, skip_cache=True)
+    assert not [line for line in lines if line.startswith("CACHED")], lines
+
+
+def test_a_failing_step_reports_step_command_status_and_output_and_keeps_nothing(tserver: Server) -> None:
+    name = f"fail-{secrets.token_hex(3)}"
+    t = Template().from_base_image().run_cmd("echo fine").run_cmd("echo 'about to fail' >&2; echo more; exit 7")
+    with pytest.raises(BuildException) as err:
+        Template.build(t, name)
+    message = str(err.value)
+    assert "[2/2]" in message and "exit 7" in message and "status 7" in message, message
+    assert "about to fail" in message and "more" in message, message
+    assert not Template.exists(name)  # no build: the name has nothing to start
+    with pytest.raises(Exception, match=r"not found|no tag|has no"):
+        Sandbox.create(name)
+
+    # a start command whose ready command never succeeds fails the build at finalize
+    t = Template().from_base_image().set_start_cmd("sleep 1000", "exit 1")
+    started = time.monotonic()
+    with pytest.raises(BuildException, match="does not start"):
+        Template.build(t, f"{name}-ready", on_build_logs=lambda e: None)
+    assert time.monotonic() - started < 60  # the server's --ready-timeout
+
+
+def test_build_in_background_with_status_polling_and_logs(tserver: Server) -> None:
+    name = f"bg-{secrets.token_hex(3)}"
+    t = Template().from_base_image().run_cmd("for i in 1 2 3; do echo line $i; sleep 0.2; done")
+    info = Template.build_in_background(t, name)
+    offset, messages = 0, []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = Template.get_build_status(info, logs_offset=offset)
+        offset += len(status.log_entries)
+        messages += [e.message for e in status.log_entries]
+        if status.status.value in ("ready", "error"):
+            break
+        time.sleep(0.2)
+    assert status.status.value == "ready", status
+    assert ["line 1", "line 2", "line 3"] == [m for m in messages if m.startswith("line ")]
+    # a finished build's logs stay; an offset past the end gives none
+    again = Template.get_build_status(info, logs_offset=0)
+    assert len(again.log_entries) == offset
+    assert Template.get_build_status(info, logs_offset=offset).log_entries == []
+
+
+def test_tags_and_names(tserver: Server) -> None:
+    name = f"tags-{secrets.token_hex(3)}"
+    Template.build(Template().from_base_image().run_cmd("echo one > /v", user="root"), f"{name}:one", tags=["first"])
+    Template.build(Template().from_base_image().run_cmd("echo two > /v", user="root"), f"{name}:two")
+    assert Template.exists(f"{name}:one") and Template.exists(f"{name}:first") and Template.exists(f"{name}:two")
+    tags = {t.tag: t.build_id for t in Template.get_tags(name)}
+    assert set(tags) >= {"one", "first", "two"}
+    assert tags["one"] == tags["first"] != tags["two"]
+
+    assigned = Template.assign_tags(f"{name}:two", ["prod"])
+    assert assigned.tags == ["prod"] and assigned.build_id == tags["two"]
+    for tag, want in (("one", "one"), ("prod", "two")):
+        sbx = Sandbox.create(f"{name}:{tag}")
+        try:
+            assert sbx.commands.run("cat /v", user="root").stdout == want + "\n"
+        finally:
+            sbx.kill()
+    Template.remove_tags(name, ["prod"])
+    assert not Template.exists(f"{name}:prod")
+
+    # the template API lists it; deleting removes its names, tags and builds
+    headers = {"X-API-KEY": tserver.api_key}
+    listed = httpx.get(f"{tserver.url}/templates", headers=headers).json()
+    mine = [t for t in listed if name in t["names"]]
+    assert len(mine) == 1 and "one" in mine[0]["tags"]
+    assert httpx.delete(f"{tserver.url}/templates/{name}", headers=headers).status_code == 204
+    assert not Template.exists(name) and not Template.exists(f"{name}:one")
+    assert httpx.delete(f"{tserver.url}/templates/{name}", headers=headers).status_code == 404
+
+
+def test_builtin_names_are_not_taken_and_bad_names_are_refused(tserver: Server) -> None:
+    with pytest.raises(Exception, match="built-in"):
+        Template.build(Template().from_base_image().run_cmd("true"), "base")
+    with pytest.raises(Exception, match="not valid"):
+        Template.build(Template().from_base_image().run_cmd("true"), "../etc")
+    with pytest.raises(BuildException, match=r"pulls no images|registry"):
+        Template.build(Template().from_image("quay.io/someone/thing:1"), f"img-{secrets.token_hex(3)}")
+
+
+def test_ready_file_helper_and_template_resources(tserver: Server) -> None:
+    name = f"res-{secrets.token_hex(3)}"
+    t = (
+        Template()
+        .from_base_image()
+        .set_start_cmd("sleep 0.5; touch /tmp/ready; sleep 1000", wait_for_file("/tmp/ready"))
+    )
+    Template.build(t, name, cpu_count=2, memory_mb=768)
+    started = time.monotonic()
+    sbx = Sandbox.create(name)
+    try:
+        assert sbx.commands.run("test -f /tmp/ready && echo ready").stdout == "ready\n"
+        info = sbx.get_info()
+        assert info.memory_mb == 768 and info.cpu_count == min(2, os.cpu_count() or 1)
+    finally:
+        sbx.kill()
+    print(f"create with a 0.5 s ready wait: {time.monotonic() - started:.2f} s")
+
+
+def test_the_upload_url_is_signed(tserver: Server, tmp_path: Path) -> None:
+    name = f"up-{secrets.token_hex(3)}"
+    headers = {"X-API-KEY": tserver.api_key}
+    created = httpx.post(f"{tserver.url}/v3/templates", json={"name": name}, headers=headers)
+    assert created.status_code == 202, created.text
+    tid = created.json()["templateID"]
+    digest = "ab" * 32
+    link = httpx.get(f"{tserver.url}/templates/{tid}/files/{digest}", headers=headers).json()
+    assert link["present"] is False and "token=" in link["url"]
+    body = io.BytesIO(b"not a tar")
+    bare = link["url"].split("?")[0]
+    assert httpx.put(bare, content=body.getvalue()).status_code == 403
+    assert httpx.put(bare + "?token=1999999999.00", content=b"x").status_code == 403
+    other = link["url"].replace(digest, "cd" * 32)
+    assert httpx.put(other, content=b"x").status_code == 403  # a token is for one template and one hash
+    assert httpx.put(link["url"], content=body.getvalue()).status_code == 200
+    assert httpx.get(f"{tserver.url}/templates/{tid}/files/{digest}", headers=headers).json()["present"] is True
+    # a COPY of files that are not a tar fails the build with a clear reason
+    build = {"steps": [{"type": "COPY", "args": ["x", "/x", "", ""], "force": False, "filesHash": digest}]}
+    r = httpx.post(f"{tserver.url}/v2/templates/{tid}/builds/{created.json()['buildID']}", json=build, headers=headers)
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        st = httpx.get(
+            f"{tserver.url}/templates/{tid}/builds/{created.json()['buildID']}/status", headers=headers
+        ).json()
+        if st["status"] in ("ready", "error"):
+            break
+        time.sleep(0.1)
+    assert st["status"] == "error" and "not a tar archive" in st["reason"]["message"], st
