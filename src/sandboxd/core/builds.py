@@ -363,7 +363,7 @@ class TemplateBuilds:
     async def _sandbox(self, build: Build, top: str | None, base: Path) -> SandboxHandle:
         layers = self.layers.lowers(top, base)
         limits = Limits(
-            memory_mb=max(build.memory_mb or 0, BUILD_MEMORY_MB),
+            memory_mb=build.memory_mb or BUILD_MEMORY_MB,  # the template's own memory, if it names one
             cpu_count=float(build.cpu_count or 2),
             pids=4096,
             disk_mb=0,

@@ -17,6 +17,7 @@ READY_TIMEOUT = 120.0  # how long a create (or a build's finalize) waits for the
 READY_INTERVAL = 0.05
 START_LOG = "/tmp/.sandboxd-start.log"  # the start command's output, inside the sandbox
 MAX_LINE = 4096
+OUTPUT_GRACE = 1.0  # how long output is read after the command exited
 
 
 class StartError(Exception):
@@ -82,7 +83,9 @@ async def run(
         proc.kill()
         await asyncio.to_thread(proc.wait)
         code = -1
-    await reader  # ends when every process holding the pipe is gone
+    # The output ends when every process holding the pipe is gone: what the command left running in
+    # the background may hold it for good (a build step's sandbox ends with the step; that closes it).
+    await asyncio.wait({reader}, timeout=OUTPUT_GRACE)
     return 128 - code if code < -1 else code
 
 

@@ -35,7 +35,7 @@ class CopyTarget:
 
 def _clean(name: str) -> str | None:
     """A member's name as a relative path without `.`/`..` components, or None if it leaves the root."""
-    if len(name) > MAX_NAME or "\0" in name:
+    if len(name) > MAX_NAME or "\0" in name or name.startswith("/"):
         return None
     parts = []
     for part in name.split("/"):
@@ -87,19 +87,25 @@ def copy_stream(archive: IO[bytes], target: CopyTarget, out: IO[bytes], max_byte
             members.append((m, name))
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         raise ContextError(f"the uploaded archive for '{target.src}' is damaged: {e}") from None
-    roots = [name for _, name in members if (pattern == [] and name == ".") or _match(pattern, name.split("/"))]
+    # directories that only appear as the parents of entries count as directories too
+    implicit = {"/".join(parts[:i]) for _, n in members for parts in [n.split("/")] for i in range(1, len(parts))}
+    names = [n for _, n in members]
+    candidates = names + sorted(implicit - set(names))
+    roots = [n for n in candidates if (pattern == [] and n == ".") or (pattern and _match(pattern, n.split("/")))]
+    if pattern == [] and "." not in roots:
+        roots = ["."]
     if not roots:
         raise ContextError(f"COPY source '{target.src}' matches no file in the uploaded build context")
     many = len(roots) > 1
-    kinds = {name: m for m, name in members}
+    dirs = {name for m, name in members if m.isdir()} | implicit
     placed: dict[str, str] = {}  # archive name -> path in the image (relative to /)
     for _m, name in members:
         for root in roots:
             if root == ".":  # the whole context: its contents go into dest
                 path = posixpath.join(dest, "" if name == "." else name)
-            elif name == root and not kinds[root].isdir():
+            elif name == root and root not in dirs:
                 path = posixpath.join(dest, posixpath.basename(name)) if many or dest_is_dir else dest
-            elif name == root or (name.startswith(root + "/") and kinds[root].isdir()):
+            elif name == root or (name.startswith(root + "/") and root in dirs):
                 path = posixpath.join(dest, name[len(root) + 1 :])  # a directory's contents go into dest
             else:
                 continue
