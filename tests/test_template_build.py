@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import secrets
+import subprocess
 import time
 import zipfile
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ import pytest
 from e2b import Sandbox, Template, wait_for_file, wait_for_port
 from e2b.exceptions import BuildException
 
-from conftest import TEMPLATES_DIR, Server, start_server
+from conftest import SANDBOXD, TEMPLATES_DIR, Server, start_server
 
 
 @pytest.fixture(scope="module")
@@ -327,3 +328,95 @@ def test_the_upload_url_is_signed(tserver: Server, tmp_path: Path) -> None:
             break
         time.sleep(0.1)
     assert st["status"] == "error" and "not a tar archive" in st["reason"]["message"], st
+
+
+DOCKERFILE = """\
+# a Dockerfile with what E2B's converter takes
+FROM e2bdev/base
+ARG GREETING=hi
+ENV APP_MODE=prod \\
+    OTHER=x
+WORKDIR /app
+COPY app/ /app/
+COPY --chown=user --chmod=0755 run.sh /usr/local/bin/run.sh
+RUN echo "$GREETING built" > /app/built.txt
+USER user
+EXPOSE 9000
+CMD ["python3", "-m", "http.server", "9000"]
+"""
+
+
+def test_a_dockerfile_build_with_the_cli_and_prune_keeps_layers_in_use(tserver: Server, tmp_path: Path) -> None:
+    ctx = tmp_path / "df"
+    (ctx / "app").mkdir(parents=True)
+    (ctx / "app" / "index.html").write_text("from the dockerfile\n")
+    (ctx / "run.sh").write_text("#!/bin/sh\necho ran\n")
+    (ctx / "Dockerfile").write_text(DOCKERFILE)
+    name = f"df-{secrets.token_hex(3)}"
+    templates = tserver.data_dir.parent / "templates"
+    cmd = [
+        SANDBOXD,
+        "template",
+        "build",
+        "-f",
+        str(ctx / "Dockerfile"),
+        "--name",
+        name,
+        "--tag",
+        "v1",
+        "--url",
+        tserver.url,
+        "--api-key",
+        tserver.api_key,
+        "--templates-dir",
+        str(templates),
+        "--ready-cmd",
+        '[ -n "$(ss -Htuln sport = :9000)" ]',
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "built" in res.stderr and "RUN echo" in res.stderr, res.stderr
+    sbx = Sandbox.create(f"{name}:v1")
+    try:
+        r = sbx.commands.run(
+            "curl -s localhost:9000/built.txt; curl -s localhost:9000/index.html; run.sh; echo $APP_MODE $OTHER; "
+            "whoami; pwd; stat -c '%U %a' /usr/local/bin/run.sh"
+        )
+        assert r.stdout.splitlines() == [
+            "hi built",
+            "from the dockerfile",
+            "ran",
+            "prod x",
+            "user",
+            "/app",
+            "user 755",
+        ], r.stdout
+        # the same file again: every step is cached
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0 and res.stderr.count("CACHED") >= 4, res.stderr
+        # remove the template and prune while a sandbox of it runs: its layers stay
+        layers = {p.name for p in (templates / ".layers").iterdir() if not p.name.startswith(".")}
+        for args in (["rm", name], ["prune"]):
+            res = subprocess.run(
+                [SANDBOXD, "template", *args, "--templates-dir", str(templates)], capture_output=True, text=True
+            )
+            assert res.returncode == 0, res.stderr
+        assert not Template.exists(name)
+        assert sbx.commands.run("cat /app/built.txt").stdout == "hi built\n"
+        after = {p.name for p in (templates / ".layers").iterdir() if not p.name.startswith(".")}
+        in_use = layers - after
+        assert after, "the running sandbox's layers were pruned"
+    finally:
+        sbx.kill()
+    # once the sandbox is gone (and the pool has let go of the removed template's idle ones), prune takes them
+    final = after
+    for _ in range(20):
+        res = subprocess.run(
+            [SANDBOXD, "template", "prune", "--templates-dir", str(templates)], capture_output=True, text=True
+        )
+        assert res.returncode == 0 and "removed" in res.stderr, res.stderr
+        final = {p.name for p in (templates / ".layers").iterdir() if not p.name.startswith(".")}
+        if len(final) < len(after):
+            break
+        time.sleep(0.5)
+    assert len(final) < len(after), (in_use, after, final)

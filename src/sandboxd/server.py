@@ -38,6 +38,7 @@ from sandboxd.runtime.namespaces import NamespaceRuntime
 from sandboxd.runtime.native import HelperBuildError
 from sandboxd.runtime.network import DEFAULT_CIDR, PROXY_MARK, PROXY_PORT
 from sandboxd.state.db import StateDB
+from sandboxd.templates.images import Registry
 from sandboxd.templates.store import TemplateError, TemplateStore
 
 log = logging.getLogger("sandboxd")
@@ -61,6 +62,8 @@ class ServerConfig:
     dns: list[str] | None = None  # where the sandboxes' resolver forwards (None: the host's /etc/resolv.conf)
     domain: str | None = None  # --domain: {port}-{id}.DOMAIN and api.DOMAIN over TLS (routing/tls.py)
     egress_ca_file: str | None = None  # more CAs the egress proxy trusts for intercepted hosts' servers
+    registry: str | None = None  # where template builds pull images from
+    registry_insecure: bool = False
     tls_port: int = 443
 
     @property
@@ -109,6 +112,8 @@ class App:
         self.manager = SandboxManager(self.runtime, self.templates, self.db, config.settings)
         self.manager.net.identity = workload_identity.Issuer(config.data_dir, config.issuer)
         self.builds = TemplateBuilds(self.manager, self.templates)
+        if config.registry:
+            self.builds.registry = Registry(config.registry, config.registry_insecure)
         self.resolver: Resolver | None = None
         self.egress: EgressProxy | None = None
         if self.runtime.net is not None:

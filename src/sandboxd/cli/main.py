@@ -1,13 +1,15 @@
-"""`sandboxd serve | template build|list | api-key`."""
+"""`sandboxd serve | template build|import|list|rm|prune|logs | api-key | ca`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from sandboxd import __version__
+from sandboxd.cli import templates as template_cli
 from sandboxd.core.limits import MiB, RequestLimits
 from sandboxd.core.tenant_limits import TenantLimits
 from sandboxd.runtime.network import DEFAULT_CIDR
@@ -203,6 +205,15 @@ def main(argv: list[str] | None = None) -> int:
         help="PEM file of CAs the egress proxy trusts (beside the host's) when it forwards the TLS requests "
         "of hosts with network.rules",
     )
+    p_serve.add_argument(
+        "--registry",
+        default=None,
+        metavar="HOST[:PORT]",
+        help="the OCI registry template builds pull images from (from_image); no other registry is reached",
+    )
+    p_serve.add_argument(
+        "--registry-insecure", action="store_true", help="reach --registry over plain HTTP (a registry on loopback)"
+    )
     p_serve.add_argument("--tls-port", type=int, default=443, help="HTTPS port for --domain (default %(default)s)")
     p_serve.add_argument(
         "--no-network",
@@ -211,14 +222,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
-    p_tpl = sub.add_parser("template", help="build and list templates")
+    p_tpl = sub.add_parser("template", help="build, import, list, remove and prune templates")
     tsub = p_tpl.add_subparsers(dest="template_command", required=True)
-    p_build = tsub.add_parser("build", help="build a built-in template (cached: rebuilt only when it changed)")
-    p_build.add_argument("names", nargs="+", metavar="NAME")
-    p_build.add_argument("--force", action="store_true", help="rebuild even if the cached build is current")
-    _add_dirs(p_build)
-    p_list = tsub.add_parser("list", help="list built templates")
-    _add_dirs(p_list)
+    server_options = argparse.ArgumentParser(add_help=False)
+    _add_dirs(server_options)
+    server_options.add_argument(
+        "--url", default=os.environ.get("E2B_API_URL"), help="the server (default $E2B_API_URL, else localhost:3000)"
+    )
+    server_options.add_argument(
+        "--api-key", default=os.environ.get("E2B_API_KEY"), help="default $E2B_API_KEY, else the data dir's key"
+    )
+    template_cli.add_parsers(tsub, server_options)
 
     p_key = sub.add_parser("api-key", help="print the server's API key (created on first use)")
     _add_dirs(p_key)
@@ -291,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                 domain=args.domain.lower().strip(".") if args.domain else None,
                 tls_port=args.tls_port,
                 egress_ca_file=args.egress_ca_file,
+                registry=args.registry,
+                registry_insecure=args.registry_insecure,
                 settings=settings,
                 limits=RequestLimits(
                     max_message_bytes=int(args.max_message_mb * MiB),
@@ -316,11 +332,16 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         print(f"templates dir: {templates_dir}", file=sys.stderr)
         store = TemplateStore(templates_dir)
-        if args.template_command == "list":
-            for name in store.names():
-                t = store.get(name)
-                print(f"{name}\t{t.digest}\t{t.size_bytes / 1e6:.0f} MB")
-            return 0
+        if args.template_command != "build" or args.file is not None:
+            api_key = getattr(args, "api_key", None)
+            if args.template_command == "build" and not api_key and (args.data_dir / "state.db").is_file():
+                from sandboxd.state.db import StateDB
+
+                api_key = StateDB(args.data_dir / "state.db", create=False).api_key()[0]
+            return template_cli.main(args, store, getattr(args, "url", None) or "http://127.0.0.1:3000", api_key)
+        if not args.names:
+            print("sandboxd: name built-in templates to build, or give a Dockerfile with -f", file=sys.stderr)
+            return 2
         for name in args.names:
             if name not in BUILTIN:
                 print(f"sandboxd: unknown template '{name}'; built-in templates: {', '.join(BUILTIN)}", file=sys.stderr)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from sandboxd.core import startup
 from sandboxd.core.errors import BadRequest, NotFound
 from sandboxd.runtime.base import Limits, SandboxHandle, SandboxSpec
+from sandboxd.templates import images
 from sandboxd.templates.context import ContextError, CopyTarget, copy_stream
 from sandboxd.templates.layers import LayerStore, layer_key
 from sandboxd.templates.recipe import DEFAULT_IMAGE, BuildState, Recipe, Step
@@ -51,6 +52,15 @@ MAX_UNPACKED = 16 << 30  # what one COPY step may unpack
 BUILD_MEMORY_MB = 2048
 BUILDER = 1  # bump when a step's result would differ for the same inputs
 TAIL_LINES = 20
+# Run as root in an image's first build sandbox: SDK commands run as `user` by default, as on E2B.
+PROVISION = (
+    'found=; while IFS=: read -r n rest; do [ "$n" = user ] && found=1; done < /etc/passwd; '
+    'if [ -z "$found" ]; then '
+    "if command -v useradd >/dev/null 2>&1; then useradd -m -u 1000 -U -s /bin/sh user || useradd -m -s /bin/sh user; "
+    "elif command -v adduser >/dev/null 2>&1; then adduser -D -u 1000 user; "
+    "else echo 'user:x:1000:1000::/home/user:/bin/sh' >> /etc/passwd && echo 'user:x:1000:' >> /etc/group && "
+    "mkdir -p /home/user && chown 1000:1000 /home/user; fi; fi"
+)
 
 
 def _now_iso(t: float) -> str:
@@ -128,6 +138,8 @@ class TemplateBuilds:
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._upload_key = secrets.token_bytes(32)
+        self.registry: images.Registry | None = None  # where images are pulled from (--registry)
+        self._pull_lock = asyncio.Lock()
 
     # -- requests ----------------------------------------------------------------------------------
     def request(self, name: str, tags: list[str], cpu_count: int | None, memory_mb: int | None) -> Build:
@@ -147,13 +159,10 @@ class TemplateBuilds:
             raise BadRequest("cpuCount must be between 1 and 64")
         if memory_mb is not None and not 128 <= memory_mb <= 1 << 20:
             raise BadRequest("memoryMB must be at least 128")
-        ident, _ = self.store.resolve(base)
-        if ident is not None and ident in self.store.names() and not (self.store.dir / ident / "meta.json").exists():
-            raise BadRequest(f"'{base}' is a built-in template: give your template another name")
-        if ident is None:
-            ident = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(20))
-            self.store.write_meta(ident, {"templateID": ident, "names": [base], "createdAt": time.time()})
-            self.store.set_name(base, ident)
+        try:
+            ident = self.store.claim(base)
+        except TemplateError as e:
+            raise BadRequest(str(e)) from None
         build = Build(
             template_id=ident,
             build_id=str(uuid.uuid4()),
@@ -196,15 +205,7 @@ class TemplateBuilds:
         tmp.rename(d / f"{build.build_id}.json")
 
     async def delete(self, template_id: str) -> None:
-        """Remove a template: its names, builds, tags and uploaded files (its layers stay until a prune
-        finds no template and no sandbox using them)."""
-        for name in self.store.meta(template_id).get("names", []):
-            self.store.drop_name(name)
-        home = self.store.dir / template_id
-        doomed = self.store.dir / f".deleted-{template_id}-{os.getpid()}"
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(home, doomed)
-        await asyncio.to_thread(shutil.rmtree, doomed, True)
+        await asyncio.to_thread(self.store.delete, template_id)
 
     # -- files -------------------------------------------------------------------------------------
     def _files(self, template_id: str) -> Path:
@@ -296,18 +297,14 @@ class TemplateBuilds:
             build.finished = time.time()
             self._save(build)
 
-    def _base(self, recipe: Recipe) -> tuple[str | None, Path, BuildState, str]:
+    async def _base(self, build: Build, recipe: Recipe) -> tuple[str | None, Path, BuildState, str]:
         """(top layer, rootfs below it, the state it leaves, a description) of the recipe's base."""
         if recipe.from_template:
             name = recipe.from_template
         else:
             image = recipe.from_image or DEFAULT_IMAGE
             if image not in (DEFAULT_IMAGE, "e2bdev/base:latest", "e2bdev/code-interpreter"):
-                raise StepFailed(
-                    "base",
-                    f"image '{image}': this server pulls no images yet: build from the default base "
-                    "(Template() / from_base_image()) or from one of its templates (from_template)",
-                )
+                return await self._image(build, image, recipe.force)
             name = "code-interpreter-v1" if image == "e2bdev/code-interpreter" else "base"
         try:
             t = self.store.get(name)
@@ -319,7 +316,7 @@ class TemplateBuilds:
 
     async def _build(self, build: Build, recipe: Recipe) -> None:
         build.log(f"FROM {recipe.base}", step="base")
-        top, base, state, described = self._base(recipe)
+        top, base, state, described = await self._base(build, recipe)
         build.log(f"base: {described}", "debug", "base")
         parent = top or f"rootfs:{base}"
         forced = recipe.force
@@ -355,6 +352,31 @@ class TemplateBuilds:
         if recipe.start_cmd or recipe.ready_cmd:
             await self._finalize(build, recipe, state, top, base)
         self._commit_version(build, recipe, state, top, base)
+
+    async def _image(self, build: Build, ref: str, force: bool) -> tuple[str | None, Path, BuildState, str]:
+        """An OCI image from this server's registry, as layers, with the user `user` that SDK commands
+        run as by default (made if the image has none)."""
+
+        def progress(text: str) -> None:
+            build.log(text, step="base")
+
+        try:
+            source = images.source_for(ref, self.registry)
+            async with self._pull_lock:  # one writer of the shared layout at a time
+                layout = await asyncio.to_thread(images.pull, source, self.registry, self.store.dir / ".oci", progress)
+                layers, config = await asyncio.to_thread(images.read_layout, layout, "img")
+                top = await asyncio.to_thread(images.import_layers, layout, layers, self.layers, progress)
+        except images.ImageError as e:
+            raise StepFailed("base", str(e)) from None
+        base = images.empty_root(self.layers)
+        root = BuildState(user="root", workdir="/", env=config.env)
+        provision = Step("RUN", (PROVISION, "root"))
+        key = layer_key(top or f"rootfs:{base}", {"builder": BUILDER, "provision": PROVISION, **root.key()})
+        if force or self.layers.get(key) is None:
+            progress("adding the user 'user' (uid 1000) unless the image has one")
+            await self._run_step(build, "base", provision, root, top, base, key, "[base] user")
+        state = BuildState(user="user", workdir=config.workdir or "/home/user", env=config.env)
+        return key, base, state, f"image {ref} ({len(layers)} layers)"
 
     def _files_digest(self, template_id: str, files_hash: str) -> str:
         meta = json.loads((self._files(template_id) / f"{files_hash}.json").read_text())
@@ -473,14 +495,8 @@ class TemplateBuilds:
             self.manager.build_sandbox_gone(handle)
 
     def _commit_version(self, build: Build, recipe: Recipe, state: BuildState, top: str | None, base: Path) -> None:
-        home = self.store.dir / build.template_id
-        version = home / build.build_id
-        version.mkdir(parents=True, exist_ok=True)
         size = sum(layer.size_bytes for layer in self.layers.chain(top)) if top else 0
         meta = {
-            "kind": "layers",
-            "name": build.template_id,
-            "build_id": build.build_id,
             "top": top,
             "base": str(base),
             "env": state.env,
@@ -493,13 +509,7 @@ class TemplateBuilds:
             "built_at": time.time(),
             "size_bytes": size,
         }
-        tmp = version / f".template.json.{os.getpid()}"
-        tmp.write_text(json.dumps(meta, indent=1))
-        tmp.rename(version / "template.json")
-        for tag in build.tags:
-            self.store.set_tag(build.template_id, tag, build.build_id)
-        if not (home / "current").exists():
-            self.store.set_tag(build.template_id, "default", build.build_id)
+        self.store.add_version(build.template_id, build.build_id, meta, build.tags)
         build.log(f"template {build.names[0]} ({build.template_id}) tagged {', '.join(build.tags)}")
 
 

@@ -65,6 +65,21 @@ class WarmPool:
             self._in_background(self.runtime.destroy(entry.handle))  # template rebuilt, or it died
         return None
 
+    async def drop_stale(self) -> None:
+        """Destroy idle sandboxes whose template is gone or has another current version now (a template
+        removed or rebuilt, by this server or by `sandboxd template` on the host)."""
+        for name, entries in list(self._idle.items()):
+            if not entries:
+                continue
+            try:
+                digest: str | None = self.templates.get(name).digest
+            except Exception:
+                digest = None
+            stale = [e for e in entries if e.digest != digest]
+            for e in stale:
+                entries.remove(e)
+            await asyncio.gather(*(self.runtime.destroy(e.handle) for e in stale), return_exceptions=True)
+
     def schedule_refill(self, name: str, delay: float = REFILL_DELAY) -> None:
         if self.size <= 0 or self._closing:
             return

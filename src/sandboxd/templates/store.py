@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import stat
 import subprocess
@@ -231,6 +232,77 @@ class TemplateStore:
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(f"../{build_id}")
         tmp.rename(home / "tags" / tag)
+
+    def claim(self, name: str) -> str:
+        """The ID of the template called `name`, made (with no build yet) if there is none."""
+        ident, _ = self.resolve(name)
+        if ident is not None and (self.dir / ident / "meta.json").is_file():
+            return ident
+        if ident is not None:
+            raise TemplateError(f"'{name}' is a built-in template: give your template another name")
+        ident = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(20))
+        self.write_meta(ident, {"templateID": ident, "names": [name], "createdAt": time.time()})
+        self.set_name(name, ident)
+        return ident
+
+    def delete(self, ident: str) -> None:
+        """Remove a template: its names, builds, tags and uploaded files (its layers stay until a prune
+        finds no template and no sandbox using them)."""
+        for name in self.meta(ident).get("names", []):
+            self.drop_name(name)
+        doomed = self.dir / f".deleted-{ident}-{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(self.dir / ident, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def referenced_layers(self) -> set[str]:
+        """Layers that a version of a template, or a sandbox on this host, stands on."""
+        tops: set[str] = set()
+        for home in self.dir.iterdir() if self.dir.is_dir() else []:
+            if home.name.startswith(".") or not home.is_dir():
+                continue
+            for version in home.iterdir():
+                meta_file = version / "template.json"
+                if version.is_symlink() or not meta_file.is_file():
+                    continue
+                with contextlib.suppress(ValueError, OSError):
+                    top = json.loads(meta_file.read_text()).get("top")
+                    if top:
+                        tops.add(top)
+        for lower in _mounted_lower_dirs():  # a sandbox's topmost layer: <templates>/.layers/<key>/diff
+            path = Path(lower)
+            if path.name == "diff" and path.parent.parent == self.layers.dir:
+                tops.add(path.parent.name)
+        keep: set[str] = set()
+        for top in tops:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                keep.update(layer.key for layer in self.layers.chain(top))
+        return keep
+
+    def prune_layers(self) -> tuple[int, int]:
+        """Remove the layers nothing stands on; (how many, bytes)."""
+        self.layers.clean_stale()
+        keep = self.referenced_layers()
+        count = size = 0
+        for key in self.layers.keys():
+            if key not in keep:
+                size += self.layers.remove(key)
+                count += 1
+        return count, size
+
+    def add_version(self, ident: str, build_id: str, meta: dict, tags: list[str]) -> None:
+        """Record a built version of a layered template and point `tags` at it (the first build of a
+        template also becomes its default)."""
+        home = self.dir / ident
+        version = home / build_id
+        version.mkdir(parents=True, exist_ok=True)
+        tmp = version / f".template.json.{os.getpid()}"
+        tmp.write_text(json.dumps({"kind": "layers", "name": ident, "build_id": build_id, **meta}, indent=1))
+        tmp.rename(version / "template.json")
+        for tag in tags:
+            self.set_tag(ident, tag, build_id)
+        if not (home / "current").exists():
+            self.set_tag(ident, "default", build_id)
 
     def drop_tag(self, ident: str, tag: str) -> bool:
         home = self.dir / ident
