@@ -37,6 +37,7 @@ import files
 import interp
 import net
 import noisy
+import templates
 
 VENV_BIN = Path("/opt/sandboxd/venv/bin")
 TEMPLATES = Path("/var/lib/sandboxd/templates")
@@ -258,8 +259,9 @@ class Server:
 
     count = 0
 
-    def __init__(self, workdir: Path, extra_args: list[str]) -> None:
+    def __init__(self, workdir: Path, extra_args: list[str], templates_dir: Path = TEMPLATES) -> None:
         self.workdir = workdir
+        self.templates_dir = templates_dir
         Server.count += 1
         net_args = ["--network-cidr", f"10.214.{Server.count}.0/24"]
         if "--dns" not in extra_args:
@@ -283,7 +285,7 @@ class Server:
             "--data-dir",
             str(self.workdir / "data"),
             "--templates-dir",
-            str(TEMPLATES),
+            str(self.templates_dir),
             "--log-level",
             "warning",
             *self.extra_args,
@@ -885,7 +887,7 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=600, help="global time budget in s (default %(default)s)")
     parser.add_argument(
         "--suite",
-        choices=["all", "sandboxes", "files", "interp", "noisy", "net"],
+        choices=["all", "sandboxes", "files", "interp", "noisy", "net", "templates"],
         default="all",
         help="what to measure (default %(default)s)",
     )
@@ -913,6 +915,9 @@ def main() -> int:
         Server(workdir / "nopool-noquota", ["--pool-size", "0", "--disk-mb", "0"]),
         Server(workdir / "noisy", []),
         Server(workdir / "net", ["--dns", net.DNS, "--egress-ca-file", str(workdir / "lab" / "ca.pem")]),
+        # template builds get a templates dir of their own (the built-in templates linked in): a cold build
+        Server(workdir / "tpl", ["--dns", net.DNS], templates_dir=workdir / "templates"),
+        Server(workdir / "tpl-nopool", ["--dns", net.DNS, "--pool-size", "0"], templates_dir=workdir / "templates"),
     ]
     clients = [Client(s) for s in servers]
     holders: list[Holder] = []
@@ -934,6 +939,7 @@ def main() -> int:
     interp_results: dict[str, Any] = {}
     noisy_results: dict[str, Any] = {}
     net_results: dict[str, Any] = {}
+    template_results: dict[str, Any] = {}
 
     def phase(name: str, fn: Callable[[], object]) -> bool:
         if dl.left() <= 0:
@@ -951,7 +957,20 @@ def main() -> int:
 
     with sigterm_as_interrupt():
         try:
-            warm, nopool, files_client, interp_warm, interp_cold, nopool_noquota, noisy_client, net_client = clients
+            warm, nopool, files_client, interp_warm, interp_cold, nopool_noquota, noisy_client, net_client = clients[:8]
+            tpl_warm, tpl_cold = clients[8:]
+            if args.suite in ("all", "templates"):
+                (workdir / "templates").mkdir()
+                for name in ("base", "code-interpreter-v1"):
+                    (workdir / "templates" / name).symlink_to(TEMPLATES / name)
+                lab = net.Lab(workdir / "lab").start()
+                try:
+                    template_results.update(
+                        templates.run_templates(tpl_warm, tpl_cold, dl, workdir / "tpl-work", phase)
+                    )
+                    errors.extend(template_results.pop("errors"))
+                finally:
+                    lab.stop()
             if args.suite in ("all", "net"):
                 lab = net.Lab(workdir / "lab").start()  # before the server, which trusts its CA
                 try:
@@ -990,7 +1009,7 @@ def main() -> int:
                 )
                 errors.extend(interp_results.pop("errors"))
                 interp.finish(interp_results)
-            if args.suite in ("files", "interp", "noisy", "net"):
+            if args.suite in ("files", "interp", "noisy", "net", "templates"):
                 raise _SkipRest
             if phase("start sandboxd (default pool)", warm.server.start):
                 phase("sandboxd create, pool", lambda: sbx_create(n, dl, warm, sbx, paced=True))
@@ -1087,14 +1106,21 @@ def main() -> int:
         "interp": interp_results,
         "noisy": noisy_results,
         "net": net_results,
+        "templates": template_results,
         "partial": partial,
         "errors": errors,
         "leftovers": left,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    if args.suite not in ("files", "interp", "noisy", "net"):
+    if args.suite not in ("files", "interp", "noisy", "net", "templates"):
         print_report(rows, targets, meta)
+    if template_results:
+        templates.print_report(template_results)
+        if args.suite == "templates":
+            print(
+                f"partial results: {meta['partial'] or 'none'}\ncleanup: {meta['cleanup_summary']}\nresults: {RESULTS}"
+            )
     if net_results:
         net.print_report(net_results)
         if args.suite == "net":

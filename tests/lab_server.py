@@ -1,5 +1,6 @@
 """The lab's web server (tests/netlab.py): HTTP on :80 and HTTPS on :443 of each address given, answering
-every request with a JSON echo of it (and logging it to DIR/requests.log); UDP on the first address's
+/files/PATH from DIR/files/PATH (package repositories a test or benchmark puts there) and every other
+request with a JSON echo of it (and logging it to DIR/requests.log); UDP on the first address's
 port 9999, logging each datagram to DIR/udp.log. Run inside the lab's network namespace.
 
     lab_server.py DIR ADDRESS...      (DIR/server.pem: certificate chain and key)
@@ -55,6 +56,24 @@ class Echo(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(out)))
             self.end_headers()
             self.wfile.write(out)
+            return
+        if self.path.startswith("/files/"):  # DIR/files: a package repository or index a test put there
+            import os
+            import urllib.parse
+
+            rel = urllib.parse.unquote(self.path.split("?")[0][len("/files/") :])
+            path = os.path.join(DIR, "files", rel)
+            if ".." in rel.split("/") or not os.path.isfile(path):
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            with open(path, "rb") as f:
+                payload = f.read()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
             return
         if self.path.startswith("/bytes/"):
             payload = b"x" * int(self.path.split("/")[2])

@@ -420,3 +420,22 @@ def test_a_dockerfile_build_with_the_cli_and_prune_keeps_layers_in_use(tserver: 
             break
         time.sleep(0.5)
     assert len(final) < len(after), (in_use, after, final)
+
+
+def test_resources_per_create_through_reserved_metadata(tserver: Server) -> None:
+    sbx = Sandbox.create("base", metadata={"sandboxd.memory_mb": "768", "sandboxd.cpus": "2"})
+    try:
+        info = sbx.get_info()
+        assert info.memory_mb == 768 and info.cpu_count == min(2, os.cpu_count() or 1)
+        total_kib = int(sbx.commands.run("grep MemTotal /proc/meminfo").stdout.split()[1])
+        assert total_kib == 768 * 1024
+    finally:
+        sbx.kill()
+    for bad, message in (
+        ({"sandboxd.memory_mb": str(1 << 30)}, "at most"),
+        ({"sandboxd.memory_mb": "lots"}, "sandboxd.memory_mb"),
+        ({"sandboxd.cpus": "0"}, "sandboxd.cpus"),
+        ({"sandboxd.cpus": "1000"}, "at most"),
+    ):
+        with pytest.raises(Exception, match=message):
+            Sandbox.create("base", metadata=bad)

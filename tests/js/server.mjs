@@ -9,6 +9,7 @@ import { join } from 'node:path'
 const SANDBOXD = process.env.SANDBOXD_BIN || '/opt/sandboxd/venv/bin/sandboxd'
 const TEMPLATES = process.env.SANDBOXD_TEMPLATES_DIR || '/var/lib/sandboxd/templates'
 export const DOMAIN = 'js.sandboxd.test'
+export { TEMPLATES }
 
 function freePort() {
   return new Promise((resolve, reject) => {
@@ -22,7 +23,7 @@ function freePort() {
   })
 }
 
-export async function startServer() {
+export async function startServer({ templatesDir = TEMPLATES, cidr = '10.213.252.0/24' } = {}) {
   const dir = mkdtempSync(join(tmpdir(), 'sandboxd-js-'))
   const port = await freePort()
   const tlsPort = await freePort()
@@ -31,9 +32,9 @@ export async function startServer() {
   const proc = spawn(
     SANDBOXD,
     ['serve', '--host', '127.0.0.1', '--port', String(port), '--data-dir', join(dir, 'data'),
-      '--templates-dir', TEMPLATES, '--destroy-on-exit',
+      '--templates-dir', templatesDir, '--destroy-on-exit',
       // a sandbox network of its own; names resolve nowhere but this host (nothing leaves the machine)
-      '--network-cidr', '10.213.252.0/24', '--dns', '127.0.0.1', '--domain', DOMAIN, '--tls-port', String(tlsPort)],
+      '--network-cidr', cidr, '--dns', '127.0.0.1', '--domain', DOMAIN, '--tls-port', String(tlsPort)],
     { stdio: ['ignore', log, log] },
   )
   const url = `http://127.0.0.1:${port}`

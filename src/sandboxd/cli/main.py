@@ -58,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         help="idle sandboxes kept created per recently used template (default 2; 0 = none)",
     )
     p_serve.add_argument(
+        "--max-sandbox-memory-mb",
+        type=int,
+        default=16384,
+        help="the most memory a create may ask for in metadata sandboxd.memory_mb (default %(default)s)",
+    )
+    p_serve.add_argument(
         "--ready-timeout",
         type=float,
         default=120.0,
@@ -274,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             pids=args.pids,
             pool_size=args.pool_size,
             ready_timeout=args.ready_timeout,
+            max_memory_mb=args.max_sandbox_memory_mb,
             prewarm=tuple(t for t in args.prewarm.split(",") if t),
             host=HostLimits.for_host(
                 max_sandboxes=args.max_sandboxes,

@@ -50,6 +50,14 @@ def new_sandbox_id() -> str:
 
 
 DEFAULT_MEMORY_MB = 512
+MIN_MEMORY_MB = 64
+META_MEMORY, META_CPUS = "sandboxd.memory_mb", "sandboxd.cpus"  # per-create resources, in metadata
+
+
+@dataclass(frozen=True)
+class Resources:
+    memory_mb: int
+    cpu_count: float
 
 
 @dataclass
@@ -64,6 +72,8 @@ class Settings:
     disk_mb: int | None = None
     # The most a create may ask for (`diskSizeMB`); None: no more than the template's default.
     max_disk_mb: int | None = None
+    # The most memory one create may ask for (metadata sandboxd.memory_mb).
+    max_memory_mb: int = 16384
     # Sandboxes kept created and idle per recently used template, so that create only hands one out.
     pool_size: int = 2
     # How long a template's ready command may take to succeed (at create, and at a build's finalize).
@@ -156,10 +166,10 @@ class SandboxManager:
         self.runtime.close()  # removes only what no kept sandbox still uses
 
     # -- making sandboxes --------------------------------------------------------------------------
-    def _spec(self, sandbox_id: str, template: Template, disk_mb: int) -> SandboxSpec:
+    def _spec(self, sandbox_id: str, template: Template, disk_mb: int, res: Resources | None = None) -> SandboxSpec:
         s = self.settings
-        memory_mb, cpus = self._memory_mb(template), self._cpu_count(template)
-        limits = Limits(memory_mb=memory_mb, cpu_count=cpus, pids=s.pids, disk_mb=disk_mb)
+        res = res or self._resources(template, {})
+        limits = Limits(memory_mb=res.memory_mb, cpu_count=res.cpu_count, pids=s.pids, disk_mb=disk_mb)
         return SandboxSpec(
             sandbox_id=sandbox_id, layers=template.layers, hostname=sandbox_id, limits=limits, binds=template.binds
         )
@@ -170,6 +180,33 @@ class SandboxManager:
 
     def _memory_mb(self, template: Template) -> int:
         return self.settings.memory_mb or template.memory_mb or DEFAULT_MEMORY_MB
+
+    def _resources(self, template: Template, metadata: dict[str, str]) -> Resources:
+        """The template's memory and CPUs, or what a create asks for in the reserved metadata keys
+        `sandboxd.memory_mb` / `sandboxd.cpus` (the official SDKs pass metadata through), within the
+        server's maxima."""
+        memory, cpus = self._memory_mb(template), self._cpu_count(template)
+        raw_memory, raw_cpus = metadata.get(META_MEMORY), metadata.get(META_CPUS)
+        if raw_memory is not None:
+            if not raw_memory.isdigit() or not MIN_MEMORY_MB <= int(raw_memory):
+                raise BadRequest(f"metadata {META_MEMORY} must be a whole number of MiB, at least {MIN_MEMORY_MB}")
+            memory = int(raw_memory)
+            if memory > self.settings.max_memory_mb:
+                raise BadRequest(
+                    f"metadata {META_MEMORY}: at most {self.settings.max_memory_mb} MiB per sandbox on this server "
+                    f"(--max-sandbox-memory-mb), {memory} asked"
+                )
+        if raw_cpus is not None:
+            try:
+                cpus = float(raw_cpus)
+            except ValueError:
+                cpus = 0.0
+            if not cpus > 0 or cpus != cpus:
+                raise BadRequest(f"metadata {META_CPUS} must be a number of CPUs above 0, got {raw_cpus[:32]!r}")
+            host = float(os.cpu_count() or 1)
+            if cpus > host:
+                raise BadRequest(f"metadata {META_CPUS}: at most {host:g} CPUs (this host's), {cpus:g} asked")
+        return Resources(memory, cpus)
 
     def _disk_mb(self, template: Template) -> int:
         """The template's default disk size (0: no disk quota)."""
@@ -194,13 +231,14 @@ class SandboxManager:
         return disk_mb
 
     async def _new(
-        self, sandbox_id: str, template: Template, disk_mb: int
+        self, sandbox_id: str, template: Template, disk_mb: int, res: Resources | None = None
     ) -> tuple[SandboxHandle, subprocess.Popen[bytes] | None]:
         """Create a sandbox and start its template's service (the code interpreter, say)."""
-        memory_mb = self._memory_mb(template)
+        res = res or self._resources(template, {})
+        memory_mb = res.memory_mb
         self._creating.append(memory_mb)  # counted against the host-wide limits while it is made
         try:
-            handle = await self.runtime.create(self._spec(sandbox_id, template, disk_mb))
+            handle = await self.runtime.create(self._spec(sandbox_id, template, disk_mb, res))
         except AddressPoolExhausted as e:
             raise LimitReached(str(e)) from None
         finally:
@@ -210,7 +248,9 @@ class SandboxManager:
                 who = startup.identity(
                     self.runtime, handle, template.default_user, template.env, template.default_workdir
                 )
-                service = await startup.start_service(self.runtime, handle, who, template.start_cmd, template.ready_cmd)
+                service = await startup.start_service(
+                    self.runtime, handle, who, template.start_cmd, template.ready_cmd, self.settings.ready_timeout
+                )
             except startup.StartError as e:
                 await self.runtime.destroy(handle)
                 raise SandboxdError(f"template '{template.name}': its sandbox did not start: {e}") from None
@@ -349,14 +389,16 @@ class SandboxManager:
         except TemplateError as e:
             raise NotFound(str(e)) from None
         disk_mb = self._check_disk_mb(template, disk_mb)
-        # Pooled sandboxes have the template's default disk: another size is made fresh.
-        pooled = self.pool.take(template.name, template.digest) if disk_mb == self._disk_mb(template) else None
+        res = self._resources(template, metadata or {})
+        # Pooled sandboxes have the template's default disk and resources: others are made fresh.
+        default = disk_mb == self._disk_mb(template) and res == self._resources(template, {})
+        pooled = self.pool.take(template.name, template.digest) if default else None
         if pooled is not None:
             sandbox_id, handle, service = pooled.sandbox_id, pooled.handle, pooled.service
         else:
             await self._admit(template)
             sandbox_id = new_sandbox_id()
-            handle, service = await self._new(sandbox_id, template, disk_mb)
+            handle, service = await self._new(sandbox_id, template, disk_mb, res)
         self.pool.schedule_refill(template.name)
         try:  # pooled or not, a sandbox starts with the default policy: its own now
             ca, ca_vars = await self.net.apply_new(handle, policy)
@@ -376,8 +418,8 @@ class SandboxManager:
             state="running",
             metadata=dict(metadata or {}),
             env_vars=dict(env_vars or {}),
-            cpu_count=max(1, int(self._cpu_count(template))),
-            memory_mb=self._memory_mb(template),
+            cpu_count=max(1, int(res.cpu_count)),
+            memory_mb=res.memory_mb,
             disk_mb=disk_mb,
             auto_pause=auto_pause,
             default_user=template.default_user,
