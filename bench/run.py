@@ -966,7 +966,7 @@ def main() -> int:
                 lab = net.Lab(workdir / "lab").start()
                 try:
                     template_results.update(
-                        templates.run_templates(tpl_warm, tpl_cold, dl, workdir / "tpl-work", phase)
+                        templates.run_templates(tpl_warm, tpl_cold, dl, workdir / "tpl-work", workdir / "lab", phase)
                     )
                     errors.extend(template_results.pop("errors"))
                 finally:

@@ -112,10 +112,10 @@ def _floor_cold(create: Callable[..., Any], kill: Callable[[Any], None]) -> floa
 
 
 def run_templates(
-    warm: Any, cold: Any, dl: Any, workdir: Path, phase: Callable[[str, Callable[[], object]], bool]
+    warm: Any, cold: Any, dl: Any, workdir: Path, lab_dir: Path, phase: Callable[[str, Callable[[], object]], bool]
 ) -> dict[str, Any]:
     """warm, cold: run.Client of a server with the warm pool and of one with --pool-size 0, sharing one
-    templates dir; started and stopped here."""
+    templates dir; started and stopped here. lab_dir: the running lab's directory (its /files/)."""
     from e2b import Sandbox, Template, wait_for_port
 
     out: dict[str, Any] = {"errors": []}
@@ -144,6 +144,7 @@ def run_templates(
 
     def rebuilds() -> None:
         xs, floors = [], []
+        Template.build(_template(ctx), name)  # untimed: the cold builds skipped the cache, this one fills it
         for i in range(REBUILDS):
             dl.check()
             (ctx / "app.txt").write_text(f"v{i + 1}\n")
@@ -151,7 +152,7 @@ def run_templates(
             t0 = time.monotonic()
             Template.build(_template(ctx), name, on_build_logs=lambda e, lines=lines: lines.append(e.message))
             xs.append(time.monotonic() - t0)
-            if sum(1 for line in lines if line.startswith("CACHED")) < 4:
+            if sum(1 for line in lines if line.startswith("CACHED")) < 3:  # RUN, RUN, RUN (ENV has no layer)
                 out["errors"].append(f"rebuild {i}: steps were not cached: {lines}")
             t0 = time.monotonic()
             s = warm.create(dl)
@@ -181,7 +182,7 @@ def run_templates(
         out[f"start_{key}_ms"], out[f"base_{key}_ms"] = xs, base
 
     if phase("start sandboxd (templates)", warm.server.start):
-        prepare_repos(workdir / "lab")
+        prepare_repos(lab_dir)
         phase("templates: cold build", cold_builds)
         phase("templates: cached rebuild", rebuilds)
         t = (

@@ -63,6 +63,8 @@ class Echo(BaseHTTPRequestHandler):
 
             rel = urllib.parse.unquote(self.path.split("?")[0][len("/files/") :])
             path = os.path.join(DIR, "files", rel)
+            if os.path.isdir(path):
+                path = os.path.join(path, "index.html")
             if ".." in rel.split("/") or not os.path.isfile(path):
                 self.send_response(404)
                 self.send_header("Content-Length", "0")
@@ -71,6 +73,8 @@ class Echo(BaseHTTPRequestHandler):
             with open(path, "rb") as f:
                 payload = f.read()
             self.send_response(200)
+            if path.endswith(".html"):
+                self.send_header("Content-Type", "text/html")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             self.wfile.write(payload)
