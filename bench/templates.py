@@ -18,14 +18,16 @@ import hashlib
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from netlab import WEB
+from packages import make_wheel
 
 COLD_RUNS = 3
 REBUILDS = 5
@@ -63,15 +65,7 @@ def prepare_repos(lab_dir: Path) -> None:
         ["dpkg-scanpackages", "--multiversion", "."], cwd=debian, check=True, capture_output=True, text=True
     ).stdout
     (debian / "Packages").write_text(packages)
-    wheel = simple / "sbxdemo-1.0-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as z:
-        z.writestr("sbxdemo/__init__.py", "ANSWER = 42\n")
-        z.writestr("sbxdemo-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: sbxdemo\nVersion: 1.0\n")
-        z.writestr(
-            "sbxdemo-1.0.dist-info/WHEEL",
-            "Wheel-Version: 1.0\nGenerator: bench\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-        )
-        z.writestr("sbxdemo-1.0.dist-info/RECORD", "")
+    wheel = make_wheel(simple)
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
     (simple / "index.html").write_text(f'<a href="sbxdemo-1.0-py3-none-any.whl#sha256={digest}">sbxdemo</a>\n')
     (files / "simple" / "index.html").write_text('<a href="sbxdemo/">sbxdemo</a>\n')
@@ -161,24 +155,22 @@ def run_templates(
             warm.kill(s)
         out["rebuild_s"], out["rebuild_floor_s"] = xs, floors
 
+    def timed_create(create: Callable[[], Any], kill: Callable[[Any], None], pooled: bool) -> float:
+        if pooled:
+            time.sleep(PACE)  # the pool has refilled: the steady state of a pooled server
+        t0 = time.monotonic()
+        s = create()
+        s.commands.run("true")
+        took = (time.monotonic() - t0) * 1000
+        kill(s)
+        return took
+
     def start_creates(client: Any, key: str, pooled: bool) -> None:
         xs, base = [], []
         for _ in range(8):
             dl.check()
-            if pooled:
-                time.sleep(PACE)
-            t0 = time.monotonic()
-            s = Sandbox.create(started_name)
-            s.commands.run("true")
-            xs.append((time.monotonic() - t0) * 1000)
-            s.kill()
-            if pooled:
-                time.sleep(PACE)
-            t0 = time.monotonic()
-            b = client.create(dl)
-            b.commands.run("true")
-            base.append((time.monotonic() - t0) * 1000)
-            client.kill(b)
+            xs.append(timed_create(lambda: Sandbox.create(started_name), lambda s: s.kill(), pooled))
+            base.append(timed_create(lambda: client.create(dl), client.kill, pooled))
         out[f"start_{key}_ms"], out[f"base_{key}_ms"] = xs, base
 
     if phase("start sandboxd (templates)", warm.server.start):

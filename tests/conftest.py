@@ -292,3 +292,27 @@ def sandbox_meminfo(sbx: Any) -> dict[str, int]:
     """A sandbox's /proc/meminfo, key -> number (kB for sizes)."""
     out = sbx.commands.run("cat /proc/meminfo").stdout
     return {line.split(":")[0]: int(line.split()[1]) for line in out.splitlines() if line.strip()}
+
+
+@contextlib.contextmanager
+def builder_server(root: Path, *extra: str) -> Iterator[Server]:
+    """A server with a templates dir of its own (the cached built-in templates linked in: the layers a
+    test builds never mix with the shared cache), which the SDK talks to (E2B_* set, then restored).
+    `server.templates` is that dir."""
+    templates = root / "templates"
+    templates.mkdir()
+    for name in ("base", "code-interpreter-v1"):
+        (templates / name).symlink_to(TEMPLATES_DIR / name)
+    srv = start_server(root / "data", "--ready-timeout", "5", *extra, templates_dir=templates)
+    srv.templates = templates  # type: ignore[attr-defined]
+    old = {k: os.environ.get(k) for k in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY")}
+    os.environ.update(E2B_API_URL=srv.url, E2B_SANDBOX_URL=srv.url, E2B_API_KEY=srv.api_key)
+    try:
+        yield srv
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        srv.stop()

@@ -14,7 +14,6 @@ import os
 import secrets
 import subprocess
 import time
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,43 +21,15 @@ import httpx
 import pytest
 from e2b import Sandbox, Template, wait_for_file, wait_for_port
 from e2b.exceptions import BuildException
+from packages import make_wheel
 
-from conftest import SANDBOXD, TEMPLATES_DIR, Server, start_server
+from conftest import SANDBOXD, Server, builder_server
 
 
 @pytest.fixture(scope="module")
 def tserver(tmp_path_factory: pytest.TempPathFactory, lab: object) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("tbuild")
-    templates = root / "templates"
-    templates.mkdir()
-    for name in ("base", "code-interpreter-v1"):
-        (templates / name).symlink_to(TEMPLATES_DIR / name)
-    srv = start_server(root / "data", "--ready-timeout", "5", templates_dir=templates)
-    old = {k: os.environ.get(k) for k in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY")}
-    os.environ.update(E2B_API_URL=srv.url, E2B_SANDBOX_URL=srv.url, E2B_API_KEY=srv.api_key)
-    try:
+    with builder_server(tmp_path_factory.mktemp("tbuild")) as srv:
         yield srv
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        srv.stop()
-
-
-def _wheel(path: Path) -> Path:
-    """A minimal pure-Python wheel (pip installs it with no network)."""
-    whl = path / "sbxdemo-1.0-py3-none-any.whl"
-    with zipfile.ZipFile(whl, "w") as z:
-        z.writestr("sbxdemo/__init__.py", "ANSWER = 42\n")
-        z.writestr("sbxdemo-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: sbxdemo\nVersion: 1.0\n")
-        z.writestr(
-            "sbxdemo-1.0.dist-info/WHEEL",
-            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-        )
-        z.writestr("sbxdemo-1.0.dist-info/RECORD", "")
-    return whl
 
 
 @pytest.fixture
@@ -78,7 +49,7 @@ def context(tmp_path: Path) -> Path:
         "        self.wfile.write(body)\n"
         "socketserver.TCPServer(('0.0.0.0', 8080), H).serve_forever()\n"
     )
-    _wheel(ctx)
+    make_wheel(ctx)
     return ctx
 
 
@@ -353,7 +324,7 @@ def test_a_dockerfile_build_with_the_cli_and_prune_keeps_layers_in_use(tserver: 
     (ctx / "run.sh").write_text("#!/bin/sh\necho ran\n")
     (ctx / "Dockerfile").write_text(DOCKERFILE)
     name = f"df-{secrets.token_hex(3)}"
-    templates = tserver.data_dir.parent / "templates"
+    templates: Path = tserver.templates  # type: ignore[attr-defined]
     cmd = [
         SANDBOXD,
         "template",

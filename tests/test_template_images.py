@@ -23,7 +23,7 @@ import pytest
 from e2b import Sandbox, Template
 from e2b.exceptions import BuildException
 
-from conftest import SANDBOXD, TEMPLATES_DIR, Server, free_port, start_server
+from conftest import SANDBOXD, Server, builder_server, free_port
 
 BINARIES = (
     "/bin/sh",
@@ -211,23 +211,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def iserver(tmp_path_factory: pytest.TempPathFactory, registry: str, lab: object) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("timages")
-    templates = root / "templates"
-    templates.mkdir()
-    (templates / "base").symlink_to(TEMPLATES_DIR / "base")
-    srv = start_server(root / "data", "--registry", registry, "--registry-insecure", templates_dir=templates)
-    srv.templates = templates  # type: ignore[attr-defined]
-    old = {k: os.environ.get(k) for k in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY")}
-    os.environ.update(E2B_API_URL=srv.url, E2B_SANDBOX_URL=srv.url, E2B_API_KEY=srv.api_key)
-    try:
+    with builder_server(tmp_path_factory.mktemp("timages"), "--registry", registry, "--registry-insecure") as srv:
         yield srv
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        srv.stop()
 
 
 CHECK = (

@@ -19,30 +19,15 @@ import pytest
 from e2b import Sandbox, Template
 from e2b.exceptions import BuildException
 
-from conftest import TEMPLATES_DIR, Server, start_server
+from conftest import Server, builder_server
 
 UID_SHIFT = 100000
 
 
 @pytest.fixture(scope="module")
 def tserver(tmp_path_factory: pytest.TempPathFactory, lab: object) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("tattack")
-    templates = root / "templates"
-    templates.mkdir()
-    (templates / "base").symlink_to(TEMPLATES_DIR / "base")
-    srv = start_server(root / "data", "--ready-timeout", "5", templates_dir=templates)
-    srv.templates = templates  # type: ignore[attr-defined]
-    old = {k: os.environ.get(k) for k in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY")}
-    os.environ.update(E2B_API_URL=srv.url, E2B_SANDBOX_URL=srv.url, E2B_API_KEY=srv.api_key)
-    try:
+    with builder_server(tmp_path_factory.mktemp("tattack")) as srv:
         yield srv
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        srv.stop()
 
 
 def _build_with_archive(srv: Server, steps_for: object, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> dict:

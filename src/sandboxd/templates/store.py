@@ -28,7 +28,6 @@ import json
 import os
 import secrets
 import shutil
-import stat
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from sandboxd.templates.layers import LayerStore
+from sandboxd.templates.layers import LayerStore, shift_ids, tree_size
 from sandboxd.templates.specs import BUILTIN, CODE_DIR, SITE_DIR, UID_SHIFT, TemplateSpec
 
 Progress = Callable[[str], None]
@@ -377,7 +376,7 @@ class TemplateStore:
                 parent = self.ensure(spec.parent, progress)
                 progress(f"[{spec.name}] copying parent template '{spec.parent}'")
                 subprocess.run(["cp", "-a", "--reflink=auto", str(parent.rootfs), str(rootfs)], check=True)
-                _unshift_tree(rootfs, progress, spec.name)
+                shift_ids(rootfs, UID_SHIFT, 0)  # back to plain uids while it is built
                 if spec.packages:
                     self._chroot(
                         rootfs,
@@ -394,8 +393,8 @@ class TemplateStore:
                 progress(f"[{spec.name}] step {i}/{len(spec.steps)}: {step}")
                 self._chroot(rootfs, spec, step, progress)
             progress(f"[{spec.name}] shifting ownership into the sandbox uid range (+{UID_SHIFT})")
-            _shift_tree(rootfs, UID_SHIFT)
-            size = _tree_size(rootfs)
+            shift_ids(rootfs, 0, UID_SHIFT)
+            size = tree_size(rootfs)
             meta = {
                 "name": spec.name,
                 "digest": spec.digest(),
@@ -558,38 +557,3 @@ def _run_with_progress(
         raise TemplateError(
             f"template '{name}': `{' '.join(cmd[:3])} …` failed (exit {proc.returncode}):\n" + "\n".join(tail)
         )
-
-
-def _shift_tree(root: Path, shift: int) -> None:
-    """Add `shift` to every owner and group, keeping setuid/setgid bits (chown clears them)."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames, None]:
-            path = dirpath if name is None else os.path.join(dirpath, name)
-            st = os.lstat(path)
-            if st.st_uid >= shift:
-                continue
-            os.lchown(path, st.st_uid + shift, st.st_gid + shift)
-            if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
-                os.chmod(path, stat.S_IMODE(st.st_mode))
-
-
-def _unshift_tree(root: Path, progress: Progress, name: str) -> None:
-    for dirpath, dirnames, filenames in os.walk(root):
-        for entry in [*dirnames, *filenames, None]:
-            path = dirpath if entry is None else os.path.join(dirpath, entry)
-            st = os.lstat(path)
-            if st.st_uid >= UID_SHIFT:
-                os.lchown(path, st.st_uid - UID_SHIFT, st.st_gid - UID_SHIFT)
-                if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
-                    os.chmod(path, stat.S_IMODE(st.st_mode))
-
-
-def _tree_size(root: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
-            except OSError:
-                pass
-    return total
