@@ -19,10 +19,11 @@ fi
 step() { printf '\n==> %s\n' "$*" >&2; }
 
 PKGS=(python3 python3-venv python3-dev build-essential libseccomp-dev mmdebstrap iproute2 util-linux procps
-      ca-certificates curl nftables)
+      ca-certificates curl nftables skopeo zstd)
 # tests: dnsmasq is the DNS server of the tests' stand-in internet (tests/netlab.py); conntrack reads the
-# kernel's connection table for the leak checks
-[ $DEV = 1 ] && PKGS+=(dnsmasq-base conntrack)
+# kernel's connection table for the leak checks; docker-registry (the CNCF distribution server) is the OCI
+# registry the template tests start on loopback
+[ $DEV = 1 ] && PKGS+=(dnsmasq-base conntrack docker-registry)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -31,6 +32,10 @@ if [ ${#missing[@]} -gt 0 ]; then
     step "apt: installing ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    # the package's own registry service (all interfaces, :5000) is not wanted: tests start their own
+    if [[ " ${missing[*]} " == *" docker-registry "* ]] && command -v systemctl >/dev/null; then
+        systemctl disable --now docker-registry >/dev/null 2>&1 || true
+    fi
 else
     step "apt: all ${#PKGS[@]} packages present"
 fi
@@ -69,4 +74,6 @@ fi
 
 step "templates: base, code-interpreter-v1 (cached in $DATA_DIR/templates; built only when missing or changed)"
 "$VENV/bin/sandboxd" template build base code-interpreter-v1 --data-dir "$DATA_DIR"
+step "templates: httpbin (made by the template builder, through a server of its own; cached likewise)"
+"$VENV/bin/sandboxd" template build httpbin --data-dir "$DATA_DIR"
 step "ready: start the server with 'sandboxd serve' (prints the API key and the E2B_* variables to export)"

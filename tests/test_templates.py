@@ -90,3 +90,29 @@ def test_template_exists_for_built_in_templates(server: Server) -> None:
     assert Template.exists("base") is True
     assert Template.exists("code-interpreter-v1") is True
     assert Template.exists("no-such-template") is False
+
+
+def test_httpbin_is_built_with_the_template_builder_and_serves_on_port_80(server: Server) -> None:
+    """Registered by scripts/setup.sh (`sandboxd template build httpbin`, a recipe sent through a server's
+    template API, as users' templates are): its service answers when create returns."""
+    r = subprocess.run(
+        [SANDBOXD, "template", "build", "httpbin", "--templates-dir", str(TEMPLATES_DIR)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0 and "up to date" in r.stderr, f"run scripts/setup.sh first: {r.stderr}"
+    sbx = Sandbox.create("httpbin")
+    try:
+        got = json.loads(sbx.commands.run("curl -s 'localhost/get?probe=1'").stdout)
+        assert got["args"] == {"probe": "1"}
+        assert sbx.commands.run("whoami").stdout == "user\n"  # port 80 without root, in its own namespace
+        import httpx
+
+        via = httpx.get(
+            f"{server.url}/anything/x",
+            headers={"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "80", "X-Probe": "yes"},
+        )
+        assert via.status_code == 200 and via.json()["headers"]["X-Probe"] == "yes"
+    finally:
+        sbx.kill()

@@ -325,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if args.command == "template":
+        from sandboxd.templates.builtin import RECIPES
         from sandboxd.templates.specs import BUILTIN
         from sandboxd.templates.store import TemplateError, TemplateStore
 
@@ -350,8 +351,14 @@ def main(argv: list[str] | None = None) -> int:
             print("sandboxd: name built-in templates to build, or give a Dockerfile with -f", file=sys.stderr)
             return 2
         for name in args.names:
+            if name in RECIPES:  # made with the template builder, through a server
+                status = template_cli.build_recipe(store, name, args.data_dir, args.url, args.api_key)
+                if status:
+                    return status
+                continue
             if name not in BUILTIN:
-                print(f"sandboxd: unknown template '{name}'; built-in templates: {', '.join(BUILTIN)}", file=sys.stderr)
+                known = ", ".join([*BUILTIN, *RECIPES])
+                print(f"sandboxd: unknown template '{name}'; built-in templates: {known}", file=sys.stderr)
                 return 2
             try:
                 if not args.force and store.is_current(BUILTIN[name]):

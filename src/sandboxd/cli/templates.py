@@ -4,23 +4,30 @@ the SDKs take), import an image from an OCI layout or a `docker save` archive, l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
+import socket
+import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
-from sandboxd.templates import images
+from sandboxd.templates import builtin, images
 from sandboxd.templates.dockerfile import DockerfileError, convert
 from sandboxd.templates.store import TemplateError, TemplateStore
 
 console = Console(stderr=True, highlight=False)
+logging.getLogger("httpx").setLevel(logging.WARNING)  # its request lines are not the build's progress
 
 
 def add_parsers(tsub: argparse._SubParsersAction, server_options: argparse.ArgumentParser) -> None:
@@ -94,28 +101,23 @@ def _archive(context: Path, src: str, dest: str) -> tuple[str, bytes]:
     return digest.hexdigest(), buf.getvalue()
 
 
-def build_dockerfile(args: argparse.Namespace, url: str, api_key: str) -> int:
+def submit(
+    url: str,
+    api_key: str,
+    name: str,
+    request: dict[str, Any],
+    start: dict[str, Any],
+    context: Path,
+    copies: list[tuple[str, str]],
+) -> int:
+    """A build through the server's template API, as the SDKs do it: request (name, tags, resources),
+    upload each COPY step's files (in step order, `copies`), start, print the log as it comes."""
     import httpx
 
-    if not args.name:
-        console.print("sandboxd: --name is required with -f")
-        return 2
-    try:
-        conv = convert(args.file.read_text())
-    except (OSError, DockerfileError) as e:
-        console.print(f"sandboxd: {args.file}: {e}")
-        return 2
-    context = args.context or args.context_dir or args.file.parent
     started = time.monotonic()
     client = httpx.Client(base_url=url, headers={"X-API-KEY": api_key}, timeout=60)
-    name = args.name + (f":{args.tag[0]}" if args.tag else "")
-    body: dict[str, Any] = {"name": name, "tags": args.tag[1:]}
-    if args.cpus:
-        body["cpuCount"] = args.cpus
-    if args.memory_mb:
-        body["memoryMB"] = args.memory_mb
     try:
-        r = client.post("/v3/templates", json=body)
+        r = client.post("/v3/templates", json={"name": name, **request})
     except httpx.TransportError as e:
         console.print(f"sandboxd: cannot reach the server at {url} ({e}): is `sandboxd serve` running? (--url)")
         return 1
@@ -123,11 +125,11 @@ def build_dockerfile(args: argparse.Namespace, url: str, api_key: str) -> int:
         console.print(f"sandboxd: {r.json().get('message', r.text)}")
         return 1
     tid, bid = r.json()["templateID"], r.json()["buildID"]
-    copies = iter(conv.copies)
-    for step in conv.steps:
+    pending = iter(copies)
+    for step in start["steps"]:
         if step["type"] != "COPY":
             continue
-        src, dest = next(copies)
+        src, dest = next(pending)
         files_hash, data = _archive(context, src, dest)
         step["filesHash"] = files_hash
         link = client.get(f"/templates/{tid}/files/{files_hash}").json()
@@ -137,13 +139,6 @@ def build_dockerfile(args: argparse.Namespace, url: str, api_key: str) -> int:
                 console.print(f"sandboxd: uploading {src} failed: {up.text}")
                 return 1
             console.print(f"[dim]uploaded {src} ({len(data)} bytes)[/dim]")
-    for step in conv.steps:
-        step["force"] = bool(args.no_cache)
-    start = {"fromImage": conv.from_image, "force": bool(args.no_cache), "steps": conv.steps}
-    if conv.start_cmd:
-        start["startCmd"] = conv.start_cmd
-    if args.ready_cmd is not None or conv.ready_cmd:
-        start["readyCmd"] = args.ready_cmd if args.ready_cmd is not None else conv.ready_cmd
     r = client.post(f"/v2/templates/{tid}/builds/{bid}", json=start)
     if r.status_code >= 300:
         console.print(f"sandboxd: {r.json().get('message', r.text)}")
@@ -166,16 +161,147 @@ def build_dockerfile(args: argparse.Namespace, url: str, api_key: str) -> int:
     return 0
 
 
+def build_dockerfile(args: argparse.Namespace, url: str, api_key: str) -> int:
+    if not args.name:
+        console.print("sandboxd: --name is required with -f")
+        return 2
+    try:
+        conv = convert(args.file.read_text())
+    except (OSError, DockerfileError) as e:
+        console.print(f"sandboxd: {args.file}: {e}")
+        return 2
+    context = args.context or args.context_dir or args.file.parent
+    request: dict[str, Any] = {"tags": args.tag[1:]}
+    if args.cpus:
+        request["cpuCount"] = args.cpus
+    if args.memory_mb:
+        request["memoryMB"] = args.memory_mb
+    for step in conv.steps:
+        step["force"] = bool(args.no_cache)
+    start: dict[str, Any] = {"fromImage": conv.from_image, "force": bool(args.no_cache), "steps": conv.steps}
+    if conv.start_cmd:
+        start["startCmd"] = conv.start_cmd
+    if args.ready_cmd is not None or conv.ready_cmd:
+        start["readyCmd"] = args.ready_cmd if args.ready_cmd is not None else conv.ready_cmd
+    name = args.name + (f":{args.tag[0]}" if args.tag else "")
+    return submit(url, api_key, name, request, start, context, conv.copies)
+
+
+def build_recipe(store: TemplateStore, name: str, data_dir: Path, url: str | None, api_key: str | None) -> int:
+    """A built-in template that the template builder makes (templates/builtin.py): its Python packages
+    downloaded on the host (cached), then COPY + RUN through a server's API: `url`, or a server of its
+    own started for the build (no network: the build needs none)."""
+    recipe = builtin.RECIPES[name]
+    digest = builtin.recipe_digest(recipe)
+    try:
+        if store.get(name).recipe == digest:
+            console.print(f"[{name}] up to date (recipe {digest})", markup=False)
+            return 0
+    except TemplateError:
+        pass
+    wheels = data_dir / "cache" / f"wheels-{name}-{digest}"
+    if not (wheels / ".complete").is_file():
+        console.print(f"[{name}] downloading {' '.join(recipe['pip'])} (pip, on the host)", markup=False)
+        wheels.mkdir(parents=True, exist_ok=True)
+        res = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(wheels), *recipe["pip"]],
+            capture_output=True,
+            text=True,
+        )
+        if res.returncode != 0:
+            console.print(f"sandboxd: downloading the packages of {name} failed:\n{res.stderr[-2000:]}")
+            return 1
+        (wheels / ".complete").write_text("")
+    pins = " ".join(recipe["pip"])
+    steps = [
+        {"type": "COPY", "args": [wheels.name, "/tmp/wheels", "root", ""], "force": False},
+        {
+            "type": "RUN",
+            "args": [
+                f"pip install --no-index --no-cache-dir --find-links /tmp/wheels {pins} && rm -rf /tmp/wheels",
+                "root",
+            ],
+            "force": False,
+        },
+    ]
+    start = {
+        "fromTemplate": recipe["from_template"],
+        "force": False,
+        "steps": steps,
+        "startCmd": recipe["start_cmd"],
+        "readyCmd": recipe["ready_cmd"],
+        "recipe": digest,
+    }
+    request = {"cpuCount": recipe["cpu_count"], "memoryMB": recipe["memory_mb"]}
+    with _server_for_build(data_dir, store.dir, url, api_key) as (server_url, key):
+        return submit(server_url, key, name, request, start, wheels.parent, [(wheels.name, "/tmp/wheels")])
+
+
+@contextlib.contextmanager
+def _server_for_build(
+    data_dir: Path, templates: Path, url: str | None, api_key: str | None
+) -> Iterator[tuple[str, str]]:
+    if url and api_key:
+        yield url, api_key
+        return
+    import httpx
+
+    from sandboxd.state.db import StateDB
+
+    own = data_dir / "builder"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(own.with_suffix(".log"), "wb") if own.parent.is_dir() else subprocess.DEVNULL
+    proc = subprocess.Popen(
+        [
+            sys.argv[0] if sys.argv[0].endswith("sandboxd") else "sandboxd",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(own),
+            "--templates-dir",
+            str(templates),
+            "--pool-size",
+            "0",
+            "--no-network",
+            "--destroy-on-exit",
+            "--log-level",
+            "warning",
+        ],
+        stdout=log,
+        stderr=log,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"sandboxd: the build's own server exited ({proc.returncode}): see {own}.log")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 204:
+                    break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"sandboxd: the build's own server did not start: see {own}.log")
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}", StateDB(own / "state.db", create=False).api_key()[0]
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
 def _print_entry(e: dict[str, Any]) -> None:
-    message = e["message"]
+    message = escape(e["message"])
     if e["level"] == "error":
-        console.print(f"[red]{message}[/red]", markup=True)
+        console.print(f"[red]{message}[/red]")
     elif message.startswith("CACHED"):
         console.print(f"[dim]{message}[/dim]")
-    elif message.startswith("[") and "]" in message[:12]:
+    elif e["message"].startswith("[") and "]" in e["message"][:12]:
         console.print(f"[bold]{message}[/bold]")
     elif e["level"] != "debug":
-        console.print(f"  {message}", markup=False)
+        console.print(f"  {message}")
 
 
 # -- host-side commands ---------------------------------------------------------------------------------

@@ -504,6 +504,7 @@ class TemplateBuilds:
             "default_workdir": state.workdir,
             "start_cmd": recipe.start_cmd,
             "ready_cmd": recipe.ready_cmd,
+            "recipe": recipe.label,
             "cpu_count": build.cpu_count,
             "memory_mb": build.memory_mb,
             "built_at": time.time(),

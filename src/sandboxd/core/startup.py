@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from sandboxd.core.users import DEFAULT_PATH, User, lookup_user
 from sandboxd.runtime.base import ExecSpec, Runtime, SandboxHandle
+from sandboxd.runtime.rootfs import read_file_in_root
 
 READY_TIMEOUT = 120.0  # how long a create (or a build's finalize) waits for the ready command
 READY_INTERVAL = 0.05
@@ -119,11 +120,23 @@ async def start_service(
         last = lines[-5:] or last
         if proc.poll() is not None:
             raise StartError(
-                f"the start command exited with status {proc.returncode} before the ready command succeeded "
-                f"(its output is in {START_LOG} in the sandbox)"
+                f"the start command exited with status {proc.returncode} before the ready command succeeded; "
+                f"its last output ({START_LOG} in the sandbox):\n{_tail(runtime, handle)}"
             )
         if time.monotonic() >= deadline:
             proc.kill()
             tail = ("; its last output: " + " | ".join(last)) if last else ""
-            raise StartError(f"the ready command `{ready_cmd[:200]}` did not succeed within {timeout:.0f} s{tail}")
+            raise StartError(
+                f"the ready command `{ready_cmd[:200]}` did not succeed within {timeout:.0f} s{tail}; the start "
+                f"command's last output ({START_LOG} in the sandbox):\n{_tail(runtime, handle)}"
+            )
         await asyncio.sleep(READY_INTERVAL)
+
+
+def _tail(runtime: Runtime, handle: SandboxHandle, lines: int = 15) -> str:
+    """The end of the start command's output, read in the sandbox's root (never through its symlinks)."""
+    try:
+        data = read_file_in_root(str(runtime.root_path(handle)), START_LOG, limit=1 << 20)
+    except OSError:
+        return "(none)"
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:]) or "(none)"

@@ -54,6 +54,7 @@ class Recipe:
     steps: tuple[Step, ...]
     start_cmd: str = ""
     ready_cmd: str = ""
+    label: str = ""  # sandboxd's own: the digest of a built-in recipe (templates/builtin.py), kept with the build
 
     @property
     def base(self) -> str:
@@ -136,6 +137,7 @@ def parse_recipe(body: dict[str, Any]) -> Recipe:
         steps=tuple(parse_step(i, raw) for i, raw in enumerate(steps, 1)),
         start_cmd=start,
         ready_cmd=ready,
+        label=str(body.get("recipe") or "")[:64],
     )
 
 

@@ -68,6 +68,7 @@ class Template:
     start_cmd: str = ""
     ready_cmd: str = ""
     names: tuple[str, ...] = ()
+    recipe: str = ""  # a built-in recipe's digest (templates/builtin.py)
 
     @property
     def rootfs(self) -> Path:
@@ -159,6 +160,7 @@ class TemplateStore:
             start_cmd=meta.get("start_cmd", ""),
             ready_cmd=meta.get("ready_cmd", ""),
             names=tuple(self.meta(ident).get("names", [])),
+            recipe=meta.get("recipe", ""),
         )
 
     @property
