@@ -410,3 +410,86 @@ def test_resources_per_create_through_reserved_metadata(tserver: Server) -> None
     ):
         with pytest.raises(Exception, match=message):
             Sandbox.create("base", metadata=bad)
+
+
+def test_skip_cache_mid_chain_reruns_from_there_on(tserver: Server) -> None:
+    name = f"mid-{secrets.token_hex(3)}"
+
+    def template(skip: bool) -> Template:
+        t = Template().from_base_image().run_cmd(f"echo {name} one > /tmp/one")
+        if skip:
+            t = t.skip_cache()
+        return t.run_cmd("echo two > /tmp/two").run_cmd("echo three > /tmp/three")
+
+    Template.build(template(False), name)
+    lines, on_logs = _logs()
+    Template.build(template(True), name, on_build_logs=on_logs)
+    cached = [line for line in lines if line.startswith("CACHED")]
+    ran = [line for line in lines if line.startswith("[") and "/3]" in line]
+    assert len(cached) == 1 and "one" in cached[0], lines
+    assert len(ran) == 2 and "two" in ran[0] and "three" in ran[1], lines
+
+
+def _entries(info: object) -> list:
+    entries: list = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = Template.get_build_status(info, logs_offset=len(entries))
+        entries += status.log_entries
+        if status.status.value in ("ready", "error"):
+            assert status.status.value == "ready", status
+            return entries
+        time.sleep(0.1)
+    raise AssertionError("build did not end")
+
+
+def _span(entries: list, marker: str) -> tuple[object, object]:
+    """When the step whose log line contains `marker` started and when it was done."""
+    start = next(e.timestamp for e in entries if e.message.startswith("[1/1]") and marker in e.message)
+    done = next(e.timestamp for e in entries if e.message.startswith("done [1/1]") and marker in e.message)
+    return start, done
+
+
+def test_builds_of_one_template_take_turns_and_of_two_templates_overlap(tserver: Server) -> None:
+    a, b = f"turn-a-{secrets.token_hex(3)}", f"turn-b-{secrets.token_hex(3)}"
+
+    def slow(tag: str) -> Template:
+        return Template().from_base_image().run_cmd(f"echo {tag}; sleep 1.5")
+
+    # the same template twice at once: the second build's step starts after the first one's is done
+    first = Template.build_in_background(slow("first"), a)
+    second = Template.build_in_background(slow("second"), a)
+    e1, e2 = _entries(first), _entries(second)
+    s1, d1 = _span(e1, "first")
+    s2, d2 = _span(e2, "second")
+    assert d1 <= s2 or d2 <= s1, (s1, d1, s2, d2)
+    assert any("waiting for the running build" in e.message for e in e1 + e2)
+    # two templates at once: their steps run side by side
+    one = Template.build_in_background(slow("left"), a)
+    other = Template.build_in_background(slow("right"), b)
+    e1, e2 = _entries(one), _entries(other)
+    s1, d1 = _span(e1, "left")
+    s2, d2 = _span(e2, "right")
+    assert s1 < d2 and s2 < d1, (s1, d1, s2, d2)
+
+
+def test_a_template_built_on_the_code_interpreter_keeps_its_interpreter(tserver: Server, tmp_path: Path) -> None:
+    from e2b_code_interpreter import Sandbox as CodeSandbox
+
+    make_wheel(tmp_path, "sbxextra", "VALUE = 'extended'\n")
+    name = f"ci-ext-{secrets.token_hex(3)}"
+    t = (
+        Template(file_context_path=str(tmp_path))
+        .from_template("code-interpreter-v1")
+        .copy("sbxextra-1.0-py3-none-any.whl", "/tmp/w/")
+        .pip_install("/tmp/w/sbxextra-1.0-py3-none-any.whl")
+    )
+    Template.build(t, name)
+    sbx = CodeSandbox.create(template=name)
+    try:
+        execution = sbx.run_code("import sbxextra, numpy; sbxextra.VALUE + ' ' + str(numpy.int64(2) * 21)")
+        assert execution.error is None, execution.error
+        assert execution.text == "'extended 42'"
+        assert sbx.get_info().memory_mb == 1024  # the code interpreter's default, kept
+    finally:
+        sbx.kill()
