@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +52,7 @@ MAX_UNPACKED = 16 << 30  # what one COPY step may unpack
 BUILD_MEMORY_MB = 2048
 BUILDER = 1  # bump when a step's result would differ for the same inputs
 TAIL_LINES = 20
+WAITING_TTL = 24 * 3600  # s a requested build may wait for its start
 # Run as root in an image's first build sandbox: SDK commands run as `user` by default, as on E2B.
 PROVISION = (
     'found=; while IFS=: read -r n rest; do [ "$n" = user ] && found=1; done < /etc/passwd; '
@@ -138,6 +139,7 @@ class TemplateBuilds:
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._upload_key = secrets.token_bytes(32)
+        self.layers.clean_stale()  # what a build cut short by a crash left half-committed
         self.registry: images.Registry | None = None  # where images are pulled from (--registry)
         self._pull_lock = asyncio.Lock()
 
@@ -173,6 +175,10 @@ class TemplateBuilds:
         )
         self.builds[build.build_id] = build
         self._save(build)
+        # requested and never started: kept a while, not forever
+        stale = [b for b in self.builds.values() if b.status == "waiting" and b.created < time.time() - WAITING_TTL]
+        for b in stale:
+            self.builds.pop(b.build_id, None)
         return build
 
     def template_id(self, ident_or_name: str) -> str:
@@ -190,9 +196,11 @@ class TemplateBuilds:
                 build = Build.from_json(json.loads(path.read_text()))
             except (ValueError, OSError, KeyError):
                 raise NotFound(f"build '{build_id[:64]}' of template '{template_id[:64]}' not found") from None
-            if build.status in ("waiting", "building"):  # the server that ran it is gone
+            if build.status == "building":  # the server that ran it is gone
                 build.status = "error"
                 build.reason = {"message": "the build was interrupted (the server stopped); start it again"}
+            elif build.status == "waiting":
+                raise NotFound(f"build '{build_id}' was never started and has expired: request a new one")
         if build.template_id != template_id:
             raise NotFound(f"build '{build_id}' of template '{template_id}' not found")
         return build
@@ -296,6 +304,7 @@ class TemplateBuilds:
         finally:
             build.finished = time.time()
             self._save(build)
+            self.builds.pop(build.build_id, None)  # done: its status and log are read from its file now
 
     async def _base(self, build: Build, recipe: Recipe) -> tuple[str | None, Path, BuildState, str]:
         """(top layer, rootfs below it, the state it leaves, a description) of the recipe's base."""
@@ -310,7 +319,15 @@ class TemplateBuilds:
             t = self.store.get(name)
         except TemplateError as e:
             raise StepFailed("base", str(e)) from None
-        state = BuildState(user=t.default_user, workdir=t.default_workdir, env=dict(t.env))
+        inherited = {
+            "service": list(t.service),
+            "service_user": t.service_user,
+            "start_cmd": t.start_cmd,
+            "ready_cmd": t.ready_cmd,
+            "memory_mb": t.memory_mb,
+            "cpu_count": t.cpu_count,
+        }
+        state = BuildState(user=t.default_user, workdir=t.default_workdir, env=dict(t.env), inherited=inherited)
         base = Path(t.base) if t.base else t.rootfs
         return t.top_layer, base, state, f"{name} ({t.digest[:12]})"
 
@@ -349,6 +366,9 @@ class TemplateBuilds:
             await self._run_step(build, str(i), step, state, top, base, key, label)
             build.log(f"done {label} in {time.monotonic() - step_started:.2f} s", "debug", str(i))
             top, parent = key, key
+        own = bool(recipe.start_cmd or recipe.ready_cmd)
+        if not own and (state.inherited.get("start_cmd") or state.inherited.get("ready_cmd")):
+            recipe = replace(recipe, start_cmd=state.inherited["start_cmd"], ready_cmd=state.inherited["ready_cmd"])
         if recipe.start_cmd or recipe.ready_cmd:
             await self._finalize(build, recipe, state, top, base)
         self._commit_version(build, recipe, state, top, base)
@@ -505,8 +525,10 @@ class TemplateBuilds:
             "start_cmd": recipe.start_cmd,
             "ready_cmd": recipe.ready_cmd,
             "recipe": recipe.label,
-            "cpu_count": build.cpu_count,
-            "memory_mb": build.memory_mb,
+            "cpu_count": build.cpu_count or state.inherited.get("cpu_count"),
+            "memory_mb": build.memory_mb or state.inherited.get("memory_mb"),
+            "service": state.inherited.get("service", []),
+            "service_user": state.inherited.get("service_user", "user"),
             "built_at": time.time(),
             "size_bytes": size,
         }

@@ -148,6 +148,9 @@ class BuildState:
     user: str = "user"
     workdir: str = "/home/user"
     env: dict[str, str] = field(default_factory=dict)
+    # what a template built on another keeps of it unless the build says otherwise: its service (the code
+    # interpreter's), start and ready commands, memory and CPUs. Not part of any step's result.
+    inherited: dict[str, Any] = field(default_factory=dict)
 
     def key(self) -> dict[str, Any]:
         return {"user": self.user, "workdir": self.workdir, "env": dict(sorted(self.env.items()))}

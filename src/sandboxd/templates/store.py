@@ -153,6 +153,8 @@ class TemplateStore:
             memory_mb=meta.get("memory_mb"),
             disk_mb=meta.get("disk_mb"),
             cpu_count=meta.get("cpu_count"),
+            service=tuple(meta.get("service", ())),
+            service_user=meta.get("service_user", "user"),
             lowers=lowers,
             top_layer=meta.get("top"),
             base=meta["base"],
