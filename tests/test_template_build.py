@@ -365,6 +365,19 @@ def test_a_dockerfile_build_with_the_cli_and_prune_keeps_layers_in_use(tserver: 
         # the same file again: every step is cached
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0 and res.stderr.count("CACHED") >= 4, res.stderr
+        # list (layers and sizes) and the last build's log
+        listed = subprocess.run(
+            [SANDBOXD, "template", "list", "--layers", "--templates-dir", str(templates)],
+            capture_output=True,
+            text=True,
+        ).stdout
+        row = next(line for line in listed.splitlines() if line.startswith(name))
+        assert "tags=default,v1" in row and " layers" in row and " MB" in row, listed
+        assert "RUN echo" in listed and "COPY run.sh" in listed, listed
+        log = subprocess.run(
+            [SANDBOXD, "template", "logs", name, "--templates-dir", str(templates)], capture_output=True, text=True
+        ).stdout
+        assert "CACHED [" in log and "status: ready" in log, log
         # remove the template and prune while a sandbox of it runs: its layers stay
         layers = {p.name for p in (templates / ".layers").iterdir() if not p.name.startswith(".")}
         for args in (["rm", name], ["prune"]):
@@ -491,5 +504,21 @@ def test_a_template_built_on_the_code_interpreter_keeps_its_interpreter(tserver:
         assert execution.error is None, execution.error
         assert execution.text == "'extended 42'"
         assert sbx.get_info().memory_mb == 1024  # the code interpreter's default, kept
+    finally:
+        sbx.kill()
+
+
+def test_the_sdks_own_dockerfile_conversion(tserver: Server, tmp_path: Path) -> None:
+    (tmp_path / "conf.txt").write_text("conf\n")
+    dockerfile = (
+        "FROM e2bdev/base\nARG LEVEL=3\nENV LEVEL=$LEVEL\nRUN mkdir -p /etc/app\n"
+        "COPY --chown=user conf.txt /etc/app/\nWORKDIR /etc/app\n"
+    )
+    name = f"sdk-df-{secrets.token_hex(3)}"
+    Template.build(Template(file_context_path=str(tmp_path)).from_dockerfile(dockerfile), name)
+    sbx = Sandbox.create(name)
+    try:
+        r = sbx.commands.run("cat conf.txt; stat -c %U conf.txt; echo $LEVEL; whoami; pwd")
+        assert r.stdout.splitlines() == ["conf", "user", "3", "user", "/etc/app"], r.stdout
     finally:
         sbx.kill()

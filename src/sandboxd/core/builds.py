@@ -342,7 +342,8 @@ class TemplateBuilds:
             label = f"[{i}/{total}] {step.describe()}"
             forced = forced or step.force
             if step.type == "ENV":
-                state.env.update(zip(step.args[::2], step.args[1::2], strict=False))
+                for k, v in zip(step.args[::2], step.args[1::2], strict=False):
+                    state.env[k] = _expand(v, state.env)
                 build.log(label, step=str(i))
                 continue
             if step.type == "USER":
@@ -534,6 +535,16 @@ class TemplateBuilds:
         }
         self.store.add_version(build.template_id, build.build_id, meta, build.tags)
         build.log(f"template {build.names[0]} ({build.template_id}) tagged {', '.join(build.tags)}")
+
+
+def _expand(value: str, env: dict[str, str]) -> str:
+    """`$NAME` / `${NAME}` of a variable the build has set (ARG and ENV, as in a Dockerfile: the SDKs turn
+    `ENV A=$B` into a literal); any other `$` stays as it is (a password's `$$` is not eaten)."""
+    return re.sub(
+        r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)",
+        lambda m: env.get(m.group(1) or m.group(2), m.group(0)),
+        value,
+    )
 
 
 def _drop_per_sandbox_files(diff: Path) -> None:
