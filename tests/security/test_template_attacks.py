@@ -163,3 +163,45 @@ def test_names_users_and_steps_that_try_to_escape_their_fields(tserver: Server) 
     assert r.status_code in (400, 404, 405)  # never a file
     r = httpx.get(f"{tserver.url}/templates/{tid}/builds/..%2F..%2Fmeta/status", headers=headers)
     assert r.status_code in (404, 405)
+
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):  # the peak: what reading the output cost at its worst
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_a_step_that_floods_output_without_newlines_costs_the_server_no_memory(tserver: Server) -> None:
+    before = _peak_rss_kib(tserver.proc.pid)
+    lines: list[str] = []
+    flood = "head -c 300000000 /dev/zero | tr '\\\\0' x; echo; echo the-end"
+    Template.build(
+        Template().from_base_image().run_cmd(flood),
+        f"flood-{secrets.token_hex(3)}",
+        on_build_logs=lambda e: lines.append(e.message),
+    )
+    grown = _peak_rss_kib(tserver.proc.pid) - before
+    assert grown < 150 * 1024, f"the server's peak memory grew by {grown} KiB"
+    assert any("log truncated" in line for line in lines)
+    assert sum(len(line) for line in lines) < 8 << 20
+
+
+def test_builds_beyond_the_servers_limit_wait_their_turn(tserver: Server) -> None:
+    infos = [
+        Template.build_in_background(
+            Template().from_base_image().run_cmd(f"echo {i}; sleep 1"), f"q{i}-{secrets.token_hex(3)}"
+        )
+        for i in range(3)
+    ]
+    messages = []
+    for info in infos:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            st = Template.get_build_status(info, logs_offset=0)
+            if st.status.value in ("ready", "error"):
+                break
+            time.sleep(0.2)
+        assert st.status.value == "ready", st
+        messages += [e.message for e in st.log_entries]
+    assert any("builds running to end" in m for m in messages), messages

@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         help="the most memory a create may ask for in metadata sandboxd.memory_mb (default %(default)s)",
     )
     p_serve.add_argument(
+        "--max-builds", type=int, default=2, help="template builds that run at once; more wait (default 2)"
+    )
+    p_serve.add_argument(
         "--ready-timeout",
         type=float,
         default=120.0,
@@ -280,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             pids=args.pids,
             pool_size=args.pool_size,
             ready_timeout=args.ready_timeout,
+            max_builds=max(1, args.max_builds),
             max_memory_mb=args.max_sandbox_memory_mb,
             prewarm=tuple(t for t in args.prewarm.split(",") if t),
             host=HostLimits.for_host(

@@ -47,6 +47,7 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}(/[a-z0-9][a-z0-9._-]{0,99})?$"
 TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 STEP_TIMEOUT = 3600.0
 MAX_LOG_ENTRIES = 20_000
+MAX_LOG_BYTES = 4 << 20
 MAX_UPLOAD = 4 << 30  # one COPY archive, as uploaded
 MAX_UNPACKED = 16 << 30  # what one COPY step may unpack
 BUILD_MEMORY_MB = 2048
@@ -87,12 +88,18 @@ class Build:
     reason: dict[str, Any] | None = None
     created: float = field(default_factory=time.time)
     finished: float | None = None
+    log_bytes: int = 0
+    truncated: bool = False
 
     def log(self, message: str, level: str = "info", step: str | None = None) -> None:
-        if len(self.logs) >= MAX_LOG_ENTRIES:
-            if len(self.logs) == MAX_LOG_ENTRIES:
-                self.logs.append({"timestamp": _now_iso(time.time()), "level": "warn", "message": "(log truncated)"})
-            return
+        self.log_bytes += len(message)
+        if len(self.logs) >= MAX_LOG_ENTRIES or self.log_bytes > MAX_LOG_BYTES:
+            if not self.truncated:
+                self.truncated = True
+                note = f"(log truncated: a build keeps {MAX_LOG_ENTRIES} lines, {MAX_LOG_BYTES >> 20} MiB)"
+                self.logs.append({"timestamp": _now_iso(time.time()), "level": "warn", "message": note})
+            if level != "error":
+                return
         entry: dict[str, Any] = {"timestamp": _now_iso(time.time()), "level": level, "message": message}
         if step is not None:
             entry["step"] = step
@@ -142,6 +149,8 @@ class TemplateBuilds:
         self.layers.clean_stale()  # what a build cut short by a crash left half-committed
         self.registry: images.Registry | None = None  # where images are pulled from (--registry)
         self._pull_lock = asyncio.Lock()
+        # builds running at once (of different templates): each step holds a sandbox of up to 2 GiB
+        self._slots = asyncio.Semaphore(manager.settings.max_builds)
 
     # -- requests ----------------------------------------------------------------------------------
     def request(self, name: str, tags: list[str], cpu_count: int | None, memory_mb: int | None) -> Build:
@@ -285,7 +294,10 @@ class TemplateBuilds:
             if lock.locked():
                 build.log("waiting for the running build of this template to end")
             async with lock:
-                await self._build(build, recipe)
+                if self._slots.locked():
+                    build.log(f"waiting for one of the {self.manager.settings.max_builds} builds running to end")
+                async with self._slots:
+                    await self._build(build, recipe)
             build.status = "ready"
             build.log(f"build finished in {time.monotonic() - started:.1f} s")
         except StepFailed as e:

@@ -78,6 +78,8 @@ class Settings:
     pool_size: int = 2
     # How long a template's ready command may take to succeed (at create, and at a build's finalize).
     ready_timeout: float = startup.READY_TIMEOUT
+    # Template builds that run at once (more wait their turn).
+    max_builds: int = 2
     # Templates whose pool is filled at start, before anyone asks (the others: after their first use).
     prewarm: tuple[str, ...] = ("base", "code-interpreter-v1")
     # What all sandboxes together may take of the host (None: defaults for this host).

@@ -72,10 +72,11 @@ async def run(
         os.close(devnull)
 
     def pump() -> None:
+        # Lines are read at most MAX_LINE bytes at a time: output without newlines costs no memory.
         with os.fdopen(read, "rb") as f:
-            for raw in f:
+            while raw := f.readline(MAX_LINE):
                 if on_line is not None:
-                    on_line(raw[:MAX_LINE].decode(errors="replace").rstrip("\r\n"))
+                    on_line(raw.decode(errors="replace").rstrip("\r\n"))
 
     reader = asyncio.ensure_future(asyncio.to_thread(pump))
     try:
