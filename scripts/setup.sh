@@ -74,6 +74,8 @@ fi
 
 step "templates: base, code-interpreter-v1 (cached in $DATA_DIR/templates; built only when missing or changed)"
 "$VENV/bin/sandboxd" template build base code-interpreter-v1 --data-dir "$DATA_DIR"
+step "templates: debian:bookworm (the root filesystem from_debian_image() builds on; cached likewise)"
+"$VENV/bin/sandboxd" template build debian:bookworm --data-dir "$DATA_DIR"
 step "templates: httpbin (made by the template builder, through a server of its own; cached likewise)"
 "$VENV/bin/sandboxd" template build httpbin --data-dir "$DATA_DIR"
 step "ready: start the server with 'sandboxd serve' (prints the API key and the E2B_* variables to export)"

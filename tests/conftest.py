@@ -301,7 +301,7 @@ def builder_server(root: Path, *extra: str) -> Iterator[Server]:
     `server.templates` is that dir."""
     templates = root / "templates"
     templates.mkdir()
-    for name in ("base", "code-interpreter-v1"):
+    for name in ("base", "code-interpreter-v1", ".debian"):  # .debian: from_debian_image's root filesystems
         (templates / name).symlink_to(TEMPLATES_DIR / name)
     srv = start_server(root / "data", "--ready-timeout", "5", *extra, templates_dir=templates)
     srv.templates = templates  # type: ignore[attr-defined]

@@ -522,3 +522,27 @@ def test_the_sdks_own_dockerfile_conversion(tserver: Server, tmp_path: Path) -> 
         assert r.stdout.splitlines() == ["conf", "user", "3", "user", "/etc/app"], r.stdout
     finally:
         sbx.kill()
+
+
+def test_a_debian_image_without_a_registry_is_made_with_mmdebstrap(tserver: Server) -> None:
+    from conftest import TEMPLATES_DIR
+
+    # made by scripts/setup.sh (`sandboxd template build debian:bookworm`): this test never fetches it
+    assert list((TEMPLATES_DIR / ".debian").glob("bookworm-*/rootfs")), "run scripts/setup.sh first"
+    name = f"deb-{secrets.token_hex(3)}"
+    Template.build(Template().from_debian_image("bookworm").run_cmd("echo built > /tmp/mark"), name)
+    sbx = Sandbox.create(name)
+    try:
+        r = sbx.commands.run(
+            "cut -d. -f1 /etc/debian_version; cat /tmp/mark; whoami; test -e /usr/bin/git || echo minimal"
+        )
+        assert r.stdout.splitlines() == ["12", "built", "user", "minimal"], r.stdout
+    finally:
+        sbx.kill()
+    for image, message in (
+        ("python:3.12", "Python \\(3.11\\)"),
+        ("node:lts", "Node.js \\(18\\)"),
+        ("ubuntu:24.04", "Ubuntu"),
+    ):
+        with pytest.raises(BuildException, match=message):
+            Template.build(Template().from_image(image), f"img-{secrets.token_hex(3)}")

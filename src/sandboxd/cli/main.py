@@ -330,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "template":
         from sandboxd.templates.builtin import RECIPES
+        from sandboxd.templates.images import ImageError, debian_base, debian_rootfs
         from sandboxd.templates.specs import BUILTIN
         from sandboxd.templates.store import TemplateError, TemplateStore
 
@@ -355,6 +356,15 @@ def main(argv: list[str] | None = None) -> int:
             print("sandboxd: name built-in templates to build, or give a Dockerfile with -f", file=sys.stderr)
             return 2
         for name in args.names:
+            debian = debian_base(name) if ":" in name else None
+            if debian is not None:  # a Debian root filesystem that from_debian_image() builds on, made now
+                try:
+                    debian_rootfs(store.dir, *debian, lambda text, n=name: print(f"[{n}] {text}", file=sys.stderr))
+                except ImageError as e:
+                    print(f"sandboxd: {e}", file=sys.stderr)
+                    return 1
+                print(f"[{name}] ready (cached in {store.dir / '.debian'})", file=sys.stderr)
+                continue
             if name in RECIPES:  # made with the template builder, through a server
                 status = template_cli.build_recipe(store, name, args.data_dir, args.url, args.api_key)
                 if status:

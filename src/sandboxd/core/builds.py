@@ -58,7 +58,8 @@ WAITING_TTL = 24 * 3600  # s a requested build may wait for its start
 PROVISION = (
     'found=; while IFS=: read -r n rest; do [ "$n" = user ] && found=1; done < /etc/passwd; '
     'if [ -z "$found" ]; then '
-    "if command -v useradd >/dev/null 2>&1; then useradd -m -u 1000 -U -s /bin/sh user || useradd -m -s /bin/sh user; "
+    "sh=/bin/sh; [ -x /bin/bash ] && sh=/bin/bash; "
+    "if command -v useradd >/dev/null 2>&1; then useradd -m -u 1000 -U -s $sh user || useradd -m -s $sh user; "
     "elif command -v adduser >/dev/null 2>&1; then adduser -D -u 1000 user; "
     "else echo 'user:x:1000:1000::/home/user:/bin/sh' >> /etc/passwd && echo 'user:x:1000:' >> /etc/group && "
     "mkdir -p /home/user && chown 1000:1000 /home/user; fi; fi"
@@ -387,21 +388,31 @@ class TemplateBuilds:
         self._commit_version(build, recipe, state, top, base)
 
     async def _image(self, build: Build, ref: str, force: bool) -> tuple[str | None, Path, BuildState, str]:
-        """An OCI image from this server's registry, as layers, with the user `user` that SDK commands
-        run as by default (made if the image has none)."""
+        """An OCI image from this server's registry as layers, or without a registry a Debian-family image
+        made with mmdebstrap; then the user `user` that SDK commands run as by default (added if the image
+        has none)."""
 
         def progress(text: str) -> None:
             build.log(text, step="base")
 
         try:
-            source = images.source_for(ref, self.registry)
-            async with self._pull_lock:  # one writer of the shared layout at a time
-                layout = await asyncio.to_thread(images.pull, source, self.registry, self.store.dir / ".oci", progress)
-                layers, config = await asyncio.to_thread(images.read_layout, layout, "img")
-                top = await asyncio.to_thread(images.import_layers, layout, layers, self.layers, progress)
+            async with self._pull_lock:  # one writer of the shared layout and of the Debian cache at a time
+                debian = images.debian_base(ref) if self.registry is None else None
+                if debian is not None:
+                    rootfs = await asyncio.to_thread(images.debian_rootfs, self.store.dir, *debian, progress)
+                    top, base, config = None, rootfs, images.ImageConfig(env={})
+                    described = f"image {ref} (Debian {debian[0]}, mmdebstrap)"
+                else:
+                    source = images.source_for(ref, self.registry)
+                    layout = await asyncio.to_thread(
+                        images.pull, source, self.registry, self.store.dir / ".oci", progress
+                    )
+                    layers, config = await asyncio.to_thread(images.read_layout, layout, "img")
+                    top = await asyncio.to_thread(images.import_layers, layout, layers, self.layers, progress)
+                    base = images.empty_root(self.layers)
+                    described = f"image {ref} ({len(layers)} layers)"
         except images.ImageError as e:
             raise StepFailed("base", str(e)) from None
-        base = images.empty_root(self.layers)
         root = BuildState(user="root", workdir="/", env=config.env)
         provision = Step("RUN", (PROVISION, "root"))
         key = layer_key(top or f"rootfs:{base}", {"builder": BUILDER, "provision": PROVISION, **root.key()})
@@ -409,7 +420,7 @@ class TemplateBuilds:
             progress("adding the user 'user' (uid 1000) unless the image has one")
             await self._run_step(build, "base", provision, root, top, base, key, "[base] user")
         state = BuildState(user="user", workdir=config.workdir or "/home/user", env=config.env)
-        return key, base, state, f"image {ref} ({len(layers)} layers)"
+        return key, base, state, described
 
     def _files_digest(self, template_id: str, files_hash: str) -> str:
         meta = json.loads((self._files(template_id) / f"{files_hash}.json").read_text())

@@ -180,3 +180,95 @@ def import_layers(layout: Path, layers: list[tuple[str, str]], store: LayerStore
             shutil.rmtree(work, ignore_errors=True)
         parent = key
     return parent
+
+
+# -- Debian-family images, made with mmdebstrap when there is no registry -----------------------------------
+DEBIAN_TAGS = {"bookworm", "12", "stable", "latest", "bookworm-slim", "12-slim", "stable-slim"}
+PYTHON_TAGS = {"3", "3.11", "latest", "3-bookworm", "3.11-bookworm", "3-slim", "3.11-slim", "3.11-slim-bookworm"}
+NODE_TAGS = {"18", "18-bookworm", "18-slim", "18-bookworm-slim"}
+DEBIAN_BASE = ("passwd", "ca-certificates")
+DEBIAN_VERSION = 1  # bump when how a Debian root filesystem is made changes
+
+
+def debian_base(ref: str) -> tuple[str, tuple[str, ...]] | None:
+    """(suite, extra packages) of a Debian-family image reference sandboxd makes itself, None for other
+    images. Versions Debian bookworm does not have are refused, saying which it has."""
+    host, repo = split_ref(ref)
+    if host is not None:
+        return None
+    name, _, tag = repo.removeprefix("library/").partition(":")
+    tag = tag or "latest"
+    if name == "debian":
+        if tag not in DEBIAN_TAGS:
+            raise ImageError(f"image 'debian:{tag}': without a registry sandboxd makes Debian 12 (bookworm) only")
+        return "bookworm", ()
+    if name == "python":
+        if tag not in PYTHON_TAGS:
+            raise ImageError(
+                f"image 'python:{tag}': without a registry sandboxd makes Debian 12's Python (3.11): use "
+                "python:3.11, or configure a registry (--registry) that has the image"
+            )
+        return "bookworm", ("python3", "python3-pip", "python3-venv", "python-is-python3")
+    if name == "node":
+        if tag not in NODE_TAGS:
+            raise ImageError(
+                f"image 'node:{tag}': without a registry sandboxd makes Debian 12's Node.js (18): use node:18, "
+                "or configure a registry (--registry) that has the image"
+            )
+        return "bookworm", ("nodejs", "npm")
+    if name == "ubuntu":
+        raise ImageError(
+            f"image 'ubuntu:{tag}': this server has no registry and makes no Ubuntu root filesystems: configure a "
+            "registry (--registry), or build from_debian_image() / from_base_image()"
+        )
+    return None
+
+
+def debian_rootfs(templates: Path, suite: str, packages: tuple[str, ...], progress: Progress) -> Path:
+    """A minimal Debian root filesystem (cached under <templates>/.debian, made atomically with mmdebstrap,
+    owned by the template uids)."""
+    import hashlib
+
+    from sandboxd.templates.layers import shift_ids
+
+    wanted = (*DEBIAN_BASE, *packages)
+    key = hashlib.sha256(json.dumps([suite, wanted, DEBIAN_VERSION, UID_SHIFT]).encode()).hexdigest()[:16]
+    home = templates / ".debian"
+    final = home / f"{suite}-{key}"
+    if (final / "rootfs").is_dir():
+        return final / "rootfs"
+    if shutil.which("mmdebstrap") is None:
+        raise ImageError("mmdebstrap is not installed: `apt-get install mmdebstrap` (scripts/setup.sh does)")
+    home.mkdir(parents=True, exist_ok=True)
+    work = home / f".build-{os.getpid()}-{key}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        progress(f"mmdebstrap {suite} (minbase + {', '.join(wanted)}): about a minute, once")
+        res = subprocess.run(
+            [
+                "mmdebstrap",
+                "--mode=root",
+                "--variant=minbase",
+                "--format=directory",
+                "--include=" + ",".join(wanted),
+                '--aptopt=Acquire::Retries "3"',
+                "--dpkgopt=path-exclude=/usr/share/man/*",
+                "--dpkgopt=path-exclude=/usr/share/doc/*",
+                "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+                suite,
+                str(work / "rootfs"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        if res.returncode != 0:
+            raise ImageError(f"mmdebstrap {suite} failed: {res.stderr.strip()[-800:]}")
+        for stale in (work / "rootfs" / "var" / "lib" / "apt" / "lists").glob("*_Packages*"):
+            stale.unlink()
+        shift_ids(work / "rootfs", 0, UID_SHIFT)
+        os.rename(work, final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final / "rootfs"
