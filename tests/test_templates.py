@@ -116,3 +116,19 @@ def test_httpbin_is_built_with_the_template_builder_and_serves_on_port_80(server
         assert via.status_code == 200 and via.json()["headers"]["X-Probe"] == "yes"
     finally:
         sbx.kill()
+
+
+def test_a_rootfs_under_layers_is_kept_by_prune_until_no_layer_names_it(tmp_path: Path) -> None:
+    """A rebuilt built-in template's old version stays while layers (templates built on it) sit on it."""
+    store = TemplateStore(tmp_path)
+    home = tmp_path / "base"
+    for version in ("old", "new"):
+        (home / version / "rootfs").mkdir(parents=True)
+    _switch_current(home, "new")
+    layer = tmp_path / ".layers" / "k1"
+    (layer / "diff").mkdir(parents=True)
+    meta = {"key": "k1", "parent": None, "base": str(home / "old" / "rootfs"), "step": "RUN x", "size_bytes": 0}
+    (layer / "layer.json").write_text(json.dumps(meta))
+    assert store.prune("base") == [] and (home / "old").is_dir()
+    assert store.prune_layers() == (1, 0)  # no template version stands on the layer
+    assert store.prune("base") == ["old"] and not (home / "old").exists()

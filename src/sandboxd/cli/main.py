@@ -358,8 +358,13 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.names:
             debian = debian_base(name) if ":" in name else None
             if debian is not None:  # a Debian root filesystem that from_debian_image() builds on, made now
+                prefix = f"[{name}]"
+
+                def say(text: str, prefix: str = prefix) -> None:
+                    print(prefix, text, file=sys.stderr)
+
                 try:
-                    debian_rootfs(store.dir, *debian, lambda text, n=name: print(f"[{n}] {text}", file=sys.stderr))
+                    debian_rootfs(store.dir, *debian, say)
                 except ImageError as e:
                     print(f"sandboxd: {e}", file=sys.stderr)
                     return 1

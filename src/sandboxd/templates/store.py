@@ -258,6 +258,21 @@ class TemplateStore:
             os.rename(self.dir / ident, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
 
+    def _layer_bases(self) -> set[str]:
+        """The root filesystems at the bottom of layers (resolved paths): kept while a layer names them."""
+        bases: set[str] = set()
+        for key in self.layers.keys():
+            layer = self.layers.get(key)
+            if layer is not None and layer.parent is None:
+                bases.add(str(Path(layer.base).resolve()))
+        for home in self.dir.iterdir() if self.dir.is_dir() else []:
+            for version in home.iterdir() if home.is_dir() and not home.name.startswith(".") else []:
+                with contextlib.suppress(OSError, ValueError):
+                    base = json.loads((version / "template.json").read_text()).get("base")
+                    if base and not version.is_symlink():
+                        bases.add(str(Path(base).resolve()))
+        return bases
+
     def referenced_layers(self) -> set[str]:
         """Layers that a version of a template, or a sandbox on this host, stands on."""
         tops: set[str] = set()
@@ -455,7 +470,8 @@ class TemplateStore:
         """Delete the versions of `name` other than the current one that no sandbox on the host mounts."""
         home = self.dir / name
         current = os.readlink(home / "current") if (home / "current").is_symlink() else None
-        in_use = _mounted_lower_dirs()
+        # mounted by a sandbox, or the rootfs under layers (which templates and sandboxes stand on)
+        in_use = _mounted_lower_dirs() | self._layer_bases()
         removed = []
         for version in home.iterdir():
             if version.name == current or not version.is_dir() or version.is_symlink():
