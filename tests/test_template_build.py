@@ -236,6 +236,9 @@ def test_tags_and_names(tserver: Server) -> None:
     listed = httpx.get(f"{tserver.url}/templates", headers=headers).json()
     mine = [t for t in listed if name in t["names"]]
     assert len(mine) == 1 and "one" in mine[0]["tags"]
+    detail = httpx.get(f"{tserver.url}/templates/{name}", headers=headers).json()
+    assert [b["status"] for b in detail["builds"]] == ["ready", "ready"]
+    assert {b["buildID"] for b in detail["builds"]} == {tags["one"], tags["two"]}
     assert httpx.delete(f"{tserver.url}/templates/{name}", headers=headers).status_code == 204
     assert not Template.exists(name) and not Template.exists(f"{name}:one")
     assert httpx.delete(f"{tserver.url}/templates/{name}", headers=headers).status_code == 404

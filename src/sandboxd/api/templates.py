@@ -186,7 +186,19 @@ def template_routes(builds: TemplateBuilds, limits: RequestLimits, read: Callabl
     async def get_template(request: Request) -> Response:
         ident, _ = _target(request.path_params["template"])
         try:
-            return JSONResponse({**shape(ident), "builds": []})
+            history = [
+                {
+                    "buildID": b.build_id,
+                    "status": b.status,
+                    "createdAt": rfc3339(b.created),
+                    "updatedAt": rfc3339(b.finished or b.created),
+                    **({"finishedAt": rfc3339(b.finished)} if b.finished else {}),
+                    "cpuCount": int(b.cpu_count or 1),
+                    "memoryMB": b.memory_mb or 512,
+                }
+                for b in builds.history(ident)
+            ]
+            return JSONResponse({**shape(ident), "builds": history})
         except TemplateError as e:
             raise NotFound(str(e)) from None
 

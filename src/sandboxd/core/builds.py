@@ -224,6 +224,15 @@ class TemplateBuilds:
 
     async def delete(self, template_id: str) -> None:
         await asyncio.to_thread(self.store.delete, template_id)
+        await self.manager.pool.drop_stale()  # its idle pooled sandboxes go now
+
+    def history(self, template_id: str) -> list[Build]:
+        """The template's builds, newest first (from their files)."""
+        out = []
+        for path in (self.store.dir / template_id / "builds").glob("*.json"):
+            with contextlib.suppress(ValueError, OSError, KeyError):
+                out.append(self.builds.get(path.stem) or Build.from_json(json.loads(path.read_text())))
+        return sorted(out, key=lambda b: b.created, reverse=True)
 
     # -- files -------------------------------------------------------------------------------------
     def _files(self, template_id: str) -> Path:
