@@ -14,12 +14,9 @@ own, so the cold build is cold. Called by run.py; see bench/README.md.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,48 +24,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from netlab import WEB
-from packages import make_wheel
+from packages import APT_SOURCES, PIP_ENV, prepare_repos
 
 COLD_RUNS = 3
 REBUILDS = 5
 START_DELAY = 1.0  # s the template's server takes before it listens
 PACE = 3.0  # s between pooled creates: the pool has refilled (a started-and-ready sandbox) by then
-SOURCES = (
-    "rm -f /etc/apt/sources.list /etc/apt/sources.list.d/* && "
-    f"echo 'deb [trusted=yes] http://{WEB}/files/debian ./' > /etc/apt/sources.list.d/lab.list"
-)
-
-
-def prepare_repos(lab_dir: Path) -> None:
-    """A flat apt repository with one package and a PEP 503 index with one wheel, in the lab's /files/."""
-    files = lab_dir / "files"
-    debian, simple = files / "debian", files / "simple" / "sbxdemo"
-    for d in (debian, simple):
-        d.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        pkg = Path(tmp) / "pkg"
-        (pkg / "DEBIAN").mkdir(parents=True)
-        (pkg / "usr" / "bin").mkdir(parents=True)
-        (pkg / "DEBIAN" / "control").write_text(
-            "Package: sbx-hello\nVersion: 1.0\nArchitecture: all\nMaintainer: bench <b@localhost>\n"
-            "Description: a package of the benchmark's lab\n"
-        )
-        script = pkg / "usr" / "bin" / "sbx-hello"
-        script.write_text("#!/bin/sh\necho hello from apt\n")
-        script.chmod(0o755)
-        subprocess.run(
-            ["dpkg-deb", "--root-owner-group", "-b", str(pkg), str(debian / "sbx-hello_1.0_all.deb")],
-            check=True,
-            capture_output=True,
-        )
-    packages = subprocess.run(
-        ["dpkg-scanpackages", "--multiversion", "."], cwd=debian, check=True, capture_output=True, text=True
-    ).stdout
-    (debian / "Packages").write_text(packages)
-    wheel = make_wheel(simple)
-    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    (simple / "index.html").write_text(f'<a href="sbxdemo-1.0-py3-none-any.whl#sha256={digest}">sbxdemo</a>\n')
-    (files / "simple" / "index.html").write_text('<a href="sbxdemo/">sbxdemo</a>\n')
+SOURCES = APT_SOURCES
 
 
 def _template(ctx: Path) -> Any:
@@ -79,7 +41,7 @@ def _template(ctx: Path) -> Any:
         .from_base_image()
         .run_cmd(SOURCES, user="root")
         .apt_install("sbx-hello")
-        .set_envs({"PIP_INDEX_URL": f"http://{WEB}/files/simple/", "PIP_TRUSTED_HOST": WEB})
+        .set_envs(PIP_ENV)
         .pip_install("sbxdemo")
         .copy("app.txt", "/app/")
     )

@@ -21,7 +21,8 @@ import httpx
 import pytest
 from e2b import Sandbox, Template, wait_for_file, wait_for_port
 from e2b.exceptions import BuildException
-from packages import make_wheel
+from netlab import Lab
+from packages import APT_SOURCES, NPM_ENV, PIP_ENV, make_wheel, prepare_repos
 
 from conftest import SANDBOXD, Server, builder_server
 
@@ -549,3 +550,30 @@ def test_a_debian_image_without_a_registry_is_made_with_mmdebstrap(tserver: Serv
     ):
         with pytest.raises(BuildException, match=message):
             Template.build(Template().from_image(image), f"img-{secrets.token_hex(3)}")
+
+
+def test_apt_pip_and_npm_install_from_the_labs_repositories(tserver: Server, lab: Lab) -> None:
+    """The builder methods that reach package repositories, against the lab's (tests/packages.py): an apt
+    repository, a PEP 503 index and an npm registry inside the lab's namespace."""
+    prepare_repos(lab.dir)
+    name = f"pkgs-{secrets.token_hex(3)}"
+    t = (
+        Template()
+        .from_base_image()
+        .run_cmd(APT_SOURCES, user="root")
+        .apt_install(["sbx-hello"])
+        .set_envs({**PIP_ENV, **NPM_ENV})
+        .pip_install(["sbxdemo"])
+        .npm_install(["sbxdemo"])
+        .npm_install(["sbxdemo"], g=True)
+    )
+    Template.build(t, name)
+    sbx = Sandbox.create(name)
+    try:
+        r = sbx.commands.run(
+            "sbx-hello; python3 -c 'import sbxdemo; print(sbxdemo.ANSWER)'; "
+            "node -e 'console.log(require(\"sbxdemo\").answer)'; ls /usr/local/lib/node_modules"
+        )
+        assert r.stdout.splitlines() == ["hello from apt", "42", "42", "sbxdemo"], r.stdout
+    finally:
+        sbx.kill()
