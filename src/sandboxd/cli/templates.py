@@ -255,7 +255,7 @@ def _server_for_build(
     log = open(own.with_suffix(".log"), "wb") if own.parent.is_dir() else subprocess.DEVNULL
     proc = subprocess.Popen(
         [
-            sys.argv[0] if sys.argv[0].endswith("sandboxd") else "sandboxd",
+            str(Path(sys.executable).with_name("sandboxd")),  # this install's, whatever PATH says
             "serve",
             "--host",
             "127.0.0.1",
