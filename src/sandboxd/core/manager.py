@@ -168,9 +168,8 @@ class SandboxManager:
         self.runtime.close()  # removes only what no kept sandbox still uses
 
     # -- making sandboxes --------------------------------------------------------------------------
-    def _spec(self, sandbox_id: str, template: Template, disk_mb: int, res: Resources | None = None) -> SandboxSpec:
+    def _spec(self, sandbox_id: str, template: Template, disk_mb: int, res: Resources) -> SandboxSpec:
         s = self.settings
-        res = res or self._resources(template, {})
         limits = Limits(memory_mb=res.memory_mb, cpu_count=res.cpu_count, pids=s.pids, disk_mb=disk_mb)
         return SandboxSpec(
             sandbox_id=sandbox_id, layers=template.layers, hostname=sandbox_id, limits=limits, binds=template.binds
@@ -283,11 +282,9 @@ class SandboxManager:
     async def build_sandbox(self, spec: SandboxSpec) -> SandboxHandle:
         """A sandbox for one step of a template build (core/builds.py): counted against the host-wide
         limits while it lives, networked with the default policy, not in the sandbox list."""
-        while (reason := self._over_limit(spec.limits.memory_mb)) is not None:
-            if not await self.pool.evict_other_than(""):
-                raise LimitReached(reason)
-        spec = replace(spec, sandbox_id=new_sandbox_id())
-        spec = replace(spec, hostname=spec.sandbox_id)
+        await self._admit(spec.limits.memory_mb)
+        sandbox_id = new_sandbox_id()
+        spec = replace(spec, sandbox_id=sandbox_id, hostname=sandbox_id)
         self._creating.append(spec.limits.memory_mb)
         try:
             handle = await self.runtime.create(spec)
@@ -346,12 +343,11 @@ class SandboxManager:
             )
         return None
 
-    async def _admit(self, template: Template) -> None:
-        """Refuse (429) a sandbox that would go over a host-wide limit. Idle pooled sandboxes of other
-        templates give way first: a pool never stops a user from creating a sandbox."""
-        memory_mb = self._memory_mb(template)
+    async def _admit(self, memory_mb: int, template_name: str = "") -> None:
+        """Refuse (429) a sandbox of `memory_mb` that would go over a host-wide limit. Idle pooled sandboxes
+        (of templates other than its own) give way first: a pool never stops a user from creating a sandbox."""
         while (reason := self._over_limit(memory_mb)) is not None:
-            if not await self.pool.evict_other_than(template.name):
+            if not await self.pool.evict_other_than(template_name):
                 raise LimitReached(reason)
 
     def _fits(self, template: Template) -> bool:
@@ -398,7 +394,7 @@ class SandboxManager:
         if pooled is not None:
             sandbox_id, handle, service = pooled.sandbox_id, pooled.handle, pooled.service
         else:
-            await self._admit(template)
+            await self._admit(res.memory_mb, template.name)  # what it asks for, not the template's default
             sandbox_id = new_sandbox_id()
             handle, service = await self._new(sandbox_id, template, disk_mb, res)
         self.pool.schedule_refill(template.name)
