@@ -14,7 +14,7 @@ from starlette.routing import Route
 
 from sandboxd.api.models import NewSecret, SecretUpdate
 from sandboxd.api.serialize import rfc3339
-from sandboxd.core.errors import BadRequest
+from sandboxd.core.errors import BadRequest, NotFound
 from sandboxd.core.limits import RequestLimits
 from sandboxd.core.secrets import SecretInfo, Secrets
 
@@ -48,7 +48,7 @@ def secret_routes(secrets: Secrets, limits: RequestLimits, read: Callable[..., A
 
     async def destroy(request: Request) -> Response:
         if not secrets.destroy(request.path_params["secret"]):
-            return JSONResponse({"code": 404, "message": f"secret '{request.path_params['secret']}' not found"}, 404)
+            raise NotFound(f"secret '{request.path_params['secret']}' not found")
         return Response(status_code=204)
 
     async def list_(request: Request) -> Response:

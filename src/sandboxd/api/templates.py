@@ -14,7 +14,7 @@ from starlette.routing import Route
 from sandboxd.api.models import BuildStart, TagAssign, TagRemove, TemplateRequest
 from sandboxd.api.serialize import rfc3339
 from sandboxd.core.builds import TAG_RE, TemplateBuilds
-from sandboxd.core.errors import BadRequest, NotFound
+from sandboxd.core.errors import BadRequest, Forbidden, NotFound
 from sandboxd.core.limits import RequestLimits
 from sandboxd.templates.recipe import HASH_RE, RecipeError, parse_recipe
 from sandboxd.templates.store import TemplateError
@@ -86,8 +86,7 @@ def template_routes(builds: TemplateBuilds, limits: RequestLimits, read: Callabl
         if not HASH_RE.match(files_hash) or not builds.check_upload_token(
             ident, files_hash, request.query_params.get("token", "")
         ):
-            message = "the upload URL is not valid (or expired): ask for a new one"
-            return JSONResponse({"code": 403, "message": message}, 403)
+            raise Forbidden("the upload URL is not valid (or expired): ask for a new one")
         await builds.receive_files(ident, files_hash, request.stream())
         return _empty(200)
 
@@ -126,19 +125,17 @@ def template_routes(builds: TemplateBuilds, limits: RequestLimits, read: Callabl
             body["reason"] = build.reason
         return JSONResponse(body)
 
-    async def alias(request: Request) -> Response:
-        ident, tag = store.resolve(request.path_params["alias"])
-        if ident is None or ident not in store.names():
-            return JSONResponse({"code": 404, "message": f"template '{request.path_params['alias']}' not found"}, 404)
-        if tag is not None and tag not in store.tags(ident):
-            return JSONResponse({"code": 404, "message": f"template '{ident}' has no tag '{tag}'"}, 404)
-        return JSONResponse({"templateID": ident, "public": False})
-
     def _target(name: str) -> tuple[str, str | None]:
         ident, tag = store.resolve(name)
         if ident is None or ident not in store.names():
             raise NotFound(f"template '{name}' not found")
         return ident, tag
+
+    async def alias(request: Request) -> Response:
+        ident, tag = _target(request.path_params["alias"])
+        if tag is not None and tag not in store.tags(ident):
+            raise NotFound(f"template '{ident}' has no tag '{tag}'")
+        return JSONResponse({"templateID": ident, "public": False})
 
     async def assign_tags(request: Request) -> Response:
         b: TagAssign = await read(request, TagAssign, limits)

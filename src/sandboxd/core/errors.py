@@ -13,6 +13,10 @@ class BadRequest(SandboxdError):
     status = 400
 
 
+class Forbidden(SandboxdError):
+    status = 403
+
+
 class Conflict(SandboxdError):
     status = 409
 
