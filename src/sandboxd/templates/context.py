@@ -33,9 +33,11 @@ class CopyTarget:
     mode: int | None = None
 
 
-def _clean(name: str) -> str | None:
-    """A member's name as a relative path without `.`/`..` components, or None if it leaves the root."""
-    if len(name) > MAX_NAME or "\0" in name or name.startswith("/"):
+def clean_name(name: str, absolute_ok: bool = False) -> str | None:
+    """A tar member's name as a relative path without `.`/`..` components (`.`: the root itself), or None
+    if it leaves the root (`..`, NUL, too long; an absolute name unless `absolute_ok`, as image layers
+    may have them)."""
+    if len(name) > MAX_NAME or "\0" in name or (name.startswith("/") and not absolute_ok):
         return None
     parts = []
     for part in name.split("/"):
@@ -59,7 +61,7 @@ def _match(pattern: list[str], path: list[str]) -> bool:
 
 def copy_stream(archive: IO[bytes], target: CopyTarget, out: IO[bytes], max_bytes: int) -> int:
     """Write the tar of what `target` copies to `out`; return how many members it holds."""
-    src = _clean(target.src)
+    src = clean_name(target.src)
     if src is None or target.src.startswith("/"):
         raise ContextError(f"COPY source '{target.src}' must be a relative path inside the build context")
     if not target.dest.startswith("/"):
@@ -78,7 +80,7 @@ def copy_stream(archive: IO[bytes], target: CopyTarget, out: IO[bytes], max_byte
         for m in tin:
             if len(members) >= MAX_MEMBERS:
                 raise ContextError(f"the uploaded files hold more than {MAX_MEMBERS} entries")
-            name = _clean(m.name)
+            name = clean_name(m.name)
             if name is None:
                 raise ContextError(f"the uploaded archive has an entry outside the context: {m.name[:200]!r}")
             total += m.size if m.isreg() else 0
@@ -138,7 +140,7 @@ def copy_stream(archive: IO[bytes], target: CopyTarget, out: IO[bytes], max_byte
                 info.type, info.linkname = tarfile.SYMTYPE, m.linkname[:MAX_NAME]
                 tout.addfile(info)
             else:
-                linked = _clean(m.linkname)
+                linked = clean_name(m.linkname)
                 if linked is None or linked not in placed:
                     raise ContextError(f"hard link {m.name[:200]!r} points at a file that is not copied")
                 info.type, info.linkname = tarfile.LNKTYPE, placed[linked]

@@ -20,16 +20,17 @@ import sys
 import tarfile
 from typing import IO
 
+from sandboxd.templates.context import clean_name
+
 MAX_BYTES = 64 << 30
 MAX_ENTRIES = 2_000_000
 NOBODY = 65534
 
 
 def _clean(name: str) -> str | None:
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if any(p == ".." for p in parts) or "\0" in name:
-        return None
-    return "/" + "/".join(parts) if parts else None
+    """An entry's path under the layer's root, or None for the root itself and names that leave it."""
+    rel = clean_name(name, absolute_ok=True)
+    return None if rel is None or rel == "." else "/" + rel
 
 
 def _remove(path: str) -> None:
