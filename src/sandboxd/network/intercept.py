@@ -196,15 +196,8 @@ async def relay_http(
         extra = [(k.encode(), v.encode()) for k, v in set_headers.items()]
         headers = [(k, v) for k, v in event.headers if k.lower() not in replaced] + extra
         await upstream.send(c.send(h11.Request(method=event.method, target=event.target, headers=headers)))
-        while True:
-            event = await _next(s, client)
-            if isinstance(event, h11.Data):
-                await upstream.send(c.send(h11.Data(data=event.data)))
-            elif isinstance(event, h11.EndOfMessage):
-                await upstream.send(c.send(h11.EndOfMessage()))
-                break
-            else:
-                return
+        if not await _forward_body(s, client, c, upstream):
+            return
         while True:
             event = await _next(c, upstream)
             if isinstance(event, h11.InformationalResponse):
@@ -216,17 +209,28 @@ async def relay_http(
                     return
             elif isinstance(event, h11.Response):
                 await client.send(s.send(event))
-            elif isinstance(event, h11.Data):
-                await client.send(s.send(h11.Data(data=event.data)))
-            elif isinstance(event, h11.EndOfMessage):
-                await client.send(s.send(h11.EndOfMessage()))
                 break
             else:
                 return
+        if not await _forward_body(c, upstream, s, client):
+            return
         if h11.MUST_CLOSE in (s.our_state, s.their_state, c.our_state, c.their_state):
             return
         s.start_next_cycle()
         c.start_next_cycle()
+
+
+async def _forward_body(src: h11.Connection, src_stream: Stream, dst: h11.Connection, dst_stream: Stream) -> bool:
+    """A message's body, from one side to the other, to its end; False if the connection ended first."""
+    while True:
+        event = await _next(src, src_stream)
+        if isinstance(event, h11.Data):
+            await dst_stream.send(dst.send(h11.Data(data=event.data)))
+        elif isinstance(event, h11.EndOfMessage):
+            await dst_stream.send(dst.send(h11.EndOfMessage()))
+            return True
+        else:
+            return False
 
 
 async def _pipe(a: Stream, b: Stream) -> None:
