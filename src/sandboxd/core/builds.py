@@ -36,7 +36,7 @@ from sandboxd.templates import images
 from sandboxd.templates.context import ContextError, CopyTarget, copy_stream
 from sandboxd.templates.layers import LayerStore, layer_key
 from sandboxd.templates.recipe import DEFAULT_IMAGE, BuildState, Recipe, Step
-from sandboxd.templates.store import TemplateError, TemplateStore
+from sandboxd.templates.store import TemplateError, TemplateStore, write_json
 
 if TYPE_CHECKING:
     from sandboxd.core.manager import SandboxManager
@@ -218,9 +218,7 @@ class TemplateBuilds:
     def _save(self, build: Build) -> None:
         d = self.store.dir / build.template_id / "builds"
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".{build.build_id}.{os.getpid()}"
-        tmp.write_text(json.dumps(build.to_json()))
-        tmp.rename(d / f"{build.build_id}.json")
+        write_json(d / f"{build.build_id}.json", build.to_json())
 
     async def delete(self, template_id: str) -> None:
         await asyncio.to_thread(self.store.delete, template_id)
@@ -238,17 +236,19 @@ class TemplateBuilds:
     def _files(self, template_id: str) -> Path:
         return self.store.dir / template_id / "files"
 
-    def upload_token(self, template_id: str, files_hash: str) -> str:
-        expires = int(time.time()) + 3600
+    def _upload_mac(self, template_id: str, files_hash: str, expires: str) -> str:
         msg = f"{template_id}/{files_hash}/{expires}".encode()
-        return f"{expires}.{hmac.new(self._upload_key, msg, hashlib.sha256).hexdigest()}"
+        return hmac.new(self._upload_key, msg, hashlib.sha256).hexdigest()
+
+    def upload_token(self, template_id: str, files_hash: str) -> str:
+        expires = str(int(time.time()) + 3600)
+        return f"{expires}.{self._upload_mac(template_id, files_hash, expires)}"
 
     def check_upload_token(self, template_id: str, files_hash: str, token: str) -> bool:
         expires, _, mac = token.partition(".")
         if not expires.isdigit() or int(expires) < time.time():
             return False
-        msg = f"{template_id}/{files_hash}/{expires}".encode()
-        return hmac.compare_digest(mac, hmac.new(self._upload_key, msg, hashlib.sha256).hexdigest())
+        return hmac.compare_digest(mac, self._upload_mac(template_id, files_hash, expires))
 
     def has_files(self, template_id: str, files_hash: str) -> bool:
         return (self._files(template_id) / f"{files_hash}.json").is_file()
@@ -357,7 +357,6 @@ class TemplateBuilds:
         build.log(f"FROM {recipe.base}", step="base")
         top, base, state, described = await self._base(build, recipe)
         build.log(f"base: {described}", "debug", "base")
-        parent = top or f"rootfs:{base}"
         forced = recipe.force
         total = len(recipe.steps)
         for i, step in enumerate(recipe.steps, 1):
@@ -379,16 +378,16 @@ class TemplateBuilds:
                 payload["files"] = self._files_digest(build.template_id, step.files_hash or "")
             if forced:
                 payload["forced"] = build.build_id
-            key = layer_key(parent, payload)
+            key = layer_key(top, base, payload)
             if not forced and self.layers.get(key) is not None:
                 build.log(f"CACHED {label}", step=str(i))
-                top, parent = key, key
+                top = key
                 continue
             build.log(label, step=str(i))
             step_started = time.monotonic()
             await self._run_step(build, str(i), step, state, top, base, key, label)
             build.log(f"done {label} in {time.monotonic() - step_started:.2f} s", "debug", str(i))
-            top, parent = key, key
+            top = key
         own = bool(recipe.start_cmd or recipe.ready_cmd)
         if not own and (state.inherited.get("start_cmd") or state.inherited.get("ready_cmd")):
             recipe = replace(recipe, start_cmd=state.inherited["start_cmd"], ready_cmd=state.inherited["ready_cmd"])
@@ -424,7 +423,7 @@ class TemplateBuilds:
             raise StepFailed("base", str(e)) from None
         root = BuildState(user="root", workdir="/", env=config.env)
         provision = Step("RUN", (PROVISION, "root"))
-        key = layer_key(top or f"rootfs:{base}", {"builder": BUILDER, "provision": PROVISION, **root.key()})
+        key = layer_key(top, base, {"builder": BUILDER, "provision": PROVISION, **root.key()})
         if force or self.layers.get(key) is None:
             progress("adding the user 'user' (uid 1000) unless the image has one")
             await self._run_step(build, "base", provision, root, top, base, key, "[base] user")
@@ -475,7 +474,7 @@ class TemplateBuilds:
                     code = await startup.run(runtime, handle, who, f"mkdir -p '{_q(step.args[0])}'", line)
                 else:  # COPY
                     code = await self._copy(build, handle, step, state, line)
-            except startup.StartError as e:
+            except (startup.StartError, ContextError) as e:
                 raise StepFailed(n, f"step {label} failed: {e}") from None
             if code != 0:
                 how = "timed out" if code == -1 else f"exited with status {code}"
@@ -499,7 +498,7 @@ class TemplateBuilds:
         archive = self._files(build.template_id) / (step.files_hash or "")
         root = startup.identity(runtime, handle, "root", {}, "/")
         read, write = os.pipe()
-        errors: list[str] = []
+        errors: list[ContextError] = []
 
         def feed() -> None:
             try:
@@ -507,9 +506,9 @@ class TemplateBuilds:
                     count = copy_stream(src, target, out, MAX_UNPACKED)
                 line(f"copied {count} entries to {step.args[1]}")
             except ContextError as e:
-                errors.append(str(e))
+                errors.append(e)
             except BrokenPipeError:
-                errors.append("the sandbox's tar stopped reading")
+                errors.append(ContextError("the sandbox's tar stopped reading"))
 
         feeder = threading.Thread(target=feed, daemon=True)
         feeder.start()
@@ -526,7 +525,7 @@ class TemplateBuilds:
             os.close(read)
         await asyncio.to_thread(feeder.join)
         if errors:
-            raise StepFailed("copy", errors[0])
+            raise errors[0]
         return code
 
     async def _finalize(self, build: Build, recipe: Recipe, state: BuildState, top: str | None, base: Path) -> None:

@@ -149,7 +149,7 @@ def import_layers(layout: Path, layers: list[tuple[str, str]], store: LayerStore
     base = empty_root(store)
     parent: str | None = None
     for i, (digest, media) in enumerate(layers, 1):
-        key = layer_key(parent or f"rootfs:{base}", {"oci": digest})
+        key = layer_key(parent, base, {"oci": digest})
         if store.get(key) is not None:
             progress(f"layer {i}/{len(layers)} {digest[7:19]}: cached")
             parent = key

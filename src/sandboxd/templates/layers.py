@@ -32,7 +32,9 @@ _counter = itertools.count()
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def layer_key(parent: str, step: dict[str, Any]) -> str:
+def layer_key(top: str | None, base: Path, step: dict[str, Any]) -> str:
+    """The key of what `step` makes on the layer `top` (None: directly on the rootfs `base`)."""
+    parent = top or f"rootfs:{base}"
     body = json.dumps({"parent": parent, "step": step}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(body.encode()).hexdigest()[:32]
 

@@ -31,9 +31,10 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from sandboxd.templates.layers import LayerStore, shift_ids, tree_size
@@ -196,19 +197,12 @@ class TemplateStore:
             return {"templateID": ident, "names": [ident] if ident in BUILTIN else []}
 
     def write_meta(self, ident: str, meta: dict) -> None:
-        home = self.dir / ident
-        home.mkdir(parents=True, exist_ok=True)
-        tmp = home / f".meta-{os.getpid()}"
-        tmp.write_text(json.dumps(meta, indent=1))
-        tmp.rename(home / "meta.json")
+        (self.dir / ident).mkdir(parents=True, exist_ok=True)
+        write_json(self.dir / ident / "meta.json", meta)
 
     def set_name(self, name: str, ident: str) -> None:
-        names = self.dir / ".names"
-        names.mkdir(parents=True, exist_ok=True)
-        tmp = names / f".new-{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(f"../{ident}")
-        tmp.rename(names / quote(name, safe=""))
+        (self.dir / ".names").mkdir(parents=True, exist_ok=True)
+        replace_symlink(self.dir / ".names" / quote(name, safe=""), f"../{ident}")
 
     def drop_name(self, name: str) -> None:
         (self.dir / ".names" / quote(name, safe="")).unlink(missing_ok=True)
@@ -231,10 +225,7 @@ class TemplateStore:
             _switch_current(home, build_id)
             return
         (home / "tags").mkdir(exist_ok=True)
-        tmp = home / "tags" / f".new-{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(f"../{build_id}")
-        tmp.rename(home / "tags" / tag)
+        replace_symlink(home / "tags" / tag, f"../{build_id}")
 
     def claim(self, name: str) -> str:
         """The ID of the template called `name`, made (with no build yet) if there is none."""
@@ -258,35 +249,29 @@ class TemplateStore:
             os.rename(self.dir / ident, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
 
-    def _layer_bases(self) -> set[str]:
-        """The root filesystems at the bottom of layers (resolved paths): kept while a layer names them."""
-        bases: set[str] = set()
-        for key in self.layers.keys():
-            layer = self.layers.get(key)
-            if layer is not None and layer.parent is None:
-                bases.add(str(Path(layer.base).resolve()))
-        for home in self.dir.iterdir() if self.dir.is_dir() else []:
-            for version in home.iterdir() if home.is_dir() and not home.name.startswith(".") else []:
-                with contextlib.suppress(OSError, ValueError):
-                    base = json.loads((version / "template.json").read_text()).get("base")
-                    if base and not version.is_symlink():
-                        bases.add(str(Path(base).resolve()))
-        return bases
-
-    def referenced_layers(self) -> set[str]:
-        """Layers that a version of a template, or a sandbox on this host, stands on."""
-        tops: set[str] = set()
+    def _versions(self) -> Iterator[dict]:
+        """The template.json of every version of every template (the `current` and tag links skipped)."""
         for home in self.dir.iterdir() if self.dir.is_dir() else []:
             if home.name.startswith(".") or not home.is_dir():
                 continue
             for version in home.iterdir():
-                meta_file = version / "template.json"
-                if version.is_symlink() or not meta_file.is_file():
+                if version.is_symlink():
                     continue
                 with contextlib.suppress(ValueError, OSError):
-                    top = json.loads(meta_file.read_text()).get("top")
-                    if top:
-                        tops.add(top)
+                    yield json.loads((version / "template.json").read_text())
+
+    def _layer_bases(self) -> set[str]:
+        """The root filesystems at the bottom of layers (resolved paths): kept while a layer names them."""
+        bases = {meta["base"] for meta in self._versions() if meta.get("base")}
+        for key in self.layers.keys():
+            layer = self.layers.get(key)
+            if layer is not None and layer.parent is None:
+                bases.add(layer.base)
+        return {str(Path(base).resolve()) for base in bases}
+
+    def referenced_layers(self) -> set[str]:
+        """Layers that a version of a template, or a sandbox on this host, stands on."""
+        tops = {meta["top"] for meta in self._versions() if meta.get("top")}
         for lower in _mounted_lower_dirs():  # a sandbox's topmost layer: <templates>/.layers/<key>/diff
             path = Path(lower)
             if path.name == "diff" and path.parent.parent == self.layers.dir:
@@ -312,11 +297,8 @@ class TemplateStore:
         """Record a built version of a layered template and point `tags` at it (the first build of a
         template also becomes its default)."""
         home = self.dir / ident
-        version = home / build_id
-        version.mkdir(parents=True, exist_ok=True)
-        tmp = version / f".template.json.{os.getpid()}"
-        tmp.write_text(json.dumps({"kind": "layers", "name": ident, "build_id": build_id, **meta}, indent=1))
-        tmp.rename(version / "template.json")
+        (home / build_id).mkdir(parents=True, exist_ok=True)
+        write_json(home / build_id / "template.json", {"kind": "layers", "name": ident, "build_id": build_id, **meta})
         for tag in tags:
             self.set_tag(ident, tag, build_id)
         if not (home / "current").exists():
@@ -523,10 +505,22 @@ class TemplateStore:
 
 
 def _switch_current(home: Path, digest: str) -> None:
-    tmp = home / f".current-{os.getpid()}"
+    replace_symlink(home / "current", digest)
+
+
+def replace_symlink(link: Path, target: str) -> None:
+    """Point `link` at `target` atomically: a reader sees the old target or the new one."""
+    tmp = link.with_name(f".{link.name}.new-{os.getpid()}")
     tmp.unlink(missing_ok=True)
-    tmp.symlink_to(digest)
-    tmp.rename(home / "current")  # atomic: a reader sees the old version or the new one
+    tmp.symlink_to(target)
+    tmp.rename(link)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write `path` atomically: a reader sees the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.new-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.rename(path)
 
 
 def _mounted_lower_dirs() -> set[str]:
