@@ -222,7 +222,7 @@ class TemplateBuilds:
 
     async def delete(self, template_id: str) -> None:
         await asyncio.to_thread(self.store.delete, template_id)
-        await self.manager.pool.drop_stale()  # its idle pooled sandboxes go now
+        self.manager.pool.drop_stale()  # its idle pooled sandboxes go now
 
     def history(self, template_id: str) -> list[Build]:
         """The template's builds, newest first (from their files)."""

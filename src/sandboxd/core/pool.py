@@ -65,7 +65,7 @@ class WarmPool:
             self._in_background(self.runtime.destroy(entry.handle))  # template rebuilt, or it died
         return None
 
-    async def drop_stale(self) -> None:
+    def drop_stale(self) -> None:
         """Destroy idle sandboxes whose template is gone or has another current version now (a template
         removed or rebuilt, by this server or by `sandboxd template` on the host)."""
         for name, entries in list(self._idle.items()):
@@ -75,10 +75,11 @@ class WarmPool:
                 digest: str | None = self.templates.get(name).digest
             except Exception:
                 digest = None
-            stale = [e for e in entries if e.digest != digest]
-            for e in stale:
+            for e in [e for e in entries if e.digest != digest]:
                 entries.remove(e)
-            await asyncio.gather(*(self.runtime.destroy(e.handle) for e in stale), return_exceptions=True)
+                # in the background, as take() does: a destroy cut short by the caller's cancellation (the
+                # reaper's, at shutdown) would leave the sandbox's address and uid range held
+                self._in_background(self.runtime.destroy(e.handle))
 
     def schedule_refill(self, name: str, delay: float = REFILL_DELAY) -> None:
         if self.size <= 0 or self._closing:
@@ -108,6 +109,8 @@ class WarmPool:
         idle = [e.handle for entries in self._idle.values() for e in entries]
         self._idle.clear()
         await asyncio.gather(*(self.runtime.destroy(h) for h in idle), return_exceptions=True)
+        # and the destroys of stale ones still going, before the runtime closes
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     async def _refill(self, name: str, delay: float) -> None:
         await asyncio.sleep(delay)

@@ -63,7 +63,7 @@ class Reaper:
                 await m.kill(sandbox.id)
             except Exception:
                 log.exception("cleaning up dead sandbox %s failed", sandbox.id)
-        await m.pool.drop_stale()  # idle sandboxes of templates removed or rebuilt since
+        m.pool.drop_stale()  # idle sandboxes of templates removed or rebuilt since
         pending = [s.record.end_at for s in m.sandboxes.values() if s.record.state == "running"]
         delay = min([MAX_SLEEP, *(max(0.0, t - time.time()) for t in pending)])
         self._wake.clear()
