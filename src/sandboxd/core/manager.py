@@ -164,7 +164,11 @@ class SandboxManager:
         self.reaper.stop()
         await self.pool.stop()
         if destroy:
-            await asyncio.gather(*(self.kill(sid) for sid in list(self.sandboxes)), return_exceptions=True)
+            ids = list(self.sandboxes)
+            results = await asyncio.gather(*(self.kill(sid) for sid in ids), return_exceptions=True)
+            for sid, result in zip(ids, results, strict=True):
+                if isinstance(result, BaseException):  # its address (and so the server's table) stays held
+                    log.error("destroying sandbox %s at shutdown failed: %r", sid, result)
         self.runtime.close()  # removes only what no kept sandbox still uses
 
     # -- making sandboxes --------------------------------------------------------------------------
