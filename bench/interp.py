@@ -22,8 +22,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sandboxd.templates.store import TemplateStore
+
 TEMPLATE = "code-interpreter-v1"
-SITE = Path("/var/lib/sandboxd/templates") / TEMPLATE / "current" / "rootfs" / "opt" / "sandboxd" / "site"
+# the template's Python packages: in the topmost of its layers that has them
+SITE = next(
+    (
+        layer / "opt/sandboxd/site"
+        for layer in TemplateStore(Path("/var/lib/sandboxd/templates")).get(TEMPLATE).layers
+        if (layer / "opt/sandboxd/site").is_dir()
+    ),
+    Path("/nonexistent/opt/sandboxd/site"),
+)
 FLOOR_PYTHON = "/usr/bin/python3"
 CGROUP_MEMORY = Path("/sys/fs/cgroup/memory/sandboxd")  # sandboxes: <instance>/<sandbox id>
 CODE, EXPECTED = "1+1", "2"

@@ -39,10 +39,14 @@ import net
 import noisy
 import templates
 
+from sandboxd.templates.store import TemplateStore
+
 VENV_BIN = Path("/opt/sandboxd/venv/bin")
 TEMPLATES = Path("/var/lib/sandboxd/templates")
 TEMPLATE = "base"
-ROOTFS = TEMPLATES / TEMPLATE / "current" / "rootfs"
+# the floor's root: the Debian root filesystem at the bottom of the template's layers (sandboxd stacks
+# the layers with overlayfs, which the floor does not)
+ROOTFS = TemplateStore(TEMPLATES).get(TEMPLATE).layers[-1]
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_MEMORY = CGROUP_ROOT / "memory" / "sandboxd"  # sandboxes: <instance>/<sandbox id>
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -960,9 +964,7 @@ def main() -> int:
             warm, nopool, files_client, interp_warm, interp_cold, nopool_noquota, noisy_client, net_client = clients[:8]
             tpl_warm, tpl_cold = clients[8:]
             if args.suite in ("all", "templates"):
-                (workdir / "templates").mkdir()
-                for name in ("base", "code-interpreter-v1"):
-                    (workdir / "templates" / name).symlink_to(TEMPLATES / name)
+                TemplateStore(TEMPLATES).link_into(workdir / "templates", ("base", "code-interpreter-v1"))
                 lab = net.Lab(workdir / "lab").start()
                 try:
                     template_results.update(

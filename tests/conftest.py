@@ -29,6 +29,25 @@ from netlab import DNS as LAB_DNS
 from netlab import Lab
 
 TEMPLATES_DIR = Path(os.environ.get("SANDBOXD_TEMPLATES_DIR", "/var/lib/sandboxd/templates"))
+BUILTIN_TEMPLATES = ("base", "code-interpreter-v1")
+
+
+def template_layers(name: str, templates: Path = TEMPLATES_DIR) -> tuple[Path, ...]:
+    """A template's root filesystem as overlay lower dirs, topmost first."""
+    from sandboxd.templates.store import TemplateStore
+
+    return TemplateStore(templates).get(name).layers
+
+
+def template_file(name: str, path: str) -> Path:
+    """Where on the host the file `path` of a template is: in the topmost of its layers that has it."""
+    for layer in template_layers(name):
+        candidate = layer / path.lstrip("/")
+        if candidate.exists() or candidate.is_symlink():
+            return candidate
+    raise FileNotFoundError(f"template {name} has no {path}")
+
+
 SANDBOXD = str(Path(sys.executable).with_name("sandboxd"))
 
 
@@ -299,10 +318,10 @@ def builder_server(root: Path, *extra: str) -> Iterator[Server]:
     """A server with a templates dir of its own (the cached built-in templates linked in: the layers a
     test builds never mix with the shared cache), which the SDK talks to (E2B_* set, then restored).
     `server.templates` is that dir."""
+    from sandboxd.templates.store import TemplateStore
+
     templates = root / "templates"
-    templates.mkdir()
-    for name in ("base", "code-interpreter-v1", ".debian"):  # .debian: from_debian_image's root filesystems
-        (templates / name).symlink_to(TEMPLATES_DIR / name)
+    TemplateStore(TEMPLATES_DIR).link_into(templates, BUILTIN_TEMPLATES)
     srv = start_server(root / "data", "--ready-timeout", "5", *extra, templates_dir=templates)
     srv.templates = templates  # type: ignore[attr-defined]
     old = {k: os.environ.get(k) for k in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY")}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -51,37 +52,42 @@ def _lowerdirs(server: Server, sandbox_id: str) -> str:
     raise AssertionError("no sandbox-init")
 
 
-def test_old_version_survives_while_a_sandbox_uses_it(server: Server) -> None:
+def test_an_old_build_survives_while_a_sandbox_uses_it(server: Server) -> None:
+    """A template rebuilt under running sandboxes: they keep their build's layers (and new sandboxes get the
+    new build); the old build's record goes at the next prune, its layers once no sandbox stands on them."""
     store = TemplateStore(TEMPLATES_DIR)
     home = TEMPLATES_DIR / "base"
     real = os.readlink(home / "current")
-    fake = "0ldversion0000"
-    shutil.rmtree(home / fake, ignore_errors=True)
-    (home / fake).mkdir()
-    # a cheap second version: hard links to the real one, its own template.json
-    subprocess.run(["cp", "-al", str(home / real / "rootfs"), str(home / fake / "rootfs")], check=True)
+    base = store.get("base")
+    work = store.layers.new_dir()  # a cheap old build: one more layer on base, with a file of its own
+    (work / "diff" / "etc").mkdir(parents=True)
+    (work / "diff" / "etc" / "old-build").write_text("old\n")
+    key = "0ldbuild" + secrets.token_hex(8)
+    layer = store.layers.commit(work, key, base.top_layer, Path(base.base), "test: an old build", shift_from=0)
+    fake = "0ldbuild-" + secrets.token_hex(4)
     meta = json.loads((home / real / "template.json").read_text())
-    (home / fake / "template.json").write_text(json.dumps({**meta, "digest": fake}))
+    (home / fake).mkdir()
+    (home / fake / "template.json").write_text(json.dumps({**meta, "build_id": fake, "top": key}))
     try:
         _switch_current(home, fake)
-        old = Sandbox.create(template="base", timeout=60)  # on the soon-old version
+        old = Sandbox.create(template="base", timeout=60)  # on the soon-old build
         _switch_current(home, real)
-        assert str(home / fake / "rootfs") in _lowerdirs(server, old.sandbox_id)
-        assert fake not in store.prune("base"), "a version in use was pruned"
-        assert (home / fake / "rootfs" / "usr" / "bin" / "python3").exists()
-        assert old.commands.run("python3 -c 'print(1)'").stdout == "1\n"
+        assert _lowerdirs(server, old.sandbox_id) == str(layer.diff)
+        assert fake in store.prune("base") and not (home / fake).exists()
+        assert key in store.referenced_layers(), "the layer a running sandbox stands on is not kept"
+        assert old.commands.run("cat /etc/old-build").stdout == "old\n"
         new = Sandbox.create(template="base", timeout=60)
         try:
-            assert str(home / real / "rootfs") in _lowerdirs(server, new.sandbox_id)
+            assert new.commands.run("test -e /etc/old-build || echo new").stdout == "new\n"
         finally:
             new.kill()
         old.kill()
-        assert store.prune("base") == [fake]
-        assert not (home / fake).exists() and (home / real / "rootfs").is_dir()
+        assert key not in store.referenced_layers()
     finally:
         if os.readlink(home / "current") != real:
             _switch_current(home, real)
         shutil.rmtree(home / fake, ignore_errors=True)
+        store.layers.remove(key)
 
 
 def test_template_exists_for_built_in_templates(server: Server) -> None:
@@ -124,6 +130,7 @@ def test_a_rootfs_under_layers_is_kept_by_prune_until_no_layer_names_it(tmp_path
     home = tmp_path / "base"
     for version in ("old", "new"):
         (home / version / "rootfs").mkdir(parents=True)
+        (home / version / "template.json").write_text(json.dumps({"name": "base", "digest": version}))
     _switch_current(home, "new")
     layer = tmp_path / ".layers" / "k1"
     (layer / "diff").mkdir(parents=True)

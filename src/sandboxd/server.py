@@ -64,6 +64,7 @@ class ServerConfig:
     egress_ca_file: str | None = None  # more CAs the egress proxy trusts for intercepted hosts' servers
     registry: str | None = None  # where template builds pull images from
     registry_insecure: bool = False
+    builtin_builds: bool = False  # the server `sandboxd template build` starts: may build built-in templates
     tls_port: int = 443
 
     @property
@@ -112,6 +113,7 @@ class App:
         self.manager = SandboxManager(self.runtime, self.templates, self.db, config.settings)
         self.manager.net.identity = workload_identity.Issuer(config.data_dir, config.issuer)
         self.builds = TemplateBuilds(self.manager, self.templates)
+        self.builds.builtin_builds = config.builtin_builds
         if config.registry:
             self.builds.registry = Registry(config.registry, config.registry_insecure)
         self.resolver: Resolver | None = None

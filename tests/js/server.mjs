@@ -1,6 +1,6 @@
 // Starts a real `sandboxd serve` for the JS SDK tests (like tests/conftest.py does for Python): a free
 // port on 127.0.0.1, a throw-away data dir, the cached templates; stopped with SIGTERM (--destroy-on-exit).
-import { spawn } from 'node:child_process'
+import { execFileSync, spawn } from 'node:child_process'
 import { mkdtempSync, readFileSync, rmSync, openSync } from 'node:fs'
 import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
@@ -10,6 +10,15 @@ const SANDBOXD = process.env.SANDBOXD_BIN || '/opt/sandboxd/venv/bin/sandboxd'
 const TEMPLATES = process.env.SANDBOXD_TEMPLATES_DIR || '/var/lib/sandboxd/templates'
 export const DOMAIN = 'js.sandboxd.test'
 export { TEMPLATES }
+
+// A templates dir of a test's own server, with the cached built-in templates (and their layers) linked in:
+// what the test builds stays in that dir (TemplateStore.link_into, as tests/conftest.py's builder_server).
+export function linkBuiltinTemplates(dir) {
+  const python = join(SANDBOXD, '..', 'python')
+  const code = 'import sys, pathlib; from sandboxd.templates.store import TemplateStore as S; ' +
+    'S(pathlib.Path(sys.argv[1])).link_into(pathlib.Path(sys.argv[2]), ("base", "code-interpreter-v1"))'
+  execFileSync(python, ['-c', code, TEMPLATES, dir])
+}
 
 function freePort() {
   return new Promise((resolve, reject) => {

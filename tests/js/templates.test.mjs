@@ -9,7 +9,7 @@ import { after, before, test } from 'node:test'
 
 import { Sandbox, Template, waitForPort } from 'e2b'
 
-import { TEMPLATES, startServer } from './server.mjs'
+import { linkBuiltinTemplates, startServer } from './server.mjs'
 
 let server
 const dir = mkdtempSync(join(tmpdir(), 'sandboxd-js-tpl-'))
@@ -18,8 +18,7 @@ const suffix = Math.random().toString(16).slice(2, 8)
 
 before(async () => {
   const templates = join(dir, 'templates')
-  mkdirSync(templates)
-  symlinkSync(join(TEMPLATES, 'base'), join(templates, 'base'))
+  linkBuiltinTemplates(templates)
   mkdirSync(join(ctx, 'app'), { recursive: true })
   writeFileSync(join(ctx, 'app', 'hello.txt'), 'hello from js\n')
   symlinkSync('hello.txt', join(ctx, 'app', 'link.txt'))

@@ -26,7 +26,7 @@ import pytest
 from e2b import AsyncSandbox, Sandbox
 from e2b.exceptions import FileNotFoundException
 
-from conftest import TEMPLATES_DIR, Server, host_pids_of, run_as, upper_on_host
+from conftest import Server, host_pids_of, run_as, template_layers, upper_on_host
 
 HOST_SECRET_PREFIX = "HOST-SECRET-"
 HOME = "/home/user"
@@ -166,9 +166,8 @@ def escapes(path: str) -> list[str]:
 def overlay_dirs(server: Server, sandbox_id: str) -> tuple[list[Path], Path]:
     """(lower layers, upper dir) of a sandbox's root overlay on the host (the sandbox's mountinfo names
     them only by relative names, so they come from the layout of the data and template dirs)."""
-    base = TEMPLATES_DIR / "base"
-    rootfs = base / "current" / "rootfs" if (base / "current").exists() else base / "rootfs"
-    return [rootfs.resolve()], server.data_dir / "sandboxes" / sandbox_id / "upper"
+    lowers = [layer.resolve() for layer in template_layers("base")]
+    return lowers, server.data_dir / "sandboxes" / sandbox_id / "upper"
 
 
 # -- `..` traversal ---------------------------------------------------------------------------------

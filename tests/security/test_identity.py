@@ -15,7 +15,7 @@ from e2b import Sandbox
 
 import sandboxd
 
-from conftest import TEMPLATES_DIR, Server, host_pids_of, upper_on_host
+from conftest import TEMPLATES_DIR, Server, host_pids_of, template_file, upper_on_host
 
 NS_GET_OWNER_UID = 0xB704  # _IO(0xb7, 0x4)
 
@@ -57,12 +57,13 @@ def test_each_sandbox_has_a_uid_range_of_its_own(server: Server, sandbox: Sandbo
 
 def test_template_files_are_owned_by_no_sandbox_uid(sandbox: Sandbox) -> None:
     base = outside_base(sandbox)
-    st = os.stat(TEMPLATES_DIR / "base" / "current" / "rootfs" / "etc" / "passwd")
+    passwd = template_file("base", "/etc/passwd")
+    st = os.stat(passwd)
     assert not base <= st.st_uid < base + 65536
     # and sandbox root cannot write through to the template
     r = sandbox.commands.run("echo x >> /etc/passwd && tail -c 2 /etc/passwd", user="root")
     assert r.stdout == "x\n"
-    with open(TEMPLATES_DIR / "base" / "current" / "rootfs" / "etc" / "passwd", "rb") as f:
+    with open(passwd, "rb") as f:
         assert not f.read().endswith(b"x\n")
 
 

@@ -13,7 +13,16 @@ from pathlib import Path
 
 from e2b import Sandbox
 
-from conftest import SANDBOXD, TEMPLATES_DIR, Server, free_port, host_pids_of, start_server, upper_on_host
+from conftest import (
+    SANDBOXD,
+    TEMPLATES_DIR,
+    Server,
+    free_port,
+    host_pids_of,
+    start_server,
+    template_layers,
+    upper_on_host,
+)
 
 NOBODY = 65534
 
@@ -77,8 +86,9 @@ def test_data_dir_and_secrets_are_root_only(server: Server) -> None:
     assert stat.S_IMODE(TEMPLATES_DIR.stat().st_mode) == 0o700
     r = as_nobody("cat", str(server.data_dir / "state.db"))
     assert r.returncode != 0 and "Permission denied" in r.stderr
-    r = as_nobody("ls", str(TEMPLATES_DIR / "base" / "current" / "rootfs"))
-    assert r.returncode != 0 and "Permission denied" in r.stderr
+    for layer in template_layers("base"):
+        r = as_nobody("ls", str(layer))
+        assert r.returncode != 0 and "Permission denied" in r.stderr, layer
 
 
 def test_setuid_file_made_in_a_sandbox_cannot_be_run_by_a_host_user(server: Server, sandbox: Sandbox) -> None:

@@ -141,7 +141,7 @@ def test_a_step_is_held_to_its_memory_limit_by_the_kernel(tserver: Server) -> No
 
 def test_names_users_and_steps_that_try_to_escape_their_fields(tserver: Server) -> None:
     headers = {"X-API-KEY": tserver.api_key}
-    for name in ("../x", "a/../../b", ".hidden", "x" * 300, "UPPER", "a/b/c", "base", "n:../t"):
+    for name in ("../x", "a/../../b", ".hidden", "x" * 300, "UPPER", "a/b/c", "n:../t"):  # (base: 403, below)
         r = httpx.post(f"{tserver.url}/v3/templates", json={"name": name}, headers=headers)
         assert r.status_code == 400, (name, r.text)
     created = httpx.post(f"{tserver.url}/v3/templates", json={"name": f"f-{secrets.token_hex(3)}"}, headers=headers)
@@ -205,3 +205,35 @@ def test_builds_beyond_the_servers_limit_wait_their_turn(tserver: Server) -> Non
         assert st.status.value == "ready", st
         messages += [e.message for e in st.log_entries]
     assert any("builds running to end" in m for m in messages), messages
+
+
+def test_a_client_cannot_rebuild_retag_or_delete_a_built_in_template(tserver: Server) -> None:
+    """Built-in templates are every tenant's: the API refuses to build over them, tag or untag them, or
+    delete them, and a build may not give its template a service of sandboxd's own."""
+    headers = {"X-API-KEY": tserver.api_key}
+    for name in ("base", "code-interpreter-v1", "httpbin", "base:evil"):
+        r = httpx.post(f"{tserver.url}/v3/templates", json={"name": name}, headers=headers)
+        assert r.status_code == 403 and "built-in" in r.json()["message"], (name, r.text)
+    for name in ("base", "code-interpreter-v1"):
+        r = httpx.post(f"{tserver.url}/templates/tags", json={"target": name, "tags": ["evil"]}, headers=headers)
+        assert r.status_code == 403, r.text
+        untag = {"name": name, "tags": ["default"]}
+        r = httpx.request("DELETE", f"{tserver.url}/templates/tags", json=untag, headers=headers)
+        assert r.status_code == 403, r.text
+        r = httpx.delete(f"{tserver.url}/templates/{name}", headers=headers)
+        assert r.status_code == 403, r.text
+        assert httpx.get(f"{tserver.url}/templates/{name}", headers=headers).status_code == 200
+    name = "svc-" + secrets.token_hex(3)
+    created = httpx.post(f"{tserver.url}/v3/templates", json={"name": name}, headers=headers)
+    tid, bid = created.json()["templateID"], created.json()["buildID"]
+    r = httpx.post(
+        f"{tserver.url}/v2/templates/{tid}/builds/{bid}",
+        json={"steps": [], "service": ["/bin/sh", "-c", "id"]},
+        headers=headers,
+    )
+    assert r.status_code == 400 and "service" in r.json()["message"], r.text
+    sbx = Sandbox.create("base", timeout=30)  # base still works for everyone
+    try:
+        assert sbx.commands.run("whoami").stdout == "user\n"
+    finally:
+        sbx.kill()

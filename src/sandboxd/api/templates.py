@@ -73,6 +73,8 @@ def template_routes(builds: TemplateBuilds, limits: RequestLimits, read: Callabl
 
     async def file_link(request: Request) -> Response:
         ident = builds.template_id(request.path_params["template"])
+        if store.is_builtin(ident) and not builds.builtin_builds:
+            raise Forbidden(f"'{ident}' is a built-in template: files cannot be uploaded for it")
         files_hash = request.path_params["hash"]
         if not HASH_RE.match(files_hash):
             raise BadRequest("the files hash must be 64 lowercase hex digits (a sha256)")
@@ -125,10 +127,14 @@ def template_routes(builds: TemplateBuilds, limits: RequestLimits, read: Callabl
             body["reason"] = build.reason
         return JSONResponse(body)
 
-    def _target(name: str) -> tuple[str, str | None]:
+    def _target(name: str, change: str | None = None) -> tuple[str, str | None]:
+        """(ID, tag) of the template `name`; with `change` (what a request would do to it), refused for a
+        built-in template, which is every tenant's."""
         ident, tag = store.resolve(name)
         if ident is None or ident not in store.names():
             raise NotFound(f"template '{name}' not found")
+        if change and store.is_builtin(ident):
+            raise Forbidden(f"'{name}' is a built-in template: it cannot be {change} through the API")
         return ident, tag
 
     async def alias(request: Request) -> Response:
@@ -139,7 +145,7 @@ def template_routes(builds: TemplateBuilds, limits: RequestLimits, read: Callabl
 
     async def assign_tags(request: Request) -> Response:
         b: TagAssign = await read(request, TagAssign, limits)
-        ident, tag = _target(b.target)
+        ident, tag = _target(b.target, "tagged")
         build_id = store.tags(ident).get(tag or "default")
         if build_id is None:
             raise NotFound(f"template '{b.target}' has no build tagged '{tag or 'default'}'")
@@ -152,7 +158,7 @@ def template_routes(builds: TemplateBuilds, limits: RequestLimits, read: Callabl
 
     async def remove_tags(request: Request) -> Response:
         b: TagRemove = await read(request, TagRemove, limits)
-        ident, _ = _target(b.name)
+        ident, _ = _target(b.name, "untagged")
         missing = [t for t in b.tags if t not in store.tags(ident)]
         if missing:
             raise NotFound(f"template '{b.name}' has no tag {', '.join(repr(t) for t in missing)}")
@@ -200,7 +206,7 @@ def template_routes(builds: TemplateBuilds, limits: RequestLimits, read: Callabl
             raise NotFound(str(e)) from None
 
     async def delete(request: Request) -> Response:
-        ident, _ = _target(request.path_params["template"])
+        ident, _ = _target(request.path_params["template"], "deleted")
         await builds.delete(ident)
         return _empty(204)
 

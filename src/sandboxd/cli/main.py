@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         metavar="HOST[:PORT]",
         help="the OCI registry template builds pull images from (from_image); no other registry is reached",
     )
+    # the server `sandboxd template build` starts for a built-in template: it may build over one
+    p_serve.add_argument("--builtin-builds", action="store_true", help=argparse.SUPPRESS)
     p_serve.add_argument(
         "--registry-insecure", action="store_true", help="reach --registry over plain HTTP (a registry on loopback)"
     )
@@ -318,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                 egress_ca_file=args.egress_ca_file,
                 registry=args.registry,
                 registry_insecure=args.registry_insecure,
+                builtin_builds=args.builtin_builds,
                 settings=settings,
                 limits=RequestLimits(
                     max_message_bytes=int(args.max_message_mb * MiB),
@@ -331,8 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "template":
         from sandboxd.templates.builtin import RECIPES
         from sandboxd.templates.images import ImageError, debian_base, debian_rootfs
-        from sandboxd.templates.specs import BUILTIN
-        from sandboxd.templates.store import TemplateError, TemplateStore
+        from sandboxd.templates.store import TemplateStore
 
         templates_dir = args.templates_dir or args.data_dir / "templates"
         if args.template_command == "list":
@@ -370,23 +372,13 @@ def main(argv: list[str] | None = None) -> int:
                     return 1
                 print(f"[{name}] ready (cached in {store.dir / '.debian'})", file=sys.stderr)
                 continue
-            if name in RECIPES:  # made with the template builder, through a server
-                status = template_cli.build_recipe(store, name, args.data_dir, args.url, args.api_key)
-                if status:
-                    return status
-                continue
-            if name not in BUILTIN:
-                known = ", ".join([*BUILTIN, *RECIPES])
+            if name not in RECIPES:
+                known = ", ".join(RECIPES)
                 print(f"sandboxd: unknown template '{name}'; built-in templates: {known}", file=sys.stderr)
                 return 2
-            try:
-                if not args.force and store.is_current(BUILTIN[name]):
-                    print(f"[{name}] up to date (cached build {store.get(name).digest})", file=sys.stderr)
-                    continue
-                store.ensure(name, force=args.force)
-            except TemplateError as e:
-                print(f"sandboxd: {e}", file=sys.stderr)
-                return 1
+            status = template_cli.build_builtin(store, name, args.data_dir, force=args.force)
+            if status:
+                return status
         return 0
     if args.command == "api-key":
         from sandboxd.state.db import StateDB

@@ -6,18 +6,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -27,6 +28,7 @@ from sandboxd.templates.dockerfile import DockerfileError, convert
 from sandboxd.templates.store import TemplateError, TemplateStore
 
 console = Console(stderr=True, highlight=False)
+BUILD_NETWORK_TRIES = 5
 logging.getLogger("httpx").setLevel(logging.WARNING)  # its request lines are not the build's progress
 
 
@@ -84,11 +86,12 @@ def _files(context: Path, src: str) -> list[Path]:
     return out
 
 
-def _archive(context: Path, src: str, dest: str) -> tuple[str, bytes]:
-    """(sha256 of what is copied, a tar.gz of it with names relative to the context)."""
+def _archive(context: Path, src: str, dest: str) -> tuple[str, IO[bytes]]:
+    """(sha256 of what is copied, a temporary file holding a tar.gz of it with names relative to the
+    context). Gzip's fastest level: the server unpacks it at once, and a big COPY is not kept waiting."""
     digest = hashlib.sha256(f"COPY {src} {dest}".encode())
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+    out = tempfile.TemporaryFile()
+    with tarfile.open(fileobj=out, mode="w:gz", compresslevel=1) as tar:
         for path in _files(context, src):
             rel = os.path.relpath(path, context)
             st = path.lstat()
@@ -96,9 +99,17 @@ def _archive(context: Path, src: str, dest: str) -> tuple[str, bytes]:
             if path.is_symlink():
                 digest.update(os.readlink(path).encode())
             elif path.is_file():
-                digest.update(path.read_bytes())
+                with open(path, "rb") as f:
+                    for chunk in _chunks(f):
+                        digest.update(chunk)
             tar.add(path, arcname=rel, recursive=False)
-    return digest.hexdigest(), buf.getvalue()
+    out.seek(0)
+    return digest.hexdigest(), out
+
+
+def _chunks(f: IO[bytes]) -> Iterator[bytes]:
+    while chunk := f.read(1 << 20):
+        yield chunk
 
 
 def submit(
@@ -131,14 +142,16 @@ def submit(
             continue
         src, dest = next(pending)
         files_hash, data = _archive(context, src, dest)
-        step["filesHash"] = files_hash
-        link = client.get(f"/templates/{tid}/files/{files_hash}").json()
-        if not link.get("present"):
-            up = httpx.put(link["url"], content=data, timeout=3600)
-            if up.status_code >= 300:
-                console.print(f"sandboxd: uploading {src} failed: {up.text}")
-                return 1
-            console.print(f"[dim]uploaded {src} ({len(data)} bytes)[/dim]")
+        with data:
+            step["filesHash"] = files_hash
+            link = client.get(f"/templates/{tid}/files/{files_hash}").json()
+            if not link.get("present"):
+                size = os.fstat(data.fileno()).st_size
+                up = httpx.put(link["url"], content=_chunks(data), timeout=3600)
+                if up.status_code >= 300:
+                    console.print(f"sandboxd: uploading {src} failed: {up.text}")
+                    return 1
+                console.print(f"[dim]uploaded {src} ({size / 1e6:.1f} MB)[/dim]")
     r = client.post(f"/v2/templates/{tid}/builds/{bid}", json=start)
     if r.status_code >= 300:
         console.print(f"sandboxd: {r.json().get('message', r.text)}")
@@ -187,109 +200,139 @@ def build_dockerfile(args: argparse.Namespace, url: str, api_key: str) -> int:
     return submit(url, api_key, name, request, start, context, conv.copies)
 
 
-def build_recipe(store: TemplateStore, name: str, data_dir: Path, url: str | None, api_key: str | None) -> int:
-    """A built-in template that the template builder makes (templates/builtin.py): its Python packages
-    downloaded on the host (cached), then COPY + RUN through a server's API: `url`, or a server of its
-    own started for the build (no network: the build needs none)."""
+def build_builtin(store: TemplateStore, name: str, data_dir: Path, force: bool = False) -> int:
+    """A built-in template (templates/builtin.py), made with the template builder through a server of its
+    own: the template it is built on first (when that is not current), its Python packages installed on the
+    host (cached), then its steps. Nothing is done when the last build came from the same recipe."""
     recipe = builtin.RECIPES[name]
-    digest = builtin.recipe_digest(recipe)
-    try:
-        if store.get(name).recipe == digest:
-            console.print(f"[{name}] up to date (recipe {digest})", markup=False)
-            return 0
-    except TemplateError:
-        pass
-    wheels = data_dir / "cache" / f"wheels-{name}-{digest}"
-    if not (wheels / ".complete").is_file():
-        console.print(f"[{name}] downloading {' '.join(recipe['pip'])} (pip, on the host)", markup=False)
-        wheels.mkdir(parents=True, exist_ok=True)
-        res = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(wheels), *recipe["pip"]],
-            capture_output=True,
-            text=True,
-        )
-        if res.returncode != 0:
-            console.print(f"sandboxd: downloading the packages of {name} failed:\n{res.stderr[-2000:]}")
+    store.dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(store.dir, 0o700)  # templates' files are owned by sandbox uids: no host user may reach them
+    parent = recipe.get("from_template")
+    parent_build = ""
+    if parent:
+        status = build_builtin(store, parent, data_dir)
+        if status:
+            return status
+        parent_build = store.get(parent).digest
+    digest = builtin.recipe_digest(recipe, parent_build)
+    if not force:
+        with contextlib.suppress(TemplateError):
+            if store.get(name).recipe == digest:
+                console.print(f"[{name}] up to date (recipe {digest})", markup=False)
+                return 0
+    console.print(f"[{name}] building: {recipe['description']}", markup=False)
+    steps: list[dict[str, Any]] = [{"type": "RUN", "args": [cmd, "root"], "force": force} for cmd in recipe["run"]]
+    copies: list[tuple[str, str]] = []
+    cache = data_dir / "cache"
+    if recipe.get("pip"):
+        site = _host_packages(cache, name, recipe["pip"])
+        if site is None:
             return 1
-        (wheels / ".complete").write_text("")
-    pins = " ".join(recipe["pip"])
-    steps = [
-        {"type": "COPY", "args": [wheels.name, "/tmp/wheels", "root", ""], "force": False},
-        {
-            "type": "RUN",
-            "args": [
-                f"pip install --no-index --no-cache-dir --find-links /tmp/wheels {pins} && rm -rf /tmp/wheels",
-                "root",
-            ],
-            "force": False,
-        },
-    ]
-    start = {
-        "fromTemplate": recipe["from_template"],
-        "force": False,
-        "steps": steps,
-        "startCmd": recipe["start_cmd"],
-        "readyCmd": recipe["ready_cmd"],
-        "recipe": digest,
-    }
-    request = {"cpuCount": recipe["cpu_count"], "memoryMB": recipe["memory_mb"]}
-    with _server_for_build(data_dir, store.dir, url, api_key) as (server_url, key):
-        return submit(server_url, key, name, request, start, wheels.parent, [(wheels.name, "/tmp/wheels")])
+        steps.append({"type": "COPY", "args": [site.name, recipe["pip_target"], "root", ""], "force": force})
+        copies.append((site.name, recipe["pip_target"]))
+    start: dict[str, Any] = {"force": force, "steps": steps, "recipe": digest}
+    start["fromTemplate" if parent else "fromImage"] = parent or recipe["from_image"]
+    for key, field in (("start_cmd", "startCmd"), ("ready_cmd", "readyCmd"), ("service", "service")):
+        if recipe.get(key):
+            start[field] = recipe[key]
+    request = {k: recipe[f] for k, f in (("cpuCount", "cpu_count"), ("memoryMB", "memory_mb")) if f in recipe}
+    with _server_for_build(data_dir, store.dir) as (url, key):
+        status = submit(url, key, name, request, start, cache, copies)
+    if status == 0:
+        ident = store.get(name).name
+        shutil.rmtree(store.dir / ident / "files", ignore_errors=True)  # the upload: the host's cache has it
+        removed = store.prune(ident)
+        if removed:
+            console.print(f"[{name}] removed {len(removed)} old build(s) no sandbox uses", markup=False)
+    return status
+
+
+def _host_packages(cache: Path, name: str, pins: list[str]) -> Path | None:
+    """`pip install --target` of `pins` with this install's Python (the template checks its python3 is the
+    same version), cached by the pins: the directory a COPY step puts into the template."""
+    key = hashlib.sha256(json.dumps([pins, sys.version_info[:2], builtin.RECIPE_VERSION]).encode()).hexdigest()[:16]
+    site, done = cache / f"pip-{name}-{key}", cache / f"pip-{name}-{key}.complete"
+    if done.is_file():
+        return site
+    for stale in [*cache.glob(f"pip-{name}-*"), *cache.glob(f"wheels-{name}-*")]:  # of earlier recipes
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+    console.print(f"[{name}] pip on the host: {' '.join(pins)}", markup=False)
+    shutil.rmtree(site, ignore_errors=True)
+    site.mkdir(parents=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-warn-script-location",
+            "--target",
+            str(site),
+            *pins,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if res.returncode != 0:
+        console.print(f"sandboxd: installing the Python packages of {name} failed:\n{res.stderr[-2000:]}")
+        shutil.rmtree(site, ignore_errors=True)
+        return None
+    done.write_text("")
+    return site
 
 
 @contextlib.contextmanager
-def _server_for_build(
-    data_dir: Path, templates: Path, url: str | None, api_key: str | None
-) -> Iterator[tuple[str, str]]:
-    if url and api_key:
-        yield url, api_key
-        return
+def _server_for_build(data_dir: Path, templates: Path) -> Iterator[tuple[str, str]]:
+    """A server of the build's own (data in <data-dir>/builder, log beside it) that may build built-in
+    templates, with networking (apt in the build's sandboxes) on a range of its own: the first of a few
+    that does not overlap the host's networks (a running `sandboxd serve` included)."""
     import httpx
 
     from sandboxd.state.db import StateDB
 
     own = data_dir / "builder"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(own.with_suffix(".log"), "wb") if own.parent.is_dir() else subprocess.DEVNULL
-    proc = subprocess.Popen(
-        [
+    own.parent.mkdir(parents=True, exist_ok=True)
+    first = os.getpid() % 200
+    for attempt in range(BUILD_NETWORK_TRIES):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        log_path = own.with_suffix(".log")
+        argv = [
             str(Path(sys.executable).with_name("sandboxd")),  # this install's, whatever PATH says
             "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(own),
-            "--templates-dir",
-            str(templates),
-            "--pool-size",
-            "0",
-            "--no-network",
-            "--destroy-on-exit",
-            "--log-level",
-            "warning",
-        ],
-        stdout=log,
-        stderr=log,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"sandboxd: the build's own server exited ({proc.returncode}): see {own}.log")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 204:
-                    break
-            if time.monotonic() > deadline:
-                raise SystemExit(f"sandboxd: the build's own server did not start: see {own}.log")
-            time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}", StateDB(own / "state.db", create=False).api_key()[0]
-    finally:
-        proc.terminate()
-        proc.wait(60)
+            *("--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"),
+            *("--data-dir", str(own), "--templates-dir", str(templates)),
+            *("--network-cidr", f"10.212.{first + attempt + 1}.0/24", "--network-cidr6", "off"),
+            *("--pool-size", "0", "--destroy-on-exit", "--builtin-builds"),
+        ]
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 60
+            while proc.poll() is None:
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 204:
+                        break
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"sandboxd: the build's own server did not start: see {log_path}")
+                time.sleep(0.1)
+            else:
+                if "overlaps" in log_path.read_text(errors="replace"):
+                    continue  # that range is taken: the next one
+                raise SystemExit(f"sandboxd: the build's own server exited ({proc.returncode}): see {log_path}")
+            yield f"http://127.0.0.1:{port}", StateDB(own / "state.db", create=False).api_key()[0]
+            return
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(60)
+    raise SystemExit(f"sandboxd: no free network range for the build's own server: see {log_path}")
 
 
 def _print_entry(e: dict[str, Any]) -> None:

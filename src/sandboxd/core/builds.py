@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sandboxd.core import startup
-from sandboxd.core.errors import BadRequest, NotFound
+from sandboxd.core.errors import BadRequest, Forbidden, NotFound
 from sandboxd.runtime.base import Limits, SandboxHandle, SandboxSpec
 from sandboxd.templates import images
+from sandboxd.templates.builtin import names as builtin_names
 from sandboxd.templates.context import ContextError, CopyTarget, copy_stream
 from sandboxd.templates.layers import LayerStore, layer_key
 from sandboxd.templates.recipe import DEFAULT_IMAGE, BuildState, Recipe, Step
@@ -152,6 +153,8 @@ class TemplateBuilds:
         self._pull_lock = asyncio.Lock()
         # builds running at once (of different templates): each step holds a sandbox of up to 2 GiB
         self._slots = asyncio.Semaphore(manager.settings.max_builds)
+        # built-in templates may be (re)built: only on the server `sandboxd template build` starts for it
+        self.builtin_builds = False
 
     # -- requests ----------------------------------------------------------------------------------
     def request(self, name: str, tags: list[str], cpu_count: int | None, memory_mb: int | None) -> Build:
@@ -171,10 +174,16 @@ class TemplateBuilds:
             raise BadRequest("cpuCount must be between 1 and 64")
         if memory_mb is not None and not 128 <= memory_mb <= 1 << 20:
             raise BadRequest("memoryMB must be at least 128")
+        builtin = base in builtin_names()
+        if builtin and not self.builtin_builds:
+            raise Forbidden(
+                f"'{base}' is a built-in template: it is built on the server's host (`sandboxd template build "
+                f"{base}`); give your template another name"
+            )
         try:
-            ident = self.store.claim(base)
+            ident = self.store.claim(base, builtin=builtin)
         except TemplateError as e:
-            raise BadRequest(str(e)) from None
+            raise Forbidden(str(e)) from None
         build = Build(
             template_id=ident,
             build_id=str(uuid.uuid4()),
@@ -281,6 +290,8 @@ class TemplateBuilds:
         build = self.get(template_id, build_id)
         if build.status != "waiting":
             raise BadRequest(f"build '{build_id}' was started already (it is {build.status})")
+        if recipe.service and not self.store.is_builtin(template_id):
+            raise BadRequest("service is sandboxd's own field for its built-in templates: use startCmd")
         for i, step in enumerate(recipe.steps, 1):
             if step.type == "COPY" and not self.has_files(template_id, step.files_hash or ""):
                 raise BadRequest(
@@ -559,7 +570,7 @@ class TemplateBuilds:
             "recipe": recipe.label,
             "cpu_count": build.cpu_count or state.inherited.get("cpu_count"),
             "memory_mb": build.memory_mb or state.inherited.get("memory_mb"),
-            "service": state.inherited.get("service", []),
+            "service": list(recipe.service) or state.inherited.get("service", []),
             "service_user": state.inherited.get("service_user", "user"),
             "built_at": time.time(),
             "size_bytes": size,

@@ -26,7 +26,7 @@ from sandboxd.runtime import cgroups, identity, network, pids, quota, views
 from sandboxd.runtime.base import Egress, ExecSpec, Runtime, RuntimeError_, SandboxHandle, SandboxSpec, Stats
 from sandboxd.runtime.native import compiled_filter, helper_path, sealed_copy
 from sandboxd.runtime.rootfs import open_pty_in_root
-from sandboxd.templates.specs import UID_SHIFT
+from sandboxd.templates.uids import UID_SHIFT
 
 log = logging.getLogger(__name__)
 

@@ -61,7 +61,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from sandboxd.templates.specs import UID_SHIFT
+from sandboxd.templates.uids import UID_SHIFT
 
 log = logging.getLogger("sandboxd.quota")
 

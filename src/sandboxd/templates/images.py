@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sandboxd.templates.layers import LayerStore, layer_key
-from sandboxd.templates.specs import UID_SHIFT
+from sandboxd.templates.uids import UID_SHIFT
 
 Progress = Callable[[str], None]
 REF_RE = re.compile(r"^[a-z0-9][a-z0-9._:/@-]{0,254}$")

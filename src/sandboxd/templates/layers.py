@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sandboxd.templates.specs import UID_RANGE, UID_SHIFT
+from sandboxd.templates.uids import UID_RANGE, UID_SHIFT
 
 _counter = itertools.count()
 _libc = ctypes.CDLL(None, use_errno=True)

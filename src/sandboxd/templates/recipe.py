@@ -55,6 +55,8 @@ class Recipe:
     start_cmd: str = ""
     ready_cmd: str = ""
     label: str = ""  # sandboxd's own: the digest of a built-in recipe (templates/builtin.py), kept with the build
+    # sandboxd's own, for built-in templates only: a service every sandbox of the template runs (argv)
+    service: tuple[str, ...] = ()
 
     @property
     def base(self) -> str:
@@ -130,6 +132,11 @@ def parse_recipe(body: dict[str, Any]) -> Recipe:
     for name, value in (("startCmd", start), ("readyCmd", ready)):
         if not isinstance(value, str) or len(value) > MAX_ARG or "\0" in value:
             raise RecipeError(f"{name} must be a string")
+    service = body.get("service") or []
+    if not isinstance(service, list) or not all(isinstance(a, str) and a for a in service) or len(service) > 64:
+        raise RecipeError("service must be a list of strings (a command line)")
+    if sum(len(a) for a in service) > MAX_ARG or any("\0" in a for a in service):
+        raise RecipeError("service is too long or holds NUL characters")
     return Recipe(
         from_image=from_image,
         from_template=from_template,
@@ -138,6 +145,7 @@ def parse_recipe(body: dict[str, Any]) -> Recipe:
         start_cmd=start,
         ready_cmd=ready,
         label=str(body.get("recipe") or "")[:64],
+        service=tuple(service),
     )
 
 

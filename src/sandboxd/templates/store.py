@@ -2,13 +2,9 @@
 
 Layout under the templates directory:
 
-    <dir>/<name>/current -> <digest>            the version new sandboxes get (a symlink, switched atomically)
-    <dir>/<name>/<digest>/rootfs/               a root filesystem (owned by shifted uids, see specs.UID_SHIFT)
-    <dir>/<name>/<digest>/template.json         what was built: spec, digest, size, build time
-    <dir>/.build-<name>-<pid>/                  a build in progress; moved into place only when complete
-
-Templates built from steps (the E2B template API, templates/recipe.py) are stacks of layers
-(templates/layers.py) instead of one rootfs; they live under their template ID:
+Every template is built from steps (the E2B template API, templates/recipe.py; the built-in ones too,
+templates/builtin.py): a stack of layers (templates/layers.py) on a root filesystem. It lives under its
+template ID:
 
     <dir>/<id>/meta.json                        {templateID, names, createdAt}
     <dir>/<id>/<buildID>/template.json          a build: its top layer, the rootfs below, its config
@@ -16,9 +12,10 @@ Templates built from steps (the E2B template API, templates/recipe.py) are stack
     <dir>/<id>/tags/<tag> -> ../<buildID>       what `name:tag` means
     <dir>/.names/<quoted name> -> ../<id>       names (aliases) of templates
 
-A failed or interrupted build leaves only a `.build-*` folder, which the next build removes, so there
-is never a half-built template under a real name. A rebuild never pulls the floor from under running
-sandboxes: an old version is deleted only once no sandbox on the host (of any server) mounts it.
+Installs made before the built-in templates were built from steps hold them as one root filesystem
+per version (`<dir>/<name>/<digest>/rootfs/`, owned by the template uids, templates/uids.py); such a
+version is read as before, and deleted only once no sandbox on the host mounts it and no layer sits on
+it. A failed build commits nothing (templates/layers.py), so there is never a half-built template.
 """
 
 from __future__ import annotations
@@ -28,19 +25,16 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from sandboxd.templates.layers import LayerStore, shift_ids, tree_size
-from sandboxd.templates.specs import BUILTIN, CODE_DIR, SITE_DIR, UID_SHIFT, TemplateSpec
-
-Progress = Callable[[str], None]
+from sandboxd.templates.builtin import CODE_DIR, FIXED_IDS, SITE_DIR
+from sandboxd.templates.builtin import names as builtin_names
+from sandboxd.templates.layers import LayerStore
 
 
 class TemplateError(Exception):
@@ -94,10 +88,6 @@ class Template:
         return {"PYTHONPATH": f"{CODE_DIR}:{SITE_DIR}", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
 
 
-def _print_progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 class TemplateStore:
     def __init__(self, directory: Path) -> None:
         self.dir = Path(directory)
@@ -119,11 +109,7 @@ class TemplateStore:
             raise TemplateError(self.unknown_message(name)) from None
         if meta.get("kind") == "layers":
             return self._layered(ident, home / os.readlink(version) if version.is_symlink() else version, meta)
-        # a build's digest names its spec exactly: fields an older build did not record come from it
-        builtin = BUILTIN.get(ident)
-        if builtin is not None and builtin.digest() != meta["digest"]:
-            builtin = None
-        return Template(
+        return Template(  # a single-rootfs version (an install from before built-ins had layers)
             name=meta["name"],
             path=home / os.readlink(version),
             digest=meta["digest"],
@@ -131,10 +117,10 @@ class TemplateStore:
             default_workdir=meta.get("default_workdir", "/home/user"),
             built_at=meta.get("built_at", 0.0),
             size_bytes=meta.get("size_bytes", 0),
-            service=tuple(meta.get("service", builtin.service if builtin else ())),
-            service_user=meta.get("service_user", builtin.service_user if builtin else "user"),
-            memory_mb=meta.get("memory_mb", builtin.memory_mb if builtin else None),
-            disk_mb=meta.get("disk_mb", builtin.disk_mb if builtin else None),
+            service=tuple(meta.get("service", ())),
+            service_user=meta.get("service_user", "user"),
+            memory_mb=meta.get("memory_mb"),
+            disk_mb=meta.get("disk_mb"),
             names=(ident,),
         )
 
@@ -194,7 +180,7 @@ class TemplateStore:
         try:
             return json.loads((self.dir / ident / "meta.json").read_text())
         except (FileNotFoundError, NotADirectoryError, ValueError):
-            return {"templateID": ident, "names": [ident] if ident in BUILTIN else []}
+            return {"templateID": ident, "names": [ident] if ident in FIXED_IDS else []}
 
     def write_meta(self, ident: str, meta: dict) -> None:
         (self.dir / ident).mkdir(parents=True, exist_ok=True)
@@ -227,15 +213,25 @@ class TemplateStore:
         (home / "tags").mkdir(exist_ok=True)
         replace_symlink(home / "tags" / tag, f"../{build_id}")
 
-    def claim(self, name: str) -> str:
-        """The ID of the template called `name`, made (with no build yet) if there is none."""
+    def is_builtin(self, ident: str) -> bool:
+        """A built-in template (templates/builtin.py): every tenant's, made by `sandboxd template build`."""
+        return ident in FIXED_IDS or bool(self.meta(ident).get("builtin"))
+
+    def claim(self, name: str, builtin: bool = False) -> str:
+        """The ID of the template called `name`, made (with no build yet) if there is none. Only a build of
+        a built-in template (`builtin`) may claim a built-in name."""
         ident, _ = self.resolve(name)
-        if ident is not None and (self.dir / ident / "meta.json").is_file():
-            return ident
-        if ident is not None:
+        if not builtin and (name in builtin_names() or (ident is not None and self.is_builtin(ident))):
             raise TemplateError(f"'{name}' is a built-in template: give your template another name")
-        ident = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(20))
-        self.write_meta(ident, {"templateID": ident, "names": [name], "createdAt": time.time()})
+        if ident is not None and (self.dir / ident / "meta.json").is_file():
+            if builtin and not self.meta(ident).get("builtin"):
+                self.write_meta(ident, {**self.meta(ident), "builtin": True})
+            return ident
+        if ident is None or not builtin:
+            ident = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(20))
+        if builtin and name in FIXED_IDS:
+            ident = name  # its name is its ID, as it always was
+        self.write_meta(ident, {"templateID": ident, "names": [name], "createdAt": time.time(), "builtin": builtin})
         self.set_name(name, ident)
         return ident
 
@@ -337,171 +333,38 @@ class TemplateStore:
         available = ", ".join(self.names()) or "none (build one with `sandboxd template build base`)"
         return f"template '{name}' not found; available templates: {available}"
 
-    def is_current(self, spec: TemplateSpec) -> bool:
-        try:
-            return self.get(spec.name).digest == spec.digest()
-        except (TemplateError, KeyError, ValueError):
-            return False
-
-    # -- building --------------------------------------------------------------------------------
-    def clean_stale_builds(self) -> None:
-        if not self.dir.is_dir():
-            return
-        for p in self.dir.glob(".build-*"):
-            pid = p.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and Path(f"/proc/{pid}").exists() and int(pid) != os.getpid():
-                continue  # another build is running
-            shutil.rmtree(p, ignore_errors=True)
-
-    def ensure(self, name: str, progress: Progress = _print_progress, force: bool = False) -> Template:
-        spec = BUILTIN.get(name)
-        if spec is None:
-            return self.get(name)
-        if not force and self.is_current(spec):
-            return self.get(name)
-        return self.build(spec, progress)
-
-    def build(self, spec: TemplateSpec, progress: Progress = _print_progress) -> Template:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        # Root filesystems are owned by the shifted sandbox uids: host users must not reach them
-        # (a setuid file in one would run as a sandbox uid; its files would be writable by that uid).
-        os.chmod(self.dir, 0o700)
-        self.clean_stale_builds()
-        work = self.dir / f".build-{spec.name}-{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
-        rootfs = work / "rootfs"
-        started = time.monotonic()
-        try:
-            if spec.parent:
-                parent = self.ensure(spec.parent, progress)
-                progress(f"[{spec.name}] copying parent template '{spec.parent}'")
-                subprocess.run(["cp", "-a", "--reflink=auto", str(parent.rootfs), str(rootfs)], check=True)
-                shift_ids(rootfs, UID_SHIFT, 0)  # back to plain uids while it is built
-                if spec.packages:
-                    self._chroot(
-                        rootfs,
-                        spec,
-                        "apt-get update -qq && DEBIAN_FRONTEND=noninteractive "
-                        "apt-get install -y --no-install-recommends " + " ".join(spec.packages),
-                        progress,
-                    )
-            else:
-                self._debootstrap(spec, rootfs, progress)
-            if spec.pip:
-                self._pip(rootfs, spec, progress)
-            for i, step in enumerate(spec.steps, 1):
-                progress(f"[{spec.name}] step {i}/{len(spec.steps)}: {step}")
-                self._chroot(rootfs, spec, step, progress)
-            progress(f"[{spec.name}] shifting ownership into the sandbox uid range (+{UID_SHIFT})")
-            shift_ids(rootfs, 0, UID_SHIFT)
-            size = tree_size(rootfs)
-            meta = {
-                "name": spec.name,
-                "digest": spec.digest(),
-                "default_user": spec.default_user,
-                "default_workdir": spec.default_workdir,
-                "built_at": time.time(),
-                "size_bytes": size,
-                "packages": list(spec.packages),
-                "steps": list(spec.steps),
-                "pip": list(spec.pip),
-                "service": list(spec.service),
-                "service_user": spec.service_user,
-                "memory_mb": spec.memory_mb,
-                "disk_mb": spec.disk_mb,
-            }
-            (work / "template.json").write_text(json.dumps(meta, indent=2))
-            self._migrate_legacy(spec.name)
-            home = self.dir / spec.name
-            home.mkdir(exist_ok=True)
-            final = home / spec.digest()
-            if final.exists():
-                shutil.rmtree(final)  # a previous version with this digest that `current` does not name
-            work.rename(final)
-            _switch_current(home, spec.digest())
-            removed = self.prune(spec.name)
-            if removed:
-                progress(f"[{spec.name}] removed {len(removed)} old version(s) no sandbox uses")
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-        progress(f"[{spec.name}] built in {time.monotonic() - started:.0f} s, {size / 1e6:.0f} MB")
-        return self.get(spec.name)
-
-    def _debootstrap(self, spec: TemplateSpec, rootfs: Path, progress: Progress) -> None:
-        if shutil.which("mmdebstrap") is None:
-            raise TemplateError("mmdebstrap is not installed: run `apt-get install mmdebstrap` (or scripts/setup.sh)")
-        cmd = [
-            "mmdebstrap",
-            "--mode=root",
-            "--variant=minbase",
-            "--format=directory",
-            "--include=" + ",".join(spec.packages),
-            '--aptopt=Acquire::Retries "3"',
-            "--dpkgopt=path-exclude=/usr/share/man/*",
-            "--dpkgopt=path-exclude=/usr/share/doc/*",
-            "--dpkgopt=path-include=/usr/share/doc/*/copyright",
-            spec.suite,
-            str(rootfs),
-        ]
-        progress(f"[{spec.name}] mmdebstrap {spec.suite} with {len(spec.packages)} packages (a few minutes)")
-        _run_with_progress(cmd, progress, spec.name)
+    def link_into(self, other: Path, names: tuple[str, ...]) -> None:
+        """Make templates of this store usable from the templates dir `other` (of a server of its own: a
+        test's, a benchmark's): their directories and their layers are linked there, so what a server on
+        `other` builds stays in `other`."""
+        (other / ".layers").mkdir(parents=True, exist_ok=True)
+        for name in (*names, ".debian"):  # .debian: the root filesystems from_debian_image() builds on
+            if (self.dir / name).exists() and not (other / name).is_symlink():
+                (other / name).symlink_to(self.dir / name)
+        for name in names:
+            top = self.get(name).top_layer
+            for layer in self.layers.chain(top) if top else []:
+                link = other / ".layers" / layer.key
+                if not link.is_symlink():
+                    link.symlink_to(layer.path)
 
     def prune(self, name: str) -> list[str]:
-        """Delete the versions of `name` other than the current one that no sandbox on the host mounts."""
+        """Delete the versions of `name` that no tag names and no sandbox on the host mounts (a layered
+        version's layers stay until a prune of layers finds nothing standing on them)."""
         home = self.dir / name
-        current = os.readlink(home / "current") if (home / "current").is_symlink() else None
+        tagged = set(self.tags(name).values())
         # mounted by a sandbox, or the rootfs under layers (which templates and sandboxes stand on)
         in_use = _mounted_lower_dirs() | self._layer_bases()
         removed = []
         for version in home.iterdir():
-            if version.name == current or not version.is_dir() or version.is_symlink():
-                continue
+            if version.name in tagged or version.is_symlink() or not (version / "template.json").is_file():
+                continue  # (builds/, files/, tags/ are no versions)
             rootfs = str((version / "rootfs").resolve())
             if any(lower == rootfs or lower.startswith(rootfs + "/") for lower in in_use):
                 continue
             shutil.rmtree(version, ignore_errors=True)
             removed.append(version.name)
         return removed
-
-    def _pip(self, rootfs: Path, spec: TemplateSpec, progress: Progress) -> None:
-        inner = subprocess.run(
-            ["chroot", str(rootfs), "/usr/bin/python3", "-c", "import sys; print(*sys.version_info[:2], sep='.')"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        ours = f"{sys.version_info[0]}.{sys.version_info[1]}"
-        if inner != ours:
-            raise TemplateError(
-                f"template '{spec.name}': its python3 is {inner} but the builder runs {ours}: run the build with "
-                f"the Python of the template's Debian release (scripts/setup.sh uses /usr/bin/python3)"
-            )
-        target = rootfs / SITE_DIR.lstrip("/")
-        target.mkdir(parents=True, exist_ok=True)
-        progress(f"[{spec.name}] pip: {len(spec.pip)} packages into {SITE_DIR} (a few minutes)")
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--no-cache-dir",
-            "--disable-pip-version-check",
-            "--target",
-            str(target),
-            *spec.pip,
-        ]
-        _run_with_progress(cmd, progress, spec.name, keep=("Collecting", "Downloading", "Successfully"))
-
-    def _chroot(self, rootfs: Path, spec: TemplateSpec, script: str, progress: Progress) -> None:
-        # Package scripts may want /proc and /dev; run in a private mount namespace so nothing leaks.
-        inner = (
-            f"mount -t proc proc {rootfs}/proc && mount --rbind /dev {rootfs}/dev && "
-            f'mount --make-rslave {rootfs}/dev && exec chroot {rootfs} /bin/sh -c "$1"'
-        )
-        cmd = ["unshare", "--mount", "--pid", "--fork", "sh", "-c", inner, "sh", script]
-        _run_with_progress(cmd, progress, spec.name)
 
 
 def _switch_current(home: Path, digest: str) -> None:
@@ -545,29 +408,3 @@ def _mounted_lower_dirs() -> set[str]:
         except OSError:
             continue
     return lowers
-
-
-DEFAULT_PROGRESS_KEYS = ("I: ", "E: ", "W: ", "Unpacking", "Setting up")
-
-
-def _run_with_progress(
-    cmd: list[str],
-    progress: Progress,
-    name: str,
-    keep: tuple[str, ...] = ("I: ", "E: ", "W: ", "Unpacking", "Setting up"),
-) -> None:
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    tail: list[str] = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip()
-        if not line:
-            continue
-        tail = ([*tail, line])[-30:]
-        if any(line.startswith(k) or k in line for k in keep):
-            progress(f"[{name}] {line}")
-    if proc.wait() != 0:
-        raise TemplateError(
-            f"template '{name}': `{' '.join(cmd[:3])} …` failed (exit {proc.returncode}):\n" + "\n".join(tail)
-        )
