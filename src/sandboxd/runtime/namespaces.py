@@ -30,6 +30,8 @@ from sandboxd.templates.uids import UID_SHIFT
 
 log = logging.getLogger(__name__)
 
+CLOSE_WAIT = 30.0  # s, at most, that close() waits for destroys under way (a destroy gives up after 10)
+
 
 def env_memfd(env: dict[str, str]) -> int:
     """The environment as `K=V\\0` records in a sealed memfd (read by `sbxhelper exec --env-fd`)."""
@@ -98,6 +100,8 @@ class NamespaceRuntime(Runtime):
         self._on_cpu: Counter[int] = Counter()  # sandboxes whose cpuset holds each CPU
         self._cpus_of: dict[str, list[int]] = {}
         self._meminfo: dict[str, str] = {}  # the meminfo last written into each sandbox
+        self._destroys = threading.Condition()
+        self._destroying = 0  # destroys running in threads
         self._host_ram = views.host_ram()
         self._view_lock = threading.Lock()
         self._server_cgroup = cgroups.ServerCgroup(self.layout, self.instance)
@@ -316,10 +320,9 @@ class NamespaceRuntime(Runtime):
         return cgroups.SandboxCgroups(self.layout, self.instance, sandbox_id)
 
     async def destroy(self, handle: SandboxHandle, keep_upper: Path | None = None) -> None:
-        await asyncio.to_thread(self._destroy_sync, handle.sandbox_id, keep_upper)
-        self.ids.release(handle.uid_base)  # only now: no process of the sandbox is left
-        if handle.address and self.net is not None:  # its namespace is gone: its policy and address next
-            await asyncio.to_thread(self.net.release, handle.address)
+        # One thread does the whole destroy and gives the sandbox's uid range and address back: a caller
+        # cancelled meanwhile (a request, the reaper at shutdown) cannot leave them held; close() waits.
+        await asyncio.to_thread(self._destroy_and_release, handle, keep_upper)
         self._release_cpus(handle.sandbox_id)
         self._meminfo.pop(handle.sandbox_id, None)
 
@@ -382,6 +385,19 @@ class NamespaceRuntime(Runtime):
             # through /proc/<init>/root: only while that PID is this sandbox's init, checked on both sides
             if self.is_alive(handle) and views.refresh(self.root_path(handle), text) and self.is_alive(handle):
                 self._meminfo[handle.sandbox_id] = text
+
+    def _destroy_and_release(self, handle: SandboxHandle, keep_upper: Path | None) -> None:
+        with self._destroys:
+            self._destroying += 1
+        try:
+            self._destroy_sync(handle.sandbox_id, keep_upper)
+            self.ids.release(handle.uid_base)  # only now: no process of the sandbox is left
+            if handle.address and self.net is not None:  # its namespace is gone: its policy and address next
+                self.net.release(handle.address)
+        finally:
+            with self._destroys:
+                self._destroying -= 1
+                self._destroys.notify_all()
 
     def _destroy_sync(self, sandbox_id: str, keep_upper: Path | None = None) -> None:
         cg = self._cgroups(sandbox_id)
@@ -461,6 +477,8 @@ class NamespaceRuntime(Runtime):
         self._server_cgroup.enter(server_memory_mb * 1024 * 1024)
 
     def close(self) -> None:
+        with self._destroys:  # destroys under way (their callers may have been cancelled) end first
+            self._destroys.wait_for(lambda: self._destroying == 0, timeout=CLOSE_WAIT)
         if self.net is not None:
             self.net.close()
         self.disks.close()
