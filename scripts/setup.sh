@@ -72,6 +72,9 @@ if [ $DEV = 1 ]; then
         | grep -v -e '^WARNING: Location' || true
 fi
 
+# CRIU 4.x (checkpoint/restore, for pause to disk), built from Debian's source archive once, cached in the
+# data dir: bookworm's criu 3.17 fails on this kernel
+step "criu: $(SANDBOXD_DATA_DIR="$DATA_DIR" bash scripts/build-criu.sh)"
 # made by the template builder through a server of their own (apt runs in the build's sandboxes, over the
 # network); cached: built only when missing or when their recipe changed (about 1 + 2 minutes the first time)
 step "templates: base, code-interpreter-v1, httpbin (cached in $DATA_DIR/templates)"

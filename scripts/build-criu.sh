@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Builds CRIU 4.1.1 (checkpoint/restore: pause to disk) from Debian's source archive, once, into
+# $DATA_DIR/tools/criu-4.1.1/criu. Debian bookworm's criu 3.17 fails on kernels from 6.13 on (the vDSO
+# is split in three mappings: checkpoint-restore/criu#2532), and trixie's binary package needs glibc 2.38;
+# the upstream source that trixie packages builds on bookworm in about a minute.
+#   bash scripts/build-criu.sh            # prints the path of the built criu
+set -euo pipefail
+
+VERSION=4.1.1
+# from Debian trixie's Sources index (main/source/Sources.xz: criu 4.1.1-1, Checksums-Sha256)
+SHA256=f80a66cb3726bb2116266d4759ce3bcbfab7abdb6b6d430bf20dd41911717afe
+MIRROR=${SANDBOXD_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+DATA_DIR=${SANDBOXD_DATA_DIR:-/var/lib/sandboxd}
+DEST=$DATA_DIR/tools/criu-$VERSION
+step() { printf '==> %s\n' "$*" >&2; }
+
+if [ -x "$DEST/criu" ] && "$DEST/criu" --version 2>/dev/null | grep -q "Version: $VERSION"; then
+    step "criu $VERSION: built already ($DEST/criu)"
+    echo "$DEST/criu"
+    exit 0
+fi
+
+DEPS=(libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev protobuf-compiler python3-protobuf libnl-3-dev
+      libnl-route-3-dev libnet1-dev libcap-dev pkg-config libbsd-dev libnftables-dev libgnutls28-dev uuid-dev
+      libaio-dev build-essential xz-utils curl)
+missing=()
+for p in "${DEPS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    step "criu: apt-installing its build dependencies: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/criu-build.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+tarball=criu_$VERSION.orig.tar.xz
+step "criu: downloading $tarball from Debian's archive"
+curl -fsS --retry 3 -o "$work/$tarball" "$MIRROR/pool/main/c/criu/$tarball"
+echo "$SHA256  $work/$tarball" | sha256sum --check --quiet || {
+    echo "build-criu.sh: $tarball does not have the sha256 Debian's index gives ($SHA256)" >&2
+    exit 1
+}
+tar -xJf "$work/$tarball" -C "$work"
+src=$(find "$work" -mindepth 1 -maxdepth 1 -type d -name 'criu*' | head -n1)
+step "criu: make criu (about a minute on 2 cores; the log is $work/make.log until it ends)"
+if ! make -C "$src" -j"$(nproc)" criu >"$work/make.log" 2>&1; then
+    tail -n 40 "$work/make.log" >&2
+    echo "build-criu.sh: building criu failed (above: the end of its log)" >&2
+    exit 1
+fi
+mkdir -p "$DEST.new"
+install -m 0755 "$src/criu/criu" "$DEST.new/criu"
+rm -rf "$DEST"
+mv "$DEST.new" "$DEST"  # complete or absent: an interrupted build is redone next time
+step "criu: $("$DEST/criu" --version | head -n1) in $DEST"
+echo "$DEST/criu"
