@@ -67,6 +67,24 @@ describe('sandboxes', () => {
     }
   })
 
+  test('a pause without memory keeps the files, ends the processes; connect boots it again', async () => {
+    const s = await Sandbox.create('base', { timeoutMs: 120_000 })
+    try {
+      await s.files.write('/home/user/kept.txt', 'on disk')
+      await s.commands.run('sleep 300', { background: true })
+      assert.equal(await s.pause({ keepMemory: false }), true)
+      assert.equal(await s.pause({ keepMemory: false }), false) // paused already: 409
+      assert.equal(await s.isRunning(), false)
+      const again = await Sandbox.connect(s.sandboxId)
+      assert.equal(await again.files.read('/home/user/kept.txt'), 'on disk')
+      const procs = await again.commands.list()
+      assert.ok(!procs.some((p) => p.cmd === 'sleep' || p.args?.includes('300')), 'a process survived')
+      assert.equal((await again.commands.run('echo up')).stdout, 'up\n')
+    } finally {
+      await s.kill()
+    }
+  })
+
   test('metrics', async () => {
     const m = await sbx.getMetrics()
     assert.ok(m.length >= 1)

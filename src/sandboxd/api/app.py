@@ -18,7 +18,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sandboxd.api import serialize
-from sandboxd.api.models import ConnectBody, NetworkUpdate, NewSandbox, TimeoutBody
+from sandboxd.api.models import ConnectBody, NetworkUpdate, NewSandbox, PauseBody, TimeoutBody
 from sandboxd.api.secrets import secret_routes
 from sandboxd.api.templates import UPLOAD_PREFIX, template_routes
 from sandboxd.core.builds import TemplateBuilds
@@ -124,6 +124,7 @@ def build_control_plane(
             metadata=body.metadata,
             env_vars=body.env_vars,
             auto_pause=body.auto_pause,
+            auto_pause_memory=body.auto_pause_memory,
             disk_mb=body.disk_mb,
             network=body.network,
             allow_internet_access=body.allow_internet_access,
@@ -161,11 +162,12 @@ def build_control_plane(
 
     async def connect(request: Request) -> Response:
         body: ConnectBody = await _body(request, ConnectBody, limits, required=False)
-        sandbox, resumed = await manager.connect(request.path_params["sandbox_id"], body.timeout)
+        sandbox, resumed = await manager.connect(request.path_params["sandbox_id"], body.timeout, body.memory)
         return JSONResponse(serialize.sandbox_created(sandbox), status_code=201 if resumed else 200)
 
     async def pause(request: Request) -> Response:
-        await manager.pause(request.path_params["sandbox_id"])
+        body: PauseBody = await _body(request, PauseBody, limits, required=False)
+        await manager.pause(request.path_params["sandbox_id"], memory=body.memory)
         return Response(status_code=204)
 
     async def metrics(request: Request) -> Response:

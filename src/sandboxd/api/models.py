@@ -17,6 +17,7 @@ class NewSandbox(_Body):
     metadata: dict[str, str] | None = None
     env_vars: dict[str, str] | None = Field(default=None, alias="envVars")
     auto_pause: bool = Field(default=False, alias="autoPause")
+    auto_pause_memory: bool = Field(default=True, alias="autoPauseMemory")  # False: pause to its files
     # Not in E2B's API (it reports diskSizeMB, does not take it): this server's own disk per create.
     disk_mb: int | None = Field(default=None, alias="diskSizeMB")
     secure: bool = True
@@ -47,6 +48,12 @@ class TimeoutBody(_Body):
 
 class ConnectBody(_Body):
     timeout: int | None = Field(default=None, ge=0)
+    memory: bool = True  # False (the SDK's on_resume="reboot"): boot again from its files
+
+
+class PauseBody(_Body):
+    memory: bool = True  # False (the SDK's mode="filesystem"): its processes end, its files stay
+    require_healthy_guest: bool = Field(default=False, alias="requireHealthyGuest")
 
 
 class NewSecret(_Body):

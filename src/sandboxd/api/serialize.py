@@ -59,6 +59,7 @@ def sandbox_detail(s: Sandbox) -> dict[str, Any]:
         **({"network": network} if network else {}),
         "domain": s.domain,
         "lifecycle": {"autoResume": r.auto_resume, "onTimeout": "pause" if r.auto_pause else "kill"},
+        **({"pauseMode": r.pause_mode} if r.state == "paused" and r.pause_mode else {}),
     }
 
 

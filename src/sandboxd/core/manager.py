@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sandboxd.core import startup, workload_identity
+from sandboxd.core import pausing, startup, workload_identity
 from sandboxd.core.errors import BadRequest, Conflict, LimitReached, NotFound, SandboxdError
 from sandboxd.core.limits import HostLimits
 from sandboxd.core.metrics import MetricsSampler
@@ -126,6 +126,7 @@ class SandboxManager:
         self._creating: list[int] = []  # memory (MiB) of sandboxes being created right now
         self._build_memory: dict[str, int] = {}  # template builds' sandboxes (also in _creating)
         self.net = SandboxNetworks(runtime, db)  # addresses, policies, what the egress proxy fills in
+        self._pausing: dict[str, asyncio.Lock] = {}  # one pause or resume of a sandbox at a time
 
     # -- start / stop ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -134,7 +135,13 @@ class SandboxManager:
             handle = SandboxHandle(**{**rec.handle, "state_dir": Path(rec.handle["state_dir"])})
             # A sandbox whose kill had begun is finished off (by the sweep below), even if its init has
             # not died yet: a kill is never undone by a crash.
-            if rec.state != "killing" and self.runtime.is_alive(handle):
+            if rec.state == "paused" and rec.pause_mode == pausing.FILESYSTEM:  # stopped, its files kept
+                if self.runtime.is_alive(handle):  # a crash cut its pause short: finish it
+                    await self.runtime.stop(handle)
+                self.runtime.hold(handle)
+                self._register(Sandbox(rec, replace(handle, init_pid=0, address="", address6="")))
+                adopted.add(rec.sandbox_id)
+            elif rec.state != "killing" and self.runtime.is_alive(handle):
                 self.runtime.adopt(handle)
                 # A crash during pause or resume may have left the freezer and the record apart.
                 await asyncio.to_thread(self.runtime.freeze, handle, rec.state == "paused")
@@ -240,10 +247,15 @@ class SandboxManager:
     ) -> tuple[SandboxHandle, subprocess.Popen[bytes] | None]:
         """Create a sandbox and start its template's service (the code interpreter, say)."""
         res = res or self._resources(template, {})
-        memory_mb = res.memory_mb
+        return await self.boot(self._spec(sandbox_id, template, disk_mb, res), template)
+
+    async def boot(self, spec: SandboxSpec, template: Template) -> tuple[SandboxHandle, subprocess.Popen[bytes] | None]:
+        """Start a sandbox from `spec` (new, or one whose files were kept: core/pausing.py), then its
+        template's start command or service."""
+        memory_mb = spec.limits.memory_mb
         self._creating.append(memory_mb)  # counted against the host-wide limits while it is made
         try:
-            handle = await self.runtime.create(self._spec(sandbox_id, template, disk_mb, res))
+            handle = await self.runtime.create(spec)
         except AddressPoolExhausted as e:
             raise LimitReached(str(e)) from None
         finally:
@@ -272,10 +284,10 @@ class SandboxManager:
             env = {"PATH": DEFAULT_PATH, "HOME": user.home, "USER": user.name, **template.service_env}
             log_file = "/tmp/.sandboxd-service.log"
             argv = ["/bin/sh", "-c", f'exec "$@" >>{log_file} 2>&1', "sh", *template.service]
-            spec = ExecSpec(argv=argv, env=env, cwd=user.home, uid=user.uid, gid=user.gid, groups=user.groups)
+            run = ExecSpec(argv=argv, env=env, cwd=user.home, uid=user.uid, gid=user.gid, groups=user.groups)
             devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
             try:
-                service = self.runtime.spawn_exec(handle, spec, (devnull, devnull, devnull))
+                service = self.runtime.spawn_exec(handle, run, (devnull, devnull, devnull))
             finally:
                 os.close(devnull)
         except BaseException:
@@ -370,6 +382,7 @@ class SandboxManager:
         metadata: dict[str, str] | None = None,
         env_vars: dict[str, str] | None = None,
         auto_pause: bool = False,
+        auto_pause_memory: bool = True,
         disk_mb: int | None = None,
         network: dict[str, Any] | None = None,
         allow_internet_access: bool | None = None,
@@ -424,9 +437,11 @@ class SandboxManager:
             memory_mb=res.memory_mb,
             disk_mb=disk_mb,
             auto_pause=auto_pause,
+            auto_pause_memory=auto_pause_memory,
             default_user=template.default_user,
             default_workdir=template.default_workdir,
             handle={**asdict(handle), "state_dir": str(handle.state_dir)},
+            layers=[str(p) for p in template.layers],
             network=policy.to_json(),
             allow_internet_access=allow_internet_access is not False,
             traffic_token=None if public else secrets.token_urlsafe(24),
@@ -483,6 +498,8 @@ class SandboxManager:
             await self.runtime.destroy(sandbox.handle)
         finally:
             self.db.delete(sandbox_id)
+            self.templates.release(sandbox_id)  # (held while it was paused to its files)
+            self._pausing.pop(sandbox_id, None)
             if sandbox.service is not None:
                 sandbox.service.poll()  # its helper exited with the sandbox: collect it
         return True
@@ -494,22 +511,38 @@ class SandboxManager:
         self.db.put(sandbox.record)
         self.reaper.wake()
 
-    async def pause(self, sandbox_id: str) -> None:
+    async def pause(self, sandbox_id: str, memory: bool = True) -> None:
+        """Pause: frozen in memory, or (`memory` False) stopped with its files kept (core/pausing.py)."""
         sandbox = self.get(sandbox_id)
         if sandbox.record.state == "paused":
             raise Conflict(f"sandbox '{sandbox_id}' is already paused")
-        await asyncio.to_thread(self.runtime.freeze, sandbox.handle, True)
-        sandbox.record.state = "paused"
-        self.db.put(sandbox.record)
+        lock = self._pausing.setdefault(sandbox_id, asyncio.Lock())
+        if lock.locked():
+            raise Conflict(f"sandbox '{sandbox_id}' is being paused or resumed")
+        async with lock:
+            if not memory:
+                await pausing.stop(self, sandbox)
+                return
+            await asyncio.to_thread(self.runtime.freeze, sandbox.handle, True)
+            sandbox.record.state, sandbox.record.pause_mode = "paused", pausing.FULL
+            self.db.put(sandbox.record)
 
-    async def connect(self, sandbox_id: str, timeout: int | None) -> tuple[Sandbox, bool]:
-        """Resume if paused; extend (never shorten) the end time. Returns (sandbox, resumed)."""
+    async def connect(self, sandbox_id: str, timeout: int | None, memory: bool = True) -> tuple[Sandbox, bool]:
+        """Resume if paused (thawed; or booted again from its files when it was paused to them or `memory`
+        is False); extend (never shorten) the end time. Returns (sandbox, resumed)."""
         sandbox = self.get(sandbox_id)
         timeout = self._check_timeout(self.settings.default_timeout if timeout is None else timeout, positive=True)
         resumed = False
         if sandbox.record.state == "paused":
-            await asyncio.to_thread(self.runtime.freeze, sandbox.handle, False)
-            sandbox.record.state = "running"
+            async with self._pausing.setdefault(sandbox_id, asyncio.Lock()):
+                if sandbox.record.state == "paused":  # (not resumed by the request before this one)
+                    if not memory and not pausing.stopped(sandbox):
+                        await pausing.stop(self, sandbox)  # `on_resume="reboot"`: from its files
+                    if pausing.stopped(sandbox):
+                        await pausing.boot_again(self, sandbox)
+                    else:
+                        await asyncio.to_thread(self.runtime.freeze, sandbox.handle, False)
+            sandbox.record.state, sandbox.record.pause_mode = "running", ""
             sandbox.record.end_at = time.time() + timeout
             resumed = True
         else:

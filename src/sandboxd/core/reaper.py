@@ -9,6 +9,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from sandboxd.core import pausing
+
 if TYPE_CHECKING:
     from sandboxd.core.manager import SandboxManager
 
@@ -52,12 +54,13 @@ class Reaper:
                 log.info("sandbox %s reached its end time: %s it", sandbox.id, action)
                 try:
                     if sandbox.record.auto_pause:
-                        await m.pause(sandbox.id)
+                        await m.pause(sandbox.id, memory=sandbox.record.auto_pause_memory)
                     else:
                         await m.kill(sandbox.id)
                 except Exception:
                     log.exception("%s expired sandbox %s failed", action, sandbox.id)
-        for sandbox in [s for s in m.sandboxes.values() if not m.runtime.is_alive(s.handle)]:
+        gone = [s for s in m.sandboxes.values() if not pausing.stopped(s) and not m.runtime.is_alive(s.handle)]
+        for sandbox in gone:
             log.warning("sandbox %s's init process is gone: cleaning up", sandbox.id)
             try:
                 await m.kill(sandbox.id)

@@ -68,6 +68,9 @@ class SandboxSpec:
     hostname: str
     limits: Limits = field(default_factory=Limits)
     binds: tuple[tuple[str, str], ...] = ()  # (host dir, path inside), mounted read-only
+    # A sandbox stopped with its files kept (Runtime.stop) boots again: its uid range (still held) and
+    # its writable layer (or disk) are used as they are, and kept if the boot fails.
+    resume_uid_base: int | None = None
 
 
 @dataclass
@@ -173,6 +176,15 @@ class Runtime(abc.ABC):
     async def destroy(self, handle: SandboxHandle, keep_upper: Path | None = None) -> None:
         """End the sandbox and remove what it held. With `keep_upper`, what it changed in its root filesystem
         (the overlay's upper dir, owned by its host uids) is moved there first (a template build's layer)."""
+
+    async def stop(self, handle: SandboxHandle) -> None:
+        """End every process of the sandbox, keeping its files (its writable layer or disk) and its uid range
+        for a later `create` with `resume_uid_base` (a filesystem-only pause). Its address goes."""
+        raise RuntimeError_(f"the {self.name} backend cannot stop a sandbox and keep its files")
+
+    def hold(self, handle: SandboxHandle) -> None:
+        """A stopped sandbox of a previous server run: claim its uid range (it boots again later)."""
+        return None
 
     @abc.abstractmethod
     def stats(self, handle: SandboxHandle) -> Stats: ...

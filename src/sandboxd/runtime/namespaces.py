@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
@@ -31,6 +32,15 @@ from sandboxd.templates.uids import UID_SHIFT
 log = logging.getLogger(__name__)
 
 CLOSE_WAIT = 30.0  # s, at most, that close() waits for destroys under way (a destroy gives up after 10)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syncfs(fd: int) -> None:
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def env_memfd(env: dict[str, str]) -> int:
@@ -130,9 +140,10 @@ class NamespaceRuntime(Runtime):
 
     async def create(self, spec: SandboxSpec) -> SandboxHandle:
         sdir = self.sandboxes_dir / spec.sandbox_id
+        resuming = spec.resume_uid_base is not None
         for name in ("lower", "merged"):
             (sdir / name).mkdir(parents=True, exist_ok=True)
-        base = self.ids.allocate()
+        base = spec.resume_uid_base if spec.resume_uid_base is not None else self.ids.allocate()
         cg = self._cgroups(spec.sandbox_id)
         net: network.Prepared | None = None
         # The network namespace (ready, or made now) while the disk and cgroups are prepared.
@@ -150,9 +161,9 @@ class NamespaceRuntime(Runtime):
                 upper, work = sdir / "upper", sdir / "work"
                 for d in (upper, work):
                     d.mkdir(exist_ok=True)
-                # The overlay's root directory takes the upper dir's owner: make it sandbox root.
-                os.chown(upper, base, base)
-                os.chmod(upper, 0o755)
+                if not resuming:  # The overlay's root directory takes the upper dir's owner: sandbox root.
+                    os.chown(upper, base, base)
+                    os.chmod(upper, 0o755)
             cpus = self._pick_cpus(spec.sandbox_id, spec.limits.cpu_count)
             cg.create(spec.limits.memory_mb, spec.limits.cpu_count, spec.limits.pids, cpus)
             view = views.stage(sdir, self._memory_total(spec.limits.memory_mb), cpus or self.cpus)
@@ -182,6 +193,8 @@ class NamespaceRuntime(Runtime):
             if net is not None and self.net is not None:
                 argv += ["--netns", f"/proc/{os.getpid()}/fd/{net.fd}", "--resolv", f"nameserver {self.net.gateway}\n"]
             argv += disk_args
+            if resuming:
+                argv += ["--resume", "1"]
             for src, dst in spec.binds:
                 argv += ["--ro-copy", f"{src}:{dst}"]
             # Popen uses vfork: the event loop is not held up by copying the server's page tables, as a
@@ -208,8 +221,9 @@ class NamespaceRuntime(Runtime):
                 raise RuntimeError_(f"sandbox {spec.sandbox_id}: init process {pid} died at start")
         except BaseException:
             cg.destroy()
-            shutil.rmtree(sdir, ignore_errors=True)
-            self.ids.release(base)
+            if not resuming:  # a stopped sandbox's files and uid range stay for the next try
+                shutil.rmtree(sdir, ignore_errors=True)
+                self.ids.release(base)
             self._release_cpus(spec.sandbox_id)
             if net_task is not None and net is None:
                 net_task.cancel()
@@ -385,6 +399,41 @@ class NamespaceRuntime(Runtime):
             # through /proc/<init>/root: only while that PID is this sandbox's init, checked on both sides
             if self.is_alive(handle) and views.refresh(self.root_path(handle), text) and self.is_alive(handle):
                 self._meminfo[handle.sandbox_id] = text
+
+    async def stop(self, handle: SandboxHandle) -> None:
+        await asyncio.to_thread(self._stop_and_release, handle)
+        self._release_cpus(handle.sandbox_id)
+        self._meminfo.pop(handle.sandbox_id, None)
+
+    def _stop_and_release(self, handle: SandboxHandle) -> None:
+        with self._destroys:
+            self._destroying += 1
+        try:
+            # Its processes and cgroups go; its mounts lived only in its mount namespace, gone with them;
+            # the state dir (upper and work dirs, or its disk image) stays, but for what a boot makes anew.
+            self._cgroups(handle.sandbox_id).destroy()
+            shutil.rmtree(handle.state_dir / views.VIEW_DIR, ignore_errors=True)
+            # Its writable layer was a volatile overlay (no syncs while it ran): on disk now, so that a boot
+            # from it after a host crash finds it whole (sbxhelper create --resume).
+            image = handle.state_dir / quota.IMAGE_NAME
+            target = image if image.is_file() else handle.state_dir / "upper"
+            fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if target is image:
+                    os.fsync(fd)
+                else:
+                    _syncfs(fd)
+            finally:
+                os.close(fd)
+            if handle.address and self.net is not None:
+                self.net.release(handle.address)
+        finally:
+            with self._destroys:
+                self._destroying -= 1
+                self._destroys.notify_all()
+
+    def hold(self, handle: SandboxHandle) -> None:
+        self.ids.claim(handle.uid_base)
 
     def _destroy_and_release(self, handle: SandboxHandle, keep_upper: Path | None) -> None:
         with self._destroys:

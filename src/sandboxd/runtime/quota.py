@@ -113,6 +113,8 @@ class Disks:
             raise DiskError(f"a sandbox disk must be at least {MIN_DISK_MB} MiB, not {disk_mb}")
         image, mnt = state_dir / IMAGE_NAME, state_dir / MOUNT_NAME
         mnt.mkdir(exist_ok=True)
+        if image.is_file():  # a stopped sandbox boots again: its disk as it left it
+            return ["--disk", f"{image}:{mnt}"]
         with self._lock:
             spare = self._spares.get(disk_mb, []).pop() if self._spares.get(disk_mb) else None
         if spare is not None:

@@ -48,6 +48,7 @@ class SandboxRecord:
     memory_mb: int = 512
     disk_mb: int = 0
     auto_pause: bool = False
+    auto_pause_memory: bool = True  # its auto-pause keeps its memory (False: to its files)
     default_user: str = "user"
     default_workdir: str = "/home/user"
     handle: dict = field(default_factory=dict)  # the runtime's SandboxHandle, as JSON
@@ -57,6 +58,9 @@ class SandboxRecord:
     mask_request_host: str | None = None  # the Host its services see (${PORT} replaced)
     auto_resume: bool = False  # a request to one of its ports resumes it when paused
     iam_tokens: dict = field(default_factory=dict)  # workload identity: {name: {audience, tokenType}}
+    layers: list = field(default_factory=list)  # its root filesystem's layers (paths, topmost first)
+    # while paused: "full" (its processes frozen, in memory) or "filesystem" (stopped, files kept)
+    pause_mode: str = ""
 
 
 class StateDB:

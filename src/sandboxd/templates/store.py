@@ -265,10 +265,27 @@ class TemplateStore:
                 bases.add(layer.base)
         return {str(Path(base).resolve()) for base in bases}
 
+    # -- sandboxes stopped with their files kept (a filesystem-only pause) ----------------------------
+    def hold(self, sandbox_id: str, lowers: tuple[Path, ...]) -> None:
+        """Keep a stopped sandbox's root filesystem (its layers, topmost first) from any prune until
+        `release`: no process holds it open while the sandbox is stopped."""
+        (self.dir / ".holds").mkdir(parents=True, exist_ok=True)
+        write_json(self.dir / ".holds" / sandbox_id, [str(p) for p in lowers])
+
+    def release(self, sandbox_id: str) -> None:
+        (self.dir / ".holds" / sandbox_id).unlink(missing_ok=True)
+
+    def _held_lower_dirs(self) -> set[str]:
+        held: set[str] = set()
+        for path in (self.dir / ".holds").glob("*"):
+            with contextlib.suppress(OSError, ValueError):
+                held.update(str(p) for p in json.loads(path.read_text()))
+        return held
+
     def referenced_layers(self) -> set[str]:
-        """Layers that a version of a template, or a sandbox on this host, stands on."""
+        """Layers that a version of a template, or a sandbox on this host (running or stopped), stands on."""
         tops = {meta["top"] for meta in self._versions() if meta.get("top")}
-        for lower in _mounted_lower_dirs():  # a sandbox's topmost layer: <templates>/.layers/<key>/diff
+        for lower in _mounted_lower_dirs() | self._held_lower_dirs():  # <templates>/.layers/<key>/diff
             path = Path(lower)
             if path.name == "diff" and path.parent.parent == self.layers.dir:
                 tops.add(path.parent.name)
@@ -354,7 +371,7 @@ class TemplateStore:
         home = self.dir / name
         tagged = set(self.tags(name).values())
         # mounted by a sandbox, or the rootfs under layers (which templates and sandboxes stand on)
-        in_use = _mounted_lower_dirs() | self._layer_bases()
+        in_use = _mounted_lower_dirs() | self._held_lower_dirs() | self._layer_bases()
         removed = []
         for version in home.iterdir():
             if version.name in tagged or version.is_symlink() or not (version / "template.json").is_file():

@@ -676,12 +676,18 @@ static void attach_idmapped(int userns, const char *src, const char *dst) {
  * per layer, topmost first, and each becomes one overlay lower dir. */
 #define MAX_LOWERS 128
 
+static int remove_entry(const char *path, const struct stat *st, int type, struct FTW *ftw) {
+    (void)st;
+    (void)ftw;
+    return (type == FTW_DP ? rmdir(path) : unlink(path)) < 0 ? -1 : 0;
+}
+
 static int cmd_create(int argc, char **argv) {
     const char *lowers[MAX_LOWERS], *dir = NULL, *hostname = "sandbox", *netns = NULL, *resolv = NULL;
     int nlowers = 0;
     char *disk = NULL;
     unsigned shift = 100000, range = 65536, idmap_from = 0;
-    int idmap = 0;
+    int idmap = 0, resume = 0;
     char *cgroups[MAX_CGROUPS];
     int ncg = 0;
     for (int i = 2; i < argc; i++) {
@@ -699,6 +705,7 @@ static int cmd_create(int argc, char **argv) {
         else if (!strcmp(a, "--netns")) netns = v;
         else if (!strcmp(a, "--resolv")) resolv = v;
         else if (!strcmp(a, "--disk")) disk = (char *)v; /* IMAGE:DIR */
+        else if (!strcmp(a, "--resume")) resume = !strcmp(v, "1"); /* it boots again from kept files */
         else if (!strcmp(a, "--shift")) shift = (unsigned)strtoul(v, NULL, 10);
         else if (!strcmp(a, "--range")) range = (unsigned)strtoul(v, NULL, 10);
         else if (!strcmp(a, "--idmap-from")) {
@@ -771,6 +778,14 @@ static int cmd_create(int argc, char **argv) {
         layers = "disk/";
         /* the image is formatted once for every sandbox: its upper dir becomes this sandbox's root's */
         if (chown("disk/upper", shift, shift) < 0) die("chown disk/upper");
+    }
+    if (resume) {
+        /* Booting again from the files a stopped sandbox kept (a filesystem-only pause): its volatile
+         * overlay left the marker that refuses a second mount, and the server synced the upper dir when the
+         * sandbox stopped (runtime/namespaces.py, stop), so the marker goes. */
+        char scratch[4200];
+        snprintf(scratch, sizeof scratch, "%swork/work", layers); /* overlayfs's scratch dir: it makes a new one */
+        if (nftw(scratch, remove_entry, 16, FTW_DEPTH | FTW_PHYS) < 0 && errno != ENOENT) die("remove %s", scratch);
     }
     /* Relative layer names: the sandbox's /proc/self/mountinfo shows no host path for its root. */
     char opts[8192];

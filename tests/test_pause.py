@@ -1,0 +1,109 @@
+"""Pause kinds (core/pausing.py): `full` keeps the processes frozen in memory; `filesystem` (E2B's
+`pause(mode="filesystem")`) ends them and keeps the files, and a resume boots the sandbox again from
+them, also after a server restart; `connect(on_resume="reboot")` reboots a sandbox paused with memory."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import httpx
+from e2b import Sandbox, SandboxState
+
+from conftest import TEMPLATES_DIR, Server, host_pids_of, start_server
+
+
+def _detail(srv: Server, sandbox_id: str) -> dict:
+    r = httpx.get(f"{srv.url}/sandboxes/{sandbox_id}", headers={"X-API-KEY": srv.api_key})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _env(srv: Server) -> dict[str, str]:
+    return {"api_key": srv.api_key, "api_url": srv.url, "sandbox_url": srv.url}
+
+
+def test_filesystem_pause_ends_processes_keeps_files_and_resume_boots_again(server: Server) -> None:
+    sbx = Sandbox.create(template="base", timeout=120)
+    try:
+        sbx.files.write("/home/user/keep.txt", "kept\n")
+        sbx.commands.run("echo root-file > /etc/made-by-root", user="root")
+        sbx.commands.run("sleep 1000", background=True)
+        first_boot = sbx.commands.run("cat /proc/1/stat").stdout.split()[21]  # init's start time
+        assert sbx.pause(mode="filesystem") is True
+        detail = _detail(server, sbx.sandbox_id)
+        assert detail["state"] == "paused" and detail["pauseMode"] == "filesystem"
+        assert not host_pids_of(server, sbx.sandbox_id), "a process of the sandbox outlived its pause"
+        hold = TEMPLATES_DIR / ".holds" / sbx.sandbox_id
+        assert json.loads(hold.read_text())[0].startswith(str(TEMPLATES_DIR)), "its layers are not held"
+        assert not sbx.is_running()  # envd: 502 while paused
+        assert sbx.pause(mode="filesystem") is False  # 409: paused already
+        assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.PAUSED
+
+        resumed = Sandbox.connect(sbx.sandbox_id)
+        assert resumed.is_running()
+        assert resumed.files.read("/home/user/keep.txt") == "kept\n"
+        assert resumed.commands.run("cat /etc/made-by-root").stdout == "root-file\n"
+        assert resumed.commands.run("pgrep -x sleep || echo none").stdout == "none\n"
+        assert resumed.commands.run("cat /proc/1/stat").stdout.split()[21] != first_boot  # booted again
+        assert resumed.commands.run("whoami && stat -c %U /home/user/keep.txt").stdout == "user\nuser\n"
+        assert "inet " in resumed.commands.run("ip -4 addr show eth0").stdout  # networked again
+        assert "pauseMode" not in _detail(server, sbx.sandbox_id) and not hold.exists()
+    finally:
+        sbx.kill()
+    assert not (server.data_dir / "sandboxes" / sbx.sandbox_id).exists()
+
+
+def test_full_pause_says_so_and_a_reboot_resume_starts_from_the_files(server: Server) -> None:
+    sbx = Sandbox.create(template="base", timeout=120)
+    try:
+        sbx.files.write("/home/user/a.txt", "a\n")
+        sbx.commands.run("sleep 1000", background=True)
+        assert sbx.pause() is True
+        assert _detail(server, sbx.sandbox_id)["pauseMode"] == "full"
+        assert host_pids_of(server, sbx.sandbox_id), "a full pause keeps the processes (frozen)"
+        resumed = Sandbox.connect(sbx.sandbox_id, on_resume="reboot")
+        assert resumed.commands.run("pgrep -x sleep || echo none").stdout == "none\n"
+        assert resumed.files.read("/home/user/a.txt") == "a\n"
+    finally:
+        sbx.kill()
+
+
+def test_code_interpreter_paused_to_its_files_runs_code_again(server: Server) -> None:
+    from e2b_code_interpreter import Sandbox as CodeSandbox
+
+    ci = CodeSandbox.create(timeout=120)
+    try:
+        assert ci.run_code("x = 41; x + 1").text == "42"
+        ci.files.write("/home/user/data.csv", "a,b\n1,2\n")
+        assert ci.pause(mode="filesystem") is True
+        again = CodeSandbox.connect(ci.sandbox_id)
+        assert again.run_code("import pandas; int(pandas.read_csv('/home/user/data.csv')['b'][0])").text == "2"
+        assert again.run_code("x").error.name == "NameError"  # a new kernel: memory was not kept
+    finally:
+        ci.kill()
+
+
+def test_a_sandbox_paused_to_its_files_survives_a_server_restart(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    srv = start_server(data, "--pool-size", "0", keep=True)
+    port = int(srv.url.rsplit(":", 1)[1])
+    sbx = Sandbox.create(template="base", timeout=120, **_env(srv))  # type: ignore[arg-type]
+    try:
+        sbx.files.write("/home/user/through-restart.txt", "still here\n")
+        assert sbx.pause(mode="filesystem") is True
+        assert srv.stop() == 0
+        srv = start_server(data, "--pool-size", "0", port=port, keep=True)
+        assert _detail(srv, sbx.sandbox_id)["pauseMode"] == "filesystem"
+        resumed = Sandbox.connect(sbx.sandbox_id, **_env(srv))  # type: ignore[arg-type]
+        assert resumed.files.read("/home/user/through-restart.txt") == "still here\n"
+        assert resumed.commands.run("echo ok").stdout == "ok\n"
+    finally:
+        with contextlib.suppress(Exception):
+            Sandbox.kill(sbx.sandbox_id, **_env(srv))  # type: ignore[arg-type]
+        srv.stop()
+        final = start_server(data, port=port)  # destroys everything at its exit
+        assert final.stop() == 0
+    assert not list((data / "sandboxes").iterdir())
+    assert not (TEMPLATES_DIR / ".holds" / sbx.sandbox_id).exists()
