@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from sandboxd.api import serialize
 from sandboxd.api.models import ConnectBody, NetworkUpdate, NewSandbox, PauseBody, TimeoutBody
 from sandboxd.api.secrets import secret_routes
+from sandboxd.api.snapshots import snapshot_routes
 from sandboxd.api.templates import UPLOAD_PREFIX, template_routes
 from sandboxd.core.builds import TemplateBuilds
 from sandboxd.core.errors import BadRequest, PayloadTooLarge, SandboxdError
@@ -277,6 +278,7 @@ def build_control_plane(
         Route("/.well-known/jwks.json", jwks, methods=["GET"]),
         Route("/.well-known/openid-configuration", discovery, methods=["GET"]),
         *secret_routes(manager.net.secrets, limits, _body),
+        *snapshot_routes(manager, limits, _body),
         *(template_routes(builds, limits, _body) if builds is not None else []),
     ]
     app = Starlette(

@@ -51,6 +51,11 @@ class ConnectBody(_Body):
     memory: bool = True  # False (the SDK's on_resume="reboot"): boot again from its files
 
 
+class SnapshotRequest(_Body):
+    name: str | None = Field(default=None, min_length=1, max_length=256)
+    memory: bool = True  # E2B's default: memory and files (refused here: core/snapshots.py)
+
+
 class PauseBody(_Body):
     memory: bool = True  # False (the SDK's mode="filesystem"): its processes end, its files stay
     require_healthy_guest: bool = Field(default=False, alias="requireHealthyGuest")

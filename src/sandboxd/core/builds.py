@@ -35,7 +35,7 @@ from sandboxd.runtime.base import Limits, SandboxHandle, SandboxSpec
 from sandboxd.templates import images
 from sandboxd.templates.builtin import names as builtin_names
 from sandboxd.templates.context import ContextError, CopyTarget, copy_stream
-from sandboxd.templates.layers import LayerStore, layer_key
+from sandboxd.templates.layers import LayerStore, drop_per_sandbox_files, layer_key
 from sandboxd.templates.recipe import DEFAULT_IMAGE, BuildState, Recipe, Step
 from sandboxd.templates.store import TemplateError, TemplateStore, write_json
 
@@ -493,7 +493,7 @@ class TemplateBuilds:
                 raise StepFailed(n, f"step {label} failed: the command {how}{output}")
             await runtime.destroy(handle, keep_upper=work / "diff")
             kept = True
-            _drop_per_sandbox_files(work / "diff")
+            drop_per_sandbox_files(work / "diff")
             await asyncio.to_thread(self.layers.commit, work, key, top, base, label, handle.uid_base)
         finally:
             if not kept:
@@ -587,17 +587,6 @@ def _expand(value: str, env: dict[str, str]) -> str:
         lambda m: env.get(m.group(1) or m.group(2), m.group(0)),
         value,
     )
-
-
-def _drop_per_sandbox_files(diff: Path) -> None:
-    """What every sandbox's start writes into its root (its name, its resolver) is no step's result."""
-    etc = diff / "etc"
-    for name in ("hostname", "hosts", "resolv.conf"):
-        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-            (etc / name).unlink()
-    with contextlib.suppress(OSError):
-        if not os.listxattr(etc, follow_symlinks=False):  # not an opaque dir: its absence changes nothing
-            os.rmdir(etc)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -511,12 +511,16 @@ class SandboxManager:
         self.db.put(sandbox.record)
         self.reaper.wake()
 
+    def pause_lock(self, sandbox_id: str) -> asyncio.Lock:
+        """Held while the sandbox is paused, resumed or snapshotted: one of those at a time."""
+        return self._pausing.setdefault(sandbox_id, asyncio.Lock())
+
     async def pause(self, sandbox_id: str, memory: bool = True) -> None:
         """Pause: frozen in memory, or (`memory` False) stopped with its files kept (core/pausing.py)."""
         sandbox = self.get(sandbox_id)
         if sandbox.record.state == "paused":
             raise Conflict(f"sandbox '{sandbox_id}' is already paused")
-        lock = self._pausing.setdefault(sandbox_id, asyncio.Lock())
+        lock = self.pause_lock(sandbox_id)
         if lock.locked():
             raise Conflict(f"sandbox '{sandbox_id}' is being paused or resumed")
         async with lock:
@@ -534,7 +538,7 @@ class SandboxManager:
         timeout = self._check_timeout(self.settings.default_timeout if timeout is None else timeout, positive=True)
         resumed = False
         if sandbox.record.state == "paused":
-            async with self._pausing.setdefault(sandbox_id, asyncio.Lock()):
+            async with self.pause_lock(sandbox_id):
                 if sandbox.record.state == "paused":  # (not resumed by the request before this one)
                     if not memory and not pausing.stopped(sandbox):
                         await pausing.stop(self, sandbox)  # `on_resume="reboot"`: from its files

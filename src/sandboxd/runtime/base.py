@@ -182,6 +182,12 @@ class Runtime(abc.ABC):
         for a later `create` with `resume_uid_base` (a filesystem-only pause). Its address goes."""
         raise RuntimeError_(f"the {self.name} backend cannot stop a sandbox and keep its files")
 
+    async def copy_upper(self, handle: SandboxHandle, dest: Path) -> None:
+        """Copy what the sandbox changed in its root filesystem (its overlay upper dir: owned by its host
+        uids, whiteouts and opaque dirs as overlayfs made them) into the new directory `dest`. The caller
+        keeps the sandbox frozen meanwhile."""
+        raise RuntimeError_(f"the {self.name} backend cannot copy a sandbox's files")
+
     def hold(self, handle: SandboxHandle) -> None:
         """A stopped sandbox of a previous server run: claim its uid range (it boots again later)."""
         return None

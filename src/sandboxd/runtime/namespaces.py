@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,15 @@ def _syncfs(fd: int) -> None:
     if _libc.syncfs(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def _copy_tree(src: Path, dest: Path) -> None:
+    """`src`'s contents into the new directory `dest`: owners, modes, times, xattrs (overlayfs's opaque
+    marks), device nodes (its whiteouts) as they are; shared blocks where the filesystem can."""
+    dest.mkdir()
+    res = subprocess.run(["cp", "-a", "--reflink=auto", f"{src}/.", str(dest)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError_(f"copying {src} failed: {res.stderr.strip()[-500:]}")
 
 
 def env_memfd(env: dict[str, str]) -> int:
@@ -434,6 +444,30 @@ class NamespaceRuntime(Runtime):
 
     def hold(self, handle: SandboxHandle) -> None:
         self.ids.claim(handle.uid_base)
+
+    async def copy_upper(self, handle: SandboxHandle, dest: Path) -> None:
+        await asyncio.to_thread(self._copy_upper_sync, handle, dest)
+
+    def _copy_upper_sync(self, handle: SandboxHandle, dest: Path) -> None:
+        image = handle.state_dir / quota.IMAGE_NAME
+        if not image.is_file():
+            _copy_tree(handle.state_dir / "upper", dest)
+            return
+        # Its own disk: mounted only in its mount namespace. The same loop device mounted here for the copy
+        # is the same filesystem (what the frozen sandbox wrote is there, synced or not).
+        device = quota.loop_device_of(image)
+        if device is None:
+            raise RuntimeError_(f"sandbox {handle.sandbox_id}: its disk is not attached (is it running?)")
+        mnt = Path(tempfile.mkdtemp(prefix=".copy-", dir=handle.state_dir))
+        try:
+            # (the filesystem is mounted read-write in the sandbox: a read-only mount of it is refused)
+            subprocess.run(["mount", "-o", "nosuid,nodev,noexec", device, str(mnt)], check=True, capture_output=True)
+            try:
+                _copy_tree(mnt / "upper", dest)
+            finally:
+                subprocess.run(["umount", str(mnt)], check=True, capture_output=True)
+        finally:
+            mnt.rmdir()
 
     def _destroy_and_release(self, handle: SandboxHandle, keep_upper: Path | None) -> None:
         with self._destroys:

@@ -79,6 +79,18 @@ SPARES = 2  # copies made ahead per size in use
 _MKFS_FEATURES = "^has_journal,^resize_inode"  # overlay upper is `volatile`: a journal buys nothing
 
 
+def loop_device_of(image: Path) -> str | None:
+    """/dev/loopN whose backing file is `image` (a running sandbox's disk), if any."""
+    target = str(image.resolve())
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            if backing.read_text().strip() == target:
+                return f"/dev/{backing.parent.parent.name}"
+        except OSError:
+            continue
+    return None
+
+
 class DiskError(Exception):
     pass
 

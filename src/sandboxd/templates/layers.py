@@ -14,6 +14,7 @@ rootfs). Files are owned by the template uids (UID_SHIFT + uid in the sandbox), 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import itertools
@@ -161,6 +162,17 @@ class LayerStore:
             return 0
         shutil.rmtree(doomed, ignore_errors=True)
         return size
+
+
+def drop_per_sandbox_files(diff: Path) -> None:
+    """What every sandbox's start writes into its root (its name, its resolver) is no layer's content."""
+    etc = diff / "etc"
+    for name in ("hostname", "hosts", "resolv.conf"):
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            (etc / name).unlink()
+    with contextlib.suppress(OSError):
+        if not os.listxattr(etc, follow_symlinks=False):  # not an opaque dir: its absence changes nothing
+            os.rmdir(etc)
 
 
 def shift_ids(root: Path, old: int, new: int, count: int = UID_RANGE) -> None:

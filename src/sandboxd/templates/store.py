@@ -236,14 +236,23 @@ class TemplateStore:
         return ident
 
     def delete(self, ident: str) -> None:
-        """Remove a template: its names, builds, tags and uploaded files (its layers stay until a prune
-        finds no template and no sandbox using them)."""
+        """Remove a template: its names, builds, tags and uploaded files, and the layers of its versions that
+        nothing else stands on (no other template's version, no sandbox, running or stopped)."""
+        own: set[str] = set()
+        for version in (self.dir / ident).iterdir() if (self.dir / ident).is_dir() else []:
+            with contextlib.suppress(OSError, ValueError, FileNotFoundError):
+                top = json.loads((version / "template.json").read_text()).get("top")
+                if top and not version.is_symlink():
+                    own.update(layer.key for layer in self.layers.chain(top))
         for name in self.meta(ident).get("names", []):
             self.drop_name(name)
         doomed = self.dir / f".deleted-{ident}-{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):
             os.rename(self.dir / ident, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
+        if own:
+            for key in own - self.referenced_layers():
+                self.layers.remove(key)
 
     def _versions(self) -> Iterator[dict]:
         """The template.json of every version of every template (the `current` and tag links skipped)."""

@@ -1,0 +1,66 @@
+"""A hostile tenant snapshots its sandbox (core/snapshots.py): what it planted (a setuid copy of a shell,
+a symlink to a host secret, a hard link, a FIFO) lands in the snapshot's layer owned by the template uid
+range, never followed onto the host and never owned by host root; names that try to leave their field
+are refused; a snapshot of another server's sandbox ID is a plain 404."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import stat
+from pathlib import Path
+
+import httpx
+from e2b import Sandbox
+
+from conftest import TEMPLATES_DIR, Server
+
+UID_SHIFT = 100000
+
+
+def test_what_a_sandbox_plants_stays_a_sandbox_file_in_its_snapshot(server: Server) -> None:
+    sbx = Sandbox.create(template="base", timeout=120)
+    snap_id = None
+    try:
+        plant = (
+            "cp /bin/bash /usr/local/bin/rootsh && chmod 4755 /usr/local/bin/rootsh && "
+            "ln -s /etc/shadow /home/user/shadow-link && ln /etc/passwd /home/user/passwd-hard && "
+            "mkfifo /home/user/fifo"
+        )
+        assert sbx.commands.run(plant, user="root").exit_code == 0
+        headers = {"X-API-KEY": server.api_key}
+        for name in ("../x", "a/../../b", ".hidden", "UPPER", "x" * 300):
+            r = httpx.post(
+                f"{server.url}/sandboxes/{sbx.sandbox_id}/snapshots",
+                json={"name": name, "memory": False},
+                headers=headers,
+            )
+            assert r.status_code == 400, (name, r.text)
+        r = httpx.post(
+            f"{server.url}/sandboxes/nosuchsandbox0000000/snapshots", json={"memory": False}, headers=headers
+        )
+        assert r.status_code == 404
+        snap = sbx.create_snapshot(name=f"evil-{secrets.token_hex(3)}", mode="filesystem")
+        snap_id = snap.snapshot_id
+        meta = (TEMPLATES_DIR / snap_id / "current" / "template.json").read_text()
+        diff = TEMPLATES_DIR / ".layers" / json.loads(meta)["top"] / "diff"
+        rootsh = (diff / "usr/local/bin/rootsh").lstat()
+        assert rootsh.st_mode & stat.S_ISUID and rootsh.st_uid == UID_SHIFT, "not the sandbox's root's file"
+        link = diff / "home/user/shadow-link"
+        assert link.is_symlink() and os.readlink(link) == "/etc/shadow"  # a link, never the host's file
+        for path in diff.rglob("*"):
+            st = path.lstat()
+            assert st.st_uid >= UID_SHIFT or stat.S_ISCHR(st.st_mode), f"{path} is owned by host uid {st.st_uid}"
+        assert stat.S_ISFIFO((diff / "home/user/fifo").lstat().st_mode)
+        child = Sandbox.create(template=snap_id, timeout=60)
+        try:
+            assert child.commands.run("stat -c '%a %U' /usr/local/bin/rootsh").stdout == "4755 root\n"  # its root's
+            assert child.commands.run("cat /home/user/shadow-link 2>&1 || true").stdout.startswith("cat:")
+        finally:
+            child.kill()
+        assert not Path("/etc/shadow").is_symlink()
+    finally:
+        sbx.kill()
+        if snap_id is not None:
+            Sandbox.delete_snapshot(snap_id)
