@@ -107,3 +107,48 @@ def test_a_sandbox_paused_to_its_files_survives_a_server_restart(tmp_path: Path)
         assert final.stop() == 0
     assert not list((data / "sandboxes").iterdir())
     assert not (TEMPLATES_DIR / ".holds" / sbx.sandbox_id).exists()
+
+
+def _wait_state(sandbox_id: str, want: str, seconds: float) -> str:
+    import time
+
+    from e2b.exceptions import NotFoundException
+
+    deadline = time.monotonic() + seconds
+    state = "running"
+    while time.monotonic() < deadline:
+        try:
+            state = Sandbox.get_info(sandbox_id).state.value
+        except NotFoundException:
+            state = "gone"
+        if state == want:
+            return state
+        time.sleep(0.25)
+    return state
+
+
+def test_an_idle_timeout_pauses_or_kills_a_quiet_sandbox_and_spares_a_busy_one(server: Server) -> None:
+    import pytest
+    from e2b.exceptions import SandboxException
+
+    for bad in ("0", "abc", "99999999"):
+        with pytest.raises(SandboxException):
+            Sandbox.create(template="base", timeout=60, metadata={"sandboxd.idle_timeout": bad})
+    quiet = Sandbox.create(
+        template="base",
+        timeout=120,
+        metadata={"sandboxd.idle_timeout": "2"},
+        lifecycle={"on_timeout": {"action": "pause", "mode": "filesystem"}},
+    )
+    busy = Sandbox.create(template="base", timeout=120, metadata={"sandboxd.idle_timeout": "2"})
+    try:
+        loop = busy.commands.run("sh -c 'while :; do :; done'", background=True)
+        assert _wait_state(quiet.sandbox_id, "paused", 15) == "paused"
+        assert _detail(server, quiet.sandbox_id)["pauseMode"] == "filesystem"
+        assert _wait_state(busy.sandbox_id, "gone", 5) == "running", "a sandbox at work was taken for idle"
+        loop.kill()
+        assert _wait_state(busy.sandbox_id, "gone", 15) == "gone"  # quiet now: killed (no autoPause)
+    finally:
+        for s in (quiet, busy):
+            with contextlib.suppress(Exception):
+                s.kill()

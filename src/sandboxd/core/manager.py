@@ -52,6 +52,9 @@ def new_sandbox_id() -> str:
 DEFAULT_MEMORY_MB = 512
 MIN_MEMORY_MB = 64
 META_MEMORY, META_CPUS = "sandboxd.memory_mb", "sandboxd.cpus"  # per-create resources, in metadata
+# Seconds without a request to the sandbox or CPU use of its processes after which it is paused (with
+# autoPause; to its files with autoPauseMemory: false) or killed, before its end time (core/reaper.py).
+META_IDLE = "sandboxd.idle_timeout"
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,8 @@ class Sandbox:
         self.ext: dict[str, Any] = {}
         self.on_kill: list[Callable[[], None]] = []
         self.service: subprocess.Popen[bytes] | None = None  # the template's service, if it has one
+        self.last_active = time.time()  # a request for it, or CPU use of its processes (idle timeout)
+        self.idle_mark = 0  # its CPU time (ns) when it was last seen active (core/reaper.py)
         self.policy = NetworkPolicy.from_json(record.network)
         self.domain: str | None = None  # the server's --domain (the SDK's get_host() names it)
 
@@ -399,6 +404,11 @@ class SandboxManager:
         public, mask = parse_ingress(network)
         if auto_resume and not auto_pause:
             raise BadRequest("autoResume needs autoPause (a sandbox that is killed at its timeout cannot be resumed)")
+        idle = (metadata or {}).get(META_IDLE)
+        if idle is not None and (not idle.isdigit() or not 1 <= int(idle) <= self.settings.max_timeout):
+            raise BadRequest(
+                f"metadata {META_IDLE} must be a whole number of seconds from 1 to {self.settings.max_timeout}"
+            )
         try:
             template = self.templates.get(template_id)
         except TemplateError as e:
@@ -432,6 +442,7 @@ class SandboxManager:
             end_at=now + timeout,
             state="running",
             metadata=dict(metadata or {}),
+            idle_timeout=int(idle) if idle is not None else 0,
             env_vars=dict(env_vars or {}),
             cpu_count=max(1, int(res.cpu_count)),
             memory_mb=res.memory_mb,
@@ -453,10 +464,18 @@ class SandboxManager:
         sandbox.service = service
         if ca is not None:
             sandbox.ext["egress_ca"] = ca
+        if rec.idle_timeout:
+            await self._mark_active(sandbox)
         self._register(sandbox)
         self.db.put(rec)
         self.reaper.wake()
         return sandbox
+
+    async def _mark_active(self, sandbox: Sandbox) -> None:
+        """Active now: its idle timeout counts from here, and from its CPU time now (core/reaper.py)."""
+        sandbox.last_active = time.time()
+        with contextlib.suppress(Exception):
+            sandbox.idle_mark = (await asyncio.to_thread(self.runtime.stats, sandbox.handle)).cpu_usage_ns
 
     def _register(self, sandbox: Sandbox) -> None:
         sandbox.domain = self.settings.domain
@@ -537,6 +556,7 @@ class SandboxManager:
         sandbox = self.get(sandbox_id)
         timeout = self._check_timeout(self.settings.default_timeout if timeout is None else timeout, positive=True)
         resumed = False
+        sandbox.last_active = time.time()
         if sandbox.record.state == "paused":
             async with self.pause_lock(sandbox_id):
                 if sandbox.record.state == "paused":  # (not resumed by the request before this one)
@@ -547,6 +567,8 @@ class SandboxManager:
                     else:
                         await asyncio.to_thread(self.runtime.freeze, sandbox.handle, False)
             sandbox.record.state, sandbox.record.pause_mode = "running", ""
+            if sandbox.record.idle_timeout:
+                await self._mark_active(sandbox)
             sandbox.record.end_at = time.time() + timeout
             resumed = True
         else:

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 from sandboxd.core import pausing
 
 if TYPE_CHECKING:
-    from sandboxd.core.manager import SandboxManager
+    from sandboxd.core.manager import Sandbox, SandboxManager
+
+ACTIVE_CPU_NS = 5_000_000  # CPU time of its processes since it was last active that makes it active again
 
 log = logging.getLogger("sandboxd.core")
 
@@ -44,14 +46,29 @@ class Reaper:
                 log.exception("reaping sandboxes failed; trying again")
                 await asyncio.sleep(MAX_SLEEP)
 
+    async def _worked(self, sandbox: Sandbox) -> bool:
+        """Whether the sandbox's processes used the CPU since it was last seen active (then it is, now)."""
+        try:
+            cpu = (await asyncio.to_thread(self.manager.runtime.stats, sandbox.handle)).cpu_usage_ns
+        except Exception:
+            return False
+        if cpu - sandbox.idle_mark <= ACTIVE_CPU_NS:
+            return False
+        sandbox.last_active, sandbox.idle_mark = time.time(), cpu
+        return True
+
     async def _pass(self) -> None:
         """One look at every sandbox, then sleep until the next end time (or a wake)."""
         m = self.manager
         now = time.time()
         for sandbox in [s for s in m.sandboxes.values() if s.record.state == "running"]:
-            if sandbox.record.end_at <= now:
+            idle = bool(sandbox.record.idle_timeout) and now - sandbox.last_active >= sandbox.record.idle_timeout
+            if idle and await self._worked(sandbox):
+                idle = False
+            if sandbox.record.end_at <= now or idle:
                 action = "pausing" if sandbox.record.auto_pause else "killing"
-                log.info("sandbox %s reached its end time: %s it", sandbox.id, action)
+                why = f"was idle for {sandbox.record.idle_timeout} s" if idle else "reached its end time"
+                log.info("sandbox %s %s: %s it", sandbox.id, why, action)
                 try:
                     if sandbox.record.auto_pause:
                         await m.pause(sandbox.id, memory=sandbox.record.auto_pause_memory)
@@ -67,7 +84,9 @@ class Reaper:
             except Exception:
                 log.exception("cleaning up dead sandbox %s failed", sandbox.id)
         m.pool.drop_stale()  # idle sandboxes of templates removed or rebuilt since
-        pending = [s.record.end_at for s in m.sandboxes.values() if s.record.state == "running"]
+        running = [s for s in m.sandboxes.values() if s.record.state == "running"]
+        pending = [s.record.end_at for s in running]
+        pending += [s.last_active + s.record.idle_timeout for s in running if s.record.idle_timeout]
         delay = min([MAX_SLEEP, *(max(0.0, t - time.time()) for t in pending)])
         self._wake.clear()
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 import re
+import time
 from urllib.parse import parse_qsl
 
 from starlette.responses import JSONResponse
@@ -191,7 +192,10 @@ class Router:
                 await self.manager.connect(sandbox_id, None)
             except Exception:
                 return None
-        return sandbox if sandbox.running else None
+        if not sandbox.running:
+            return None
+        sandbox.last_active = time.time()  # a request for it: not idle
+        return sandbox
 
     @staticmethod
     def _traffic_ok(scope: Scope, sandbox: Sandbox) -> bool:

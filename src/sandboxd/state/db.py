@@ -49,6 +49,7 @@ class SandboxRecord:
     disk_mb: int = 0
     auto_pause: bool = False
     auto_pause_memory: bool = True  # its auto-pause keeps its memory (False: to its files)
+    idle_timeout: int = 0  # s without a request or CPU use, then paused (autoPause) or killed; 0: none
     default_user: str = "user"
     default_workdir: str = "/home/user"
     handle: dict = field(default_factory=dict)  # the runtime's SandboxHandle, as JSON
