@@ -249,6 +249,10 @@ def test_a_request_resumes_a_paused_sandbox_with_auto_resume(domain_server: tupl
         )
         assert r.status_code == 502, "without auto_resume a paused sandbox stays paused"
         assert Sandbox.get_info(plain.sandbox_id, **env).state.value == "paused"
+        sbx.pause()  # and a request to envd wakes it too (a command)
+        assert Sandbox.get_info(sbx.sandbox_id, **env).state.value == "paused"
+        assert sbx.commands.run("echo awake").stdout == "awake\n"
+        assert Sandbox.get_info(sbx.sandbox_id, **env).state.value == "running"
     finally:
         sbx.kill()
         plain.kill()

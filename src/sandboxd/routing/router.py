@@ -138,7 +138,7 @@ class Router:
             return
         port_raw = port_raw or str(ENVD_PORT)
         port = int(port_raw) if port_raw.isdigit() and 0 < int(port_raw) < 65536 else -1
-        sandbox = await self._live(sandbox_id, port)
+        sandbox = await self._live(sandbox_id)
         if sandbox is None:
             await JSONResponse(
                 {"sandboxId": sandbox_id, "message": "The sandbox was not found", "code": 502}, status_code=502
@@ -176,18 +176,13 @@ class Router:
         finally:
             current_sandbox.reset(reset)
 
-    async def _live(self, sandbox_id: str, port: int) -> Sandbox | None:
-        """The running sandbox, resumed first if it is paused with autoResume and the request is for one of
-        its services (envd's own requests do not wake it: the SDK's connect() does that)."""
+    async def _live(self, sandbox_id: str) -> Sandbox | None:
+        """The running sandbox, resumed first if it is paused with autoResume (a request to envd or to
+        any of its ports wakes it, as an API connect does)."""
         sandbox = self.manager.find(sandbox_id)
         if sandbox is None:
             return None
-        if (
-            not sandbox.running
-            and sandbox.record.state == "paused"
-            and sandbox.record.auto_resume
-            and port != ENVD_PORT
-        ):
+        if not sandbox.running and sandbox.record.state == "paused" and sandbox.record.auto_resume:
             try:
                 await self.manager.connect(sandbox_id, None)
             except Exception:
@@ -209,7 +204,7 @@ class Router:
         self, scope: Scope, receive: Receive, send: Send, sandbox_id: str | None, port_raw: str | None
     ) -> None:
         port = int(port_raw) if port_raw and port_raw.isdigit() and 0 < int(port_raw) < 65536 else -1
-        sandbox = await self._live(sandbox_id, port) if sandbox_id else None
+        sandbox = await self._live(sandbox_id) if sandbox_id else None
         if sandbox is None or port in (-1, ENVD_PORT) or self.draining or not self._traffic_ok(scope, sandbox):
             await receive()
             await send({"type": "websocket.close", "code": 1008})
