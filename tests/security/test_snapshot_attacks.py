@@ -1,7 +1,8 @@
 """A hostile tenant snapshots its sandbox (core/snapshots.py): what it planted (a setuid copy of a shell,
 a symlink to a host secret, a hard link, a FIFO) lands in the snapshot's layer owned by the template uid
 range, never followed onto the host and never owned by host root; names that try to leave their field
-are refused; a snapshot of another server's sandbox ID is a plain 404."""
+are refused; a snapshot of another server's sandbox ID is a plain 404. The tar of a sandbox's changes
+(GET /sandboxes/{id}/diff) carries the links it planted as links, never the host files they name."""
 
 from __future__ import annotations
 
@@ -64,3 +65,27 @@ def test_what_a_sandbox_plants_stays_a_sandbox_file_in_its_snapshot(server: Serv
         sbx.kill()
         if snap_id is not None:
             Sandbox.delete_snapshot(snap_id)
+
+
+def test_a_changes_tar_carries_planted_links_as_links_never_host_files(server: Server) -> None:
+    import io
+    import tarfile
+
+    sbx = Sandbox.create(template="base", timeout=60)
+    try:
+        plant = 'ln -s /etc/shadow /home/user/s && ln -s / /home/user/root && printf x > "/home/user/a\nb"'
+        assert sbx.commands.run(plant, user="root").exit_code == 0
+        r = httpx.get(
+            f"{server.url}/sandboxes/{sbx.sandbox_id}/diff",
+            params={"format": "tar"},
+            headers={"X-API-KEY": server.api_key},
+        )
+        assert r.status_code == 200
+        tar = tarfile.open(fileobj=io.BytesIO(r.content))
+        link = tar.getmember("home/user/s")
+        assert link.issym() and link.linkname == "/etc/shadow" and link.size == 0
+        assert tar.getmember("home/user/root").issym()
+        assert tar.extractfile("home/user/a\nb").read() == b"x"  # type: ignore[union-attr]
+        assert not any(m.name.startswith(("etc/shadow", "root/")) for m in tar.getmembers())
+    finally:
+        sbx.kill()

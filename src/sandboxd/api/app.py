@@ -18,6 +18,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sandboxd.api import serialize
+from sandboxd.api.changes import change_routes
 from sandboxd.api.models import ConnectBody, NetworkUpdate, NewSandbox, PauseBody, TimeoutBody
 from sandboxd.api.secrets import secret_routes
 from sandboxd.api.snapshots import snapshot_routes
@@ -279,6 +280,7 @@ def build_control_plane(
         Route("/.well-known/openid-configuration", discovery, methods=["GET"]),
         *secret_routes(manager.net.secrets, limits, _body),
         *snapshot_routes(manager, limits, _body),
+        *change_routes(manager),
         *(template_routes(builds, limits, _body) if builds is not None else []),
     ]
     app = Starlette(

@@ -7,6 +7,7 @@ Everything above this layer (envd, the control plane) talks only to these types.
 from __future__ import annotations
 
 import abc
+import contextlib
 import socket
 import subprocess
 from dataclasses import dataclass, field
@@ -187,6 +188,11 @@ class Runtime(abc.ABC):
         uids, whiteouts and opaque dirs as overlayfs made them) into the new directory `dest`. The caller
         keeps the sandbox frozen meanwhile."""
         raise RuntimeError_(f"the {self.name} backend cannot copy a sandbox's files")
+
+    def upper_dir(self, handle: SandboxHandle) -> contextlib.AbstractContextManager[Path]:
+        """A host path to what the sandbox changed in its root filesystem (its overlay upper dir), valid
+        inside the `with` (blocking: call from a thread)."""
+        raise RuntimeError_(f"the {self.name} backend cannot show a sandbox's files")
 
     def hold(self, handle: SandboxHandle) -> None:
         """A stopped sandbox of a previous server run: claim its uid range (it boots again later)."""

@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -449,21 +450,26 @@ class NamespaceRuntime(Runtime):
         await asyncio.to_thread(self._copy_upper_sync, handle, dest)
 
     def _copy_upper_sync(self, handle: SandboxHandle, dest: Path) -> None:
+        with self.upper_dir(handle) as upper:
+            _copy_tree(upper, dest)
+
+    @contextlib.contextmanager
+    def upper_dir(self, handle: SandboxHandle) -> Iterator[Path]:
         image = handle.state_dir / quota.IMAGE_NAME
         if not image.is_file():
-            _copy_tree(handle.state_dir / "upper", dest)
+            yield handle.state_dir / "upper"
             return
-        # Its own disk: mounted only in its mount namespace. The same loop device mounted here for the copy
-        # is the same filesystem (what the frozen sandbox wrote is there, synced or not).
+        # Its own disk: mounted only in its mount namespace. The same loop device mounted here is the same
+        # filesystem (what the sandbox wrote is there, synced or not).
         device = quota.loop_device_of(image)
         if device is None:
             raise RuntimeError_(f"sandbox {handle.sandbox_id}: its disk is not attached (is it running?)")
-        mnt = Path(tempfile.mkdtemp(prefix=".copy-", dir=handle.state_dir))
+        mnt = Path(tempfile.mkdtemp(prefix=".upper-", dir=handle.state_dir))
         try:
             # (the filesystem is mounted read-write in the sandbox: a read-only mount of it is refused)
             subprocess.run(["mount", "-o", "nosuid,nodev,noexec", device, str(mnt)], check=True, capture_output=True)
             try:
-                _copy_tree(mnt / "upper", dest)
+                yield mnt / "upper"
             finally:
                 subprocess.run(["umount", str(mnt)], check=True, capture_output=True)
         finally:
