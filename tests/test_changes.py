@@ -77,3 +77,27 @@ def test_bad_diff_requests_are_refused(server: Server) -> None:
         assert r.status_code == 409 and "resume" in r.json()["message"]
     finally:
         sbx.kill()
+
+
+def test_the_cli_shows_a_sandboxs_changes_and_writes_their_tar(server: Server, tmp_path: object) -> None:
+    import subprocess
+    from pathlib import Path
+
+    from conftest import SANDBOXD
+
+    sbx = Sandbox.create(template="base", timeout=60)
+    try:
+        sbx.files.write("/home/user/cli.txt", "via the cli\n")
+        sbx.commands.run("rm /etc/motd", user="root")
+        base = [SANDBOXD, "sandbox", "diff", sbx.sandbox_id, "--url", server.url, "--api-key", server.api_key]
+        r = subprocess.run(base, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert "+ /home/user/cli.txt" in r.stdout and "- /etc/motd" in r.stdout
+        out = Path(str(tmp_path)) / "changes.tar"
+        r = subprocess.run([*base, "--tar", str(out)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert tarfile.open(out).extractfile("home/user/cli.txt").read() == b"via the cli\n"  # type: ignore[union-attr]
+        r = subprocess.run([*base[:3], "nosuchsandbox", *base[4:]], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "not found" in r.stderr
+    finally:
+        sbx.kill()

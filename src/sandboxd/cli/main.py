@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from sandboxd import __version__
+from sandboxd.cli import sandboxes as sandbox_cli
 from sandboxd.cli import templates as template_cli
 from sandboxd.core.limits import MiB, RequestLimits
 from sandboxd.core.tenant_limits import TenantLimits
@@ -245,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     template_cli.add_parsers(tsub, server_options)
 
+    p_sbx = sub.add_parser("sandbox", help="look at sandboxes through the server's API")
+    ssub = p_sbx.add_subparsers(dest="sandbox_command", required=True)
+    sandbox_cli.add_parsers(ssub, server_options)
+
     p_key = sub.add_parser("api-key", help="print the server's API key (created on first use)")
     _add_dirs(p_key)
 
@@ -380,6 +385,13 @@ def main(argv: list[str] | None = None) -> int:
             if status:
                 return status
         return 0
+    if args.command == "sandbox":
+        api_key = args.api_key
+        if not api_key and (args.data_dir / "state.db").is_file():
+            from sandboxd.state.db import StateDB
+
+            api_key = StateDB(args.data_dir / "state.db", create=False).api_key()[0]
+        return sandbox_cli.main(args, args.url or "http://127.0.0.1:3000", api_key)
     if args.command == "api-key":
         from sandboxd.state.db import StateDB
 
