@@ -35,6 +35,7 @@ from typing import Any
 
 import files
 import interp
+import lifecycle
 import net
 import noisy
 import templates
@@ -891,7 +892,7 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=600, help="global time budget in s (default %(default)s)")
     parser.add_argument(
         "--suite",
-        choices=["all", "sandboxes", "files", "interp", "noisy", "net", "templates"],
+        choices=["all", "sandboxes", "files", "interp", "noisy", "net", "templates", "lifecycle"],
         default="all",
         help="what to measure (default %(default)s)",
     )
@@ -922,6 +923,7 @@ def main() -> int:
         # template builds get a templates dir of their own (the built-in templates linked in): a cold build
         Server(workdir / "tpl", ["--dns", net.DNS], templates_dir=workdir / "templates"),
         Server(workdir / "tpl-nopool", ["--dns", net.DNS, "--pool-size", "0"], templates_dir=workdir / "templates"),
+        Server(workdir / "life", []),
     ]
     clients = [Client(s) for s in servers]
     holders: list[Holder] = []
@@ -944,6 +946,7 @@ def main() -> int:
     noisy_results: dict[str, Any] = {}
     net_results: dict[str, Any] = {}
     template_results: dict[str, Any] = {}
+    lifecycle_results: dict[str, Any] = {}
 
     def phase(name: str, fn: Callable[[], object]) -> bool:
         if dl.left() <= 0:
@@ -962,7 +965,37 @@ def main() -> int:
     with sigterm_as_interrupt():
         try:
             warm, nopool, files_client, interp_warm, interp_cold, nopool_noquota, noisy_client, net_client = clients[:8]
-            tpl_warm, tpl_cold = clients[8:]
+            tpl_warm, tpl_cold, life_client = clients[8:]
+            if args.suite in ("all", "lifecycle") and phase("start sandboxd (lifecycle)", life_client.server.start):
+
+                def lifecycle_floors() -> dict[str, Callable[[], float]]:
+                    one: list[float] = []
+                    holder_list: list[Holder] = []
+                    start_holder(dl, holder_list)
+                    bash = nsenter_argv(holder_list[0], ["/bin/bash", "-l", "-c", "true"])
+
+                    def create_once() -> float:
+                        one.clear()
+                        floor_oneshot(1, dl, one)
+                        return one[-1]
+
+                    lifecycle_holders.extend(holder_list)
+                    return {"create": create_once, "exec_bash": lambda: floor_exec_once(bash, dl)}
+
+                lifecycle_holders: list[Holder] = []
+                try:
+                    phase(
+                        "lifecycle: pause, resume, snapshots",
+                        lambda: lifecycle_results.update(
+                            lifecycle.run_lifecycle(life_client, dl, n, workdir / "life", lifecycle_floors())
+                        ),
+                    )
+                finally:
+                    for h in lifecycle_holders:
+                        stop_holder(h)
+                errors.extend(lifecycle_results.pop("errors", []))
+            errors.extend(life_client.kill_all())
+            life_client.server.stop()
             if args.suite in ("all", "templates"):
                 TemplateStore(TEMPLATES).link_into(workdir / "templates", ("base", "code-interpreter-v1"))
                 lab = net.Lab(workdir / "lab").start()
@@ -1011,7 +1044,7 @@ def main() -> int:
                 )
                 errors.extend(interp_results.pop("errors"))
                 interp.finish(interp_results)
-            if args.suite in ("files", "interp", "noisy", "net", "templates"):
+            if args.suite in ("files", "interp", "noisy", "net", "templates", "lifecycle"):
                 raise _SkipRest
             if phase("start sandboxd (default pool)", warm.server.start):
                 phase("sandboxd create, pool", lambda: sbx_create(n, dl, warm, sbx, paced=True))
@@ -1109,14 +1142,21 @@ def main() -> int:
         "noisy": noisy_results,
         "net": net_results,
         "templates": template_results,
+        "lifecycle": lifecycle_results,
         "partial": partial,
         "errors": errors,
         "leftovers": left,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    if args.suite not in ("files", "interp", "noisy", "net", "templates"):
+    if args.suite not in ("files", "interp", "noisy", "net", "templates", "lifecycle"):
         print_report(rows, targets, meta)
+    if lifecycle_results:
+        lifecycle.print_report(lifecycle_results)
+        if args.suite == "lifecycle":
+            print(
+                f"partial results: {meta['partial'] or 'none'}\ncleanup: {meta['cleanup_summary']}\nresults: {RESULTS}"
+            )
     if template_results:
         templates.print_report(template_results)
         if args.suite == "templates":

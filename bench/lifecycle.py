@@ -1,0 +1,175 @@
+"""Lifecycle suite of the benchmark: pause and resume (frozen in memory; to the files and booted again),
+a filesystem snapshot of a sandbox with 7 MB written, and a create from that snapshot. Each beside its
+floor, measured in the same run, and the published figure of the fastest open peer (CubeSandbox:
+resume 42 ms, snapshot 46 ms with 7 MB dirty, create from a snapshot 64 ms; its snapshots hold memory,
+these hold files):
+
+- resume (frozen) -> first command: freezing and thawing a cgroup of our own holding one process, plus
+  `nsenter ... bash -l -c true` (what the SDK's command starts) in a holder;
+- resume (from files) -> first command and create from a snapshot -> first command: `unshare ... --root`
+  + /bin/true (the create floor of run.py);
+- snapshot: `cp -a --reflink=auto` of the same 7 MB on the same filesystem, then `sync -f` (a snapshot's
+  layer is on disk before the call returns).
+
+Called by run.py; see bench/README.md.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+DIRTY_MB = 7
+PACE = 2.0  # s between creates from the snapshot: its pool has refilled by then
+PEERS = {"resume_ms": 42.0, "snapshot_ms": 46.0, "from_snapshot_ms": 64.0}  # CubeSandbox, published
+FREEZER = Path("/sys/fs/cgroup/freezer")
+
+
+def _ms(t0: float) -> float:
+    return (time.monotonic() - t0) * 1000
+
+
+def run_lifecycle(
+    client: Any, dl: Any, n: int, data_dir: Path, floors: dict[str, Callable[[], float]]
+) -> dict[str, Any]:
+    """client: run.Client of a running server (its data dir `data_dir`); floors: name -> one timed floor op
+    in ms (run.py's create and exec floors)."""
+    from e2b import Sandbox
+
+    out: dict[str, Any] = {"errors": []}
+    n = max(3, min(n, 15))
+    pause, resume, fs_pause, fs_resume, snap, from_snap, from_snap_nopool = [], [], [], [], [], [], []
+    for _ in range(n):
+        dl.check()
+        s = client.create(dl)
+        s.commands.run("true")
+        t0 = time.monotonic()
+        s.pause()
+        pause.append(_ms(t0))
+        t0 = time.monotonic()
+        again = Sandbox.connect(s.sandbox_id)
+        again.commands.run("true")
+        resume.append(_ms(t0))
+        t0 = time.monotonic()
+        s.pause(mode="filesystem")
+        fs_pause.append(_ms(t0))
+        t0 = time.monotonic()
+        again = Sandbox.connect(s.sandbox_id)
+        again.commands.run("true")
+        fs_resume.append(_ms(t0))
+        client.kill(s)
+    src = client.create(dl)
+    src.commands.run(f"head -c {DIRTY_MB}M /dev/urandom > /home/user/dirty.bin")
+    snapshot_ids = []
+    try:
+        for i in range(n):
+            dl.check()
+            src.commands.run(f"echo {i} > /home/user/round")
+            t0 = time.monotonic()
+            info = src.create_snapshot(mode="filesystem")
+            snap.append(_ms(t0))
+            snapshot_ids.append(info.snapshot_id)
+        target = snapshot_ids[-1]
+        for i in range(n + 1):
+            dl.check()
+            if i:
+                time.sleep(PACE)
+            t0 = time.monotonic()
+            child = Sandbox.create(template=target, timeout=60)
+            child.commands.run("true")
+            (from_snap if i else from_snap_nopool).append(_ms(t0))
+            if child.commands.run("cat /home/user/round").stdout.strip() != str(n - 1):
+                out["errors"].append("a sandbox from the snapshot does not have the snapshot's files")
+            child.kill()
+    finally:
+        client.kill(src)
+        for ident in snapshot_ids:
+            try:
+                Sandbox.delete_snapshot(ident)
+            except Exception as e:
+                out["errors"].append(f"deleting snapshot {ident}: {e!r}")
+    out.update(
+        pause_ms=pause,
+        resume_ms=resume,
+        fs_pause_ms=fs_pause,
+        fs_resume_ms=fs_resume,
+        snapshot_ms=snap,
+        from_snapshot_ms=from_snap,
+        from_snapshot_first_ms=from_snap_nopool,
+    )
+    out["floor_freeze_exec_ms"] = [_freeze_thaw_ms() + floors["exec_bash"]() for _ in range(n)]
+    out["floor_create_ms"] = [floors["create"]() for _ in range(n)]
+    out["floor_copy_ms"] = [_copy_ms(data_dir) for _ in range(n)]
+    return out
+
+
+def _freeze_thaw_ms() -> float:
+    """Freeze and thaw a v1 freezer cgroup of our own holding one sleeping process (until FROZEN is seen)."""
+    cg = FREEZER / f"sandboxd-bench-{os.getpid()}"
+    cg.mkdir()
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        (cg / "cgroup.procs").write_text(str(proc.pid))
+        t0 = time.monotonic()
+        (cg / "freezer.state").write_text("FROZEN")
+        while (cg / "freezer.state").read_text().strip() != "FROZEN":
+            time.sleep(0.0005)
+        (cg / "freezer.state").write_text("THAWED")
+        return _ms(t0)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        cg.rmdir()
+
+
+def _copy_ms(data_dir: Path) -> float:
+    """cp -a --reflink=auto of DIRTY_MB of random bytes on the data dir's filesystem, synced."""
+    work = Path(tempfile.mkdtemp(prefix="bench-copy-", dir=data_dir))
+    try:
+        (work / "src").mkdir()
+        (work / "src" / "dirty.bin").write_bytes(os.urandom(DIRTY_MB << 20))
+        subprocess.run(["sync", "-f", str(work)], check=True)  # the source is on disk, as a sandbox's may be
+        t0 = time.monotonic()
+        subprocess.run(["cp", "-a", "--reflink=auto", str(work / "src"), str(work / "dst")], check=True)
+        subprocess.run(["sync", "-f", str(work / "dst")], check=True)  # on disk before it counts, as a layer
+        return _ms(t0)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def print_report(r: dict[str, Any]) -> None:
+    print("\nlifecycle (median ms; floor measured in the same run; peer: CubeSandbox's published figure)")
+    rows = [
+        ("pause (frozen in memory)", "pause_ms", "floor_freeze_exec_ms", None),
+        ("resume (frozen) -> first cmd", "resume_ms", "floor_freeze_exec_ms", "resume_ms"),
+        ("pause to the files", "fs_pause_ms", None, None),
+        ("resume (from files) -> first cmd", "fs_resume_ms", "floor_create_ms", None),
+        (f"snapshot of files ({DIRTY_MB} MB written)", "snapshot_ms", "floor_copy_ms", "snapshot_ms"),
+        ("create from snapshot -> first cmd, pool", "from_snapshot_ms", "floor_create_ms", "from_snapshot_ms"),
+        ("create from snapshot -> first cmd, first", "from_snapshot_first_ms", "floor_create_ms", "from_snapshot_ms"),
+    ]
+    for label, key, floor_key, peer_key in rows:
+        if key not in r:
+            continue
+        ours = _med(r[key])
+        p95 = sorted(r[key])[int(0.95 * (len(r[key]) - 1))] if r[key] else float("nan")
+        line = f"  {label:44} p50 {ours:8.2f}  p95 {p95:8.2f}"
+        if floor_key:
+            floor = _med(r.get(floor_key, []))
+            line += f"   floor {floor:7.2f} x{ours / floor:.2f}" if floor else ""
+        if peer_key:
+            peer = PEERS[peer_key]
+            line += f"   peer {peer:5.0f} x{ours / peer:.2f} ({'PASS' if ours <= peer else 'MISS'})"
+        print(line)
