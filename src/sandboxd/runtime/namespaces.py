@@ -37,6 +37,7 @@ CLOSE_WAIT = 30.0  # s, at most, that close() waits for destroys under way (a de
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 
 
 def _syncfs(fd: int) -> None:
@@ -466,12 +467,18 @@ class NamespaceRuntime(Runtime):
             raise RuntimeError_(f"sandbox {handle.sandbox_id}: its disk is not attached (is it running?)")
         mnt = Path(tempfile.mkdtemp(prefix=".upper-", dir=handle.state_dir))
         try:
-            # (the filesystem is mounted read-write in the sandbox: a read-only mount of it is refused)
-            subprocess.run(["mount", "-o", "nosuid,nodev,noexec", device, str(mnt)], check=True, capture_output=True)
+            # (the filesystem is mounted read-write in the sandbox: a read-only mount of it is refused; mount(2)
+            # itself: mount(8) would probe the device first)
+            flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+            if _libc.mount(device.encode(), str(mnt).encode(), quota.FS_TYPE.encode(), flags, None) != 0:
+                err = ctypes.get_errno()
+                raise RuntimeError_(f"sandbox {handle.sandbox_id}: mounting its disk here failed: {os.strerror(err)}")
             try:
                 yield mnt / "upper"
             finally:
-                subprocess.run(["umount", str(mnt)], check=True, capture_output=True)
+                if _libc.umount2(str(mnt).encode(), 0) != 0:
+                    err = ctypes.get_errno()
+                    log.error("unmounting %s failed: %s", mnt, os.strerror(err))
         finally:
             mnt.rmdir()
 

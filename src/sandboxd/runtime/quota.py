@@ -69,6 +69,7 @@ DEFAULT_DISK_MB = 10 * 1024
 BYTES_PER_INODE = 16 * 1024
 MIN_DISK_MB = 16
 IMAGE_NAME = "disk.img"  # in the sandbox's state dir
+FS_TYPE = "ext4"  # of the image (what mount(2) is told)
 MOUNT_NAME = "disk"  # the image's mount point in the state dir (a mount in the sandbox's namespace only)
 # Bump when the image layout or mkfs options change: cached images of an older format are rebuilt.
 FORMAT = "v1"

@@ -122,16 +122,17 @@ class LayerStore:
             "created": time.time(),
         }
         (work / "layer.json").write_text(json.dumps(meta, indent=1))
-        fd = os.open(work, os.O_RDONLY)
-        try:
-            _libc.syncfs(fd)  # a layer is never half on disk after a crash
-        finally:
-            os.close(fd)
+        _sync_tree(work)  # a layer is never half on disk after a crash
         final = self.dir / key
         if final.exists():  # built by a concurrent build in the meantime: the same content
             shutil.rmtree(work, ignore_errors=True)
         else:
             os.rename(work, final)
+            fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)  # the rename too
+            finally:
+                os.close(fd)
         layer = self.get(key)
         assert layer is not None
         return layer
@@ -189,6 +190,38 @@ def shift_ids(root: Path, old: int, new: int, count: int = UID_RANGE) -> None:
             os.lchown(path, uid, gid)
             if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
                 os.chmod(path, stat.S_IMODE(st.st_mode))
+
+
+SYNC_EACH_MAX = 512  # entries up to which a tree's files are synced one by one (else the whole filesystem)
+
+
+def _sync_tree(root: Path) -> None:
+    """Everything under `root` on disk: each file and directory fsync'ed when there are few (what else the
+    filesystem holds dirty is not this layer's business), else one syncfs."""
+    entries: list[tuple[str, bool]] = []
+    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            entries.append((os.path.join(dirpath, name), False))
+        entries.append((dirpath, True))
+        if len(entries) > SYNC_EACH_MAX:
+            break
+    if len(entries) > SYNC_EACH_MAX:
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            _libc.syncfs(fd)
+        finally:
+            os.close(fd)
+        return
+    for path, is_dir in entries:  # files before the directories that hold them
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | (os.O_DIRECTORY if is_dir else 0))
+        except OSError:  # a symlink, a FIFO, a device (a whiteout): nothing of theirs is data
+            continue
+        try:
+            if is_dir or stat.S_ISREG(os.fstat(fd).st_mode):
+                os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def tree_size(root: Path) -> int:
