@@ -306,3 +306,26 @@ def test_metrics_honour_their_window(sandbox) -> None:  # type: ignore[no-untype
     assert sandbox.get_metrics(start=now + dt.timedelta(hours=1)) == []
     inside = sandbox.get_metrics(start=now - dt.timedelta(seconds=30), end=now + dt.timedelta(seconds=60))
     assert len(inside) >= 2 and all(s.timestamp >= now - dt.timedelta(seconds=31) for s in inside)
+
+
+def test_metrics_of_many_sandboxes_at_once(server: Server, sandbox) -> None:  # type: ignore[no-untyped-def]
+    """GET /sandboxes/metrics?sandbox_ids=...: the latest sample of each (the SDK's generated client sends
+    the IDs comma-separated); unknown IDs are left out; a bounded list."""
+    from e2b.api.client.api.sandboxes import get_sandboxes_metrics
+    from e2b.api.client.client import Client
+
+    other = Sandbox.create(template="base", timeout=60)
+    try:
+        client = Client(base_url=server.url, headers={"X-API-KEY": server.api_key})
+        ids = [sandbox.sandbox_id, other.sandbox_id, "nosuchsandbox"]
+        res = get_sandboxes_metrics.sync_detailed(client=client, sandbox_ids=ids)
+        assert res.status_code == 200, res.content
+        got = res.parsed.sandboxes  # type: ignore[union-attr]
+        assert set(got) == {sandbox.sandbox_id, other.sandbox_id}
+        assert all(m["memTotal"] > 0 and m["cpuCount"] >= 1 for m in got.values())
+        headers = {"X-API-KEY": server.api_key}
+        r = httpx.get(f"{server.url}/sandboxes/metrics", params={"sandbox_ids": ",".join(["x"] * 101)}, headers=headers)
+        assert r.status_code == 400
+        assert httpx.get(f"{server.url}/sandboxes/metrics", headers=headers).status_code == 400
+    finally:
+        other.kill()

@@ -112,6 +112,9 @@ def _decode_token(token: str) -> tuple[float, str]:
         raise BadRequest("nextToken is not a token this server issued") from None
 
 
+MAX_METRICS_IDS = 100
+
+
 def build_control_plane(
     manager: SandboxManager, api_key: str, limits: RequestLimits, builds: TemplateBuilds | None = None
 ) -> ASGIApp:
@@ -171,6 +174,24 @@ def build_control_plane(
         body: PauseBody = await _body(request, PauseBody, limits, required=False)
         await manager.pause(request.path_params["sandbox_id"], memory=body.memory)
         return Response(status_code=204)
+
+    async def metrics_many(request: Request) -> Response:
+        """The latest sample of each of the sandboxes asked for (`sandbox_ids`, comma-separated or repeated;
+        unknown IDs are left out)."""
+        ids = [i for raw in request.query_params.getlist("sandbox_ids") for i in raw.split(",") if i]
+        if not ids:
+            raise BadRequest("sandbox_ids is required (comma-separated sandbox IDs)")
+        if len(ids) > MAX_METRICS_IDS:
+            raise BadRequest(f"at most {MAX_METRICS_IDS} sandbox_ids, {len(ids)} given")
+        out: dict[str, Any] = {}
+        for sandbox_id in dict.fromkeys(ids):
+            sandbox = manager.find(sandbox_id)
+            if sandbox is None:
+                continue
+            samples = await manager.metrics.window(sandbox, None, None)
+            if samples:
+                out[sandbox_id] = serialize.metric(samples[-1])
+        return JSONResponse({"sandboxes": out})
 
     async def metrics(request: Request) -> Response:
         sandbox = manager.get(request.path_params["sandbox_id"])
@@ -267,6 +288,7 @@ def build_control_plane(
         Route("/v2/sandboxes", create, methods=["POST"]),
         Route("/sandboxes", list_v1, methods=["GET"]),
         Route("/v2/sandboxes", list_v2, methods=["GET"]),
+        Route("/sandboxes/metrics", metrics_many, methods=["GET"]),
         Route("/sandboxes" + sid, get_info, methods=["GET"]),
         Route("/sandboxes" + sid, kill, methods=["DELETE"]),
         Route("/sandboxes" + sid + "/timeout", set_timeout, methods=["POST"]),
