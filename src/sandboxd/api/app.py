@@ -210,10 +210,7 @@ def build_control_plane(
 
     def _filtered(request: Request, default_states: set[str]) -> list[Sandbox]:
         q = request.query_params
-        states = {s for part in q.getlist("state") for s in part.split(",") if s} or default_states
-        bad = states - {"running", "paused"}
-        if bad:
-            raise BadRequest(f"unknown state(s) {sorted(bad)}: use running and/or paused")
+        states = _states(q, default_states) - {"killed"}
         meta = _parse_metadata_filter(q["metadata"]) if q.get("metadata") else {}
         template = q.get("template")
         after = None
@@ -235,6 +232,27 @@ def build_control_plane(
                 continue
             result.append(s)
         return result
+
+    def _states(q: Any, default_states: set[str]) -> set[str]:
+        states = {s for part in q.getlist("state") for s in part.split(",") if s} or default_states
+        bad = states - {"running", "paused", "killed"}
+        if bad:
+            raise BadRequest(f"unknown state(s) {sorted(bad)}: use running, paused and/or killed")
+        return states
+
+    def _ended(request: Request) -> list[dict[str, Any]]:
+        """Ended sandboxes (state=killed, sandboxd's own), filtered as the live ones are."""
+        q = request.query_params
+        if "killed" not in _states(q, {"running", "paused"}):
+            return []
+        meta = _parse_metadata_filter(q["metadata"]) if q.get("metadata") else {}
+        template = q.get("template")
+        return [
+            serialize.ended_sandbox(e)
+            for e in manager.db.all_ended()
+            if (not template or template in (e["templateID"], e.get("alias")))
+            and all(e.get("metadata", {}).get(k) == v for k, v in meta.items())
+        ]
 
     async def list_v2(request: Request) -> Response:
         q = request.query_params
@@ -261,7 +279,10 @@ def build_control_plane(
         headers = {"X-Total-Running": str(sum(1 for s in manager.sandboxes.values() if s.record.state == "running"))}
         if len(items) > limit:
             headers["X-Next-Token"] = _encode_token(page[-1])
-        return JSONResponse([serialize.listed_sandbox(s) for s in page], headers=headers)
+            return JSONResponse([serialize.listed_sandbox(s) for s in page], headers=headers)
+        # the live ones first (paginated), then the ended ones asked for (state=killed), newest first
+        ended = _ended(request)[: limit - len(page)]
+        return JSONResponse([*(serialize.listed_sandbox(s) for s in page), *ended], headers=headers)
 
     async def list_v1(request: Request) -> Response:
         items = _filtered(request, {"running"})

@@ -79,3 +79,24 @@ def metric(s: Sample) -> dict[str, Any]:
         "diskUsed": s.disk_used,
         "diskTotal": s.disk_total,
     }
+
+
+def ended_sandbox(e: dict[str, Any]) -> dict[str, Any]:
+    """An ended sandbox (core/endings.py) in E2B's listing shape, `state: killed`, with why and when."""
+    return {
+        "templateID": e["templateID"],
+        "alias": e.get("alias"),
+        "sandboxID": e["sandboxID"],
+        "clientID": e.get("clientID", "sandboxd"),
+        "startedAt": rfc3339(e["startedAtUnix"]),
+        "endAt": rfc3339(e["endAtUnix"]),
+        "envdVersion": ENVD_VERSION,
+        "cpuCount": e["cpuCount"],
+        "memoryMB": e["memoryMB"],
+        "diskSizeMB": e["diskSizeMB"],
+        "metadata": e.get("metadata", {}),
+        "state": "killed",
+        "endedAt": e["endedAt"],
+        "endReason": e["endReason"],
+        "lastMetrics": metric(Sample(**e["lastMetrics"])) if e.get("lastMetrics") else None,
+    }

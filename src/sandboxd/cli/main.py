@@ -68,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         "--max-builds", type=int, default=2, help="template builds that run at once; more wait (default 2)"
     )
     p_serve.add_argument(
+        "--ended-retention",
+        type=int,
+        default=3600,
+        help="seconds an ended sandbox stays listed (state=killed) and explained (why and when it ended) "
+        "(default %(default)s)",
+    )
+    p_serve.add_argument(
         "--ready-timeout",
         type=float,
         default=120.0,
@@ -290,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             pids=args.pids,
             pool_size=args.pool_size,
             ready_timeout=args.ready_timeout,
+            ended_retention=args.ended_retention,
             max_builds=max(1, args.max_builds),
             max_memory_mb=args.max_sandbox_memory_mb,
             prewarm=tuple(t for t in args.prewarm.split(",") if t),

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sandboxd.core import pausing, startup, workload_identity
+from sandboxd.core import endings, pausing, startup, workload_identity
 from sandboxd.core.errors import BadRequest, Conflict, LimitReached, NotFound, SandboxdError
 from sandboxd.core.limits import HostLimits
 from sandboxd.core.metrics import MetricsSampler
@@ -83,6 +83,8 @@ class Settings:
     ready_timeout: float = startup.READY_TIMEOUT
     # Template builds that run at once (more wait their turn).
     max_builds: int = 2
+    # Seconds an ended sandbox stays listed (state=killed) and explained (core/endings.py).
+    ended_retention: int = 3600
     # Templates whose pool is filled at start, before anyone asks (the others: after their first use).
     prewarm: tuple[str, ...] = ("base", "code-interpreter-v1")
     # What all sandboxes together may take of the host (None: defaults for this host).
@@ -153,7 +155,8 @@ class SandboxManager:
                 self._register(Sandbox(rec, handle))
                 adopted.add(rec.sandbox_id)
             else:
-                self.db.delete(rec.sandbox_id)
+                end = endings.killed("a request before the server stopped") if rec.state == "killing" else None
+                self.db.end(rec.sandbox_id, time.time(), endings.body(rec, end or endings.host_restart(), None))
         removed = await self.runtime.sweep(adopted)
         if adopted:
             log.info("re-adopted %d sandbox(es) from the previous run", len(adopted))
@@ -177,7 +180,8 @@ class SandboxManager:
         await self.pool.stop()
         if destroy:
             ids = list(self.sandboxes)
-            results = await asyncio.gather(*(self.kill(sid) for sid in ids), return_exceptions=True)
+            end = endings.killed("the server's shutdown (--destroy-on-exit)")
+            results = await asyncio.gather(*(self.kill(sid, end) for sid in ids), return_exceptions=True)
             for sid, result in zip(ids, results, strict=True):
                 if isinstance(result, BaseException):  # its address (and so the server's table) stays held
                     log.error("destroying sandbox %s at shutdown failed: %r", sid, result)
@@ -493,20 +497,30 @@ class SandboxManager:
     def get(self, sandbox_id: str) -> Sandbox:
         sandbox = self.sandboxes.get(sandbox_id)
         if sandbox is None:
-            raise NotFound(f"sandbox '{sandbox_id}' not found")
+            raise NotFound(self.gone_message(sandbox_id))
         return sandbox
+
+    def gone_message(self, sandbox_id: str) -> str:
+        """Why there is no such sandbox: it ended (how and when), or it never was (core/endings.py)."""
+        ended = self.db.ended(sandbox_id) if len(sandbox_id) <= 64 else None
+        if ended is None:
+            return f"sandbox '{sandbox_id}' not found"
+        return f"sandbox '{sandbox_id}' not found: {endings.explain(ended)}"
 
     def find(self, sandbox_id: str) -> Sandbox | None:
         return self.sandboxes.get(sandbox_id)
 
-    async def kill(self, sandbox_id: str) -> bool:
+    async def kill(self, sandbox_id: str, end: endings.End | None = None) -> bool:
+        """End the sandbox, recording why (`end`; by default: killed by an API request)."""
         sandbox = self.sandboxes.pop(sandbox_id, None)
         if sandbox is None:
             return False
+        end = end or endings.killed("an API request")
         sandbox.killed.set()
         self.net.remove(sandbox)
         sandbox.record.state = "killing"  # recorded first: a crash from here on never brings it back
         self.db.put(sandbox.record)
+        last = self.metrics.latest(sandbox_id)
         self.metrics.forget(sandbox_id)
         for cb in sandbox.on_kill:
             try:
@@ -516,7 +530,7 @@ class SandboxManager:
         try:
             await self.runtime.destroy(sandbox.handle)
         finally:
-            self.db.delete(sandbox_id)
+            self.db.end(sandbox_id, time.time(), endings.body(sandbox.record, end, last))
             self.templates.release(sandbox_id)  # (held while it was paused to its files)
             self._pausing.pop(sandbox_id, None)
             if sandbox.service is not None:

@@ -12,8 +12,8 @@ import contextlib
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sandboxd.core.manager import Sandbox, SandboxManager
@@ -51,6 +51,11 @@ class MetricsSampler:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+    def latest(self, sandbox_id: str) -> dict[str, Any] | None:
+        """The sandbox's last sample (what is kept when it ends: core/endings.py)."""
+        history = self._history.get(sandbox_id)
+        return asdict(history[-1]) if history else None
 
     def forget(self, sandbox_id: str) -> None:
         self._history.pop(sandbox_id, None)

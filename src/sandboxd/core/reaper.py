@@ -9,7 +9,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from sandboxd.core import pausing
+from sandboxd.core import endings, pausing
 
 if TYPE_CHECKING:
     from sandboxd.core.manager import Sandbox, SandboxManager
@@ -73,17 +73,24 @@ class Reaper:
                     if sandbox.record.auto_pause:
                         await m.pause(sandbox.id, memory=sandbox.record.auto_pause_memory)
                     else:
-                        await m.kill(sandbox.id)
+                        await m.kill(sandbox.id, endings.timed_out(sandbox.record.idle_timeout if idle else None))
                 except Exception:
                     log.exception("%s expired sandbox %s failed", action, sandbox.id)
         gone = [s for s in m.sandboxes.values() if not pausing.stopped(s) and not m.runtime.is_alive(s.handle)]
         for sandbox in gone:
             log.warning("sandbox %s's init process is gone: cleaning up", sandbox.id)
             try:
-                await m.kill(sandbox.id)
+                oom = await asyncio.to_thread(m.runtime.oom_kills, sandbox.handle)
+                end = (
+                    endings.out_of_memory(sandbox.record.memory_mb)
+                    if oom
+                    else endings.failed("stopped running: its init process exited")
+                )
+                await m.kill(sandbox.id, end)
             except Exception:
                 log.exception("cleaning up dead sandbox %s failed", sandbox.id)
         m.pool.drop_stale()  # idle sandboxes of templates removed or rebuilt since
+        m.db.forget_ended(time.time() - m.settings.ended_retention)  # what ended long enough ago
         running = [s for s in m.sandboxes.values() if s.record.state == "running"]
         pending = [s.record.end_at for s in running]
         pending += [s.last_active + s.record.idle_timeout for s in running if s.record.idle_timeout]

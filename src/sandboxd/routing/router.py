@@ -140,9 +140,18 @@ class Router:
         port = int(port_raw) if port_raw.isdigit() and 0 < int(port_raw) < 65536 else -1
         sandbox = await self._live(sandbox_id)
         if sandbox is None:
-            await JSONResponse(
-                {"sandboxId": sandbox_id, "message": "The sandbox was not found", "code": 502}, status_code=502
-            )(scope, receive, send)
+            # The SDKs know this message ("The sandbox was not found"); what follows says why (it ended, or
+            # it is paused), and they put it in their exceptions.
+            message = "The sandbox was not found"
+            known = self.manager.find(sandbox_id)
+            if known is not None:
+                message += f": it is {known.record.state}"
+            else:
+                why = self.manager.gone_message(sandbox_id).partition(": ")[2]
+                message += f": {why}" if why else ""
+            await JSONResponse({"sandboxId": sandbox_id, "message": message, "code": 502}, status_code=502)(
+                scope, receive, send
+            )
             return
         if port != ENVD_PORT and not self._traffic_ok(scope, sandbox):
             await _forbidden(scope, receive, send)

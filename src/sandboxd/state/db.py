@@ -20,6 +20,12 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     end_at REAL NOT NULL,
     record TEXT NOT NULL
 );
+-- sandboxes that ended, why and when (core/endings.py), kept for a while after
+CREATE TABLE IF NOT EXISTS ended (
+    id TEXT PRIMARY KEY,
+    ended_at REAL NOT NULL,
+    body TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS secrets (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
@@ -148,6 +154,36 @@ class StateDB:
     def delete(self, sandbox_id: str) -> None:
         with self._lock:
             self._conn.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
+
+    def end(self, sandbox_id: str, ended_at: float, body: dict) -> None:
+        """The sandbox is gone: its record goes and what ended it is kept, in one transaction."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO ended (id, ended_at, body) VALUES (?, ?, ?)",
+                    (sandbox_id, ended_at, json.dumps(body)),
+                )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def ended(self, sandbox_id: str) -> dict | None:
+        with self._lock:
+            row = self._conn.execute("SELECT body FROM ended WHERE id = ?", (sandbox_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def all_ended(self) -> list[dict]:
+        """Newest first."""
+        with self._lock:
+            rows = self._conn.execute("SELECT body FROM ended ORDER BY ended_at DESC").fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def forget_ended(self, before: float) -> int:
+        with self._lock:
+            return self._conn.execute("DELETE FROM ended WHERE ended_at < ?", (before,)).rowcount
 
     def all(self) -> list[SandboxRecord]:
         with self._lock:
