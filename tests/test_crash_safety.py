@@ -70,7 +70,7 @@ class Load:
 
     def run(self) -> None:
         while not self.stop.is_set():
-            op = self.rng.choice(["create", "kill", "upload", "upload", "pause"])
+            op = self.rng.choice(["create", "kill", "upload", "upload", "pause", "snapshot"])
             try:
                 getattr(self, op)()
                 with self.lock:
@@ -118,9 +118,25 @@ class Load:
         sid = self._pick()
         if sid is None:
             return
-        with self.srv.api() as api:
-            api.post(f"/sandboxes/{sid}/pause")
+        with self.srv.api() as api:  # frozen in memory, or stopped with its files kept
+            api.post(f"/sandboxes/{sid}/pause", json={"memory": self.rng.choice([True, False])})
             api.post(f"/sandboxes/{sid}/connect", json={"timeout": 600})
+
+    def snapshot(self) -> None:
+        sid = self._pick()
+        if sid is None:
+            return
+        with self.srv.api() as api:
+            api.post(f"/sandboxes/{sid}/snapshots", json={"memory": False})
+
+
+def _delete_snapshots(srv: Server) -> None:
+    """The snapshots of this server's sandboxes (named after them)."""
+    with srv.api() as api:
+        mine = set(_listed(srv)) | {e["sandboxID"] for e in api.get("/v2/sandboxes", params={"state": "killed"}).json()}
+        for snap in api.get("/snapshots").json():
+            if any(f"snapshot-{sid}-" in name for sid in mine for name in snap["names"]):
+                api.delete(f"/templates/{snap['snapshotID']}")
 
 
 def _check(srv: Server, data: Path, load: Load) -> int:
@@ -146,7 +162,6 @@ def _check(srv: Server, data: Path, load: Load) -> int:
     with ThreadPoolExecutor(4) as ex:
         list(ex.map(works, sorted(listed)))
     load.live.update(listed)  # creates whose answer the crash swallowed are real sandboxes too
-    return len(listed)
 
     # The host: only listed sandboxes and the pooled one have state, cgroups and disks.
     dirs = {p.name for p in (data / "sandboxes").iterdir()}
@@ -157,6 +172,7 @@ def _check(srv: Server, data: Path, load: Load) -> int:
     assert len(loop_devices_under(data)) <= len(dirs)
     with open("/proc/mounts") as f:
         assert str(data) not in f.read(), "a host mount names the data dir"
+    return len(listed)
 
 
 def test_sigkill_at_random_moments_under_load(tmp_path: Path) -> None:
@@ -198,6 +214,7 @@ def test_sigkill_at_random_moments_under_load(tmp_path: Path) -> None:
         with contextlib.suppress(Exception):
             srv.stop()
         final = start_server(data, port=port)  # destroys everything at its exit
+        _delete_snapshots(final)  # (in the shared templates dir; a crash may have swallowed their IDs)
         assert final.stop() == 0
     assert not list((data / "sandboxes").iterdir()), "a clean stop after the crashes left sandboxes behind"
     assert not loop_devices_under(data)

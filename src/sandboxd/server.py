@@ -114,6 +114,7 @@ class App:
         self.manager.net.identity = workload_identity.Issuer(config.data_dir, config.issuer)
         self.builds = TemplateBuilds(self.manager, self.templates)
         self.builds.builtin_builds = config.builtin_builds
+        self.manager.after_boot_again.append(lambda sandbox: uploads.clean_sandbox(self.manager, sandbox))
         if config.registry:
             self.builds.registry = Registry(config.registry, config.registry_insecure)
         self.resolver: Resolver | None = None

@@ -16,7 +16,7 @@ import secrets
 import string
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -134,6 +134,8 @@ class SandboxManager:
         self._build_memory: dict[str, int] = {}  # template builds' sandboxes (also in _creating)
         self.net = SandboxNetworks(runtime, db)  # addresses, policies, what the egress proxy fills in
         self._pausing: dict[str, asyncio.Lock] = {}  # one pause or resume of a sandbox at a time
+        # called when a sandbox paused to its files has booted again (upper layers tidy up after it)
+        self.after_boot_again: list[Callable[[Sandbox], Awaitable[Any]]] = []
 
     # -- start / stop ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -143,8 +145,9 @@ class SandboxManager:
             # A sandbox whose kill had begun is finished off (by the sweep below), even if its init has
             # not died yet: a kill is never undone by a crash.
             if rec.state == "paused" and rec.pause_mode == pausing.FILESYSTEM:  # stopped, its files kept
-                if self.runtime.is_alive(handle):  # a crash cut its pause short: finish it
-                    await self.runtime.stop(handle)
+                # A crash may have cut its pause short, or a boot from its files (whose processes the record
+                # does not know yet): whatever of it runs ends, by its cgroups, and its files are synced.
+                await self.runtime.stop(handle)
                 self.runtime.hold(handle)
                 self._register(Sandbox(rec, replace(handle, init_pid=0, address="", address6="")))
                 adopted.add(rec.sandbox_id)

@@ -100,3 +100,8 @@ async def boot_again(manager: SandboxManager, sandbox: Sandbox) -> None:
     rec.pause_mode = ""
     manager.net.add(sandbox)
     manager.templates.release(sandbox.id)  # its init holds its top layer again
+    for hook in manager.after_boot_again:  # (uploads the stop cut short: envd/uploads.py)
+        try:
+            await hook(sandbox)
+        except Exception:
+            log.exception("after booting sandbox %s again", sandbox.id)

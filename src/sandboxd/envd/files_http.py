@@ -306,10 +306,17 @@ class FilesEndpoint:
             return _http_error(e, path)
         finally:
             os.close(fd)
+            gone = ok
             if not ok:
-                with contextlib.suppress(OSError, BrokerGone):
+                try:
                     await broker.unlink(tmp)
-            uploads.end(journal)
+                    gone = True
+                except FileNotFoundError:
+                    gone = True
+                except (OSError, BrokerGone):  # its sandbox stopped: the journal keeps it for its next boot
+                    pass
+            if gone:
+                uploads.end(journal)
         result: dict[str, Any] = {"name": posixpath.basename(path), "type": "file", "path": fs.display_path(path)}
         if metadata:
             result["metadata"] = metadata  # as envd: the write result reflects the metadata written

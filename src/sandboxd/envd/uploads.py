@@ -16,10 +16,11 @@ import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sandboxd.core import pausing
 from sandboxd.core.users import lookup_user
 
 if TYPE_CHECKING:
-    from sandboxd.core.manager import SandboxManager
+    from sandboxd.core.manager import Sandbox, SandboxManager
 
 log = logging.getLogger("sandboxd.envd")
 JOURNAL = "uploads"
@@ -39,14 +40,23 @@ def end(entry: Path) -> None:
 
 
 async def clean_interrupted(manager: SandboxManager) -> int:
-    """Remove the temporary files of uploads a crashed server left in its sandboxes; returns how many."""
+    """Remove the temporary files of uploads a crashed server left in its sandboxes; returns how many.
+    A sandbox stopped with its files kept (a filesystem pause) is cleaned when it boots again."""
+    removed = 0
+    for sandbox in list(manager.sandboxes.values()):
+        if not pausing.stopped(sandbox):
+            removed += await clean_sandbox(manager, sandbox)
+    return removed
+
+
+async def clean_sandbox(manager: SandboxManager, sandbox: Sandbox) -> int:
+    """Remove the temporary files of the sandbox's uploads that were cut short (by a crash, or by a pause
+    that ended its processes); returns how many."""
     from sandboxd.envd import fs  # the brokers, which resolve paths inside the sandbox as the user
 
     removed = 0
-    for sandbox in list(manager.sandboxes.values()):
-        journal = sandbox.handle.state_dir / JOURNAL
-        if not journal.is_dir():
-            continue
+    journal = sandbox.handle.state_dir / JOURNAL
+    if journal.is_dir():
         for entry in sorted(journal.iterdir()):
             try:
                 record = json.loads(entry.read_text())

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,12 +39,28 @@ CLOSE_WAIT = 30.0  # s, at most, that close() waits for destroys under way (a de
 
 _libc = ctypes.CDLL(None, use_errno=True)
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+MNT_DETACH = 2
 
 
 def _syncfs(fd: int) -> None:
     if _libc.syncfs(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+DETACH_WAIT = 10.0  # s, at most, for a stopped sandbox's disk image to be let go of by the kernel
+
+
+def _wait_detached(image: Path) -> None:
+    if not image.is_file():
+        return
+    deadline = time.monotonic() + DETACH_WAIT
+    while quota.loop_device_of(image) is not None:
+        if time.monotonic() > deadline:
+            raise RuntimeError_(
+                f"{image} is still attached to a loop device {DETACH_WAIT:.0f} s after its sandbox ended"
+            )
+        time.sleep(0.005)
 
 
 def _copy_tree(src: Path, dest: Path) -> None:
@@ -153,6 +170,9 @@ class NamespaceRuntime(Runtime):
     async def create(self, spec: SandboxSpec) -> SandboxHandle:
         sdir = self.sandboxes_dir / spec.sandbox_id
         resuming = spec.resume_uid_base is not None
+        if resuming:  # what a boot makes anew (a crash mid-stop may have left the last one's)
+            shutil.rmtree(sdir / views.VIEW_DIR, ignore_errors=True)
+            await asyncio.to_thread(_wait_detached, sdir / quota.IMAGE_NAME)
         for name in ("lower", "merged"):
             (sdir / name).mkdir(parents=True, exist_ok=True)
         base = spec.resume_uid_base if spec.resume_uid_base is not None else self.ids.allocate()
@@ -426,8 +446,11 @@ class NamespaceRuntime(Runtime):
             self._cgroups(handle.sandbox_id).destroy()
             shutil.rmtree(handle.state_dir / views.VIEW_DIR, ignore_errors=True)
             # Its writable layer was a volatile overlay (no syncs while it ran): on disk now, so that a boot
-            # from it after a host crash finds it whole (sbxhelper create --resume).
+            # from it after a host crash finds it whole (sbxhelper create --resume). Its own disk first has to
+            # be let go of by the kernel (unmounted, its loop device detached, which the kernel does after
+            # the last process): a boot before would mount the image twice.
             image = handle.state_dir / quota.IMAGE_NAME
+            _wait_detached(image)
             target = image if image.is_file() else handle.state_dir / "upper"
             fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -581,7 +604,21 @@ class NamespaceRuntime(Runtime):
         self._server_cgroup.leave()
         cgroups.remove_instance(self.layout, self.instance)
 
+    def _unmount_leftover_views(self) -> None:
+        """A crash while a sandbox's disk was mounted here (upper_dir: a snapshot, a diff) left the mount."""
+        prefix = str(self.sandboxes_dir) + "/"
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4] for line in f]
+        for point in points:
+            if point.startswith(prefix) and "/.upper-" in point:
+                if _libc.umount2(point.encode(), MNT_DETACH) != 0:
+                    log.warning("unmounting leftover %s failed: %s", point, os.strerror(ctypes.get_errno()))
+                    continue
+                with contextlib.suppress(OSError):
+                    os.rmdir(point)
+
     async def sweep(self, keep: set[str]) -> list[str]:
+        await asyncio.to_thread(self._unmount_leftover_views)
         leftovers = cgroups.leftover_ids(self.layout, self.instance)
         leftovers.update(p.name for p in self.sandboxes_dir.iterdir() if p.is_dir())
         removed = []
