@@ -1,8 +1,8 @@
 """Lifecycle suite of the benchmark: pause and resume (frozen in memory; to the files and booted again),
-a filesystem snapshot of a sandbox with 7 MB written, and a create from that snapshot. Each beside its
-floor, measured in the same run, and the published figure of the fastest open peer (CubeSandbox:
-resume 42 ms, snapshot 46 ms with 7 MB dirty, create from a snapshot 64 ms; its snapshots hold memory,
-these hold files):
+idle and with a process holding 100 MB of memory, a filesystem snapshot of a sandbox with 7 MB written,
+and a create from that snapshot. Each beside its floor, measured in the same run, and the published
+figure of the fastest open peer (CubeSandbox: resume 42 ms, snapshot 46 ms with 7 MB dirty, create from a
+snapshot 64 ms; its snapshots hold memory, these hold files):
 
 - resume (frozen) -> first command: freezing and thawing a cgroup of our own holding one process, plus
   `nsenter ... bash -l -c true` (what the SDK's command starts) in a holder;
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 DIRTY_MB = 7
+HELD_MB = 100  # memory a process holds in the "100 MB in memory" rows
 PACE = 2.0  # s between creates from the snapshot: its pool has refilled by then
 PEERS = {"resume_ms": 42.0, "snapshot_ms": 46.0, "from_snapshot_ms": 64.0}  # CubeSandbox, published
 FREEZER = Path("/sys/fs/cgroup/freezer")
@@ -66,6 +67,33 @@ def run_lifecycle(
         again.commands.run("true")
         fs_resume.append(_ms(t0))
         client.kill(s)
+    # the same with 100 MB of memory in use by a process of the sandbox (dirty: written, not file-backed)
+    hold = f"python3 -c 'import os, time; b = os.urandom({HELD_MB} << 20); time.sleep(3600)'"
+    held_pause, held_resume, held_fs_pause, held_fs_resume = [], [], [], []
+    for _ in range(max(3, n // 2)):
+        dl.check()
+        s = client.create(dl)
+        s.commands.run(f"{hold} >/dev/null 2>&1 &")
+        s.commands.run("sleep 1.5")  # it has made its 100 MB
+        t0 = time.monotonic()
+        s.pause()
+        held_pause.append(_ms(t0))
+        t0 = time.monotonic()
+        Sandbox.connect(s.sandbox_id).commands.run("true")
+        held_resume.append(_ms(t0))
+        t0 = time.monotonic()
+        s.pause(mode="filesystem")
+        held_fs_pause.append(_ms(t0))
+        t0 = time.monotonic()
+        Sandbox.connect(s.sandbox_id).commands.run("true")
+        held_fs_resume.append(_ms(t0))
+        client.kill(s)
+    out.update(
+        held_pause_ms=held_pause,
+        held_resume_ms=held_resume,
+        held_fs_pause_ms=held_fs_pause,
+        held_fs_resume_ms=held_fs_resume,
+    )
     src = client.create(dl)
     src.commands.run(f"head -c {DIRTY_MB}M /dev/urandom > /home/user/dirty.bin")
     snapshot_ids = []
@@ -156,6 +184,15 @@ def print_report(r: dict[str, Any]) -> None:
         ("resume (frozen) -> first cmd", "resume_ms", "floor_freeze_exec_ms", "resume_ms"),
         ("pause to the files", "fs_pause_ms", None, None),
         ("resume (from files) -> first cmd", "fs_resume_ms", "floor_create_ms", None),
+        (f"pause, {HELD_MB} MB in memory (frozen; aim <= 100)", "held_pause_ms", "floor_freeze_exec_ms", None),
+        (
+            f"resume, {HELD_MB} MB (frozen) -> first cmd (aim <= 40)",
+            "held_resume_ms",
+            "floor_freeze_exec_ms",
+            "resume_ms",
+        ),
+        (f"pause to the files, {HELD_MB} MB in memory", "held_fs_pause_ms", None, None),
+        (f"resume from files, {HELD_MB} MB dropped -> first cmd", "held_fs_resume_ms", "floor_create_ms", None),
         (f"snapshot of files ({DIRTY_MB} MB written)", "snapshot_ms", "floor_copy_ms", "snapshot_ms"),
         ("create from snapshot -> first cmd, pool", "from_snapshot_ms", "floor_create_ms", "from_snapshot_ms"),
         ("create from snapshot -> first cmd, first", "from_snapshot_first_ms", "floor_create_ms", "from_snapshot_ms"),
@@ -165,7 +202,7 @@ def print_report(r: dict[str, Any]) -> None:
             continue
         ours = _med(r[key])
         p95 = sorted(r[key])[int(0.95 * (len(r[key]) - 1))] if r[key] else float("nan")
-        line = f"  {label:44} p50 {ours:8.2f}  p95 {p95:8.2f}"
+        line = f"  {label:50} p50 {ours:8.2f}  p95 {p95:8.2f}"
         if floor_key:
             floor = _med(r.get(floor_key, []))
             line += f"   floor {floor:7.2f} x{ours / floor:.2f}" if floor else ""
