@@ -207,6 +207,8 @@ class Proc:
 
     # -- output --------------------------------------------------------------------------------
     def _on_readable(self, fd: int) -> None:
+        if fd not in self.out_fds:  # closed already (a callback queued before its reader was removed)
+            return
         try:
             data = os.read(fd, CHUNK)
         except BlockingIOError:
@@ -282,17 +284,18 @@ class Proc:
         self._pace()
 
     def _close_reader(self, fd: int) -> None:
+        kind = self.out_fds.pop(fd, None)
+        if kind is None:  # closed already: a descriptor number is never closed twice (another may own it now)
+            return
         loop = asyncio.get_running_loop()
         loop.remove_reader(fd)
-        if self.out_fds.get(fd) == "pty":  # also the PTY's input side: release a waiting writer first
+        if kind == "pty":  # also the PTY's input side: release a waiting writer first
             self._wake_stdin_writer()
             loop.remove_writer(fd)
+            self.master_fd = None
         self.paused.discard(fd)
         with contextlib.suppress(OSError):
             os.close(fd)
-        kind = self.out_fds.pop(fd, None)
-        if kind == "pty":
-            self.master_fd = None
         self._maybe_finish()
 
     def _publish_data(self, fd: int, data: bytes) -> None:
