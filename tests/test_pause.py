@@ -36,7 +36,7 @@ def test_filesystem_pause_ends_processes_keeps_files_and_resume_boots_again(serv
         assert detail["state"] == "paused" and detail["pauseMode"] == "filesystem"
         assert not host_pids_of(server, sbx.sandbox_id), "a process of the sandbox outlived its pause"
         hold = TEMPLATES_DIR / ".holds" / sbx.sandbox_id
-        assert json.loads(hold.read_text())[0].startswith(str(TEMPLATES_DIR)), "its layers are not held"
+        assert json.loads(hold.read_text())["lowers"][0].startswith(str(TEMPLATES_DIR)), "its layers are not held"
         assert not sbx.is_running()  # envd: 502 while paused
         assert sbx.pause(mode="filesystem") is False  # 409: paused already
         assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.PAUSED

@@ -139,3 +139,21 @@ def test_a_rootfs_under_layers_is_kept_by_prune_until_no_layer_names_it(tmp_path
     assert store.prune("base") == [] and (home / "old").is_dir()
     assert store.prune_layers() == (1, 0)  # no template version stands on the layer
     assert store.prune("base") == ["old"] and not (home / "old").exists()
+
+
+def test_a_stopped_sandboxs_hold_keeps_its_layers_until_its_state_dir_is_gone(tmp_path: Path) -> None:
+    """A sandbox paused to its files holds its layers from prune (<templates>/.holds); once its state dir
+    is gone (its server's data dir removed), the hold holds nothing and is dropped."""
+    store = TemplateStore(tmp_path / "templates")
+    work = store.layers.new_dir()
+    (work / "diff").mkdir()
+    layer = store.layers.commit(work, "k1", None, tmp_path / "rootfs", "RUN x")
+    state = tmp_path / "data" / "sandboxes" / "s1"
+    state.mkdir(parents=True)
+    store.hold("s1", (layer.diff, tmp_path / "rootfs"), state)
+    assert "k1" in store.referenced_layers()
+    assert store.prune_layers() == (0, 0)
+    shutil.rmtree(tmp_path / "data")
+    assert "k1" not in store.referenced_layers()
+    assert not (store.dir / ".holds" / "s1").exists()
+    assert store.prune_layers()[0] == 1

@@ -48,7 +48,8 @@ async def stop(manager: SandboxManager, sandbox: Sandbox) -> None:
     """End every process of the sandbox, keeping its files; the record says so first (a crash midway is
     finished at the next start)."""
     layers = _layers(sandbox)
-    manager.templates.hold(sandbox.id, layers)  # before its last process (which holds its top layer) ends
+    # before its last process (which holds its top layer) ends
+    manager.templates.hold(sandbox.id, layers, sandbox.handle.state_dir)
     sandbox.record.state, sandbox.record.pause_mode = "paused", FILESYSTEM
     manager.db.put(sandbox.record)
     manager.net.remove(sandbox)

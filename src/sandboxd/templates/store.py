@@ -275,11 +275,13 @@ class TemplateStore:
         return {str(Path(base).resolve()) for base in bases}
 
     # -- sandboxes stopped with their files kept (a filesystem-only pause) ----------------------------
-    def hold(self, sandbox_id: str, lowers: tuple[Path, ...]) -> None:
+    def hold(self, sandbox_id: str, lowers: tuple[Path, ...], state_dir: Path) -> None:
         """Keep a stopped sandbox's root filesystem (its layers, topmost first) from any prune until
-        `release`: no process holds it open while the sandbox is stopped."""
+        `release`: no process holds it open while the sandbox is stopped. A hold whose sandbox's state dir
+        is gone (its server's data dir removed) holds nothing any more."""
         (self.dir / ".holds").mkdir(parents=True, exist_ok=True)
-        write_json(self.dir / ".holds" / sandbox_id, [str(p) for p in lowers])
+        hold = {"lowers": [str(p) for p in lowers], "state_dir": str(state_dir)}
+        write_json(self.dir / ".holds" / sandbox_id, hold)
 
     def release(self, sandbox_id: str) -> None:
         (self.dir / ".holds" / sandbox_id).unlink(missing_ok=True)
@@ -287,8 +289,12 @@ class TemplateStore:
     def _held_lower_dirs(self) -> set[str]:
         held: set[str] = set()
         for path in (self.dir / ".holds").glob("*"):
-            with contextlib.suppress(OSError, ValueError):
-                held.update(str(p) for p in json.loads(path.read_text()))
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                hold = json.loads(path.read_text())
+                if not Path(hold["state_dir"]).is_dir():
+                    path.unlink(missing_ok=True)  # its sandbox is gone with its data dir
+                    continue
+                held.update(str(p) for p in hold["lowers"])
         return held
 
     def referenced_layers(self) -> set[str]:
