@@ -67,13 +67,14 @@ async def create(manager: SandboxManager, sandbox_id: str, name: str | None, mem
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
+    extra = {"snapshot": {"sandboxID": sandbox_id, "createdAt": time.time()}}
+    version = _version(manager, sandbox, layer.key, base)
     try:
-        ident = store.claim(name or f"snapshot-{sandbox_id}-{uuid.uuid4().hex[:8]}")
+        ident = store.publish(
+            name or f"snapshot-{sandbox_id}-{uuid.uuid4().hex[:8]}", extra, str(uuid.uuid4()), version
+        )
     except TemplateError as e:
         raise BadRequest(str(e)) from None
-    meta = store.meta(ident)
-    store.write_meta(ident, {**meta, "snapshot": {"sandboxID": sandbox_id, "createdAt": time.time()}})
-    store.add_version(ident, str(uuid.uuid4()), _version(manager, sandbox, layer.key, base), ["default"])
     return info(store, ident)
 
 

@@ -235,6 +235,38 @@ class TemplateStore:
         self.set_name(name, ident)
         return ident
 
+    def publish(self, name: str, extra: dict, build_id: str, version: dict) -> str:
+        """A new version of the template called `name` (made if there is none), its default; its ID. A new
+        template is assembled in a scratch dir and renamed into place whole, then named: a crash leaves a
+        scratch dir (`clean_scratch`) or a whole template, never one without its version."""
+        ident, _ = self.resolve(name)
+        if name in builtin_names() or (ident is not None and self.is_builtin(ident)):
+            raise TemplateError(f"'{name}' is a built-in template: give yours another name")
+        if ident is not None and (self.dir / ident / "meta.json").is_file():
+            self.write_meta(ident, {**self.meta(ident), **extra})
+            self.add_version(ident, build_id, version, ["default"])
+            return ident
+        ident = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(20))
+        scratch = self.dir / f".new-template-{ident}-{os.getpid()}"
+        (scratch / build_id).mkdir(parents=True)
+        meta = {"templateID": ident, "names": [name], "createdAt": time.time(), "builtin": False, **extra}
+        write_json(scratch / "meta.json", meta)
+        write_json(
+            scratch / build_id / "template.json", {"kind": "layers", "name": ident, "build_id": build_id, **version}
+        )
+        (scratch / "current").symlink_to(build_id)
+        os.rename(scratch, self.dir / ident)
+        self.set_name(name, ident)
+        return ident
+
+    def clean_scratch(self) -> None:
+        """Scratch dirs of `publish` that a crashed process left (those of running processes stay)."""
+        for p in self.dir.glob(".new-template-*") if self.dir.is_dir() else []:
+            pid = p.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and Path(f"/proc/{pid}").exists():
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+
     def delete(self, ident: str) -> None:
         """Remove a template: its names, builds, tags and uploaded files, and the layers of its versions that
         nothing else stands on (no other template's version, no sandbox, running or stopped)."""
