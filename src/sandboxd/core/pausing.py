@@ -98,7 +98,6 @@ async def boot_again(manager: SandboxManager, sandbox: Sandbox) -> None:
         raise
     sandbox.handle, sandbox.service = handle, service
     rec.handle = {**asdict(handle), "state_dir": str(handle.state_dir)}
-    rec.pause_mode = ""
     manager.net.add(sandbox)
     manager.templates.release(sandbox.id)  # its init holds its top layer again
     for hook in manager.after_boot_again:  # (uploads the stop cut short: envd/uploads.py)

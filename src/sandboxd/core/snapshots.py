@@ -102,10 +102,10 @@ def _stack(manager: SandboxManager, sandbox: Sandbox) -> tuple[str | None, Path]
     layers = [Path(p) for p in sandbox.record.layers]
     if not layers:
         raise Conflict(f"sandbox '{sandbox.id}' was made by an older sandboxd that did not record its layers")
-    top = layers[0]
-    if top.name == "diff" and top.parent.parent == manager.templates.layers.dir:
-        return top.parent.name, layers[-1]
-    return None, top  # a single root filesystem (a template of an older install)
+    key = manager.templates.layers.key_of(layers[0])
+    if key is not None:
+        return key, layers[-1]
+    return None, layers[0]  # a single root filesystem (a template of an older install)
 
 
 def _version(manager: SandboxManager, sandbox: Sandbox, top: str, base: Path) -> dict[str, Any]:

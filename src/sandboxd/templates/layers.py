@@ -96,6 +96,10 @@ class LayerStore:
         chain = self.chain(key)
         return (*(layer.diff for layer in chain), Path(chain[-1].base))
 
+    def key_of(self, path: Path) -> str | None:
+        """The key of the layer whose diff dir `path` is (`<templates>/.layers/<key>/diff`), else None."""
+        return path.parent.name if path.name == "diff" and path.parent.parent == self.dir else None
+
     def new_dir(self) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir.parent, 0o700)

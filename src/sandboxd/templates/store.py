@@ -333,9 +333,9 @@ class TemplateStore:
         """Layers that a version of a template, or a sandbox on this host (running or stopped), stands on."""
         tops = {meta["top"] for meta in self._versions() if meta.get("top")}
         for lower in _mounted_lower_dirs() | self._held_lower_dirs():  # <templates>/.layers/<key>/diff
-            path = Path(lower)
-            if path.name == "diff" and path.parent.parent == self.layers.dir:
-                tops.add(path.parent.name)
+            key = self.layers.key_of(Path(lower))
+            if key is not None:
+                tops.add(key)
         keep: set[str] = set()
         for top in tops:
             with contextlib.suppress(FileNotFoundError, ValueError):
