@@ -199,9 +199,6 @@ class Disks:
             p.unlink(missing_ok=True)
 
     def _mkfs(self, path: Path, disk_mb: int) -> None:
-        mkfs = shutil.which("mkfs.ext4", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
-        if mkfs is None:
-            raise DiskError("mkfs.ext4 not found: install e2fsprogs (or run with --disk-mb 0: no disk quota)")
         tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp", dir=self.cache_dir))
         try:
             root = tmp / "root"  # the image's root directory tree: upper (sandbox root's) and work
@@ -210,22 +207,36 @@ class Disks:
             os.chown(root / "upper", UID_SHIFT, UID_SHIFT)  # the overlay's root takes upper's owner
             os.chmod(root / "upper", 0o755)
             os.chmod(root / "work", 0o700)
-            image = tmp / "image"
-            with open(image, "wb") as f:
-                f.truncate(disk_mb * 1024 * 1024)
-            base = [mkfs, "-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0", "-O", _MKFS_FEATURES]
-            base += ["-N", str(inodes_for(disk_mb)), "-d", str(root)]
-            # A sparse file reads as zeros: mkfs need not write its inode tables (e2fsprogs >= 1.47;
-            # older ones do not know the option, and `noinit_itable` at mount keeps the kernel from it).
-            res = subprocess.run([*base, "-E", "assume_storage_prezeroed=1", str(image)], capture_output=True)
-            if res.returncode != 0:
-                res = subprocess.run([*base, str(image)], capture_output=True)
-            if res.returncode != 0:
-                raise DiskError(f"mkfs.ext4 failed: {res.stderr.decode(errors='replace').strip()}")
-            os.chmod(image, 0o600)
-            os.replace(image, path)
+            format_ext4(tmp / "image", disk_mb, root)
+            os.replace(tmp / "image", path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def format_ext4(image: Path, size_mb: int, tree: Path, journal: bool = False, root_owner: int | None = None) -> None:
+    """Make `image`, a sparse file of `size_mb` MiB holding an ext4 filesystem whose root is a copy of
+    `tree` (owners and modes kept); one inode per BYTES_PER_INODE bytes. Without `journal`: no journal (a
+    sandbox's disk, whose overlay upper is `volatile` anyway); with it, ext4's default journal (volumes).
+    `root_owner`: the uid and gid of the filesystem's root directory (root's otherwise)."""
+    mkfs = shutil.which("mkfs.ext4", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    if mkfs is None:
+        raise DiskError("mkfs.ext4 not found: install e2fsprogs (or run with --disk-mb 0: no disk quota)")
+    with open(image, "wb") as f:
+        f.truncate(size_mb * 1024 * 1024)
+    features = "^resize_inode" if journal else _MKFS_FEATURES
+    base = [mkfs, "-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0", "-O", features]
+    base += ["-N", str(inodes_for(size_mb)), "-d", str(tree)]
+    # A sparse file reads as zeros: mkfs need not write its inode tables (e2fsprogs >= 1.47;
+    # older ones do not know the option, and `noinit_itable` at mount keeps the kernel from it).
+    extended = [] if root_owner is None else [f"root_owner={root_owner}:{root_owner}"]
+    res = subprocess.run(
+        [*base, "-E", ",".join(["assume_storage_prezeroed=1", *extended]), str(image)], capture_output=True
+    )
+    if res.returncode != 0:
+        res = subprocess.run([*base, *(["-E", extended[0]] if extended else []), str(image)], capture_output=True)
+    if res.returncode != 0:
+        raise DiskError(f"mkfs.ext4 failed: {res.stderr.decode(errors='replace').strip()}")
+    os.chmod(image, 0o600)
 
 
 def _sparse_copy(src: Path, dst: Path) -> None:
