@@ -160,7 +160,12 @@ def server(lab: Lab) -> Iterator[Server]:
     net_before = network_leftovers()
     tmp = Path(tempfile.mkdtemp(prefix="sandboxd-test-"))
     srv = start_server(tmp / "data", "--egress-ca-file", str(lab.ca_pem))
-    env = {"E2B_API_URL": srv.url, "E2B_SANDBOX_URL": srv.url, "E2B_API_KEY": srv.api_key}
+    env = {
+        "E2B_API_URL": srv.url,
+        "E2B_SANDBOX_URL": srv.url,
+        "E2B_API_KEY": srv.api_key,
+        "E2B_VOLUME_API_URL": srv.url,
+    }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     os.environ.pop("E2B_DEBUG", None)

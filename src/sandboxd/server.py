@@ -40,6 +40,8 @@ from sandboxd.runtime.network import DEFAULT_CIDR, PROXY_MARK, PROXY_PORT
 from sandboxd.state.db import StateDB
 from sandboxd.templates.images import Registry
 from sandboxd.templates.store import TemplateError, TemplateStore
+from sandboxd.volumes.store import DEFAULT_SIZE_MB as DEFAULT_VOLUME_MB
+from sandboxd.volumes.store import VolumeStore
 
 log = logging.getLogger("sandboxd")
 
@@ -66,6 +68,7 @@ class ServerConfig:
     registry_insecure: bool = False
     builtin_builds: bool = False  # the server `sandboxd template build` starts: may build built-in templates
     tls_port: int = 443
+    volume_size_mb: int = DEFAULT_VOLUME_MB  # a new volume's size unless its create says (volumes/store.py)
 
     @property
     def issuer(self) -> str:
@@ -115,6 +118,7 @@ class App:
         self.builds = TemplateBuilds(self.manager, self.templates)
         self.builds.builtin_builds = config.builtin_builds
         self.manager.after_boot_again.append(lambda sandbox: uploads.clean_sandbox(self.manager, sandbox))
+        self.manager.volumes = VolumeStore(config.data_dir / "volumes", self.db, config.volume_size_mb)
         if config.registry:
             self.builds.registry = Registry(config.registry, config.registry_insecure)
         self.resolver: Resolver | None = None
@@ -194,6 +198,8 @@ class App:
                         service.close()
                 await self.builds.stop()
                 await self.manager.stop(destroy=not self.config.keep_sandboxes)
+                if self.manager.volumes is not None:
+                    self.manager.volumes.close()
                 self.db.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict'
 import os from 'node:os'
 import { after, before, describe, test } from 'node:test'
 
-import { CommandExitError, FileType, Sandbox, SandboxNotFoundError } from 'e2b'
+import { CommandExitError, FileType, Sandbox, SandboxNotFoundError, Volume } from 'e2b'
 import { Sandbox as CodeSandbox } from '@e2b/code-interpreter'
 
 import { DOMAIN, startServer } from './server.mjs'
@@ -204,6 +204,37 @@ describe('files', () => {
     assert.equal(await (await fetch(down)).text(), 'signed body')
     const tampered = down.replace('signed.txt', 'other.txt')
     assert.equal((await fetch(tampered)).status, 401)
+  })
+})
+
+describe('volumes', () => {
+  test('create, files through the content API, two sandboxes share one, destroy', async () => {
+    const vol = await Volume.create(`js-vol-${Date.now()}`)
+    const made = []
+    try {
+      assert.ok((await Volume.list()).some((v) => v.volumeId === vol.volumeId))
+      const written = await vol.writeFile('/in/hello.txt', 'from js\n', { force: true })
+      assert.equal(written.size, 8)
+      assert.equal(written.uid, 1000)
+      await vol.makeDir('/made/deeper', { force: true })
+      assert.deepEqual((await vol.list('/', { depth: 2 })).map((e) => e.path).sort(),
+        ['/in', '/in/hello.txt', '/made', '/made/deeper'])
+      assert.equal(await vol.readFile('/in/hello.txt'), 'from js\n')
+      const a = await Sandbox.create('base', { timeoutMs: 60_000, volumeMounts: { '/data': vol } })
+      made.push(a)
+      const b = await Sandbox.create('base', { timeoutMs: 60_000, volumeMounts: { '/shared': vol.name } })
+      made.push(b)
+      assert.deepEqual((await a.getInfo()).volumeMounts, [{ name: vol.name, path: '/data' }])
+      await a.commands.run('echo from-a > /data/a.txt')
+      assert.equal((await b.commands.run('cat /shared/a.txt /shared/in/hello.txt')).stdout, 'from-a\nfrom js\n')
+      assert.equal(await vol.readFile('/a.txt'), 'from-a\n')
+      await vol.remove('/made')
+      assert.equal(await vol.exists('/made/deeper'), false)
+      await assert.rejects(Volume.destroy(vol.volumeId), /mounted by 2 sandbox/)
+    } finally {
+      for (const s of made) await s.kill().catch(() => {})
+    }
+    assert.equal(await Volume.destroy(vol.volumeId), true)
   })
 })
 

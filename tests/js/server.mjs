@@ -64,6 +64,7 @@ export async function startServer({ templatesDir = TEMPLATES, cidr = '10.213.252
   process.env.E2B_API_URL = url
   process.env.E2B_SANDBOX_URL = url
   process.env.E2B_API_KEY = key
+  process.env.E2B_VOLUME_API_URL = url // the volume content API: this same server
   return {
     url,
     key,

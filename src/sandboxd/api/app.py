@@ -23,6 +23,7 @@ from sandboxd.api.models import ConnectBody, NetworkUpdate, NewSandbox, PauseBod
 from sandboxd.api.secrets import secret_routes
 from sandboxd.api.snapshots import snapshot_routes
 from sandboxd.api.templates import UPLOAD_PREFIX, template_routes
+from sandboxd.api.volumes import CONTENT_PREFIX, volume_routes
 from sandboxd.core.builds import TemplateBuilds
 from sandboxd.core.errors import BadRequest, PayloadTooLarge, SandboxdError
 from sandboxd.core.limits import BadJSON, LimitExceeded, RequestLimits, load_bounded_json
@@ -75,8 +76,9 @@ async def _body(request: Request, model: type[BaseModel], limits: RequestLimits,
 
 
 class ApiKeyAuth:
-    """`X-API-KEY` on every control-plane route except `/health`, the public keys of workload identity and
-    template file uploads (their URLs are signed: api/templates.py)."""
+    """`X-API-KEY` on every control-plane route except `/health`, the public keys of workload identity,
+    template file uploads (their URLs are signed: api/templates.py) and the volume content API (each
+    volume's own bearer token: api/volumes.py)."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
@@ -84,7 +86,12 @@ class ApiKeyAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] == "http" and path not in PUBLIC_PATHS and not path.startswith(UPLOAD_PREFIX):
+        if (
+            scope["type"] == "http"
+            and path not in PUBLIC_PATHS
+            and not path.startswith(UPLOAD_PREFIX)
+            and not path.startswith(CONTENT_PREFIX)
+        ):
             given = next((v for k, v in scope["headers"] if k == b"x-api-key"), None)
             if given is None:
                 await error(401, "missing API key: send it in the X-API-KEY header")(scope, receive, send)
@@ -135,6 +142,7 @@ def build_control_plane(
             allow_internet_access=body.allow_internet_access,
             auto_resume=bool((body.auto_resume or {}).get("enabled")),
             iam=body.iam,
+            volume_mounts=body.volume_mounts,
         )
         return JSONResponse(serialize.sandbox_created(sandbox), status_code=201)
 
@@ -324,6 +332,7 @@ def build_control_plane(
         *secret_routes(manager.net.secrets, limits, _body),
         *snapshot_routes(manager, limits, _body),
         *change_routes(manager),
+        *volume_routes(manager, limits, _body),
         *(template_routes(builds, limits, _body) if builds is not None else []),
     ]
     app = Starlette(

@@ -25,6 +25,7 @@ class NewSandbox(_Body):
     network: dict[str, Any] | None = None  # checked by network/policy.py
     auto_resume: dict[str, Any] | None = Field(default=None, alias="autoResume")  # {"enabled": bool}
     iam: dict[str, Any] | None = None  # {"tokens": {name: {audience, tokenType}}} (core/workload_identity.py)
+    volume_mounts: list[Any] | None = Field(default=None, alias="volumeMounts")  # checked by core/volume_mounts.py
 
 
 class NetworkUpdate(_Body):

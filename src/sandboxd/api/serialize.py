@@ -7,6 +7,7 @@ from typing import Any
 
 from sandboxd.core.manager import ENVD_VERSION, Sandbox
 from sandboxd.core.metrics import Sample
+from sandboxd.state.db import SandboxRecord
 
 
 def rfc3339(ts: float) -> str:
@@ -27,6 +28,12 @@ def sandbox_created(s: Sandbox) -> dict[str, Any]:
     }
 
 
+def _volume_mounts(r: SandboxRecord) -> dict[str, Any]:
+    if not r.volume_mounts:
+        return {}
+    return {"volumeMounts": [{"name": m["name"], "path": m["path"]} for m in r.volume_mounts]}
+
+
 def _common(s: Sandbox) -> dict[str, Any]:
     r = s.record
     return {
@@ -42,6 +49,7 @@ def _common(s: Sandbox) -> dict[str, Any]:
         "diskSizeMB": r.disk_mb,
         "metadata": r.metadata,
         "state": r.state,
+        **_volume_mounts(r),
     }
 
 

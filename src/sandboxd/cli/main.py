@@ -45,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         help="each sandbox's own disk (space and inodes) in MiB (default: the template's, else 10240; 0 = no quota)",
     )
     p_serve.add_argument(
+        "--volume-size-mb",
+        type=int,
+        default=10240,
+        help="the size (quota) of a new volume unless its create says (sizeMB); images are sparse (default: 10240)",
+    )
+    p_serve.add_argument(
         "--max-disk-mb",
         type=int,
         default=None,
@@ -279,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
             value = getattr(args, name)
             if value is not None and value != 0 and value < MIN_DISK_MB:
                 parser.error(f"--{name.replace('_', '-')} must be 0 (no quota) or at least {MIN_DISK_MB} MiB")
+        from sandboxd.volumes.store import MAX_SIZE_MB, MIN_SIZE_MB
+
+        if not MIN_SIZE_MB <= args.volume_size_mb <= MAX_SIZE_MB:
+            parser.error(f"--volume-size-mb must be from {MIN_SIZE_MB} to {MAX_SIZE_MB}")
         if args.egress_ca_file:
             import ssl
 
@@ -323,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                 data_dir=args.data_dir,
                 templates_dir=args.templates_dir,
                 keep_sandboxes=not args.destroy_on_exit,
+                volume_size_mb=args.volume_size_mb,
                 favor_dynmods=not args.no_favordynmods,
                 uid_base=args.uid_base,
                 network_cidr=None if args.no_network else args.network_cidr,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sandboxd.core import endings, pausing, startup, workload_identity
+from sandboxd.core import volume_mounts as volume_mounts_
 from sandboxd.core.errors import BadRequest, Conflict, LimitReached, NotFound, SandboxdError
 from sandboxd.core.limits import HostLimits
 from sandboxd.core.metrics import MetricsSampler
@@ -36,6 +37,7 @@ from sandboxd.runtime.network import AddressPoolExhausted
 from sandboxd.runtime.quota import DEFAULT_DISK_MB, MIN_DISK_MB
 from sandboxd.state.db import SandboxRecord, StateDB
 from sandboxd.templates.store import Template, TemplateError, TemplateStore
+from sandboxd.volumes.store import VolumeStore
 
 log = logging.getLogger("sandboxd.core")
 
@@ -136,6 +138,7 @@ class SandboxManager:
         self._pausing: dict[str, asyncio.Lock] = {}  # one pause or resume of a sandbox at a time
         # called when a sandbox paused to its files has booted again (upper layers tidy up after it)
         self.after_boot_again: list[Callable[[Sandbox], Awaitable[Any]]] = []
+        self.volumes: VolumeStore | None = None  # set by the server (volumes/store.py)
 
     # -- start / stop ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -400,6 +403,7 @@ class SandboxManager:
         allow_internet_access: bool | None = None,
         auto_resume: bool = False,
         iam: dict[str, Any] | None = None,
+        volume_mounts: list[dict[str, Any]] | None = None,
     ) -> Sandbox:
         timeout = self._check_timeout(self.settings.default_timeout if timeout is None else timeout, positive=True)
         _check_str_map("metadata", metadata)
@@ -416,6 +420,7 @@ class SandboxManager:
             raise BadRequest(
                 f"metadata {META_IDLE} must be a whole number of seconds from 1 to {self.settings.max_timeout}"
             )
+        mounts = volume_mounts_.check(self, volume_mounts)
         try:
             template = self.templates.get(template_id)
         except TemplateError as e:
@@ -434,6 +439,7 @@ class SandboxManager:
         self.pool.schedule_refill(template.name)
         try:  # pooled or not, a sandbox starts with the default policy: its own now
             ca, ca_vars = await self.net.apply_new(handle, policy)
+            await volume_mounts_.attach(self, handle, mounts)
         except BaseException:
             await self.runtime.destroy(handle)
             raise
@@ -466,6 +472,7 @@ class SandboxManager:
             mask_request_host=mask,
             auto_resume=auto_resume,
             iam_tokens=tokens,
+            volume_mounts=mounts,
         )
         sandbox = Sandbox(rec, handle)
         sandbox.service = service
@@ -496,6 +503,9 @@ class SandboxManager:
         sandbox = self.get(sandbox_id)
         await self.net.update(sandbox, network, allow_internet_access)
         self.db.put(sandbox.record)
+
+    def volume_users(self, volume_id: str) -> list[str]:
+        return volume_mounts_.users(self, volume_id)
 
     def get(self, sandbox_id: str) -> Sandbox:
         sandbox = self.sandboxes.get(sandbox_id)

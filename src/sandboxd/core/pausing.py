@@ -18,6 +18,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sandboxd.core import volume_mounts
 from sandboxd.core.errors import Conflict, SandboxdError
 from sandboxd.runtime.base import Limits, SandboxSpec
 from sandboxd.templates.store import TemplateError
@@ -93,6 +94,7 @@ async def boot_again(manager: SandboxManager, sandbox: Sandbox) -> None:
         egress = sandbox.policy.egress()
         if not egress.default:
             await manager.runtime.set_egress(handle, egress, cut=False)
+        await volume_mounts.attach(manager, handle, rec.volume_mounts)
     except BaseException:
         await manager.runtime.stop(handle)
         raise

@@ -183,6 +183,12 @@ class Runtime(abc.ABC):
         for a later `create` with `resume_uid_base` (a filesystem-only pause). Its address goes."""
         raise RuntimeError_(f"the {self.name} backend cannot stop a sandbox and keep its files")
 
+    async def attach_volume(self, handle: SandboxHandle, source: Path, path: str) -> None:
+        """Mount the host directory `source` (a volume's files, owned by the template uid range) read-write
+        at `path` inside the running sandbox, its owners mapped to the sandbox's; directories on the way
+        are made. The sandbox cannot unmount it."""
+        raise RuntimeError_(f"the {self.name} backend cannot mount volumes")
+
     async def copy_upper(self, handle: SandboxHandle, dest: Path) -> None:
         """Copy what the sandbox changed in its root filesystem (its overlay upper dir: owned by its host
         uids, whiteouts and opaque dirs as overlayfs made them) into the new directory `dest`. The caller

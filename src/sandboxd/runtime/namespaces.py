@@ -359,6 +359,30 @@ class NamespaceRuntime(Runtime):
             argv += ["--cgroup", path]
         return argv
 
+    async def attach_volume(self, handle: SandboxHandle, source: Path, path: str) -> None:
+        argv = [
+            self.helper,
+            "attach",
+            "--pid",
+            str(handle.init_pid),
+            "--pid-start",
+            str(handle.init_start_time),
+            "--src",
+            str(source),
+            "--dst",
+            path,
+            "--idmap-from",
+            str(UID_SHIFT),
+            "--shift",
+            str(handle.uid_base),
+            "--range",
+            str(identity.RANGE),
+        ]
+        res = await asyncio.to_thread(subprocess.run, argv, capture_output=True, env={})
+        if res.returncode != 0:
+            reason = res.stderr.decode(errors="replace").strip()
+            raise RuntimeError_(f"sandbox {handle.sandbox_id}: mounting a volume at {path} failed: {reason}")
+
     def is_alive(self, handle: SandboxHandle) -> bool:
         return pids.start_time(handle.init_pid) == handle.init_start_time
 

@@ -35,6 +35,12 @@ CREATE TABLE IF NOT EXISTS secrets (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
+-- volumes (volumes/store.py): their files are in <data>/volumes/<id>
+CREATE TABLE IF NOT EXISTS volumes (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    body TEXT NOT NULL
+);
 """
 
 
@@ -68,6 +74,7 @@ class SandboxRecord:
     layers: list = field(default_factory=list)  # its root filesystem's layers (paths, topmost first)
     # while paused: "full" (its processes frozen, in memory) or "filesystem" (stopped, files kept)
     pause_mode: str = ""
+    volume_mounts: list = field(default_factory=list)  # [{name, path, volumeID}]: mounted at create
 
 
 class StateDB:
@@ -141,6 +148,24 @@ class StateDB:
     def secret_delete(self, secret_id: str) -> bool:
         with self._lock:
             return self._conn.execute("DELETE FROM secrets WHERE id = ?", (secret_id,)).rowcount > 0
+
+    # -- volumes -----------------------------------------------------------------------------
+    def put_volume(self, body: dict) -> None:
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO volumes (id, name, body) VALUES (?, ?, ?)",
+                (body["volume_id"], body["name"], json.dumps(body)),
+            )
+
+    def delete_volume(self, volume_id: str) -> None:
+        with self._lock:
+            self._conn.execute("DELETE FROM volumes WHERE id = ?", (volume_id,))
+
+    def all_volumes(self) -> list[dict]:
+        """Oldest first."""
+        with self._lock:
+            rows = self._conn.execute("SELECT body FROM volumes ORDER BY rowid").fetchall()
+        return [json.loads(r[0]) for r in rows]
 
     # -- sandboxes ---------------------------------------------------------------------------
     def put(self, rec: SandboxRecord) -> None:

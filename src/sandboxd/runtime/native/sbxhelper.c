@@ -8,6 +8,7 @@
  *   sbxhelper create  [options]          build a sandbox and leave its init (PID 1) running
  *   sbxhelper exec    [options] -- argv  run argv inside a running sandbox, relay its exit status
  *   sbxhelper broker  [options]          open/mutate paths inside a sandbox for the server (see below)
+ *   sbxhelper attach  [options]          mount a volume's directory at a path inside a running sandbox
  *
  * Namespace ownership (the heart of the design):
  *   mount, UTS, IPC, net, PID and cgroup namespaces are created by host root, so they are owned by
@@ -617,6 +618,7 @@ static void init_child(int tochild, int toparent, const char *merged, const char
 #endif
 #define OPEN_TREE_CLONE_ 1
 #define MOVE_MOUNT_F_EMPTY_PATH_ 0x00000004
+#define MOVE_MOUNT_T_EMPTY_PATH_ 0x00000040
 #define MOUNT_ATTR_RDONLY_ 0x00000001
 #define MOUNT_ATTR_NOSUID_ 0x00000002
 #define MOUNT_ATTR_NODEV_ 0x00000004
@@ -1329,17 +1331,92 @@ static int cmd_broker(int argc, char **argv) {
     return wait_and_relay(child, -1);
 }
 
+/*
+ * attach: mount a volume (a host directory: volumes/store.py) at a path inside a running sandbox.
+ *   The source is cloned and idmapped (--idmap-from.. -> the sandbox's range) here, in the host's mount
+ *   namespace; then only the sandbox's mount namespace is entered (as host root: the namespace is owned by
+ *   the initial user namespace, see the header). Our root is then the sandbox's root, so the destination
+ *   resolves inside it whatever symlinks or ".." it meets (and never through a /proc magic link); missing
+ *   directories are made, owned by sandbox root, and the mount is moved onto the destination's fd.
+ *   The sandbox cannot unmount it: it holds no capability over a namespace it does not own.
+ */
+static int cmd_attach(int argc, char **argv) {
+    const char *src = NULL, *dst = NULL;
+    pid_t target = 0;
+    unsigned long long start = 0;
+    unsigned from = 0, shift = 0, range = 0;
+    for (int i = 2; i < argc; i += 2) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!v) die("missing value for %s", a);
+        if (!strcmp(a, "--pid")) target = (pid_t)strtol(v, NULL, 10);
+        else if (!strcmp(a, "--pid-start")) start = strtoull(v, NULL, 10);
+        else if (!strcmp(a, "--src")) src = v;
+        else if (!strcmp(a, "--dst")) dst = v;
+        else if (!strcmp(a, "--idmap-from")) from = (unsigned)strtoul(v, NULL, 10);
+        else if (!strcmp(a, "--shift")) shift = (unsigned)strtoul(v, NULL, 10);
+        else if (!strcmp(a, "--range")) range = (unsigned)strtoul(v, NULL, 10);
+        else die("unknown option %s", a);
+    }
+    if (!src || !dst || dst[0] != '/' || !dst[1] || target <= 0 || !shift || !range)
+        die("attach needs --pid, --src, --dst (absolute, not /), --shift and --range");
+    if (strlen(dst) >= 4096) die("destination too long");
+    int procfd = open("/proc", O_DIRECTORY | O_CLOEXEC);
+    if (procfd < 0) die("open /proc");
+    int userns = mapping_userns(procfd, from, shift, range);
+    int tree = (int)syscall(SYS_open_tree, AT_FDCWD, src, OPEN_TREE_CLONE_ | O_CLOEXEC);
+    if (tree < 0) die("open_tree %s", src);
+    struct mount_attr_ attr = {MOUNT_ATTR_IDMAP_ | MOUNT_ATTR_NOSUID_ | MOUNT_ATTR_NODEV_, 0, 0, (uint64_t)userns};
+    if (syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH, &attr, sizeof attr) < 0) die("idmap %s", src);
+    close(userns);
+    close(procfd);
+    int pidfd = (int)syscall(SYS_pidfd_open, target, 0);
+    if (pidfd < 0) die("sandbox init %d is gone", target);
+    if (start && (start_time_of(target) != start || syscall(SYS_pidfd_send_signal, pidfd, 0, NULL, 0) < 0)) {
+        errno = 0;
+        die("sandbox init %d is gone (the PID now names another process)", target);
+    }
+    if (setns(pidfd, CLONE_NEWNS) < 0) die("setns(mnt)");
+    close(pidfd);
+    /* Component by component from the sandbox's root (ours now): each prefix opened without magic links. */
+    char path[4096];
+    int dirfd = -1;
+    size_t n = strlen(dst);
+    for (size_t i = 1; i <= n; i++) {
+        if (dst[i] != '/' && dst[i] != 0) continue;
+        memcpy(path, dst, i);
+        path[i] = 0;
+        const char *name = strrchr(path, '/') + 1;
+        if (!*name) continue; /* "//" */
+        if (!strcmp(name, ".") || !strcmp(name, "..")) die("bad destination %s", dst);
+        int fd = open_no_magic(path, O_PATH | O_DIRECTORY, 0);
+        if (fd < 0 && errno == ENOENT) {
+            if (mkdir(path, 0755) == 0) {
+                if (lchown(path, shift, shift) < 0) die("chown %s", path);
+            } else if (errno != EEXIST) die("mkdir %s", path);
+            fd = open_no_magic(path, O_PATH | O_DIRECTORY, 0);
+        }
+        if (fd < 0) die("%s", path);
+        if (dirfd >= 0) close(dirfd);
+        dirfd = fd;
+    }
+    if (dirfd < 0) die("bad destination %s", dst);
+    if (syscall(SYS_move_mount, tree, "", dirfd, "", MOVE_MOUNT_F_EMPTY_PATH_ | MOVE_MOUNT_T_EMPTY_PATH_) < 0)
+        die("move_mount onto %s", dst);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     argv_end = argv[argc - 1] + strlen(argv[argc - 1]);
     /* The server runs with umask 077 (its own files are root's only); sandboxes get the usual 022. */
     umask(022);
     if (argc < 2) {
-        fprintf(stderr, "usage: sbxhelper create|exec|broker|seccomp-bpf|version ...\n");
+        fprintf(stderr, "usage: sbxhelper create|exec|broker|attach|seccomp-bpf|version ...\n");
         return 2;
     }
     if (!strcmp(argv[1], "create")) return cmd_create(argc, argv);
     if (!strcmp(argv[1], "exec")) return cmd_exec(argc, argv);
     if (!strcmp(argv[1], "broker")) return cmd_broker(argc, argv);
+    if (!strcmp(argv[1], "attach")) return cmd_attach(argc, argv);
     if (!strcmp(argv[1], "seccomp-bpf")) { /* the filter, compiled, on stdout (see read_compiled) */
         scmp_filter_ctx ctx = build_filter();
         if (seccomp_export_bpf(ctx, 1) < 0) die("seccomp_export_bpf");

@@ -1,0 +1,219 @@
+"""E2B's volumes: the control plane (`/volumes`, X-API-KEY) and the volume content API
+(`/volumecontent/{id}/...`, `Authorization: Bearer <the volume's token>`), which the SDKs reach at
+`E2B_VOLUME_API_URL` or `https://api.<domain>`: this same server."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from pydantic import BaseModel, Field
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from sandboxd.core.errors import BadRequest, Conflict, NotFound, SandboxdError
+from sandboxd.core.limits import RequestLimits
+from sandboxd.core.manager import SandboxManager
+from sandboxd.volumes.content import ContentError, Owner, Upload, VolumeFiles
+from sandboxd.volumes.store import Volume, VolumeConflict, VolumeError, VolumeNotFound, VolumeStore
+
+CONTENT_PREFIX = "/volumecontent/"
+CHUNK = 1 << 20
+
+
+class NewVolume(BaseModel):
+    name: str = Field(min_length=1, max_length=256)
+    size_mb: int | None = Field(default=None, alias="sizeMB")  # sandboxd's own: the volume's quota
+
+
+class MetadataPatch(BaseModel):
+    uid: int | None = None
+    gid: int | None = None
+    mode: int | None = None
+
+
+class ContentFailed(SandboxdError):
+    """A content API error with its own status (404 path not found, 409 exists, 507 full, ...)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _volume_error(e: VolumeError) -> SandboxdError:
+    if isinstance(e, VolumeNotFound):
+        return NotFound(str(e))
+    if isinstance(e, VolumeConflict):
+        return Conflict(str(e))
+    return BadRequest(str(e))
+
+
+def _with_token(v: Volume) -> dict[str, Any]:
+    return {"volumeID": v.volume_id, "name": v.name, "token": v.token, "sizeMB": v.size_mb}
+
+
+def _int_param(request: Request, name: str) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be a whole number, got {raw[:40]!r}") from None
+
+
+def _bool_param(request: Request, name: str) -> bool:
+    raw = (request.query_params.get(name) or "false").lower()
+    if raw not in ("true", "false", "1", "0"):
+        raise BadRequest(f"{name} must be true or false, got {raw[:40]!r}")
+    return raw in ("true", "1")
+
+
+def _path_param(request: Request) -> str:
+    path = request.query_params.get("path")
+    if path is None:
+        raise BadRequest("the path query parameter is required")
+    return path
+
+
+def volume_routes(manager: SandboxManager, limits: RequestLimits, body: Callable[..., Awaitable[Any]]) -> list[Route]:
+    def store() -> VolumeStore:
+        if manager.volumes is None:
+            raise NotFound("this server keeps no volumes")
+        return manager.volumes
+
+    async def create(request: Request) -> Response:
+        new: NewVolume = await body(request, NewVolume, limits)
+        try:
+            vol = await asyncio.to_thread(store().create, new.name, new.size_mb)
+        except VolumeError as e:
+            raise _volume_error(e) from None
+        return JSONResponse(_with_token(vol), status_code=201)
+
+    async def list_all(request: Request) -> Response:
+        return JSONResponse([{"volumeID": v.volume_id, "name": v.name} for v in store().all()])
+
+    def _get(request: Request) -> Volume:
+        try:
+            return store().get(request.path_params["volume_id"])
+        except VolumeError as e:
+            raise _volume_error(e) from None
+
+    async def get(request: Request) -> Response:
+        return JSONResponse(_with_token(_get(request)))
+
+    async def delete(request: Request) -> Response:
+        vol = _get(request)
+        try:
+            await asyncio.to_thread(store().delete, vol, manager.volume_users(vol.volume_id))
+        except VolumeError as e:
+            raise _volume_error(e) from None
+        return Response(status_code=204)
+
+    # -- content -------------------------------------------------------------------------------
+    async def files_of(request: Request) -> VolumeFiles:
+        """The volume's files, if the request carries its token (401 otherwise, for unknown volumes too:
+        a token holder learns nothing about other volumes)."""
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise ContentFailed(401, "missing volume token: send it as 'Authorization: Bearer <token>'")
+        vol = next((v for v in store().all() if v.volume_id == request.path_params["volume_id"]), None)
+        if vol is None or not hmac.compare_digest(token.strip().encode(), vol.token.encode()):
+            raise ContentFailed(401, "the token is not valid for this volume (was the volume deleted?)")
+        try:
+            return await asyncio.to_thread(store().files, vol)
+        except VolumeError as e:
+            raise ContentFailed(500, str(e)) from None
+
+    async def run(fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except ContentError as e:
+            raise ContentFailed(e.status, str(e)) from None
+
+    def owner(request: Request) -> Owner:
+        return Owner(_int_param(request, "uid"), _int_param(request, "gid"), _int_param(request, "mode"))
+
+    async def list_dir(request: Request) -> Response:
+        files = await files_of(request)
+        depth = _int_param(request, "depth")
+        return JSONResponse(await run(files.list_dir, _path_param(request), 1 if depth is None else depth))
+
+    async def make_dir(request: Request) -> Response:
+        files = await files_of(request)
+        made = await run(files.make_dir, _path_param(request), owner(request), _bool_param(request, "force"))
+        return JSONResponse(made, status_code=201)
+
+    async def stat_path(request: Request) -> Response:
+        files = await files_of(request)
+        return JSONResponse(await run(files.stat, _path_param(request)))
+
+    async def patch_path(request: Request) -> Response:
+        files = await files_of(request)
+        patch: MetadataPatch = await body(request, MetadataPatch, limits)
+        return JSONResponse(await run(files.update, _path_param(request), Owner(patch.uid, patch.gid, patch.mode)))
+
+    async def remove_path(request: Request) -> Response:
+        files = await files_of(request)
+        await run(files.remove, _path_param(request))
+        return Response(status_code=204)
+
+    async def read_file(request: Request) -> Response:
+        files = await files_of(request)
+        fd, size = await run(files.open_read, _path_param(request))
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                while True:
+                    data = await asyncio.to_thread(os.read, fd, CHUNK)
+                    if not data:
+                        return
+                    yield data
+            finally:
+                os.close(fd)
+
+        return StreamingResponse(chunks(), media_type="application/octet-stream", headers={"Content-Length": str(size)})
+
+    async def write_file(request: Request) -> Response:
+        files = await files_of(request)
+        force = _bool_param(request, "force")
+        upload: Upload = await run(files.begin_write, _path_param(request), owner(request), force)
+        try:
+            pending: list[bytes] = []
+            held = 0
+            async for chunk in request.stream():
+                pending.append(chunk)
+                held += len(chunk)
+                if held >= CHUNK:
+                    await run(upload.write, b"".join(pending))
+                    pending, held = [], 0
+            if pending:
+                await run(upload.write, b"".join(pending))
+            written = await run(upload.commit)
+        except ClientDisconnect:
+            await asyncio.to_thread(upload.abort)
+            raise BadRequest("the client went away before sending the whole file: nothing was written") from None
+        except BaseException:
+            await asyncio.to_thread(upload.abort)
+            raise
+        return JSONResponse(written, status_code=201)
+
+    vid = "/{volume_id:str}"
+    return [
+        Route("/volumes", create, methods=["POST"]),
+        Route("/volumes", list_all, methods=["GET"]),
+        Route("/volumes" + vid, get, methods=["GET"]),
+        Route("/volumes" + vid, delete, methods=["DELETE"]),
+        Route("/volumecontent" + vid + "/dir", list_dir, methods=["GET"]),
+        Route("/volumecontent" + vid + "/dir", make_dir, methods=["POST"]),
+        Route("/volumecontent" + vid + "/path", stat_path, methods=["GET"]),
+        Route("/volumecontent" + vid + "/path", patch_path, methods=["PATCH"]),
+        Route("/volumecontent" + vid + "/path", remove_path, methods=["DELETE"]),
+        Route("/volumecontent" + vid + "/file", read_file, methods=["GET"]),
+        Route("/volumecontent" + vid + "/file", write_file, methods=["PUT"]),
+    ]

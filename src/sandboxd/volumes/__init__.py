@@ -1,0 +1,1 @@
+"""Volumes: persistent file trees that outlive sandboxes (store.py), and their files (content.py)."""
