@@ -16,6 +16,7 @@ import secrets
 import string
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -139,6 +140,7 @@ class SandboxManager:
         # called when a sandbox paused to its files has booted again (upper layers tidy up after it)
         self.after_boot_again: list[Callable[[Sandbox], Awaitable[Any]]] = []
         self.volumes: VolumeStore | None = None  # set by the server (volumes/store.py)
+        self.creating_with: Counter[str] = Counter()  # volume ID -> creates under way that mount it
 
     # -- start / stop ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -421,69 +423,75 @@ class SandboxManager:
                 f"metadata {META_IDLE} must be a whole number of seconds from 1 to {self.settings.max_timeout}"
             )
         mounts = volume_mounts_.check(self, volume_mounts)
+        claimed = Counter(m["volumeID"] for m in mounts)  # deleting these volumes is refused meanwhile
+        self.creating_with.update(claimed)
         try:
-            template = self.templates.get(template_id)
-        except TemplateError as e:
-            raise NotFound(str(e)) from None
-        disk_mb = self._check_disk_mb(template, disk_mb)
-        res = self._resources(template, metadata or {})
-        # Pooled sandboxes have the template's default disk and resources: others are made fresh.
-        default = disk_mb == self._disk_mb(template) and res == self._resources(template, {})
-        pooled = self.pool.take(template.name, template.digest) if default else None
-        if pooled is not None:
-            sandbox_id, handle, service = pooled.sandbox_id, pooled.handle, pooled.service
-        else:
-            await self._admit(res.memory_mb, template.name)  # what it asks for, not the template's default
-            sandbox_id = new_sandbox_id()
-            handle, service = await self._new(sandbox_id, template, disk_mb, res)
-        self.pool.schedule_refill(template.name)
-        try:  # pooled or not, a sandbox starts with the default policy: its own now
-            ca, ca_vars = await self.net.apply_new(handle, policy)
-            await volume_mounts_.attach(self, handle, mounts)
-        except BaseException:
-            await self.runtime.destroy(handle)
-            raise
-        env_vars = {**template.env, **ca_vars, **(env_vars or {})}
-        now = time.time()
-        rec = SandboxRecord(
-            sandbox_id=sandbox_id,
-            template_id=template.name,
-            alias=template.name,
-            client_id="sandboxd",
-            envd_token=secrets.token_urlsafe(24),
-            started_at=now,
-            end_at=now + timeout,
-            state="running",
-            metadata=dict(metadata or {}),
-            idle_timeout=int(idle) if idle is not None else 0,
-            env_vars=dict(env_vars or {}),
-            cpu_count=max(1, int(res.cpu_count)),
-            memory_mb=res.memory_mb,
-            disk_mb=disk_mb,
-            auto_pause=auto_pause,
-            auto_pause_memory=auto_pause_memory,
-            default_user=template.default_user,
-            default_workdir=template.default_workdir,
-            handle={**asdict(handle), "state_dir": str(handle.state_dir)},
-            layers=[str(p) for p in template.layers],
-            network=policy.to_json(),
-            allow_internet_access=allow_internet_access is not False,
-            traffic_token=None if public else secrets.token_urlsafe(24),
-            mask_request_host=mask,
-            auto_resume=auto_resume,
-            iam_tokens=tokens,
-            volume_mounts=mounts,
-        )
-        sandbox = Sandbox(rec, handle)
-        sandbox.service = service
-        if ca is not None:
-            sandbox.ext["egress_ca"] = ca
-        if rec.idle_timeout:
-            await self._mark_active(sandbox)
-        self._register(sandbox)
-        self.db.put(rec)
-        self.reaper.wake()
-        return sandbox
+            try:
+                template = self.templates.get(template_id)
+            except TemplateError as e:
+                raise NotFound(str(e)) from None
+            disk_mb = self._check_disk_mb(template, disk_mb)
+            res = self._resources(template, metadata or {})
+            # Pooled sandboxes have the template's default disk and resources: others are made fresh.
+            default = disk_mb == self._disk_mb(template) and res == self._resources(template, {})
+            pooled = self.pool.take(template.name, template.digest) if default else None
+            if pooled is not None:
+                sandbox_id, handle, service = pooled.sandbox_id, pooled.handle, pooled.service
+            else:
+                await self._admit(res.memory_mb, template.name)  # what it asks for, not the template's default
+                sandbox_id = new_sandbox_id()
+                handle, service = await self._new(sandbox_id, template, disk_mb, res)
+            self.pool.schedule_refill(template.name)
+            try:  # pooled or not, a sandbox starts with the default policy: its own now
+                ca, ca_vars = await self.net.apply_new(handle, policy)
+                await volume_mounts_.attach(self, handle, mounts)
+            except BaseException:
+                await self.runtime.destroy(handle)
+                raise
+            env_vars = {**template.env, **ca_vars, **(env_vars or {})}
+            now = time.time()
+            rec = SandboxRecord(
+                sandbox_id=sandbox_id,
+                template_id=template.name,
+                alias=template.name,
+                client_id="sandboxd",
+                envd_token=secrets.token_urlsafe(24),
+                started_at=now,
+                end_at=now + timeout,
+                state="running",
+                metadata=dict(metadata or {}),
+                idle_timeout=int(idle) if idle is not None else 0,
+                env_vars=dict(env_vars or {}),
+                cpu_count=max(1, int(res.cpu_count)),
+                memory_mb=res.memory_mb,
+                disk_mb=disk_mb,
+                auto_pause=auto_pause,
+                auto_pause_memory=auto_pause_memory,
+                default_user=template.default_user,
+                default_workdir=template.default_workdir,
+                handle={**asdict(handle), "state_dir": str(handle.state_dir)},
+                layers=[str(p) for p in template.layers],
+                network=policy.to_json(),
+                allow_internet_access=allow_internet_access is not False,
+                traffic_token=None if public else secrets.token_urlsafe(24),
+                mask_request_host=mask,
+                auto_resume=auto_resume,
+                iam_tokens=tokens,
+                volume_mounts=mounts,
+            )
+            sandbox = Sandbox(rec, handle)
+            sandbox.service = service
+            if ca is not None:
+                sandbox.ext["egress_ca"] = ca
+            if rec.idle_timeout:
+                await self._mark_active(sandbox)
+            self._register(sandbox)
+            self.db.put(rec)
+            self.reaper.wake()
+            return sandbox
+        finally:
+            self.creating_with.subtract(claimed)
+            self.creating_with = +self.creating_with
 
     async def _mark_active(self, sandbox: Sandbox) -> None:
         """Active now: its idle timeout counts from here, and from its CPU time now (core/reaper.py)."""

@@ -68,8 +68,9 @@ async def attach(manager: SandboxManager, handle: SandboxHandle, mounts: list[di
 
 
 def users(manager: SandboxManager, volume_id: str) -> list[str]:
-    """The sandboxes (running or paused) that mount the volume."""
-    return [s.id for s in manager.sandboxes.values() if _mounts(s, volume_id)]
+    """The sandboxes (running or paused, or being created right now) that mount the volume."""
+    live = [s.id for s in manager.sandboxes.values() if _mounts(s, volume_id)]
+    return live + ["a sandbox being created"] * manager.creating_with.get(volume_id, 0)
 
 
 def _mounts(sandbox: Sandbox, volume_id: str) -> bool:
