@@ -2,7 +2,8 @@
 idle and with a process holding 100 MB of memory, a filesystem snapshot of a sandbox with 7 MB written,
 and a create from that snapshot. Each beside its floor, measured in the same run, and the published
 figure of the fastest open peer (CubeSandbox: resume 42 ms, snapshot 46 ms with 7 MB dirty, create from a
-snapshot 64 ms; its snapshots hold memory, these hold files):
+snapshot 64 ms; its snapshots hold memory, these hold files); and volumes: a pooled create with one mounted
+beside the same create without, a 1 MiB write and read through the volume content API:
 
 - resume (frozen) -> first command: freezing and thawing a cgroup of our own holding one process, plus
   `nsenter ... bash -l -c true` (what the SDK's command starts) in a holder;
@@ -133,10 +134,42 @@ def run_lifecycle(
         from_snapshot_ms=from_snap,
         from_snapshot_first_ms=from_snap_nopool,
     )
+    out.update(_volumes(client, dl, min(n, 8)))
     out["floor_freeze_exec_ms"] = [_freeze_thaw_ms() + floors["exec_bash"]() for _ in range(n)]
     out["floor_create_ms"] = [floors["create"]() for _ in range(n)]
     out["floor_copy_ms"] = [_copy_ms(data_dir) for _ in range(n)]
     return out
+
+
+def _volumes(client: Any, dl: Any, n: int) -> dict[str, Any]:
+    """A pooled create with a volume mounted beside one without (alternated, the pool refilled before
+    each), and 1 MiB written and read back through the volume content API."""
+    from e2b import Sandbox, Volume
+
+    with_vol, without, write, read = [], [], [], []
+    vol = Volume.create(f"bench-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        for _ in range(n):
+            for timings, mounts in ((with_vol, {"/data": vol}), (without, None)):
+                dl.check()
+                time.sleep(PACE)
+                t0 = time.monotonic()
+                s = Sandbox.create(template="base", timeout=60, volume_mounts=mounts)
+                s.commands.run("true")
+                timings.append(_ms(t0))
+                s.kill()
+        payload = os.urandom(1 << 20)
+        for _ in range(n):
+            t0 = time.monotonic()
+            vol.write_file("/bench.bin", payload)
+            write.append(_ms(t0))
+            t0 = time.monotonic()
+            if vol.read_file("/bench.bin", format="bytes") != payload:
+                raise RuntimeError("the volume gave back other bytes than written")
+            read.append(_ms(t0))
+    finally:
+        Volume.destroy(vol.volume_id)
+    return {"volume_create_ms": with_vol, "plain_create_ms": without, "volume_write_ms": write, "volume_read_ms": read}
 
 
 def _freeze_thaw_ms() -> float:
@@ -196,6 +229,9 @@ def print_report(r: dict[str, Any]) -> None:
         (f"snapshot of files ({DIRTY_MB} MB written)", "snapshot_ms", "floor_copy_ms", "snapshot_ms"),
         ("create from snapshot -> first cmd, pool", "from_snapshot_ms", "floor_create_ms", "from_snapshot_ms"),
         ("create from snapshot -> first cmd, first", "from_snapshot_first_ms", "floor_create_ms", "from_snapshot_ms"),
+        ("create + volume -> first cmd, pool (floor: w/o)", "volume_create_ms", "plain_create_ms", None),
+        ("volume: write 1 MiB through the content API", "volume_write_ms", None, None),
+        ("volume: read 1 MiB through the content API", "volume_read_ms", None, None),
     ]
     for label, key, floor_key, peer_key in rows:
         if key not in r:

@@ -310,7 +310,8 @@ class Server:
                     self.api_key = m.group(1)
             if self.api_key and self._healthy():
                 # The SDK reads these on every call; the servers are used one after the other.
-                os.environ.update(E2B_API_URL=self.url, E2B_SANDBOX_URL=self.url, E2B_API_KEY=self.api_key)
+                urls = {k: self.url for k in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_VOLUME_API_URL")}
+                os.environ.update(urls, E2B_API_KEY=self.api_key)
                 return
             time.sleep(0.05)
         raise RuntimeError(f"sandboxd not ready after {SERVER_START_TIMEOUT:.0f} s:\n{self.log_tail()}")
