@@ -16,7 +16,7 @@ from protobuf import Oneof
 
 from sandboxd.core.manager import Sandbox, SandboxManager
 from sandboxd.core.tenant_limits import TenantLimits
-from sandboxd.envd import context
+from sandboxd.envd import context, kept
 from sandboxd.envd.gen.process import process_pb as pb
 from sandboxd.envd.processes import (
     ClientGone,
@@ -39,6 +39,7 @@ def table_of(sbx: Sandbox, limits: TenantLimits | None = None) -> ProcessTable:
     if table is None:
         table = sbx.ext["processes"] = ProcessTable(limits)
         sbx.on_kill.append(table.kill_all)
+        kept.readopt(table, sbx.handle.state_dir)  # its processes a previous server run started
     return table
 
 

@@ -22,21 +22,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import signal
+import socket
 import struct
 import subprocess
 import termios
 from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from protobuf import Oneof
 
 from sandboxd.core.tenant_limits import TenantLimits
+from sandboxd.envd import kept
 from sandboxd.envd.gen.process import process_pb as pb
 from sandboxd.runtime import pids
-from sandboxd.runtime.base import ExecSpec, Runtime, SandboxHandle
+from sandboxd.runtime.base import ExecSpec, Keep, Runtime, SandboxHandle
+
+log = logging.getLogger("sandboxd.envd")
 
 CHUNK = 32 * 1024  # largest data event, as envd
 FINAL_READS = 32  # chunks read per pipe after the process exited (a child may keep writing): 1 MiB
@@ -113,7 +119,7 @@ class Proc:
         self.is_pty = pty
         self.pid = 0  # as seen inside the sandbox
         self.host_pid = 0
-        self.popen: subprocess.Popen[bytes] | None = None
+        self.popen: subprocess.Popen[bytes] | kept.KeeperWatch | None = None
         self.stdin_fd: int | None = None
         self.master_fd: int | None = None
         self.out_fds: dict[int, str] = {}  # fd -> "stdout" | "stderr" | "pty"
@@ -136,6 +142,11 @@ class Proc:
         self._oom_probe: tuple[Runtime, SandboxHandle] | None = None
         self._stdin_lock = asyncio.Lock()
         self._stdin_waiter: asyncio.Future[None] | None = None
+        # kept processes (envd/kept.py): its dir in the sandbox's state dir; the socket to a previous run's
+        # keeper; whether it ended while no server ran (its output and end kept for one Connect)
+        self.keep_dir: Path | None = None
+        self.session: socket.socket | None = None
+        self.ended_meanwhile = False
 
     # -- start ---------------------------------------------------------------------------------
     async def spawn(
@@ -171,11 +182,21 @@ class Proc:
             # a pidfd on the event loop, never by blocking.
             self._oom_before = _oom_kills(runtime, handle)
             self._oom_probe = (runtime, handle)
-            self.popen = runtime.spawn_exec(handle, spec, stdio, report_fd=report_w)
+            keep = None
+            if runtime.keeps_processes and not self.is_pty and kept.room(self.table):
+                self.keep_dir = kept.new_dir(handle.state_dir)
+                self.session, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                child_fds.append(theirs.detach())
+                keep = Keep(self.keep_dir, child_fds[-1], self.limits.output_buffer_bytes)
+            self.popen = runtime.spawn_exec(handle, spec, stdio, report_fd=report_w, keep=keep)
         except BaseException:
             for fd in [*child_fds, *self.out_fds, *([self.stdin_fd] if self.stdin_fd else []), report_r]:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+            kept.forget(self.keep_dir)
+            if self.session is not None:
+                self.session.close()
+                self.session = None
             raise
         for fd in child_fds:
             os.close(fd)
@@ -204,6 +225,11 @@ class Proc:
             # The helper failed before running the command (its message is on stderr): report a pid
             # the table cannot confuse with a real one.
             self.pid = self.table.synthetic_pid()
+        elif self.keep_dir is not None:
+            try:
+                kept.write_meta(self.keep_dir, self, self.popen.pid, stdin)
+            except OSError as e:  # the command runs; only a server restart would lose it
+                log.warning("process %d: keeping its record failed: %s", self.pid, e)
 
     # -- output --------------------------------------------------------------------------------
     def _on_readable(self, fd: int) -> None:
@@ -358,29 +384,37 @@ class Proc:
     def _maybe_finish(self) -> None:
         if not self._exited or self.out_fds or self.done.is_set():
             return
-        assert self.popen is not None
+        assert self.popen is not None and self.popen.returncode is not None
+        self._finish_with(self.popen.returncode)
+
+    def _finish_with(self, returncode: int) -> None:
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
-        code, exited, status = _status_of(self.popen.returncode)
+        code, exited, status = _status_of(returncode)
         # As envd (Go's cmd.Wait): an error text whenever the command did not exit 0.
         error = None if exited and code == 0 else status
         # Killed by SIGKILL, or a shell reporting a child killed so (137): was it the OOM killer?
-        if self.popen.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL) and self._oom_probe is not None:
+        if returncode in (-signal.SIGKILL, 128 + signal.SIGKILL) and self._oom_probe is not None:
             stats = _oom_kills(*self._oom_probe)
             if stats is not None and self._oom_before is not None and stats > self._oom_before:
                 error = f"{status} (out of memory: the sandbox reached its memory limit and the kernel killed it)"
-        end = pb.ProcessEvent.EndEvent(exit_code=code, exited=exited, status=status, error=error)
-        self.end = pb.ProcessEvent(event=Oneof("end", end))  # type: ignore[arg-type]
+        self.end = kept.end_event(code, exited, status, error)
         self._publish(self.end)
         self._publish(None)
         self.done.set()
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+        if self.ended_meanwhile:  # kept (output and end) for the next Connect
+            return
         self.backlog.clear()
         self.backlog_cost = 0
         self.table.forget(self)
+        kept.forget(self.keep_dir)
 
     # -- control -------------------------------------------------------------------------------
     def kill_at(self, when: float) -> None:
@@ -401,6 +435,13 @@ class Proc:
         sub = Subscriber()
         self.subscribers.append(sub)
         if self.done.is_set():
+            if self.ended_meanwhile:  # once: what it wrote while no server ran, then its end
+                while self.backlog:
+                    kind, data = self.backlog.popleft()
+                    sub.queue.put_nowait(_data_event(kind, bytes(data)))
+                self.backlog_cost = 0
+                self.table.forget(self)
+                kept.forget(self.keep_dir)
             sub.queue.put_nowait(self.end)
             sub.queue.put_nowait(None)
             return sub
@@ -480,6 +521,9 @@ class Proc:
             waiter.set_exception(ProcessGone("the process closed its stdin"))
 
     def close_stdin(self) -> None:
+        if self.session is not None:  # the keeper gives the command EOF for this close, not for a server's end
+            with contextlib.suppress(OSError):
+                self.session.send(b"c")
         if self.stdin_fd is not None:
             self._wake_stdin_writer()
             with contextlib.suppress(Exception):

@@ -103,6 +103,15 @@ class ExecSpec:
     pty: bool = False
 
 
+@dataclass(frozen=True)
+class Keep:
+    """A command kept by its own keeper (envd/kept.py): its record dir and the keeper's end of a session."""
+
+    dir: Path
+    session_fd: int
+    log_bytes: int = 1 << 20  # how much of its output the keeper logs (the newest)
+
+
 @dataclass
 class Stats:
     memory_bytes: int
@@ -116,17 +125,25 @@ class Stats:
 
 class Runtime(abc.ABC):
     name: str
+    # spawn_exec(keep_dir=...) runs the command under a keeper that outlives the server (envd/kept.py)
+    keeps_processes: bool = False
 
     @abc.abstractmethod
     async def create(self, spec: SandboxSpec) -> SandboxHandle: ...
 
     @abc.abstractmethod
     def spawn_exec(
-        self, handle: SandboxHandle, spec: ExecSpec, stdio: tuple[int, int, int], report_fd: int | None = None
+        self,
+        handle: SandboxHandle,
+        spec: ExecSpec,
+        stdio: tuple[int, int, int],
+        report_fd: int | None = None,
+        keep: Keep | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start `spec` in the sandbox with these stdin/stdout/stderr; the process's exit status is the
         command's. The command's environment must reach nothing but the command. With `report_fd`, the
-        process writes `c <pid in sandbox>` and `h <host pid>` lines to that fd."""
+        process writes `c <pid in sandbox>` and `h <host pid>` lines to that fd. With `keep` (only where
+        `keeps_processes`), the process is the command's keeper: see envd/kept.py."""
 
     @abc.abstractmethod
     def freeze(self, handle: SandboxHandle, frozen: bool) -> None:

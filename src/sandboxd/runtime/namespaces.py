@@ -27,7 +27,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sandboxd.runtime import cgroups, identity, network, pids, quota, views
-from sandboxd.runtime.base import Egress, ExecSpec, Runtime, RuntimeError_, SandboxHandle, SandboxSpec, Stats
+from sandboxd.runtime.base import (
+    Egress,
+    ExecSpec,
+    Keep,
+    Runtime,
+    RuntimeError_,
+    SandboxHandle,
+    SandboxSpec,
+    Stats,
+)
 from sandboxd.runtime.native import compiled_filter, helper_path, sealed_copy
 from sandboxd.runtime.rootfs import open_pty_in_root
 from sandboxd.templates.uids import UID_SHIFT
@@ -111,6 +120,7 @@ def _socket_in_netns(pid: int, start: int) -> socket.socket:
 
 
 class NamespaceRuntime(Runtime):
+    keeps_processes = True
     name = "namespaces"
 
     def __init__(
@@ -310,16 +320,26 @@ class NamespaceRuntime(Runtime):
         return [*argv, "--", *spec.argv]
 
     def spawn_exec(
-        self, handle: SandboxHandle, spec: ExecSpec, stdio: tuple[int, int, int], report_fd: int | None = None
+        self,
+        handle: SandboxHandle,
+        spec: ExecSpec,
+        stdio: tuple[int, int, int],
+        report_fd: int | None = None,
+        keep: Keep | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start `spec` in the sandbox. The helper runs with an empty environment: the command's comes on a
         sealed memfd that it reads only once inside the sandbox, as the user (sbxhelper.c, read_env)."""
         env_fd = env_memfd(spec.env)
         try:
-            fds = (env_fd,) if report_fd is None else (env_fd, report_fd)
+            fds = [env_fd] if report_fd is None else [env_fd, report_fd]
             # Popen uses vfork + exec of the small helper: well under a millisecond.
+            argv = self.exec_argv(handle, spec, report_fd=report_fd, env_fd=env_fd)
+            if keep is not None:
+                fds.append(keep.session_fd)
+                argv[2:2] = ["--keep", str(keep.dir), "--session-fd", str(keep.session_fd)]
+                argv[2:2] = ["--keep-bytes", str(keep.log_bytes)]
             return subprocess.Popen(
-                self.exec_argv(handle, spec, report_fd=report_fd, env_fd=env_fd),
+                argv,
                 stdin=stdio[0],
                 stdout=stdio[1],
                 stderr=stdio[2],

@@ -903,6 +903,9 @@ struct entry {
     int ngroups, pty, report_fd, sock_fd, env_fd;
     unsigned long long start_time; /* the init's start time (clock ticks): tells it from a recycled PID */
     const char *cwd;
+    const char *keep; /* --keep DIR: see keep_relay */
+    int session_fd;   /* --session-fd, with --keep */
+    long long keep_bytes; /* --keep-bytes: how much of its output is logged (1 MiB unless said) */
     char *cgroups[MAX_CGROUPS];
     int ncg;
 };
@@ -910,7 +913,7 @@ struct entry {
 /* Parses options up to `--` (or the end); returns the index of the first argument after them. */
 static int parse_entry(int argc, char **argv, struct entry *e) {
     memset(e, 0, sizeof *e);
-    e->report_fd = e->sock_fd = e->env_fd = -1;
+    e->report_fd = e->sock_fd = e->env_fd = e->session_fd = -1;
     int i;
     for (i = 2; i < argc; i++) {
         const char *a = argv[i];
@@ -927,6 +930,9 @@ static int parse_entry(int argc, char **argv, struct entry *e) {
         else if (!strcmp(a, "--group")) {
             if (e->ngroups < 64) e->groups[e->ngroups++] = (gid_t)strtoul(v, NULL, 10);
         } else if (!strcmp(a, "--cwd")) e->cwd = v;
+        else if (!strcmp(a, "--keep")) e->keep = v;
+        else if (!strcmp(a, "--session-fd")) e->session_fd = (int)strtol(v, NULL, 10);
+        else if (!strcmp(a, "--keep-bytes")) e->keep_bytes = strtoll(v, NULL, 10);
         else if (!strcmp(a, "--report-fd")) e->report_fd = (int)strtol(v, NULL, 10);
         else if (!strcmp(a, "--env-fd")) e->env_fd = (int)strtol(v, NULL, 10);
         else if (!strcmp(a, "--pid-start")) e->start_time = strtoull(v, NULL, 10);
@@ -1002,6 +1008,8 @@ static void become_user(const struct entry *e, int for_exec) {
 }
 
 /* Parent side of exec and broker: report the child's host PID, then relay its exit status. */
+static int relay_status(int status);
+
 static int wait_and_relay(pid_t child, int report_fd) {
     if (report_fd >= 0) {
         dprintf(report_fd, "h %d\n", child);
@@ -1022,6 +1030,11 @@ static int wait_and_relay(pid_t child, int report_fd) {
     int status;
     while (waitpid(child, &status, 0) < 0)
         if (errno != EINTR) return 125;
+    return relay_status(status);
+}
+
+/* Exit as the command did: with its exit code, or killed by the same signal. */
+static int relay_status(int status) {
     if (WIFEXITED(status)) return WEXITSTATUS(status);
     int sig = WTERMSIG(status);
     signal(sig, SIG_DFL);
@@ -1064,6 +1077,244 @@ static char **read_env(int fd) {
     return envp;
 }
 
+/*
+ * --keep DIR (exec, not with --pty): this helper keeps the command's I/O, so that the command outlives the
+ * server (envd/processes.py, "kept processes"). The command gets pipes of ours; we relay its output to
+ * the server's descriptors (our 1 and 2, blocking: the server's pace is the command's, as before) and log
+ * it in DIR (out.0 / out.1, each truncated in turn: the last --keep-bytes/2..--keep-bytes of it), and relay our 0
+ * to its stdin. The server also holds a session socket with us (--session-fd): "c" on it means that the
+ * client closed stdin (the command then gets EOF once what was written is through); the session's end
+ * means that the server went away: the command runs on, its output only logged, its stdin open. A new
+ * server attaches through DIR/ctl (a SOCK_SEQPACKET socket in a directory only host root reaches): it sends the output
+ * offset to start from and three descriptors (stdout, stderr, stdin); the logged output from that offset
+ * is written to them first, and that connection is the new session. At the command's exit, DIR/status
+ * says how it ended.
+ * DIR's files are opened (and ctl bound) before we enter the sandbox: they are host paths.
+ */
+#include <poll.h>
+#include <sys/un.h>
+#include <time.h>
+
+#define KEEP_CHUNK 65536
+#define KEEP_GRACE_MS 200 /* after the command's exit, how long output still held open (a background
+                           * grandchild) is waited for */
+
+struct keep_rec {
+    uint32_t kind, len; /* kind: 1 stdout, 2 stderr */
+    uint64_t offset;    /* of its first byte in all the output so far */
+};
+
+struct keep {
+    int log[2], cur, status_fd, listen_fd, session;
+    off_t size, half; /* bytes in the current file; its limit */
+    uint64_t offset;
+};
+
+static void keep_open(struct keep *k, const char *dir, int session, long long bytes) {
+    memset(k, 0, sizeof *k);
+    k->session = session;
+    k->half = bytes / 2 < 4096 ? 4096 : (off_t)(bytes / 2);
+    int dirfd = open(dir, O_DIRECTORY | O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (dirfd < 0) die("open %s", dir);
+    const char *names[] = {"out.0", "out.1", "status"};
+    int *fds[] = {&k->log[0], &k->log[1], &k->status_fd};
+    for (int i = 0; i < 3; i++) {
+        *fds[i] = openat(dirfd, names[i], O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
+        if (*fds[i] < 0) die("open %s/%s", dir, names[i]);
+    }
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    snprintf(addr.sun_path, sizeof addr.sun_path, "/proc/self/fd/%d/ctl", dirfd); /* any length of DIR */
+    k->listen_fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (k->listen_fd < 0 || bind(k->listen_fd, (struct sockaddr *)&addr, sizeof addr) < 0 || listen(k->listen_fd, 4) < 0)
+        die("ctl socket in %s", dir);
+    close(dirfd);
+}
+
+static void keep_log(struct keep *k, uint32_t kind, const char *buf, size_t n) {
+    if (k->size >= k->half) {
+        k->cur ^= 1;
+        if (ftruncate(k->log[k->cur], 0) < 0) return;
+        k->size = 0;
+    }
+    struct keep_rec h = {kind, (uint32_t)n, k->offset};
+    k->offset += n;
+    /* best effort: a full host disk costs the log, never the command */
+    if (pwrite(k->log[k->cur], &h, sizeof h, k->size) != (ssize_t)sizeof h) return;
+    if (pwrite(k->log[k->cur], buf, n, k->size + (off_t)sizeof h) != (ssize_t)n) return;
+    k->size += (off_t)(sizeof h + n);
+}
+
+static int write_all(int fd, const char *p, size_t n) {
+    while (n) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) return -1;
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+static void close_fd(int *fd) {
+    if (*fd >= 0) close(*fd);
+    *fd = -1;
+}
+
+/* The logged output from `from` on, to the server's new descriptors (older file first). */
+static void keep_replay(struct keep *k, uint64_t from, int *out, int *err) {
+    static char buf[KEEP_CHUNK];
+    for (int i = 0; i < 2; i++) {
+        int fd = k->log[i == 0 ? k->cur ^ 1 : k->cur];
+        off_t pos = 0, end = lseek(fd, 0, SEEK_END);
+        struct keep_rec h;
+        while (pos + (off_t)sizeof h <= end && pread(fd, &h, sizeof h, pos) == (ssize_t)sizeof h) {
+            pos += (off_t)sizeof h;
+            if (h.len > KEEP_CHUNK || pos + h.len > end) break;
+            if (h.offset >= from) {
+                int *to = h.kind == 1 ? out : err;
+                if (*to >= 0 && (pread(fd, buf, h.len, pos) != (ssize_t)h.len || write_all(*to, buf, h.len) < 0))
+                    close_fd(to);
+            }
+            pos += h.len;
+        }
+    }
+}
+
+/* A server attaches: {uint64 offset} + SCM_RIGHTS {stdout, stderr, stdin}. */
+static void keep_attach(struct keep *k, int *out, int *err, int *in) {
+    /* Only host root reaches DIR (0700 directories of root's, outside every sandbox's mount namespace);
+     * SO_PEERCRED would not say more: we are in the sandbox's user namespace, where host root is unmapped. */
+    int c = accept4(k->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+    if (c < 0) return;
+    uint64_t from = 0;
+    char control[CMSG_SPACE(3 * sizeof(int))];
+    struct iovec iov = {&from, sizeof from};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control, .msg_controllen = sizeof control};
+    ssize_t n = recvmsg(c, &msg, MSG_CMSG_CLOEXEC);
+    struct cmsghdr *cm = n == (ssize_t)sizeof from ? CMSG_FIRSTHDR(&msg) : NULL;
+    if (!cm || cm->cmsg_type != SCM_RIGHTS || cm->cmsg_len != CMSG_LEN(3 * sizeof(int))) {
+        if (cm && cm->cmsg_type == SCM_RIGHTS) /* close whatever came */
+            for (int *f = (int *)CMSG_DATA(cm); (char *)f < (char *)cm + cm->cmsg_len; f++) close(*f);
+        close(c);
+        return;
+    }
+    int fds[3];
+    memcpy(fds, CMSG_DATA(cm), sizeof fds);
+    close_fd(out);
+    close_fd(err);
+    close_fd(in);
+    *out = fds[0];
+    *err = fds[1];
+    *in = fds[2];
+    fcntl(*in, F_SETFL, O_NONBLOCK);
+    keep_replay(k, from, out, err);
+    close_fd(&k->session);
+    k->session = c; /* open while that server lives */
+    (void)!write(c, "k", 1);
+}
+
+/* The session with the server: 1 if it asked to close stdin, -1 if it is gone (or went), 0 otherwise. */
+static int keep_session(struct keep *k) {
+    if (k->session < 0) return -1;
+    char c;
+    ssize_t n = recv(k->session, &c, 1, MSG_DONTWAIT);
+    if (n == 1) return c == 'c';
+    if (n < 0 && (errno == EAGAIN || errno == EINTR)) return 0;
+    close_fd(&k->session);
+    return -1;
+}
+
+static long long now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000LL + ts.tv_nsec / 1000000;
+}
+
+/* The relay (see above); returns the command's wait status. */
+static int keep_relay(struct keep *k, pid_t child, int c_out, int c_err, int c_in) {
+    static char buf[KEEP_CHUNK], inbuf[KEEP_CHUNK];
+    int srv_out = 1, srv_err = 2, srv_in = c_in >= 0 ? 0 : -1;
+    if (srv_in >= 0) fcntl(srv_in, F_SETFL, O_NONBLOCK);
+    fcntl(c_out, F_SETFL, O_NONBLOCK);
+    fcntl(c_err, F_SETFL, O_NONBLOCK);
+    if (c_in >= 0) fcntl(c_in, F_SETFL, O_NONBLOCK);
+    int pidfd = (int)syscall(SYS_pidfd_open, child, 0);
+    if (pidfd < 0) die("pidfd_open");
+    size_t in_len = 0, in_off = 0;
+    int in_eof = 0, closing = 0, status = 0, reaped = 0;
+    long long exited_at = 0;
+    for (;;) {
+        if (reaped && c_out < 0 && c_err < 0) break;
+        int timeout = -1;
+        if (reaped) {
+            long long left = exited_at + KEEP_GRACE_MS - now_ms();
+            if (left <= 0) break;
+            timeout = (int)left;
+        }
+        struct pollfd p[7];
+        int np = 0, i_out = -1, i_err = -1, i_sin = -1, i_cin = -1, i_pid = -1, i_ses = -1, i_lis;
+        if (k->session >= 0) { p[np] = (struct pollfd){k->session, POLLIN, 0}; i_ses = np++; }
+        if (c_out >= 0) { p[np] = (struct pollfd){c_out, POLLIN, 0}; i_out = np++; }
+        if (c_err >= 0) { p[np] = (struct pollfd){c_err, POLLIN, 0}; i_err = np++; }
+        if (srv_in >= 0 && !in_len && c_in >= 0) { p[np] = (struct pollfd){srv_in, POLLIN, 0}; i_sin = np++; }
+        if (c_in >= 0 && in_len) { p[np] = (struct pollfd){c_in, POLLOUT, 0}; i_cin = np++; }
+        if (!reaped) { p[np] = (struct pollfd){pidfd, POLLIN, 0}; i_pid = np++; }
+        p[np] = (struct pollfd){k->listen_fd, POLLIN, 0};
+        i_lis = np++;
+        int r = poll(p, (nfds_t)np, timeout);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) break;
+        int *outs[2] = {&c_out, &c_err}, idx[2] = {i_out, i_err}, *srvs[2] = {&srv_out, &srv_err};
+        for (int s = 0; s < 2; s++) {
+            if (idx[s] < 0 || !p[idx[s]].revents) continue;
+            ssize_t n = read(*outs[s], buf, sizeof buf);
+            if (n < 0 && (errno == EAGAIN || errno == EINTR)) continue;
+            if (n <= 0) {
+                close_fd(outs[s]);
+                continue;
+            }
+            keep_log(k, (uint32_t)s + 1, buf, (size_t)n);
+            if (*srvs[s] >= 0 && write_all(*srvs[s], buf, (size_t)n) < 0) close_fd(srvs[s]); /* server gone */
+        }
+        if (i_ses >= 0 && p[i_ses].revents && keep_session(k) == 1) closing = 1;
+        if (i_sin >= 0 && p[i_sin].revents) {
+            ssize_t n = read(srv_in, inbuf, sizeof inbuf);
+            if (n > 0) {
+                in_len = (size_t)n;
+                in_off = 0;
+            } else if (n == 0 || (errno != EAGAIN && errno != EINTR)) {
+                close_fd(&srv_in);
+                /* the client closed stdin ("c" comes before the pipe's end); else the server went away and
+                 * the command's stdin stays open for the next one */
+                if (closing || keep_session(k) == 1) in_eof = 1;
+            }
+        }
+        if (i_cin >= 0 && p[i_cin].revents) {
+            ssize_t w = write(c_in, inbuf + in_off, in_len - in_off);
+            if (w > 0) {
+                in_off += (size_t)w;
+                if (in_off == in_len) in_len = in_off = 0;
+            } else if (w < 0 && errno != EAGAIN && errno != EINTR) {
+                close_fd(&c_in); /* the command closed its stdin */
+                in_len = in_off = 0;
+            }
+        }
+        if (in_eof && !in_len) close_fd(&c_in);
+        if (i_pid >= 0 && p[i_pid].revents && waitpid(child, &status, WNOHANG) == child) {
+            reaped = 1;
+            exited_at = now_ms();
+        }
+        if (p[i_lis].revents) keep_attach(k, &srv_out, &srv_err, &srv_in);
+    }
+    if (!reaped)
+        while (waitpid(child, &status, 0) < 0 && errno == EINTR) {}
+    char line[64];
+    int n = WIFEXITED(status) ? snprintf(line, sizeof line, "exit %d\n", WEXITSTATUS(status))
+                              : snprintf(line, sizeof line, "signal %d\n", WTERMSIG(status));
+    (void)!pwrite(k->status_fd, line, (size_t)n, 0);
+    return status;
+}
+
 static int cmd_exec(int argc, char **argv) {
     struct entry e;
     int i = parse_entry(argc, argv, &e);
@@ -1071,11 +1322,26 @@ static int cmd_exec(int argc, char **argv) {
     if (e.env_fd >= 0) fcntl(e.env_fd, F_SETFD, FD_CLOEXEC);
     if (i >= argc) die("exec needs -- argv");
     char **cmd = argv + i;
+    struct keep k;
+    int c_out[2] = {-1, -1}, c_err[2] = {-1, -1}, c_in[2] = {-1, -1};
+    if (e.keep) {
+        if (e.pty) die("--keep is not for --pty");
+        if (e.session_fd < 0) die("--keep needs --session-fd");
+        fcntl(e.session_fd, F_SETFD, FD_CLOEXEC);
+        keep_open(&k, e.keep, e.session_fd, e.keep_bytes > 0 ? e.keep_bytes : 1 << 20);
+        struct stat st;
+        /* our stdin is the server's pipe (relayed), or /dev/null (given to the command as it is) */
+        if (pipe2(c_out, O_CLOEXEC) < 0 || pipe2(c_err, O_CLOEXEC) < 0 ||
+            (fstat(0, &st) == 0 && !S_ISCHR(st.st_mode) && pipe2(c_in, O_CLOEXEC) < 0))
+            die("pipe");
+    }
     enter_sandbox(&e);
     pid_t child = fork();
     if (child < 0) die("fork");
     if (child == 0) {
         signal(SIGPIPE, SIG_DFL);
+        if (e.keep && (dup2(c_out[1], 1) < 0 || dup2(c_err[1], 2) < 0 || (c_in[0] >= 0 && dup2(c_in[0], 0) < 0)))
+            die("dup2");
         /* Our PID as the sandbox sees it (report_fd is close-on-exec: gone once we exec). */
         if (e.report_fd >= 0) dprintf(e.report_fd, "c %d\n", getpid());
         if (e.pty) {
@@ -1095,7 +1361,20 @@ static int cmd_exec(int argc, char **argv) {
         dprintf(2, "sandboxd: cannot execute '%s': %s\n", cmd[0], strerror(err));
         _exit(err == ENOENT ? 127 : 126);
     }
-    return wait_and_relay(child, e.report_fd);
+    if (!e.keep) return wait_and_relay(child, e.report_fd);
+    close(c_out[1]);
+    close(c_err[1]);
+    if (c_in[0] >= 0) close(c_in[0]);
+    if (e.report_fd >= 0) {
+        dprintf(e.report_fd, "h %d\n", child);
+        close(e.report_fd);
+    }
+    signal(SIGINT, SIG_IGN);
+    signal(SIGTERM, SIG_IGN);
+    signal(SIGHUP, SIG_IGN);
+    signal(SIGPIPE, SIG_IGN);
+    prctl(PR_SET_NAME, "sandbox-exec", 0, 0, 0);
+    return relay_status(keep_relay(&k, child, c_out[0], c_err[0], c_in[1]));
 }
 
 /*

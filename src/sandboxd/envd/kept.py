@@ -1,0 +1,228 @@
+"""Processes that outlive the server process (beyond E2B: its #1074).
+
+Every command started through envd without a PTY runs under a *keeper*: the `sbxhelper exec` that started
+it stays its parent, holds its pipes, relays them to the server and logs its output in the sandbox's state
+dir, `<state>/procs/<id>/` (sbxhelper.c, keep_relay): `out.0`/`out.1` (the newest half to all of
+`--max-output-buffer-kib` of its output, records of stdout or stderr with their offsets), `status` (how it
+ended, once it has), `ctl` (a socket a new server attaches through) and `meta.json` (written here: its PID,
+its keeper, its config and tag). At most MAX_KEPT processes of a sandbox are kept at once.
+
+When the server goes away (a crash, a restart, an upgrade), the keepers keep the commands running, their
+output logged and their stdin open. The next server, the first time it is asked about a sandbox's
+processes, finds them here: a running one is attached again (new pipes sent to its keeper, which first
+writes the logged output into them), so it is listed, `connect(pid)` follows it with the output it wrote
+meanwhile, and stdin, signals and its end work as before; one that ended meanwhile can still be connected
+to once: its logged output, then its end.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from protobuf import Oneof
+
+from sandboxd.envd.gen.process import process_pb as pb
+from sandboxd.runtime import pids
+
+if TYPE_CHECKING:
+    from sandboxd.envd.processes import Proc, ProcessTable
+
+log = logging.getLogger("sandboxd.envd")
+
+PROCS = "procs"  # in the sandbox's state dir
+META = "meta.json"
+_REC = struct.Struct("=IIQ")  # kind (1 stdout, 2 stderr), length, offset (sbxhelper.c, struct keep_rec)
+MAX_REC = 65536
+MAX_KEPT = 64  # kept processes running at once in one sandbox
+
+
+def room(table: ProcessTable) -> bool:
+    """May one more process of this sandbox be kept? Each keeps up to `output_buffer_bytes` of output on
+    the host's disk: MAX_KEPT of them bound what a sandbox can make the host hold. Past that, a command
+    runs as before (it ends with the server)."""
+    return sum(1 for p in table.by_pid.values() if p.keep_dir is not None and not p.done.is_set()) < MAX_KEPT
+
+
+def new_dir(state_dir: Path) -> Path:
+    procs = state_dir / PROCS
+    procs.mkdir(mode=0o700, exist_ok=True)
+    d = procs / os.urandom(8).hex()
+    d.mkdir(mode=0o700)
+    return d
+
+
+def write_meta(d: Path, proc: Proc, keeper_pid: int, stdin: bool) -> None:
+    meta = {
+        "pid": proc.pid,
+        "host_pid": proc.host_pid,
+        "keeper_pid": keeper_pid,
+        "keeper_start": pids.start_time(keeper_pid),
+        "tag": proc.tag,
+        "config": proc.config.to_json(),
+        "stdin": stdin,
+    }
+    tmp = d / (META + ".tmp")
+    tmp.write_text(json.dumps(meta))
+    os.rename(tmp, d / META)  # whole or absent: a crash between spawn and here leaves a process unlisted
+
+
+def returncode_of(status: str) -> int | None:
+    """Popen's returncode from a keeper's status file ("exit N" / "signal N"), None if it has none."""
+    kind, _, value = status.strip().partition(" ")
+    if not value.lstrip("-").isdigit():
+        return None
+    return int(value) if kind == "exit" else -int(value) if kind == "signal" else None
+
+
+class KeeperWatch:
+    """What Proc needs of a Popen, for a keeper that is not our child (it was the previous server's)."""
+
+    def __init__(self, pid: int, status: Path) -> None:
+        self.pid = pid
+        self.status = status
+        self.returncode: int | None = None
+        self.pidfd: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is not None:
+            return self.returncode
+        if self.pidfd is not None and pids.is_alive(self.pidfd):
+            return None
+        try:
+            code = returncode_of(self.status.read_text())
+        except OSError:
+            code = None
+        # no status: the keeper died with its command (killed with the sandbox's cgroup, or a reboot)
+        self.returncode = code if code is not None else -signal.SIGKILL
+        return self.returncode
+
+
+def read_log(d: Path) -> list[tuple[str, bytes]]:
+    """The logged output, oldest first: (stdout|stderr, data) records (the older file first)."""
+    files = []
+    for name in ("out.0", "out.1"):
+        with contextlib.suppress(OSError):
+            data = (d / name).read_bytes()
+            first = _REC.unpack_from(data, 0)[2] if len(data) >= _REC.size else None
+            files.append((first, data))
+    files.sort(key=lambda f: -1 if f[0] is None else f[0])
+    out: list[tuple[str, bytes]] = []
+    for _, data in files:
+        pos = 0
+        while pos + _REC.size <= len(data):
+            kind, length, _ = _REC.unpack_from(data, pos)
+            pos += _REC.size
+            if length > MAX_REC or pos + length > len(data):
+                break
+            out.append(("stdout" if kind == 1 else "stderr", data[pos : pos + length]))
+            pos += length
+    return out
+
+
+def readopt(table: ProcessTable, state_dir: Path) -> None:
+    """Register the kept processes of a previous server run in `table` (the sandbox's, just made)."""
+    from sandboxd.envd.processes import Proc
+
+    procs = state_dir / PROCS
+    if not procs.is_dir():
+        return
+    for d in sorted(procs.iterdir()):
+        try:
+            meta = json.loads((d / META).read_text())
+            config = pb.ProcessConfig.from_json(meta["config"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not written whole (the server died right after the spawn): left to the sandbox's end
+        proc = Proc(table, config, meta.get("tag"), pty=False)
+        proc.pid, proc.host_pid, proc.keep_dir = int(meta["pid"]), int(meta["host_pid"]), d
+        watch = KeeperWatch(int(meta["keeper_pid"]), d / "status")
+        try:
+            watch.pidfd = pids.open_checked(watch.pid, start=meta.get("keeper_start"))
+        except pids.ProcessChanged as e:
+            log.warning("process %s: its keeper is gone: %s", meta.get("pid"), e)
+            watch.pidfd = None
+        if watch.pidfd is None or not _attach(proc, watch, d, bool(meta.get("stdin"))):
+            _ended_meanwhile(proc, watch, d)
+        table.add(proc)
+        log.info(
+            "process %d (%s) of a previous server run taken over",
+            proc.pid,
+            "running" if not proc.done.is_set() else "ended",
+        )
+
+
+def _attach(proc: Proc, watch: KeeperWatch, d: Path, stdin: bool) -> bool:
+    """Give the keeper new pipes (it writes its logged output into them first) and follow them."""
+    import asyncio
+
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    in_r, in_w = os.pipe() if stdin else (os.open(os.devnull, os.O_RDONLY), -1)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    dirfd = os.open(d, os.O_PATH | os.O_DIRECTORY)
+    try:
+        sock.connect(f"/proc/self/fd/{dirfd}/ctl")
+        sock.sendmsg(
+            [struct.pack("=Q", 0)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [out_w, err_w, in_r]))]
+        )
+    except OSError as e:
+        log.warning("process %d: attaching to its keeper failed: %s", proc.pid, e)
+        sock.close()
+        for fd in (out_r, out_w, err_r, err_w, in_r, in_w):
+            if fd >= 0:
+                os.close(fd)
+        return False
+    finally:
+        os.close(dirfd)
+    for fd in (out_w, err_w, in_r):
+        os.close(fd)
+    proc.session = sock  # open while we follow it: the keeper tells a closed stdin from a gone server by it
+    proc.out_fds = {out_r: "stdout", err_r: "stderr"}
+    for fd in proc.out_fds:
+        os.set_blocking(fd, False)
+    if in_w >= 0:
+        os.set_blocking(in_w, False)
+        proc.stdin_fd = in_w
+    proc.popen = watch
+    loop = asyncio.get_running_loop()
+    assert watch.pidfd is not None
+    proc._pidfd = watch.pidfd
+    loop.add_reader(watch.pidfd, proc._on_exit)
+    with contextlib.suppress(pids.ProcessChanged):
+        proc._child_pidfd = pids.open_checked(proc.host_pid, parent=watch.pid)
+    proc.paused = set(proc.out_fds)
+    proc._pace()
+    return True
+
+
+def _ended_meanwhile(proc: Proc, watch: KeeperWatch, d: Path) -> None:
+    """A process that ended while no server ran: its logged output and its end, for one Connect."""
+    code = watch.poll()
+    if watch.pidfd is not None:
+        os.close(watch.pidfd)
+        watch.pidfd = None
+    for kind, data in read_log(d):
+        proc._keep(kind, data)
+    proc._exited = True
+    proc.popen = watch
+    proc.ended_meanwhile = True
+    proc._finish_with(code if code is not None else -signal.SIGKILL)
+
+
+def forget(d: Path | None) -> None:
+    if d is not None:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def end_event(code: int, exited: bool, status: str, error: str | None) -> pb.ProcessEvent:
+    end = pb.ProcessEvent.EndEvent(exit_code=code, exited=exited, status=status, error=error)
+    return pb.ProcessEvent(event=Oneof("end", end))  # type: ignore[arg-type]
