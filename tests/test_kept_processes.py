@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from e2b import CommandExitException, Sandbox
+from e2b import CommandExitException, PtySize, Sandbox
 from e2b.exceptions import NotFoundException
 
 from conftest import Server, host_pids_of, start_server
@@ -111,5 +111,48 @@ def test_a_command_taken_over_can_be_killed_and_its_output_is_bounded(tmp_path: 
         assert 512 << 10 <= len(out) <= (1 << 20) + 65536, len(out)
         assert out.endswith(f"{99999:09d}" * 8 + "\n"), "the newest output is kept"
         assert flood.pid not in {p.pid for p in again.commands.list()}
+    finally:
+        assert srv2.stop() == 0
+
+
+def test_a_terminal_outlives_a_server_crash(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    srv = start_server(data, keep=True)
+    env = _env(srv)
+    sbx = Sandbox.create(template="base", timeout=300, **env)
+    term = sbx.pty.create(PtySize(rows=24, cols=80))
+    sbx.pty.send_stdin(term.pid, b"export MARK=kept-$((6*7)); echo $MARK\n")
+    seen = bytearray()
+    for _, _, pty in term:
+        seen += pty or b""
+        if b"kept-42\r\n" in seen:
+            break
+    port = int(srv.url.rsplit(":", 1)[1])
+    srv.stop(signal.SIGKILL)
+    srv2 = start_server(data, port=port)
+    try:
+        again = Sandbox.connect(sbx.sandbox_id, **env)
+        assert term.pid in [p.pid for p in again.commands.list()]
+        follow = again.pty.connect(term.pid)
+        out = bytearray()
+
+        def until(needle: bytes) -> None:
+            deadline = time.monotonic() + 20
+            for _, _, pty in follow:
+                out.extend(pty or b"")
+                if needle in out or time.monotonic() > deadline:
+                    break
+            assert needle in out, bytes(out)[-300:]
+
+        until(b"kept-42\r\n")  # what it wrote before the crash, replayed
+        again.pty.send_stdin(term.pid, b"echo still $MARK; stty size\n")  # the same shell, its state kept
+        until(b"still kept-42\r\n24 80")
+        again.pty.resize(term.pid, PtySize(rows=40, cols=120))
+        again.pty.send_stdin(term.pid, b"stty size\n")
+        until(b"40 120")
+        again.pty.send_stdin(term.pid, b"exit 4\n")
+        with pytest.raises(CommandExitException) as ended:
+            follow.wait()
+        assert ended.value.exit_code == 4
     finally:
         assert srv2.stop() == 0

@@ -1,6 +1,6 @@
 """Processes that outlive the server process (beyond E2B: its #1074).
 
-Every command started through envd without a PTY runs under a *keeper*: the `sbxhelper exec` that started
+Every command started through envd (a terminal's too) runs under a *keeper*: the `sbxhelper exec` that started
 it stays its parent, holds its pipes, relays them to the server and logs its output in the sandbox's state
 dir, `<state>/procs/<id>/` (sbxhelper.c, keep_relay): `out.0`/`out.1` (the newest half to all of
 `--max-output-buffer-kib` of its output, records of stdout or stderr with their offsets), `status` (how it
@@ -41,7 +41,7 @@ log = logging.getLogger("sandboxd.envd")
 
 PROCS = "procs"  # in the sandbox's state dir
 META = "meta.json"
-_REC = struct.Struct("=IIQ")  # kind (1 stdout, 2 stderr), length, offset (sbxhelper.c, struct keep_rec)
+_REC = struct.Struct("=IIQ")  # kind (1 stdout, 2 stderr, 3 pty), length, offset (sbxhelper.c, keep_rec)
 MAX_REC = 65536
 MAX_KEPT = 64  # kept processes running at once in one sandbox
 
@@ -70,6 +70,7 @@ def write_meta(d: Path, proc: Proc, keeper_pid: int, stdin: bool) -> None:
         "tag": proc.tag,
         "config": proc.config.to_json(),
         "stdin": stdin,
+        "pty": proc.is_pty,
     }
     tmp = d / (META + ".tmp")
     tmp.write_text(json.dumps(meta))
@@ -124,7 +125,7 @@ def read_log(d: Path) -> list[tuple[str, bytes]]:
             pos += _REC.size
             if length > MAX_REC or pos + length > len(data):
                 break
-            out.append(("stdout" if kind == 1 else "stderr", data[pos : pos + length]))
+            out.append(({1: "stdout", 2: "stderr"}.get(kind, "pty"), data[pos : pos + length]))
             pos += length
     return out
 
@@ -142,7 +143,7 @@ def readopt(table: ProcessTable, state_dir: Path) -> None:
             config = pb.ProcessConfig.from_json(meta["config"])
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not written whole (the server died right after the spawn): left to the sandbox's end
-        proc = Proc(table, config, meta.get("tag"), pty=False)
+        proc = Proc(table, config, meta.get("tag"), pty=bool(meta.get("pty")))
         proc.pid, proc.host_pid, proc.keep_dir = int(meta["pid"]), int(meta["host_pid"]), d
         watch = KeeperWatch(int(meta["keeper_pid"]), d / "status")
         try:
@@ -150,7 +151,7 @@ def readopt(table: ProcessTable, state_dir: Path) -> None:
         except pids.ProcessChanged as e:
             log.warning("process %s: its keeper is gone: %s", meta.get("pid"), e)
             watch.pidfd = None
-        if watch.pidfd is None or not _attach(proc, watch, d, bool(meta.get("stdin"))):
+        if watch.pidfd is None or not _attach(proc, watch, d, bool(meta.get("stdin")) or proc.is_pty):
             _ended_meanwhile(proc, watch, d)
         table.add(proc)
         log.info(
@@ -186,7 +187,11 @@ def _attach(proc: Proc, watch: KeeperWatch, d: Path, stdin: bool) -> bool:
     for fd in (out_w, err_w, in_r):
         os.close(fd)
     proc.session = sock  # open while we follow it: the keeper tells a closed stdin from a gone server by it
-    proc.out_fds = {out_r: "stdout", err_r: "stderr"}
+    if proc.is_pty:  # one stream of a terminal's output; nothing comes on the other pipe
+        os.close(err_r)
+        proc.out_fds = {out_r: "pty"}
+    else:
+        proc.out_fds = {out_r: "stdout", err_r: "stderr"}
     for fd in proc.out_fds:
         os.set_blocking(fd, False)
     if in_w >= 0:

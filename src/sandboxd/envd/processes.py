@@ -155,8 +155,24 @@ class Proc:
         loop = asyncio.get_running_loop()
         report_r, report_w = os.pipe()
         child_fds: list[int] = [report_w]
+        keeping = runtime.keeps_processes and kept.room(self.table)
+        pty: tuple[int, int] | None = None
         try:
-            if self.is_pty:
+            if self.is_pty and keeping:
+                # its keeper holds the terminal (envd/kept.py): we get its output and give its input by pipes
+                master, slave = runtime.open_pty(handle)
+                child_fds += [master, slave]
+                if size:
+                    _set_winsize(slave, *size)
+                out_r, out_w = os.pipe()
+                in_r, in_w = os.pipe()
+                child_fds += [out_w, in_r]
+                stdio = (in_r, out_w, out_w)
+                pty = (master, slave)
+                self.stdin_fd = in_w
+                os.set_blocking(in_w, False)
+                self.out_fds = {out_r: "pty"}
+            elif self.is_pty:
                 master, slave = runtime.open_pty(handle)
                 if size:
                     _set_winsize(slave, *size)
@@ -183,11 +199,11 @@ class Proc:
             self._oom_before = _oom_kills(runtime, handle)
             self._oom_probe = (runtime, handle)
             keep = None
-            if runtime.keeps_processes and not self.is_pty and kept.room(self.table):
+            if keeping:
                 self.keep_dir = kept.new_dir(handle.state_dir)
                 self.session, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 child_fds.append(theirs.detach())
-                keep = Keep(self.keep_dir, child_fds[-1], self.limits.output_buffer_bytes)
+                keep = Keep(self.keep_dir, child_fds[-1], self.limits.output_buffer_bytes, pty)
             self.popen = runtime.spawn_exec(handle, spec, stdio, report_fd=report_w, keep=keep)
         except BaseException:
             for fd in [*child_fds, *self.out_fds, *([self.stdin_fd] if self.stdin_fd else []), report_r]:
@@ -498,7 +514,7 @@ class Proc:
         async with self._stdin_lock:  # concurrent writers keep their order
             view = memoryview(data)
             while view:
-                fd = self.master_fd if self.is_pty else self.stdin_fd
+                fd = self.master_fd if self.master_fd is not None else self.stdin_fd
                 if fd is None:
                     raise ProcessGone("stdin is not open for this process (start it with stdin enabled)")
                 try:
@@ -540,6 +556,10 @@ class Proc:
             pids.signal_group(self._child_pidfd, sig)
 
     def resize(self, cols: int, rows: int) -> None:
+        if self.is_pty and self.master_fd is None and self.session is not None and not self.done.is_set():
+            with contextlib.suppress(OSError):  # its keeper holds the terminal
+                self.session.send(b"r" + struct.pack("=HH", rows, cols))
+            return
         if self.master_fd is None:
             raise ProcessGone(f"process {self.pid} has no PTY")
         _set_winsize(self.master_fd, rows, cols)

@@ -110,6 +110,7 @@ class Keep:
     dir: Path
     session_fd: int
     log_bytes: int = 1 << 20  # how much of its output the keeper logs (the newest)
+    pty: tuple[int, int] | None = None  # a terminal's (master, slave): the keeper relays the master
 
 
 @dataclass

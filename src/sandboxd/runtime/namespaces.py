@@ -338,6 +338,9 @@ class NamespaceRuntime(Runtime):
                 fds.append(keep.session_fd)
                 argv[2:2] = ["--keep", str(keep.dir), "--session-fd", str(keep.session_fd)]
                 argv[2:2] = ["--keep-bytes", str(keep.log_bytes)]
+                if keep.pty is not None:
+                    fds += keep.pty
+                    argv[2:2] = ["--pty-master-fd", str(keep.pty[0]), "--pty-slave-fd", str(keep.pty[1])]
             return subprocess.Popen(
                 argv,
                 stdin=stdio[0],

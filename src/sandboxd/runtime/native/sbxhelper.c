@@ -906,6 +906,7 @@ struct entry {
     const char *keep; /* --keep DIR: see keep_relay */
     int session_fd;   /* --session-fd, with --keep */
     long long keep_bytes; /* --keep-bytes: how much of its output is logged (1 MiB unless said) */
+    int pty_master, pty_slave; /* --pty-master-fd, --pty-slave-fd: with --keep --pty */
     char *cgroups[MAX_CGROUPS];
     int ncg;
 };
@@ -913,7 +914,7 @@ struct entry {
 /* Parses options up to `--` (or the end); returns the index of the first argument after them. */
 static int parse_entry(int argc, char **argv, struct entry *e) {
     memset(e, 0, sizeof *e);
-    e->report_fd = e->sock_fd = e->env_fd = e->session_fd = -1;
+    e->report_fd = e->sock_fd = e->env_fd = e->session_fd = e->pty_master = e->pty_slave = -1;
     int i;
     for (i = 2; i < argc; i++) {
         const char *a = argv[i];
@@ -933,6 +934,8 @@ static int parse_entry(int argc, char **argv, struct entry *e) {
         else if (!strcmp(a, "--keep")) e->keep = v;
         else if (!strcmp(a, "--session-fd")) e->session_fd = (int)strtol(v, NULL, 10);
         else if (!strcmp(a, "--keep-bytes")) e->keep_bytes = strtoll(v, NULL, 10);
+        else if (!strcmp(a, "--pty-master-fd")) e->pty_master = (int)strtol(v, NULL, 10);
+        else if (!strcmp(a, "--pty-slave-fd")) e->pty_slave = (int)strtol(v, NULL, 10);
         else if (!strcmp(a, "--report-fd")) e->report_fd = (int)strtol(v, NULL, 10);
         else if (!strcmp(a, "--env-fd")) e->env_fd = (int)strtol(v, NULL, 10);
         else if (!strcmp(a, "--pid-start")) e->start_time = strtoull(v, NULL, 10);
@@ -1078,7 +1081,7 @@ static char **read_env(int fd) {
 }
 
 /*
- * --keep DIR (exec, not with --pty): this helper keeps the command's I/O, so that the command outlives the
+ * --keep DIR (exec): this helper keeps the command's I/O, so that the command outlives the
  * server (envd/processes.py, "kept processes"). The command gets pipes of ours; we relay its output to
  * the server's descriptors (our 1 and 2, blocking: the server's pace is the command's, as before) and log
  * it in DIR (out.0 / out.1, each truncated in turn: the last --keep-bytes/2..--keep-bytes of it), and relay our 0
@@ -1088,7 +1091,8 @@ static char **read_env(int fd) {
  * server attaches through DIR/ctl (a SOCK_SEQPACKET socket in a directory only host root reaches): it sends the output
  * offset to start from and three descriptors (stdout, stderr, stdin); the logged output from that offset
  * is written to them first, and that connection is the new session. At the command's exit, DIR/status
- * says how it ended.
+ * says how it ended. With --pty, the command's stdio is the terminal's slave and we relay its master
+ * instead (the session also carries "r" + rows + cols: a resize).
  * DIR's files are opened (and ctl bound) before we enter the sandbox: they are host paths.
  */
 #include <poll.h>
@@ -1106,6 +1110,7 @@ struct keep_rec {
 
 struct keep {
     int log[2], cur, status_fd, listen_fd, session;
+    int pty; /* the terminal's master (--pty): resized on the session's request */
     off_t size, half; /* bytes in the current file; its limit */
     uint64_t offset;
 };
@@ -1113,6 +1118,7 @@ struct keep {
 static void keep_open(struct keep *k, const char *dir, int session, long long bytes) {
     memset(k, 0, sizeof *k);
     k->session = session;
+    k->pty = -1;
     k->half = bytes / 2 < 4096 ? 4096 : (off_t)(bytes / 2);
     int dirfd = open(dir, O_DIRECTORY | O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
     if (dirfd < 0) die("open %s", dir);
@@ -1171,7 +1177,7 @@ static void keep_replay(struct keep *k, uint64_t from, int *out, int *err) {
             pos += (off_t)sizeof h;
             if (h.len > KEEP_CHUNK || pos + h.len > end) break;
             if (h.offset >= from) {
-                int *to = h.kind == 1 ? out : err;
+                int *to = h.kind == 2 ? err : out;
                 if (*to >= 0 && (pread(fd, buf, h.len, pos) != (ssize_t)h.len || write_all(*to, buf, h.len) < 0))
                     close_fd(to);
             }
@@ -1216,9 +1222,17 @@ static void keep_attach(struct keep *k, int *out, int *err, int *in) {
 /* The session with the server: 1 if it asked to close stdin, -1 if it is gone (or went), 0 otherwise. */
 static int keep_session(struct keep *k) {
     if (k->session < 0) return -1;
-    char c;
-    ssize_t n = recv(k->session, &c, 1, MSG_DONTWAIT);
-    if (n == 1) return c == 'c';
+    unsigned char m[8];
+    ssize_t n = recv(k->session, m, sizeof m, MSG_DONTWAIT);
+    if (n > 0) {
+        if (m[0] == 'r' && n == 5 && k->pty >= 0) { /* a terminal's new size: rows, cols (host order) */
+            uint16_t rc[2];
+            memcpy(rc, m + 1, sizeof rc);
+            struct winsize ws = {.ws_row = rc[0], .ws_col = rc[1]};
+            ioctl(k->pty, TIOCSWINSZ, &ws);
+        }
+        return m[0] == 'c';
+    }
     if (n < 0 && (errno == EAGAIN || errno == EINTR)) return 0;
     close_fd(&k->session);
     return -1;
@@ -1232,11 +1246,12 @@ static long long now_ms(void) {
 
 /* The relay (see above); returns the command's wait status. */
 static int keep_relay(struct keep *k, pid_t child, int c_out, int c_err, int c_in) {
+    uint32_t out_kind = k->pty >= 0 ? 3 : 1; /* 3: a terminal's output (the server's "pty" events) */
     static char buf[KEEP_CHUNK], inbuf[KEEP_CHUNK];
     int srv_out = 1, srv_err = 2, srv_in = c_in >= 0 ? 0 : -1;
     if (srv_in >= 0) fcntl(srv_in, F_SETFL, O_NONBLOCK);
     fcntl(c_out, F_SETFL, O_NONBLOCK);
-    fcntl(c_err, F_SETFL, O_NONBLOCK);
+    if (c_err >= 0) fcntl(c_err, F_SETFL, O_NONBLOCK);
     if (c_in >= 0) fcntl(c_in, F_SETFL, O_NONBLOCK);
     int pidfd = (int)syscall(SYS_pidfd_open, child, 0);
     if (pidfd < 0) die("pidfd_open");
@@ -1273,7 +1288,7 @@ static int keep_relay(struct keep *k, pid_t child, int c_out, int c_err, int c_i
                 close_fd(outs[s]);
                 continue;
             }
-            keep_log(k, (uint32_t)s + 1, buf, (size_t)n);
+            keep_log(k, s ? 2 : out_kind, buf, (size_t)n); /* a terminal's master says EIO at its end */
             if (*srvs[s] >= 0 && write_all(*srvs[s], buf, (size_t)n) < 0) close_fd(srvs[s]); /* server gone */
         }
         if (i_ses >= 0 && p[i_ses].revents && keep_session(k) == 1) closing = 1;
@@ -1325,14 +1340,22 @@ static int cmd_exec(int argc, char **argv) {
     struct keep k;
     int c_out[2] = {-1, -1}, c_err[2] = {-1, -1}, c_in[2] = {-1, -1};
     if (e.keep) {
-        if (e.pty) die("--keep is not for --pty");
         if (e.session_fd < 0) die("--keep needs --session-fd");
         fcntl(e.session_fd, F_SETFD, FD_CLOEXEC);
         keep_open(&k, e.keep, e.session_fd, e.keep_bytes > 0 ? e.keep_bytes : 1 << 20);
         struct stat st;
-        /* our stdin is the server's pipe (relayed), or /dev/null (given to the command as it is) */
-        if (pipe2(c_out, O_CLOEXEC) < 0 || pipe2(c_err, O_CLOEXEC) < 0 ||
-            (fstat(0, &st) == 0 && !S_ISCHR(st.st_mode) && pipe2(c_in, O_CLOEXEC) < 0))
+        if (e.pty) {
+            /* a terminal: the command's stdio is its slave, we relay its master (output and input) */
+            if (e.pty_master < 0 || e.pty_slave < 0) die("--keep --pty needs --pty-master-fd and --pty-slave-fd");
+            fcntl(e.pty_master, F_SETFD, FD_CLOEXEC);
+            fcntl(e.pty_slave, F_SETFD, FD_CLOEXEC);
+            k.pty = e.pty_master;
+            c_out[0] = fcntl(e.pty_master, F_DUPFD_CLOEXEC, 3);
+            c_in[1] = fcntl(e.pty_master, F_DUPFD_CLOEXEC, 3);
+            if (c_out[0] < 0 || c_in[1] < 0) die("dup");
+        } else if (pipe2(c_out, O_CLOEXEC) < 0 || pipe2(c_err, O_CLOEXEC) < 0 ||
+                   /* our stdin is the server's pipe (relayed), or /dev/null (given to the command as it is) */
+                   (fstat(0, &st) == 0 && !S_ISCHR(st.st_mode) && pipe2(c_in, O_CLOEXEC) < 0))
             die("pipe");
     }
     enter_sandbox(&e);
@@ -1340,7 +1363,10 @@ static int cmd_exec(int argc, char **argv) {
     if (child < 0) die("fork");
     if (child == 0) {
         signal(SIGPIPE, SIG_DFL);
-        if (e.keep && (dup2(c_out[1], 1) < 0 || dup2(c_err[1], 2) < 0 || (c_in[0] >= 0 && dup2(c_in[0], 0) < 0)))
+        if (e.keep && e.pty && (dup2(e.pty_slave, 0) < 0 || dup2(e.pty_slave, 1) < 0 || dup2(e.pty_slave, 2) < 0))
+            die("dup2");
+        if (e.keep && !e.pty &&
+            (dup2(c_out[1], 1) < 0 || dup2(c_err[1], 2) < 0 || (c_in[0] >= 0 && dup2(c_in[0], 0) < 0)))
             die("dup2");
         /* Our PID as the sandbox sees it (report_fd is close-on-exec: gone once we exec). */
         if (e.report_fd >= 0) dprintf(e.report_fd, "c %d\n", getpid());
@@ -1362,8 +1388,9 @@ static int cmd_exec(int argc, char **argv) {
         _exit(err == ENOENT ? 127 : 126);
     }
     if (!e.keep) return wait_and_relay(child, e.report_fd);
-    close(c_out[1]);
-    close(c_err[1]);
+    if (e.pty) close(e.pty_slave); /* the command's end of it: EIO on the master once it and its children close theirs */
+    if (c_out[1] >= 0) close(c_out[1]);
+    if (c_err[1] >= 0) close(c_err[1]);
     if (c_in[0] >= 0) close(c_in[0]);
     if (e.report_fd >= 0) {
         dprintf(e.report_fd, "h %d\n", child);
