@@ -1,11 +1,12 @@
 """Processes that outlive the server process (beyond E2B: its #1074).
 
-Every command started through envd (a terminal's too) runs under a *keeper*: the `sbxhelper exec` that started
-it stays its parent, holds its pipes, relays them to the server and logs its output in the sandbox's state
-dir, `<state>/procs/<id>/` (sbxhelper.c, keep_relay): `out.0`/`out.1` (the newest half to all of
-`--max-output-buffer-kib` of its output, records of stdout or stderr with their offsets), `status` (how it
-ended, once it has), `ctl` (a socket a new server attaches through) and `meta.json` (written here: its PID,
-its keeper, its config and tag). At most MAX_KEPT processes of a sandbox are kept at once.
+Every command started through envd (a terminal's too) runs under a *keeper*: the `sbxhelper exec` that
+started it stays its parent, holds its pipes, relays them to the server and logs its output in the
+sandbox's state dir, `<state>/procs/<id>/` (sbxhelper.c, keep_relay): `out.0`/`out.1` (the newest half to
+all of `--max-output-buffer-kib` of its output, records of stdout, stderr or a terminal with their
+offsets; made only once it writes), `status` (how it ended, if no server was there to hear it), `ctl` (a
+socket a new server attaches through) and `meta.json` (written here: its PID, its keeper, its config and
+tag). At most MAX_KEPT processes of a sandbox are kept at once.
 
 When the server goes away (a crash, a restart, an upgrade), the keepers keep the commands running, their
 output logged and their stdin open. The next server, the first time it is asked about a sandbox's
@@ -50,6 +51,8 @@ def room(table: ProcessTable) -> bool:
     """May one more process of this sandbox be kept? Each keeps up to `output_buffer_bytes` of output on
     the host's disk: MAX_KEPT of them bound what a sandbox can make the host hold. Past that, a command
     runs as before (it ends with the server)."""
+    if os.environ.get("SANDBOXD_AB_NOKEEP"):
+        return False
     return sum(1 for p in table.by_pid.values() if p.keep_dir is not None and not p.done.is_set()) < MAX_KEPT
 
 
@@ -72,9 +75,12 @@ def write_meta(d: Path, proc: Proc, keeper_pid: int, stdin: bool) -> None:
         "stdin": stdin,
         "pty": proc.is_pty,
     }
-    tmp = d / (META + ".tmp")
-    tmp.write_text(json.dumps(meta))
-    os.rename(tmp, d / META)  # whole or absent: a crash between spawn and here leaves a process unlisted
+    # (not atomic: a crash halfway through leaves a record readopt skips, and the command unlisted)
+    fd = os.open(d / META, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, json.dumps(meta).encode())
+    finally:
+        os.close(fd)
 
 
 def returncode_of(status: str) -> int | None:
@@ -223,8 +229,21 @@ def _ended_meanwhile(proc: Proc, watch: KeeperWatch, d: Path) -> None:
     proc._finish_with(code if code is not None else -signal.SIGKILL)
 
 
+FILES = ("ctl", META, "out.0", "out.1", "status")  # all a record dir may hold
+
+
 def forget(d: Path | None) -> None:
-    if d is not None:
+    """Remove a record (its few known files, then the dir: cheaper than a tree walk on every command's end)."""
+    if d is None:
+        return
+    for name in FILES:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(d / name)
+    try:
+        os.rmdir(d)
+    except FileNotFoundError:
+        pass
+    except OSError:  # something else in it (not ours): the sandbox's end removes it
         shutil.rmtree(d, ignore_errors=True)
 
 

@@ -241,11 +241,16 @@ class Proc:
             # The helper failed before running the command (its message is on stderr): report a pid
             # the table cannot confuse with a real one.
             self.pid = self.table.synthetic_pid()
-        elif self.keep_dir is not None:
-            try:
-                kept.write_meta(self.keep_dir, self, self.popen.pid, stdin)
-            except OSError as e:  # the command runs; only a server restart would lose it
-                log.warning("process %d: keeping its record failed: %s", self.pid, e)
+        elif self.keep_dir is not None:  # after the start event is out: off the command's round trip
+            loop.call_soon(self._write_meta, self.popen.pid, stdin)
+
+    def _write_meta(self, keeper_pid: int, stdin: bool) -> None:
+        if self.keep_dir is None or self.done.is_set():
+            return
+        try:
+            kept.write_meta(self.keep_dir, self, keeper_pid, stdin)
+        except OSError as e:  # the command runs; only a server restart would lose it
+            log.warning("process %d: keeping its record failed: %s", self.pid, e)
 
     # -- output --------------------------------------------------------------------------------
     def _on_readable(self, fd: int) -> None:
@@ -430,7 +435,8 @@ class Proc:
         self.backlog.clear()
         self.backlog_cost = 0
         self.table.forget(self)
-        kept.forget(self.keep_dir)
+        if self.keep_dir is not None:  # once the end event is out
+            asyncio.get_running_loop().call_soon(kept.forget, self.keep_dir)
 
     # -- control -------------------------------------------------------------------------------
     def kill_at(self, when: float) -> None:

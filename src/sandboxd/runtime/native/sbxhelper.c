@@ -1090,8 +1090,8 @@ static char **read_env(int fd) {
  * means that the server went away: the command runs on, its output only logged, its stdin open. A new
  * server attaches through DIR/ctl (a SOCK_SEQPACKET socket in a directory only host root reaches): it sends the output
  * offset to start from and three descriptors (stdout, stderr, stdin); the logged output from that offset
- * is written to them first, and that connection is the new session. At the command's exit, DIR/status
- * says how it ended. With --pty, the command's stdio is the terminal's slave and we relay its master
+ * is written to them first, and that connection is the new session. If no server is there at the
+ * command's exit, DIR/status says how it ended. With --pty, the command's stdio is the terminal's slave and we relay its master
  * instead (the session also carries "r" + rows + cols: a resize).
  * DIR's files are opened (and ctl bound) before we enter the sandbox: they are host paths.
  */
@@ -1109,7 +1109,8 @@ struct keep_rec {
 };
 
 struct keep {
-    int log[2], cur, status_fd, listen_fd, session;
+    int dir, log[2], cur, listen_fd, session;
+    int attached; /* a server other than our parent follows us: it learns the end from DIR/status */
     int pty; /* the terminal's master (--pty): resized on the session's request */
     off_t size, half; /* bytes in the current file; its limit */
     uint64_t offset;
@@ -1118,28 +1119,29 @@ struct keep {
 static void keep_open(struct keep *k, const char *dir, int session, long long bytes) {
     memset(k, 0, sizeof *k);
     k->session = session;
-    k->pty = -1;
+    k->pty = k->log[0] = k->log[1] = -1;
     k->half = bytes / 2 < 4096 ? 4096 : (off_t)(bytes / 2);
-    int dirfd = open(dir, O_DIRECTORY | O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-    if (dirfd < 0) die("open %s", dir);
-    const char *names[] = {"out.0", "out.1", "status"};
-    int *fds[] = {&k->log[0], &k->log[1], &k->status_fd};
-    for (int i = 0; i < 3; i++) {
-        *fds[i] = openat(dirfd, names[i], O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
-        if (*fds[i] < 0) die("open %s/%s", dir, names[i]);
-    }
+    k->dir = open(dir, O_DIRECTORY | O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (k->dir < 0) die("open %s", dir);
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
-    snprintf(addr.sun_path, sizeof addr.sun_path, "/proc/self/fd/%d/ctl", dirfd); /* any length of DIR */
+    snprintf(addr.sun_path, sizeof addr.sun_path, "/proc/self/fd/%d/ctl", k->dir); /* any length of DIR */
     k->listen_fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (k->listen_fd < 0 || bind(k->listen_fd, (struct sockaddr *)&addr, sizeof addr) < 0 || listen(k->listen_fd, 4) < 0)
         die("ctl socket in %s", dir);
-    close(dirfd);
+}
+
+/* A file of DIR, made when first needed (a command that writes nothing makes none): through the directory's
+ * descriptor, opened while the host's paths were ours. */
+static int keep_file(struct keep *k, const char *name) {
+    return openat(k->dir, name, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
 }
 
 static void keep_log(struct keep *k, uint32_t kind, const char *buf, size_t n) {
-    if (k->size >= k->half) {
-        k->cur ^= 1;
-        if (ftruncate(k->log[k->cur], 0) < 0) return;
+    if (k->log[k->cur] < 0 || k->size >= k->half) {
+        if (k->log[k->cur] >= 0) k->cur ^= 1;
+        if (k->log[k->cur] < 0) k->log[k->cur] = keep_file(k, k->cur ? "out.1" : "out.0");
+        else if (ftruncate(k->log[k->cur], 0) < 0) return;
+        if (k->log[k->cur] < 0) return;
         k->size = 0;
     }
     struct keep_rec h = {kind, (uint32_t)n, k->offset};
@@ -1171,6 +1173,7 @@ static void keep_replay(struct keep *k, uint64_t from, int *out, int *err) {
     static char buf[KEEP_CHUNK];
     for (int i = 0; i < 2; i++) {
         int fd = k->log[i == 0 ? k->cur ^ 1 : k->cur];
+        if (fd < 0) continue;
         off_t pos = 0, end = lseek(fd, 0, SEEK_END);
         struct keep_rec h;
         while (pos + (off_t)sizeof h <= end && pread(fd, &h, sizeof h, pos) == (ssize_t)sizeof h) {
@@ -1216,6 +1219,7 @@ static void keep_attach(struct keep *k, int *out, int *err, int *in) {
     keep_replay(k, from, out, err);
     close_fd(&k->session);
     k->session = c; /* open while that server lives */
+    k->attached = 1;
     (void)!write(c, "k", 1);
 }
 
@@ -1326,7 +1330,10 @@ static int keep_relay(struct keep *k, pid_t child, int c_out, int c_err, int c_i
     char line[64];
     int n = WIFEXITED(status) ? snprintf(line, sizeof line, "exit %d\n", WEXITSTATUS(status))
                               : snprintf(line, sizeof line, "signal %d\n", WTERMSIG(status));
-    (void)!pwrite(k->status_fd, line, (size_t)n, 0);
+    if (k->attached || keep_session(k) < 0) { /* no server hears it from our exit status: it goes in DIR */
+        int fd = keep_file(k, "status");
+        if (fd >= 0) (void)!pwrite(fd, line, (size_t)n, 0);
+    }
     return status;
 }
 
