@@ -795,11 +795,19 @@ def build_rows(
         row("idle mem: PSS of processes", "MiB", mem(sm, "pss_mib"), mem(fm, "pss_mib"), per_holder),
         # the rows above run with each sandbox's own 10 GiB disk (the default); this one without
         row(
-            "create → 1st cmd, no pool, no disk quota",
+            "create → 1st cmd, no pool, no quota, not kept",
             "ms",
             summary(noquota["create_first_cmd"]),
             summary(floor["oneshot"]),
             oneshot,
+        ),
+        # what the command's keeper (processes that outlive the server: envd/kept.py) costs an exec
+        row(
+            "exec, kept (floor: not kept)",
+            "ms",
+            summary(sbx["exec"]),
+            summary(noquota["exec"]),
+            "the same exec on a server with --max-kept-processes 0",
         ),
     ]
 
@@ -917,8 +925,9 @@ def main() -> int:
         Server(workdir / "files", []),
         Server(workdir / "interp", ["--prewarm", interp.TEMPLATE]),
         Server(workdir / "interp-nopool", ["--pool-size", "0"]),
-        # The disk quota (runtime/quota.py) is on by default: this one shows what it costs a create.
-        Server(workdir / "nopool-noquota", ["--pool-size", "0", "--disk-mb", "0"]),
+        # The disk quota (runtime/quota.py) and kept processes (envd/kept.py) are on by default: this one
+        # shows what they cost a create, and the keeper an exec.
+        Server(workdir / "nopool-noquota", ["--pool-size", "0", "--disk-mb", "0", "--max-kept-processes", "0"]),
         Server(workdir / "noisy", []),
         Server(workdir / "net", ["--dns", net.DNS, "--egress-ca-file", str(workdir / "lab" / "ca.pem")]),
         # template builds get a templates dir of their own (the built-in templates linked in): a cold build
@@ -930,7 +939,7 @@ def main() -> int:
     holders: list[Holder] = []
     sbx: dict[str, Any] = {"create_call": [], "create_first_cmd": [], "pool_ready": [], "exec": [], "memory": None}
     cold: dict[str, Any] = {"create_call": [], "create_first_cmd": [], "pool_ready": []}
-    noquota: dict[str, Any] = {"create_call": [], "create_first_cmd": [], "pool_ready": []}
+    noquota: dict[str, Any] = {"create_call": [], "create_first_cmd": [], "pool_ready": [], "exec": []}
     floor: dict[str, Any] = {
         "oneshot": [],
         "holder_start": [],
@@ -1057,11 +1066,12 @@ def main() -> int:
                 phase("sandboxd create, no pool", lambda: sbx_create(n, dl, nopool, cold, paced=False))
             errors.extend(nopool.kill_all())
             nopool.server.stop()
-            if phase("start sandboxd --pool-size 0 --disk-mb 0", nopool_noquota.server.start):
+            if phase("start sandboxd --pool-size 0 --disk-mb 0 --max-kept-processes 0", nopool_noquota.server.start):
                 phase(
                     "sandboxd create, no pool, no disk quota",
                     lambda: sbx_create(n, dl, nopool_noquota, noquota, paced=False),
                 )
+                phase("sandboxd exec, no kept processes", lambda: sbx_exec(n, dl, nopool_noquota, noquota["exec"]))
             errors.extend(nopool_noquota.kill_all())
             nopool_noquota.server.stop()
             phase("floor create (one-shot)", lambda: floor_oneshot(n, dl, floor["oneshot"]))

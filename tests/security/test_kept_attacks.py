@@ -5,6 +5,7 @@ host's disk is bounded per process and per sandbox."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from e2b import Sandbox
@@ -38,14 +39,16 @@ def test_keepers_are_out_of_the_sandboxs_reach(server: Server) -> None:
 
 
 def test_what_keepers_hold_on_the_host_is_bounded(server: Server) -> None:
-    from sandboxd.envd.kept import MAX_KEPT
+    from sandboxd.core.tenant_limits import TenantLimits
+
+    cap = TenantLimits().kept_processes
 
     sbx = Sandbox.create(template="base", timeout=120)
     try:
-        handles = [sbx.commands.run("sleep 1000", background=True) for _ in range(MAX_KEPT + 3)]
+        handles = [sbx.commands.run("sleep 1000", background=True) for _ in range(cap + 3)]
         kept = [d for d in _procs_dir(server, sbx.sandbox_id).iterdir() if (d / "meta.json").exists()]
-        assert len(kept) == MAX_KEPT, len(kept)
-        assert len(sbx.commands.list()) == MAX_KEPT + 3, "processes past the cap run all the same"
+        assert len(kept) == cap, len(kept)
+        assert len(sbx.commands.list()) == cap + 3, "processes past the cap run all the same"
         # a flood of output: its log stays within the output buffer (1 MiB by default) on the host
         sbx.commands.run("head -c 20000000 /dev/zero | tr '\\0' x; true", timeout=60)
         for d in _procs_dir(server, sbx.sandbox_id).iterdir():
@@ -53,5 +56,10 @@ def test_what_keepers_hold_on_the_host_is_bounded(server: Server) -> None:
             assert size <= (1 << 20) + 65536 + 16, (d, size)
         for h in handles:
             h.kill()
+        # each record goes with its command: none is left on the host
+        deadline = time.monotonic() + 10
+        while any(_procs_dir(server, sbx.sandbox_id).iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not list(_procs_dir(server, sbx.sandbox_id).iterdir())
     finally:
         sbx.kill()

@@ -160,6 +160,13 @@ def main(argv: list[str] | None = None) -> int:
         "pipe until one connects (default %(default)s)",
     )
     p_serve.add_argument(
+        "--max-kept-processes",
+        type=int,
+        default=limits.kept_processes,
+        help="processes per sandbox that outlive the server process (a restart or crash): their output is "
+        "kept on disk and the next start takes them over; 0 = none (default %(default)s)",
+    )
+    p_serve.add_argument(
         "--max-process-streams",
         type=int,
         default=limits.process_streams,
@@ -324,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                 watched_dirs=args.max_watched_dirs,
                 concurrent_requests=args.max_concurrent_requests,
                 stalled_stream_seconds=args.stalled_stream_seconds,
+                kept_processes=max(0, args.max_kept_processes),
             ),
         )
         serve(

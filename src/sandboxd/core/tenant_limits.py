@@ -32,3 +32,7 @@ class TenantLimits:
     watched_dirs: int = 8192
     # envd requests in flight per sandbox, other than process streams and WatchDir (capped above).
     concurrent_requests: int = 64
+    # Processes per sandbox that outlive the server process (envd/kept.py): each keeps up to
+    # output_buffer_bytes of its output on the host's disk. Past that, commands end with the server;
+    # 0 keeps none (and saves the ~1-2 ms a keeper adds to a command's round trip).
+    kept_processes: int = 64

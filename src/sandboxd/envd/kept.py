@@ -6,7 +6,7 @@ sandbox's state dir, `<state>/procs/<id>/` (sbxhelper.c, keep_relay): `out.0`/`o
 all of `--max-output-buffer-kib` of its output, records of stdout, stderr or a terminal with their
 offsets; made only once it writes), `status` (how it ended, if no server was there to hear it), `ctl` (a
 socket a new server attaches through) and `meta.json` (written here: its PID, its keeper, its config and
-tag). At most MAX_KEPT processes of a sandbox are kept at once.
+tag). At most `kept_processes` (core/tenant_limits.py) of a sandbox's processes are kept at once.
 
 When the server goes away (a crash, a restart, an upgrade), the keepers keep the commands running, their
 output logged and their stdin open. The next server, the first time it is asked about a sandbox's
@@ -44,21 +44,21 @@ PROCS = "procs"  # in the sandbox's state dir
 META = "meta.json"
 _REC = struct.Struct("=IIQ")  # kind (1 stdout, 2 stderr, 3 pty), length, offset (sbxhelper.c, keep_rec)
 MAX_REC = 65536
-MAX_KEPT = 64  # kept processes running at once in one sandbox
 
 
 def room(table: ProcessTable) -> bool:
     """May one more process of this sandbox be kept? Each keeps up to `output_buffer_bytes` of output on
-    the host's disk: MAX_KEPT of them bound what a sandbox can make the host hold. Past that, a command
-    runs as before (it ends with the server)."""
-    if os.environ.get("SANDBOXD_AB_NOKEEP"):
-        return False
-    return sum(1 for p in table.by_pid.values() if p.keep_dir is not None and not p.done.is_set()) < MAX_KEPT
+    the host's disk: `kept_processes` of them bound what a sandbox can make the host hold. Past that, a
+    command runs as before (it ends with the server)."""
+    cap = table.limits.kept_processes
+    return cap > 0 and sum(1 for p in table.by_pid.values() if p.keep_dir is not None and not p.done.is_set()) < cap
 
 
-def new_dir(state_dir: Path) -> Path:
+def new_dir(state_dir: Path, table: ProcessTable) -> Path:
     procs = state_dir / PROCS
-    procs.mkdir(mode=0o700, exist_ok=True)
+    if not table.procs_made:
+        procs.mkdir(mode=0o700, exist_ok=True)
+        table.procs_made = True
     d = procs / os.urandom(8).hex()
     d.mkdir(mode=0o700)
     return d

@@ -200,7 +200,7 @@ class Proc:
             self._oom_probe = (runtime, handle)
             keep = None
             if keeping:
-                self.keep_dir = kept.new_dir(handle.state_dir)
+                self.keep_dir = kept.new_dir(handle.state_dir, self.table)
                 self.session, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 child_fds.append(theirs.detach())
                 keep = Keep(self.keep_dir, child_fds[-1], self.limits.output_buffer_bytes, pty)
@@ -249,6 +249,8 @@ class Proc:
             return
         try:
             kept.write_meta(self.keep_dir, self, keeper_pid, stdin)
+        except FileNotFoundError:  # it ended already and its keeper removed its record
+            pass
         except OSError as e:  # the command runs; only a server restart would lose it
             log.warning("process %d: keeping its record failed: %s", self.pid, e)
 
@@ -435,7 +437,9 @@ class Proc:
         self.backlog.clear()
         self.backlog_cost = 0
         self.table.forget(self)
-        if self.keep_dir is not None:  # once the end event is out
+        # Its keeper removed its record when it ended under us; one taken over from a previous run, or a
+        # keeper killed with its command, leaves it to us (once the end event is out).
+        if self.keep_dir is not None and (isinstance(self.popen, kept.KeeperWatch) or returncode < 0):
             asyncio.get_running_loop().call_soon(kept.forget, self.keep_dir)
 
     # -- control -------------------------------------------------------------------------------
@@ -583,6 +587,7 @@ class ProcessTable:
         self.by_pid: dict[int, Proc] = {}
         self.streams = 0
         self._synthetic = 1 << 30
+        self.procs_made = False  # its sandbox's dir of kept processes' records exists (envd/kept.py)
 
     def add(self, proc: Proc) -> None:
         self.by_pid[proc.pid] = proc

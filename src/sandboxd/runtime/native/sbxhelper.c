@@ -1091,7 +1091,7 @@ static char **read_env(int fd) {
  * server attaches through DIR/ctl (a SOCK_SEQPACKET socket in a directory only host root reaches): it sends the output
  * offset to start from and three descriptors (stdout, stderr, stdin); the logged output from that offset
  * is written to them first, and that connection is the new session. If no server is there at the
- * command's exit, DIR/status says how it ended. With --pty, the command's stdio is the terminal's slave and we relay its master
+ * command's exit, DIR/status says how it ended; else (the usual end) DIR is removed. With --pty, the command's stdio is the terminal's slave and we relay its master
  * instead (the session also carries "r" + rows + cols: a resize).
  * DIR's files are opened (and ctl bound) before we enter the sandbox: they are host paths.
  */
@@ -1109,7 +1109,8 @@ struct keep_rec {
 };
 
 struct keep {
-    int dir, log[2], cur, listen_fd, session;
+    int dir, parent, log[2], cur, listen_fd, session;
+    char name[64]; /* DIR's name in its parent */
     int attached; /* a server other than our parent follows us: it learns the end from DIR/status */
     int pty; /* the terminal's master (--pty): resized on the session's request */
     off_t size, half; /* bytes in the current file; its limit */
@@ -1123,6 +1124,11 @@ static void keep_open(struct keep *k, const char *dir, int session, long long by
     k->half = bytes / 2 < 4096 ? 4096 : (off_t)(bytes / 2);
     k->dir = open(dir, O_DIRECTORY | O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
     if (k->dir < 0) die("open %s", dir);
+    const char *slash = strrchr(dir, '/');
+    if (!slash || strlen(slash + 1) >= sizeof k->name) die("bad --keep %s", dir);
+    snprintf(k->name, sizeof k->name, "%s", slash + 1);
+    k->parent = openat(k->dir, "..", O_DIRECTORY | O_RDONLY | O_CLOEXEC);
+    if (k->parent < 0) die("open %s/..", dir);
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
     snprintf(addr.sun_path, sizeof addr.sun_path, "/proc/self/fd/%d/ctl", k->dir); /* any length of DIR */
     k->listen_fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
@@ -1333,6 +1339,13 @@ static int keep_relay(struct keep *k, pid_t child, int c_out, int c_err, int c_i
     if (k->attached || keep_session(k) < 0) { /* no server hears it from our exit status: it goes in DIR */
         int fd = keep_file(k, "status");
         if (fd >= 0) (void)!pwrite(fd, line, (size_t)n, 0);
+    } else { /* the usual end: the server that started us hears it; nothing of DIR is needed any more */
+        static const char *const files[] = {"ctl", "meta.json", "out.0", "out.1"};
+        /* (the server may be writing meta.json right now, for a command this short: then again) */
+        for (int tries = 0; tries < 3; tries++) {
+            for (size_t i = 0; i < sizeof files / sizeof *files; i++) unlinkat(k->dir, files[i], 0);
+            if (unlinkat(k->parent, k->name, AT_REMOVEDIR) == 0 || errno != ENOTEMPTY) break;
+        }
     }
     return status;
 }
