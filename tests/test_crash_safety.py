@@ -66,6 +66,7 @@ class Load:
         self.lock = threading.Lock()
         self.doubtful: set[str] = set()  # a kill was in flight: may or may not have happened
         self.uploaded: set[str] = set()
+        self.stopped: set[str] = set()  # paused to their files (their processes ended) at least once
         self.ops = 0
 
     def run(self) -> None:
@@ -118,8 +119,12 @@ class Load:
         sid = self._pick()
         if sid is None:
             return
+        memory = self.rng.choice([True, False])
+        if not memory:
+            with self.lock:
+                self.stopped.add(sid)
         with self.srv.api() as api:  # frozen in memory, or stopped with its files kept
-            api.post(f"/sandboxes/{sid}/pause", json={"memory": self.rng.choice([True, False])})
+            api.post(f"/sandboxes/{sid}/pause", json={"memory": memory})
             api.post(f"/sandboxes/{sid}/connect", json={"timeout": 600})
 
     def snapshot(self) -> None:
@@ -139,7 +144,7 @@ def _delete_snapshots(srv: Server) -> None:
                 api.delete(f"/templates/{snap['snapshotID']}")
 
 
-def _check(srv: Server, data: Path, load: Load) -> int:
+def _check(srv: Server, data: Path, load: Load, sleepers: dict[str, int]) -> int:
     listed = _listed(srv)
     known = load.live - load.doubtful
     assert known <= set(listed), f"sandboxes lost by the crash: {sorted(known - set(listed))}"
@@ -155,6 +160,8 @@ def _check(srv: Server, data: Path, load: Load) -> int:
     def works(sid: str) -> None:
         s = Sandbox.connect(sid, timeout=600, **_env(srv))  # type: ignore[arg-type]  # resumes a paused one
         assert s.commands.run("echo ok").stdout == "ok\n", sid
+        if sid in sleepers and sid not in load.stopped:  # its process outlived every crash (envd/kept.py)
+            assert sleepers[sid] in [p.pid for p in s.commands.list()], f"{sid}: its running process was lost"
         if sid in load.uploaded:
             left = s.commands.run("ls -a /home/user").stdout.split()
             assert not [n for n in left if n.startswith(".sandboxd-upload-")], (sid, left)
@@ -183,6 +190,8 @@ def test_sigkill_at_random_moments_under_load(tmp_path: Path) -> None:
     port = int(srv.url.rsplit(":", 1)[1])
     live: set[str] = set()
     handles = []
+    sleepers: dict[str, int] = {}
+    stopped: set[str] = set()
     ops = 0
     try:
         with ThreadPoolExecutor(4) as ex:
@@ -190,8 +199,10 @@ def test_sigkill_at_random_moments_under_load(tmp_path: Path) -> None:
         for s in made:
             live.add(s.sandbox_id)
             handles.append(s.commands.run("sleep 100000", background=True))  # open streams at the crash
+            sleepers[s.sandbox_id] = handles[-1].pid
         for rnd in range(ROUNDS):
             load = Load(srv, live, rng)
+            load.stopped = stopped
             workers = [threading.Thread(target=load.run, daemon=True) for _ in range(WORKERS)]
             for w in workers:
                 w.start()
@@ -203,7 +214,7 @@ def test_sigkill_at_random_moments_under_load(tmp_path: Path) -> None:
                 w.join(timeout=60)
             srv = start_server(data, *SERVER_ARGS, port=port, keep=True)
             try:
-                checked = _check(srv, data, load)
+                checked = _check(srv, data, load, sleepers)
             except AssertionError as e:
                 raise AssertionError(f"round {rnd} (seed {seed}, {load.ops} operations done): {e}") from None
             live = load.live
