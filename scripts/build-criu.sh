@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Builds CRIU 4.1.1 (checkpoint/restore: pause to disk) from Debian's source archive, once, into
-# $DATA_DIR/tools/criu-4.1.1/criu. Debian bookworm's criu 3.17 fails on kernels from 6.13 on (the vDSO
-# is split in three mappings: checkpoint-restore/criu#2532), and trixie's binary package needs glibc 2.38;
-# the upstream source that trixie packages builds on bookworm in about a minute.
+# Builds CRIU 4.2.1 (checkpoint/restore: pause to disk) from Debian's source archive, once, into
+# $DATA_DIR/tools/criu-4.2.1/criu. Debian bookworm's criu 3.17 fails on kernels from 6.13 on (the vDSO
+# is split in three mappings: checkpoint-restore/criu#2532), newer binary packages need a newer glibc;
+# the upstream source that Debian packages builds on bookworm in about a minute. 4.2, not trixie's 4.1.1:
+# 4.1.1 cannot dump an open TCP or UDP socket on kernels from 6.16 on ("Can't get 1:16 opt: Operation not
+# supported", fixed in 4.2), and a sandbox's services and the code interpreter's kernels hold such sockets.
 #   bash scripts/build-criu.sh            # prints the path of the built criu
 set -euo pipefail
 
-VERSION=4.1.1
-# from Debian trixie's Sources index (main/source/Sources.xz: criu 4.1.1-1, Checksums-Sha256)
-SHA256=f80a66cb3726bb2116266d4759ce3bcbfab7abdb6b6d430bf20dd41911717afe
+VERSION=4.2.1
+# from Debian sid's Sources index (main/source/Sources.xz: criu 4.2.1-1, Checksums-Sha256)
+SHA256=29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9
 MIRROR=${SANDBOXD_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 DATA_DIR=${SANDBOXD_DATA_DIR:-/var/lib/sandboxd}
 DEST=$DATA_DIR/tools/criu-$VERSION
