@@ -491,6 +491,21 @@ def test_device_files_error_quickly(sandbox: Sandbox, server: Server) -> None:
     assert sandbox.files.read("/etc/hostname").strip() == sandbox.sandbox_id
 
 
+def test_refused_downloads_hold_no_server_file_descriptor(sandbox: Sandbox, server: Server) -> None:
+    """A download refused for what the path is (a device, a directory, a FIFO) must not leave the file the
+    broker opened open in the server: a tenant could otherwise exhaust the server's descriptors."""
+    run_as(sandbox, f"mkfifo {HOME}/leakfifo", "user")
+    fds = Path(f"/proc/{server.proc.pid}/fd")
+    with httpx.Client(base_url=server.url, headers=envd_headers(sandbox), timeout=10) as http:
+        http.get("/files", params={"path": "/dev/zero"})  # warm up whatever the first request opens
+        before = len(list(fds.iterdir()))
+        for _ in range(30):
+            for path in ("/dev/zero", "/dev/null", HOME, f"{HOME}/leakfifo"):
+                assert http.get("/files", params={"path": path}).status_code == 400
+        after = len(list(fds.iterdir()))
+    assert after - before < 10, f"the server holds {after - before} more descriptors after 120 refused downloads"
+
+
 def test_fifos_and_sockets_do_not_hang(sandbox: Sandbox) -> None:
     run_as(
         sandbox,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -18,6 +17,7 @@ from starlette.routing import Route
 from sandboxd.core.errors import BadRequest, Conflict, NotFound, SandboxdError
 from sandboxd.core.limits import RequestLimits
 from sandboxd.core.manager import SandboxManager
+from sandboxd.fdio import ThreadFd
 from sandboxd.volumes.content import ContentError, Owner, Upload, VolumeFiles
 from sandboxd.volumes.store import Volume, VolumeConflict, VolumeError, VolumeNotFound, VolumeStore
 
@@ -166,16 +166,17 @@ def volume_routes(manager: SandboxManager, limits: RequestLimits, body: Callable
     async def read_file(request: Request) -> Response:
         files = await files_of(request)
         fd, size = await run(files.open_read, _path_param(request))
+        guard = ThreadFd(fd)  # a download cut short closes it only once its read in progress is done
 
         async def chunks() -> AsyncIterator[bytes]:
             try:
                 while True:
-                    data = await asyncio.to_thread(os.read, fd, CHUNK)
+                    data = await asyncio.to_thread(guard.read, CHUNK)
                     if not data:
                         return
                     yield data
             finally:
-                os.close(fd)
+                guard.close()
 
         return StreamingResponse(chunks(), media_type="application/octet-stream", headers={"Content-Length": str(size)})
 

@@ -33,6 +33,7 @@ from starlette.types import Receive, Scope, Send
 from sandboxd.core.manager import Sandbox, SandboxManager
 from sandboxd.core.users import User, lookup_user
 from sandboxd.envd import fs, uploads, watch
+from sandboxd.fdio import ThreadFd
 from sandboxd.runtime.broker import Broker, BrokerGone, BrokerTimeout
 
 READ_CHUNK = 1 << 20
@@ -177,8 +178,10 @@ class FilesEndpoint:
         try:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
+                os.close(fd)
                 return error(400, f"path '{fs.display_path(path)}' is a directory")
             if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
                 return error(400, f"path '{fs.display_path(path)}' is not a regular file")
             os.set_blocking(fd, True)
         except BaseException:
@@ -352,10 +355,13 @@ async def _pipe_to_fd(chunks: AsyncIterator[bytes], fd: int) -> None:
     import asyncio
 
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(WRITE_QUEUE)
+    # the writer's own descriptor: if we are cancelled while its thread writes, the close below waits for
+    # that write, and nothing is ever written through a number the server reuses (fdio.py)
+    guard = ThreadFd(os.dup(fd))
 
     async def writer() -> None:
         while (data := await queue.get()) is not None:
-            await asyncio.to_thread(_write_all, fd, data)
+            await asyncio.to_thread(guard.write_all, data)
 
     task = asyncio.ensure_future(writer())
     try:
@@ -376,6 +382,7 @@ async def _pipe_to_fd(chunks: AsyncIterator[bytes], fd: int) -> None:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+        guard.close()
 
 
 async def _put(queue: asyncio.Queue[bytes | None], task: asyncio.Future[None], item: bytes | None) -> None:
@@ -387,12 +394,6 @@ async def _put(queue: asyncio.Queue[bytes | None], task: asyncio.Future[None], i
         put.cancel()
         raise error
     await put
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _parse_range(value: str, size: int) -> tuple[int, int] | None:
@@ -418,10 +419,11 @@ def _parse_range(value: str, size: int) -> tuple[int, int] | None:
 
 async def _read_range(fd: int, start: int, end: int, gzip: bool) -> AsyncIterator[bytes]:
     compressor = zlib.compressobj(1, zlib.DEFLATED, 31) if gzip else None  # fast level: speed over ratio
+    guard = ThreadFd(fd)  # a cancelled download's close waits for its read in progress (fdio.py)
     try:
         offset = start
         while offset < end:
-            data = await asyncio.to_thread(os.pread, fd, min(READ_CHUNK, end - offset), offset)
+            data = await asyncio.to_thread(guard.pread, min(READ_CHUNK, end - offset), offset)
             if not data:
                 break
             offset += len(data)
@@ -433,7 +435,7 @@ async def _read_range(fd: int, start: int, end: int, gzip: bool) -> AsyncIterato
         if compressor is not None:
             yield compressor.flush()
     finally:
-        os.close(fd)
+        guard.close()
 
 
 async def _decoded_body(request: Request) -> AsyncIterator[bytes]:

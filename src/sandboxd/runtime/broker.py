@@ -93,13 +93,16 @@ class Broker:
             try:
                 await asyncio.wait_for(ready, CALL_TIMEOUT)
             except TimeoutError:
+                # the reader goes first: after the close, `fileno` may already name another file's reader
+                loop.remove_reader(fileno)
                 self.close()
                 raise BrokerTimeout(
                     f"the sandbox's file service did not answer within {CALL_TIMEOUT:.0f} s (a process in the "
                     "sandbox may have stopped it); it was restarted, try again"
                 ) from None
             finally:
-                loop.remove_reader(fileno)
+                if self.sock.fileno() >= 0:
+                    loop.remove_reader(fileno)
             try:
                 data, fds, _flags, _addr = socket.recv_fds(self.sock, _REP.size + 4096, 1)
             except OSError as e:

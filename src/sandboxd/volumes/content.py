@@ -15,6 +15,7 @@ import contextlib
 import os
 import shutil
 import stat
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -341,23 +342,35 @@ class VolumeFiles:
 
 
 class Upload:
-    """A file being written (VolumeFiles.begin_write): `write` chunks, then `commit` or `abort`."""
+    """A file being written (VolumeFiles.begin_write): `write` chunks, then `commit` or `abort`. Called
+    from worker threads; an abort (a request cancelled mid-write) waits for the write in progress, so no
+    write ever goes through a descriptor number the server has reused (see fdio.py)."""
 
     def __init__(self, dirfd: int, fd: int, temp: str, parts: list[str], owner: Owner, ids: tuple[int, int]):
         self.dirfd, self.fd, self.temp, self.parts, self.owner, self.ids = dirfd, fd, temp, parts, owner, ids
         self.size = 0
+        self._lock = threading.RLock()
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
-        try:
-            while view:
-                n = os.write(self.fd, view)
-                view = view[n:]
-                self.size += n
-        except OSError as e:
-            raise _errno_error(e, self.parts) from None
+        with self._lock:
+            if self.fd < 0:
+                raise ContentError("the upload was cancelled")
+            try:
+                while view:
+                    n = os.write(self.fd, view)
+                    view = view[n:]
+                    self.size += n
+            except OSError as e:
+                raise _errno_error(e, self.parts) from None
 
     def commit(self) -> dict[str, Any]:
+        with self._lock:
+            return self._commit()
+
+    def _commit(self) -> dict[str, Any]:
+        if self.fd < 0:
+            raise ContentError("the upload was cancelled")
         try:
             uid = self.owner.uid if self.owner.uid is not None else self.ids[0]
             gid = self.owner.gid if self.owner.gid is not None else self.ids[1]
@@ -374,11 +387,17 @@ class Upload:
             self.close()
 
     def abort(self) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(self.temp, dir_fd=self.dirfd)
-        self.close()
+        with self._lock:
+            if self.dirfd >= 0:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.temp, dir_fd=self.dirfd)
+            self.close()
 
     def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         for name in ("fd", "dirfd"):
             fd = getattr(self, name)
             if fd >= 0:
