@@ -14,12 +14,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from sandboxd.core.errors import BadRequest, Conflict, NotFound, SandboxdError
+from sandboxd.core.errors import BadRequest, NotFound, SandboxdError
 from sandboxd.core.limits import RequestLimits
 from sandboxd.core.manager import SandboxManager
 from sandboxd.fdio import ThreadFd
-from sandboxd.volumes.content import ContentError, Owner, Upload, VolumeFiles
-from sandboxd.volumes.store import Volume, VolumeConflict, VolumeError, VolumeNotFound, VolumeStore
+from sandboxd.volumes.content import Owner, Upload, VolumeFiles
+from sandboxd.volumes.errors import VolumeError
+from sandboxd.volumes.store import Volume, VolumeStore
 
 CONTENT_PREFIX = "/volumecontent/"
 CHUNK = 1 << 20
@@ -36,20 +37,16 @@ class MetadataPatch(BaseModel):
     mode: int | None = None
 
 
-class ContentFailed(SandboxdError):
-    """A content API error with its own status (404 path not found, 409 exists, 507 full, ...)."""
+class Failed(SandboxdError):
+    """A volume error, or a refused token, with its own status (404 not found, 409 exists, 507 full...)."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
 
-
-def _volume_error(e: VolumeError) -> SandboxdError:
-    if isinstance(e, VolumeNotFound):
-        return NotFound(str(e))
-    if isinstance(e, VolumeConflict):
-        return Conflict(str(e))
-    return BadRequest(str(e))
+    @classmethod
+    def of(cls, e: VolumeError) -> Failed:
+        return cls(e.status, str(e))
 
 
 def _with_token(v: Volume) -> dict[str, Any]:
@@ -91,7 +88,7 @@ def volume_routes(manager: SandboxManager, limits: RequestLimits, body: Callable
         try:
             vol = await asyncio.to_thread(store().create, new.name, new.size_mb)
         except VolumeError as e:
-            raise _volume_error(e) from None
+            raise Failed.of(e) from None
         return JSONResponse(_with_token(vol), status_code=201)
 
     async def list_all(request: Request) -> Response:
@@ -101,7 +98,7 @@ def volume_routes(manager: SandboxManager, limits: RequestLimits, body: Callable
         try:
             return store().get(request.path_params["volume_id"])
         except VolumeError as e:
-            raise _volume_error(e) from None
+            raise Failed.of(e) from None
 
     async def get(request: Request) -> Response:
         return JSONResponse(_with_token(_get(request)))
@@ -111,7 +108,7 @@ def volume_routes(manager: SandboxManager, limits: RequestLimits, body: Callable
         try:
             await asyncio.to_thread(store().delete, vol, manager.volume_users(vol.volume_id))
         except VolumeError as e:
-            raise _volume_error(e) from None
+            raise Failed.of(e) from None
         return Response(status_code=204)
 
     # -- content -------------------------------------------------------------------------------
@@ -121,20 +118,20 @@ def volume_routes(manager: SandboxManager, limits: RequestLimits, body: Callable
         auth = request.headers.get("authorization", "")
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token:
-            raise ContentFailed(401, "missing volume token: send it as 'Authorization: Bearer <token>'")
+            raise Failed(401, "missing volume token: send it as 'Authorization: Bearer <token>'")
         vol = next((v for v in store().all() if v.volume_id == request.path_params["volume_id"]), None)
         if vol is None or not hmac.compare_digest(token.strip().encode(), vol.token.encode()):
-            raise ContentFailed(401, "the token is not valid for this volume (was the volume deleted?)")
+            raise Failed(401, "the token is not valid for this volume (was the volume deleted?)")
         try:
             return await asyncio.to_thread(store().files, vol)
         except VolumeError as e:
-            raise ContentFailed(500, str(e)) from None
+            raise Failed(500, str(e)) from None
 
     async def run(fn: Callable[..., Any], *args: Any) -> Any:
         try:
             return await asyncio.to_thread(fn, *args)
-        except ContentError as e:
-            raise ContentFailed(e.status, str(e)) from None
+        except VolumeError as e:
+            raise Failed.of(e) from None
 
     def owner(request: Request) -> Owner:
         return Owner(_int_param(request, "uid"), _int_param(request, "gid"), _int_param(request, "mode"))

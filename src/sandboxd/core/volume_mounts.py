@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from sandboxd.core.errors import BadRequest
 from sandboxd.runtime.base import RuntimeError_
-from sandboxd.volumes.store import VolumeError
+from sandboxd.volumes.errors import VolumeError
 
 if TYPE_CHECKING:
     from sandboxd.core.manager import Sandbox, SandboxManager

@@ -24,6 +24,7 @@ from typing import Any
 
 from sandboxd.runtime.rootfs import openat2
 from sandboxd.templates.uids import UID_RANGE, UID_SHIFT
+from sandboxd.volumes.errors import Conflict, NoSpace, NotFound, VolumeError
 
 MAX_PATH = 4096
 MAX_DEPTH = 32
@@ -31,22 +32,6 @@ MAX_ENTRIES = 50_000  # in one listing
 DEFAULT_FILE_MODE = 0o644
 DEFAULT_DIR_MODE = 0o755
 TEMP_PREFIX = ".sandboxd-upload-"  # an upload being written, renamed into place when whole
-
-
-class ContentError(Exception):
-    status = 400
-
-
-class PathNotFound(ContentError):
-    status = 404
-
-
-class Conflict(ContentError):
-    status = 409
-
-
-class NoSpace(ContentError):
-    status = 507
 
 
 @dataclass(frozen=True)
@@ -58,17 +43,17 @@ class Owner:
     def check(self) -> None:
         for name, value in (("uid", self.uid), ("gid", self.gid)):
             if value is not None and not 0 <= value < UID_RANGE:
-                raise ContentError(f"{name} must be from 0 to {UID_RANGE - 1} (an id inside sandboxes), not {value}")
+                raise VolumeError(f"{name} must be from 0 to {UID_RANGE - 1} (an id inside sandboxes), not {value}")
         if self.mode is not None and not 0 <= self.mode <= 0o7777:
-            raise ContentError(f"mode must be permission bits from 0 to 0o7777, not {self.mode:o}")
+            raise VolumeError(f"mode must be permission bits from 0 to 0o7777, not {self.mode:o}")
 
 
 def parts_of(path: str) -> list[str]:
     """The components of a path in the volume ("/" and "" are its root); `..` is resolved by the kernel."""
     if len(path) > MAX_PATH:
-        raise ContentError(f"path is longer than {MAX_PATH} characters")
+        raise VolumeError(f"path is longer than {MAX_PATH} characters")
     if "\0" in path:
-        raise ContentError("path contains a NUL character")
+        raise VolumeError("path contains a NUL character")
     return [p for p in path.split("/") if p not in ("", ".")]
 
 
@@ -111,27 +96,27 @@ def entry(st: os.stat_result, parts: list[str], target: str | None = None) -> di
     return out
 
 
-def _errno_error(e: OSError, parts: list[str]) -> ContentError:
+def _errno_error(e: OSError, parts: list[str]) -> VolumeError:
     import errno
 
     where = _display(parts)
     if e.errno == errno.ENOENT:
-        return PathNotFound(f"path {where} not found")
+        return NotFound(f"path {where} not found")
     if e.errno == errno.ENOTDIR:
-        return PathNotFound(f"path {where} not found: one of its parents is not a directory")
+        return NotFound(f"path {where} not found: one of its parents is not a directory")
     if e.errno == errno.EEXIST:
         return Conflict(f"path {where} already exists")
     if e.errno == errno.EISDIR:
-        return ContentError(f"path {where} is a directory")
+        return VolumeError(f"path {where} is a directory")
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace(f"the volume is full (writing {where}): remove files or use a bigger volume")
     if e.errno == errno.ELOOP:
-        return ContentError(f"path {where}: too many levels of symbolic links")
+        return VolumeError(f"path {where}: too many levels of symbolic links")
     if e.errno == errno.ENOTEMPTY:
         return Conflict(f"directory {where} is not empty")
     if e.errno == errno.ENAMETOOLONG:
-        return ContentError(f"path {where}: a name in it is too long")
-    return ContentError(f"path {where}: {e.strerror}")
+        return VolumeError(f"path {where}: a name in it is too long")
+    return VolumeError(f"path {where}: {e.strerror}")
 
 
 class VolumeFiles:
@@ -159,7 +144,7 @@ class VolumeFiles:
 
     def _parent_parts(self, parts: list[str]) -> list[str]:
         if not parts or parts[-1] == "..":
-            raise ContentError(f"path {_display(parts)} names no entry of a directory (the volume's root or '..')")
+            raise VolumeError(f"path {_display(parts)} names no entry of a directory (the volume's root or '..')")
         return parts[:-1]
 
     def _open_parent(self, parts: list[str], owner: Owner, force: bool) -> int:
@@ -167,9 +152,9 @@ class VolumeFiles:
         above = self._parent_parts(parts)
         try:
             return self._open(above, os.O_RDONLY | os.O_DIRECTORY)
-        except PathNotFound:
+        except NotFound:
             if not force:
-                raise PathNotFound(
+                raise NotFound(
                     f"the directory of {_display(parts)} does not exist: create it first, or pass force to create "
                     "missing parents"
                 ) from None
@@ -186,7 +171,7 @@ class VolumeFiles:
 
     def list_dir(self, path: str, depth: int = 1) -> list[dict[str, Any]]:
         if not 1 <= depth <= MAX_DEPTH:
-            raise ContentError(f"depth must be from 1 to {MAX_DEPTH}, not {depth}")
+            raise VolumeError(f"depth must be from 1 to {MAX_DEPTH}, not {depth}")
         parts = parts_of(path)
         out: list[dict[str, Any]] = []
         with self._fd(parts, os.O_RDONLY | os.O_DIRECTORY) as fd:
@@ -198,7 +183,7 @@ class VolumeFiles:
             names = sorted(e.name for e in it)
         for name in names:
             if len(out) >= MAX_ENTRIES:
-                raise ContentError(
+                raise VolumeError(
                     f"{_display(parts)} holds more than {MAX_ENTRIES} entries at this depth: list with a smaller "
                     "depth or a deeper path"
                 )
@@ -230,7 +215,7 @@ class VolumeFiles:
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-            raise ContentError(f"path {_display(parts)} is {kind}: only files can be read")
+            raise VolumeError(f"path {_display(parts)} is {kind}: only files can be read")
         os.set_blocking(fd, True)
         return fd, st.st_size
 
@@ -251,7 +236,7 @@ class VolumeFiles:
             try:
                 with self._fd(parts[: i + 1], os.O_PATH | os.O_DIRECTORY):
                     continue
-            except PathNotFound:
+            except NotFound:
                 pass
             with self._fd(parts[:i], os.O_PATH | os.O_DIRECTORY) as parent:
                 try:
@@ -298,7 +283,7 @@ class VolumeFiles:
             try:
                 st = os.stat(parts[-1], dir_fd=dirfd, follow_symlinks=False)
                 if stat.S_ISDIR(st.st_mode):
-                    raise ContentError(f"path {_display(parts)} is a directory: remove it first to write a file there")
+                    raise VolumeError(f"path {_display(parts)} is a directory: remove it first to write a file there")
             except FileNotFoundError:
                 pass
             temp = f"{TEMP_PREFIX}{os.urandom(6).hex()}"
@@ -355,7 +340,7 @@ class Upload:
         view = memoryview(data)
         with self._lock:
             if self.fd < 0:
-                raise ContentError("the upload was cancelled")
+                raise VolumeError("the upload was cancelled")
             try:
                 while view:
                     n = os.write(self.fd, view)
@@ -370,7 +355,7 @@ class Upload:
 
     def _commit(self) -> dict[str, Any]:
         if self.fd < 0:
-            raise ContentError("the upload was cancelled")
+            raise VolumeError("the upload was cancelled")
         try:
             uid = self.owner.uid if self.owner.uid is not None else self.ids[0]
             gid = self.owner.gid if self.owner.gid is not None else self.ids[1]

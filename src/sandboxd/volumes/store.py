@@ -35,6 +35,7 @@ from sandboxd.runtime import quota
 from sandboxd.state.db import StateDB
 from sandboxd.templates.uids import UID_SHIFT
 from sandboxd.volumes.content import VolumeFiles
+from sandboxd.volumes.errors import Conflict, NotFound, VolumeError
 
 log = logging.getLogger("sandboxd.volumes")
 
@@ -47,18 +48,6 @@ DEFAULT_SIZE_MB = 10 * 1024
 OWNER = 1000  # the volume's root belongs to `user` (uid 1000 in sandboxd's templates), as /home/user does
 _ID_CHARS = string.ascii_lowercase + string.digits
 _ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
-
-
-class VolumeError(Exception):
-    status = 400
-
-
-class VolumeNotFound(VolumeError):
-    status = 404
-
-
-class VolumeConflict(VolumeError):
-    status = 409
 
 
 @dataclass(frozen=True)
@@ -107,7 +96,7 @@ class VolumeStore:
         for v in self.all():
             if ref in (v.volume_id, v.name):
                 return v
-        raise VolumeNotFound(f"volume {ref[:80]!r} not found")
+        raise NotFound(f"volume {ref[:80]!r} not found")
 
     def create(self, name: str, size_mb: int | None = None) -> Volume:
         check_name(name)
@@ -116,7 +105,7 @@ class VolumeStore:
             raise VolumeError(f"a volume's size must be from {MIN_SIZE_MB} to {MAX_SIZE_MB} MiB, not {size}")
         with self._lock:
             if any(v.name == name for v in self.all()):
-                raise VolumeConflict(f"a volume named {name!r} already exists")
+                raise Conflict(f"a volume named {name!r} already exists")
             vid = "".join(secrets.choice(_ID_CHARS) for _ in range(20))
             scratch = Path(tempfile.mkdtemp(prefix=".new-", dir=self.root))
             try:
@@ -141,9 +130,7 @@ class VolumeStore:
         """Remove the volume and its files. Refused while sandboxes (running or paused) mount it."""
         if users:
             shown = ", ".join(sorted(users)[:5]) + (" ..." if len(users) > 5 else "")
-            raise VolumeConflict(
-                f"volume {vol.name!r} is mounted by {len(users)} sandbox(es) ({shown}): kill them first"
-            )
+            raise Conflict(f"volume {vol.name!r} is mounted by {len(users)} sandbox(es) ({shown}): kill them first")
         with self._lock:
             self._unmount(vol)
             self.db.delete_volume(vol.volume_id)
