@@ -25,10 +25,8 @@ fi
 DEPS=(libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev protobuf-compiler python3-protobuf libnl-3-dev
       libnl-route-3-dev libnet1-dev libcap-dev pkg-config libbsd-dev libnftables-dev libgnutls28-dev uuid-dev
       libaio-dev build-essential xz-utils curl)
-missing=()
-for p in "${DEPS[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
+source "$(dirname "$0")/apt-missing.sh"
+read -r -a missing <<<"$(apt_missing "${DEPS[@]}")"
 if [ ${#missing[@]} -gt 0 ]; then
     step "criu: apt-installing its build dependencies: ${missing[*]}"
     apt-get update -qq

@@ -24,10 +24,8 @@ PKGS=(python3 python3-venv python3-dev build-essential libseccomp-dev mmdebstrap
 # kernel's connection table for the leak checks; docker-registry (the CNCF distribution server) is the OCI
 # registry the template tests start on loopback
 [ $DEV = 1 ] && PKGS+=(dnsmasq-base conntrack docker-registry)
-missing=()
-for p in "${PKGS[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
+source scripts/apt-missing.sh
+read -r -a missing <<<"$(apt_missing "${PKGS[@]}")"
 if [ ${#missing[@]} -gt 0 ]; then
     step "apt: installing ${missing[*]}"
     apt-get update -qq

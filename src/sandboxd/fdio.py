@@ -1,4 +1,5 @@
-"""File descriptors that worker threads read or write while the event loop may close them.
+"""File descriptors: syncfs(2), and descriptors that worker threads read or write while the event loop
+may close them.
 
 A request whose handler is cancelled (its client went away) closes its file while a worker thread may be
 in the middle of a `pread` or `write` on it (`asyncio.to_thread` cannot stop a thread). A plain
@@ -10,9 +11,19 @@ EBADF instead.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import threading
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs(fd: int) -> None:
+    """syncfs(2): everything dirty on the filesystem `fd` is on, written out (an OSError if it could not be)."""
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 class ThreadFd:

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from sandboxd.fdio import syncfs
 from sandboxd.runtime import cgroups, identity, network, pids, quota, views
 from sandboxd.runtime.base import (
     Egress,
@@ -49,12 +50,6 @@ CLOSE_WAIT = 30.0  # s, at most, that close() waits for destroys under way (a de
 _libc = ctypes.CDLL(None, use_errno=True)
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 MNT_DETACH = 2
-
-
-def _syncfs(fd: int) -> None:
-    if _libc.syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 DETACH_WAIT = 10.0  # s, at most, for a stopped sandbox's disk image to be let go of by the kernel
@@ -504,7 +499,7 @@ class NamespaceRuntime(Runtime):
                 if target is image:
                     os.fsync(fd)
                 else:
-                    _syncfs(fd)
+                    syncfs(fd)
             finally:
                 os.close(fd)
             if handle.address and self.net is not None:

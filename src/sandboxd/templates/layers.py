@@ -15,7 +15,6 @@ rootfs). Files are owned by the template uids (UID_SHIFT + uid in the sandbox), 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import itertools
 import json
@@ -27,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sandboxd.fdio import syncfs
 from sandboxd.templates.uids import UID_RANGE, UID_SHIFT
 
 _counter = itertools.count()
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def layer_key(top: str | None, base: Path, step: dict[str, Any]) -> str:
@@ -212,7 +211,7 @@ def _sync_tree(root: Path) -> None:
     if len(entries) > SYNC_EACH_MAX:
         fd = os.open(root, os.O_RDONLY)
         try:
-            _libc.syncfs(fd)
+            syncfs(fd)
         finally:
             os.close(fd)
         return
