@@ -3,7 +3,8 @@ idle and with a process holding 100 MB of memory, a filesystem snapshot of a san
 and a create from that snapshot. Each beside its floor, measured in the same run, and the published
 figure of the fastest open peer (CubeSandbox: resume 42 ms, snapshot 46 ms with 7 MB dirty, create from a
 snapshot 64 ms; its snapshots hold memory, these hold files); and volumes: a pooled create with one mounted
-beside the same create without, a 1 MiB write and read through the volume content API:
+beside the same create without, a 1 MiB write and read through the volume content API; an idle
+code-interpreter sandbox paused (frozen) and resumed to a `run_code` that reads a kernel variable:
 
 - resume (frozen) -> first command: freezing and thawing a cgroup of our own holding one process, plus
   `nsenter ... bash -l -c true` (what the SDK's command starts) in a holder;
@@ -135,6 +136,7 @@ def run_lifecycle(
         from_snapshot_first_ms=from_snap_nopool,
     )
     out.update(_volumes(client, dl, min(n, 8)))
+    out.update(_interp_pause(dl, min(n, 8)))
     out["floor_freeze_exec_ms"] = [_freeze_thaw_ms() + floors["exec_bash"]() for _ in range(n)]
     out["floor_create_ms"] = [floors["create"]() for _ in range(n)]
     out["floor_copy_ms"] = [_copy_ms(data_dir) for _ in range(n)]
@@ -170,6 +172,30 @@ def _volumes(client: Any, dl: Any, n: int) -> dict[str, Any]:
     finally:
         Volume.destroy(vol.volume_id)
     return {"volume_create_ms": with_vol, "plain_create_ms": without, "volume_write_ms": write, "volume_read_ms": read}
+
+
+def _interp_pause(dl: Any, n: int) -> dict[str, Any]:
+    """An idle code-interpreter sandbox (its Jupyter server and warm kernels: ~250 MiB) paused (frozen) and
+    resumed, then a `run_code` that needs its state: the kernel's variable must still be there."""
+    from e2b_code_interpreter import Sandbox as CodeSandbox
+
+    pause, resume = [], []
+    s = CodeSandbox.create(template="code-interpreter-v1", timeout=300)
+    try:
+        s.run_code("kept = 41 + 1")
+        for _ in range(n):
+            dl.check()
+            t0 = time.monotonic()
+            s.pause()
+            pause.append(_ms(t0))
+            t0 = time.monotonic()
+            again = CodeSandbox.connect(s.sandbox_id)
+            if again.run_code("kept").text != "42":
+                raise RuntimeError("the kernel lost its state across a pause")
+            resume.append(_ms(t0))
+    finally:
+        s.kill()
+    return {"interp_pause_ms": pause, "interp_resume_ms": resume}
 
 
 def _freeze_thaw_ms() -> float:
@@ -229,6 +255,8 @@ def print_report(r: dict[str, Any]) -> None:
         (f"snapshot of files ({DIRTY_MB} MB written)", "snapshot_ms", "floor_copy_ms", "snapshot_ms"),
         ("create from snapshot -> first cmd, pool", "from_snapshot_ms", "floor_create_ms", "from_snapshot_ms"),
         ("create from snapshot -> first cmd, first", "from_snapshot_first_ms", "floor_create_ms", "from_snapshot_ms"),
+        ("pause, code interpreter (frozen)", "interp_pause_ms", "floor_freeze_exec_ms", None),
+        ("resume, code interpreter -> run_code (frozen)", "interp_resume_ms", "floor_freeze_exec_ms", "resume_ms"),
         ("create + volume -> first cmd, pool (floor: w/o)", "volume_create_ms", "plain_create_ms", None),
         ("volume: write 1 MiB through the content API", "volume_write_ms", None, None),
         ("volume: read 1 MiB through the content API", "volume_read_ms", None, None),
