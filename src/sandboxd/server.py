@@ -41,7 +41,7 @@ from sandboxd.state.db import StateDB
 from sandboxd.templates.images import Registry
 from sandboxd.templates.store import TemplateError, TemplateStore
 from sandboxd.volumes.store import DEFAULT_SIZE_MB as DEFAULT_VOLUME_MB
-from sandboxd.volumes.store import VolumeStore
+from sandboxd.volumes.store import MAX_VOLUMES, VolumeStore
 
 log = logging.getLogger("sandboxd")
 
@@ -69,6 +69,7 @@ class ServerConfig:
     builtin_builds: bool = False  # the server `sandboxd template build` starts: may build built-in templates
     tls_port: int = 443
     volume_size_mb: int = DEFAULT_VOLUME_MB  # a new volume's size unless its create says (volumes/store.py)
+    max_volumes: int = MAX_VOLUMES
 
     @property
     def issuer(self) -> str:
@@ -118,7 +119,9 @@ class App:
         self.builds = TemplateBuilds(self.manager, self.templates)
         self.builds.builtin_builds = config.builtin_builds
         self.manager.after_boot_again.append(lambda sandbox: uploads.clean_sandbox(self.manager, sandbox))
-        self.manager.volumes = VolumeStore(config.data_dir / "volumes", self.db, config.volume_size_mb)
+        self.manager.volumes = VolumeStore(
+            config.data_dir / "volumes", self.db, config.volume_size_mb, config.max_volumes
+        )
         if config.registry:
             self.builds.registry = Registry(config.registry, config.registry_insecure)
         self.resolver: Resolver | None = None

@@ -14,7 +14,7 @@ import pytest
 from e2b import Sandbox, Volume
 from e2b.exceptions import NotFoundException, SandboxException, VolumeException
 
-from conftest import Server, run_as
+from conftest import Server, loop_devices_under, run_as
 
 
 def _volume() -> Volume:
@@ -158,3 +158,21 @@ def test_no_setuid_programs_or_devices_through_a_shared_volume(server: Server) -
         a.kill()
         b.kill()
         Volume.destroy(vol.volume_id)
+
+
+def test_a_client_cannot_make_volumes_without_end(tmp_path: Path) -> None:
+    """Each volume is a host mount and a loop device while it exists: their number is capped."""
+    from conftest import start_server
+
+    srv = start_server(tmp_path / "data", "--max-volumes", "3", "--pool-size", "0")
+    try:
+        with httpx.Client(base_url=srv.url, headers={"X-API-KEY": srv.api_key}) as api:
+            made = [api.post("/volumes", json={"name": f"v{i}", "sizeMB": 16}) for i in range(3)]
+            assert [r.status_code for r in made] == [201, 201, 201]
+            refused = api.post("/volumes", json={"name": "v3", "sizeMB": 16})
+            assert refused.status_code == 429 and "--max-volumes" in refused.json()["message"]
+            assert api.delete(f"/volumes/{made[0].json()['volumeID']}").status_code == 204
+            assert api.post("/volumes", json={"name": "v3", "sizeMB": 16}).status_code == 201
+    finally:
+        assert srv.stop() == 0
+    assert not loop_devices_under(tmp_path / "data"), "volumes' loop devices outlived their server"

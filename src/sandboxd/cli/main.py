@@ -51,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the size (quota) of a new volume unless its create says (sizeMB); images are sparse (default: 10240)",
     )
     p_serve.add_argument(
+        "--max-volumes",
+        type=int,
+        default=256,
+        help="volumes this server keeps at most (each is a loop-mounted image while it exists; default: 256)",
+    )
+    p_serve.add_argument(
         "--max-disk-mb",
         type=int,
         default=None,
@@ -342,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                 templates_dir=args.templates_dir,
                 keep_sandboxes=not args.destroy_on_exit,
                 volume_size_mb=args.volume_size_mb,
+                max_volumes=max(0, args.max_volumes),
                 favor_dynmods=not args.no_favordynmods,
                 uid_base=args.uid_base,
                 network_cidr=None if args.no_network else args.network_cidr,

@@ -17,3 +17,7 @@ class Conflict(VolumeError):
 
 class NoSpace(VolumeError):
     status = 507
+
+
+class TooMany(VolumeError):
+    status = 429

@@ -35,7 +35,7 @@ from sandboxd.runtime import quota
 from sandboxd.state.db import StateDB
 from sandboxd.templates.uids import UID_SHIFT
 from sandboxd.volumes.content import VolumeFiles
-from sandboxd.volumes.errors import Conflict, NotFound, VolumeError
+from sandboxd.volumes.errors import Conflict, NotFound, TooMany, VolumeError
 
 log = logging.getLogger("sandboxd.volumes")
 
@@ -45,6 +45,7 @@ MOUNT = "mnt"
 MIN_SIZE_MB = 16
 MAX_SIZE_MB = 1024 * 1024
 DEFAULT_SIZE_MB = 10 * 1024
+MAX_VOLUMES = 256
 OWNER = 1000  # the volume's root belongs to `user` (uid 1000 in sandboxd's templates), as /home/user does
 _ID_CHARS = string.ascii_lowercase + string.digits
 _ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
@@ -77,12 +78,15 @@ def check_name(name: str) -> None:
 
 
 class VolumeStore:
-    def __init__(self, root: Path, db: StateDB, default_size_mb: int = DEFAULT_SIZE_MB) -> None:
+    def __init__(
+        self, root: Path, db: StateDB, default_size_mb: int = DEFAULT_SIZE_MB, max_volumes: int = MAX_VOLUMES
+    ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         self.db = db
         self.default_size_mb = default_size_mb
+        self.max_volumes = max_volumes
         self._lock = threading.Lock()  # creates, deletes and mounts
         for stale in self.root.glob(".new-*"):  # a create interrupted by a crash
             shutil.rmtree(stale, ignore_errors=True)
@@ -104,8 +108,14 @@ class VolumeStore:
         if not MIN_SIZE_MB <= size <= MAX_SIZE_MB:
             raise VolumeError(f"a volume's size must be from {MIN_SIZE_MB} to {MAX_SIZE_MB} MiB, not {size}")
         with self._lock:
-            if any(v.name == name for v in self.all()):
+            volumes = self.all()
+            if any(v.name == name for v in volumes):
                 raise Conflict(f"a volume named {name!r} already exists")
+            if len(volumes) >= self.max_volumes:  # each is a host mount and a loop device while it exists
+                raise TooMany(
+                    f"this server keeps at most {self.max_volumes} volumes (--max-volumes) and has that many: "
+                    "delete one first"
+                )
             vid = "".join(secrets.choice(_ID_CHARS) for _ in range(20))
             scratch = Path(tempfile.mkdtemp(prefix=".new-", dir=self.root))
             try:
