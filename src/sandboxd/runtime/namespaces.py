@@ -45,6 +45,7 @@ from sandboxd.templates.uids import UID_SHIFT
 log = logging.getLogger(__name__)
 
 CLOSE_WAIT = 30.0  # s, at most, that close() waits for destroys under way (a destroy gives up after 10)
+HELPER_WAIT = 10.0  # s, at most, that a cancelled create waits for its helper before cleaning up
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -244,8 +245,15 @@ class NamespaceRuntime(Runtime):
                 close_fds=True,
                 env={},  # init's environment is readable inside the sandbox: nothing of the server's
             )
+            helper = asyncio.ensure_future(asyncio.to_thread(proc.communicate))
             try:
-                out, err = await asyncio.to_thread(proc.communicate)
+                out, err = await asyncio.shield(helper)
+            except asyncio.CancelledError:
+                # (a pool refill cancelled at shutdown) the helper runs on regardless: wait for it, so that
+                # the init it may still fork is in the cgroups when the cleanup below empties them
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(asyncio.shield(helper), HELPER_WAIT)
+                raise
             finally:
                 if self.net is not None:
                     self.net.refill()  # the next sandbox's namespace, now that this one's helper is done
