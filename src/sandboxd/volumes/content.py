@@ -12,6 +12,7 @@ files are, so that no file of a volume belongs to a host user.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import stat
@@ -39,6 +40,12 @@ class Owner:
     uid: int | None = None
     gid: int | None = None
     mode: int | None = None
+
+    def host_ids(self, default: tuple[int, int]) -> tuple[int, int]:
+        """The host uid and gid to give: ours, else the sandbox-side `default` ones, shifted."""
+        uid = self.uid if self.uid is not None else default[0]
+        gid = self.gid if self.gid is not None else default[1]
+        return uid + UID_SHIFT, gid + UID_SHIFT
 
     def check(self) -> None:
         for name, value in (("uid", self.uid), ("gid", self.gid)):
@@ -97,8 +104,6 @@ def entry(st: os.stat_result, parts: list[str], target: str | None = None) -> di
 
 
 def _errno_error(e: OSError, parts: list[str]) -> VolumeError:
-    import errno
-
     where = _display(parts)
     if e.errno == errno.ENOENT:
         return NotFound(f"path {where} not found")
@@ -158,7 +163,7 @@ class VolumeFiles:
                     f"the directory of {_display(parts)} does not exist: create it first, or pass force to create "
                     "missing parents"
                 ) from None
-        self._make_parents(above, Owner(owner.uid, owner.gid))
+        self._make_parents(above, Owner(owner.uid, owner.gid))  # (the mode asked for is the entry's own)
         return self._open(above, os.O_RDONLY | os.O_DIRECTORY)
 
     # -- reading ---------------------------------------------------------------------------------
@@ -221,9 +226,7 @@ class VolumeFiles:
 
     # -- changing --------------------------------------------------------------------------------
     def _apply(self, fd: int, owner: Owner, default_mode: int, default_ids: tuple[int, int]) -> None:
-        uid = owner.uid if owner.uid is not None else default_ids[0]
-        gid = owner.gid if owner.gid is not None else default_ids[1]
-        os.chown(f"/proc/self/fd/{fd}", uid + UID_SHIFT, gid + UID_SHIFT)
+        os.chown(f"/proc/self/fd/{fd}", *owner.host_ids(default_ids))
         os.chmod(f"/proc/self/fd/{fd}", owner.mode if owner.mode is not None else default_mode)
 
     def _ids_of(self, dirfd: int) -> tuple[int, int]:
@@ -247,7 +250,7 @@ class VolumeFiles:
                     raise _errno_error(e, parts[: i + 1]) from None
                 ids = self._ids_of(parent)
             with self._fd(parts[: i + 1], os.O_PATH | os.O_DIRECTORY, follow=False) as fd:
-                self._apply(fd, Owner(owner.uid, owner.gid), DEFAULT_DIR_MODE, ids)
+                self._apply(fd, owner, DEFAULT_DIR_MODE, ids)
 
     def make_dir(self, path: str, owner: Owner, force: bool = False) -> dict[str, Any]:
         owner.check()
@@ -301,14 +304,12 @@ class VolumeFiles:
         owner.check()
         parts = parts_of(path)
         with self._fd(parts) as fd:
-            st = os.fstat(fd)
             uid = owner.uid + UID_SHIFT if owner.uid is not None else -1
             gid = owner.gid + UID_SHIFT if owner.gid is not None else -1
             os.chown(f"/proc/self/fd/{fd}", uid, gid)
             if owner.mode is not None:
                 os.chmod(f"/proc/self/fd/{fd}", owner.mode)
-            st = os.fstat(fd)
-            return entry(st, parts)
+            return entry(os.fstat(fd), parts)
 
     def remove(self, path: str) -> None:
         parts = parts_of(path)
@@ -333,7 +334,6 @@ class Upload:
 
     def __init__(self, dirfd: int, fd: int, temp: str, parts: list[str], owner: Owner, ids: tuple[int, int]):
         self.dirfd, self.fd, self.temp, self.parts, self.owner, self.ids = dirfd, fd, temp, parts, owner, ids
-        self.size = 0
         self._lock = threading.RLock()
 
     def write(self, data: bytes) -> None:
@@ -343,9 +343,7 @@ class Upload:
                 raise VolumeError("the upload was cancelled")
             try:
                 while view:
-                    n = os.write(self.fd, view)
-                    view = view[n:]
-                    self.size += n
+                    view = view[os.write(self.fd, view) :]
             except OSError as e:
                 raise _errno_error(e, self.parts) from None
 
@@ -357,9 +355,7 @@ class Upload:
         if self.fd < 0:
             raise VolumeError("the upload was cancelled")
         try:
-            uid = self.owner.uid if self.owner.uid is not None else self.ids[0]
-            gid = self.owner.gid if self.owner.gid is not None else self.ids[1]
-            os.fchown(self.fd, uid + UID_SHIFT, gid + UID_SHIFT)
+            os.fchown(self.fd, *self.owner.host_ids(self.ids))
             os.fchmod(self.fd, self.owner.mode if self.owner.mode is not None else DEFAULT_FILE_MODE)
             os.fsync(self.fd)
             os.rename(self.temp, self.parts[-1], src_dir_fd=self.dirfd, dst_dir_fd=self.dirfd)
