@@ -19,6 +19,7 @@ to once: its logged output, then its end.
 from __future__ import annotations
 
 import array
+import asyncio
 import contextlib
 import json
 import logging
@@ -29,8 +30,6 @@ import socket
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-from protobuf import Oneof
 
 from sandboxd.envd.gen.process import process_pb as pb
 from sandboxd.runtime import pids
@@ -169,8 +168,6 @@ def readopt(table: ProcessTable, state_dir: Path) -> None:
 
 def _attach(proc: Proc, watch: KeeperWatch, d: Path, stdin: bool) -> bool:
     """Give the keeper new pipes (it writes its logged output into them first) and follow them."""
-    import asyncio
-
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     in_r, in_w = os.pipe() if stdin else (os.open(os.devnull, os.O_RDONLY), -1)
@@ -245,8 +242,3 @@ def forget(d: Path | None) -> None:
         pass
     except OSError:  # something else in it (not ours): the sandbox's end removes it
         shutil.rmtree(d, ignore_errors=True)
-
-
-def end_event(code: int, exited: bool, status: str, error: str | None) -> pb.ProcessEvent:
-    end = pb.ProcessEvent.EndEvent(exit_code=code, exited=exited, status=status, error=error)
-    return pb.ProcessEvent(event=Oneof("end", end))  # type: ignore[arg-type]

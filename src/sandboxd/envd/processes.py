@@ -158,28 +158,25 @@ class Proc:
         keeping = runtime.keeps_processes and kept.room(self.table)
         pty: tuple[int, int] | None = None
         try:
-            if self.is_pty and keeping:
-                # its keeper holds the terminal (envd/kept.py): we get its output and give its input by pipes
+            if self.is_pty:
                 master, slave = runtime.open_pty(handle)
-                child_fds += [master, slave]
-                if size:
-                    _set_winsize(slave, *size)
-                out_r, out_w = os.pipe()
-                in_r, in_w = os.pipe()
-                child_fds += [out_w, in_r]
-                stdio = (in_r, out_w, out_w)
-                pty = (master, slave)
-                self.stdin_fd = in_w
-                os.set_blocking(in_w, False)
-                self.out_fds = {out_r: "pty"}
-            elif self.is_pty:
-                master, slave = runtime.open_pty(handle)
-                if size:
-                    _set_winsize(slave, *size)
                 child_fds.append(slave)
-                stdio = (slave, slave, slave)
-                self.master_fd = master
-                self.out_fds = {master: "pty"}
+                if keeping:  # its keeper holds the terminal (envd/kept.py): its output and input go by pipes
+                    child_fds.append(master)
+                    out_r, out_w = os.pipe()
+                    in_r, in_w = os.pipe()
+                    child_fds += [out_w, in_r]
+                    stdio = (in_r, out_w, out_w)
+                    pty = (master, slave)
+                    self.stdin_fd = in_w
+                    os.set_blocking(in_w, False)
+                    self.out_fds = {out_r: "pty"}
+                else:
+                    stdio = (slave, slave, slave)
+                    self.master_fd = master
+                    self.out_fds = {master: "pty"}
+                if size:
+                    _set_winsize(slave, *size)
             else:
                 out_r, out_w = os.pipe()
                 err_r, err_w = os.pipe()
@@ -422,7 +419,8 @@ class Proc:
             stats = _oom_kills(*self._oom_probe)
             if stats is not None and self._oom_before is not None and stats > self._oom_before:
                 error = f"{status} (out of memory: the sandbox reached its memory limit and the kernel killed it)"
-        self.end = kept.end_event(code, exited, status, error)
+        end = pb.ProcessEvent.EndEvent(exit_code=code, exited=exited, status=status, error=error)
+        self.end = pb.ProcessEvent(event=Oneof("end", end))  # type: ignore[arg-type]
         self._publish(self.end)
         self._publish(None)
         self.done.set()
