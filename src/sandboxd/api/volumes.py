@@ -17,7 +17,7 @@ from starlette.routing import Route
 from sandboxd.core.errors import BadRequest, NotFound, SandboxdError
 from sandboxd.core.limits import RequestLimits
 from sandboxd.core.manager import SandboxManager
-from sandboxd.fdio import ThreadFd
+from sandboxd.fdio import ThreadFd, pipe_chunks
 from sandboxd.volumes.content import Owner, Upload, VolumeFiles
 from sandboxd.volumes.errors import VolumeError
 from sandboxd.volumes.store import Volume, VolumeStore
@@ -119,8 +119,12 @@ def volume_routes(manager: SandboxManager, limits: RequestLimits, body: Callable
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Failed(401, "missing volume token: send it as 'Authorization: Bearer <token>'")
-        vol = next((v for v in store().all() if v.volume_id == request.path_params["volume_id"]), None)
-        if vol is None or not hmac.compare_digest(token.strip().encode(), vol.token.encode()):
+        vid = request.path_params["volume_id"]
+        try:
+            vol: Volume | None = store().get(vid)
+        except VolumeError:
+            vol = None
+        if vol is None or vol.volume_id != vid or not hmac.compare_digest(token.strip().encode(), vol.token.encode()):
             raise Failed(401, "the token is not valid for this volume (was the volume deleted?)")
         try:
             return await asyncio.to_thread(store().files, vol)
@@ -182,16 +186,10 @@ def volume_routes(manager: SandboxManager, limits: RequestLimits, body: Callable
         force = _bool_param(request, "force")
         upload: Upload = await run(files.begin_write, _path_param(request), owner(request), force)
         try:
-            pending: list[bytes] = []
-            held = 0
-            async for chunk in request.stream():
-                pending.append(chunk)
-                held += len(chunk)
-                if held >= CHUNK:
-                    await run(upload.write, b"".join(pending))
-                    pending, held = [], 0
-            if pending:
-                await run(upload.write, b"".join(pending))
+            try:  # (the upload's own lock keeps a write still running from a cancelled request safe)
+                await pipe_chunks(request.stream(), upload.write)
+            except VolumeError as e:
+                raise Failed.of(e) from None
             written = await run(upload.commit)
         except ClientDisconnect:
             await asyncio.to_thread(upload.abort)

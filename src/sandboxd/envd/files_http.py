@@ -33,7 +33,7 @@ from starlette.types import Receive, Scope, Send
 from sandboxd.core.manager import Sandbox, SandboxManager
 from sandboxd.core.users import User, lookup_user
 from sandboxd.envd import fs, uploads, watch
-from sandboxd.fdio import ThreadFd
+from sandboxd.fdio import ThreadFd, pipe_chunks
 from sandboxd.runtime.broker import Broker, BrokerGone, BrokerTimeout
 
 READ_CHUNK = 1 << 20
@@ -349,51 +349,14 @@ class _BadBody(Exception):
 
 
 async def _pipe_to_fd(chunks: AsyncIterator[bytes], fd: int) -> None:
-    """Receive and write at the same time: batches of WRITE_BATCH bytes go through a queue of
-    WRITE_QUEUE to a writer task (disk writes in a thread), so the socket is read while the disk is
-    written, with at most (WRITE_QUEUE + 2) * WRITE_BATCH bytes in memory."""
-    import asyncio
-
-    queue: asyncio.Queue[bytes | None] = asyncio.Queue(WRITE_QUEUE)
-    # the writer's own descriptor: if we are cancelled while its thread writes, the close below waits for
-    # that write, and nothing is ever written through a number the server reuses (fdio.py)
+    """The body to `fd` while it arrives (fdio.pipe_chunks: WRITE_BATCH bytes at a time, WRITE_QUEUE
+    batches queued), through a descriptor of the writer's own: if we are cancelled while its thread
+    writes, the close waits for that write, and nothing goes through a number the server reuses."""
     guard = ThreadFd(os.dup(fd))
-
-    async def writer() -> None:
-        while (data := await queue.get()) is not None:
-            await asyncio.to_thread(guard.write_all, data)
-
-    task = asyncio.ensure_future(writer())
     try:
-        pending: list[bytes] = []
-        size = 0
-        async for chunk in chunks:
-            pending.append(chunk)
-            size += len(chunk)
-            if size >= WRITE_BATCH:
-                await _put(queue, task, b"".join(pending))
-                pending, size = [], 0
-        if pending:
-            await _put(queue, task, b"".join(pending))
-        await _put(queue, task, None)
-        await task
+        await pipe_chunks(chunks, guard.write_all, WRITE_BATCH, WRITE_QUEUE)
     finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
         guard.close()
-
-
-async def _put(queue: asyncio.Queue[bytes | None], task: asyncio.Future[None], item: bytes | None) -> None:
-    """queue.put, but fail at once if the writer died (a full disk) instead of waiting forever."""
-    put = asyncio.ensure_future(queue.put(item))
-    done, _ = await asyncio.wait({put, task}, return_when=asyncio.FIRST_COMPLETED)
-    error = task.exception() if task in done else None
-    if error is not None:
-        put.cancel()
-        raise error
-    await put
 
 
 def _parse_range(value: str, size: int) -> tuple[int, int] | None:

@@ -213,10 +213,13 @@ class Disks:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def format_ext4(image: Path, size_mb: int, tree: Path, journal: bool = False, root_owner: int | None = None) -> None:
+def format_ext4(
+    image: Path, size_mb: int, tree: Path | None = None, journal: bool = False, root_owner: int | None = None
+) -> None:
     """Make `image`, a sparse file of `size_mb` MiB holding an ext4 filesystem whose root is a copy of
-    `tree` (owners and modes kept); one inode per BYTES_PER_INODE bytes. Without `journal`: no journal (a
-    sandbox's disk, whose overlay upper is `volatile` anyway); with it, ext4's default journal (volumes).
+    `tree` (owners and modes kept; empty without one); one inode per BYTES_PER_INODE bytes. Without
+    `journal`: no journal (a sandbox's disk, whose overlay upper is `volatile` anyway); with it, ext4's
+    default journal (volumes).
     `root_owner`: the uid and gid of the filesystem's root directory (root's otherwise)."""
     mkfs = shutil.which("mkfs.ext4", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
     if mkfs is None:
@@ -225,7 +228,7 @@ def format_ext4(image: Path, size_mb: int, tree: Path, journal: bool = False, ro
         f.truncate(size_mb * 1024 * 1024)
     features = "^resize_inode" if journal else _MKFS_FEATURES
     base = [mkfs, "-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0", "-O", features]
-    base += ["-N", str(inodes_for(size_mb)), "-d", str(tree)]
+    base += ["-N", str(inodes_for(size_mb)), *(["-d", str(tree)] if tree is not None else [])]
     # A sparse file reads as zeros: mkfs need not write its inode tables (e2fsprogs >= 1.47;
     # older ones do not know the option, and `noinit_itable` at mount keeps the kernel from it).
     extended = [] if root_owner is None else [f"root_owner={root_owner}:{root_owner}"]

@@ -161,6 +161,14 @@ class StateDB:
         with self._lock:
             self._conn.execute("DELETE FROM volumes WHERE id = ?", (volume_id,))
 
+    def volume(self, ref: str) -> dict | None:
+        """A volume by its ID or its name."""
+        with self._lock:
+            row = self._conn.execute(  # an ID wins over a name that spells another volume's ID
+                "SELECT body FROM volumes WHERE id = ? OR name = ? ORDER BY id = ? DESC LIMIT 1", (ref, ref, ref)
+            ).fetchone()
+        return json.loads(row[0]) if row else None
+
     def all_volumes(self) -> list[dict]:
         """Oldest first."""
         with self._lock:

@@ -97,10 +97,10 @@ class VolumeStore:
 
     def get(self, ref: str) -> Volume:
         """A volume by its ID or its name."""
-        for v in self.all():
-            if ref in (v.volume_id, v.name):
-                return v
-        raise NotFound(f"volume {ref[:80]!r} not found")
+        found = self.db.volume(ref)
+        if found is None:
+            raise NotFound(f"volume {ref[:80]!r} not found")
+        return Volume(**found)
 
     def create(self, name: str, size_mb: int | None = None) -> Volume:
         check_name(name)
@@ -119,10 +119,7 @@ class VolumeStore:
             vid = "".join(secrets.choice(_ID_CHARS) for _ in range(20))
             scratch = Path(tempfile.mkdtemp(prefix=".new-", dir=self.root))
             try:
-                tree = scratch / "tree"
-                tree.mkdir()
-                quota.format_ext4(scratch / IMAGE, size, tree, journal=True, root_owner=UID_SHIFT + OWNER)
-                tree.rmdir()
+                quota.format_ext4(scratch / IMAGE, size, journal=True, root_owner=UID_SHIFT + OWNER)
                 (scratch / MOUNT).mkdir(mode=0o700)
                 os.rename(scratch, self.root / vid)  # whole, or not at all
             except BaseException:
@@ -150,13 +147,12 @@ class VolumeStore:
     # -- the host mount --------------------------------------------------------------------------
     def mounted(self, vol: Volume) -> Path:
         """The volume's files on the host (mounted now if they were not)."""
-        mnt = self.root / vol.volume_id / MOUNT
+        mnt, image = self.root / vol.volume_id / MOUNT, self.root / vol.volume_id / IMAGE
         with self._lock:
             if not os.path.ismount(mnt):
-                if not (self.root / vol.volume_id / IMAGE).is_file():
-                    raise VolumeError(f"volume {vol.name!r} has lost its image ({self.root / vol.volume_id / IMAGE})")
+                if not image.is_file():
+                    raise VolumeError(f"volume {vol.name!r} has lost its image ({image})")
                 mnt.mkdir(mode=0o700, exist_ok=True)
-                image = self.root / vol.volume_id / IMAGE
                 res = subprocess.run(
                     ["mount", "-t", "ext4", "-o", "loop,nosuid,nodev", str(image), str(mnt)],
                     capture_output=True,
