@@ -968,16 +968,22 @@ static unsigned long long start_time_of(pid_t pid) {
 }
 
 /* Join the sandbox's cgroups and namespaces (user namespace last: see the header comment). */
-static void enter_sandbox(const struct entry *e) {
-    if (e->target <= 0) die("--pid is required");
-    int pidfd = (int)syscall(SYS_pidfd_open, e->target, 0);
-    if (pidfd < 0) die("sandbox init %d is gone", e->target);
+/* A pidfd of the sandbox's init (--pid), checked to be the process started at --pid-start (0: unchecked). */
+static int open_init(pid_t target, unsigned long long start) {
+    if (target <= 0) die("--pid is required");
+    int pidfd = (int)syscall(SYS_pidfd_open, target, 0);
+    if (pidfd < 0) die("sandbox init %d is gone", target);
     /* A PID names the init only while the init lives: check, through the pidfd, that it is the process
      * started at --pid-start and that it was still alive after the check (so the check read its /proc). */
-    if (e->start_time && (start_time_of(e->target) != e->start_time || syscall(SYS_pidfd_send_signal, pidfd, 0, NULL, 0) < 0)) {
+    if (start && (start_time_of(target) != start || syscall(SYS_pidfd_send_signal, pidfd, 0, NULL, 0) < 0)) {
         errno = 0;
-        die("sandbox init %d is gone (the PID now names another process)", e->target);
+        die("sandbox init %d is gone (the PID now names another process)", target);
     }
+    return pidfd;
+}
+
+static void enter_sandbox(const struct entry *e) {
+    int pidfd = open_init(e->target, e->start_time);
     join_cgroups((char **)e->cgroups, e->ncg);
     if (setns(pidfd, CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWCGROUP) < 0)
         die("setns");
@@ -1013,11 +1019,22 @@ static void become_user(const struct entry *e, int for_exec) {
 /* Parent side of exec and broker: report the child's host PID, then relay its exit status. */
 static int relay_status(int status);
 
-static int wait_and_relay(pid_t child, int report_fd) {
+/* The parent side of exec, once the child runs: report its host PID, outlive the signals meant for the
+ * command's terminal or session, and name ourselves. */
+static void become_relay(pid_t child, int report_fd) {
     if (report_fd >= 0) {
         dprintf(report_fd, "h %d\n", child);
         close(report_fd);
     }
+    signal(SIGINT, SIG_IGN);
+    signal(SIGTERM, SIG_IGN);
+    signal(SIGHUP, SIG_IGN);
+    signal(SIGPIPE, SIG_IGN);
+    prctl(PR_SET_NAME, "sandbox-exec", 0, 0, 0);
+}
+
+static int wait_and_relay(pid_t child, int report_fd) {
+    become_relay(child, report_fd);
     /* Our stdio belongs to the child now. */
     int devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
     if (devnull >= 0) {
@@ -1025,11 +1042,6 @@ static int wait_and_relay(pid_t child, int report_fd) {
         dup2(devnull, 1);
         dup2(devnull, 2);
     }
-    signal(SIGINT, SIG_IGN);
-    signal(SIGTERM, SIG_IGN);
-    signal(SIGHUP, SIG_IGN);
-    signal(SIGPIPE, SIG_IGN);
-    prctl(PR_SET_NAME, "sandbox-exec", 0, 0, 0);
     int status;
     while (waitpid(child, &status, 0) < 0)
         if (errno != EINTR) return 125;
@@ -1412,15 +1424,7 @@ static int cmd_exec(int argc, char **argv) {
     if (c_out[1] >= 0) close(c_out[1]);
     if (c_err[1] >= 0) close(c_err[1]);
     if (c_in[0] >= 0) close(c_in[0]);
-    if (e.report_fd >= 0) {
-        dprintf(e.report_fd, "h %d\n", child);
-        close(e.report_fd);
-    }
-    signal(SIGINT, SIG_IGN);
-    signal(SIGTERM, SIG_IGN);
-    signal(SIGHUP, SIG_IGN);
-    signal(SIGPIPE, SIG_IGN);
-    prctl(PR_SET_NAME, "sandbox-exec", 0, 0, 0);
+    become_relay(child, e.report_fd);
     return relay_status(keep_relay(&k, child, c_out[0], c_err[0], c_in[1]));
 }
 
@@ -1695,12 +1699,7 @@ static int cmd_attach(int argc, char **argv) {
     if (syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH, &attr, sizeof attr) < 0) die("idmap %s", src);
     close(userns);
     close(procfd);
-    int pidfd = (int)syscall(SYS_pidfd_open, target, 0);
-    if (pidfd < 0) die("sandbox init %d is gone", target);
-    if (start && (start_time_of(target) != start || syscall(SYS_pidfd_send_signal, pidfd, 0, NULL, 0) < 0)) {
-        errno = 0;
-        die("sandbox init %d is gone (the PID now names another process)", target);
-    }
+    int pidfd = open_init(target, start);
     if (setns(pidfd, CLONE_NEWNS) < 0) die("setns(mnt)");
     close(pidfd);
     /* Component by component from the sandbox's root (ours now): each prefix opened without magic links. */
