@@ -140,6 +140,21 @@ def start_server(
     return Server(url=url, api_key=keys[-1], data_dir=data_dir, proc=proc, log_path=log_path)
 
 
+@contextlib.contextmanager
+def keeping_server(data_dir: Path, *extra: str) -> Iterator[tuple[Server, int]]:
+    """A server that keeps its sandboxes when it stops (for tests that crash or restart it) and its port.
+    However the test ends, that server ends stopped, and what it kept is destroyed by one more server of
+    the same data dir (a test failing before its crash must not leave sandboxes and a server behind)."""
+    srv = start_server(data_dir, *extra, keep=True)
+    port = int(srv.url.rsplit(":", 1)[1])
+    try:
+        yield srv, port
+    finally:
+        if srv.proc.poll() is None:
+            srv.stop(signal.SIGKILL)
+            assert start_server(data_dir, port=port).stop() == 0
+
+
 @pytest.fixture(scope="session")
 def lab() -> Iterator[Lab]:
     """The tests' stand-in internet (tests/netlab.py), for the whole session."""

@@ -13,17 +13,9 @@ import pytest
 from e2b import CommandExitException, PtySize, Sandbox
 from e2b.exceptions import NotFoundException
 
-from conftest import Server, host_pids_of, start_server
+from conftest import Server, host_pids_of, keeping_server, start_server
 
 ECHO = "python3 -u -c 'import sys\nfor line in sys.stdin: print(\"got\", line.strip(), flush=True)'"
-
-
-def _finish(srv: Server, data: Path, port: int) -> None:
-    """A test that failed before its crash leaves its first server (it keeps sandboxes) running: stop it,
-    and destroy what it kept with a server of the same data dir."""
-    if srv.proc.poll() is None:
-        srv.stop(signal.SIGKILL)
-        assert start_server(data, port=port).stop() == 0
 
 
 def _env(srv: Server) -> dict[str, str]:
@@ -43,9 +35,7 @@ def _until(handle: object, text: str, seconds: float = 20) -> str:
 
 def test_commands_outlive_a_server_crash_and_are_taken_over(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    srv = start_server(data, keep=True)
-    port = int(srv.url.rsplit(":", 1)[1])
-    try:
+    with keeping_server(data) as (srv, port):
         env = _env(srv)
         sbx = Sandbox.create(template="base", timeout=300, **env)
         counter = sbx.commands.run(
@@ -92,15 +82,11 @@ def test_commands_outlive_a_server_crash_and_are_taken_over(tmp_path: Path) -> N
         finally:
             assert srv2.stop() == 0
         assert not host_pids_of(srv2, sbx.sandbox_id)
-    finally:
-        _finish(srv, data, port)
 
 
 def test_a_command_taken_over_can_be_killed_and_its_output_is_bounded(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    srv = start_server(data, keep=True)
-    port = int(srv.url.rsplit(":", 1)[1])
-    try:
+    with keeping_server(data) as (srv, port):
         env = _env(srv)
         sbx = Sandbox.create(template="base", timeout=300, **env)
         # writes ~8 MiB while no server reads it: the keeper logs the newest 0.5-1 MiB and never blocks it
@@ -127,15 +113,11 @@ def test_a_command_taken_over_can_be_killed_and_its_output_is_bounded(tmp_path: 
             assert flood.pid not in {p.pid for p in again.commands.list()}
         finally:
             assert srv2.stop() == 0
-    finally:
-        _finish(srv, data, port)
 
 
 def test_a_terminal_outlives_a_server_crash(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    srv = start_server(data, keep=True)
-    port = int(srv.url.rsplit(":", 1)[1])
-    try:
+    with keeping_server(data) as (srv, port):
         env = _env(srv)
         sbx = Sandbox.create(template="base", timeout=300, **env)
         term = sbx.pty.create(PtySize(rows=24, cols=80))
@@ -173,5 +155,3 @@ def test_a_terminal_outlives_a_server_crash(tmp_path: Path) -> None:
             assert ended.value.exit_code == 4
         finally:
             assert srv2.stop() == 0
-    finally:
-        _finish(srv, data, port)

@@ -16,7 +16,7 @@ import pytest
 from e2b import Sandbox, Volume
 from e2b.exceptions import NotFoundException, SandboxException, VolumeException
 
-from conftest import Server, loop_devices_under, start_server
+from conftest import Server, keeping_server, loop_devices_under, start_server
 
 
 def _name() -> str:
@@ -130,9 +130,7 @@ def test_the_volume_quota_is_kernel_enforced_and_an_upload_cut_short_changes_not
 
 def test_a_volume_outlives_pauses_and_restarts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = tmp_path / "data"
-    srv = start_server(data, keep=True)
-    port = int(srv.url.rsplit(":", 1)[1])
-    try:
+    with keeping_server(data) as (srv, port):
         env = {"api_key": srv.api_key, "api_url": srv.url, "sandbox_url": srv.url}
         monkeypatch.setenv("E2B_VOLUME_API_URL", srv.url)
         vol = Volume.create(_name(), **env)
@@ -165,7 +163,3 @@ def test_a_volume_outlives_pauses_and_restarts(tmp_path: Path, monkeypatch: pyte
             assert srv3.stop() == 0
         mounts = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True).stdout
         assert str(data) not in mounts
-    finally:
-        if srv.proc.poll() is None:  # failed before its crash: it keeps its sandboxes, so destroy them
-            srv.stop(signal.SIGKILL)
-            assert start_server(data, port=port).stop() == 0
