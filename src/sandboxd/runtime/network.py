@@ -204,6 +204,7 @@ class HostNetwork:
         self._spare: Prepared | None = None
         self._spare_task: asyncio.Task[None] | None = None
         self._preparing = False  # the spare task is past its delay, making a namespace
+        self._closed = False
         self._policy_lock = threading.Lock()
         # the policy in force for each sandbox (by address) that has one other than the default: what the
         # table holds for it (its chain, its @intercept / @tunnel / @noip6 elements) follows from it
@@ -450,6 +451,8 @@ class HostNetwork:
         return self._allocate_once()
 
     def _allocate_once(self) -> str:
+        """A free address, marked used and ready (prepared, no sandbox yet) at once: close() must never see
+        it used but not ready, or it would keep the table and the gateway for a sandbox that does not exist."""
         with self._lock:
             size = self._last - self._first + 1
             for i in range(size):
@@ -458,6 +461,7 @@ class HostNetwork:
                 # a socket it left may hold it for a few seconds).
                 if n not in self._used and not os.path.exists(f"/sys/class/net/{self._ifname(n)}"):
                     self._used.add(n)
+                    self._ready.add(n)  # (until take() gives it to a sandbox)
                     self._next = n + 1
                     return str(ipaddress.IPv4Address(n))
         raise AddressPoolExhausted(
@@ -543,8 +547,6 @@ class HostNetwork:
 
         address = self._allocate()
         n = int(ipaddress.IPv4Address(address))
-        with self._lock:
-            self._ready.add(n)  # (until take() gives it to a sandbox)
         ifname = self._ifname(n)
         address6 = self.v6(address)
         prepared = Prepared(fd=fd, address=address, ifname=ifname, address6=address6)
@@ -574,6 +576,8 @@ class HostNetwork:
             if address6:
                 inner.addr("add", index=eth0, address=address6, prefixlen=128, family=socket.AF_INET6)
                 inner.route("add", dst="::/0", gateway=GATEWAY6, oif=eth0, family=socket.AF_INET6)
+            if self._closed:  # a spare still being made when the server stopped: nothing may stay of it
+                raise NetworkError("the server is stopping")
         except BaseException:
             self.give_back(prepared)  # the namespace goes, and the veth with it
             raise
@@ -639,6 +643,7 @@ class HostNetwork:
     def close(self) -> None:
         """The server stops. The spare goes; the table and the gateway stay while sandboxes are kept
         running (their policies hold, and the next server run takes them over)."""
+        self._closed = True
         if self._spare_task is not None:
             self._spare_task.cancel()
         if self._spare is not None:
