@@ -137,6 +137,14 @@ def test_mount_module_devices_and_namespaces_denied(sandbox: Sandbox) -> None:
         "kernel sysctl": "echo 1 > /proc/sys/kernel/sysrq",
         "iptables-style net config": "ip link add dummy0 type dummy",
         "set time": "date -s '2001-01-01'",
+        # the mount, IPC, cgroup and PID namespaces belong to the sandbox's user namespace: still nothing
+        "unmount a view": "umount /proc/meminfo",
+        "unmount /sys": "umount -l /sys",
+        "unmount /dev": "umount -l /dev",
+        "mount proc": "mount -t proc proc /mnt",
+        "mount cgroup2": "mount -t cgroup2 none /mnt",
+        "enter init's namespaces": "nsenter -t 1 -m -p -i true",
+        "new pid ns": "unshare -p -f true",
     }
     for name, cmd in attacks.items():
         code, out, err = run_root(sandbox, cmd)

@@ -11,18 +11,22 @@
  *   sbxhelper attach  [options]          mount a volume's directory at a path inside a running sandbox
  *
  * Namespace ownership (the heart of the design):
- *   mount, UTS, IPC, net, PID and cgroup namespaces are created by host root, so they are owned by
- *   the initial user namespace. The sandbox's processes then live in a child user namespace (uid 0
- *   inside = SHIFT outside). Capabilities there are worth nothing against namespaces the child
- *   userns does not own: mount(), sethostname(), network configuration all fail with EPERM even
- *   before seccomp and the capability bounding set say no.
+ *   The sandbox's processes live in a user namespace of their own (uid 0 inside = SHIFT outside), owned
+ *   by SHIFT (the kernel charges per-user counts made inside up the chain to the owner). The UTS and
+ *   network namespaces are the host's (owned by the initial user namespace): capabilities in the
+ *   sandbox's user namespace are worth nothing against them, so sethostname() and network configuration
+ *   fail with EPERM even before seccomp and the capability bounding set say no. The mount, IPC, cgroup and
+ *   PID namespaces are made inside the user namespace and belong to it (so that CRIU can checkpoint the
+ *   tree, see docs/architecture.md); sandbox processes hold none of the capabilities that act on them
+ *   (no CAP_SYS_ADMIN in the bounding set; mount, unshare and setns are refused by seccomp as well), and
+ *   the mounts the helper made as host root (/sys, /dev, read-only copies) are locked in their copy.
  *
  * create (run as host root; cgroups already made by the server):
- *   join cgroups -> unshare(mnt|uts|ipc|net|pid|cgroup) -> overlay root -> hostname, lo up
- *   -> fork: child is PID 1 -> /proc, /sys, /dev, /dev/pts -> pivot_root -> unshare(user)
- *   -> parent writes uid/gid maps -> child drops to sandbox root, seccomp, and reaps forever.
- *   The parent prints the child's host PID and exits. The mounts live only in the sandbox's mount
- *   namespace, so they disappear with it: nothing can leak on the host.
+ *   join cgroups -> unshare(mnt|uts[|net]) -> overlay root -> hostname, lo up -> /sys, /dev, copies, /etc
+ *   -> fork: child takes uid SHIFT, unshare(user), the parent writes uid/gid maps -> child becomes the
+ *   namespace's root, unshare(mnt|ipc|cgroup|pid) -> fork: PID 1 -> /proc, masks, views, pivot_root ->
+ *   drops everything, seccomp, and reaps forever. The helper prints init's host PID and exits. The mounts
+ *   live only in the sandbox's mount namespaces, so they disappear with them: nothing can leak on the host.
  *   --disk IMAGE:DIR (the disk quota, see runtime/quota.py): before the overlay, IMAGE is attached
  *   to a free loop device with LO_FLAGS_AUTOCLEAR and mounted on DIR, in the new mount namespace
  *   only; when the sandbox's last process exits, the mount goes and the loop device detaches itself.
@@ -77,7 +81,7 @@
  * the directory's regular files, so that no host path shows in the sandbox's mountinfo, as a bind
  * mount's source would. */
 static const char *copy_src[MAX_BINDS], *copy_dst[MAX_BINDS];
-static const char *view_dir; /* --view: files shown over /proc and /sys files (see mount_views) */
+static const char *view_dir; /* --view: files shown over /proc and /sys files (see stage_views) */
 static int ncopies;
 /* init keeps the template's root filesystem open as fd TEMPLATE_FD (O_PATH: nothing can be done with
  * it, and the sandbox cannot reach init's fds), so that the template store sees which template versions
@@ -461,9 +465,12 @@ static const struct {
     {"cpu-online", "/sys/devices/system/cpu/online", 0},
 };
 
-static void mount_views(const char *root) {
+/* The helper (host root) writes the view files into a staging tmpfs over --view DIR, in its own mount
+ * namespace; the sandbox's copy of that namespace inherits the tmpfs, and init binds each file over the
+ * kernel's once its /proc is mounted (bind_views). The staging mount goes with the old root at pivot_root. */
+static void stage_views(void) {
     if (!view_dir) return;
-    char stage[4096], from[4096], to[4096], dst[4096];
+    char from[4096], to[4096];
     static char buf[MAX_COPY_FILE];
     int fds[sizeof views / sizeof views[0]];
     for (size_t i = 0; i < sizeof views / sizeof views[0]; i++) {
@@ -471,23 +478,32 @@ static void mount_views(const char *root) {
         fds[i] = open(from, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
         if (fds[i] < 0) die("open %s", from);
     }
-    snprintf(stage, sizeof stage, "%s", view_dir); /* the staging tmpfs hides the sources: read above */
-    xmount("tmpfs", stage, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=755,size=256k,nr_inodes=16");
+    /* the staging tmpfs hides the sources: read above */
+    xmount("tmpfs", view_dir, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=755,size=256k,nr_inodes=16");
     for (size_t i = 0; i < sizeof views / sizeof views[0]; i++) {
         ssize_t n = read_all(fds[i], buf, sizeof buf);
         close(fds[i]);
         if (n < 0 || (size_t)n == sizeof buf) die("view %s: unreadable or over %d bytes", views[i].name, MAX_COPY_FILE);
-        snprintf(to, sizeof to, "%s/%s", stage, views[i].name);
+        snprintf(to, sizeof to, "%s/%s", view_dir, views[i].name);
         int out = open(to, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
         if (out < 0 || write(out, buf, (size_t)n) != n) die("write %s", to);
         close(out);
+    }
+}
+
+static void bind_views(const char *root) {
+    if (!view_dir) return;
+    char from[4096], dst[4096];
+    const char *name = strrchr(view_dir, '/'); /* the state dir's view/ (runtime/views.py), from the state dir */
+    name = name && name[1] ? name + 1 : view_dir;
+    for (size_t i = 0; i < sizeof views / sizeof views[0]; i++) {
+        snprintf(from, sizeof from, "%s/%s", name, views[i].name);
         snprintf(dst, sizeof dst, "%s%s", root, views[i].dst);
         if (access(dst, F_OK) != 0) continue; /* a kernel without this file: nothing to cover */
-        xmount(to, dst, NULL, MS_BIND, NULL);
+        xmount(from, dst, NULL, MS_BIND, NULL);
         if (!views[i].writable)
             xmount(NULL, dst, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
     }
-    if (umount2(stage, MNT_DETACH) < 0) die("umount %s", stage);
 }
 
 /* Hide host-kernel knobs that userns root could otherwise read: as Docker's masked paths. */
@@ -527,21 +543,18 @@ static void write_etc(const char *root, const char *hostname, unsigned shift) {
     if (chown(p, shift, shift) < 0) die("chown %s", p);
 }
 
-/* Child side of create: becomes the sandbox's PID 1. Errors go to errfd as text. */
-static void init_child(int tochild, int toparent, const char *merged, const char *hostname, unsigned shift,
-                       int argc, char **argv) {
-    char p[4096], c;
-    /* Redirect our own diagnostics to the parent. */
-    dup2(toparent, 2);
+/* The host-root parts of a new sandbox's root, made by the helper in its own mount namespace before the
+ * sandbox's user namespace exists (a user namespace may not mknod, and sysfs may be mounted only by an
+ * owner of the network namespace, which is the host's): the sandbox's mount namespace inherits them, locked. */
+static void prepare_root(const char *merged, const char *hostname, unsigned shift) {
+    char p[4096];
     snprintf(p, sizeof p, "%s/proc", merged);
     xmkdir(p, 0555);
-    xmount("proc", p, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
     snprintf(p, sizeof p, "%s/sys", merged);
     xmkdir(p, 0555);
     xmount("sysfs", p, "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, NULL);
     setup_dev(merged, shift);
-    mask_proc(merged);
-    mount_views(merged);
+    stage_views();
     for (int i = 0; i < ncopies; i++) {
         snprintf(p, sizeof p, "%s%s", merged, copy_dst[i]);
         copy_into_tmpfs(copy_src[i], p, shift);
@@ -549,25 +562,27 @@ static void init_child(int tochild, int toparent, const char *merged, const char
     write_etc(merged, hostname, shift);
     snprintf(p, sizeof p, "%s/tmp", merged);
     xmkdir(p, 01777);
+}
+
+/* The sandbox's PID 1, forked inside the sandbox's user namespace (as its root, with every capability over
+ * the namespaces made there: mount, IPC, cgroup, PID). Errors go to `toparent` as text. */
+static void init_child(int toparent, const char *merged, int argc, char **argv) {
+    char p[4096];
+    /* Redirect our own diagnostics to the helper. */
+    dup2(toparent, 2);
+    /* The root came from the helper's mount namespace: locked here, and pivot_root refuses it; a recursive
+     * bind of it onto itself, made in our own namespace, is not. */
+    xmount(merged, merged, NULL, MS_BIND | MS_REC, NULL); /* (relative: from the state dir) */
+    snprintf(p, sizeof p, "%s/proc", merged);
+    xmount("proc", p, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    mask_proc(merged);
+    bind_views(merged);
 
     if (chdir(merged) < 0) die("chdir %s", merged);
     if (syscall(SYS_pivot_root, ".", ".") < 0) die("pivot_root");
     if (umount2(".", MNT_DETACH) < 0) die("umount old root");
     if (chdir("/") < 0) die("chdir /");
 
-    /* The sandbox's user namespace is owned by the sandbox's own host uid (its root, SHIFT), not by
-     * host root: the kernel charges per-user counts made inside (inotify instances and watches, user
-     * namespaces, ...) up the chain to the owner, so one sandbox exhausts only its own share. */
-    if (setgroups(0, NULL) < 0) die("setgroups");
-    if (setresgid(shift, shift, shift) < 0) die("setresgid %u", shift);
-    if (setresuid(shift, shift, shift) < 0) die("setresuid %u", shift);
-    if (unshare(CLONE_NEWUSER) < 0) die("unshare(user)");
-    if (write(toparent, "U", 1) != 1) die("sync write");
-    if (read_all(tochild, &c, 1) != 1 || c != 'M') exit(125); /* parent failed to map ids */
-
-    if (setresgid(0, 0, 0) < 0) die("setresgid");
-    if (setgroups(0, NULL) < 0) die("setgroups");
-    if (setresuid(0, 0, 0) < 0) die("setresuid");
     drop_bounding_set(0);
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) die("no_new_privs");
     clear_caps(); /* init keeps no capabilities at all */
@@ -599,6 +614,39 @@ static void init_child(int tochild, int toparent, const char *merged, const char
         while (waitpid(-1, NULL, WNOHANG) > 0) {
         }
     }
+}
+
+/* The sandbox's user namespace and what belongs to it, made by a child of the helper: it takes the
+ * sandbox's own host uid (SHIFT) and makes the user namespace, so that the namespace is owned by that uid,
+ * not by host root (the kernel charges per-user counts made inside -- inotify instances and watches,
+ * pending signals, ... -- up the chain to the owner, so one sandbox exhausts only its own share); the
+ * helper writes its id maps; then, as the namespace's root, it makes the mount, IPC, cgroup and PID
+ * namespaces (owned by it: CRIU can checkpoint such a tree) and forks init. The UTS and network namespaces
+ * stay the host's (made or joined by the helper): sandbox root cannot rename the host or configure the
+ * network even with a capability. Reports init's host PID on `pidfd`. */
+static void userns_child(int ready, int mapped, int pidfd, int toparent, const char *merged, unsigned shift,
+                         int argc, char **argv) {
+    char c;
+    dup2(toparent, 2);
+    if (setgroups(0, NULL) < 0) die("setgroups");
+    if (setresgid(shift, shift, shift) < 0) die("setresgid %u", shift);
+    if (setresuid(shift, shift, shift) < 0) die("setresuid %u", shift);
+    if (unshare(CLONE_NEWUSER) < 0) die("unshare(user)");
+    if (write(ready, "U", 1) != 1) die("sync write");
+    if (read_all(mapped, &c, 1) != 1 || c != 'M') _exit(125); /* the helper failed to map ids */
+    if (setresgid(0, 0, 0) < 0) die("setresgid");
+    if (setgroups(0, NULL) < 0) die("setgroups");
+    if (setresuid(0, 0, 0) < 0) die("setresuid");
+    if (unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWCGROUP | CLONE_NEWPID) < 0) die("unshare");
+    pid_t init = fork();
+    if (init < 0) die("fork");
+    if (init == 0) {
+        close(pidfd);
+        init_child(toparent, merged, argc, argv);
+        _exit(125);
+    }
+    if (write(pidfd, &init, sizeof init) != (ssize_t)sizeof init) die("report init");
+    _exit(0);
 }
 
 /*
@@ -734,8 +782,6 @@ static int cmd_create(int argc, char **argv) {
     char merged[4096];
     snprintf(merged, sizeof merged, "%s/merged", dir);
     join_cgroups(cgroups, ncg);
-    /* The PID namespace comes last, just before init is forked: the first child after it would be
-     * the namespace's init, and attach_idmapped forks a short-lived helper. */
     /* --netns: a namespace the server prepared (eth0, address, routes: runtime/network.py); else a new one
      * with only lo. */
     if (netns) {
@@ -744,8 +790,7 @@ static int cmd_create(int argc, char **argv) {
         if (setns(nfd, CLONE_NEWNET) < 0) die("setns(net)");
         close(nfd);
     }
-    if (unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | (netns ? 0 : CLONE_NEWNET) | CLONE_NEWCGROUP) < 0)
-        die("unshare");
+    if (unshare(CLONE_NEWNS | CLONE_NEWUTS | (netns ? 0 : CLONE_NEWNET)) < 0) die("unshare");
     xmount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL);
     /* The child's pivot_root also moves our root (same mount namespace): keep the host /proc open. */
     int procfd = open("/proc", O_DIRECTORY | O_CLOEXEC);
@@ -794,7 +839,9 @@ static int cmd_create(int argc, char **argv) {
     snprintf(opts, sizeof opts, "lowerdir=%s,upperdir=%supper,workdir=%swork,volatile", lowerdir, layers, layers);
     xmount("overlay", "merged", "overlay", 0, opts);
     if (resolv) write_resolv("merged", resolv, shift);
-    if (chdir("/") < 0) die("chdir /");
+    /* init (the sandbox's root, no host uid) finishes the root from here: it may pass through the state
+     * dir, nothing more (the data dir above it stays host root's only) */
+    if (chmod(".", 0711) < 0) die("chmod %s", dir);
     if (sethostname(hostname, strlen(hostname)) < 0) die("sethostname");
     lo_up();
     /* ICMP echo sockets for everyone in the sandbox's own network namespace: `ping` works unprivileged,
@@ -811,41 +858,51 @@ static int cmd_create(int argc, char **argv) {
         (void)!write(up, "0", 1);
         close(up);
     }
-    if (unshare(CLONE_NEWPID) < 0) die("unshare(pid)");
+    prepare_root("merged", hostname, shift);
 
-    int p2c[2], c2p[2];
-    if (pipe2(p2c, O_CLOEXEC) < 0 || pipe2(c2p, O_CLOEXEC) < 0) die("pipe");
+    int ready[2], mapped[2], pids[2], c2p[2];
+    if (pipe2(ready, O_CLOEXEC) < 0 || pipe2(mapped, O_CLOEXEC) < 0 || pipe2(pids, O_CLOEXEC) < 0 ||
+        pipe2(c2p, O_CLOEXEC) < 0)
+        die("pipe");
     pid_t child = fork();
     if (child < 0) die("fork");
     if (child == 0) {
-        close(p2c[1]);
+        close(ready[0]);
+        close(mapped[1]);
+        close(pids[0]);
         close(c2p[0]);
-        init_child(p2c[0], c2p[1], merged, hostname, shift, argc, argv);
+        userns_child(ready[1], mapped[0], pids[1], c2p[1], "merged", shift, argc, argv);
         _exit(125);
     }
-    close(p2c[0]);
+    close(ready[1]);
+    close(mapped[0]);
+    close(pids[1]);
     close(c2p[1]);
     char buf[4096];
-    int n = read_all(c2p[0], buf, 1);
-    if (n != 1 || buf[0] != 'U') goto child_failed;
+    pid_t init = -1;
+    int n = 0;
+    if (read_all(ready[0], buf, 1) != 1 || buf[0] != 'U') goto child_failed;
     char path[64], map[64];
     snprintf(map, sizeof map, "0 %u %u\n", shift, range);
     snprintf(path, sizeof path, "%d/uid_map", child);
     write_file_at(procfd, path, map);
     snprintf(path, sizeof path, "%d/gid_map", child);
     write_file_at(procfd, path, map);
-    if (write(p2c[1], "M", 1) != 1) die("sync write");
+    if (write(mapped[1], "M", 1) != 1) die("sync write");
+    if (read_all(pids[0], (char *)&init, sizeof init) != (int)sizeof init) goto child_failed;
+    waitpid(child, NULL, 0);
     n = read_all(c2p[0], buf, 1);
     if (n != 1 || buf[0] != 'R') goto child_failed;
-    printf("%d\n", child);
+    printf("%d\n", init);
     fflush(stdout);
     return 0;
 
 child_failed : {
-    /* The child wrote its error text to the pipe (it dup'ed it onto stderr). */
-    int off = n > 0 && (buf[0] == 'U' || buf[0] == 'R') ? 0 : n;
+    /* The children wrote their error text to the pipe (they dup'ed it onto stderr). */
+    int off = n > 0 && buf[0] == 'R' ? 0 : n;
     int more = read_all(c2p[0], buf + off, sizeof buf - 1 - (size_t)off);
     buf[off + (more > 0 ? more : 0)] = 0;
+    if (init > 0) kill(init, SIGKILL);
     kill(child, SIGKILL);
     waitpid(child, NULL, 0);
     fprintf(stderr, "%s", buf[0] ? buf : "sbxhelper: sandbox init failed\n");
