@@ -8,6 +8,7 @@ scripts/setup.sh), so a second run does not rebuild them.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
@@ -280,6 +281,12 @@ def upper_on_host(server: Server, sandbox_id: str) -> Iterator[Path]:
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
         mnt.rmdir()
+
+
+def held_top_layer(sandbox_id: str) -> str:
+    """The topmost layer a sandbox stands on, as its hold in the template store says (templates/store.py)."""
+    hold = json.loads((TEMPLATES_DIR / ".holds" / sandbox_id).read_text())
+    return str(hold["lowers"][0])
 
 
 def host_pids_of(server: Server, sandbox_id: str) -> set[int]:

@@ -10,17 +10,11 @@ import pytest
 from e2b import Sandbox
 from e2b.exceptions import SandboxException
 
-from conftest import Server, host_pids_of
+from conftest import Server, held_top_layer
 
 
 def _lowers(server: Server, sandbox_id: str) -> str:
-    import os
-    from pathlib import Path
-
-    for pid in host_pids_of(server, sandbox_id):
-        if Path(f"/proc/{pid}/comm").read_text().strip() == "sandbox-init":
-            return os.readlink(f"/proc/{pid}/fd/3")  # its topmost layer
-    raise AssertionError("no sandbox-init")
+    return held_top_layer(sandbox_id)
 
 
 def test_a_filesystem_snapshot_starts_new_sandboxes_that_diverge(server: Server) -> None:

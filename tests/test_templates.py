@@ -14,7 +14,7 @@ from e2b import Sandbox
 
 from sandboxd.templates.store import TemplateStore, _switch_current
 
-from conftest import TEMPLATES_DIR, Server
+from conftest import TEMPLATES_DIR, Server, held_top_layer
 
 SANDBOXD = str(Path(sys.executable).with_name("sandboxd"))
 
@@ -44,12 +44,7 @@ def test_build_is_cached_and_unknown_names_are_clear() -> None:
 
 
 def _lowerdirs(server: Server, sandbox_id: str) -> str:
-    from conftest import host_pids_of
-
-    for pid in host_pids_of(server, sandbox_id):
-        if Path(f"/proc/{pid}/comm").read_text().strip() == "sandbox-init":
-            return os.readlink(f"/proc/{pid}/fd/3")  # the template init holds (sbxhelper.c, TEMPLATE_FD)
-    raise AssertionError("no sandbox-init")
+    return held_top_layer(sandbox_id)
 
 
 def test_an_old_build_survives_while_a_sandbox_uses_it(server: Server) -> None:

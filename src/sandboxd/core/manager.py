@@ -126,6 +126,7 @@ class SandboxManager:
     def __init__(self, runtime: Runtime, templates: TemplateStore, db: StateDB, settings: Settings | None = None):
         self.runtime = runtime
         self.templates = templates
+        runtime.on_destroyed.append(templates.release)  # (the hold each create records: _hold_template)
         self.db = db
         self.settings = settings or Settings()
         self.sandboxes: dict[str, Sandbox] = {}
@@ -166,6 +167,8 @@ class SandboxManager:
                 end = endings.killed("a request before the server stopped") if rec.state == "killing" else None
                 self.db.end(rec.sandbox_id, time.time(), endings.body(rec, end or endings.host_restart(), None))
         removed = await self.runtime.sweep(adopted)
+        for sandbox_id in removed:
+            self.templates.release(sandbox_id)
         if adopted:
             log.info("re-adopted %d sandbox(es) from the previous run", len(adopted))
         if removed:
@@ -277,6 +280,7 @@ class SandboxManager:
             raise LimitReached(str(e)) from None
         finally:
             self._creating.remove(memory_mb)
+        self._hold_template(spec, handle)
         if template.start_cmd or template.ready_cmd:
             try:
                 who = startup.identity(
@@ -312,6 +316,14 @@ class SandboxManager:
             raise
         return handle, service
 
+    def _hold_template(self, spec: SandboxSpec, handle: SandboxHandle) -> None:
+        """Keep the sandbox's template layers from any prune while its state dir exists (no process of the
+        sandbox holds a host file: the store's holds say what is in use; one goes with its state dir)."""
+        try:
+            self.templates.hold(spec.sandbox_id, spec.layers, handle.state_dir)
+        except OSError as e:
+            log.warning("recording that sandbox %s uses its template failed: %s", spec.sandbox_id, e)
+
     async def build_sandbox(self, spec: SandboxSpec) -> SandboxHandle:
         """A sandbox for one step of a template build (core/builds.py): counted against the host-wide
         limits while it lives, networked with the default policy, not in the sandbox list."""
@@ -327,6 +339,7 @@ class SandboxManager:
         except BaseException:
             self._creating.remove(spec.limits.memory_mb)
             raise
+        self._hold_template(spec, handle)
         self._build_memory[handle.sandbox_id] = spec.limits.memory_mb
         if handle.address:
             self.net.add_builder(handle.address)
@@ -552,7 +565,7 @@ class SandboxManager:
             await self.runtime.destroy(sandbox.handle)
         finally:
             self.db.end(sandbox_id, time.time(), endings.body(sandbox.record, end, last))
-            self.templates.release(sandbox_id)  # (held while it was paused to its files)
+            self.templates.release(sandbox_id)  # (held since its create: it may have no files any more)
             self._pausing.pop(sandbox_id, None)
             if sandbox.service is not None:
                 sandbox.service.poll()  # its helper exited with the sandbox: collect it

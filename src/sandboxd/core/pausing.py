@@ -49,8 +49,7 @@ async def stop(manager: SandboxManager, sandbox: Sandbox) -> None:
     """End every process of the sandbox, keeping its files; the record says so first (a crash midway is
     finished at the next start)."""
     layers = _layers(sandbox)
-    # before its last process (which holds its top layer) ends
-    manager.templates.hold(sandbox.id, layers, sandbox.handle.state_dir)
+    manager.templates.hold(sandbox.id, layers, sandbox.handle.state_dir)  # (as it has since its create)
     sandbox.record.state, sandbox.record.pause_mode = "paused", FILESYSTEM
     manager.db.put(sandbox.record)
     manager.net.remove(sandbox)
@@ -101,7 +100,6 @@ async def boot_again(manager: SandboxManager, sandbox: Sandbox) -> None:
     sandbox.handle, sandbox.service = handle, service
     rec.handle = {**asdict(handle), "state_dir": str(handle.state_dir)}
     manager.net.add(sandbox)
-    manager.templates.release(sandbox.id)  # its init holds its top layer again
     for hook in manager.after_boot_again:  # (uploads the stop cut short: envd/uploads.py)
         try:
             await hook(sandbox)

@@ -10,6 +10,7 @@ import abc
 import contextlib
 import socket
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,8 @@ class Runtime(abc.ABC):
     name: str
     # spawn_exec(keep_dir=...) runs the command under a keeper that outlives the server (envd/kept.py)
     keeps_processes: bool = False
+    # called with a sandbox's ID once destroy() has removed it (the template store drops its hold)
+    on_destroyed: list[Callable[[str], None]]
 
     @abc.abstractmethod
     async def create(self, spec: SandboxSpec) -> SandboxHandle: ...

@@ -128,6 +128,7 @@ class NamespaceRuntime(Runtime):
         network_cidr6: str | None = "auto",
     ) -> None:
         self.state_dir = Path(state_dir)
+        self.on_destroyed = []
         self.sandboxes_dir = self.state_dir / "sandboxes"
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
         self.disks = quota.Disks(self.state_dir / "images")  # formatted disk images, one per size
@@ -421,6 +422,11 @@ class NamespaceRuntime(Runtime):
         await asyncio.to_thread(self._destroy_and_release, handle, keep_upper)
         self._release_cpus(handle.sandbox_id)
         self._meminfo.pop(handle.sandbox_id, None)
+        for hook in self.on_destroyed:
+            try:
+                hook(handle.sandbox_id)
+            except Exception:
+                log.exception("after destroying sandbox %s", handle.sandbox_id)
 
     async def set_egress(self, handle: SandboxHandle, egress: Egress, cut: bool = True) -> None:
         if not handle.address or self.net is None:

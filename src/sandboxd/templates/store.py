@@ -308,9 +308,9 @@ class TemplateStore:
 
     # -- sandboxes stopped with their files kept (a filesystem-only pause) ----------------------------
     def hold(self, sandbox_id: str, lowers: tuple[Path, ...], state_dir: Path) -> None:
-        """Keep a stopped sandbox's root filesystem (its layers, topmost first) from any prune until
-        `release`: no process holds it open while the sandbox is stopped. A hold whose sandbox's state dir
-        is gone (its server's data dir removed) holds nothing any more."""
+        """Keep a sandbox's root filesystem (its layers, topmost first) from any prune, from its create on
+        (no process of a sandbox holds a host file), until `release` or until its state dir is gone (the
+        sandbox destroyed, or its server's data dir removed): then the hold holds nothing any more."""
         (self.dir / ".holds").mkdir(parents=True, exist_ok=True)
         hold = {"lowers": [str(p) for p in lowers], "state_dir": str(state_dir)}
         write_json(self.dir / ".holds" / sandbox_id, hold)
@@ -451,8 +451,8 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def _mounted_lower_dirs() -> set[str]:
-    """Template root filesystems of every sandbox on the host: each sandbox's PID 1 holds its template open
-    as fd 3 (sbxhelper.c, TEMPLATE_FD); sandboxes made before that name it in their overlay's options."""
+    """Template root filesystems of sandboxes made by older sandboxd versions, which do not record holds: their
+    PID 1 holds the template open as fd 3, or (older still) their overlay's options name it."""
     lowers: set[str] = set()
     for pid in os.listdir("/proc"):
         if not pid.isdigit():

@@ -83,11 +83,6 @@
 static const char *copy_src[MAX_BINDS], *copy_dst[MAX_BINDS];
 static const char *view_dir; /* --view: files shown over /proc and /sys files (see stage_views) */
 static int ncopies;
-/* init keeps the template's root filesystem open as fd TEMPLATE_FD (O_PATH: nothing can be done with
- * it, and the sandbox cannot reach init's fds), so that the template store sees which template versions
- * running sandboxes use (/proc/<init>/fd/3) while their mountinfo names no host path. */
-#define TEMPLATE_FD 3
-static int template_fd = -1;
 #define MAX_COPY_FILE (1 << 20)
 static char *argv_end; /* end of the argument strings, for scrubbing init's command line */
 
@@ -603,10 +598,10 @@ static void init_child(int toparent, const char *merged, int argc, char **argv) 
      * or the server would wait forever for EOF on a pipe (or socket) that init still holds. */
     int devnull = open("/dev/null", O_RDWR);
     for (int fd = 0; fd < 3; fd++) dup2(devnull, fd);
-    if (template_fd >= 0 && template_fd != TEMPLATE_FD && dup2(template_fd, TEMPLATE_FD) < 0) exit(125);
-    int first = template_fd >= 0 ? TEMPLATE_FD + 1 : TEMPLATE_FD;
-    if (syscall(SYS_close_range, first, ~0U, 0) < 0)
-        for (int fd = first; fd < 1024; fd++) close(fd);
+    /* (and init holds no host file: the template store learns which templates sandboxes use from holds,
+     * templates/store.py) */
+    if (syscall(SYS_close_range, 3, ~0U, 0) < 0)
+        for (int fd = 3; fd < 1024; fd++) close(fd);
     /* PID 1: reap orphans forever. All signals are blocked; only SIGKILL (from the host) ends us. */
     for (;;) {
         int sig;
@@ -776,9 +771,6 @@ static int cmd_create(int argc, char **argv) {
         i++;
     }
     if (!nlowers || !dir) die("create needs --lower and --state-dir");
-    /* init holds the topmost layer open: what is in use is found from it (templates/store.py) */
-    template_fd = open(lowers[0], O_PATH | O_DIRECTORY | O_CLOEXEC);
-    if (template_fd < 0) die("open %s", lowers[0]);
     char merged[4096];
     snprintf(merged, sizeof merged, "%s/merged", dir);
     join_cgroups(cgroups, ncg);
