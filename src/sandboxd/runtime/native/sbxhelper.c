@@ -84,7 +84,11 @@ static const char *copy_src[MAX_BINDS], *copy_dst[MAX_BINDS];
 static const char *view_dir; /* --view: files shown over /proc and /sys files (see stage_views) */
 static int ncopies;
 #define MAX_COPY_FILE (1 << 20)
-static char *argv_end; /* end of the argument strings, for scrubbing init's command line */
+static char *argv_end; /* end of the argument strings, for scrubbing a broker's command line */
+/* create: the helper's own image (a sealed memfd), which init execs inside the sandbox; and the fd on which
+ * the exec'd init says it runs */
+static int self_exe = -1;
+#define INIT_REPORT_FD 3
 
 static void mount_disk(const char *image, const char *dir);
 static int read_all(int fd, char *buf, size_t n);
@@ -561,7 +565,7 @@ static void prepare_root(const char *merged, const char *hostname, unsigned shif
 
 /* The sandbox's PID 1, forked inside the sandbox's user namespace (as its root, with every capability over
  * the namespaces made there: mount, IPC, cgroup, PID). Errors go to `toparent` as text. */
-static void init_child(int toparent, const char *merged, int argc, char **argv) {
+static void init_child(int toparent, const char *merged) {
     char p[4096];
     /* Redirect our own diagnostics to the helper. */
     dup2(toparent, 2);
@@ -580,29 +584,38 @@ static void init_child(int toparent, const char *merged, int argc, char **argv) 
 
     drop_bounding_set(0);
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) die("no_new_privs");
-    clear_caps(); /* init keeps no capabilities at all */
-    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0) die("dumpable");
-    apply_seccomp();
-    prctl(PR_SET_NAME, "sandbox-init", 0, 0, 0);
-    /* Host paths in our argv would show in the sandbox's /proc/1/cmdline: overwrite them (the whole
-     * area, measured before option parsing wrote NULs into it). */
-    (void)argc;
-    memset(argv[0], 0, (size_t)(argv_end - argv[0]));
-    strcpy(argv[0], "sandbox-init");
-
+    clear_caps(); /* init keeps no capabilities at all (and an exec as root gets none: the bounding set is empty) */
+    apply_seccomp(); /* (kept across the exec, as no_new_privs and the blocked signals are) */
     sigset_t set;
     sigfillset(&set);
     sigprocmask(SIG_BLOCK, &set, NULL);
-    if (write(toparent, "R", 1) != 1) exit(125);
-    /* init never execs, so close-on-exec does nothing for it: close every inherited fd by hand,
-     * or the server would wait forever for EOF on a pipe (or socket) that init still holds. */
+    /* Exec ourselves again, inside the sandbox's user namespace: init's memory then belongs to it (so a
+     * checkpoint, which looks at init from that namespace, may read init's /proc entries though init is not
+     * dumpable), and its command line is its own ("sandbox-init": no host path in /proc/1/cmdline). The
+     * helper's image is a sealed memfd (runtime/native), opened by the helper before it left the host. */
+    if ((toparent == INIT_REPORT_FD ? fcntl(toparent, F_SETFD, 0) : dup2(toparent, INIT_REPORT_FD)) < 0) die("dup2");
+    char *args[] = {"sandbox-init", NULL}, *env[] = {NULL};
+    syscall(SYS_execveat, self_exe, "", args, env, AT_EMPTY_PATH);
+    die("exec sandbox-init");
+}
+
+/* The sandbox's PID 1 once it exec'd itself (init_child): tell the helper it runs, close what it inherited,
+ * reap orphans forever. All signals are blocked; only SIGKILL (from the host) ends it. */
+static int init_main(void) {
+    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0) return 125; /* no process of the sandbox may trace it */
+    prctl(PR_SET_NAME, "sandbox-init", 0, 0, 0);                /* (an exec through an fd named it by number) */
+    setsid(); /* its session was the helper's, outside the sandbox */
+    if (write(INIT_REPORT_FD, "R", 1) != 1) return 125;
+    /* init never execs again, so close-on-exec does nothing for it: close every inherited fd by hand, or the
+     * helper would wait forever for EOF on a pipe that init still holds. It holds no host file at all (the
+     * template store learns which templates are in use from holds, templates/store.py). */
     int devnull = open("/dev/null", O_RDWR);
     for (int fd = 0; fd < 3; fd++) dup2(devnull, fd);
-    /* (and init holds no host file: the template store learns which templates sandboxes use from holds,
-     * templates/store.py) */
     if (syscall(SYS_close_range, 3, ~0U, 0) < 0)
         for (int fd = 3; fd < 1024; fd++) close(fd);
-    /* PID 1: reap orphans forever. All signals are blocked; only SIGKILL (from the host) ends us. */
+    sigset_t set;
+    sigfillset(&set);
+    sigprocmask(SIG_BLOCK, &set, NULL);
     for (;;) {
         int sig;
         sigwait(&set, &sig);
@@ -619,8 +632,7 @@ static void init_child(int toparent, const char *merged, int argc, char **argv) 
  * namespaces (owned by it: CRIU can checkpoint such a tree) and forks init. The UTS and network namespaces
  * stay the host's (made or joined by the helper): sandbox root cannot rename the host or configure the
  * network even with a capability. Reports init's host PID on `pidfd`. */
-static void userns_child(int ready, int mapped, int pidfd, int toparent, const char *merged, unsigned shift,
-                         int argc, char **argv) {
+static void userns_child(int ready, int mapped, int pidfd, int toparent, const char *merged, unsigned shift) {
     char c;
     dup2(toparent, 2);
     if (setgroups(0, NULL) < 0) die("setgroups");
@@ -637,7 +649,7 @@ static void userns_child(int ready, int mapped, int pidfd, int toparent, const c
     if (init < 0) die("fork");
     if (init == 0) {
         close(pidfd);
-        init_child(toparent, merged, argc, argv);
+        init_child(toparent, merged);
         _exit(125);
     }
     if (write(pidfd, &init, sizeof init) != (ssize_t)sizeof init) die("report init");
@@ -851,6 +863,8 @@ static int cmd_create(int argc, char **argv) {
         close(up);
     }
     prepare_root("merged", hostname, shift);
+    self_exe = open("/proc/self/exe", O_RDONLY | O_CLOEXEC);
+    if (self_exe < 0) die("open /proc/self/exe");
 
     int ready[2], mapped[2], pids[2], c2p[2];
     if (pipe2(ready, O_CLOEXEC) < 0 || pipe2(mapped, O_CLOEXEC) < 0 || pipe2(pids, O_CLOEXEC) < 0 ||
@@ -863,7 +877,7 @@ static int cmd_create(int argc, char **argv) {
         close(mapped[1]);
         close(pids[0]);
         close(c2p[0]);
-        userns_child(ready[1], mapped[0], pids[1], c2p[1], "merged", shift, argc, argv);
+        userns_child(ready[1], mapped[0], pids[1], c2p[1], "merged", shift);
         _exit(125);
     }
     close(ready[1]);
@@ -1451,10 +1465,10 @@ static int cmd_exec(int argc, char **argv) {
             die("dup2");
         /* Our PID as the sandbox sees it (report_fd is close-on-exec: gone once we exec). */
         if (e.report_fd >= 0) dprintf(e.report_fd, "c %d\n", getpid());
-        if (e.pty) {
-            if (setsid() < 0) die("setsid");
-            if (ioctl(0, TIOCSCTTY, 0) < 0) die("TIOCSCTTY");
-        } else if (setpgid(0, 0) < 0) die("setpgid");
+        /* A session (and process group) of its own, inside the sandbox: signals go to its group, and a
+         * checkpoint finds no session leader outside the sandbox's PID namespace. */
+        if (setsid() < 0) die("setsid");
+        if (e.pty && ioctl(0, TIOCSCTTY, 0) < 0) die("TIOCSCTTY");
         apply_seccomp(); /* first: without no_new_privs, installing it needs the caps we still hold */
         become_user(&e, 1);
         if (e.cwd && chdir(e.cwd) < 0) {
@@ -1780,6 +1794,8 @@ static int cmd_attach(int argc, char **argv) {
 }
 
 int main(int argc, char **argv) {
+    /* init, exec'd by itself in its sandbox (init_child): PID 1 of its PID namespace, nothing else */
+    if (argc == 1 && !strcmp(argv[0], "sandbox-init") && getpid() == 1) return init_main();
     argv_end = argv[argc - 1] + strlen(argv[argc - 1]);
     /* The server runs with umask 077 (its own files are root's only); sandboxes get the usual 022. */
     umask(022);
