@@ -206,6 +206,8 @@ class Proc:
             for fd in [*child_fds, *self.out_fds, *([self.stdin_fd] if self.stdin_fd else []), report_r]:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+            # closed: nothing may close these numbers again (they may be another thread's descriptors by then)
+            self.out_fds, self.stdin_fd, self.master_fd = {}, None, None
             kept.forget(self.keep_dir)
             if self.session is not None:
                 self.session.close()
