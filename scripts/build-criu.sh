@@ -13,7 +13,9 @@ VERSION=4.2.1
 SHA256=29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9
 MIRROR=${SANDBOXD_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 DATA_DIR=${SANDBOXD_DATA_DIR:-/var/lib/sandboxd}
-DEST=$DATA_DIR/tools/criu-$VERSION
+# sandboxd's one change to CRIU (below): a new build number rebuilds every cached criu
+BUILD=sbx1
+DEST=$DATA_DIR/tools/criu-$VERSION-$BUILD
 step() { printf '==> %s\n' "$*" >&2; }
 
 if [ -x "$DEST/criu" ] && "$DEST/criu" --version 2>/dev/null | grep -q "Version: $VERSION"; then
@@ -44,6 +46,18 @@ echo "$SHA256  $work/$tarball" | sha256sum --check --quiet || {
 }
 tar -xJf "$work/$tarball" -C "$work"
 src=$(find "$work" -mindepth 1 -maxdepth 1 -type d -name 'criu*' | head -n1)
+# Run --unprivileged (as the sandbox's own uid, so that the restored user namespace is the sandbox's: see
+# docs/architecture.md), CRIU's restorer does not set SECURE_NO_SETUID_FIXUP before it gives a task its ids
+# back, so a task of a non-root user loses its capabilities at setresuid and cannot set its gids ("Unable to
+# set real, effective and saved group ID"). A restored task is root of its own user namespace, with
+# CAP_SETPCAP there: it may always set the bit.
+step "criu: patching criu/pie/restorer.c (securebits for tasks of non-root users under --unprivileged)"
+perl -0pi -e 's/\tif \(!uid\) \{\n(\t\tret = sys_prctl\(PR_SET_SECUREBITS, 1 << SECURE_NO_SETUID_FIXUP)/\t(void)uid; { \/* sandboxd: always (see build-criu.sh) *\/\n$1/' \
+    "$src/criu/pie/restorer.c"
+grep -q "sandboxd: always" "$src/criu/pie/restorer.c" || {
+    echo "build-criu.sh: criu/pie/restorer.c is not what the patch expects" >&2
+    exit 1
+}
 step "criu: make criu (about a minute on 2 cores; the log is $work/make.log until it ends)"
 if ! make -C "$src" -j"$(nproc)" criu >"$work/make.log" 2>&1; then
     tail -n 40 "$work/make.log" >&2
@@ -54,5 +68,7 @@ mkdir -p "$DEST.new"
 install -m 0755 "$src/criu/criu" "$DEST.new/criu"
 rm -rf "$DEST"
 mv "$DEST.new" "$DEST"  # complete or absent: an interrupted build is redone next time
+# earlier builds (other versions or build numbers) are never used again
+find "$DATA_DIR/tools" -mindepth 1 -maxdepth 1 -name 'criu-*' ! -name "criu-$VERSION-$BUILD" -exec rm -rf {} +
 step "criu: $("$DEST/criu" --version | head -n1) in $DEST"
 echo "$DEST/criu"

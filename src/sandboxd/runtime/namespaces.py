@@ -15,6 +15,7 @@ import fcntl
 import logging
 import math
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -24,6 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sandboxd.fdio import syncfs
@@ -115,6 +117,33 @@ def _socket_in_netns(pid: int, start: int) -> socket.socket:
         os.close(fd)
 
 
+@dataclass
+class Checkpoint:
+    """A sandbox written by `NamespaceRuntime.checkpoint`: its images, and its UTS and network namespaces, held
+    (open) until a restore takes them or `release`."""
+
+    handle: SandboxHandle
+    images: Path
+    criu: Path
+    uts_fd: int
+    netns_fd: int
+
+    def release(self) -> None:
+        for fd in (self.uts_fd, self.netns_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.uts_fd = self.netns_fd = -1
+
+
+def _criu_errors(log: Path, stderr: bytes, limit: int = 5) -> str:
+    """What went wrong, for a message: the helper's own words, and CRIU's first errors from its log."""
+    lines = [stderr.decode(errors="replace").strip()]
+    with contextlib.suppress(OSError):
+        with open(log, errors="replace") as f:
+            lines += [line.strip() for line in f if "Error" in line][:limit]
+    return "; ".join(line for line in lines if line) or "no reason given"
+
+
 class NamespaceRuntime(Runtime):
     keeps_processes = True
     name = "namespaces"
@@ -174,9 +203,13 @@ class NamespaceRuntime(Runtime):
                 self.net.close()
                 raise
 
-    async def create(self, spec: SandboxSpec) -> SandboxHandle:
+    async def create(self, spec: SandboxSpec, restore: Checkpoint | None = None) -> SandboxHandle:
+        """A new sandbox; or, with `restore`, the one `checkpoint` wrote (its processes and memory again, in the
+        namespaces it held; `spec.resume_uid_base` is its uid range)."""
         sdir = self.sandboxes_dir / spec.sandbox_id
         resuming = spec.resume_uid_base is not None
+        if restore is not None and not resuming:
+            raise ValueError("a restore boots a sandbox again: spec.resume_uid_base must be its uid range")
         if resuming:  # what a boot makes anew (a crash mid-stop may have left the last one's)
             shutil.rmtree(sdir / views.VIEW_DIR, ignore_errors=True)
             await asyncio.to_thread(_wait_detached, sdir / quota.IMAGE_NAME)
@@ -186,7 +219,7 @@ class NamespaceRuntime(Runtime):
         cg = self._cgroups(spec.sandbox_id)
         net: network.Prepared | None = None
         # The network namespace (ready, or made now) while the disk and cgroups are prepared.
-        net_task = asyncio.ensure_future(self.net.take()) if self.net is not None else None
+        net_task = asyncio.ensure_future(self.net.take()) if self.net is not None and restore is None else None
         disk_args: list[str] = []
         try:
             if spec.limits.disk_mb:
@@ -229,7 +262,11 @@ class NamespaceRuntime(Runtime):
             ]
             for path in cg.paths:
                 argv += ["--cgroup", path]
-            if net is not None and self.net is not None:
+            if restore is not None:  # its namespaces as it left them (the resolver in its files already)
+                me = os.getpid()
+                argv += ["--netns", f"/proc/{me}/fd/{restore.netns_fd}", "--uts", f"/proc/{me}/fd/{restore.uts_fd}"]
+                argv += ["--restore", str(restore.images), "--criu", str(restore.criu)]
+            elif net is not None and self.net is not None:
                 argv += ["--netns", f"/proc/{os.getpid()}/fd/{net.fd}", "--resolv", f"nameserver {self.net.gateway}\n"]
             argv += disk_args
             if resuming:
@@ -256,7 +293,7 @@ class NamespaceRuntime(Runtime):
                     await asyncio.wait_for(asyncio.shield(helper), HELPER_WAIT)
                 raise
             finally:
-                if self.net is not None:
+                if self.net is not None and restore is None:
                     self.net.refill()  # the next sandbox's namespace, now that this one's helper is done
             if proc.returncode != 0:
                 reason = err.decode(errors="replace").strip()
@@ -280,6 +317,9 @@ class NamespaceRuntime(Runtime):
             raise
         if net is not None:
             net.close()  # the sandbox holds its namespace now: it goes with the sandbox's last process
+        if restore is not None:
+            restore.release()  # the restored sandbox holds its namespaces again
+            return replace(restore.handle, init_pid=pid, init_start_time=start, cgroups=cg.paths)
         return SandboxHandle(
             sandbox_id=spec.sandbox_id,
             backend=self.name,
@@ -525,6 +565,59 @@ class NamespaceRuntime(Runtime):
 
     def hold(self, handle: SandboxHandle) -> None:
         self.ids.claim(handle.uid_base)
+
+    async def checkpoint(self, handle: SandboxHandle, images: Path, criu: Path) -> Checkpoint:
+        """Write the sandbox's processes (everything under its init: memory, files, pipes, sockets) into
+        `images` with CRIU and end them; its files, uid range, address and its UTS and network namespaces
+        stay (held by the returned Checkpoint) for `create(spec, restore=...)`. Its cgroups go."""
+        uts = os.open(f"/proc/{handle.init_pid}/ns/uts", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            netns = os.open(f"/proc/{handle.init_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            os.close(uts)
+            raise
+        held = Checkpoint(handle=handle, images=images, criu=criu, uts_fd=uts, netns_fd=netns)
+        try:
+            if pids.start_time(handle.init_pid) != handle.init_start_time:
+                raise RuntimeError_(f"sandbox {handle.sandbox_id} is not running")
+            argv = [
+                self.helper,
+                "checkpoint",
+                "--pid",
+                str(handle.init_pid),
+                "--pid-start",
+                str(handle.init_start_time),
+                "--shift",
+                str(handle.uid_base),
+                "--criu",
+                str(criu),
+                "--images",
+                str(images),
+            ]
+            res = await asyncio.to_thread(subprocess.run, argv, capture_output=True, env={}, check=False)
+            if res.returncode != 0:
+                raise RuntimeError_(
+                    f"checkpointing sandbox {handle.sandbox_id} failed: {_criu_errors(images / 'dump.log', res.stderr)}"
+                )
+            await asyncio.to_thread(self._after_checkpoint, handle)
+        except BaseException:
+            held.release()
+            raise
+        return held
+
+    def _after_checkpoint(self, handle: SandboxHandle) -> None:
+        """The dumped tree ends (CRIU kills it): its cgroups go (a restore makes them again), its disk is let go of."""
+        with contextlib.suppress(OSError):
+            pidfd = os.pidfd_open(handle.init_pid)
+            try:
+                select.select([pidfd], [], [], DETACH_WAIT)
+            finally:
+                os.close(pidfd)
+        self._cgroups(handle.sandbox_id).destroy()
+        shutil.rmtree(handle.state_dir / views.VIEW_DIR, ignore_errors=True)
+        _wait_detached(handle.state_dir / quota.IMAGE_NAME)
+        self._release_cpus(handle.sandbox_id)
+        self._meminfo.pop(handle.sandbox_id, None)
 
     async def copy_upper(self, handle: SandboxHandle, dest: Path) -> None:
         await asyncio.to_thread(self._copy_upper_sync, handle, dest)

@@ -43,6 +43,7 @@
 #include <grp.h>
 #include <stdint.h>
 #include <linux/capability.h>
+#include <linux/securebits.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <linux/loop.h>
@@ -89,8 +90,11 @@ static char *argv_end; /* end of the argument strings, for scrubbing a broker's 
  * the exec'd init says it runs */
 static int self_exe = -1;
 #define INIT_REPORT_FD 3
+#define INIT_DIR "/dev/.sandboxd" /* in the sandbox: init's program (init_image), on no layer of its files */
 
 static void mount_disk(const char *image, const char *dir);
+static int restore_tree(const char *dir, const char *criu, const char *images, unsigned shift, char **inherit,
+                        int ninherit);
 static int read_all(int fd, char *buf, size_t n);
 
 static void die(const char *fmt, ...) {
@@ -377,9 +381,10 @@ static void mknod_dev(const char *dev, const char *name, int major, int minor, u
     if (chown(p, shift, shift) < 0) die("chown %s", p);
 }
 
-static void setup_dev(const char *root, unsigned shift) {
-    char dev[4096], p[4096], opts[256];
-    snprintf(dev, sizeof dev, "%s/dev", root);
+/* A /dev of device nodes on a tmpfs at DEV (a user namespace may not mknod: host root makes it), with pts/ and
+ * shm/ to mount on. */
+static void dev_tmpfs(const char *dev, unsigned shift) {
+    char p[4096], opts[256];
     xmkdir(dev, 0755);
     snprintf(opts, sizeof opts, "mode=755,size=65536k,uid=%u,gid=%u", shift, shift);
     xmount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, opts);
@@ -391,14 +396,12 @@ static void setup_dev(const char *root, unsigned shift) {
     mknod_dev(dev, "tty", 5, 0, shift);
     snprintf(p, sizeof p, "%s/pts", dev);
     xmkdir(p, 0755);
-    snprintf(opts, sizeof opts, "newinstance,ptmxmode=0666,mode=0620,gid=%u", shift + 5);
-    xmount("devpts", p, "devpts", MS_NOSUID | MS_NOEXEC, opts);
     snprintf(p, sizeof p, "%s/ptmx", dev);
     if (symlink("pts/ptmx", p) < 0) die("symlink ptmx");
     snprintf(p, sizeof p, "%s/shm", dev);
     xmkdir(p, 01777);
-    snprintf(opts, sizeof opts, "mode=1777,size=65536k,uid=%u,gid=%u", shift, shift);
-    xmount("shm", p, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts);
+    snprintf(p, sizeof p, "%s/.sandboxd", dev); /* (INIT_DIR) */
+    xmkdir(p, 0755);
     static const char *links[][2] = {{"/proc/self/fd", "fd"}, {"/proc/self/fd/0", "stdin"},
                                      {"/proc/self/fd/1", "stdout"}, {"/proc/self/fd/2", "stderr"},
                                      {"/proc/kcore", "core"}};
@@ -406,6 +409,18 @@ static void setup_dev(const char *root, unsigned shift) {
         snprintf(p, sizeof p, "%s/%s", dev, links[i][1]);
         if (symlink(links[i][0], p) < 0) die("symlink %s", p);
     }
+}
+
+static void setup_dev(const char *root, unsigned shift) {
+    char dev[4096], p[4096], opts[256];
+    snprintf(dev, sizeof dev, "%s/dev", root);
+    dev_tmpfs(dev, shift);
+    snprintf(p, sizeof p, "%s/pts", dev);
+    snprintf(opts, sizeof opts, "newinstance,ptmxmode=0666,mode=0620,gid=%u", shift + 5);
+    xmount("devpts", p, "devpts", MS_NOSUID | MS_NOEXEC, opts);
+    snprintf(p, sizeof p, "%s/shm", dev);
+    snprintf(opts, sizeof opts, "mode=1777,size=65536k,uid=%u,gid=%u", shift, shift);
+    xmount("shm", p, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts);
 }
 
 static int read_all(int fd, char *buf, size_t n) {
@@ -542,6 +557,28 @@ static void write_etc(const char *root, const char *hostname, unsigned shift) {
     if (chown(p, shift, shift) < 0) die("chown %s", p);
 }
 
+/* A read-only tmpfs at DIR holding a copy of the helper's own image as DIR/init (host root's: sandbox root cannot
+ * change it), which init execs: a file in the sandbox (a checkpoint restores init's program from a file it finds
+ * there; it cannot from the sealed memfd the helper runs from). */
+static void init_image(const char *dir) {
+    static char buf[1 << 16];
+    char p[4200];
+    xmkdir(dir, 0755);
+    xmount("tmpfs", dir, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=4m,nr_inodes=8");
+    snprintf(p, sizeof p, "%s/init", dir);
+    int out = open(p, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0555);
+    if (out < 0) die("create %s", p);
+    ssize_t n;
+    off_t off = 0;
+    while ((n = pread(self_exe, buf, sizeof buf, off)) > 0) {
+        if (write(out, buf, (size_t)n) != n) die("write %s", p);
+        off += n;
+    }
+    if (n < 0) die("read the helper's image");
+    close(out);
+    xmount(NULL, dir, NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, "mode=755,size=4m,nr_inodes=8");
+}
+
 /* The host-root parts of a new sandbox's root, made by the helper in its own mount namespace before the
  * sandbox's user namespace exists (a user namespace may not mknod, and sysfs may be mounted only by an
  * owner of the network namespace, which is the host's): the sandbox's mount namespace inherits them, locked. */
@@ -553,6 +590,8 @@ static void prepare_root(const char *merged, const char *hostname, unsigned shif
     xmkdir(p, 0555);
     xmount("sysfs", p, "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, NULL);
     setup_dev(merged, shift);
+    snprintf(p, sizeof p, "%s" INIT_DIR, merged);
+    init_image(p);
     stage_views();
     for (int i = 0; i < ncopies; i++) {
         snprintf(p, sizeof p, "%s%s", merged, copy_dst[i]);
@@ -591,12 +630,11 @@ static void init_child(int toparent, const char *merged) {
     sigprocmask(SIG_BLOCK, &set, NULL);
     /* Exec ourselves again, inside the sandbox's user namespace: init's memory then belongs to it (so a
      * checkpoint, which looks at init from that namespace, may read init's /proc entries though init is not
-     * dumpable), and its command line is its own ("sandbox-init": no host path in /proc/1/cmdline). The
-     * helper's image is a sealed memfd (runtime/native), opened by the helper before it left the host. */
+     * dumpable), and its command line is its own ("sandbox-init": no host path in /proc/1/cmdline). */
     if ((toparent == INIT_REPORT_FD ? fcntl(toparent, F_SETFD, 0) : dup2(toparent, INIT_REPORT_FD)) < 0) die("dup2");
     char *args[] = {"sandbox-init", NULL}, *env[] = {NULL};
-    syscall(SYS_execveat, self_exe, "", args, env, AT_EMPTY_PATH);
-    die("exec sandbox-init");
+    execve(INIT_DIR "/init", args, env);
+    die("exec " INIT_DIR "/init");
 }
 
 /* The sandbox's PID 1 once it exec'd itself (init_child): tell the helper it runs, close what it inherited,
@@ -741,7 +779,9 @@ static int remove_entry(const char *path, const struct stat *st, int type, struc
 
 static int cmd_create(int argc, char **argv) {
     const char *lowers[MAX_LOWERS], *dir = NULL, *hostname = "sandbox", *netns = NULL, *resolv = NULL;
-    int nlowers = 0;
+    const char *restore = NULL, *uts = NULL, *criu = NULL; /* --restore IMAGES: see restore_tree */
+    char *inherit[16];
+    int nlowers = 0, ninherit = 0;
     char *disk = NULL;
     unsigned shift = 100000, range = 65536, idmap_from = 0;
     int idmap = 0, resume = 0;
@@ -761,6 +801,13 @@ static int cmd_create(int argc, char **argv) {
         else if (!strcmp(a, "--view")) view_dir = v;
         else if (!strcmp(a, "--netns")) netns = v;
         else if (!strcmp(a, "--resolv")) resolv = v;
+        else if (!strcmp(a, "--restore")) restore = v;
+        else if (!strcmp(a, "--uts")) uts = v;
+        else if (!strcmp(a, "--criu")) criu = v;
+        else if (!strcmp(a, "--inherit-fd")) {
+            if (ninherit == 16) die("too many --inherit-fd");
+            inherit[ninherit++] = (char *)v;
+        }
         else if (!strcmp(a, "--disk")) disk = (char *)v; /* IMAGE:DIR */
         else if (!strcmp(a, "--resume")) resume = !strcmp(v, "1"); /* it boots again from kept files */
         else if (!strcmp(a, "--shift")) shift = (unsigned)strtoul(v, NULL, 10);
@@ -783,6 +830,10 @@ static int cmd_create(int argc, char **argv) {
         i++;
     }
     if (!nlowers || !dir) die("create needs --lower and --state-dir");
+    if (restore && (!netns || !uts || !criu)) die("--restore needs --netns, --uts and --criu");
+    if (restore) resume = 1; /* its overlay was mounted before: the marker goes (see below) */
+    self_exe = open("/proc/self/exe", O_RDONLY | O_CLOEXEC); /* (init_image) */
+    if (self_exe < 0) die("open /proc/self/exe");
     char merged[4096];
     snprintf(merged, sizeof merged, "%s/merged", dir);
     join_cgroups(cgroups, ncg);
@@ -794,7 +845,13 @@ static int cmd_create(int argc, char **argv) {
         if (setns(nfd, CLONE_NEWNET) < 0) die("setns(net)");
         close(nfd);
     }
-    if (unshare(CLONE_NEWNS | CLONE_NEWUTS | (netns ? 0 : CLONE_NEWNET)) < 0) die("unshare");
+    if (uts) {
+        int ufd = open(uts, O_RDONLY | O_CLOEXEC);
+        if (ufd < 0) die("open %s", uts);
+        if (setns(ufd, CLONE_NEWUTS) < 0) die("setns(uts)");
+        close(ufd);
+    }
+    if (unshare(CLONE_NEWNS | (uts ? 0 : CLONE_NEWUTS) | (netns ? 0 : CLONE_NEWNET)) < 0) die("unshare");
     xmount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL);
     /* The child's pivot_root also moves our root (same mount namespace): keep the host /proc open. */
     int procfd = open("/proc", O_DIRECTORY | O_CLOEXEC);
@@ -842,10 +899,12 @@ static int cmd_create(int argc, char **argv) {
     char opts[8192];
     snprintf(opts, sizeof opts, "lowerdir=%s,upperdir=%supper,workdir=%swork,volatile", lowerdir, layers, layers);
     xmount("overlay", "merged", "overlay", 0, opts);
-    if (resolv) write_resolv("merged", resolv, shift);
-    /* init (the sandbox's root, no host uid) finishes the root from here: it may pass through the state
-     * dir, nothing more (the data dir above it stays host root's only) */
+    /* init (the sandbox's root, no host uid) finishes the root from here, and CRIU (as that uid) checkpoints
+     * and restores it: they may pass through the state dir, nothing more (the data dir above it stays host
+     * root's only) */
     if (chmod(".", 0711) < 0) die("chmod %s", dir);
+    if (restore) return restore_tree(dir, criu, restore, shift, inherit, ninherit);
+    if (resolv) write_resolv("merged", resolv, shift);
     if (sethostname(hostname, strlen(hostname)) < 0) die("sethostname");
     lo_up();
     /* ICMP echo sockets for everyone in the sandbox's own network namespace: `ping` works unprivileged,
@@ -863,8 +922,6 @@ static int cmd_create(int argc, char **argv) {
         close(up);
     }
     prepare_root("merged", hostname, shift);
-    self_exe = open("/proc/self/exe", O_RDONLY | O_CLOEXEC);
-    if (self_exe < 0) die("open /proc/self/exe");
 
     int ready[2], mapped[2], pids[2], c2p[2];
     if (pipe2(ready, O_CLOEXEC) < 0 || pipe2(mapped, O_CLOEXEC) < 0 || pipe2(pids, O_CLOEXEC) < 0 ||
@@ -1725,6 +1782,181 @@ static int cmd_broker(int argc, char **argv) {
 }
 
 /*
+ * Checkpoints (pause to disk, docs/architecture.md): CRIU runs `--unprivileged` as the sandbox's owner uid
+ * with every capability kept (become_owner): the restored user namespace is then the sandbox's own again,
+ * and the rlimits and /proc entries of the sandbox's processes are readable to it. The UTS and network
+ * namespaces are the host's: CRIU runs inside them (it dumps only namespaces that differ from its own,
+ * and restored processes inherit them); the server holds both while the sandbox is checkpointed.
+ * Mounts the helper makes as host root are external (CRIU_EXTERNAL): a restore binds them again.
+ */
+#define MAX_CRIU_ARGS 96
+static const struct {
+    const char *key, *path, *source; /* path inside the sandbox; source under /tmp/sbx/ at a restore */
+    int view;
+} criu_external[] = {
+    {"sbx-dev", "/dev", "dev", 0},
+    {"sbx-init", INIT_DIR, "init", 0},
+    {"sbx-sys", "/sys", "sys", 0},
+    {"sbx-meminfo", "/proc/meminfo", "meminfo", 1},
+    {"sbx-cpuinfo", "/proc/cpuinfo", "cpuinfo", 1},
+    {"sbx-cpu-online", "/sys/devices/system/cpu/online", "cpu-online", 1},
+};
+
+static void become_owner(unsigned uid) {
+    if (prctl(PR_SET_SECUREBITS, SECBIT_KEEP_CAPS | SECBIT_NO_SETUID_FIXUP, 0, 0, 0) < 0) die("securebits");
+    struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    if (syscall(SYS_capget, &hdr, data) < 0) die("capget");
+    data[0].inheritable = data[0].permitted;
+    data[1].inheritable = data[1].permitted;
+    if (syscall(SYS_capset, &hdr, data) < 0) die("capset");
+    for (int cap = 0; cap <= 63; cap++) prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0);
+    /* real uid too: programs CRIU runs (iptables-save) refuse to start with differing real and effective ids */
+    if (setresuid(uid, uid, 0) < 0) die("setresuid %u", uid);
+}
+
+static void criu_add(const char **args, int *n, const char *arg) {
+    if (*n >= MAX_CRIU_ARGS - 1) die("too many arguments for criu");
+    args[(*n)++] = arg;
+    args[*n] = NULL;
+}
+
+/* checkpoint --pid P --pid-start S --shift U --criu PATH --images DIR [--leave-running 1]: CRIU dumps the
+ * sandbox's tree (its init and everything under it) into DIR (made here, the owner's), and ends it unless
+ * --leave-running. CRIU's log is DIR/dump.log; its exit status is ours. */
+static int cmd_checkpoint(int argc, char **argv) {
+    pid_t target = 0;
+    unsigned long long start = 0;
+    unsigned shift = 0;
+    const char *criu = NULL, *images = NULL;
+    int leave = 0;
+    for (int i = 2; i < argc; i += 2) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!v) die("missing value for %s", a);
+        if (!strcmp(a, "--pid")) target = (pid_t)strtol(v, NULL, 10);
+        else if (!strcmp(a, "--pid-start")) start = strtoull(v, NULL, 10);
+        else if (!strcmp(a, "--shift")) shift = (unsigned)strtoul(v, NULL, 10);
+        else if (!strcmp(a, "--criu")) criu = v;
+        else if (!strcmp(a, "--images")) images = v;
+        else if (!strcmp(a, "--leave-running")) leave = !strcmp(v, "1");
+        else die("unknown option %s", a);
+    }
+    if (!criu || !images || !shift) die("checkpoint needs --pid, --shift, --criu and --images");
+    if (mkdir(images, 0700) < 0 && errno != EEXIST) die("mkdir %s", images);
+    if (chown(images, shift, shift) < 0) die("chown %s", images);
+    int pidfd = open_init(target, start);
+    if (setns(pidfd, CLONE_NEWUTS | CLONE_NEWNET) < 0) die("setns(uts, net)");
+    close(pidfd);
+    static char pid[32], ext[sizeof criu_external / sizeof criu_external[0]][4200];
+    snprintf(pid, sizeof pid, "%d", target);
+    const char *args[MAX_CRIU_ARGS];
+    int n = 0;
+    const char *fixed[] = {criu, "dump", "-t", pid, "-D", images, "-o", "dump.log", "-v4", "--unprivileged",
+                           "--network-lock", "skip", "--ghost-limit", "16M"};
+    for (size_t i = 0; i < sizeof fixed / sizeof *fixed; i++) criu_add(args, &n, fixed[i]);
+    for (size_t i = 0; i < sizeof criu_external / sizeof criu_external[0]; i++) {
+        snprintf(ext[i], sizeof ext[i], "mnt[%s]:%s", criu_external[i].path, criu_external[i].key);
+        criu_add(args, &n, "--external");
+        criu_add(args, &n, ext[i]);
+    }
+    if (leave) criu_add(args, &n, "--leave-running");
+    if (chdir("/") < 0) die("chdir /");
+    become_owner(shift);
+    execv(criu, (char *const *)args);
+    die("exec %s", criu);
+    return 125;
+}
+
+/* create --restore IMAGES: the sandbox's root is made again as for a create, the sources of CRIU's external
+ * mounts beside it (STATE/ext/dev, STATE/ext/sys, the view files), and CRIU restores the tree into it, in the
+ * UTS (--uts) and network (--netns) namespaces the server held, in the sandbox's cgroups (joined here:
+ * CRIU run --unprivileged leaves cgroups alone). Prints the restored init's host PID as create does. */
+static int restore_tree(const char *dir, const char *criu, const char *images, unsigned shift, char **inherit,
+                        int ninherit) {
+    /* What the restored processes mount (the root, the external mounts' sources) is looked up by them, in the
+     * sandbox's user namespace: without a capability over the host's files, they could not pass through the
+     * data dir (host root's only). So all of it is gathered under a tmpfs over /tmp, in this mount namespace
+     * only (CRIU's own scratch dirs go there too). */
+    (void)dir;
+    const char *log_dir = images;
+    /* (opened first: the state dir may be under /tmp itself) */
+    static const char *view_names[] = {"meminfo", "cpuinfo", "cpu-online"};
+    int root_fd = open("merged", O_PATH | O_DIRECTORY | O_CLOEXEC), images_fd = open(images, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    int view_fds[3] = {-1, -1, -1};
+    if (root_fd < 0 || images_fd < 0) die("open the root or %s", images);
+    stage_views();
+    for (size_t i = 0; view_dir && i < 3; i++) {
+        char from[4200];
+        snprintf(from, sizeof from, "%s/%s", view_dir, view_names[i]);
+        if ((view_fds[i] = open(from, O_PATH | O_CLOEXEC | O_NOFOLLOW)) < 0) die("open %s", from);
+    }
+    xmount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=4m");
+    xmkdir("/tmp/sbx", 0711);
+    char from[64];
+    xmkdir("/tmp/sbx/root", 0755);
+    snprintf(from, sizeof from, "/proc/self/fd/%d", root_fd);
+    xmount(from, "/tmp/sbx/root", NULL, MS_BIND | MS_REC, NULL);
+    xmkdir("/tmp/sbx/images", 0700);
+    snprintf(from, sizeof from, "/proc/self/fd/%d", images_fd);
+    xmount(from, "/tmp/sbx/images", NULL, MS_BIND, NULL);
+    dev_tmpfs("/tmp/sbx/dev", shift);
+    init_image("/tmp/sbx/init");
+    xmkdir("/tmp/sbx/sys", 0555);
+    xmount("sysfs", "/tmp/sbx/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, NULL);
+    for (size_t i = 0; view_dir && i < 3; i++) {
+        char to[64];
+        snprintf(to, sizeof to, "/tmp/sbx/%s", view_names[i]);
+        int fd = open(to, O_WRONLY | O_CREAT | O_CLOEXEC, 0444);
+        if (fd < 0) die("create %s", to);
+        close(fd);
+        snprintf(from, sizeof from, "/proc/self/fd/%d", view_fds[i]);
+        xmount(from, to, NULL, MS_BIND, NULL);
+    }
+    images = "/tmp/sbx/images";
+    static char pidfile[4200], ext[sizeof criu_external / sizeof criu_external[0]][256];
+    snprintf(pidfile, sizeof pidfile, "%s/restored.pid", images);
+    unlink(pidfile);
+    const char *args[MAX_CRIU_ARGS];
+    int n = 0;
+    const char *fixed[] = {criu, "restore", "-D", images, "-o", "restore.log", "-v4", "--unprivileged",
+                           "-d", "--root", "/tmp/sbx/root", "--pidfile", pidfile};
+    for (size_t i = 0; i < sizeof fixed / sizeof *fixed; i++) criu_add(args, &n, fixed[i]);
+    for (size_t i = 0; i < sizeof criu_external / sizeof criu_external[0]; i++) {
+        snprintf(ext[i], sizeof ext[i], "mnt[%s]:/tmp/sbx/%s", criu_external[i].key, criu_external[i].source);
+        if (!view_dir && criu_external[i].view) continue;
+        criu_add(args, &n, "--external");
+        criu_add(args, &n, ext[i]);
+    }
+    for (int i = 0; i < ninherit; i++) {
+        criu_add(args, &n, "--inherit-fd");
+        criu_add(args, &n, inherit[i]);
+    }
+    pid_t child = fork();
+    if (child < 0) die("fork");
+    if (child == 0) {
+        if (chdir("/") < 0) die("chdir /");
+        become_owner(shift);
+        execv(criu, (char *const *)args);
+        die("exec %s", criu);
+    }
+    int status;
+    while (waitpid(child, &status, 0) < 0)
+        if (errno != EINTR) die("wait for criu");
+    if (!WIFEXITED(status) || WEXITSTATUS(status)) {
+        errno = 0;
+        die("criu could not restore the sandbox (its log: %s/restore.log)", log_dir);
+    }
+    char buf[32];
+    int fd = open(pidfile, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    int got = fd >= 0 ? read_all(fd, buf, sizeof buf - 1) : -1;
+    if (got <= 0) die("criu wrote no pidfile");
+    buf[got] = 0;
+    printf("%d\n", atoi(buf));
+    fflush(stdout);
+    return 0;
+}
+
+/*
  * attach: mount a volume (a host directory: volumes/store.py) at a path inside a running sandbox.
  *   The source is cloned and idmapped (--idmap-from.. -> the sandbox's range) here, in the host's mount
  *   namespace; then only the sandbox's mount namespace is entered (as host root: the namespace is owned by
@@ -1800,13 +2032,14 @@ int main(int argc, char **argv) {
     /* The server runs with umask 077 (its own files are root's only); sandboxes get the usual 022. */
     umask(022);
     if (argc < 2) {
-        fprintf(stderr, "usage: sbxhelper create|exec|broker|attach|seccomp-bpf|version ...\n");
+        fprintf(stderr, "usage: sbxhelper create|exec|broker|attach|checkpoint|seccomp-bpf|version ...\n");
         return 2;
     }
     if (!strcmp(argv[1], "create")) return cmd_create(argc, argv);
     if (!strcmp(argv[1], "exec")) return cmd_exec(argc, argv);
     if (!strcmp(argv[1], "broker")) return cmd_broker(argc, argv);
     if (!strcmp(argv[1], "attach")) return cmd_attach(argc, argv);
+    if (!strcmp(argv[1], "checkpoint")) return cmd_checkpoint(argc, argv);
     if (!strcmp(argv[1], "seccomp-bpf")) { /* the filter, compiled, on stdout (see read_compiled) */
         scmp_filter_ctx ctx = build_filter();
         if (seccomp_export_bpf(ctx, 1) < 0) die("seccomp_export_bpf");
