@@ -40,7 +40,7 @@ from sandboxd.runtime.base import (
     SandboxSpec,
     Stats,
 )
-from sandboxd.runtime.native import compiled_filter, helper_path, sealed_copy
+from sandboxd.runtime.native import compiled_filter, helper_path, init_mount, sealed_copy
 from sandboxd.runtime.rootfs import open_pty_in_root
 from sandboxd.templates.uids import UID_SHIFT
 
@@ -161,7 +161,11 @@ class NamespaceRuntime(Runtime):
         self.sandboxes_dir = self.state_dir / "sandboxes"
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
         self.disks = quota.Disks(self.state_dir / "images")  # formatted disk images, one per size
-        self._helper_fd = sealed_copy(helper_path(self.state_dir / "bin"))
+        helper_file = helper_path(self.state_dir / "bin")
+        self._helper_fd = sealed_copy(helper_file)
+        # init's program, one read-only copy for all sandboxes (a detached tmpfs this fd holds: init_mount)
+        self._init_fd = init_mount(helper_file)
+        self.init_mount = f"/proc/{os.getpid()}/fd/{self._init_fd}"
         self.helper = f"/proc/{os.getpid()}/fd/{self._helper_fd}"
         self._filter_fd = compiled_filter(self.helper)
         self.filter = f"/proc/{os.getpid()}/fd/{self._filter_fd}"  # every create, exec and broker loads it
@@ -259,6 +263,8 @@ class NamespaceRuntime(Runtime):
                 str(identity.RANGE),
                 "--idmap-from",
                 str(UID_SHIFT),
+                "--init-mount",
+                self.init_mount,
             ]
             for path in cg.paths:
                 argv += ["--cgroup", path]

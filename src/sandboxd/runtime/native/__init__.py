@@ -75,3 +75,48 @@ def _sealed(name: str, data: bytes) -> int:
         view = view[os.write(fd, view) :]
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
     return fd
+
+
+def init_mount(helper: Path) -> int:
+    """A read-only tmpfs holding a copy of the helper as `init`, detached (no path on the host): every sandbox's
+    init runs it from a clone of this mount at /dev/.sandboxd (`sbxhelper create --init-mount`). One copy for all
+    of a server's sandboxes (they share its pages); a file CRIU can restore init's program from (it cannot from
+    a memfd); a tmpfs root, so the sandbox's mountinfo names no host path. The returned fd holds it."""
+    import ctypes
+    import struct
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def call(nr: int, *args: object) -> int:
+        res = libc.syscall(ctypes.c_long(nr), *args)
+        if res < 0:
+            err = ctypes.get_errno()
+            raise HelperBuildError(f"making sandbox init's tmpfs failed (syscall {nr}): {os.strerror(err)}")
+        return int(res)
+
+    fs = call(_SYS_FSOPEN, ctypes.c_char_p(b"tmpfs"), ctypes.c_uint(1))  # FSOPEN_CLOEXEC
+    try:
+        for key, value in ((b"mode", b"755"), (b"size", b"8m"), (b"nr_inodes", b"8")):
+            call(_SYS_FSCONFIG, ctypes.c_int(fs), ctypes.c_uint(1), ctypes.c_char_p(key), ctypes.c_char_p(value), 0)
+        call(_SYS_FSCONFIG, ctypes.c_int(fs), ctypes.c_uint(6), None, None, 0)  # FSCONFIG_CMD_CREATE
+        mnt = call(_SYS_FSMOUNT, ctypes.c_int(fs), ctypes.c_uint(1), ctypes.c_uint(0))  # FSMOUNT_CLOEXEC
+    finally:
+        os.close(fs)
+    try:
+        fd = os.open("init", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o555, dir_fd=mnt)
+        try:
+            os.fchmod(fd, 0o555)  # (whatever the umask: the server's is 077; sandbox users run it)
+            view = memoryview(helper.read_bytes())
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        attr = struct.pack("QQQQ", 0x1 | 0x2 | 0x4, 0, 0, 0)  # MOUNT_ATTR_RDONLY | NOSUID | NODEV
+        call(_SYS_MOUNT_SETATTR, ctypes.c_int(mnt), ctypes.c_char_p(b""), ctypes.c_uint(0x1000), attr, len(attr))
+    except BaseException:
+        os.close(mnt)
+        raise
+    return mnt
+
+
+_SYS_FSOPEN, _SYS_FSCONFIG, _SYS_FSMOUNT, _SYS_MOUNT_SETATTR = 430, 431, 432, 442  # x86-64

@@ -86,11 +86,9 @@ static const char *view_dir; /* --view: files shown over /proc and /sys files (s
 static int ncopies;
 #define MAX_COPY_FILE (1 << 20)
 static char *argv_end; /* end of the argument strings, for scrubbing a broker's command line */
-/* create: the helper's own image (a sealed memfd), which init execs inside the sandbox; and the fd on which
- * the exec'd init says it runs */
-static int self_exe = -1;
+/* create: the fd on which the exec'd init says it runs */
 #define INIT_REPORT_FD 3
-#define INIT_DIR "/dev/.sandboxd" /* in the sandbox: init's program (init_image), on no layer of its files */
+#define INIT_DIR "/dev/.sandboxd" /* in the sandbox: init's program (attach_init), on no layer of its files */
 
 static void mount_disk(const char *image, const char *dir);
 static int restore_tree(const char *dir, const char *criu, const char *images, unsigned shift, char **inherit,
@@ -557,27 +555,7 @@ static void write_etc(const char *root, const char *hostname, unsigned shift) {
     if (chown(p, shift, shift) < 0) die("chown %s", p);
 }
 
-/* A read-only tmpfs at DIR holding a copy of the helper's own image as DIR/init (host root's: sandbox root cannot
- * change it), which init execs: a file in the sandbox (a checkpoint restores init's program from a file it finds
- * there; it cannot from the sealed memfd the helper runs from). */
-static void init_image(const char *dir) {
-    static char buf[1 << 16];
-    char p[4200];
-    xmkdir(dir, 0755);
-    xmount("tmpfs", dir, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=4m,nr_inodes=8");
-    snprintf(p, sizeof p, "%s/init", dir);
-    int out = open(p, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0555);
-    if (out < 0) die("create %s", p);
-    ssize_t n;
-    off_t off = 0;
-    while ((n = pread(self_exe, buf, sizeof buf, off)) > 0) {
-        if (write(out, buf, (size_t)n) != n) die("write %s", p);
-        off += n;
-    }
-    if (n < 0) die("read the helper's image");
-    close(out);
-    xmount(NULL, dir, NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, "mode=755,size=4m,nr_inodes=8");
-}
+static void attach_init(const char *dst);
 
 /* The host-root parts of a new sandbox's root, made by the helper in its own mount namespace before the
  * sandbox's user namespace exists (a user namespace may not mknod, and sysfs may be mounted only by an
@@ -591,7 +569,7 @@ static void prepare_root(const char *merged, const char *hostname, unsigned shif
     xmount("sysfs", p, "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, NULL);
     setup_dev(merged, shift);
     snprintf(p, sizeof p, "%s" INIT_DIR, merged);
-    init_image(p);
+    attach_init(p);
     stage_views();
     for (int i = 0; i < ncopies; i++) {
         snprintf(p, sizeof p, "%s%s", merged, copy_dst[i]);
@@ -767,6 +745,20 @@ static void attach_idmapped(int userns, const char *src, const char *dst) {
     close(tree);
 }
 
+/* init's program (INIT_DIR/init): a clone of the server's read-only tmpfs holding a copy of the helper
+ * (runtime/native, init_mount; --init-mount names its fd), shared by all of the server's sandboxes, host root's
+ * (sandbox root cannot change it). A file in the sandbox: a checkpoint restores init's program from a file it
+ * finds there (it cannot from the sealed memfd the helper runs from). */
+static const char *init_mount_path;
+
+static void attach_init(const char *dst) {
+    if (!init_mount_path) die("create needs --init-mount");
+    int tree = (int)syscall(SYS_open_tree, AT_FDCWD, init_mount_path, OPEN_TREE_CLONE_ | O_CLOEXEC);
+    if (tree < 0) die("open_tree %s", init_mount_path);
+    if (syscall(SYS_move_mount, tree, "", AT_FDCWD, dst, MOVE_MOUNT_F_EMPTY_PATH_) < 0) die("move_mount %s", dst);
+    close(tree);
+}
+
 /* A template is one root filesystem or a stack of layers (templates/layers.py): --lower is given once
  * per layer, topmost first, and each becomes one overlay lower dir. */
 #define MAX_LOWERS 128
@@ -802,6 +794,7 @@ static int cmd_create(int argc, char **argv) {
         else if (!strcmp(a, "--netns")) netns = v;
         else if (!strcmp(a, "--resolv")) resolv = v;
         else if (!strcmp(a, "--restore")) restore = v;
+        else if (!strcmp(a, "--init-mount")) init_mount_path = v;
         else if (!strcmp(a, "--uts")) uts = v;
         else if (!strcmp(a, "--criu")) criu = v;
         else if (!strcmp(a, "--inherit-fd")) {
@@ -832,8 +825,6 @@ static int cmd_create(int argc, char **argv) {
     if (!nlowers || !dir) die("create needs --lower and --state-dir");
     if (restore && (!netns || !uts || !criu)) die("--restore needs --netns, --uts and --criu");
     if (restore) resume = 1; /* its overlay was mounted before: the marker goes (see below) */
-    self_exe = open("/proc/self/exe", O_RDONLY | O_CLOEXEC); /* (init_image) */
-    if (self_exe < 0) die("open /proc/self/exe");
     char merged[4096];
     snprintf(merged, sizeof merged, "%s/merged", dir);
     join_cgroups(cgroups, ncg);
@@ -1900,7 +1891,8 @@ static int restore_tree(const char *dir, const char *criu, const char *images, u
     snprintf(from, sizeof from, "/proc/self/fd/%d", images_fd);
     xmount(from, "/tmp/sbx/images", NULL, MS_BIND, NULL);
     dev_tmpfs("/tmp/sbx/dev", shift);
-    init_image("/tmp/sbx/init");
+    xmkdir("/tmp/sbx/init", 0755);
+    attach_init("/tmp/sbx/init");
     xmkdir("/tmp/sbx/sys", 0555);
     xmount("sysfs", "/tmp/sbx/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, NULL);
     for (size_t i = 0; view_dir && i < 3; i++) {
