@@ -1,10 +1,11 @@
 """Lifecycle suite of the benchmark: pause and resume (frozen in memory; to the files and booted again),
 idle and with a process holding 100 MB of memory, a filesystem snapshot of a sandbox with 7 MB written,
-and a create from that snapshot. Each beside its floor, measured in the same run, and the published
-figure of the fastest open peer (CubeSandbox: resume 42 ms, snapshot 46 ms with 7 MB dirty, create from a
-snapshot 64 ms; its snapshots hold memory, these hold files); and volumes: a pooled create with one mounted
-beside the same create without, a 1 MiB write and read through the volume content API; an idle
-code-interpreter sandbox paused (frozen) and resumed to a `run_code` that reads a kernel variable:
+and a create from that snapshot; checkpoint and restore with CRIU at the runtime's level (idle, 100 MB and
+1 GB of dirty memory; the API's pause does not use them yet). Each beside its floor, measured in the same
+run, and the published figure of the fastest open peer (CubeSandbox: resume 42 ms, snapshot 46 ms with
+7 MB dirty, create from a snapshot 64 ms; its snapshots hold memory, these hold files); and volumes: a
+pooled create with one mounted beside the same create without, a 1 MiB write and read through the volume
+content API; an idle code-interpreter sandbox paused (frozen) and resumed to a `run_code` that reads a kernel variable:
 
 - resume (frozen) -> first command: freezing and thawing a cgroup of our own holding one process, plus
   `nsenter ... bash -l -c true` (what the SDK's command starts) in a holder;
@@ -136,6 +137,9 @@ def run_lifecycle(
         from_snapshot_first_ms=from_snap_nopool,
     )
     out.update(_volumes(client, dl, min(n, 8)))
+    checkpoints = _checkpoints(dl, min(n, 5), data_dir)
+    out["errors"] += checkpoints.pop("checkpoint_errors")
+    out.update(checkpoints)
     out.update(_interp_pause(dl, min(n, 8)))
     out["floor_freeze_exec_ms"] = [_freeze_thaw_ms() + floors["exec_bash"]() for _ in range(n)]
     out["floor_create_ms"] = [floors["create"]() for _ in range(n)]
@@ -196,6 +200,94 @@ def _interp_pause(dl: Any, n: int) -> dict[str, Any]:
     finally:
         s.kill()
     return {"interp_pause_ms": pause, "interp_resume_ms": resume}
+
+
+def _checkpoints(dl: Any, n: int, data_dir: Path) -> dict[str, Any]:
+    """Checkpoint and restore with CRIU at the runtime's level (the API's pause does not use them yet:
+    docs/architecture.md, Checkpoints): a base sandbox idle, holding 100 MB and holding 1 GB of dirty memory in
+    a process of its user; restore until its tree runs again. Beside them, the freezer's pause and resume of the
+    same sandbox (what the API's pause does today: nothing leaves memory)."""
+    import asyncio
+    import dataclasses
+    import glob
+    import secrets
+
+    from sandboxd.runtime.base import ExecSpec, Limits, SandboxSpec
+    from sandboxd.runtime.namespaces import NamespaceRuntime
+    from sandboxd.templates.store import TemplateStore
+
+    crius = sorted(glob.glob("/var/lib/sandboxd/tools/criu-*/criu"))
+    if not crius:
+        return {"checkpoint_errors": ["no CRIU in /var/lib/sandboxd/tools (scripts/build-criu.sh)"]}
+    out: dict[str, list[float]] = {}
+    errors: list[str] = []
+
+    async def one(rt: NamespaceRuntime, held_mb: int, key: str) -> None:
+        spec = SandboxSpec(
+            sandbox_id="bckpt" + secrets.token_hex(6),
+            layers=TemplateStore(Path("/var/lib/sandboxd/templates")).get("base").layers,
+            hostname="bench",
+            limits=Limits(memory_mb=held_mb + 512, disk_mb=1024),
+        )
+        handle = await rt.create(spec)
+        try:
+            if held_mb:
+                code = (  # filled a MiB at a time: no second copy of it on the way (its memory limit)
+                    f"import os, time; n = {held_mb} << 20; b = bytearray(n)\n"
+                    "for i in range(0, n, 1 << 20): b[i : i + (1 << 20)] = os.urandom(1 << 20)\n"
+                    "open('/tmp/ready', 'w'); time.sleep(3600)"
+                )
+                run = ExecSpec(
+                    ["/bin/sh", "-c", f'python3 -c "{code}" >/dev/null 2>&1 &'],
+                    {"PATH": "/usr/bin:/bin"},
+                    "/",
+                    1000,
+                    1000,
+                )
+                devnull = os.open(os.devnull, os.O_RDWR)
+                try:
+                    code = rt.spawn_exec(handle, run, (devnull, devnull, devnull)).wait(60)
+                finally:
+                    os.close(devnull)
+                deadline = time.monotonic() + 60
+                while not _exists(f"/proc/{handle.init_pid}/root/tmp/ready"):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"the {held_mb} MB holder did not start (its shell exited with {code})")
+                    await asyncio.sleep(0.05)
+            t0 = time.monotonic()
+            rt.freeze(handle, True)
+            out.setdefault(f"{key}_freeze_ms", []).append(_ms(t0))
+            t0 = time.monotonic()
+            rt.freeze(handle, False)
+            out.setdefault(f"{key}_thaw_ms", []).append(_ms(t0))
+            t0 = time.monotonic()
+            held = await rt.checkpoint(handle, handle.state_dir / "checkpoint", Path(crius[-1]))
+            out.setdefault(f"{key}_checkpoint_ms", []).append(_ms(t0))
+            t0 = time.monotonic()
+            handle = await rt.create(dataclasses.replace(spec, resume_uid_base=handle.uid_base), restore=held)
+            out.setdefault(f"{key}_restore_ms", []).append(_ms(t0))
+        finally:
+            await rt.destroy(handle)
+
+    async def body() -> None:
+        rt = NamespaceRuntime(Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=data_dir)), network_cidr=None)
+        try:
+            for held_mb, key, rounds in ((0, "ckpt_idle", n), (HELD_MB, "ckpt_100", n), (1024, "ckpt_1g", 1)):
+                for _ in range(rounds):
+                    dl.check()
+                    try:
+                        await one(rt, held_mb, key)
+                    except RuntimeError as e:  # (counted, and the suite goes on)
+                        errors.append(f"checkpoint, {held_mb} MB: {e}")
+        finally:
+            rt.close()
+
+    asyncio.run(body())
+    return {**out, "checkpoint_errors": errors}
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
 
 
 def _freeze_thaw_ms() -> float:
@@ -260,6 +352,12 @@ def print_report(r: dict[str, Any]) -> None:
         ("create + volume -> first cmd, pool (floor: w/o)", "volume_create_ms", "plain_create_ms", None),
         ("volume: write 1 MiB through the content API", "volume_write_ms", None, None),
         ("volume: read 1 MiB through the content API", "volume_read_ms", None, None),
+        ("checkpoint (runtime, CRIU), idle (floor: freeze)", "ckpt_idle_checkpoint_ms", "ckpt_idle_freeze_ms", None),
+        ("restore (runtime, CRIU), idle (floor: thaw)", "ckpt_idle_restore_ms", "ckpt_idle_thaw_ms", "resume_ms"),
+        (f"checkpoint, {HELD_MB} MB dirty (aim <= 100)", "ckpt_100_checkpoint_ms", "ckpt_100_freeze_ms", None),
+        (f"restore, {HELD_MB} MB dirty (aim <= 40)", "ckpt_100_restore_ms", "ckpt_100_thaw_ms", "resume_ms"),
+        ("checkpoint, 1 GB dirty", "ckpt_1g_checkpoint_ms", "ckpt_1g_freeze_ms", None),
+        ("restore, 1 GB dirty", "ckpt_1g_restore_ms", "ckpt_1g_thaw_ms", None),
     ]
     for label, key, floor_key, peer_key in rows:
         if key not in r:
