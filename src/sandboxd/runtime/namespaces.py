@@ -466,8 +466,7 @@ class NamespaceRuntime(Runtime):
         # One thread does the whole destroy and gives the sandbox's uid range and address back: a caller
         # cancelled meanwhile (a request, the reaper at shutdown) cannot leave them held; close() waits.
         await asyncio.to_thread(self._destroy_and_release, handle, keep_upper)
-        self._release_cpus(handle.sandbox_id)
-        self._meminfo.pop(handle.sandbox_id, None)
+        self._forget_running(handle.sandbox_id)
         for hook in self.on_destroyed:
             try:
                 hook(handle.sandbox_id)
@@ -536,23 +535,30 @@ class NamespaceRuntime(Runtime):
 
     async def stop(self, handle: SandboxHandle) -> None:
         await asyncio.to_thread(self._stop_and_release, handle)
-        self._release_cpus(handle.sandbox_id)
-        self._meminfo.pop(handle.sandbox_id, None)
+        self._forget_running(handle.sandbox_id)
+
+    def _end_processes(self, handle: SandboxHandle) -> None:
+        """Its processes and cgroups go; its mounts lived only in its mount namespaces, gone with them; the state
+        dir (upper and work dirs, or its disk image) stays, but for what a boot makes anew. Its own disk is let
+        go of by the kernel (unmounted, its loop device detached, which the kernel does after the last process)
+        before this returns: a boot before would mount the image twice."""
+        self._cgroups(handle.sandbox_id).destroy()
+        shutil.rmtree(handle.state_dir / views.VIEW_DIR, ignore_errors=True)
+        _wait_detached(handle.state_dir / quota.IMAGE_NAME)
+
+    def _forget_running(self, sandbox_id: str) -> None:
+        """What only a running sandbox has here: its CPUs and its memory view's last figures."""
+        self._release_cpus(sandbox_id)
+        self._meminfo.pop(sandbox_id, None)
 
     def _stop_and_release(self, handle: SandboxHandle) -> None:
         with self._destroys:
             self._destroying += 1
         try:
-            # Its processes and cgroups go; its mounts lived only in its mount namespace, gone with them;
-            # the state dir (upper and work dirs, or its disk image) stays, but for what a boot makes anew.
-            self._cgroups(handle.sandbox_id).destroy()
-            shutil.rmtree(handle.state_dir / views.VIEW_DIR, ignore_errors=True)
+            self._end_processes(handle)
             # Its writable layer was a volatile overlay (no syncs while it ran): on disk now, so that a boot
-            # from it after a host crash finds it whole (sbxhelper create --resume). Its own disk first has to
-            # be let go of by the kernel (unmounted, its loop device detached, which the kernel does after
-            # the last process): a boot before would mount the image twice.
+            # from it after a host crash finds it whole (sbxhelper create --resume).
             image = handle.state_dir / quota.IMAGE_NAME
-            _wait_detached(image)
             target = image if image.is_file() else handle.state_dir / "upper"
             fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -619,11 +625,8 @@ class NamespaceRuntime(Runtime):
                 select.select([pidfd], [], [], DETACH_WAIT)
             finally:
                 os.close(pidfd)
-        self._cgroups(handle.sandbox_id).destroy()
-        shutil.rmtree(handle.state_dir / views.VIEW_DIR, ignore_errors=True)
-        _wait_detached(handle.state_dir / quota.IMAGE_NAME)
-        self._release_cpus(handle.sandbox_id)
-        self._meminfo.pop(handle.sandbox_id, None)
+        self._end_processes(handle)
+        self._forget_running(handle.sandbox_id)
 
     async def copy_upper(self, handle: SandboxHandle, dest: Path) -> None:
         await asyncio.to_thread(self._copy_upper_sync, handle, dest)
