@@ -91,8 +91,7 @@ static char *argv_end; /* end of the argument strings, for scrubbing a broker's 
 #define INIT_DIR "/dev/.sandboxd" /* in the sandbox: init's program (attach_init), on no layer of its files */
 
 static void mount_disk(const char *image, const char *dir);
-static int restore_tree(const char *dir, const char *criu, const char *images, unsigned shift, char **inherit,
-                        int ninherit);
+static int restore_tree(const char *criu, const char *images, unsigned shift, char **inherit, int ninherit);
 static int read_all(int fd, char *buf, size_t n);
 
 static void die(const char *fmt, ...) {
@@ -894,7 +893,7 @@ static int cmd_create(int argc, char **argv) {
      * and restores it: they may pass through the state dir, nothing more (the data dir above it stays host
      * root's only) */
     if (chmod(".", 0711) < 0) die("chmod %s", dir);
-    if (restore) return restore_tree(dir, criu, restore, shift, inherit, ninherit);
+    if (restore) return restore_tree(criu, restore, shift, inherit, ninherit);
     if (resolv) write_resolv("merged", resolv, shift);
     if (sethostname(hostname, strlen(hostname)) < 0) die("sethostname");
     lo_up();
@@ -1778,7 +1777,7 @@ static int cmd_broker(int argc, char **argv) {
  * and the rlimits and /proc entries of the sandbox's processes are readable to it. The UTS and network
  * namespaces are the host's: CRIU runs inside them (it dumps only namespaces that differ from its own,
  * and restored processes inherit them); the server holds both while the sandbox is checkpointed.
- * Mounts the helper makes as host root are external (CRIU_EXTERNAL): a restore binds them again.
+ * Mounts the helper makes as host root are external (criu_external): a restore binds them again.
  */
 #define MAX_CRIU_ARGS 96
 static const struct {
@@ -1859,26 +1858,24 @@ static int cmd_checkpoint(int argc, char **argv) {
 }
 
 /* create --restore IMAGES: the sandbox's root is made again as for a create, the sources of CRIU's external
- * mounts beside it (STATE/ext/dev, STATE/ext/sys, the view files), and CRIU restores the tree into it, in the
- * UTS (--uts) and network (--netns) namespaces the server held, in the sandbox's cgroups (joined here:
- * CRIU run --unprivileged leaves cgroups alone). Prints the restored init's host PID as create does. */
-static int restore_tree(const char *dir, const char *criu, const char *images, unsigned shift, char **inherit,
-                        int ninherit) {
+ * mounts are gathered beside it (under /tmp/sbx, see below), and CRIU restores the tree into it, in the UTS
+ * (--uts) and network (--netns) namespaces the server held, in the sandbox's cgroups (joined here: CRIU run
+ * --unprivileged leaves cgroups alone). Prints the restored init's host PID as create does. */
+static int restore_tree(const char *criu, const char *images, unsigned shift, char **inherit, int ninherit) {
     /* What the restored processes mount (the root, the external mounts' sources) is looked up by them, in the
      * sandbox's user namespace: without a capability over the host's files, they could not pass through the
      * data dir (host root's only). So all of it is gathered under a tmpfs over /tmp, in this mount namespace
      * only (CRIU's own scratch dirs go there too). */
-    (void)dir;
     const char *log_dir = images;
+    enum { NVIEWS = sizeof views / sizeof views[0] };
     /* (opened first: the state dir may be under /tmp itself) */
-    static const char *view_names[] = {"meminfo", "cpuinfo", "cpu-online"};
     int root_fd = open("merged", O_PATH | O_DIRECTORY | O_CLOEXEC), images_fd = open(images, O_PATH | O_DIRECTORY | O_CLOEXEC);
-    int view_fds[3] = {-1, -1, -1};
+    int view_fds[NVIEWS];
     if (root_fd < 0 || images_fd < 0) die("open the root or %s", images);
     stage_views();
-    for (size_t i = 0; view_dir && i < 3; i++) {
+    for (size_t i = 0; view_dir && i < NVIEWS; i++) {
         char from[4200];
-        snprintf(from, sizeof from, "%s/%s", view_dir, view_names[i]);
+        snprintf(from, sizeof from, "%s/%s", view_dir, views[i].name);
         if ((view_fds[i] = open(from, O_PATH | O_CLOEXEC | O_NOFOLLOW)) < 0) die("open %s", from);
     }
     xmount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=4m");
@@ -1895,9 +1892,9 @@ static int restore_tree(const char *dir, const char *criu, const char *images, u
     attach_init("/tmp/sbx/init");
     xmkdir("/tmp/sbx/sys", 0555);
     xmount("sysfs", "/tmp/sbx/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, NULL);
-    for (size_t i = 0; view_dir && i < 3; i++) {
+    for (size_t i = 0; view_dir && i < NVIEWS; i++) { /* (criu_external's view sources are these names) */
         char to[64];
-        snprintf(to, sizeof to, "/tmp/sbx/%s", view_names[i]);
+        snprintf(to, sizeof to, "/tmp/sbx/%s", views[i].name);
         int fd = open(to, O_WRONLY | O_CREAT | O_CLOEXEC, 0444);
         if (fd < 0) die("create %s", to);
         close(fd);
