@@ -145,6 +145,10 @@ def test_mount_module_devices_and_namespaces_denied(sandbox: Sandbox) -> None:
         "mount cgroup2": "mount -t cgroup2 none /mnt",
         "enter init's namespaces": "nsenter -t 1 -m -p -i true",
         "new pid ns": "unshare -p -f true",
+        # init's program, shared by all of a server's sandboxes (a read-only tmpfs of host root's)
+        "replace init's program": "cp /bin/true /dev/.sandboxd/init",
+        "add to init's dir": "touch /dev/.sandboxd/x",
+        "unmount init's program": "umount -l /dev/.sandboxd",
     }
     for name, cmd in attacks.items():
         code, out, err = run_root(sandbox, cmd)
