@@ -1,12 +1,13 @@
 """Processes that outlive the server process (beyond E2B: its #1074).
 
 Every command started through envd (a terminal's too) runs under a *keeper*: the `sbxhelper exec` that
-started it stays its parent, holds its pipes, relays them to the server and logs its output in the
-sandbox's state dir, `<state>/procs/<id>/` (sbxhelper.c, keep_relay): `out.0`/`out.1` (the newest half to
-all of `--max-output-buffer-kib` of its output, records of stdout, stderr or a terminal with their
-offsets; made only once it writes), `status` (how it ended, if no server was there to hear it), `ctl` (a
-socket a new server attaches through) and `meta.json` (written here: its PID, its keeper, its config and
-tag). At most `kept_processes` (core/tenant_limits.py) of a sandbox's processes are kept at once.
+started it (the command itself is the sandbox init's child, so that a checkpoint holds it; init tells the
+keeper how it ended) holds its pipes, relays them to the server and logs its output in the sandbox's state
+dir, `<state>/procs/<id>/` (sbxhelper.c, keep_relay): `out.0`/`out.1` (the newest half to all of
+`--max-output-buffer-kib` of its output, records of stdout, stderr or a terminal with their offsets; made
+only once it writes), `status` (how it ended, if no server was there to hear it), `ctl` (a socket a new
+server attaches through) and `meta.json` (written here: its PID, its keeper, its config and tag). At most
+`kept_processes` (core/tenant_limits.py) of a sandbox's processes are kept at once.
 
 When the server goes away (a crash, a restart, an upgrade), the keepers keep the commands running, their
 output logged and their stdin open. The next server, the first time it is asked about a sandbox's
@@ -67,6 +68,7 @@ def write_meta(d: Path, proc: Proc, keeper_pid: int, stdin: bool) -> None:
     meta = {
         "pid": proc.pid,
         "host_pid": proc.host_pid,
+        "host_start": proc.host_start,
         "keeper_pid": keeper_pid,
         "keeper_start": pids.start_time(keeper_pid),
         "tag": proc.tag,
@@ -150,6 +152,7 @@ def readopt(table: ProcessTable, state_dir: Path) -> None:
             continue  # not written whole (the server died right after the spawn): left to the sandbox's end
         proc = Proc(table, config, meta.get("tag"), pty=bool(meta.get("pty")))
         proc.pid, proc.host_pid, proc.keep_dir = int(meta["pid"]), int(meta["host_pid"]), d
+        proc.host_start = int(meta.get("host_start") or 0)
         watch = KeeperWatch(int(meta["keeper_pid"]), d / "status")
         try:
             watch.pidfd = pids.open_checked(watch.pid, start=meta.get("keeper_start"))
@@ -205,8 +208,9 @@ def _attach(proc: Proc, watch: KeeperWatch, d: Path, stdin: bool) -> bool:
     assert watch.pidfd is not None
     proc._pidfd = watch.pidfd
     loop.add_reader(watch.pidfd, proc._on_exit)
-    with contextlib.suppress(pids.ProcessChanged):
-        proc._child_pidfd = pids.open_checked(proc.host_pid, parent=watch.pid)
+    with contextlib.suppress(pids.ProcessChanged):  # (a record of an older sandboxd has no start time)
+        start = proc.host_start or None
+        proc._child_pidfd = pids.open_checked(proc.host_pid, start=start, parent=None if start else watch.pid)
     proc.paused = set(proc.out_fds)
     proc._pace()
     return True

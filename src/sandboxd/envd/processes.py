@@ -119,6 +119,7 @@ class Proc:
         self.is_pty = pty
         self.pid = 0  # as seen inside the sandbox
         self.host_pid = 0
+        self.host_start = 0  # its start time (clock ticks since boot): with host_pid, it names the process
         self.popen: subprocess.Popen[bytes] | kept.KeeperWatch | None = None
         self.stdin_fd: int | None = None
         self.master_fd: int | None = None
@@ -223,8 +224,9 @@ class Proc:
             kind, _, value = line.partition(" ")
             if kind == "c" and value.isdigit():
                 self.pid = int(value)
-            elif kind == "h" and value.isdigit():
-                self.host_pid = int(value)
+            elif kind == "h" and value.replace(" ", "").isdigit() and value.count(" ") == 1:
+                host, start = value.split()
+                self.host_pid, self.host_start = int(host), int(start)
         for fd in self.out_fds:
             os.set_blocking(fd, False)
         self.paused = set(self.out_fds)
@@ -232,10 +234,10 @@ class Proc:
         self._pidfd = os.pidfd_open(self.popen.pid)
         loop.add_reader(self._pidfd, self._on_exit)
         if self.host_pid:
-            # Signals go through a pidfd of the command, checked to be the helper's child: never a PID
-            # that was recycled after the command ended.
+            # Signals go through a pidfd of the command, checked to be the process the helper started (its
+            # start time): never a PID that was recycled after the command ended.
             with contextlib.suppress(pids.ProcessChanged):
-                self._child_pidfd = pids.open_checked(self.host_pid, parent=self.popen.pid)
+                self._child_pidfd = pids.open_checked(self.host_pid, start=self.host_start)
         if not self.pid:
             # The helper failed before running the command (its message is on stderr): report a pid
             # the table cannot confuse with a real one.

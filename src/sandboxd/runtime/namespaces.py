@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -207,9 +207,13 @@ class NamespaceRuntime(Runtime):
                 self.net.close()
                 raise
 
-    async def create(self, spec: SandboxSpec, restore: Checkpoint | None = None) -> SandboxHandle:
+    async def create(
+        self, spec: SandboxSpec, restore: Checkpoint | None = None, inherit: Sequence[tuple[int, str]] = ()
+    ) -> SandboxHandle:
         """A new sandbox; or, with `restore`, the one `checkpoint` wrote (its processes and memory again, in the
-        namespaces it held; `spec.resume_uid_base` is its uid range)."""
+        namespaces it held; `spec.resume_uid_base` is its uid range). `inherit`: (fd, CRIU's name of a file of
+        the checkpoint, as "pipe:[INODE]"): the restored processes get our fd instead of that file (the other
+        end of the pipes to their keepers, which stayed outside the checkpoint: envd/kept.py)."""
         sdir = self.sandboxes_dir / spec.sandbox_id
         resuming = spec.resume_uid_base is not None
         if restore is not None and not resuming:
@@ -272,6 +276,8 @@ class NamespaceRuntime(Runtime):
                 me = os.getpid()
                 argv += ["--netns", f"/proc/{me}/fd/{restore.netns_fd}", "--uts", f"/proc/{me}/fd/{restore.uts_fd}"]
                 argv += ["--restore", str(restore.images), "--criu", str(restore.criu)]
+                for fd, key in inherit:
+                    argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
             elif net is not None and self.net is not None:
                 argv += ["--netns", f"/proc/{os.getpid()}/fd/{net.fd}", "--resolv", f"nameserver {self.net.gateway}\n"]
             argv += disk_args
@@ -287,6 +293,7 @@ class NamespaceRuntime(Runtime):
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 close_fds=True,
+                pass_fds=[fd for fd, _ in inherit],
                 env={},  # init's environment is readable inside the sandbox: nothing of the server's
             )
             helper = asyncio.ensure_future(asyncio.to_thread(proc.communicate))

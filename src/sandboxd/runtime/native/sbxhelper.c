@@ -58,11 +58,14 @@
 #include <sys/inotify.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
+#include <poll.h>
 #include <sys/prctl.h>
+#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <sys/un.h>
 #include <sys/sysmacros.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -88,6 +91,7 @@ static int ncopies;
 static char *argv_end; /* end of the argument strings, for scrubbing a broker's command line */
 /* create: the fd on which the exec'd init says it runs */
 #define INIT_REPORT_FD 3
+#define MAX_INHERIT 512 /* --inherit-fd of a restore: three per kept command (pipes to their keepers) */
 #define INIT_DIR "/dev/.sandboxd" /* in the sandbox: init's program (attach_init), on no layer of its files */
 
 static void mount_disk(const char *image, const char *dir);
@@ -614,28 +618,164 @@ static void init_child(int toparent, const char *merged) {
     die("exec " INIT_DIR "/init");
 }
 
+/*
+ * Commands are init's children (cmd_exec: the helper's child forks the command and exits, so the kernel gives
+ * the command to the PID namespace's init): a checkpoint of init's tree then holds every command. Init reaps
+ * them; a command's keeper, which no longer is its parent, learns how it ended from init. Keepers talk to init
+ * on an abstract datagram socket in the sandbox's network namespace: a request {op, pid} with one descriptor,
+ * a socket the answer {state, status} goes to (sent without waiting; the descriptor is closed at once, so
+ * init holds nothing of the host's). REGISTER asks init to keep the status of a child it will reap (the
+ * helper sends it before its own child exits, so before init can reap the command); QUERY asks for it (and
+ * forgets it once ended). The table is bounded: when it is full, the helper keeps today's way (its child stays
+ * the command's parent and relays its status). Any process of the sandbox may send the same requests: they
+ * cost init's own time (the sandbox's), and tell nothing the sandbox does not know.
+ */
+#define INIT_SOCK "sandboxd-init"
+#define INIT_TABLE 4096
+enum { INIT_REGISTER = 1, INIT_QUERY = 2 };
+enum { CHILD_RUNNING = 1, CHILD_ENDED = 2, CHILD_UNKNOWN = 3, CHILD_FULL = 4 };
+struct init_req {
+    uint32_t op;
+    int32_t pid;
+};
+struct init_rep {
+    uint32_t state;
+    int32_t status; /* a wait status, when ended */
+};
+static struct {
+    pid_t pid; /* 0: a free entry */
+    uint32_t state;
+    int status;
+} registered[INIT_TABLE];
+
+static int init_find(pid_t pid) {
+    for (int i = 0; i < INIT_TABLE; i++)
+        if (registered[i].pid == pid) return i;
+    return -1;
+}
+
+static void init_reaped(pid_t pid, int status) {
+    int i = init_find(pid);
+    if (i >= 0 && registered[i].state == CHILD_RUNNING) {
+        registered[i].state = CHILD_ENDED;
+        registered[i].status = status;
+    }
+}
+
+static struct init_rep init_answer(const struct init_req *r) {
+    struct init_rep rep = {CHILD_UNKNOWN, 0};
+    if (r->pid <= 1) return rep;
+    int i = init_find(r->pid);
+    if (r->op == INIT_REGISTER) {
+        if (i < 0) i = init_find(0);
+        /* full: an entry for a PID that names no process goes (so what stays is bounded by the sandbox's own
+         * PID limit), else an ended one nobody asked about */
+        for (int j = 0; i < 0 && j < INIT_TABLE; j++)
+            if (registered[j].state == CHILD_RUNNING && kill(registered[j].pid, 0) < 0 && errno == ESRCH) i = j;
+        for (int j = 0; i < 0 && j < INIT_TABLE; j++)
+            if (registered[j].state == CHILD_ENDED) i = j;
+        if (i < 0) return (struct init_rep){CHILD_FULL, 0};
+        registered[i].pid = r->pid;
+        registered[i].state = CHILD_RUNNING;
+        registered[i].status = 0;
+        return (struct init_rep){CHILD_RUNNING, 0};
+    }
+    if (r->op != INIT_QUERY || i < 0) return rep;
+    int status;
+    if (registered[i].state == CHILD_RUNNING && waitpid(r->pid, &status, WNOHANG) == r->pid)
+        init_reaped(r->pid, status);
+    rep.state = registered[i].state;
+    rep.status = registered[i].status;
+    if (rep.state == CHILD_ENDED) registered[i].pid = 0;
+    return rep;
+}
+
+/* Up to 64 requests waiting on the socket; never blocks. */
+static void init_serve(int sock) {
+    for (int m = 0; m < 64; m++) {
+        struct init_req req;
+        union {
+            char buf[CMSG_SPACE(sizeof(int))];
+            struct cmsghdr align;
+        } control;
+        struct iovec iov = {&req, sizeof req};
+        struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf, .msg_controllen = sizeof control.buf};
+        ssize_t n = recvmsg(sock, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return;
+        }
+        /* the first descriptor that came is the answer's way; any other is closed (the buffer's padding takes a
+         * second one; the kernel closed those that did not fit) */
+        int fd = -1;
+        for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
+            if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS) continue;
+            for (size_t k = 0; k < (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int); k++) {
+                int got;
+                memcpy(&got, CMSG_DATA(cm) + k * sizeof(int), sizeof got);
+                if (fd < 0) fd = got;
+                else close(got);
+            }
+        }
+        if (fd < 0) continue;
+        if (n == (ssize_t)sizeof req && !(msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC))) {
+            struct init_rep rep = init_answer(&req);
+            (void)!send(fd, &rep, sizeof rep, MSG_DONTWAIT | MSG_NOSIGNAL);
+        }
+        close(fd);
+    }
+}
+
+static socklen_t init_address(struct sockaddr_un *a) {
+    memset(a, 0, sizeof *a);
+    a->sun_family = AF_UNIX;
+    memcpy(a->sun_path + 1, INIT_SOCK, sizeof INIT_SOCK - 1); /* abstract: sun_path[0] is 0 */
+    return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + sizeof INIT_SOCK - 1);
+}
+
 /* The sandbox's PID 1 once it exec'd itself (init_child): tell the helper it runs, close what it inherited,
  * reap orphans forever. All signals are blocked; only SIGKILL (from the host) ends it. */
 static int init_main(void) {
     if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0) return 125; /* no process of the sandbox may trace it */
     prctl(PR_SET_NAME, "sandbox-init", 0, 0, 0);                /* (an exec through an fd named it by number) */
     setsid(); /* its session was the helper's, outside the sandbox */
+    /* (bound before "R": a command may be started as soon as the helper reports) */
+    int sock = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    struct sockaddr_un addr;
+    socklen_t alen = init_address(&addr);
+    if (sock >= 0 && bind(sock, (struct sockaddr *)&addr, alen) < 0) {
+        close(sock);
+        sock = -1; /* (keepers then keep their commands as their own children) */
+    }
     if (write(INIT_REPORT_FD, "R", 1) != 1) return 125;
     /* init never execs again, so close-on-exec does nothing for it: close every inherited fd by hand, or the
      * helper would wait forever for EOF on a pipe that init still holds. It holds no host file at all (the
      * template store learns which templates are in use from holds, templates/store.py). */
     int devnull = open("/dev/null", O_RDWR);
     for (int fd = 0; fd < 3; fd++) dup2(devnull, fd);
-    if (syscall(SYS_close_range, 3, ~0U, 0) < 0)
-        for (int fd = 3; fd < 1024; fd++) close(fd);
+    int above = 3; /* (all but the socket) */
+    if (sock >= 3) {
+        if (sock > 3) syscall(SYS_close_range, 3, sock - 1, 0);
+        above = sock + 1;
+    }
+    syscall(SYS_close_range, above, ~0U, 0);
     sigset_t set;
     sigfillset(&set);
     sigprocmask(SIG_BLOCK, &set, NULL);
+    int sfd = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
+    if (sfd < 0) return 125;
     for (;;) {
-        int sig;
-        sigwait(&set, &sig);
-        while (waitpid(-1, NULL, WNOHANG) > 0) {
+        struct pollfd p[2] = {{sfd, POLLIN, 0}, {sock, POLLIN, 0}};
+        if (poll(p, sock >= 0 ? 2 : 1, -1) < 0) continue;
+        if (p[0].revents) {
+            struct signalfd_siginfo si[16];
+            while (read(sfd, si, sizeof si) > 0) {
+            }
+            pid_t pid;
+            int status;
+            while ((pid = waitpid(-1, &status, WNOHANG)) > 0) init_reaped(pid, status);
         }
+        if (sock >= 0 && p[1].revents) init_serve(sock);
     }
 }
 
@@ -771,7 +911,7 @@ static int remove_entry(const char *path, const struct stat *st, int type, struc
 static int cmd_create(int argc, char **argv) {
     const char *lowers[MAX_LOWERS], *dir = NULL, *hostname = "sandbox", *netns = NULL, *resolv = NULL;
     const char *restore = NULL, *uts = NULL, *criu = NULL; /* --restore IMAGES: see restore_tree */
-    char *inherit[16];
+    char *inherit[MAX_INHERIT];
     int nlowers = 0, ninherit = 0;
     char *disk = NULL;
     unsigned shift = 100000, range = 65536, idmap_from = 0;
@@ -797,7 +937,7 @@ static int cmd_create(int argc, char **argv) {
         else if (!strcmp(a, "--uts")) uts = v;
         else if (!strcmp(a, "--criu")) criu = v;
         else if (!strcmp(a, "--inherit-fd")) {
-            if (ninherit == 16) die("too many --inherit-fd");
+            if (ninherit == MAX_INHERIT) die("too many --inherit-fd (at most %d)", MAX_INHERIT);
             inherit[ninherit++] = (char *)v;
         }
         else if (!strcmp(a, "--disk")) disk = (char *)v; /* IMAGE:DIR */
@@ -1060,11 +1200,12 @@ static int parse_entry(int argc, char **argv, struct entry *e) {
     return i;
 }
 
-/* The start time (field 22 of /proc/PID/stat, clock ticks since boot) of a process, 0 if unknown. */
-static unsigned long long start_time_of(pid_t pid) {
+/* The start time (field 22 of PID/stat, clock ticks since boot) of a process, 0 if unknown: in the proc
+ * file system open as `procfd` (AT_FDCWD: /proc). */
+static unsigned long long start_time_in(int procfd, pid_t pid) {
     char path[64], buf[1024];
-    snprintf(path, sizeof path, "/proc/%d/stat", pid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    snprintf(path, sizeof path, "%s%d/stat", procfd == AT_FDCWD ? "/proc/" : "", pid);
+    int fd = openat(procfd, path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return 0;
     ssize_t n = read(fd, buf, sizeof buf - 1);
     close(fd);
@@ -1075,6 +1216,10 @@ static unsigned long long start_time_of(pid_t pid) {
     p++;
     for (int field = 3; field < 22 && p; field++) p = strchr(p + 1, ' '); /* p: before field 22 */
     return p ? strtoull(p + 1, NULL, 10) : 0;
+}
+
+static unsigned long long start_time_of(pid_t pid) {
+    return start_time_in(AT_FDCWD, pid);
 }
 
 /* Join the sandbox's cgroups and namespaces (user namespace last: see the header comment). */
@@ -1126,14 +1271,81 @@ static void become_user(const struct entry *e, int for_exec) {
     if (!for_exec && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) die("no_new_privs");
 }
 
+/* A request to the sandbox's init (see init_serve); -1 if it does not answer within 2 s (gone, or frozen). */
+static int ask_init(uint32_t op, pid_t pid, struct init_rep *rep) {
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) return -1;
+    int s = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    struct timeval tv = {2, 0};
+    struct init_req req = {op, pid};
+    struct sockaddr_un a;
+    socklen_t alen = init_address(&a);
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } control;
+    memset(&control, 0, sizeof control);
+    struct iovec iov = {&req, sizeof req};
+    struct msghdr msg = {.msg_name = &a, .msg_namelen = alen, .msg_iov = &iov, .msg_iovlen = 1,
+                         .msg_control = control.buf, .msg_controllen = sizeof control.buf};
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cm), &sv[1], sizeof(int));
+    int ok = s >= 0 && setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) == 0 &&
+             setsockopt(sv[0], SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) == 0 && sendmsg(s, &msg, MSG_NOSIGNAL) == (ssize_t)sizeof req;
+    if (s >= 0) close(s);
+    close(sv[1]);
+    ssize_t n = -1;
+    if (ok)
+        while ((n = recv(sv[0], rep, sizeof *rep, 0)) < 0 && errno == EINTR) {}
+    close(sv[0]);
+    return n == (ssize_t)sizeof *rep ? 0 : -1;
+}
+
+/*
+ * The command, started: `host`/`ns` its PID seen from the host and from the sandbox, `pidfd` one of it
+ * (readable once it ends). `via_init`: it is init's child (registered with init, which tells how it ended);
+ * else the helper's child `mid` stays its parent and exits as it does (init's table was full, or init did
+ * not answer), and `pidfd` is mid's.
+ */
+struct spawned {
+    pid_t mid, host, ns;
+    int pidfd, via_init;
+    unsigned long long start;
+};
+
+/* The command's wait status, once `sp->pidfd` said it ended; -1 if not yet. */
+static int command_status(struct spawned *sp) {
+    int status;
+    if (!sp->via_init) return waitpid(sp->mid, &status, WNOHANG) == sp->mid ? status : -1;
+    struct init_rep rep;
+    if (ask_init(INIT_QUERY, sp->ns, &rep) < 0 || rep.state == CHILD_UNKNOWN) return SIGKILL; /* init is gone: killed with it */
+    return rep.state == CHILD_ENDED ? rep.status : -1;
+}
+
+/* Blocks until the command ends; its wait status. */
+static int command_wait(struct spawned *sp) {
+    for (int tries = 0;; tries++) {
+        struct pollfd p = {sp->pidfd, POLLIN, 0};
+        if (poll(&p, 1, -1) < 0 && errno != EINTR) return SIGKILL;
+        int status = command_status(sp);
+        if (status >= 0) return status;
+        if (tries > 200) return SIGKILL; /* ended, and init never reaps it: it is gone with init */
+        usleep(10000);
+    }
+}
+
 /* Parent side of exec and broker: report the child's host PID, then relay its exit status. */
 static int relay_status(int status);
 
-/* The parent side of exec, once the child runs: report its host PID, outlive the signals meant for the
- * command's terminal or session, and name ourselves. */
-static void become_relay(pid_t child, int report_fd) {
+/* The helper's side of exec, once the command runs: report its host PID and start time (the server's
+ * signals go through a pidfd checked against them), outlive the signals meant for the command's terminal or
+ * session, and name ourselves. */
+static void become_relay(const struct spawned *sp, int report_fd) {
     if (report_fd >= 0) {
-        dprintf(report_fd, "h %d\n", child);
+        if (sp->host > 0) dprintf(report_fd, "h %d %llu\n", sp->host, sp->start);
         close(report_fd);
     }
     signal(SIGINT, SIG_IGN);
@@ -1143,8 +1355,8 @@ static void become_relay(pid_t child, int report_fd) {
     prctl(PR_SET_NAME, "sandbox-exec", 0, 0, 0);
 }
 
-static int wait_and_relay(pid_t child, int report_fd) {
-    become_relay(child, report_fd);
+static int wait_and_relay(struct spawned *sp, int report_fd) {
+    become_relay(sp, report_fd);
     /* Our stdio belongs to the child now. */
     int devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
     if (devnull >= 0) {
@@ -1152,10 +1364,7 @@ static int wait_and_relay(pid_t child, int report_fd) {
         dup2(devnull, 1);
         dup2(devnull, 2);
     }
-    int status;
-    while (waitpid(child, &status, 0) < 0)
-        if (errno != EINTR) return 125;
-    return relay_status(status);
+    return relay_status(command_wait(sp));
 }
 
 /* Exit as the command did: with its exit code, or killed by the same signal. */
@@ -1217,8 +1426,6 @@ static char **read_env(int fd) {
  * instead (the session also carries "r" + rows + cols: a resize).
  * DIR's files are opened (and ctl bound) before we enter the sandbox: they are host paths.
  */
-#include <poll.h>
-#include <sys/un.h>
 #include <time.h>
 
 #define KEEP_CHUNK 65536
@@ -1377,7 +1584,7 @@ static long long now_ms(void) {
 }
 
 /* The relay (see above); returns the command's wait status. */
-static int keep_relay(struct keep *k, pid_t child, int c_out, int c_err, int c_in) {
+static int keep_relay(struct keep *k, struct spawned *sp, int c_out, int c_err, int c_in) {
     uint32_t out_kind = k->pty >= 0 ? 3 : 1; /* 3: a terminal's output (the server's "pty" events) */
     static char buf[KEEP_CHUNK], inbuf[KEEP_CHUNK];
     int srv_out = 1, srv_err = 2, srv_in = c_in >= 0 ? 0 : -1;
@@ -1385,10 +1592,9 @@ static int keep_relay(struct keep *k, pid_t child, int c_out, int c_err, int c_i
     fcntl(c_out, F_SETFL, O_NONBLOCK);
     if (c_err >= 0) fcntl(c_err, F_SETFL, O_NONBLOCK);
     if (c_in >= 0) fcntl(c_in, F_SETFL, O_NONBLOCK);
-    int pidfd = (int)syscall(SYS_pidfd_open, child, 0);
-    if (pidfd < 0) die("pidfd_open");
+    int pidfd = sp->pidfd;
     size_t in_len = 0, in_off = 0;
-    int in_eof = 0, closing = 0, status = 0, reaped = 0;
+    int in_eof = 0, closing = 0, status = 0, reaped = 0, asked = 0;
     long long exited_at = 0;
     for (;;) {
         if (reaped && c_out < 0 && c_err < 0) break;
@@ -1447,14 +1653,19 @@ static int keep_relay(struct keep *k, pid_t child, int c_out, int c_err, int c_i
             }
         }
         if (in_eof && !in_len) close_fd(&c_in);
-        if (i_pid >= 0 && p[i_pid].revents && waitpid(child, &status, WNOHANG) == child) {
-            reaped = 1;
-            exited_at = now_ms();
+        if (i_pid >= 0 && p[i_pid].revents) { /* it ended: how, init says (or our child, see spawned) */
+            int st = command_status(sp);
+            if (st < 0 && ++asked > 200) st = SIGKILL; /* init never reaps it: gone with init */
+            if (st < 0) usleep(10000);
+            else {
+                status = st;
+                reaped = 1;
+                exited_at = now_ms();
+            }
         }
         if (p[i_lis].revents) keep_attach(k, &srv_out, &srv_err, &srv_in);
     }
-    if (!reaped)
-        while (waitpid(child, &status, 0) < 0 && errno == EINTR) {}
+    if (!reaped) status = command_wait(sp);
     char line[64];
     int n = WIFEXITED(status) ? snprintf(line, sizeof line, "exit %d\n", WEXITSTATUS(status))
                               : snprintf(line, sizeof line, "signal %d\n", WTERMSIG(status));
@@ -1470,6 +1681,107 @@ static int keep_relay(struct keep *k, pid_t child, int c_out, int c_err, int c_i
         }
     }
     return status;
+}
+
+/* In the command's process: its stdio, a session of its own, the sandbox's confinement and the user's
+ * identity, then the program. */
+static void run_command(const struct entry *e, char **cmd, const int *c_out, const int *c_err, const int *c_in) {
+    signal(SIGPIPE, SIG_DFL);
+    if (e->keep && e->pty && (dup2(e->pty_slave, 0) < 0 || dup2(e->pty_slave, 1) < 0 || dup2(e->pty_slave, 2) < 0))
+        die("dup2");
+    if (e->keep && !e->pty && (dup2(c_out[1], 1) < 0 || dup2(c_err[1], 2) < 0 || (c_in[0] >= 0 && dup2(c_in[0], 0) < 0)))
+        die("dup2");
+    /* The host's /dev/null given as stdio becomes the sandbox's own (a checkpoint takes no file of a mount that
+     * is not the sandbox's; we are in its mount namespace). */
+    int devnull = -1;
+    for (int fd = 0; fd < 3; fd++) {
+        struct stat st;
+        if (fstat(fd, &st) < 0 || !S_ISCHR(st.st_mode) || st.st_rdev != makedev(1, 3)) continue;
+        if (devnull < 0 && (devnull = open("/dev/null", O_RDWR | O_CLOEXEC)) < 0) die("open /dev/null");
+        if (dup2(devnull, fd) < 0) die("dup2");
+    }
+    /* Our PID as the sandbox sees it (report_fd is close-on-exec: gone once we exec). */
+    if (e->report_fd >= 0) dprintf(e->report_fd, "c %d\n", getpid());
+    /* A session (and process group) of its own, inside the sandbox: signals go to its group, and a
+     * checkpoint finds no session leader outside the sandbox's PID namespace. */
+    if (setsid() < 0) die("setsid");
+    if (e->pty && ioctl(0, TIOCSCTTY, 0) < 0) die("TIOCSCTTY");
+    apply_seccomp(); /* first: without no_new_privs, installing it needs the caps we still hold */
+    become_user(e, 1);
+    if (e->cwd && chdir(e->cwd) < 0) {
+        int err = errno;
+        dprintf(2, "sandboxd: cannot use working directory '%s': %s\n", e->cwd, strerror(err));
+        _exit(1);
+    }
+    if (e->env_fd >= 0) environ = read_env(e->env_fd);
+    execvpe(cmd[0], cmd, environ);
+    int err = errno;
+    dprintf(2, "sandboxd: cannot execute '%s': %s\n", cmd[0], strerror(err));
+    _exit(err == ENOENT ? 127 : 126);
+}
+
+/*
+ * Start the command as init's child (see init_serve): our child ("mid") forks it and reports its PID in the
+ * sandbox; we find its host PID (mid's only child, in the host's /proc: `hostproc`), open a pidfd of it and
+ * register it with init while mid, its parent, still lives (so init, which reaps it once mid is gone, keeps
+ * its status for us); then mid exits. If init does not take it, mid stays its parent and relays its end.
+ */
+static void spawn_command(struct spawned *sp, int hostproc, const struct entry *e, char **cmd, const int *c_out,
+                          const int *c_err, const int *c_in) {
+    int rep[2], ctl[2];
+    if (pipe2(rep, O_CLOEXEC) < 0 || pipe2(ctl, O_CLOEXEC) < 0) die("pipe");
+    memset(sp, 0, sizeof *sp);
+    sp->pidfd = -1;
+    if ((sp->mid = fork()) < 0) die("fork");
+    if (sp->mid == 0) {
+        pid_t child = fork();
+        if (child < 0) die("fork");
+        if (child == 0) {
+            close(hostproc);
+            run_command(e, cmd, c_out, c_err, c_in);
+        }
+        if (write(rep[1], &child, sizeof child) != (ssize_t)sizeof child) _exit(125);
+        /* hold nothing of the command's or the server's: only ctl[0] */
+        int devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
+        for (int fd = 0; fd < 3; fd++) dup2(devnull, fd);
+        if (dup2(ctl[0], 3) < 0) _exit(125);
+        syscall(SYS_close_range, 4, ~0U, 0);
+        char c = 0;
+        if (read_all(3, &c, 1) != 1 || c != 'w') _exit(0);
+        int status;
+        while (waitpid(child, &status, 0) < 0)
+            if (errno != EINTR) _exit(125);
+        _exit(relay_status(status));
+    }
+    close(rep[1]);
+    close(ctl[0]);
+    int got = read_all(rep[0], (char *)&sp->ns, sizeof sp->ns);
+    close(rep[0]);
+    if (got != (int)sizeof sp->ns || sp->ns <= 1) {
+        waitpid(sp->mid, NULL, 0);
+        die("the command could not be started");
+    }
+    char path[64], buf[64];
+    snprintf(path, sizeof path, "%d/task/%d/children", sp->mid, sp->mid);
+    int fd = openat(hostproc, path, O_RDONLY | O_CLOEXEC);
+    got = fd >= 0 ? read_all(fd, buf, sizeof buf - 1) : -1;
+    if (fd >= 0) close(fd);
+    buf[got > 0 ? got : 0] = 0;
+    sp->host = (pid_t)strtol(buf, NULL, 10); /* (mid's only child: even if it ended already, a zombie) */
+    if (sp->host > 0) {
+        sp->pidfd = (int)syscall(SYS_pidfd_open, sp->host, 0);
+        sp->start = start_time_in(hostproc, sp->host);
+    }
+    struct init_rep r;
+    sp->via_init = sp->pidfd >= 0 && sp->start && ask_init(INIT_REGISTER, sp->ns, &r) == 0 && r.state == CHILD_RUNNING;
+    if (write(ctl[1], sp->via_init ? "x" : "w", 1) != 1) die("write");
+    close(ctl[1]);
+    if (sp->via_init) {
+        while (waitpid(sp->mid, NULL, 0) < 0 && errno == EINTR) {}
+    } else {
+        if (sp->pidfd >= 0) close(sp->pidfd);
+        if ((sp->pidfd = (int)syscall(SYS_pidfd_open, sp->mid, 0)) < 0) die("pidfd_open");
+    }
 }
 
 static int cmd_exec(int argc, char **argv) {
@@ -1500,42 +1812,19 @@ static int cmd_exec(int argc, char **argv) {
                    (fstat(0, &st) == 0 && !S_ISCHR(st.st_mode) && pipe2(c_in, O_CLOEXEC) < 0))
             die("pipe");
     }
+    int hostproc = open("/proc", O_PATH | O_DIRECTORY | O_CLOEXEC); /* the host's: the sandbox's /proc once in it */
+    if (hostproc < 0) die("open /proc");
     enter_sandbox(&e);
-    pid_t child = fork();
-    if (child < 0) die("fork");
-    if (child == 0) {
-        signal(SIGPIPE, SIG_DFL);
-        if (e.keep && e.pty && (dup2(e.pty_slave, 0) < 0 || dup2(e.pty_slave, 1) < 0 || dup2(e.pty_slave, 2) < 0))
-            die("dup2");
-        if (e.keep && !e.pty &&
-            (dup2(c_out[1], 1) < 0 || dup2(c_err[1], 2) < 0 || (c_in[0] >= 0 && dup2(c_in[0], 0) < 0)))
-            die("dup2");
-        /* Our PID as the sandbox sees it (report_fd is close-on-exec: gone once we exec). */
-        if (e.report_fd >= 0) dprintf(e.report_fd, "c %d\n", getpid());
-        /* A session (and process group) of its own, inside the sandbox: signals go to its group, and a
-         * checkpoint finds no session leader outside the sandbox's PID namespace. */
-        if (setsid() < 0) die("setsid");
-        if (e.pty && ioctl(0, TIOCSCTTY, 0) < 0) die("TIOCSCTTY");
-        apply_seccomp(); /* first: without no_new_privs, installing it needs the caps we still hold */
-        become_user(&e, 1);
-        if (e.cwd && chdir(e.cwd) < 0) {
-            int err = errno;
-            dprintf(2, "sandboxd: cannot use working directory '%s': %s\n", e.cwd, strerror(err));
-            _exit(1);
-        }
-        if (e.env_fd >= 0) environ = read_env(e.env_fd);
-        execvpe(cmd[0], cmd, environ);
-        int err = errno;
-        dprintf(2, "sandboxd: cannot execute '%s': %s\n", cmd[0], strerror(err));
-        _exit(err == ENOENT ? 127 : 126);
-    }
-    if (!e.keep) return wait_and_relay(child, e.report_fd);
+    struct spawned sp;
+    spawn_command(&sp, hostproc, &e, cmd, c_out, c_err, c_in);
+    close(hostproc);
+    if (!e.keep) return wait_and_relay(&sp, e.report_fd);
     if (e.pty) close(e.pty_slave); /* the command's end of it: EIO on the master once it and its children close theirs */
     if (c_out[1] >= 0) close(c_out[1]);
     if (c_err[1] >= 0) close(c_err[1]);
     if (c_in[0] >= 0) close(c_in[0]);
-    become_relay(child, e.report_fd);
-    return relay_status(keep_relay(&k, child, c_out[0], c_err[0], c_in[1]));
+    become_relay(&sp, e.report_fd);
+    return relay_status(keep_relay(&k, &sp, c_out[0], c_err[0], c_in[1]));
 }
 
 /*
@@ -1768,7 +2057,10 @@ static int cmd_broker(int argc, char **argv) {
         _exit(0);
     }
     close(e.sock_fd);
-    return wait_and_relay(child, -1);
+    /* (the broker stays our child: it ends with the server's socket, and never with a checkpoint's tree) */
+    struct spawned sp = {.mid = child, .pidfd = (int)syscall(SYS_pidfd_open, child, 0)};
+    if (sp.pidfd < 0) die("pidfd_open");
+    return wait_and_relay(&sp, -1);
 }
 
 /*
@@ -1779,7 +2071,7 @@ static int cmd_broker(int argc, char **argv) {
  * and restored processes inherit them); the server holds both while the sandbox is checkpointed.
  * Mounts the helper makes as host root are external (criu_external): a restore binds them again.
  */
-#define MAX_CRIU_ARGS 96
+#define MAX_CRIU_ARGS (64 + 2 * MAX_INHERIT)
 static const struct {
     const char *key, *path, *source; /* path inside the sandbox; source under /tmp/sbx/ at a restore */
     int view;
