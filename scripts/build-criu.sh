@@ -13,8 +13,8 @@ VERSION=4.2.1
 SHA256=29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9
 MIRROR=${SANDBOXD_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 DATA_DIR=${SANDBOXD_DATA_DIR:-/var/lib/sandboxd}
-# sandboxd's one change to CRIU (below): a new build number rebuilds every cached criu
-BUILD=sbx1
+# sandboxd's changes to CRIU (below): a new build number rebuilds every cached criu
+BUILD=sbx4
 DEST=$DATA_DIR/tools/criu-$VERSION-$BUILD
 step() { printf '==> %s\n' "$*" >&2; }
 
@@ -56,6 +56,28 @@ perl -0pi -e 's/\tif \(!uid\) \{\n(\t\tret = sys_prctl\(PR_SET_SECUREBITS, 1 << 
     "$src/criu/pie/restorer.c"
 grep -q "sandboxd: always" "$src/criu/pie/restorer.c" || {
     echo "build-criu.sh: criu/pie/restorer.c is not what the patch expects" >&2
+    exit 1
+}
+# Run --unprivileged, CRIU dumps no cgroup sets and leaves the restored tree in its own cgroup namespace (the
+# host's): the sandbox would see the host's cgroup paths, and a second checkpoint fails (that namespace is not
+# the sandbox user namespace's). A tree restored into a user namespace of its own gets a cgroup namespace of its
+# own too (its dump records none, --unprivileged: the cgroup namespace is not in the dumped namespace mask), made
+# by the restored root task as root of that user namespace, at the cgroups the caller put it in (the sandbox's).
+step "criu: patching criu/cgroup.c (a cgroup namespace for the restored tree under --unprivileged)"
+perl -0pi -e 's/(int prepare_cgroup_namespace\(struct pstree_item \*root_task\)\n\{\n\tCgSetEntry \*se;\n\n)/$1\t\/* sandboxd: see build-criu.sh *\/\n\tif (opts.unprivileged && (root_ns_mask & CLONE_NEWUSER)) {\n\t\tif (unshare(CLONE_NEWCGROUP) < 0) {\n\t\t\tpr_perror("couldn\x27t unshare cgns");\n\t\t\treturn -1;\n\t\t}\n\t\treturn 0;\n\t}\n\n/' \
+    "$src/criu/cgroup.c"
+grep -q "sandboxd: see build-criu.sh" "$src/criu/cgroup.c" || {
+    echo "build-criu.sh: criu/cgroup.c is not what the patch expects" >&2
+    exit 1
+}
+# A restored task's memory belongs to the user namespace CRIU ran in (the host's: restored tasks are forked, never
+# exec'd), so the sandbox's init, not dumpable, cannot be looked at from inside the sandbox's user namespace: the
+# dump's check that the sandbox's namespaces belong to its user namespace, made from inside it, failed on a
+# restored sandbox ("Can't open PID/ns/ipc: Permission denied"). The check opens them first, then enters.
+step "criu: patching criu/namespaces.c (the user namespace check of a restored tree)"
+perl -0pi "$(dirname "$0")/criu/check-user-ns.pl" "$src/criu/namespaces.c"
+grep -q "sandboxd: the namespaces are opened" "$src/criu/namespaces.c" || {
+    echo "build-criu.sh: criu/namespaces.c is not what the patch expects" >&2
     exit 1
 }
 step "criu: make criu (about a minute on 2 cores; the log is $work/make.log until it ends)"

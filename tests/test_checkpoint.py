@@ -123,7 +123,15 @@ def test_a_checkpointed_sandbox_comes_back_with_its_processes_and_memory(tmp_pat
                 os.close(fd)
             assert struct.unpack("I", owner)[0] == handle.uid_base  # charged to the sandbox, not to host root
             assert _read(f"/proc/{restored.init_pid}/cmdline") == b"sandbox-init\0"
+            # its own cgroup namespace again (not CRIU's, the host's: it would see the host's cgroup paths)
+            assert os.stat(f"/proc/{counter}/ns/cgroup").st_ino != os.stat("/proc/self/ns/cgroup").st_ino
+            assert _read(f"/proc/{counter}/cgroup").decode().count(":/\n") >= 3
             handle = restored
+            # and a restored sandbox is checkpointed and restored again
+            held = await rt.checkpoint(handle, handle.state_dir / "checkpoint2", Path(CRIUS[-1]))
+            handle = await rt.create(dataclasses.replace(spec, resume_uid_base=handle.uid_base), restore=held)
+            [counter] = _children(handle.init_pid)
+            assert _count(handle.init_pid) >= after
         finally:
             await rt.destroy(handle)
             rt.close()
