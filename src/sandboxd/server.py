@@ -25,6 +25,7 @@ from sandboxd.core.limits import RequestLimits
 from sandboxd.core.manager import SandboxManager, Settings
 from sandboxd.envd import uploads
 from sandboxd.envd.app import SandboxGone, build_envd_app
+from sandboxd.envd.checkpointing import EnvdAtCheckpoint
 from sandboxd.envd.process_service import end_streams_for_shutdown
 from sandboxd.network.dns import Resolver, host_resolvers
 from sandboxd.network.egress import EgressProxy
@@ -119,6 +120,7 @@ class App:
         self.builds = TemplateBuilds(self.manager, self.templates)
         self.builds.builtin_builds = config.builtin_builds
         self.manager.after_boot_again.append(lambda sandbox: uploads.clean_sandbox(self.manager, sandbox))
+        self.manager.checkpoint_parts.append(EnvdAtCheckpoint())
         self.manager.volumes = VolumeStore(
             config.data_dir / "volumes", self.db, config.volume_size_mb, config.max_volumes
         )

@@ -41,8 +41,8 @@ def change_routes(manager: SandboxManager) -> list[Route]:
         fmt = q.get("format", "json")
         if fmt not in ("json", "tar"):
             raise BadRequest("format must be json or tar")
-        if pausing.stopped(sandbox):
-            raise Conflict(f"sandbox '{sandbox.id}' is paused to its files: resume it to see its changes")
+        if pausing.without_processes(sandbox):
+            raise Conflict(f"sandbox '{sandbox.id}' is paused to its files or to disk: resume it to see its changes")
         lowers = tuple(Path(p) for p in sandbox.record.layers)
         if not lowers:
             raise Conflict(f"sandbox '{sandbox.id}' was made by an older sandboxd that did not record its layers")

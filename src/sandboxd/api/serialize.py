@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from sandboxd.core import pausing
 from sandboxd.core.manager import ENVD_VERSION, Sandbox
 from sandboxd.core.metrics import Sample
 from sandboxd.state.db import SandboxRecord
@@ -67,8 +68,16 @@ def sandbox_detail(s: Sandbox) -> dict[str, Any]:
         **({"network": network} if network else {}),
         "domain": s.domain,
         "lifecycle": {"autoResume": r.auto_resume, "onTimeout": "pause" if r.auto_pause else "kill"},
-        **({"pauseMode": r.pause_mode} if r.state == "paused" and r.pause_mode else {}),
+        **(_pause(r.pause_mode) if r.state == "paused" and r.pause_mode else {}),
     }
+
+
+def _pause(mode: str) -> dict[str, str]:
+    """E2B's `pauseMode` (what the pause saved: "full" or "filesystem", an enum the SDK checks), and where a
+    full pause keeps the memory (extension `pausedTo`: "memory", frozen; "disk", written by CRIU)."""
+    if mode == pausing.FILESYSTEM:
+        return {"pauseMode": pausing.FILESYSTEM}
+    return {"pauseMode": pausing.FULL, "pausedTo": "disk" if mode == pausing.DISK else "memory"}
 
 
 def listed_sandbox(s: Sandbox) -> dict[str, Any]:

@@ -77,6 +77,19 @@ def main(argv: list[str] | None = None) -> int:
         help="the most memory a create may ask for in metadata sandboxd.memory_mb (default %(default)s)",
     )
     p_serve.add_argument(
+        "--criu",
+        default=None,
+        help="CRIU binary for pauses to disk (default: the newest build of scripts/build-criu.sh in "
+        "/var/lib/sandboxd/tools, if any; 'none': pauses stay in memory)",
+    )
+    p_serve.add_argument(
+        "--checkpoint-after",
+        type=float,
+        default=None,
+        help="seconds a sandbox stays paused in memory before its processes are written to disk, freeing their "
+        "memory (default: never; needs CRIU)",
+    )
+    p_serve.add_argument(
         "--max-builds", type=int, default=2, help="template builds that run at once; more wait (default 2)"
     )
     p_serve.add_argument(
@@ -319,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             cpu_count=args.cpus,
             pids=args.pids,
             pool_size=args.pool_size,
+            criu=_criu(parser, args.criu),
+            checkpoint_after=args.checkpoint_after,
             ready_timeout=args.ready_timeout,
             ended_retention=args.ended_retention,
             max_builds=max(1, args.max_builds),
@@ -462,3 +477,19 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+CRIU_BUILDS = "/var/lib/sandboxd/tools/criu-*/criu"  # (scripts/build-criu.sh)
+
+
+def _criu(parser: argparse.ArgumentParser, given: str | None) -> Path | None:
+    if given == "none":
+        return None
+    if given is None:
+        import glob
+
+        builds = sorted(glob.glob(CRIU_BUILDS))
+        return Path(builds[-1]) if builds else None
+    if not os.access(given, os.X_OK):
+        parser.error(f"--criu {given}: not an executable file (build one with scripts/build-criu.sh)")
+    return Path(given).resolve()

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import string
 import subprocess
 import time
@@ -33,7 +34,7 @@ from sandboxd.core.reaper import Reaper
 from sandboxd.core.tenant_limits import TenantLimits
 from sandboxd.core.users import DEFAULT_PATH, lookup_user
 from sandboxd.network.policy import NetworkPolicy
-from sandboxd.runtime.base import ExecSpec, Limits, Runtime, SandboxHandle, SandboxSpec
+from sandboxd.runtime.base import Checkpoint, ExecSpec, Limits, Runtime, SandboxHandle, SandboxSpec
 from sandboxd.runtime.network import AddressPoolExhausted
 from sandboxd.runtime.quota import DEFAULT_DISK_MB, MIN_DISK_MB
 from sandboxd.state.db import SandboxRecord, StateDB
@@ -96,6 +97,10 @@ class Settings:
     tenant: TenantLimits = field(default_factory=TenantLimits)
     # `--domain`: sandboxes' ports are reached as https://{port}-{id}.DOMAIN (routing/hosts.py).
     domain: str | None = None
+    # CRIU (scripts/build-criu.sh), for pauses to disk; None: pauses stay in memory (core/pausing.py).
+    criu: Path | None = None
+    # Seconds a sandbox stays paused in memory before it is written to disk (None: never).
+    checkpoint_after: float | None = None
 
 
 class Sandbox:
@@ -112,6 +117,8 @@ class Sandbox:
         self.idle_mark = 0  # its CPU time (ns) when it was last seen active (core/reaper.py)
         self.policy = NetworkPolicy.from_json(record.network)
         self.domain: str | None = None  # the server's --domain (the SDK's get_host() names it)
+        self.paused_at = 0.0  # when it was paused (in memory: core/pausing.py writes it to disk later)
+        self.checkpoint: Checkpoint | None = None  # its processes, written to disk (pause_mode "disk")
 
     @property
     def id(self) -> str:
@@ -140,6 +147,8 @@ class SandboxManager:
         self._pausing: dict[str, asyncio.Lock] = {}  # one pause or resume of a sandbox at a time
         # called when a sandbox paused to its files has booted again (upper layers tidy up after it)
         self.after_boot_again: list[Callable[[Sandbox], Awaitable[Any]]] = []
+        # what other layers attach to a sandbox from outside, taken through a pause to disk (core/pausing.py)
+        self.checkpoint_parts: list[pausing.CheckpointPart] = []
         self.volumes: VolumeStore | None = None  # set by the server (volumes/store.py)
         self.creating_with: Counter[str] = Counter()  # volume ID -> creates under way that mount it
 
@@ -150,6 +159,16 @@ class SandboxManager:
             handle = SandboxHandle(**{**rec.handle, "state_dir": Path(rec.handle["state_dir"])})
             # A sandbox whose kill had begun is finished off (by the sweep below), even if its init has
             # not died yet: a kill is never undone by a crash.
+            if rec.state == "paused" and rec.pause_mode == pausing.DISK:
+                # Its checkpoint needs the network and UTS namespaces the previous server run held: gone with
+                # it. Its files are whole: it resumes from them, as after a filesystem pause.
+                log.warning(
+                    "sandbox %s was paused to disk by the previous server run: it resumes from its files",
+                    rec.sandbox_id,
+                )
+                shutil.rmtree(handle.state_dir / pausing.IMAGES, ignore_errors=True)
+                rec.pause_mode = pausing.FILESYSTEM
+                self.db.put(rec)
             if rec.state == "paused" and rec.pause_mode == pausing.FILESYSTEM:  # stopped, its files kept
                 # A crash may have cut its pause short, or a boot from its files (whose processes the record
                 # does not know yet): whatever of it runs ends, by its cgroups, and its files are synced.
@@ -556,6 +575,8 @@ class SandboxManager:
         self.db.put(sandbox.record)
         last = self.metrics.latest(sandbox_id)
         self.metrics.forget(sandbox_id)
+        if sandbox.checkpoint is not None:
+            await self._drop_checkpoint(sandbox)
         for cb in sandbox.on_kill:
             try:
                 cb()
@@ -578,6 +599,18 @@ class SandboxManager:
         self.db.put(sandbox.record)
         self.reaper.wake()
 
+    async def _drop_checkpoint(self, sandbox: Sandbox) -> None:
+        """The sandbox's processes written to disk are let go of (it is killed, or it boots from its files)."""
+        held, sandbox.checkpoint = sandbox.checkpoint, None
+        if held is not None:
+            held.release()
+        for part in self.checkpoint_parts:
+            try:
+                await part.ended(sandbox)
+            except Exception:
+                log.exception("sandbox %s: ending what was attached to its checkpoint", sandbox.id)
+        shutil.rmtree(sandbox.handle.state_dir / pausing.IMAGES, ignore_errors=True)
+
     def pause_lock(self, sandbox_id: str) -> asyncio.Lock:
         """Held while the sandbox is paused, resumed or snapshotted: one of those at a time."""
         return self._pausing.setdefault(sandbox_id, asyncio.Lock())
@@ -596,7 +629,17 @@ class SandboxManager:
                 return
             await asyncio.to_thread(self.runtime.freeze, sandbox.handle, True)
             sandbox.record.state, sandbox.record.pause_mode = "paused", pausing.FULL
+            sandbox.paused_at = time.time()
             self.db.put(sandbox.record)
+        if self.settings.checkpoint_after is not None:
+            self.reaper.wake()  # (it writes paused sandboxes to disk when their time comes)
+
+    async def pause_to_disk(self, sandbox_id: str) -> None:
+        """Write a sandbox paused in memory to disk (core/pausing.py)."""
+        sandbox = self.get(sandbox_id)
+        async with self.pause_lock(sandbox_id):
+            if sandbox.record.state == "paused" and sandbox.record.pause_mode == pausing.FULL:
+                await pausing.to_disk(self, sandbox)
 
     async def connect(self, sandbox_id: str, timeout: int | None, memory: bool = True) -> tuple[Sandbox, bool]:
         """Resume if paused (thawed; or booted again from its files when it was paused to them or `memory`
@@ -608,10 +651,16 @@ class SandboxManager:
         if sandbox.record.state == "paused":
             async with self.pause_lock(sandbox_id):
                 if sandbox.record.state == "paused":  # (not resumed by the request before this one)
-                    if not memory and not pausing.stopped(sandbox):
-                        await pausing.stop(self, sandbox)  # `on_resume="reboot"`: from its files
-                    if pausing.stopped(sandbox):
+                    mode = sandbox.record.pause_mode
+                    if not memory and mode != pausing.FILESYSTEM:  # `on_resume="reboot"`: from its files
+                        if mode == pausing.DISK:
+                            await self._drop_checkpoint(sandbox)
+                        await pausing.stop(self, sandbox)
+                        mode = pausing.FILESYSTEM
+                    if mode == pausing.FILESYSTEM:
                         await pausing.boot_again(self, sandbox)
+                    elif mode == pausing.DISK:
+                        await pausing.from_disk(self, sandbox)
                     else:
                         await asyncio.to_thread(self.runtime.freeze, sandbox.handle, False)
             sandbox.record.state, sandbox.record.pause_mode = "running", ""

@@ -9,14 +9,24 @@
 
 A resume with `memory: false` (the SDK's `on_resume="reboot"`) of a `full` pause reboots the sandbox from
 its files likewise.
+
+A `full` pause goes to disk (`disk`) once the sandbox has been paused for `checkpoint_after` seconds (the
+server's `--checkpoint-after`; off unless set): its processes are written by CRIU into its state dir
+(runtime/namespaces.py, `checkpoint`) and end, freeing their memory; a resume restores them, with their
+memory, files, pipes and sockets on loopback, as the same PIDs. What is attached to the sandbox from outside
+takes part (CheckpointPart: envd's kept commands carry their output and input over, envd/checkpointing.py).
+What cannot be carried over keeps the sandbox paused in memory (a terminal, a TCP connection from outside).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from sandboxd.core import volume_mounts
 from sandboxd.core.errors import Conflict, SandboxdError
@@ -28,12 +38,37 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FULL, FILESYSTEM = "full", "filesystem"
+FULL, FILESYSTEM, DISK = "full", "filesystem", "disk"
+IMAGES = "checkpoint"  # in the sandbox's state dir
+
+
+class CheckpointPart(Protocol):
+    """What another layer attaches to a sandbox from outside, taken through a checkpoint and a restore."""
+
+    async def before_dump(self, sandbox: Sandbox) -> None:
+        """Raise Conflict (the sandbox stays paused in memory) if it cannot be carried over."""
+
+    async def dump_failed(self, sandbox: Sandbox) -> None: ...
+
+    async def before_restore(self, sandbox: Sandbox) -> list[tuple[int, str]]:
+        """Descriptors the restored processes get instead of files of theirs: (fd, CRIU's name of the file)."""
+        ...
+
+    async def restored(self, sandbox: Sandbox, host_pids: dict[int, int]) -> None:
+        """After the restore; `host_pids`: each restored process's PID in the sandbox -> on the host."""
+
+    async def ended(self, sandbox: Sandbox) -> None:
+        """The sandbox ended while written to disk, or its restore failed."""
 
 
 def stopped(sandbox: Sandbox) -> bool:
     """Paused to its files: no process of it runs."""
     return sandbox.record.state == "paused" and sandbox.record.pause_mode == FILESYSTEM
+
+
+def without_processes(sandbox: Sandbox) -> bool:
+    """Paused to its files, or to disk: no process of it runs (its disk is not mounted anywhere)."""
+    return sandbox.record.state == "paused" and sandbox.record.pause_mode in (FILESYSTEM, DISK)
 
 
 def _layers(sandbox: Sandbox) -> tuple[Path, ...]:
@@ -105,3 +140,76 @@ async def boot_again(manager: SandboxManager, sandbox: Sandbox) -> None:
             await hook(sandbox)
         except Exception:
             log.exception("after booting sandbox %s again", sandbox.id)
+
+
+async def to_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
+    """Write a sandbox paused in memory to disk (under its pause lock): CRIU writes its processes, which
+    end. Raises (the sandbox then stays paused in memory, as it was) if that cannot be done."""
+    criu = manager.settings.criu
+    if criu is None:
+        raise Conflict("this server has no CRIU (sandboxd serve --criu): a pause stays in memory")
+    if sandbox.record.state != "paused" or sandbox.record.pause_mode != FULL:
+        raise Conflict(f"sandbox '{sandbox.id}' is not paused in memory")
+    images = sandbox.handle.state_dir / IMAGES
+    shutil.rmtree(images, ignore_errors=True)
+    done: list[CheckpointPart] = []
+    # Thawed first: CRIU stops the processes itself (a frozen task cannot be seized), and the keepers of its
+    # commands, in its cgroups too, answer the parts. Its processes run for the moment in between.
+    await asyncio.to_thread(manager.runtime.freeze, sandbox.handle, False)
+    try:
+        for part in manager.checkpoint_parts:
+            await part.before_dump(sandbox)
+            done.append(part)
+        held = await manager.runtime.checkpoint(sandbox.handle, images, criu)
+    except BaseException:
+        for part in done:
+            await part.dump_failed(sandbox)
+        shutil.rmtree(images, ignore_errors=True)
+        await asyncio.to_thread(manager.runtime.freeze, sandbox.handle, True)
+        raise
+    sandbox.checkpoint = held
+    if sandbox.service is not None:
+        sandbox.service.poll()  # its helper saw it end: the restored service is init's child alone
+        sandbox.service = None
+    sandbox.record.pause_mode = DISK
+    manager.db.put(sandbox.record)
+
+
+async def from_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
+    """Restore a sandbox written to disk (under its pause lock): its processes again, as they were."""
+    held = sandbox.checkpoint
+    if held is None:
+        raise SandboxdError(f"sandbox '{sandbox.id}' has no checkpoint this server holds")
+    rec = sandbox.record
+    limits = Limits(
+        memory_mb=rec.memory_mb, cpu_count=float(rec.cpu_count), pids=manager.settings.pids, disk_mb=rec.disk_mb
+    )
+    spec = SandboxSpec(
+        sandbox_id=sandbox.id,
+        layers=_layers(sandbox),
+        hostname=sandbox.id,
+        limits=limits,
+        resume_uid_base=sandbox.handle.uid_base,
+    )
+    inherit: list[tuple[int, str]] = []
+    try:
+        for part in manager.checkpoint_parts:
+            inherit += await part.before_restore(sandbox)
+        handle = await manager.runtime.restore(spec, held, inherit)
+    except BaseException:
+        for part in manager.checkpoint_parts:
+            await part.ended(sandbox)
+        raise
+    finally:
+        for fd, _ in inherit:
+            os.close(fd)
+    sandbox.checkpoint = None
+    sandbox.handle = handle
+    rec.handle = {**asdict(handle), "state_dir": str(handle.state_dir)}
+    host_pids = await asyncio.to_thread(manager.runtime.host_pids, handle)
+    for part in manager.checkpoint_parts:
+        try:
+            await part.restored(sandbox, host_pids)
+        except Exception:
+            log.exception("sandbox %s: after its restore", sandbox.id)
+    shutil.rmtree(handle.state_dir / IMAGES, ignore_errors=True)

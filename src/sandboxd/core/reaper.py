@@ -1,5 +1,6 @@
 """The reaper: sandboxes whose end time has come are killed (or paused, with auto-pause), and sandboxes
-whose init died on its own are cleaned up. It sleeps until the nearest end time (at most a second), and
+whose init died on its own are cleaned up; sandboxes paused in memory for `checkpoint_after` seconds are
+written to disk (core/pausing.py). It sleeps until the nearest end time (at most a second), and
 wakes at once when an end time changes (`wake`)."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ ACTIVE_CPU_NS = 5_000_000  # CPU time of its processes since it was last active 
 log = logging.getLogger("sandboxd.core")
 
 MAX_SLEEP = 1.0  # s: dead inits are noticed within this
+DISK_RETRY = 60.0  # s: after a sandbox could not be written to disk (a terminal open, say), it is tried again
 
 
 class Reaper:
@@ -76,7 +78,9 @@ class Reaper:
                         await m.kill(sandbox.id, endings.timed_out(sandbox.record.idle_timeout if idle else None))
                 except Exception:
                     log.exception("%s expired sandbox %s failed", action, sandbox.id)
-        gone = [s for s in m.sandboxes.values() if not pausing.stopped(s) and not m.runtime.is_alive(s.handle)]
+        gone = [
+            s for s in m.sandboxes.values() if not pausing.without_processes(s) and not m.runtime.is_alive(s.handle)
+        ]
         for sandbox in gone:
             log.warning("sandbox %s's init process is gone: cleaning up", sandbox.id)
             try:
@@ -89,14 +93,28 @@ class Reaper:
                 await m.kill(sandbox.id, end)
             except Exception:
                 log.exception("cleaning up dead sandbox %s failed", sandbox.id)
+        after = m.settings.checkpoint_after
+        if after is not None and m.settings.criu is not None:  # paused in memory long enough: to disk
+            for sandbox in [s for s in m.sandboxes.values() if _in_memory(s) and s.paused_at + after <= now]:
+                try:
+                    await m.pause_to_disk(sandbox.id)
+                except Exception as e:
+                    sandbox.paused_at = time.time() + DISK_RETRY - after  # (tried again in DISK_RETRY s)
+                    log.warning("sandbox %s stays paused in memory: %s", sandbox.id, e)
         m.pool.drop_stale()  # idle sandboxes of templates removed or rebuilt since
         m.db.forget_ended(time.time() - m.settings.ended_retention)  # what ended long enough ago
         running = [s for s in m.sandboxes.values() if s.record.state == "running"]
         pending = [s.record.end_at for s in running]
         pending += [s.last_active + s.record.idle_timeout for s in running if s.record.idle_timeout]
+        if after is not None and m.settings.criu is not None:
+            pending += [s.paused_at + after for s in m.sandboxes.values() if _in_memory(s)]
         delay = min([MAX_SLEEP, *(max(0.0, t - time.time()) for t in pending)])
         self._wake.clear()
         try:
             await asyncio.wait_for(self._wake.wait(), timeout=delay)
         except TimeoutError:
             pass
+
+
+def _in_memory(sandbox: Sandbox) -> bool:
+    return sandbox.record.state == "paused" and sandbox.record.pause_mode == pausing.FULL

@@ -46,8 +46,8 @@ async def create(manager: SandboxManager, sandbox_id: str, name: str | None, mem
     store = manager.templates
     top, base = _stack(manager, sandbox)
     async with manager.pause_lock(sandbox_id):
-        if pausing.stopped(sandbox):
-            raise Conflict(f"sandbox '{sandbox_id}' is paused to its files: resume it, then snapshot it")
+        if pausing.without_processes(sandbox):
+            raise Conflict(f"sandbox '{sandbox_id}' is paused to its files or to disk: resume it, then snapshot it")
         running = sandbox.record.state == "running"
         work = store.layers.new_dir()
         try:

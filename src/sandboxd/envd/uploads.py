@@ -44,7 +44,7 @@ async def clean_interrupted(manager: SandboxManager) -> int:
     A sandbox stopped with its files kept (a filesystem pause) is cleaned when it boots again."""
     removed = 0
     for sandbox in list(manager.sandboxes.values()):
-        if not pausing.stopped(sandbox):
+        if not pausing.without_processes(sandbox):
             removed += await clean_sandbox(manager, sandbox)
     return removed
 

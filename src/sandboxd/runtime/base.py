@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import os
 import socket
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,24 @@ class Keep:
     session_fd: int
     log_bytes: int = 1 << 20  # how much of its output the keeper logs (the newest)
     pty: tuple[int, int] | None = None  # a terminal's (master, slave): the keeper relays the master
+
+
+@dataclass
+class Checkpoint:
+    """A sandbox written by `Runtime.checkpoint`: its images, and its UTS and network namespaces, held
+    (open) until a restore takes them or `release`."""
+
+    handle: SandboxHandle
+    images: Path
+    criu: Path
+    uts_fd: int
+    netns_fd: int
+
+    def release(self) -> None:
+        for fd in (self.uts_fd, self.netns_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.uts_fd = self.netns_fd = -1
 
 
 @dataclass
@@ -220,6 +239,20 @@ class Runtime(abc.ABC):
         """A host path to what the sandbox changed in its root filesystem (its overlay upper dir), valid
         inside the `with` (blocking: call from a thread)."""
         raise RuntimeError_(f"the {self.name} backend cannot show a sandbox's files")
+
+    async def checkpoint(self, handle: SandboxHandle, images: Path, criu: Path) -> Checkpoint:
+        """Write the sandbox's processes into `images` (CRIU) and end them; see NamespaceRuntime."""
+        raise NotImplementedError(f"the {self.name} runtime cannot checkpoint a sandbox")
+
+    async def restore(
+        self, spec: SandboxSpec, held: Checkpoint, inherit: Sequence[tuple[int, str]] = ()
+    ) -> SandboxHandle:
+        """The sandbox `checkpoint` wrote, running again (`spec.resume_uid_base`: its uid range)."""
+        raise NotImplementedError(f"the {self.name} runtime cannot restore a sandbox")
+
+    def host_pids(self, handle: SandboxHandle) -> dict[int, int]:
+        """The sandbox's processes: their PID inside it -> on the host."""
+        raise NotImplementedError
 
     def hold(self, handle: SandboxHandle) -> None:
         """A stopped sandbox of a previous server run: claim its uid range (it boots again later)."""

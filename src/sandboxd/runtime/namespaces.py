@@ -25,12 +25,13 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from sandboxd.fdio import syncfs
 from sandboxd.runtime import cgroups, identity, network, pids, quota, views
 from sandboxd.runtime.base import (
+    Checkpoint,
     Egress,
     ExecSpec,
     Keep,
@@ -115,24 +116,6 @@ def _socket_in_netns(pid: int, start: int) -> socket.socket:
             network.setns(network.HOST_NETNS)
     finally:
         os.close(fd)
-
-
-@dataclass
-class Checkpoint:
-    """A sandbox written by `NamespaceRuntime.checkpoint`: its images, and its UTS and network namespaces, held
-    (open) until a restore takes them or `release`."""
-
-    handle: SandboxHandle
-    images: Path
-    criu: Path
-    uts_fd: int
-    netns_fd: int
-
-    def release(self) -> None:
-        for fd in (self.uts_fd, self.netns_fd):
-            if fd >= 0:
-                os.close(fd)
-        self.uts_fd = self.netns_fd = -1
 
 
 def _criu_errors(log: Path, stderr: bytes, limit: int = 5) -> str:
@@ -624,15 +607,37 @@ class NamespaceRuntime(Runtime):
             raise
         return held
 
+    async def restore(
+        self, spec: SandboxSpec, held: Checkpoint, inherit: Sequence[tuple[int, str]] = ()
+    ) -> SandboxHandle:
+        return await self.create(spec, restore=held, inherit=inherit)
+
+    def host_pids(self, handle: SandboxHandle) -> dict[int, int]:
+        found: dict[int, int] = {}
+        for pid in self._cgroups(handle.sandbox_id).procs():
+            inside = pids.ns_pid(pid)
+            if inside is not None:
+                found[inside] = pid
+        return found
+
     def _after_checkpoint(self, handle: SandboxHandle) -> None:
-        """The dumped tree ends (CRIU kills it): its cgroups go (a restore makes them again), its disk is let go of."""
+        """The dumped tree ends (CRIU kills it), and whatever else of the sandbox is in its mount namespace (file
+        brokers, volume attaches): its disk is let go of. Its cgroups stay, with the keepers of its commands
+        (envd/kept.py: they outlive the checkpoint, in the host's mount namespace); a restore joins them."""
         with contextlib.suppress(OSError):
             pidfd = os.pidfd_open(handle.init_pid)
             try:
                 select.select([pidfd], [], [], DETACH_WAIT)
             finally:
                 os.close(pidfd)
-        self._end_processes(handle)
+        ours = os.stat("/proc/self/ns/mnt").st_ino
+        marker = f"/{handle.sandbox_id}"
+        for pid in self._cgroups(handle.sandbox_id).procs():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{pid}/ns/mnt").st_ino != ours:
+                    pids.kill_member(pid, marker)
+        shutil.rmtree(handle.state_dir / views.VIEW_DIR, ignore_errors=True)
+        _wait_detached(handle.state_dir / quota.IMAGE_NAME)
         self._forget_running(handle.sandbox_id)
 
     async def copy_upper(self, handle: SandboxHandle, dest: Path) -> None:

@@ -43,6 +43,18 @@ def parent_of(pid: int) -> int | None:
     return int(fields[1]) if fields is not None else None
 
 
+def ns_pid(pid: int) -> int | None:
+    """`pid`'s PID in its own (innermost) PID namespace, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[-1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def is_alive(pidfd: int) -> bool:
     try:
         signal.pidfd_send_signal(pidfd, 0)

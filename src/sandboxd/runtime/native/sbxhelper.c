@@ -1558,23 +1558,119 @@ static void keep_attach(struct keep *k, int *out, int *err, int *in) {
     (void)!write(c, "k", 1);
 }
 
-/* The session with the server: 1 if it asked to close stdin, -1 if it is gone (or went), 0 otherwise. */
-static int keep_session(struct keep *k) {
-    if (k->session < 0) return -1;
-    unsigned char m[8];
-    ssize_t n = recv(k->session, m, sizeof m, MSG_DONTWAIT);
-    if (n > 0) {
-        if (m[0] == 'r' && n == 5 && k->pty >= 0) { /* a terminal's new size: rows, cols (host order) */
+/*
+ * The relay's state, and what the server may ask on the session (one SOCK_SEQPACKET message each):
+ *   "c"            the client closed stdin
+ *   "r" rows cols  a terminal's new size (uint16 each, host order)
+ *   "s"            suspend: the sandbox is being checkpointed; the command's end (its pipes' EOF, its pidfd) is
+ *                  no end until "g". Answer: "S" + uint64 inode of the out, err and in pipes (0: none), CRIU's
+ *                  names of the files the command holds of ours.
+ *   "n"            new pipes for the restored command: answer "N" + SCM_RIGHTS its ends of new out, err and in
+ *                  pipes (those it had: nonzero inodes above, in that order); ours replace the old ones.
+ *   "g" + pidfd    go on, following the restored command (a pidfd of it, which init's child it is again);
+ *   "g"            without one: it ended before the checkpoint (init, restored, says how).
+ *   "u"            go on as before (the checkpoint failed: the command ran on).
+ *   "e"            the command is gone (the sandbox ended while checkpointed): it ended killed.
+ */
+struct relay {
+    struct spawned *sp;
+    int c_out, c_err, c_in;
+    int closing, suspended, gone, ended;
+    uint64_t ino[3];
+};
+
+static uint64_t inode_of(int fd) {
+    struct stat st;
+    return fd >= 0 && fstat(fd, &st) == 0 ? (uint64_t)st.st_ino : 0;
+}
+
+static void relay_suspend(struct keep *k, struct relay *r) {
+    r->suspended = 1;
+    r->ino[0] = inode_of(r->c_out);
+    r->ino[1] = inode_of(r->c_err);
+    r->ino[2] = inode_of(r->c_in);
+    if (k->pty >= 0) r->ino[0] = r->ino[1] = r->ino[2] = 0; /* a terminal: nothing CRIU could restore */
+    char m[1 + sizeof r->ino];
+    m[0] = 'S';
+    memcpy(m + 1, r->ino, sizeof r->ino);
+    (void)!send(k->session, m, sizeof m, MSG_NOSIGNAL);
+}
+
+static void relay_new_pipes(struct keep *k, struct relay *r) {
+    int theirs[3], n = 0;
+    int *ours[3] = {&r->c_out, &r->c_err, &r->c_in};
+    for (int i = 0; i < 3; i++) {
+        int p[2];
+        if (!r->ino[i]) continue;
+        if (pipe2(p, O_CLOEXEC) < 0) break;
+        close_fd(ours[i]);
+        *ours[i] = i < 2 ? p[0] : p[1];
+        fcntl(*ours[i], F_SETFL, O_NONBLOCK);
+        theirs[n++] = i < 2 ? p[1] : p[0];
+    }
+    union {
+        char buf[CMSG_SPACE(3 * sizeof(int))];
+        struct cmsghdr align;
+    } control;
+    memset(&control, 0, sizeof control);
+    char tag = 'N';
+    struct iovec iov = {&tag, 1};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+    if (n) {
+        msg.msg_control = control.buf;
+        msg.msg_controllen = CMSG_SPACE((size_t)n * sizeof(int));
+        struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+        cm->cmsg_level = SOL_SOCKET;
+        cm->cmsg_type = SCM_RIGHTS;
+        cm->cmsg_len = CMSG_LEN((size_t)n * sizeof(int));
+        memcpy(CMSG_DATA(cm), theirs, (size_t)n * sizeof(int));
+    }
+    (void)!sendmsg(k->session, &msg, MSG_NOSIGNAL);
+    for (int i = 0; i < n; i++) close(theirs[i]);
+}
+
+/* Everything the server sent on the session so far; -1 if it is gone (or went), 0 otherwise. */
+static int keep_session(struct keep *k, struct relay *r) {
+    for (;;) {
+        if (k->session < 0) return -1;
+        unsigned char m[8];
+        union {
+            char buf[CMSG_SPACE(sizeof(int))];
+            struct cmsghdr align;
+        } control;
+        struct iovec iov = {m, sizeof m};
+        struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf, .msg_controllen = sizeof control.buf};
+        ssize_t n = recvmsg(k->session, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+        if (n < 0 && (errno == EAGAIN || errno == EINTR)) return 0;
+        if (n <= 0) {
+            close_fd(&k->session);
+            return -1;
+        }
+        int fd = -1; /* (the server's: one at most, with "g") */
+        struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+        if (cm && cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len == CMSG_LEN(sizeof(int)))
+            memcpy(&fd, CMSG_DATA(cm), sizeof fd);
+        if (m[0] == 'r' && n == 5 && k->pty >= 0) {
             uint16_t rc[2];
             memcpy(rc, m + 1, sizeof rc);
             struct winsize ws = {.ws_row = rc[0], .ws_col = rc[1]};
             ioctl(k->pty, TIOCSWINSZ, &ws);
-        }
-        return m[0] == 'c';
+        } else if (m[0] == 'c') r->closing = 1;
+        else if (m[0] == 's') relay_suspend(k, r);
+        else if (m[0] == 'n' && r->suspended) relay_new_pipes(k, r);
+        else if (m[0] == 'g' && r->suspended && fd >= 0) {
+            close(r->sp->pidfd);
+            r->sp->pidfd = fd;
+            r->sp->via_init = 1;
+            r->suspended = 0;
+            fd = -1;
+        } else if (m[0] == 'g' && r->suspended) {
+            r->suspended = 0;
+            r->ended = 1;
+        } else if (m[0] == 'u') r->suspended = 0;
+        else if (m[0] == 'e') r->gone = 1;
+        if (fd >= 0) close(fd);
     }
-    if (n < 0 && (errno == EAGAIN || errno == EINTR)) return 0;
-    close_fd(&k->session);
-    return -1;
 }
 
 static long long now_ms(void) {
@@ -1587,17 +1683,23 @@ static long long now_ms(void) {
 static int keep_relay(struct keep *k, struct spawned *sp, int c_out, int c_err, int c_in) {
     uint32_t out_kind = k->pty >= 0 ? 3 : 1; /* 3: a terminal's output (the server's "pty" events) */
     static char buf[KEEP_CHUNK], inbuf[KEEP_CHUNK];
+    struct relay r = {.sp = sp, .c_out = c_out, .c_err = c_err, .c_in = c_in};
     int srv_out = 1, srv_err = 2, srv_in = c_in >= 0 ? 0 : -1;
     if (srv_in >= 0) fcntl(srv_in, F_SETFL, O_NONBLOCK);
-    fcntl(c_out, F_SETFL, O_NONBLOCK);
-    if (c_err >= 0) fcntl(c_err, F_SETFL, O_NONBLOCK);
-    if (c_in >= 0) fcntl(c_in, F_SETFL, O_NONBLOCK);
-    int pidfd = sp->pidfd;
+    fcntl(r.c_out, F_SETFL, O_NONBLOCK);
+    if (r.c_err >= 0) fcntl(r.c_err, F_SETFL, O_NONBLOCK);
+    if (r.c_in >= 0) fcntl(r.c_in, F_SETFL, O_NONBLOCK);
     size_t in_len = 0, in_off = 0;
-    int in_eof = 0, closing = 0, status = 0, reaped = 0, asked = 0;
+    int in_eof = 0, status = 0, reaped = 0, asked = 0;
     long long exited_at = 0;
     for (;;) {
-        if (reaped && c_out < 0 && c_err < 0) break;
+        if ((r.gone || r.ended) && !reaped) {
+            status = r.ended ? command_status(sp) : SIGKILL;
+            if (status < 0) status = SIGKILL;
+            reaped = 1;
+            exited_at = now_ms() - (r.gone ? KEEP_GRACE_MS : 0);
+        }
+        if (reaped && r.c_out < 0 && r.c_err < 0) break;
         int timeout = -1;
         if (reaped) {
             long long left = exited_at + KEEP_GRACE_MS - now_ms();
@@ -1607,17 +1709,17 @@ static int keep_relay(struct keep *k, struct spawned *sp, int c_out, int c_err, 
         struct pollfd p[7];
         int np = 0, i_out = -1, i_err = -1, i_sin = -1, i_cin = -1, i_pid = -1, i_ses = -1, i_lis;
         if (k->session >= 0) { p[np] = (struct pollfd){k->session, POLLIN, 0}; i_ses = np++; }
-        if (c_out >= 0) { p[np] = (struct pollfd){c_out, POLLIN, 0}; i_out = np++; }
-        if (c_err >= 0) { p[np] = (struct pollfd){c_err, POLLIN, 0}; i_err = np++; }
-        if (srv_in >= 0 && !in_len && c_in >= 0) { p[np] = (struct pollfd){srv_in, POLLIN, 0}; i_sin = np++; }
-        if (c_in >= 0 && in_len) { p[np] = (struct pollfd){c_in, POLLOUT, 0}; i_cin = np++; }
-        if (!reaped) { p[np] = (struct pollfd){pidfd, POLLIN, 0}; i_pid = np++; }
+        if (r.c_out >= 0) { p[np] = (struct pollfd){r.c_out, POLLIN, 0}; i_out = np++; }
+        if (r.c_err >= 0) { p[np] = (struct pollfd){r.c_err, POLLIN, 0}; i_err = np++; }
+        if (srv_in >= 0 && !in_len && r.c_in >= 0) { p[np] = (struct pollfd){srv_in, POLLIN, 0}; i_sin = np++; }
+        if (r.c_in >= 0 && in_len) { p[np] = (struct pollfd){r.c_in, POLLOUT, 0}; i_cin = np++; }
+        if (!reaped && !r.suspended) { p[np] = (struct pollfd){sp->pidfd, POLLIN, 0}; i_pid = np++; }
         p[np] = (struct pollfd){k->listen_fd, POLLIN, 0};
         i_lis = np++;
-        int r = poll(p, (nfds_t)np, timeout);
-        if (r < 0 && errno == EINTR) continue;
-        if (r < 0) break;
-        int *outs[2] = {&c_out, &c_err}, idx[2] = {i_out, i_err}, *srvs[2] = {&srv_out, &srv_err};
+        int n_poll = poll(p, (nfds_t)np, timeout);
+        if (n_poll < 0 && errno == EINTR) continue;
+        if (n_poll < 0) break;
+        int *outs[2] = {&r.c_out, &r.c_err}, idx[2] = {i_out, i_err}, *srvs[2] = {&srv_out, &srv_err};
         for (int s = 0; s < 2; s++) {
             if (idx[s] < 0 || !p[idx[s]].revents) continue;
             ssize_t n = read(*outs[s], buf, sizeof buf);
@@ -1629,7 +1731,7 @@ static int keep_relay(struct keep *k, struct spawned *sp, int c_out, int c_err, 
             keep_log(k, s ? 2 : out_kind, buf, (size_t)n); /* a terminal's master says EIO at its end */
             if (*srvs[s] >= 0 && write_all(*srvs[s], buf, (size_t)n) < 0) close_fd(srvs[s]); /* server gone */
         }
-        if (i_ses >= 0 && p[i_ses].revents && keep_session(k) == 1) closing = 1;
+        if (i_ses >= 0 && p[i_ses].revents) keep_session(k, &r);
         if (i_sin >= 0 && p[i_sin].revents) {
             ssize_t n = read(srv_in, inbuf, sizeof inbuf);
             if (n > 0) {
@@ -1639,20 +1741,21 @@ static int keep_relay(struct keep *k, struct spawned *sp, int c_out, int c_err, 
                 close_fd(&srv_in);
                 /* the client closed stdin ("c" comes before the pipe's end); else the server went away and
                  * the command's stdin stays open for the next one */
-                if (closing || keep_session(k) == 1) in_eof = 1;
+                keep_session(k, &r);
+                if (r.closing) in_eof = 1;
             }
         }
         if (i_cin >= 0 && p[i_cin].revents) {
-            ssize_t w = write(c_in, inbuf + in_off, in_len - in_off);
+            ssize_t w = write(r.c_in, inbuf + in_off, in_len - in_off);
             if (w > 0) {
                 in_off += (size_t)w;
                 if (in_off == in_len) in_len = in_off = 0;
             } else if (w < 0 && errno != EAGAIN && errno != EINTR) {
-                close_fd(&c_in); /* the command closed its stdin */
-                in_len = in_off = 0;
+                close_fd(&r.c_in); /* the command closed its stdin (or it was checkpointed: a new one comes) */
+                if (!r.suspended) in_len = in_off = 0;
             }
         }
-        if (in_eof && !in_len) close_fd(&c_in);
+        if (in_eof && !in_len) close_fd(&r.c_in);
         if (i_pid >= 0 && p[i_pid].revents) { /* it ended: how, init says (or our child, see spawned) */
             int st = command_status(sp);
             if (st < 0 && ++asked > 200) st = SIGKILL; /* init never reaps it: gone with init */
@@ -1669,7 +1772,7 @@ static int keep_relay(struct keep *k, struct spawned *sp, int c_out, int c_err, 
     char line[64];
     int n = WIFEXITED(status) ? snprintf(line, sizeof line, "exit %d\n", WEXITSTATUS(status))
                               : snprintf(line, sizeof line, "signal %d\n", WTERMSIG(status));
-    if (k->attached || keep_session(k) < 0) { /* no server hears it from our exit status: it goes in DIR */
+    if (k->attached || keep_session(k, &r) < 0) { /* no server hears it from our exit status: it goes in DIR */
         int fd = keep_file(k, "status");
         if (fd >= 0) (void)!pwrite(fd, line, (size_t)n, 0);
     } else { /* the usual end: the server that started us hears it; nothing of DIR is needed any more */
@@ -1726,14 +1829,18 @@ static void run_command(const struct entry *e, char **cmd, const int *c_out, con
  * register it with init while mid, its parent, still lives (so init, which reaps it once mid is gone, keeps
  * its status for us); then mid exits. If init does not take it, mid stays its parent and relays its end.
  */
-static void spawn_command(struct spawned *sp, int hostproc, const struct entry *e, char **cmd, const int *c_out,
-                          const int *c_err, const int *c_in) {
+static void spawn_command(struct spawned *sp, int hostproc, int initfd, const struct entry *e, char **cmd,
+                          const int *c_out, const int *c_err, const int *c_in) {
     int rep[2], ctl[2];
     if (pipe2(rep, O_CLOEXEC) < 0 || pipe2(ctl, O_CLOEXEC) < 0) die("pipe");
     memset(sp, 0, sizeof *sp);
     sp->pidfd = -1;
     if ((sp->mid = fork()) < 0) die("fork");
     if (sp->mid == 0) {
+        /* the sandbox's namespaces (its PID namespace: ours already, as the helper chose it for its children) */
+        if (setns(initfd, CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP) < 0) die("setns");
+        if (setns(initfd, CLONE_NEWUSER) < 0) die("setns(user)");
+        close(initfd);
         pid_t child = fork();
         if (child < 0) die("fork");
         if (child == 0) {
@@ -1812,11 +1919,17 @@ static int cmd_exec(int argc, char **argv) {
                    (fstat(0, &st) == 0 && !S_ISCHR(st.st_mode) && pipe2(c_in, O_CLOEXEC) < 0))
             die("pipe");
     }
-    int hostproc = open("/proc", O_PATH | O_DIRECTORY | O_CLOEXEC); /* the host's: the sandbox's /proc once in it */
+    int hostproc = open("/proc", O_PATH | O_DIRECTORY | O_CLOEXEC);
     if (hostproc < 0) die("open /proc");
-    enter_sandbox(&e);
+    /* We join only the sandbox's cgroups (what we cost is the sandbox's), network namespace (init's socket)
+     * and, for our children, PID namespace: holding none of its mount namespace, we never keep its files
+     * mounted (its disk is let go of once its processes end: a checkpoint, which we outlive). */
+    int initfd = open_init(e.target, e.start_time);
+    join_cgroups((char **)e.cgroups, e.ncg);
+    if (setns(initfd, CLONE_NEWNET | CLONE_NEWPID) < 0) die("setns");
     struct spawned sp;
-    spawn_command(&sp, hostproc, &e, cmd, c_out, c_err, c_in);
+    spawn_command(&sp, hostproc, initfd, &e, cmd, c_out, c_err, c_in);
+    close(initfd);
     close(hostproc);
     if (!e.keep) return wait_and_relay(&sp, e.report_fd);
     if (e.pty) close(e.pty_slave); /* the command's end of it: EIO on the master once it and its children close theirs */

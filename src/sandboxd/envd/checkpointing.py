@@ -1,0 +1,182 @@
+"""The processes envd follows, through a checkpoint of their sandbox (core/pausing.py, pause to disk).
+
+A kept command (envd/kept.py) is the sandbox init's child, so CRIU writes it with the rest of the sandbox;
+its keeper stays on the host, holding the other ends of the command's pipes. Around the checkpoint the
+keeper is told (on its session, sbxhelper.c keep_session):
+
+- `s` before the dump: the command's end is no end until told otherwise; it answers with the inodes of the
+  pipes the command holds of its (CRIU's names for them: `pipe:[INODE]`);
+- `u` if the dump failed (the command ran on);
+- `n` before the restore: it makes new pipes and sends the command's ends, which the restore gives to the
+  restored command in place of the old ones (CRIU's `--inherit-fd`): output, input and the keeper's log
+  go on as if nothing happened, and the server's streams of the process with them;
+- `g` after it, with a pidfd of the restored command (or without one: it had ended before the dump, and
+  init, restored, tells how);
+- `e` if the sandbox ended while checkpointed: the command ended killed.
+
+What cannot be carried over refuses the checkpoint (the sandbox then stays paused in memory): a terminal
+(its master is the keeper's; CRIU restores no terminal whose other side is outside), and a command started
+past the `kept_processes` cap (its pipes are the server's own, with no keeper to swap them).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sandboxd.core.errors import Conflict
+from sandboxd.envd.process_service import table_of
+from sandboxd.runtime import pids
+
+if TYPE_CHECKING:
+    from sandboxd.core.manager import Sandbox
+    from sandboxd.envd.processes import Proc
+
+log = logging.getLogger("sandboxd.envd")
+
+ANSWER_WAIT = 5.0  # s: a keeper answers at once (it polls its session); past this it is taken as gone
+_INODES = struct.Struct("=QQQ")
+
+
+@dataclass
+class _Held:
+    proc: Proc
+    inodes: tuple[int, int, int]
+
+
+def _answer(sock: socket.socket, tag: bytes, fds: int = 0) -> tuple[bytes, list[int]]:
+    """The keeper's next answer starting with `tag` (an attach's "k" may come first), with its descriptors."""
+    sock.settimeout(ANSWER_WAIT)
+    try:
+        while True:
+            msg, anc, _, _ = sock.recvmsg(64, socket.CMSG_SPACE(fds * 4) if fds else 0)
+            got: list[int] = []
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    got += array.array("i", data[: len(data) - len(data) % 4]).tolist()
+            if msg[:1] == tag:
+                return msg, got
+            for fd in got:
+                os.close(fd)
+            if not msg:
+                raise OSError("the keeper is gone")
+    finally:
+        sock.settimeout(None)
+
+
+def _suspend(proc: Proc) -> _Held:
+    assert proc.session is not None
+    proc.session.send(b"s")
+    msg, _ = _answer(proc.session, b"S")
+    if len(msg) != 1 + _INODES.size:
+        raise OSError("its answer is malformed")
+    return _Held(proc, _INODES.unpack_from(msg, 1))
+
+
+def _new_pipes(held: _Held) -> list[tuple[int, str]]:
+    assert held.proc.session is not None
+    held.proc.session.send(b"n")
+    wanted = [ino for ino in held.inodes if ino]
+    _, fds = _answer(held.proc.session, b"N", len(wanted))
+    if len(fds) != len(wanted):
+        for fd in fds:
+            os.close(fd)
+        raise OSError(f"process {held.proc.pid}: its keeper sent {len(fds)} pipes of {len(wanted)}")
+    return [(fd, f"pipe:[{ino}]") for fd, ino in zip(fds, wanted, strict=True)]
+
+
+class EnvdAtCheckpoint:
+    """core/pausing.py's CheckpointPart for envd: its processes (above) and its file brokers (which are not
+    init's children: they end with the dump, and are made again on the next file request)."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, list[_Held]] = {}
+
+    async def before_dump(self, sandbox: Sandbox) -> None:
+        table = table_of(sandbox)  # (loads the kept processes of a previous server run, if not yet)
+        running = [p for p in table.by_pid.values() if not p.done.is_set()]
+        for proc in running:
+            if proc.is_pty:
+                raise Conflict(
+                    f"process {proc.pid} has a terminal (PTY), which a pause to disk cannot carry over: "
+                    "the sandbox stays paused in memory; end the terminal session to let it go to disk"
+                )
+            if proc.keep_dir is None or proc.session is None:
+                raise Conflict(
+                    f"process {proc.pid} was started past the kept-processes limit, without a keeper to carry "
+                    "its output over a pause to disk: the sandbox stays paused in memory"
+                )
+        held: list[_Held] = []
+        for proc in running:
+            try:
+                held.append(await asyncio.to_thread(_suspend, proc))
+            except OSError as e:
+                self._tell(held, b"u")
+                raise Conflict(
+                    f"process {proc.pid}: its keeper did not answer ({e}): the sandbox stays paused in memory"
+                ) from None
+        self._held[sandbox.id] = held
+        brokers = sandbox.ext.get("brokers")
+        if brokers is not None:
+            brokers.close()
+
+    async def dump_failed(self, sandbox: Sandbox) -> None:
+        self._tell(self._held.pop(sandbox.id, []), b"u")
+
+    async def before_restore(self, sandbox: Sandbox) -> list[tuple[int, str]]:
+        """(fd, CRIU's name of the file it replaces) for every pipe between a kept command and its keeper."""
+        inherit: list[tuple[int, str]] = []
+        try:
+            for held in self._held.get(sandbox.id, []):
+                inherit += await asyncio.to_thread(_new_pipes, held)
+        except BaseException:
+            for fd, _ in inherit:
+                os.close(fd)
+            raise
+        return inherit
+
+    async def restored(self, sandbox: Sandbox, host_pids: dict[int, int]) -> None:
+        """Each kept command again, by its PID in the sandbox (`host_pids`: the sandbox's PID -> the host's)."""
+        for held in self._held.pop(sandbox.id, []):
+            proc = held.proc
+            host = host_pids.get(proc.pid)
+            pidfd = None
+            if host is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    pidfd = os.pidfd_open(host)
+                if pidfd is not None and (pids.ns_pid(host) != proc.pid or not pids.is_alive(pidfd)):
+                    os.close(pidfd)  # (the number was read from the cgroup a moment ago: it names another now)
+                    pidfd = None
+            if proc._child_pidfd is not None:
+                os.close(proc._child_pidfd)
+                proc._child_pidfd = None
+            try:
+                assert proc.session is not None
+                if pidfd is None or host is None:  # it had ended before the dump: its keeper asks init how
+                    proc.session.send(b"g")
+                    continue
+                proc.session.sendmsg([b"g"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [pidfd]))])
+                proc.host_pid, proc.host_start = host, pids.start_time(host) or 0
+                proc._child_pidfd = os.dup(pidfd)
+            except OSError as e:
+                log.warning("process %d: its keeper did not take the restored process: %s", proc.pid, e)
+            finally:
+                if pidfd is not None:
+                    os.close(pidfd)
+
+    async def ended(self, sandbox: Sandbox) -> None:
+        """The sandbox ended while checkpointed (or its restore failed): its kept commands ended killed."""
+        self._tell(self._held.pop(sandbox.id, []), b"e")
+
+    @staticmethod
+    def _tell(held: list[_Held], what: bytes) -> None:
+        for h in held:
+            with contextlib.suppress(OSError, AttributeError):
+                h.proc.session.send(what)  # type: ignore[union-attr]

@@ -1,0 +1,120 @@
+"""Pause to disk (core/pausing.py): a sandbox paused in memory for `--checkpoint-after` seconds has its processes
+written by CRIU and ended, freeing their memory; a resume restores them as they were. Driven with the official
+SDK: a command started before the pause keeps its memory, its open file's offset, its child and its output
+stream (envd/checkpointing.py)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from e2b import CommandExitException, Sandbox, SandboxException
+
+from conftest import Server, host_pids_of, start_server
+
+# Counts in memory; reads a file line by line (its offset is the file's); has a child. One line per step:
+# "count offset child-alive".
+WORKER = """
+import os, subprocess, sys, time
+child = subprocess.Popen(["sleep", "1000"])
+f = open("/tmp/lines")
+n = 0
+while True:
+    n += 1
+    line = f.readline()
+    alive = child.poll() is None
+    print(n, f.tell(), int(alive), child.pid, flush=True)
+    time.sleep(0.05)
+"""
+
+
+@pytest.fixture(scope="module")
+def disk_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(tmp_path_factory.mktemp("disk") / "data", "--pool-size", "0", "--checkpoint-after", "0")
+    try:
+        yield srv
+    finally:
+        assert srv.stop() == 0
+
+
+def _detail(srv: Server, sandbox_id: str) -> dict:
+    r = httpx.get(f"{srv.url}/sandboxes/{sandbox_id}", headers={"X-API-KEY": srv.api_key})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _on_disk(srv: Server, sandbox_id: str) -> None:
+    deadline = time.monotonic() + 30
+    while (detail := _detail(srv, sandbox_id)).get("pausedTo") != "disk":
+        assert detail["state"] == "paused" and detail["pauseMode"] == "full", detail
+        assert time.monotonic() < deadline, f"not written to disk: {detail}"
+        time.sleep(0.05)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "(gone)"
+
+
+def test_a_command_keeps_its_memory_file_offset_child_and_output_across_a_pause_to_disk(disk_server: Server) -> None:
+    env = {"api_key": disk_server.api_key, "api_url": disk_server.url, "sandbox_url": disk_server.url}
+    sbx = Sandbox.create(template="base", timeout=120, **env)  # type: ignore[arg-type]
+    try:
+        sbx.files.write("/tmp/lines", "".join(f"line {i}\n" for i in range(100000)))
+        sbx.files.write("/tmp/worker.py", WORKER)
+        handle = sbx.commands.run("python3 /tmp/worker.py", background=True)
+        time.sleep(1)
+        assert sbx.pause() is True
+        assert sbx.pause() is False  # 409: paused already
+        _on_disk(disk_server, sbx.sandbox_id)
+        assert not sbx.is_running()
+        # its processes are gone (their memory with them): only the keeper of its command is left, on the host
+        left = {_comm(p) for p in host_pids_of(disk_server, sbx.sandbox_id)}
+        assert left <= {"sandbox-exec", "(gone)"}, left
+        assert (disk_server.data_dir / "sandboxes" / sbx.sandbox_id / "checkpoint").is_dir()
+        time.sleep(0.5)  # (nothing of it runs meanwhile)
+
+        again = Sandbox.connect(sbx.sandbox_id, **env)  # type: ignore[arg-type]
+        assert again.is_running()
+        assert handle.pid in [p.pid for p in again.commands.list()]
+        time.sleep(1)
+        child = int(again.commands.run(f"cat /proc/{handle.pid}/task/{handle.pid}/children").stdout.split()[0])
+        assert again.commands.run(f"cat /proc/{child}/cmdline").stdout.startswith("sleep")
+        assert not (disk_server.data_dir / "sandboxes" / sbx.sandbox_id / "checkpoint").exists()
+        handle.kill()
+        with pytest.raises(CommandExitException) as ended:
+            handle.wait()
+        rows = [[int(x) for x in line.split()] for line in ended.value.stdout.splitlines()]
+        counts = [r[0] for r in rows]
+        # one stream from the start to the kill: every count once, in order (its memory, not a restart), the
+        # file read on from where it was, the same child alive all along
+        assert counts == list(range(1, len(counts) + 1)) and len(counts) > 25, counts
+        assert all(b[1] - a[1] == len(f"line {b[0] - 1}\n") for a, b in itertools.pairwise(rows)), rows
+        assert {(r[2], r[3]) for r in rows} == {(1, child)}
+        # and the sandbox works on: commands, files, another pause (in memory, then to disk again)
+        assert again.commands.run("echo ok").stdout == "ok\n"
+        assert again.files.read("/tmp/lines").startswith("line 0\n")
+        assert again.pause() is True
+        _on_disk(disk_server, sbx.sandbox_id)
+        assert Sandbox.connect(sbx.sandbox_id, **env).commands.run("echo again").stdout == "again\n"  # type: ignore[arg-type]
+    finally:
+        sbx.kill()
+
+
+def test_a_sandbox_killed_while_on_disk_leaves_nothing(disk_server: Server) -> None:
+    env = {"api_key": disk_server.api_key, "api_url": disk_server.url, "sandbox_url": disk_server.url}
+    sbx = Sandbox.create(template="base", timeout=120, **env)  # type: ignore[arg-type]
+    handle = sbx.commands.run("sleep 1000", background=True)
+    sbx.pause()
+    _on_disk(disk_server, sbx.sandbox_id)
+    sbx.kill()
+    with pytest.raises((CommandExitException, SandboxException)):
+        handle.wait()  # its stream ends with the sandbox (its keeper ended too)
+    assert not host_pids_of(disk_server, sbx.sandbox_id)
+    assert not (disk_server.data_dir / "sandboxes" / sbx.sandbox_id).exists()
