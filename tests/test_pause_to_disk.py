@@ -6,6 +6,7 @@ stream (envd/checkpointing.py)."""
 from __future__ import annotations
 
 import itertools
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import httpx
 import pytest
 from e2b import CommandExitException, Sandbox, SandboxException
 
-from conftest import Server, host_pids_of, start_server
+from conftest import Server, host_pids_of, keeping_server, start_server
 
 # Counts in memory; reads a file line by line (its offset is the file's); has a child. One line per step:
 # "count offset child-alive".
@@ -118,3 +119,65 @@ def test_a_sandbox_killed_while_on_disk_leaves_nothing(disk_server: Server) -> N
         handle.wait()  # its stream ends with the sandbox (its keeper ended too)
     assert not host_pids_of(disk_server, sbx.sandbox_id)
     assert not (disk_server.data_dir / "sandboxes" / sbx.sandbox_id).exists()
+
+
+ECHO = 'python3 -u -c \'import sys\nfor line in sys.stdin: print("got", line.strip())\nprint("eof"); sys.exit(4)\''
+
+
+def _until(handle: object, text: str, seconds: float = 20) -> str:
+    seen = ""
+    deadline = time.monotonic() + seconds
+    for stdout, _, _ in handle:  # type: ignore[attr-defined]
+        seen += stdout or ""
+        if text in seen or time.monotonic() > deadline:
+            break
+    return seen
+
+
+def test_stdin_and_the_exit_code_of_a_command_carry_over(disk_server: Server) -> None:
+    env = {"api_key": disk_server.api_key, "api_url": disk_server.url, "sandbox_url": disk_server.url}
+    sbx = Sandbox.create(template="base", timeout=120, **env)  # type: ignore[arg-type]
+    try:
+        echo = sbx.commands.run(ECHO, background=True, stdin=True)
+        sbx.commands.send_stdin(echo.pid, "one\n")
+        assert "got one" in _until(echo, "got one")
+        ended = sbx.commands.run("sleep 0.2; exit 5", background=True)  # ends before the dump: init knows how
+        sbx.pause()
+        _on_disk(disk_server, sbx.sandbox_id)
+        again = Sandbox.connect(sbx.sandbox_id, **env)  # type: ignore[arg-type]
+        follow = again.commands.connect(echo.pid)
+        again.commands.send_stdin(echo.pid, "two\n")
+        seen = _until(follow, "got two")
+        assert "got two" in seen, seen
+        again.commands.close_stdin(echo.pid)
+        with pytest.raises(CommandExitException) as exited:
+            follow.wait()
+        assert exited.value.exit_code == 4 and "eof" in exited.value.stdout
+        with pytest.raises(CommandExitException) as five:
+            ended.wait()
+        assert five.value.exit_code == 5
+    finally:
+        sbx.kill()
+
+
+def test_after_a_server_crash_a_sandbox_on_disk_resumes_from_its_files(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with keeping_server(data, "--pool-size", "0", "--checkpoint-after", "0") as (srv, port):
+        env = {"api_key": srv.api_key, "api_url": srv.url, "sandbox_url": srv.url}
+        sbx = Sandbox.create(template="base", timeout=300, **env)  # type: ignore[arg-type]
+        sbx.files.write("/home/user/kept.txt", "kept\n")
+        sbx.commands.run("sleep 1000", background=True)
+        sbx.pause()
+        _on_disk(srv, sbx.sandbox_id)
+        srv.stop(signal.SIGKILL)
+        srv2 = start_server(data, "--pool-size", "0", port=port, keep=True)
+        try:
+            detail = _detail(srv2, sbx.sandbox_id)
+            assert detail["state"] == "paused" and detail["pauseMode"] == "filesystem", detail
+            again = Sandbox.connect(sbx.sandbox_id, **env)  # type: ignore[arg-type]
+            assert again.files.read("/home/user/kept.txt") == "kept\n"
+            assert "sleep 1000" not in again.commands.run("ps -eo args").stdout  # a reboot: its processes are new
+            assert not (data / "sandboxes" / sbx.sandbox_id / "checkpoint").exists()
+            again.kill()
+        finally:
+            srv2.stop()
