@@ -1,7 +1,8 @@
 """Lifecycle suite of the benchmark: pause and resume (frozen in memory; to the files and booted again),
 idle and with a process holding 100 MB of memory, a filesystem snapshot of a sandbox with 7 MB written,
-and a create from that snapshot; checkpoint and restore with CRIU at the runtime's level (idle, 100 MB and
-1 GB of dirty memory; the API's pause does not use them yet). Each beside its floor, measured in the same
+and a create from that snapshot; pause to disk and resume from it through the API (a server run with
+`--checkpoint-after 0`), idle and with 100 MB; checkpoint and restore with CRIU at the runtime's level (idle,
+100 MB and 1 GB of dirty memory). Each beside its floor, measured in the same
 run, and the published figure of the fastest open peer (CubeSandbox: resume 42 ms, snapshot 46 ms with
 7 MB dirty, create from a snapshot 64 ms; its snapshots hold memory, these hold files); and volumes: a
 pooled create with one mounted beside the same create without, a 1 MiB write and read through the volume
@@ -144,6 +145,63 @@ def run_lifecycle(
     out["floor_freeze_exec_ms"] = [_freeze_thaw_ms() + floors["exec_bash"]() for _ in range(n)]
     out["floor_create_ms"] = [floors["create"]() for _ in range(n)]
     out["floor_copy_ms"] = [_copy_ms(data_dir) for _ in range(n)]
+    return out
+
+
+def run_disk_pause(client: Any, dl: Any, n: int) -> dict[str, Any]:
+    """Pause to disk through the API (a server run with `--checkpoint-after 0`: the reaper writes a paused
+    sandbox out at once): from `pause()` until `get_info` says `pausedTo: disk`; then `connect` (a restore)
+    until a first command returned. An idle base sandbox, and one with a process of its user holding 100 MB
+    (a kept command: its keeper is suspended and its pipes swapped across the restore)."""
+    import json
+    import urllib.request
+
+    from e2b import Sandbox
+
+    out: dict[str, Any] = {"errors": []}
+    n = max(3, min(n, 10))
+    hold = (
+        f'python3 -c "import os, time; n = {HELD_MB} << 20; b = bytearray(n)\n'
+        "for i in range(0, n, 1 << 20): b[i : i + (1 << 20)] = os.urandom(1 << 20)\n"
+        "print('ready', flush=True); time.sleep(3600)\""
+    )
+
+    def paused_to() -> str:
+        req = urllib.request.Request(
+            f"{os.environ['E2B_API_URL']}/sandboxes/{s.sandbox_id}", headers={"X-API-Key": os.environ["E2B_API_KEY"]}
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return str(json.load(r).get("pausedTo", ""))
+
+    for key, held in (("disk_idle", False), ("disk_100", True)):
+        for _ in range(n):
+            dl.check()
+            s = client.create(dl)
+            try:
+                if held:
+                    s.commands.run(f"{hold} > /tmp/held.log", background=True)
+                    deadline = time.monotonic() + 60
+                    while "ready" not in s.commands.run("cat /tmp/held.log").stdout:
+                        if time.monotonic() > deadline:
+                            raise RuntimeError("the 100 MB holder did not start")
+                        time.sleep(0.05)
+                else:
+                    s.commands.run("true")
+                t0 = time.monotonic()
+                s.pause()
+                while paused_to() != "disk":
+                    if _ms(t0) > 30_000:
+                        raise RuntimeError("a paused sandbox was not written to disk within 30 s")
+                    time.sleep(0.002)
+                out.setdefault(f"{key}_pause_ms", []).append(_ms(t0))
+                t0 = time.monotonic()
+                again = Sandbox.connect(s.sandbox_id)
+                again.commands.run("true")
+                out.setdefault(f"{key}_resume_ms", []).append(_ms(t0))
+            except RuntimeError as e:
+                out["errors"].append(f"pause to disk ({key}): {e}")
+            finally:
+                client.kill(s)
     return out
 
 
@@ -352,6 +410,15 @@ def print_report(r: dict[str, Any]) -> None:
         ("create + volume -> first cmd, pool (floor: w/o)", "volume_create_ms", "plain_create_ms", None),
         ("volume: write 1 MiB through the content API", "volume_write_ms", None, None),
         ("volume: read 1 MiB through the content API", "volume_read_ms", None, None),
+        ("pause to disk (API, until on disk), idle", "disk_idle_pause_ms", "pause_ms", None),
+        ("resume from disk -> first cmd, idle", "disk_idle_resume_ms", "resume_ms", "resume_ms"),
+        (f"pause to disk, {HELD_MB} MB in memory (aim <= 100)", "disk_100_pause_ms", "held_pause_ms", None),
+        (
+            f"resume from disk, {HELD_MB} MB -> first cmd (aim <= 40)",
+            "disk_100_resume_ms",
+            "held_resume_ms",
+            "resume_ms",
+        ),
         ("checkpoint (runtime, CRIU), idle (floor: freeze)", "ckpt_idle_checkpoint_ms", "ckpt_idle_freeze_ms", None),
         ("restore (runtime, CRIU), idle (floor: thaw)", "ckpt_idle_restore_ms", "ckpt_idle_thaw_ms", "resume_ms"),
         (f"checkpoint, {HELD_MB} MB dirty (aim <= 100)", "ckpt_100_checkpoint_ms", "ckpt_100_freeze_ms", None),

@@ -934,6 +934,7 @@ def main() -> int:
         Server(workdir / "tpl", ["--dns", net.DNS], templates_dir=workdir / "templates"),
         Server(workdir / "tpl-nopool", ["--dns", net.DNS, "--pool-size", "0"], templates_dir=workdir / "templates"),
         Server(workdir / "life", []),
+        Server(workdir / "life-disk", ["--pool-size", "0", "--checkpoint-after", "0"]),  # pauses go to disk at once
     ]
     clients = [Client(s) for s in servers]
     holders: list[Holder] = []
@@ -975,7 +976,7 @@ def main() -> int:
     with sigterm_as_interrupt():
         try:
             warm, nopool, files_client, interp_warm, interp_cold, nopool_noquota, noisy_client, net_client = clients[:8]
-            tpl_warm, tpl_cold, life_client = clients[8:]
+            tpl_warm, tpl_cold, life_client, disk_client = clients[8:]
             if args.suite in ("all", "lifecycle") and phase("start sandboxd (lifecycle)", life_client.server.start):
 
                 def lifecycle_floors() -> dict[str, Callable[[], float]]:
@@ -1006,6 +1007,14 @@ def main() -> int:
                 errors.extend(lifecycle_results.pop("errors", []))
             errors.extend(life_client.kill_all())
             life_client.server.stop()
+            if args.suite in ("all", "lifecycle") and phase("start sandboxd (pause to disk)", disk_client.server.start):
+                phase(
+                    "lifecycle: pause to disk and resume",
+                    lambda: lifecycle_results.update(lifecycle.run_disk_pause(disk_client, dl, n)),
+                )
+                errors.extend(lifecycle_results.pop("errors", []))
+            errors.extend(disk_client.kill_all())
+            disk_client.server.stop()
             if args.suite in ("all", "templates"):
                 TemplateStore(TEMPLATES).link_into(workdir / "templates", ("base", "code-interpreter-v1"))
                 lab = net.Lab(workdir / "lab").start()
