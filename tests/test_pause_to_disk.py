@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2b import CommandExitException, Sandbox, SandboxException
+from e2b import CommandExitException, PtySize, Sandbox, SandboxException
 
 from conftest import Server, host_pids_of, keeping_server, start_server
 
@@ -181,3 +181,63 @@ def test_after_a_server_crash_a_sandbox_on_disk_resumes_from_its_files(tmp_path:
             again.kill()
         finally:
             srv2.stop()
+
+
+# Both ends of a TCP connection inside the sandbox: CRIU run unprivileged cannot dump an established one (its
+# repair mode needs CAP_NET_ADMIN over the host-owned network namespace).
+TCP_PAIR = """
+import socket, time
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen()
+c = socket.create_connection(srv.getsockname()); s, _ = srv.accept()
+n = 0
+while True:
+    n += 1
+    c.sendall(b"x"); assert s.recv(1) == b"x"
+    print(n, flush=True)
+    time.sleep(0.05)
+"""
+
+
+def _stays_in_memory(srv: Server, sandbox_id: str, why: str) -> None:
+    """The reaper tried to write the sandbox to disk, could not, and left it paused in memory."""
+    deadline = time.monotonic() + 30
+    while why not in srv.log_path.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"no attempt to write {sandbox_id} to disk was logged"
+        time.sleep(0.05)
+    detail = _detail(srv, sandbox_id)
+    assert detail["state"] == "paused" and detail.get("pausedTo") == "memory", detail
+    assert not (srv.data_dir / "sandboxes" / sandbox_id / "checkpoint").exists(), "its failed images were left"
+
+
+def test_what_cannot_go_to_disk_stays_paused_in_memory_intact(disk_server: Server) -> None:
+    env = {"api_key": disk_server.api_key, "api_url": disk_server.url, "sandbox_url": disk_server.url}
+    sbx = Sandbox.create(template="base", timeout=120, **env)  # type: ignore[arg-type]
+    try:
+        sbx.files.write("/tmp/tcp.py", TCP_PAIR)
+        pair = sbx.commands.run("python3 /tmp/tcp.py", background=True)
+        time.sleep(0.5)
+        sbx.pause()
+        _stays_in_memory(disk_server, sbx.sandbox_id, "Connected TCP socket")
+        again = Sandbox.connect(sbx.sandbox_id, **env)  # type: ignore[arg-type]
+        time.sleep(0.5)
+        # the command ran on, its connection whole, its keeper following it (the dump's failure undone)
+        assert pair.pid in [p.pid for p in again.commands.list()]
+        pair.kill()
+        with pytest.raises(CommandExitException) as ended:
+            pair.wait()
+        counts = [int(x) for x in ended.value.stdout.split()]
+        assert counts == list(range(1, len(counts) + 1)) and len(counts) > 10, counts
+        assert "Traceback" not in ended.value.stderr, ended.value.stderr
+
+        # a terminal: refused before any dump
+        term = again.pty.create(size=PtySize(rows=24, cols=80))
+        again.pause()
+        _stays_in_memory(disk_server, sbx.sandbox_id, "has a terminal (PTY)")
+        third = Sandbox.connect(sbx.sandbox_id, **env)  # type: ignore[arg-type]
+        third.pty.send_stdin(term.pid, b"echo still-$((6*7)); exit\n")
+        out = b""
+        for _, _, data in term:
+            out += data or b""
+        assert b"still-42" in out
+    finally:
+        sbx.kill()
