@@ -1,14 +1,19 @@
 """A sandbox paused to its files (core/pausing.py) is reachable by nothing until it is resumed: not
 through envd, not through its ports, not through its files on the host; a hostile pause or connect
 body is refused before it does anything; a process cannot hide from the pause in a new session or a
-double fork; and its files come back owned as they were."""
+double fork; and its files come back owned as they were. A pause to disk never fills the host's disk."""
 
 from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
 
 import httpx
 from e2b import Sandbox
 
-from conftest import Server, host_pids_of
+from conftest import Server, host_pids_of, start_server
 
 
 def test_a_sandbox_paused_to_its_files_is_reachable_by_nothing(server: Server) -> None:
@@ -33,3 +38,39 @@ def test_a_sandbox_paused_to_its_files_is_reachable_by_nothing(server: Server) -
         assert owners == "user:user\nroot:root\n"
     finally:
         sbx.kill()
+
+
+def test_a_pause_to_disk_never_fills_the_hosts_disk(tmp_path: Path) -> None:
+    # A sandbox's memory written out goes to the host's data dir: a tenant that fills its memory and pauses
+    # must not fill the host's disk with it. The data dir here is a 160 MiB tmpfs; the sandbox holds 200 MB.
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "tmpfs", str(small)], check=True)
+    try:
+        srv = start_server(small / "data", "--pool-size", "0", "--disk-mb", "0", "--checkpoint-after", "0")
+        try:
+            env = {"api_key": srv.api_key, "api_url": srv.url, "sandbox_url": srv.url}
+            sbx = Sandbox.create(template="base", timeout=120, metadata={"sandboxd.memory_mb": "512"}, **env)
+            hold = sbx.commands.run(
+                'python3 -c "import os, time; b = bytearray(200 << 20)\n'
+                "for i in range(0, len(b), 1 << 20): b[i : i + (1 << 20)] = os.urandom(1 << 20)\n"
+                "print('ready', flush=True); time.sleep(3600)\"",
+                background=True,
+            )
+            for stdout, _, _ in hold:
+                if "ready" in (stdout or ""):
+                    break
+            sbx.pause()
+            deadline = time.monotonic() + 30
+            while "MiB free" not in srv.log_path.read_text(errors="replace"):
+                assert time.monotonic() < deadline, "no refused pause to disk was logged"
+                time.sleep(0.05)
+            assert not (srv.data_dir / "sandboxes" / sbx.sandbox_id / "checkpoint").exists()
+            assert shutil.disk_usage(small).free > 64 << 20
+            again = Sandbox.connect(sbx.sandbox_id, **env)
+            assert hold.pid in [p.pid for p in again.commands.list()]  # paused in memory, whole
+            again.kill()
+        finally:
+            srv.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 FULL, FILESYSTEM, DISK = "full", "filesystem", "disk"
 IMAGES = "checkpoint"  # in the sandbox's state dir
+DISK_MARGIN = 64 << 20  # bytes of the data dir's filesystem a pause to disk leaves free beyond its images
 
 
 class CheckpointPart(Protocol):
@@ -152,6 +153,15 @@ async def to_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
         raise Conflict(f"sandbox '{sandbox.id}' is not paused in memory")
     images = sandbox.handle.state_dir / IMAGES
     shutil.rmtree(images, ignore_errors=True)
+    # The images are about as large as the memory its processes use, written to the host's disk: never more
+    # than the disk has to spare.
+    used = (await asyncio.to_thread(manager.runtime.stats, sandbox.handle)).memory_bytes
+    free = shutil.disk_usage(sandbox.handle.state_dir).free
+    if used + DISK_MARGIN > free:
+        raise Conflict(
+            f"its processes use {used >> 20} MiB of memory and the host's data dir has {free >> 20} MiB free "
+            f"(less {DISK_MARGIN >> 20} MiB kept spare): the sandbox stays paused in memory"
+        )
     done: list[CheckpointPart] = []
     # Thawed first: CRIU stops the processes itself (a frozen task cannot be seized), and the keepers of its
     # commands, in its cgroups too, answer the parts. Its processes run for the moment in between.
