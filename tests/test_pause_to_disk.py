@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,7 +161,39 @@ def test_stdin_and_the_exit_code_of_a_command_carry_over(disk_server: Server) ->
         sbx.kill()
 
 
-def test_after_a_server_crash_a_sandbox_on_disk_resumes_from_its_files(tmp_path: Path) -> None:
+def test_a_sandbox_on_disk_resumes_with_its_memory_after_a_server_crash(tmp_path: Path) -> None:
+    # Its namespaces are pinned by files of its state dir, its commands' keepers wait: the next server restores it.
+    data = tmp_path / "data"
+    with keeping_server(data, "--pool-size", "0", "--checkpoint-after", "0") as (srv, port):
+        env = {"api_key": srv.api_key, "api_url": srv.url, "sandbox_url": srv.url}
+        sbx = Sandbox.create(template="base", timeout=300, **env)  # type: ignore[arg-type]
+        sbx.files.write("/tmp/lines", "".join(f"line {i}\n" for i in range(100000)))
+        sbx.files.write("/tmp/worker.py", WORKER)
+        handle = sbx.commands.run("python3 /tmp/worker.py", background=True)
+        time.sleep(0.5)
+        sbx.pause()
+        _on_disk(srv, sbx.sandbox_id)
+        srv.stop(signal.SIGKILL)
+        srv2 = start_server(data, "--pool-size", "0", port=port, keep=True)
+        try:
+            assert _detail(srv2, sbx.sandbox_id).get("pausedTo") == "disk"
+            again = Sandbox.connect(sbx.sandbox_id, **env)  # type: ignore[arg-type]
+            time.sleep(0.5)
+            follow = again.commands.connect(handle.pid)
+            again.commands.kill(handle.pid)
+            with pytest.raises(CommandExitException) as ended:
+                follow.wait()
+            counts = [int(line.split()[0]) for line in ended.value.stdout.splitlines()]
+            assert counts == list(range(1, len(counts) + 1)) and len(counts) > 12, counts  # its memory, its output
+            assert not (data / "sandboxes" / sbx.sandbox_id / "checkpoint").exists()
+            assert not (data / "sandboxes" / sbx.sandbox_id / "ns").exists(), "its namespaces stay pinned"
+            again.kill()
+        finally:
+            srv2.stop()
+
+
+def test_without_its_pinned_namespaces_a_sandbox_on_disk_resumes_from_its_files(tmp_path: Path) -> None:
+    # (a host reboot: the pins are gone; the images cannot be restored without the namespaces)
     data = tmp_path / "data"
     with keeping_server(data, "--pool-size", "0", "--checkpoint-after", "0") as (srv, port):
         env = {"api_key": srv.api_key, "api_url": srv.url, "sandbox_url": srv.url}
@@ -170,6 +203,9 @@ def test_after_a_server_crash_a_sandbox_on_disk_resumes_from_its_files(tmp_path:
         sbx.pause()
         _on_disk(srv, sbx.sandbox_id)
         srv.stop(signal.SIGKILL)
+        pins = data / "sandboxes" / sbx.sandbox_id / "ns"
+        for name in ("uts", "net"):
+            subprocess.run(["umount", str(pins / name)], check=True)
         srv2 = start_server(data, "--pool-size", "0", port=port, keep=True)
         try:
             detail = _detail(srv2, sbx.sandbox_id)

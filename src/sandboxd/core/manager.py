@@ -159,14 +159,27 @@ class SandboxManager:
             handle = SandboxHandle(**{**rec.handle, "state_dir": Path(rec.handle["state_dir"])})
             # A sandbox whose kill had begun is finished off (by the sweep below), even if its init has
             # not died yet: a kill is never undone by a crash.
-            if rec.state == "paused" and rec.pause_mode == pausing.DISK:
-                # Its checkpoint needs the network and UTS namespaces the previous server run held: gone with
-                # it. Its files are whole: it resumes from them, as after a filesystem pause.
-                log.warning(
-                    "sandbox %s was paused to disk by the previous server run: it resumes from its files",
-                    rec.sandbox_id,
-                )
+            on_disk = rec.state == "paused" and rec.pause_mode == pausing.DISK
+            if rec.state == "paused" and rec.pause_mode == pausing.FULL and not self.runtime.is_alive(handle):
+                on_disk = True  # (the crash came while it was written to disk: its images may be whole)
+            held = None
+            if on_disk and self.settings.criu is not None:
+                held = self.runtime.held_checkpoint(handle, handle.state_dir / pausing.IMAGES, self.settings.criu)
+            if held is not None:  # its processes on disk, its namespaces pinned: it resumes with its memory
+                rec.pause_mode = pausing.DISK
+                self.db.put(rec)
+                self.runtime.adopt(handle)
+                sandbox = Sandbox(rec, handle)
+                sandbox.checkpoint = held
+                self._register(sandbox)
+                adopted.add(rec.sandbox_id)
+                continue
+            if on_disk:
+                # Its checkpoint is not whole, or the namespaces it needs are gone (a host reboot). Its files
+                # are whole: it resumes from them, as after a filesystem pause.
+                log.warning("sandbox %s, paused to disk, resumes from its files", rec.sandbox_id)
                 shutil.rmtree(handle.state_dir / pausing.IMAGES, ignore_errors=True)
+                self.runtime.drop_checkpoint(handle)
                 rec.pause_mode = pausing.FILESYSTEM
                 self.db.put(rec)
             if rec.state == "paused" and rec.pause_mode == pausing.FILESYSTEM:  # stopped, its files kept

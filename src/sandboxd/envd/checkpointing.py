@@ -132,6 +132,10 @@ class EnvdAtCheckpoint:
 
     async def before_restore(self, sandbox: Sandbox) -> list[tuple[int, str]]:
         """(fd, CRIU's name of the file it replaces) for every pipe between a kept command and its keeper."""
+        if sandbox.id not in self._held:  # written to disk by a previous server run: its keepers are asked again
+            table = table_of(sandbox)  # (takes the kept processes over: envd/kept.py)
+            procs = [p for p in table.by_pid.values() if not p.done.is_set() and p.session is not None]
+            self._held[sandbox.id] = [await asyncio.to_thread(_suspend, proc) for proc in procs]
         inherit: list[tuple[int, str]] = []
         try:
             for held in self._held.get(sandbox.id, []):

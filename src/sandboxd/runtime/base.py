@@ -125,12 +125,16 @@ class Checkpoint:
     criu: Path
     uts_fd: int
     netns_fd: int
+    on_release: Callable[[], None] | None = None  # what else holds them (NamespaceRuntime: files pinning them)
 
     def release(self) -> None:
         for fd in (self.uts_fd, self.netns_fd):
             if fd >= 0:
                 os.close(fd)
         self.uts_fd = self.netns_fd = -1
+        if self.on_release is not None:
+            self.on_release()
+            self.on_release = None
 
 
 @dataclass
@@ -249,6 +253,15 @@ class Runtime(abc.ABC):
     ) -> SandboxHandle:
         """The sandbox `checkpoint` wrote, running again (`spec.resume_uid_base`: its uid range)."""
         raise NotImplementedError(f"the {self.name} runtime cannot restore a sandbox")
+
+    def held_checkpoint(self, handle: SandboxHandle, images: Path, criu: Path) -> Checkpoint | None:
+        """After a server restart: the checkpoint a previous run wrote of the sandbox, if it is whole and its
+        namespaces are still held (None after a host reboot, or a crash before the images were complete)."""
+        return None
+
+    def drop_checkpoint(self, handle: SandboxHandle) -> None:
+        """Let go of what a previous run's checkpoint of the sandbox holds (the sandbox boots from its files)."""
+        return None
 
     def host_pids(self, handle: SandboxHandle) -> dict[int, int]:
         """The sandbox's processes: their PID inside it -> on the host."""

@@ -57,6 +57,32 @@ MNT_DETACH = 2
 
 
 DETACH_WAIT = 10.0  # s, at most, for a stopped sandbox's disk image to be let go of by the kernel
+NS_PINS = "ns"  # in a checkpointed sandbox's state dir: files its UTS and network namespaces are bound onto
+NS_GET_NSTYPE = 0xB703
+CLONE_NEWUTS, CLONE_NEWNET = 0x04000000, 0x40000000
+MS_BIND = 4096
+
+
+def _pin_namespaces(state_dir: Path, uts_fd: int, netns_fd: int) -> None:
+    """Bind the namespaces onto files of the state dir (mounts of the host's mount namespace: they outlive us)."""
+    pins = state_dir / NS_PINS
+    pins.mkdir(mode=0o700, exist_ok=True)
+    for name, fd in (("uts", uts_fd), ("net", netns_fd)):
+        target = pins / name
+        target.touch(mode=0o400)
+        source = f"/proc/self/fd/{fd}".encode()
+        if _libc.mount(source, str(target).encode(), None, MS_BIND, None) != 0:
+            err = ctypes.get_errno()
+            _unpin_namespaces(state_dir)
+            raise RuntimeError_(f"pinning the {name} namespace of {state_dir.name} failed: {os.strerror(err)}")
+
+
+def _unpin_namespaces(state_dir: Path) -> None:
+    pins = state_dir / NS_PINS
+    for name in ("uts", "net"):
+        while _libc.umount2(str(pins / name).encode(), MNT_DETACH) == 0:  # (once each; twice after a crash mid-pin)
+            pass
+    shutil.rmtree(pins, ignore_errors=True)
 
 
 def _wait_detached(image: Path) -> None:
@@ -578,10 +604,14 @@ class NamespaceRuntime(Runtime):
         except OSError:
             os.close(uts)
             raise
-        held = Checkpoint(handle=handle, images=images, criu=criu, uts_fd=uts, netns_fd=netns)
+        sdir = handle.state_dir
+        held = Checkpoint(handle, images, criu, uts, netns, on_release=lambda: _unpin_namespaces(sdir))
         try:
             if pids.start_time(handle.init_pid) != handle.init_start_time:
                 raise RuntimeError_(f"sandbox {handle.sandbox_id} is not running")
+            # Pinned by files of its state dir too, from before the dump: a server that dies from here on leaves
+            # them held for the next one (held_checkpoint), which restores the sandbox with its memory.
+            await asyncio.to_thread(_pin_namespaces, sdir, uts, netns)
             argv = [
                 self.helper,
                 "checkpoint",
@@ -611,6 +641,25 @@ class NamespaceRuntime(Runtime):
         self, spec: SandboxSpec, held: Checkpoint, inherit: Sequence[tuple[int, str]] = ()
     ) -> SandboxHandle:
         return await self.create(spec, restore=held, inherit=inherit)
+
+    def drop_checkpoint(self, handle: SandboxHandle) -> None:
+        _unpin_namespaces(handle.state_dir)
+
+    def held_checkpoint(self, handle: SandboxHandle, images: Path, criu: Path) -> Checkpoint | None:
+        if not (images / "inventory.img").is_file():  # (CRIU writes it last: the images are whole)
+            return None
+        fds: list[int] = []
+        try:
+            for name, kind in (("uts", CLONE_NEWUTS), ("net", CLONE_NEWNET)):
+                fds.append(os.open(handle.state_dir / NS_PINS / name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW))
+                if fcntl.ioctl(fds[-1], NS_GET_NSTYPE) != kind:  # (a plain file: ENOTTY)
+                    raise OSError(f"{name} is not pinned")
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            return None
+        sdir = handle.state_dir
+        return Checkpoint(handle, images, criu, fds[0], fds[1], on_release=lambda: _unpin_namespaces(sdir))
 
     def host_pids(self, handle: SandboxHandle) -> dict[int, int]:
         found: dict[int, int] = {}
@@ -703,6 +752,7 @@ class NamespaceRuntime(Runtime):
                 subprocess.run(["cp", "-a", str(upper), str(keep_upper)], check=True)
         # The overlay (and the disk image's loop mount) lived only in the sandbox's mount namespace,
         # gone with its last process; the loop device then detached itself. This removes the image.
+        _unpin_namespaces(self.sandboxes_dir / sandbox_id)  # (a checkpoint's, if it was written to disk)
         shutil.rmtree(self.sandboxes_dir / sandbox_id, ignore_errors=True)
 
     def freeze(self, handle: SandboxHandle, frozen: bool) -> None:

@@ -1585,11 +1585,13 @@ static uint64_t inode_of(int fd) {
 }
 
 static void relay_suspend(struct keep *k, struct relay *r) {
-    r->suspended = 1;
-    r->ino[0] = inode_of(r->c_out);
-    r->ino[1] = inode_of(r->c_err);
-    r->ino[2] = inode_of(r->c_in);
-    if (k->pty >= 0) r->ino[0] = r->ino[1] = r->ino[2] = 0; /* a terminal: nothing CRIU could restore */
+    if (!r->suspended) { /* (suspended already: a new server asks again, after a restart; same answer) */
+        r->suspended = 1;
+        r->ino[0] = inode_of(r->c_out);
+        r->ino[1] = inode_of(r->c_err);
+        r->ino[2] = inode_of(r->c_in);
+        if (k->pty >= 0) r->ino[0] = r->ino[1] = r->ino[2] = 0; /* a terminal: nothing CRIU could restore */
+    }
     char m[1 + sizeof r->ino];
     m[0] = 'S';
     memcpy(m + 1, r->ino, sizeof r->ino);
@@ -1766,7 +1768,12 @@ static int keep_relay(struct keep *k, struct spawned *sp, int c_out, int c_err, 
                 exited_at = now_ms();
             }
         }
-        if (p[i_lis].revents) keep_attach(k, &srv_out, &srv_err, &srv_in);
+        if (p[i_lis].revents) {
+            keep_attach(k, &srv_out, &srv_err, &srv_in);
+            /* a new server: the last one died while it checkpointed the sandbox; if the command still runs,
+             * the checkpoint did not happen (it asks again if it does it) */
+            if (r.suspended && syscall(SYS_pidfd_send_signal, sp->pidfd, 0, NULL, 0) == 0) r.suspended = 0;
+        }
     }
     if (!reaped) status = command_wait(sp);
     char line[64];
