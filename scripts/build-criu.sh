@@ -46,40 +46,38 @@ echo "$SHA256  $work/$tarball" | sha256sum --check --quiet || {
 }
 tar -xJf "$work/$tarball" -C "$work"
 src=$(find "$work" -mindepth 1 -maxdepth 1 -type d -name 'criu*' | head -n1)
+# patch_criu FILE MARKER PERL-ARGS...: one change to CRIU's source (perl -0pi), checked to have taken
+patch_criu() {
+    local file=$1 marker=$2
+    shift 2
+    perl -0pi "$@" "$src/$file"
+    grep -q "$marker" "$src/$file" || {
+        echo "build-criu.sh: $file is not what the patch expects" >&2
+        exit 1
+    }
+}
 # Run --unprivileged (as the sandbox's own uid, so that the restored user namespace is the sandbox's: see
 # docs/architecture.md), CRIU's restorer does not set SECURE_NO_SETUID_FIXUP before it gives a task its ids
 # back, so a task of a non-root user loses its capabilities at setresuid and cannot set its gids ("Unable to
 # set real, effective and saved group ID"). A restored task is root of its own user namespace, with
 # CAP_SETPCAP there: it may always set the bit.
 step "criu: patching criu/pie/restorer.c (securebits for tasks of non-root users under --unprivileged)"
-perl -0pi -e 's/\tif \(!uid\) \{\n(\t\tret = sys_prctl\(PR_SET_SECUREBITS, 1 << SECURE_NO_SETUID_FIXUP)/\t(void)uid; { \/* sandboxd: always (see build-criu.sh) *\/\n$1/' \
-    "$src/criu/pie/restorer.c"
-grep -q "sandboxd: always" "$src/criu/pie/restorer.c" || {
-    echo "build-criu.sh: criu/pie/restorer.c is not what the patch expects" >&2
-    exit 1
-}
+patch_criu criu/pie/restorer.c "sandboxd: always" -e \
+    's/\tif \(!uid\) \{\n(\t\tret = sys_prctl\(PR_SET_SECUREBITS, 1 << SECURE_NO_SETUID_FIXUP)/\t(void)uid; { \/* sandboxd: always (see build-criu.sh) *\/\n$1/'
 # Run --unprivileged, CRIU dumps no cgroup sets and leaves the restored tree in its own cgroup namespace (the
 # host's): the sandbox would see the host's cgroup paths, and a second checkpoint fails (that namespace is not
 # the sandbox user namespace's). A tree restored into a user namespace of its own gets a cgroup namespace of its
 # own too (its dump records none, --unprivileged: the cgroup namespace is not in the dumped namespace mask), made
 # by the restored root task as root of that user namespace, at the cgroups the caller put it in (the sandbox's).
 step "criu: patching criu/cgroup.c (a cgroup namespace for the restored tree under --unprivileged)"
-perl -0pi -e 's/(int prepare_cgroup_namespace\(struct pstree_item \*root_task\)\n\{\n\tCgSetEntry \*se;\n\n)/$1\t\/* sandboxd: see build-criu.sh *\/\n\tif (opts.unprivileged && (root_ns_mask & CLONE_NEWUSER)) {\n\t\tif (unshare(CLONE_NEWCGROUP) < 0) {\n\t\t\tpr_perror("couldn\x27t unshare cgns");\n\t\t\treturn -1;\n\t\t}\n\t\treturn 0;\n\t}\n\n/' \
-    "$src/criu/cgroup.c"
-grep -q "sandboxd: see build-criu.sh" "$src/criu/cgroup.c" || {
-    echo "build-criu.sh: criu/cgroup.c is not what the patch expects" >&2
-    exit 1
-}
+patch_criu criu/cgroup.c "sandboxd: see build-criu.sh" -e \
+    's/(int prepare_cgroup_namespace\(struct pstree_item \*root_task\)\n\{\n\tCgSetEntry \*se;\n\n)/$1\t\/* sandboxd: see build-criu.sh *\/\n\tif (opts.unprivileged && (root_ns_mask & CLONE_NEWUSER)) {\n\t\tif (unshare(CLONE_NEWCGROUP) < 0) {\n\t\t\tpr_perror("couldn\x27t unshare cgns");\n\t\t\treturn -1;\n\t\t}\n\t\treturn 0;\n\t}\n\n/'
 # A restored task's memory belongs to the user namespace CRIU ran in (the host's: restored tasks are forked, never
 # exec'd), so the sandbox's init, not dumpable, cannot be looked at from inside the sandbox's user namespace: the
 # dump's check that the sandbox's namespaces belong to its user namespace, made from inside it, failed on a
 # restored sandbox ("Can't open PID/ns/ipc: Permission denied"). The check opens them first, then enters.
 step "criu: patching criu/namespaces.c (the user namespace check of a restored tree)"
-perl -0pi "$(dirname "$0")/criu/check-user-ns.pl" "$src/criu/namespaces.c"
-grep -q "sandboxd: the namespaces are opened" "$src/criu/namespaces.c" || {
-    echo "build-criu.sh: criu/namespaces.c is not what the patch expects" >&2
-    exit 1
-}
+patch_criu criu/namespaces.c "sandboxd: the namespaces are opened" "$(dirname "$0")/criu/check-user-ns.pl"
 step "criu: make criu (about a minute on 2 cores; the log is $work/make.log until it ends)"
 if ! make -C "$src" -j"$(nproc)" criu >"$work/make.log" 2>&1; then
     tail -n 40 "$work/make.log" >&2

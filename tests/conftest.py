@@ -310,6 +310,17 @@ def run_as(sbx: Any, cmd: str, user: str = "root", timeout: float = 60) -> tuple
         return e.exit_code, e.stdout, e.stderr
 
 
+def read_until(handle: Any, text: str, seconds: float = 20) -> str:
+    """Output of a command handle (a Start or Connect stream) until `text` appears in its stdout."""
+    seen = ""
+    deadline = time.monotonic() + seconds
+    for stdout, _, _ in handle:
+        seen += stdout or ""
+        if text in seen or time.monotonic() > deadline:
+            break
+    return seen
+
+
 def run_python(sbx: Any, code: str, user: str = "root", timeout: float = 60) -> str:
     """Run a Python script (dedented) in a sandbox; its stdout, stripped. Fails the test if it fails."""
     import textwrap

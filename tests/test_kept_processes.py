@@ -13,24 +13,13 @@ import pytest
 from e2b import CommandExitException, PtySize, Sandbox
 from e2b.exceptions import NotFoundException
 
-from conftest import Server, host_pids_of, keeping_server, start_server
+from conftest import Server, host_pids_of, keeping_server, read_until, start_server
 
 ECHO = "python3 -u -c 'import sys\nfor line in sys.stdin: print(\"got\", line.strip(), flush=True)'"
 
 
 def _env(srv: Server) -> dict[str, str]:
     return {"api_key": srv.api_key, "api_url": srv.url, "sandbox_url": srv.url}
-
-
-def _until(handle: object, text: str, seconds: float = 20) -> str:
-    """Output of a command handle until `text` appears in its stdout."""
-    seen = ""
-    deadline = time.monotonic() + seconds
-    for stdout, _, _ in handle:  # type: ignore[attr-defined]
-        seen += stdout or ""
-        if text in seen or time.monotonic() > deadline:
-            break
-    return seen
 
 
 def test_commands_outlive_a_server_crash_and_are_taken_over(tmp_path: Path) -> None:
@@ -43,7 +32,7 @@ def test_commands_outlive_a_server_crash_and_are_taken_over(tmp_path: Path) -> N
         )
         echo = sbx.commands.run(ECHO, background=True, stdin=True)
         sbx.commands.send_stdin(echo.pid, "one\n")
-        assert "got one" in _until(echo, "got one")  # (its Start stream: a Connect now could come after it)
+        assert "got one" in read_until(echo, "got one")  # (its Start stream: a Connect now could come after it)
         late = sbx.commands.run("sleep 1; echo late output; echo to stderr >&2; exit 7", background=True)
         time.sleep(0.3)
         srv.stop(signal.SIGKILL)
@@ -65,7 +54,7 @@ def test_commands_outlive_a_server_crash_and_are_taken_over(tmp_path: Path) -> N
             # the reader's stdin stayed open through the crash; it goes on where it was
             follow = again.commands.connect(echo.pid)
             again.commands.send_stdin(echo.pid, "two\n")
-            seen = _until(follow, "got two")
+            seen = read_until(follow, "got two")
             assert seen.index("got one") < seen.index("got two"), seen
             again.commands.close_stdin(echo.pid)
             assert follow.wait().exit_code == 0

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from e2b import CommandExitException, PtySize, Sandbox, SandboxException
 
-from conftest import Server, host_pids_of, keeping_server, start_server
+from conftest import Server, host_pids_of, keeping_server, read_until, start_server
 
 # Counts in memory; reads a file line by line (its offset is the file's); has a child. One line per step:
 # "count offset child-alive".
@@ -125,30 +125,20 @@ def test_a_sandbox_killed_while_on_disk_leaves_nothing(disk_server: Server) -> N
 ECHO = 'python3 -u -c \'import sys\nfor line in sys.stdin: print("got", line.strip())\nprint("eof"); sys.exit(4)\''
 
 
-def _until(handle: object, text: str, seconds: float = 20) -> str:
-    seen = ""
-    deadline = time.monotonic() + seconds
-    for stdout, _, _ in handle:  # type: ignore[attr-defined]
-        seen += stdout or ""
-        if text in seen or time.monotonic() > deadline:
-            break
-    return seen
-
-
 def test_stdin_and_the_exit_code_of_a_command_carry_over(disk_server: Server) -> None:
     env = {"api_key": disk_server.api_key, "api_url": disk_server.url, "sandbox_url": disk_server.url}
     sbx = Sandbox.create(template="base", timeout=120, **env)  # type: ignore[arg-type]
     try:
         echo = sbx.commands.run(ECHO, background=True, stdin=True)
         sbx.commands.send_stdin(echo.pid, "one\n")
-        assert "got one" in _until(echo, "got one")
+        assert "got one" in read_until(echo, "got one")
         ended = sbx.commands.run("sleep 0.2; exit 5", background=True)  # ends before the dump: init knows how
         sbx.pause()
         _on_disk(disk_server, sbx.sandbox_id)
         again = Sandbox.connect(sbx.sandbox_id, **env)  # type: ignore[arg-type]
         follow = again.commands.connect(echo.pid)
         again.commands.send_stdin(echo.pid, "two\n")
-        seen = _until(follow, "got two")
+        seen = read_until(follow, "got two")
         assert "got two" in seen, seen
         again.commands.close_stdin(echo.pid)
         with pytest.raises(CommandExitException) as exited:

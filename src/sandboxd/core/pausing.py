@@ -105,6 +105,22 @@ async def stop(manager: SandboxManager, sandbox: Sandbox) -> None:
     manager.db.put(sandbox.record)
 
 
+def _spec(manager: SandboxManager, sandbox: Sandbox, binds: tuple[tuple[str, str], ...] = ()) -> SandboxSpec:
+    """What booting the sandbox again takes: its ID, uid range, layers and resources."""
+    rec = sandbox.record
+    limits = Limits(
+        memory_mb=rec.memory_mb, cpu_count=float(rec.cpu_count), pids=manager.settings.pids, disk_mb=rec.disk_mb
+    )
+    return SandboxSpec(
+        sandbox_id=sandbox.id,
+        layers=_layers(sandbox),
+        hostname=sandbox.id,
+        limits=limits,
+        binds=binds,
+        resume_uid_base=sandbox.handle.uid_base,
+    )
+
+
 async def boot_again(manager: SandboxManager, sandbox: Sandbox) -> None:
     """Start a stopped sandbox from its files: the same ID, uid range, layers, resources and network
     policy; a new address; its template's start command or service started again."""
@@ -113,18 +129,7 @@ async def boot_again(manager: SandboxManager, sandbox: Sandbox) -> None:
         template = manager.templates.get(rec.template_id)
     except TemplateError as e:
         raise SandboxdError(f"sandbox '{sandbox.id}' cannot boot again: its template is gone ({e})") from None
-    limits = Limits(
-        memory_mb=rec.memory_mb, cpu_count=float(rec.cpu_count), pids=manager.settings.pids, disk_mb=rec.disk_mb
-    )
-    spec = SandboxSpec(
-        sandbox_id=sandbox.id,
-        layers=_layers(sandbox),
-        hostname=sandbox.id,
-        limits=limits,
-        binds=template.binds,
-        resume_uid_base=sandbox.handle.uid_base,
-    )
-    handle, service = await manager.boot(spec, template)
+    handle, service = await manager.boot(_spec(manager, sandbox, template.binds), template)
     try:
         egress = sandbox.policy.egress()
         if not egress.default:
@@ -191,16 +196,7 @@ async def from_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
     if held is None:
         raise SandboxdError(f"sandbox '{sandbox.id}' has no checkpoint this server holds")
     rec = sandbox.record
-    limits = Limits(
-        memory_mb=rec.memory_mb, cpu_count=float(rec.cpu_count), pids=manager.settings.pids, disk_mb=rec.disk_mb
-    )
-    spec = SandboxSpec(
-        sandbox_id=sandbox.id,
-        layers=_layers(sandbox),
-        hostname=sandbox.id,
-        limits=limits,
-        resume_uid_base=sandbox.handle.uid_base,
-    )
+    spec = _spec(manager, sandbox)  # (no read-only copies: CRIU restores the mounts it dumped, theirs among them)
     inherit: list[tuple[int, str]] = []
     try:
         for part in manager.checkpoint_parts:
