@@ -49,10 +49,11 @@ def _detail(srv: Server, sandbox_id: str) -> dict:
     return r.json()
 
 
-def _on_disk(srv: Server, sandbox_id: str) -> None:
+def _on_disk(srv: Server, sandbox_id: str, running_first: bool = False) -> None:
     deadline = time.monotonic() + 30
     while (detail := _detail(srv, sandbox_id)).get("pausedTo") != "disk":
-        assert detail["state"] == "paused" and detail["pauseMode"] == "full", detail
+        if not (running_first and detail["state"] == "running"):
+            assert detail["state"] == "paused" and detail["pauseMode"] == "full", detail
         assert time.monotonic() < deadline, f"not written to disk: {detail}"
         time.sleep(0.05)
 
@@ -265,5 +266,20 @@ def test_what_cannot_go_to_disk_stays_paused_in_memory_intact(disk_server: Serve
         for _, _, data in term:
             out += data or b""
         assert b"still-42" in out
+    finally:
+        sbx.kill()
+
+
+def test_auto_pause_goes_to_disk_and_a_command_resumes_it(disk_server: Server) -> None:
+    env = {"api_key": disk_server.api_key, "api_url": disk_server.url, "sandbox_url": disk_server.url}
+    sbx = Sandbox.create(template="base", timeout=3, lifecycle={"on_timeout": "pause", "auto_resume": True}, **env)  # type: ignore[arg-type]
+    try:
+        counter = sbx.commands.run("n=0; while :; do n=$((n+1)); echo $n > /tmp/n; sleep 0.05; done", background=True)
+        _on_disk(disk_server, sbx.sandbox_id, running_first=True)  # its end time came: paused, then to disk
+        first = int(sbx.files.read("/tmp/n"))  # an envd request: resumed from disk (auto_resume)
+        assert _detail(disk_server, sbx.sandbox_id)["state"] == "running"
+        time.sleep(0.3)
+        assert int(sbx.commands.run("cat /tmp/n").stdout) > first  # the same loop, counting on
+        assert counter.pid in [p.pid for p in sbx.commands.list()]
     finally:
         sbx.kill()

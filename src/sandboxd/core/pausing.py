@@ -182,6 +182,10 @@ async def to_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
         shutil.rmtree(images, ignore_errors=True)
         await asyncio.to_thread(manager.runtime.freeze, sandbox.handle, True)
         raise
+    if sandbox.killed.is_set():  # killed meanwhile (a kill does not wait for the pause lock): nothing to keep
+        held.release()
+        shutil.rmtree(images, ignore_errors=True)
+        return
     sandbox.checkpoint = held
     if sandbox.service is not None:
         sandbox.service.poll()  # its helper saw it end: the restored service is init's child alone
