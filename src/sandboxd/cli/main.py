@@ -84,10 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_serve.add_argument(
         "--checkpoint-after",
-        type=float,
-        default=None,
+        default="60",
         help="seconds a sandbox stays paused in memory before its processes are written to disk, freeing their "
-        "memory (default: never; needs CRIU)",
+        "memory (default 60; 'never': pauses stay in memory; needs CRIU)",
     )
     p_serve.add_argument(
         "--max-builds", type=int, default=2, help="template builds that run at once; more wait (default 2)"
@@ -333,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             pids=args.pids,
             pool_size=args.pool_size,
             criu=_criu(parser, args.criu),
-            checkpoint_after=args.checkpoint_after,
+            checkpoint_after=_seconds_or_never(parser, "--checkpoint-after", args.checkpoint_after),
             ready_timeout=args.ready_timeout,
             ended_retention=args.ended_retention,
             max_builds=max(1, args.max_builds),
@@ -477,6 +476,18 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _seconds_or_never(parser: argparse.ArgumentParser, flag: str, value: str) -> float | None:
+    if value == "never":
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        parser.error(f"{flag} {value}: a number of seconds >= 0, or 'never'")
+    return seconds
 
 
 CRIU_BUILDS = "/var/lib/sandboxd/tools/criu-*/criu"  # (scripts/build-criu.sh)

@@ -11,7 +11,7 @@ A resume with `memory: false` (the SDK's `on_resume="reboot"`) of a `full` pause
 its files likewise.
 
 A `full` pause goes to disk (`disk`) once the sandbox has been paused for `checkpoint_after` seconds (the
-server's `--checkpoint-after`; off unless set): its processes are written by CRIU into its state dir
+server's `--checkpoint-after`, 60 by default): its processes are written by CRIU into its state dir
 (runtime/namespaces.py, `checkpoint`) and end, freeing their memory; a resume restores them, with their
 memory, files, pipes and sockets on loopback, as the same PIDs. What is attached to the sandbox from outside
 takes part (CheckpointPart: envd's kept commands carry their output and input over, envd/checkpointing.py).
