@@ -176,3 +176,25 @@ def test_a_client_cannot_make_volumes_without_end(tmp_path: Path) -> None:
     finally:
         assert srv.stop() == 0
     assert not loop_devices_under(tmp_path / "data"), "volumes' loop devices outlived their server"
+
+
+def test_renames_hammered_by_a_sandbox_do_not_break_the_content_apis_lookups(server: Server) -> None:
+    # Every rename on the host makes a lookup with ".." under RESOLVE_IN_ROOT fail with EAGAIN while it runs: a
+    # sandbox renaming in a loop must not make the server's path lookups in a volume fail (they are retried).
+    vol = _volume()
+    sbx = Sandbox.create(template="base", timeout=120, volume_mounts={"/data": vol})
+    try:
+        run_as(sbx, "mkdir -p /data/a/b && echo found > /data/a/target && ln -s ../../a/target /data/a/b/up")
+        churn = sbx.commands.run(
+            'python3 -c \'import os, time\nopen("/tmp/x", "w").close()\nend = time.time() + 60\n'
+            'while time.time() < end:\n    os.rename("/tmp/x", "/tmp/y"); os.rename("/tmp/y", "/tmp/x")\'',
+            background=True,
+        )
+        try:
+            for _ in range(300):
+                assert vol.read_file("/a/b/up") == "found\n"
+        finally:
+            churn.kill()
+    finally:
+        sbx.kill()
+        Volume.destroy(vol.volume_id)

@@ -9,6 +9,7 @@ symlinks included, as if the sandbox's root were `/`, with no race between check
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import struct
 
@@ -21,13 +22,21 @@ RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
 
 
+EAGAIN_TRIES = 64  # openat2 attempts while renames or mounts elsewhere keep it from checking a ".." (EAGAIN)
+
+
 def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = RESOLVE_IN_ROOT) -> int:
     how = struct.pack("QQQ", flags | os.O_CLOEXEC, mode, resolve | RESOLVE_NO_MAGICLINKS)
-    fd = _libc.syscall(_SYS_OPENAT2, dirfd, os.fsencode(path), how, len(how))
-    if fd < 0:
+    for _ in range(EAGAIN_TRIES):
+        fd = _libc.syscall(_SYS_OPENAT2, dirfd, os.fsencode(path), how, len(how))
+        if fd >= 0:
+            return fd
         err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), path)
-    return fd
+        # EAGAIN: a rename or mount anywhere on the host during the lookup of a path with ".." in it (the kernel
+        # cannot then tell that ".." stayed inside the root): the lookup is tried again, as openat2(2) says
+        if err != errno.EAGAIN:
+            break
+    raise OSError(err, os.strerror(err), path)
 
 
 DEVPTS_SUPER_MAGIC = 0x1CD1
