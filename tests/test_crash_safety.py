@@ -34,7 +34,8 @@ from conftest import Server, loop_devices_under, start_server
 ROUNDS = 6
 SANDBOXES = 20
 WORKERS = 4
-SERVER_ARGS = ("--pool-size", "1", "--prewarm", "base")
+# (pauses with memory go to disk at once: crashes come mid-dump, mid-restore and while sandboxes are on disk)
+SERVER_ARGS = ("--pool-size", "1", "--prewarm", "base", "--checkpoint-after", "0")
 
 
 def _env(srv: Server) -> dict[str, object]:
@@ -123,8 +124,9 @@ class Load:
         if not memory:
             with self.lock:
                 self.stopped.add(sid)
-        with self.srv.api() as api:  # frozen in memory, or stopped with its files kept
+        with self.srv.api() as api:  # frozen in memory (then written to disk), or stopped with its files kept
             api.post(f"/sandboxes/{sid}/pause", json={"memory": memory})
+            time.sleep(self.rng.uniform(0, 0.3))
             api.post(f"/sandboxes/{sid}/connect", json={"timeout": 600})
 
     def snapshot(self) -> None:

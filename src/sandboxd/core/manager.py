@@ -34,7 +34,15 @@ from sandboxd.core.reaper import Reaper
 from sandboxd.core.tenant_limits import TenantLimits
 from sandboxd.core.users import DEFAULT_PATH, lookup_user
 from sandboxd.network.policy import NetworkPolicy
-from sandboxd.runtime.base import Checkpoint, ExecSpec, Limits, Runtime, SandboxHandle, SandboxSpec
+from sandboxd.runtime.base import (
+    Checkpoint,
+    ExecSpec,
+    Limits,
+    Runtime,
+    RuntimeError_,
+    SandboxHandle,
+    SandboxSpec,
+)
 from sandboxd.runtime.network import AddressPoolExhausted
 from sandboxd.runtime.quota import DEFAULT_DISK_MB, MIN_DISK_MB
 from sandboxd.state.db import SandboxRecord, StateDB
@@ -164,7 +172,11 @@ class SandboxManager:
                 on_disk = True  # (the crash came while it was written to disk: its images may be whole)
             held = None
             if on_disk and self.settings.criu is not None:
-                held = self.runtime.held_checkpoint(handle, handle.state_dir / pausing.IMAGES, self.settings.criu)
+                images = handle.state_dir / pausing.IMAGES
+                try:
+                    held = await asyncio.to_thread(self.runtime.held_checkpoint, handle, images, self.settings.criu)
+                except RuntimeError_ as e:
+                    log.warning("sandbox %s: its checkpoint cannot be used: %s", rec.sandbox_id, e)
             if held is not None:  # its processes on disk, its namespaces pinned: it resumes with its memory
                 rec.pause_mode = pausing.DISK
                 self.db.put(rec)

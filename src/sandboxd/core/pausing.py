@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from sandboxd.core import volume_mounts
 from sandboxd.core.errors import Conflict, SandboxdError
-from sandboxd.runtime.base import Limits, SandboxSpec
+from sandboxd.runtime.base import Limits, RuntimeError_, SandboxSpec
 from sandboxd.templates.store import TemplateError
 
 if TYPE_CHECKING:
@@ -192,6 +192,7 @@ async def to_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
         sandbox.service = None
     sandbox.record.pause_mode = DISK
     manager.db.put(sandbox.record)
+    log.info("sandbox %s written to disk (%d MiB of memory freed)", sandbox.id, used >> 20)
 
 
 async def from_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
@@ -202,13 +203,20 @@ async def from_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
     rec = sandbox.record
     spec = _spec(manager, sandbox)  # (no read-only copies: CRIU restores the mounts it dumped, theirs among them)
     inherit: list[tuple[int, str]] = []
+    # The namespaces stay pinned until the record names the restored sandbox: a crash before that finds the
+    # checkpoint whole again (and ends what of the restored tree ran, then restores it again).
+    unpin, held.on_release = held.on_release, None
     try:
         for part in manager.checkpoint_parts:
             inherit += await part.before_restore(sandbox)
         handle = await manager.runtime.restore(spec, held, inherit)
+    except RuntimeError_ as e:  # (what was attached stays ready for the next try: the keepers make new pipes)
+        held.on_release = unpin
+        raise SandboxdError(
+            f"sandbox '{sandbox.id}' could not be restored from disk ({e}): it stays paused on disk; try again"
+        ) from e
     except BaseException:
-        for part in manager.checkpoint_parts:
-            await part.ended(sandbox)
+        held.on_release = unpin
         raise
     finally:
         for fd, _ in inherit:
@@ -216,6 +224,10 @@ async def from_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
     sandbox.checkpoint = None
     sandbox.handle = handle
     rec.handle = {**asdict(handle), "state_dir": str(handle.state_dir)}
+    rec.pause_mode = FULL  # (running again; until the connect records it so, a crash finds it paused in memory)
+    manager.db.put(rec)
+    if unpin is not None:
+        unpin()
     host_pids = await asyncio.to_thread(manager.runtime.host_pids, handle)
     for part in manager.checkpoint_parts:
         try:
@@ -223,3 +235,4 @@ async def from_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
         except Exception:
             log.exception("sandbox %s: after its restore", sandbox.id)
     shutil.rmtree(handle.state_dir / IMAGES, ignore_errors=True)
+    log.info("sandbox %s restored from disk", sandbox.id)

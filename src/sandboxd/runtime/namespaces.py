@@ -658,6 +658,13 @@ class NamespaceRuntime(Runtime):
             for fd in fds:
                 os.close(fd)
             return None
+        # (a crash may have come before the strays of the dump were ended)
+        try:
+            self._end_strays(handle)
+        except RuntimeError_:
+            for fd in fds:
+                os.close(fd)
+            raise
         sdir = handle.state_dir
         return Checkpoint(handle, images, criu, fds[0], fds[1], on_release=lambda: _unpin_namespaces(sdir))
 
@@ -679,6 +686,13 @@ class NamespaceRuntime(Runtime):
                 select.select([pidfd], [], [], DETACH_WAIT)
             finally:
                 os.close(pidfd)
+        self._end_strays(handle)
+        self._forget_running(handle.sandbox_id)
+
+    def _end_strays(self, handle: SandboxHandle) -> None:
+        """End what is left of a checkpointed sandbox in its mount namespace (file brokers, volume attaches, a
+        command's helper that stayed its parent), so that its disk is let go of; its keepers, in the host's
+        mount namespace, stay."""
         ours = os.stat("/proc/self/ns/mnt").st_ino
         marker = f"/{handle.sandbox_id}"
         for pid in self._cgroups(handle.sandbox_id).procs():
@@ -687,7 +701,6 @@ class NamespaceRuntime(Runtime):
                     pids.kill_member(pid, marker)
         shutil.rmtree(handle.state_dir / views.VIEW_DIR, ignore_errors=True)
         _wait_detached(handle.state_dir / quota.IMAGE_NAME)
-        self._forget_running(handle.sandbox_id)
 
     async def copy_upper(self, handle: SandboxHandle, dest: Path) -> None:
         await asyncio.to_thread(self._copy_upper_sync, handle, dest)

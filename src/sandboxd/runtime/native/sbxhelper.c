@@ -1585,13 +1585,13 @@ static uint64_t inode_of(int fd) {
 }
 
 static void relay_suspend(struct keep *k, struct relay *r) {
-    if (!r->suspended) { /* (suspended already: a new server asks again, after a restart; same answer) */
-        r->suspended = 1;
-        r->ino[0] = inode_of(r->c_out);
-        r->ino[1] = inode_of(r->c_err);
-        r->ino[2] = inode_of(r->c_in);
-        if (k->pty >= 0) r->ino[0] = r->ino[1] = r->ino[2] = 0; /* a terminal: nothing CRIU could restore */
-    }
+    /* (suspended already, a new server asks again after a restart: a pipe closed since, by the dump, keeps the
+     * inode it had) */
+    int fds[3] = {r->c_out, r->c_err, r->c_in};
+    for (int i = 0; i < 3; i++)
+        if (fds[i] >= 0 || !r->suspended) r->ino[i] = inode_of(fds[i]);
+    if (k->pty >= 0) r->ino[0] = r->ino[1] = r->ino[2] = 0; /* a terminal: nothing CRIU could restore */
+    r->suspended = 1;
     char m[1 + sizeof r->ino];
     m[0] = 'S';
     memcpy(m + 1, r->ino, sizeof r->ino);
