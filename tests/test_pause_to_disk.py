@@ -43,6 +43,10 @@ def disk_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         assert srv.stop() == 0
 
 
+def _env(srv: Server) -> dict[str, str]:
+    return {"api_key": srv.api_key, "api_url": srv.url, "sandbox_url": srv.url}
+
+
 def _detail(srv: Server, sandbox_id: str) -> dict:
     r = httpx.get(f"{srv.url}/sandboxes/{sandbox_id}", headers={"X-API-KEY": srv.api_key})
     assert r.status_code == 200, r.text
@@ -66,7 +70,7 @@ def _comm(pid: int) -> str:
 
 
 def test_a_command_keeps_its_memory_file_offset_child_and_output_across_a_pause_to_disk(disk_server: Server) -> None:
-    env = {"api_key": disk_server.api_key, "api_url": disk_server.url, "sandbox_url": disk_server.url}
+    env = _env(disk_server)
     sbx = Sandbox.create(template="base", timeout=120, **env)  # type: ignore[arg-type]
     try:
         sbx.files.write("/tmp/lines", "".join(f"line {i}\n" for i in range(100000)))
@@ -111,7 +115,7 @@ def test_a_command_keeps_its_memory_file_offset_child_and_output_across_a_pause_
 
 
 def test_a_sandbox_killed_while_on_disk_leaves_nothing(disk_server: Server) -> None:
-    env = {"api_key": disk_server.api_key, "api_url": disk_server.url, "sandbox_url": disk_server.url}
+    env = _env(disk_server)
     sbx = Sandbox.create(template="base", timeout=120, **env)  # type: ignore[arg-type]
     handle = sbx.commands.run("sleep 1000", background=True)
     sbx.pause()
@@ -127,7 +131,7 @@ ECHO = 'python3 -u -c \'import sys\nfor line in sys.stdin: print("got", line.str
 
 
 def test_stdin_and_the_exit_code_of_a_command_carry_over(disk_server: Server) -> None:
-    env = {"api_key": disk_server.api_key, "api_url": disk_server.url, "sandbox_url": disk_server.url}
+    env = _env(disk_server)
     sbx = Sandbox.create(template="base", timeout=120, **env)  # type: ignore[arg-type]
     try:
         echo = sbx.commands.run(ECHO, background=True, stdin=True)
@@ -156,7 +160,7 @@ def test_a_sandbox_on_disk_resumes_with_its_memory_after_a_server_crash(tmp_path
     # Its namespaces are pinned by files of its state dir, its commands' keepers wait: the next server restores it.
     data = tmp_path / "data"
     with keeping_server(data, "--pool-size", "0", "--checkpoint-after", "0") as (srv, port):
-        env = {"api_key": srv.api_key, "api_url": srv.url, "sandbox_url": srv.url}
+        env = _env(srv)
         sbx = Sandbox.create(template="base", timeout=300, **env)  # type: ignore[arg-type]
         sbx.files.write("/tmp/lines", "".join(f"line {i}\n" for i in range(100000)))
         sbx.files.write("/tmp/worker.py", WORKER)
@@ -187,7 +191,7 @@ def test_without_its_pinned_namespaces_a_sandbox_on_disk_resumes_from_its_files(
     # (a host reboot: the pins are gone; the images cannot be restored without the namespaces)
     data = tmp_path / "data"
     with keeping_server(data, "--pool-size", "0", "--checkpoint-after", "0") as (srv, port):
-        env = {"api_key": srv.api_key, "api_url": srv.url, "sandbox_url": srv.url}
+        env = _env(srv)
         sbx = Sandbox.create(template="base", timeout=300, **env)  # type: ignore[arg-type]
         sbx.files.write("/home/user/kept.txt", "kept\n")
         sbx.commands.run("sleep 1000", background=True)
@@ -237,7 +241,7 @@ def _stays_in_memory(srv: Server, sandbox_id: str, why: str) -> None:
 
 
 def test_what_cannot_go_to_disk_stays_paused_in_memory_intact(disk_server: Server) -> None:
-    env = {"api_key": disk_server.api_key, "api_url": disk_server.url, "sandbox_url": disk_server.url}
+    env = _env(disk_server)
     sbx = Sandbox.create(template="base", timeout=120, **env)  # type: ignore[arg-type]
     try:
         sbx.files.write("/tmp/tcp.py", TCP_PAIR)
@@ -271,7 +275,7 @@ def test_what_cannot_go_to_disk_stays_paused_in_memory_intact(disk_server: Serve
 
 
 def test_auto_pause_goes_to_disk_and_a_command_resumes_it(disk_server: Server) -> None:
-    env = {"api_key": disk_server.api_key, "api_url": disk_server.url, "sandbox_url": disk_server.url}
+    env = _env(disk_server)
     sbx = Sandbox.create(template="base", timeout=3, lifecycle={"on_timeout": "pause", "auto_resume": True}, **env)  # type: ignore[arg-type]
     try:
         counter = sbx.commands.run("n=0; while :; do n=$((n+1)); echo $n > /tmp/n; sleep 0.05; done", background=True)

@@ -663,7 +663,7 @@ class SandboxManager:
         """Write a sandbox paused in memory to disk (core/pausing.py)."""
         sandbox = self.get(sandbox_id)
         async with self.pause_lock(sandbox_id):
-            if sandbox.record.state == "paused" and sandbox.record.pause_mode == pausing.FULL:
+            if pausing.in_memory(sandbox):  # (not resumed meanwhile)
                 await pausing.to_disk(self, sandbox)
 
     async def connect(self, sandbox_id: str, timeout: int | None, memory: bool = True) -> tuple[Sandbox, bool]:

@@ -59,12 +59,17 @@ class CheckpointPart(Protocol):
         """After the restore; `host_pids`: each restored process's PID in the sandbox -> on the host."""
 
     async def ended(self, sandbox: Sandbox) -> None:
-        """The sandbox ended while written to disk, or its restore failed."""
+        """The sandbox's checkpoint is let go of (it is killed, or boots from its files instead)."""
 
 
 def stopped(sandbox: Sandbox) -> bool:
     """Paused to its files: no process of it runs."""
     return sandbox.record.state == "paused" and sandbox.record.pause_mode == FILESYSTEM
+
+
+def in_memory(sandbox: Sandbox) -> bool:
+    """Paused with its processes frozen in memory (to be written to disk after `checkpoint_after`)."""
+    return sandbox.record.state == "paused" and sandbox.record.pause_mode == FULL
 
 
 def without_processes(sandbox: Sandbox) -> bool:
@@ -154,7 +159,7 @@ async def to_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
     criu = manager.settings.criu
     if criu is None:
         raise Conflict("this server has no CRIU (sandboxd serve --criu): a pause stays in memory")
-    if sandbox.record.state != "paused" or sandbox.record.pause_mode != FULL:
+    if not in_memory(sandbox):
         raise Conflict(f"sandbox '{sandbox.id}' is not paused in memory")
     images = sandbox.handle.state_dir / IMAGES
     shutil.rmtree(images, ignore_errors=True)
@@ -210,13 +215,12 @@ async def from_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
         for part in manager.checkpoint_parts:
             inherit += await part.before_restore(sandbox)
         handle = await manager.runtime.restore(spec, held, inherit)
-    except RuntimeError_ as e:  # (what was attached stays ready for the next try: the keepers make new pipes)
+    except BaseException as e:  # (what was attached stays ready for the next try: the keepers make new pipes)
         held.on_release = unpin
-        raise SandboxdError(
-            f"sandbox '{sandbox.id}' could not be restored from disk ({e}): it stays paused on disk; try again"
-        ) from e
-    except BaseException:
-        held.on_release = unpin
+        if isinstance(e, RuntimeError_):
+            raise SandboxdError(
+                f"sandbox '{sandbox.id}' could not be restored from disk ({e}): it stays paused on disk; try again"
+            ) from e
         raise
     finally:
         for fd, _ in inherit:

@@ -95,7 +95,7 @@ class Reaper:
                 log.exception("cleaning up dead sandbox %s failed", sandbox.id)
         after = m.settings.checkpoint_after
         if after is not None and m.settings.criu is not None:  # paused in memory long enough: to disk
-            for sandbox in [s for s in m.sandboxes.values() if _in_memory(s) and s.paused_at + after <= now]:
+            for sandbox in [s for s in m.sandboxes.values() if pausing.in_memory(s) and s.paused_at + after <= now]:
                 try:
                     await m.pause_to_disk(sandbox.id)
                 except Exception as e:
@@ -107,14 +107,10 @@ class Reaper:
         pending = [s.record.end_at for s in running]
         pending += [s.last_active + s.record.idle_timeout for s in running if s.record.idle_timeout]
         if after is not None and m.settings.criu is not None:
-            pending += [s.paused_at + after for s in m.sandboxes.values() if _in_memory(s)]
+            pending += [s.paused_at + after for s in m.sandboxes.values() if pausing.in_memory(s)]
         delay = min([MAX_SLEEP, *(max(0.0, t - time.time()) for t in pending)])
         self._wake.clear()
         try:
             await asyncio.wait_for(self._wake.wait(), timeout=delay)
         except TimeoutError:
             pass
-
-
-def _in_memory(sandbox: Sandbox) -> bool:
-    return sandbox.record.state == "paused" and sandbox.record.pause_mode == pausing.FULL

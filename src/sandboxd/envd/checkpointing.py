@@ -113,16 +113,7 @@ class EnvdAtCheckpoint:
                     f"process {proc.pid} was started past the kept-processes limit, without a keeper to carry "
                     "its output over a pause to disk: the sandbox stays paused in memory"
                 )
-        held: list[_Held] = []
-        for proc in running:
-            try:
-                held.append(await asyncio.to_thread(_suspend, proc))
-            except OSError as e:
-                self._tell(held, b"u")
-                raise Conflict(
-                    f"process {proc.pid}: its keeper did not answer ({e}): the sandbox stays paused in memory"
-                ) from None
-        self._held[sandbox.id] = held
+        self._held[sandbox.id] = await self._suspend_all(running)
         brokers = sandbox.ext.get("brokers")
         if brokers is not None:
             brokers.close()
@@ -135,7 +126,7 @@ class EnvdAtCheckpoint:
         if sandbox.id not in self._held:  # written to disk by a previous server run: its keepers are asked again
             table = table_of(sandbox)  # (takes the kept processes over: envd/kept.py)
             procs = [p for p in table.by_pid.values() if not p.done.is_set() and p.session is not None]
-            self._held[sandbox.id] = [await asyncio.to_thread(_suspend, proc) for proc in procs]
+            self._held[sandbox.id] = await self._suspend_all(procs)
         inherit: list[tuple[int, str]] = []
         try:
             for held in self._held.get(sandbox.id, []):
@@ -152,12 +143,9 @@ class EnvdAtCheckpoint:
             proc = held.proc
             host = host_pids.get(proc.pid)
             pidfd = None
-            if host is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    pidfd = os.pidfd_open(host)
-                if pidfd is not None and (pids.ns_pid(host) != proc.pid or not pids.is_alive(pidfd)):
-                    os.close(pidfd)  # (the number was read from the cgroup a moment ago: it names another now)
-                    pidfd = None
+            if host is not None:  # (the number was read from the cgroup a moment ago: it may name another now)
+                with contextlib.suppress(pids.ProcessChanged):
+                    pidfd = pids.open_checked(host, inside=proc.pid)
             if proc._child_pidfd is not None:
                 os.close(proc._child_pidfd)
                 proc._child_pidfd = None
@@ -176,8 +164,22 @@ class EnvdAtCheckpoint:
                     os.close(pidfd)
 
     async def ended(self, sandbox: Sandbox) -> None:
-        """The sandbox ended while checkpointed (or its restore failed): its kept commands ended killed."""
+        """The sandbox's checkpoint is let go of (killed, or booted from its files): its kept commands ended
+        killed."""
         self._tell(self._held.pop(sandbox.id, []), b"e")
+
+    async def _suspend_all(self, procs: list[Proc]) -> list[_Held]:
+        """Each keeper suspended, with its pipes' inodes; if one does not answer, the others go on (Conflict)."""
+        held: list[_Held] = []
+        for proc in procs:
+            try:
+                held.append(await asyncio.to_thread(_suspend, proc))
+            except OSError as e:
+                self._tell(held, b"u")
+                raise Conflict(
+                    f"process {proc.pid}: its keeper did not answer ({e}): the sandbox stays paused in memory"
+                ) from None
+        return held
 
     @staticmethod
     def _tell(held: list[_Held], what: bytes) -> None:

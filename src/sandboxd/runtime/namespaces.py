@@ -597,7 +597,8 @@ class NamespaceRuntime(Runtime):
     async def checkpoint(self, handle: SandboxHandle, images: Path, criu: Path) -> Checkpoint:
         """Write the sandbox's processes (everything under its init: memory, files, pipes, sockets) into
         `images` with CRIU and end them; its files, uid range, address and its UTS and network namespaces
-        stay (held by the returned Checkpoint) for `create(spec, restore=...)`. Its cgroups go."""
+        stay (held by the returned Checkpoint, and pinned in its state dir) for `create(spec, restore=...)`, and its
+        cgroups with the keepers of its commands."""
         uts = os.open(f"/proc/{handle.init_pid}/ns/uts", os.O_RDONLY | os.O_CLOEXEC)
         try:
             netns = os.open(f"/proc/{handle.init_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -658,10 +659,9 @@ class NamespaceRuntime(Runtime):
             for fd in fds:
                 os.close(fd)
             return None
-        # (a crash may have come before the strays of the dump were ended)
         try:
-            self._end_strays(handle)
-        except RuntimeError_:
+            self._end_strays(handle)  # (a crash may have come before the strays of the dump were ended)
+        except BaseException:
             for fd in fds:
                 os.close(fd)
             raise

@@ -63,9 +63,10 @@ def is_alive(pidfd: int) -> bool:
         return False
 
 
-def open_checked(pid: int, *, start: int | None = None, parent: int | None = None) -> int:
-    """A pidfd for `pid`, checked after opening to be the process started at `start` (clock ticks) and/or
-    the child of `parent`. Raises ProcessChanged otherwise (the caller closes nothing)."""
+def open_checked(pid: int, *, start: int | None = None, parent: int | None = None, inside: int | None = None) -> int:
+    """A pidfd for `pid`, checked after opening to be the process started at `start` (clock ticks), the
+    child of `parent` and/or the one with PID `inside` in its own PID namespace. Raises ProcessChanged
+    otherwise (the caller closes nothing)."""
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -74,6 +75,8 @@ def open_checked(pid: int, *, start: int | None = None, parent: int | None = Non
     if start is not None and start_time(pid) != start:
         ok = False
     if parent is not None and parent_of(pid) != parent:
+        ok = False
+    if inside is not None and ns_pid(pid) != inside:
         ok = False
     # The checks read /proc/<pid> by number: valid only if the pidfd's process still holds that number.
     if not ok or not is_alive(fd):

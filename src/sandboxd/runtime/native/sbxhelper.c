@@ -690,6 +690,37 @@ static struct init_rep init_answer(const struct init_req *r) {
     return rep;
 }
 
+/* Attach `n` descriptors to `msg` (SCM_RIGHTS), in `control`: CMSG_SPACE(n * sizeof(int)) bytes at least, aligned
+ * for a cmsghdr. With none, `msg` carries no control data. */
+static void attach_fds(struct msghdr *msg, void *control, const int *fds, int n) {
+    if (n <= 0) return;
+    size_t len = (size_t)n * sizeof(int);
+    memset(control, 0, CMSG_SPACE(len));
+    msg->msg_control = control;
+    msg->msg_controllen = CMSG_SPACE(len);
+    struct cmsghdr *cm = CMSG_FIRSTHDR(msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(len);
+    memcpy(CMSG_DATA(cm), fds, len);
+}
+
+/* The first descriptor a received `msg` carried (-1: none); any other is closed (a buffer sized for one takes a
+ * second in its padding; the kernel closed those that did not fit). */
+static int take_one_fd(struct msghdr *msg) {
+    int fd = -1;
+    for (struct cmsghdr *cm = CMSG_FIRSTHDR(msg); cm; cm = CMSG_NXTHDR(msg, cm)) {
+        if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS) continue;
+        for (size_t k = 0; k < (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int); k++) {
+            int got;
+            memcpy(&got, CMSG_DATA(cm) + k * sizeof(int), sizeof got);
+            if (fd < 0) fd = got;
+            else close(got);
+        }
+    }
+    return fd;
+}
+
 /* Up to 64 requests waiting on the socket; never blocks. */
 static void init_serve(int sock) {
     for (int m = 0; m < 64; m++) {
@@ -705,18 +736,7 @@ static void init_serve(int sock) {
             if (errno == EINTR) continue;
             return;
         }
-        /* the first descriptor that came is the answer's way; any other is closed (the buffer's padding takes a
-         * second one; the kernel closed those that did not fit) */
-        int fd = -1;
-        for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
-            if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS) continue;
-            for (size_t k = 0; k < (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int); k++) {
-                int got;
-                memcpy(&got, CMSG_DATA(cm) + k * sizeof(int), sizeof got);
-                if (fd < 0) fd = got;
-                else close(got);
-            }
-        }
+        int fd = take_one_fd(&msg); /* the answer's way */
         if (fd < 0) continue;
         if (n == (ssize_t)sizeof req && !(msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC))) {
             struct init_rep rep = init_answer(&req);
@@ -1284,15 +1304,9 @@ static int ask_init(uint32_t op, pid_t pid, struct init_rep *rep) {
         char buf[CMSG_SPACE(sizeof(int))];
         struct cmsghdr align;
     } control;
-    memset(&control, 0, sizeof control);
     struct iovec iov = {&req, sizeof req};
-    struct msghdr msg = {.msg_name = &a, .msg_namelen = alen, .msg_iov = &iov, .msg_iovlen = 1,
-                         .msg_control = control.buf, .msg_controllen = sizeof control.buf};
-    struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
-    cm->cmsg_level = SOL_SOCKET;
-    cm->cmsg_type = SCM_RIGHTS;
-    cm->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(cm), &sv[1], sizeof(int));
+    struct msghdr msg = {.msg_name = &a, .msg_namelen = alen, .msg_iov = &iov, .msg_iovlen = 1};
+    attach_fds(&msg, control.buf, &sv[1], 1);
     int ok = s >= 0 && setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) == 0 &&
              setsockopt(sv[0], SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) == 0 && sendmsg(s, &msg, MSG_NOSIGNAL) == (ssize_t)sizeof req;
     if (s >= 0) close(s);
@@ -1614,19 +1628,10 @@ static void relay_new_pipes(struct keep *k, struct relay *r) {
         char buf[CMSG_SPACE(3 * sizeof(int))];
         struct cmsghdr align;
     } control;
-    memset(&control, 0, sizeof control);
     char tag = 'N';
     struct iovec iov = {&tag, 1};
     struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
-    if (n) {
-        msg.msg_control = control.buf;
-        msg.msg_controllen = CMSG_SPACE((size_t)n * sizeof(int));
-        struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
-        cm->cmsg_level = SOL_SOCKET;
-        cm->cmsg_type = SCM_RIGHTS;
-        cm->cmsg_len = CMSG_LEN((size_t)n * sizeof(int));
-        memcpy(CMSG_DATA(cm), theirs, (size_t)n * sizeof(int));
-    }
+    attach_fds(&msg, control.buf, theirs, n);
     (void)!sendmsg(k->session, &msg, MSG_NOSIGNAL);
     for (int i = 0; i < n; i++) close(theirs[i]);
 }
@@ -1648,10 +1653,7 @@ static int keep_session(struct keep *k, struct relay *r) {
             close_fd(&k->session);
             return -1;
         }
-        int fd = -1; /* (the server's: one at most, with "g") */
-        struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
-        if (cm && cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len == CMSG_LEN(sizeof(int)))
-            memcpy(&fd, CMSG_DATA(cm), sizeof fd);
+        int fd = take_one_fd(&msg); /* (the server's: one at most, with "g") */
         if (m[0] == 'r' && n == 5 && k->pty >= 0) {
             uint16_t rc[2];
             memcpy(rc, m + 1, sizeof rc);
@@ -2136,16 +2138,7 @@ static void broker_loop(int sock) {
         struct msghdr msg = {0};
         msg.msg_iov = iov;
         msg.msg_iovlen = text_len ? 2 : 1;
-        if (fd >= 0) {
-            memset(&ctl, 0, sizeof ctl);
-            msg.msg_control = ctl.b;
-            msg.msg_controllen = sizeof ctl.b;
-            struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-            c->cmsg_level = SOL_SOCKET;
-            c->cmsg_type = SCM_RIGHTS;
-            c->cmsg_len = CMSG_LEN(sizeof(int));
-            memcpy(CMSG_DATA(c), &fd, sizeof fd);
-        }
+        attach_fds(&msg, ctl.b, &fd, fd >= 0);
         while (sendmsg(sock, &msg, MSG_NOSIGNAL) < 0)
             if (errno != EINTR) _exit(0);
         if (fd >= 0) close(fd);
