@@ -1,12 +1,13 @@
 """Lifecycle suite of the benchmark: pause and resume (frozen in memory; to the files and booted again),
 idle and with a process holding 100 MB of memory, a filesystem snapshot of a sandbox with 7 MB written,
 and a create from that snapshot; pause to disk and resume from it through the API (a server run with
-`--checkpoint-after 0`), idle and with 100 MB; checkpoint and restore with CRIU at the runtime's level (idle,
-100 MB and 1 GB of dirty memory). Each beside its floor, measured in the same
-run, and the published figure of the fastest open peer (CubeSandbox: resume 42 ms, snapshot 46 ms with
-7 MB dirty, create from a snapshot 64 ms; its snapshots hold memory, these hold files); and volumes: a
-pooled create with one mounted beside the same create without, a 1 MiB write and read through the volume
-content API; an idle code-interpreter sandbox paused (frozen) and resumed to a `run_code` that reads a kernel variable:
+`--checkpoint-after 0`), idle, with 100 MB and an idle code interpreter; checkpoint and restore with CRIU at
+the runtime's level (idle, 100 MB and 1 GB of dirty memory). Each beside its floor, measured in the same run,
+and the published figure of the fastest open peer (CubeSandbox: resume 42 ms, snapshot 46 ms with 7 MB
+dirty, create from a snapshot 64 ms; its snapshots hold memory, these hold files); and volumes: a pooled
+create with one mounted beside the same create without, a 1 MiB write and read through the volume content
+API; an idle code-interpreter sandbox paused (frozen) and resumed to a `run_code` that reads a kernel
+variable:
 
 - resume (frozen) -> first command: freezing and thawing a cgroup of our own holding one process, plus
   `nsenter ... bash -l -c true` (what the SDK's command starts) in a holder;
@@ -202,6 +203,31 @@ def run_disk_pause(client: Any, dl: Any, n: int) -> dict[str, Any]:
                 out["errors"].append(f"pause to disk ({key}): {e}")
             finally:
                 client.kill(s)
+    # An idle code interpreter (its server and warm Python kernel, on unix sockets): until `run_code` has
+    # the kernel's variable back.
+    from e2b_code_interpreter import Sandbox as CodeSandbox
+
+    for _ in range(n):
+        dl.check()
+        s = CodeSandbox.create(template="code-interpreter-v1", timeout=300)
+        try:
+            s.run_code("kept = 41 + 1")
+            t0 = time.monotonic()
+            s.pause()
+            while paused_to() != "disk":
+                if _ms(t0) > 30_000:
+                    raise RuntimeError("a paused code interpreter was not written to disk within 30 s")
+                time.sleep(0.002)
+            out.setdefault("disk_interp_pause_ms", []).append(_ms(t0))
+            t0 = time.monotonic()
+            again = CodeSandbox.connect(s.sandbox_id)
+            if again.run_code("kept").text != "42":
+                raise RuntimeError("the kernel lost its state across a pause to disk")
+            out.setdefault("disk_interp_resume_ms", []).append(_ms(t0))
+        except RuntimeError as e:
+            out["errors"].append(f"pause to disk (code interpreter): {e}")
+        finally:
+            s.kill()
     return out
 
 
@@ -419,6 +445,8 @@ def print_report(r: dict[str, Any]) -> None:
             "held_resume_ms",
             "resume_ms",
         ),
+        ("pause to disk, code interpreter", "disk_interp_pause_ms", "interp_pause_ms", None),
+        ("resume from disk, code interpreter -> run_code", "disk_interp_resume_ms", "interp_resume_ms", "resume_ms"),
         ("checkpoint (runtime, CRIU), idle (floor: freeze)", "ckpt_idle_checkpoint_ms", "ckpt_idle_freeze_ms", None),
         ("restore (runtime, CRIU), idle (floor: thaw)", "ckpt_idle_restore_ms", "ckpt_idle_thaw_ms", "resume_ms"),
         (f"checkpoint, {HELD_MB} MB dirty (aim <= 100)", "ckpt_100_checkpoint_ms", "ckpt_100_freeze_ms", None),

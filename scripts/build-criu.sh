@@ -14,7 +14,7 @@ SHA256=29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9
 MIRROR=${SANDBOXD_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 DATA_DIR=${SANDBOXD_DATA_DIR:-/var/lib/sandboxd}
 # sandboxd's changes to CRIU (below): a new build number rebuilds every cached criu
-BUILD=sbx4
+BUILD=sbx5
 DEST=$DATA_DIR/tools/criu-$VERSION-$BUILD
 step() { printf '==> %s\n' "$*" >&2; }
 
@@ -78,6 +78,14 @@ patch_criu criu/cgroup.c "sandboxd: see build-criu.sh" -e \
 # restored sandbox ("Can't open PID/ns/ipc: Permission denied"). The check opens them first, then enters.
 step "criu: patching criu/namespaces.c (the user namespace check of a restored tree)"
 patch_criu criu/namespaces.c "sandboxd: the namespaces are opened" "$(dirname "$0")/criu/check-user-ns.pl"
+# A unix socket bound on the sandbox's root (an overlay) looked deleted to the dump (the overlay's device number is
+# not the one of the filesystem below it, which the socket reports): the restore took its path away ("ghost"), so
+# nothing could connect to it again, and the next dump failed (the code interpreter's kernels listen on such sockets).
+step "criu: patching criu/mount.c and criu/sk-unix.c (unix sockets bound on an overlay)"
+patch_criu criu/include/mount.h "phys_stat_on_overlay" -e \
+    's/(extern bool phys_stat_dev_match\([^\n]*\n)/$1extern bool phys_stat_on_overlay(struct ns_id *, const char *path);\n/'
+patch_criu criu/mount.c "sandboxd: on an overlay" "$(dirname "$0")/criu/overlay-path.pl"
+patch_criu criu/sk-unix.c "sandboxd: overlay" "$(dirname "$0")/criu/unix-on-overlay.pl"
 step "criu: make criu (about a minute on 2 cores; the log is $work/make.log until it ends)"
 if ! make -C "$src" -j"$(nproc)" criu >"$work/make.log" 2>&1; then
     tail -n 40 "$work/make.log" >&2

@@ -274,6 +274,94 @@ def test_what_cannot_go_to_disk_stays_paused_in_memory_intact(disk_server: Serve
         sbx.kill()
 
 
+# A server on a unix socket bound on the sandbox's root (an overlay), with a connection of its own open.
+UNIX_SERVER = """
+import socket, threading
+server = socket.socket(socket.AF_UNIX)
+server.bind("/tmp/app.sock")
+server.listen()
+def serve(conn):
+    while data := conn.recv(100):
+        conn.sendall(data.upper())
+def accept():
+    while True:
+        threading.Thread(target=serve, args=(server.accept()[0],), daemon=True).start()
+threading.Thread(target=accept, daemon=True).start()
+mine = socket.socket(socket.AF_UNIX)
+mine.connect("/tmp/app.sock")
+for line in iter(input, "end"):
+    mine.sendall(line.encode())
+    print(mine.recv(100).decode(), flush=True)
+"""
+UNIX_CLIENT = (
+    "python3 -c \"import socket; c = socket.socket(socket.AF_UNIX); c.connect('/tmp/app.sock'); "
+    "c.sendall(b'new'); print(c.recv(9).decode())\""
+)
+
+
+def test_a_unix_socket_server_keeps_its_path_and_connections_across_pauses_to_disk(disk_server: Server) -> None:
+    env = _env(disk_server)
+    sbx = Sandbox.create(template="base", timeout=120, **env)  # type: ignore[arg-type]
+    try:
+        sbx.files.write("/tmp/server.py", UNIX_SERVER)
+        server = sbx.commands.run("python3 /tmp/server.py", background=True, stdin=True)
+        sbx.commands.send_stdin(server.pid, "before\n")
+        for round in range(2):  # (a second dump failed when the first restore lost the socket's path)
+            sbx.pause()
+            _on_disk(disk_server, sbx.sandbox_id)
+            sbx = Sandbox.connect(sbx.sandbox_id, **env)  # type: ignore[arg-type]
+            assert sbx.commands.run(UNIX_CLIENT).stdout == "NEW\n"  # its path still leads to it
+            sbx.commands.send_stdin(server.pid, f"round{round}\n")  # its own connection still open
+        sbx.commands.send_stdin(server.pid, "end\n")
+        assert server.wait().stdout.split() == ["BEFORE", "ROUND0", "ROUND1"]
+    finally:
+        sbx.kill()
+
+
+TICKER = """
+import threading, time
+ticks = []
+def tick():
+    while True:
+        ticks.append(1)
+        time.sleep(0.01)
+threading.Thread(target=tick, daemon=True).start()
+"""
+
+
+def test_a_code_interpreter_keeps_its_kernels_variables_across_a_pause_to_disk(disk_server: Server) -> None:
+    from e2b_code_interpreter import Sandbox as CodeSandbox
+
+    env = _env(disk_server)
+    ci = CodeSandbox.create(timeout=120, lifecycle={"on_timeout": "pause", "auto_resume": True}, **env)  # type: ignore[arg-type]
+    try:
+        first = ci.run_code("import os, numpy; x = int(numpy.arange(42).sum()); os.getpid()")
+        assert first.error is None, first.error
+        ctx = ci.create_code_context(language="python", cwd="/tmp")
+        assert ci.run_code("import os; y = 'in its own context'; open('f', 'w').write('z')", context=ctx).error is None
+        shell = ci.create_code_context(language="bash")
+        assert ci.run_code("export WHO=bash-context; cd /etc", context=shell).error is None
+        ci.pause()  # (the connections the interpreter's requests left are no hindrance)
+        _on_disk(disk_server, ci.sandbox_id)
+        # a request on its port resumes it (auto_resume): the same kernels, their state whole
+        assert ci.run_code("(int(x), os.getpid())").text == f"(861, {first.text})"
+        assert _detail(disk_server, ci.sandbox_id)["state"] == "running"
+        in_ctx = ci.run_code("y, os.getcwd(), open('f').read()", context=ctx)
+        assert in_ctx.text == "('in its own context', '/tmp', 'z')"
+        assert ci.run_code("echo $WHO $PWD", context=shell).logs.stdout == ["bash-context /etc\n"]
+
+        # and again, while a context runs code in the background of its kernel (a thread)
+        ci.run_code(TICKER)
+        ci.pause()
+        _on_disk(disk_server, ci.sandbox_id)
+        again = CodeSandbox.connect(ci.sandbox_id, **env)  # type: ignore[arg-type]
+        before = int(again.run_code("len(ticks)").text)
+        time.sleep(0.2)
+        assert int(again.run_code("len(ticks)").text) > before > 0
+    finally:
+        ci.kill()
+
+
 def test_auto_pause_goes_to_disk_and_a_command_resumes_it(disk_server: Server) -> None:
     env = _env(disk_server)
     sbx = Sandbox.create(template="base", timeout=3, lifecycle={"on_timeout": "pause", "auto_resume": True}, **env)  # type: ignore[arg-type]

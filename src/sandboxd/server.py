@@ -145,11 +145,13 @@ class App:
             self.manager.net.on_policy_change.append(self.egress.policy_changed)
         h = self.manager.host_limits
         self.runtime.set_host_limits(h.memory_cap_mb, h.max_total_pids, h.server_memory_mb)
+        proxy = PortProxy(self.manager)
+        self.manager.checkpoint_parts.append(proxy)
         self.router = Router(
             self.manager,
             build_control_plane(self.manager, self.api_key, config.limits, self.builds),
             {ENVD_PORT: build_envd_app(self.manager, config.limits)},
-            PortProxy(self.manager),
+            proxy,
             domain=config.domain,
         )
         # More listeners of the same app (the TLS one of --domain), served in the lifespan's loop.

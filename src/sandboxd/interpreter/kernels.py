@@ -37,6 +37,11 @@ LANGUAGES = {
     "java": "java",
 }
 CANONICAL = {"python3": "python", "deno": "javascript", "bash": "bash", "ir": "r", "java": "java"}
+# Kernels built on ipykernel talk to the interpreter over unix sockets (ZeroMQ's ipc transport), not TCP on
+# loopback: a pause to disk carries unix sockets over (CRIU restores both ends), while an established TCP
+# connection keeps the sandbox paused in memory (core/pausing.py). Deno's and R's kernels name ipc endpoints
+# their own way (`path:port`, where jupyter_client writes `path-port`): they stay on TCP.
+IPC_KERNELS = frozenset({"python3", "bash", "java"})
 
 MIME_KEYS = {
     "text/plain": "text",
@@ -170,12 +175,13 @@ class Kernels:
 
     def create(self, language: str | None, cwd: str | None, default: bool = False) -> Context:
         kernel = self.kernel_for(language)
-        ctx = Context(
-            id=str(uuid.uuid4()),
-            kernel=kernel,
-            cwd=cwd or os.path.expanduser("~"),
-            manager=AsyncKernelManager(kernel_name=kernel, kernel_spec_manager=self.specs),
-        )
+        ident = str(uuid.uuid4())
+        manager = AsyncKernelManager(kernel_name=kernel, kernel_spec_manager=self.specs)
+        if kernel in IPC_KERNELS:  # (in this process's private dir; a socket's path fits in 108 bytes)
+            manager.transport = "ipc"
+            manager.connection_file = str(self.dir / f"{ident[:8]}.json")
+            manager.ip = str(self.dir / ident[:8])
+        ctx = Context(id=ident, kernel=kernel, cwd=cwd or os.path.expanduser("~"), manager=manager)
         self.contexts[ctx.id] = ctx
         if default:
             self.defaults[kernel] = ctx.id

@@ -14,6 +14,8 @@ import asyncio
 import base64
 import contextlib
 import json
+import socket
+import struct
 import time
 from dataclasses import dataclass, field
 
@@ -63,6 +65,15 @@ class _Upstream:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.writer.close()
+
+    def reset(self) -> None:
+        """Close with a reset: the service's end of the connection is closed at once (not half-closed
+        until the service reads on), whether or not the sandbox runs."""
+        with contextlib.suppress(Exception):
+            sock = self.writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.writer.transport.abort()
 
     @property
     def reusable(self) -> bool:
@@ -124,6 +135,27 @@ class PortProxy:
     def _drop(self, key: tuple[str, int]) -> None:
         for up in self._idle.pop(key, []):
             up.close()
+
+    # -- a pause to disk (core/pausing.py's CheckpointPart) ----------------------------------------
+    async def before_dump(self, sandbox: Sandbox) -> None:
+        """The idle connections kept for reuse go: a connection from outside keeps a sandbox paused in
+        memory (CRIU restores no established TCP connection there), a closed socket does not. A reset
+        closes the service's end at once, while the sandbox is still paused."""
+        for (sandbox_id, _), pool in self._idle.items():
+            while sandbox_id == sandbox.id and pool:
+                pool.pop().reset()
+
+    async def dump_failed(self, sandbox: Sandbox) -> None:
+        pass
+
+    async def before_restore(self, sandbox: Sandbox) -> list[tuple[int, str]]:
+        return []
+
+    async def restored(self, sandbox: Sandbox, host_pids: dict[int, int]) -> None:
+        pass
+
+    async def ended(self, sandbox: Sandbox) -> None:
+        pass
 
     def _release(self, sandbox: Sandbox, port: int, up: _Upstream) -> None:
         conn = up.conn
