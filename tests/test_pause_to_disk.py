@@ -274,6 +274,41 @@ def test_what_cannot_go_to_disk_stays_paused_in_memory_intact(disk_server: Serve
         sbx.kill()
 
 
+def test_a_sandbox_with_a_volume_goes_to_disk_with_the_volume_and_the_files_it_holds_open(
+    disk_server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from e2b import Volume
+
+    env = _env(disk_server)
+    monkeypatch.setenv("E2B_VOLUME_API_URL", disk_server.url)  # (the volume content API: this server's)
+    vol = Volume.create(f"disk-{time.monotonic_ns()}", **env)  # type: ignore[arg-type]
+    sbx = Sandbox.create(template="base", timeout=120, volume_mounts={"/data/vol": vol}, **env)  # type: ignore[arg-type]
+    try:
+        sbx.files.write("/data/vol/log", "first\n")
+        # a process whose working directory is in the volume, holding a file of it open to append to
+        appender = sbx.commands.run(
+            "cd /data/vol && exec 3>>log && while read -r line; do echo $line >&3; done", background=True, stdin=True
+        )
+        sbx.commands.send_stdin(appender.pid, "before\n")
+        sbx.pause()
+        _on_disk(disk_server, sbx.sandbox_id)  # (a volume kept it in memory before)
+        sbx = Sandbox.connect(sbx.sandbox_id, **env)  # type: ignore[arg-type]
+        sbx.commands.send_stdin(appender.pid, "after\n")
+        deadline = time.monotonic() + 10
+        while (seen := vol.read_file("/log", format="text")) != "first\nbefore\nafter\n":  # (from the host)
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.05)
+        # the same volume, mounted as before: its files the sandbox user's, what the sandbox writes in the volume
+        assert sbx.commands.run("stat -c %U /data/vol/log; echo new > /data/vol/new").stdout == "user\n"
+        assert vol.read_file("/new", format="text") == "new\n"
+        sbx.commands.send_stdin(appender.pid, "end\n")
+        sbx.commands.close_stdin(appender.pid)
+        assert appender.wait().exit_code == 0
+    finally:
+        sbx.kill()
+        Volume.destroy(vol.volume_id, **env)  # type: ignore[arg-type]
+
+
 # A server on a unix socket bound on the sandbox's root (an overlay), with a connection of its own open.
 UNIX_SERVER = """
 import socket, threading

@@ -32,6 +32,7 @@ from sandboxd.core import volume_mounts
 from sandboxd.core.errors import Conflict, SandboxdError
 from sandboxd.runtime.base import Limits, RuntimeError_, SandboxSpec
 from sandboxd.templates.store import TemplateError
+from sandboxd.volumes.errors import VolumeError
 
 if TYPE_CHECKING:
     from sandboxd.core.manager import Sandbox, SandboxManager
@@ -161,6 +162,9 @@ async def to_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
         raise Conflict("this server has no CRIU (sandboxd serve --criu): a pause stays in memory")
     if not in_memory(sandbox):
         raise Conflict(f"sandbox '{sandbox.id}' is not paused in memory")
+    volumes = [m["path"] for m in sandbox.record.volume_mounts]
+    if any(c in path for path in volumes for c in "[]:"):  # (CRIU's option syntax: mnt[PATH]:KEY)
+        raise Conflict("a volume mounted at a path with '[', ']' or ':' keeps the sandbox paused in memory")
     images = sandbox.handle.state_dir / IMAGES
     shutil.rmtree(images, ignore_errors=True)
     # The images are about as large as the memory its processes use, written to the host's disk: never more
@@ -180,7 +184,7 @@ async def to_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
         for part in manager.checkpoint_parts:
             await part.before_dump(sandbox)
             done.append(part)
-        held = await manager.runtime.checkpoint(sandbox.handle, images, criu)
+        held = await manager.runtime.checkpoint(sandbox.handle, images, criu, volumes)
     except BaseException:
         for part in done:
             await part.dump_failed(sandbox)
@@ -200,6 +204,18 @@ async def to_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
     log.info("sandbox %s written to disk (%d MiB of memory freed)", sandbox.id, used >> 20)
 
 
+async def _volume_sources(manager: SandboxManager, sandbox: Sandbox) -> list[Path]:
+    """The host directories of the sandbox's volumes (mounted on the host if they were not), in its order."""
+    sources: list[Path] = []
+    for m in sandbox.record.volume_mounts:
+        assert manager.volumes is not None  # (a sandbox with volumes was made by a server keeping them)
+        try:
+            sources.append(await asyncio.to_thread(manager.volumes.mounted, manager.volumes.get(m["volumeID"])))
+        except VolumeError as e:
+            raise SandboxdError(f"sandbox '{sandbox.id}': its volume {m['name']!r} cannot be mounted: {e}") from None
+    return sources
+
+
 async def from_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
     """Restore a sandbox written to disk (under its pause lock): its processes again, as they were."""
     held = sandbox.checkpoint
@@ -212,9 +228,10 @@ async def from_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
     # checkpoint whole again (and ends what of the restored tree ran, then restores it again).
     unpin, held.on_release = held.on_release, None
     try:
+        volumes = await _volume_sources(manager, sandbox)
         for part in manager.checkpoint_parts:
             inherit += await part.before_restore(sandbox)
-        handle = await manager.runtime.restore(spec, held, inherit)
+        handle = await manager.runtime.restore(spec, held, inherit, volumes)
     except BaseException as e:  # (what was attached stays ready for the next try: the keepers make new pipes)
         held.on_release = unpin
         if isinstance(e, RuntimeError_):

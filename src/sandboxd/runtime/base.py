@@ -244,14 +244,22 @@ class Runtime(abc.ABC):
         inside the `with` (blocking: call from a thread)."""
         raise RuntimeError_(f"the {self.name} backend cannot show a sandbox's files")
 
-    async def checkpoint(self, handle: SandboxHandle, images: Path, criu: Path) -> Checkpoint:
-        """Write the sandbox's processes into `images` (CRIU) and end them; see NamespaceRuntime."""
+    async def checkpoint(
+        self, handle: SandboxHandle, images: Path, criu: Path, volumes: Sequence[str] = ()
+    ) -> Checkpoint:
+        """Write the sandbox's processes into `images` (CRIU) and end them; `volumes`: where volumes are mounted
+        in it (given again, in that order, to `restore`); see NamespaceRuntime."""
         raise NotImplementedError(f"the {self.name} runtime cannot checkpoint a sandbox")
 
     async def restore(
-        self, spec: SandboxSpec, held: Checkpoint, inherit: Sequence[tuple[int, str]] = ()
+        self,
+        spec: SandboxSpec,
+        held: Checkpoint,
+        inherit: Sequence[tuple[int, str]] = (),
+        volumes: Sequence[Path] = (),
     ) -> SandboxHandle:
-        """The sandbox `checkpoint` wrote, running again (`spec.resume_uid_base`: its uid range)."""
+        """The sandbox `checkpoint` wrote, running again (`spec.resume_uid_base`: its uid range); `volumes`: the
+        host directories of the volumes, in the order `checkpoint` was given their paths."""
         raise NotImplementedError(f"the {self.name} runtime cannot restore a sandbox")
 
     def held_checkpoint(self, handle: SandboxHandle, images: Path, criu: Path) -> Checkpoint | None:

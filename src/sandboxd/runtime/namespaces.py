@@ -217,12 +217,17 @@ class NamespaceRuntime(Runtime):
                 raise
 
     async def create(
-        self, spec: SandboxSpec, restore: Checkpoint | None = None, inherit: Sequence[tuple[int, str]] = ()
+        self,
+        spec: SandboxSpec,
+        restore: Checkpoint | None = None,
+        inherit: Sequence[tuple[int, str]] = (),
+        volumes: Sequence[Path] = (),
     ) -> SandboxHandle:
         """A new sandbox; or, with `restore`, the one `checkpoint` wrote (its processes and memory again, in the
         namespaces it held; `spec.resume_uid_base` is its uid range). `inherit`: (fd, CRIU's name of a file of
         the checkpoint, as "pipe:[INODE]"): the restored processes get our fd instead of that file (the other
-        end of the pipes to their keepers, which stayed outside the checkpoint: envd/kept.py)."""
+        end of the pipes to their keepers, which stayed outside the checkpoint: envd/kept.py). `volumes`: the host
+        directories of the volumes the checkpoint had mounted (`checkpoint`'s `volumes`, in its order)."""
         sdir = self.sandboxes_dir / spec.sandbox_id
         resuming = spec.resume_uid_base is not None
         if restore is not None and not resuming:
@@ -287,6 +292,8 @@ class NamespaceRuntime(Runtime):
                 argv += ["--restore", str(restore.images), "--criu", str(restore.criu)]
                 for fd, key in inherit:
                     argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
+                for source in volumes:
+                    argv += ["--volume", str(source)]
             elif net is not None and self.net is not None:
                 argv += ["--netns", f"/proc/{os.getpid()}/fd/{net.fd}", "--resolv", f"nameserver {self.net.gateway}\n"]
             argv += disk_args
@@ -594,7 +601,9 @@ class NamespaceRuntime(Runtime):
     def hold(self, handle: SandboxHandle) -> None:
         self.ids.claim(handle.uid_base)
 
-    async def checkpoint(self, handle: SandboxHandle, images: Path, criu: Path) -> Checkpoint:
+    async def checkpoint(
+        self, handle: SandboxHandle, images: Path, criu: Path, volumes: Sequence[str] = ()
+    ) -> Checkpoint:
         """Write the sandbox's processes (everything under its init: memory, files, pipes, sockets) into
         `images` with CRIU and end them; its files, uid range, address and its UTS and network namespaces
         stay (held by the returned Checkpoint, and pinned in its state dir) for `create(spec, restore=...)`, and its
@@ -627,6 +636,8 @@ class NamespaceRuntime(Runtime):
                 "--images",
                 str(images),
             ]
+            for path in volumes:  # (mounted from outside: CRIU leaves them to the restore, which binds them again)
+                argv += ["--external-mount", path]
             res = await asyncio.to_thread(subprocess.run, argv, capture_output=True, env={}, check=False)
             if res.returncode != 0:
                 raise RuntimeError_(
@@ -639,9 +650,13 @@ class NamespaceRuntime(Runtime):
         return held
 
     async def restore(
-        self, spec: SandboxSpec, held: Checkpoint, inherit: Sequence[tuple[int, str]] = ()
+        self,
+        spec: SandboxSpec,
+        held: Checkpoint,
+        inherit: Sequence[tuple[int, str]] = (),
+        volumes: Sequence[Path] = (),
     ) -> SandboxHandle:
-        return await self.create(spec, restore=held, inherit=inherit)
+        return await self.create(spec, restore=held, inherit=inherit, volumes=volumes)
 
     def drop_checkpoint(self, handle: SandboxHandle) -> None:
         _unpin_namespaces(handle.state_dir)

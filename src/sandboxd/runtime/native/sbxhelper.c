@@ -92,10 +92,12 @@ static char *argv_end; /* end of the argument strings, for scrubbing a broker's 
 /* create: the fd on which the exec'd init says it runs */
 #define INIT_REPORT_FD 3
 #define MAX_INHERIT 512 /* --inherit-fd of a restore: three per kept command (pipes to their keepers) */
+#define MAX_VOLUMES 16  /* --volume of a restore, --external-mount of a checkpoint: core/volume_mounts.py's */
 #define INIT_DIR "/dev/.sandboxd" /* in the sandbox: init's program (attach_init), on no layer of its files */
 
 static void mount_disk(const char *image, const char *dir);
-static int restore_tree(const char *criu, const char *images, unsigned shift, char **inherit, int ninherit);
+static int restore_tree(const char *criu, const char *images, unsigned shift, char **inherit, int ninherit,
+                        const int *volumes, int nvolumes);
 static int read_all(int fd, char *buf, size_t n);
 
 static void die(const char *fmt, ...) {
@@ -932,7 +934,8 @@ static int cmd_create(int argc, char **argv) {
     const char *lowers[MAX_LOWERS], *dir = NULL, *hostname = "sandbox", *netns = NULL, *resolv = NULL;
     const char *restore = NULL, *uts = NULL, *criu = NULL; /* --restore IMAGES: see restore_tree */
     char *inherit[MAX_INHERIT];
-    int nlowers = 0, ninherit = 0;
+    const char *volumes[MAX_VOLUMES];
+    int nlowers = 0, ninherit = 0, nvolumes = 0;
     char *disk = NULL;
     unsigned shift = 100000, range = 65536, idmap_from = 0;
     int idmap = 0, resume = 0;
@@ -959,6 +962,10 @@ static int cmd_create(int argc, char **argv) {
         else if (!strcmp(a, "--inherit-fd")) {
             if (ninherit == MAX_INHERIT) die("too many --inherit-fd (at most %d)", MAX_INHERIT);
             inherit[ninherit++] = (char *)v;
+        }
+        else if (!strcmp(a, "--volume")) { /* a volume's host directory, for a restore: see restore_tree */
+            if (nvolumes == MAX_VOLUMES) die("too many --volume (at most %d)", MAX_VOLUMES);
+            volumes[nvolumes++] = v;
         }
         else if (!strcmp(a, "--disk")) disk = (char *)v; /* IMAGE:DIR */
         else if (!strcmp(a, "--resume")) resume = !strcmp(v, "1"); /* it boots again from kept files */
@@ -1012,6 +1019,19 @@ static int cmd_create(int argc, char **argv) {
     char lowerdir[4096];
     size_t used = 0;
     int userns = idmap && idmap_from != shift ? mapping_userns(procfd, idmap_from, shift, range) : -1;
+    /* The volumes of a restore, cloned and idmapped here as `attach` does (their files are stored with ids from
+     * --idmap-from): CRIU binds each where the checkpoint had it. */
+    int volume_trees[MAX_VOLUMES];
+    if (nvolumes && !idmap) die("--volume needs --idmap-from");
+    for (int i = 0; i < nvolumes; i++) {
+        int vns = idmap_from != shift ? userns : mapping_userns(procfd, idmap_from, shift, range);
+        volume_trees[i] = (int)syscall(SYS_open_tree, AT_FDCWD, volumes[i], OPEN_TREE_CLONE_ | O_CLOEXEC);
+        if (volume_trees[i] < 0) die("open_tree %s", volumes[i]);
+        struct mount_attr_ attr = {MOUNT_ATTR_IDMAP_ | MOUNT_ATTR_NOSUID_ | MOUNT_ATTR_NODEV_, 0, 0, (uint64_t)vns};
+        if (syscall(SYS_mount_setattr, volume_trees[i], "", AT_EMPTY_PATH, &attr, sizeof attr) < 0)
+            die("idmap %s", volumes[i]);
+        if (vns != userns) close(vns);
+    }
     for (int i = 0; i < nlowers; i++) {
         char name[32];
         const char *layer = lowers[i];
@@ -1053,7 +1073,8 @@ static int cmd_create(int argc, char **argv) {
      * and restores it: they may pass through the state dir, nothing more (the data dir above it stays host
      * root's only) */
     if (chmod(".", 0711) < 0) die("chmod %s", dir);
-    if (restore) return restore_tree(criu, restore, shift, inherit, ninherit);
+    if (restore) return restore_tree(criu, restore, shift, inherit, ninherit, volume_trees, nvolumes);
+    if (nvolumes) die("--volume is for --restore");
     if (resolv) write_resolv("merged", resolv, shift);
     if (sethostname(hostname, strlen(hostname)) < 0) die("sethostname");
     lo_up();
@@ -2184,7 +2205,7 @@ static int cmd_broker(int argc, char **argv) {
  * and restored processes inherit them); the server holds both while the sandbox is checkpointed.
  * Mounts the helper makes as host root are external (criu_external): a restore binds them again.
  */
-#define MAX_CRIU_ARGS (64 + 2 * MAX_INHERIT)
+#define MAX_CRIU_ARGS (64 + 2 * MAX_INHERIT + 2 * MAX_VOLUMES)
 static const struct {
     const char *key, *path, *source; /* path inside the sandbox; source under /tmp/sbx/ at a restore */
     int view;
@@ -2223,8 +2244,8 @@ static int cmd_checkpoint(int argc, char **argv) {
     pid_t target = 0;
     unsigned long long start = 0;
     unsigned shift = 0;
-    const char *criu = NULL, *images = NULL;
-    int leave = 0;
+    const char *criu = NULL, *images = NULL, *mounts[MAX_VOLUMES];
+    int leave = 0, nmounts = 0;
     for (int i = 2; i < argc; i += 2) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!v) die("missing value for %s", a);
@@ -2234,6 +2255,11 @@ static int cmd_checkpoint(int argc, char **argv) {
         else if (!strcmp(a, "--criu")) criu = v;
         else if (!strcmp(a, "--images")) images = v;
         else if (!strcmp(a, "--leave-running")) leave = !strcmp(v, "1");
+        else if (!strcmp(a, "--external-mount")) { /* a volume's path in the sandbox: restored from --volume */
+            if (nmounts == MAX_VOLUMES) die("too many --external-mount (at most %d)", MAX_VOLUMES);
+            if (v[0] != '/' || strpbrk(v, "[]:") || strlen(v) > 4000) die("bad --external-mount %s", v);
+            mounts[nmounts++] = v;
+        }
         else die("unknown option %s", a);
     }
     if (!criu || !images || !shift) die("checkpoint needs --pid, --shift, --criu and --images");
@@ -2242,7 +2268,7 @@ static int cmd_checkpoint(int argc, char **argv) {
     int pidfd = open_init(target, start);
     if (setns(pidfd, CLONE_NEWUTS | CLONE_NEWNET) < 0) die("setns(uts, net)");
     close(pidfd);
-    static char pid[32], ext[sizeof criu_external / sizeof criu_external[0]][4200];
+    static char pid[32], ext[sizeof criu_external / sizeof criu_external[0]][4200], vol[MAX_VOLUMES][4100];
     snprintf(pid, sizeof pid, "%d", target);
     const char *args[MAX_CRIU_ARGS];
     int n = 0;
@@ -2253,6 +2279,11 @@ static int cmd_checkpoint(int argc, char **argv) {
         snprintf(ext[i], sizeof ext[i], "mnt[%s]:%s", criu_external[i].path, criu_external[i].key);
         criu_add(args, &n, "--external");
         criu_add(args, &n, ext[i]);
+    }
+    for (int i = 0; i < nmounts; i++) {
+        snprintf(vol[i], sizeof vol[i], "mnt[%s]:sbx-volume-%d", mounts[i], i);
+        criu_add(args, &n, "--external");
+        criu_add(args, &n, vol[i]);
     }
     if (leave) criu_add(args, &n, "--leave-running");
     if (chdir("/") < 0) die("chdir /");
@@ -2266,7 +2297,8 @@ static int cmd_checkpoint(int argc, char **argv) {
  * mounts are gathered beside it (under /tmp/sbx, see below), and CRIU restores the tree into it, in the UTS
  * (--uts) and network (--netns) namespaces the server held, in the sandbox's cgroups (joined here: CRIU run
  * --unprivileged leaves cgroups alone). Prints the restored init's host PID as create does. */
-static int restore_tree(const char *criu, const char *images, unsigned shift, char **inherit, int ninherit) {
+static int restore_tree(const char *criu, const char *images, unsigned shift, char **inherit, int ninherit,
+                        const int *volumes, int nvolumes) {
     /* What the restored processes mount (the root, the external mounts' sources) is looked up by them, in the
      * sandbox's user namespace: without a capability over the host's files, they could not pass through the
      * data dir (host root's only). So all of it is gathered under a tmpfs over /tmp, in this mount namespace
@@ -2306,6 +2338,15 @@ static int restore_tree(const char *criu, const char *images, unsigned shift, ch
         snprintf(from, sizeof from, "/proc/self/fd/%d", view_fds[i]);
         xmount(from, to, NULL, MS_BIND, NULL);
     }
+    static char vol[MAX_VOLUMES][64];
+    for (int i = 0; i < nvolumes; i++) { /* the volumes' idmapped clones (cmd_create), keys as the checkpoint's */
+        char to[64];
+        snprintf(to, sizeof to, "/tmp/sbx/volume-%d", i);
+        xmkdir(to, 0755);
+        if (syscall(SYS_move_mount, volumes[i], "", AT_FDCWD, to, MOVE_MOUNT_F_EMPTY_PATH_) < 0) die("move_mount %s", to);
+        close(volumes[i]);
+        snprintf(vol[i], sizeof vol[i], "mnt[sbx-volume-%d]:%s", i, to);
+    }
     images = "/tmp/sbx/images";
     static char pidfile[4200], ext[sizeof criu_external / sizeof criu_external[0]][256];
     snprintf(pidfile, sizeof pidfile, "%s/restored.pid", images);
@@ -2324,6 +2365,10 @@ static int restore_tree(const char *criu, const char *images, unsigned shift, ch
     for (int i = 0; i < ninherit; i++) {
         criu_add(args, &n, "--inherit-fd");
         criu_add(args, &n, inherit[i]);
+    }
+    for (int i = 0; i < nvolumes; i++) {
+        criu_add(args, &n, "--external");
+        criu_add(args, &n, vol[i]);
     }
     pid_t child = fork();
     if (child < 0) die("fork");
