@@ -153,3 +153,43 @@ def test_an_idle_timeout_pauses_or_kills_a_quiet_sandbox_and_spares_a_busy_one(s
         for s in (quiet, busy):
             with contextlib.suppress(Exception):
                 s.kill()
+
+
+def test_a_pause_to_disk_on_request_is_on_disk_when_answered(server: Server) -> None:
+    """sandboxd's extension `toDisk` (the server's own pauses go to disk after --checkpoint-after, 60 s here)."""
+    from e2b import PtySize
+
+    def pause(sandbox_id: str, body: dict) -> httpx.Response:
+        return httpx.post(
+            f"{server.url}/sandboxes/{sandbox_id}/pause", json=body, headers={"X-API-KEY": server.api_key}, timeout=60
+        )
+
+    sbx = Sandbox.create(template="base", timeout=120)
+    try:
+        counter = sbx.commands.run("n=0; while :; do n=$((n+1)); echo $n > /tmp/n; sleep 0.05; done", background=True)
+        r = pause(sbx.sandbox_id, {"toDisk": True})
+        assert r.status_code == 204, r.text
+        assert _detail(server, sbx.sandbox_id)["pausedTo"] == "disk"
+        again = Sandbox.connect(sbx.sandbox_id)
+        first = int(again.files.read("/tmp/n"))
+        assert counter.pid in [p.pid for p in again.commands.list()]
+        # one paused in memory already is written now; one on disk already is paused already
+        assert again.pause() is True and _detail(server, sbx.sandbox_id)["pausedTo"] == "memory"
+        assert pause(sbx.sandbox_id, {"toDisk": True}).status_code == 204
+        assert _detail(server, sbx.sandbox_id)["pausedTo"] == "disk"
+        r = pause(sbx.sandbox_id, {"toDisk": True})
+        assert r.status_code == 409 and "already paused" in r.text, r.text
+        again = Sandbox.connect(sbx.sandbox_id)
+        assert int(again.files.read("/tmp/n")) > first  # the same loop, counting on
+
+        # what cannot go to disk: paused in memory, and the answer says why
+        again.pty.create(size=PtySize(rows=24, cols=80))
+        r = pause(sbx.sandbox_id, {"toDisk": True})
+        assert r.status_code == 409 and "paused in memory, not on disk" in r.text and "terminal" in r.text, r.text
+        detail = _detail(server, sbx.sandbox_id)
+        assert detail["state"] == "paused" and detail["pausedTo"] == "memory"
+        Sandbox.connect(sbx.sandbox_id)
+        r = pause(sbx.sandbox_id, {"toDisk": True, "memory": False})
+        assert r.status_code == 400 and "toDisk" in r.text, r.text
+    finally:
+        sbx.kill()

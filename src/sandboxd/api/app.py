@@ -180,7 +180,9 @@ def build_control_plane(
 
     async def pause(request: Request) -> Response:
         body: PauseBody = await _body(request, PauseBody, limits, required=False)
-        await manager.pause(request.path_params["sandbox_id"], memory=body.memory)
+        if body.to_disk and not body.memory:
+            raise BadRequest("toDisk is for a pause with memory (memory: true): a filesystem pause keeps no memory")
+        await manager.pause(request.path_params["sandbox_id"], memory=body.memory, to_disk=body.to_disk)
         return Response(status_code=204)
 
     async def metrics_many(request: Request) -> Response:

@@ -59,6 +59,8 @@ class SnapshotRequest(_Body):
 
 class PauseBody(_Body):
     memory: bool = True  # False (the SDK's mode="filesystem"): its processes end, its files stay
+    # sandboxd's extension: written to disk (CRIU) before the answer, not after --checkpoint-after
+    to_disk: bool = Field(default=False, alias="toDisk")
     require_healthy_guest: bool = Field(default=False, alias="requireHealthyGuest")
 
 

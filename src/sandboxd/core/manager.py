@@ -640,10 +640,12 @@ class SandboxManager:
         """Held while the sandbox is paused, resumed or snapshotted: one of those at a time."""
         return self._pausing.setdefault(sandbox_id, asyncio.Lock())
 
-    async def pause(self, sandbox_id: str, memory: bool = True) -> None:
-        """Pause: frozen in memory, or (`memory` False) stopped with its files kept (core/pausing.py)."""
+    async def pause(self, sandbox_id: str, memory: bool = True, to_disk: bool = False) -> None:
+        """Pause: frozen in memory, or (`memory` False) stopped with its files kept (core/pausing.py).
+        `to_disk`: written to disk now (also one paused in memory already); if it cannot be, it stays paused in
+        memory and the Conflict says why."""
         sandbox = self.get(sandbox_id)
-        if sandbox.record.state == "paused":
+        if sandbox.record.state == "paused" and not (to_disk and pausing.in_memory(sandbox)):
             raise Conflict(f"sandbox '{sandbox_id}' is already paused")
         lock = self.pause_lock(sandbox_id)
         if lock.locked():
@@ -652,10 +654,18 @@ class SandboxManager:
             if not memory:
                 await pausing.stop(self, sandbox)
                 return
-            await asyncio.to_thread(self.runtime.freeze, sandbox.handle, True)
-            sandbox.record.state, sandbox.record.pause_mode = "paused", pausing.FULL
-            sandbox.paused_at = time.time()
-            self.db.put(sandbox.record)
+            if sandbox.record.state != "paused":
+                await asyncio.to_thread(self.runtime.freeze, sandbox.handle, True)
+                sandbox.record.state, sandbox.record.pause_mode = "paused", pausing.FULL
+                sandbox.paused_at = time.time()
+                self.db.put(sandbox.record)
+            if to_disk and pausing.in_memory(sandbox):  # (not killed meanwhile)
+                try:
+                    await pausing.to_disk(self, sandbox)
+                    return
+                except (SandboxdError, RuntimeError_) as e:
+                    self.reaper.wake()  # (it tries again later, as for any pause)
+                    raise Conflict(f"sandbox '{sandbox_id}' is paused in memory, not on disk: {e}") from None
         if self.settings.checkpoint_after is not None:
             self.reaper.wake()  # (it writes paused sandboxes to disk when their time comes)
 
