@@ -74,3 +74,22 @@ def test_a_pause_to_disk_never_fills_the_hosts_disk(tmp_path: Path) -> None:
             srv.stop()
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_a_sandbox_booting_again_from_its_files_cannot_make_the_helper_write_on_the_host(
+    server: Server, tmp_path: Path
+) -> None:
+    """The helper (host root) writes the sandbox's /etc/hostname and /etc/hosts at each boot: the sandbox's own
+    symlinks, pointing at host paths, lead nowhere but into the sandbox. (Before: /etc -> a host directory got
+    hostname and hosts written there, chowned to the sandbox's uid; /etc -> /etc would have been the host's.)"""
+    target = tmp_path / "host-dir"
+    target.mkdir()
+    sbx = Sandbox.create(template="base", timeout=120)
+    try:
+        sbx.commands.run(f"mv /etc /etc.old && /bin/ln -s {target} /etc", user="root")
+        assert sbx.pause(mode="filesystem") is True
+        again = Sandbox.connect(sbx.sandbox_id)
+        assert sorted(p.name for p in target.iterdir()) == [], "the helper wrote on the host through a symlink"
+        assert again.commands.run("readlink /etc", user="root").stdout == f"{target}\n"  # left as it made it
+    finally:
+        sbx.kill()

@@ -352,6 +352,28 @@ static void lo_up(void) {
 /* --resolv TEXT: the sandbox's /etc/resolv.conf (its DNS server is sandboxd's resolver on the gateway).
  * Written into the new overlay as the sandbox's root, one path component at a time without following a
  * symlink (the template's /etc/resolv.conf may be one: it is replaced, never written through). */
+struct open_how_ {
+    uint64_t flags, mode, resolve;
+};
+#ifndef SYS_openat2
+#define SYS_openat2 437
+#endif
+#define RESOLVE_NO_MAGICLINKS_ 0x02
+#define RESOLVE_IN_ROOT_ 0x10
+
+/* A path of a sandbox's root, opened by the helper (host root, in the host's root directory): its symlinks and
+ * ".." resolve inside the sandbox's root, as the sandbox would see them, never to a host path (the files of a
+ * sandbox booting again, or of a snapshot, are the sandbox's own making). */
+static int open_in_root(int root, const char *path, int flags, mode_t mode) {
+    int creating = (flags & O_CREAT) || (flags & O_TMPFILE) == O_TMPFILE;
+    struct open_how_ how = {(uint64_t)(flags | O_CLOEXEC), creating ? mode : 0,
+                            RESOLVE_IN_ROOT_ | RESOLVE_NO_MAGICLINKS_};
+    int fd;
+    do fd = (int)syscall(SYS_openat2, root, path, &how, sizeof how);
+    while (fd < 0 && errno == EAGAIN); /* (a rename anywhere on the host while ".." resolved) */
+    return fd;
+}
+
 static void write_resolv(const char *merged, const char *text, unsigned owner) {
     int root = open(merged, O_PATH | O_DIRECTORY | O_CLOEXEC);
     if (root < 0) die("open %s", merged);
@@ -437,11 +459,28 @@ static int read_all(int fd, char *buf, size_t n) {
     return (int)got;
 }
 
-static void copy_into_tmpfs(const char *src, const char *dst, unsigned shift) {
-    char opts[128], from[4096], to[4096];
-    xmkdir(dst, 0755);
+/* A read-only tmpfs at DST of the sandbox's root (resolved inside it: see open_in_root) holding a copy of the
+ * files of the host directory SRC. */
+static void copy_into_tmpfs(const char *src, const char *root, const char *dst, unsigned shift) {
+    char opts[128], from[4096], at[64];
+    int rootfd = open(root, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (rootfd < 0) die("open %s", root);
+    const char *slash = strrchr(dst, '/'), *base = slash + 1;
+    char parent[4096];
+    snprintf(parent, sizeof parent, "%.*s", (int)(slash - dst), dst);
+    int pfd = open_in_root(rootfd, parent[0] ? parent : "/", O_PATH | O_DIRECTORY, 0);
+    if (pfd < 0) die("open %s in the sandbox", parent);
+    if (mkdirat(pfd, base, 0755) < 0 && errno != EEXIST) die("mkdir %s", dst);
+    int target = openat(pfd, base, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (target < 0) die("%s in the sandbox is not a directory", dst);
+    close(pfd);
     snprintf(opts, sizeof opts, "mode=755,size=8m,nr_inodes=1024,uid=%u,gid=%u", shift, shift);
-    xmount("tmpfs", dst, "tmpfs", MS_NOSUID | MS_NODEV, opts);
+    snprintf(at, sizeof at, "/proc/self/fd/%d", target);
+    xmount("tmpfs", at, "tmpfs", MS_NOSUID | MS_NODEV, opts);
+    close(target);
+    int mnt = open_in_root(rootfd, dst, O_PATH | O_DIRECTORY, 0); /* (the tmpfs now) */
+    if (mnt < 0) die("open %s in the sandbox", dst);
+    close(rootfd);
     DIR *d = opendir(src);
     if (!d) die("opendir %s", src);
     static char buf[MAX_COPY_FILE];
@@ -449,19 +488,20 @@ static void copy_into_tmpfs(const char *src, const char *dst, unsigned shift) {
     while ((e = readdir(d))) {
         if (e->d_type != DT_REG) continue; /* files only: no links, no subdirectories */
         snprintf(from, sizeof from, "%s/%s", src, e->d_name);
-        snprintf(to, sizeof to, "%s/%s", dst, e->d_name);
         int in = open(from, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
         if (in < 0) die("open %s", from);
         ssize_t n = read_all(in, buf, sizeof buf);
         close(in);
         if (n < 0 || (size_t)n == sizeof buf) die("%s: unreadable or over %d bytes", from, MAX_COPY_FILE);
-        int out = open(to, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-        if (out < 0 || write(out, buf, (size_t)n) != n) die("write %s", to);
-        if (fchown(out, shift, shift) < 0) die("chown %s", to);
+        int out = openat(mnt, e->d_name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+        if (out < 0 || write(out, buf, (size_t)n) != n) die("write %s/%s", dst, e->d_name);
+        if (fchown(out, shift, shift) < 0) die("chown %s/%s", dst, e->d_name);
         close(out);
     }
     closedir(d);
-    xmount(NULL, dst, NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, opts);
+    snprintf(at, sizeof at, "/proc/self/fd/%d", mnt);
+    xmount(NULL, at, NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, opts);
+    close(mnt);
 }
 
 /*
@@ -542,22 +582,33 @@ static void mask_proc(const char *root) {
     }
 }
 
+/* A file of the sandbox's /etc made anew (whatever was there: a symlink is replaced, not followed). */
+static void write_etc_file(int etc, const char *name, const char *text, unsigned shift) {
+    if (unlinkat(etc, name, 0) < 0 && errno != ENOENT && errno != EISDIR) die("unlink /etc/%s", name);
+    int fd = openat(etc, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        if (errno == EEXIST) return; /* (a directory of that name: the sandbox's own business) */
+        die("create /etc/%s", name);
+    }
+    size_t len = strlen(text);
+    if (write(fd, text, len) != (ssize_t)len) die("write /etc/%s", name);
+    if (fchown(fd, shift, shift) < 0) die("chown /etc/%s", name);
+    close(fd);
+}
+
 static void write_etc(const char *root, const char *hostname, unsigned shift) {
-    char p[4096], buf[1024];
-    snprintf(p, sizeof p, "%s/etc/hostname", root);
-    FILE *f = fopen(p, "we");
-    if (!f) die("open %s", p);
-    fprintf(f, "%s\n", hostname);
-    fclose(f);
-    if (chown(p, shift, shift) < 0) die("chown %s", p);
-    snprintf(p, sizeof p, "%s/etc/hosts", root);
-    f = fopen(p, "we");
-    if (!f) die("open %s", p);
+    char buf[1024];
+    int rootfd = open(root, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (rootfd < 0) die("open %s", root);
+    int etc = open_in_root(rootfd, "etc", O_PATH | O_DIRECTORY, 0);
+    close(rootfd);
+    if (etc < 0) return; /* no /etc (nor one a symlink leads to, inside the sandbox): nothing to write */
+    snprintf(buf, sizeof buf, "%s\n", hostname);
+    write_etc_file(etc, "hostname", buf, shift);
     snprintf(buf, sizeof buf, "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t%s\n",
              hostname);
-    fputs(buf, f);
-    fclose(f);
-    if (chown(p, shift, shift) < 0) die("chown %s", p);
+    write_etc_file(etc, "hosts", buf, shift);
+    close(etc);
 }
 
 static void attach_init(const char *dst);
@@ -577,8 +628,7 @@ static void prepare_root(const char *merged, const char *hostname, unsigned shif
     attach_init(p);
     stage_views();
     for (int i = 0; i < ncopies; i++) {
-        snprintf(p, sizeof p, "%s%s", merged, copy_dst[i]);
-        copy_into_tmpfs(copy_src[i], p, shift);
+        copy_into_tmpfs(copy_src[i], merged, copy_dst[i], shift);
     }
     write_etc(merged, hostname, shift);
     snprintf(p, sizeof p, "%s/tmp", merged);
@@ -1999,15 +2049,8 @@ static int count_one(const char *path, const struct stat *st, int flag, struct F
     return 0;
 }
 
-/* openat2(2): the magic links of /proc (/proc/self/exe, /proc/<pid>/fd/N, map_files, ...) lead to
- * objects outside the path hierarchy; a broker request never follows one. */
-struct open_how_ {
-    uint64_t flags, mode, resolve;
-};
-#ifndef SYS_openat2
-#define SYS_openat2 437
-#endif
-#define RESOLVE_NO_MAGICLINKS_ 0x02
+/* (openat2: see open_in_root) a broker request never follows a magic link of /proc (/proc/self/exe,
+ * /proc/<pid>/fd/N, map_files, ...): they lead to objects outside the path hierarchy. */
 
 static int open_no_magic(const char *path, int flags, mode_t mode) {
     /* a mode only with O_CREAT or O_TMPFILE (whose bits include O_DIRECTORY's): openat2 rejects it otherwise */
