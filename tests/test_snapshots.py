@@ -1,16 +1,18 @@
-"""Snapshots of a sandbox's files (core/snapshots.py) with the official SDK: a template-like source that
-new sandboxes start from, sharing its layers and diverging on their own; listed, deleted; a snapshot
-with memory is refused with a message that says what works."""
+"""Snapshots (core/snapshots.py) with the official SDK: a template-like source that new sandboxes start from,
+sharing its layers and diverging on their own; listed, deleted. With memory (E2B's default), the new sandboxes
+run the source's processes from where the snapshot caught them; what cannot be carried into them (a command's
+pipes to its keeper) is refused with a message that says what works."""
 
 from __future__ import annotations
 
 import secrets
+import time
 
 import pytest
 from e2b import Sandbox
 from e2b.exceptions import SandboxException
 
-from conftest import Server, held_top_layer
+from conftest import TEMPLATES_DIR, Server, held_top_layer
 
 
 def _lowers(server: Server, sandbox_id: str) -> str:
@@ -27,8 +29,8 @@ def test_a_filesystem_snapshot_starts_new_sandboxes_that_diverge(server: Server)
         src.commands.run("rm /etc/motd; echo made > /etc/by-root", user="root")
         bg = src.commands.run("sleep 1000", background=True)
         with pytest.raises(SandboxException) as refused:
-            src.create_snapshot()  # with memory: E2B's default
-        assert "filesystem" in str(refused.value)
+            src.create_snapshot()  # with memory (E2B's default): the command's pipes to its keeper cannot go along
+        assert "keepers" in str(refused.value) and "nohup" in str(refused.value) and "filesystem" in str(refused.value)
 
         snap = src.create_snapshot(name=name, mode="filesystem")
         snapshot_id = snap.snapshot_id
@@ -61,3 +63,92 @@ def test_a_filesystem_snapshot_starts_new_sandboxes_that_diverge(server: Server)
             assert Sandbox.delete_snapshot(snapshot_id) is True
     with pytest.raises(SandboxException):
         Sandbox.create(template=name, timeout=30)
+
+
+# Counts in memory, and says so in a file; a child of its own.
+COUNTER = """
+import os, subprocess, time
+child = subprocess.Popen(["sleep", "1000"])
+n = 0
+while True:
+    n += 1
+    with open("/tmp/n.new", "w") as f:
+        f.write(f"{n} {child.pid} {int(child.poll() is None)}")
+    os.replace("/tmp/n.new", "/tmp/n")
+    time.sleep(0.02)
+"""
+
+
+def _counted(sbx: Sandbox) -> tuple[int, int, int]:
+    n, child, alive = sbx.files.read("/tmp/n").split()
+    return int(n), int(child), int(alive)
+
+
+def test_a_snapshot_with_memory_starts_sandboxes_running_its_processes_from_where_they_were(server: Server) -> None:
+    src = Sandbox.create(template="base", timeout=120)
+    made: list[Sandbox] = []
+    snapshot_id = None
+    try:
+        src.files.write("/tmp/count.py", COUNTER)
+        src.commands.run("nohup python3 /tmp/count.py > /tmp/count.log 2>&1 &")
+        src.files.write("/home/user/notes.txt", "from the source\n")
+        deadline = time.monotonic() + 10
+        while not src.files.exists("/tmp/n") or _counted(src)[0] < 5:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        counter = int(src.commands.run("pgrep -f count.py").stdout)
+        snap = src.create_snapshot()  # memory and files: E2B's default
+        snapshot_id = snap.snapshot_id
+        caught = _counted(src)[0]  # (a moment after the snapshot: at least its count)
+        src.files.write("/home/user/notes.txt", "changed after the snapshot\n")
+        assert int(src.commands.run("pgrep -f count.py").stdout) == counter  # the source runs on
+
+        made = [Sandbox.create(template=snapshot_id, timeout=60) for _ in range(3)]
+        for child in made:
+            n, sleeper, alive = _counted(child)
+            # the same process (its PID in the sandbox), counting on from where the snapshot caught it (not from
+            # 1: nothing started it again), with its child
+            assert int(child.commands.run("pgrep -f count.py").stdout) == counter
+            assert n <= caught + 50 and alive == 1, (n, caught)
+            assert child.commands.run(f"cat /proc/{sleeper}/comm").stdout == "sleep\n"
+            assert child.files.read("/home/user/notes.txt") == "from the source\n"
+            assert child.commands.run("hostname").stdout == f"{child.sandbox_id}\n"
+            assert child.commands.run("whoami").stdout == "user\n"
+        time.sleep(0.3)
+        assert all(_counted(c)[0] > caught for c in made)  # each counting on its own
+        assert _lowers(server, made[0].sandbox_id) == _lowers(server, made[1].sandbox_id)  # files shared
+        made[0].commands.run(f"kill {counter}")
+        time.sleep(0.2)
+        frozen = _counted(made[0])[0]
+        time.sleep(0.2)
+        assert _counted(made[0])[0] == frozen  # ended there...
+        assert int(made[1].commands.run("pgrep -f count.py").stdout) == counter  # ...not in its siblings
+        assert int(src.commands.run("pgrep -f count.py").stdout) == counter  # nor in the source
+    finally:
+        for child in made:
+            child.kill()
+        src.kill()
+        if snapshot_id is not None:
+            assert Sandbox.delete_snapshot(snapshot_id) is True
+            assert not (TEMPLATES_DIR / snapshot_id).exists()  # its memory went with it
+
+
+def test_a_code_interpreter_snapshot_with_memory_keeps_its_kernels_variables(server: Server) -> None:
+    from e2b_code_interpreter import Sandbox as CodeSandbox
+
+    src = CodeSandbox.create(timeout=120)
+    made: list[CodeSandbox] = []
+    snapshot_id = None
+    try:
+        assert src.run_code("import numpy; prepared = numpy.arange(10).sum()").error is None
+        snapshot_id = src.create_snapshot().snapshot_id
+        made = [CodeSandbox.create(template=snapshot_id, timeout=60) for _ in range(2)]
+        for i, child in enumerate(made):
+            assert child.run_code(f"prepared += {i}; int(prepared)").text == str(45 + i)  # diverging
+        assert src.run_code("int(prepared)").text == "45"
+    finally:
+        for child in made:
+            child.kill()
+        src.kill()
+        if snapshot_id is not None:
+            Sandbox.delete_snapshot(snapshot_id)

@@ -42,6 +42,7 @@ from sandboxd.runtime.base import (
     RuntimeError_,
     SandboxHandle,
     SandboxSpec,
+    SnapshotImages,
 )
 from sandboxd.runtime.network import AddressPoolExhausted
 from sandboxd.runtime.quota import DEFAULT_DISK_MB, MIN_DISK_MB
@@ -317,8 +318,22 @@ class SandboxManager:
         """Start a sandbox from `spec` (new, or one whose files were kept: core/pausing.py), then its
         template's start command or service."""
         memory_mb = spec.limits.memory_mb
+        images = template.memory_images if spec.resume_uid_base is None else None
         self._creating.append(memory_mb)  # counted against the host-wide limits while it is made
         try:
+            if images is not None and template.memory_uid_base is not None:  # a snapshot with memory: its processes
+                if self.settings.criu is None:
+                    raise SandboxdError(
+                        f"template '{template.name}' is a snapshot with memory, and this server has no CRIU "
+                        "(sandboxd serve --criu) to start its processes"
+                    )
+                snapshot = SnapshotImages(images, template.memory_uid_base, self.settings.criu)
+                try:
+                    handle = await self.runtime.create_from(spec, snapshot)
+                except RuntimeError_ as e:
+                    raise SandboxdError(f"snapshot '{template.name}': a sandbox could not start from it: {e}") from None
+                self._hold_template(spec, handle)
+                return handle, None  # (its service, if any, runs restored)
             handle = await self.runtime.create(spec)
         except AddressPoolExhausted as e:
             raise LimitReached(str(e)) from None

@@ -52,6 +52,10 @@ class CheckpointPart(Protocol):
 
     async def dump_failed(self, sandbox: Sandbox) -> None: ...
 
+    async def before_snapshot(self, sandbox: Sandbox) -> None:
+        """Before a snapshot with memory (core/snapshots.py: CRIU leaves the processes running); raise Conflict if
+        what is attached cannot be carried into new sandboxes."""
+
     async def before_restore(self, sandbox: Sandbox) -> list[tuple[int, str]]:
         """Descriptors the restored processes get instead of files of theirs: (fd, CRIU's name of the file)."""
         ...

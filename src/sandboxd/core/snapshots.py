@@ -1,17 +1,25 @@
-"""Snapshots of a sandbox's files (E2B's `create_snapshot(mode="filesystem")`): a template made of the
-sandbox's layers plus one more, a copy of what it changed (its overlay upper dir, taken while its
-processes are frozen). `Sandbox.create(<snapshot ID or name>)` starts new sandboxes from it, which
-share its layers (no copy per sandbox); the sandbox goes on running. A snapshot keeps its template's
-start command, service, user, working directory and environment, and the sandbox's resources.
+"""Snapshots of a sandbox (E2B's `create_snapshot`): a template made of the sandbox's layers plus one more, a
+copy of what it changed (its overlay upper dir). `Sandbox.create(<snapshot ID or name>)` starts new sandboxes
+from it, which share its layers (no copy per sandbox); the sandbox goes on running. A snapshot keeps its
+template's start command, service, user, working directory and environment, and the sandbox's resources.
 
-Memory is not captured: a snapshot with memory (E2B's default) is refused with 409, saying to ask for a
-filesystem snapshot. Snapshots are templates: listed by `GET /snapshots`, deleted by `DELETE
-/templates/{id}`, their layers pruned once nothing stands on them.
+- With memory (E2B's default): CRIU writes the sandbox's processes too (runtime `snapshot`: they are stopped
+  while it does, and its files are copied at that instant, so files and memory agree), into the snapshot's
+  version directory; a sandbox made from it runs those processes, with their memory, from where they were (its
+  own uid range, address and name: runtime `create_from`), instead of booting. What cannot be carried into a new
+  sandbox refuses the snapshot (409, saying what): a terminal, a TCP connection from outside, the output pipes
+  of commands still running under their keepers (those started through envd), volumes.
+- Filesystem only (`mode="filesystem"`): the files, copied while the processes are frozen; sandboxes made from
+  it boot.
+
+Snapshots are templates: listed by `GET /snapshots`, deleted by `DELETE /templates/{id}` (their memory with
+them), their layers pruned once nothing stands on them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import time
 import uuid
@@ -21,16 +29,17 @@ from typing import TYPE_CHECKING, Any
 from sandboxd.core import pausing
 from sandboxd.core.builds import NAME_RE
 from sandboxd.core.errors import BadRequest, Conflict
+from sandboxd.fdio import syncfs
+from sandboxd.runtime.base import RuntimeError_
 from sandboxd.templates.layers import drop_per_sandbox_files, layer_key
-from sandboxd.templates.store import TemplateError
+from sandboxd.templates.store import MEMORY_DIR, TemplateError
 
 if TYPE_CHECKING:
     from sandboxd.core.manager import Sandbox, SandboxManager
 
-MEMORY_REFUSED = (
-    "this server cannot snapshot a sandbox's memory yet: take a filesystem snapshot "
-    "(Python: create_snapshot(mode='filesystem'); the API: memory: false); sandboxes made from it start "
-    "fresh from its files"
+FILESYSTEM_HINT = (
+    "take a filesystem snapshot instead (Python: create_snapshot(mode='filesystem'); the API: memory: false): "
+    "sandboxes made from it start fresh from its files"
 )
 # sandboxd's own code, copied into sandboxes with a service at every start (templates/store.py binds)
 PER_START_DIRS = ("opt/sandboxd/code",)
@@ -38,44 +47,91 @@ PER_START_DIRS = ("opt/sandboxd/code",)
 
 async def create(manager: SandboxManager, sandbox_id: str, name: str | None, memory: bool) -> dict[str, Any]:
     """Snapshot the sandbox's files as a template (named `name`, or a new one); its info for the API."""
-    if memory:
-        raise Conflict(MEMORY_REFUSED)
     if name is not None and not NAME_RE.match(name):
         raise BadRequest(f"snapshot name '{name[:120]}' is not valid: lowercase letters, digits, '.', '_', '-'")
     sandbox = manager.get(sandbox_id)
     store = manager.templates
     top, base = _stack(manager, sandbox)
+    criu = manager.settings.criu
+    if memory and criu is None:
+        raise Conflict(f"this server has no CRIU (sandboxd serve --criu): it cannot snapshot memory; {FILESYSTEM_HINT}")
+    if memory and sandbox.record.volume_mounts:
+        raise Conflict(
+            f"sandbox '{sandbox_id}' has volumes mounted: a snapshot with memory of it cannot be taken yet; "
+            + FILESYSTEM_HINT
+        )
     async with manager.pause_lock(sandbox_id):
         if pausing.without_processes(sandbox):
             raise Conflict(f"sandbox '{sandbox_id}' is paused to its files or to disk: resume it, then snapshot it")
         running = sandbox.record.state == "running"
         work = store.layers.new_dir()
+        held = store.layers.new_dir() if memory else None  # (the memory's scratch dir: moved into the snapshot)
         try:
-            if running:  # a consistent copy: nothing of it writes meanwhile
-                await _freeze(manager, sandbox, True)
-            try:
-                await manager.runtime.copy_upper(sandbox.handle, work / "diff")
-            finally:
-                if running:
-                    await _freeze(manager, sandbox, False)
+            if held is not None and criu is not None:
+                await _with_memory(manager, sandbox, work / "diff", held / MEMORY_DIR, criu, running)
+            else:
+                if running:  # a consistent copy: nothing of it writes meanwhile
+                    await _freeze(manager, sandbox, True)
+                try:
+                    await manager.runtime.copy_upper(sandbox.handle, work / "diff")
+                finally:
+                    if running:
+                        await _freeze(manager, sandbox, False)
             drop_per_sandbox_files(work / "diff")
-            for rel in PER_START_DIRS:
+            for rel in PER_START_DIRS if held is None else ():  # (with memory: its mount points, restored there)
                 _remove(work / "diff" / rel)
             step = f"snapshot of sandbox {sandbox_id}"
             key = layer_key(top, base, {"snapshot": sandbox_id, "id": uuid.uuid4().hex})
             layer = await _commit(manager, work, key, top, base, step, sandbox.handle.uid_base)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
+            if held is not None:
+                shutil.rmtree(held, ignore_errors=True)
             raise
-    extra = {"snapshot": {"sandboxID": sandbox_id, "createdAt": time.time()}}
+    extra = {"snapshot": {"sandboxID": sandbox_id, "createdAt": time.time(), "memory": held is not None}}
     version = _version(manager, sandbox, layer.key, base)
+    if held is not None:
+        version["memory"] = {"uid_base": sandbox.handle.uid_base}
     try:
         ident = store.publish(
-            name or f"snapshot-{sandbox_id}-{uuid.uuid4().hex[:8]}", extra, str(uuid.uuid4()), version
+            name or f"snapshot-{sandbox_id}-{uuid.uuid4().hex[:8]}",
+            extra,
+            str(uuid.uuid4()),
+            version,
+            memory=held / MEMORY_DIR if held is not None else None,
         )
     except TemplateError as e:
         raise BadRequest(str(e)) from None
+    finally:
+        if held is not None:
+            shutil.rmtree(held, ignore_errors=True)
     return info(store, ident)
+
+
+async def _with_memory(
+    manager: SandboxManager, sandbox: Sandbox, diff: Path, images: Path, criu: Path, running: bool
+) -> None:
+    """CRIU writes the sandbox's processes into `images`, leaving them running; while they are stopped, its
+    files are copied into `diff`. A sandbox paused in memory is thawed for CRIU to seize it (its processes run
+    for that moment), and frozen again after."""
+    for part in manager.checkpoint_parts:
+        await part.before_snapshot(sandbox)
+    if not running:
+        await _freeze(manager, sandbox, False)
+    try:
+
+        async def copy_files() -> None:
+            await manager.runtime.copy_upper(sandbox.handle, diff)
+
+        await manager.runtime.snapshot(sandbox.handle, images, criu, copy_files)
+        await asyncio.to_thread(_sync, images)  # (published once whole: its pages on disk first)
+    except RuntimeError_ as e:
+        raise Conflict(
+            f"sandbox '{sandbox.id}' could not be snapshotted with its memory: {e}; {FILESYSTEM_HINT}"
+        ) from None
+    finally:
+        if not running:
+            await _freeze(manager, sandbox, True)
 
 
 def info(store: Any, ident: str) -> dict[str, Any]:
@@ -143,6 +199,14 @@ async def _commit(
     manager: SandboxManager, work: Path, key: str, top: str | None, base: Path, step: str, uid_base: int
 ) -> Any:
     return await asyncio.to_thread(manager.templates.layers.commit, work, key, top, base, step, uid_base)
+
+
+def _sync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        syncfs(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove(path: Path) -> None:

@@ -121,6 +121,14 @@ class EnvdAtCheckpoint:
     async def dump_failed(self, sandbox: Sandbox) -> None:
         self._tell(self._held.pop(sandbox.id, []), b"u")
 
+    async def before_snapshot(self, sandbox: Sandbox) -> None:
+        for proc in table_of(sandbox).by_pid.values():
+            if proc.is_pty and not proc.done.is_set():
+                raise Conflict(
+                    f"process {proc.pid} has a terminal (PTY), which a snapshot with memory cannot carry into new "
+                    "sandboxes: end the terminal session first, or take a filesystem snapshot"
+                )
+
     async def before_restore(self, sandbox: Sandbox) -> list[tuple[int, str]]:
         """(fd, CRIU's name of the file it replaces) for every pipe between a kept command and its keeper."""
         if sandbox.id not in self._held:  # written to disk by a previous server run: its keepers are asked again

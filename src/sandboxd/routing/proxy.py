@@ -148,6 +148,9 @@ class PortProxy:
     async def dump_failed(self, sandbox: Sandbox) -> None:
         pass
 
+    async def before_snapshot(self, sandbox: Sandbox) -> None:
+        await self.before_dump(sandbox)
+
     async def before_restore(self, sandbox: Sandbox) -> list[tuple[int, str]]:
         return []
 

@@ -11,7 +11,7 @@ import contextlib
 import os
 import socket
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +135,15 @@ class Checkpoint:
         if self.on_release is not None:
             self.on_release()
             self.on_release = None
+
+
+@dataclass(frozen=True)
+class SnapshotImages:
+    """A snapshot's processes, as `Runtime.snapshot` wrote them, for `Runtime.create_from`."""
+
+    images: Path
+    uid_base: int  # of the sandbox it was taken of
+    criu: Path
 
 
 @dataclass
@@ -261,6 +270,18 @@ class Runtime(abc.ABC):
         """The sandbox `checkpoint` wrote, running again (`spec.resume_uid_base`: its uid range); `volumes`: the
         host directories of the volumes, in the order `checkpoint` was given their paths."""
         raise NotImplementedError(f"the {self.name} runtime cannot restore a sandbox")
+
+    async def snapshot(
+        self, handle: SandboxHandle, images: Path, criu: Path, at_dump: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Write the sandbox's processes into `images` (CRIU), leaving them running; `at_dump` is awaited while
+        they are stopped, everything written (for the sandbox's files to be copied at the same instant); if it
+        raises, the dump is undone. See NamespaceRuntime."""
+        raise NotImplementedError(f"the {self.name} runtime cannot snapshot a sandbox's memory")
+
+    async def create_from(self, spec: SandboxSpec, snapshot: SnapshotImages) -> SandboxHandle:
+        """A new sandbox running the processes of a snapshot (its files: `spec.layers`)."""
+        raise NotImplementedError(f"the {self.name} runtime cannot start a sandbox from a snapshot's memory")
 
     def held_checkpoint(self, handle: SandboxHandle, images: Path, criu: Path) -> Checkpoint | None:
         """After a server restart: the checkpoint a previous run wrote of the sandbox, if it is whole and its

@@ -23,13 +23,13 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 from sandboxd.fdio import syncfs
-from sandboxd.runtime import cgroups, identity, network, pids, quota, views
+from sandboxd.runtime import cgroups, criu_images, identity, network, pids, quota, views
 from sandboxd.runtime.base import (
     Checkpoint,
     Egress,
@@ -39,6 +39,7 @@ from sandboxd.runtime.base import (
     RuntimeError_,
     SandboxHandle,
     SandboxSpec,
+    SnapshotImages,
     Stats,
 )
 from sandboxd.runtime.native import compiled_filter, helper_path, init_mount, sealed_copy
@@ -144,6 +145,41 @@ def _socket_in_netns(pid: int, start: int) -> socket.socket:
         os.close(fd)
 
 
+STAGED_IMAGES = "snapshot-images"
+HANDSHAKE_WAIT = 60.0  # s: CRIU writing a snapshot's processes, at most
+
+
+def _wait_told(fd: int, proc: subprocess.Popen[bytes]) -> bool:
+    """True once CRIU's post-dump action said "dumped" on the FIFO `fd`; False if CRIU ended without."""
+    deadline = time.monotonic() + HANDSHAKE_WAIT
+    got = b""
+    while time.monotonic() < deadline and proc.poll() is None:
+        ready, _, _ = select.select([fd], [], [], 0.05)
+        if ready:
+            with contextlib.suppress(BlockingIOError):
+                got += os.read(fd, 16)
+            if got == b"dumped\n":
+                return True
+    return False
+
+
+def _answer_go(path: Path, answer: bytes) -> None:
+    """The answer to CRIU's post-dump action, waiting on its end of the FIFO (ENXIO: not open yet)."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            break
+        except OSError as e:
+            if e.errno != errno.ENXIO or time.monotonic() > deadline:
+                return  # (it gave up: CRIU undoes the dump)
+            time.sleep(0.005)
+    try:
+        os.write(fd, answer)
+    finally:
+        os.close(fd)  # in a sandbox's state dir while it is restored from a snapshot
+
+
 def _criu_errors(log: Path, stderr: bytes, limit: int = 5) -> str:
     """What went wrong, for a message: the helper's own words, and CRIU's first errors from its log."""
     lines = [stderr.decode(errors="replace").strip()]
@@ -222,9 +258,11 @@ class NamespaceRuntime(Runtime):
         restore: Checkpoint | None = None,
         inherit: Sequence[tuple[int, str]] = (),
         volumes: Sequence[Path] = (),
+        from_images: SnapshotImages | None = None,
     ) -> SandboxHandle:
-        """A new sandbox; or, with `restore`, the one `checkpoint` wrote (its processes and memory again, in the
-        namespaces it held; `spec.resume_uid_base` is its uid range). `inherit`: (fd, CRIU's name of a file of
+        """A new sandbox (with `from_images`: the processes of a snapshot, restored into it); or, with `restore`,
+        the one `checkpoint` wrote (its processes and memory again, in the namespaces it held;
+        `spec.resume_uid_base` is its uid range). `inherit`: (fd, CRIU's name of a file of
         the checkpoint, as "pipe:[INODE]"): the restored processes get our fd instead of that file (the other
         end of the pipes to their keepers, which stayed outside the checkpoint: envd/kept.py). `volumes`: the host
         directories of the volumes the checkpoint had mounted (`checkpoint`'s `volumes`, in its order)."""
@@ -258,6 +296,16 @@ class NamespaceRuntime(Runtime):
                 if not resuming:  # The overlay's root directory takes the upper dir's owner: sandbox root.
                     os.chown(upper, base, base)
                     os.chmod(upper, 0o755)
+            staged: Path | None = None
+            if from_images is not None:  # its own copy, for its uid range (runtime/criu_images.py)
+                staged = sdir / STAGED_IMAGES
+                shutil.rmtree(staged, ignore_errors=True)
+                try:
+                    await asyncio.to_thread(
+                        criu_images.stage, from_images.images, staged, from_images.uid_base, base, identity.RANGE
+                    )
+                except (OSError, criu_images.ImageError) as e:
+                    raise RuntimeError_(f"sandbox {spec.sandbox_id}: its snapshot's images: {e}") from e
             cpus = self._pick_cpus(spec.sandbox_id, spec.limits.cpu_count)
             cg.create(spec.limits.memory_mb, spec.limits.cpu_count, spec.limits.pids, cpus)
             view = views.stage(sdir, self._memory_total(spec.limits.memory_mb), cpus or self.cpus)
@@ -296,6 +344,8 @@ class NamespaceRuntime(Runtime):
                     argv += ["--volume", str(source)]
             elif net is not None and self.net is not None:
                 argv += ["--netns", f"/proc/{os.getpid()}/fd/{net.fd}", "--resolv", f"nameserver {self.net.gateway}\n"]
+            if staged is not None and from_images is not None:  # (in a UTS namespace of its own, its hostname)
+                argv += ["--restore", str(staged), "--criu", str(from_images.criu)]
             argv += disk_args
             if resuming:
                 argv += ["--resume", "1"]
@@ -326,7 +376,11 @@ class NamespaceRuntime(Runtime):
                     self.net.refill()  # the next sandbox's namespace, now that this one's helper is done
             if proc.returncode != 0:
                 reason = err.decode(errors="replace").strip()
+                if staged is not None:
+                    reason = _criu_errors(staged / "restore.log", err)
                 raise RuntimeError_(f"creating sandbox {spec.sandbox_id} failed: {reason}")
+            if staged is not None:
+                shutil.rmtree(staged, ignore_errors=True)
             pid = int(out.split()[0])
             start = pids.start_time(pid)
             if start is None:
@@ -657,6 +711,85 @@ class NamespaceRuntime(Runtime):
         volumes: Sequence[Path] = (),
     ) -> SandboxHandle:
         return await self.create(spec, restore=held, inherit=inherit, volumes=volumes)
+
+    async def snapshot(
+        self, handle: SandboxHandle, images: Path, criu: Path, at_dump: Callable[[], Awaitable[None]]
+    ) -> None:
+        """CRIU writes everything under the sandbox's init into `images` and leaves it running. Once all is written,
+        while the processes are still stopped, CRIU's post-dump action (sbxhelper, `--handshake`) tells us and
+        waits: `at_dump` runs then (the server copies the sandbox's files), and its failure undoes the dump."""
+        held = self._pipes_to_outside(handle)
+        if held:
+            raise RuntimeError_(
+                f"processes {', '.join(map(str, held[:10]))} of sandbox {handle.sandbox_id} have pipes to the "
+                "commands' keepers (commands started through the API that still run, or their children): they "
+                "cannot be carried into new sandboxes yet. End them, or start them with their own output "
+                "(`nohup cmd > file 2>&1 &`), then take the snapshot"
+            )
+        # The handshake's FIFOs (CRIU runs its action script with no descriptor of ours: sbxhelper.c), in a
+        # directory of root's only; the helper's script opens them as the sandbox's uid, with its capabilities.
+        hs = Path(tempfile.mkdtemp(prefix=".snapshot-", dir=handle.state_dir))
+        os.mkfifo(hs / "told", 0o600)
+        os.mkfifo(hs / "go", 0o600)
+        told = os.open(hs / "told", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        argv = [self.helper, "checkpoint", "--pid", str(handle.init_pid), "--pid-start", str(handle.init_start_time)]
+        argv += ["--shift", str(handle.uid_base), "--criu", str(criu), "--images", str(images)]
+        argv += ["--leave-running", "1", "--handshake", str(hs)]
+        try:
+            proc = subprocess.Popen(  # noqa: ASYNC220 (vfork, as create's)
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={}
+            )
+            try:
+                if await asyncio.to_thread(_wait_told, told, proc):
+                    answer = b"no\n"
+                    try:
+                        await at_dump()
+                        answer = b"go\n"
+                    finally:
+                        await asyncio.to_thread(_answer_go, hs / "go", answer)
+            finally:
+                _, err = await asyncio.to_thread(proc.communicate)
+        finally:
+            os.close(told)
+            shutil.rmtree(hs, ignore_errors=True)
+        if proc.returncode != 0:
+            raise RuntimeError_(
+                f"snapshotting sandbox {handle.sandbox_id} failed: {_criu_errors(images / 'dump.log', err)}"
+            )
+
+    def _pipes_to_outside(self, handle: SandboxHandle) -> list[int]:
+        """The processes under the sandbox's init holding a pipe that a process outside that tree holds too (the
+        keepers of commands; the server)."""
+        procs = self._cgroups(handle.sandbox_id).procs()
+        children: dict[int, list[int]] = {}
+        for pid in procs:
+            parent = pids.parent_of(pid)
+            if parent is not None:
+                children.setdefault(parent, []).append(pid)
+        tree, todo = set(), [handle.init_pid]
+        while todo:
+            pid = todo.pop()
+            if pid not in tree:
+                tree.add(pid)
+                todo += children.get(pid, [])
+
+        def pipes(pid: int) -> set[str]:
+            found = set()
+            with contextlib.suppress(OSError):
+                for fd in os.listdir(f"/proc/{pid}/fd")[:4096]:
+                    with contextlib.suppress(OSError):
+                        link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                        if link.startswith("pipe:"):
+                            found.add(link)
+            return found
+
+        outside: set[str] = set()
+        for pid in [*(p for p in procs if p not in tree), os.getpid()]:
+            outside |= pipes(pid)
+        return sorted(pid for pid in tree if pipes(pid) & outside)
+
+    async def create_from(self, spec: SandboxSpec, snapshot: SnapshotImages) -> SandboxHandle:
+        return await self.create(spec, from_images=snapshot)
 
     def drop_checkpoint(self, handle: SandboxHandle) -> None:
         _unpin_namespaces(handle.state_dir)

@@ -36,6 +36,8 @@ from sandboxd.templates.builtin import CODE_DIR, FIXED_IDS, SITE_DIR
 from sandboxd.templates.builtin import names as builtin_names
 from sandboxd.templates.layers import LayerStore
 
+MEMORY_DIR = "memory"  # a snapshot's processes, in its version's directory
+
 
 class TemplateError(Exception):
     """A template is unknown, missing, or failed to build."""
@@ -64,6 +66,13 @@ class Template:
     ready_cmd: str = ""
     names: tuple[str, ...] = ()
     recipe: str = ""  # a built-in recipe's digest (templates/builtin.py)
+    # A snapshot with memory (core/snapshots.py): its processes, in MEMORY_DIR of its version, written by CRIU for
+    # a sandbox whose uid range started here.
+    memory_uid_base: int | None = None
+
+    @property
+    def memory_images(self) -> Path | None:
+        return self.path / MEMORY_DIR if self.memory_uid_base is not None else None
 
     @property
     def rootfs(self) -> Path:
@@ -150,6 +159,7 @@ class TemplateStore:
             ready_cmd=meta.get("ready_cmd", ""),
             names=tuple(self.meta(ident).get("names", [])),
             recipe=meta.get("recipe", ""),
+            memory_uid_base=(meta.get("memory") or {}).get("uid_base"),
         )
 
     @property
@@ -235,20 +245,26 @@ class TemplateStore:
         self.set_name(name, ident)
         return ident
 
-    def publish(self, name: str, extra: dict, build_id: str, version: dict) -> str:
+    def publish(self, name: str, extra: dict, build_id: str, version: dict, memory: Path | None = None) -> str:
         """A new version of the template called `name` (made if there is none), its default; its ID. A new
         template is assembled in a scratch dir and renamed into place whole, then named: a crash leaves a
-        scratch dir (`clean_scratch`) or a whole template, never one without its version."""
+        scratch dir (`clean_scratch`) or a whole template, never one without its version. `memory`: a snapshot's
+        processes (a directory, moved into the version)."""
         ident, _ = self.resolve(name)
         if name in builtin_names() or (ident is not None and self.is_builtin(ident)):
             raise TemplateError(f"'{name}' is a built-in template: give yours another name")
         if ident is not None and (self.dir / ident / "meta.json").is_file():
             self.write_meta(ident, {**self.meta(ident), **extra})
+            if memory is not None:  # (before its template.json: a version is whole once that is written)
+                (self.dir / ident / build_id).mkdir(parents=True, exist_ok=True)
+                os.rename(memory, self.dir / ident / build_id / MEMORY_DIR)
             self.add_version(ident, build_id, version, ["default"])
             return ident
         ident = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(20))
         scratch = self.dir / f".new-template-{ident}-{os.getpid()}"
         (scratch / build_id).mkdir(parents=True)
+        if memory is not None:
+            os.rename(memory, scratch / build_id / MEMORY_DIR)
         meta = {"templateID": ident, "names": [name], "createdAt": time.time(), "builtin": False, **extra}
         write_json(scratch / "meta.json", meta)
         write_json(

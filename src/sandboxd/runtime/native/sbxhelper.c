@@ -92,6 +92,7 @@ static char *argv_end; /* end of the argument strings, for scrubbing a broker's 
 /* create: the fd on which the exec'd init says it runs */
 #define INIT_REPORT_FD 3
 #define MAX_INHERIT 512 /* --inherit-fd of a restore: three per kept command (pipes to their keepers) */
+#define HANDSHAKE_WAIT_MS 120000 /* a snapshot's copy of the files, at most (checkpoint --handshake) */
 #define MAX_VOLUMES 16  /* --volume of a restore, --external-mount of a checkpoint: core/volume_mounts.py's */
 #define INIT_DIR "/dev/.sandboxd" /* in the sandbox: init's program (attach_init), on no layer of its files */
 
@@ -1039,7 +1040,7 @@ static int cmd_create(int argc, char **argv) {
         i++;
     }
     if (!nlowers || !dir) die("create needs --lower and --state-dir");
-    if (restore && (!netns || !uts || !criu)) die("--restore needs --netns, --uts and --criu");
+    if (restore && !criu) die("--restore needs --criu");
     if (restore) resume = 1; /* its overlay was mounted before: the marker goes (see below) */
     char merged[4096];
     snprintf(merged, sizeof merged, "%s/merged", dir);
@@ -1123,6 +1124,13 @@ static int cmd_create(int argc, char **argv) {
      * and restores it: they may pass through the state dir, nothing more (the data dir above it stays host
      * root's only) */
     if (chmod(".", 0711) < 0) die("chmod %s", dir);
+    /* (a restore without --uts: a new sandbox from a snapshot's images, in a UTS namespace of its own) */
+    if (restore && !uts) { /* a new sandbox: its name and resolver in its files too, as a create writes them */
+        if (sethostname(hostname, strlen(hostname)) < 0) die("sethostname");
+        write_etc("merged", hostname, shift);
+        if (resolv) write_resolv("merged", resolv, shift);
+        if (!netns) lo_up(); /* (a network namespace of its own: its loopback, as a create's) */
+    }
     if (restore) return restore_tree(criu, restore, shift, inherit, ninherit, volume_trees, nvolumes);
     if (nvolumes) die("--volume is for --restore");
     if (resolv) write_resolv("merged", resolv, shift);
@@ -2287,7 +2295,7 @@ static int cmd_checkpoint(int argc, char **argv) {
     pid_t target = 0;
     unsigned long long start = 0;
     unsigned shift = 0;
-    const char *criu = NULL, *images = NULL, *mounts[MAX_VOLUMES];
+    const char *criu = NULL, *images = NULL, *mounts[MAX_VOLUMES], *handshake = NULL;
     int leave = 0, nmounts = 0;
     for (int i = 2; i < argc; i += 2) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -2298,6 +2306,7 @@ static int cmd_checkpoint(int argc, char **argv) {
         else if (!strcmp(a, "--criu")) criu = v;
         else if (!strcmp(a, "--images")) images = v;
         else if (!strcmp(a, "--leave-running")) leave = !strcmp(v, "1");
+        else if (!strcmp(a, "--handshake")) handshake = v; /* DIR, see below */
         else if (!strcmp(a, "--external-mount")) { /* a volume's path in the sandbox: restored from --volume */
             if (nmounts == MAX_VOLUMES) die("too many --external-mount (at most %d)", MAX_VOLUMES);
             if (v[0] != '/' || strpbrk(v, "[]:") || strlen(v) > 4000) die("bad --external-mount %s", v);
@@ -2329,6 +2338,17 @@ static int cmd_checkpoint(int argc, char **argv) {
         criu_add(args, &n, vol[i]);
     }
     if (leave) criu_add(args, &n, "--leave-running");
+    /* --handshake DIR (the server's, holding the FIFOs "told" and "go": CRIU runs its action scripts with no
+     * descriptor but stdio): once everything is dumped, while the tree is still stopped, CRIU's post-dump
+     * action writes "dumped" to DIR/told and waits for "go" on DIR/go (the server copies the sandbox's files
+     * meanwhile: a snapshot whose files and memory are of the same instant); anything else undoes the dump. */
+    if (handshake) { /* the action script is this program (see action_script), as the server ran it */
+        if (handshake[0] != '/' || strlen(handshake) > 4000) die("bad --handshake %s", handshake);
+        if (argv[0][0] != '/') die("checkpoint --handshake: run this helper by its absolute path");
+        if (setenv("SBX_HANDSHAKE", handshake, 1) < 0) die("setenv");
+        criu_add(args, &n, "--action-script");
+        criu_add(args, &n, argv[0]);
+    }
     if (chdir("/") < 0) die("chdir /");
     become_owner(shift);
     execv(criu, (char *const *)args);
@@ -2507,9 +2527,45 @@ static int cmd_attach(int argc, char **argv) {
     return 0;
 }
 
+/* CRIU's action script of a `checkpoint --handshake DIR` (run by CRIU at each step of a dump, its step in
+ * CRTOOLS_SCRIPT_ACTION): after the dump, while the tree is still stopped, "dumped" to DIR/told, then "go"
+ * from DIR/go or CRIU undoes the dump. */
+static int action_script(const char *action) {
+    if (strcmp(action, "post-dump")) return 0;
+    const char *dir = getenv("SBX_HANDSHAKE");
+    char path[4200];
+    if (!dir) return 1;
+    snprintf(path, sizeof path, "%s/told", dir);
+    int w = open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC); /* (the server has its end open: ENXIO if not) */
+    if (w < 0 || write(w, "dumped\n", 7) != 7) return 1;
+    close(w);
+    snprintf(path, sizeof path, "%s/go", dir);
+    int r = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (r < 0) return 1;
+    /* The server answers once the files are copied; a server that is gone never does: the sandbox's processes,
+     * stopped meanwhile, run on after HANDSHAKE_WAIT_MS (CRIU undoes the dump). */
+    char answer[8] = {0};
+    size_t got = 0;
+    struct timespec t0, now;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    while (got < sizeof answer - 1) {
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long left = HANDSHAKE_WAIT_MS - (now.tv_sec - t0.tv_sec) * 1000 - (now.tv_nsec - t0.tv_nsec) / 1000000;
+        struct pollfd p = {r, POLLIN, 0};
+        if (left <= 0 || (poll(&p, 1, (int)left) < 0 && errno != EINTR)) return 1;
+        ssize_t k = read(r, answer + got, 1);
+        if (k < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+        if (k <= 0 || answer[got] == '\n') break;
+        got++;
+    }
+    return strncmp(answer, "go\n", 3) == 0 ? 0 : 1;
+}
+
 int main(int argc, char **argv) {
     /* init, exec'd by itself in its sandbox (init_child): PID 1 of its PID namespace, nothing else */
     if (argc == 1 && !strcmp(argv[0], "sandbox-init") && getpid() == 1) return init_main();
+    const char *action = getenv("CRTOOLS_SCRIPT_ACTION");
+    if (argc == 1 && action) return action_script(action);
     argv_end = argv[argc - 1] + strlen(argv[argc - 1]);
     /* The server runs with umask 077 (its own files are root's only); sandboxes get the usual 022. */
     umask(022);
