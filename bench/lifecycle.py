@@ -143,6 +143,9 @@ def run_lifecycle(
     out["errors"] += checkpoints.pop("checkpoint_errors")
     out.update(checkpoints)
     out.update(_interp_pause(dl, min(n, 8)))
+    memory = _memory_snapshots(client, dl, min(n, 8))
+    out["errors"] += memory.pop("errors")
+    out.update(memory)
     out["floor_freeze_exec_ms"] = [_freeze_thaw_ms() + floors["exec_bash"]() for _ in range(n)]
     out["floor_create_ms"] = [floors["create"]() for _ in range(n)]
     out["floor_copy_ms"] = [_copy_ms(data_dir) for _ in range(n)]
@@ -412,6 +415,65 @@ def _med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def _memory_snapshots(client: Any, dl: Any, n: int) -> dict[str, Any]:
+    """Snapshots with memory of a base sandbox whose process holds DIRTY_MB of written memory (and as much in
+    files): the snapshot, a create from it to a first command (its process restored), and forks of 1 and 10
+    children to each child's first command."""
+    from e2b import Sandbox
+
+    out: dict[str, Any] = {"errors": []}
+    hold = (
+        f'python3 -c "import os, time; b = bytearray(os.urandom({DIRTY_MB} << 20)); '
+        "open('/tmp/held', 'w').write('ready'); time.sleep(3600)\" > /dev/null 2>&1 &"
+    )
+    src = client.create(dl)
+    idents: list[str] = []
+    try:
+        src.commands.run(f"head -c {DIRTY_MB}M /dev/urandom > /home/user/dirty.bin; nohup {hold}")
+        deadline = time.monotonic() + 30
+        while src.commands.run("cat /tmp/held 2>/dev/null || true").stdout != "ready":
+            if time.monotonic() > deadline:
+                raise RuntimeError("the memory holder did not start")
+            time.sleep(0.05)
+        for _ in range(n):
+            dl.check()
+            t0 = time.monotonic()
+            idents.append(src.create_snapshot().snapshot_id)
+            out.setdefault("mem_snapshot_ms", []).append(_ms(t0))
+        for _ in range(n):
+            dl.check()
+            t0 = time.monotonic()
+            child = Sandbox.create(template=idents[-1], timeout=60)
+            child.commands.run("true")
+            out.setdefault("mem_from_snapshot_ms", []).append(_ms(t0))
+            if "python3" not in child.commands.run("ps -eo comm").stdout:
+                out["errors"].append("a sandbox from a snapshot with memory does not run the snapshot's process")
+            child.kill()
+        for count, key in ((1, "fork1_ms"), (10, "fork10_ms")):
+            for _ in range(max(1, n // 2)):
+                dl.check()
+                t0 = time.monotonic()
+                made = src.fork(count=count, timeout=60)
+                forks = [f for f in made if isinstance(f, Sandbox)]
+                for f in forks:
+                    f.commands.run("true")
+                out.setdefault(key, []).append(_ms(t0))
+                if len(forks) != count:
+                    out["errors"].append(f"fork of {count}: {[m for m in made if not isinstance(m, Sandbox)]}")
+                for f in forks:
+                    f.kill()
+    except Exception as e:  # (the other rows stand)
+        out["errors"].append(f"snapshots with memory: {e!r}")
+    finally:
+        client.kill(src)
+        for ident in idents:
+            try:
+                Sandbox.delete_snapshot(ident)
+            except Exception as e:
+                out["errors"].append(f"deleting snapshot {ident}: {e!r}")
+    return out
+
+
 def print_report(r: dict[str, Any]) -> None:
     print("\nlifecycle (median ms; floor measured in the same run; peer: CubeSandbox's published figure)")
     rows = [
@@ -433,6 +495,20 @@ def print_report(r: dict[str, Any]) -> None:
         ("create from snapshot -> first cmd, first", "from_snapshot_first_ms", "floor_create_ms", "from_snapshot_ms"),
         ("pause, code interpreter (frozen)", "interp_pause_ms", "floor_freeze_exec_ms", None),
         ("resume, code interpreter -> run_code (frozen)", "interp_resume_ms", "floor_freeze_exec_ms", "resume_ms"),
+        (
+            f"snapshot with memory ({DIRTY_MB} MB dirty + {DIRTY_MB} MB files)",
+            "mem_snapshot_ms",
+            "floor_copy_ms",
+            "snapshot_ms",
+        ),
+        (
+            "create from memory snapshot -> first cmd (aim <= 30)",
+            "mem_from_snapshot_ms",
+            "floor_create_ms",
+            "from_snapshot_ms",
+        ),
+        ("fork, 1 child -> its first cmd", "fork1_ms", "floor_create_ms", None),
+        ("fork, 10 children -> their first cmds (aim <= 200)", "fork10_ms", "floor_create_ms", None),
         ("create + volume -> first cmd, pool (floor: w/o)", "volume_create_ms", "plain_create_ms", None),
         ("volume: write 1 MiB through the content API", "volume_write_ms", None, None),
         ("volume: read 1 MiB through the content API", "volume_read_ms", None, None),

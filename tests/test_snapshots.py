@@ -8,6 +8,7 @@ from __future__ import annotations
 import secrets
 import time
 
+import httpx
 import pytest
 from e2b import Sandbox
 from e2b.exceptions import SandboxException
@@ -124,6 +125,19 @@ def test_a_snapshot_with_memory_starts_sandboxes_running_its_processes_from_wher
         assert _counted(made[0])[0] == frozen  # ended there...
         assert int(made[1].commands.run("pgrep -f count.py").stdout) == counter  # ...not in its siblings
         assert int(src.commands.run("pgrep -f count.py").stdout) == counter  # nor in the source
+
+        # a sandbox made from a snapshot goes to disk and back like any other
+        r = httpx.post(
+            f"{server.url}/sandboxes/{made[1].sandbox_id}/pause",
+            json={"toDisk": True},
+            headers={"X-API-KEY": server.api_key},
+            timeout=60,
+        )
+        assert r.status_code == 204, r.text
+        again = Sandbox.connect(made[1].sandbox_id)
+        before = _counted(again)[0]
+        time.sleep(0.2)
+        assert _counted(again)[0] > before and int(again.commands.run("pgrep -f count.py").stdout) == counter
     finally:
         for child in made:
             child.kill()
@@ -152,3 +166,40 @@ def test_a_code_interpreter_snapshot_with_memory_keeps_its_kernels_variables(ser
         src.kill()
         if snapshot_id is not None:
             Sandbox.delete_snapshot(snapshot_id)
+
+
+def test_fork_children_have_the_parents_memory_and_diverge(server: Server) -> None:
+    src = Sandbox.create(template="base", timeout=120, metadata={"who": "parent"})
+    forks: list[Sandbox] = []
+    try:
+        src.files.write("/tmp/count.py", COUNTER)
+        src.commands.run("nohup python3 /tmp/count.py > /tmp/count.log 2>&1 &")
+        src.files.write("/home/user/notes.txt", "before the fork\n")
+        deadline = time.monotonic() + 10
+        while not src.files.exists("/tmp/n") or _counted(src)[0] < 5:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        counter = int(src.commands.run("pgrep -f count.py").stdout)
+        made = src.fork(count=3, timeout=60)
+        forks = [f for f in made if isinstance(f, Sandbox)]
+        assert len(forks) == 3, made
+        assert len({f.sandbox_id for f in forks} | {src.sandbox_id}) == 4
+        for f in forks:
+            assert int(f.commands.run("pgrep -f count.py").stdout) == counter  # the parent's process, running
+            assert f.files.read("/home/user/notes.txt") == "before the fork\n"
+            assert f.commands.run("hostname").stdout == f"{f.sandbox_id}\n"
+            info = f.get_info()
+            assert info.template_id == src.get_info().template_id and info.metadata == {"who": "parent"}
+        forks[0].files.write("/home/user/notes.txt", "fork 0\n")
+        assert forks[1].files.read("/home/user/notes.txt") == "before the fork\n"
+        assert src.files.read("/home/user/notes.txt") == "before the fork\n"
+        assert int(src.commands.run("pgrep -f count.py").stdout) == counter  # the parent runs on
+        assert not [s for s in Sandbox.list_snapshots(sandbox_id=src.sandbox_id).next_items()]  # (its snapshot: gone)
+        r = httpx.post(
+            f"{server.url}/sandboxes/{src.sandbox_id}/fork", json={"count": 21}, headers={"X-API-KEY": server.api_key}
+        )
+        assert r.status_code == 400, r.text
+    finally:
+        for f in forks:
+            f.kill()
+        src.kill()

@@ -85,6 +85,34 @@ describe('sandboxes', () => {
     }
   })
 
+  test('a snapshot with memory and a fork carry the running process into new sandboxes', async () => {
+    const src = await Sandbox.create('base', { timeoutMs: 120_000 })
+    const made = []
+    let snapshotId
+    try {
+      await src.files.write('/tmp/count.sh', 'n=0; while :; do n=$((n+1)); echo $n > /tmp/n.new; mv /tmp/n.new /tmp/n; sleep 0.02; done')
+      await src.commands.run('nohup sh /tmp/count.sh > /dev/null 2>&1 &')
+      await sleep(300)
+      const counter = (await src.commands.run('pgrep -f count.sh')).stdout.trim()
+      snapshotId = (await src.createSnapshot()).snapshotId
+      made.push(await Sandbox.create(snapshotId, { timeoutMs: 60_000 }))
+      const forks = await src.fork({ count: 2, timeoutMs: 60_000 })
+      for (const f of forks) assert.ok(f instanceof Sandbox, String(f))
+      made.push(...forks)
+      for (const s of made) {
+        assert.equal((await s.commands.run('pgrep -f count.sh')).stdout.trim(), counter) // the same process
+        const first = Number(await s.files.read('/tmp/n'))
+        await sleep(200)
+        assert.ok(Number(await s.files.read('/tmp/n')) > first) // counting on, in the new sandbox
+      }
+      assert.equal((await src.commands.run('pgrep -f count.sh')).stdout.trim(), counter) // the source runs on
+    } finally {
+      for (const s of made) await s.kill().catch(() => {})
+      await src.kill().catch(() => {})
+      if (snapshotId) await Sandbox.deleteSnapshot(snapshotId).catch(() => {})
+    }
+  })
+
   test('metrics', async () => {
     const m = await sbx.getMetrics()
     assert.ok(m.length >= 1)

@@ -54,7 +54,12 @@ class ConnectBody(_Body):
 
 class SnapshotRequest(_Body):
     name: str | None = Field(default=None, min_length=1, max_length=256)
-    memory: bool = True  # E2B's default: memory and files (refused here: core/snapshots.py)
+    memory: bool = True  # E2B's default: memory and files (core/snapshots.py)
+
+
+class ForkRequest(_Body):
+    timeout: int = Field(default=15, ge=1)  # E2B's defaults
+    count: int = Field(default=1, ge=1, le=20)
 
 
 class PauseBody(_Body):

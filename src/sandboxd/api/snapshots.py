@@ -1,5 +1,6 @@
-"""E2B's snapshot API: take a snapshot of a sandbox's files, list snapshots (deleting one is
-`DELETE /templates/{id}`: a snapshot is a template). The snapshots themselves are core/snapshots.py's."""
+"""E2B's snapshot API: take a snapshot of a sandbox (with its memory, or of its files), list snapshots
+(deleting one is `DELETE /templates/{id}`: a snapshot is a template), fork a sandbox. The snapshots themselves
+are core/snapshots.py's."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sandboxd.api.models import SnapshotRequest
+from sandboxd.api import serialize
+from sandboxd.api.models import ForkRequest, SnapshotRequest
 from sandboxd.core import snapshots
-from sandboxd.core.errors import BadRequest
+from sandboxd.core.errors import BadRequest, SandboxdError
 from sandboxd.core.limits import RequestLimits
 from sandboxd.core.manager import SandboxManager
 
@@ -24,6 +26,19 @@ def snapshot_routes(manager: SandboxManager, limits: RequestLimits, read: Callab
         b: SnapshotRequest = await read(request, SnapshotRequest, limits, required=False)
         body = await snapshots.create(manager, request.path_params["sandbox_id"], b.name, b.memory)
         return JSONResponse(body, status_code=201)
+
+    async def fork(request: Request) -> Response:
+        b: ForkRequest = await read(request, ForkRequest, limits, required=False)
+        made = await snapshots.fork(manager, request.path_params["sandbox_id"], b.count, b.timeout)
+        return JSONResponse(
+            [
+                {"error": {"code": m.status, "message": str(m)}}
+                if isinstance(m, SandboxdError)
+                else {"sandbox": serialize.sandbox_created(m)}
+                for m in made
+            ],
+            status_code=201,
+        )
 
     async def list_snapshots(request: Request) -> Response:
         q = request.query_params
@@ -39,5 +54,6 @@ def snapshot_routes(manager: SandboxManager, limits: RequestLimits, read: Callab
 
     return [
         Route("/sandboxes/{sandbox_id:str}/snapshots", create, methods=["POST"]),
+        Route("/sandboxes/{sandbox_id:str}/fork", fork, methods=["POST"]),
         Route("/snapshots", list_snapshots, methods=["GET"]),
     ]

@@ -478,14 +478,20 @@ class SandboxManager:
         auto_resume: bool = False,
         iam: dict[str, Any] | None = None,
         volume_mounts: list[dict[str, Any]] | None = None,
+        policy_of: Sandbox | None = None,
     ) -> Sandbox:
+        """A new sandbox. `policy_of`: a sandbox whose network policy it gets (a fork's source: core/snapshots.py)."""
         timeout = self._check_timeout(self.settings.default_timeout if timeout is None else timeout, positive=True)
         _check_str_map("metadata", metadata)
         _check_str_map("envVars", env_vars)
         tokens = workload_identity.check_tokens(iam)
         if tokens and self.net.identity is None:
             raise BadRequest("iam: this server issues no workload identity tokens")
-        policy = parse_policy(network, allow_internet_access, set(tokens))
+        if policy_of is not None:
+            policy = NetworkPolicy.from_json(policy_of.record.network)
+            allow_internet_access = policy_of.record.allow_internet_access
+        else:
+            policy = parse_policy(network, allow_internet_access, set(tokens))
         public, mask = parse_ingress(network)
         if auto_resume and not auto_pause:
             raise BadRequest("autoResume needs autoPause (a sandbox that is killed at its timeout cannot be resumed)")
@@ -513,7 +519,8 @@ class SandboxManager:
                 await self._admit(res.memory_mb, template.name)  # what it asks for, not the template's default
                 sandbox_id = new_sandbox_id()
                 handle, service = await self._new(sandbox_id, template, disk_mb, res)
-            self.pool.schedule_refill(template.name)
+            if template.memory_images is None:  # (a snapshot's processes are restored when asked for, not before)
+                self.pool.schedule_refill(template.name)
             try:  # pooled or not, a sandbox starts with the default policy: its own now
                 ca, ca_vars = await self.net.apply_new(handle, policy)
                 await volume_mounts_.attach(self, handle, mounts)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from sandboxd.core import pausing
 from sandboxd.core.builds import NAME_RE
-from sandboxd.core.errors import BadRequest, Conflict
+from sandboxd.core.errors import BadRequest, Conflict, SandboxdError
 from sandboxd.fdio import syncfs
 from sandboxd.runtime.base import RuntimeError_
 from sandboxd.templates.layers import drop_per_sandbox_files, layer_key
@@ -41,12 +41,16 @@ FILESYSTEM_HINT = (
     "take a filesystem snapshot instead (Python: create_snapshot(mode='filesystem'); the API: memory: false): "
     "sandboxes made from it start fresh from its files"
 )
+MAX_FORKS = 20  # E2B's
 # sandboxd's own code, copied into sandboxes with a service at every start (templates/store.py binds)
 PER_START_DIRS = ("opt/sandboxd/code",)
 
 
-async def create(manager: SandboxManager, sandbox_id: str, name: str | None, memory: bool) -> dict[str, Any]:
-    """Snapshot the sandbox's files as a template (named `name`, or a new one); its info for the API."""
+async def create(
+    manager: SandboxManager, sandbox_id: str, name: str | None, memory: bool, fork: bool = False
+) -> dict[str, Any]:
+    """Snapshot the sandbox's files as a template (named `name`, or a new one); its info for the API. `fork`: the
+    snapshot of a fork (below), listed by no one."""
     if name is not None and not NAME_RE.match(name):
         raise BadRequest(f"snapshot name '{name[:120]}' is not valid: lowercase letters, digits, '.', '_', '-'")
     sandbox = manager.get(sandbox_id)
@@ -88,7 +92,7 @@ async def create(manager: SandboxManager, sandbox_id: str, name: str | None, mem
             if held is not None:
                 shutil.rmtree(held, ignore_errors=True)
             raise
-    extra = {"snapshot": {"sandboxID": sandbox_id, "createdAt": time.time(), "memory": held is not None}}
+    extra = {"snapshot": {"sandboxID": sandbox_id, "createdAt": time.time(), "memory": held is not None, "fork": fork}}
     version = _version(manager, sandbox, layer.key, base)
     if held is not None:
         version["memory"] = {"uid_base": sandbox.handle.uid_base}
@@ -145,12 +149,51 @@ def listed(manager: SandboxManager, sandbox_id: str | None, name: str | None) ->
     for ident in store.names():
         meta = store.meta(ident)
         snap = meta.get("snapshot")
-        if not snap or (sandbox_id and snap.get("sandboxID") != sandbox_id):
+        if not snap or snap.get("fork") or (sandbox_id and snap.get("sandboxID") != sandbox_id):
             continue
         if name and name not in meta.get("names", []):
             continue
         found.append((snap.get("createdAt", 0.0), ident))
     return [info(store, ident) for _, ident in sorted(found, reverse=True)]
+
+
+async def fork(manager: SandboxManager, sandbox_id: str, count: int, timeout: int) -> list[Sandbox | SandboxdError]:
+    """E2B's fork: a snapshot with memory of the sandbox (which runs on: briefly stopped while CRIU writes it),
+    then `count` new sandboxes from it, each a sandbox of the source's template that runs the source's processes
+    from that instant and diverges on its own (its own uid range, address and name). Each succeeds or fails on
+    its own. The snapshot goes once they are made (their files stay: they stand on its layer)."""
+    if not 1 <= count <= MAX_FORKS:
+        raise BadRequest(f"count must be from 1 to {MAX_FORKS}")
+    source = manager.get(sandbox_id)
+    rec = source.record
+    ident = (await create(manager, sandbox_id, f"fork-{sandbox_id}-{uuid.uuid4().hex[:8]}", True, fork=True))[
+        "snapshotID"
+    ]
+    try:
+
+        async def one() -> Sandbox | SandboxdError:
+            try:
+                child = await manager.create(
+                    ident,
+                    timeout=timeout,
+                    metadata=dict(rec.metadata),
+                    env_vars=dict(rec.env_vars),
+                    auto_pause=rec.auto_pause,
+                    auto_pause_memory=rec.auto_pause_memory,
+                    auto_resume=rec.auto_resume,
+                    policy_of=source,
+                )
+            except SandboxdError as e:
+                return e
+            # a sandbox of the source's template (a reboot from its files starts that template's service),
+            # standing on the snapshot's layers
+            child.record.template_id, child.record.alias = rec.template_id, rec.alias
+            manager.db.put(child.record)
+            return child
+
+        return list(await asyncio.gather(*(one() for _ in range(count))))
+    finally:
+        await asyncio.to_thread(manager.templates.delete, ident)
 
 
 def _stack(manager: SandboxManager, sandbox: Sandbox) -> tuple[str | None, Path]:
