@@ -166,7 +166,9 @@ def test_a_pause_to_disk_on_request_is_on_disk_when_answered(server: Server) -> 
 
     sbx = Sandbox.create(template="base", timeout=120)
     try:
-        counter = sbx.commands.run("n=0; while :; do n=$((n+1)); echo $n > /tmp/n; sleep 0.05; done", background=True)
+        counter = sbx.commands.run(
+            "n=0; while :; do n=$((n+1)); echo $n > /tmp/n.new; mv /tmp/n.new /tmp/n; sleep 0.05; done", background=True
+        )
         r = pause(sbx.sandbox_id, {"toDisk": True})
         assert r.status_code == 204, r.text
         assert _detail(server, sbx.sandbox_id)["pausedTo"] == "disk"

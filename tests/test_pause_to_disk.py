@@ -401,7 +401,9 @@ def test_auto_pause_goes_to_disk_and_a_command_resumes_it(disk_server: Server) -
     env = _env(disk_server)
     sbx = Sandbox.create(template="base", timeout=3, lifecycle={"on_timeout": "pause", "auto_resume": True}, **env)  # type: ignore[arg-type]
     try:
-        counter = sbx.commands.run("n=0; while :; do n=$((n+1)); echo $n > /tmp/n; sleep 0.05; done", background=True)
+        counter = sbx.commands.run(
+            "n=0; while :; do n=$((n+1)); echo $n > /tmp/n.new; mv /tmp/n.new /tmp/n; sleep 0.05; done", background=True
+        )
         _on_disk(disk_server, sbx.sandbox_id, running_first=True)  # its end time came: paused, then to disk
         first = int(sbx.files.read("/tmp/n"))  # an envd request: resumed from disk (auto_resume)
         assert _detail(disk_server, sbx.sandbox_id)["state"] == "running"

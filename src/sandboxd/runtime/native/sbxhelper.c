@@ -1668,7 +1668,7 @@ static void keep_attach(struct keep *k, int *out, int *err, int *in) {
 struct relay {
     struct spawned *sp;
     int c_out, c_err, c_in;
-    int closing, suspended, gone, ended;
+    int closing, suspended, gone, ended, want_new;
     uint64_t ino[3];
 };
 
@@ -1740,7 +1740,7 @@ static int keep_session(struct keep *k, struct relay *r) {
             ioctl(k->pty, TIOCSWINSZ, &ws);
         } else if (m[0] == 'c') r->closing = 1;
         else if (m[0] == 's') relay_suspend(k, r);
-        else if (m[0] == 'n' && r->suspended) relay_new_pipes(k, r);
+        else if (m[0] == 'n' && r->suspended) r->want_new = 1; /* (the relay drains the old pipes first) */
         else if (m[0] == 'g' && r->suspended && fd >= 0) {
             close(r->sp->pidfd);
             r->sp->pidfd = fd;
@@ -1776,6 +1776,27 @@ static int keep_relay(struct keep *k, struct spawned *sp, int c_out, int c_err, 
     int in_eof = 0, status = 0, reaped = 0, asked = 0;
     long long exited_at = 0;
     for (;;) {
+        if (r.want_new) {
+            /* The new pipes replace the old ones, whose writer (the dumped command) is gone: what it wrote that
+             * we had not read yet (CRIU's images keep it, but a restore that inherits a pipe does not refill
+             * it) is read to its end first, logged and relayed as any output. */
+            int *olds[2] = {&r.c_out, &r.c_err}, *to[2] = {&srv_out, &srv_err};
+            for (int s = 0; s < 2; s++) {
+                while (*olds[s] >= 0) {
+                    ssize_t n = read(*olds[s], buf, sizeof buf);
+                    if (n < 0 && errno == EINTR) continue;
+                    if (n < 0 && errno == EAGAIN) break;
+                    if (n <= 0) {
+                        close_fd(olds[s]);
+                        break;
+                    }
+                    keep_log(k, s ? 2 : out_kind, buf, (size_t)n);
+                    if (*to[s] >= 0 && write_all(*to[s], buf, (size_t)n) < 0) close_fd(to[s]);
+                }
+            }
+            relay_new_pipes(k, &r);
+            r.want_new = 0;
+        }
         if ((r.gone || r.ended) && !reaped) {
             status = r.ended ? command_status(sp) : SIGKILL;
             if (status < 0) status = SIGKILL;
