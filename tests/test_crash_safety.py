@@ -72,7 +72,7 @@ class Load:
 
     def run(self) -> None:
         while not self.stop.is_set():
-            op = self.rng.choice(["create", "kill", "upload", "upload", "pause", "snapshot"])
+            op = self.rng.choice(["create", "kill", "upload", "upload", "pause", "snapshot", "fork"])
             try:
                 getattr(self, op)()
                 with self.lock:
@@ -133,8 +133,18 @@ class Load:
         sid = self._pick()
         if sid is None:
             return
-        with self.srv.api() as api:
-            api.post(f"/sandboxes/{sid}/snapshots", json={"memory": False})
+        with self.srv.api() as api:  # (with memory: refused for a sandbox whose sleeper runs under its keeper)
+            api.post(f"/sandboxes/{sid}/snapshots", json={"memory": self.rng.choice([True, False])})
+
+    def fork(self) -> None:
+        sid = self._pick()
+        if sid is None:
+            return
+        with self.srv.api() as api:  # (refused likewise for one with a sleeper: those the load made fork)
+            r = api.post(f"/sandboxes/{sid}/fork", json={"count": self.rng.choice([1, 2]), "timeout": 600})
+        if r.status_code == 201:
+            with self.lock:
+                self.live.update(m["sandbox"]["sandboxID"] for m in r.json() if "sandbox" in m)
 
 
 def _delete_snapshots(srv: Server) -> None:
@@ -172,8 +182,12 @@ def _check(srv: Server, data: Path, load: Load, sleepers: dict[str, int]) -> int
         list(ex.map(works, sorted(listed)))
     load.live.update(listed)  # creates whose answer the crash swallowed are real sandboxes too
 
-    # The host: only listed sandboxes and the pooled one have state, cgroups and disks.
+    # The host: only listed sandboxes and the pooled one have state, cgroups and disks; no snapshot's images or
+    # handshake is left in them.
     dirs = {p.name for p in (data / "sandboxes").iterdir()}
+    for d in dirs:
+        left = [p.name for p in (data / "sandboxes" / d).iterdir() if p.name.startswith((".snapshot-", "snapshot-"))]
+        assert not left, f"{d}: a snapshot's leftovers: {left}"
     extra = dirs - set(listed)
     assert len(extra) <= 1, f"state dirs of no listed sandbox (a half-made one?): {sorted(extra)}"
     cgroups = _instance_cgroups(data)

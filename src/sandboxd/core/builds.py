@@ -150,6 +150,7 @@ class TemplateBuilds:
         self._upload_key = secrets.token_bytes(32)
         self.layers.clean_stale()  # what a build cut short by a crash left half-committed
         store.clean_scratch()  # a snapshot's template a crash cut short (core/snapshots.py)
+        store.clean_forks()  # and a fork's snapshot it left
         self.registry: images.Registry | None = None  # where images are pulled from (--registry)
         self._pull_lock = asyncio.Lock()
         # builds running at once (of different templates): each step holds a sandbox of up to 2 GiB

@@ -92,7 +92,10 @@ async def create(
             if held is not None:
                 shutil.rmtree(held, ignore_errors=True)
             raise
-    extra = {"snapshot": {"sandboxID": sandbox_id, "createdAt": time.time(), "memory": held is not None, "fork": fork}}
+    snap: dict[str, Any] = {"sandboxID": sandbox_id, "createdAt": time.time(), "memory": held is not None}
+    if fork:  # (hidden from lists; deleted at once, or at the next start if this process dies first)
+        snap.update(fork=True, pid=os.getpid())
+    extra = {"snapshot": snap}
     version = _version(manager, sandbox, layer.key, base)
     if held is not None:
         version["memory"] = {"uid_base": sandbox.handle.uid_base}

@@ -560,6 +560,8 @@ class NamespaceRuntime(Runtime):
 
     def adopt(self, handle: SandboxHandle) -> None:
         self.ids.claim(handle.uid_base)
+        for stale in handle.state_dir.glob(".snapshot-*"):  # a snapshot's handshake a crash cut short
+            shutil.rmtree(stale, ignore_errors=True)
         if handle.address and self.net is not None:
             self.net.claim(handle.address)
             self._adopted_egress[handle.address] = Egress.from_json(handle.egress)

@@ -275,6 +275,15 @@ class TemplateStore:
         self.set_name(name, ident)
         return ident
 
+    def clean_forks(self) -> None:
+        """The snapshots of forks (core/snapshots.py: deleted once the forks are made) that a crash left: those of
+        no running server process (the templates dir may be shared by several servers)."""
+        for ident in self.names():
+            snap = self.meta(ident).get("snapshot") or {}
+            pid = snap.get("pid")
+            if snap.get("fork") and not (isinstance(pid, int) and pid > 0 and Path(f"/proc/{pid}").exists()):
+                self.delete(ident)
+
     def clean_scratch(self) -> None:
         """Scratch dirs of `publish` that a crashed process left (those of running processes stay)."""
         for p in self.dir.glob(".new-template-*") if self.dir.is_dir() else []:
