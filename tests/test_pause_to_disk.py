@@ -138,6 +138,9 @@ def test_stdin_and_the_exit_code_of_a_command_carry_over(disk_server: Server) ->
         sbx.commands.send_stdin(echo.pid, "one\n")
         assert "got one" in read_until(echo, "got one")
         ended = sbx.commands.run("sleep 0.2; exit 5", background=True)  # ends before the dump: init knows how
+        # input it had not read yet, nor written output for: in the pipes at the dump, there after the restore
+        late = sbx.commands.run("sleep 2; head -n 1; echo written >&2; sleep 1", background=True, stdin=True)
+        sbx.commands.send_stdin(late.pid, "sent before the pause\n")
         sbx.pause()
         _on_disk(disk_server, sbx.sandbox_id)
         again = Sandbox.connect(sbx.sandbox_id, **env)  # type: ignore[arg-type]
@@ -152,6 +155,8 @@ def test_stdin_and_the_exit_code_of_a_command_carry_over(disk_server: Server) ->
         with pytest.raises(CommandExitException) as five:
             ended.wait()
         assert five.value.exit_code == 5
+        done = late.wait()
+        assert (done.stdout, done.stderr) == ("sent before the pause\n", "written\n")
     finally:
         sbx.kill()
 

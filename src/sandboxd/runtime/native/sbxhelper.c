@@ -1794,7 +1794,22 @@ static int keep_relay(struct keep *k, struct spawned *sp, int c_out, int c_err, 
                     if (*to[s] >= 0 && write_all(*to[s], buf, (size_t)n) < 0) close_fd(to[s]);
                 }
             }
+            /* And what we wrote to its stdin that it had not read yet: still in the old pipe, which its reader's
+             * end (the dumped command's) no longer holds; read back through a new read end of it, it goes first
+             * into the new one (empty: it takes a pipe's worth at once). */
+            static char unread[1 << 16];
+            ssize_t n_unread = 0;
+            if (r.c_in >= 0) {
+                char path[64];
+                snprintf(path, sizeof path, "/proc/self/fd/%d", r.c_in);
+                int rd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+                if (rd >= 0) {
+                    n_unread = read(rd, unread, sizeof unread);
+                    close(rd);
+                }
+            }
             relay_new_pipes(k, &r);
+            if (n_unread > 0 && r.c_in >= 0) (void)!write(r.c_in, unread, (size_t)n_unread);
             r.want_new = 0;
         }
         if ((r.gone || r.ended) && !reaped) {
