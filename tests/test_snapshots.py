@@ -1,7 +1,8 @@
 """Snapshots (core/snapshots.py) with the official SDK: a template-like source that new sandboxes start from,
 sharing its layers and diverging on their own; listed, deleted. With memory (E2B's default), the new sandboxes
-run the source's processes from where the snapshot caught them; what cannot be carried into them (a command's
-pipes to its keeper) is refused with a message that says what works."""
+run the source's processes from where the snapshot caught them, the commands started through envd among them
+(listed, connectable, with their input and output); what cannot be carried into them (a terminal) is refused
+with a message that says what works."""
 
 from __future__ import annotations
 
@@ -29,10 +30,6 @@ def test_a_filesystem_snapshot_starts_new_sandboxes_that_diverge(server: Server)
         src.files.write("/home/user/notes.txt", "from the source\n")
         src.commands.run("rm /etc/motd; echo made > /etc/by-root", user="root")
         bg = src.commands.run("sleep 1000", background=True)
-        with pytest.raises(SandboxException) as refused:
-            src.create_snapshot()  # with memory (E2B's default): the command's pipes to its keeper cannot go along
-        assert "keepers" in str(refused.value) and "nohup" in str(refused.value) and "filesystem" in str(refused.value)
-
         snap = src.create_snapshot(name=name, mode="filesystem")
         snapshot_id = snap.snapshot_id
         assert name in snap.names
@@ -203,3 +200,50 @@ def test_fork_children_have_the_parents_memory_and_diverge(server: Server) -> No
         for f in forks:
             f.kill()
         src.kill()
+
+
+ECHO = "python3 -u -c 'import sys\nfor line in sys.stdin: print(line.upper(), end=\"\", flush=True)'"
+
+
+def test_commands_run_through_envd_go_on_in_sandboxes_from_a_snapshot_and_in_forks(server: Server) -> None:
+    from e2b import CommandExitException, PtySize
+
+    src = Sandbox.create(template="base", timeout=120)
+    made: list[Sandbox] = []
+    snapshot_id = None
+    try:
+        echo = src.commands.run(ECHO, background=True, stdin=True)  # under its keeper, its stdin and stdout pipes
+        src.commands.send_stdin(echo.pid, "before\n")
+        time.sleep(0.3)
+        snapshot_id = src.create_snapshot().snapshot_id
+        made = [Sandbox.create(template=snapshot_id, timeout=60)]
+        made += [f for f in src.fork(count=1, timeout=60) if isinstance(f, Sandbox)]
+        assert len(made) == 2
+        for i, child in enumerate(made):
+            assert echo.pid in [p.pid for p in child.commands.list()]  # kept again, in the new sandbox
+            handle = child.commands.connect(echo.pid)
+            child.commands.send_stdin(echo.pid, f"in child {i}\n")
+            time.sleep(0.3)
+            child.commands.kill(echo.pid)
+            with pytest.raises(CommandExitException) as ended:
+                handle.wait()
+            assert f"IN CHILD {i}" in ended.value.stdout, ended.value.stdout
+        # the source's command is its own: it goes on, its output its own
+        src.commands.send_stdin(echo.pid, "in the source\n")
+        time.sleep(0.3)
+        src.commands.kill(echo.pid)
+        with pytest.raises(CommandExitException) as ended:
+            echo.wait()
+        assert ended.value.stdout == "BEFORE\nIN THE SOURCE\n"
+
+        # a terminal is not carried: refused, saying what works
+        src.pty.create(size=PtySize(rows=24, cols=80))
+        with pytest.raises(SandboxException) as refused:
+            src.create_snapshot()
+        assert "terminal" in str(refused.value) and "filesystem" in str(refused.value)
+    finally:
+        for child in made:
+            child.kill()
+        src.kill()
+        if snapshot_id is not None:
+            Sandbox.delete_snapshot(snapshot_id)

@@ -158,6 +158,8 @@ class SandboxManager:
         self.after_boot_again: list[Callable[[Sandbox], Awaitable[Any]]] = []
         # what other layers attach to a sandbox from outside, taken through a pause to disk (core/pausing.py)
         self.checkpoint_parts: list[pausing.CheckpointPart] = []
+        # sandboxes from a snapshot with memory, made but not registered yet: what the parts attach to them then
+        self._carried: dict[str, list[tuple[pausing.CheckpointPart, Any]]] = {}
         self.volumes: VolumeStore | None = None  # set by the server (volumes/store.py)
         self.creating_with: Counter[str] = Counter()  # volume ID -> creates under way that mount it
 
@@ -328,11 +330,30 @@ class SandboxManager:
                         "(sandboxd serve --criu) to start its processes"
                     )
                 snapshot = SnapshotImages(images, template.memory_uid_base, self.settings.criu)
-                try:
-                    handle = await self.runtime.create_from(spec, snapshot)
-                except RuntimeError_ as e:
-                    raise SandboxdError(f"snapshot '{template.name}': a sandbox could not start from it: {e}") from None
+                inherit: list[tuple[int, str]] = []
+                pending: list[tuple[pausing.CheckpointPart, Any]] = []
+                try:  # what the parts carry (envd: the kept commands' new pipes)
+                    for part in self.checkpoint_parts:
+                        state = template.memory_parts.get(type(part).__name__)
+                        if state:
+                            fds, held = part.before_snapshot_restore(state)
+                            inherit += fds
+                            pending.append((part, held))
+                    handle = await self.runtime.create_from(spec, snapshot, inherit)
+                except BaseException as e:
+                    for part, held in pending:  # (nothing to attach them to)
+                        part.drop_snapshot_restore(held)
+                    if isinstance(e, RuntimeError_):
+                        raise SandboxdError(
+                            f"snapshot '{template.name}': no sandbox could start from it: {e}"
+                        ) from None
+                    raise
+                finally:
+                    for fd, _ in inherit:
+                        os.close(fd)
                 self._hold_template(spec, handle)
+                if pending:
+                    self._carried[spec.sandbox_id] = pending
                 return handle, None  # (its service, if any, runs restored)
             handle = await self.runtime.create(spec)
         except AddressPoolExhausted as e:
@@ -525,6 +546,8 @@ class SandboxManager:
                 ca, ca_vars = await self.net.apply_new(handle, policy)
                 await volume_mounts_.attach(self, handle, mounts)
             except BaseException:
+                for part, held in self._carried.pop(sandbox_id, []):
+                    part.drop_snapshot_restore(held)
                 await self.runtime.destroy(handle)
                 raise
             env_vars = {**template.env, **ca_vars, **(env_vars or {})}
@@ -566,6 +589,14 @@ class SandboxManager:
                 await self._mark_active(sandbox)
             self._register(sandbox)
             self.db.put(rec)
+            carried = self._carried.pop(sandbox_id, [])
+            if carried:  # (a snapshot's processes: the parts attach what they carry, envd its kept commands)
+                host_pids = await asyncio.to_thread(self.runtime.host_pids, handle)
+                for part, held in carried:
+                    try:
+                        await part.snapshot_restored(sandbox, held, host_pids)
+                    except Exception:
+                        log.exception("sandbox %s: attaching what its snapshot carried", sandbox_id)
             self.reaper.wake()
             return sandbox
         finally:

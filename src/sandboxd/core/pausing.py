@@ -26,7 +26,7 @@ import os
 import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sandboxd.core import volume_mounts
 from sandboxd.core.errors import Conflict, SandboxdError
@@ -52,9 +52,23 @@ class CheckpointPart(Protocol):
 
     async def dump_failed(self, sandbox: Sandbox) -> None: ...
 
-    async def before_snapshot(self, sandbox: Sandbox) -> None:
-        """Before a snapshot with memory (core/snapshots.py: CRIU leaves the processes running); raise Conflict if
-        what is attached cannot be carried into new sandboxes."""
+    async def before_snapshot(self, sandbox: Sandbox) -> tuple[dict[str, Any], list[str]]:
+        """Before a snapshot with memory (core/snapshots.py: CRIU leaves the processes running): what of this
+        part to carry into the sandboxes made from it (JSON, kept with the snapshot), and CRIU's names of the
+        files of the sandbox's processes it will give them anew (`before_snapshot_restore`). Raise Conflict if
+        what is attached cannot be carried."""
+        ...
+
+    def before_snapshot_restore(self, state: dict[str, Any]) -> tuple[list[tuple[int, str]], Any]:
+        """A new sandbox from a snapshot (`state`: this part's, from `before_snapshot`): descriptors its restored
+        processes get instead of files of theirs (fd, CRIU's name), and what `snapshot_restored` takes."""
+        ...
+
+    async def snapshot_restored(self, sandbox: Sandbox, pending: Any, host_pids: dict[int, int]) -> None:
+        """The new sandbox runs (registered): attach what `before_snapshot_restore` prepared (and let go of it)."""
+
+    def drop_snapshot_restore(self, pending: Any) -> None:
+        """The new sandbox did not start: let go of what `before_snapshot_restore` prepared."""
 
     async def before_restore(self, sandbox: Sandbox) -> list[tuple[int, str]]:
         """Descriptors the restored processes get instead of files of theirs: (fd, CRIU's name of the file)."""

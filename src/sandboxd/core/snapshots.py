@@ -71,8 +71,9 @@ async def create(
         work = store.layers.new_dir()
         held = store.layers.new_dir() if memory else None  # (the memory's scratch dir: moved into the snapshot)
         try:
+            parts: dict[str, Any] = {}
             if held is not None and criu is not None:
-                await _with_memory(manager, sandbox, work / "diff", held / MEMORY_DIR, criu, running)
+                parts = await _with_memory(manager, sandbox, work / "diff", held / MEMORY_DIR, criu, running)
             else:
                 if running:  # a consistent copy: nothing of it writes meanwhile
                     await _freeze(manager, sandbox, True)
@@ -98,7 +99,7 @@ async def create(
     extra = {"snapshot": snap}
     version = _version(manager, sandbox, layer.key, base)
     if held is not None:
-        version["memory"] = {"uid_base": sandbox.handle.uid_base}
+        version["memory"] = {"uid_base": sandbox.handle.uid_base, "parts": parts}
     try:
         ident = store.publish(
             name or f"snapshot-{sandbox_id}-{uuid.uuid4().hex[:8]}",
@@ -117,12 +118,17 @@ async def create(
 
 async def _with_memory(
     manager: SandboxManager, sandbox: Sandbox, diff: Path, images: Path, criu: Path, running: bool
-) -> None:
+) -> dict[str, Any]:
     """CRIU writes the sandbox's processes into `images`, leaving them running; while they are stopped, its
     files are copied into `diff`. A sandbox paused in memory is thawed for CRIU to seize it (its processes run
-    for that moment), and frozen again after."""
+    for that moment), and frozen again after. Returns what the checkpoint parts carry (by part)."""
+    parts: dict[str, Any] = {}
+    carried: list[str] = []
     for part in manager.checkpoint_parts:
-        await part.before_snapshot(sandbox)
+        state, names = await part.before_snapshot(sandbox)
+        if state:
+            parts[type(part).__name__] = state
+        carried += names
     if not running:
         await _freeze(manager, sandbox, False)
     try:
@@ -130,7 +136,7 @@ async def _with_memory(
         async def copy_files() -> None:
             await manager.runtime.copy_upper(sandbox.handle, diff)
 
-        await manager.runtime.snapshot(sandbox.handle, images, criu, copy_files)
+        await manager.runtime.snapshot(sandbox.handle, images, criu, copy_files, carried)
         await asyncio.to_thread(_sync, images)  # (published once whole: its pages on disk first)
     except RuntimeError_ as e:
         raise Conflict(
@@ -139,6 +145,7 @@ async def _with_memory(
     finally:
         if not running:
             await _freeze(manager, sandbox, True)
+    return parts
 
 
 def info(store: Any, ident: str) -> dict[str, Any]:

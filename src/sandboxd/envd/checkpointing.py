@@ -29,11 +29,13 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sandboxd.core.errors import Conflict
+from sandboxd.envd.gen.process import process_pb as pb
 from sandboxd.envd.process_service import table_of
 from sandboxd.runtime import pids
+from sandboxd.runtime.base import ExecSpec, Runtime
 
 if TYPE_CHECKING:
     from sandboxd.core.manager import Sandbox
@@ -42,6 +44,41 @@ if TYPE_CHECKING:
 log = logging.getLogger("sandboxd.envd")
 
 ANSWER_WAIT = 5.0  # s: a keeper answers at once (it polls its session); past this it is taken as gone
+MAX_CARRIED = 1024  # kept commands carried by a snapshot (the kept-processes cap bounds them well below)
+
+
+def _stdio_pipes(command: int, keeper: int) -> list[int]:
+    """The inodes of the command's stdout, stderr and stdin (host PID `command`) that are pipes to its keeper
+    (host PID `keeper`); 0 where none (redirected elsewhere, or no stdin)."""
+    theirs: set[int] = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{keeper}/fd")[:64]:
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{keeper}/fd/{fd}")
+                if link.startswith("pipe:[") and link.endswith("]"):
+                    theirs.add(int(link[6:-1]))
+    found: list[int] = []
+    for n in (1, 2, 0):
+        ino = 0
+        with contextlib.suppress(OSError, ValueError):
+            held = os.readlink(f"/proc/{command}/fd/{n}")
+            if held.startswith("pipe:[") and held.endswith("]") and int(held[6:-1]) in theirs:
+                ino = int(held[6:-1])
+        found.append(ino)
+    return found
+
+
+def _close_pending(inherit: list[tuple[int, str]], pending: list[Any]) -> None:
+    for fd, _ in inherit:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    for _, ours in pending:
+        for fd in ours:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
 _INODES = struct.Struct("=QQQ")
 
 
@@ -96,7 +133,8 @@ class EnvdAtCheckpoint:
     """core/pausing.py's CheckpointPart for envd: its processes (above) and its file brokers (which are not
     init's children: they end with the dump, and are made again on the next file request)."""
 
-    def __init__(self) -> None:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
         self._held: dict[str, list[_Held]] = {}
 
     async def before_dump(self, sandbox: Sandbox) -> None:
@@ -121,13 +159,87 @@ class EnvdAtCheckpoint:
     async def dump_failed(self, sandbox: Sandbox) -> None:
         self._tell(self._held.pop(sandbox.id, []), b"u")
 
-    async def before_snapshot(self, sandbox: Sandbox) -> None:
+    async def before_snapshot(self, sandbox: Sandbox) -> tuple[dict[str, Any], list[str]]:
+        """The kept commands that run, to be kept again in each sandbox made from the snapshot (their output,
+        input and process entry: `commands.list()`, `connect`, `send_stdin`, `kill`), and CRIU's names of the
+        pipes between them and their keepers, which the snapshot carries (new ones in each new sandbox)."""
+        commands: list[dict[str, Any]] = []
+        carried: list[str] = []
         for proc in table_of(sandbox).by_pid.values():
-            if proc.is_pty and not proc.done.is_set():
+            if proc.done.is_set():
+                continue
+            if proc.is_pty:
                 raise Conflict(
                     f"process {proc.pid} has a terminal (PTY), which a snapshot with memory cannot carry into new "
                     "sandboxes: end the terminal session first, or take a filesystem snapshot"
                 )
+            if proc.keep_dir is None or proc.session is None or not proc.host_pid or proc.popen is None:
+                raise Conflict(
+                    f"process {proc.pid} was started past the kept-processes limit, without a keeper: a snapshot "
+                    "with memory cannot carry its output into new sandboxes; end it, or take a filesystem snapshot"
+                )
+            pipes = await asyncio.to_thread(_stdio_pipes, proc.host_pid, proc.popen.pid)
+            carried += [f"pipe:[{ino}]" for ino in pipes if ino]
+            commands.append(
+                {
+                    "pid": proc.pid,
+                    "config": proc.config.to_json(),
+                    "tag": proc.tag,
+                    "stdin": proc.stdin_fd is not None,
+                    "pipes": pipes,
+                }
+            )
+        return {"commands": commands}, carried
+
+    def before_snapshot_restore(self, state: dict[str, Any]) -> tuple[list[tuple[int, str]], Any]:
+        """New pipes for the carried commands of a snapshot's new sandbox: (their ends, for CRIU to put in place
+        of the old ones), and ours, for their new keepers (`snapshot_restored`)."""
+        inherit: list[tuple[int, str]] = []
+        pending: list[tuple[dict[str, Any], tuple[int, int, int]]] = []
+        try:
+            for command in state.get("commands", [])[:MAX_CARRIED]:
+                ours = [-1, -1, -1]
+                for i, ino in enumerate(command["pipes"][:3]):
+                    if not ino:
+                        continue
+                    r, w = os.pipe2(os.O_CLOEXEC)
+                    theirs, ours[i] = (w, r) if i < 2 else (r, w)  # (stdout, stderr: they write; stdin: we)
+                    inherit.append((theirs, f"pipe:[{int(ino)}]"))
+                pending.append((command, (ours[0], ours[1], ours[2])))
+        except BaseException:
+            _close_pending(inherit, pending)
+            raise
+        return inherit, pending
+
+    def drop_snapshot_restore(self, pending: Any) -> None:
+        _close_pending([], pending)
+
+    async def snapshot_restored(self, sandbox: Sandbox, pending: Any, host_pids: dict[int, int]) -> None:
+        """Each carried command kept again, by a keeper of the new sandbox that starts nothing (`--adopt`)."""
+        from sandboxd.envd.processes import Proc  # (processes imports this module's neighbours)
+
+        table = table_of(sandbox)
+        for command, ours in pending:
+            try:
+                host = host_pids.get(int(command["pid"]))
+                start = pids.start_time(host) if host else None
+                if host is None or start is None:
+                    raise OSError("it is not running in the new sandbox")
+                config = pb.ProcessConfig.from_json(command["config"])
+                proc = Proc(table, config, command.get("tag"), pty=False)
+                spec = ExecSpec(argv=[config.cmd, *config.args], env={}, cwd=config.cwd or "/", uid=0, gid=0)
+                adopt = ((int(command["pid"]), host, start), ours)
+                ours = (-1, -1, -1)  # (the keeper's now: spawn closes them)
+                await proc.spawn(
+                    self.runtime, sandbox.handle, spec, stdin=bool(command["stdin"]), size=None, adopt=adopt
+                )
+                table.add(proc)
+            except Exception as e:
+                log.warning("sandbox %s: process %s of its snapshot is not kept: %s", sandbox.id, command.get("pid"), e)
+            finally:
+                for fd in ours:
+                    if fd >= 0:
+                        os.close(fd)
 
     async def before_restore(self, sandbox: Sandbox) -> list[tuple[int, str]]:
         """(fd, CRIU's name of the file it replaces) for every pipe between a kept command and its keeper."""

@@ -31,7 +31,7 @@ import subprocess
 import termios
 from collections import deque
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from protobuf import Oneof
@@ -151,12 +151,26 @@ class Proc:
 
     # -- start ---------------------------------------------------------------------------------
     async def spawn(
-        self, runtime: Runtime, handle: SandboxHandle, spec: ExecSpec, stdin: bool, size: tuple[int, int] | None
+        self,
+        runtime: Runtime,
+        handle: SandboxHandle,
+        spec: ExecSpec,
+        stdin: bool,
+        size: tuple[int, int] | None,
+        adopt: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,
     ) -> None:
+        """Start the command under its keeper (or the helper alone, past the kept-processes cap). `adopt`: keep a
+        command that runs already instead ((its PIDs and start time, the keeper's ends of its pipes): Keep's),
+        which takes one of the cap's places (and is refused past it: its pipes need a keeper)."""
         loop = asyncio.get_running_loop()
         report_r, report_w = os.pipe()
-        child_fds: list[int] = [report_w]
+        child_fds: list[int] = [report_w, *(fd for fd in adopt[1] if fd >= 0)] if adopt else [report_w]
         keeping = runtime.keeps_processes and kept.room(self.table)
+        if adopt is not None and not keeping:
+            for fd in child_fds:
+                os.close(fd)
+            os.close(report_r)
+            raise OSError("no room for one more kept process in the sandbox (its kept-processes limit)")
         pty: tuple[int, int] | None = None
         try:
             if self.is_pty:
@@ -202,6 +216,8 @@ class Proc:
                 self.session, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 child_fds.append(theirs.detach())
                 keep = Keep(self.keep_dir, child_fds[-1], self.limits.output_buffer_bytes, pty)
+                if adopt is not None:
+                    keep = replace(keep, adopt=adopt[0], adopt_fds=adopt[1])
             self.popen = runtime.spawn_exec(handle, spec, stdio, report_fd=report_w, keep=keep)
         except BaseException:
             for fd in [*child_fds, *self.out_fds, *([self.stdin_fd] if self.stdin_fd else []), report_r]:

@@ -18,6 +18,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import h11
 from starlette.responses import JSONResponse
@@ -148,8 +149,18 @@ class PortProxy:
     async def dump_failed(self, sandbox: Sandbox) -> None:
         pass
 
-    async def before_snapshot(self, sandbox: Sandbox) -> None:
+    async def before_snapshot(self, sandbox: Sandbox) -> tuple[dict[str, Any], list[str]]:
         await self.before_dump(sandbox)
+        return {}, []
+
+    def before_snapshot_restore(self, state: dict[str, Any]) -> tuple[list[tuple[int, str]], Any]:
+        return [], None
+
+    async def snapshot_restored(self, sandbox: Sandbox, pending: Any, host_pids: dict[int, int]) -> None:
+        pass
+
+    def drop_snapshot_restore(self, pending: Any) -> None:
+        pass
 
     async def before_restore(self, sandbox: Sandbox) -> list[tuple[int, str]]:
         return []

@@ -11,7 +11,7 @@ import contextlib
 import os
 import socket
 import subprocess
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,10 @@ class Keep:
     session_fd: int
     log_bytes: int = 1 << 20  # how much of its output the keeper logs (the newest)
     pty: tuple[int, int] | None = None  # a terminal's (master, slave): the keeper relays the master
+    # A command that runs already (restored from a snapshot): (its PID in the sandbox, on the host, its start
+    # time), and the keeper's ends of its stdout, stderr and stdin pipes (-1: none); the keeper starts nothing.
+    adopt: tuple[int, int, int] | None = None
+    adopt_fds: tuple[int, int, int] = (-1, -1, -1)
 
 
 @dataclass
@@ -272,15 +276,23 @@ class Runtime(abc.ABC):
         raise NotImplementedError(f"the {self.name} runtime cannot restore a sandbox")
 
     async def snapshot(
-        self, handle: SandboxHandle, images: Path, criu: Path, at_dump: Callable[[], Awaitable[None]]
+        self,
+        handle: SandboxHandle,
+        images: Path,
+        criu: Path,
+        at_dump: Callable[[], Awaitable[None]],
+        carried: Collection[str] = (),
     ) -> None:
         """Write the sandbox's processes into `images` (CRIU), leaving them running; `at_dump` is awaited while
         they are stopped, everything written (for the sandbox's files to be copied at the same instant); if it
-        raises, the dump is undone. See NamespaceRuntime."""
+        raises, the dump is undone. `carried`: CRIU's names of pipes to outside that new sandboxes get anew
+        (others refuse the snapshot). See NamespaceRuntime."""
         raise NotImplementedError(f"the {self.name} runtime cannot snapshot a sandbox's memory")
 
-    async def create_from(self, spec: SandboxSpec, snapshot: SnapshotImages) -> SandboxHandle:
-        """A new sandbox running the processes of a snapshot (its files: `spec.layers`)."""
+    async def create_from(
+        self, spec: SandboxSpec, snapshot: SnapshotImages, inherit: Sequence[tuple[int, str]] = ()
+    ) -> SandboxHandle:
+        """A new sandbox running the processes of a snapshot (its files: `spec.layers`); `inherit` as `restore`'s."""
         raise NotImplementedError(f"the {self.name} runtime cannot start a sandbox from a snapshot's memory")
 
     def held_checkpoint(self, handle: SandboxHandle, images: Path, criu: Path) -> Checkpoint | None:

@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -346,6 +346,8 @@ class NamespaceRuntime(Runtime):
                 argv += ["--netns", f"/proc/{os.getpid()}/fd/{net.fd}", "--resolv", f"nameserver {self.net.gateway}\n"]
             if staged is not None and from_images is not None:  # (in a UTS namespace of its own, its hostname)
                 argv += ["--restore", str(staged), "--criu", str(from_images.criu)]
+                for fd, key in inherit:
+                    argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
             argv += disk_args
             if resuming:
                 argv += ["--resume", "1"]
@@ -468,6 +470,10 @@ class NamespaceRuntime(Runtime):
                 if keep.pty is not None:
                     fds += keep.pty
                     argv[2:2] = ["--pty-master-fd", str(keep.pty[0]), "--pty-slave-fd", str(keep.pty[1])]
+                if keep.adopt is not None:
+                    fds += [fd for fd in keep.adopt_fds if fd >= 0]
+                    adopt, ends = ":".join(map(str, keep.adopt)), ":".join(map(str, keep.adopt_fds))
+                    argv[2:2] = ["--adopt", adopt, "--adopt-fds", ends]
             return subprocess.Popen(
                 argv,
                 stdin=stdio[0],
@@ -715,18 +721,22 @@ class NamespaceRuntime(Runtime):
         return await self.create(spec, restore=held, inherit=inherit, volumes=volumes)
 
     async def snapshot(
-        self, handle: SandboxHandle, images: Path, criu: Path, at_dump: Callable[[], Awaitable[None]]
+        self,
+        handle: SandboxHandle,
+        images: Path,
+        criu: Path,
+        at_dump: Callable[[], Awaitable[None]],
+        carried: Collection[str] = (),
     ) -> None:
         """CRIU writes everything under the sandbox's init into `images` and leaves it running. Once all is written,
         while the processes are still stopped, CRIU's post-dump action (sbxhelper, `--handshake`) tells us and
         waits: `at_dump` runs then (the server copies the sandbox's files), and its failure undoes the dump."""
-        held = self._pipes_to_outside(handle)
+        held = self._pipes_to_outside(handle, set(carried))
         if held:
             raise RuntimeError_(
-                f"processes {', '.join(map(str, held[:10]))} of sandbox {handle.sandbox_id} have pipes to the "
-                "commands' keepers (commands started through the API that still run, or their children): they "
-                "cannot be carried into new sandboxes yet. End them, or start them with their own output "
-                "(`nohup cmd > file 2>&1 &`), then take the snapshot"
+                f"processes {', '.join(map(str, held[:10]))} of sandbox {handle.sandbox_id} hold pipes to processes "
+                "outside it that a snapshot cannot carry into new sandboxes (only those to the keepers of commands "
+                "run through envd are). End them, or give them their own output (`nohup cmd > file 2>&1 &`)"
             )
         # The handshake's FIFOs (CRIU runs its action script with no descriptor of ours: sbxhelper.c), in a
         # directory of root's only; the helper's script opens them as the sandbox's uid, with its capabilities.
@@ -759,9 +769,9 @@ class NamespaceRuntime(Runtime):
                 f"snapshotting sandbox {handle.sandbox_id} failed: {_criu_errors(images / 'dump.log', err)}"
             )
 
-    def _pipes_to_outside(self, handle: SandboxHandle) -> list[int]:
+    def _pipes_to_outside(self, handle: SandboxHandle, carried: set[str]) -> list[int]:
         """The processes under the sandbox's init holding a pipe that a process outside that tree holds too (the
-        keepers of commands; the server)."""
+        keepers of commands; the server), other than the `carried` ones."""
         procs = self._cgroups(handle.sandbox_id).procs()
         children: dict[int, list[int]] = {}
         for pid in procs:
@@ -788,10 +798,13 @@ class NamespaceRuntime(Runtime):
         outside: set[str] = set()
         for pid in [*(p for p in procs if p not in tree), os.getpid()]:
             outside |= pipes(pid)
+        outside -= carried
         return sorted(pid for pid in tree if pipes(pid) & outside)
 
-    async def create_from(self, spec: SandboxSpec, snapshot: SnapshotImages) -> SandboxHandle:
-        return await self.create(spec, from_images=snapshot)
+    async def create_from(
+        self, spec: SandboxSpec, snapshot: SnapshotImages, inherit: Sequence[tuple[int, str]] = ()
+    ) -> SandboxHandle:
+        return await self.create(spec, from_images=snapshot, inherit=inherit)
 
     def drop_checkpoint(self, handle: SandboxHandle) -> None:
         _unpin_namespaces(handle.state_dir)

@@ -69,6 +69,7 @@ class Template:
     # A snapshot with memory (core/snapshots.py): its processes, in MEMORY_DIR of its version, written by CRIU for
     # a sandbox whose uid range started here.
     memory_uid_base: int | None = None
+    memory_parts: dict[str, Any] = field(default_factory=dict)  # what the server's parts carry (core/pausing.py)
 
     @property
     def memory_images(self) -> Path | None:
@@ -160,6 +161,7 @@ class TemplateStore:
             names=tuple(self.meta(ident).get("names", [])),
             recipe=meta.get("recipe", ""),
             memory_uid_base=(meta.get("memory") or {}).get("uid_base"),
+            memory_parts=dict((meta.get("memory") or {}).get("parts") or {}),
         )
 
     @property

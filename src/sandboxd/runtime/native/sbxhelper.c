@@ -1256,6 +1256,10 @@ struct entry {
     int session_fd;   /* --session-fd, with --keep */
     long long keep_bytes; /* --keep-bytes: how much of its output is logged (1 MiB unless said) */
     int pty_master, pty_slave; /* --pty-master-fd, --pty-slave-fd: with --keep --pty */
+    /* --adopt NS:HOST:START, --adopt-fds OUT:ERR:IN (-1: none): with --keep, keep a command that runs already
+     * (restored from a snapshot into a new sandbox, init's child there) instead of starting one: its PID in the
+     * sandbox and on the host, its start time, and our ends of its stdout, stderr and stdin pipes */
+    const char *adopt, *adopt_fds;
     char *cgroups[MAX_CGROUPS];
     int ncg;
 };
@@ -1281,6 +1285,8 @@ static int parse_entry(int argc, char **argv, struct entry *e) {
             if (e->ngroups < 64) e->groups[e->ngroups++] = (gid_t)strtoul(v, NULL, 10);
         } else if (!strcmp(a, "--cwd")) e->cwd = v;
         else if (!strcmp(a, "--keep")) e->keep = v;
+        else if (!strcmp(a, "--adopt")) e->adopt = v;
+        else if (!strcmp(a, "--adopt-fds")) e->adopt_fds = v;
         else if (!strcmp(a, "--session-fd")) e->session_fd = (int)strtol(v, NULL, 10);
         else if (!strcmp(a, "--keep-bytes")) e->keep_bytes = strtoll(v, NULL, 10);
         else if (!strcmp(a, "--pty-master-fd")) e->pty_master = (int)strtol(v, NULL, 10);
@@ -2015,6 +2021,33 @@ static void spawn_command(struct spawned *sp, int hostproc, int initfd, const st
     }
 }
 
+/* exec --keep ... --adopt: see struct entry. The command is not started, only kept (its relay as any other). */
+static int adopt_command(struct entry *e, char **cmd) {
+    (void)cmd; /* (the command's record, for the server: it runs already) */
+    struct keep k;
+    int fds[3] = {-1, -1, -1};
+    pid_t ns = 0, host = 0;
+    unsigned long long start = 0;
+    if (!e->keep || e->session_fd < 0 || e->pty || !e->adopt_fds) die("--adopt needs --keep, --session-fd, --adopt-fds");
+    if (sscanf(e->adopt, "%d:%d:%llu", &ns, &host, &start) != 3 || ns <= 0 || host <= 0 || !start)
+        die("bad --adopt %s", e->adopt);
+    if (sscanf(e->adopt_fds, "%d:%d:%d", &fds[0], &fds[1], &fds[2]) != 3 || fds[0] < 0)
+        die("bad --adopt-fds %s", e->adopt_fds);
+    for (int i = 0; i < 3; i++)
+        if (fds[i] >= 0 && (fds[i] < 3 || fcntl(fds[i], F_SETFD, FD_CLOEXEC) < 0)) die("bad --adopt-fds %s", e->adopt_fds);
+    fcntl(e->session_fd, F_SETFD, FD_CLOEXEC);
+    keep_open(&k, e->keep, e->session_fd, e->keep_bytes > 0 ? e->keep_bytes : 1 << 20);
+    int initfd = open_init(e->target, e->start_time);
+    join_cgroups((char **)e->cgroups, e->ncg);
+    if (setns(initfd, CLONE_NEWNET) < 0) die("setns");
+    close(initfd);
+    struct spawned sp = {.mid = -1, .host = host, .ns = ns, .via_init = 1, .start = start};
+    sp.pidfd = open_init(host, start); /* (the command, checked by its start time as init is) */
+    if (e->report_fd >= 0) dprintf(e->report_fd, "c %d\n", ns);
+    become_relay(&sp, e->report_fd);
+    return relay_status(keep_relay(&k, &sp, fds[0], fds[1], fds[2]));
+}
+
 static int cmd_exec(int argc, char **argv) {
     struct entry e;
     int i = parse_entry(argc, argv, &e);
@@ -2024,6 +2057,7 @@ static int cmd_exec(int argc, char **argv) {
     char **cmd = argv + i;
     struct keep k;
     int c_out[2] = {-1, -1}, c_err[2] = {-1, -1}, c_in[2] = {-1, -1};
+    if (e.adopt) return adopt_command(&e, cmd);
     if (e.keep) {
         if (e.session_fd < 0) die("--keep needs --session-fd");
         fcntl(e.session_fd, F_SETFD, FD_CLOEXEC);
