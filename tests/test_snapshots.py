@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -196,6 +197,11 @@ def test_fork_children_have_the_parents_memory_and_diverge(server: Server) -> No
             f"{server.url}/sandboxes/{src.sandbox_id}/fork", json={"count": 21}, headers={"X-API-KEY": server.api_key}
         )
         assert r.status_code == 400, r.text
+        layer = Path(held_top_layer(forks[0].sandbox_id)).parent  # (<templates>/.layers/<key>/diff)
+        assert layer.parent.name == ".layers" and layer.is_dir()
+        for f in forks:
+            f.kill()
+        assert not layer.exists(), "the fork's snapshot's layer outlived the last fork standing on it"
     finally:
         for f in forks:
             f.kill()

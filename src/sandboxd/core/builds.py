@@ -151,6 +151,7 @@ class TemplateBuilds:
         self.layers.clean_stale()  # what a build cut short by a crash left half-committed
         store.clean_scratch()  # a snapshot's template a crash cut short (core/snapshots.py)
         store.clean_forks()  # and a fork's snapshot it left
+        store.prune_snapshot_layers()  # and the layers of deleted snapshots whose last sandbox a crash took
         self.registry: images.Registry | None = None  # where images are pulled from (--registry)
         self._pull_lock = asyncio.Lock()
         # builds running at once (of different templates): each step holds a sandbox of up to 2 GiB

@@ -500,8 +500,10 @@ class SandboxManager:
         iam: dict[str, Any] | None = None,
         volume_mounts: list[dict[str, Any]] | None = None,
         policy_of: Sandbox | None = None,
+        recorded_as: tuple[str, str] | None = None,
     ) -> Sandbox:
-        """A new sandbox. `policy_of`: a sandbox whose network policy it gets (a fork's source: core/snapshots.py)."""
+        """A new sandbox. `policy_of`: a sandbox whose network policy it gets (a fork's source: core/snapshots.py);
+        `recorded_as`: the (template ID, alias) its record names instead of the template's (a fork's)."""
         timeout = self._check_timeout(self.settings.default_timeout if timeout is None else timeout, positive=True)
         _check_str_map("metadata", metadata)
         _check_str_map("envVars", env_vars)
@@ -554,8 +556,8 @@ class SandboxManager:
             now = time.time()
             rec = SandboxRecord(
                 sandbox_id=sandbox_id,
-                template_id=template.name,
-                alias=template.name,
+                template_id=recorded_as[0] if recorded_as else template.name,
+                alias=recorded_as[1] if recorded_as else template.name,
                 client_id="sandboxd",
                 envd_token=secrets.token_urlsafe(24),
                 started_at=now,

@@ -32,7 +32,7 @@ from sandboxd.core.errors import BadRequest, Conflict, SandboxdError
 from sandboxd.fdio import syncfs
 from sandboxd.runtime.base import RuntimeError_
 from sandboxd.templates.layers import drop_per_sandbox_files, layer_key
-from sandboxd.templates.store import MEMORY_DIR, TemplateError
+from sandboxd.templates.store import MEMORY_DIR, SNAPSHOT_STEP, TemplateError
 
 if TYPE_CHECKING:
     from sandboxd.core.manager import Sandbox, SandboxManager
@@ -85,7 +85,7 @@ async def create(
             drop_per_sandbox_files(work / "diff")
             for rel in PER_START_DIRS if held is None else ():  # (with memory: its mount points, restored there)
                 _remove(work / "diff" / rel)
-            step = f"snapshot of sandbox {sandbox_id}"
+            step = f"{SNAPSHOT_STEP}{sandbox_id}"
             key = layer_key(top, base, {"snapshot": sandbox_id, "id": uuid.uuid4().hex})
             layer = await _commit(manager, work, key, top, base, step, sandbox.handle.uid_base)
         except BaseException:
@@ -122,6 +122,16 @@ async def _with_memory(
     """CRIU writes the sandbox's processes into `images`, leaving them running; while they are stopped, its
     files are copied into `diff`. A sandbox paused in memory is thawed for CRIU to seize it (its processes run
     for that moment), and frozen again after. Returns what the checkpoint parts carry (by part)."""
+    # The images are about as large as the memory its processes use, written to the templates' disk: never
+    # more than it has to spare (as a pause to disk: core/pausing.py).
+    used = (await asyncio.to_thread(manager.runtime.stats, sandbox.handle)).memory_bytes
+    free = shutil.disk_usage(images.parent).free
+    if used + pausing.DISK_MARGIN > free:
+        raise Conflict(
+            f"sandbox '{sandbox.id}': its processes use {used >> 20} MiB of memory and the templates' disk has "
+            f"{free >> 20} MiB free (less {pausing.DISK_MARGIN >> 20} MiB kept spare): no snapshot with memory; "
+            + FILESYSTEM_HINT
+        )
     parts: dict[str, Any] = {}
     carried: list[str] = []
     for part in manager.checkpoint_parts:
@@ -192,13 +202,12 @@ async def fork(manager: SandboxManager, sandbox_id: str, count: int, timeout: in
                     auto_pause_memory=rec.auto_pause_memory,
                     auto_resume=rec.auto_resume,
                     policy_of=source,
+                    # a sandbox of the source's template (a reboot from its files starts that template's service),
+                    # standing on the snapshot's layers (the snapshot goes: a crash meanwhile too, at the next start)
+                    recorded_as=(rec.template_id, rec.alias or rec.template_id),
                 )
             except SandboxdError as e:
                 return e
-            # a sandbox of the source's template (a reboot from its files starts that template's service),
-            # standing on the snapshot's layers
-            child.record.template_id, child.record.alias = rec.template_id, rec.alias
-            manager.db.put(child.record)
             return child
 
         return list(await asyncio.gather(*(one() for _ in range(count))))

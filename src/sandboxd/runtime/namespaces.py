@@ -748,8 +748,13 @@ class NamespaceRuntime(Runtime):
         argv += ["--shift", str(handle.uid_base), "--criu", str(criu), "--images", str(images)]
         argv += ["--leave-running", "1", "--handshake", str(hs)]
         try:
+            me = f"{os.getpid()}:{pids.start_time(os.getpid())}"  # (CRIU's action gives up once we are gone)
             proc = subprocess.Popen(  # noqa: ASYNC220 (vfork, as create's)
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={}
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env={"SBX_SERVER": me},
             )
             try:
                 if await asyncio.to_thread(_wait_told, told, proc):

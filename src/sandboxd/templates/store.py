@@ -37,6 +37,8 @@ from sandboxd.templates.builtin import names as builtin_names
 from sandboxd.templates.layers import LayerStore
 
 MEMORY_DIR = "memory"  # a snapshot's processes, in its version's directory
+SNAPSHOT_STEP = "snapshot of sandbox "  # a snapshot's layer's step (core/snapshots.py)
+SNAPSHOT_LAYER_GRACE = 60.0  # s
 
 
 class TemplateError(Exception):
@@ -287,8 +289,9 @@ class TemplateStore:
                 self.delete(ident)
 
     def clean_scratch(self) -> None:
-        """Scratch dirs of `publish` that a crashed process left (those of running processes stay)."""
-        for p in self.dir.glob(".new-template-*") if self.dir.is_dir() else []:
+        """Scratch dirs of `publish`, and templates half deleted, that a crashed process left (those of running
+        processes stay)."""
+        for p in [*self.dir.glob(".new-template-*"), *self.dir.glob(".deleted-*")] if self.dir.is_dir() else []:
             pid = p.name.rsplit("-", 1)[-1]
             if pid.isdigit() and Path(f"/proc/{pid}").exists():
                 continue
@@ -343,7 +346,34 @@ class TemplateStore:
         write_json(self.dir / ".holds" / sandbox_id, hold)
 
     def release(self, sandbox_id: str) -> None:
-        (self.dir / ".holds" / sandbox_id).unlink(missing_ok=True)
+        path = self.dir / ".holds" / sandbox_id
+        lowers: list[str] = []
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            lowers = list(json.loads(path.read_text())["lowers"])
+        path.unlink(missing_ok=True)
+        keys = [self.layers.key_of(Path(p)) for p in lowers]
+        self.prune_snapshot_layers({k for k in keys if k is not None})
+
+    def prune_snapshot_layers(self, among: set[str] | None = None) -> int:
+        """Remove the layers of deleted snapshots that nothing stands on any more (of `among`, or all): a
+        snapshot deleted while sandboxes from it ran (a fork's, always: deleted once its forks are made) leaves
+        its layer to the last of them. A build's layers stay (they are its cache). Of all, one younger than
+        SNAPSHOT_LAYER_GRACE is left alone: between its commit and its publish it is nobody's yet (another
+        server may be making it: the templates dir may be shared); `among` those a sandbox stood on, none is."""
+        candidates = []
+        for key in among if among is not None else self.layers.keys():
+            layer = self.layers.get(key)
+            if layer is None or not layer.step.startswith(SNAPSHOT_STEP):
+                continue
+            if among is not None or time.time() - layer.created > SNAPSHOT_LAYER_GRACE:
+                candidates.append(key)
+        if not candidates:
+            return 0
+        keep = self.referenced_layers()
+        doomed = [key for key in candidates if key not in keep]
+        for key in doomed:
+            self.layers.remove(key)
+        return len(doomed)
 
     def _held_lower_dirs(self) -> set[str]:
         held: set[str] = set()

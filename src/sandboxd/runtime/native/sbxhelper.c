@@ -2612,8 +2612,13 @@ static int action_script(const char *action) {
     snprintf(path, sizeof path, "%s/go", dir);
     int r = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (r < 0) return 1;
-    /* The server answers once the files are copied; a server that is gone never does: the sandbox's processes,
-     * stopped meanwhile, run on after HANDSHAKE_WAIT_MS (CRIU undoes the dump). */
+    /* The server answers once the files are copied; one that does not within HANDSHAKE_WAIT_MS, or dies (its
+     * SBX_SERVER "PID:START" checked every 100 ms), never will: CRIU undoes the dump, and the sandbox's
+     * processes, stopped meanwhile, run on (and CRIU lets go of the sandbox's mounts). */
+    const char *server = getenv("SBX_SERVER");
+    int spid = 0;
+    unsigned long long sstart = 0;
+    if (!server || sscanf(server, "%d:%llu", &spid, &sstart) != 2 || spid <= 0) return 1;
     char answer[8] = {0};
     size_t got = 0;
     struct timespec t0, now;
@@ -2621,8 +2626,11 @@ static int action_script(const char *action) {
     while (got < sizeof answer - 1) {
         clock_gettime(CLOCK_MONOTONIC, &now);
         long left = HANDSHAKE_WAIT_MS - (now.tv_sec - t0.tv_sec) * 1000 - (now.tv_nsec - t0.tv_nsec) / 1000000;
+        if (left <= 0 || start_time_of(spid) != sstart) return 1;
         struct pollfd p = {r, POLLIN, 0};
-        if (left <= 0 || (poll(&p, 1, (int)left) < 0 && errno != EINTR)) return 1;
+        int ready = poll(&p, 1, left < 100 ? (int)left : 100);
+        if (ready < 0 && errno != EINTR) return 1;
+        if (ready <= 0) continue;
         ssize_t k = read(r, answer + got, 1);
         if (k < 0 && (errno == EINTR || errno == EAGAIN)) continue;
         if (k <= 0 || answer[got] == '\n') break;
