@@ -124,11 +124,7 @@ def run_lifecycle(
             child.kill()
     finally:
         client.kill(src)
-        for ident in snapshot_ids:
-            try:
-                Sandbox.delete_snapshot(ident)
-            except Exception as e:
-                out["errors"].append(f"deleting snapshot {ident}: {e!r}")
+        _delete_snapshots(snapshot_ids, out["errors"])
     out.update(
         pause_ms=pause,
         resume_ms=resume,
@@ -466,12 +462,18 @@ def _memory_snapshots(client: Any, dl: Any, n: int) -> dict[str, Any]:
         out["errors"].append(f"snapshots with memory: {e!r}")
     finally:
         client.kill(src)
-        for ident in idents:
-            try:
-                Sandbox.delete_snapshot(ident)
-            except Exception as e:
-                out["errors"].append(f"deleting snapshot {ident}: {e!r}")
+        _delete_snapshots(idents, out["errors"])
     return out
+
+
+def _delete_snapshots(idents: list[str], errors: list[str]) -> None:
+    from e2b import Sandbox
+
+    for ident in idents:
+        try:
+            Sandbox.delete_snapshot(ident)
+        except Exception as e:
+            errors.append(f"deleting snapshot {ident}: {e!r}")
 
 
 def print_report(r: dict[str, Any]) -> None:

@@ -83,19 +83,24 @@ def _counted(sbx: Sandbox) -> tuple[int, int, int]:
     return int(n), int(child), int(alive)
 
 
+def _start_counting(sbx: Sandbox, notes: str) -> int:
+    """COUNTER started on its own (not kept by envd), counting; a file written; the counter's PID."""
+    sbx.files.write("/tmp/count.py", COUNTER)
+    sbx.commands.run("nohup python3 /tmp/count.py > /tmp/count.log 2>&1 &")
+    sbx.files.write("/home/user/notes.txt", notes)
+    deadline = time.monotonic() + 10
+    while not sbx.files.exists("/tmp/n") or _counted(sbx)[0] < 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return int(sbx.commands.run("pgrep -f count.py").stdout)
+
+
 def test_a_snapshot_with_memory_starts_sandboxes_running_its_processes_from_where_they_were(server: Server) -> None:
     src = Sandbox.create(template="base", timeout=120)
     made: list[Sandbox] = []
     snapshot_id = None
     try:
-        src.files.write("/tmp/count.py", COUNTER)
-        src.commands.run("nohup python3 /tmp/count.py > /tmp/count.log 2>&1 &")
-        src.files.write("/home/user/notes.txt", "from the source\n")
-        deadline = time.monotonic() + 10
-        while not src.files.exists("/tmp/n") or _counted(src)[0] < 5:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        counter = int(src.commands.run("pgrep -f count.py").stdout)
+        counter = _start_counting(src, "from the source\n")
         snap = src.create_snapshot()  # memory and files: E2B's default
         snapshot_id = snap.snapshot_id
         caught = _counted(src)[0]  # (a moment after the snapshot: at least its count)
@@ -170,14 +175,7 @@ def test_fork_children_have_the_parents_memory_and_diverge(server: Server) -> No
     src = Sandbox.create(template="base", timeout=120, metadata={"who": "parent"})
     forks: list[Sandbox] = []
     try:
-        src.files.write("/tmp/count.py", COUNTER)
-        src.commands.run("nohup python3 /tmp/count.py > /tmp/count.log 2>&1 &")
-        src.files.write("/home/user/notes.txt", "before the fork\n")
-        deadline = time.monotonic() + 10
-        while not src.files.exists("/tmp/n") or _counted(src)[0] < 5:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        counter = int(src.commands.run("pgrep -f count.py").stdout)
+        counter = _start_counting(src, "before the fork\n")
         made = src.fork(count=3, timeout=60)
         forks = [f for f in made if isinstance(f, Sandbox)]
         assert len(forks) == 3, made
