@@ -13,6 +13,7 @@ import stat
 from pathlib import Path
 
 import httpx
+import pytest
 from e2b import Sandbox
 
 from conftest import TEMPLATES_DIR, Server
@@ -89,3 +90,57 @@ def test_a_changes_tar_carries_planted_links_as_links_never_host_files(server: S
         assert not any(m.name.startswith(("etc/shadow", "root/")) for m in tar.getmembers())
     finally:
         sbx.kill()
+
+
+def test_a_snapshot_with_memory_never_fills_the_templates_disk(tmp_path: Path) -> None:
+    """A snapshot's memory is written into the templates dir: a tenant that fills its memory and snapshots it
+    must not fill that disk. The templates dir here is a 160 MiB tmpfs (the base template's files bound into it
+    from the real one); the sandbox holds 200 MB."""
+    import shutil
+    import subprocess
+    import time
+
+    from e2b import SandboxException
+
+    from sandboxd.templates.store import TemplateStore
+
+    from conftest import start_server
+
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "tmpfs", str(small)], check=True)
+    try:
+        templates = small / "templates"
+        (templates / ".layers").mkdir(parents=True)
+        for name in ("base", ".names"):
+            shutil.copytree(TEMPLATES_DIR / name, templates / name, symlinks=True)
+        real = TemplateStore(TEMPLATES_DIR)
+        for layer in real.layers.chain(real.get("base").top_layer or ""):
+            (templates / ".layers" / layer.key).mkdir()
+            subprocess.run(
+                ["mount", "--bind", "-o", "ro", str(layer.path), str(templates / ".layers" / layer.key)], check=True
+            )
+        srv = start_server(tmp_path / "data", "--pool-size", "0", "--disk-mb", "0", templates_dir=templates)
+        try:
+            env = {"api_key": srv.api_key, "api_url": srv.url, "sandbox_url": srv.url}
+            sbx = Sandbox.create(template="base", timeout=120, metadata={"sandboxd.memory_mb": "512"}, **env)
+            sbx.commands.run(
+                'nohup python3 -c "import os, time; b = bytearray(200 << 20)\n'
+                "for i in range(0, len(b), 1 << 20): b[i : i + (1 << 20)] = os.urandom(1 << 20)\n"
+                "open('/tmp/ready', 'w').write('1'); time.sleep(3600)\" > /dev/null 2>&1 &"
+            )
+            deadline = time.monotonic() + 60
+            while not sbx.files.exists("/tmp/ready"):
+                assert time.monotonic() < deadline, "the memory holder did not start"
+                time.sleep(0.1)
+            with pytest.raises(SandboxException) as refused:
+                sbx.create_snapshot()
+            assert "MiB free" in str(refused.value) and "filesystem" in str(refused.value), refused.value
+            assert shutil.disk_usage(small).free > 64 << 20
+            assert not [p for p in (templates / ".layers").iterdir() if p.name.startswith(".")]  # no scratch left
+            assert sbx.commands.run("pgrep -f bytearray").stdout.strip()  # it runs on, not frozen
+            sbx.kill()
+        finally:
+            srv.stop()
+    finally:
+        subprocess.run(["umount", "-R", "-l", str(small)], check=False)
