@@ -251,3 +251,44 @@ def test_commands_run_through_envd_go_on_in_sandboxes_from_a_snapshot_and_in_for
         src.kill()
         if snapshot_id is not None:
             Sandbox.delete_snapshot(snapshot_id)
+
+
+def test_a_snapshot_with_memory_of_a_sandbox_with_a_volume_mounts_the_same_volume(server: Server) -> None:
+    from e2b import Volume
+
+    vol = Volume.create(f"snap-{secrets.token_hex(3)}")
+    src = Sandbox.create(template="base", timeout=120, volume_mounts={"/data/vol": vol})
+    made: list[Sandbox] = []
+    snapshot_id = None
+    try:
+        # a command with its cwd in the volume, appending its input to a file of it (open all along)
+        appender = src.commands.run(
+            "cd /data/vol && exec 3>>log && while read -r line; do echo $line >&3; done", background=True, stdin=True
+        )
+        src.commands.send_stdin(appender.pid, "source\n")
+        snapshot_id = src.create_snapshot().snapshot_id
+        made = [Sandbox.create(template=snapshot_id, timeout=60)]
+        made += [f for f in src.fork(count=1, timeout=60) if isinstance(f, Sandbox)]
+        assert len(made) == 2
+        for i, child in enumerate(made):
+            assert [(m["name"], m["path"]) for m in child.get_info().volume_mounts] == [(vol.name, "/data/vol")]
+            child.commands.send_stdin(appender.pid, f"child-{i}\n")  # its own copy of the command, same volume
+        deadline = time.monotonic() + 10
+        while sorted((seen := vol.read_file("/log", format="text")).split()) != ["child-0", "child-1", "source"]:
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.05)
+        assert made[0].commands.run("stat -c %U /data/vol/log").stdout == "user\n"  # idmapped as in the source
+        other = Volume.create(f"snap-{secrets.token_hex(3)}")
+        try:
+            with pytest.raises(SandboxException) as refused:  # (its processes had that volume there)
+                Sandbox.create(template=snapshot_id, timeout=60, volume_mounts={"/data/vol": other})
+            assert "same" in str(refused.value)
+        finally:
+            Volume.destroy(other.volume_id)
+    finally:
+        for child in made:
+            child.kill()
+        src.kill()
+        if snapshot_id is not None:
+            Sandbox.delete_snapshot(snapshot_id)
+        Volume.destroy(vol.volume_id)

@@ -339,7 +339,8 @@ class SandboxManager:
                             fds, held = part.before_snapshot_restore(state)
                             inherit += fds
                             pending.append((part, held))
-                    handle = await self.runtime.create_from(spec, snapshot, inherit)
+                    volumes = await pausing.volume_sources(self, list(template.memory_volume_mounts))
+                    handle = await self.runtime.create_from(spec, snapshot, inherit, volumes)
                 except BaseException as e:
                     for part, held in pending:  # (nothing to attach them to)
                         part.drop_snapshot_restore(held)
@@ -531,6 +532,20 @@ class SandboxManager:
                 template = self.templates.get(template_id)
             except TemplateError as e:
                 raise NotFound(str(e)) from None
+            if template.memory_images is not None and template.memory_volume_mounts:
+                # a snapshot whose processes had volumes mounted: the same volumes, where they were
+                theirs = [{"name": m["volumeID"], "path": m["path"]} for m in template.memory_volume_mounts]
+                if mounts and [(m["path"], m["volumeID"]) for m in mounts] != [
+                    (m["path"], m["volumeID"]) for m in template.memory_volume_mounts
+                ]:
+                    raise BadRequest(
+                        f"snapshot '{template.name}' has volumes mounted by its processes: a sandbox from it mounts "
+                        "the same ones, where they were (give no volumeMounts)"
+                    )
+                self.creating_with.subtract(claimed)
+                mounts = volume_mounts_.check(self, theirs)
+                claimed = Counter(m["volumeID"] for m in mounts)
+                self.creating_with.update(claimed)
             disk_mb = self._check_disk_mb(template, disk_mb)
             res = self._resources(template, metadata or {})
             # Pooled sandboxes have the template's default disk and resources: others are made fresh.
@@ -546,7 +561,8 @@ class SandboxManager:
                 self.pool.schedule_refill(template.name)
             try:  # pooled or not, a sandbox starts with the default policy: its own now
                 ca, ca_vars = await self.net.apply_new(handle, policy)
-                await volume_mounts_.attach(self, handle, mounts)
+                if template.memory_images is None:  # (a snapshot's processes have theirs mounted again already)
+                    await volume_mounts_.attach(self, handle, mounts)
             except BaseException:
                 for part, held in self._carried.pop(sandbox_id, []):
                     part.drop_snapshot_restore(held)

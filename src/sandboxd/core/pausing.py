@@ -222,15 +222,16 @@ async def to_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
     log.info("sandbox %s written to disk (%d MiB of memory freed)", sandbox.id, used >> 20)
 
 
-async def _volume_sources(manager: SandboxManager, sandbox: Sandbox) -> list[Path]:
-    """The host directories of the sandbox's volumes (mounted on the host if they were not), in its order."""
+async def volume_sources(manager: SandboxManager, mounts: list[dict[str, str]]) -> list[Path]:
+    """The host directories of these volume mounts' volumes (mounted on the host if they were not), in order."""
     sources: list[Path] = []
-    for m in sandbox.record.volume_mounts:
-        assert manager.volumes is not None  # (a sandbox with volumes was made by a server keeping them)
+    for m in mounts:
+        if manager.volumes is None:
+            raise SandboxdError("this server keeps no volumes")
         try:
             sources.append(await asyncio.to_thread(manager.volumes.mounted, manager.volumes.get(m["volumeID"])))
         except VolumeError as e:
-            raise SandboxdError(f"sandbox '{sandbox.id}': its volume {m['name']!r} cannot be mounted: {e}") from None
+            raise SandboxdError(f"volume {m['name']!r} cannot be mounted: {e}") from None
     return sources
 
 
@@ -246,7 +247,7 @@ async def from_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
     # checkpoint whole again (and ends what of the restored tree ran, then restores it again).
     unpin, held.on_release = held.on_release, None
     try:
-        volumes = await _volume_sources(manager, sandbox)
+        volumes = await volume_sources(manager, sandbox.record.volume_mounts)
         for part in manager.checkpoint_parts:
             inherit += await part.before_restore(sandbox)
         handle = await manager.runtime.restore(spec, held, inherit, volumes)

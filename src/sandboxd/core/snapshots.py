@@ -59,11 +59,8 @@ async def create(
     criu = manager.settings.criu
     if memory and criu is None:
         raise Conflict(f"this server has no CRIU (sandboxd serve --criu): it cannot snapshot memory; {FILESYSTEM_HINT}")
-    if memory and sandbox.record.volume_mounts:
-        raise Conflict(
-            f"sandbox '{sandbox_id}' has volumes mounted: a snapshot with memory of it cannot be taken yet; "
-            + FILESYSTEM_HINT
-        )
+    if memory and any(c in m["path"] for m in sandbox.record.volume_mounts for c in "[]:"):
+        raise Conflict(f"a volume mounted at a path with '[', ']' or ':': no snapshot with memory; {FILESYSTEM_HINT}")
     async with manager.pause_lock(sandbox_id):
         if pausing.without_processes(sandbox):
             raise Conflict(f"sandbox '{sandbox_id}' is paused to its files or to disk: resume it, then snapshot it")
@@ -93,13 +90,15 @@ async def create(
             if held is not None:
                 shutil.rmtree(held, ignore_errors=True)
             raise
+    rec_mounts = [dict(m) for m in sandbox.record.volume_mounts]
     snap: dict[str, Any] = {"sandboxID": sandbox_id, "createdAt": time.time(), "memory": held is not None}
     if fork:  # (hidden from lists; deleted at once, or at the next start if this process dies first)
         snap.update(fork=True, pid=os.getpid())
     extra = {"snapshot": snap}
     version = _version(manager, sandbox, layer.key, base)
     if held is not None:
-        version["memory"] = {"uid_base": sandbox.handle.uid_base, "parts": parts}
+        # (its volumes, mounted where they were in the sandboxes made from it: the same volumes)
+        version["memory"] = {"uid_base": sandbox.handle.uid_base, "parts": parts, "volume_mounts": rec_mounts}
     try:
         ident = store.publish(
             name or f"snapshot-{sandbox_id}-{uuid.uuid4().hex[:8]}",
@@ -146,7 +145,8 @@ async def _with_memory(
         async def copy_files() -> None:
             await manager.runtime.copy_upper(sandbox.handle, diff)
 
-        await manager.runtime.snapshot(sandbox.handle, images, criu, copy_files, carried)
+        volumes = [m["path"] for m in sandbox.record.volume_mounts]
+        await manager.runtime.snapshot(sandbox.handle, images, criu, copy_files, carried, volumes)
         await asyncio.to_thread(_sync, images)  # (published once whole: its pages on disk first)
     except RuntimeError_ as e:
         raise Conflict(

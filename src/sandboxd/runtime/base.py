@@ -282,17 +282,23 @@ class Runtime(abc.ABC):
         criu: Path,
         at_dump: Callable[[], Awaitable[None]],
         carried: Collection[str] = (),
+        volumes: Sequence[str] = (),
     ) -> None:
         """Write the sandbox's processes into `images` (CRIU), leaving them running; `at_dump` is awaited while
         they are stopped, everything written (for the sandbox's files to be copied at the same instant); if it
         raises, the dump is undone. `carried`: CRIU's names of pipes to outside that new sandboxes get anew
-        (others refuse the snapshot). See NamespaceRuntime."""
+        (others refuse the snapshot); `volumes`: as `checkpoint`'s. See NamespaceRuntime."""
         raise NotImplementedError(f"the {self.name} runtime cannot snapshot a sandbox's memory")
 
     async def create_from(
-        self, spec: SandboxSpec, snapshot: SnapshotImages, inherit: Sequence[tuple[int, str]] = ()
+        self,
+        spec: SandboxSpec,
+        snapshot: SnapshotImages,
+        inherit: Sequence[tuple[int, str]] = (),
+        volumes: Sequence[Path] = (),
     ) -> SandboxHandle:
-        """A new sandbox running the processes of a snapshot (its files: `spec.layers`); `inherit` as `restore`'s."""
+        """A new sandbox running the processes of a snapshot (its files: `spec.layers`); `inherit`, `volumes` as
+        `restore`'s."""
         raise NotImplementedError(f"the {self.name} runtime cannot start a sandbox from a snapshot's memory")
 
     def held_checkpoint(self, handle: SandboxHandle, images: Path, criu: Path) -> Checkpoint | None:

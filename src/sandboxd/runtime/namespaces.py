@@ -348,6 +348,8 @@ class NamespaceRuntime(Runtime):
                 argv += ["--restore", str(staged), "--criu", str(from_images.criu)]
                 for fd, key in inherit:
                     argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
+                for source in volumes:
+                    argv += ["--volume", str(source)]
             argv += disk_args
             if resuming:
                 argv += ["--resume", "1"]
@@ -727,6 +729,7 @@ class NamespaceRuntime(Runtime):
         criu: Path,
         at_dump: Callable[[], Awaitable[None]],
         carried: Collection[str] = (),
+        volumes: Sequence[str] = (),
     ) -> None:
         """CRIU writes everything under the sandbox's init into `images` and leaves it running. Once all is written,
         while the processes are still stopped, CRIU's post-dump action (sbxhelper, `--handshake`) tells us and
@@ -747,6 +750,8 @@ class NamespaceRuntime(Runtime):
         argv = [self.helper, "checkpoint", "--pid", str(handle.init_pid), "--pid-start", str(handle.init_start_time)]
         argv += ["--shift", str(handle.uid_base), "--criu", str(criu), "--images", str(images)]
         argv += ["--leave-running", "1", "--handshake", str(hs)]
+        for path in volumes:
+            argv += ["--external-mount", path]
         try:
             me = f"{os.getpid()}:{pids.start_time(os.getpid())}"  # (CRIU's action gives up once we are gone)
             proc = subprocess.Popen(  # noqa: ASYNC220 (vfork, as create's)
@@ -807,9 +812,13 @@ class NamespaceRuntime(Runtime):
         return sorted(pid for pid in tree if pipes(pid) & outside)
 
     async def create_from(
-        self, spec: SandboxSpec, snapshot: SnapshotImages, inherit: Sequence[tuple[int, str]] = ()
+        self,
+        spec: SandboxSpec,
+        snapshot: SnapshotImages,
+        inherit: Sequence[tuple[int, str]] = (),
+        volumes: Sequence[Path] = (),
     ) -> SandboxHandle:
-        return await self.create(spec, from_images=snapshot, inherit=inherit)
+        return await self.create(spec, from_images=snapshot, inherit=inherit, volumes=volumes)
 
     def drop_checkpoint(self, handle: SandboxHandle) -> None:
         _unpin_namespaces(handle.state_dir)

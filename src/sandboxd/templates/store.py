@@ -72,6 +72,7 @@ class Template:
     # a sandbox whose uid range started here.
     memory_uid_base: int | None = None
     memory_parts: dict[str, Any] = field(default_factory=dict)  # what the server's parts carry (core/pausing.py)
+    memory_volume_mounts: tuple[dict[str, str], ...] = ()  # the volumes its processes had mounted (the same again)
 
     @property
     def memory_images(self) -> Path | None:
@@ -164,6 +165,7 @@ class TemplateStore:
             recipe=meta.get("recipe", ""),
             memory_uid_base=(meta.get("memory") or {}).get("uid_base"),
             memory_parts=dict((meta.get("memory") or {}).get("parts") or {}),
+            memory_volume_mounts=tuple((meta.get("memory") or {}).get("volume_mounts") or ()),
         )
 
     @property
