@@ -947,12 +947,17 @@ static int mapping_userns(int procfd, unsigned from, unsigned to, unsigned range
     return fd;
 }
 
-static void attach_idmapped(int userns, const char *src, const char *dst) {
+/* A detached clone of SRC's mount, its ids mapped through USERNS, with the MOUNT_ATTR_* ATTRS too. */
+static int idmapped_tree(int userns, const char *src, uint64_t attrs) {
     int tree = (int)syscall(SYS_open_tree, AT_FDCWD, src, OPEN_TREE_CLONE_ | O_CLOEXEC);
     if (tree < 0) die("open_tree %s", src);
-    struct mount_attr_ attr = {MOUNT_ATTR_IDMAP_ | MOUNT_ATTR_RDONLY_ | MOUNT_ATTR_NOSUID_ | MOUNT_ATTR_NODEV_, 0, 0,
-                               (uint64_t)userns};
+    struct mount_attr_ attr = {MOUNT_ATTR_IDMAP_ | attrs, 0, 0, (uint64_t)userns};
     if (syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH, &attr, sizeof attr) < 0) die("idmap %s", src);
+    return tree;
+}
+
+static void attach_idmapped(int userns, const char *src, const char *dst) {
+    int tree = idmapped_tree(userns, src, MOUNT_ATTR_RDONLY_ | MOUNT_ATTR_NOSUID_ | MOUNT_ATTR_NODEV_);
     if (syscall(SYS_move_mount, tree, "", AT_FDCWD, dst, MOVE_MOUNT_F_EMPTY_PATH_) < 0) die("move_mount %s", dst);
     close(tree);
 }
@@ -1076,11 +1081,7 @@ static int cmd_create(int argc, char **argv) {
     if (nvolumes && !idmap) die("--volume needs --idmap-from");
     for (int i = 0; i < nvolumes; i++) {
         int vns = idmap_from != shift ? userns : mapping_userns(procfd, idmap_from, shift, range);
-        volume_trees[i] = (int)syscall(SYS_open_tree, AT_FDCWD, volumes[i], OPEN_TREE_CLONE_ | O_CLOEXEC);
-        if (volume_trees[i] < 0) die("open_tree %s", volumes[i]);
-        struct mount_attr_ attr = {MOUNT_ATTR_IDMAP_ | MOUNT_ATTR_NOSUID_ | MOUNT_ATTR_NODEV_, 0, 0, (uint64_t)vns};
-        if (syscall(SYS_mount_setattr, volume_trees[i], "", AT_EMPTY_PATH, &attr, sizeof attr) < 0)
-            die("idmap %s", volumes[i]);
+        volume_trees[i] = idmapped_tree(vns, volumes[i], MOUNT_ATTR_NOSUID_ | MOUNT_ATTR_NODEV_);
         if (vns != userns) close(vns);
     }
     for (int i = 0; i < nlowers; i++) {
@@ -1768,6 +1769,22 @@ static long long now_ms(void) {
     return ts.tv_sec * 1000LL + ts.tv_nsec / 1000000;
 }
 
+/* One read of the command's output from *FROM, logged (as KIND) and relayed to *TO (closed once the server is
+ * gone): 1 if there may be more now, 0 if not (EAGAIN), -1 at its end (*FROM closed; a terminal's master says
+ * EIO there). */
+static int relay_chunk(struct keep *k, int *from, uint32_t kind, int *to, char *buf, size_t size) {
+    ssize_t n = read(*from, buf, size);
+    if (n < 0 && errno == EINTR) return 1;
+    if (n < 0 && errno == EAGAIN) return 0;
+    if (n <= 0) {
+        close_fd(from);
+        return -1;
+    }
+    keep_log(k, kind, buf, (size_t)n);
+    if (*to >= 0 && write_all(*to, buf, (size_t)n) < 0) close_fd(to);
+    return 1;
+}
+
 /* The relay (see above); returns the command's wait status. */
 static int keep_relay(struct keep *k, struct spawned *sp, int c_out, int c_err, int c_in) {
     uint32_t out_kind = k->pty >= 0 ? 3 : 1; /* 3: a terminal's output (the server's "pty" events) */
@@ -1786,20 +1803,8 @@ static int keep_relay(struct keep *k, struct spawned *sp, int c_out, int c_err, 
             /* The new pipes replace the old ones, whose writer (the dumped command) is gone: what it wrote that
              * we had not read yet (CRIU's images keep it, but a restore that inherits a pipe does not refill
              * it) is read to its end first, logged and relayed as any output. */
-            int *olds[2] = {&r.c_out, &r.c_err}, *to[2] = {&srv_out, &srv_err};
-            for (int s = 0; s < 2; s++) {
-                while (*olds[s] >= 0) {
-                    ssize_t n = read(*olds[s], buf, sizeof buf);
-                    if (n < 0 && errno == EINTR) continue;
-                    if (n < 0 && errno == EAGAIN) break;
-                    if (n <= 0) {
-                        close_fd(olds[s]);
-                        break;
-                    }
-                    keep_log(k, s ? 2 : out_kind, buf, (size_t)n);
-                    if (*to[s] >= 0 && write_all(*to[s], buf, (size_t)n) < 0) close_fd(to[s]);
-                }
-            }
+            while (r.c_out >= 0 && relay_chunk(k, &r.c_out, out_kind, &srv_out, buf, sizeof buf) > 0) continue;
+            while (r.c_err >= 0 && relay_chunk(k, &r.c_err, 2, &srv_err, buf, sizeof buf) > 0) continue;
             /* And what we wrote to its stdin that it had not read yet: still in the old pipe, which its reader's
              * end (the dumped command's) no longer holds; read back through a new read end of it, it goes first
              * into the new one (empty: it takes a pipe's worth at once). */
@@ -1844,18 +1849,8 @@ static int keep_relay(struct keep *k, struct spawned *sp, int c_out, int c_err, 
         int n_poll = poll(p, (nfds_t)np, timeout);
         if (n_poll < 0 && errno == EINTR) continue;
         if (n_poll < 0) break;
-        int *outs[2] = {&r.c_out, &r.c_err}, idx[2] = {i_out, i_err}, *srvs[2] = {&srv_out, &srv_err};
-        for (int s = 0; s < 2; s++) {
-            if (idx[s] < 0 || !p[idx[s]].revents) continue;
-            ssize_t n = read(*outs[s], buf, sizeof buf);
-            if (n < 0 && (errno == EAGAIN || errno == EINTR)) continue;
-            if (n <= 0) {
-                close_fd(outs[s]);
-                continue;
-            }
-            keep_log(k, s ? 2 : out_kind, buf, (size_t)n); /* a terminal's master says EIO at its end */
-            if (*srvs[s] >= 0 && write_all(*srvs[s], buf, (size_t)n) < 0) close_fd(srvs[s]); /* server gone */
-        }
+        if (i_out >= 0 && p[i_out].revents) relay_chunk(k, &r.c_out, out_kind, &srv_out, buf, sizeof buf);
+        if (i_err >= 0 && p[i_err].revents) relay_chunk(k, &r.c_err, 2, &srv_err, buf, sizeof buf);
         if (i_ses >= 0 && p[i_ses].revents) keep_session(k, &r);
         if (i_sin >= 0 && p[i_sin].revents) {
             ssize_t n = read(srv_in, inbuf, sizeof inbuf);
@@ -2560,10 +2555,7 @@ static int cmd_attach(int argc, char **argv) {
     int procfd = open("/proc", O_DIRECTORY | O_CLOEXEC);
     if (procfd < 0) die("open /proc");
     int userns = mapping_userns(procfd, from, shift, range);
-    int tree = (int)syscall(SYS_open_tree, AT_FDCWD, src, OPEN_TREE_CLONE_ | O_CLOEXEC);
-    if (tree < 0) die("open_tree %s", src);
-    struct mount_attr_ attr = {MOUNT_ATTR_IDMAP_ | MOUNT_ATTR_NOSUID_ | MOUNT_ATTR_NODEV_, 0, 0, (uint64_t)userns};
-    if (syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH, &attr, sizeof attr) < 0) die("idmap %s", src);
+    int tree = idmapped_tree(userns, src, MOUNT_ATTR_NOSUID_ | MOUNT_ATTR_NODEV_);
     close(userns);
     close(procfd);
     int pidfd = open_init(target, start);
