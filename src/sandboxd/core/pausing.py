@@ -172,6 +172,29 @@ async def boot_again(manager: SandboxManager, sandbox: Sandbox) -> None:
             log.exception("after booting sandbox %s again", sandbox.id)
 
 
+def volume_paths(sandbox: Sandbox, consequence: str) -> list[str]:
+    """Where the sandbox's volumes are mounted, for CRIU (external mounts): a path its option syntax
+    (`mnt[PATH]:KEY`) cannot carry raises Conflict (`consequence`: what then)."""
+    paths = [m["path"] for m in sandbox.record.volume_mounts]
+    if any(c in path for path in paths for c in "[]:"):
+        raise Conflict(f"a volume mounted at a path with '[', ']' or ':' {consequence}")
+    return paths
+
+
+async def room_for_memory(manager: SandboxManager, sandbox: Sandbox, directory: Path, disk: str, then: str) -> int:
+    """The memory the sandbox's processes use (bytes), once checked that `directory`'s filesystem (`disk`, for
+    the message) has that much free and DISK_MARGIN more: CRIU's images of them are about that large, and never
+    take more than a disk has to spare. Else Conflict (`then`: what happens instead)."""
+    used = (await asyncio.to_thread(manager.runtime.stats, sandbox.handle)).memory_bytes
+    free = shutil.disk_usage(directory).free
+    if used + DISK_MARGIN > free:
+        raise Conflict(
+            f"sandbox '{sandbox.id}': its processes use {used >> 20} MiB of memory and {disk} has {free >> 20} MiB "
+            f"free (less {DISK_MARGIN >> 20} MiB kept spare): {then}"
+        )
+    return used
+
+
 async def to_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
     """Write a sandbox paused in memory to disk (under its pause lock): CRIU writes its processes, which
     end. Raises (the sandbox then stays paused in memory, as it was) if that cannot be done."""
@@ -180,20 +203,12 @@ async def to_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
         raise Conflict("this server has no CRIU (sandboxd serve --criu): a pause stays in memory")
     if not in_memory(sandbox):
         raise Conflict(f"sandbox '{sandbox.id}' is not paused in memory")
-    volumes = [m["path"] for m in sandbox.record.volume_mounts]
-    if any(c in path for path in volumes for c in "[]:"):  # (CRIU's option syntax: mnt[PATH]:KEY)
-        raise Conflict("a volume mounted at a path with '[', ']' or ':' keeps the sandbox paused in memory")
+    volumes = volume_paths(sandbox, "keeps the sandbox paused in memory")
     images = sandbox.handle.state_dir / IMAGES
     shutil.rmtree(images, ignore_errors=True)
-    # The images are about as large as the memory its processes use, written to the host's disk: never more
-    # than the disk has to spare.
-    used = (await asyncio.to_thread(manager.runtime.stats, sandbox.handle)).memory_bytes
-    free = shutil.disk_usage(sandbox.handle.state_dir).free
-    if used + DISK_MARGIN > free:
-        raise Conflict(
-            f"its processes use {used >> 20} MiB of memory and the host's data dir has {free >> 20} MiB free "
-            f"(less {DISK_MARGIN >> 20} MiB kept spare): the sandbox stays paused in memory"
-        )
+    used = await room_for_memory(
+        manager, sandbox, sandbox.handle.state_dir, "the host's data dir", "the sandbox stays paused in memory"
+    )
     done: list[CheckpointPart] = []
     # Thawed first: CRIU stops the processes itself (a frozen task cannot be seized), and the keepers of its
     # commands, in its cgroups too, answer the parts. Its processes run for the moment in between.

@@ -6,9 +6,10 @@ template's start command, service, user, working directory and environment, and 
 - With memory (E2B's default): CRIU writes the sandbox's processes too (runtime `snapshot`: they are stopped
   while it does, and its files are copied at that instant, so files and memory agree), into the snapshot's
   version directory; a sandbox made from it runs those processes, with their memory, from where they were (its
-  own uid range, address and name: runtime `create_from`), instead of booting. What cannot be carried into a new
-  sandbox refuses the snapshot (409, saying what): a terminal, a TCP connection from outside, the output pipes
-  of commands still running under their keepers (those started through envd), volumes.
+  own uid range, address and name: runtime `create_from`), instead of booting. The commands envd keeps go along
+  (a new keeper for each in each new sandbox: envd/checkpointing.py), and the volumes (the same ones). What cannot
+  be carried refuses the snapshot (409, saying what): a terminal, a TCP connection from outside, a command past
+  the kept-processes cap, other pipes to outside the sandbox, a templates disk without room for its memory.
 - Filesystem only (`mode="filesystem"`): the files, copied while the processes are frozen; sandboxes made from
   it boot.
 
@@ -29,9 +30,8 @@ from typing import TYPE_CHECKING, Any
 from sandboxd.core import pausing
 from sandboxd.core.builds import NAME_RE
 from sandboxd.core.errors import BadRequest, Conflict, SandboxdError
-from sandboxd.fdio import syncfs
 from sandboxd.runtime.base import RuntimeError_
-from sandboxd.templates.layers import drop_per_sandbox_files, layer_key
+from sandboxd.templates.layers import drop_per_sandbox_files, layer_key, sync_tree
 from sandboxd.templates.store import MEMORY_DIR, SNAPSHOT_STEP, TemplateError
 
 if TYPE_CHECKING:
@@ -59,8 +59,6 @@ async def create(
     criu = manager.settings.criu
     if memory and criu is None:
         raise Conflict(f"this server has no CRIU (sandboxd serve --criu): it cannot snapshot memory; {FILESYSTEM_HINT}")
-    if memory and any(c in m["path"] for m in sandbox.record.volume_mounts for c in "[]:"):
-        raise Conflict(f"a volume mounted at a path with '[', ']' or ':': no snapshot with memory; {FILESYSTEM_HINT}")
     async with manager.pause_lock(sandbox_id):
         if pausing.without_processes(sandbox):
             raise Conflict(f"sandbox '{sandbox_id}' is paused to its files or to disk: resume it, then snapshot it")
@@ -121,16 +119,10 @@ async def _with_memory(
     """CRIU writes the sandbox's processes into `images`, leaving them running; while they are stopped, its
     files are copied into `diff`. A sandbox paused in memory is thawed for CRIU to seize it (its processes run
     for that moment), and frozen again after. Returns what the checkpoint parts carry (by part)."""
-    # The images are about as large as the memory its processes use, written to the templates' disk: never
-    # more than it has to spare (as a pause to disk: core/pausing.py).
-    used = (await asyncio.to_thread(manager.runtime.stats, sandbox.handle)).memory_bytes
-    free = shutil.disk_usage(images.parent).free
-    if used + pausing.DISK_MARGIN > free:
-        raise Conflict(
-            f"sandbox '{sandbox.id}': its processes use {used >> 20} MiB of memory and the templates' disk has "
-            f"{free >> 20} MiB free (less {pausing.DISK_MARGIN >> 20} MiB kept spare): no snapshot with memory; "
-            + FILESYSTEM_HINT
-        )
+    volumes = pausing.volume_paths(sandbox, f"refuses a snapshot with memory; {FILESYSTEM_HINT}")
+    await pausing.room_for_memory(
+        manager, sandbox, images.parent, "the templates' disk", f"no snapshot with memory; {FILESYSTEM_HINT}"
+    )
     parts: dict[str, Any] = {}
     carried: list[str] = []
     for part in manager.checkpoint_parts:
@@ -145,9 +137,8 @@ async def _with_memory(
         async def copy_files() -> None:
             await manager.runtime.copy_upper(sandbox.handle, diff)
 
-        volumes = [m["path"] for m in sandbox.record.volume_mounts]
         await manager.runtime.snapshot(sandbox.handle, images, criu, copy_files, carried, volumes)
-        await asyncio.to_thread(_sync, images)  # (published once whole: its pages on disk first)
+        await asyncio.to_thread(sync_tree, images)  # (published once whole: its pages on disk first)
     except RuntimeError_ as e:
         raise Conflict(
             f"sandbox '{sandbox.id}' could not be snapshotted with its memory: {e}; {FILESYSTEM_HINT}"
@@ -261,14 +252,6 @@ async def _commit(
     manager: SandboxManager, work: Path, key: str, top: str | None, base: Path, step: str, uid_base: int
 ) -> Any:
     return await asyncio.to_thread(manager.templates.layers.commit, work, key, top, base, step, uid_base)
-
-
-def _sync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        syncfs(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path) -> None:

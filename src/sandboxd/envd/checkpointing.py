@@ -50,22 +50,8 @@ MAX_CARRIED = 1024  # kept commands carried by a snapshot (the kept-processes ca
 def _stdio_pipes(command: int, keeper: int) -> list[int]:
     """The inodes of the command's stdout, stderr and stdin (host PID `command`) that are pipes to its keeper
     (host PID `keeper`); 0 where none (redirected elsewhere, or no stdin)."""
-    theirs: set[int] = set()
-    with contextlib.suppress(OSError):
-        for fd in os.listdir(f"/proc/{keeper}/fd")[:64]:
-            with contextlib.suppress(OSError):
-                link = os.readlink(f"/proc/{keeper}/fd/{fd}")
-                if link.startswith("pipe:[") and link.endswith("]"):
-                    theirs.add(int(link[6:-1]))
-    found: list[int] = []
-    for n in (1, 2, 0):
-        ino = 0
-        with contextlib.suppress(OSError, ValueError):
-            held = os.readlink(f"/proc/{command}/fd/{n}")
-            if held.startswith("pipe:[") and held.endswith("]") and int(held[6:-1]) in theirs:
-                ino = int(held[6:-1])
-        found.append(ino)
-    return found
+    theirs = pids.pipes_of(keeper, limit=64)
+    return [ino if (ino := pids.pipe_of(command, n)) in theirs and ino is not None else 0 for n in (1, 2, 0)]
 
 
 def _close_pending(inherit: list[tuple[int, str]], pending: list[Any]) -> None:
@@ -195,17 +181,17 @@ class EnvdAtCheckpoint:
         """New pipes for the carried commands of a snapshot's new sandbox: (their ends, for CRIU to put in place
         of the old ones), and ours, for their new keepers (`snapshot_restored`)."""
         inherit: list[tuple[int, str]] = []
-        pending: list[tuple[dict[str, Any], tuple[int, int, int]]] = []
+        pending: list[tuple[dict[str, Any], list[int]]] = []
         try:
             for command in state.get("commands", [])[:MAX_CARRIED]:
                 ours = [-1, -1, -1]
+                pending.append((command, ours))  # (before its pipes are made: a failure closes what was)
                 for i, ino in enumerate(command["pipes"][:3]):
                     if not ino:
                         continue
                     r, w = os.pipe2(os.O_CLOEXEC)
                     theirs, ours[i] = (w, r) if i < 2 else (r, w)  # (stdout, stderr: they write; stdin: we)
                     inherit.append((theirs, f"pipe:[{int(ino)}]"))
-                pending.append((command, (ours[0], ours[1], ours[2])))
         except BaseException:
             _close_pending(inherit, pending)
             raise
@@ -228,8 +214,8 @@ class EnvdAtCheckpoint:
                 config = pb.ProcessConfig.from_json(command["config"])
                 proc = Proc(table, config, command.get("tag"), pty=False)
                 spec = ExecSpec(argv=[config.cmd, *config.args], env={}, cwd=config.cwd or "/", uid=0, gid=0)
-                adopt = ((int(command["pid"]), host, start), ours)
-                ours = (-1, -1, -1)  # (the keeper's now: spawn closes them)
+                adopt = ((int(command["pid"]), host, start), (ours[0], ours[1], ours[2]))
+                ours = [-1, -1, -1]  # (the keeper's now: spawn closes them)
                 await proc.spawn(
                     self.runtime, sandbox.handle, spec, stdin=bool(command["stdin"]), size=None, adopt=adopt
                 )

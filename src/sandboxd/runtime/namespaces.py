@@ -145,7 +145,7 @@ def _socket_in_netns(pid: int, start: int) -> socket.socket:
         os.close(fd)
 
 
-STAGED_IMAGES = "snapshot-images"
+STAGED_IMAGES = "snapshot-images"  # in a sandbox's state dir while it is restored from a snapshot
 HANDSHAKE_WAIT = 60.0  # s: CRIU writing a snapshot's processes, at most
 
 
@@ -177,7 +177,7 @@ def _answer_go(path: Path, answer: bytes) -> None:
     try:
         os.write(fd, answer)
     finally:
-        os.close(fd)  # in a sandbox's state dir while it is restored from a snapshot
+        os.close(fd)
 
 
 def _criu_errors(log: Path, stderr: bytes, limit: int = 5) -> str:
@@ -337,15 +337,13 @@ class NamespaceRuntime(Runtime):
             if restore is not None:  # its namespaces as it left them (the resolver in its files already)
                 me = os.getpid()
                 argv += ["--netns", f"/proc/{me}/fd/{restore.netns_fd}", "--uts", f"/proc/{me}/fd/{restore.uts_fd}"]
-                argv += ["--restore", str(restore.images), "--criu", str(restore.criu)]
-                for fd, key in inherit:
-                    argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
-                for source in volumes:
-                    argv += ["--volume", str(source)]
             elif net is not None and self.net is not None:
                 argv += ["--netns", f"/proc/{os.getpid()}/fd/{net.fd}", "--resolv", f"nameserver {self.net.gateway}\n"]
-            if staged is not None and from_images is not None:  # (in a UTS namespace of its own, its hostname)
-                argv += ["--restore", str(staged), "--criu", str(from_images.criu)]
+            # CRIU's images: a checkpoint's; or a snapshot's, staged (in a UTS namespace of its own, its hostname)
+            images = restore.images if restore is not None else staged
+            criu = restore.criu if restore is not None else from_images.criu if from_images is not None else None
+            if images is not None and criu is not None:
+                argv += ["--restore", str(images), "--criu", str(criu)]
                 for fd, key in inherit:
                     argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
                 for source in volumes:
@@ -686,22 +684,7 @@ class NamespaceRuntime(Runtime):
             # Pinned by files of its state dir too, from before the dump: a server that dies from here on leaves
             # them held for the next one (held_checkpoint), which restores the sandbox with its memory.
             await asyncio.to_thread(_pin_namespaces, sdir, uts, netns)
-            argv = [
-                self.helper,
-                "checkpoint",
-                "--pid",
-                str(handle.init_pid),
-                "--pid-start",
-                str(handle.init_start_time),
-                "--shift",
-                str(handle.uid_base),
-                "--criu",
-                str(criu),
-                "--images",
-                str(images),
-            ]
-            for path in volumes:  # (mounted from outside: CRIU leaves them to the restore, which binds them again)
-                argv += ["--external-mount", path]
+            argv = self._checkpoint_argv(handle, images, criu, volumes)
             res = await asyncio.to_thread(subprocess.run, argv, capture_output=True, env={}, check=False)
             if res.returncode != 0:
                 raise RuntimeError_(
@@ -712,6 +695,15 @@ class NamespaceRuntime(Runtime):
             held.release()
             raise
         return held
+
+    def _checkpoint_argv(self, handle: SandboxHandle, images: Path, criu: Path, volumes: Sequence[str]) -> list[str]:
+        """`sbxhelper checkpoint` of the sandbox into `images`; its volumes (mounted from outside) are external
+        mounts CRIU leaves to the restore, which binds them again."""
+        argv = [self.helper, "checkpoint", "--pid", str(handle.init_pid), "--pid-start", str(handle.init_start_time)]
+        argv += ["--shift", str(handle.uid_base), "--criu", str(criu), "--images", str(images)]
+        for path in volumes:
+            argv += ["--external-mount", path]
+        return argv
 
     async def restore(
         self,
@@ -734,7 +726,7 @@ class NamespaceRuntime(Runtime):
         """CRIU writes everything under the sandbox's init into `images` and leaves it running. Once all is written,
         while the processes are still stopped, CRIU's post-dump action (sbxhelper, `--handshake`) tells us and
         waits: `at_dump` runs then (the server copies the sandbox's files), and its failure undoes the dump."""
-        held = self._pipes_to_outside(handle, set(carried))
+        held = self._pipes_to_outside(handle, {int(n[6:-1]) for n in carried if n.startswith("pipe:[")})
         if held:
             raise RuntimeError_(
                 f"processes {', '.join(map(str, held[:10]))} of sandbox {handle.sandbox_id} hold pipes to processes "
@@ -747,11 +739,7 @@ class NamespaceRuntime(Runtime):
         os.mkfifo(hs / "told", 0o600)
         os.mkfifo(hs / "go", 0o600)
         told = os.open(hs / "told", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        argv = [self.helper, "checkpoint", "--pid", str(handle.init_pid), "--pid-start", str(handle.init_start_time)]
-        argv += ["--shift", str(handle.uid_base), "--criu", str(criu), "--images", str(images)]
-        argv += ["--leave-running", "1", "--handshake", str(hs)]
-        for path in volumes:
-            argv += ["--external-mount", path]
+        argv = [*self._checkpoint_argv(handle, images, criu, volumes), "--leave-running", "1", "--handshake", str(hs)]
         try:
             me = f"{os.getpid()}:{pids.start_time(os.getpid())}"  # (CRIU's action gives up once we are gone)
             proc = subprocess.Popen(  # noqa: ASYNC220 (vfork, as create's)
@@ -779,7 +767,7 @@ class NamespaceRuntime(Runtime):
                 f"snapshotting sandbox {handle.sandbox_id} failed: {_criu_errors(images / 'dump.log', err)}"
             )
 
-    def _pipes_to_outside(self, handle: SandboxHandle, carried: set[str]) -> list[int]:
+    def _pipes_to_outside(self, handle: SandboxHandle, carried: set[int]) -> list[int]:
         """The processes under the sandbox's init holding a pipe that a process outside that tree holds too (the
         keepers of commands; the server), other than the `carried` ones."""
         procs = self._cgroups(handle.sandbox_id).procs()
@@ -794,22 +782,11 @@ class NamespaceRuntime(Runtime):
             if pid not in tree:
                 tree.add(pid)
                 todo += children.get(pid, [])
-
-        def pipes(pid: int) -> set[str]:
-            found = set()
-            with contextlib.suppress(OSError):
-                for fd in os.listdir(f"/proc/{pid}/fd")[:4096]:
-                    with contextlib.suppress(OSError):
-                        link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                        if link.startswith("pipe:"):
-                            found.add(link)
-            return found
-
-        outside: set[str] = set()
+        outside: set[int] = set()
         for pid in [*(p for p in procs if p not in tree), os.getpid()]:
-            outside |= pipes(pid)
+            outside |= pids.pipes_of(pid)
         outside -= carried
-        return sorted(pid for pid in tree if pipes(pid) & outside)
+        return sorted(pid for pid in tree if pids.pipes_of(pid) & outside)
 
     async def create_from(
         self,

@@ -113,3 +113,23 @@ def kill_member(pid: int, cgroup_marker: str, sig: int = signal.SIGKILL) -> None
                 signal.pidfd_send_signal(fd, sig)
     finally:
         os.close(fd)
+
+
+def pipe_of(pid: int, fd: int | str) -> int | None:
+    """The inode of the pipe that the process's descriptor `fd` is; None for another kind of file (or none)."""
+    try:
+        link = os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+    if link.startswith("pipe:[") and link.endswith("]") and link[6:-1].isdigit():
+        return int(link[6:-1])
+    return None
+
+
+def pipes_of(pid: int, limit: int = 4096) -> set[int]:
+    """The inodes of the pipes the process holds (among its first `limit` descriptors)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")[:limit]
+    except OSError:
+        return set()
+    return {ino for fd in fds if (ino := pipe_of(pid, fd)) is not None}

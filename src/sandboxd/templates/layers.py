@@ -125,7 +125,7 @@ class LayerStore:
             "created": time.time(),
         }
         (work / "layer.json").write_text(json.dumps(meta, indent=1))
-        _sync_tree(work)  # a layer is never half on disk after a crash
+        sync_tree(work)  # a layer is never half on disk after a crash
         final = self.dir / key
         if final.exists():  # built by a concurrent build in the meantime: the same content
             shutil.rmtree(work, ignore_errors=True)
@@ -198,7 +198,7 @@ def shift_ids(root: Path, old: int, new: int, count: int = UID_RANGE) -> None:
 SYNC_EACH_MAX = 512  # entries up to which a tree's files are synced one by one (else the whole filesystem)
 
 
-def _sync_tree(root: Path) -> None:
+def sync_tree(root: Path) -> None:
     """Everything under `root` on disk: each file and directory fsync'ed when there are few (what else the
     filesystem holds dirty is not this layer's business), else one syncfs."""
     entries: list[tuple[str, bool]] = []
