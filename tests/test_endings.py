@@ -5,6 +5,7 @@ the server started."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import time
@@ -56,6 +57,21 @@ def test_a_killed_sandbox_says_it_was_killed_and_when(server: Server) -> None:
     assert entry["lastMetrics"] is None or entry["lastMetrics"]["memTotal"] > 0
     # the SDK's own listing (running and paused) does not show it
     assert sbx.sandbox_id not in [s.sandbox_id for s in Sandbox.list().next_items()]
+
+
+def test_a_sandbox_being_killed_says_why_at_once(server: Server) -> None:
+    """While its processes are still going (the kill's answer not sent yet), it is gone from the control
+    plane and already says why: the 404 came without a reason in that window (seen in CI)."""
+    sbx = Sandbox.create(template="base", timeout=60)
+    headers = {"X-API-KEY": server.api_key}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        killing = pool.submit(httpx.delete, f"{server.url}/sandboxes/{sbx.sandbox_id}", headers=headers)
+        with httpx.Client(headers=headers) as client:
+            deadline = time.monotonic() + 15
+            while (r := client.get(f"{server.url}/sandboxes/{sbx.sandbox_id}")).status_code == 200:
+                assert time.monotonic() < deadline
+        assert r.status_code == 404 and "killed by an API request" in r.json()["message"], r.text
+        assert killing.result().status_code == 204
 
 
 def test_a_timed_out_sandbox_says_so(server: Server) -> None:

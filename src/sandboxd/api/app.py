@@ -259,7 +259,7 @@ def build_control_plane(
         template = q.get("template")
         return [
             serialize.ended_sandbox(e)
-            for e in manager.db.all_ended()
+            for e in manager.ended()
             if (not template or template in (e["templateID"], e.get("alias")))
             and all(e.get("metadata", {}).get(k) == v for k, v in meta.items())
         ]

@@ -154,6 +154,8 @@ class SandboxManager:
         self._build_memory: dict[str, int] = {}  # template builds' sandboxes (also in _creating)
         self.net = SandboxNetworks(runtime, db)  # addresses, policies, what the egress proxy fills in
         self._pausing: dict[str, asyncio.Lock] = {}  # one pause or resume of a sandbox at a time
+        # sandboxes being ended (their processes are going): what will be kept of them (core/endings.py)
+        self._ending: dict[str, dict[str, Any]] = {}
         # called when a sandbox paused to its files has booted again (upper layers tidy up after it)
         self.after_boot_again: list[Callable[[Sandbox], Awaitable[Any]]] = []
         # what other layers attach to a sandbox from outside, taken through a pause to disk (core/pausing.py)
@@ -651,10 +653,15 @@ class SandboxManager:
 
     def gone_message(self, sandbox_id: str) -> str:
         """Why there is no such sandbox: it ended (how and when), or it never was (core/endings.py)."""
-        ended = self.db.ended(sandbox_id) if len(sandbox_id) <= 64 else None
+        ended = self._ending.get(sandbox_id) or (self.db.ended(sandbox_id) if len(sandbox_id) <= 64 else None)
         if ended is None:
             return f"sandbox '{sandbox_id}' not found"
         return f"sandbox '{sandbox_id}' not found: {endings.explain(ended)}"
+
+    def ended(self) -> list[dict[str, Any]]:
+        """Ended sandboxes, latest first, with those whose processes are still going (core/endings.py)."""
+        ending = sorted(self._ending.values(), key=lambda e: -e["endedAtUnix"])
+        return ending + [e for e in self.db.all_ended() if e["sandboxID"] not in self._ending]
 
     def find(self, sandbox_id: str) -> Sandbox | None:
         return self.sandboxes.get(sandbox_id)
@@ -669,7 +676,8 @@ class SandboxManager:
         self.net.remove(sandbox)
         sandbox.record.state = "killing"  # recorded first: a crash from here on never brings it back
         self.db.put(sandbox.record)
-        last = self.metrics.latest(sandbox_id)
+        # said from now on (it is gone from the listing): why and when it ended, while its processes go
+        ended = self._ending[sandbox_id] = endings.body(sandbox.record, end, self.metrics.latest(sandbox_id))
         self.metrics.forget(sandbox_id)
         if sandbox.checkpoint is not None:
             await self._drop_checkpoint(sandbox)
@@ -681,7 +689,8 @@ class SandboxManager:
         try:
             await self.runtime.destroy(sandbox.handle)
         finally:
-            self.db.end(sandbox_id, time.time(), endings.body(sandbox.record, end, last))
+            self.db.end(sandbox_id, ended["endedAtUnix"], ended)
+            self._ending.pop(sandbox_id, None)
             self.templates.release(sandbox_id)  # (held since its create: it may have no files any more)
             self._pausing.pop(sandbox_id, None)
             if sandbox.service is not None:
