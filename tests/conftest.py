@@ -321,6 +321,32 @@ def read_until(handle: Any, text: str, seconds: float = 20) -> str:
     return seen
 
 
+class PtyOutput:
+    """A terminal's output (a pty.create or pty.connect handle), gathered by a thread while the test goes on."""
+
+    def __init__(self, handle: Any) -> None:
+        import threading
+
+        self.data = bytearray()
+        self.done = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(handle,), daemon=True)
+        self._thread.start()
+
+    def _read(self, handle: Any) -> None:
+        try:
+            handle.wait(on_pty=self.data.extend)
+        except Exception:  # (its exit code, or the stream's end)
+            pass
+        finally:
+            self.done.set()
+
+    def until(self, needle: bytes, seconds: float = 20) -> None:
+        deadline = time.monotonic() + seconds
+        while needle not in self.data and time.monotonic() < deadline and not self.done.is_set():
+            time.sleep(0.05)
+        assert needle in self.data, bytes(self.data)[-800:]
+
+
 def run_python(sbx: Any, code: str, user: str = "root", timeout: float = 60) -> str:
     """Run a Python script (dedented) in a sandbox; its stdout, stripped. Fails the test if it fails."""
     import textwrap

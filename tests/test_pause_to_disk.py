@@ -16,7 +16,7 @@ import httpx
 import pytest
 from e2b import CommandExitException, PtySize, Sandbox, SandboxException
 
-from conftest import Server, host_pids_of, keeping_server, read_until, start_server
+from conftest import PtyOutput, Server, host_pids_of, keeping_server, read_until, start_server
 
 # Counts in memory; reads a file line by line (its offset is the file's); has a child. One line per step:
 # "count offset child-alive".
@@ -170,6 +170,8 @@ def test_a_sandbox_on_disk_resumes_with_its_memory_after_a_server_crash(tmp_path
         sbx.files.write("/tmp/lines", "".join(f"line {i}\n" for i in range(100000)))
         sbx.files.write("/tmp/worker.py", WORKER)
         handle = sbx.commands.run("python3 /tmp/worker.py", background=True)
+        term = sbx.pty.create(size=PtySize(rows=24, cols=80))  # (the next server asks its keeper which it was)
+        sbx.pty.send_stdin(term.pid, b"Z=5\n")
         time.sleep(0.5)
         sbx.pause()
         _on_disk(srv, sbx.sandbox_id)
@@ -185,6 +187,9 @@ def test_a_sandbox_on_disk_resumes_with_its_memory_after_a_server_crash(tmp_path
                 follow.wait()
             counts = [int(line.split()[0]) for line in ended.value.stdout.splitlines()]
             assert counts == list(range(1, len(counts) + 1)) and len(counts) > 12, counts  # its memory, its output
+            shell = PtyOutput(again.pty.connect(term.pid))
+            again.pty.send_stdin(term.pid, b"echo z-$((Z*8)); exit\n")
+            shell.until(b"z-40")
             assert not (data / "sandboxes" / sbx.sandbox_id / "checkpoint").exists()
             assert not (data / "sandboxes" / sbx.sandbox_id / "ns").exists(), "its namespaces stay pinned"
             again.kill()
@@ -264,17 +269,58 @@ def test_what_cannot_go_to_disk_stays_paused_in_memory_intact(disk_server: Serve
         counts = [int(x) for x in ended.value.stdout.split()]
         assert counts == list(range(1, len(counts) + 1)) and len(counts) > 10, counts
         assert "Traceback" not in ended.value.stderr, ended.value.stderr
+    finally:
+        sbx.kill()
 
-        # a terminal: refused before any dump
-        term = again.pty.create(size=PtySize(rows=24, cols=80))
-        again.pause()
-        _stays_in_memory(disk_server, sbx.sandbox_id, "has a terminal (PTY)")
+
+# A foreground job of the terminal's shell: reads the terminal line by line.
+FOREGROUND = """
+import sys
+print("fg-" + "ready", flush=True)
+for line in sys.stdin:
+    print("got", line.strip(), flush=True)
+"""
+
+
+def test_a_terminal_keeps_its_shell_foreground_job_and_settings_across_a_pause_to_disk(disk_server: Server) -> None:
+    env = _env(disk_server)
+    sbx = Sandbox.create(template="base", timeout=120, **env)  # type: ignore[arg-type]
+    try:
+        sbx.files.write("/tmp/fg.py", FOREGROUND)
+        term = sbx.pty.create(size=PtySize(rows=24, cols=80))
+        out = PtyOutput(term)
+        sbx.pty.send_stdin(term.pid, b"X=41; echo ready-$((6*7))\n")
+        out.until(b"ready-42")
+        sbx.pty.resize(term.pid, PtySize(rows=33, cols=99))
+        sbx.pty.send_stdin(term.pid, b"python3 /tmp/fg.py\n")
+        out.until(b"fg-ready")
+        assert sbx.pause() is True
+        _on_disk(disk_server, sbx.sandbox_id)  # (it stayed in memory before: "has a terminal (PTY)")
+        left = {_comm(p) for p in host_pids_of(disk_server, sbx.sandbox_id)}
+        assert left <= {"sandbox-exec", "(gone)"}, left
+
+        again = Sandbox.connect(sbx.sandbox_id, **env)  # type: ignore[arg-type]
+        assert term.pid in [p.pid for p in again.commands.list()]
+        # the foreground job reads the (new) terminal, the stream from before the pause still follows it
+        again.pty.send_stdin(term.pid, b"hello\n")
+        out.until(b"got hello")
+        # ^C reaches the foreground job through the terminal (its session, foreground group and settings
+        # came back): the shell is back, with its variable and the size it was given
+        again.pty.send_stdin(term.pid, b"\x03")
+        again.pty.send_stdin(term.pid, b"echo x-$((X+1)); stty size; test -c $(tty) && echo tty-$((2+2))\n")
+        out.until(b"x-42")
+        out.until(b"33 99")
+        out.until(b"tty-4")
+        # and it goes on: resize, another pause to disk, exit
+        again.pty.resize(term.pid, PtySize(rows=20, cols=70))
+        again.pty.send_stdin(term.pid, b"stty size\n")
+        out.until(b"20 70")
+        assert again.pause() is True
+        _on_disk(disk_server, sbx.sandbox_id)
         third = Sandbox.connect(sbx.sandbox_id, **env)  # type: ignore[arg-type]
-        third.pty.send_stdin(term.pid, b"echo still-$((6*7)); exit\n")
-        out = b""
-        for _, _, data in term:
-            out += data or b""
-        assert b"still-42" in out
+        third.pty.send_stdin(term.pid, b"echo y-$((X*2)); exit 3\n")
+        out.until(b"y-82")
+        assert out.done.wait(10)
     finally:
         sbx.kill()
 

@@ -1,8 +1,7 @@
 """Snapshots (core/snapshots.py) with the official SDK: a template-like source that new sandboxes start from,
 sharing its layers and diverging on their own; listed, deleted. With memory (E2B's default), the new sandboxes
 run the source's processes from where the snapshot caught them, the commands started through envd among them
-(listed, connectable, with their input and output); what cannot be carried into them (a terminal) is refused
-with a message that says what works."""
+(listed, connectable, with their input and output), terminals too."""
 
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ import pytest
 from e2b import Sandbox
 from e2b.exceptions import SandboxException
 
-from conftest import TEMPLATES_DIR, Server, held_top_layer
+from conftest import TEMPLATES_DIR, PtyOutput, Server, held_top_layer
 
 
 def _lowers(server: Server, sandbox_id: str) -> str:
@@ -210,7 +209,7 @@ ECHO = "python3 -u -c 'import sys\nfor line in sys.stdin: print(line.upper(), en
 
 
 def test_commands_run_through_envd_go_on_in_sandboxes_from_a_snapshot_and_in_forks(server: Server) -> None:
-    from e2b import CommandExitException, PtySize
+    from e2b import CommandExitException
 
     src = Sandbox.create(template="base", timeout=120)
     made: list[Sandbox] = []
@@ -240,11 +239,46 @@ def test_commands_run_through_envd_go_on_in_sandboxes_from_a_snapshot_and_in_for
             echo.wait()
         assert ended.value.stdout == "BEFORE\nIN THE SOURCE\n"
 
-        # a terminal is not carried: refused, saying what works
-        src.pty.create(size=PtySize(rows=24, cols=80))
-        with pytest.raises(SandboxException) as refused:
-            src.create_snapshot()
-        assert "terminal" in str(refused.value) and "filesystem" in str(refused.value)
+    finally:
+        for child in made:
+            child.kill()
+        src.kill()
+        if snapshot_id is not None:
+            Sandbox.delete_snapshot(snapshot_id)
+
+
+def test_a_terminal_goes_on_in_sandboxes_from_a_snapshot_and_in_forks(server: Server) -> None:
+    from e2b import PtySize
+
+    src = Sandbox.create(template="base", timeout=120)
+    made: list[Sandbox] = []
+    snapshot_id = None
+    try:
+        term = src.pty.create(size=PtySize(rows=30, cols=90))
+        out = PtyOutput(term)
+        src.pty.send_stdin(term.pid, b"Y=7; echo set-$((Y*6))\n")
+        out.until(b"set-42")
+        snapshot_id = src.create_snapshot().snapshot_id  # (refused before: "has a terminal (PTY)")
+        made = [Sandbox.create(template=snapshot_id, timeout=60)]
+        made += [f for f in src.fork(count=1, timeout=60) if isinstance(f, Sandbox)]
+        assert len(made) == 2
+        for i, child in enumerate(made):
+            assert term.pid in [p.pid for p in child.commands.list()]  # the shell, kept again in the new sandbox
+            theirs = PtyOutput(child.pty.connect(term.pid))
+            child.pty.send_stdin(term.pid, f"echo child-{i}-$((Y+1)); stty size; tty\n".encode())
+            theirs.until(f"child-{i}-8".encode())
+            theirs.until(b"30 90")
+            theirs.until(b"/dev/pts/")
+            child.pty.resize(term.pid, PtySize(rows=21, cols=61))
+            child.pty.send_stdin(term.pid, b"stty size; exit\n")
+            theirs.until(b"21 61")
+            assert theirs.done.wait(10)
+            assert f"child-{i}".encode() not in out.data  # (the source's terminal is its own)
+        # the source's shell goes on, its size its own
+        src.pty.send_stdin(term.pid, b"echo source-$((Y+2)); stty size; exit\n")
+        out.until(b"source-9")
+        out.until(b"30 90")
+        assert out.done.wait(10)
     finally:
         for child in made:
             child.kill()

@@ -1,19 +1,22 @@
 """A sandbox paused to its files (core/pausing.py) is reachable by nothing until it is resumed: not
 through envd, not through its ports, not through its files on the host; a hostile pause or connect
 body is refused before it does anything; a process cannot hide from the pause in a new session or a
-double fork; and its files come back owned as they were. A pause to disk never fills the host's disk."""
+double fork; and its files come back owned as they were. A pause to disk never fills the host's disk; a terminal
+restored from disk is the sandbox's own, never one of the host's."""
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
-from e2b import Sandbox
+from e2b import PtySize, Sandbox
 
-from conftest import Server, host_pids_of, start_server
+from conftest import PtyOutput, Server, host_pids_of, start_server
 
 
 def test_a_sandbox_paused_to_its_files_is_reachable_by_nothing(server: Server) -> None:
@@ -93,3 +96,35 @@ def test_a_sandbox_booting_again_from_its_files_cannot_make_the_helper_write_on_
         assert again.commands.run("readlink /etc", user="root").stdout == f"{target}\n"  # left as it made it
     finally:
         sbx.kill()
+
+
+def _host_devpts() -> tuple[int, set[str]]:
+    mounts = sum(" - devpts " in line for line in Path("/proc/self/mountinfo").read_text().splitlines())
+    return mounts, set(os.listdir("/dev/pts"))
+
+
+def test_a_terminal_restored_from_disk_is_the_sandboxs_own_and_leaves_nothing_on_the_host(server: Server) -> None:
+    # The restore makes the new terminals on the host (runtime/terminals.py): the slave the tenant gets must be of
+    # its own /dev/pts, never a terminal of the host's, and the devpts made for it must be mounted nowhere here.
+    before = _host_devpts()
+    sbx = Sandbox.create(template="base", timeout=120)
+    try:
+        term = sbx.pty.create(size=PtySize(rows=24, cols=80))
+        out = PtyOutput(term)
+        r = httpx.post(
+            f"{server.url}/sandboxes/{sbx.sandbox_id}/pause",
+            json={"toDisk": True},
+            headers={"X-API-KEY": server.api_key},
+        )
+        assert r.status_code == 204, r.text
+        assert _host_devpts() == before
+        again = Sandbox.connect(sbx.sandbox_id)
+        again.pty.send_stdin(term.pid, b"stat -L -c dev-%d $(tty) /dev/pts/ptmx; echo done-$((1+1))\n")
+        out.until(b"done-2")
+        devs = re.findall(rb"dev-(\d+)", bytes(out.data))
+        assert len(devs) == 2 and devs[0] == devs[1], bytes(out.data)  # its terminal: of the devpts it sees
+        assert int(devs[0]) != os.stat("/dev/pts/ptmx").st_dev  # not the host's
+        assert _host_devpts() == before
+    finally:
+        sbx.kill()
+    assert _host_devpts() == before

@@ -46,6 +46,7 @@ from sandboxd.runtime.base import (
 )
 from sandboxd.runtime.network import AddressPoolExhausted
 from sandboxd.runtime.quota import DEFAULT_DISK_MB, MIN_DISK_MB
+from sandboxd.runtime.terminals import Terminals
 from sandboxd.state.db import SandboxRecord, StateDB
 from sandboxd.templates.store import Template, TemplateError, TemplateStore
 from sandboxd.volumes.store import VolumeStore
@@ -333,16 +334,17 @@ class SandboxManager:
                     )
                 snapshot = SnapshotImages(images, template.memory_uid_base, self.settings.criu)
                 inherit: list[tuple[int, str]] = []
+                terminals = Terminals()
                 pending: list[tuple[pausing.CheckpointPart, Any]] = []
                 try:  # what the parts carry (envd: the kept commands' new pipes)
                     for part in self.checkpoint_parts:
                         state = template.memory_parts.get(type(part).__name__)
                         if state:
-                            fds, held = part.before_snapshot_restore(state)
+                            fds, held = part.before_snapshot_restore(state, terminals)
                             inherit += fds
                             pending.append((part, held))
                     volumes = await pausing.volume_sources(self, list(template.memory_volume_mounts))
-                    handle = await self.runtime.create_from(spec, snapshot, inherit, volumes)
+                    handle = await self.runtime.create_from(spec, snapshot, inherit, volumes, terminals)
                 except BaseException as e:
                     for part, held in pending:  # (nothing to attach them to)
                         part.drop_snapshot_restore(held)
@@ -354,6 +356,7 @@ class SandboxManager:
                 finally:
                     for fd, _ in inherit:
                         os.close(fd)
+                    terminals.close()
                 self._hold_template(spec, handle)
                 if pending:
                     self._carried[spec.sandbox_id] = pending

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sandboxd.core import volume_mounts
 from sandboxd.core.errors import Conflict, SandboxdError
 from sandboxd.runtime.base import Limits, RuntimeError_, SandboxSpec
+from sandboxd.runtime.terminals import Terminals
 from sandboxd.templates.store import TemplateError
 from sandboxd.volumes.errors import VolumeError
 
@@ -47,8 +48,11 @@ DISK_MARGIN = 64 << 20  # bytes of the data dir's filesystem a pause to disk lea
 class CheckpointPart(Protocol):
     """What another layer attaches to a sandbox from outside, taken through a checkpoint and a restore."""
 
-    async def before_dump(self, sandbox: Sandbox) -> None:
-        """Raise Conflict (the sandbox stays paused in memory) if it cannot be carried over."""
+    async def before_dump(self, sandbox: Sandbox) -> list[str]:
+        """Raise Conflict (the sandbox stays paused in memory) if it cannot be carried over. Returns CRIU's
+        names of terminals of the sandbox's processes whose masters are this part's ("tty[RDEV:DEV]": the
+        restore gives new ones, `before_restore`)."""
+        ...
 
     async def dump_failed(self, sandbox: Sandbox) -> None: ...
 
@@ -59,9 +63,10 @@ class CheckpointPart(Protocol):
         what is attached cannot be carried."""
         ...
 
-    def before_snapshot_restore(self, state: dict[str, Any]) -> tuple[list[tuple[int, str]], Any]:
+    def before_snapshot_restore(self, state: dict[str, Any], terminals: Terminals) -> tuple[list[tuple[int, str]], Any]:
         """A new sandbox from a snapshot (`state`: this part's, from `before_snapshot`): descriptors its restored
-        processes get instead of files of theirs (fd, CRIU's name), and what `snapshot_restored` takes."""
+        processes get instead of files of theirs (fd, CRIU's name; new terminals from `terminals`), and what
+        `snapshot_restored` takes."""
         ...
 
     async def snapshot_restored(self, sandbox: Sandbox, pending: Any, host_pids: dict[int, int]) -> None:
@@ -70,8 +75,9 @@ class CheckpointPart(Protocol):
     def drop_snapshot_restore(self, pending: Any) -> None:
         """The new sandbox did not start: let go of what `before_snapshot_restore` prepared."""
 
-    async def before_restore(self, sandbox: Sandbox) -> list[tuple[int, str]]:
-        """Descriptors the restored processes get instead of files of theirs: (fd, CRIU's name of the file)."""
+    async def before_restore(self, sandbox: Sandbox, terminals: Terminals) -> list[tuple[int, str]]:
+        """Descriptors the restored processes get instead of files of theirs: (fd, CRIU's name of the file);
+        new terminals come from `terminals`."""
         ...
 
     async def restored(self, sandbox: Sandbox, host_pids: dict[int, int]) -> None:
@@ -210,14 +216,15 @@ async def to_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
         manager, sandbox, sandbox.handle.state_dir, "the host's data dir", "the sandbox stays paused in memory"
     )
     done: list[CheckpointPart] = []
+    external: list[str] = []
     # Thawed first: CRIU stops the processes itself (a frozen task cannot be seized), and the keepers of its
     # commands, in its cgroups too, answer the parts. Its processes run for the moment in between.
     await asyncio.to_thread(manager.runtime.freeze, sandbox.handle, False)
     try:
         for part in manager.checkpoint_parts:
-            await part.before_dump(sandbox)
             done.append(part)
-        held = await manager.runtime.checkpoint(sandbox.handle, images, criu, volumes)
+            external += await part.before_dump(sandbox)
+        held = await manager.runtime.checkpoint(sandbox.handle, images, criu, volumes, external)
     except BaseException:
         for part in done:
             await part.dump_failed(sandbox)
@@ -258,14 +265,15 @@ async def from_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
     rec = sandbox.record
     spec = _spec(manager, sandbox)  # (no read-only copies: CRIU restores the mounts it dumped, theirs among them)
     inherit: list[tuple[int, str]] = []
+    terminals = Terminals()
     # The namespaces stay pinned until the record names the restored sandbox: a crash before that finds the
     # checkpoint whole again (and ends what of the restored tree ran, then restores it again).
     unpin, held.on_release = held.on_release, None
     try:
         volumes = await volume_sources(manager, sandbox.record.volume_mounts)
         for part in manager.checkpoint_parts:
-            inherit += await part.before_restore(sandbox)
-        handle = await manager.runtime.restore(spec, held, inherit, volumes)
+            inherit += await part.before_restore(sandbox, terminals)
+        handle = await manager.runtime.restore(spec, held, inherit, volumes, terminals)
     except BaseException as e:  # (what was attached stays ready for the next try: the keepers make new pipes)
         held.on_release = unpin
         if isinstance(e, RuntimeError_):
@@ -276,6 +284,7 @@ async def from_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
     finally:
         for fd, _ in inherit:
             os.close(fd)
+        terminals.close()
     sandbox.checkpoint = None
     sandbox.handle = handle
     rec.handle = {**asdict(handle), "state_dir": str(handle.state_dir)}

@@ -7,8 +7,9 @@ template's start command, service, user, working directory and environment, and 
   while it does, and its files are copied at that instant, so files and memory agree), into the snapshot's
   version directory; a sandbox made from it runs those processes, with their memory, from where they were (its
   own uid range, address and name: runtime `create_from`), instead of booting. The commands envd keeps go along
-  (a new keeper for each in each new sandbox: envd/checkpointing.py), and the volumes (the same ones). What cannot
-  be carried refuses the snapshot (409, saying what): a terminal, a TCP connection from outside, a command past
+  (a new keeper for each in each new sandbox: envd/checkpointing.py), terminals too (a new one each:
+  runtime/terminals.py), and the volumes (the same ones). What cannot be carried refuses the snapshot (409,
+  saying what): a TCP connection from outside, a command past
   the kept-processes cap, other pipes to outside the sandbox, a templates disk without room for its memory.
 - Filesystem only (`mode="filesystem"`): the files, copied while the processes are frozen; sandboxes made from
   it boot.

@@ -9,14 +9,17 @@ keeper is told (on its session, sbxhelper.c keep_session):
 - `u` if the dump failed (the command ran on);
 - `n` before the restore: it makes new pipes and sends the command's ends, which the restore gives to the
   restored command in place of the old ones (CRIU's `--inherit-fd`): output, input and the keeper's log
-  go on as if nothing happened, and the server's streams of the process with them;
+  go on as if nothing happened, and the server's streams of the process with them. A terminal's keeper
+  (asked `t` which terminal: CRIU's `tty[RDEV:DEV]`, external to the dump) gets the master of a new terminal
+  with its `n`, and the restore gives the slave to the command and its children (runtime/terminals.py): what
+  was typed and not yet read when the dump came is lost with the old terminal;
 - `g` after it, with a pidfd of the restored command (or without one: it had ended before the dump, and
   init, restored, tells how);
 - `e` if the sandbox ended while checkpointed: the command ended killed.
 
-What cannot be carried over refuses the checkpoint (the sandbox then stays paused in memory): a terminal
-(its master is the keeper's; CRIU restores no terminal whose other side is outside), and a command started
-past the `kept_processes` cap (its pipes are the server's own, with no keeper to swap them).
+What cannot be carried over refuses the checkpoint (the sandbox then stays paused in memory): a command
+started past the `kept_processes` cap (its pipes, or its terminal, are the server's own, with no keeper to
+swap them).
 """
 
 from __future__ import annotations
@@ -35,11 +38,13 @@ from sandboxd.core.errors import Conflict
 from sandboxd.envd.gen.process import process_pb as pb
 from sandboxd.envd.process_service import table_of
 from sandboxd.runtime import pids
+from sandboxd.runtime import terminals as terminals_
 from sandboxd.runtime.base import ExecSpec, Runtime
 
 if TYPE_CHECKING:
     from sandboxd.core.manager import Sandbox
     from sandboxd.envd.processes import Proc
+    from sandboxd.runtime.terminals import Terminals
 
 log = logging.getLogger("sandboxd.envd")
 
@@ -72,6 +77,7 @@ _INODES = struct.Struct("=QQQ")
 class _Held:
     proc: Proc
     inodes: tuple[int, int, int]
+    tty: str | None = None  # a terminal's: CRIU's name of its slave (the command's)
 
 
 def _answer(sock: socket.socket, tag: bytes, fds: int = 0) -> tuple[bytes, list[int]]:
@@ -94,13 +100,44 @@ def _answer(sock: socket.socket, tag: bytes, fds: int = 0) -> tuple[bytes, list[
         sock.settimeout(None)
 
 
+_TTY = struct.Struct("=QQ")
+
+
+def _which_tty(proc: Proc) -> str:
+    """CRIU's name of the terminal a command's keeper holds the master of (its slave: the command's)."""
+    assert proc.session is not None
+    proc.session.send(b"t")
+    msg, _ = _answer(proc.session, b"T")
+    if len(msg) != 1 + _TTY.size:
+        raise OSError("its answer is malformed")
+    rdev, dev = _TTY.unpack_from(msg, 1)
+    if not rdev:
+        raise OSError("its keeper holds no terminal")
+    return terminals_.key(rdev, dev)
+
+
 def _suspend(proc: Proc) -> _Held:
     assert proc.session is not None
     proc.session.send(b"s")
     msg, _ = _answer(proc.session, b"S")
     if len(msg) != 1 + _INODES.size:
         raise OSError("its answer is malformed")
-    return _Held(proc, _INODES.unpack_from(msg, 1))
+    return _Held(proc, _INODES.unpack_from(msg, 1), _which_tty(proc) if proc.is_pty else None)
+
+
+def _new_terminal(held: _Held, terminals: Terminals) -> tuple[int, str]:
+    """A new terminal for a restored command: its keeper takes the master; (the slave, the old one's name)."""
+    assert held.proc.session is not None and held.tty is not None
+    master, slave = terminals.open_pair()
+    try:
+        held.proc.session.sendmsg([b"n"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [master]))])
+        _answer(held.proc.session, b"N")
+    except BaseException:
+        os.close(slave)
+        raise
+    finally:
+        os.close(master)
+    return slave, held.tty
 
 
 def _new_pipes(held: _Held) -> list[tuple[int, str]]:
@@ -123,24 +160,20 @@ class EnvdAtCheckpoint:
         self.runtime = runtime
         self._held: dict[str, list[_Held]] = {}
 
-    async def before_dump(self, sandbox: Sandbox) -> None:
+    async def before_dump(self, sandbox: Sandbox) -> list[str]:
         table = table_of(sandbox)  # (loads the kept processes of a previous server run, if not yet)
         running = [p for p in table.by_pid.values() if not p.done.is_set()]
         for proc in running:
-            if proc.is_pty:
-                raise Conflict(
-                    f"process {proc.pid} has a terminal (PTY), which a pause to disk cannot carry over: "
-                    "the sandbox stays paused in memory; end the terminal session to let it go to disk"
-                )
             if proc.keep_dir is None or proc.session is None:
                 raise Conflict(
                     f"process {proc.pid} was started past the kept-processes limit, without a keeper to carry "
                     "its output over a pause to disk: the sandbox stays paused in memory"
                 )
-        self._held[sandbox.id] = await self._suspend_all(running)
+        held = self._held[sandbox.id] = await self._suspend_all(running)
         brokers = sandbox.ext.get("brokers")
         if brokers is not None:
             brokers.close()
+        return [h.tty for h in held if h.tty]
 
     async def dump_failed(self, sandbox: Sandbox) -> None:
         self._tell(self._held.pop(sandbox.id, []), b"u")
@@ -154,18 +187,21 @@ class EnvdAtCheckpoint:
         for proc in table_of(sandbox).by_pid.values():
             if proc.done.is_set():
                 continue
-            if proc.is_pty:
-                raise Conflict(
-                    f"process {proc.pid} has a terminal (PTY), which a snapshot with memory cannot carry into new "
-                    "sandboxes: end the terminal session first, or take a filesystem snapshot"
-                )
             if proc.keep_dir is None or proc.session is None or not proc.host_pid or proc.popen is None:
                 raise Conflict(
                     f"process {proc.pid} was started past the kept-processes limit, without a keeper: a snapshot "
                     "with memory cannot carry its output into new sandboxes; end it, or take a filesystem snapshot"
                 )
-            pipes = await asyncio.to_thread(_stdio_pipes, proc.host_pid, proc.popen.pid)
-            carried += [f"pipe:[{ino}]" for ino in pipes if ino]
+            tty = None
+            if proc.is_pty:  # (its stdio is the terminal, no pipe of its keeper's)
+                try:
+                    tty = await asyncio.to_thread(_which_tty, proc)
+                except OSError as e:
+                    raise Conflict(f"process {proc.pid}: its keeper did not answer ({e}): try again") from None
+                pipes, carried = [0, 0, 0], [*carried, tty]
+            else:
+                pipes = await asyncio.to_thread(_stdio_pipes, proc.host_pid, proc.popen.pid)
+                carried += [f"pipe:[{ino}]" for ino in pipes if ino]
             commands.append(
                 {
                     "pid": proc.pid,
@@ -173,19 +209,25 @@ class EnvdAtCheckpoint:
                     "tag": proc.tag,
                     "stdin": proc.stdin_fd is not None,
                     "pipes": pipes,
+                    "tty": tty,
                 }
             )
         return {"commands": commands}, carried
 
-    def before_snapshot_restore(self, state: dict[str, Any]) -> tuple[list[tuple[int, str]], Any]:
-        """New pipes for the carried commands of a snapshot's new sandbox: (their ends, for CRIU to put in place
-        of the old ones), and ours, for their new keepers (`snapshot_restored`)."""
+    def before_snapshot_restore(self, state: dict[str, Any], terminals: Terminals) -> tuple[list[tuple[int, str]], Any]:
+        """New pipes for the carried commands of a snapshot's new sandbox (or a new terminal, from `terminals`):
+        (their ends, for CRIU to put in place of the old ones), and ours, for their new keepers
+        (`snapshot_restored`)."""
         inherit: list[tuple[int, str]] = []
         pending: list[tuple[dict[str, Any], list[int]]] = []
         try:
             for command in state.get("commands", [])[:MAX_CARRIED]:
                 ours = [-1, -1, -1]
                 pending.append((command, ours))  # (before its pipes are made: a failure closes what was)
+                if command.get("tty"):  # the keeper's end: the master
+                    ours[0], slave = terminals.open_pair()
+                    inherit.append((slave, str(command["tty"])))
+                    continue
                 for i, ino in enumerate(command["pipes"][:3]):
                     if not ino:
                         continue
@@ -212,8 +254,9 @@ class EnvdAtCheckpoint:
                 if host is None or start is None:
                     raise OSError("it is not running in the new sandbox")
                 config = pb.ProcessConfig.from_json(command["config"])
-                proc = Proc(table, config, command.get("tag"), pty=False)
-                spec = ExecSpec(argv=[config.cmd, *config.args], env={}, cwd=config.cwd or "/", uid=0, gid=0)
+                pty = bool(command.get("tty"))
+                proc = Proc(table, config, command.get("tag"), pty=pty)
+                spec = ExecSpec(argv=[config.cmd, *config.args], env={}, cwd=config.cwd or "/", uid=0, gid=0, pty=pty)
                 adopt = ((int(command["pid"]), host, start), (ours[0], ours[1], ours[2]))
                 ours = [-1, -1, -1]  # (the keeper's now: spawn closes them)
                 await proc.spawn(
@@ -227,8 +270,9 @@ class EnvdAtCheckpoint:
                     if fd >= 0:
                         os.close(fd)
 
-    async def before_restore(self, sandbox: Sandbox) -> list[tuple[int, str]]:
-        """(fd, CRIU's name of the file it replaces) for every pipe between a kept command and its keeper."""
+    async def before_restore(self, sandbox: Sandbox, terminals: Terminals) -> list[tuple[int, str]]:
+        """(fd, CRIU's name of the file it replaces) for every pipe between a kept command and its keeper, and
+        every terminal a keeper holds the master of (a new one's slave, from `terminals`)."""
         if sandbox.id not in self._held:  # written to disk by a previous server run: its keepers are asked again
             table = table_of(sandbox)  # (takes the kept processes over: envd/kept.py)
             procs = [p for p in table.by_pid.values() if not p.done.is_set() and p.session is not None]
@@ -236,7 +280,10 @@ class EnvdAtCheckpoint:
         inherit: list[tuple[int, str]] = []
         try:
             for held in self._held.get(sandbox.id, []):
-                inherit += await asyncio.to_thread(_new_pipes, held)
+                if held.tty:
+                    inherit.append(await asyncio.to_thread(_new_terminal, held, terminals))
+                else:
+                    inherit += await asyncio.to_thread(_new_pipes, held)
         except BaseException:
             for fd, _ in inherit:
                 os.close(fd)

@@ -174,15 +174,19 @@ class Proc:
         pty: tuple[int, int] | None = None
         try:
             if self.is_pty:
-                master, slave = runtime.open_pty(handle)
-                child_fds.append(slave)
+                if adopt is None:  # (an adopted one's keeper gets the master of its restored terminal)
+                    master, slave = runtime.open_pty(handle)
+                    child_fds.append(slave)
+                    if size:
+                        _set_winsize(slave, *size)
                 if keeping:  # its keeper holds the terminal (envd/kept.py): its output and input go by pipes
-                    child_fds.append(master)
+                    if adopt is None:
+                        child_fds.append(master)
+                        pty = (master, slave)
                     out_r, out_w = os.pipe()
                     in_r, in_w = os.pipe()
                     child_fds += [out_w, in_r]
                     stdio = (in_r, out_w, out_w)
-                    pty = (master, slave)
                     self.stdin_fd = in_w
                     os.set_blocking(in_w, False)
                     self.out_fds = {out_r: "pty"}
@@ -190,8 +194,6 @@ class Proc:
                     stdio = (slave, slave, slave)
                     self.master_fd = master
                     self.out_fds = {master: "pty"}
-                if size:
-                    _set_winsize(slave, *size)
             else:
                 out_r, out_w = os.pipe()
                 err_r, err_w = os.pipe()

@@ -18,13 +18,16 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h11
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
 from sandboxd.core.manager import Sandbox, SandboxManager
+
+if TYPE_CHECKING:
+    from sandboxd.runtime.terminals import Terminals
 
 INTERPRETER_PORT = 49999
 # The interpreter starts with the sandbox: a request that arrives first waits for it, within reason.
@@ -138,13 +141,14 @@ class PortProxy:
             up.close()
 
     # -- a pause to disk (core/pausing.py's CheckpointPart) ----------------------------------------
-    async def before_dump(self, sandbox: Sandbox) -> None:
+    async def before_dump(self, sandbox: Sandbox) -> list[str]:
         """The idle connections kept for reuse go: a connection from outside keeps a sandbox paused in
         memory (CRIU restores no established TCP connection there), a closed socket does not. A reset
         closes the service's end at once, while the sandbox is still paused."""
         for (sandbox_id, _), pool in self._idle.items():
             while sandbox_id == sandbox.id and pool:
                 pool.pop().reset()
+        return []
 
     async def dump_failed(self, sandbox: Sandbox) -> None:
         pass
@@ -153,7 +157,7 @@ class PortProxy:
         await self.before_dump(sandbox)
         return {}, []
 
-    def before_snapshot_restore(self, state: dict[str, Any]) -> tuple[list[tuple[int, str]], Any]:
+    def before_snapshot_restore(self, state: dict[str, Any], terminals: Terminals) -> tuple[list[tuple[int, str]], Any]:
         return [], None
 
     async def snapshot_restored(self, sandbox: Sandbox, pending: Any, host_pids: dict[int, int]) -> None:
@@ -162,7 +166,7 @@ class PortProxy:
     def drop_snapshot_restore(self, pending: Any) -> None:
         pass
 
-    async def before_restore(self, sandbox: Sandbox) -> list[tuple[int, str]]:
+    async def before_restore(self, sandbox: Sandbox, terminals: Terminals) -> list[tuple[int, str]]:
         return []
 
     async def restored(self, sandbox: Sandbox, host_pids: dict[int, int]) -> None:

@@ -14,7 +14,10 @@ import subprocess
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sandboxd.runtime.terminals import Terminals
 
 
 class RuntimeError_(Exception):
@@ -258,10 +261,16 @@ class Runtime(abc.ABC):
         raise RuntimeError_(f"the {self.name} backend cannot show a sandbox's files")
 
     async def checkpoint(
-        self, handle: SandboxHandle, images: Path, criu: Path, volumes: Sequence[str] = ()
+        self,
+        handle: SandboxHandle,
+        images: Path,
+        criu: Path,
+        volumes: Sequence[str] = (),
+        external: Collection[str] = (),
     ) -> Checkpoint:
         """Write the sandbox's processes into `images` (CRIU) and end them; `volumes`: where volumes are mounted
-        in it (given again, in that order, to `restore`); see NamespaceRuntime."""
+        in it (given again, in that order, to `restore`); `external`: CRIU's names of terminals of theirs whose
+        masters are outside ("tty[RDEV:DEV]": the restore gives new ones); see NamespaceRuntime."""
         raise NotImplementedError(f"the {self.name} runtime cannot checkpoint a sandbox")
 
     async def restore(
@@ -270,9 +279,11 @@ class Runtime(abc.ABC):
         held: Checkpoint,
         inherit: Sequence[tuple[int, str]] = (),
         volumes: Sequence[Path] = (),
+        terminals: Terminals | None = None,
     ) -> SandboxHandle:
         """The sandbox `checkpoint` wrote, running again (`spec.resume_uid_base`: its uid range); `volumes`: the
-        host directories of the volumes, in the order `checkpoint` was given their paths."""
+        host directories of the volumes, in the order `checkpoint` was given their paths; `terminals`: where the
+        new terminals in `inherit` come from (runtime/terminals.py)."""
         raise NotImplementedError(f"the {self.name} runtime cannot restore a sandbox")
 
     async def snapshot(
@@ -286,8 +297,8 @@ class Runtime(abc.ABC):
     ) -> None:
         """Write the sandbox's processes into `images` (CRIU), leaving them running; `at_dump` is awaited while
         they are stopped, everything written (for the sandbox's files to be copied at the same instant); if it
-        raises, the dump is undone. `carried`: CRIU's names of pipes to outside that new sandboxes get anew
-        (others refuse the snapshot); `volumes`: as `checkpoint`'s. See NamespaceRuntime."""
+        raises, the dump is undone. `carried`: CRIU's names of pipes and terminals to outside that new sandboxes
+        get anew (other pipes refuse the snapshot); `volumes`: as `checkpoint`'s. See NamespaceRuntime."""
         raise NotImplementedError(f"the {self.name} runtime cannot snapshot a sandbox's memory")
 
     async def create_from(
@@ -296,9 +307,10 @@ class Runtime(abc.ABC):
         snapshot: SnapshotImages,
         inherit: Sequence[tuple[int, str]] = (),
         volumes: Sequence[Path] = (),
+        terminals: Terminals | None = None,
     ) -> SandboxHandle:
-        """A new sandbox running the processes of a snapshot (its files: `spec.layers`); `inherit`, `volumes` as
-        `restore`'s."""
+        """A new sandbox running the processes of a snapshot (its files: `spec.layers`); `inherit`, `volumes`,
+        `terminals` as `restore`'s."""
         raise NotImplementedError(f"the {self.name} runtime cannot start a sandbox from a snapshot's memory")
 
     def held_checkpoint(self, handle: SandboxHandle, images: Path, criu: Path) -> Checkpoint | None:

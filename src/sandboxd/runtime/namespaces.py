@@ -29,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from sandboxd.fdio import syncfs
-from sandboxd.runtime import cgroups, criu_images, identity, network, pids, quota, views
+from sandboxd.runtime import cgroups, criu_images, identity, network, pids, quota, terminals, views
 from sandboxd.runtime.base import (
     Checkpoint,
     Egress,
@@ -43,7 +43,7 @@ from sandboxd.runtime.base import (
     Stats,
 )
 from sandboxd.runtime.native import compiled_filter, helper_path, init_mount, sealed_copy
-from sandboxd.runtime.rootfs import open_pty_in_root
+from sandboxd.runtime.terminals import Terminals
 from sandboxd.templates.uids import UID_SHIFT
 
 log = logging.getLogger(__name__)
@@ -259,12 +259,14 @@ class NamespaceRuntime(Runtime):
         inherit: Sequence[tuple[int, str]] = (),
         volumes: Sequence[Path] = (),
         from_images: SnapshotImages | None = None,
+        terminals: Terminals | None = None,
     ) -> SandboxHandle:
         """A new sandbox (with `from_images`: the processes of a snapshot, restored into it); or, with `restore`,
         the one `checkpoint` wrote (its processes and memory again, in the namespaces it held;
         `spec.resume_uid_base` is its uid range). `inherit`: (fd, CRIU's name of a file of
         the checkpoint, as "pipe:[INODE]"): the restored processes get our fd instead of that file (the other
-        end of the pipes to their keepers, which stayed outside the checkpoint: envd/kept.py). `volumes`: the host
+        end of the pipes to their keepers, which stayed outside the checkpoint: envd/kept.py), or "tty[RDEV:DEV]"
+        (a new slave of `terminals`, runtime/terminals.py, which becomes its /dev/pts). `volumes`: the host
         directories of the volumes the checkpoint had mounted (`checkpoint`'s `volumes`, in its order)."""
         sdir = self.sandboxes_dir / spec.sandbox_id
         resuming = spec.resume_uid_base is not None
@@ -348,6 +350,8 @@ class NamespaceRuntime(Runtime):
                     argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
                 for source in volumes:
                     argv += ["--volume", str(source)]
+                if terminals is not None and terminals.devpts is not None:
+                    argv += ["--devpts-fd", str(terminals.devpts)]
             argv += disk_args
             if resuming:
                 argv += ["--resume", "1"]
@@ -361,7 +365,7 @@ class NamespaceRuntime(Runtime):
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 close_fds=True,
-                pass_fds=[fd for fd, _ in inherit],
+                pass_fds=[fd for fd, _ in inherit] + ([terminals.devpts] if terminals and terminals.devpts else []),
                 env={},  # init's environment is readable inside the sandbox: nothing of the server's
             )
             helper = asyncio.ensure_future(asyncio.to_thread(proc.communicate))
@@ -487,7 +491,7 @@ class NamespaceRuntime(Runtime):
             os.close(env_fd)
 
     def open_pty(self, handle: SandboxHandle) -> tuple[int, int]:
-        return open_pty_in_root(str(self.root_path(handle)))
+        return terminals.open_in_root(str(self.root_path(handle)))
 
     async def connect_tcp(self, handle: SandboxHandle, port: int) -> socket.socket:
         loop = asyncio.get_running_loop()
@@ -664,7 +668,12 @@ class NamespaceRuntime(Runtime):
         self.ids.claim(handle.uid_base)
 
     async def checkpoint(
-        self, handle: SandboxHandle, images: Path, criu: Path, volumes: Sequence[str] = ()
+        self,
+        handle: SandboxHandle,
+        images: Path,
+        criu: Path,
+        volumes: Sequence[str] = (),
+        external: Collection[str] = (),
     ) -> Checkpoint:
         """Write the sandbox's processes (everything under its init: memory, files, pipes, sockets) into
         `images` with CRIU and end them; its files, uid range, address and its UTS and network namespaces
@@ -684,7 +693,7 @@ class NamespaceRuntime(Runtime):
             # Pinned by files of its state dir too, from before the dump: a server that dies from here on leaves
             # them held for the next one (held_checkpoint), which restores the sandbox with its memory.
             await asyncio.to_thread(_pin_namespaces, sdir, uts, netns)
-            argv = self._checkpoint_argv(handle, images, criu, volumes)
+            argv = self._checkpoint_argv(handle, images, criu, volumes, external)
             res = await asyncio.to_thread(subprocess.run, argv, capture_output=True, env={}, check=False)
             if res.returncode != 0:
                 raise RuntimeError_(
@@ -696,13 +705,19 @@ class NamespaceRuntime(Runtime):
             raise
         return held
 
-    def _checkpoint_argv(self, handle: SandboxHandle, images: Path, criu: Path, volumes: Sequence[str]) -> list[str]:
+    def _checkpoint_argv(
+        self, handle: SandboxHandle, images: Path, criu: Path, volumes: Sequence[str], external: Collection[str]
+    ) -> list[str]:
         """`sbxhelper checkpoint` of the sandbox into `images`; its volumes (mounted from outside) are external
-        mounts CRIU leaves to the restore, which binds them again."""
+        mounts CRIU leaves to the restore, which binds them again; so are the terminals named in `external`
+        ("tty[RDEV:DEV]", whose masters are outside: runtime/terminals.py)."""
         argv = [self.helper, "checkpoint", "--pid", str(handle.init_pid), "--pid-start", str(handle.init_start_time)]
         argv += ["--shift", str(handle.uid_base), "--criu", str(criu), "--images", str(images)]
         for path in volumes:
             argv += ["--external-mount", path]
+        for name in external:
+            if name.startswith("tty[") and name.endswith("]"):
+                argv += ["--external-tty", name[4:-1]]
         return argv
 
     async def restore(
@@ -711,8 +726,9 @@ class NamespaceRuntime(Runtime):
         held: Checkpoint,
         inherit: Sequence[tuple[int, str]] = (),
         volumes: Sequence[Path] = (),
+        terminals: Terminals | None = None,
     ) -> SandboxHandle:
-        return await self.create(spec, restore=held, inherit=inherit, volumes=volumes)
+        return await self.create(spec, restore=held, inherit=inherit, volumes=volumes, terminals=terminals)
 
     async def snapshot(
         self,
@@ -739,7 +755,8 @@ class NamespaceRuntime(Runtime):
         os.mkfifo(hs / "told", 0o600)
         os.mkfifo(hs / "go", 0o600)
         told = os.open(hs / "told", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        argv = [*self._checkpoint_argv(handle, images, criu, volumes), "--leave-running", "1", "--handshake", str(hs)]
+        argv = [*self._checkpoint_argv(handle, images, criu, volumes, carried), "--leave-running", "1"]
+        argv += ["--handshake", str(hs)]
         try:
             me = f"{os.getpid()}:{pids.start_time(os.getpid())}"  # (CRIU's action gives up once we are gone)
             proc = subprocess.Popen(  # noqa: ASYNC220 (vfork, as create's)
@@ -794,8 +811,9 @@ class NamespaceRuntime(Runtime):
         snapshot: SnapshotImages,
         inherit: Sequence[tuple[int, str]] = (),
         volumes: Sequence[Path] = (),
+        terminals: Terminals | None = None,
     ) -> SandboxHandle:
-        return await self.create(spec, from_images=snapshot, inherit=inherit, volumes=volumes)
+        return await self.create(spec, from_images=snapshot, inherit=inherit, volumes=volumes, terminals=terminals)
 
     def drop_checkpoint(self, handle: SandboxHandle) -> None:
         _unpin_namespaces(handle.state_dir)

@@ -39,38 +39,6 @@ def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = RES
     raise OSError(err, os.strerror(err), path)
 
 
-DEVPTS_SUPER_MAGIC = 0x1CD1
-TIOCGPTPEER = 0x5441
-TIOCSPTLCK = 0x40045431
-
-
-def open_pty_in_root(root: str) -> tuple[int, int]:
-    """Allocate a terminal from the devpts instance mounted at `<root>/dev/pts` (the sandbox's own).
-
-    The master is opened with openat2(RESOLVE_IN_ROOT) and must be on a devpts filesystem (a sandbox
-    cannot mount one, so it is ours); the slave comes from TIOCGPTPEER, never from a path.
-    """
-    import fcntl
-
-    rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        master = openat2(rootfd, "/dev/pts/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_NOFOLLOW)
-    finally:
-        os.close(rootfd)
-    try:
-        buf = ctypes.create_string_buffer(120)
-        if _libc.fstatfs(master, buf) != 0 or struct.unpack_from("l", buf.raw)[0] != DEVPTS_SUPER_MAGIC:
-            raise OSError(22, "the sandbox's /dev/pts/ptmx is not on devpts")
-        fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))  # unlock the slave
-        slave = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-        if not isinstance(slave, int):  # ioctl with an int arg returns the result code
-            raise OSError(22, "TIOCGPTPEER failed")
-    except BaseException:
-        os.close(master)
-        raise
-    return master, slave
-
-
 def read_file_in_root(root: str, path: str, limit: int = 1 << 20) -> bytes:
     """Read a regular file at `path` as the sandbox sees it, at most `limit` bytes."""
     rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -65,6 +65,8 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <sys/vfs.h>
+#include <linux/magic.h>
 #include <sys/un.h>
 #include <sys/sysmacros.h>
 #include <sys/types.h>
@@ -93,12 +95,13 @@ static char *argv_end; /* end of the argument strings, for scrubbing a broker's 
 #define INIT_REPORT_FD 3
 #define MAX_INHERIT 512 /* --inherit-fd of a restore: three per kept command (pipes to their keepers) */
 #define HANDSHAKE_WAIT_MS 120000 /* a snapshot's copy of the files, at most (checkpoint --handshake) */
+#define MAX_TTYS 256    /* --external-tty of a checkpoint: the sandbox's terminals (kept commands) */
 #define MAX_VOLUMES 16  /* --volume of a restore, --external-mount of a checkpoint: core/volume_mounts.py's */
 #define INIT_DIR "/dev/.sandboxd" /* in the sandbox: init's program (attach_init), on no layer of its files */
 
 static void mount_disk(const char *image, const char *dir);
 static int restore_tree(const char *criu, const char *images, unsigned shift, char **inherit, int ninherit,
-                        const int *volumes, int nvolumes);
+                        const int *volumes, int nvolumes, int devpts);
 static int read_all(int fd, char *buf, size_t n);
 
 static void die(const char *fmt, ...) {
@@ -437,13 +440,19 @@ static void dev_tmpfs(const char *dev, unsigned shift) {
     }
 }
 
+/* A sandbox's own terminals: a devpts instance, its group tty (5) the sandbox's. */
+static void mount_devpts(const char *at, unsigned shift) {
+    char opts[256];
+    snprintf(opts, sizeof opts, "newinstance,ptmxmode=0666,mode=0620,gid=%u", shift + 5);
+    xmount("devpts", at, "devpts", MS_NOSUID | MS_NOEXEC, opts);
+}
+
 static void setup_dev(const char *root, unsigned shift) {
     char dev[4096], p[4096], opts[256];
     snprintf(dev, sizeof dev, "%s/dev", root);
     dev_tmpfs(dev, shift);
     snprintf(p, sizeof p, "%s/pts", dev);
-    snprintf(opts, sizeof opts, "newinstance,ptmxmode=0666,mode=0620,gid=%u", shift + 5);
-    xmount("devpts", p, "devpts", MS_NOSUID | MS_NOEXEC, opts);
+    mount_devpts(p, shift);
     snprintf(p, sizeof p, "%s/shm", dev);
     snprintf(opts, sizeof opts, "mode=1777,size=65536k,uid=%u,gid=%u", shift, shift);
     xmount("shm", p, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts);
@@ -994,7 +1003,7 @@ static int cmd_create(int argc, char **argv) {
     int nlowers = 0, ninherit = 0, nvolumes = 0;
     char *disk = NULL;
     unsigned shift = 100000, range = 65536, idmap_from = 0;
-    int idmap = 0, resume = 0;
+    int idmap = 0, resume = 0, devpts = -1;
     char *cgroups[MAX_CGROUPS];
     int ncg = 0;
     for (int i = 2; i < argc; i++) {
@@ -1022,6 +1031,12 @@ static int cmd_create(int argc, char **argv) {
         else if (!strcmp(a, "--volume")) { /* a volume's host directory, for a restore: see restore_tree */
             if (nvolumes == MAX_VOLUMES) die("too many --volume (at most %d)", MAX_VOLUMES);
             volumes[nvolumes++] = v;
+        }
+        else if (!strcmp(a, "--devpts-fd")) { /* a detached devpts mount, for a restore: see restore_tree */
+            devpts = (int)strtol(v, NULL, 10);
+            struct statfs fs;
+            if (devpts < 3 || fstatfs(devpts, &fs) < 0 || fs.f_type != DEVPTS_SUPER_MAGIC) die("bad --devpts-fd %s", v);
+            fcntl(devpts, F_SETFD, FD_CLOEXEC);
         }
         else if (!strcmp(a, "--disk")) disk = (char *)v; /* IMAGE:DIR */
         else if (!strcmp(a, "--resume")) resume = !strcmp(v, "1"); /* it boots again from kept files */
@@ -1132,7 +1147,8 @@ static int cmd_create(int argc, char **argv) {
         if (resolv) write_resolv("merged", resolv, shift);
         if (!netns) lo_up(); /* (a network namespace of its own: its loopback, as a create's) */
     }
-    if (restore) return restore_tree(criu, restore, shift, inherit, ninherit, volume_trees, nvolumes);
+    if (restore) return restore_tree(criu, restore, shift, inherit, ninherit, volume_trees, nvolumes, devpts);
+    if (devpts >= 0) die("--devpts-fd is for --restore");
     if (nvolumes) die("--volume is for --restore");
     if (resolv) write_resolv("merged", resolv, shift);
     if (sethostname(hostname, strlen(hostname)) < 0) die("sethostname");
@@ -1667,6 +1683,10 @@ static void keep_attach(struct keep *k, int *out, int *err, int *in) {
  *                  names of the files the command holds of ours.
  *   "n"            new pipes for the restored command: answer "N" + SCM_RIGHTS its ends of new out, err and in
  *                  pipes (those it had: nonzero inodes above, in that order); ours replace the old ones.
+ *   "n" + master   a terminal's: the master of the new terminal the restored command gets (its slave goes to
+ *                  CRIU, in place of the old one); answer "N".
+ *   "t"            which terminal: answer "T" + uint64 rdev and dev of its slave (0 0: none), CRIU's name of
+ *                  the terminal the command holds of ours (tty[RDEV:DEV]).
  *   "g" + pidfd    go on, following the restored command (a pidfd of it, which init's child it is again);
  *   "g"            without one: it ended before the checkpoint (init, restored, says how).
  *   "u"            go on as before (the checkpoint failed: the command ran on).
@@ -1676,12 +1696,26 @@ struct relay {
     struct spawned *sp;
     int c_out, c_err, c_in;
     int closing, suspended, gone, ended, want_new;
+    int new_pty; /* a terminal's new master ("n" with one): taken where the old one was */
     uint64_t ino[3];
+    uint64_t tty[2]; /* a terminal's slave (rdev, dev) when suspended: what the dump wrote (see keep_which_tty) */
 };
 
 static uint64_t inode_of(int fd) {
     struct stat st;
     return fd >= 0 && fstat(fd, &st) == 0 ? (uint64_t)st.st_ino : 0;
+}
+
+/* The terminal's slave (the command's), as CRIU names it: rdev and dev (0 0: none). */
+static void pty_slave_id(struct keep *k, uint64_t id[2]) {
+    id[0] = id[1] = 0;
+    int slave = k->pty >= 0 ? ioctl(k->pty, TIOCGPTPEER, O_RDONLY | O_NOCTTY | O_NONBLOCK | O_CLOEXEC) : -1;
+    struct stat st;
+    if (slave >= 0 && fstat(slave, &st) == 0) {
+        id[0] = (uint64_t)st.st_rdev;
+        id[1] = (uint64_t)st.st_dev;
+    }
+    if (slave >= 0) close(slave);
 }
 
 static void relay_suspend(struct keep *k, struct relay *r) {
@@ -1691,6 +1725,7 @@ static void relay_suspend(struct keep *k, struct relay *r) {
     for (int i = 0; i < 3; i++)
         if (fds[i] >= 0 || !r->suspended) r->ino[i] = inode_of(fds[i]);
     if (k->pty >= 0) r->ino[0] = r->ino[1] = r->ino[2] = 0; /* a terminal: nothing CRIU could restore */
+    if (!r->suspended) pty_slave_id(k, r->tty);
     r->suspended = 1;
     char m[1 + sizeof r->ino];
     m[0] = 'S';
@@ -1722,6 +1757,18 @@ static void relay_new_pipes(struct keep *k, struct relay *r) {
     for (int i = 0; i < n; i++) close(theirs[i]);
 }
 
+/* "t": which terminal the command has of ours (see above); suspended, the one it had at the dump (a new server
+ * asks again after a restart, maybe after a restore that failed once it had given us a new terminal). */
+static void keep_which_tty(struct keep *k, struct relay *r) {
+    uint64_t id[2];
+    if (r->suspended) memcpy(id, r->tty, sizeof id);
+    else pty_slave_id(k, id);
+    char m[1 + sizeof id];
+    m[0] = 'T';
+    memcpy(m + 1, id, sizeof id);
+    (void)!send(k->session, m, sizeof m, MSG_NOSIGNAL);
+}
+
 /* Everything the server sent on the session so far; -1 if it is gone (or went), 0 otherwise. */
 static int keep_session(struct keep *k, struct relay *r) {
     for (;;) {
@@ -1747,7 +1794,13 @@ static int keep_session(struct keep *k, struct relay *r) {
             ioctl(k->pty, TIOCSWINSZ, &ws);
         } else if (m[0] == 'c') r->closing = 1;
         else if (m[0] == 's') relay_suspend(k, r);
-        else if (m[0] == 'n' && r->suspended) r->want_new = 1; /* (the relay drains the old pipes first) */
+        else if (m[0] == 'n' && r->suspended) {
+            r->want_new = 1; /* (the relay drains the old pipes first) */
+            if (fd >= 0 && k->pty >= 0 && r->new_pty < 0) {
+                r->new_pty = fd;
+                fd = -1;
+            }
+        } else if (m[0] == 't') keep_which_tty(k, r);
         else if (m[0] == 'g' && r->suspended && fd >= 0) {
             close(r->sp->pidfd);
             r->sp->pidfd = fd;
@@ -1789,7 +1842,7 @@ static int relay_chunk(struct keep *k, int *from, uint32_t kind, int *to, char *
 static int keep_relay(struct keep *k, struct spawned *sp, int c_out, int c_err, int c_in) {
     uint32_t out_kind = k->pty >= 0 ? 3 : 1; /* 3: a terminal's output (the server's "pty" events) */
     static char buf[KEEP_CHUNK], inbuf[KEEP_CHUNK];
-    struct relay r = {.sp = sp, .c_out = c_out, .c_err = c_err, .c_in = c_in};
+    struct relay r = {.sp = sp, .c_out = c_out, .c_err = c_err, .c_in = c_in, .new_pty = -1};
     int srv_out = 1, srv_err = 2, srv_in = c_in >= 0 ? 0 : -1;
     if (srv_in >= 0) fcntl(srv_in, F_SETFL, O_NONBLOCK);
     fcntl(r.c_out, F_SETFL, O_NONBLOCK);
@@ -1810,6 +1863,23 @@ static int keep_relay(struct keep *k, struct spawned *sp, int c_out, int c_err, 
              * into the new one (empty: it takes a pipe's worth at once). */
             static char unread[1 << 16];
             ssize_t n_unread = 0;
+            if (k->pty >= 0) { /* a terminal: the new one's master (what was typed and not read is lost with the old) */
+                if (r.new_pty >= 0) {
+                    close_fd(&r.c_out);
+                    close_fd(&r.c_in);
+                    close(k->pty);
+                    k->pty = r.new_pty;
+                    r.new_pty = -1;
+                    fcntl(k->pty, F_SETFD, FD_CLOEXEC);
+                    r.c_out = fcntl(k->pty, F_DUPFD_CLOEXEC, 3);
+                    r.c_in = fcntl(k->pty, F_DUPFD_CLOEXEC, 3);
+                    if (r.c_out >= 0) fcntl(r.c_out, F_SETFL, O_NONBLOCK);
+                    if (r.c_in >= 0) fcntl(r.c_in, F_SETFL, O_NONBLOCK);
+                }
+                (void)!send(k->session, "N", 1, MSG_NOSIGNAL);
+                r.want_new = 0;
+                continue;
+            }
             if (r.c_in >= 0) {
                 char path[64];
                 snprintf(path, sizeof path, "/proc/self/fd/%d", r.c_in);
@@ -2023,7 +2093,7 @@ static int adopt_command(struct entry *e, char **cmd) {
     int fds[3] = {-1, -1, -1};
     pid_t ns = 0, host = 0;
     unsigned long long start = 0;
-    if (!e->keep || e->session_fd < 0 || e->pty || !e->adopt_fds) die("--adopt needs --keep, --session-fd, --adopt-fds");
+    if (!e->keep || e->session_fd < 0 || !e->adopt_fds) die("--adopt needs --keep, --session-fd, --adopt-fds");
     if (sscanf(e->adopt, "%d:%d:%llu", &ns, &host, &start) != 3 || ns <= 0 || host <= 0 || !start)
         die("bad --adopt %s", e->adopt);
     if (sscanf(e->adopt_fds, "%d:%d:%d", &fds[0], &fds[1], &fds[2]) != 3 || fds[0] < 0)
@@ -2032,6 +2102,13 @@ static int adopt_command(struct entry *e, char **cmd) {
         if (fds[i] >= 0 && (fds[i] < 3 || fcntl(fds[i], F_SETFD, FD_CLOEXEC) < 0)) die("bad --adopt-fds %s", e->adopt_fds);
     fcntl(e->session_fd, F_SETFD, FD_CLOEXEC);
     keep_open(&k, e->keep, e->session_fd, e->keep_bytes > 0 ? e->keep_bytes : 1 << 20);
+    if (e->pty) { /* --pty: OUT is its terminal's master (ERR, IN: -1), relayed both ways as cmd_exec does */
+        if (fds[1] >= 0 || fds[2] >= 0) die("--adopt --pty: --adopt-fds MASTER:-1:-1");
+        k.pty = fds[0];
+        fds[0] = fcntl(k.pty, F_DUPFD_CLOEXEC, 3);
+        fds[2] = fcntl(k.pty, F_DUPFD_CLOEXEC, 3);
+        if (fds[0] < 0 || fds[2] < 0) die("dup");
+    }
     int initfd = open_init(e->target, e->start_time);
     join_cgroups((char **)e->cgroups, e->ncg);
     if (setns(initfd, CLONE_NEWNET) < 0) die("setns");
@@ -2321,12 +2398,13 @@ static int cmd_broker(int argc, char **argv) {
  * and restored processes inherit them); the server holds both while the sandbox is checkpointed.
  * Mounts the helper makes as host root are external (criu_external): a restore binds them again.
  */
-#define MAX_CRIU_ARGS (64 + 2 * MAX_INHERIT + 2 * MAX_VOLUMES)
+#define MAX_CRIU_ARGS (64 + 2 * MAX_INHERIT + 2 * MAX_VOLUMES + 2 * MAX_TTYS)
 static const struct {
     const char *key, *path, *source; /* path inside the sandbox; source under /tmp/sbx/ at a restore */
     int view;
 } criu_external[] = {
     {"sbx-dev", "/dev", "dev", 0},
+    {"sbx-devpts", "/dev/pts", "devpts", 0}, /* (a devpts of the restore's: its terminals' new pairs, see restore_tree) */
     {"sbx-init", INIT_DIR, "init", 0},
     {"sbx-sys", "/sys", "sys", 0},
     {"sbx-meminfo", "/proc/meminfo", "meminfo", 1},
@@ -2360,8 +2438,8 @@ static int cmd_checkpoint(int argc, char **argv) {
     pid_t target = 0;
     unsigned long long start = 0;
     unsigned shift = 0;
-    const char *criu = NULL, *images = NULL, *mounts[MAX_VOLUMES], *handshake = NULL;
-    int leave = 0, nmounts = 0;
+    const char *criu = NULL, *images = NULL, *mounts[MAX_VOLUMES], *handshake = NULL, *ttys[MAX_TTYS];
+    int leave = 0, nmounts = 0, nttys = 0;
     for (int i = 2; i < argc; i += 2) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!v) die("missing value for %s", a);
@@ -2377,6 +2455,14 @@ static int cmd_checkpoint(int argc, char **argv) {
             if (v[0] != '/' || strpbrk(v, "[]:") || strlen(v) > 4000) die("bad --external-mount %s", v);
             mounts[nmounts++] = v;
         }
+        else if (!strcmp(a, "--external-tty")) { /* RDEV:DEV (hex) of a terminal whose master is a keeper's */
+            if (nttys == MAX_TTYS) die("too many --external-tty (at most %d)", MAX_TTYS);
+            size_t hex = strspn(v, "0123456789abcdef");
+            if (!hex || hex > 16 || v[hex] != ':' || !v[hex + 1] || strspn(v + hex + 1, "0123456789abcdef") != strlen(v + hex + 1) ||
+                strlen(v + hex + 1) > 16)
+                die("bad --external-tty %s", v);
+            ttys[nttys++] = v;
+        }
         else die("unknown option %s", a);
     }
     if (!criu || !images || !shift) die("checkpoint needs --pid, --shift, --criu and --images");
@@ -2386,6 +2472,7 @@ static int cmd_checkpoint(int argc, char **argv) {
     if (setns(pidfd, CLONE_NEWUTS | CLONE_NEWNET) < 0) die("setns(uts, net)");
     close(pidfd);
     static char pid[32], ext[sizeof criu_external / sizeof criu_external[0]][4200], vol[MAX_VOLUMES][4100];
+    static char tty[MAX_TTYS][48];
     snprintf(pid, sizeof pid, "%d", target);
     const char *args[MAX_CRIU_ARGS];
     int n = 0;
@@ -2401,6 +2488,11 @@ static int cmd_checkpoint(int argc, char **argv) {
         snprintf(vol[i], sizeof vol[i], "mnt[%s]:sbx-volume-%d", mounts[i], i);
         criu_add(args, &n, "--external");
         criu_add(args, &n, vol[i]);
+    }
+    for (int i = 0; i < nttys; i++) { /* (a restore gives the processes a new slave: --inherit-fd ...:tty[...]) */
+        snprintf(tty[i], sizeof tty[i], "tty[%s]", ttys[i]);
+        criu_add(args, &n, "--external");
+        criu_add(args, &n, tty[i]);
     }
     if (leave) criu_add(args, &n, "--leave-running");
     /* --handshake DIR (the server's, holding the FIFOs "told" and "go": CRIU runs its action scripts with no
@@ -2426,7 +2518,7 @@ static int cmd_checkpoint(int argc, char **argv) {
  * (--uts) and network (--netns) namespaces the server held, in the sandbox's cgroups (joined here: CRIU run
  * --unprivileged leaves cgroups alone). Prints the restored init's host PID as create does. */
 static int restore_tree(const char *criu, const char *images, unsigned shift, char **inherit, int ninherit,
-                        const int *volumes, int nvolumes) {
+                        const int *volumes, int nvolumes, int devpts) {
     /* What the restored processes mount (the root, the external mounts' sources) is looked up by them, in the
      * sandbox's user namespace: without a capability over the host's files, they could not pass through the
      * data dir (host root's only). So all of it is gathered under a tmpfs over /tmp, in this mount namespace
@@ -2453,6 +2545,27 @@ static int restore_tree(const char *criu, const char *images, unsigned shift, ch
     snprintf(from, sizeof from, "/proc/self/fd/%d", images_fd);
     xmount(from, "/tmp/sbx/images", NULL, MS_BIND, NULL);
     dev_tmpfs("/tmp/sbx/dev", shift);
+    /* The sandbox's /dev/pts: the devpts instance the server made for the restore (--devpts-fd, a detached
+     * mount) when its terminals come back, their processes given new slaves of it in place of theirs (CRIU's
+     * external ttys, --inherit-fd); else a new one. Terminals the sandbox made itself are restored in it. */
+    xmkdir("/tmp/sbx/devpts", 0755);
+    if (devpts >= 0) {
+        if (syscall(SYS_move_mount, devpts, "", AT_FDCWD, "/tmp/sbx/devpts", MOVE_MOUNT_F_EMPTY_PATH_) < 0)
+            die("move_mount the devpts");
+        close(devpts);
+        char opts[256]; /* (made with the defaults: the sandbox's options, as mount_devpts's) */
+        snprintf(opts, sizeof opts, "ptmxmode=0666,mode=0620,gid=%u", shift + 5);
+        xmount(NULL, "/tmp/sbx/devpts", NULL, MS_REMOUNT | MS_NOSUID | MS_NOEXEC, opts);
+        /* The new slaves are the sandbox root's (CRIU, in the sandbox's user namespace, gives them the owner the
+         * old ones had: it may change only what it can map) */
+        for (int i = 0; i < ninherit; i++) {
+            int fd = -1;
+            const char *colon = strchr(inherit[i], ':');
+            if (colon && !strncmp(colon + 1, "tty[", 4) && sscanf(inherit[i], "fd[%d]", &fd) == 1 && fd >= 0 &&
+                (fchown(fd, shift, shift + 5) < 0 || fchmod(fd, 0620) < 0))
+                die("chown a new terminal");
+        }
+    } else mount_devpts("/tmp/sbx/devpts", shift);
     xmkdir("/tmp/sbx/init", 0755);
     attach_init("/tmp/sbx/init");
     xmkdir("/tmp/sbx/sys", 0555);
