@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -157,7 +158,6 @@ def test_an_idle_timeout_pauses_or_kills_a_quiet_sandbox_and_spares_a_busy_one(s
 
 def test_a_pause_to_disk_on_request_is_on_disk_when_answered(server: Server) -> None:
     """sandboxd's extension `toDisk` (the server's own pauses go to disk after --checkpoint-after, 60 s here)."""
-    from e2b import PtySize
 
     def pause(sandbox_id: str, body: dict) -> httpx.Response:
         return httpx.post(
@@ -184,10 +184,15 @@ def test_a_pause_to_disk_on_request_is_on_disk_when_answered(server: Server) -> 
         again = Sandbox.connect(sbx.sandbox_id)
         assert int(again.files.read("/tmp/n")) > first  # the same loop, counting on
 
-        # what cannot go to disk: paused in memory, and the answer says why
-        again.pty.create(size=PtySize(rows=24, cols=80))
+        # what cannot go to disk (an established TCP connection): paused in memory, and the answer says why
+        again.commands.run(
+            'python3 -c \'import socket, time\ns = socket.create_server(("127.0.0.1", 0))\n'
+            "c = socket.create_connection(s.getsockname()); a = s.accept()\ntime.sleep(1000)'",
+            background=True,
+        )
+        time.sleep(0.5)
         r = pause(sbx.sandbox_id, {"toDisk": True})
-        assert r.status_code == 409 and "paused in memory, not on disk" in r.text and "terminal" in r.text, r.text
+        assert r.status_code == 409 and "paused in memory, not on disk" in r.text and "TCP" in r.text, r.text
         detail = _detail(server, sbx.sandbox_id)
         assert detail["state"] == "paused" and detail["pausedTo"] == "memory"
         Sandbox.connect(sbx.sandbox_id)

@@ -5,7 +5,9 @@ stream (envd/checkpointing.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import signal
 import subprocess
 import time
@@ -197,8 +199,62 @@ def test_a_sandbox_on_disk_resumes_with_its_memory_after_a_server_crash(tmp_path
             srv2.stop()
 
 
-def test_without_its_pinned_namespaces_a_sandbox_on_disk_resumes_from_its_files(tmp_path: Path) -> None:
-    # (a host reboot: the pins are gone; the images cannot be restored without the namespaces)
+def _reboot(srv: Server, sandbox_id: str) -> None:
+    """What a host reboot does to a sandbox on disk (and its server): every process of it gone (the keepers of
+    its commands), its pinned namespaces with them; its files and images stay."""
+    keepers = host_pids_of(srv, sandbox_id)
+    srv.stop(signal.SIGKILL)
+    for pid in keepers:  # (processes this test's server started)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    pins = srv.data_dir / "sandboxes" / sandbox_id / "ns"
+    for name in ("uts", "net"):
+        subprocess.run(["umount", str(pins / name)], check=True)
+
+
+def test_a_sandbox_on_disk_resumes_with_its_memory_after_a_host_reboot(tmp_path: Path) -> None:
+    # Its namespaces are gone and the keepers of its commands: the restore makes it new namespaces (a new
+    # address) and new keepers for its commands and its terminal, from what was written down at the dump.
+    data = tmp_path / "data"
+    with keeping_server(data, "--pool-size", "0", "--checkpoint-after", "0") as (srv, port):
+        env = _env(srv)
+        sbx = Sandbox.create(template="base", timeout=300, **env)  # type: ignore[arg-type]
+        sbx.files.write("/tmp/lines", "".join(f"line {i}\n" for i in range(100000)))
+        sbx.files.write("/tmp/worker.py", WORKER)
+        handle = sbx.commands.run("python3 /tmp/worker.py", background=True)
+        term = sbx.pty.create(size=PtySize(rows=24, cols=80))
+        sbx.pty.send_stdin(term.pid, b"W=6\n")
+        sbx.commands.run("nohup python3 -m http.server 8000 >/dev/null 2>&1 &")  # (bound to all addresses)
+        time.sleep(0.5)
+        sbx.pause()
+        _on_disk(srv, sbx.sandbox_id)
+        _reboot(srv, sbx.sandbox_id)
+        srv2 = start_server(data, "--pool-size", "0", port=port, keep=True)
+        try:
+            assert _detail(srv2, sbx.sandbox_id).get("pausedTo") == "disk"
+            again = Sandbox.connect(sbx.sandbox_id, **env)  # type: ignore[arg-type]
+            time.sleep(0.5)
+            follow = again.commands.connect(handle.pid)  # kept again, by a new keeper
+            again.commands.kill(handle.pid)
+            with pytest.raises(CommandExitException) as ended:
+                follow.wait()
+            counts = [int(line.split()[0]) for line in ended.value.stdout.splitlines()]
+            assert counts and counts == list(range(counts[0], counts[0] + len(counts))), counts
+            assert counts[0] > 5, counts  # its memory: it counts on from where it was, not from 1
+            shell = PtyOutput(again.pty.connect(term.pid))
+            again.pty.send_stdin(term.pid, b"echo w-$((W*7)); exit\n")
+            shell.until(b"w-42")
+            # a new address, and its service (restored, listening) reached there through the port route
+            r = httpx.get(srv2.url + "/", headers={"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "8000"})
+            assert r.status_code == 200, r.text
+            assert not (data / "sandboxes" / sbx.sandbox_id / "checkpoint").exists()
+            again.kill()
+        finally:
+            srv2.stop()
+
+
+def test_a_sandbox_on_disk_whose_restore_fails_after_a_reboot_resumes_from_its_files(tmp_path: Path) -> None:
+    # (what its processes held was not written down: the restore cannot attach their commands anew)
     data = tmp_path / "data"
     with keeping_server(data, "--pool-size", "0", "--checkpoint-after", "0") as (srv, port):
         env = _env(srv)
@@ -207,17 +263,15 @@ def test_without_its_pinned_namespaces_a_sandbox_on_disk_resumes_from_its_files(
         sbx.commands.run("sleep 1000", background=True)
         sbx.pause()
         _on_disk(srv, sbx.sandbox_id)
-        srv.stop(signal.SIGKILL)
-        pins = data / "sandboxes" / sbx.sandbox_id / "ns"
-        for name in ("uts", "net"):
-            subprocess.run(["umount", str(pins / name)], check=True)
+        _reboot(srv, sbx.sandbox_id)
+        (data / "sandboxes" / sbx.sandbox_id / "checkpoint-parts.json").unlink()
         srv2 = start_server(data, "--pool-size", "0", port=port, keep=True)
         try:
             detail = _detail(srv2, sbx.sandbox_id)
             assert detail["state"] == "paused" and detail["pauseMode"] == "filesystem", detail
             again = Sandbox.connect(sbx.sandbox_id, **env)  # type: ignore[arg-type]
             assert again.files.read("/home/user/kept.txt") == "kept\n"
-            assert "sleep 1000" not in again.commands.run("ps -eo args").stdout  # a reboot: its processes are new
+            assert "sleep 1000" not in again.commands.run("ps -eo args").stdout  # booted: its processes are new
             assert not (data / "sandboxes" / sbx.sandbox_id / "checkpoint").exists()
             again.kill()
         finally:

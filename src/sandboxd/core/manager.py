@@ -183,20 +183,28 @@ class SandboxManager:
                     held = await asyncio.to_thread(self.runtime.held_checkpoint, handle, images, self.settings.criu)
                 except RuntimeError_ as e:
                     log.warning("sandbox %s: its checkpoint cannot be used: %s", rec.sandbox_id, e)
-            if held is not None:  # its processes on disk, its namespaces pinned: it resumes with its memory
+            if held is not None and not held.namespaces_held and pausing.read_parts(handle.state_dir) is None:
+                held.release()  # (a reboot, and what its parts attached was not written down)
+                held = None
+            if held is not None:  # its processes on disk: it resumes with its memory
                 rec.pause_mode = pausing.DISK
                 self.db.put(rec)
-                self.runtime.adopt(handle)
+                if held.namespaces_held:
+                    self.runtime.adopt(handle)
+                else:  # (a host reboot: the restore makes it new namespaces, a new address)
+                    self.runtime.hold(handle)
+                    handle = held.handle = replace(handle, init_pid=0, address="", address6="")
                 sandbox = Sandbox(rec, handle)
                 sandbox.checkpoint = held
                 self._register(sandbox)
                 adopted.add(rec.sandbox_id)
                 continue
             if on_disk:
-                # Its checkpoint is not whole, or the namespaces it needs are gone (a host reboot). Its files
-                # are whole: it resumes from them, as after a filesystem pause.
+                # Its checkpoint is not whole (or what its parts attached was not written down before a host
+                # reboot). Its files are whole: it resumes from them, as after a filesystem pause.
                 log.warning("sandbox %s, paused to disk, resumes from its files", rec.sandbox_id)
                 shutil.rmtree(handle.state_dir / pausing.IMAGES, ignore_errors=True)
+                (handle.state_dir / pausing.PARTS).unlink(missing_ok=True)
                 self.runtime.drop_checkpoint(handle)
                 rec.pause_mode = pausing.FILESYSTEM
                 self.db.put(rec)
@@ -683,7 +691,7 @@ class SandboxManager:
         ended = self._ending[sandbox_id] = endings.body(sandbox.record, end, self.metrics.latest(sandbox_id))
         self.metrics.forget(sandbox_id)
         if sandbox.checkpoint is not None:
-            await self._drop_checkpoint(sandbox)
+            await self.drop_checkpoint(sandbox)
         for cb in sandbox.on_kill:
             try:
                 cb()
@@ -707,7 +715,7 @@ class SandboxManager:
         self.db.put(sandbox.record)
         self.reaper.wake()
 
-    async def _drop_checkpoint(self, sandbox: Sandbox) -> None:
+    async def drop_checkpoint(self, sandbox: Sandbox) -> None:
         """The sandbox's processes written to disk are let go of (it is killed, or it boots from its files)."""
         held, sandbox.checkpoint = sandbox.checkpoint, None
         if held is not None:
@@ -718,6 +726,7 @@ class SandboxManager:
             except Exception:
                 log.exception("sandbox %s: ending what was attached to its checkpoint", sandbox.id)
         shutil.rmtree(sandbox.handle.state_dir / pausing.IMAGES, ignore_errors=True)
+        (sandbox.handle.state_dir / pausing.PARTS).unlink(missing_ok=True)
 
     def pause_lock(self, sandbox_id: str) -> asyncio.Lock:
         """Held while the sandbox is paused, resumed or snapshotted: one of those at a time."""
@@ -772,7 +781,7 @@ class SandboxManager:
                     mode = sandbox.record.pause_mode
                     if not memory and mode != pausing.FILESYSTEM:  # `on_resume="reboot"`: from its files
                         if mode == pausing.DISK:
-                            await self._drop_checkpoint(sandbox)
+                            await self.drop_checkpoint(sandbox)
                         await pausing.stop(self, sandbox)
                         mode = pausing.FILESYSTEM
                     if mode == pausing.FILESYSTEM:

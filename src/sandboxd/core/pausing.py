@@ -13,14 +13,18 @@ its files likewise.
 A `full` pause goes to disk (`disk`) once the sandbox has been paused for `checkpoint_after` seconds (the
 server's `--checkpoint-after`, 60 by default): its processes are written by CRIU into its state dir
 (runtime/namespaces.py, `checkpoint`) and end, freeing their memory; a resume restores them, with their
-memory, files, pipes and sockets on loopback, as the same PIDs. What is attached to the sandbox from outside
-takes part (CheckpointPart: envd's kept commands carry their output and input over, envd/checkpointing.py).
-What cannot be carried over keeps the sandbox paused in memory (a terminal, a TCP connection from outside).
+memory, files, pipes, terminals and sockets on loopback, as the same PIDs. What is attached to the sandbox
+from outside takes part (CheckpointPart: envd's kept commands carry their output and input over,
+envd/checkpointing.py). What cannot be carried over keeps the sandbox paused in memory (a TCP connection from
+outside). A sandbox on disk outlives the server (its network and UTS namespaces pinned) and a host reboot too:
+then the restore makes it new namespaces (a new address) and the parts attach anew what they wrote down at
+the dump (`PARTS`), as for a new sandbox from a snapshot; if even that fails, it boots from its files.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -42,16 +46,18 @@ log = logging.getLogger(__name__)
 
 FULL, FILESYSTEM, DISK = "full", "filesystem", "disk"
 IMAGES = "checkpoint"  # in the sandbox's state dir
+PARTS = "checkpoint-parts.json"  # beside it: what the parts wrote down at the dump, for a restore after a reboot
 DISK_MARGIN = 64 << 20  # bytes of the data dir's filesystem a pause to disk leaves free beyond its images
 
 
 class CheckpointPart(Protocol):
     """What another layer attaches to a sandbox from outside, taken through a checkpoint and a restore."""
 
-    async def before_dump(self, sandbox: Sandbox) -> list[str]:
+    async def before_dump(self, sandbox: Sandbox) -> tuple[list[str], dict[str, Any]]:
         """Raise Conflict (the sandbox stays paused in memory) if it cannot be carried over. Returns CRIU's
         names of terminals of the sandbox's processes whose masters are this part's ("tty[RDEV:DEV]": the
-        restore gives new ones, `before_restore`)."""
+        restore gives new ones, `before_restore`), and what to attach anew if what it holds is gone when the
+        sandbox is restored (a host reboot: `before_snapshot_restore` takes it, as a snapshot's state)."""
         ...
 
     async def dump_failed(self, sandbox: Sandbox) -> None: ...
@@ -217,13 +223,15 @@ async def to_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
     )
     done: list[CheckpointPart] = []
     external: list[str] = []
+    states: dict[str, Any] = {}
     # Thawed first: CRIU stops the processes itself (a frozen task cannot be seized), and the keepers of its
     # commands, in its cgroups too, answer the parts. Its processes run for the moment in between.
     await asyncio.to_thread(manager.runtime.freeze, sandbox.handle, False)
     try:
         for part in manager.checkpoint_parts:
             done.append(part)
-            external += await part.before_dump(sandbox)
+            names, states[type(part).__name__] = await part.before_dump(sandbox)
+            external += names
         held = await manager.runtime.checkpoint(sandbox.handle, images, criu, volumes, external)
     except BaseException:
         for part in done:
@@ -235,6 +243,10 @@ async def to_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
         held.release()
         shutil.rmtree(images, ignore_errors=True)
         return
+    try:
+        await asyncio.to_thread(_write_parts, sandbox.handle.state_dir, states)
+    except OSError as e:  # (only a restore after a host reboot needs it: without, it boots from its files)
+        log.warning("sandbox %s: what its checkpoint's parts hold was not written down: %s", sandbox.id, e)
     sandbox.checkpoint = held
     if sandbox.service is not None:
         sandbox.service.poll()  # its helper saw it end: the restored service is init's child alone
@@ -242,6 +254,27 @@ async def to_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
     sandbox.record.pause_mode = DISK
     manager.db.put(sandbox.record)
     log.info("sandbox %s written to disk (%d MiB of memory freed)", sandbox.id, used >> 20)
+
+
+def _write_parts(state_dir: Path, states: dict[str, Any]) -> None:
+    """What the parts wrote down at the dump, kept beside the images (written whole, or not at all)."""
+    tmp = state_dir / f".{PARTS}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, json.dumps(states).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, state_dir / PARTS)
+
+
+def read_parts(state_dir: Path) -> dict[str, Any] | None:
+    """`_write_parts`'s, if it is there and whole."""
+    try:
+        states = json.loads((state_dir / PARTS).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return states if isinstance(states, dict) else None
 
 
 async def volume_sources(manager: SandboxManager, mounts: list[dict[str, str]]) -> list[Path]:
@@ -258,24 +291,45 @@ async def volume_sources(manager: SandboxManager, mounts: list[dict[str, str]]) 
 
 
 async def from_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
-    """Restore a sandbox written to disk (under its pause lock): its processes again, as they were."""
+    """Restore a sandbox written to disk (under its pause lock): its processes again, as they were. After a host
+    reboot (its namespaces gone with the keepers of its commands): in new namespaces, what the parts wrote down
+    attached anew; if that cannot be, it boots from its files."""
     held = sandbox.checkpoint
     if held is None:
         raise SandboxdError(f"sandbox '{sandbox.id}' has no checkpoint this server holds")
     rec = sandbox.record
     spec = _spec(manager, sandbox)  # (no read-only copies: CRIU restores the mounts it dumped, theirs among them)
+    rebooted = not held.namespaces_held
+    states = read_parts(sandbox.handle.state_dir) if rebooted else None
     inherit: list[tuple[int, str]] = []
+    pending: list[tuple[CheckpointPart, Any]] = []  # (after a reboot: as for a snapshot's new sandbox)
     terminals = Terminals()
     # The namespaces stay pinned until the record names the restored sandbox: a crash before that finds the
     # checkpoint whole again (and ends what of the restored tree ran, then restores it again).
     unpin, held.on_release = held.on_release, None
     try:
         volumes = await volume_sources(manager, sandbox.record.volume_mounts)
+        if rebooted and states is None:
+            raise RuntimeError_("what was attached to its processes was not written down")
         for part in manager.checkpoint_parts:
-            inherit += await part.before_restore(sandbox, terminals)
+            if states is not None:
+                fds, attach = part.before_snapshot_restore(states.get(type(part).__name__) or {}, terminals)
+                inherit += fds
+                pending.append((part, attach))
+            else:
+                inherit += await part.before_restore(sandbox, terminals)
         handle = await manager.runtime.restore(spec, held, inherit, volumes, terminals)
     except BaseException as e:  # (what was attached stays ready for the next try: the keepers make new pipes)
         held.on_release = unpin
+        for part, attach in pending:
+            part.drop_snapshot_restore(attach)
+        if isinstance(e, RuntimeError_) and rebooted:
+            log.warning("sandbox %s, paused to disk, resumes from its files: %s", sandbox.id, e)
+            await manager.drop_checkpoint(sandbox)
+            rec.pause_mode = FILESYSTEM
+            manager.db.put(rec)
+            await boot_again(manager, sandbox)
+            return
         if isinstance(e, RuntimeError_):
             raise SandboxdError(
                 f"sandbox '{sandbox.id}' could not be restored from disk ({e}): it stays paused on disk; try again"
@@ -292,11 +346,22 @@ async def from_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
     manager.db.put(rec)
     if unpin is not None:
         unpin()
+    (handle.state_dir / PARTS).unlink(missing_ok=True)
+    if rebooted:  # a new address: its policy there, and found by it
+        egress = sandbox.policy.egress()
+        if not egress.default:
+            await manager.runtime.set_egress(handle, egress, cut=False)
+        manager.net.add(sandbox)
     host_pids = await asyncio.to_thread(manager.runtime.host_pids, handle)
     for part in manager.checkpoint_parts:
         try:
             await part.restored(sandbox, host_pids)
         except Exception:
             log.exception("sandbox %s: after its restore", sandbox.id)
+    for part, attach in pending:
+        try:
+            await part.snapshot_restored(sandbox, attach, host_pids)
+        except Exception:
+            log.exception("sandbox %s: after its restore", sandbox.id)
     shutil.rmtree(handle.state_dir / IMAGES, ignore_errors=True)
-    log.info("sandbox %s restored from disk", sandbox.id)
+    log.info("sandbox %s restored from disk%s", sandbox.id, " (after a host reboot)" if rebooted else "")

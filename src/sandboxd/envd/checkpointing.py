@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sandboxd.core.errors import Conflict
+from sandboxd.envd import kept
 from sandboxd.envd.gen.process import process_pb as pb
 from sandboxd.envd.process_service import table_of
 from sandboxd.runtime import pids
@@ -160,7 +161,7 @@ class EnvdAtCheckpoint:
         self.runtime = runtime
         self._held: dict[str, list[_Held]] = {}
 
-    async def before_dump(self, sandbox: Sandbox) -> list[str]:
+    async def before_dump(self, sandbox: Sandbox) -> tuple[list[str], dict[str, Any]]:
         table = table_of(sandbox)  # (loads the kept processes of a previous server run, if not yet)
         running = [p for p in table.by_pid.values() if not p.done.is_set()]
         for proc in running:
@@ -173,7 +174,19 @@ class EnvdAtCheckpoint:
         brokers = sandbox.ext.get("brokers")
         if brokers is not None:
             brokers.close()
-        return [h.tty for h in held if h.tty]
+        # (what a restore without these keepers takes, after a host reboot: as a snapshot's, see below)
+        commands = [
+            {
+                "pid": h.proc.pid,
+                "config": h.proc.config.to_json(),
+                "tag": h.proc.tag,
+                "stdin": h.proc.stdin_fd is not None,
+                "pipes": list(h.inodes),
+                "tty": h.tty,
+            }
+            for h in held
+        ]
+        return [h.tty for h in held if h.tty], {"commands": commands}
 
     async def dump_failed(self, sandbox: Sandbox) -> None:
         self._tell(self._held.pop(sandbox.id, []), b"u")
@@ -262,6 +275,14 @@ class EnvdAtCheckpoint:
                 await proc.spawn(
                     self.runtime, sandbox.handle, spec, stdin=bool(command["stdin"]), size=None, adopt=adopt
                 )
+                old = table.by_pid.get(proc.pid)
+                if old is not None and old is not proc:  # (a restore after a host reboot: the record of its
+                    # keeper, gone, or one left behind: told the command is gone, which it is to it)
+                    if old.session is not None:
+                        with contextlib.suppress(OSError):
+                            old.session.send(b"e")
+                    if old.done.is_set():
+                        kept.forget(old.keep_dir)
                 table.add(proc)
             except Exception as e:
                 log.warning("sandbox %s: process %s of its snapshot is not kept: %s", sandbox.id, command.get("pid"), e)

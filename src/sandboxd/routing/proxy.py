@@ -141,14 +141,14 @@ class PortProxy:
             up.close()
 
     # -- a pause to disk (core/pausing.py's CheckpointPart) ----------------------------------------
-    async def before_dump(self, sandbox: Sandbox) -> list[str]:
+    async def before_dump(self, sandbox: Sandbox) -> tuple[list[str], dict[str, Any]]:
         """The idle connections kept for reuse go: a connection from outside keeps a sandbox paused in
         memory (CRIU restores no established TCP connection there), a closed socket does not. A reset
         closes the service's end at once, while the sandbox is still paused."""
         for (sandbox_id, _), pool in self._idle.items():
             while sandbox_id == sandbox.id and pool:
                 pool.pop().reset()
-        return []
+        return [], {}
 
     async def dump_failed(self, sandbox: Sandbox) -> None:
         pass

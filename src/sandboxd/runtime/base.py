@@ -134,6 +134,11 @@ class Checkpoint:
     netns_fd: int
     on_release: Callable[[], None] | None = None  # what else holds them (NamespaceRuntime: files pinning them)
 
+    @property
+    def namespaces_held(self) -> bool:
+        """False after a host reboot (-1, -1): the restore makes it new ones."""
+        return self.uts_fd >= 0 and self.netns_fd >= 0
+
     def release(self) -> None:
         for fd in (self.uts_fd, self.netns_fd):
             if fd >= 0:

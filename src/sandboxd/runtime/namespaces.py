@@ -280,8 +280,10 @@ class NamespaceRuntime(Runtime):
         base = spec.resume_uid_base if spec.resume_uid_base is not None else self.ids.allocate()
         cg = self._cgroups(spec.sandbox_id)
         net: network.Prepared | None = None
-        # The network namespace (ready, or made now) while the disk and cgroups are prepared.
-        net_task = asyncio.ensure_future(self.net.take()) if self.net is not None and restore is None else None
+        # The network namespace (ready, or made now) while the disk and cgroups are prepared; a restore has its
+        # own again, unless a host reboot took them (it gets new ones, as a new sandbox from a snapshot does).
+        new_ns = restore is None or not restore.namespaces_held
+        net_task = asyncio.ensure_future(self.net.take()) if self.net is not None and new_ns else None
         disk_args: list[str] = []
         try:
             if spec.limits.disk_mb:
@@ -336,7 +338,7 @@ class NamespaceRuntime(Runtime):
             ]
             for path in cg.paths:
                 argv += ["--cgroup", path]
-            if restore is not None:  # its namespaces as it left them (the resolver in its files already)
+            if restore is not None and not new_ns:  # its namespaces as it left them (the resolver in its files)
                 me = os.getpid()
                 argv += ["--netns", f"/proc/{me}/fd/{restore.netns_fd}", "--uts", f"/proc/{me}/fd/{restore.uts_fd}"]
             elif net is not None and self.net is not None:
@@ -378,7 +380,7 @@ class NamespaceRuntime(Runtime):
                     await asyncio.wait_for(asyncio.shield(helper), HELPER_WAIT)
                 raise
             finally:
-                if self.net is not None and restore is None:
+                if self.net is not None and new_ns:
                     self.net.refill()  # the next sandbox's namespace, now that this one's helper is done
             if proc.returncode != 0:
                 reason = err.decode(errors="replace").strip()
@@ -408,7 +410,10 @@ class NamespaceRuntime(Runtime):
             net.close()  # the sandbox holds its namespace now: it goes with the sandbox's last process
         if restore is not None:
             restore.release()  # the restored sandbox holds its namespaces again
-            return replace(restore.handle, init_pid=pid, init_start_time=start, cgroups=cg.paths)
+            restored = replace(restore.handle, init_pid=pid, init_start_time=start, cgroups=cg.paths)
+            if net is not None:
+                restored = replace(restored, address=net.address, address6=net.address6)
+            return restored
         return SandboxHandle(
             sandbox_id=spec.sandbox_id,
             backend=self.name,
@@ -827,10 +832,11 @@ class NamespaceRuntime(Runtime):
                 fds.append(os.open(handle.state_dir / NS_PINS / name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW))
                 if fcntl.ioctl(fds[-1], NS_GET_NSTYPE) != kind:  # (a plain file: ENOTTY)
                     raise OSError(f"{name} is not pinned")
-        except OSError:
+        except OSError:  # (a host reboot): a restore makes it new namespaces
             for fd in fds:
                 os.close(fd)
-            return None
+            _unpin_namespaces(handle.state_dir)
+            fds = [-1, -1]
         try:
             self._end_strays(handle)  # (a crash may have come before the strays of the dump were ended)
         except BaseException:
