@@ -278,6 +278,47 @@ def test_a_sandbox_on_disk_whose_restore_fails_after_a_reboot_resumes_from_its_f
             srv2.stop()
 
 
+def test_pause_on_exit_writes_sandboxes_to_disk_and_the_next_start_runs_them_again(tmp_path: Path) -> None:
+    # `--pause-on-exit`: a graceful stop writes them to disk; through a reboot, the next start runs again those
+    # that ran (with the time they had left), and those that were paused stay paused.
+    data = tmp_path / "data"
+    with keeping_server(data, "--pool-size", "0", "--pause-on-exit") as (srv, port):
+        env = _env(srv)
+        sbx = Sandbox.create(template="base", timeout=300, **env)  # type: ignore[arg-type]
+        sbx.files.write("/tmp/lines", "".join(f"line {i}\n" for i in range(100000)))
+        sbx.files.write("/tmp/worker.py", WORKER)
+        handle = sbx.commands.run("python3 /tmp/worker.py", background=True)
+        paused = Sandbox.create(template="base", timeout=300, **env)  # type: ignore[arg-type]
+        paused.files.write("/tmp/note", "paused\n")
+        assert paused.pause() is True  # (in memory: --checkpoint-after is 60 s)
+        time.sleep(0.5)
+        assert srv.stop() == 0  # SIGTERM
+        for s in (sbx, paused):  # on disk: of each, only the keepers of its commands are left
+            assert {_comm(p) for p in host_pids_of(srv, s.sandbox_id)} <= {"sandbox-exec", "(gone)"}
+            assert (data / "sandboxes" / s.sandbox_id / "checkpoint" / "inventory.img").is_file()
+        for s in (sbx, paused):
+            _reboot(srv, s.sandbox_id)
+        srv2 = start_server(data, "--pool-size", "0", port=port, keep=True)
+        try:
+            deadline = time.monotonic() + 30
+            while (detail := _detail(srv2, sbx.sandbox_id))["state"] != "running":  # no connect: the start did it
+                assert time.monotonic() < deadline, detail
+                time.sleep(0.1)
+            assert 200 < (Sandbox.get_info(sbx.sandbox_id, **env).end_at.timestamp() - time.time()) <= 300  # type: ignore[arg-type]
+            assert _detail(srv2, paused.sandbox_id)["state"] == "paused"
+            again = Sandbox.connect(sbx.sandbox_id, **env)  # type: ignore[arg-type]
+            follow = again.commands.connect(handle.pid)
+            time.sleep(0.3)
+            again.commands.kill(handle.pid)
+            with pytest.raises(CommandExitException) as ended:
+                follow.wait()
+            counts = [int(line.split()[0]) for line in ended.value.stdout.splitlines()]
+            assert counts and counts[0] > 5 and counts == list(range(counts[0], counts[0] + len(counts))), counts
+            assert Sandbox.connect(paused.sandbox_id, **env).files.read("/tmp/note") == "paused\n"  # type: ignore[arg-type]
+        finally:
+            srv2.stop()
+
+
 # Both ends of a TCP connection inside the sandbox: CRIU run unprivileged cannot dump an established one (its
 # repair mode needs CAP_NET_ADMIN over the host-owned network namespace).
 TCP_PAIR = """

@@ -58,6 +58,8 @@ class ServerConfig:
     # On shutdown, leave sandboxes running for the next start to re-adopt (an upgrade or restart must
     # not cost users their sandboxes); False destroys them (`--destroy-on-exit`).
     keep_sandboxes: bool = True
+    # With keep_sandboxes: write them to disk first (`--pause-on-exit`), to outlive a host reboot with their memory.
+    pause_on_exit: bool = False
     favor_dynmods: bool = True  # remount cgroup2 with favordynmods (see runtime/cgroups.py)
     uid_base: int | None = None  # first host uid of the sandboxes' ranges (None: runtime/identity.py's default)
     network_cidr: str | None = DEFAULT_CIDR  # the sandboxes' addresses (runtime/network.py); None: no network
@@ -204,7 +206,7 @@ class App:
                     if service is not None:
                         service.close()
                 await self.builds.stop()
-                await self.manager.stop(destroy=not self.config.keep_sandboxes)
+                await self.manager.stop(destroy=not self.config.keep_sandboxes, to_disk=self.config.pause_on_exit)
                 if self.manager.volumes is not None:
                     self.manager.volumes.close()
                 self.db.close()

@@ -136,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         help="on shutdown (SIGTERM/SIGINT) destroy every sandbox instead of keeping them for the next start",
     )
     p_serve.add_argument(
+        "--pause-on-exit",
+        action="store_true",
+        help="on shutdown write every sandbox to disk (CRIU) so that it outlives a host reboot with its memory; "
+        "the next start resumes those that were running (one that cannot go to disk is left running)",
+    )
+    p_serve.add_argument(
         "--max-message-mb",
         type=float,
         default=RequestLimits.max_message_bytes / MiB,
@@ -321,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                 ssl.create_default_context().load_verify_locations(args.egress_ca_file)
             except (OSError, ssl.SSLError) as e:
                 parser.error(f"--egress-ca-file {args.egress_ca_file}: not a readable PEM file of CAs ({e})")
+        if args.pause_on_exit and args.destroy_on_exit:
+            parser.error("--pause-on-exit keeps the sandboxes (on disk), --destroy-on-exit destroys them: pick one")
         from sandboxd.server import ServerConfig, serve
 
         settings = Settings(
@@ -361,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                 data_dir=args.data_dir,
                 templates_dir=args.templates_dir,
                 keep_sandboxes=not args.destroy_on_exit,
+                pause_on_exit=args.pause_on_exit,
                 volume_size_mb=args.volume_size_mb,
                 max_volumes=max(0, args.max_volumes),
                 favor_dynmods=not args.no_favordynmods,

@@ -155,6 +155,7 @@ class SandboxManager:
         self._build_memory: dict[str, int] = {}  # template builds' sandboxes (also in _creating)
         self.net = SandboxNetworks(runtime, db)  # addresses, policies, what the egress proxy fills in
         self._pausing: dict[str, asyncio.Lock] = {}  # one pause or resume of a sandbox at a time
+        self._background: set[asyncio.Task[None]] = set()  # resumes at start (--pause-on-exit)
         # sandboxes being ended (their processes are going): what will be kept of them (core/endings.py)
         self._ending: dict[str, dict[str, Any]] = {}
         # called when a sandbox paused to its files has booted again (upper layers tidy up after it)
@@ -233,6 +234,12 @@ class SandboxManager:
             log.info("cleaned up %d leftover sandbox(es): %s", len(removed), ", ".join(removed))
         self.reaper.start()
         self.metrics.start()
+        for sandbox_id in adopted:
+            sandbox = self.sandboxes[sandbox_id]
+            if sandbox.record.resume_at_start and sandbox.record.state == "paused":
+                task = asyncio.create_task(self._resume_at_start(sandbox_id, sandbox.record.resume_at_start))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
         built = set(self.templates.names())
         for name in self.settings.prewarm:
             if name in built:
@@ -242,11 +249,14 @@ class SandboxManager:
         """No more pool refills: the server is stopping."""
         self.pool.close()
 
-    async def stop(self, destroy: bool = True) -> None:
+    async def stop(self, destroy: bool = True, to_disk: bool = False) -> None:
+        """Stop: the sandboxes are destroyed, or left for the next start (`to_disk`: written to disk first)."""
         self.pool.close()
         await self.metrics.stop()
         self.reaper.stop()
         await self.pool.stop()
+        if to_disk and not destroy:
+            await self._to_disk_at_exit()
         if destroy:
             ids = list(self.sandboxes)
             end = endings.killed("the server's shutdown (--destroy-on-exit)")
@@ -255,6 +265,45 @@ class SandboxManager:
                 if isinstance(result, BaseException):  # its address (and so the server's table) stays held
                     log.error("destroying sandbox %s at shutdown failed: %r", sid, result)
         self.runtime.close()  # removes only what no kept sandbox still uses
+
+    async def _to_disk_at_exit(self) -> None:
+        """`--pause-on-exit`: every sandbox whose processes run (or are paused in memory) is written to disk, to
+        outlive a host reboot with its memory; those that ran resume at the next start, with the time they had
+        left. One that cannot go to disk is left as it was (running, or paused in memory), as without it."""
+        if self.settings.criu is None:
+            log.warning("--pause-on-exit: this server has no CRIU; the sandboxes are left running")
+            return
+        gate = asyncio.Semaphore(2)  # (CRIU is CPU- and disk-bound: a few at once)
+
+        async def one(sandbox: Sandbox) -> None:
+            async with gate:
+                running = sandbox.record.state == "running"
+                left = max(1, int(sandbox.record.end_at - time.time()))
+                try:
+                    await self.pause(sandbox.id, to_disk=True)
+                except (SandboxdError, RuntimeError_) as e:
+                    log.warning("sandbox %s is not written to disk at shutdown: %s", sandbox.id, e)
+                    if running and pausing.in_memory(sandbox):  # (it ran: it runs on, as without --pause-on-exit)
+                        await asyncio.to_thread(self.runtime.freeze, sandbox.handle, False)
+                        sandbox.record.state, sandbox.record.pause_mode = "running", ""
+                        self.db.put(sandbox.record)
+                    return
+                if running:
+                    sandbox.record.resume_at_start = left
+                    self.db.put(sandbox.record)
+
+        todo = [s for s in self.sandboxes.values() if not pausing.without_processes(s) and not s.killed.is_set()]
+        if todo:
+            log.info("writing %d sandbox(es) to disk before stopping (--pause-on-exit)", len(todo))
+            await asyncio.gather(*(one(s) for s in todo))
+
+    async def _resume_at_start(self, sandbox_id: str, timeout: int) -> None:
+        """A sandbox the last shutdown wrote to disk while it ran: running again, with the time it had left."""
+        try:
+            await self.connect(sandbox_id, min(timeout, self.settings.max_timeout))
+            log.info("sandbox %s, written to disk at the last shutdown, runs again", sandbox_id)
+        except Exception as e:
+            log.warning("sandbox %s, written to disk at the last shutdown, stays paused: %s", sandbox_id, e)
 
     # -- making sandboxes --------------------------------------------------------------------------
     def _spec(self, sandbox_id: str, template: Template, disk_mb: int, res: Resources) -> SandboxSpec:
@@ -791,6 +840,7 @@ class SandboxManager:
                     else:
                         await asyncio.to_thread(self.runtime.freeze, sandbox.handle, False)
             sandbox.record.state, sandbox.record.pause_mode = "running", ""
+            sandbox.record.resume_at_start = 0
             if sandbox.record.idle_timeout:
                 await self._mark_active(sandbox)
             sandbox.record.end_at = time.time() + timeout

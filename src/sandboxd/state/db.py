@@ -75,6 +75,9 @@ class SandboxRecord:
     # while paused: "full" (its processes frozen, in memory) or "filesystem" (stopped, files kept)
     pause_mode: str = ""
     volume_mounts: list = field(default_factory=list)  # [{name, path, volumeID}]: mounted at create
+    # written to disk by the server's shutdown (--pause-on-exit) while it ran: the next start resumes it, with
+    # this many seconds to live (what it had left)
+    resume_at_start: int = 0
 
 
 class StateDB:
