@@ -5,6 +5,7 @@ run the source's processes from where the snapshot caught them, the commands sta
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from e2b import Sandbox
 from e2b.exceptions import SandboxException
 
-from conftest import TEMPLATES_DIR, PtyOutput, Server, held_top_layer
+from conftest import TEMPLATES_DIR, PtyOutput, Server, cgroup_dir, held_top_layer, start_server
 
 
 def _lowers(server: Server, sandbox_id: str) -> str:
@@ -285,6 +286,78 @@ def test_a_terminal_goes_on_in_sandboxes_from_a_snapshot_and_in_forks(server: Se
         src.kill()
         if snapshot_id is not None:
             Sandbox.delete_snapshot(snapshot_id)
+
+
+def _frozen_unlisted(data: Path, known: set[str]) -> list[str]:
+    """Sandboxes of the data dir not in `known` (pooled ones) whose processes are frozen."""
+    found = []
+    for d in (data / "sandboxes").iterdir():
+        state = cgroup_dir("freezer", d.name) / "freezer.state"
+        with contextlib.suppress(OSError):
+            if d.name not in known and state.read_text().strip() == "FROZEN":
+                found.append(d.name)
+    return found
+
+
+def _until_frozen_unlisted(data: Path, known: set[str]) -> list[str]:
+    deadline = time.monotonic() + 60
+    while not (frozen := _frozen_unlisted(data, known)):  # (the base template's pooled ones run)
+        assert time.monotonic() < deadline, "no pooled sandbox of the snapshot was made"
+        time.sleep(0.1)
+    return frozen
+
+
+def test_a_snapshot_with_memory_is_pooled_frozen_and_handed_out_running(tmp_path: Path) -> None:
+    # (its pooled sandboxes: restored ahead, their processes frozen until a create hands one out)
+    from e2b import CommandExitException
+
+    data = tmp_path / "data"
+    srv = start_server(data, "--pool-size", "1", "--disk-mb", "0", "--prewarm", "")
+    env = {"api_key": srv.api_key, "api_url": srv.url, "sandbox_url": srv.url}
+    snapshot_id = None
+    try:
+        src = Sandbox.create(template="base", timeout=120, **env)  # type: ignore[arg-type]
+        echo = src.commands.run(ECHO, background=True, stdin=True)
+        src.commands.run("nohup sh -c 'while :; do echo tick >> /tmp/ticks; sleep 0.05; done' >/dev/null 2>&1 &")
+        snapshot_id = src.create_snapshot().snapshot_id
+        first = Sandbox.create(template=snapshot_id, timeout=60, **env)  # (not pooled yet: its first use)
+        known = {src.sandbox_id, first.sandbox_id}
+        [pooled] = _until_frozen_unlisted(data, known)
+        member = min(int(p) for p in (cgroup_dir("freezer", pooled) / "cgroup.procs").read_text().split())
+        ticks = Path(f"/proc/{member}/root/tmp/ticks")  # (as its processes see it)
+        seen = ticks.read_text().count("tick")
+        time.sleep(0.5)
+        assert ticks.read_text().count("tick") == seen  # frozen: its processes wait
+
+        second = Sandbox.create(template=snapshot_id, timeout=60, **env)  # type: ignore[arg-type]
+        assert second.sandbox_id == pooled  # handed out from the pool, running
+        n = int(second.commands.run("grep -c tick /tmp/ticks").stdout)
+        time.sleep(0.3)
+        assert int(second.commands.run("grep -c tick /tmp/ticks").stdout) > n
+        assert echo.pid in [p.pid for p in second.commands.list()]  # what it carried, attached at the hand-out
+        handle = second.commands.connect(echo.pid)
+        second.commands.send_stdin(echo.pid, "pooled\n")
+        time.sleep(0.3)
+        second.commands.kill(echo.pid)
+        with pytest.raises(CommandExitException) as ended:
+            handle.wait()
+        assert "POOLED" in ended.value.stdout, ended.value.stdout
+
+        # the snapshot deleted: its pooled sandbox (made again after the hand-out) goes with it
+        known.add(second.sandbox_id)
+        [again] = _until_frozen_unlisted(data, known)
+        Sandbox.delete_snapshot(snapshot_id, **env)  # type: ignore[arg-type]
+        snapshot_id = None
+        deadline = time.monotonic() + 30
+        while (data / "sandboxes" / again).exists():
+            assert time.monotonic() < deadline, "the deleted snapshot's pooled sandbox stays"
+            time.sleep(0.2)
+        for s in (first, second, src):
+            s.kill()
+    finally:
+        if snapshot_id is not None:  # (the shared templates dir keeps no snapshot of a failed run)
+            Sandbox.delete_snapshot(snapshot_id, **env)  # type: ignore[arg-type]
+        assert srv.stop() == 0
 
 
 def test_a_snapshot_with_memory_of_a_sandbox_with_a_volume_mounts_the_same_volume(server: Server) -> None:

@@ -545,7 +545,20 @@ class SandboxManager:
     async def _make_pooled(self, template: Template) -> Pooled:
         sandbox_id = new_sandbox_id()
         handle, service = await self._new(sandbox_id, template, self._disk_mb(template))
-        return Pooled(sandbox_id, handle, template.digest, service)
+        if template.memory_images is None:
+            return Pooled(sandbox_id, handle, template.digest, service)
+        # A snapshot's processes: frozen at once, until a create hands the sandbox out (core/pool.py)
+        try:
+            await asyncio.to_thread(self.runtime.freeze, handle, True)
+        except BaseException:
+            self._drop_carried(sandbox_id)
+            await self.runtime.destroy(handle)
+            raise
+        return Pooled(sandbox_id, handle, template.digest, service, drop=lambda: self._drop_carried(sandbox_id))
+
+    def _drop_carried(self, sandbox_id: str) -> None:
+        for part, held in self._carried.pop(sandbox_id, []):
+            part.drop_snapshot_restore(held)
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def create(
@@ -564,9 +577,11 @@ class SandboxManager:
         volume_mounts: list[dict[str, Any]] | None = None,
         policy_of: Sandbox | None = None,
         recorded_as: tuple[str, str] | None = None,
+        pool: bool = True,
     ) -> Sandbox:
         """A new sandbox. `policy_of`: a sandbox whose network policy it gets (a fork's source: core/snapshots.py);
-        `recorded_as`: the (template ID, alias) its record names instead of the template's (a fork's)."""
+        `recorded_as`: the (template ID, alias) its record names instead of the template's (a fork's); `pool`:
+        False for a template that goes right after (a fork's snapshot): none pooled, none taken."""
         timeout = self._check_timeout(self.settings.default_timeout if timeout is None else timeout, positive=True)
         _check_str_map("metadata", metadata)
         _check_str_map("envVars", env_vars)
@@ -612,22 +627,28 @@ class SandboxManager:
             res = self._resources(template, metadata or {})
             # Pooled sandboxes have the template's default disk and resources: others are made fresh.
             default = disk_mb == self._disk_mb(template) and res == self._resources(template, {})
-            pooled = self.pool.take(template.name, template.digest) if default else None
+            pooled = self.pool.take(template.name, template.digest) if default and pool else None
             if pooled is not None:
                 sandbox_id, handle, service = pooled.sandbox_id, pooled.handle, pooled.service
+                if template.memory_images is not None:  # (a snapshot's processes, frozen since their restore)
+                    try:
+                        await asyncio.to_thread(self.runtime.freeze, handle, False)
+                    except BaseException:
+                        self._drop_carried(sandbox_id)
+                        await self.runtime.destroy(handle)
+                        raise
             else:
                 await self._admit(res.memory_mb, template.name)  # what it asks for, not the template's default
                 sandbox_id = new_sandbox_id()
                 handle, service = await self._new(sandbox_id, template, disk_mb, res)
-            if template.memory_images is None:  # (a snapshot's processes are restored when asked for, not before)
+            if pool:
                 self.pool.schedule_refill(template.name)
             try:  # pooled or not, a sandbox starts with the default policy: its own now
                 ca, ca_vars = await self.net.apply_new(handle, policy)
                 if template.memory_images is None:  # (a snapshot's processes have theirs mounted again already)
                     await volume_mounts_.attach(self, handle, mounts)
             except BaseException:
-                for part, held in self._carried.pop(sandbox_id, []):
-                    part.drop_snapshot_restore(held)
+                self._drop_carried(sandbox_id)
                 await self.runtime.destroy(handle)
                 raise
             env_vars = {**template.env, **ca_vars, **(env_vars or {})}

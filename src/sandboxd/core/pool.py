@@ -5,6 +5,10 @@ a little after each hand-out (REFILL_DELAY: creating a sandbox takes kernel-wide
 of a CPU for a few ms, which should not land on the new sandbox's first commands). Idle pooled sandboxes
 count against the host-wide limits like running ones, never take the last of a limit, and give way when
 a user's create needs the room (`evict_other_than`).
+
+A snapshot with memory is pooled too: its pooled sandboxes are restored, then frozen at once (their processes
+wait, as in a pause, until the create that hands one out thaws it); what they carry (`Pooled.drop`) is let go
+of with them.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import asyncio
 import logging
 import subprocess
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sandboxd.runtime.base import Runtime, SandboxHandle
 from sandboxd.templates.store import Template, TemplateStore
@@ -29,6 +33,7 @@ class Pooled:
     handle: SandboxHandle
     digest: str  # of the template it was made from: a rebuilt template makes it stale
     service: subprocess.Popen[bytes] | None  # the template's service process, if it has one
+    drop: Callable[[], None] | None = field(default=None, compare=False)  # let go of what it carries, unused
 
 
 class WarmPool:
@@ -62,7 +67,7 @@ class WarmPool:
             entry = entries.pop(0)
             if entry.digest == digest and self.runtime.is_alive(entry.handle):
                 return entry
-            self._in_background(self.runtime.destroy(entry.handle))  # template rebuilt, or it died
+            self._in_background(self._destroy(entry))  # template rebuilt, or it died
         return None
 
     def drop_stale(self) -> None:
@@ -79,7 +84,7 @@ class WarmPool:
                 entries.remove(e)
                 # in the background, as take() does: a destroy cut short by the caller's cancellation (the
                 # reaper's, at shutdown) would leave the sandbox's address and uid range held
-                self._in_background(self.runtime.destroy(e.handle))
+                self._in_background(self._destroy(e))
 
     def schedule_refill(self, name: str, delay: float = REFILL_DELAY) -> None:
         if self.size <= 0 or self._closing:
@@ -93,7 +98,7 @@ class WarmPool:
         victim = next((entries for n, entries in self._idle.items() if entries and n != name), None)
         if victim is None:
             return False
-        await self.runtime.destroy(victim.pop().handle)
+        await self._destroy(victim.pop())
         return True
 
     def close(self) -> None:
@@ -106,9 +111,9 @@ class WarmPool:
         for task in self._refilling.values():
             task.cancel()
         await asyncio.gather(*self._refilling.values(), return_exceptions=True)
-        idle = [e.handle for entries in self._idle.values() for e in entries]
+        idle = [e for entries in self._idle.values() for e in entries]
         self._idle.clear()
-        await asyncio.gather(*(self.runtime.destroy(h) for h in idle), return_exceptions=True)
+        await asyncio.gather(*(self._destroy(e) for e in idle), return_exceptions=True)
         # and the destroys of stale ones still going, before the runtime closes
         await asyncio.gather(*self._background, return_exceptions=True)
 
@@ -125,9 +130,14 @@ class WarmPool:
                 log.exception("pre-creating a sandbox of template '%s' failed", name)
                 return
             if self._closing:
-                await self.runtime.destroy(entry.handle)
+                await self._destroy(entry)
                 return
             entries.append(entry)
+
+    async def _destroy(self, entry: Pooled) -> None:
+        if entry.drop is not None:
+            entry.drop()
+        await self.runtime.destroy(entry.handle)
 
     def _in_background(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)

@@ -197,6 +197,7 @@ async def fork(manager: SandboxManager, sandbox_id: str, count: int, timeout: in
                     # a sandbox of the source's template (a reboot from its files starts that template's service),
                     # standing on the snapshot's layers (the snapshot goes: a crash meanwhile too, at the next start)
                     recorded_as=(rec.template_id, rec.alias or rec.template_id),
+                    pool=False,  # (its snapshot goes once the forks are made)
                 )
             except SandboxdError as e:
                 return e
