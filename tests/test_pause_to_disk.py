@@ -229,7 +229,7 @@ def test_a_sandbox_on_disk_resumes_with_its_memory_after_a_host_reboot(tmp_path:
         sbx.pause()
         _on_disk(srv, sbx.sandbox_id)
         _reboot(srv, sbx.sandbox_id)
-        srv2 = start_server(data, "--pool-size", "0", port=port, keep=True)
+        srv2 = start_server(data, "--pool-size", "0", port=port)  # (its stop destroys them)
         try:
             assert _detail(srv2, sbx.sandbox_id).get("pausedTo") == "disk"
             again = Sandbox.connect(sbx.sandbox_id, **env)  # type: ignore[arg-type]
@@ -265,7 +265,7 @@ def test_a_sandbox_on_disk_whose_restore_fails_after_a_reboot_resumes_from_its_f
         _on_disk(srv, sbx.sandbox_id)
         _reboot(srv, sbx.sandbox_id)
         (data / "sandboxes" / sbx.sandbox_id / "checkpoint-parts.json").unlink()
-        srv2 = start_server(data, "--pool-size", "0", port=port, keep=True)
+        srv2 = start_server(data, "--pool-size", "0", port=port)  # (its stop destroys them)
         try:
             detail = _detail(srv2, sbx.sandbox_id)
             assert detail["state"] == "paused" and detail["pauseMode"] == "filesystem", detail
@@ -298,7 +298,7 @@ def test_pause_on_exit_writes_sandboxes_to_disk_and_the_next_start_runs_them_aga
             assert (data / "sandboxes" / s.sandbox_id / "checkpoint" / "inventory.img").is_file()
         for s in (sbx, paused):
             _reboot(srv, s.sandbox_id)
-        srv2 = start_server(data, "--pool-size", "0", port=port, keep=True)
+        srv2 = start_server(data, "--pool-size", "0", port=port)  # (its stop destroys them)
         try:
             deadline = time.monotonic() + 30
             while (detail := _detail(srv2, sbx.sandbox_id))["state"] != "running":  # no connect: the start did it
