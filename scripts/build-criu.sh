@@ -14,7 +14,7 @@ SHA256=29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9
 MIRROR=${SANDBOXD_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 DATA_DIR=${SANDBOXD_DATA_DIR:-/var/lib/sandboxd}
 # sandboxd's changes to CRIU (below): a new build number rebuilds every cached criu
-BUILD=sbx5
+BUILD=sbx6
 DEST=$DATA_DIR/tools/criu-$VERSION-$BUILD
 step() { printf '==> %s\n' "$*" >&2; }
 
@@ -86,6 +86,20 @@ patch_criu criu/include/mount.h "phys_stat_on_overlay" -e \
     's/(extern bool phys_stat_dev_match\([^\n]*\n)/$1extern bool phys_stat_on_overlay(struct ns_id *, const char *path);\n/'
 patch_criu criu/mount.c "sandboxd: on an overlay" "$(dirname "$0")/criu/overlay-path.pl"
 patch_criu criu/sk-unix.c "sandboxd: overlay" "$(dirname "$0")/criu/unix-on-overlay.pl"
+# Established TCP connections (between the sandbox's own processes: a kernel and its server, an app and its
+# database) are dumped and restored with TCP repair, which only a holder of CAP_NET_ADMIN over the sandbox's
+# network namespace may turn on or off; that namespace is owned by the host's user namespace (the server makes
+# it), and the restored tasks are in the sandbox's: their own tries fail ("Can't turn TCP repair mode ON:
+# Operation not permitted"). CRIU's usernsd turns it on for them, CRIU itself off at the end (see the .pl files).
+step "criu: patching soccr/soccr.c, criu/sk-tcp.c and criu/cr-restore.c (TCP repair for restored tasks)"
+patch_criu soccr/soccr.h "libsoccr_set_repair" -e \
+    's/(#include "common\/config.h"\n)/$1\nextern int (*libsoccr_set_repair)(int fd, int on); \/* sandboxd *\/\n/'
+patch_criu soccr/soccr.c "sandboxd: TCP repair through" "$(dirname "$0")/criu/soccr-repair.pl"
+patch_criu criu/sk-tcp.c "set_repair_through_usernsd" "$(dirname "$0")/criu/tcp-repair.pl"
+patch_criu criu/include/sk-inet.h "rst_tcp_repair_off_for_tasks" -e \
+    's/(extern void rst_unlock_tcp_connections\(void\);\n)/$1extern void rst_tcp_repair_off_for_tasks(void); \/* sandboxd *\/\n/'
+patch_criu criu/cr-restore.c "rst_tcp_repair_off_for_tasks" -e \
+    's/(\tnetwork_unlock\(\);\n)/$1\trst_tcp_repair_off_for_tasks(); \/* sandboxd: see build-criu.sh *\/\n/'
 step "criu: make criu (about a minute on 2 cores; the log is $work/make.log until it ends)"
 if ! make -C "$src" -j"$(nproc)" criu >"$work/make.log" 2>&1; then
     tail -n 40 "$work/make.log" >&2

@@ -321,6 +321,43 @@ def read_until(handle: Any, text: str, seconds: float = 20) -> str:
     return seen
 
 
+# A service on port 8080 that streams "tick N" lines (chunked HTTP) to each connection: a client through the port
+# proxy holds a connection whose other end (the server's) is outside the sandbox.
+TICK_SERVICE = """
+import socket, threading, time
+srv = socket.create_server(("0.0.0.0", 8080))
+def serve(c):
+    c.recv(65536)
+    c.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Type: text/plain\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n")
+    n = 0
+    while True:
+        n += 1
+        line = b"tick %d\\n" % n
+        c.sendall(b"%x\\r\\n%s\\r\\n" % (len(line), line))
+        time.sleep(0.05)
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+
+def wait_for_port(sbx: Any, port: int, seconds: float = 20) -> None:
+    """Until something in the sandbox listens on TCP `port` (asked inside it)."""
+    probe = f"python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", {port}), 1).close()'"
+    deadline = time.monotonic() + seconds
+    while run_as(sbx, probe)[0] != 0:
+        assert time.monotonic() < deadline, f"nothing listens on port {port} in the sandbox"
+        time.sleep(0.1)
+
+
+def ticks_through_port(srv: Server, sandbox_id: str) -> Any:
+    """A streaming GET of TICK_SERVICE through the server's port proxy (a context manager: the httpx response)."""
+    import httpx
+
+    headers = {"E2b-Sandbox-Id": sandbox_id, "E2b-Sandbox-Port": "8080"}
+    return httpx.stream("GET", f"{srv.url}/", headers=headers, timeout=60)
+
+
 class PtyOutput:
     """A terminal's output (a pty.create or pty.connect handle), gathered by a thread while the test goes on."""
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 from e2b import Sandbox, SandboxState
 
-from conftest import TEMPLATES_DIR, Server, host_pids_of, start_server
+from conftest import TEMPLATES_DIR, TICK_SERVICE, Server, host_pids_of, start_server, ticks_through_port, wait_for_port
 
 
 def _detail(srv: Server, sandbox_id: str) -> dict:
@@ -112,7 +112,6 @@ def test_a_sandbox_paused_to_its_files_survives_a_server_restart(tmp_path: Path)
 
 
 def _wait_state(sandbox_id: str, want: str, seconds: float) -> str:
-    import time
 
     from e2b.exceptions import NotFoundException
 
@@ -184,15 +183,16 @@ def test_a_pause_to_disk_on_request_is_on_disk_when_answered(server: Server) -> 
         again = Sandbox.connect(sbx.sandbox_id)
         assert int(again.files.read("/tmp/n")) > first  # the same loop, counting on
 
-        # what cannot go to disk (an established TCP connection): paused in memory, and the answer says why
-        again.commands.run(
-            'python3 -c \'import socket, time\ns = socket.create_server(("127.0.0.1", 0))\n'
-            "c = socket.create_connection(s.getsockname()); a = s.accept()\ntime.sleep(1000)'",
-            background=True,
-        )
-        time.sleep(0.5)
-        r = pause(sbx.sandbox_id, {"toDisk": True})
-        assert r.status_code == 409 and "paused in memory, not on disk" in r.text and "TCP" in r.text, r.text
+        # what cannot go to disk (a connection with an end outside the sandbox: a client streaming from one of its
+        # services through the port proxy): paused in memory, and the answer says why
+        again.files.write("/tmp/ticker.py", TICK_SERVICE)
+        again.commands.run("nohup python3 /tmp/ticker.py >/dev/null 2>&1 &")
+        wait_for_port(again, 8080)
+        with ticks_through_port(server, sbx.sandbox_id) as stream:
+            lines = stream.iter_lines()  # (held: a dropped iterator closes the stream)
+            assert next(lines) == "tick 1"
+            r = pause(sbx.sandbox_id, {"toDisk": True})
+        assert r.status_code == 409 and "paused in memory, not on disk" in r.text and "outside" in r.text, r.text
         detail = _detail(server, sbx.sandbox_id)
         assert detail["state"] == "paused" and detail["pausedTo"] == "memory"
         Sandbox.connect(sbx.sandbox_id)

@@ -18,7 +18,17 @@ import httpx
 import pytest
 from e2b import CommandExitException, PtySize, Sandbox, SandboxException
 
-from conftest import PtyOutput, Server, host_pids_of, keeping_server, read_until, start_server
+from conftest import (
+    TICK_SERVICE,
+    PtyOutput,
+    Server,
+    host_pids_of,
+    keeping_server,
+    read_until,
+    start_server,
+    ticks_through_port,
+    wait_for_port,
+)
 
 # Counts in memory; reads a file line by line (its offset is the file's); has a child. One line per step:
 # "count offset child-alive".
@@ -319,8 +329,8 @@ def test_pause_on_exit_writes_sandboxes_to_disk_and_the_next_start_runs_them_aga
             srv2.stop()
 
 
-# Both ends of a TCP connection inside the sandbox: CRIU run unprivileged cannot dump an established one (its
-# repair mode needs CAP_NET_ADMIN over the host-owned network namespace).
+# Both ends of a TCP connection inside the sandbox, on loopback: carried by CRIU's TCP repair (the restored tasks'
+# repair done for them: scripts/build-criu.sh).
 TCP_PAIR = """
 import socket, time
 srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen()
@@ -345,7 +355,7 @@ def _stays_in_memory(srv: Server, sandbox_id: str, why: str) -> None:
     assert not (srv.data_dir / "sandboxes" / sandbox_id / "checkpoint").exists(), "its failed images were left"
 
 
-def test_what_cannot_go_to_disk_stays_paused_in_memory_intact(disk_server: Server) -> None:
+def test_tcp_connections_inside_the_sandbox_carry_over_a_pause_to_disk(disk_server: Server) -> None:
     env = _env(disk_server)
     sbx = Sandbox.create(template="base", timeout=120, **env)  # type: ignore[arg-type]
     try:
@@ -353,17 +363,42 @@ def test_what_cannot_go_to_disk_stays_paused_in_memory_intact(disk_server: Serve
         pair = sbx.commands.run("python3 /tmp/tcp.py", background=True)
         time.sleep(0.5)
         sbx.pause()
-        _stays_in_memory(disk_server, sbx.sandbox_id, "Connected TCP socket")
+        _on_disk(disk_server, sbx.sandbox_id)  # (it stayed in memory before: "Connected TCP socket")
         again = Sandbox.connect(sbx.sandbox_id, **env)  # type: ignore[arg-type]
         time.sleep(0.5)
-        # the command ran on, its connection whole, its keeper following it (the dump's failure undone)
-        assert pair.pid in [p.pid for p in again.commands.list()]
+        assert again.pause() is True  # and a second time, restored sockets and all
+        _on_disk(disk_server, sbx.sandbox_id)
+        again = Sandbox.connect(sbx.sandbox_id, **env)  # type: ignore[arg-type]
+        time.sleep(0.5)
         pair.kill()
         with pytest.raises(CommandExitException) as ended:
             pair.wait()
         counts = [int(x) for x in ended.value.stdout.split()]
-        assert counts == list(range(1, len(counts) + 1)) and len(counts) > 10, counts
+        # one connection all along: every round trip once, in order, none failed
+        assert counts == list(range(1, len(counts) + 1)) and len(counts) > 15, counts
         assert "Traceback" not in ended.value.stderr, ended.value.stderr
+    finally:
+        sbx.kill()
+
+
+def test_what_cannot_go_to_disk_stays_paused_in_memory_intact(disk_server: Server) -> None:
+    # A connection whose other end is outside the sandbox (here: the server's port proxy, a client streaming
+    # from a service of the sandbox) would come back talking to nothing: the sandbox stays paused in memory.
+    env = _env(disk_server)
+    sbx = Sandbox.create(template="base", timeout=120, **env)  # type: ignore[arg-type]
+    try:
+        sbx.files.write("/tmp/ticker.py", TICK_SERVICE)
+        sbx.commands.run("nohup python3 /tmp/ticker.py >/dev/null 2>&1 &")
+        wait_for_port(sbx, 8080)
+        with ticks_through_port(disk_server, sbx.sandbox_id) as stream:
+            lines = stream.iter_lines()
+            assert next(lines) == "tick 1"
+            sbx.pause()
+            _stays_in_memory(disk_server, sbx.sandbox_id, "with an end outside the sandbox")
+            Sandbox.connect(sbx.sandbox_id, **env)  # type: ignore[arg-type]
+            # the stream goes on, whole: its connection was never cut
+            seen = [next(lines) for _ in range(20)]
+            assert seen == [f"tick {n}" for n in range(2, 22)], seen
     finally:
         sbx.kill()
 

@@ -15,7 +15,17 @@ import pytest
 from e2b import Sandbox
 from e2b.exceptions import SandboxException
 
-from conftest import TEMPLATES_DIR, PtyOutput, Server, cgroup_dir, held_top_layer, start_server
+from conftest import (
+    TEMPLATES_DIR,
+    TICK_SERVICE,
+    PtyOutput,
+    Server,
+    cgroup_dir,
+    held_top_layer,
+    start_server,
+    ticks_through_port,
+    wait_for_port,
+)
 
 
 def _lowers(server: Server, sandbox_id: str) -> str:
@@ -358,6 +368,59 @@ def test_a_snapshot_with_memory_is_pooled_frozen_and_handed_out_running(tmp_path
         if snapshot_id is not None:  # (the shared templates dir keeps no snapshot of a failed run)
             Sandbox.delete_snapshot(snapshot_id, **env)  # type: ignore[arg-type]
         assert srv.stop() == 0
+
+
+# Both ends of a TCP connection in one process of the sandbox, on loopback.
+TCP_PAIR = """
+import socket, time
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen()
+c = socket.create_connection(srv.getsockname()); s, _ = srv.accept()
+n = 0
+while True:
+    n += 1
+    c.sendall(b"x"); assert s.recv(1) == b"x"
+    print(n, flush=True)
+    time.sleep(0.05)
+"""
+
+
+def test_tcp_connections_on_loopback_go_on_in_sandboxes_from_a_snapshot(server: Server) -> None:
+    from e2b import CommandExitException
+
+    src = Sandbox.create(template="base", timeout=120)
+    snapshot_id = None
+    try:
+        src.files.write("/tmp/tcp.py", TCP_PAIR)
+        pair = src.commands.run("python3 /tmp/tcp.py", background=True)
+        time.sleep(0.5)
+        snapshot_id = src.create_snapshot().snapshot_id  # (refused before: "Connected TCP socket")
+        child = Sandbox.create(template=snapshot_id, timeout=60)
+        try:
+            follow = child.commands.connect(pair.pid)
+            time.sleep(0.5)
+            child.commands.kill(pair.pid)
+            with pytest.raises(CommandExitException) as ended:
+                follow.wait()
+            counts = [int(x) for x in ended.value.stdout.split()]
+            assert counts and counts == list(range(counts[0], counts[0] + len(counts))) and len(counts) > 5, counts
+            assert "Traceback" not in ended.value.stderr, ended.value.stderr
+        finally:
+            child.kill()
+
+        # one with an end outside the sandbox (a client streaming through the port proxy): refused, saying why
+        src.files.write("/tmp/ticker.py", TICK_SERVICE)
+        src.commands.run("nohup python3 /tmp/ticker.py >/dev/null 2>&1 &")
+        wait_for_port(src, 8080)
+        with ticks_through_port(server, src.sandbox_id) as stream:
+            lines = stream.iter_lines()  # (held: a dropped iterator closes the stream)
+            assert next(lines) == "tick 1"
+            with pytest.raises(SandboxException) as refused:
+                src.create_snapshot()
+        assert "TCP connection" in str(refused.value) and "filesystem snapshot" in str(refused.value)
+    finally:
+        src.kill()
+        if snapshot_id is not None:
+            Sandbox.delete_snapshot(snapshot_id)
 
 
 def test_a_snapshot_with_memory_of_a_sandbox_with_a_volume_mounts_the_same_volume(server: Server) -> None:

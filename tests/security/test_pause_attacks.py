@@ -2,7 +2,8 @@
 through envd, not through its ports, not through its files on the host; a hostile pause or connect
 body is refused before it does anything; a process cannot hide from the pause in a new session or a
 double fork; and its files come back owned as they were. A pause to disk never fills the host's disk; a terminal
-restored from disk is the sandbox's own, never one of the host's."""
+restored from disk is the sandbox's own, never one of the host's; TCP repair, which the restore does for the
+sandbox's connections, stays out of its own reach."""
 
 from __future__ import annotations
 
@@ -128,3 +129,40 @@ def test_a_terminal_restored_from_disk_is_the_sandboxs_own_and_leaves_nothing_on
     finally:
         sbx.kill()
     assert _host_devpts() == before
+
+
+# TCP repair lets a socket take any sequence numbers and queues without a handshake (a tool for forging
+# connections): only CRIU's own processes may use it, never the sandbox's, before or after a restore.
+REPAIR_PROBE = """
+import socket
+s = socket.socket()
+try:
+    s.setsockopt(socket.SOL_TCP, 19, 1)  # TCP_REPAIR
+    print("repair-on")
+except PermissionError:
+    print("refused")
+"""
+
+
+def test_a_sandbox_gets_no_tcp_repair_from_a_restore_of_its_connections(server: Server) -> None:
+    sbx = Sandbox.create(template="base", timeout=120)
+    try:
+        sbx.files.write("/tmp/probe.py", REPAIR_PROBE)
+        sbx.files.write(
+            "/tmp/pair.py",
+            "import socket, time\nsrv = socket.create_server(('127.0.0.1', 0))\n"
+            "c = socket.create_connection(srv.getsockname()); s, _ = srv.accept()\ntime.sleep(3600)\n",
+        )
+        assert sbx.commands.run("python3 /tmp/probe.py", user="root").stdout == "refused\n"
+        sbx.commands.run("python3 /tmp/pair.py", background=True, user="root")
+        time.sleep(0.5)
+        r = httpx.post(
+            f"{server.url}/sandboxes/{sbx.sandbox_id}/pause",
+            json={"toDisk": True},
+            headers={"X-API-KEY": server.api_key},
+        )
+        assert r.status_code == 204, r.text  # (its connection carried: restored with TCP repair)
+        again = Sandbox.connect(sbx.sandbox_id)
+        assert again.commands.run("python3 /tmp/probe.py", user="root").stdout == "refused\n"
+    finally:
+        sbx.kill()

@@ -38,9 +38,9 @@ LANGUAGES = {
 }
 CANONICAL = {"python3": "python", "deno": "javascript", "bash": "bash", "ir": "r", "java": "java"}
 # Kernels built on ipykernel talk to the interpreter over unix sockets (ZeroMQ's ipc transport), not TCP on
-# loopback: a pause to disk carries unix sockets over (CRIU restores both ends), while an established TCP
-# connection keeps the sandbox paused in memory (core/pausing.py). Deno's and R's kernels name ipc endpoints
-# their own way (`path:port`, where jupyter_client writes `path-port`): they stay on TCP.
+# loopback: a pause to disk carries unix sockets over (CRIU restores both ends; TCP on loopback too, with TCP
+# repair, but at more cost). Deno's and R's kernels name ipc endpoints their own way (`path:port`, where
+# jupyter_client writes `path-port`): they stay on TCP.
 IPC_KERNELS = frozenset({"python3", "bash", "java"})
 
 MIME_KEYS = {

@@ -29,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from sandboxd.fdio import syncfs
-from sandboxd.runtime import cgroups, criu_images, identity, network, pids, quota, terminals, views
+from sandboxd.runtime import cgroups, criu_images, identity, network, pids, quota, tcp_conns, terminals, views
 from sandboxd.runtime.base import (
     Checkpoint,
     Egress,
@@ -695,6 +695,9 @@ class NamespaceRuntime(Runtime):
         try:
             if pids.start_time(handle.init_pid) != handle.init_start_time:
                 raise RuntimeError_(f"sandbox {handle.sandbox_id} is not running")
+            tcp = await asyncio.to_thread(self._tcp_not_carried, handle, False)
+            if tcp is not None:  # (one end elsewhere: it would come back talking to nothing)
+                raise RuntimeError_(f"sandbox {handle.sandbox_id} has {tcp}, which a checkpoint cannot carry")
             # Pinned by files of its state dir too, from before the dump: a server that dies from here on leaves
             # them held for the next one (held_checkpoint), which restores the sandbox with its memory.
             await asyncio.to_thread(_pin_namespaces, sdir, uts, netns)
@@ -754,6 +757,12 @@ class NamespaceRuntime(Runtime):
                 "outside it that a snapshot cannot carry into new sandboxes (only those to the keepers of commands "
                 "run through envd are). End them, or give them their own output (`nohup cmd > file 2>&1 &`)"
             )
+        tcp = await asyncio.to_thread(self._tcp_not_carried, handle, True)
+        if tcp is not None:  # (a new sandbox has an address of its own, and none of the peers outside)
+            raise RuntimeError_(
+                f"sandbox {handle.sandbox_id} has {tcp}, which a snapshot cannot carry into new sandboxes: close "
+                "them, or take a filesystem snapshot"
+            )
         # The handshake's FIFOs (CRIU runs its action script with no descriptor of ours: sbxhelper.c), in a
         # directory of root's only; the helper's script opens them as the sandbox's uid, with its capabilities.
         hs = Path(tempfile.mkdtemp(prefix=".snapshot-", dir=handle.state_dir))
@@ -789,9 +798,8 @@ class NamespaceRuntime(Runtime):
                 f"snapshotting sandbox {handle.sandbox_id} failed: {_criu_errors(images / 'dump.log', err)}"
             )
 
-    def _pipes_to_outside(self, handle: SandboxHandle, carried: set[int]) -> list[int]:
-        """The processes under the sandbox's init holding a pipe that a process outside that tree holds too (the
-        keepers of commands; the server), other than the `carried` ones."""
+    def _tree(self, handle: SandboxHandle) -> tuple[set[int], set[int]]:
+        """(the processes under the sandbox's init: what CRIU dumps, the others of its cgroups: its keepers)."""
         procs = self._cgroups(handle.sandbox_id).procs()
         children: dict[int, list[int]] = {}
         for pid in procs:
@@ -804,11 +812,38 @@ class NamespaceRuntime(Runtime):
             if pid not in tree:
                 tree.add(pid)
                 todo += children.get(pid, [])
+        return tree, procs - tree
+
+    def _pipes_to_outside(self, handle: SandboxHandle, carried: set[int]) -> list[int]:
+        """The processes under the sandbox's init holding a pipe that a process outside that tree holds too (the
+        keepers of commands; the server), other than the `carried` ones."""
+        tree, others = self._tree(handle)
         outside: set[int] = set()
-        for pid in [*(p for p in procs if p not in tree), os.getpid()]:
+        for pid in [*others, os.getpid()]:
             outside |= pids.pipes_of(pid)
         outside -= carried
         return sorted(pid for pid in tree if pids.pipes_of(pid) & outside)
+
+    def _tcp_not_carried(self, handle: SandboxHandle, loopback_only: bool) -> str | None:
+        """Why the sandbox's TCP connections cannot all be carried by a checkpoint (runtime/tcp_conns.py), or
+        None."""
+        conns = tcp_conns.connections(handle.init_pid)
+        if not conns:
+            return None
+        tree, _ = self._tree(handle)
+        held: set[int] = set()
+        for pid in tree:
+            held |= pids.sockets_of(pid)
+        bad = tcp_conns.not_carried(conns, held, loopback_only)
+        if not bad:
+            return None
+        shown = ", ".join(f"{tcp_conns.show(c.local)} -> {tcp_conns.show(c.remote)}" for c in bad[:5])
+        where = (
+            "not on loopback, or with an end outside the sandbox"
+            if loopback_only
+            else "with an end outside the sandbox"
+        )
+        return f"{len(bad)} TCP connection(s) {where} ({shown})"
 
     async def create_from(
         self,

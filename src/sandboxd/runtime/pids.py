@@ -115,21 +115,35 @@ def kill_member(pid: int, cgroup_marker: str, sig: int = signal.SIGKILL) -> None
         os.close(fd)
 
 
-def pipe_of(pid: int, fd: int | str) -> int | None:
-    """The inode of the pipe that the process's descriptor `fd` is; None for another kind of file (or none)."""
+def _inode_of(pid: int, fd: int | str, kind: str) -> int | None:
     try:
         link = os.readlink(f"/proc/{pid}/fd/{fd}")
     except OSError:
         return None
-    if link.startswith("pipe:[") and link.endswith("]") and link[6:-1].isdigit():
-        return int(link[6:-1])
+    n = len(kind) + 2
+    if link.startswith(f"{kind}:[") and link.endswith("]") and link[n:-1].isdigit():
+        return int(link[n:-1])
     return None
 
 
-def pipes_of(pid: int, limit: int = 4096) -> set[int]:
-    """The inodes of the pipes the process holds (among its first `limit` descriptors)."""
+def _inodes_of(pid: int, kind: str, limit: int) -> set[int]:
     try:
         fds = os.listdir(f"/proc/{pid}/fd")[:limit]
     except OSError:
         return set()
-    return {ino for fd in fds if (ino := pipe_of(pid, fd)) is not None}
+    return {ino for fd in fds if (ino := _inode_of(pid, fd, kind)) is not None}
+
+
+def pipe_of(pid: int, fd: int | str) -> int | None:
+    """The inode of the pipe that the process's descriptor `fd` is; None for another kind of file (or none)."""
+    return _inode_of(pid, fd, "pipe")
+
+
+def pipes_of(pid: int, limit: int = 4096) -> set[int]:
+    """The inodes of the pipes the process holds (among its first `limit` descriptors)."""
+    return _inodes_of(pid, "pipe", limit)
+
+
+def sockets_of(pid: int, limit: int = 4096) -> set[int]:
+    """The inodes of the sockets the process holds (among its first `limit` descriptors)."""
+    return _inodes_of(pid, "socket", limit)
