@@ -381,6 +381,49 @@ def test_tcp_connections_inside_the_sandbox_carry_over_a_pause_to_disk(disk_serv
         sbx.kill()
 
 
+# Holds an exclusive flock and a POSIX record lock (as SQLite does) on two files.
+LOCKER = """
+import fcntl, time
+a = open("/tmp/flocked", "w"); fcntl.flock(a, fcntl.LOCK_EX)
+b = open("/tmp/posix-locked", "w"); fcntl.lockf(b, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(3600)
+"""
+
+TRY_LOCKS = """
+import fcntl
+for path, take in (("/tmp/flocked", fcntl.flock), ("/tmp/posix-locked", fcntl.lockf)):
+    f = open(path, "w")
+    try:
+        take(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        print("free", end=" ")
+    except BlockingIOError:
+        print("held", end=" ")
+"""
+
+
+def test_file_locks_carry_over_a_pause_to_disk(disk_server: Server) -> None:
+    env = _env(disk_server)
+    sbx = Sandbox.create(template="base", timeout=120, **env)  # type: ignore[arg-type]
+    try:
+        sbx.files.write("/tmp/locker.py", LOCKER)
+        sbx.files.write("/tmp/try.py", TRY_LOCKS)
+        locker = sbx.commands.run("python3 /tmp/locker.py", background=True)
+        assert "locked" in read_until(locker, "locked")
+        assert sbx.commands.run("python3 /tmp/try.py").stdout == "held held "
+        sbx.pause()
+        _on_disk(disk_server, sbx.sandbox_id)  # (it stayed in memory before: "Some file locks are hold")
+        again = Sandbox.connect(sbx.sandbox_id, **env)  # type: ignore[arg-type]
+        assert again.commands.run("python3 /tmp/try.py").stdout == "held held "  # its locks, still its own
+        again.commands.kill(locker.pid)
+        deadline = time.monotonic() + 10
+        while (out := again.commands.run("python3 /tmp/try.py").stdout) != "free free ":
+            assert time.monotonic() < deadline, out
+            time.sleep(0.1)
+    finally:
+        sbx.kill()
+
+
 def test_what_cannot_go_to_disk_stays_paused_in_memory_intact(disk_server: Server) -> None:
     # A connection whose other end is outside the sandbox (here: the server's port proxy, a client streaming
     # from a service of the sandbox) would come back talking to nothing: the sandbox stays paused in memory.
@@ -557,6 +600,9 @@ def test_a_code_interpreter_keeps_its_kernels_variables_across_a_pause_to_disk(d
         assert ci.run_code("import os; y = 'in its own context'; open('f', 'w').write('z')", context=ctx).error is None
         shell = ci.create_code_context(language="bash")
         assert ci.run_code("export WHO=bash-context; cd /etc", context=shell).error is None
+        # Deno's kernel talks to the interpreter over TCP on loopback (carried with TCP repair) and holds file
+        # locks (carried too)
+        assert ci.run_code("let v = 20; v + 1", language="javascript").text == "21"
         ci.pause()  # (the connections the interpreter's requests left are no hindrance)
         _on_disk(disk_server, ci.sandbox_id)
         # a request on its port resumes it (auto_resume): the same kernels, their state whole
@@ -565,6 +611,7 @@ def test_a_code_interpreter_keeps_its_kernels_variables_across_a_pause_to_disk(d
         in_ctx = ci.run_code("y, os.getcwd(), open('f').read()", context=ctx)
         assert in_ctx.text == "('in its own context', '/tmp', 'z')"
         assert ci.run_code("echo $WHO $PWD", context=shell).logs.stdout == ["bash-context /etc\n"]
+        assert ci.run_code("v * 2 + 2", language="javascript").text == "42"
 
         # and again, while a context runs code in the background of its kernel (a thread)
         ci.run_code(TICKER)

@@ -2477,7 +2477,7 @@ static int cmd_checkpoint(int argc, char **argv) {
     const char *args[MAX_CRIU_ARGS];
     int n = 0;
     const char *fixed[] = {criu, "dump", "-t", pid, "-D", images, "-o", "dump.log", "-v4", "--unprivileged",
-                           "--network-lock", "skip", "--ghost-limit", "16M", "--tcp-established"};
+                           "--network-lock", "skip", "--ghost-limit", "16M", "--tcp-established", "--file-locks"};
     for (size_t i = 0; i < sizeof fixed / sizeof *fixed; i++) criu_add(args, &n, fixed[i]);
     for (size_t i = 0; i < sizeof criu_external / sizeof criu_external[0]; i++) {
         snprintf(ext[i], sizeof ext[i], "mnt[%s]:%s", criu_external[i].path, criu_external[i].key);
@@ -2595,7 +2595,7 @@ static int restore_tree(const char *criu, const char *images, unsigned shift, ch
     const char *args[MAX_CRIU_ARGS];
     int n = 0;
     const char *fixed[] = {criu, "restore", "-D", images, "-o", "restore.log", "-v4", "--unprivileged",
-                           "-d", "--root", "/tmp/sbx/root", "--pidfile", pidfile, "--tcp-established"};
+                           "-d", "--root", "/tmp/sbx/root", "--pidfile", pidfile, "--tcp-established", "--file-locks"};
     for (size_t i = 0; i < sizeof fixed / sizeof *fixed; i++) criu_add(args, &n, fixed[i]);
     for (size_t i = 0; i < sizeof criu_external / sizeof criu_external[0]; i++) {
         snprintf(ext[i], sizeof ext[i], "mnt[%s]:/tmp/sbx/%s", criu_external[i].key, criu_external[i].source);
