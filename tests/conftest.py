@@ -341,6 +341,27 @@ while True:
 """
 
 
+# Both ends of a TCP connection in one process of a sandbox, on loopback; one line per round trip: its count.
+TCP_PAIR = """
+import socket, time
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen()
+c = socket.create_connection(srv.getsockname()); s, _ = srv.accept()
+n = 0
+while True:
+    n += 1
+    c.sendall(b"x"); assert s.recv(1) == b"x"
+    print(n, flush=True)
+    time.sleep(0.05)
+"""
+
+
+def start_ticker(sbx: Any) -> None:
+    """TICK_SERVICE running in the sandbox, listening."""
+    sbx.files.write("/tmp/ticker.py", TICK_SERVICE)
+    sbx.commands.run("nohup python3 /tmp/ticker.py >/dev/null 2>&1 &")
+    wait_for_port(sbx, 8080)
+
+
 def wait_for_port(sbx: Any, port: int, seconds: float = 20) -> None:
     """Until something in the sandbox listens on TCP `port` (asked inside it)."""
     probe = f"python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", {port}), 1).close()'"

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 from e2b import Sandbox, SandboxState
 
-from conftest import TEMPLATES_DIR, TICK_SERVICE, Server, host_pids_of, start_server, ticks_through_port, wait_for_port
+from conftest import TEMPLATES_DIR, Server, host_pids_of, start_server, start_ticker, ticks_through_port
 
 
 def _detail(srv: Server, sandbox_id: str) -> dict:
@@ -185,9 +185,7 @@ def test_a_pause_to_disk_on_request_is_on_disk_when_answered(server: Server) -> 
 
         # what cannot go to disk (a connection with an end outside the sandbox: a client streaming from one of its
         # services through the port proxy): paused in memory, and the answer says why
-        again.files.write("/tmp/ticker.py", TICK_SERVICE)
-        again.commands.run("nohup python3 /tmp/ticker.py >/dev/null 2>&1 &")
-        wait_for_port(again, 8080)
+        start_ticker(again)
         with ticks_through_port(server, sbx.sandbox_id) as stream:
             lines = stream.iter_lines()  # (held: a dropped iterator closes the stream)
             assert next(lines) == "tick 1"

@@ -16,18 +16,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2b import CommandExitException, PtySize, Sandbox, SandboxException
+from e2b import CommandExitException, CommandHandle, PtySize, Sandbox, SandboxException
 
 from conftest import (
-    TICK_SERVICE,
+    TCP_PAIR,
     PtyOutput,
     Server,
     host_pids_of,
     keeping_server,
     read_until,
     start_server,
+    start_ticker,
     ticks_through_port,
-    wait_for_port,
 )
 
 # Counts in memory; reads a file line by line (its offset is the file's); has a child. One line per step:
@@ -44,6 +44,13 @@ while True:
     print(n, f.tell(), int(alive), child.pid, flush=True)
     time.sleep(0.05)
 """
+
+
+def _start_worker(sbx: Sandbox) -> CommandHandle:
+    """WORKER running in the sandbox (as a command through envd), its file to read written."""
+    sbx.files.write("/tmp/lines", "".join(f"line {i}\n" for i in range(100000)))
+    sbx.files.write("/tmp/worker.py", WORKER)
+    return sbx.commands.run("python3 /tmp/worker.py", background=True)
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +92,7 @@ def test_a_command_keeps_its_memory_file_offset_child_and_output_across_a_pause_
     env = _env(disk_server)
     sbx = Sandbox.create(template="base", timeout=120, **env)  # type: ignore[arg-type]
     try:
-        sbx.files.write("/tmp/lines", "".join(f"line {i}\n" for i in range(100000)))
-        sbx.files.write("/tmp/worker.py", WORKER)
-        handle = sbx.commands.run("python3 /tmp/worker.py", background=True)
+        handle = _start_worker(sbx)
         time.sleep(1)
         assert sbx.pause() is True
         assert sbx.pause() is False  # 409: paused already
@@ -179,9 +184,7 @@ def test_a_sandbox_on_disk_resumes_with_its_memory_after_a_server_crash(tmp_path
     with keeping_server(data, "--pool-size", "0", "--checkpoint-after", "0") as (srv, port):
         env = _env(srv)
         sbx = Sandbox.create(template="base", timeout=300, **env)  # type: ignore[arg-type]
-        sbx.files.write("/tmp/lines", "".join(f"line {i}\n" for i in range(100000)))
-        sbx.files.write("/tmp/worker.py", WORKER)
-        handle = sbx.commands.run("python3 /tmp/worker.py", background=True)
+        handle = _start_worker(sbx)
         term = sbx.pty.create(size=PtySize(rows=24, cols=80))  # (the next server asks its keeper which it was)
         sbx.pty.send_stdin(term.pid, b"Z=5\n")
         time.sleep(0.5)
@@ -229,9 +232,7 @@ def test_a_sandbox_on_disk_resumes_with_its_memory_after_a_host_reboot(tmp_path:
     with keeping_server(data, "--pool-size", "0", "--checkpoint-after", "0") as (srv, port):
         env = _env(srv)
         sbx = Sandbox.create(template="base", timeout=300, **env)  # type: ignore[arg-type]
-        sbx.files.write("/tmp/lines", "".join(f"line {i}\n" for i in range(100000)))
-        sbx.files.write("/tmp/worker.py", WORKER)
-        handle = sbx.commands.run("python3 /tmp/worker.py", background=True)
+        handle = _start_worker(sbx)
         term = sbx.pty.create(size=PtySize(rows=24, cols=80))
         sbx.pty.send_stdin(term.pid, b"W=6\n")
         sbx.commands.run("nohup python3 -m http.server 8000 >/dev/null 2>&1 &")  # (bound to all addresses)
@@ -295,9 +296,7 @@ def test_pause_on_exit_writes_sandboxes_to_disk_and_the_next_start_runs_them_aga
     with keeping_server(data, "--pool-size", "0", "--pause-on-exit") as (srv, port):
         env = _env(srv)
         sbx = Sandbox.create(template="base", timeout=300, **env)  # type: ignore[arg-type]
-        sbx.files.write("/tmp/lines", "".join(f"line {i}\n" for i in range(100000)))
-        sbx.files.write("/tmp/worker.py", WORKER)
-        handle = sbx.commands.run("python3 /tmp/worker.py", background=True)
+        handle = _start_worker(sbx)
         paused = Sandbox.create(template="base", timeout=300, **env)  # type: ignore[arg-type]
         paused.files.write("/tmp/note", "paused\n")
         assert paused.pause() is True  # (in memory: --checkpoint-after is 60 s)
@@ -327,21 +326,6 @@ def test_pause_on_exit_writes_sandboxes_to_disk_and_the_next_start_runs_them_aga
             assert Sandbox.connect(paused.sandbox_id, **env).files.read("/tmp/note") == "paused\n"  # type: ignore[arg-type]
         finally:
             srv2.stop()
-
-
-# Both ends of a TCP connection inside the sandbox, on loopback: carried by CRIU's TCP repair (the restored tasks'
-# repair done for them: scripts/build-criu.sh).
-TCP_PAIR = """
-import socket, time
-srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen()
-c = socket.create_connection(srv.getsockname()); s, _ = srv.accept()
-n = 0
-while True:
-    n += 1
-    c.sendall(b"x"); assert s.recv(1) == b"x"
-    print(n, flush=True)
-    time.sleep(0.05)
-"""
 
 
 def _stays_in_memory(srv: Server, sandbox_id: str, why: str) -> None:
@@ -430,9 +414,7 @@ def test_what_cannot_go_to_disk_stays_paused_in_memory_intact(disk_server: Serve
     env = _env(disk_server)
     sbx = Sandbox.create(template="base", timeout=120, **env)  # type: ignore[arg-type]
     try:
-        sbx.files.write("/tmp/ticker.py", TICK_SERVICE)
-        sbx.commands.run("nohup python3 /tmp/ticker.py >/dev/null 2>&1 &")
-        wait_for_port(sbx, 8080)
+        start_ticker(sbx)
         with ticks_through_port(disk_server, sbx.sandbox_id) as stream:
             lines = stream.iter_lines()
             assert next(lines) == "tick 1"
@@ -480,6 +462,7 @@ def test_a_terminal_keeps_its_shell_foreground_job_and_settings_across_a_pause_t
         # ^C reaches the foreground job through the terminal (its session, foreground group and settings
         # came back): the shell is back, with its variable and the size it was given
         again.pty.send_stdin(term.pid, b"\x03")
+        out.until(b"KeyboardInterrupt")  # (what is typed before the job ends may be its, not the shell's)
         again.pty.send_stdin(term.pid, b"echo x-$((X+1)); stty size; test -c $(tty) && echo tty-$((2+2))\n")
         out.until(b"x-42")
         out.until(b"33 99")

@@ -16,15 +16,15 @@ from e2b import Sandbox
 from e2b.exceptions import SandboxException
 
 from conftest import (
+    TCP_PAIR,
     TEMPLATES_DIR,
-    TICK_SERVICE,
     PtyOutput,
     Server,
     cgroup_dir,
     held_top_layer,
     start_server,
+    start_ticker,
     ticks_through_port,
-    wait_for_port,
 )
 
 
@@ -370,20 +370,6 @@ def test_a_snapshot_with_memory_is_pooled_frozen_and_handed_out_running(tmp_path
         assert srv.stop() == 0
 
 
-# Both ends of a TCP connection in one process of the sandbox, on loopback.
-TCP_PAIR = """
-import socket, time
-srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen()
-c = socket.create_connection(srv.getsockname()); s, _ = srv.accept()
-n = 0
-while True:
-    n += 1
-    c.sendall(b"x"); assert s.recv(1) == b"x"
-    print(n, flush=True)
-    time.sleep(0.05)
-"""
-
-
 def test_tcp_connections_on_loopback_go_on_in_sandboxes_from_a_snapshot(server: Server) -> None:
     from e2b import CommandExitException
 
@@ -408,9 +394,7 @@ def test_tcp_connections_on_loopback_go_on_in_sandboxes_from_a_snapshot(server: 
             child.kill()
 
         # one with an end outside the sandbox (a client streaming through the port proxy): refused, saying why
-        src.files.write("/tmp/ticker.py", TICK_SERVICE)
-        src.commands.run("nohup python3 /tmp/ticker.py >/dev/null 2>&1 &")
-        wait_for_port(src, 8080)
+        start_ticker(src)
         with ticks_through_port(server, src.sandbox_id) as stream:
             lines = stream.iter_lines()  # (held: a dropped iterator closes the stream)
             assert next(lines) == "tick 1"

@@ -548,13 +548,17 @@ class SandboxManager:
         if template.memory_images is None:
             return Pooled(sandbox_id, handle, template.digest, service)
         # A snapshot's processes: frozen at once, until a create hands the sandbox out (core/pool.py)
+        await self._freeze_pooled(sandbox_id, handle, True)
+        return Pooled(sandbox_id, handle, template.digest, service, drop=lambda: self._drop_carried(sandbox_id))
+
+    async def _freeze_pooled(self, sandbox_id: str, handle: SandboxHandle, frozen: bool) -> None:
+        """Freeze (or thaw) a pooled sandbox of a snapshot; if that fails, it goes, with what it carries."""
         try:
-            await asyncio.to_thread(self.runtime.freeze, handle, True)
+            await asyncio.to_thread(self.runtime.freeze, handle, frozen)
         except BaseException:
             self._drop_carried(sandbox_id)
             await self.runtime.destroy(handle)
             raise
-        return Pooled(sandbox_id, handle, template.digest, service, drop=lambda: self._drop_carried(sandbox_id))
 
     def _drop_carried(self, sandbox_id: str) -> None:
         for part, held in self._carried.pop(sandbox_id, []):
@@ -631,12 +635,7 @@ class SandboxManager:
             if pooled is not None:
                 sandbox_id, handle, service = pooled.sandbox_id, pooled.handle, pooled.service
                 if template.memory_images is not None:  # (a snapshot's processes, frozen since their restore)
-                    try:
-                        await asyncio.to_thread(self.runtime.freeze, handle, False)
-                    except BaseException:
-                        self._drop_carried(sandbox_id)
-                        await self.runtime.destroy(handle)
-                        raise
+                    await self._freeze_pooled(sandbox_id, handle, False)
             else:
                 await self._admit(res.memory_mb, template.name)  # what it asks for, not the template's default
                 sandbox_id = new_sandbox_id()
