@@ -137,3 +137,49 @@ def test_a_checkpointed_sandbox_comes_back_with_its_processes_and_memory(tmp_pat
             rt.close()
 
     asyncio.run(body())
+
+
+# CRIU as the helper runs it: its capabilities, written down (then it fails: nothing is dumped).
+FAKE_CRIU = """#!/bin/sh
+grep -E '^Cap(Eff|Bnd):' /proc/self/status > "$SBX_TEST_OUT"
+exit 3
+"""
+DENIED = {9, 13, 16, 17, 20, 22, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39}  # sbxhelper.c, criu_denied
+NEEDED = {1, 2, 6, 7, 12, 19, 21, 40}  # DAC_OVERRIDE/READ_SEARCH, SETGID/UID, NET_ADMIN, SYS_PTRACE/ADMIN, C/R
+
+
+def test_criu_runs_without_the_host_capabilities_it_has_no_use_for(tmp_path: Path) -> None:
+    from sandboxd.runtime.base import Limits, RuntimeError_, SandboxSpec
+    from sandboxd.runtime.namespaces import NamespaceRuntime
+    from sandboxd.templates.store import TemplateStore
+
+    fake = tmp_path / "criu"
+    fake.write_text(FAKE_CRIU.replace("$SBX_TEST_OUT", str(tmp_path / "caps")))
+    fake.chmod(0o755)
+
+    async def body() -> None:
+        rt = NamespaceRuntime(tmp_path / "data", network_cidr=None)
+        spec = SandboxSpec(
+            sandbox_id="ckpt" + secrets.token_hex(8),
+            layers=TemplateStore(TEMPLATES_DIR).get("base").layers,
+            hostname="ckpt",
+            limits=Limits(memory_mb=256, disk_mb=256),
+        )
+        handle = await rt.create(spec)
+        try:
+            try:
+                await rt.checkpoint(handle, handle.state_dir / "checkpoint", fake)
+                raise AssertionError("the fake CRIU failed, and the checkpoint did not say so")
+            except RuntimeError_:
+                pass
+        finally:
+            await rt.destroy(handle)
+            rt.close()
+
+    asyncio.run(body())
+    caps = dict(line.split(":\t") for line in (tmp_path / "caps").read_text().splitlines())
+    for name in ("CapEff", "CapBnd"):
+        bits = int(caps[name], 16)
+        have = {n for n in range(64) if bits >> n & 1}
+        assert not have & DENIED, (name, sorted(have & DENIED))
+        assert NEEDED <= have, (name, sorted(NEEDED - have))

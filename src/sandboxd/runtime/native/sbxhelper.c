@@ -2412,11 +2412,25 @@ static const struct {
     {"sbx-cpu-online", "/sys/devices/system/cpu/online", "cpu-online", 1},
 };
 
+/* Capabilities CRIU has no use for here, which it runs without (it parses state a sandbox shaped, with the host's
+ * capabilities: a bug in it must not load a module, write raw devices or files' capabilities, make device nodes,
+ * set the clock, reboot, or reach BPF, perf, audit or the LSMs). Dropped from its bounding set too. */
+static const int criu_denied[] = {CAP_LINUX_IMMUTABLE, CAP_NET_RAW, CAP_SYS_MODULE, CAP_SYS_RAWIO, CAP_SYS_PACCT,
+                                  CAP_SYS_BOOT, CAP_SYS_TIME, CAP_SYS_TTY_CONFIG, CAP_MKNOD, CAP_LEASE, CAP_AUDIT_WRITE,
+                                  CAP_AUDIT_CONTROL, CAP_SETFCAP, CAP_MAC_OVERRIDE, CAP_MAC_ADMIN, CAP_SYSLOG,
+                                  CAP_WAKE_ALARM, CAP_BLOCK_SUSPEND, CAP_AUDIT_READ, CAP_PERFMON, CAP_BPF};
+
 static void become_owner(unsigned uid) {
     if (prctl(PR_SET_SECUREBITS, SECBIT_KEEP_CAPS | SECBIT_NO_SETUID_FIXUP, 0, 0, 0) < 0) die("securebits");
     struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
     struct __user_cap_data_struct data[2];
     if (syscall(SYS_capget, &hdr, data) < 0) die("capget");
+    for (size_t i = 0; i < sizeof criu_denied / sizeof criu_denied[0]; i++) {
+        int cap = criu_denied[i];
+        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL) die("drop capability %d", cap);
+        data[cap / 32].permitted &= ~(1u << (cap % 32));
+        data[cap / 32].effective &= ~(1u << (cap % 32));
+    }
     data[0].inheritable = data[0].permitted;
     data[1].inheritable = data[1].permitted;
     if (syscall(SYS_capset, &hdr, data) < 0) die("capset");
