@@ -13,6 +13,9 @@ import secrets
 import struct
 import time
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from conftest import TEMPLATES_DIR
 
@@ -52,25 +55,32 @@ def _counting(init: int) -> bool:
     return bool(_children(init)) and os.path.exists(f"/proc/{init}/root/tmp/count")
 
 
+def _base_spec() -> Any:
+    """A small sandbox of the base template, for the runtime alone."""
+    from sandboxd.runtime.base import Limits, SandboxSpec
+    from sandboxd.templates.store import TemplateStore
+
+    return SandboxSpec(
+        sandbox_id="ckpt" + secrets.token_hex(8),
+        layers=TemplateStore(TEMPLATES_DIR).get("base").layers,
+        hostname="ckpt",
+        limits=Limits(memory_mb=256, disk_mb=256),
+    )
+
+
 def _children(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 def test_a_checkpointed_sandbox_comes_back_with_its_processes_and_memory(tmp_path: Path) -> None:
-    from sandboxd.runtime.base import ExecSpec, Limits, SandboxSpec
+    from sandboxd.runtime.base import ExecSpec
     from sandboxd.runtime.namespaces import NamespaceRuntime
-    from sandboxd.templates.store import TemplateStore
 
     assert CRIUS, "no CRIU in /var/lib/sandboxd/tools: run scripts/setup.sh (it builds one)"
 
     async def body() -> None:
         rt = NamespaceRuntime(tmp_path / "data", network_cidr=None)
-        spec = SandboxSpec(
-            sandbox_id="ckpt" + secrets.token_hex(8),
-            layers=TemplateStore(TEMPLATES_DIR).get("base").layers,
-            hostname="ckpt",
-            limits=Limits(memory_mb=256, disk_mb=256),
-        )
+        spec = _base_spec()
         handle = await rt.create(spec)
         try:
             # a process of the user, left to the sandbox's init, counting in its memory
@@ -149,9 +159,8 @@ NEEDED = {1, 2, 6, 7, 12, 19, 21, 40}  # DAC_OVERRIDE/READ_SEARCH, SETGID/UID, N
 
 
 def test_criu_runs_without_the_host_capabilities_it_has_no_use_for(tmp_path: Path) -> None:
-    from sandboxd.runtime.base import Limits, RuntimeError_, SandboxSpec
+    from sandboxd.runtime.base import RuntimeError_
     from sandboxd.runtime.namespaces import NamespaceRuntime
-    from sandboxd.templates.store import TemplateStore
 
     fake = tmp_path / "criu"
     fake.write_text(FAKE_CRIU.replace("$SBX_TEST_OUT", str(tmp_path / "caps")))
@@ -159,19 +168,11 @@ def test_criu_runs_without_the_host_capabilities_it_has_no_use_for(tmp_path: Pat
 
     async def body() -> None:
         rt = NamespaceRuntime(tmp_path / "data", network_cidr=None)
-        spec = SandboxSpec(
-            sandbox_id="ckpt" + secrets.token_hex(8),
-            layers=TemplateStore(TEMPLATES_DIR).get("base").layers,
-            hostname="ckpt",
-            limits=Limits(memory_mb=256, disk_mb=256),
-        )
+        spec = _base_spec()
         handle = await rt.create(spec)
         try:
-            try:
+            with pytest.raises(RuntimeError_):  # (the fake CRIU fails: the checkpoint says so)
                 await rt.checkpoint(handle, handle.state_dir / "checkpoint", fake)
-                raise AssertionError("the fake CRIU failed, and the checkpoint did not say so")
-            except RuntimeError_:
-                pass
         finally:
             await rt.destroy(handle)
             rt.close()

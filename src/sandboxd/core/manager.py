@@ -394,12 +394,7 @@ class SandboxManager:
                 terminals = Terminals()
                 pending: list[tuple[pausing.CheckpointPart, Any]] = []
                 try:  # what the parts carry (envd: the kept commands' new pipes)
-                    for part in self.checkpoint_parts:
-                        state = template.memory_parts.get(type(part).__name__)
-                        if state:
-                            fds, held = part.before_snapshot_restore(state, terminals)
-                            inherit += fds
-                            pending.append((part, held))
+                    inherit, pending = pausing.carried_restore(self.checkpoint_parts, template.memory_parts, terminals)
                     volumes = await pausing.volume_sources(self, list(template.memory_volume_mounts))
                     handle = await self.runtime.create_from(spec, snapshot, inherit, volumes, terminals)
                 except BaseException as e:
@@ -692,11 +687,7 @@ class SandboxManager:
             carried = self._carried.pop(sandbox_id, [])
             if carried:  # (a snapshot's processes: the parts attach what they carry, envd its kept commands)
                 host_pids = await asyncio.to_thread(self.runtime.host_pids, handle)
-                for part, held in carried:
-                    try:
-                        await part.snapshot_restored(sandbox, held, host_pids)
-                    except Exception:
-                        log.exception("sandbox %s: attaching what its snapshot carried", sandbox_id)
+                await pausing.attach_carried(sandbox, carried, host_pids)
             self.reaper.wake()
             return sandbox
         finally:

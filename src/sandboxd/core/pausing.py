@@ -256,6 +256,41 @@ async def to_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
     log.info("sandbox %s written to disk (%d MiB of memory freed)", sandbox.id, used >> 20)
 
 
+def carried_restore(
+    parts: list[CheckpointPart], states: dict[str, Any], terminals: Terminals
+) -> tuple[list[tuple[int, str]], list[tuple[CheckpointPart, Any]]]:
+    """For processes restored without what was attached to them (a snapshot's new sandbox; a sandbox on disk after
+    a host reboot): each part's descriptors they get in place of files of theirs, from its `states` entry, and
+    what `attach_carried` gives it back once they run. On a failure, what was made is let go of."""
+    inherit: list[tuple[int, str]] = []
+    pending: list[tuple[CheckpointPart, Any]] = []
+    try:
+        for part in parts:
+            state = states.get(type(part).__name__)
+            if state:
+                fds, attach = part.before_snapshot_restore(state, terminals)
+                inherit += fds
+                pending.append((part, attach))
+    except BaseException:
+        for fd, _ in inherit:
+            os.close(fd)
+        for part, attach in pending:
+            part.drop_snapshot_restore(attach)
+        raise
+    return inherit, pending
+
+
+async def attach_carried(
+    sandbox: Sandbox, pending: list[tuple[CheckpointPart, Any]], host_pids: dict[int, int]
+) -> None:
+    """The restored sandbox runs (registered): each part attaches what `carried_restore` prepared."""
+    for part, attach in pending:
+        try:
+            await part.snapshot_restored(sandbox, attach, host_pids)
+        except Exception:
+            log.exception("sandbox %s: attaching what its processes carried", sandbox.id)
+
+
 def _write_parts(state_dir: Path, states: dict[str, Any]) -> None:
     """What the parts wrote down at the dump, kept beside the images (written whole, or not at all)."""
     tmp = state_dir / f".{PARTS}.tmp"
@@ -311,12 +346,10 @@ async def from_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
         volumes = await volume_sources(manager, sandbox.record.volume_mounts)
         if rebooted and states is None:
             raise RuntimeError_("what was attached to its processes was not written down")
-        for part in manager.checkpoint_parts:
-            if states is not None:
-                fds, attach = part.before_snapshot_restore(states.get(type(part).__name__) or {}, terminals)
-                inherit += fds
-                pending.append((part, attach))
-            else:
+        if states is not None:
+            inherit, pending = carried_restore(manager.checkpoint_parts, states, terminals)
+        else:
+            for part in manager.checkpoint_parts:
                 inherit += await part.before_restore(sandbox, terminals)
         handle = await manager.runtime.restore(spec, held, inherit, volumes, terminals)
     except BaseException as e:  # (what was attached stays ready for the next try: the keepers make new pipes)
@@ -358,10 +391,6 @@ async def from_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
             await part.restored(sandbox, host_pids)
         except Exception:
             log.exception("sandbox %s: after its restore", sandbox.id)
-    for part, attach in pending:
-        try:
-            await part.snapshot_restored(sandbox, attach, host_pids)
-        except Exception:
-            log.exception("sandbox %s: after its restore", sandbox.id)
+    await attach_carried(sandbox, pending, host_pids)
     shutil.rmtree(handle.state_dir / IMAGES, ignore_errors=True)
     log.info("sandbox %s restored from disk%s", sandbox.id, " (after a host reboot)" if rebooted else "")

@@ -440,10 +440,13 @@ static void dev_tmpfs(const char *dev, unsigned shift) {
     }
 }
 
-/* A sandbox's own terminals: a devpts instance, its group tty (5) the sandbox's. */
+/* A sandbox's own terminals: a devpts instance with these options (its group tty, 5, the sandbox's); a restore's
+ * made by the server gets them by a remount (restore_tree). */
+#define DEVPTS_OPTIONS "ptmxmode=0666,mode=0620,gid=%u"
+
 static void mount_devpts(const char *at, unsigned shift) {
     char opts[256];
-    snprintf(opts, sizeof opts, "newinstance,ptmxmode=0666,mode=0620,gid=%u", shift + 5);
+    snprintf(opts, sizeof opts, "newinstance," DEVPTS_OPTIONS, shift + 5);
     xmount("devpts", at, "devpts", MS_NOSUID | MS_NOEXEC, opts);
 }
 
@@ -2567,8 +2570,8 @@ static int restore_tree(const char *criu, const char *images, unsigned shift, ch
         if (syscall(SYS_move_mount, devpts, "", AT_FDCWD, "/tmp/sbx/devpts", MOVE_MOUNT_F_EMPTY_PATH_) < 0)
             die("move_mount the devpts");
         close(devpts);
-        char opts[256]; /* (made with the defaults: the sandbox's options, as mount_devpts's) */
-        snprintf(opts, sizeof opts, "ptmxmode=0666,mode=0620,gid=%u", shift + 5);
+        char opts[256]; /* (made with the defaults: the sandbox's options now) */
+        snprintf(opts, sizeof opts, DEVPTS_OPTIONS, shift + 5);
         xmount(NULL, "/tmp/sbx/devpts", NULL, MS_REMOUNT | MS_NOSUID | MS_NOEXEC, opts);
         /* The new slaves are the sandbox root's (CRIU, in the sandbox's user namespace, gives them the owner the
          * old ones had: it may change only what it can map) */
