@@ -172,6 +172,7 @@ class SandboxManager:
         adopted: set[str] = set()
         for rec in self.db.all():
             handle = SandboxHandle(**{**rec.handle, "state_dir": Path(rec.handle["state_dir"])})
+            await asyncio.to_thread(pausing.sweep_discarded, handle.state_dir)
             # A sandbox whose kill had begun is finished off (by the sweep below), even if its init has
             # not died yet: a kill is never undone by a crash.
             on_disk = rec.state == "paused" and rec.pause_mode == pausing.DISK
@@ -785,7 +786,7 @@ class SandboxManager:
                 await part.ended(sandbox)
             except Exception:
                 log.exception("sandbox %s: ending what was attached to its checkpoint", sandbox.id)
-        shutil.rmtree(sandbox.handle.state_dir / pausing.IMAGES, ignore_errors=True)
+        pausing.discard_images(sandbox.handle.state_dir)
         (sandbox.handle.state_dir / pausing.PARTS).unlink(missing_ok=True)
 
     def pause_lock(self, sandbox_id: str) -> asyncio.Lock:

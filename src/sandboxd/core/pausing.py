@@ -27,7 +27,9 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import shutil
+import threading
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 FULL, FILESYSTEM, DISK = "full", "filesystem", "disk"
 IMAGES = "checkpoint"  # in the sandbox's state dir
 PARTS = "checkpoint-parts.json"  # beside it: what the parts wrote down at the dump, for a restore after a reboot
+DISCARDED = IMAGES + ".discarded-"  # images on their way out (discard_images), a random suffix each
 DISK_MARGIN = 64 << 20  # bytes of the data dir's filesystem a pause to disk leaves free beyond its images
 
 
@@ -291,6 +294,25 @@ async def attach_carried(
             log.exception("sandbox %s: attaching what its processes carried", sandbox.id)
 
 
+def discard_images(state_dir: Path) -> None:
+    """A sandbox's checkpoint images (as large as the memory it had) go, without holding up the caller: renamed
+    out of the way at once (the next pause writes new ones) and deleted by a thread of their own (freeing a GiB of
+    page cache takes a tenth of a second, which a resume or a kill would otherwise wait for, and the event loop
+    with it). What a crash leaves of them goes at the next start (`sweep_discarded`)."""
+    trash = state_dir / (DISCARDED + secrets.token_hex(4))
+    try:
+        os.rename(state_dir / IMAGES, trash)
+    except FileNotFoundError:
+        return
+    threading.Thread(target=shutil.rmtree, args=(trash,), kwargs={"ignore_errors": True}, daemon=True).start()
+
+
+def sweep_discarded(state_dir: Path) -> None:
+    """What `discard_images` had not deleted yet when the server stopped."""
+    for trash in state_dir.glob(DISCARDED + "*"):
+        shutil.rmtree(trash, ignore_errors=True)
+
+
 def _write_parts(state_dir: Path, states: dict[str, Any]) -> None:
     """What the parts wrote down at the dump, kept beside the images (written whole, or not at all)."""
     tmp = state_dir / f".{PARTS}.tmp"
@@ -392,5 +414,5 @@ async def from_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
         except Exception:
             log.exception("sandbox %s: after its restore", sandbox.id)
     await attach_carried(sandbox, pending, host_pids)
-    shutil.rmtree(handle.state_dir / IMAGES, ignore_errors=True)
+    discard_images(handle.state_dir)
     log.info("sandbox %s restored from disk%s", sandbox.id, " (after a host reboot)" if rebooted else "")
