@@ -21,6 +21,7 @@ Called by run.py; see bench/README.md.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -544,7 +545,8 @@ def print_report(r: dict[str, Any]) -> None:
         if key not in r:
             continue
         ours = _med(r[key])
-        p95 = sorted(r[key])[int(0.95 * (len(r[key]) - 1))] if r[key] else float("nan")
+        # nearest rank (as run.py percentile): with few samples the largest, never below the median
+        p95 = sorted(r[key])[max(0, math.ceil(0.95 * len(r[key])) - 1)] if r[key] else float("nan")
         line = f"  {label:50} p50 {ours:8.2f}  p95 {p95:8.2f}"
         if floor_key:
             floor = _med(r.get(floor_key, []))
