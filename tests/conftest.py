@@ -145,7 +145,8 @@ def start_server(
 def keeping_server(data_dir: Path, *extra: str) -> Iterator[tuple[Server, int]]:
     """A server that keeps its sandboxes when it stops (for tests that crash or restart it) and its port.
     However the test ends, that server ends stopped, and what it kept is destroyed by one more server of
-    the same data dir (a test failing before its crash must not leave sandboxes and a server behind)."""
+    the same data dir (a test failing before its crash, or with a second keeping server of its own stopped, must not
+    leave sandboxes and a server behind)."""
     srv = start_server(data_dir, *extra, keep=True)
     port = int(srv.url.rsplit(":", 1)[1])
     try:
@@ -153,6 +154,7 @@ def keeping_server(data_dir: Path, *extra: str) -> Iterator[tuple[Server, int]]:
     finally:
         if srv.proc.poll() is None:
             srv.stop(signal.SIGKILL)
+        if any((data_dir / "sandboxes").iterdir()):
             assert start_server(data_dir, port=port).stop() == 0
 
 
