@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from sandboxd.core import startup
 from sandboxd.core.errors import BadRequest, Forbidden, NotFound
+from sandboxd.core.events import CANCELLED, FAILED, Event
 from sandboxd.runtime.base import Limits, SandboxHandle, SandboxSpec
 from sandboxd.templates import images
 from sandboxd.templates.builtin import names as builtin_names
@@ -313,6 +314,7 @@ class TemplateBuilds:
 
     async def _run(self, build: Build, recipe: Recipe) -> None:
         started = time.monotonic()
+        outcome = FAILED
         lock = self._locks.setdefault(build.template_id, asyncio.Lock())
         try:
             if lock.locked():
@@ -322,14 +324,14 @@ class TemplateBuilds:
                     build.log(f"waiting for one of the {self.manager.settings.max_builds} builds running to end")
                 async with self._slots:
                     await self._build(build, recipe)
-            build.status = "ready"
+            build.status, outcome = "ready", "ok"
             build.log(f"build finished in {time.monotonic() - started:.1f} s")
         except StepFailed as e:
             build.status = "error"
             build.reason = {"message": str(e), "step": e.step, "logEntries": build.logs[-TAIL_LINES:]}
             build.log(str(e), "error", e.step)
         except asyncio.CancelledError:
-            build.status = "error"
+            build.status, outcome = "error", CANCELLED
             build.reason = {"message": "the build was cancelled (the server is stopping)"}
             raise
         except Exception as e:  # a bug or the host: still an answer for the client
@@ -341,6 +343,7 @@ class TemplateBuilds:
             build.finished = time.time()
             self._save(build)
             self.builds.pop(build.build_id, None)  # done: its status and log are read from its file now
+            self.manager.events.emit(Event("build", build.template_id, outcome, time.monotonic() - started))
 
     async def _base(self, build: Build, recipe: Recipe) -> tuple[str | None, Path, BuildState, str]:
         """(top layer, rootfs below it, the state it leaves, a description) of the recipe's base."""

@@ -18,7 +18,7 @@ import string
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from typing import Any
 from sandboxd.core import endings, pausing, startup, workload_identity
 from sandboxd.core import volume_mounts as volume_mounts_
 from sandboxd.core.errors import BadRequest, Conflict, LimitReached, NotFound, SandboxdError
+from sandboxd.core.events import Event, Events
 from sandboxd.core.limits import HostLimits
 from sandboxd.core.metrics import MetricsSampler
 from sandboxd.core.networking import SandboxNetworks, parse_ingress, parse_policy
@@ -151,6 +152,7 @@ class SandboxManager:
         self.pool = WarmPool(self.settings.pool_size, runtime, templates, self._make_pooled, self._fits)
         self.host_limits = self.settings.host or HostLimits.for_host()
         self.metrics = MetricsSampler(self)
+        self.events = Events()  # creates, pauses, resumes, ends, builds: for the exporter (core/events.py)
         self._creating: list[int] = []  # memory (MiB) of sandboxes being created right now
         self._build_memory: dict[str, int] = {}  # template builds' sandboxes (also in _creating)
         self.net = SandboxNetworks(runtime, db)  # addresses, policies, what the egress proxy fills in
@@ -582,118 +584,124 @@ class SandboxManager:
         """A new sandbox. `policy_of`: a sandbox whose network policy it gets (a fork's source: core/snapshots.py);
         `recorded_as`: the (template ID, alias) its record names instead of the template's (a fork's); `pool`:
         False for a template that goes right after (a fork's snapshot): none pooled, none taken."""
-        timeout = self._check_timeout(self.settings.default_timeout if timeout is None else timeout, positive=True)
-        _check_str_map("metadata", metadata)
-        _check_str_map("envVars", env_vars)
-        tokens = workload_identity.check_tokens(iam)
-        if tokens and self.net.identity is None:
-            raise BadRequest("iam: this server issues no workload identity tokens")
-        if policy_of is not None:
-            policy = NetworkPolicy.from_json(policy_of.record.network)
-            allow_internet_access = policy_of.record.allow_internet_access
-        else:
-            policy = parse_policy(network, allow_internet_access, set(tokens))
-        public, mask = parse_ingress(network)
-        if auto_resume and not auto_pause:
-            raise BadRequest("autoResume needs autoPause (a sandbox that is killed at its timeout cannot be resumed)")
-        idle = (metadata or {}).get(META_IDLE)
-        if idle is not None and (not idle.isdigit() or not 1 <= int(idle) <= self.settings.max_timeout):
-            raise BadRequest(
-                f"metadata {META_IDLE} must be a whole number of seconds from 1 to {self.settings.max_timeout}"
-            )
-        mounts = volume_mounts_.check(self, volume_mounts)
-        claimed = Counter(m["volumeID"] for m in mounts)  # deleting these volumes is refused meanwhile
-        self.creating_with.update(claimed)
-        try:
-            try:
-                template = self.templates.get(template_id)
-            except TemplateError as e:
-                raise NotFound(str(e)) from None
-            if template.memory_images is not None and template.memory_volume_mounts:
-                # a snapshot whose processes had volumes mounted: the same volumes, where they were
-                theirs = [{"name": m["volumeID"], "path": m["path"]} for m in template.memory_volume_mounts]
-                if mounts and [(m["path"], m["volumeID"]) for m in mounts] != [
-                    (m["path"], m["volumeID"]) for m in template.memory_volume_mounts
-                ]:
-                    raise BadRequest(
-                        f"snapshot '{template.name}' has volumes mounted by its processes: a sandbox from it mounts "
-                        "the same ones, where they were (give no volumeMounts)"
-                    )
-                self.creating_with.subtract(claimed)
-                mounts = volume_mounts_.check(self, theirs)
-                claimed = Counter(m["volumeID"] for m in mounts)
-                self.creating_with.update(claimed)
-            disk_mb = self._check_disk_mb(template, disk_mb)
-            res = self._resources(template, metadata or {})
-            # Pooled sandboxes have the template's default disk and resources: others are made fresh.
-            default = disk_mb == self._disk_mb(template) and res == self._resources(template, {})
-            pooled = self.pool.take(template.name, template.digest) if default and pool else None
-            if pooled is not None:
-                sandbox_id, handle, service = pooled.sandbox_id, pooled.handle, pooled.service
-                if template.memory_images is not None:  # (a snapshot's processes, frozen since their restore)
-                    await self._freeze_pooled(sandbox_id, handle, False)
+        with self.events.timed("create") as event:
+            timeout = self._check_timeout(self.settings.default_timeout if timeout is None else timeout, positive=True)
+            _check_str_map("metadata", metadata)
+            _check_str_map("envVars", env_vars)
+            tokens = workload_identity.check_tokens(iam)
+            if tokens and self.net.identity is None:
+                raise BadRequest("iam: this server issues no workload identity tokens")
+            if policy_of is not None:
+                policy = NetworkPolicy.from_json(policy_of.record.network)
+                allow_internet_access = policy_of.record.allow_internet_access
             else:
-                await self._admit(res.memory_mb, template.name)  # what it asks for, not the template's default
-                sandbox_id = new_sandbox_id()
-                handle, service = await self._new(sandbox_id, template, disk_mb, res)
-            if pool:
-                self.pool.schedule_refill(template.name)
-            try:  # pooled or not, a sandbox starts with the default policy: its own now
-                ca, ca_vars = await self.net.apply_new(handle, policy)
-                if template.memory_images is None:  # (a snapshot's processes have theirs mounted again already)
-                    await volume_mounts_.attach(self, handle, mounts)
-            except BaseException:
-                self._drop_carried(sandbox_id)
-                await self.runtime.destroy(handle)
-                raise
-            env_vars = {**template.env, **ca_vars, **(env_vars or {})}
-            now = time.time()
-            rec = SandboxRecord(
-                sandbox_id=sandbox_id,
-                template_id=recorded_as[0] if recorded_as else template.name,
-                alias=recorded_as[1] if recorded_as else template.name,
-                client_id="sandboxd",
-                envd_token=secrets.token_urlsafe(24),
-                started_at=now,
-                end_at=now + timeout,
-                state="running",
-                metadata=dict(metadata or {}),
-                idle_timeout=int(idle) if idle is not None else 0,
-                env_vars=dict(env_vars or {}),
-                cpu_count=max(1, int(res.cpu_count)),
-                memory_mb=res.memory_mb,
-                disk_mb=disk_mb,
-                auto_pause=auto_pause,
-                auto_pause_memory=auto_pause_memory,
-                default_user=template.default_user,
-                default_workdir=template.default_workdir,
-                handle={**asdict(handle), "state_dir": str(handle.state_dir)},
-                layers=[str(p) for p in template.layers],
-                network=policy.to_json(),
-                allow_internet_access=allow_internet_access is not False,
-                traffic_token=None if public else secrets.token_urlsafe(24),
-                mask_request_host=mask,
-                auto_resume=auto_resume,
-                iam_tokens=tokens,
-                volume_mounts=mounts,
-            )
-            sandbox = Sandbox(rec, handle)
-            sandbox.service = service
-            if ca is not None:
-                sandbox.ext["egress_ca"] = ca
-            if rec.idle_timeout:
-                await self._mark_active(sandbox)
-            self._register(sandbox)
-            self.db.put(rec)
-            carried = self._carried.pop(sandbox_id, [])
-            if carried:  # (a snapshot's processes: the parts attach what they carry, envd its kept commands)
-                host_pids = await asyncio.to_thread(self.runtime.host_pids, handle)
-                await pausing.attach_carried(sandbox, carried, host_pids)
-            self.reaper.wake()
-            return sandbox
-        finally:
-            self.creating_with.subtract(claimed)
-            self.creating_with = +self.creating_with
+                policy = parse_policy(network, allow_internet_access, set(tokens))
+            public, mask = parse_ingress(network)
+            if auto_resume and not auto_pause:
+                raise BadRequest(
+                    "autoResume needs autoPause (a sandbox that is killed at its timeout cannot be resumed)"
+                )
+            idle = (metadata or {}).get(META_IDLE)
+            if idle is not None and (not idle.isdigit() or not 1 <= int(idle) <= self.settings.max_timeout):
+                raise BadRequest(
+                    f"metadata {META_IDLE} must be a whole number of seconds from 1 to {self.settings.max_timeout}"
+                )
+            mounts = volume_mounts_.check(self, volume_mounts)
+            claimed = Counter(m["volumeID"] for m in mounts)  # deleting these volumes is refused meanwhile
+            self.creating_with.update(claimed)
+            try:
+                try:
+                    template = self.templates.get(template_id)
+                except TemplateError as e:
+                    raise NotFound(str(e)) from None
+                event.template = recorded_as[0] if recorded_as else template.name
+                if template.memory_images is not None and template.memory_volume_mounts:
+                    # a snapshot whose processes had volumes mounted: the same volumes, where they were
+                    theirs = [{"name": m["volumeID"], "path": m["path"]} for m in template.memory_volume_mounts]
+                    if mounts and [(m["path"], m["volumeID"]) for m in mounts] != [
+                        (m["path"], m["volumeID"]) for m in template.memory_volume_mounts
+                    ]:
+                        raise BadRequest(
+                            f"snapshot '{template.name}' has volumes mounted by its processes: a sandbox from it "
+                            "mounts the same ones, where they were (give no volumeMounts)"
+                        )
+                    self.creating_with.subtract(claimed)
+                    mounts = volume_mounts_.check(self, theirs)
+                    claimed = Counter(m["volumeID"] for m in mounts)
+                    self.creating_with.update(claimed)
+                disk_mb = self._check_disk_mb(template, disk_mb)
+                res = self._resources(template, metadata or {})
+                # Pooled sandboxes have the template's default disk and resources: others are made fresh.
+                default = disk_mb == self._disk_mb(template) and res == self._resources(template, {})
+                pooled = self.pool.take(template.name, template.digest) if default and pool else None
+                event.mode = "new" if pooled is None else "pool"
+                if pooled is not None:
+                    sandbox_id, handle, service = pooled.sandbox_id, pooled.handle, pooled.service
+                    if template.memory_images is not None:  # (a snapshot's processes, frozen since their restore)
+                        await self._freeze_pooled(sandbox_id, handle, False)
+                else:
+                    await self._admit(res.memory_mb, template.name)  # what it asks for, not the template's default
+                    sandbox_id = new_sandbox_id()
+                    handle, service = await self._new(sandbox_id, template, disk_mb, res)
+                if pool:
+                    self.pool.schedule_refill(template.name)
+                try:  # pooled or not, a sandbox starts with the default policy: its own now
+                    ca, ca_vars = await self.net.apply_new(handle, policy)
+                    if template.memory_images is None:  # (a snapshot's processes have theirs mounted again already)
+                        await volume_mounts_.attach(self, handle, mounts)
+                except BaseException:
+                    self._drop_carried(sandbox_id)
+                    await self.runtime.destroy(handle)
+                    raise
+                env_vars = {**template.env, **ca_vars, **(env_vars or {})}
+                now = time.time()
+                rec = SandboxRecord(
+                    sandbox_id=sandbox_id,
+                    template_id=recorded_as[0] if recorded_as else template.name,
+                    alias=recorded_as[1] if recorded_as else template.name,
+                    client_id="sandboxd",
+                    envd_token=secrets.token_urlsafe(24),
+                    started_at=now,
+                    end_at=now + timeout,
+                    state="running",
+                    metadata=dict(metadata or {}),
+                    idle_timeout=int(idle) if idle is not None else 0,
+                    env_vars=dict(env_vars or {}),
+                    cpu_count=max(1, int(res.cpu_count)),
+                    memory_mb=res.memory_mb,
+                    disk_mb=disk_mb,
+                    auto_pause=auto_pause,
+                    auto_pause_memory=auto_pause_memory,
+                    default_user=template.default_user,
+                    default_workdir=template.default_workdir,
+                    handle={**asdict(handle), "state_dir": str(handle.state_dir)},
+                    layers=[str(p) for p in template.layers],
+                    network=policy.to_json(),
+                    allow_internet_access=allow_internet_access is not False,
+                    traffic_token=None if public else secrets.token_urlsafe(24),
+                    mask_request_host=mask,
+                    auto_resume=auto_resume,
+                    iam_tokens=tokens,
+                    volume_mounts=mounts,
+                )
+                sandbox = Sandbox(rec, handle)
+                sandbox.service = service
+                if ca is not None:
+                    sandbox.ext["egress_ca"] = ca
+                if rec.idle_timeout:
+                    await self._mark_active(sandbox)
+                self._register(sandbox)
+                self.db.put(rec)
+                carried = self._carried.pop(sandbox_id, [])
+                if carried:  # (a snapshot's processes: the parts attach what they carry, envd its kept commands)
+                    host_pids = await asyncio.to_thread(self.runtime.host_pids, handle)
+                    await pausing.attach_carried(sandbox, carried, host_pids)
+                self.reaper.wake()
+                event.sandbox_id = sandbox_id
+                return sandbox
+            finally:
+                self.creating_with.subtract(claimed)
+                self.creating_with = +self.creating_with
 
     async def _mark_active(self, sandbox: Sandbox) -> None:
         """Active now: its idle timeout counts from here, and from its CPU time now (core/reaper.py)."""
@@ -750,6 +758,7 @@ class SandboxManager:
         self.db.put(sandbox.record)
         # said from now on (it is gone from the listing): why and when it ended, while its processes go
         ended = self._ending[sandbox_id] = endings.body(sandbox.record, end, self.metrics.latest(sandbox_id))
+        self.events.emit(Event("end", sandbox.record.template_id, end.kind, sandbox_id=sandbox_id))
         self.metrics.forget(sandbox_id)
         if sandbox.checkpoint is not None:
             await self.drop_checkpoint(sandbox)
@@ -789,6 +798,13 @@ class SandboxManager:
         pausing.discard_images(sandbox.handle.state_dir)
         (sandbox.handle.state_dir / pausing.PARTS).unlink(missing_ok=True)
 
+    @contextlib.contextmanager
+    def _timed(self, kind: str, sandbox: Sandbox, mode: str) -> Iterator[None]:
+        """A pause or a resume of `sandbox` as an event (core/events.py); a pause in memory is mode "memory"."""
+        with self.events.timed(kind, sandbox.record.template_id, "memory" if mode == pausing.FULL else mode) as ev:
+            ev.sandbox_id = sandbox.id
+            yield
+
     def pause_lock(self, sandbox_id: str) -> asyncio.Lock:
         """Held while the sandbox is paused, resumed or snapshotted: one of those at a time."""
         return self._pausing.setdefault(sandbox_id, asyncio.Lock())
@@ -805,16 +821,19 @@ class SandboxManager:
             raise Conflict(f"sandbox '{sandbox_id}' is being paused or resumed")
         async with lock:
             if not memory:
-                await pausing.stop(self, sandbox)
+                with self._timed("pause", sandbox, pausing.FILESYSTEM):
+                    await pausing.stop(self, sandbox)
                 return
             if sandbox.record.state != "paused":
-                await asyncio.to_thread(self.runtime.freeze, sandbox.handle, True)
+                with self._timed("pause", sandbox, "memory"):
+                    await asyncio.to_thread(self.runtime.freeze, sandbox.handle, True)
                 sandbox.record.state, sandbox.record.pause_mode = "paused", pausing.FULL
                 sandbox.paused_at = time.time()
                 self.db.put(sandbox.record)
             if to_disk and pausing.in_memory(sandbox):  # (not killed meanwhile)
                 try:
-                    await pausing.to_disk(self, sandbox)
+                    with self._timed("pause", sandbox, pausing.DISK):
+                        await pausing.to_disk(self, sandbox)
                     return
                 except (SandboxdError, RuntimeError_) as e:
                     self.reaper.wake()  # (it tries again later, as for any pause)
@@ -827,7 +846,8 @@ class SandboxManager:
         sandbox = self.get(sandbox_id)
         async with self.pause_lock(sandbox_id):
             if pausing.in_memory(sandbox):  # (not resumed meanwhile)
-                await pausing.to_disk(self, sandbox)
+                with self._timed("pause", sandbox, pausing.DISK):
+                    await pausing.to_disk(self, sandbox)
 
     async def connect(self, sandbox_id: str, timeout: int | None, memory: bool = True) -> tuple[Sandbox, bool]:
         """Resume if paused (thawed; or booted again from its files when it was paused to them or `memory`
@@ -845,12 +865,13 @@ class SandboxManager:
                             await self.drop_checkpoint(sandbox)
                         await pausing.stop(self, sandbox)
                         mode = pausing.FILESYSTEM
-                    if mode == pausing.FILESYSTEM:
-                        await pausing.boot_again(self, sandbox)
-                    elif mode == pausing.DISK:
-                        await pausing.from_disk(self, sandbox)
-                    else:
-                        await asyncio.to_thread(self.runtime.freeze, sandbox.handle, False)
+                    with self._timed("resume", sandbox, mode):
+                        if mode == pausing.FILESYSTEM:
+                            await pausing.boot_again(self, sandbox)
+                        elif mode == pausing.DISK:
+                            await pausing.from_disk(self, sandbox)
+                        else:
+                            await asyncio.to_thread(self.runtime.freeze, sandbox.handle, False)
             sandbox.record.state, sandbox.record.pause_mode = "running", ""
             sandbox.record.resume_at_start = 0
             if sandbox.record.idle_timeout:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import subprocess
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -55,6 +56,9 @@ class WarmPool:
         self._refilling: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._closing = False
+        # creates that found an idle sandbox here, and those that had to make one (per template name)
+        self.hits: Counter[str] = Counter()
+        self.misses: Counter[str] = Counter()
 
     def idle(self) -> dict[str, int]:
         """Idle sandboxes per template name."""
@@ -66,8 +70,10 @@ class WarmPool:
         while entries:
             entry = entries.pop(0)
             if entry.digest == digest and self.runtime.is_alive(entry.handle):
+                self.hits[name] += 1
                 return entry
             self._in_background(self._destroy(entry))  # template rebuilt, or it died
+        self.misses[name] += 1
         return None
 
     def drop_stale(self) -> None:
