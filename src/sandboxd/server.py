@@ -39,6 +39,7 @@ from sandboxd.runtime.namespaces import NamespaceRuntime
 from sandboxd.runtime.native import HelperBuildError
 from sandboxd.runtime.network import DEFAULT_CIDR, PROXY_MARK, PROXY_PORT
 from sandboxd.state.db import StateDB
+from sandboxd.telemetry.prometheus import Exporter, Requests
 from sandboxd.templates.images import Registry
 from sandboxd.templates.store import TemplateError, TemplateStore
 from sandboxd.volumes.store import DEFAULT_SIZE_MB as DEFAULT_VOLUME_MB
@@ -73,6 +74,8 @@ class ServerConfig:
     tls_port: int = 443
     volume_size_mb: int = DEFAULT_VOLUME_MB  # a new volume's size unless its create says (volumes/store.py)
     max_volumes: int = MAX_VOLUMES
+    # /metrics: a series per sandbox for its CPU, memory and disk (off: a fleet of thousands, telemetry/prometheus.py)
+    metrics_per_sandbox: bool = True
 
     @property
     def issuer(self) -> str:
@@ -149,10 +152,12 @@ class App:
         self.runtime.set_host_limits(h.memory_cap_mb, h.max_total_pids, h.server_memory_mb)
         proxy = PortProxy(self.manager)
         self.manager.checkpoint_parts.append(proxy)
+        self.exporter = Exporter(self.manager, self.builds, per_sandbox=config.metrics_per_sandbox)
+        control = build_control_plane(self.manager, self.api_key, config.limits, self.builds, self.exporter)
         self.router = Router(
             self.manager,
-            build_control_plane(self.manager, self.api_key, config.limits, self.builds),
-            {ENVD_PORT: build_envd_app(self.manager, config.limits)},
+            Requests(control, self.exporter, "control"),
+            {ENVD_PORT: Requests(build_envd_app(self.manager, config.limits), self.exporter, "envd")},
             proxy,
             domain=config.domain,
         )

@@ -25,13 +25,16 @@ from sandboxd.api.snapshots import snapshot_routes
 from sandboxd.api.templates import UPLOAD_PREFIX, template_routes
 from sandboxd.api.volumes import CONTENT_PREFIX, volume_routes
 from sandboxd.core.builds import TemplateBuilds
-from sandboxd.core.errors import BadRequest, PayloadTooLarge, SandboxdError
+from sandboxd.core.errors import BadRequest, NotFound, PayloadTooLarge, SandboxdError
 from sandboxd.core.limits import BadJSON, LimitExceeded, RequestLimits, load_bounded_json
 from sandboxd.core.manager import Sandbox, SandboxManager
+from sandboxd.telemetry.prometheus import CONTENT_TYPE, Exporter
 
 MAX_LIMIT = 100
 # Without X-API-KEY: the health check, and what relying parties need to verify workload identity tokens.
 PUBLIC_PATHS = frozenset({"/health", "/.well-known/jwks.json", "/.well-known/openid-configuration"})
+# Prometheus' scrapes: the API key as X-API-KEY, or as a bearer token (what Prometheus' `authorization` sends)
+METRICS_PATH = "/metrics"
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -93,8 +96,12 @@ class ApiKeyAuth:
             and not path.startswith(CONTENT_PREFIX)
         ):
             given = next((v for k, v in scope["headers"] if k == b"x-api-key"), None)
+            if given is None and path == METRICS_PATH:
+                bearer = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+                given = bearer[7:] if bearer[:7].lower() == b"bearer " else None
             if given is None:
-                await error(401, "missing API key: send it in the X-API-KEY header")(scope, receive, send)
+                hint = " (or, for /metrics, as Authorization: Bearer)" if path == METRICS_PATH else ""
+                await error(401, f"missing API key: send it in the X-API-KEY header{hint}")(scope, receive, send)
                 return
             if not hmac.compare_digest(given, self.api_key):
                 await error(401, "invalid API key")(scope, receive, send)
@@ -123,10 +130,19 @@ MAX_METRICS_IDS = 100
 
 
 def build_control_plane(
-    manager: SandboxManager, api_key: str, limits: RequestLimits, builds: TemplateBuilds | None = None
+    manager: SandboxManager,
+    api_key: str,
+    limits: RequestLimits,
+    builds: TemplateBuilds | None = None,
+    exporter: Exporter | None = None,
 ) -> ASGIApp:
     async def health(request: Request) -> Response:
         return Response(status_code=204)
+
+    async def prometheus(request: Request) -> Response:
+        if exporter is None:
+            raise NotFound("this server exports no metrics")
+        return Response(exporter.exposition(), media_type=CONTENT_TYPE)
 
     async def create(request: Request) -> Response:
         body: NewSandbox = await _body(request, NewSandbox, limits)
@@ -315,6 +331,7 @@ def build_control_plane(
     sid = "/{sandbox_id:str}"
     routes = [
         Route("/health", health, methods=["GET"]),
+        Route(METRICS_PATH, prometheus, methods=["GET"]),
         Route("/sandboxes", create, methods=["POST"]),
         Route("/v2/sandboxes", create, methods=["POST"]),
         Route("/sandboxes", list_v1, methods=["GET"]),

@@ -142,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         "the next start resumes those that were running (one that cannot go to disk is left running)",
     )
     p_serve.add_argument(
+        "--no-metrics-per-sandbox",
+        action="store_true",
+        help="GET /metrics without a series per sandbox (CPU, memory, disk): for fleets of thousands of sandboxes",
+    )
+    p_serve.add_argument(
         "--max-message-mb",
         type=float,
         default=RequestLimits.max_message_bytes / MiB,
@@ -370,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                 templates_dir=args.templates_dir,
                 keep_sandboxes=not args.destroy_on_exit,
                 pause_on_exit=args.pause_on_exit,
+                metrics_per_sandbox=not args.no_metrics_per_sandbox,
                 volume_size_mb=args.volume_size_mb,
                 max_volumes=max(0, args.max_volumes),
                 favor_dynmods=not args.no_favordynmods,

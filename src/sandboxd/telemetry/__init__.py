@@ -1,0 +1,1 @@
+"""Telemetry: what the server exports about itself (Prometheus metrics: prometheus.py)."""
