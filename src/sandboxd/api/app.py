@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from sandboxd.api import serialize
 from sandboxd.api.changes import change_routes
 from sandboxd.api.models import ConnectBody, NetworkUpdate, NewSandbox, PauseBody, TimeoutBody
+from sandboxd.api.pools import pool_routes
 from sandboxd.api.secrets import secret_routes
 from sandboxd.api.snapshots import snapshot_routes
 from sandboxd.api.templates import UPLOAD_PREFIX, template_routes
@@ -352,6 +353,7 @@ def build_control_plane(
         *snapshot_routes(manager, limits, _body),
         *change_routes(manager),
         *volume_routes(manager, limits, _body),
+        *pool_routes(manager, limits, _body),
         *(template_routes(builds, limits, _body) if builds is not None else []),
     ]
     app = Starlette(

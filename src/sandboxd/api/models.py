@@ -62,6 +62,13 @@ class ForkRequest(_Body):
     count: int = Field(default=1, ge=1, le=20)
 
 
+class PoolLimitsBody(_Body):
+    """PUT /pools/{template} (sandboxd's extension): the idle sandboxes its pool keeps, min to max."""
+
+    min: int = Field(ge=0, le=1024, strict=True)
+    max: int = Field(ge=0, le=1024, strict=True)
+
+
 class PauseBody(_Body):
     memory: bool = True  # False (the SDK's mode="filesystem"): its processes end, its files stay
     # sandboxd's extension: written to disk (CRIU) before the answer, not after --checkpoint-after

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from sandboxd import __version__
+from sandboxd.cli import pools as pool_cli
 from sandboxd.cli import sandboxes as sandbox_cli
 from sandboxd.cli import templates as template_cli
 from sandboxd.core.limits import MiB, RequestLimits
@@ -68,7 +69,26 @@ def main(argv: list[str] | None = None) -> int:
         "--pool-size",
         type=int,
         default=2,
-        help="idle sandboxes kept created per recently used template (default 2; 0 = none)",
+        help="idle sandboxes kept created per recently used template, at least (default 2; 0 = none)",
+    )
+    p_serve.add_argument(
+        "--pool-max",
+        type=int,
+        default=None,
+        help="idle sandboxes the autoscaler may keep per template when creates come fast (default: 4 x "
+        "--pool-size; --pool-size 0 and no --pool-max: no pools); a template's own limits: `sandboxd pool set`",
+    )
+    p_serve.add_argument(
+        "--pool-cooldown",
+        type=float,
+        default=60.0,
+        help="seconds without a pool miss before a grown pool shrinks a step (default 60)",
+    )
+    p_serve.add_argument(
+        "--pool-memory-mb",
+        type=int,
+        default=None,
+        help="idle pooled sandboxes' memory limits together at most, in MiB (default: a quarter of --max-memory-mb)",
     )
     p_serve.add_argument(
         "--max-sandbox-memory-mb",
@@ -299,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     ssub = p_sbx.add_subparsers(dest="sandbox_command", required=True)
     sandbox_cli.add_parsers(ssub, server_options)
 
+    p_pool = sub.add_parser("pool", help="the warm pools: show, set a template's limits, reset")
+    psub = p_pool.add_subparsers(dest="pool_command", required=True)
+    pool_cli.add_parsers(psub, server_options)
+
     p_key = sub.add_parser("api-key", help="print the server's API key (created on first use)")
     _add_dirs(p_key)
 
@@ -344,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
             cpu_count=args.cpus,
             pids=args.pids,
             pool_size=args.pool_size,
+            pool_max=args.pool_max,
+            pool_cooldown=args.pool_cooldown,
+            pool_memory_mb=args.pool_memory_mb,
             criu=_criu(parser, args.criu),
             checkpoint_after=_seconds_or_never(parser, "--checkpoint-after", args.checkpoint_after),
             ready_timeout=args.ready_timeout,
@@ -448,13 +475,14 @@ def main(argv: list[str] | None = None) -> int:
             if status:
                 return status
         return 0
-    if args.command == "sandbox":
+    if args.command in ("sandbox", "pool"):
         api_key = args.api_key
         if not api_key and (args.data_dir / "state.db").is_file():
             from sandboxd.state.db import StateDB
 
             api_key = StateDB(args.data_dir / "state.db", create=False).api_key()[0]
-        return sandbox_cli.main(args, args.url or "http://127.0.0.1:3000", api_key)
+        run = sandbox_cli.main if args.command == "sandbox" else pool_cli.main
+        return run(args, args.url or "http://127.0.0.1:3000", api_key)
     if args.command == "api-key":
         from sandboxd.state.db import StateDB
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -25,12 +26,13 @@ from typing import Any
 
 from sandboxd.core import endings, pausing, startup, workload_identity
 from sandboxd.core import volume_mounts as volume_mounts_
+from sandboxd.core.autoscaler import Autoscaler, default_budget_mb
 from sandboxd.core.errors import BadRequest, Conflict, LimitReached, NotFound, SandboxdError
 from sandboxd.core.events import Event, Events
 from sandboxd.core.limits import HostLimits
 from sandboxd.core.metrics import MetricsSampler
 from sandboxd.core.networking import SandboxNetworks, parse_ingress, parse_policy
-from sandboxd.core.pool import Pooled, WarmPool
+from sandboxd.core.pool import Pooled, PoolLimits, WarmPool
 from sandboxd.core.reaper import Reaper
 from sandboxd.core.tenant_limits import TenantLimits
 from sandboxd.core.users import DEFAULT_PATH, lookup_user
@@ -53,6 +55,9 @@ from sandboxd.templates.store import Template, TemplateError, TemplateStore
 from sandboxd.volumes.store import VolumeStore
 
 log = logging.getLogger("sandboxd.core")
+
+POOL_SETTING = "pool:"  # + template name: its pool's limits (JSON), in the state DB's settings
+MAX_POOL = 1024  # idle sandboxes one template's pool may keep at most
 
 ID_ALPHABET = string.ascii_lowercase + string.digits
 # What the envd layer implements; the SDK switches features on by this version (file metadata, for one,
@@ -92,8 +97,14 @@ class Settings:
     max_disk_mb: int | None = None
     # The most memory one create may ask for (metadata sandboxd.memory_mb).
     max_memory_mb: int = 16384
-    # Sandboxes kept created and idle per recently used template, so that create only hands one out.
+    # Sandboxes kept created and idle per recently used template, so that create only hands one out: at least
+    # pool_size, up to pool_max as demand asks (core/autoscaler.py); a template's own limits: PUT /pools/{template}.
     pool_size: int = 2
+    pool_max: int | None = None  # None: 4 x pool_size (core/pool.py, GROWTH)
+    pool_cooldown: float = 60.0  # s without a pool miss before a pool shrinks a step
+    pool_memory_mb: int | None = (
+        None  # idle pooled sandboxes' memory limits together at most (None: a quarter of the host's)
+    )
     # How long a template's ready command may take to succeed (at create, and at a build's finalize).
     ready_timeout: float = startup.READY_TIMEOUT
     # Template builds that run at once (more wait their turn).
@@ -149,8 +160,17 @@ class SandboxManager:
         self.settings = settings or Settings()
         self.sandboxes: dict[str, Sandbox] = {}
         self.reaper = Reaper(self)
-        self.pool = WarmPool(self.settings.pool_size, runtime, templates, self._make_pooled, self._fits)
+        self.pool = WarmPool(
+            self.settings.pool_size, runtime, templates, self._make_pooled, self._fits, self.settings.pool_max
+        )
         self.host_limits = self.settings.host or HostLimits.for_host()
+        budget = self.settings.pool_memory_mb
+        self.autoscaler = Autoscaler(
+            self.pool,
+            self._pool_memory_mb,
+            default_budget_mb(self.host_limits.max_committed_memory_mb) if budget is None else budget,
+            self.settings.pool_cooldown,
+        )
         self.metrics = MetricsSampler(self)
         self.events = Events()  # creates, pauses, resumes, ends, builds: for the exporter (core/events.py)
         self._creating: list[int] = []  # memory (MiB) of sandboxes being created right now
@@ -237,6 +257,9 @@ class SandboxManager:
             log.info("cleaned up %d leftover sandbox(es): %s", len(removed), ", ".join(removed))
         self.reaper.start()
         self.metrics.start()
+        for name, raw in self.db.settings_under(POOL_SETTING).items():
+            self.pool.limits[name] = PoolLimits(**json.loads(raw))
+        self.autoscaler.start()
         for sandbox_id in adopted:
             sandbox = self.sandboxes[sandbox_id]
             if sandbox.record.resume_at_start and sandbox.record.state == "paused":
@@ -255,6 +278,7 @@ class SandboxManager:
     async def stop(self, destroy: bool = True, to_disk: bool = False) -> None:
         """Stop: the sandboxes are destroyed, or left for the next start (`to_disk`: written to disk first)."""
         self.pool.close()
+        await self.autoscaler.stop()
         await self.metrics.stop()
         self.reaper.stop()
         await self.pool.stop()
@@ -501,6 +525,24 @@ class SandboxManager:
             count += idle
             memory += idle * self._pool_memory_mb(name)
         return count, memory, count * self.settings.pids
+
+    def set_pool_limits(self, name: str, limits: PoolLimits | None) -> PoolLimits:
+        """A template's pool keeps min to max idle sandboxes from now on (None: the server's defaults again), kept
+        in the state DB; its pool starts filling at once."""
+        try:
+            self.templates.get(name)
+        except TemplateError as e:
+            raise NotFound(str(e)) from None
+        if limits is None:
+            self.pool.limits.pop(name, None)
+            self.db.delete_setting(POOL_SETTING + name)
+        else:
+            if not 0 <= limits.min <= limits.max <= MAX_POOL:
+                raise BadRequest(f"a pool's limits must be 0 <= min <= max <= {MAX_POOL}, got {limits.to_json()}")
+            self.pool.limits[name] = limits
+            self.db.set_setting(POOL_SETTING + name, json.dumps(limits.to_json()))
+        self.pool.set_target(name, self.pool.target_of(name))
+        return self.pool.limits_of(name)
 
     def _pool_memory_mb(self, name: str) -> int:
         try:

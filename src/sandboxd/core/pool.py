@@ -1,7 +1,8 @@
 """The warm pool: sandboxes created ahead, idle, per template, so that a create only hands one out.
 
-A template's pool is filled at server start (the `prewarm` templates) or after its first use, and refilled
-a little after each hand-out (REFILL_DELAY: creating a sandbox takes kernel-wide namespace locks and most
+A template's pool is filled at server start (the `prewarm` templates) or after its first use, to its target
+(between its limits' min and max: core/autoscaler.py moves it with demand), and refilled a little after each
+hand-out (REFILL_DELAY: creating a sandbox takes kernel-wide namespace locks and most
 of a CPU for a few ms, which should not land on the new sandbox's first commands). Idle pooled sandboxes
 count against the host-wide limits like running ones, never take the last of a limit, and give way when
 a user's create needs the room (`evict_other_than`).
@@ -25,7 +26,19 @@ from sandboxd.templates.store import Template, TemplateStore
 
 log = logging.getLogger("sandboxd.core")
 
+GROWTH = 4  # a pool grows to this many times its min by default (no --pool-max): 0 stays 0
 REFILL_DELAY = 0.25  # s between handing out a pooled sandbox and pre-creating its replacement
+
+
+@dataclass(frozen=True)
+class PoolLimits:
+    """How many idle sandboxes a template's pool keeps: at least `min` once the template is in use, at most `max`."""
+
+    min: int
+    max: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"min": self.min, "max": self.max}
 
 
 @dataclass
@@ -45,9 +58,14 @@ class WarmPool:
         templates: TemplateStore,
         make: Callable[[Template], Awaitable[Pooled]],
         fits: Callable[[Template], bool],
+        max_size: int | None = None,
     ) -> None:
-        """make: create an idle sandbox of a template; fits: whether one more fits the host-wide limits."""
+        """make: create an idle sandbox of a template; fits: whether one more fits the host-wide limits; size and
+        max_size: a template's limits unless set for it (`limits`)."""
         self.size = size
+        self.defaults = PoolLimits(size, max(size, GROWTH * size if max_size is None else max_size))
+        self.limits: dict[str, PoolLimits] = {}  # set per template (the API's PUT /pools/{template})
+        self.targets: dict[str, int] = {}  # templates in use -> idle sandboxes wanted now
         self.runtime = runtime
         self.templates = templates
         self._make = make
@@ -64,6 +82,22 @@ class WarmPool:
         """Idle sandboxes per template name."""
         return {name: len(entries) for name, entries in self._idle.items() if entries}
 
+    def limits_of(self, name: str) -> PoolLimits:
+        return self.limits.get(name, self.defaults)
+
+    def target_of(self, name: str) -> int:
+        return self.targets.get(name, 0)
+
+    def set_target(self, name: str, target: int) -> None:
+        """Keep `target` idle sandboxes of the template (within its limits): made in the background, or the oldest
+        idle ones beyond it destroyed."""
+        limits = self.limits_of(name)
+        self.targets[name] = min(max(target, limits.min), limits.max)
+        entries = self._idle.get(name, [])
+        while len(entries) > self.targets[name]:
+            self._in_background(self._destroy(entries.pop(0)))
+        self.schedule_refill(name, delay=0)
+
     def take(self, name: str, digest: str) -> Pooled | None:
         """An idle sandbox of this template version, alive; stale ones met on the way are destroyed."""
         entries = self._idle.get(name, [])
@@ -78,14 +112,14 @@ class WarmPool:
 
     def drop_stale(self) -> None:
         """Destroy idle sandboxes whose template is gone or has another current version now (a template
-        removed or rebuilt, by this server or by `sandboxd template` on the host)."""
-        for name, entries in list(self._idle.items()):
-            if not entries:
-                continue
+        removed or rebuilt, by this server or by `sandboxd template` on the host); a template gone, its pool too."""
+        for name in list(self._idle.keys() | self.targets.keys()):
             try:
                 digest: str | None = self.templates.get(name).digest
             except Exception:
                 digest = None
+                self.targets.pop(name, None)
+            entries = self._idle.get(name, [])
             for e in [e for e in entries if e.digest != digest]:
                 entries.remove(e)
                 # in the background, as take() does: a destroy cut short by the caller's cancellation (the
@@ -93,7 +127,10 @@ class WarmPool:
                 self._in_background(self._destroy(e))
 
     def schedule_refill(self, name: str, delay: float = REFILL_DELAY) -> None:
-        if self.size <= 0 or self._closing:
+        """Fill the template's pool to its target (a template's first use makes its target its min)."""
+        if name not in self.targets:
+            self.targets[name] = self.limits_of(name).min
+        if self.targets[name] <= len(self._idle.get(name, [])) or self._closing:
             return
         task = self._refilling.get(name)
         if task is None or task.done():
@@ -126,7 +163,7 @@ class WarmPool:
     async def _refill(self, name: str, delay: float) -> None:
         await asyncio.sleep(delay)
         entries = self._idle.setdefault(name, [])
-        while len(entries) < self.size and not self._closing:
+        while len(entries) < self.target_of(name) and not self._closing:
             try:
                 template = self.templates.get(name)
                 if not self._fits(template):
@@ -135,7 +172,7 @@ class WarmPool:
             except Exception:
                 log.exception("pre-creating a sandbox of template '%s' failed", name)
                 return
-            if self._closing:
+            if self._closing or len(entries) >= self.target_of(name):  # (lowered meanwhile)
                 await self._destroy(entry)
                 return
             entries.append(entry)

@@ -114,6 +114,18 @@ class StateDB:
         with self._lock:
             self._conn.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, value))
 
+    def settings_under(self, prefix: str) -> dict[str, str]:
+        """The settings whose key starts with `prefix` (the prefix taken off)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT key, value FROM settings WHERE substr(key, 1, ?) = ?", (len(prefix), prefix)
+            ).fetchall()
+        return {key[len(prefix) :]: value for key, value in rows}
+
+    def delete_setting(self, key: str) -> None:
+        with self._lock:
+            self._conn.execute("DELETE FROM settings WHERE key = ?", (key,))
+
     def api_key(self) -> tuple[str, bool]:
         """The server's API key, creating it on first use. Returns (key, created)."""
         key = self.get_setting("api_key")

@@ -174,24 +174,7 @@ class _State:
         yield by_state
         if self.exporter.per_sandbox:
             yield from self._per_sandbox(sandboxes)
-        pool = m.pool
-        idle = GaugeMetricFamily(
-            "sandboxd_pool_idle", "Idle sandboxes in the warm pool, per template", labels=["template"]
-        )
-        target = GaugeMetricFamily(
-            "sandboxd_pool_target", "The warm pool's target size, per template", labels=["template"]
-        )
-        hits = CounterMetricFamily("sandboxd_pool_hits", "Creates served from the warm pool", labels=["template"])
-        misses = CounterMetricFamily(
-            "sandboxd_pool_misses", "Creates that found the warm pool empty", labels=["template"]
-        )
-        sizes = pool.idle()
-        for t in sorted(set(sizes) | set(pool.hits) | set(pool.misses)):
-            idle.add_metric([t], sizes.get(t, 0))
-            target.add_metric([t], pool.size)
-            hits.add_metric([t], pool.hits[t])
-            misses.add_metric([t], pool.misses[t])
-        yield from (idle, target, hits, misses)
+        yield from self._pools()
         count, memory, _ = m.committed()
         host = m.host_limits
         for name, doc, value in (
@@ -211,6 +194,31 @@ class _State:
         running = GaugeMetricFamily("sandboxd_template_builds_running", "Template builds under way")
         running.add_metric([], sum(1 for b in builds.builds.values() if b.status == "building") if builds else 0)
         yield running
+
+    def _pools(self) -> Iterator[Metric]:
+        pool, scaler = self.exporter.manager.pool, self.exporter.manager.autoscaler
+        labels = ["template"]
+        idle = GaugeMetricFamily("sandboxd_pool_idle", "Idle sandboxes in the warm pool, per template", labels=labels)
+        target = GaugeMetricFamily("sandboxd_pool_target", "Idle sandboxes the pool is kept at now", labels=labels)
+        low = GaugeMetricFamily("sandboxd_pool_min", "The least the pool's target may be", labels=labels)
+        high = GaugeMetricFamily("sandboxd_pool_max", "The most the pool's target may be", labels=labels)
+        hits = CounterMetricFamily("sandboxd_pool_hits", "Creates served from the warm pool", labels=labels)
+        misses = CounterMetricFamily("sandboxd_pool_misses", "Creates that found the warm pool empty", labels=labels)
+        moves = CounterMetricFamily(
+            "sandboxd_pool_scalings", "Times the autoscaler moved the pool's target", labels=["template", "direction"]
+        )
+        sizes = pool.idle()
+        for t in sorted(set(sizes) | set(pool.targets) | set(pool.hits) | set(pool.misses)):
+            limits = pool.limits_of(t)
+            idle.add_metric([t], sizes.get(t, 0))
+            target.add_metric([t], pool.target_of(t))
+            low.add_metric([t], limits.min)
+            high.add_metric([t], limits.max)
+            hits.add_metric([t], pool.hits[t])
+            misses.add_metric([t], pool.misses[t])
+        for (t, direction), times in sorted(scaler.changes.items()):
+            moves.add_metric([t, direction], times)
+        yield from (idle, target, low, high, hits, misses, moves)
 
     def _per_sandbox(self, sandboxes: list[Any]) -> Iterator[Metric]:
         labels = ["sandbox_id", "template"]
