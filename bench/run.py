@@ -34,6 +34,7 @@ from types import FrameType
 from typing import Any
 
 import files
+import fleet
 import interp
 import lifecycle
 import net
@@ -901,7 +902,7 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=600, help="global time budget in s (default %(default)s)")
     parser.add_argument(
         "--suite",
-        choices=["all", "sandboxes", "files", "interp", "noisy", "net", "templates", "lifecycle"],
+        choices=["all", "sandboxes", "files", "interp", "noisy", "net", "templates", "lifecycle", "fleet"],
         default="all",
         help="what to measure (default %(default)s)",
     )
@@ -935,6 +936,8 @@ def main() -> int:
         Server(workdir / "tpl-nopool", ["--dns", net.DNS, "--pool-size", "0"], templates_dir=workdir / "templates"),
         Server(workdir / "life", []),
         Server(workdir / "life-disk", ["--pool-size", "0", "--checkpoint-after", "0"]),  # pauses go to disk at once
+        Server(workdir / "fleet-auto", [*fleet.COMMON_ARGS, *fleet.AUTOSCALED_ARGS]),
+        Server(workdir / "fleet-fixed", [*fleet.COMMON_ARGS, *fleet.FIXED_ARGS]),
     ]
     clients = [Client(s) for s in servers]
     holders: list[Holder] = []
@@ -958,6 +961,7 @@ def main() -> int:
     net_results: dict[str, Any] = {}
     template_results: dict[str, Any] = {}
     lifecycle_results: dict[str, Any] = {}
+    fleet_results: dict[str, Any] = {}
 
     def phase(name: str, fn: Callable[[], object]) -> bool:
         if dl.left() <= 0:
@@ -976,7 +980,20 @@ def main() -> int:
     with sigterm_as_interrupt():
         try:
             warm, nopool, files_client, interp_warm, interp_cold, nopool_noquota, noisy_client, net_client = clients[:8]
-            tpl_warm, tpl_cold, life_client, disk_client = clients[8:]
+            tpl_warm, tpl_cold, life_client, disk_client, fleet_auto, fleet_fixed = clients[8:]
+            for key, fleet_client in (("autoscaled", fleet_auto), ("fixed", fleet_fixed)):
+                if args.suite in ("all", "fleet") and phase(
+                    f"start sandboxd (fleet, {key})", fleet_client.server.start
+                ):
+                    phase(
+                        f"fleet: a burst of creates, {key} pool",
+                        lambda c=fleet_client, k=key: fleet_results.update(
+                            {k: fleet.run_fleet(c, dl, trained=k == "autoscaled")}
+                        ),
+                    )
+                    errors.extend((fleet_results.get(key) or {}).pop("errors", []))
+                errors.extend(fleet_client.kill_all())
+                fleet_client.server.stop()
             if args.suite in ("all", "lifecycle") and phase("start sandboxd (lifecycle)", life_client.server.start):
 
                 def lifecycle_floors() -> dict[str, Callable[[], float]]:
@@ -1063,7 +1080,7 @@ def main() -> int:
                 )
                 errors.extend(interp_results.pop("errors"))
                 interp.finish(interp_results)
-            if args.suite in ("files", "interp", "noisy", "net", "templates", "lifecycle"):
+            if args.suite in ("files", "interp", "noisy", "net", "templates", "lifecycle", "fleet"):
                 raise _SkipRest
             if phase("start sandboxd (default pool)", warm.server.start):
                 phase("sandboxd create, pool", lambda: sbx_create(n, dl, warm, sbx, paced=True))
@@ -1163,14 +1180,21 @@ def main() -> int:
         "net": net_results,
         "templates": template_results,
         "lifecycle": lifecycle_results,
+        "fleet": fleet_results,
         "partial": partial,
         "errors": errors,
         "leftovers": left,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    if args.suite not in ("files", "interp", "noisy", "net", "templates", "lifecycle"):
+    if args.suite not in ("files", "interp", "noisy", "net", "templates", "lifecycle", "fleet"):
         print_report(rows, targets, meta)
+    if fleet_results:
+        fleet.print_report(fleet_results)
+        if args.suite == "fleet":
+            print(
+                f"partial results: {meta['partial'] or 'none'}\ncleanup: {meta['cleanup_summary']}\nresults: {RESULTS}"
+            )
     if lifecycle_results:
         lifecycle.print_report(lifecycle_results)
         if args.suite == "lifecycle":
