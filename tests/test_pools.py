@@ -128,12 +128,13 @@ def test_a_templates_pool_limits_through_the_api_and_the_cli_outlive_a_restart(t
         assert done.returncode == 0, done.stderr
         assert "base" in done.stdout and "2" in done.stdout
         deadline = time.monotonic() + 60
-        while _pool(srv).get("idle", 0) != 2:
+        while _pool(srv).get("idle", 0) < 2:
             assert time.monotonic() < deadline, _pool(srv)
             time.sleep(0.2)
         shown = json.loads(_cli(srv, "show", "--json").stdout)
         base = next(p for p in shown if p["templateID"] == "base")
-        assert (base["min"], base["max"], base["target"], base["idle"]) == (2, 3, 2, 2), base
+        # (its target may be 3: the create that missed a moment ago is demand the autoscaler may answer)
+        assert (base["min"], base["max"]) == (2, 3) and 2 <= base["idle"] <= base["target"] <= 3, base
         refused = _cli(srv, "set", "base", "--min", "4", "--max", "3")
         assert refused.returncode == 1 and "min <= max" in refused.stderr, refused
         assert _cli(srv, "show", "nope-template").returncode == 1
@@ -152,9 +153,9 @@ def test_a_templates_pool_limits_through_the_api_and_the_cli_outlive_a_restart(t
 
 
 def test_the_pools_stay_within_their_memory_budget(tmp_path: Path) -> None:
-    # A budget of one base sandbox's memory: the burst's misses cannot grow the pool past it.
+    # A budget of one base sandbox's memory (512 MiB): misses cannot grow the pool past it.
     srv = start_server(
-        tmp_path / "data", "--pool-size", "1", "--pool-max", str(MAX), "--pool-memory-mb", "1024", "--prewarm", "base"
+        tmp_path / "data", "--pool-size", "1", "--pool-max", str(MAX), "--pool-memory-mb", "512", "--prewarm", "base"
     )
     try:
         made = [Sandbox.create(template="base", timeout=60, **_env(srv)) for _ in range(4)]  # type: ignore[arg-type]

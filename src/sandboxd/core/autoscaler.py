@@ -72,9 +72,6 @@ class Autoscaler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def forget(self, name: str) -> None:
-        self._demand.pop(name, None)
-
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(TICK)
@@ -87,7 +84,8 @@ class Autoscaler:
         pool = self.pool
         wanted: dict[str, int] = {}
         for name in list(pool.targets):
-            d = self._demand.setdefault(name, _Demand(seen=(pool.hits[name], pool.misses[name]), changed=now))
+            # (from the counters' start: the creates before its first look, its first use among them, are demand)
+            d = self._demand.setdefault(name, _Demand(changed=now))
             hits, misses = pool.hits[name], pool.misses[name]
             creates, missed = hits + misses - sum(d.seen), misses - d.seen[1]
             d.seen = (hits, misses)
