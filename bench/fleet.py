@@ -20,23 +20,16 @@ import time
 from typing import Any
 
 BURST = 200
-TRAIN = 60
+TRAIN = BURST
 CONCURRENCY = 20
-POOL_MAX = 40  # (BURST alive + the pool: within the server's /24 of addresses)
+POOL_MAX = 250
 AIM_RATE, AIM_P95 = 200.0, 100.0
-# Each server: its pools' limits, and commitment limits that let BURST sandboxes (1 GiB each) live at once.
-AUTOSCALED_ARGS = [
-    "--pool-size",
-    "2",
-    "--pool-max",
-    str(POOL_MAX),
-    "--pool-cooldown",
-    "300",
-    "--pool-memory-mb",
-    "70000",
-]
-FIXED_ARGS = ["--pool-size", "2", "--pool-max", "2"]
-COMMON_ARGS = ["--max-memory-mb", "400000", "--prewarm", "base"]
+# Each server: its pools' limits, a /22 of addresses (BURST sandboxes alive and a pool of up to POOL_MAX), and
+# commitment limits (memory, PIDs) that let them all live at once.
+AUTOSCALED_ARGS = ["--pool-size", "2", "--pool-max", str(POOL_MAX), "--pool-cooldown", "300"]
+AUTOSCALED_ARGS += ["--pool-memory-mb", "400000", "--network-cidr", "10.215.0.0/22"]
+FIXED_ARGS = ["--pool-size", "2", "--pool-max", "2", "--network-cidr", "10.215.4.0/22"]
+COMMON_ARGS = ["--max-memory-mb", "400000", "--pids", "64", "--prewarm", "base"]
 
 
 def _pool(client: Any) -> dict[str, float]:
@@ -89,8 +82,14 @@ def run_fleet(client: Any, dl: Any, trained: bool) -> dict[str, Any]:
     if trained:
         _burst(client, dl, TRAIN)
         out["errors"] += _kill_all(client)
-        deadline = time.monotonic() + 120
-        while (p := _pool(client)).get("idle", 0) < p.get("target", 0) and time.monotonic() < deadline:
+        # until the target has settled (the window's demand is still seen for a while) and the pool is full
+        deadline, last, since = time.monotonic() + 120, -1.0, time.monotonic()
+        while time.monotonic() < deadline:
+            p = _pool(client)
+            if p.get("target", 0) != last:
+                last, since = p.get("target", 0), time.monotonic()
+            elif time.monotonic() - since >= 3 and p.get("idle", 0) >= last:
+                break
             time.sleep(0.2)
         out["sized"] = {"target": p.get("target"), "idle": p.get("idle")}
     before = _pool(client)

@@ -4,8 +4,8 @@
 Every TICK seconds it looks at what the creates of each template in use took from the pool (`WarmPool.hits`,
 `misses`) since the last tick, and keeps the last WINDOW seconds of it:
 
-- demand: the most creates seen in one tick of the window, plus one (a pool that covers a second of the
-  busiest second, and a spare);
+- demand: the creates of the window, plus one (a pool that would have served the whole window's creates, a
+  burst among them, and a spare: a burst's own rate is no measure, it is held down by its misses);
 - grow fast: when a create found the pool empty (a miss) or demand is above the target, the target goes up to
   demand at once, by at most its own size plus one per tick (it at most doubles: a burst of misses does not
   commit the whole budget in one step);
@@ -93,7 +93,7 @@ class Autoscaler:
             while d.ticks and d.ticks[0][0] < now - WINDOW:
                 d.ticks.popleft()
             target, limits = pool.target_of(name), pool.limits_of(name)
-            demand = max(c for _, c, _ in d.ticks) + 1 if any(c for _, c, _ in d.ticks) else 0
+            demand = sum(c for _, c, _ in d.ticks) + 1 if any(c for _, c, _ in d.ticks) else 0
             new = target
             if missed or demand > target:
                 new = min(limits.max, max(target + 1, min(demand, 2 * target + 1)))
