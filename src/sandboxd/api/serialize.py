@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sandboxd.core import pausing
+from sandboxd.core.health import HEALTH_KEY
 from sandboxd.core.manager import ENVD_VERSION, Sandbox
 from sandboxd.core.metrics import Sample
 from sandboxd.state.db import SandboxRecord
@@ -51,6 +52,7 @@ def _common(s: Sandbox) -> dict[str, Any]:
         "metadata": r.metadata,
         "state": r.state,
         **_volume_mounts(r),
+        **({"health": s.ext[HEALTH_KEY].to_json()} if HEALTH_KEY in s.ext else {}),
     }
 
 

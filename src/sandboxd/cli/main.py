@@ -85,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds without a pool miss before a grown pool shrinks a step (default 60)",
     )
     p_serve.add_argument(
+        "--health-interval",
+        type=float,
+        default=10.0,
+        help="seconds between health checks: idle pooled sandboxes alive (else made again), and templates' "
+        "probes (probeCmd) in every sandbox (default 10; 0 = none)",
+    )
+    p_serve.add_argument(
         "--pool-memory-mb",
         type=int,
         default=None,
@@ -371,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             pool_max=args.pool_max,
             pool_cooldown=args.pool_cooldown,
             pool_memory_mb=args.pool_memory_mb,
+            health_interval=max(0.0, args.health_interval),
             criu=_criu(parser, args.criu),
             checkpoint_after=_seconds_or_never(parser, "--checkpoint-after", args.checkpoint_after),
             ready_timeout=args.ready_timeout,

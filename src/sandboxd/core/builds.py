@@ -363,6 +363,8 @@ class TemplateBuilds:
             "service_user": t.service_user,
             "start_cmd": t.start_cmd,
             "ready_cmd": t.ready_cmd,
+            "probe_cmd": t.probe_cmd,
+            "probe_timeout": t.probe_timeout,
             "memory_mb": t.memory_mb,
             "cpu_count": t.cpu_count,
         }
@@ -573,6 +575,8 @@ class TemplateBuilds:
             "default_workdir": state.workdir,
             "start_cmd": recipe.start_cmd,
             "ready_cmd": recipe.ready_cmd,
+            "probe_cmd": recipe.probe_cmd or state.inherited.get("probe_cmd", ""),
+            "probe_timeout": recipe.probe_timeout or state.inherited.get("probe_timeout") or 5.0,
             "recipe": recipe.label,
             "cpu_count": build.cpu_count or state.inherited.get("cpu_count"),
             "memory_mb": build.memory_mb or state.inherited.get("memory_mb"),

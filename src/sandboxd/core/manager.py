@@ -29,6 +29,7 @@ from sandboxd.core import volume_mounts as volume_mounts_
 from sandboxd.core.autoscaler import Autoscaler, default_budget_mb
 from sandboxd.core.errors import BadRequest, Conflict, LimitReached, NotFound, SandboxdError
 from sandboxd.core.events import Event, Events
+from sandboxd.core.health import HealthMonitor
 from sandboxd.core.limits import HostLimits
 from sandboxd.core.metrics import MetricsSampler
 from sandboxd.core.networking import SandboxNetworks, parse_ingress, parse_policy
@@ -102,9 +103,9 @@ class Settings:
     pool_size: int = 2
     pool_max: int | None = None  # None: 4 x pool_size (core/pool.py, GROWTH)
     pool_cooldown: float = 60.0  # s without a pool miss before a pool shrinks a step
-    pool_memory_mb: int | None = (
-        None  # idle pooled sandboxes' memory limits together at most (None: a quarter of the host's)
-    )
+    # idle pooled sandboxes' memory limits together at most (None: a quarter of the host's commitment limit)
+    pool_memory_mb: int | None = None
+    health_interval: float = 10.0  # s between the health monitor's rounds (core/health.py; 0: none)
     # How long a template's ready command may take to succeed (at create, and at a build's finalize).
     ready_timeout: float = startup.READY_TIMEOUT
     # Template builds that run at once (more wait their turn).
@@ -172,6 +173,7 @@ class SandboxManager:
             self.settings.pool_cooldown,
         )
         self.metrics = MetricsSampler(self)
+        self.health = HealthMonitor(self, self.settings.health_interval)
         self.events = Events()  # creates, pauses, resumes, ends, builds: for the exporter (core/events.py)
         self._creating: list[int] = []  # memory (MiB) of sandboxes being created right now
         self._build_memory: dict[str, int] = {}  # template builds' sandboxes (also in _creating)
@@ -260,6 +262,7 @@ class SandboxManager:
         for name, raw in self.db.settings_under(POOL_SETTING).items():
             self.pool.limits[name] = PoolLimits(**json.loads(raw))
         self.autoscaler.start()
+        self.health.start()
         for sandbox_id in adopted:
             sandbox = self.sandboxes[sandbox_id]
             if sandbox.record.resume_at_start and sandbox.record.state == "paused":
@@ -279,6 +282,7 @@ class SandboxManager:
         """Stop: the sandboxes are destroyed, or left for the next start (`to_disk`: written to disk first)."""
         self.pool.close()
         await self.autoscaler.stop()
+        await self.health.stop()
         await self.metrics.stop()
         self.reaper.stop()
         await self.pool.stop()

@@ -77,10 +77,27 @@ class WarmPool:
         # creates that found an idle sandbox here, and those that had to make one (per template name)
         self.hits: Counter[str] = Counter()
         self.misses: Counter[str] = Counter()
+        self.replaced: Counter[str] = Counter()  # idle sandboxes found broken and made again (core/health.py)
 
     def idle(self) -> dict[str, int]:
         """Idle sandboxes per template name."""
         return {name: len(entries) for name, entries in self._idle.items() if entries}
+
+    def idle_entries(self) -> list[tuple[str, Pooled]]:
+        """(template name, idle sandbox) of every pool, oldest first."""
+        return [(name, e) for name, entries in self._idle.items() for e in entries]
+
+    def replace(self, name: str, entry: Pooled) -> bool:
+        """An idle sandbox found broken (core/health.py) goes, and another is made in its place; False if it was
+        handed out meanwhile."""
+        entries = self._idle.get(name, [])
+        if entry not in entries:
+            return False
+        entries.remove(entry)
+        self.replaced[name] += 1
+        self._in_background(self._destroy(entry))
+        self.schedule_refill(name, delay=0)
+        return True
 
     def limits_of(self, name: str) -> PoolLimits:
         return self.limits.get(name, self.defaults)

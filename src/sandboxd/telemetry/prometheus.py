@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sandboxd.core import pausing
 from sandboxd.core.events import Event
+from sandboxd.core.health import HEALTH_KEY
 
 if TYPE_CHECKING:
     from sandboxd.core.builds import TemplateBuilds
@@ -172,6 +173,23 @@ class _State:
             e2b_count.add_metric([t, "paused"], sum(counts.get((t, st), 0) for st in STATES[1:]))
         yield e2b_count
         yield by_state
+        unhealthy = GaugeMetricFamily(
+            "sandboxd_sandboxes_unhealthy",
+            "Running sandboxes whose template's probe fails (core/health.py)",
+            labels=["template"],
+        )
+        sick: dict[str, int] = {}
+        for s in sandboxes:
+            health = s.ext.get(HEALTH_KEY)
+            if health is not None and not health.healthy and s.record.state == "running":
+                sick[s.record.template_id] = sick.get(s.record.template_id, 0) + 1
+        for t in sorted(templates | set(sick)):
+            unhealthy.add_metric([t], sick.get(t, 0))
+        yield unhealthy
+        probes = CounterMetricFamily("sandboxd_health_probes", "Health probes run, by outcome", labels=["outcome"])
+        for outcome in ("pass", "fail", "timeout"):
+            probes.add_metric([outcome], m.health.probes[outcome])
+        yield probes
         if self.exporter.per_sandbox:
             yield from self._per_sandbox(sandboxes)
         yield from self._pools()
@@ -204,6 +222,9 @@ class _State:
         high = GaugeMetricFamily("sandboxd_pool_max", "The most the pool's target may be", labels=labels)
         hits = CounterMetricFamily("sandboxd_pool_hits", "Creates served from the warm pool", labels=labels)
         misses = CounterMetricFamily("sandboxd_pool_misses", "Creates that found the warm pool empty", labels=labels)
+        replaced = CounterMetricFamily(
+            "sandboxd_pool_replaced", "Idle pooled sandboxes found broken and made again", labels=labels
+        )
         moves = CounterMetricFamily(
             "sandboxd_pool_scalings", "Times the autoscaler moved the pool's target", labels=["template", "direction"]
         )
@@ -216,9 +237,10 @@ class _State:
             high.add_metric([t], limits.max)
             hits.add_metric([t], pool.hits[t])
             misses.add_metric([t], pool.misses[t])
+            replaced.add_metric([t], pool.replaced[t])
         for (t, direction), times in sorted(scaler.changes.items()):
             moves.add_metric([t, direction], times)
-        yield from (idle, target, low, high, hits, misses, moves)
+        yield from (idle, target, low, high, hits, misses, replaced, moves)
 
     def _per_sandbox(self, sandboxes: list[Any]) -> Iterator[Metric]:
         labels = ["sandbox_id", "template"]

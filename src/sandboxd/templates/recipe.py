@@ -54,6 +54,10 @@ class Recipe:
     steps: tuple[Step, ...]
     start_cmd: str = ""
     ready_cmd: str = ""
+    # sandboxd's own (`probeCmd`, `probeTimeout`): run in each sandbox of the template now and then, its health
+    # (core/health.py); "" inherits the base template's
+    probe_cmd: str = ""
+    probe_timeout: float = 0.0
     label: str = ""  # sandboxd's own: the digest of a built-in recipe (templates/builtin.py), kept with the build
     # sandboxd's own, for built-in templates only: a service every sandbox of the template runs (argv)
     service: tuple[str, ...] = ()
@@ -129,9 +133,12 @@ def parse_recipe(body: dict[str, Any]) -> Recipe:
     if from_image and from_template:
         raise RecipeError("give fromImage or fromTemplate, not both")
     start, ready = body.get("startCmd") or "", body.get("readyCmd") or ""
-    for name, value in (("startCmd", start), ("readyCmd", ready)):
+    probe, probe_timeout = body.get("probeCmd") or "", body.get("probeTimeout", 0)
+    for name, value in (("startCmd", start), ("readyCmd", ready), ("probeCmd", probe)):
         if not isinstance(value, str) or len(value) > MAX_ARG or "\0" in value:
             raise RecipeError(f"{name} must be a string")
+    if not isinstance(probe_timeout, int | float) or isinstance(probe_timeout, bool) or not 0 <= probe_timeout <= 60:
+        raise RecipeError("probeTimeout must be a number of seconds from 0 (the default, 5) to 60")
     service = body.get("service") or []
     if not isinstance(service, list) or not all(isinstance(a, str) and a for a in service) or len(service) > 64:
         raise RecipeError("service must be a list of strings (a command line)")
@@ -144,6 +151,8 @@ def parse_recipe(body: dict[str, Any]) -> Recipe:
         steps=tuple(parse_step(i, raw) for i, raw in enumerate(steps, 1)),
         start_cmd=start,
         ready_cmd=ready,
+        probe_cmd=probe,
+        probe_timeout=float(probe_timeout),
         label=str(body.get("recipe") or "")[:64],
         service=tuple(service),
     )

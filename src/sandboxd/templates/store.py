@@ -66,6 +66,8 @@ class Template:
     env: dict[str, str] = field(default_factory=dict)
     start_cmd: str = ""
     ready_cmd: str = ""
+    probe_cmd: str = ""  # its sandboxes' health probe (core/health.py), with its timeout in s
+    probe_timeout: float = 5.0
     names: tuple[str, ...] = ()
     recipe: str = ""  # a built-in recipe's digest (templates/builtin.py)
     # A snapshot with memory (core/snapshots.py): its processes, in MEMORY_DIR of its version, written by CRIU for
@@ -161,6 +163,8 @@ class TemplateStore:
             env=dict(meta.get("env", {})),
             start_cmd=meta.get("start_cmd", ""),
             ready_cmd=meta.get("ready_cmd", ""),
+            probe_cmd=meta.get("probe_cmd", ""),
+            probe_timeout=meta.get("probe_timeout") or 5.0,
             names=tuple(self.meta(ident).get("names", [])),
             recipe=meta.get("recipe", ""),
             memory_uid_base=(meta.get("memory") or {}).get("uid_base"),
