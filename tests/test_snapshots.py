@@ -322,7 +322,7 @@ def test_a_snapshot_with_memory_is_pooled_frozen_and_handed_out_running(tmp_path
     from e2b import CommandExitException
 
     data = tmp_path / "data"
-    srv = start_server(data, "--pool-size", "1", "--disk-mb", "0", "--prewarm", "")
+    srv = start_server(data, "--pool-size", "1", "--pool-max", "1", "--disk-mb", "0", "--prewarm", "")  # (fixed)
     env = {"api_key": srv.api_key, "api_url": srv.url, "sandbox_url": srv.url}
     snapshot_id = None
     try:
