@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sandboxd.api import serialize
 from sandboxd.api.changes import change_routes
+from sandboxd.api.logs import log_routes
 from sandboxd.api.models import ConnectBody, NetworkUpdate, NewSandbox, PauseBody, TimeoutBody
 from sandboxd.api.pools import pool_routes
 from sandboxd.api.secrets import secret_routes
@@ -354,6 +355,7 @@ def build_control_plane(
         *change_routes(manager),
         *volume_routes(manager, limits, _body),
         *pool_routes(manager, limits, _body),
+        *log_routes(manager),
         *(template_routes(builds, limits, _body) if builds is not None else []),
     ]
     app = Starlette(

@@ -309,6 +309,13 @@ def main(argv: list[str] | None = None) -> int:
         help="sandboxes get no network but their own loopback",
     )
     p_serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p_serve.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one JSON object per line (time, level, logger, message and fields; a request's line has its "
+        "method, route, status, ms and sandbox_id)",
+    )
 
     p_tpl = sub.add_parser("template", help="build, import, list, remove and prune templates")
     tsub = p_tpl.add_subparsers(dest="template_command", required=True)
@@ -342,6 +349,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "info").upper(), format="%(asctime)s %(name)s %(message)s")
+    if getattr(args, "log_format", "text") == "json":
+        from sandboxd.telemetry.jsonlog import JsonFormatter
+
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
 
     if args.command == "serve":
         from sandboxd.core.limits import HostLimits

@@ -30,6 +30,7 @@ class Event:
     seconds: float = 0.0
     mode: str = ""  # create: "pool" or "new"; pause and resume: "memory", "disk" or "filesystem"
     sandbox_id: str = ""
+    detail: str = ""  # what a person reading the sandbox's log wants to know (why it ended, why unhealthy)
     started: float = field(default_factory=time.monotonic, repr=False)
 
 

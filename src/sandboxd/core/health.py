@@ -135,7 +135,9 @@ class HealthMonitor:
         (log.info if healthy else log.warning)(
             "sandbox %s is %s%s", sandbox.id, outcome, f": {reason}" if reason else ""
         )
-        self.manager.events.emit(Event("health", sandbox.record.template_id, outcome, sandbox_id=sandbox.id))
+        self.manager.events.emit(
+            Event("health", sandbox.record.template_id, outcome, sandbox_id=sandbox.id, detail=reason)
+        )
 
     async def _probe(self, handle: SandboxHandle, template: Template) -> tuple[bool, str]:
         """(passed, why not)."""

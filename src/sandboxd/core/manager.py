@@ -35,6 +35,7 @@ from sandboxd.core.metrics import MetricsSampler
 from sandboxd.core.networking import SandboxNetworks, parse_ingress, parse_policy
 from sandboxd.core.pool import Pooled, PoolLimits, WarmPool
 from sandboxd.core.reaper import Reaper
+from sandboxd.core.sandbox_logs import SandboxLogs
 from sandboxd.core.tenant_limits import TenantLimits
 from sandboxd.core.users import DEFAULT_PATH, lookup_user
 from sandboxd.network.policy import NetworkPolicy
@@ -175,6 +176,7 @@ class SandboxManager:
         self.metrics = MetricsSampler(self)
         self.health = HealthMonitor(self, self.settings.health_interval)
         self.events = Events()  # creates, pauses, resumes, ends, builds: for the exporter (core/events.py)
+        self.logs = SandboxLogs(self.events)  # each sandbox's log (core/sandbox_logs.py)
         self._creating: list[int] = []  # memory (MiB) of sandboxes being created right now
         self._build_memory: dict[str, int] = {}  # template builds' sandboxes (also in _creating)
         self.net = SandboxNetworks(runtime, db)  # addresses, policies, what the egress proxy fills in
@@ -804,7 +806,7 @@ class SandboxManager:
         self.db.put(sandbox.record)
         # said from now on (it is gone from the listing): why and when it ended, while its processes go
         ended = self._ending[sandbox_id] = endings.body(sandbox.record, end, self.metrics.latest(sandbox_id))
-        self.events.emit(Event("end", sandbox.record.template_id, end.kind, sandbox_id=sandbox_id))
+        self.events.emit(Event("end", sandbox.record.template_id, end.kind, sandbox_id=sandbox_id, detail=end.message))
         self.metrics.forget(sandbox_id)
         if sandbox.checkpoint is not None:
             await self.drop_checkpoint(sandbox)

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import hashlib
 import hmac
+import json
 import os
 import posixpath
 import secrets
@@ -37,6 +38,7 @@ from sandboxd.fdio import ThreadFd, pipe_chunks
 from sandboxd.runtime.broker import Broker, BrokerGone, BrokerTimeout
 
 READ_CHUNK = 1 << 20
+MAX_LOGGED = 100  # files of one upload named in the sandbox's log
 MAX_UNSIZED = 64 << 20  # a size-0 file (procfs) is read to EOF, but no further than this
 WRITE_BATCH = 1 << 20
 WRITE_QUEUE = 4
@@ -118,6 +120,19 @@ def _http_error(e: OSError, path: str, doing: str = "error opening file: open") 
             return error(500, f"{e.strerror or e}: '{shown}'")
 
 
+def _log_written(manager: SandboxManager, sandbox: Sandbox, response: Response, user: str) -> None:
+    """The files an upload wrote, in the sandbox's log (core/sandbox_logs.py)."""
+    if response.status_code != 200 or not isinstance(response, JSONResponse):
+        return
+    try:
+        written = json.loads(bytes(response.body))
+    except ValueError:
+        return
+    for w in written[:MAX_LOGGED] if isinstance(written, list) else []:
+        path = str(w.get("path", "")) if isinstance(w, dict) else ""
+        manager.logs.add(sandbox.id, "info", f"file written by {user}: {path}", path=path, user=user)
+
+
 class FilesEndpoint:
     def __init__(self, manager: SandboxManager) -> None:
         self.manager = manager
@@ -153,6 +168,7 @@ class FilesEndpoint:
                 response = await self.download(request, query, user, broker)
             elif request.method == "POST":
                 response = await self.upload(request, query, user, broker, sandbox.handle.state_dir)
+                _log_written(self.manager, sandbox, response, user.name)
             else:
                 response = error(405, f"method {request.method} is not allowed on /files")
         except BrokerTimeout as e:

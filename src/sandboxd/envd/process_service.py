@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import posixpath
+import shlex
 import signal
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
@@ -56,6 +57,19 @@ def _find(table: ProcessTable, selector: pb.ProcessSelector | None) -> Proc:
     if proc is None:
         raise ConnectError(Code.NOT_FOUND, f"process with {what} not found")
     return proc
+
+
+def _log_process(manager: SandboxManager, sandbox_id: str, proc: Proc, argv: list[str], user: str) -> None:
+    """Its start now, and its end when it comes, in the sandbox's log (core/sandbox_logs.py)."""
+    cmd = shlex.join(argv)[:500]
+    logs, pid = manager.logs, proc.pid
+    logs.add(sandbox_id, "info", f"process {pid} started as {user}: {cmd}", pid=pid, user=user, cmd=cmd)
+
+    def ended(code: int, status: str, error: str | None) -> None:
+        level = "info" if error is None else "warn"
+        logs.add(sandbox_id, level, f"process {pid} ended: {status}", pid=pid, exitCode=code)
+
+    proc.on_end = ended
 
 
 def _deadline(ctx: RequestContext) -> float | None:
@@ -186,6 +200,7 @@ class ProcessService:
                 proc.unsubscribe(sub)
                 raise
             table.add(proc)
+            _log_process(self.manager, sbx.id, proc, spec.argv, user.name)
             deadline = _deadline(ctx)
             if deadline is not None:
                 proc.kill_at(deadline)

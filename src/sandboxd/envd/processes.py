@@ -30,7 +30,7 @@ import struct
 import subprocess
 import termios
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -113,6 +113,8 @@ def _status_of(returncode: int) -> tuple[int, bool, str]:
 
 class Proc:
     def __init__(self, table: ProcessTable, config: pb.ProcessConfig, tag: str | None, pty: bool) -> None:
+        # told (exit code, status, error) when it ends: the sandbox's log (core/sandbox_logs.py)
+        self.on_end: Callable[[int, str, str | None], None] | None = None
         self.table = table
         self.config = config
         self.tag = tag
@@ -442,6 +444,8 @@ class Proc:
             if stats is not None and self._oom_before is not None and stats > self._oom_before:
                 error = f"{status} (out of memory: the sandbox reached its memory limit and the kernel killed it)"
         end = pb.ProcessEvent.EndEvent(exit_code=code, exited=exited, status=status, error=error)
+        if self.on_end is not None:
+            self.on_end(code, status, error)
         self.end = pb.ProcessEvent(event=Oneof("end", end))  # type: ignore[arg-type]
         self._publish(self.end)
         self._publish(None)

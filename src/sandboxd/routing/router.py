@@ -180,6 +180,7 @@ class Router:
                 await _unauthorized(scope, receive, send)
                 return
         reset = current_sandbox.set(sandbox)
+        scope["sandboxd.sandbox"] = sandbox.id  # (for the access log: telemetry/prometheus.py)
         try:
             await app(scope, receive, send)
         finally:

@@ -17,6 +17,7 @@ path one envd answered (else `(unknown)`), a template one that exists (else `(un
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from sandboxd.core.manager import SandboxManager
 
 # the classic text format, which every Prometheus reads (generate_latest writes it)
+access = logging.getLogger("sandboxd.access")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 UNKNOWN_ROUTE = "(unknown)"
 # latencies from a pooled create (a few ms) to a template build (minutes)
@@ -289,16 +291,36 @@ class Requests:
             nonlocal seen
             if message["type"] == "http.response.start" and not seen:
                 seen = True
-                status = int(message["status"])
-                self.exporter.requests.labels(
-                    self.api,
-                    self._route(scope, status),
-                    scope["method"] if scope["method"] in METHODS else "OTHER",
-                    str(status),
-                ).observe(time.monotonic() - started)
+                status, took = int(message["status"]), time.monotonic() - started
+                route, method = self._route(scope, status), scope["method"] if scope["method"] in METHODS else "OTHER"
+                self.exporter.requests.labels(self.api, route, method, str(status)).observe(took)
+                if access.isEnabledFor(logging.INFO):
+                    self._log(scope, route, method, status, took)
             await send(message)
 
         await self.app(scope, receive, timed_send)
+
+    def _log(self, scope: Scope, route: str, method: str, status: int, took: float) -> None:
+        """One line per request (sandboxd serve --log-format json: one JSON object), with its sandbox's ID."""
+        sandbox = scope.get("sandboxd.sandbox") or (scope.get("path_params") or {}).get("sandbox_id") or "-"
+        fields = {
+            "api": self.api,
+            "method": method,
+            "route": route,
+            "status": status,
+            "ms": round(took * 1000, 2),
+            "sandbox_id": UNSAFE.sub("?", str(sandbox)[:64]),  # (what a client sent: no line breaks in a log)
+        }
+        access.info(
+            "%s %s %s %d %.1f ms sandbox=%s",
+            self.api,
+            method,
+            route,
+            status,
+            took * 1000,
+            fields["sandbox_id"],
+            extra={"fields": fields},
+        )
 
     def _route(self, scope: Scope, status: int) -> str:
         route = scope.get("route")  # (Starlette's: the route that matched)
@@ -309,5 +331,6 @@ class Requests:
         return UNKNOWN_ROUTE
 
 
+UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 CONVERTER = re.compile(r":\w+\}")
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
