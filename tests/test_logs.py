@@ -81,8 +81,8 @@ def test_logs_refuse_bad_queries_and_unknown_sandboxes(server: Server, sandbox: 
         assert r.status_code == 400, (bad, r.text)
     assert httpx.get(server.url + path).status_code == 401
     # a command line of any size or content is one entry, cut to size
-    sandbox.commands.run("true " + "x" * 5000 + " $'\\n'injected")
-    entries = api.get(path, params={"search": "injected"}).json()["logs"]
+    sandbox.commands.run("true marker-7f3a " + "x" * 5000 + "\n true injected")
+    entries = api.get(path, params={"search": "marker-7f3a"}).json()["logs"]
     assert len(entries) == 1 and len(entries[0]["message"]) <= 1000, entries
 
 
