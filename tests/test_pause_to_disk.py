@@ -636,3 +636,55 @@ def test_auto_pause_goes_to_disk_and_a_command_resumes_it(disk_server: Server) -
         assert counter.pid in [p.pid for p in sbx.commands.list()]
     finally:
         sbx.kill()
+
+
+@pytest.mark.parametrize("to_disk", [True, False])
+def test_an_upload_cut_by_a_crash_while_its_sandbox_was_paused_leaves_no_temporary_file(
+    tmp_path: Path, to_disk: bool
+) -> None:
+    # The upload's temporary file is made, then the sandbox paused (its broker frozen mid-upload), then the
+    # server dies: the next one finds the sandbox paused, its journal naming that file; once the sandbox runs
+    # again the file goes (it used to stay: a paused sandbox was skipped, or its frozen broker failed the unlink
+    # and the journal forgot the file anyway).
+    data = tmp_path / "data"
+    after = ("--checkpoint-after", "0") if to_disk else ("--checkpoint-after", "never")
+    with keeping_server(data, "--pool-size", "0", *after) as (srv, port):
+        env = _env(srv)
+        sbx = Sandbox.create(template="base", timeout=300, **env)  # type: ignore[arg-type]
+        sbx.commands.run("true")
+        url = sbx.upload_url("/home/user/big.bin")
+
+        def body() -> Iterator[bytes]:
+            yield b"x" * (1 << 20)
+            time.sleep(2)  # (the pause and the crash come meanwhile)
+            yield b"y" * (1 << 20)
+
+        def upload() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.post(url, content=body(), headers={"Content-Type": "application/octet-stream"}, timeout=30)
+
+        import threading
+
+        uploader = threading.Thread(target=upload, daemon=True)
+        uploader.start()
+        deadline = time.monotonic() + 10
+        while not [n for n in sbx.commands.run("ls -a /home/user").stdout.split() if n.startswith(".sandboxd-upload-")]:
+            assert time.monotonic() < deadline, "the upload's temporary file did not appear"
+            time.sleep(0.05)
+        sbx.pause()
+        if to_disk:
+            _on_disk(srv, sbx.sandbox_id)
+        srv.stop(signal.SIGKILL)
+        uploader.join(timeout=30)
+        srv2 = start_server(data, "--pool-size", "0", *after, port=port, keep=True)
+        try:
+            again = Sandbox.connect(sbx.sandbox_id, **env)  # type: ignore[arg-type]
+            left = [
+                n for n in again.commands.run("ls -a /home/user").stdout.split() if n.startswith(".sandboxd-upload-")
+            ]
+            assert not left, left
+            journal = data / "sandboxes" / sbx.sandbox_id / "uploads"
+            assert not [p for p in journal.rglob("*") if p.is_file()], "its journal keeps entries"
+            again.kill()
+        finally:
+            srv2.stop()

@@ -125,6 +125,7 @@ class App:
         self.builds = TemplateBuilds(self.manager, self.templates)
         self.builds.builtin_builds = config.builtin_builds
         self.manager.after_boot_again.append(lambda sandbox: uploads.clean_sandbox(self.manager, sandbox))
+        self.manager.after_resume.append(lambda sandbox: uploads.clean_sandbox(self.manager, sandbox, True))
         self.manager.checkpoint_parts.append(EnvdAtCheckpoint(self.manager.runtime))
         self.manager.volumes = VolumeStore(
             config.data_dir / "volumes", self.db, config.volume_size_mb, config.max_volumes

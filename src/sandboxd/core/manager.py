@@ -186,6 +186,8 @@ class SandboxManager:
         self._ending: dict[str, dict[str, Any]] = {}
         # called when a sandbox paused to its files has booted again (upper layers tidy up after it)
         self.after_boot_again: list[Callable[[Sandbox], Awaitable[Any]]] = []
+        # called when a paused sandbox runs again, from memory or from disk (envd/uploads.py tidies up after it)
+        self.after_resume: list[Callable[[Sandbox], Awaitable[Any]]] = []
         # what other layers attach to a sandbox from outside, taken through a pause to disk (core/pausing.py)
         self.checkpoint_parts: list[pausing.CheckpointPart] = []
         # sandboxes from a snapshot with memory, made but not registered yet: what the parts attach to them then
@@ -922,6 +924,11 @@ class SandboxManager:
                             await asyncio.to_thread(self.runtime.freeze, sandbox.handle, False)
             sandbox.record.state, sandbox.record.pause_mode = "running", ""
             sandbox.record.resume_at_start = 0
+            for hook in self.after_resume:
+                try:
+                    await hook(sandbox)
+                except Exception:
+                    log.exception("sandbox %s: after its resume", sandbox.id)
             if sandbox.record.idle_timeout:
                 await self._mark_active(sandbox)
             sandbox.record.end_at = time.time() + timeout
