@@ -60,6 +60,7 @@ class Lab:
         tag = os.getpid() % 100000
         self.netns = f"sbxlab{tag}"
         self.host_if = f"lab{tag}"
+        self.own_dir = directory is None  # (made here: removed by stop)
         self.dir = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="sandboxd-lab-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -192,3 +193,5 @@ class Lab:
         subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)  # takes the veth and routes
         subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
         shutil.rmtree(self.etc, ignore_errors=True)
+        if self.own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -98,6 +99,7 @@ def domain_server(lab: Lab) -> Iterator[tuple[Server, int]]:
         yield srv, tls_port
     finally:
         assert srv.stop() == 0
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _env(srv: Server) -> dict[str, str]:

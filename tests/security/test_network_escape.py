@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.server
 import ipaddress
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -213,6 +214,7 @@ def test_address_pool_exhaustion_is_a_clear_error_and_leaks_nothing(lab: Lab) ->
             sbx.kill()
         assert srv.stop() == 0
     assert_no_network_leftovers(srv, "10.213.251.0/29")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def assert_no_network_leftovers(srv: Server, cidr: str) -> None:
