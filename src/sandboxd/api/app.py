@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from sandboxd.api import serialize
+from sandboxd.api import openapi, serialize
 from sandboxd.api.changes import change_routes
 from sandboxd.api.logs import log_routes
 from sandboxd.api.models import ConnectBody, NetworkUpdate, NewSandbox, PauseBody, TimeoutBody
@@ -34,7 +34,7 @@ from sandboxd.telemetry.prometheus import CONTENT_TYPE, Exporter
 
 MAX_LIMIT = 100
 # Without X-API-KEY: the health check, and what relying parties need to verify workload identity tokens.
-PUBLIC_PATHS = frozenset({"/health", "/.well-known/jwks.json", "/.well-known/openid-configuration"})
+PUBLIC_PATHS = frozenset({"/health", "/.well-known/jwks.json", "/.well-known/openid-configuration", "/openapi.json"})
 # Prometheus' scrapes: the API key as X-API-KEY, or as a bearer token (what Prometheus' `authorization` sends)
 METRICS_PATH = "/metrics"
 
@@ -140,6 +140,14 @@ def build_control_plane(
 ) -> ASGIApp:
     async def health(request: Request) -> Response:
         return Response(status_code=204)
+
+    schema: dict[str, Any] = {}
+
+    async def openapi_json(request: Request) -> Response:
+        """This API's OpenAPI document"""
+        if not schema:
+            schema.update(openapi.document(routes, PUBLIC_PATHS, frozenset({METRICS_PATH})))
+        return JSONResponse(schema)
 
     async def prometheus(request: Request) -> Response:
         if exporter is None:
@@ -334,6 +342,7 @@ def build_control_plane(
     routes = [
         Route("/health", health, methods=["GET"]),
         Route(METRICS_PATH, prometheus, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/sandboxes", create, methods=["POST"]),
         Route("/v2/sandboxes", create, methods=["POST"]),
         Route("/sandboxes", list_v1, methods=["GET"]),
