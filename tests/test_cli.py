@@ -126,3 +126,24 @@ def test_an_interactive_shell_through_a_real_terminal(server: Server) -> None:
         assert shell.exitstatus == 3, (shell.exitstatus, shell.signalstatus)
     finally:
         cli(server, "kill", ident)
+
+
+def _complete(line: str, tmp_path: Path) -> list[str]:
+    out = tmp_path / "completions"
+    env = {"PATH": "/usr/bin:/bin", "_ARGCOMPLETE": "1", "COMP_LINE": line, "COMP_POINT": str(len(line))}
+    env["_ARGCOMPLETE_STDOUT_FILENAME"] = str(out)
+    subprocess.run([SANDBOXD], env=env, timeout=30, check=True)
+    return sorted(out.read_text().split())
+
+
+def test_shell_completion(tmp_path: Path) -> None:
+    assert _complete("sandboxd sandbox ex", tmp_path) == ["exec"]
+    assert _complete("sandboxd pool s", tmp_path) == ["set", "show"]
+    assert "--pool-max" in _complete("sandboxd serve --pool-", tmp_path)
+    script = subprocess.run(
+        [SANDBOXD, "completion", "bash"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
+    registered = subprocess.run(
+        ["bash", "-c", script + "\ncomplete -p sandboxd"], capture_output=True, text=True, timeout=30
+    )
+    assert registered.returncode == 0 and "sandboxd" in registered.stdout, registered

@@ -1,4 +1,4 @@
-"""`sandboxd serve | template build|import|list|rm|prune|logs | api-key | ca`."""
+"""`sandboxd serve | template build|import|list|rm|prune|logs | sandbox ... | pool ... | api-key | ca | completion`."""
 
 from __future__ import annotations
 
@@ -347,7 +347,17 @@ def main(argv: list[str] | None = None) -> int:
     p_install = ca_sub.add_parser("install", help="add the CA to this host's trust store (update-ca-certificates)")
     _add_dirs(p_install)
 
+    p_done = sub.add_parser("completion", help='shell completion: eval "$(sandboxd completion bash)" (zsh, fish too)')
+    p_done.add_argument("shell", choices=["bash", "zsh", "fish"], nargs="?", default="bash")
+    import argcomplete  # (completes when the shell asks: _ARGCOMPLETE set; else nothing)
+
+    argcomplete.autocomplete(parser)
     args = parser.parse_args(argv)
+    if args.command == "completion":
+        from argcomplete.shell_integration import shellcode
+
+        print(shellcode(["sandboxd"], shell=args.shell))
+        return 0
     logging.basicConfig(level=getattr(args, "log_level", "info").upper(), format="%(asctime)s %(name)s %(message)s")
     if getattr(args, "log_format", "text") == "json":
         from sandboxd.telemetry.jsonlog import JsonFormatter
