@@ -198,6 +198,7 @@ class HostNetwork:
         self._lock = threading.Lock()  # the route socket and the address book
         self._used: set[int] = set()
         self._forgetting: set[str] = set()  # released, their conntrack entries not yet deleted (still used)
+        self._sweeping = threading.Lock()  # held by a sweep of them
         self._sweep_timer: threading.Timer | None = None
         self._ready: set[int] = set()  # addresses of namespaces prepared but not given to a sandbox
         self._next = self._first
@@ -489,16 +490,19 @@ class HostNetwork:
                 self._sweep_timer.start()
 
     def sweep_forgotten(self) -> None:
-        """Delete the conntrack entries of the sandboxes released since the last sweep; free their addresses."""
-        with self._lock:
-            gone, self._forgetting = self._forgetting, set()
-            self._sweep_timer = None
-        if not gone:
-            return
-        self._forget({*gone, *(self.v6(a) for a in gone)} - {""})
-        with self._lock:
-            for address in gone:
-                self._used.discard(int(ipaddress.IPv4Address(address)))
+        """Delete the conntrack entries of the sandboxes released since the last sweep; free their addresses.
+        One sweep at a time: close() sweeps last, after the timer's sweep in flight (whose addresses would
+        otherwise still look used to it, and keep the table and the gateway for sandboxes that are gone)."""
+        with self._sweeping:
+            with self._lock:
+                gone, self._forgetting = self._forgetting, set()
+                self._sweep_timer = None
+            if not gone:
+                return
+            self._forget({*gone, *(self.v6(a) for a in gone)} - {""})
+            with self._lock:
+                for address in gone:
+                    self._used.discard(int(ipaddress.IPv4Address(address)))
 
     def _families(self) -> list[int]:
         return [socket.AF_INET, socket.AF_INET6] if self.pool6 is not None else [socket.AF_INET]
