@@ -12,6 +12,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from sandboxd.cli.sandboxes import failed
+
 # (piped: wide enough for whole IDs and times, never cut with an ellipsis)
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False)
@@ -49,12 +51,7 @@ def main(args: argparse.Namespace, url: str, api_key: str | None) -> int:
         err.print(f"sandboxd: cannot reach the server at {url} ({e}): is `sandboxd serve` running? (--url)")
         return 1
     if r.status_code != 200:
-        try:
-            message = r.json().get("message", r.text)
-        except ValueError:
-            message = r.text
-        err.print(f"sandboxd: {message} ({r.status_code})")
-        return 1
+        return failed(r)
     body: Any = r.json()
     if args.json:
         print(json.dumps(body, indent=1))

@@ -92,7 +92,7 @@ def main(args: argparse.Namespace, url: str, api_key: str | None) -> int:
                 with client.stream("GET", path, params={**params, "format": "tar"}) as r:
                     if r.status_code != 200:
                         r.read()
-                        return _failed(r)
+                        return failed(r)
                     if str(args.tar) == "-":
                         _copy(r, sys.stdout.buffer)
                         return 0
@@ -105,7 +105,7 @@ def main(args: argparse.Namespace, url: str, api_key: str | None) -> int:
         err.print(f"sandboxd: cannot reach the server at {url} ({e}): is `sandboxd serve` running? (--url)")
         return 1
     if r.status_code != 200:
-        return _failed(r)
+        return failed(r)
     body = r.json()
     if args.json:
         print(json.dumps(body, indent=1))
@@ -131,21 +131,30 @@ def _pairs(items: list[str], what: str) -> dict[str, str]:
 def _answer(r: Any, want: int = 200) -> Any:
     """The JSON body of a `want` answer, or None after saying what the server refused and why."""
     if r.status_code != want:
-        _failed(r)
+        failed(r)
         return None
     return r.json() if r.content else {}
+
+
+def _shown(args: argparse.Namespace, r: Any) -> Any:
+    """The JSON body of a 200 to show as a table, or the exit status when done: refused (said why, 1) or
+    printed as JSON (--json, 0)."""
+    body = _answer(r)
+    if body is None:
+        return 1
+    if args.json:
+        print(json.dumps(body, indent=1))
+        return 0
+    return body
 
 
 def _list(args: argparse.Namespace, client: Any) -> int:
     params: dict[str, str] = {"state": args.state}
     if args.metadata:
         params["metadata"] = "&".join(f"{k}={v}" for k, v in _pairs(args.metadata, "--metadata").items())
-    body = _answer(client.get("/v2/sandboxes", params=params))
-    if body is None:
-        return 1
-    if args.json:
-        print(json.dumps(body, indent=1))
-        return 0
+    body = _shown(args, client.get("/v2/sandboxes", params=params))
+    if isinstance(body, int):
+        return body
     table = Table("sandbox", "template", "state", "started", "ends", "cpus", "memory MB", box=None)
     for s in body:
         state = s["state"] + (f" ({s['health']['status']})" if "health" in s else "")
@@ -173,12 +182,9 @@ def _create(args: argparse.Namespace, client: Any) -> int:
 
 
 def _info(args: argparse.Namespace, client: Any) -> int:
-    body = _answer(client.get(f"/sandboxes/{args.sandbox_id}"))
-    if body is None:
-        return 1
-    if args.json:
-        print(json.dumps(body, indent=1))
-        return 0
+    body = _shown(args, client.get(f"/sandboxes/{args.sandbox_id}"))
+    if isinstance(body, int):
+        return body
     table = Table(box=None, show_header=False)
     for key in (
         "sandboxID",
@@ -209,7 +215,7 @@ def _kill(args: argparse.Namespace, client: Any) -> int:
         if r.status_code == 204:
             console.print(f"killed {ident}")
         else:
-            status = _failed(r)
+            status = failed(r)
     return status
 
 
@@ -220,7 +226,7 @@ def _pause(args: argparse.Namespace, client: Any) -> int:
     body = {"toDisk": True} if args.to_disk else {"memory": False} if args.files_only else {}
     r = client.post(f"/sandboxes/{args.sandbox_id}/pause", json=body)
     if r.status_code != 204:
-        return _failed(r)
+        return failed(r)
     console.print(f"paused {args.sandbox_id}")
     return 0
 
@@ -228,18 +234,15 @@ def _pause(args: argparse.Namespace, client: Any) -> int:
 def _resume(args: argparse.Namespace, client: Any) -> int:
     r = client.post(f"/v2/sandboxes/{args.sandbox_id}/connect", json={"timeout": args.timeout})
     if r.status_code not in (200, 201):
-        return _failed(r)
+        return failed(r)
     console.print(f"{'resumed' if r.status_code == 201 else 'running'} {args.sandbox_id}")
     return 0
 
 
 def _metrics(args: argparse.Namespace, client: Any) -> int:
-    body = _answer(client.get(f"/sandboxes/{args.sandbox_id}/metrics"))
-    if body is None:
-        return 1
-    if args.json:
-        print(json.dumps(body, indent=1))
-        return 0
+    body = _shown(args, client.get(f"/sandboxes/{args.sandbox_id}/metrics"))
+    if isinstance(body, int):
+        return body
     table = Table("time", "cpu %", "memory MB", "of MB", "disk MB", "of MB", box=None)
     for m in body:
         table.add_row(
@@ -311,7 +314,7 @@ def _copy(r: object, out: IO[bytes]) -> int:
     return size
 
 
-def _failed(r: object) -> int:
+def failed(r: object) -> int:
     import httpx
 
     assert isinstance(r, httpx.Response)

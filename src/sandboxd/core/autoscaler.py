@@ -21,8 +21,6 @@ Each change is logged and counted (`changes`, for the exporter).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -30,6 +28,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from sandboxd.core.periodic import Periodic
 from sandboxd.core.pool import WarmPool
 
 log = logging.getLogger("sandboxd.pool")
@@ -61,24 +60,11 @@ class Autoscaler:
         self.cooldown = cooldown
         self.changes: Counter[tuple[str, str]] = Counter()  # (template, "up" | "down") -> times
         self._demand: dict[str, _Demand] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._looks = Periodic("pool-autoscaler", TICK, self._look, log)
+        self.start, self.stop = self._looks.start, self._looks.stop
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="pool-autoscaler")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(TICK)
-            try:
-                self.tick(time.monotonic())
-            except Exception:
-                log.exception("the pool autoscaler's look failed")
+    async def _look(self) -> None:
+        self.tick(time.monotonic())
 
     def tick(self, now: float) -> None:
         pool = self.pool

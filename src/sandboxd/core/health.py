@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from sandboxd.core import startup
 from sandboxd.core.events import Event
+from sandboxd.core.periodic import Periodic
 from sandboxd.core.pool import Pooled
 from sandboxd.runtime.base import SandboxHandle
 from sandboxd.templates.store import Template, TemplateError
@@ -61,25 +62,8 @@ class HealthMonitor:
         self.interval = interval
         self.probes: Counter[str] = Counter()  # outcome ("pass", "fail", "timeout") -> probes run
         self._slots = asyncio.Semaphore(CONCURRENT)
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        if self.interval > 0:
-            self._task = asyncio.create_task(self._run(), name="health-monitor")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.check_all()
-            except Exception:
-                log.exception("the health monitor's round failed")
+        self._rounds = Periodic("health-monitor", interval, self.check_all, log)
+        self.start, self.stop = self._rounds.start, self._rounds.stop
 
     async def check_all(self) -> None:
         m = self.manager

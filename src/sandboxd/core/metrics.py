@@ -8,12 +8,13 @@ wall time and its CPUs. A request for the current window gets a fresh sample if 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
+
+from sandboxd.core.periodic import Periodic
 
 if TYPE_CHECKING:
     from sandboxd.core.manager import Sandbox, SandboxManager
@@ -41,16 +42,8 @@ class MetricsSampler:
         self.manager = manager
         self._history: dict[str, deque[Sample]] = {}
         self._cpu: dict[str, tuple[float, int]] = {}  # sandbox -> (monotonic time, CPU ns) of the last sample
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="metrics-sampler")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        self._rounds = Periodic("metrics-sampler", INTERVAL, self._sample_all, log)
+        self.start, self.stop = self._rounds.start, self._rounds.stop
 
     def latest(self, sandbox_id: str) -> dict[str, Any] | None:
         """The sandbox's last sample (what is kept when it ends: core/endings.py)."""
@@ -97,11 +90,9 @@ class MetricsSampler:
             if (start is None or s.timestamp >= start) and (end is None or s.timestamp <= end)
         ]
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(INTERVAL)
-            for sandbox in [s for s in self.manager.sandboxes.values() if s.running]:
-                try:
-                    await asyncio.to_thread(self.sample, sandbox)
-                except Exception:  # gone meanwhile, or its cgroup is being removed
-                    log.debug("sampling %s failed", sandbox.id, exc_info=True)
+    async def _sample_all(self) -> None:
+        for sandbox in [s for s in self.manager.sandboxes.values() if s.running]:
+            try:
+                await asyncio.to_thread(self.sample, sandbox)
+            except Exception:  # gone meanwhile, or its cgroup is being removed
+                log.debug("sampling %s failed", sandbox.id, exc_info=True)

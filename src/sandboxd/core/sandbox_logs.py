@@ -36,7 +36,7 @@ class SandboxLogs:
         events.listen(self.on_event)
 
     def add(self, sandbox_id: str, level: str, message: str, **fields: object) -> None:
-        entries = self._live.get(sandbox_id)
+        entries = self._live.get(sandbox_id) or self._ended.get(sandbox_id)  # (a process's end after its sandbox's)
         if entries is None:
             entries = self._live[sandbox_id] = deque(maxlen=KEEP)
         values = {k: str(v)[:MAX_FIELD] for k, v in fields.items()}
