@@ -102,6 +102,8 @@ def test_the_server_logs_one_json_line_per_request_with_its_sandbox(tmp_path: Pa
     started = [r for r in access if r["route"] == "/process.Process/Start"]
     assert started and started[0]["sandbox_id"] == sbx.sandbox_id and started[0]["status"] == 200, started
     assert started[0]["api"] == "envd" and started[0]["ms"] >= 0
+    made = [r for r in access if r["method"] == "POST" and r["route"] == "/v2/sandboxes"]
+    assert made and made[0]["sandbox_id"] == sbx.sandbox_id and made[0]["status"] == 201, made
     killed = [r for r in access if r["method"] == "DELETE" and r["route"] == "/sandboxes/{sandbox_id}"]
     assert killed and killed[0]["sandbox_id"] == sbx.sandbox_id and killed[0]["status"] == 204, killed
     assert any(r["status"] == 404 and r["sandbox_id"] == "not-there" for r in access)

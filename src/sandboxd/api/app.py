@@ -170,6 +170,7 @@ def build_control_plane(
             iam=body.iam,
             volume_mounts=body.volume_mounts,
         )
+        request.scope["sandboxd.sandbox"] = sandbox.id  # (the access log names the sandbox it made)
         return JSONResponse(serialize.sandbox_created(sandbox), status_code=201)
 
     async def jwks(request: Request) -> Response:
