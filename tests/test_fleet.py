@@ -1,0 +1,99 @@
+"""sandboxd.fleet's pool (fleet/pool.py) against the real server through the official SDK: min made at start, at
+most max lent, a waiter served by a release, PoolExhausted saying what to do, recycle (the same sandbox) and reset
+(killed, another), a sandbox killed behind the pool's back not lent, close kills them; the synchronous face."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from e2b import Sandbox
+
+from sandboxd.fleet import AsyncSandboxPool, PoolExhausted, SandboxPool
+from sandboxd.fleet.pool import POOL_KEY
+
+from conftest import Server
+
+
+def _mine(server: Server, pool_id: str) -> list[str]:
+    listed = server.api().get("/v2/sandboxes", params={"metadata": f"{POOL_KEY}={pool_id}"}).json()
+    return sorted(s["sandboxID"] for s in listed)
+
+
+def test_an_async_pool_lends_within_its_limits_and_takes_back(server: Server) -> None:
+    async def body() -> None:
+        async with AsyncSandboxPool("base", min=2, max=3, timeout=120, acquire_timeout=1) as pool:
+            assert len(_mine(server, pool.id)) == 2 and pool.stats()["idle"] == 2
+            async with pool.acquire() as a, pool.acquire() as b, pool.acquire() as c:
+                assert len({a.sandbox_id, b.sandbox_id, c.sandbox_id}) == 3
+                assert (await a.commands.run("echo ok")).stdout == "ok\n"
+                started = time.monotonic()
+                with pytest.raises(PoolExhausted, match="raise max"):
+                    async with pool.acquire():
+                        pass
+                assert time.monotonic() - started >= 0.9
+                kept = a.sandbox_id
+            # recycled: the same sandboxes come back
+            async with pool.acquire() as again:
+                assert again.sandbox_id in {kept, b.sandbox_id, c.sandbox_id}
+
+            # a waiter gets the one released meanwhile
+            async def hold(seconds: float) -> str:
+                async with pool.acquire() as s:
+                    await asyncio.sleep(seconds)
+                    return str(s.sandbox_id)
+
+            ids = await asyncio.gather(hold(0.5), hold(0.5), hold(0.5), hold(0.1))
+            assert len(set(ids)) <= 3
+
+            # killed behind its back: not lent
+            victim = pool._idle[0].sandbox_id
+            server.api().delete(f"/sandboxes/{victim}")
+            async with pool.acquire() as s:
+                assert s.sandbox_id != victim and (await s.commands.run("true")).exit_code == 0
+            pool_id = pool.id
+        deadline = time.monotonic() + 10
+        while _mine(server, pool_id):  # (closed: its sandboxes killed)
+            assert time.monotonic() < deadline, _mine(server, pool_id)
+            await asyncio.sleep(0.2)
+
+    asyncio.run(body())
+
+
+def _status(server: Server, sandbox_id: str) -> int:
+    return httpx.get(f"{server.url}/sandboxes/{sandbox_id}", headers={"X-API-KEY": server.api_key}).status_code
+
+
+def test_reset_gives_a_clean_sandbox_and_kills_the_used_one(server: Server) -> None:
+    async def body() -> None:
+        async with AsyncSandboxPool("base", min=1, max=2, timeout=120, on_release="reset") as pool:
+            async with pool.acquire() as s:
+                await s.files.write("/tmp/dirty", "x")
+                used = s.sandbox_id
+            async with pool.acquire() as s:
+                assert s.sandbox_id != used
+                assert not await s.files.exists("/tmp/dirty")
+            deadline = time.monotonic() + 10
+            while (await asyncio.to_thread(_status, server, used)) != 404:
+                assert time.monotonic() < deadline, "the used sandbox was not killed"
+                await asyncio.sleep(0.2)
+
+    asyncio.run(body())
+
+
+def test_the_synchronous_pool(server: Server) -> None:
+    with SandboxPool("base", min=1, max=2, timeout=120) as pool:
+        with pool.acquire() as sbx:
+            assert isinstance(sbx, Sandbox)
+            assert sbx.commands.run("echo sync").stdout == "sync\n"
+            first = sbx.sandbox_id
+        with pool.acquire() as sbx:
+            assert sbx.sandbox_id == first  # (recycled)
+        with pytest.raises(RuntimeError), pool.acquire() as sbx:
+            raise RuntimeError("the block failed")  # (then the sandbox is not lent again)
+        assert pool.stats()["lent"] == 0
+        pool_id = pool.pool.id
+    time.sleep(1)
+    assert first not in _mine(server, pool_id)
