@@ -5,16 +5,18 @@ most max lent, a waiter served by a release, PoolExhausted saying what to do, re
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 from e2b import Sandbox
 
-from sandboxd.fleet import AsyncSandboxPool, PoolExhausted, SandboxPool
+from sandboxd.fleet import AsyncSandboxPool, LoadBalancer, NoSandboxes, PoolExhausted, SandboxPool, retrying_sync
 from sandboxd.fleet.pool import POOL_KEY
 
-from conftest import Server
+from conftest import Server, keeping_server, start_server
 
 
 def _mine(server: Server, pool_id: str) -> list[str]:
@@ -97,3 +99,75 @@ def test_the_synchronous_pool(server: Server) -> None:
         pool_id = pool.pool.id
     time.sleep(1)
     assert first not in _mine(server, pool_id)
+
+
+def test_the_load_balancer_spreads_work_by_its_strategy(server: Server) -> None:
+    boxes = [Sandbox.create(template="base", timeout=120) for _ in range(3)]
+    try:
+        ids = [b.sandbox_id for b in boxes]
+        rr = LoadBalancer(boxes, strategy="round_robin")
+        picked = []
+        for _ in range(6):
+            with rr.use_sync() as s:
+                picked.append(s.sandbox_id)
+        assert picked == ids + ids
+
+        lc = LoadBalancer(boxes, strategy="least_connections")
+        with lc.use_sync() as a, lc.use_sync() as b, lc.use_sync() as c:
+            assert {a.sandbox_id, b.sandbox_id, c.sandbox_id} == set(ids)  # (each busy one avoided)
+            assert lc.in_flight == dict.fromkeys(ids, 1)
+        assert lc.in_flight == dict.fromkeys(ids, 0)
+
+        # metrics: the sandbox burning its CPU is avoided
+        boxes[0].commands.run("timeout 60 sh -c 'while :; do :; done' >/dev/null 2>&1 &")
+        by_cpu = LoadBalancer(boxes, strategy="metrics", metrics_ttl=0)
+        deadline = time.monotonic() + 30
+        while by_cpu.cpu.get(ids[0], 0) < 50:
+            assert time.monotonic() < deadline, by_cpu.cpu
+            by_cpu.refresh_sync()
+            time.sleep(1.1)
+        for _ in range(4):
+            with by_cpu.use_sync() as s:
+                assert s.sandbox_id != ids[0], by_cpu.cpu
+        with pytest.raises(NoSandboxes, match="add"):
+            LoadBalancer([]).pick()
+    finally:
+        for b in boxes:
+            b.kill()
+
+
+def test_a_call_survives_a_server_restart_and_a_create_is_never_made_twice(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with keeping_server(data, "--pool-size", "0") as (srv, port):
+        env = {"api_key": srv.api_key, "api_url": srv.url, "sandbox_url": srv.url}
+        srv.stop()  # (down: the next create's request cannot be sent)
+        restarted: list[Server] = []
+
+        def restart() -> None:
+            time.sleep(1.0)
+            restarted.append(start_server(data, "--pool-size", "0", port=port, keep=True))
+
+        helper = threading.Thread(target=restart)
+        helper.start()
+        sbx = retrying_sync(lambda: Sandbox.create(template="base", timeout=60, **env), idempotent=False, attempts=8)
+        helper.join()
+        srv2 = restarted[0]
+        try:
+            listed = srv2.api().get("/v2/sandboxes").json()
+            assert [s["sandboxID"] for s in listed] == [sbx.sandbox_id]  # made once
+            # an idempotent read across a restart
+            srv2.stop()
+            helper = threading.Thread(target=restart)
+            helper.start()
+            info = retrying_sync(lambda: Sandbox.get_info(sbx.sandbox_id, **env), idempotent=True, attempts=8)
+            helper.join()
+            assert info.sandbox_id == sbx.sandbox_id
+            # what is not worth another try is raised at once
+            started = time.monotonic()
+            with pytest.raises(Exception, match="not found"):
+                retrying_sync(lambda: Sandbox.create(template="no-such-x", timeout=60, **env), idempotent=False)
+            assert time.monotonic() - started < 2
+            Sandbox.kill(sbx.sandbox_id, **env)
+        finally:
+            for s in restarted:
+                s.stop()

@@ -1,8 +1,22 @@
 """sandboxd.fleet: what programs that run many sandboxes need, client-side, on the official `e2b` SDK (so it
-works against sandboxd or E2B alike): a pool of sandboxes to lend and take back (pool.py). Async first
-(`AsyncSandboxPool`), with a synchronous face (`SandboxPool`)."""
+works against sandboxd or E2B alike): a pool of sandboxes to lend and take back (pool.py), a load balancer over
+the user's sandboxes (balancer.py), calls that survive a restart without being done twice (retry.py). Async
+first, with synchronous faces."""
 
+from sandboxd.fleet.balancer import LoadBalancer, NoSandboxes
 from sandboxd.fleet.errors import FleetError, PoolClosed, PoolExhausted
 from sandboxd.fleet.pool import AsyncSandboxPool, SandboxPool
+from sandboxd.fleet.retry import RetriesExhausted, retrying, retrying_sync
 
-__all__ = ["AsyncSandboxPool", "FleetError", "PoolClosed", "PoolExhausted", "SandboxPool"]
+__all__ = [
+    "AsyncSandboxPool",
+    "FleetError",
+    "LoadBalancer",
+    "NoSandboxes",
+    "PoolClosed",
+    "PoolExhausted",
+    "RetriesExhausted",
+    "SandboxPool",
+    "retrying",
+    "retrying_sync",
+]
