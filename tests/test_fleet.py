@@ -11,9 +11,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2b import Sandbox
+from e2b import AsyncSandbox, Sandbox
 
-from sandboxd.fleet import AsyncSandboxPool, LoadBalancer, NoSandboxes, PoolExhausted, SandboxPool, retrying_sync
+from sandboxd.fleet import (
+    AsyncSandboxPool,
+    HealthMonitor,
+    LoadBalancer,
+    NoSandboxes,
+    PoolExhausted,
+    SandboxPool,
+    retrying_sync,
+)
 from sandboxd.fleet.pool import POOL_KEY
 
 from conftest import Server, keeping_server, start_server
@@ -171,3 +179,44 @@ def test_a_call_survives_a_server_restart_and_a_create_is_never_made_twice(tmp_p
         finally:
             for s in restarted:
                 s.stop()
+
+
+def test_the_health_monitor_reports_and_replaces_broken_sandboxes(server: Server) -> None:
+    async def body() -> None:
+        boxes = [await AsyncSandbox.create(template="base", timeout=120) for _ in range(2)]
+        for b in boxes:
+            await b.files.write("/tmp/ok", "")
+        lb = LoadBalancer(boxes)
+        seen: list[tuple[str, str]] = []
+        replaced: list[tuple[str, str]] = []
+
+        async def make(old: AsyncSandbox) -> AsyncSandbox:
+            new = await AsyncSandbox.create(template="base", timeout=120)
+            await new.files.write("/tmp/ok", "")
+            return new
+
+        monitor = HealthMonitor(
+            lb,
+            probe="test -f /tmp/ok",
+            replace=make,
+            on_unhealthy=lambda s, why: seen.append((s.sandbox_id, why)),
+            on_replaced=lambda old, new: replaced.append((old.sandbox_id, new.sandbox_id)),
+        )
+        try:
+            assert await monitor.check() == {}
+            dead, sick = boxes
+            await asyncio.to_thread(lambda: server.api().delete(f"/sandboxes/{dead.sandbox_id}"))
+            await sick.commands.run("rm /tmp/ok")
+            bad = await monitor.check()
+            assert set(bad) == {dead.sandbox_id, sick.sandbox_id}, bad
+            assert "not running" in bad[dead.sandbox_id] and "test -f /tmp/ok" in bad[sick.sandbox_id], bad
+            assert {old for old, _ in replaced} == set(bad) and len(seen) == 2
+            now = {s.sandbox_id for s in lb._sandboxes}
+            assert now == {new for _, new in replaced} and not now & set(bad)
+            assert await monitor.check() == {}  # (the new ones are healthy)
+            assert await asyncio.to_thread(_status, server, sick.sandbox_id) == 404  # (the sick one killed)
+        finally:
+            for s in lb._sandboxes:
+                await s.kill()
+
+    asyncio.run(body())
