@@ -28,8 +28,8 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sandboxd.core.periodic import Periodic
 from sandboxd.core.pool import WarmPool
+from sandboxd.periodic import Periodic
 
 log = logging.getLogger("sandboxd.pool")
 

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 
 from sandboxd.core import startup
 from sandboxd.core.events import Event
-from sandboxd.core.periodic import Periodic
 from sandboxd.core.pool import Pooled
+from sandboxd.periodic import Periodic
 from sandboxd.runtime.base import SandboxHandle
 from sandboxd.templates.store import Template, TemplateError
 

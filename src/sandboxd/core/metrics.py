@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from sandboxd.core.periodic import Periodic
+from sandboxd.periodic import Periodic
 
 if TYPE_CHECKING:
     from sandboxd.core.manager import Sandbox, SandboxManager

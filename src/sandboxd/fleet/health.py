@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sandboxd.fleet.balancer import LoadBalancer
+from sandboxd.periodic import Periodic
 
 log = logging.getLogger("sandboxd.fleet")
 
@@ -32,7 +33,8 @@ class HealthMonitor:
     ) -> None:
         self.balancer, self.probe, self.probe_timeout, self.interval = balancer, probe, probe_timeout, interval
         self.replace, self.on_unhealthy, self.on_replaced = replace, on_unhealthy, on_replaced
-        self._task: asyncio.Task[None] | None = None
+        self._rounds = Periodic("fleet-health-monitor", interval, self._round, log)
+        self.start, self.stop = self._rounds.start, self._rounds.stop
 
     async def why_unhealthy(self, sandbox: Any) -> str | None:
         """None when the sandbox is healthy, else why not."""
@@ -70,22 +72,8 @@ class HealthMonitor:
             await _call(self.on_replaced, sandbox, new)
         return bad
 
-    def start(self) -> None:
-        self._task = asyncio.ensure_future(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.check()
-            except Exception:
-                log.exception("a health check round failed")
+    async def _round(self) -> None:
+        await self.check()
 
 
 async def _call(fn: Callable[..., Any] | None, *args: Any) -> None:

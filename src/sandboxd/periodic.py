@@ -1,6 +1,6 @@
-"""A background task of the server's: a step every `interval` seconds (the first after one interval), until
-stopped; a step that fails is logged, and the next one runs (the metrics sampler, the pool autoscaler, the
-health monitor)."""
+"""A background task: a step every `interval` seconds (the first after one interval), until stopped; a step that
+fails is logged, and the next one runs. The server's (the metrics sampler, the pool autoscaler, the health
+monitor) and the client library's (fleet/health.py): it needs nothing but asyncio."""
 
 from __future__ import annotations
 
