@@ -14,7 +14,6 @@ import contextlib
 import errno
 import hashlib
 import hmac
-import json
 import os
 import posixpath
 import secrets
@@ -120,16 +119,10 @@ def _http_error(e: OSError, path: str, doing: str = "error opening file: open") 
             return error(500, f"{e.strerror or e}: '{shown}'")
 
 
-def _log_written(manager: SandboxManager, sandbox: Sandbox, response: Response, user: str) -> None:
+def _log_written(manager: SandboxManager, sandbox: Sandbox, written: list[dict[str, Any]], user: str) -> None:
     """The files an upload wrote, in the sandbox's log (core/sandbox_logs.py)."""
-    if response.status_code != 200 or not isinstance(response, JSONResponse):
-        return
-    try:
-        written = json.loads(bytes(response.body))
-    except ValueError:
-        return
-    for w in written[:MAX_LOGGED] if isinstance(written, list) else []:
-        path = str(w.get("path", "")) if isinstance(w, dict) else ""
+    for w in written[:MAX_LOGGED]:
+        path = str(w.get("path", ""))
         manager.logs.add(sandbox.id, "info", f"file written by {user}: {path}", path=path, user=user)
 
 
@@ -167,8 +160,7 @@ class FilesEndpoint:
             if request.method in ("GET", "HEAD"):
                 response = await self.download(request, query, user, broker)
             elif request.method == "POST":
-                response = await self.upload(request, query, user, broker, sandbox.handle.state_dir)
-                _log_written(self.manager, sandbox, response, user.name)
+                response = await self.upload(request, query, user, broker, sandbox)
             else:
                 response = error(405, f"method {request.method} is not allowed on /files")
         except BrokerTimeout as e:
@@ -241,7 +233,7 @@ class FilesEndpoint:
 
     # -- upload ----------------------------------------------------------------------------------
     async def upload(
-        self, request: Request, query: dict[str, str], user: User, broker: Broker, sandbox_dir: Path
+        self, request: Request, query: dict[str, str], user: User, broker: Broker, sandbox: Sandbox
     ) -> Response:
         metadata = {k[len("x-metadata-") :]: v for k, v in request.headers.items() if k.startswith("x-metadata-")}
         body = _decoded_body(request)
@@ -257,7 +249,7 @@ class FilesEndpoint:
                     if not target:
                         return error(400, "each file part needs a filename, or give the 'path' query parameter")
                     path = fs.resolve(target, user)
-                    result = await self._write(broker, path, chunks, metadata, user, sandbox_dir)
+                    result = await self._write(broker, path, chunks, metadata, user, sandbox.handle.state_dir)
                     if isinstance(result, Response):
                         return result
                     written.append(result)
@@ -270,7 +262,7 @@ class FilesEndpoint:
                 return error(400, "the 'path' query parameter is required for an application/octet-stream upload")
             path = fs.resolve(query["path"], user)
             try:
-                result = await self._write(broker, path, body, metadata, user, sandbox_dir)
+                result = await self._write(broker, path, body, metadata, user, sandbox.handle.state_dir)
             except _BadBody as e:
                 return error(400, str(e))
             if isinstance(result, Response):
@@ -282,6 +274,7 @@ class FilesEndpoint:
                 f"unsupported Content-Type {ctype.decode(errors='replace')!r}: use multipart/form-data "
                 "or application/octet-stream",
             )
+        _log_written(self.manager, sandbox, written, user.name)
         return JSONResponse(written)
 
     async def _write(
