@@ -924,11 +924,7 @@ class SandboxManager:
                             await asyncio.to_thread(self.runtime.freeze, sandbox.handle, False)
             sandbox.record.state, sandbox.record.pause_mode = "running", ""
             sandbox.record.resume_at_start = 0
-            for hook in self.after_resume:
-                try:
-                    await hook(sandbox)
-                except Exception:
-                    log.exception("sandbox %s: after its resume", sandbox.id)
+            await pausing.run_hooks(self.after_resume, sandbox, "after its resume")
             if sandbox.record.idle_timeout:
                 await self._mark_active(sandbox)
             sandbox.record.end_at = time.time() + timeout

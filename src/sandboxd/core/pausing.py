@@ -30,6 +30,7 @@ import os
 import secrets
 import shutil
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -180,11 +181,17 @@ async def boot_again(manager: SandboxManager, sandbox: Sandbox) -> None:
     sandbox.handle, sandbox.service = handle, service
     rec.handle = {**asdict(handle), "state_dir": str(handle.state_dir)}
     manager.net.add(sandbox)
-    for hook in manager.after_boot_again:  # (uploads the stop cut short: envd/uploads.py)
+    await run_hooks(manager.after_boot_again, sandbox, "after booting it again")  # (uploads the stop cut short)
+
+
+async def run_hooks(hooks: list[Callable[[Sandbox], Awaitable[Any]]], sandbox: Sandbox, when: str) -> None:
+    """What other layers asked to be told (SandboxManager.after_boot_again, after_resume); one that fails is
+    logged and the others run."""
+    for hook in hooks:
         try:
             await hook(sandbox)
         except Exception:
-            log.exception("after booting sandbox %s again", sandbox.id)
+            log.exception("sandbox %s: %s", sandbox.id, when)
 
 
 def volume_paths(sandbox: Sandbox, consequence: str) -> list[str]:
