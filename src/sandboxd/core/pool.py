@@ -62,7 +62,6 @@ class WarmPool:
     ) -> None:
         """make: create an idle sandbox of a template; fits: whether one more fits the host-wide limits; size and
         max_size: a template's limits unless set for it (`limits`)."""
-        self.size = size
         self.defaults = PoolLimits(size, max(size, GROWTH * size if max_size is None else max_size))
         self.limits: dict[str, PoolLimits] = {}  # set per template (the API's PUT /pools/{template})
         self.targets: dict[str, int] = {}  # templates in use -> idle sandboxes wanted now
