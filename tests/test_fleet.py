@@ -15,11 +15,15 @@ from e2b import AsyncSandbox, Sandbox
 
 from sandboxd.fleet import (
     AsyncSandboxPool,
+    AutoScaler,
     HealthMonitor,
     LoadBalancer,
     NoSandboxes,
+    NoTemplate,
     PoolExhausted,
+    Rule,
     SandboxPool,
+    TemplateAffinity,
     retrying_sync,
 )
 from sandboxd.fleet.pool import POOL_KEY
@@ -218,5 +222,77 @@ def test_the_health_monitor_reports_and_replaces_broken_sandboxes(server: Server
         finally:
             for s in lb._sandboxes:
                 await s.kill()
+
+    asyncio.run(body())
+
+
+def test_the_autoscaler_rule_grows_and_shrinks_by_its_steps_within_limits() -> None:
+    pool = AsyncSandboxPool("base", min=4, max=10)
+    scaler = AutoScaler(pool, min_size=2, max_size=7, rule=Rule(window=60))
+    assert scaler.decide(0, 95, 4, 0).reason == ""  # (not yet a whole window)
+    assert scaler.decide(30, 95, 4, 0).reason == ""
+    grow = scaler.decide(60, 95, 4, 0)
+    assert grow.size == 6 and "above 70 %" in grow.reason  # +50 %
+    assert scaler.decide(120, 99, 6, 0).size == 7  # (capped at max_size)
+    assert scaler.decide(121, 50, 6, 0).reason == ""  # between the thresholds: the windows start again
+    assert scaler.decide(122, 10, 6, 0).reason == ""
+    assert scaler.decide(182, 10, 6, 3).reason == ""  # (callers waiting: never shrunk)
+    shrink = scaler.decide(183, 10, 6, 0)
+    assert shrink.size == 5 and "below 30 %" in shrink.reason  # -30 % rounded down, at least one
+    assert scaler.decide(300, 10, 2, 0).reason == ""  # (at min_size)
+    assert scaler.decide(301, 50, 9, 0).size == 7  # (outside the limits: brought back)
+    with pytest.raises(ValueError, match="max_size"):
+        AutoScaler(pool, min_size=2, max_size=11)
+    with pytest.raises(ValueError, match="low < high"):
+        Rule(low=80, high=70)
+
+
+def test_the_autoscaler_sizes_a_pool_by_its_sandboxes_cpu(server: Server) -> None:
+    burn = "timeout 60 sh -c 'while :; do :; done' >/dev/null 2>&1 &"
+
+    async def body() -> None:
+        async with AsyncSandboxPool("base", min=2, max=4, timeout=120) as pool:
+            scaler = AutoScaler(pool, min_size=1, max_size=4, rule=Rule(window=1.0))
+            async with pool.acquire() as a, pool.acquire() as b:
+                for s in (a, b):
+                    await s.commands.run(burn)
+                deadline = time.monotonic() + 40
+                while pool.min < 3:  # both busy: grown by one (50 % of 2)
+                    assert time.monotonic() < deadline, (scaler.steps, pool.stats())
+                    await scaler.step()
+                    await asyncio.sleep(0.5)
+                assert pool.min == 3 and len(_mine(server, pool.id)) == 3 and "above" in scaler.steps[-1][3]
+                for s in (a, b):
+                    await s.commands.run("pkill -f 'while :' || true")
+            deadline = time.monotonic() + 40
+            while pool.min > 1:  # idle: shrunk step by step to min_size, and no further
+                assert time.monotonic() < deadline, (scaler.steps, pool.stats())
+                await scaler.step()
+                await asyncio.sleep(0.5)
+            assert [step[1:3] for step in scaler.steps] == [(2, 3), (3, 2), (2, 1)], scaler.steps
+            assert pool.size == 1 and len(_mine(server, pool.id)) == 1
+            await asyncio.sleep(1.2)
+            await scaler.step()
+            assert pool.min == 1
+
+    asyncio.run(body())
+
+
+def test_tasks_go_to_their_templates_pools(server: Server) -> None:
+    async def body() -> None:
+        rules = {"shell": "base"}
+        affinity = TemplateAffinity(
+            rules, matchers=[lambda t: "code-interpreter-v1" if t.startswith("py:") else None], min=0, max=2, timeout=60
+        )
+        async with affinity:
+            async with affinity.acquire("shell") as s:
+                info = await s.get_info()
+                assert info.name == "base" or info.template_id == "base"
+            async with affinity.acquire("py:pandas") as s:
+                assert (await s.get_info()).template_id == "code-interpreter-v1"
+            assert sorted(affinity.pools) == ["base", "code-interpreter-v1"]
+            with pytest.raises(NoTemplate, match="no default"):
+                affinity.template_for("gpu")
+            assert TemplateAffinity(default="base").template_for("anything") == "base"
 
     asyncio.run(body())

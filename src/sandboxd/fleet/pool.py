@@ -45,8 +45,10 @@ class AsyncSandboxPool:
         self.on_release, self.acquire_timeout, self.opts = on_release, acquire_timeout, opts
         self.id = uuid.uuid4().hex[:12]
         self._idle: list[AsyncSandbox] = []
-        self._lent: set[str] = set()
+        self._lent: dict[str, AsyncSandbox] = {}
         self._making = 0
+        self._waiting = 0  # callers of acquire() waiting for a sandbox
+        self._trim = 0  # lent sandboxes to kill when they come back (the pool was shrunk meanwhile)
         self._closed = False
         self._changed: asyncio.Condition | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -57,7 +59,32 @@ class AsyncSandboxPool:
         return len(self._idle) + len(self._lent) + self._making
 
     def stats(self) -> dict[str, int]:
-        return {"idle": len(self._idle), "lent": len(self._lent), "making": self._making}
+        return {
+            "idle": len(self._idle),
+            "lent": len(self._lent),
+            "making": self._making,
+            "waiting": self._waiting,
+            "min": self.min,
+        }
+
+    def sandboxes(self) -> list[AsyncSandbox]:
+        """The pool's sandboxes now, idle and lent."""
+        return [*self._idle, *self._lent.values()]
+
+    async def resize(self, target: int) -> int:
+        """Keep `target` sandboxes made from now on (within 0..max; returned): more are made at once, idle ones
+        beyond it are killed (lent ones are never taken back; they count)."""
+        target = max(0, min(self.max, target))
+        self.min = target
+        extra = max(0, len(self._idle) + len(self._lent) - target)
+        cond = self._cond()
+        async with cond:
+            cut = min(extra, len(self._idle))
+            surplus, self._idle = self._idle[:cut], self._idle[cut:]
+            self._trim = extra - cut  # lent ones killed when they come back
+        await asyncio.gather(*(_kill(s) for s in surplus), return_exceptions=True)
+        await self._fill()
+        return target
 
     def _cond(self) -> asyncio.Condition:
         if self._changed is None:
@@ -114,46 +141,55 @@ class AsyncSandboxPool:
         if self._closed:
             raise PoolClosed("this pool is closed: make a new one")
         cond = self._cond()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.acquire_timeout
+        deadline = asyncio.get_running_loop().time() + self.acquire_timeout
         while True:
             async with cond:
-                while not self._idle and self.size >= self.max:
-                    left = deadline - loop.time()
-                    if left <= 0:
-                        raise PoolExhausted(
-                            f"all {self.max} sandboxes of the pool are lent and none came back within "
-                            f"{self.acquire_timeout:g} s: release them sooner (leave the `acquire()` block), or "
-                            "raise max"
-                        )
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(cond.wait(), left)
-                    if self._closed:
-                        raise PoolClosed("the pool was closed while waiting for a sandbox")
+                self._waiting += 1
+                try:
+                    await self._wait_for_room(cond, deadline)
+                finally:
+                    self._waiting -= 1
                 sandbox = self._idle.pop(0) if self._idle else None
                 if sandbox is None:
                     self._making += 1
                 else:
-                    self._lent.add(sandbox.sandbox_id)  # (counted while it is checked)
+                    self._lent[sandbox.sandbox_id] = sandbox  # (counted while it is checked)
             if sandbox is None:
                 try:
                     sandbox = await self._make()
                 finally:
                     self._making -= 1
-                self._lent.add(sandbox.sandbox_id)
+                self._lent[sandbox.sandbox_id] = sandbox
                 return sandbox
             if await _alive(sandbox):
                 return sandbox
             # gone behind our back (killed, timed out): not lent; another, and the pool back to min
-            self._lent.discard(sandbox.sandbox_id)
+            self._lent.pop(sandbox.sandbox_id, None)
             self._later(_kill(sandbox))
             self._later(self._fill())
             async with cond:
                 cond.notify_all()
 
+    async def _wait_for_room(self, cond: asyncio.Condition, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._idle and self.size >= self.max:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise PoolExhausted(
+                    f"all {self.max} sandboxes of the pool are lent and none came back within "
+                    f"{self.acquire_timeout:g} s: release them sooner (leave the `acquire()` block), or raise max"
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(cond.wait(), left)
+            if self._closed:
+                raise PoolClosed("the pool was closed while waiting for a sandbox")
+
     async def _give_back(self, sandbox: AsyncSandbox, broken: bool) -> None:
-        self._lent.discard(sandbox.sandbox_id)
+        self._lent.pop(sandbox.sandbox_id, None)
         keep = self.on_release == "recycle" and not broken and not self._closed
+        if keep and self._trim > 0:  # (resize() shrank the pool while this one was lent)
+            self._trim -= 1
+            keep = False
         if keep:
             try:
                 await sandbox.set_timeout(self.timeout)
