@@ -248,22 +248,26 @@ def test_the_autoscaler_rule_grows_and_shrinks_by_its_steps_within_limits() -> N
 
 
 def test_the_autoscaler_sizes_a_pool_by_its_sandboxes_cpu(server: Server) -> None:
-    burn = "timeout 60 sh -c 'while :; do :; done' >/dev/null 2>&1 &"
+    burn = "timeout 60 sh -c 'while :; do :; done' >/dev/null 2>&1 & echo $! > /tmp/burn.pid"
 
     async def body() -> None:
         async with AsyncSandboxPool("base", min=2, max=4, timeout=120) as pool:
-            scaler = AutoScaler(pool, min_size=1, max_size=4, rule=Rule(window=1.0))
+            # (two busy sandboxes of one CPU each may share one of the host's two: 50 % each, counted as busy)
+            scaler = AutoScaler(pool, min_size=1, max_size=4, rule=Rule(high=40, low=20, window=1.5))
             async with pool.acquire() as a, pool.acquire() as b:
                 for s in (a, b):
                     await s.commands.run(burn)
                 deadline = time.monotonic() + 40
                 while pool.min < 3:  # both busy: grown by one (50 % of 2)
-                    assert time.monotonic() < deadline, (scaler.steps, pool.stats())
+                    assert time.monotonic() < deadline, (scaler.steps, pool.stats(), await scaler.average_cpu())
                     await scaler.step()
                     await asyncio.sleep(0.5)
                 assert pool.min == 3 and len(_mine(server, pool.id)) == 3 and "above" in scaler.steps[-1][3]
                 for s in (a, b):
-                    await s.commands.run("pkill -f 'while :' || true")
+                    await s.commands.run("kill $(cat /tmp/burn.pid)")  # (timeout passes it on to the loop)
+                while (await scaler.average_cpu() or 0) >= 20:  # (their latest samples idle too)
+                    assert time.monotonic() < deadline, (scaler.steps, await scaler.average_cpu())
+                    await asyncio.sleep(0.5)
             deadline = time.monotonic() + 40
             while pool.min > 1:  # idle: shrunk step by step to min_size, and no further
                 assert time.monotonic() < deadline, (scaler.steps, pool.stats())
