@@ -459,3 +459,17 @@ def builder_server(root: Path, *extra: str) -> Iterator[Server]:
             else:
                 os.environ[k] = v
         srv.stop()
+
+
+def keys_cli(srv: Server, *args: str) -> subprocess.CompletedProcess[str]:
+    """`sandboxd keys ...` against the server, with its own key."""
+    argv = [SANDBOXD, "keys", *args[:1], "--url", srv.url, "--api-key", srv.api_key, *args[1:]]
+    return subprocess.run(argv, capture_output=True, timeout=60, text=True)
+
+
+def team_key(srv: Server, team: str) -> str:
+    """A new API key of `team`, made by the CLI."""
+    done = keys_cli(srv, "create", "--team", team, "--name", f"{team} tests")
+    assert done.returncode == 0, done.stderr
+    assert "not shown again" in done.stderr
+    return done.stdout.strip()

@@ -23,6 +23,7 @@ from sandboxd.core import workload_identity
 from sandboxd.core.builds import TemplateBuilds
 from sandboxd.core.limits import RequestLimits
 from sandboxd.core.manager import SandboxManager, Settings
+from sandboxd.core.teams import Teams
 from sandboxd.envd import uploads
 from sandboxd.envd.app import SandboxGone, build_envd_app
 from sandboxd.envd.checkpointing import EnvdAtCheckpoint
@@ -154,7 +155,14 @@ class App:
         proxy = PortProxy(self.manager)
         self.manager.checkpoint_parts.append(proxy)
         self.exporter = Exporter(self.manager, self.builds, per_sandbox=config.metrics_per_sandbox)
-        control = build_control_plane(self.manager, self.api_key, config.limits, self.builds, self.exporter)
+        self.teams = Teams(self.db, self.api_key)
+        control = build_control_plane(
+            self.manager,
+            self.teams,
+            config.limits,
+            self.builds,
+            self.exporter,
+        )
         self.router = Router(
             self.manager,
             Requests(control, self.exporter, "control"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
+import re
 from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -14,22 +14,25 @@ from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from sandboxd.api import openapi, serialize
+from sandboxd.api import openapi, serialize, tenancy
 from sandboxd.api.changes import change_routes
+from sandboxd.api.keys import key_routes
 from sandboxd.api.logs import log_routes
 from sandboxd.api.models import ConnectBody, NetworkUpdate, NewSandbox, PauseBody, TimeoutBody
 from sandboxd.api.pools import pool_routes
 from sandboxd.api.secrets import secret_routes
 from sandboxd.api.snapshots import snapshot_routes
 from sandboxd.api.templates import UPLOAD_PREFIX, template_routes
+from sandboxd.api.tenancy import CALLER, caller_of
 from sandboxd.api.volumes import CONTENT_PREFIX, volume_routes
 from sandboxd.core.builds import TemplateBuilds
 from sandboxd.core.errors import BadRequest, NotFound, PayloadTooLarge, SandboxdError
 from sandboxd.core.limits import BadJSON, LimitExceeded, RequestLimits, load_bounded_json
 from sandboxd.core.manager import Sandbox, SandboxManager
+from sandboxd.core.teams import Caller, Teams
 from sandboxd.telemetry.prometheus import CONTENT_TYPE, Exporter
 
 MAX_LIMIT = 100
@@ -80,14 +83,27 @@ async def _body(request: Request, model: type[BaseModel], limits: RequestLimits,
         raise BadRequest(f"invalid request body: {problems}") from None
 
 
+# Routes only the operator's key (the server's own) may call: every team's figures and the server's settings.
+ADMIN_ONLY: tuple[tuple[str, frozenset[str] | None], ...] = (
+    (METRICS_PATH, None),
+    ("/secrets", None),
+    ("/admin/", None),
+    ("/pools/", frozenset({"PUT", "DELETE"})),
+    ("/api-keys", frozenset({"POST", "PATCH", "DELETE"})),
+)
+SANDBOX_PATH = re.compile(r"^/(?:v2/)?sandboxes/([^/]+)")
+
+
 class ApiKeyAuth:
     """`X-API-KEY` on every control-plane route except `/health`, the public keys of workload identity,
     template file uploads (their URLs are signed: api/templates.py) and the volume content API (each
-    volume's own bearer token: api/volumes.py)."""
+    volume's own bearer token: api/volumes.py). The key says who calls (core/teams.py): a team's key is refused
+    the operator's routes (403) and does not see another team's sandboxes (404, as if there were none)."""
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, teams: Teams, manager: SandboxManager) -> None:
         self.app = app
-        self.api_key = api_key.encode()
+        self.teams = teams
+        self.manager = manager
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -105,10 +121,32 @@ class ApiKeyAuth:
                 hint = " (or, for /metrics, as Authorization: Bearer)" if path == METRICS_PATH else ""
                 await error(401, f"missing API key: send it in the X-API-KEY header{hint}")(scope, receive, send)
                 return
-            if not hmac.compare_digest(given, self.api_key):
+            caller = self.teams.caller(given)
+            if caller is None:
                 await error(401, "invalid API key")(scope, receive, send)
                 return
+            refused = None if caller.admin else self._refused(caller, path, scope["method"])
+            if refused is not None:
+                await refused(scope, receive, send)
+                return
+            scope[CALLER] = caller
         await self.app(scope, receive, send)
+
+    def _refused(self, caller: Caller, path: str, method: str) -> Response | None:
+        for prefix, methods in ADMIN_ONLY:
+            if path.startswith(prefix) and (methods is None or method in methods):
+                return error(
+                    403,
+                    f"{method} {path[:200]} needs the server's own API key (`sandboxd api-key` on the server): "
+                    f"this key is team '{caller.team}''s",
+                )
+        m = SANDBOX_PATH.match(path)
+        if m and not (path == "/sandboxes/metrics" and method == "GET"):
+            sandbox_id = m.group(1)
+            team = self.manager.team_of(sandbox_id)
+            if team is not None and not caller.sees(team):
+                return error(404, f"sandbox '{sandbox_id[:80]}' not found")
+        return None
 
 
 def _parse_metadata_filter(raw: str) -> dict[str, str]:
@@ -133,10 +171,11 @@ MAX_METRICS_IDS = 100
 
 def build_control_plane(
     manager: SandboxManager,
-    api_key: str,
+    teams: Teams,
     limits: RequestLimits,
     builds: TemplateBuilds | None = None,
     exporter: Exporter | None = None,
+    extra_routes: list[BaseRoute] | None = None,
 ) -> ASGIApp:
     async def health(request: Request) -> Response:
         return Response(status_code=204)
@@ -156,6 +195,9 @@ def build_control_plane(
 
     async def create(request: Request) -> Response:
         body: NewSandbox = await _body(request, NewSandbox, limits)
+        caller = caller_of(request)
+        if not caller.admin:
+            tenancy.check_create(manager, teams, caller, body.template_id, body.volume_mounts)
         sandbox = await manager.create(
             body.template_id,
             timeout=body.timeout,
@@ -169,6 +211,7 @@ def build_control_plane(
             auto_resume=bool((body.auto_resume or {}).get("enabled")),
             iam=body.iam,
             volume_mounts=body.volume_mounts,
+            team=caller.team,
         )
         request.scope["sandboxd.sandbox"] = sandbox.id  # (the access log names the sandbox it made)
         return JSONResponse(serialize.sandbox_created(sandbox), status_code=201)
@@ -221,9 +264,10 @@ def build_control_plane(
         if len(ids) > MAX_METRICS_IDS:
             raise BadRequest(f"at most {MAX_METRICS_IDS} sandbox_ids, {len(ids)} given")
         out: dict[str, Any] = {}
+        caller = caller_of(request)
         for sandbox_id in dict.fromkeys(ids):
             sandbox = manager.find(sandbox_id)
-            if sandbox is None:
+            if sandbox is None or not caller.sees(sandbox.record.team):
                 continue
             samples = await manager.metrics.window(sandbox, None, None)
             if samples:
@@ -257,9 +301,10 @@ def build_control_plane(
             except ValueError:
                 raise BadRequest(f"startedAfter must be an RFC 3339 time, got {q['startedAfter']!r}") from None
         result = []
+        caller = caller_of(request)
         for s in manager.sandboxes.values():
             r = s.record
-            if r.state not in states:
+            if r.state not in states or not caller.sees(r.team):
                 continue
             if template and template not in (r.template_id, r.alias):
                 continue
@@ -284,10 +329,12 @@ def build_control_plane(
             return []
         meta = _parse_metadata_filter(q["metadata"]) if q.get("metadata") else {}
         template = q.get("template")
+        caller = caller_of(request)
         return [
             serialize.ended_sandbox(e)
             for e in manager.ended()
-            if (not template or template in (e["templateID"], e.get("alias")))
+            if caller.sees(e.get("team"))
+            and (not template or template in (e["templateID"], e.get("alias")))
             and all(e.get("metadata", {}).get(k) == v for k, v in meta.items())
         ]
 
@@ -313,7 +360,11 @@ def build_control_plane(
                 if ((s.record.started_at, s.id) < cursor if reverse else (s.record.started_at, s.id) > cursor)
             ]
         page = items[:limit]
-        headers = {"X-Total-Running": str(sum(1 for s in manager.sandboxes.values() if s.record.state == "running"))}
+        caller = caller_of(request)
+        running = sum(
+            1 for s in manager.sandboxes.values() if s.record.state == "running" and caller.sees(s.record.team)
+        )
+        headers = {"X-Total-Running": str(running)}
         if len(items) > limit:
             headers["X-Next-Token"] = _encode_token(page[-1])
             return JSONResponse([serialize.listed_sandbox(s) for s in page], headers=headers)
@@ -361,15 +412,17 @@ def build_control_plane(
         Route("/.well-known/jwks.json", jwks, methods=["GET"]),
         Route("/.well-known/openid-configuration", discovery, methods=["GET"]),
         *secret_routes(manager.net.secrets, limits, _body),
-        *snapshot_routes(manager, limits, _body),
+        *snapshot_routes(manager, teams, limits, _body),
         *change_routes(manager),
-        *volume_routes(manager, limits, _body),
+        *volume_routes(manager, teams, limits, _body),
         *pool_routes(manager, limits, _body),
         *log_routes(manager),
-        *(template_routes(builds, limits, _body) if builds is not None else []),
+        *key_routes(teams, limits, _body),
+        *(template_routes(builds, teams, limits, _body) if builds is not None else []),
+        *(extra_routes or []),
     ]
     app = Starlette(
         routes=routes,
         exception_handlers={SandboxdError: on_error, 404: not_found, 405: method_not_allowed},
     )
-    return ApiKeyAuth(app, api_key)
+    return ApiKeyAuth(app, teams, manager)

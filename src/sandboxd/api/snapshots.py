@@ -11,20 +11,33 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sandboxd.api import serialize
+from sandboxd.api import serialize, tenancy
 from sandboxd.api.models import ForkRequest, SnapshotRequest
+from sandboxd.api.tenancy import TEMPLATE, caller_of
 from sandboxd.core import snapshots
-from sandboxd.core.errors import BadRequest, SandboxdError
+from sandboxd.core.errors import BadRequest, Forbidden, SandboxdError
 from sandboxd.core.limits import RequestLimits
 from sandboxd.core.manager import SandboxManager
+from sandboxd.core.teams import Teams
 
 MAX_PAGE = 100
 
 
-def snapshot_routes(manager: SandboxManager, limits: RequestLimits, read: Callable[..., Awaitable[Any]]) -> list[Route]:
+def snapshot_routes(
+    manager: SandboxManager, teams: Teams, limits: RequestLimits, read: Callable[..., Awaitable[Any]]
+) -> list[Route]:
     async def create(request: Request) -> Response:
         b: SnapshotRequest = await read(request, SnapshotRequest, limits, required=False)
-        body = await snapshots.create(manager, request.path_params["sandbox_id"], b.name, b.memory)
+        sandbox_id = request.path_params["sandbox_id"]
+        caller = caller_of(request)
+        existing = manager.templates.resolve(b.name)[0] if b.name else None
+        if existing is not None and existing in manager.templates.names():  # (a new version of it)
+            if not tenancy.visible_template(manager, teams, caller, existing):
+                raise Forbidden(f"snapshot name '{b.name}' is another team's: choose another name")
+            teams.may_change(caller, TEMPLATE, existing, "snapshotted over")
+        body = await snapshots.create(manager, sandbox_id, b.name, b.memory)
+        sandbox = manager.find(sandbox_id)  # (the snapshot is the sandbox's team's)
+        teams.set_owner(TEMPLATE, body["snapshotID"], sandbox.record.team if sandbox else caller.team)
         return JSONResponse(body, status_code=201)
 
     async def fork(request: Request) -> Response:
@@ -47,7 +60,12 @@ def snapshot_routes(manager: SandboxManager, limits: RequestLimits, read: Callab
             start = int(q.get("nextToken") or 0)
         except ValueError:
             raise BadRequest("limit and nextToken must be whole numbers") from None
-        found = snapshots.listed(manager, q.get("sandboxID"), q.get("name"))
+        caller = caller_of(request)
+        found = [
+            s
+            for s in snapshots.listed(manager, q.get("sandboxID"), q.get("name"))
+            if caller.sees(teams.owner(TEMPLATE, s["snapshotID"]))
+        ]
         page = found[start : start + limit]
         headers = {"X-Next-Token": str(start + limit)} if start + limit < len(found) else {}
         return JSONResponse(page, headers=headers)

@@ -13,9 +13,11 @@ from starlette.routing import Route
 
 from sandboxd.api.models import BuildStart, TagAssign, TagRemove, TemplateRequest
 from sandboxd.api.serialize import rfc3339
+from sandboxd.api.tenancy import TEMPLATE, caller_of
 from sandboxd.core.builds import TAG_RE, TemplateBuilds
 from sandboxd.core.errors import BadRequest, Forbidden, NotFound
 from sandboxd.core.limits import RequestLimits
+from sandboxd.core.teams import Teams
 from sandboxd.templates.recipe import HASH_RE, RecipeError, parse_recipe
 from sandboxd.templates.store import TemplateError
 
@@ -27,8 +29,21 @@ def _empty(status: int) -> Response:
     return Response(status_code=status, headers={"Content-Length": "0"})
 
 
-def template_routes(builds: TemplateBuilds, limits: RequestLimits, read: Callable[..., Awaitable[Any]]) -> list[Route]:
+def template_routes(
+    builds: TemplateBuilds, teams: Teams, limits: RequestLimits, read: Callable[..., Awaitable[Any]]
+) -> list[Route]:
+    """Templates are used by every team; a team changes (builds, tags, deletes) only those it made, and sees
+    only its own snapshots (core/teams.py)."""
     store = builds.store
+
+    def visible(request: Request, ident: str) -> bool:
+        caller = caller_of(request)
+        return caller.admin or not store.meta(ident).get("snapshot") or caller.sees(teams.owner(TEMPLATE, ident))
+
+    def may_change(request: Request, ident: str, what: str) -> None:
+        if not visible(request, ident):
+            raise NotFound(f"template '{ident}' not found")
+        teams.may_change(caller_of(request), TEMPLATE, ident, what)
 
     def shape(ident: str) -> dict[str, Any]:
         t = store.get(ident)
@@ -60,7 +75,12 @@ def template_routes(builds: TemplateBuilds, limits: RequestLimits, read: Callabl
         name = b.name or b.alias
         if not name:
             raise BadRequest("name is required")
+        existing, _ = store.resolve(name)
+        if existing is not None:  # (another build of it: its team's)
+            may_change(request, existing, "built")
         build = builds.request(name, b.tags, b.cpu_count, b.memory_mb)
+        if existing is None:  # (a new template: the caller's team's)
+            teams.set_owner(TEMPLATE, build.template_id, caller_of(request).team)
         body = {
             "templateID": build.template_id,
             "buildID": build.build_id,
@@ -73,6 +93,7 @@ def template_routes(builds: TemplateBuilds, limits: RequestLimits, read: Callabl
 
     async def file_link(request: Request) -> Response:
         ident = builds.template_id(request.path_params["template"])
+        may_change(request, ident, "built")
         if store.is_builtin(ident) and not builds.builtin_builds:
             raise Forbidden(f"'{ident}' is a built-in template: files cannot be uploaded for it")
         files_hash = request.path_params["hash"]
@@ -94,6 +115,7 @@ def template_routes(builds: TemplateBuilds, limits: RequestLimits, read: Callabl
 
     async def start_build(request: Request) -> Response:
         ident = builds.template_id(request.path_params["template"])
+        may_change(request, ident, "built")
         b: BuildStart = await read(request, BuildStart, limits)
         try:
             recipe = parse_recipe(b.model_dump())
@@ -104,6 +126,7 @@ def template_routes(builds: TemplateBuilds, limits: RequestLimits, read: Callabl
 
     async def status(request: Request) -> Response:
         ident = builds.template_id(request.path_params["template"])
+        may_change(request, ident, "watched")  # (its build logs are its team's)
         build = builds.get(ident, request.path_params["build"])
         q = request.query_params
         try:
@@ -127,25 +150,27 @@ def template_routes(builds: TemplateBuilds, limits: RequestLimits, read: Callabl
             body["reason"] = build.reason
         return JSONResponse(body)
 
-    def _target(name: str, change: str | None = None) -> tuple[str, str | None]:
+    def _target(request: Request, name: str, change: str | None = None) -> tuple[str, str | None]:
         """(ID, tag) of the template `name`; with `change` (what a request would do to it), refused for a
-        built-in template, which is every tenant's."""
+        built-in template, which is every tenant's, and for another team's."""
         ident, tag = store.resolve(name)
-        if ident is None or ident not in store.names():
+        if ident is None or ident not in store.names() or not visible(request, ident):
             raise NotFound(f"template '{name}' not found")
         if change and store.is_builtin(ident):
             raise Forbidden(f"'{name}' is a built-in template: it cannot be {change} through the API")
+        if change:
+            may_change(request, ident, change)
         return ident, tag
 
     async def alias(request: Request) -> Response:
-        ident, tag = _target(request.path_params["alias"])
+        ident, tag = _target(request, request.path_params["alias"])
         if tag is not None and tag not in store.tags(ident):
             raise NotFound(f"template '{ident}' has no tag '{tag}'")
         return JSONResponse({"templateID": ident, "public": False})
 
     async def assign_tags(request: Request) -> Response:
         b: TagAssign = await read(request, TagAssign, limits)
-        ident, tag = _target(b.target, "tagged")
+        ident, tag = _target(request, b.target, "tagged")
         build_id = store.tags(ident).get(tag or "default")
         if build_id is None:
             raise NotFound(f"template '{b.target}' has no build tagged '{tag or 'default'}'")
@@ -158,7 +183,7 @@ def template_routes(builds: TemplateBuilds, limits: RequestLimits, read: Callabl
 
     async def remove_tags(request: Request) -> Response:
         b: TagRemove = await read(request, TagRemove, limits)
-        ident, _ = _target(b.name, "untagged")
+        ident, _ = _target(request, b.name, "untagged")
         missing = [t for t in b.tags if t not in store.tags(ident)]
         if missing:
             raise NotFound(f"template '{b.name}' has no tag {', '.join(repr(t) for t in missing)}")
@@ -167,7 +192,7 @@ def template_routes(builds: TemplateBuilds, limits: RequestLimits, read: Callabl
         return _empty(204)
 
     async def get_tags(request: Request) -> Response:
-        ident, _ = _target(request.path_params["template"])
+        ident, _ = _target(request, request.path_params["template"])
         out = []
         for tag, build_id in sorted(store.tags(ident).items()):
             try:
@@ -180,6 +205,8 @@ def template_routes(builds: TemplateBuilds, limits: RequestLimits, read: Callabl
     async def list_templates(request: Request) -> Response:
         out = []
         for ident in store.names():
+            if not visible(request, ident):
+                continue
             try:
                 out.append(shape(ident))
             except TemplateError:
@@ -187,7 +214,7 @@ def template_routes(builds: TemplateBuilds, limits: RequestLimits, read: Callabl
         return JSONResponse(out)
 
     async def get_template(request: Request) -> Response:
-        ident, _ = _target(request.path_params["template"])
+        ident, _ = _target(request, request.path_params["template"])
         try:
             history = [
                 {
@@ -206,8 +233,9 @@ def template_routes(builds: TemplateBuilds, limits: RequestLimits, read: Callabl
             raise NotFound(str(e)) from None
 
     async def delete(request: Request) -> Response:
-        ident, _ = _target(request.path_params["template"], "deleted")
+        ident, _ = _target(request, request.path_params["template"], "deleted")
         await builds.delete(ident)
+        teams.forget(TEMPLATE, ident)
         return _empty(204)
 
     t = "/templates/{template:str}"

@@ -14,9 +14,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from sandboxd.api.tenancy import VOLUME, caller_of
 from sandboxd.core.errors import BadRequest, NotFound, SandboxdError
 from sandboxd.core.limits import RequestLimits
 from sandboxd.core.manager import SandboxManager
+from sandboxd.core.teams import Teams
 from sandboxd.fdio import ThreadFd, pipe_chunks
 from sandboxd.volumes.content import Owner, Upload, VolumeFiles
 from sandboxd.volumes.errors import VolumeError
@@ -77,7 +79,9 @@ def _path_param(request: Request) -> str:
     return path
 
 
-def volume_routes(manager: SandboxManager, limits: RequestLimits, body: Callable[..., Awaitable[Any]]) -> list[Route]:
+def volume_routes(
+    manager: SandboxManager, teams: Teams, limits: RequestLimits, body: Callable[..., Awaitable[Any]]
+) -> list[Route]:
     def store() -> VolumeStore:
         if manager.volumes is None:
             raise NotFound("this server keeps no volumes")
@@ -89,16 +93,23 @@ def volume_routes(manager: SandboxManager, limits: RequestLimits, body: Callable
             vol = await asyncio.to_thread(store().create, new.name, new.size_mb)
         except VolumeError as e:
             raise Failed.of(e) from None
+        teams.set_owner(VOLUME, vol.volume_id, caller_of(request).team)
         return JSONResponse(_with_token(vol), status_code=201)
 
     async def list_all(request: Request) -> Response:
-        return JSONResponse([{"volumeID": v.volume_id, "name": v.name} for v in store().all()])
+        caller = caller_of(request)
+        mine = [v for v in store().all() if caller.sees(teams.owner(VOLUME, v.volume_id))]
+        return JSONResponse([{"volumeID": v.volume_id, "name": v.name} for v in mine])
 
     def _get(request: Request) -> Volume:
+        ref = request.path_params["volume_id"]
         try:
-            return store().get(request.path_params["volume_id"])
+            vol = store().get(ref)
         except VolumeError as e:
             raise Failed.of(e) from None
+        if not caller_of(request).sees(teams.owner(VOLUME, vol.volume_id)):  # (another team's: not found)
+            raise Failed(404, f"volume {ref[:80]!r} not found")
+        return vol
 
     async def get(request: Request) -> Response:
         return JSONResponse(_with_token(_get(request)))
@@ -109,6 +120,7 @@ def volume_routes(manager: SandboxManager, limits: RequestLimits, body: Callable
             await asyncio.to_thread(store().delete, vol, manager.volume_users(vol.volume_id))
         except VolumeError as e:
             raise Failed.of(e) from None
+        teams.forget(VOLUME, vol.volume_id)
         return Response(status_code=204)
 
     # -- content -------------------------------------------------------------------------------

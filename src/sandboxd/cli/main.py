@@ -1,4 +1,5 @@
-"""`sandboxd serve | template build|import|list|rm|prune|logs | sandbox ... | pool ... | api-key | ca | completion`."""
+"""`sandboxd serve | template build|import|list|rm|prune|logs | sandbox ... | pool ... | keys ... | api-key | ca |
+completion`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 from sandboxd import __version__
+from sandboxd.cli import keys as keys_cli
 from sandboxd.cli import pools as pool_cli
 from sandboxd.cli import sandboxes as sandbox_cli
 from sandboxd.cli import templates as template_cli
@@ -337,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     psub = p_pool.add_subparsers(dest="pool_command", required=True)
     pool_cli.add_parsers(psub, server_options)
 
+    p_keys = sub.add_parser("keys", help="teams' API keys: create, list, revoke (with the server's own key)")
+    ksub = p_keys.add_subparsers(dest="keys_command", required=True)
+    keys_cli.add_parsers(ksub, server_options)
+
     p_key = sub.add_parser("api-key", help="print the server's API key (created on first use)")
     _add_dirs(p_key)
 
@@ -505,13 +511,13 @@ def main(argv: list[str] | None = None) -> int:
             if status:
                 return status
         return 0
-    if args.command in ("sandbox", "pool"):
+    if args.command in ("sandbox", "pool", "keys"):
         api_key = args.api_key
         if not api_key and (args.data_dir / "state.db").is_file():
             from sandboxd.state.db import StateDB
 
             api_key = StateDB(args.data_dir / "state.db", create=False).api_key()[0]
-        run = sandbox_cli.main if args.command == "sandbox" else pool_cli.main
+        run = {"sandbox": sandbox_cli.main, "pool": pool_cli.main, "keys": keys_cli.main}[args.command]
         return run(args, args.url or "http://127.0.0.1:3000", api_key)
     if args.command == "api-key":
         from sandboxd.state.db import StateDB

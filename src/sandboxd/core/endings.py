@@ -70,6 +70,7 @@ def body(rec: SandboxRecord, end: End, last_metrics: dict[str, Any] | None) -> d
         "templateID": rec.template_id,
         "alias": rec.alias,
         "clientID": rec.client_id,
+        "team": rec.team,  # (never listed: who may see it, core/teams.py)
         "startedAtUnix": rec.started_at,
         "endAtUnix": rec.end_at,
         "cpuCount": rec.cpu_count,

@@ -36,6 +36,7 @@ from sandboxd.core.networking import SandboxNetworks, parse_ingress, parse_polic
 from sandboxd.core.pool import Pooled, PoolLimits, WarmPool
 from sandboxd.core.reaper import Reaper
 from sandboxd.core.sandbox_logs import SandboxLogs
+from sandboxd.core.teams import DEFAULT_TEAM
 from sandboxd.core.tenant_limits import TenantLimits
 from sandboxd.core.users import DEFAULT_PATH, lookup_user
 from sandboxd.network.policy import NetworkPolicy
@@ -630,10 +631,12 @@ class SandboxManager:
         policy_of: Sandbox | None = None,
         recorded_as: tuple[str, str] | None = None,
         pool: bool = True,
+        team: str = DEFAULT_TEAM,
     ) -> Sandbox:
         """A new sandbox. `policy_of`: a sandbox whose network policy it gets (a fork's source: core/snapshots.py);
         `recorded_as`: the (template ID, alias) its record names instead of the template's (a fork's); `pool`:
-        False for a template that goes right after (a fork's snapshot): none pooled, none taken."""
+        False for a template that goes right after (a fork's snapshot): none pooled, none taken; `team`: the team
+        of the key that asked (core/teams.py), the only one (with the operator) that sees it."""
         with self.events.timed("create") as event:
             timeout = self._check_timeout(self.settings.default_timeout if timeout is None else timeout, positive=True)
             _check_str_map("metadata", metadata)
@@ -714,6 +717,7 @@ class SandboxManager:
                     started_at=now,
                     end_at=now + timeout,
                     state="running",
+                    team=team,
                     metadata=dict(metadata or {}),
                     idle_timeout=int(idle) if idle is not None else 0,
                     env_vars=dict(env_vars or {}),
@@ -795,6 +799,14 @@ class SandboxManager:
 
     def find(self, sandbox_id: str) -> Sandbox | None:
         return self.sandboxes.get(sandbox_id)
+
+    def team_of(self, sandbox_id: str) -> str | None:
+        """The team of the sandbox (alive, or ended and still remembered); None for one unknown."""
+        sandbox = self.sandboxes.get(sandbox_id)
+        if sandbox is not None:
+            return sandbox.record.team
+        ended = self._ending.get(sandbox_id) or (self.db.ended(sandbox_id) if len(sandbox_id) <= 64 else None)
+        return None if ended is None else str(ended.get("team") or DEFAULT_TEAM)
 
     async def kill(self, sandbox_id: str, end: endings.End | None = None) -> bool:
         """End the sandbox, recording why (`end`; by default: killed by an API request)."""

@@ -198,6 +198,7 @@ async def fork(manager: SandboxManager, sandbox_id: str, count: int, timeout: in
                     # standing on the snapshot's layers (the snapshot goes: a crash meanwhile too, at the next start)
                     recorded_as=(rec.template_id, rec.alias or rec.template_id),
                     pool=False,  # (its snapshot goes once the forks are made)
+                    team=rec.team,
                 )
             except SandboxdError as e:
                 return e

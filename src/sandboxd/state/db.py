@@ -35,6 +35,16 @@ CREATE TABLE IF NOT EXISTS secrets (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
+-- API keys of teams (core/teams.py): only a hash of each key is kept
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY,
+    team TEXT NOT NULL,
+    name TEXT NOT NULL,
+    hash TEXT NOT NULL UNIQUE,
+    mask TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    last_used REAL
+);
 -- volumes (volumes/store.py): their files are in <data>/volumes/<id>
 CREATE TABLE IF NOT EXISTS volumes (
     id TEXT PRIMARY KEY,
@@ -54,6 +64,7 @@ class SandboxRecord:
     started_at: float
     end_at: float
     state: str  # running | paused | killing (a kill began: never re-adopted after a crash)
+    team: str = "default"  # the team of the API key that made it (core/teams.py): no other team's key sees it
     metadata: dict[str, str] = field(default_factory=dict)
     env_vars: dict[str, str] = field(default_factory=dict)
     cpu_count: int = 1
@@ -135,6 +146,25 @@ class StateDB:
         key = "e2b_" + secrets.token_hex(20)
         self.set_setting("api_key", key)
         return key, True
+
+    # -- API keys of teams (core/teams.py) --------------------------------------------------------
+    KEY_COLUMNS = "id, team, name, hash, mask, created_at, last_used"
+
+    def key_put(self, row: tuple) -> None:
+        with self._lock:
+            self._conn.execute(f"INSERT INTO api_keys ({self.KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+
+    def key_rows(self) -> list[tuple]:
+        with self._lock:
+            return self._conn.execute(f"SELECT {self.KEY_COLUMNS} FROM api_keys ORDER BY created_at").fetchall()
+
+    def key_delete(self, key_id: str) -> bool:
+        with self._lock:
+            return self._conn.execute("DELETE FROM api_keys WHERE id = ?", (key_id,)).rowcount > 0
+
+    def key_used(self, key_id: str, when: float) -> None:
+        with self._lock:
+            self._conn.execute("UPDATE api_keys SET last_used = ? WHERE id = ?", (when, key_id))
 
     # -- secrets (values are written, and read only by the egress proxy: core/secrets.py) ----------
     def secret_row(self, key: str) -> tuple | None:
