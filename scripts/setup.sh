@@ -22,8 +22,9 @@ PKGS=(python3 python3-venv python3-dev build-essential libseccomp-dev mmdebstrap
       ca-certificates curl nftables skopeo zstd)
 # tests: dnsmasq is the DNS server of the tests' stand-in internet (tests/netlab.py); conntrack reads the
 # kernel's connection table for the leak checks; docker-registry (the CNCF distribution server) is the OCI
-# registry the template tests start on loopback
-[ $DEV = 1 ] && PKGS+=(dnsmasq-base conntrack docker-registry)
+# registry the template tests start on loopback; chromium is the browser (driven by Playwright) of the
+# dashboard's test
+[ $DEV = 1 ] && PKGS+=(dnsmasq-base conntrack docker-registry chromium)
 source scripts/apt-missing.sh
 read -r -a missing <<<"$(apt_missing "${PKGS[@]}")"
 if [ ${#missing[@]} -gt 0 ]; then
@@ -47,13 +48,15 @@ extra=""
 step "pip: installing sandboxd$extra into $VENV"
 "$VENV/bin/pip" install -q --disable-pip-version-check -e ".$extra" 2>&1 | grep -v -e '^WARNING: Location' || true
 ln -sf "$VENV/bin/sandboxd" /usr/local/bin/sandboxd
+# node and npm build the web dashboard (and run the JavaScript SDK tests: npm e2b needs node >= 20.18)
+if ! command -v npm >/dev/null; then
+    step "apt: installing nodejs npm (the dashboard's build, the JavaScript SDK tests)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm
+fi
+step "dashboard: $(bash scripts/build-dashboard.sh)"
 if [ $DEV = 1 ]; then
-    # The official JavaScript SDKs for tests/js (pinned by its package-lock.json). npm e2b needs node >= 20.18.
-    if ! command -v npm >/dev/null; then
-        step "apt: installing nodejs npm (the JavaScript SDK tests)"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm
-    fi
+    # The official JavaScript SDKs for tests/js (pinned by its package-lock.json).
     lock_sum=$(sha256sum tests/js/package-lock.json | cut -d' ' -f1)
     if [ "$(cat tests/js/node_modules/.sandboxd-lock 2>/dev/null)" != "$lock_sum" ]; then
         step "npm: installing the JavaScript SDKs into tests/js"

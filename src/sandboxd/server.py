@@ -24,6 +24,7 @@ from sandboxd.core.builds import TemplateBuilds
 from sandboxd.core.limits import RequestLimits
 from sandboxd.core.manager import SandboxManager, Settings
 from sandboxd.core.teams import Teams
+from sandboxd.dashboard.app import dashboard_routes
 from sandboxd.envd import uploads
 from sandboxd.envd.app import SandboxGone, build_envd_app
 from sandboxd.envd.checkpointing import EnvdAtCheckpoint
@@ -156,12 +157,14 @@ class App:
         self.manager.checkpoint_parts.append(proxy)
         self.exporter = Exporter(self.manager, self.builds, per_sandbox=config.metrics_per_sandbox)
         self.teams = Teams(self.db, self.api_key)
+        own = {"::": "[::1]", "0.0.0.0": "127.0.0.1", "localhost": "127.0.0.1"}.get(config.host, config.host)
         control = build_control_plane(
             self.manager,
             self.teams,
             config.limits,
             self.builds,
             self.exporter,
+            dashboard_routes(f"http://{own}:{config.port}"),
         )
         self.router = Router(
             self.manager,

@@ -91,6 +91,9 @@ ADMIN_ONLY: tuple[tuple[str, frozenset[str] | None], ...] = (
     ("/pools/", frozenset({"PUT", "DELETE"})),
     ("/api-keys", frozenset({"POST", "PATCH", "DELETE"})),
 )
+# The dashboard's page and bundle hold no data (the key is typed into the page); its terminal's WebSocket checks
+# the key the page sends (dashboard/terminal.py)
+DASHBOARD_PREFIX = "/dashboard"
 SANDBOX_PATH = re.compile(r"^/(?:v2/)?sandboxes/([^/]+)")
 
 
@@ -112,6 +115,7 @@ class ApiKeyAuth:
             and path not in PUBLIC_PATHS
             and not path.startswith(UPLOAD_PREFIX)
             and not path.startswith(CONTENT_PREFIX)
+            and not (path == DASHBOARD_PREFIX or path.startswith(DASHBOARD_PREFIX + "/"))
         ):
             given = next((v for k, v in scope["headers"] if k == b"x-api-key"), None)
             if given is None and path == METRICS_PATH:

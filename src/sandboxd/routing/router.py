@@ -123,7 +123,10 @@ class Router:
             if m:
                 port_raw, sandbox_id = m.group(1), m.group(2)
         if scope["type"] == "websocket":
-            await self._websocket(scope, receive, send, sandbox_id, port_raw)
+            if sandbox_id is None:  # (the dashboard's terminal: the control plane's)
+                await self.control_plane(scope, receive, send)
+            else:
+                await self._websocket(scope, receive, send, sandbox_id, port_raw)
             return
         if sandbox_id is None and scope["path"] == "/files":
             sandbox_id = self._sandbox_by_signature(scope)
