@@ -25,6 +25,12 @@ PKGS=(python3 python3-venv python3-dev build-essential libseccomp-dev mmdebstrap
 # registry the template tests start on loopback; chromium is the browser (driven by Playwright) of the
 # dashboard's test
 [ $DEV = 1 ] && PKGS+=(dnsmasq-base conntrack docker-registry chromium)
+# postgresql: the tests start their own servers (tests/pg.py), so the package makes no cluster of its own
+[ $DEV = 1 ] && PKGS+=(postgresql)
+if [ $DEV = 1 ] && [ ! -d /etc/postgresql-common ]; then
+    mkdir -p /etc/postgresql-common/createcluster.d
+    echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/sandboxd.conf
+fi
 source scripts/apt-missing.sh
 read -r -a missing <<<"$(apt_missing "${PKGS[@]}")"
 if [ ${#missing[@]} -gt 0 ]; then

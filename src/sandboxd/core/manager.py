@@ -53,7 +53,8 @@ from sandboxd.runtime.base import (
 from sandboxd.runtime.network import AddressPoolExhausted
 from sandboxd.runtime.quota import DEFAULT_DISK_MB, MIN_DISK_MB
 from sandboxd.runtime.terminals import Terminals
-from sandboxd.state.db import SandboxRecord, StateDB
+from sandboxd.state.records import SandboxRecord
+from sandboxd.state.sql import State
 from sandboxd.templates.store import Template, TemplateError, TemplateStore
 from sandboxd.volumes.store import VolumeStore
 
@@ -155,7 +156,7 @@ class Sandbox:
 
 
 class SandboxManager:
-    def __init__(self, runtime: Runtime, templates: TemplateStore, db: StateDB, settings: Settings | None = None):
+    def __init__(self, runtime: Runtime, templates: TemplateStore, db: State, settings: Settings | None = None):
         self.runtime = runtime
         self.templates = templates
         runtime.on_destroyed.append(templates.release)  # (the hold each create records: _hold_template)

@@ -17,7 +17,7 @@ from sandboxd.core.secrets import Secrets
 from sandboxd.network.intercept import SandboxCA
 from sandboxd.network.policy import NetworkPolicy, PolicyError
 from sandboxd.runtime.base import Runtime, RuntimeError_, SandboxHandle
-from sandboxd.state.db import StateDB
+from sandboxd.state.sql import State
 
 if TYPE_CHECKING:
     from sandboxd.core.manager import Sandbox
@@ -51,7 +51,7 @@ def parse_ingress(network: dict[str, Any] | None) -> tuple[bool, str | None]:
 
 
 class SandboxNetworks:
-    def __init__(self, runtime: Runtime, db: StateDB) -> None:
+    def __init__(self, runtime: Runtime, db: State) -> None:
         self.runtime = runtime
         self.secrets = Secrets(db)  # ${e2b.secrets.NAME} in rules
         self.identity: workload_identity.Issuer | None = None  # mints ${e2b.identity.tokens.NAME}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sandboxd.core.errors import BadRequest, Conflict, NotFound
-from sandboxd.state.db import StateDB
+from sandboxd.state.sql import State
 
 MAX_VALUE = 64 * 1024
 MAX_SECRETS = 1024
@@ -59,7 +59,7 @@ def _check_value(value: Any) -> str:
 
 
 class Secrets:
-    def __init__(self, db: StateDB) -> None:
+    def __init__(self, db: State) -> None:
         self.db = db
 
     def create(self, name: Any, value: Any, metadata: Any = None) -> SecretInfo:

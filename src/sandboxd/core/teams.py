@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sandboxd.core.errors import BadRequest, Forbidden, NotFound
-from sandboxd.state.db import StateDB
+from sandboxd.state.sql import State
 
 DEFAULT_TEAM = "default"
 TEAM_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -77,7 +77,7 @@ def _mask(key: str) -> dict[str, Any]:
 
 
 class Teams:
-    def __init__(self, db: StateDB, server_key: str) -> None:
+    def __init__(self, db: State, server_key: str) -> None:
         self.db = db
         self._server_key = server_key.encode()
         self._lock = threading.Lock()

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sandboxd.runtime import quota
-from sandboxd.state.db import StateDB
+from sandboxd.state.sql import State
 from sandboxd.templates.uids import UID_SHIFT
 from sandboxd.volumes.content import VolumeFiles
 from sandboxd.volumes.errors import Conflict, NotFound, TooMany, VolumeError
@@ -79,7 +79,7 @@ def check_name(name: str) -> None:
 
 class VolumeStore:
     def __init__(
-        self, root: Path, db: StateDB, default_size_mb: int = DEFAULT_SIZE_MB, max_volumes: int = MAX_VOLUMES
+        self, root: Path, db: State, default_size_mb: int = DEFAULT_SIZE_MB, max_volumes: int = MAX_VOLUMES
     ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,251 @@
+"""The state interface, in SQL both databases speak: settings (the server's key, pools' limits, owners), live
+sandboxes, ended ones, secrets, volumes, teams' API keys and cluster nodes with their leases. `State` holds every
+query; an implementation gives it a connection (state/db.py: SQLite, embedded, the default; state/postgres.py:
+PostgreSQL, for a cluster's API replicas and nodes) and its schema comes from state/migrations.py. Both run the
+same contract tests (tests/test_state_contract.py).
+
+Statements use `?` for parameters (PostgreSQL's implementation turns them into its own) and only what SQLite 3.24+
+and PostgreSQL 12+ both do (`INSERT ... ON CONFLICT ... DO UPDATE`, no `INSERT OR REPLACE`, no rowid).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sandboxd.state.records import SandboxRecord
+
+Params = Sequence[Any]
+
+
+@dataclass(frozen=True)
+class Node:
+    """A cluster node as its lease says: where it serves, what it has, until when it is alive."""
+
+    node_id: str
+    url: str
+    capacity: dict[str, Any]
+    started_at: float
+    lease_until: float
+    alive: bool  # its lease runs (by the database's clock)
+
+
+class Tx(ABC):
+    """Statements run in one transaction (State.transaction())."""
+
+    @abstractmethod
+    def execute(self, sql: str, params: Params = ()) -> int: ...
+
+    @abstractmethod
+    def query(self, sql: str, params: Params = ()) -> list[tuple]: ...
+
+
+class State(ABC):
+    dialect: str = ""
+    node: str = ""  # the node whose sandboxes put() records, and all() returns by default ("": the only one)
+
+    # -- what an implementation gives ---------------------------------------------------------------
+    @abstractmethod
+    def transaction(self) -> AbstractContextManager[Tx]:
+        """A transaction (committed at the end of the block, rolled back on an exception)."""
+
+    @abstractmethod
+    def now(self) -> float:
+        """The database's time (seconds since the epoch): what leases are measured by."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def execute(self, sql: str, params: Params = ()) -> int:
+        with self.transaction() as tx:
+            return tx.execute(sql, params)
+
+    def query(self, sql: str, params: Params = ()) -> list[tuple]:
+        with self.transaction() as tx:
+            return tx.query(sql, params)
+
+    def _one(self, sql: str, params: Params = ()) -> tuple | None:
+        rows = self.query(sql, params)
+        return rows[0] if rows else None
+
+    # -- settings ---------------------------------------------------------------------------------
+    def get_setting(self, key: str) -> str | None:
+        row = self._one("SELECT value FROM settings WHERE key = ?", (key,))
+        return row[0] if row else None
+
+    def set_setting(self, key: str, value: str) -> None:
+        self.execute(
+            "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    def settings_under(self, prefix: str) -> dict[str, str]:
+        """The settings whose key starts with `prefix` (the prefix taken off)."""
+        rows = self.query("SELECT key, value FROM settings WHERE substr(key, 1, ?) = ?", (len(prefix), prefix))
+        return {key[len(prefix) :]: value for key, value in rows}
+
+    def delete_setting(self, key: str) -> None:
+        self.execute("DELETE FROM settings WHERE key = ?", (key,))
+
+    def api_key(self) -> tuple[str, bool]:
+        """The server's API key, creating it on first use (once, whoever asks at the same time). Returns (key,
+        created)."""
+        # e2b_ + 40 hex: accepted by every SDK version, including those that validate the format.
+        fresh = "e2b_" + secrets.token_hex(20)
+        with self.transaction() as tx:
+            made = tx.execute(
+                "INSERT INTO settings (key, value) VALUES ('api_key', ?) ON CONFLICT (key) DO NOTHING", (fresh,)
+            )
+            key = tx.query("SELECT value FROM settings WHERE key = 'api_key'")[0][0]
+        return key, made > 0
+
+    # -- API keys of teams (core/teams.py) ---------------------------------------------------------
+    KEY_COLUMNS = "id, team, name, hash, mask, created_at, last_used"
+
+    def key_put(self, row: tuple) -> None:
+        self.execute(f"INSERT INTO api_keys ({self.KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+
+    def key_rows(self) -> list[tuple]:
+        return self.query(f"SELECT {self.KEY_COLUMNS} FROM api_keys ORDER BY created_at, id")
+
+    def key_delete(self, key_id: str) -> bool:
+        return self.execute("DELETE FROM api_keys WHERE id = ?", (key_id,)) > 0
+
+    def key_used(self, key_id: str, when: float) -> None:
+        self.execute("UPDATE api_keys SET last_used = ? WHERE id = ?", (when, key_id))
+
+    # -- secrets (values are written, and read only by the egress proxy: core/secrets.py) -------------
+    SECRET_COLUMNS = "id, name, version, value, metadata, created_at, updated_at"
+
+    def secret_row(self, key: str) -> tuple | None:
+        """(id, name, version, value, metadata JSON, created_at, updated_at) by ID or name."""
+        return self._one(f"SELECT {self.SECRET_COLUMNS} FROM secrets WHERE id = ? OR name = ?", (key, key))
+
+    def secret_rows(self) -> list[tuple]:
+        return self.query(f"SELECT {self.SECRET_COLUMNS} FROM secrets ORDER BY created_at, id")
+
+    def secret_put(self, row: tuple) -> None:
+        self.execute(
+            f"INSERT INTO secrets ({self.SECRET_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE "
+            "SET name = excluded.name, version = excluded.version, value = excluded.value, "
+            "metadata = excluded.metadata, created_at = excluded.created_at, updated_at = excluded.updated_at",
+            row,
+        )
+
+    def secret_delete(self, secret_id: str) -> bool:
+        return self.execute("DELETE FROM secrets WHERE id = ?", (secret_id,)) > 0
+
+    # -- volumes ----------------------------------------------------------------------------------
+    def put_volume(self, body: dict) -> None:
+        self.execute(
+            "INSERT INTO volumes (id, name, body, created_at) VALUES (?, ?, ?, ?)",
+            (body["volume_id"], body["name"], json.dumps(body), float(body.get("created_at") or self.now())),
+        )
+
+    def delete_volume(self, volume_id: str) -> None:
+        self.execute("DELETE FROM volumes WHERE id = ?", (volume_id,))
+
+    def volume(self, ref: str) -> dict | None:
+        """A volume by its ID or its name (an ID wins over a name that spells another volume's ID)."""
+        row = self._one(
+            "SELECT body FROM volumes WHERE id = ? OR name = ? ORDER BY CASE WHEN id = ? THEN 0 ELSE 1 END LIMIT 1",
+            (ref, ref, ref),
+        )
+        return json.loads(row[0]) if row else None
+
+    def all_volumes(self) -> list[dict]:
+        """Oldest first."""
+        return [json.loads(r[0]) for r in self.query("SELECT body FROM volumes ORDER BY created_at, id")]
+
+    # -- sandboxes --------------------------------------------------------------------------------
+    def put(self, rec: SandboxRecord, node: str | None = None) -> None:
+        self.execute(
+            "INSERT INTO sandboxes (id, template_id, state, started_at, end_at, record, node) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET template_id = excluded.template_id, "
+            "state = excluded.state, started_at = excluded.started_at, end_at = excluded.end_at, "
+            "record = excluded.record, node = excluded.node",
+            (
+                rec.sandbox_id,
+                rec.template_id,
+                rec.state,
+                rec.started_at,
+                rec.end_at,
+                json.dumps(asdict(rec)),
+                self.node if node is None else node,
+            ),
+        )
+
+    def delete(self, sandbox_id: str) -> None:
+        self.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
+
+    def end(self, sandbox_id: str, ended_at: float, body: dict) -> None:
+        """The sandbox is gone: its record goes and what ended it is kept, in one transaction."""
+        with self.transaction() as tx:
+            tx.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
+            tx.execute(
+                "INSERT INTO ended (id, ended_at, body) VALUES (?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET ended_at = excluded.ended_at, body = excluded.body",
+                (sandbox_id, ended_at, json.dumps(body)),
+            )
+
+    def ended(self, sandbox_id: str) -> dict | None:
+        row = self._one("SELECT body FROM ended WHERE id = ?", (sandbox_id,))
+        return json.loads(row[0]) if row else None
+
+    def all_ended(self) -> list[dict]:
+        """Newest first."""
+        return [json.loads(r[0]) for r in self.query("SELECT body FROM ended ORDER BY ended_at DESC, id")]
+
+    def forget_ended(self, before: float) -> int:
+        return self.execute("DELETE FROM ended WHERE ended_at < ?", (before,))
+
+    def all(self, node: str | None = "") -> list[SandboxRecord]:
+        """The live sandboxes of a node (by default this one's: `node`; None: every node's)."""
+        node = self.node if node == "" else node
+        if node is None:
+            rows = self.query("SELECT record FROM sandboxes ORDER BY started_at, id")
+        else:
+            rows = self.query("SELECT record FROM sandboxes WHERE node = ? ORDER BY started_at, id", (node,))
+        return [SandboxRecord(**json.loads(r[0])) for r in rows]
+
+    def node_of(self, sandbox_id: str) -> str | None:
+        row = self._one("SELECT node FROM sandboxes WHERE id = ?", (sandbox_id,))
+        return row[0] if row else None
+
+    # -- cluster nodes and their leases -----------------------------------------------------------
+    def heartbeat(self, node_id: str, url: str, capacity: dict[str, Any], lease_seconds: float) -> float:
+        """The node is alive for `lease_seconds` more (by the database's clock): its lease renewed, its address
+        and capacity updated (registered on its first beat). Returns when the lease ends."""
+        with self.transaction() as tx:
+            now = self._now_in(tx)
+            until = now + lease_seconds
+            tx.execute(
+                "INSERT INTO nodes (id, url, capacity, started_at, lease_until) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET url = excluded.url, capacity = excluded.capacity, "
+                "lease_until = excluded.lease_until",
+                (node_id, url, json.dumps(capacity), now, until),
+            )
+        return until
+
+    def nodes(self) -> list[Node]:
+        """Every node registered, alive or not (by the database's clock), by ID."""
+        with self.transaction() as tx:
+            now = self._now_in(tx)
+            rows = tx.query("SELECT id, url, capacity, started_at, lease_until FROM nodes ORDER BY id")
+        return [Node(r[0], r[1], json.loads(r[2]), r[3], r[4], r[4] > now) for r in rows]
+
+    def release(self, node_id: str) -> None:
+        """The node leaves (a clean stop): its lease ends now."""
+        with self.transaction() as tx:
+            tx.execute("UPDATE nodes SET lease_until = ? WHERE id = ?", (self._now_in(tx), node_id))
+
+    def forget_node(self, node_id: str) -> bool:
+        return self.execute("DELETE FROM nodes WHERE id = ?", (node_id,)) > 0
+
+    def _now_in(self, tx: Tx) -> float:
+        return self.now()

@@ -1,0 +1,229 @@
+"""The state interface's contract (state/sql.py), run on both implementations: SQLite (state/db.py, a file) and
+PostgreSQL (state/postgres.py, a real server from Debian's package, tests/pg.py): what is written is read back the
+same (floats to the microsecond), in the documented order; an ended sandbox leaves in one transaction; a failed
+transaction leaves nothing; two connections see one another's writes and make one server key between them; node
+leases end by the database's clock; migrations run once, bring an older database up with its data, and a
+database a newer sandboxd migrated is refused."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+from pg import PgServer, postgres
+
+from sandboxd.state.db import StateDB
+from sandboxd.state.migrations import LATEST, SchemaTooNew, migrate
+from sandboxd.state.records import SandboxRecord
+from sandboxd.state.sql import State
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PgServer]:
+    with postgres() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], State]]:
+    """Opens the same database again at each call (another connection); all closed after."""
+    opened: list[State] = []
+    if request.param == "sqlite":
+        target = tmp_path / "state.db"
+
+        def make() -> State:
+            opened.append(StateDB(target))
+            return opened[-1]
+    else:
+        from sandboxd.state.postgres import PostgresState
+
+        conninfo = request.getfixturevalue("pg").database()
+
+        def make() -> State:
+            opened.append(PostgresState(conninfo))
+            return opened[-1]
+
+    yield make
+    for s in opened:
+        s.close()
+
+
+@pytest.fixture
+def state(open_state: Callable[[], State]) -> State:
+    return open_state()
+
+
+def record(sandbox_id: str, started: float, **kw: object) -> SandboxRecord:
+    return SandboxRecord(
+        sandbox_id=sandbox_id,
+        template_id="base",
+        alias="base",
+        client_id="sandboxd",
+        envd_token="t",
+        started_at=started,
+        end_at=started + 300,
+        state="running",
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_settings_and_the_server_key(open_state: Callable[[], State]) -> None:
+    a, b = open_state(), open_state()
+    assert a.get_setting("x") is None
+    a.set_setting("pool:base", "1")
+    a.set_setting("pool:code", "2")
+    a.set_setting("pool:base", "3")  # (replaced)
+    a.set_setting("other", "4")
+    assert b.get_setting("pool:base") == "3"
+    assert b.settings_under("pool:") == {"base": "3", "code": "2"}
+    a.delete_setting("pool:code")
+    assert b.settings_under("pool:") == {"base": "3"}
+    key, made = a.api_key()
+    again, made_again = b.api_key()  # (another connection: the same key, made once)
+    assert made and not made_again and key == again and key.startswith("e2b_") and len(key) == 44
+
+
+def test_sandboxes_live_and_ended(state: State) -> None:
+    t = 1764553200.123456
+    state.put(record("a", t, metadata={"k": "v"}), node="n1")
+    state.put(record("b", t + 1), node="n2")
+    state.put(record("c", t - 1))
+    assert [r.sandbox_id for r in state.all(node=None)] == ["c", "a", "b"]  # (every node's, by start)
+    assert [r.sandbox_id for r in state.all()] == ["c"]  # (this one's: "")
+    assert [r.sandbox_id for r in state.all(node="n1")] == ["a"]
+    got = state.all(node="n1")[0]
+    assert got.started_at == t and got.metadata == {"k": "v"}  # (a float to the microsecond)
+    assert state.node_of("b") == "n2" and state.node_of("nope") is None
+    moved = record("a", t, metadata={"k": "w"})
+    moved.state = "paused"
+    state.put(moved, node="n2")  # (written again: replaced)
+    assert [(r.sandbox_id, r.state) for r in state.all(node="n2")] == [("a", "paused"), ("b", "running")]
+
+    state.end("a", t + 10, {"sandboxID": "a", "endReason": {"kind": "killed"}})
+    assert "a" not in [r.sandbox_id for r in state.all(node=None)]
+    assert state.ended("a") == {"sandboxID": "a", "endReason": {"kind": "killed"}}
+    state.end("b", t + 20, {"sandboxID": "b"})
+    state.end("b", t + 30, {"sandboxID": "b", "again": True})  # (ended twice: the last word kept)
+    assert [e["sandboxID"] for e in state.all_ended()] == ["b", "a"]  # newest first
+    assert state.ended("b") == {"sandboxID": "b", "again": True}
+    assert state.forget_ended(t + 15) == 1 and state.ended("a") is None
+    state.delete("c")
+    assert state.all(node=None) == []
+    state.node = "n2"  # (a server that is node n2: its records by default)
+    state.put(record("d", t + 2))
+    state.put(record("e", t + 3), node="n3")
+    assert [r.sandbox_id for r in state.all()] == ["d"] and state.node_of("d") == "n2"
+
+
+def test_a_failed_transaction_leaves_nothing(state: State) -> None:
+    with pytest.raises(RuntimeError), state.transaction() as tx:
+        tx.execute("INSERT INTO settings (key, value) VALUES (?, ?)", ("half", "done"))
+        raise RuntimeError("interrupted")
+    assert state.get_setting("half") is None
+    with pytest.raises(Exception):  # (the database refuses: a duplicate key)  # noqa: B017
+        with state.transaction() as tx:
+            tx.execute("INSERT INTO settings (key, value) VALUES (?, ?)", ("dup", "1"))
+            tx.execute("INSERT INTO settings (key, value) VALUES (?, ?)", ("dup", "2"))
+    assert state.get_setting("dup") is None
+    state.set_setting("after", "ok")  # (the connection still works)
+    assert state.get_setting("after") == "ok"
+
+
+def test_secrets_keys_and_volumes(open_state: Callable[[], State]) -> None:
+    a, b = open_state(), open_state()
+    a.secret_put(("s1", "one", 1, "v1", "{}", 10.0, 10.0))
+    a.secret_put(("s2", "two", 1, "v2", '{"k":"v"}', 5.0, 5.0))
+    a.secret_put(("s1", "one", 2, "v1b", "{}", 10.0, 11.0))  # (a new version)
+    assert b.secret_row("one") == ("s1", "one", 2, "v1b", "{}", 10.0, 11.0) == b.secret_row("s1")
+    assert [r[0] for r in b.secret_rows()] == ["s2", "s1"]
+    with pytest.raises(Exception):  # (names are unique)  # noqa: B017
+        a.secret_put(("s3", "one", 1, "x", "{}", 1.0, 1.0))
+    assert a.secret_delete("s2") and not a.secret_delete("s2") and b.secret_row("two") is None
+
+    a.key_put(("k1", "acme", "ci", "h1", "abcd", 2.0, None))
+    a.key_put(("k2", "beta", "dev", "h2", "efgh", 1.0, None))
+    with pytest.raises(Exception):  # (hashes are unique)  # noqa: B017
+        a.key_put(("k3", "acme", "x", "h1", "zzzz", 3.0, None))
+    a.key_used("k1", 99.5)
+    assert b.key_rows() == [
+        ("k2", "beta", "dev", "h2", "efgh", 1.0, None),
+        ("k1", "acme", "ci", "h1", "abcd", 2.0, 99.5),
+    ]
+    assert a.key_delete("k2") and not a.key_delete("k2") and [r[0] for r in b.key_rows()] == ["k1"]
+
+    for i, name in enumerate(["vol-b", "vol-a", "v3"]):
+        a.put_volume({"volume_id": f"id{i}", "name": name, "token": "t", "size_mb": 16, "created_at": 100.0 + i})
+    a.put_volume({"volume_id": "v9", "name": "id0", "token": "t", "size_mb": 16, "created_at": 50.0})
+    assert [v["name"] for v in b.all_volumes()] == ["id0", "vol-b", "vol-a", "v3"]  # (as made)
+    assert b.volume("vol-a")["volume_id"] == "id1"  # type: ignore[index]
+    assert b.volume("id0")["volume_id"] == "id0"  # type: ignore[index]  # (an ID wins over a name)
+    with pytest.raises(Exception):  # noqa: B017
+        a.put_volume({"volume_id": "x", "name": "vol-a", "created_at": 1.0})
+    a.delete_volume("id1")
+    assert b.volume("vol-a") is None
+
+
+def test_node_leases_end_by_the_databases_clock(open_state: Callable[[], State]) -> None:
+    a, b = open_state(), open_state()
+    until = a.heartbeat("n1", "http://10.0.0.1:3000", {"memoryMB": 1024}, lease_seconds=30)
+    assert until == pytest.approx(b.now() + 30, abs=5)
+    b.heartbeat("n2", "http://10.0.0.2:3000", {"memoryMB": 2048}, lease_seconds=0.4)
+    nodes = a.nodes()
+    assert [(n.node_id, n.alive, n.capacity["memoryMB"]) for n in nodes] == [("n1", True, 1024), ("n2", True, 2048)]
+    time.sleep(0.6)
+    assert [(n.node_id, n.alive) for n in b.nodes()] == [("n1", True), ("n2", False)]  # (its lease ran out)
+    first = a.nodes()[1].started_at
+    b.heartbeat("n2", "http://10.0.0.9:3000", {"memoryMB": 4096}, lease_seconds=30)  # (back, moved)
+    n2 = a.nodes()[1]
+    assert n2.alive and n2.url == "http://10.0.0.9:3000" and n2.capacity == {"memoryMB": 4096}
+    assert n2.started_at == first  # (registered once)
+    a.release("n1")
+    assert [n.alive for n in b.nodes()] == [False, True]
+    assert b.forget_node("n1") and not b.forget_node("n1") and [n.node_id for n in a.nodes()] == ["n2"]
+
+
+def test_migrations_run_once_and_refuse_a_newer_schema(open_state: Callable[[], State]) -> None:
+    a = open_state()
+    assert a.query("SELECT max(version) FROM schema_version")[0][0] == LATEST
+    assert migrate(a) == [] and open_state().query("SELECT count(*) FROM schema_version")[0][0] == LATEST
+    a.execute("INSERT INTO schema_version (version) VALUES (?)", (LATEST + 1,))
+    with pytest.raises(SchemaTooNew, match="newer than this sandboxd knows"):
+        open_state()
+
+
+def test_an_older_sqlite_database_is_brought_up_with_its_data(tmp_path: Path) -> None:
+    # the schema sandboxd wrote before migrations (no schema_version, no nodes, volumes without created_at)
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        """
+        CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE sandboxes (id TEXT PRIMARY KEY, template_id TEXT NOT NULL, state TEXT NOT NULL,
+            started_at REAL NOT NULL, end_at REAL NOT NULL, record TEXT NOT NULL);
+        CREATE TABLE ended (id TEXT PRIMARY KEY, ended_at REAL NOT NULL, body TEXT NOT NULL);
+        CREATE TABLE volumes (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, body TEXT NOT NULL);
+        INSERT INTO settings VALUES ('api_key', 'e2b_old');
+        INSERT INTO volumes VALUES ('late', 'b', '{"volume_id": "late", "name": "b", "created_at": 20.0}');
+        INSERT INTO volumes VALUES ('early', 'a', '{"volume_id": "early", "name": "a", "created_at": 10.0}');
+        """
+    )
+    rec = record("old", 5.0)
+    conn.execute(
+        "INSERT INTO sandboxes VALUES (?, ?, ?, ?, ?, ?)",
+        ("old", "base", "running", 5.0, 305.0, json.dumps(asdict(rec))),
+    )
+    conn.commit()
+    conn.close()
+    state = StateDB(path)
+    try:
+        assert state.api_key() == ("e2b_old", False)
+        assert [r.sandbox_id for r in state.all()] == ["old"] and state.node_of("old") == ""
+        assert [v["volume_id"] for v in state.all_volumes()] == ["early", "late"]
+        assert state.nodes() == [] and state.key_rows() == []
+    finally:
+        state.close()
