@@ -40,7 +40,7 @@ from sandboxd.runtime.identity import IdentityError
 from sandboxd.runtime.namespaces import NamespaceRuntime
 from sandboxd.runtime.native import HelperBuildError
 from sandboxd.runtime.network import DEFAULT_CIDR, PROXY_MARK, PROXY_PORT
-from sandboxd.state.db import StateDB
+from sandboxd.state import open_state
 from sandboxd.telemetry.prometheus import Exporter, Requests
 from sandboxd.templates.images import Registry
 from sandboxd.templates.store import TemplateError, TemplateStore
@@ -58,6 +58,7 @@ class ServerConfig:
     port: int = 3000
     data_dir: Path = DEFAULT_DATA_DIR
     templates_dir: Path | None = None
+    database: str | None = None  # PostgreSQL (a URL or conninfo) instead of data_dir/state.db (state/)
     # On shutdown, leave sandboxes running for the next start to re-adopt (an upgrade or restart must
     # not cost users their sandboxes); False destroys them (`--destroy-on-exit`).
     keep_sandboxes: bool = True
@@ -104,7 +105,7 @@ class App:
         self.config = config
         if config.template_path.is_dir():
             os.chmod(config.template_path, 0o700)  # installs made before this was enforced
-        self.db = StateDB(config.data_dir / "state.db")
+        self.db = open_state(config.data_dir, config.database)
         self.api_key, self.key_created = self.db.api_key()
         self.templates = TemplateStore(config.template_path)
         self.runtime = NamespaceRuntime(

@@ -23,6 +23,12 @@ from sandboxd.server import DEFAULT_DATA_DIR
 def _add_dirs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="state, sandboxes (default %(default)s)")
     p.add_argument("--templates-dir", type=Path, default=None, help="built templates (default DATA_DIR/templates)")
+    p.add_argument(
+        "--database",
+        default=os.environ.get("SANDBOXD_DATABASE"),
+        help="PostgreSQL for the state (postgresql://... or a libpq conninfo; default $SANDBOXD_DATABASE, else "
+        "DATA_DIR/state.db)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -436,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                 port=args.port,
                 data_dir=args.data_dir,
                 templates_dir=args.templates_dir,
+                database=args.database,
                 keep_sandboxes=not args.destroy_on_exit,
                 pause_on_exit=args.pause_on_exit,
                 metrics_per_sandbox=not args.no_metrics_per_sandbox,
@@ -480,10 +487,11 @@ def main(argv: list[str] | None = None) -> int:
         store = TemplateStore(templates_dir)
         if args.template_command != "build" or args.file is not None:
             api_key = getattr(args, "api_key", None)
-            if args.template_command == "build" and not api_key and (args.data_dir / "state.db").is_file():
-                from sandboxd.state.db import StateDB
+            known = args.database or (args.data_dir / "state.db").is_file()
+            if args.template_command == "build" and not api_key and known:
+                from sandboxd.state import open_state
 
-                api_key = StateDB(args.data_dir / "state.db", create=False).api_key()[0]
+                api_key = open_state(args.data_dir, args.database, create=False).api_key()[0]
             return template_cli.main(args, store, getattr(args, "url", None) or "http://127.0.0.1:3000", api_key)
         if not args.names:
             print("sandboxd: name built-in templates to build, or give a Dockerfile with -f", file=sys.stderr)
@@ -513,16 +521,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command in ("sandbox", "pool", "keys"):
         api_key = args.api_key
-        if not api_key and (args.data_dir / "state.db").is_file():
-            from sandboxd.state.db import StateDB
+        if not api_key and (args.database or (args.data_dir / "state.db").is_file()):
+            from sandboxd.state import open_state
 
-            api_key = StateDB(args.data_dir / "state.db", create=False).api_key()[0]
+            api_key = open_state(args.data_dir, args.database, create=False).api_key()[0]
         run = {"sandbox": sandbox_cli.main, "pool": pool_cli.main, "keys": keys_cli.main}[args.command]
         return run(args, args.url or "http://127.0.0.1:3000", api_key)
     if args.command == "api-key":
-        from sandboxd.state.db import StateDB
+        from sandboxd.state import open_state
 
         db_path = args.data_dir / "state.db"
+        if args.database:
+            print("state: PostgreSQL (--database)", file=sys.stderr)
+            print(open_state(args.data_dir, args.database).api_key()[0])
+            return 0
         if not db_path.is_file():
             print(
                 f"sandboxd: no server state in {args.data_dir} (no state.db): start `sandboxd serve --data-dir "
@@ -531,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         print(f"data dir: {args.data_dir}", file=sys.stderr)
-        print(StateDB(db_path, create=False).api_key()[0])
+        print(open_state(args.data_dir, create=False).api_key()[0])
         return 0
     if args.command == "ca":
         from sandboxd.routing.tls import CertError, LocalCA
