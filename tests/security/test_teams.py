@@ -6,6 +6,7 @@ database keeps no key, only hashes; the CLI makes, lists and revokes keys."""
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 from pathlib import Path
 
@@ -183,3 +184,26 @@ def test_snapshots_volumes_and_templates_stay_with_their_team(tmp_path: Path) ->
             assert a.delete(f"/volumes/{vol['volumeID']}").status_code == 204
         finally:
             box.kill()
+
+
+def test_a_team_cannot_have_the_operators_secrets_put_into_its_requests(server: Server) -> None:
+    from e2b import InvalidArgumentException, SandboxException
+
+    key = team_key(server, "team-secrets")
+    conn = {"api_url": server.url, "sandbox_url": server.url, "api_key": key}
+    name = f"operator-{secrets.token_hex(4)}"
+    assert server.api().post("/secrets", json={"name": name, "value": "s3cret"}).status_code == 201
+    try:
+        rules = {"collector.example": [{"transform": {"headers": {"X-Leak": "${e2b.secrets." + name + "}"}}}]}
+        network = {"allow_out": ["collector.example"], "deny_out": ["0.0.0.0/0"], "rules": rules}
+        with pytest.raises((InvalidArgumentException, SandboxException)) as refused:
+            Sandbox.create(template="base", timeout=30, network=network, **conn)
+        assert "operator" in str(refused.value)
+        own = Sandbox.create(template="base", timeout=60, **conn)
+        try:
+            r = as_key(server, key).put(f"/sandboxes/{own.sandbox_id}/network", json=network)
+            assert r.status_code == 400 and "operator" in r.json()["message"], r.text
+        finally:
+            own.kill()
+    finally:
+        server.api().delete(f"/secrets/{name}")

@@ -649,7 +649,7 @@ class SandboxManager:
                 policy = NetworkPolicy.from_json(policy_of.record.network)
                 allow_internet_access = policy_of.record.allow_internet_access
             else:
-                policy = parse_policy(network, allow_internet_access, set(tokens))
+                policy = parse_policy(network, allow_internet_access, set(tokens), team)
             public, mask = parse_ingress(network)
             if auto_resume and not auto_pause:
                 raise BadRequest(

@@ -6,6 +6,7 @@ here, by the address a packet came from.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import asdict
@@ -13,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from sandboxd.core import egress_ca, workload_identity
 from sandboxd.core.errors import BadRequest
+from sandboxd.core.secrets import PLACEHOLDER as SECRET_PLACEHOLDER
 from sandboxd.core.secrets import Secrets
+from sandboxd.core.teams import DEFAULT_TEAM
 from sandboxd.network.intercept import SandboxCA
 from sandboxd.network.policy import NetworkPolicy, PolicyError
 from sandboxd.runtime.base import Runtime, RuntimeError_, SandboxHandle
@@ -24,12 +27,21 @@ if TYPE_CHECKING:
 
 
 def parse_policy(
-    network: dict[str, Any] | None, allow_internet_access: bool | None, tokens: set[str] | None = None
+    network: dict[str, Any] | None,
+    allow_internet_access: bool | None,
+    tokens: set[str] | None = None,
+    team: str = DEFAULT_TEAM,
 ) -> NetworkPolicy:
-    """E2B's network fields checked (400 with the reason); `tokens`: the sandbox's iam token names."""
+    """E2B's network fields checked (400 with the reason); `tokens`: the sandbox's iam token names; `team`: its
+    team's (the server's secrets are the operator's: a team's sandbox may not name them in its rules)."""
     network = network or {}
     if not isinstance(network, dict):
         raise BadRequest("network must be an object")
+    if team != DEFAULT_TEAM and SECRET_PLACEHOLDER.search(json.dumps(network.get("rules"))):
+        raise BadRequest(
+            "network.rules: ${e2b.secrets.*} names the server's secrets, which only the operator's sandboxes use: "
+            "put the value in the rule itself, or ask the operator"
+        )
     try:
         return NetworkPolicy.from_api(network, allow_internet_access, tokens or set())
     except PolicyError as e:
@@ -88,7 +100,7 @@ class SandboxNetworks:
     async def update(self, sandbox: Sandbox, network: dict[str, Any], allow_internet_access: bool | None) -> None:
         """Replace the sandbox's egress policy (all of it: what the update leaves out is cleared); the
         caller stores the record."""
-        policy = parse_policy(network, allow_internet_access, set(sandbox.record.iam_tokens))
+        policy = parse_policy(network, allow_internet_access, set(sandbox.record.iam_tokens), sandbox.record.team)
         try:
             await self.runtime.set_egress(sandbox.handle, policy.egress())
         except RuntimeError_ as e:
@@ -139,10 +151,12 @@ class SandboxNetworks:
         """A rule's header value with its placeholders filled in, for a request of the sandbox at `address`:
         `${e2b.secrets.NAME}` (the secret's current value), `${e2b.identity.tokens.NAME}` (a token minted
         now). KeyError names what does not exist."""
+        sandbox = self._by_address.get(address)
+        if SECRET_PLACEHOLDER.search(text) and (sandbox is None or sandbox.record.team != DEFAULT_TEAM):
+            raise KeyError("secrets (only the operator's sandboxes use them)")
         text = self.secrets.fill(text)
         if "${e2b.identity." not in text:
             return text
-        sandbox = self._by_address.get(address)
         tokens = sandbox.record.iam_tokens if sandbox is not None else {}
 
         def mint(m: re.Match[str]) -> str:
