@@ -487,11 +487,11 @@ def main(argv: list[str] | None = None) -> int:
         store = TemplateStore(templates_dir)
         if args.template_command != "build" or args.file is not None:
             api_key = getattr(args, "api_key", None)
-            known = args.database or (args.data_dir / "state.db").is_file()
+            known = getattr(args, "database", None) or (args.data_dir / "state.db").is_file()
             if args.template_command == "build" and not api_key and known:
                 from sandboxd.state import open_state
 
-                api_key = open_state(args.data_dir, args.database, create=False).api_key()[0]
+                api_key = open_state(args.data_dir, getattr(args, "database", None), create=False).api_key()[0]
             return template_cli.main(args, store, getattr(args, "url", None) or "http://127.0.0.1:3000", api_key)
         if not args.names:
             print("sandboxd: name built-in templates to build, or give a Dockerfile with -f", file=sys.stderr)
