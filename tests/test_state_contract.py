@@ -227,3 +227,25 @@ def test_an_older_sqlite_database_is_brought_up_with_its_data(tmp_path: Path) ->
         assert state.nodes() == [] and state.key_rows() == []
     finally:
         state.close()
+
+
+def test_a_lost_nodes_sandboxes_end_and_come_back_with_it(open_state: Callable[[], State]) -> None:
+    a, b = open_state(), open_state()
+    a.node = "n1"
+    a.put(record("x", 1.0, metadata={"k": "v"}))
+    a.put(record("y", 2.0))
+    b.put(record("z", 3.0), node="n2")
+
+    def body(rec: SandboxRecord) -> dict:
+        return {"sandboxID": rec.sandbox_id, "endReason": {"kind": "lost", "by": "n1"}}
+
+    assert sorted(b.lose("n1", 50.0, body)) == ["x", "y"]
+    assert [r.sandbox_id for r in b.all(node=None)] == ["z"]
+    assert b.ended("x") == {"sandboxID": "x", "endReason": {"kind": "lost", "by": "n1"}}
+    assert b.lose("n1", 51.0, body) == []  # (declared twice: nothing more)
+    b.end("z", 60.0, {"sandboxID": "z", "endReason": {"kind": "killed"}})
+    back = a.revive("n1")
+    assert sorted(r.sandbox_id for r in back) == ["x", "y"]
+    assert [(r.sandbox_id, r.metadata) for r in a.all()] == [("x", {"k": "v"}), ("y", {})]
+    assert a.ended("x") is None and a.ended("z") is not None  # (only the lost come back)
+    assert a.revive("n1") == [] and b.revive("n2") == []

@@ -19,6 +19,7 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from sandboxd.api.app import build_control_plane
+from sandboxd.cluster.membership import Membership
 from sandboxd.core import workload_identity
 from sandboxd.core.builds import TemplateBuilds
 from sandboxd.core.limits import RequestLimits
@@ -59,6 +60,7 @@ class ServerConfig:
     data_dir: Path = DEFAULT_DATA_DIR
     templates_dir: Path | None = None
     database: str | None = None  # PostgreSQL (a URL or conninfo) instead of data_dir/state.db (state/)
+    advertise_url: str | None = None  # where other nodes reach this one (default: its own address and port)
     # On shutdown, leave sandboxes running for the next start to re-adopt (an upgrade or restart must
     # not cost users their sandboxes); False destroys them (`--destroy-on-exit`).
     keep_sandboxes: bool = True
@@ -159,6 +161,12 @@ class App:
         self.exporter = Exporter(self.manager, self.builds, per_sandbox=config.metrics_per_sandbox)
         self.teams = Teams(self.db, self.api_key)
         own = {"::": "[::1]", "0.0.0.0": "127.0.0.1", "localhost": "127.0.0.1"}.get(config.host, config.host)
+        # a server whose state is shared (PostgreSQL) is a node of a cluster: leases, lost nodes, their return
+        self.membership = (
+            Membership(self.manager, self.db, config.advertise_url or f"http://{own}:{config.port}")
+            if config.database
+            else None
+        )
         control = build_control_plane(
             self.manager,
             self.teams,
@@ -200,7 +208,11 @@ class App:
                     for service in (self.resolver, self.egress):
                         if service is not None:
                             await service.start()
+                    if self.membership is not None:  # (its sandboxes declared lost while it was away: its own)
+                        await asyncio.to_thread(self.membership.revive)
                     await self.manager.start()
+                    if self.membership is not None:
+                        await self.membership.start()
                     for server, sock in self.extra_servers:
                         self._extra_tasks.append(asyncio.create_task(server.serve(sockets=[sock])))
                     cleaned = await uploads.clean_interrupted(self.manager)
@@ -224,6 +236,8 @@ class App:
                     if service is not None:
                         service.close()
                 await self.builds.stop()
+                if self.membership is not None:
+                    await self.membership.stop(release=not self.config.keep_sandboxes)
                 await self.manager.stop(destroy=not self.config.keep_sandboxes, to_disk=self.config.pause_on_exit)
                 if self.manager.volumes is not None:
                     self.manager.volumes.close()

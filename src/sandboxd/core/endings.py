@@ -1,6 +1,7 @@
 """Typed end of life: every sandbox that ends records why — `killed` (and by whom), `timeout` (its end
 time, or its idle timeout), `oom` (its memory limit), `error` (what failed), `host_restart` (its processes
-were gone when the server started) — with the time and its last metrics, kept for a while
+were gone when the server started), `lost` (in a cluster, its node stopped answering: cluster/membership.py)
+— with the time and its last metrics, kept for a while
 (`--ended-retention`). A later call about it says why it is gone: the control plane's 404 message, the
 data plane's 502 (whose message the SDKs put in their exceptions), and `GET /v2/sandboxes?state=killed`
 lists them (E2B's listing shape, with `state: killed` and an `endReason` of sandboxd's own).
@@ -15,7 +16,7 @@ from typing import Any
 
 from sandboxd.state.db import SandboxRecord
 
-KILLED, TIMEOUT, OOM, ERROR, HOST_RESTART = "killed", "timeout", "oom", "error", "host_restart"
+KILLED, TIMEOUT, OOM, ERROR, HOST_RESTART, LOST = "killed", "timeout", "oom", "error", "host_restart", "lost"
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,15 @@ def failed(message: str) -> End:
 
 def host_restart() -> End:
     return End(HOST_RESTART, "was gone when the server started (the host restarted, or its processes were killed)")
+
+
+def lost(node: str, silent_seconds: float) -> End:
+    return End(
+        LOST,
+        f"was lost: its node {node} stopped answering (no heartbeat for {silent_seconds:.0f} s); if the node comes "
+        "back, so does the sandbox",
+        by=node,
+    )
 
 
 def _iso(t: float) -> str:

@@ -59,6 +59,16 @@ MIGRATIONS = (
             "CREATE INDEX ended_at ON ended (ended_at)",
         ),
     ),
+    Migration(
+        3,
+        "an ended sandbox's node, why it ended, and (a lost node's) its record, to revive it when the node is back",
+        (
+            "ALTER TABLE ended ADD COLUMN node TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE ended ADD COLUMN reason TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE ended ADD COLUMN record TEXT",
+            "CREATE INDEX ended_node ON ended (node, reason)",
+        ),
+    ),
 )
 LATEST = MIGRATIONS[-1].version
 TYPES = {"sqlite": {"real": "REAL"}, "postgres": {"real": "DOUBLE PRECISION"}}

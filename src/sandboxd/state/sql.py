@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import secrets
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 from sandboxd.state.records import SandboxRecord
 
 Params = Sequence[Any]
+LOST = "lost"  # the end of a lost node's sandboxes (core/endings.py's kind)
 
 
 @dataclass(frozen=True)
@@ -187,11 +188,45 @@ class State(ABC):
         """The sandbox is gone: its record goes and what ended it is kept, in one transaction."""
         with self.transaction() as tx:
             tx.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
-            tx.execute(
-                "INSERT INTO ended (id, ended_at, body) VALUES (?, ?, ?) "
-                "ON CONFLICT (id) DO UPDATE SET ended_at = excluded.ended_at, body = excluded.body",
-                (sandbox_id, ended_at, json.dumps(body)),
+            self._ended_row(tx, sandbox_id, ended_at, body, self.node, None)
+
+    @staticmethod
+    def _ended_row(tx: Tx, sandbox_id: str, ended_at: float, body: dict, node: str, record: str | None) -> None:
+        reason = str((body.get("endReason") or {}).get("kind") or "")
+        tx.execute(
+            "INSERT INTO ended (id, ended_at, body, node, reason, record) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET ended_at = excluded.ended_at, body = excluded.body, "
+            "node = excluded.node, reason = excluded.reason, record = excluded.record",
+            (sandbox_id, ended_at, json.dumps(body), node, reason, record),
+        )
+
+    def lose(self, node: str, ended_at: float, body_of: Callable[[SandboxRecord], dict]) -> list[str]:
+        """The node is lost: each of its live sandboxes ends (`body_of` says how: reason `lost`), its record kept
+        with it to be revived if the node comes back (revive()). One transaction; the IDs lost."""
+        with self.transaction() as tx:
+            rows = tx.query("SELECT id, record FROM sandboxes WHERE node = ?", (node,))
+            for sandbox_id, record in rows:
+                body = body_of(SandboxRecord(**json.loads(record)))
+                tx.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
+                self._ended_row(tx, sandbox_id, ended_at, body, node, record)
+        return [r[0] for r in rows]
+
+    def revive(self, node: str) -> list[SandboxRecord]:
+        """The node is back: its sandboxes that lose() ended are live records again (the node re-adopts those whose
+        processes still run). One transaction."""
+        with self.transaction() as tx:
+            rows = tx.query(
+                "SELECT id, record FROM ended WHERE node = ? AND reason = ? AND record IS NOT NULL", (node, LOST)
             )
+            for sandbox_id, record in rows:
+                rec = SandboxRecord(**json.loads(record))
+                tx.execute("DELETE FROM ended WHERE id = ?", (sandbox_id,))
+                tx.execute(
+                    "INSERT INTO sandboxes (id, template_id, state, started_at, end_at, record, node) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                    (rec.sandbox_id, rec.template_id, rec.state, rec.started_at, rec.end_at, record, node),
+                )
+        return [SandboxRecord(**json.loads(r[1])) for r in rows]
 
     def ended(self, sandbox_id: str) -> dict | None:
         row = self._one("SELECT body FROM ended WHERE id = ?", (sandbox_id,))

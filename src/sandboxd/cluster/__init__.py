@@ -1,0 +1,2 @@
+"""The cluster layer: servers that share their state in PostgreSQL are nodes of one cluster (membership.py: leases,
+lost nodes, their return). Above core; the state interface is state/'s."""
