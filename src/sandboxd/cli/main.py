@@ -312,6 +312,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_serve.add_argument("--tls-port", type=int, default=443, help="HTTPS port for --domain (default %(default)s)")
     p_serve.add_argument(
+        "--role",
+        choices=["all", "node", "api"],
+        default="all",
+        help="all: the whole server (default); node: the same, a node of the cluster --database names; api: an API "
+        "replica of that cluster (no sandboxes of its own: it routes to the nodes)",
+    )
+    p_serve.add_argument(
+        "--placement",
+        choices=["spread", "binpack"],
+        default="spread",
+        help="--role api: where creates go (fewest sandboxes first, or fullest first)",
+    )
+    p_serve.add_argument(
+        "--advertise-url",
+        default=None,
+        help="with --database: where the cluster's other servers reach this node (default: its own host and port)",
+    )
+    p_serve.add_argument(
         "--no-network",
         action="store_true",
         help="sandboxes get no network but their own loopback",
@@ -378,6 +396,13 @@ def main(argv: list[str] | None = None) -> int:
             handler.setFormatter(JsonFormatter())
 
     if args.command == "serve":
+        if args.role != "all" and not args.database:
+            parser.error(f"--role {args.role} needs the cluster's state: --database postgresql://...")
+        if args.role == "api":
+            from sandboxd.cluster.replica import serve as serve_replica
+
+            serve_replica(args.host, args.port, args.database, args.placement)
+            return 0
         from sandboxd.core.limits import HostLimits
         from sandboxd.core.manager import Settings
         from sandboxd.runtime.quota import MIN_DISK_MB
@@ -443,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                 data_dir=args.data_dir,
                 templates_dir=args.templates_dir,
                 database=args.database,
+                advertise_url=args.advertise_url,
                 keep_sandboxes=not args.destroy_on_exit,
                 pause_on_exit=args.pause_on_exit,
                 metrics_per_sandbox=not args.no_metrics_per_sandbox,

@@ -1,0 +1,425 @@
+"""`sandboxd serve --role api`: an API replica. It runs no sandbox; it holds no state of its own (the cluster's is in
+PostgreSQL), so any number of them serve one cluster, behind any load balancer. Clients (the official SDKs: both
+E2B_API_URL and E2B_SANDBOX_URL point at a replica) never see the nodes:
+
+- a request about one sandbox (E2B's `/sandboxes/{id}/...`, or the data plane with `E2b-Sandbox-Id`) is streamed
+  both ways, unbuffered, to the node that runs it (the sandboxes table says which); one that ended says why (the
+  ended records are the cluster's);
+- a create goes to the node placement picks (cluster/placement.py), the next one if that node fails to answer;
+- the lists are every node's, merged (each sandbox once), sorted and paged here;
+- anything else (templates, volumes, snapshots, pools, keys, secrets, metrics) goes to one node.
+
+The client's own credentials go along: each node checks the API key against the cluster's teams (the state is
+shared), so a replica cannot widen what a key may do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import parse_qsl
+
+import httpx
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from sandboxd.cluster.placement import Policy, order
+from sandboxd.core import endings
+from sandboxd.state.sql import Node, State
+
+log = logging.getLogger("sandboxd.cluster")
+
+SANDBOX_PATH = re.compile(r"^/(?:v2/)?sandboxes/([^/]+)")
+CREATE_PATHS = frozenset({"/sandboxes", "/v2/sandboxes"})
+NODES_TTL = 1.0  # s: the nodes' leases read again after this
+WHERE_TTL = 5.0  # s: a sandbox's node remembered this long (a node that stops answering drops it at once)
+MAX_CREATE_BODY = 1024 * 1024
+MAX_PAGE = 100
+MAX_NODE_PAGES = 20  # a list asks each node for at most this many pages of 100
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+    }
+)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"code": status, "message": message}, status_code=status, headers=headers)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for k, v in scope["headers"]:
+        if k == name:
+            return str(v.decode("latin-1"))
+    return None
+
+
+class Replica:
+    def __init__(self, state: State, policy: Policy = "spread") -> None:
+        self.state = state
+        self.policy: Policy = policy
+        self._nodes: list[Node] = []
+        self._nodes_at = 0.0
+        self._sent: Counter[str] = Counter()  # creates sent to each node since its lease was read
+        self._where: dict[str, tuple[str, float]] = {}  # sandbox ID -> (its node's URL, until when)
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=5.0, read=None, write=None, pool=None),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30),
+            follow_redirects=False,
+        )
+
+    # -- the ASGI app ---------------------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":  # (WebSockets to sandboxes' ports: through a node's own address for now)
+            await send({"type": "websocket.close", "code": 1011, "reason": "the API replica serves no WebSocket"})
+            return
+        path = scope["path"]
+        try:
+            sandbox_id = _header(scope, b"e2b-sandbox-id")
+            if sandbox_id is not None:
+                await self._to_sandbox(scope, receive, send, sandbox_id, data_plane=True)
+            elif path == "/health":
+                await Response(status_code=204)(scope, receive, send)
+            elif path in CREATE_PATHS and scope["method"] == "POST":
+                await self._create(scope, receive, send)
+            elif path in CREATE_PATHS and scope["method"] == "GET":
+                await self._list(scope, receive, send)
+            elif path == "/sandboxes/metrics" and scope["method"] == "GET":
+                await self._metrics_many(scope, receive, send)
+            elif m := SANDBOX_PATH.match(path):
+                await self._to_sandbox(scope, receive, send, m.group(1), data_plane=False)
+            else:
+                await self._to_any(scope, receive, send)
+        except NoNodes as e:
+            await _error(503, str(e), {"Retry-After": "2"})(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.client.aclose()
+                await asyncio.to_thread(self.state.close)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- the nodes ------------------------------------------------------------------------------------
+    async def nodes(self) -> list[Node]:
+        if time.monotonic() - self._nodes_at >= NODES_TTL:
+            self._nodes = await asyncio.to_thread(self.state.nodes)
+            self._nodes_at = time.monotonic()
+            self._sent.clear()
+        return self._nodes
+
+    async def _alive(self) -> list[Node]:
+        alive = [n for n in await self.nodes() if n.alive]
+        if not alive:
+            raise NoNodes("no node of this cluster is alive (none holds a lease): start one, or wait for it")
+        return alive
+
+    async def _node_of(self, sandbox_id: str) -> str | None:
+        known = self._where.get(sandbox_id)
+        if known is not None and known[1] > time.monotonic():
+            return known[0]
+        if len(sandbox_id) > 64:
+            return None
+        node_id = await asyncio.to_thread(self.state.node_of, sandbox_id)
+        url = next((n.url for n in await self.nodes() if n.node_id == node_id), None)
+        if url is not None:
+            if len(self._where) > 100_000:
+                self._where.clear()
+            self._where[sandbox_id] = (url, time.monotonic() + WHERE_TTL)
+        return url
+
+    # -- requests -------------------------------------------------------------------------------------
+    async def _to_sandbox(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str, data_plane: bool) -> None:
+        url = await self._node_of(sandbox_id)
+        if url is None:
+            ended = await asyncio.to_thread(self.state.ended, sandbox_id) if len(sandbox_id) <= 64 else None
+            why = f": {endings.explain(ended)}" if ended else ""
+            if data_plane:  # (the SDKs show a data-plane 502's message)
+                await _error(502, f"The sandbox was not found{why}")(scope, receive, send)
+            else:
+                await _error(404, f"sandbox '{sandbox_id[:80]}' not found{why}")(scope, receive, send)
+            return
+        if not await self._proxy(scope, receive, send, url, body=await _small_body(scope, receive)):
+            self._where.pop(sandbox_id, None)
+            await _error(502, "the sandbox's node did not answer: retry")(scope, receive, send)
+
+    async def _to_any(self, scope: Scope, receive: Receive, send: Send) -> None:
+        alive = await self._alive()
+        body = await _small_body(scope, receive)
+        for node in alive:  # (the first that answers)
+            if await self._proxy(scope, receive, send, node.url, body=body):
+                return
+            if body is None:
+                break
+        await _error(502, "no node of the cluster answered: retry")(scope, receive, send)
+
+    async def _create(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await _read_body(receive, MAX_CREATE_BODY)
+        if body is None:
+            await _error(413, f"request body is over the limit of {MAX_CREATE_BODY} bytes")(scope, receive, send)
+            return
+        candidates = order(await self._alive(), self.policy, self._sent)
+        for node in candidates:
+            self._sent[node.node_id] += 1
+            if await self._proxy(scope, receive, send, node.url, body=body):
+                return
+        await _error(503, f"no node could take the sandbox (tried {len(candidates)})", {"Retry-After": "2"})(
+            scope, receive, send
+        )
+
+    async def _list(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Every node's sandboxes (each once), sorted and paged as one server would."""
+        query = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
+        v2 = scope["path"] == "/v2/sandboxes"
+        try:
+            limit = int(query.pop("limit", MAX_PAGE)) if v2 else 10**9
+        except ValueError:
+            await _error(400, "limit must be a whole number")(scope, receive, send)
+            return
+        if v2 and not 1 <= limit <= MAX_PAGE:
+            await _error(400, f"limit must be between 1 and {MAX_PAGE}, got {limit}")(scope, receive, send)
+            return
+        cursor = query.pop("nextToken", None)
+        order_desc = query.get("order", "desc").lower() != "asc"
+        headers = _forwarded(scope)
+        alive = await self._alive()
+        answers = await asyncio.gather(*(self._node_list(n.url, scope["path"], query, headers) for n in alive))
+        for status, body in answers:
+            if status != 200:  # (the same for every node: a bad key, a bad filter)
+                await JSONResponse(body, status_code=status)(scope, receive, send)
+                return
+        seen: dict[str, dict[str, Any]] = {}
+        for _, items in answers:
+            for item in items:
+                seen.setdefault(item["sandboxID"], item)
+        items = sorted(seen.values(), key=lambda s: (s.get("startedAt", ""), s["sandboxID"]), reverse=order_desc)
+        if cursor:
+            try:
+                after = tuple(base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1))
+            except (ValueError, binascii.Error, UnicodeDecodeError):
+                await _error(400, "nextToken is not a token this cluster issued")(scope, receive, send)
+                return
+            items = [s for s in items if ((s.get("startedAt", ""), s["sandboxID"]) < after) == order_desc]
+        page = items[:limit]
+        running = sum(1 for s in seen.values() if s.get("state") == "running")
+        out_headers = {"X-Total-Running": str(running)}
+        if len(items) > limit:
+            last = page[-1]
+            out_headers["X-Next-Token"] = base64.urlsafe_b64encode(
+                f"{last.get('startedAt', '')}|{last['sandboxID']}".encode()
+            ).decode()
+        await JSONResponse(page, headers=out_headers)(scope, receive, send)
+
+    async def _node_list(
+        self, url: str, path: str, query: dict[str, str], headers: list[tuple[bytes, bytes]]
+    ) -> tuple[int, Any]:
+        items: list[Any] = []
+        params = dict(query)
+        if path == "/v2/sandboxes":
+            params["limit"] = str(MAX_PAGE)
+        for _ in range(MAX_NODE_PAGES):
+            try:
+                r = await self.client.get(url + path, params=params, headers=headers)
+            except httpx.TransportError:
+                return 200, items  # (a node that does not answer: its sandboxes are not listed)
+            if r.status_code != 200:
+                return r.status_code, r.json()
+            items.extend(r.json())
+            token = r.headers.get("x-next-token")
+            if not token:
+                break
+            params["nextToken"] = token
+        return 200, items
+
+    async def _metrics_many(self, scope: Scope, receive: Receive, send: Send) -> None:
+        query = parse_qsl(scope["query_string"].decode("latin-1"))
+        ids = [i for k, raw in query if k == "sandbox_ids" for i in raw.split(",") if i][:MAX_PAGE]
+        by_node: dict[str, list[str]] = {}
+        for sandbox_id in dict.fromkeys(ids):
+            url = await self._node_of(sandbox_id)
+            if url is not None:
+                by_node.setdefault(url, []).append(sandbox_id)
+        headers = _forwarded(scope)
+        merged: dict[str, Any] = {}
+        for url, mine in by_node.items():
+            with contextlib.suppress(httpx.TransportError, ValueError):
+                r = await self.client.get(
+                    url + "/sandboxes/metrics", params={"sandbox_ids": ",".join(mine)}, headers=headers
+                )
+                if r.status_code == 200:
+                    merged.update(r.json().get("sandboxes", {}))
+                elif r.status_code in (400, 401, 403):
+                    await JSONResponse(r.json(), status_code=r.status_code)(scope, receive, send)
+                    return
+        if not ids:
+            await _error(400, "sandbox_ids is required (comma-separated sandbox IDs)")(scope, receive, send)
+            return
+        await JSONResponse({"sandboxes": merged})(scope, receive, send)
+
+    # -- the proxy ------------------------------------------------------------------------------------
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send, base: str, body: bytes | None = None) -> bool:
+        """The request to the node at `base` (its body: `body`, else streamed from the client), its answer streamed
+        back. False when the node could not be reached: nothing was sent to the client then."""
+        raw_path = scope.get("raw_path") or scope["path"].encode()
+        url = base + raw_path.decode("latin-1")
+        if scope["query_string"]:
+            url += "?" + scope["query_string"].decode("latin-1")
+        content: Any = body if body is not None else _request_body(receive)
+        request = self.client.build_request(scope["method"], url, headers=_forwarded(scope), content=content)
+        try:
+            upstream = await self.client.send(request, stream=True)
+        except httpx.TransportError:
+            return False
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": upstream.status_code,
+                    "headers": [
+                        (k, v)
+                        for k, v in upstream.headers.raw
+                        if k.lower() not in HOP_BY_HOP and k.lower() not in (b"date", b"server")
+                    ],
+                }
+            )
+            stream = upstream.aiter_raw()
+            # (the request's body is sent by now: what the client sends next can only be its going away)
+            gone = asyncio.ensure_future(_client_gone(receive))
+            try:
+                async for chunk in _until_gone(stream, gone):
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except httpx.TransportError:
+                pass  # (the node went away mid-answer: the client sees the answer end)
+            finally:
+                gone.cancel()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await upstream.aclose()
+        return True
+
+
+class NoNodes(Exception):
+    pass
+
+
+def _forwarded(scope: Scope) -> list[tuple[bytes, bytes]]:
+    return [(k, v) for k, v in scope["headers"] if k.lower() not in HOP_BY_HOP and k.lower() != b"content-length"]
+
+
+async def _request_body(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+async def _small_body(scope: Scope, receive: Receive) -> bytes | None:
+    """A request's body read whole when it is small and of a known size (sent with its length, and sent again to
+    another node if the first does not answer); None: streamed as it comes (an upload)."""
+    length = _header(scope, b"content-length")
+    if length is None:
+        return None if _header(scope, b"transfer-encoding") else b""
+    if not length.isdigit() or int(length) > MAX_CREATE_BODY:
+        return None
+    return await _read_body(receive, MAX_CREATE_BODY)
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    chunks, size = [], 0
+    async for chunk in _request_body(receive):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _client_gone(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _until_gone(stream: AsyncIterator[bytes], gone: asyncio.Future[None] | None) -> AsyncIterator[bytes]:
+    """The stream's chunks until it ends or the client goes away (then the upstream is closed by the caller)."""
+    if gone is None:
+        async for chunk in stream:
+            yield chunk
+        return
+    it = stream.__aiter__()
+    while True:
+        nxt: asyncio.Future[bytes] = asyncio.ensure_future(it.__anext__())
+        waiting: set[asyncio.Future[Any]] = {nxt, gone}
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if nxt not in done:
+            nxt.cancel()
+            return
+        try:
+            yield nxt.result()
+        except StopAsyncIteration:
+            return
+
+
+def serve(host: str, port: int, database: str, policy: Policy = "spread") -> None:
+    """Run an API replica on host:port until SIGTERM/SIGINT."""
+    import sys
+
+    import uvicorn
+
+    from sandboxd.state.postgres import PostgresState
+
+    state = PostgresState(database)
+    key, _ = state.api_key()
+    replica = Replica(state, policy)
+    shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
+    url = f"http://{shown}:{port}"
+    alive = [n.node_id for n in state.nodes() if n.alive]
+    print(
+        "\n".join(
+            [
+                f"sandboxd API replica listening on {url} (nodes alive: {', '.join(alive) or 'none yet'})",
+                f"API key: {key}",
+                f"export E2B_API_URL={url} E2B_SANDBOX_URL={url} E2B_API_KEY={key}",
+            ]
+        ),
+        file=sys.stderr,
+        flush=True,
+    )
+    config = uvicorn.Config(
+        replica,
+        host=host,
+        port=port,
+        lifespan="on",
+        log_level="warning",
+        access_log=False,
+        timeout_keep_alive=650,
+        timeout_graceful_shutdown=5,
+    )
+    uvicorn.Server(config).run()
