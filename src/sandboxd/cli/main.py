@@ -31,7 +31,8 @@ def _add_dirs(p: argparse.ArgumentParser) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and option (deploy/'s manifests are checked against it)."""
     parser = argparse.ArgumentParser(prog="sandboxd", description="Self-hosted sandboxes that speak the E2B protocol.")
     parser.add_argument("--version", action="version", version=f"sandboxd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -379,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p_done = sub.add_parser("completion", help='shell completion: eval "$(sandboxd completion bash)" (zsh, fish too)')
     p_done.add_argument("shell", choices=["bash", "zsh", "fish"], nargs="?", default="bash")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     import argcomplete  # (completes when the shell asks: _ARGCOMPLETE set; else nothing)
 
     argcomplete.autocomplete(parser)
