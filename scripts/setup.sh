@@ -26,7 +26,8 @@ PKGS=(python3 python3-venv python3-dev build-essential libseccomp-dev mmdebstrap
 # dashboard's test
 [ $DEV = 1 ] && PKGS+=(dnsmasq-base conntrack docker-registry chromium)
 # postgresql: the tests start their own servers (tests/pg.py), so the package makes no cluster of its own
-[ $DEV = 1 ] && PKGS+=(postgresql)
+# docker-compose (Debian's, no daemon needed) checks deploy/compose's file
+[ $DEV = 1 ] && PKGS+=(postgresql docker-compose)
 if [ $DEV = 1 ] && [ ! -d /etc/postgresql-common ]; then
     mkdir -p /etc/postgresql-common/createcluster.d
     echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/sandboxd.conf
