@@ -11,13 +11,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 from e2b import PtySize, Sandbox
 from e2b_code_interpreter import Sandbox as CodeSandbox
 from pg import PgServer, postgres
 
-from conftest import PtyOutput, Server, start_server
+from conftest import PtyOutput, Server, start_server, team_key
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +79,10 @@ def test_a_cluster_of_two_nodes_behind_two_api_replicas(pg: PgServer, tmp_path: 
         # the lists: every node's, each sandbox once, through either replica
         listed = [s.sandbox_id for s in Sandbox.list(**via2).next_items()]
         assert sorted(i for i in listed if i in ids) == sorted(ids) and len(listed) == len(set(listed))
-        page = r1.api().get("/v2/sandboxes", params={"limit": 3}).json()
-        assert len(page) == 3
+        first = r1.api().get("/v2/sandboxes", params={"limit": 3})
+        rest = r1.api().get("/v2/sandboxes", params={"limit": 100, "nextToken": first.headers["x-next-token"]})
+        paged = [s["sandboxID"] for s in first.json() + rest.json()]
+        assert len(first.json()) == 3 and sorted(paged) == sorted(listed)  # (every one once, across the pages)
         metrics = r1.api().get("/sandboxes/metrics", params={"sandbox_ids": ",".join(ids)}).json()
         assert set(metrics["sandboxes"]) <= set(ids)
 
@@ -109,3 +112,36 @@ def test_a_cluster_of_two_nodes_behind_two_api_replicas(pg: PgServer, tmp_path: 
                 srv.stop()
         if a.proc.poll() is not None:  # (node A died holding sandboxes: it comes back, takes them, destroys them)
             start_server(tmp_path / "a", *node, port=port_a).stop()
+
+
+def test_teams_limits_hold_across_replicas_and_keys_made_anywhere_work_everywhere(pg: PgServer, tmp_path: Path) -> None:
+    database = pg.database()
+    node = start_server(tmp_path / "n", "--role", "node", "--database", database, "--pool-size", "0")
+    replicas: list[Server] = []
+    try:
+        for name in ("r1", "r2"):
+            replicas.append(
+                start_server(tmp_path / name, "--role", "api", "--database", database, "--team-max-sandboxes", "1")
+            )
+        r1 = replicas[0]
+        key = team_key(r1, "one-at-a-time")  # (made after both replicas started: each finds it in the state)
+        t1, t2 = (httpx.Client(base_url=r.url, headers={"X-API-KEY": key}, timeout=60) for r in replicas)
+        made = t1.post("/sandboxes", json={"templateID": "base", "timeout": 60})
+        assert made.status_code == 201, made.text
+        r = t2.post("/sandboxes", json={"templateID": "base", "timeout": 60})  # (the count is the cluster's)
+        assert r.status_code == 429 and "limit of 1 sandboxes at once" in r.json()["message"], r.text
+        assert t2.delete(f"/sandboxes/{made.json()['sandboxID']}").status_code == 204
+        again = t2.post("/sandboxes", json={"templateID": "base", "timeout": 60})
+        assert again.status_code == 201, again.text
+        # revoked through one replica: refused through the other within the keys' cache time (2 s)
+        key_id = next(k["id"] for k in r1.api().get("/api-keys", params={"team": "one-at-a-time"}).json())
+        assert r1.api().delete(f"/api-keys/{key_id}").status_code == 204
+        deadline = time.monotonic() + 5
+        while t2.get("/v2/sandboxes").status_code != 401:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        node.api().delete(f"/sandboxes/{again.json()['sandboxID']}")
+    finally:
+        for srv in replicas:
+            srv.stop()
+        node.stop()

@@ -24,6 +24,7 @@ from sandboxd.core import workload_identity
 from sandboxd.core.builds import TemplateBuilds
 from sandboxd.core.limits import RequestLimits
 from sandboxd.core.manager import SandboxManager, Settings
+from sandboxd.core.quotas import TeamQuotas
 from sandboxd.core.teams import Teams
 from sandboxd.dashboard.app import dashboard_routes
 from sandboxd.envd import uploads
@@ -61,6 +62,9 @@ class ServerConfig:
     templates_dir: Path | None = None
     database: str | None = None  # PostgreSQL (a URL or conninfo) instead of data_dir/state.db (state/)
     advertise_url: str | None = None  # where other nodes reach this one (default: its own address and port)
+    role: str = "all"  # "node": a cluster's node (teams' limits are its API replicas' to enforce)
+    team_max_sandboxes: int = 0  # teams' limits unless their own (core/quotas.py); 0: none
+    team_creates_per_minute: int = 0
     # On shutdown, leave sandboxes running for the next start to re-adopt (an upgrade or restart must
     # not cost users their sandboxes); False destroys them (`--destroy-on-exit`).
     keep_sandboxes: bool = True
@@ -174,6 +178,8 @@ class App:
             self.builds,
             self.exporter,
             dashboard_routes(f"http://{own}:{config.port}"),
+            TeamQuotas(self.db, config.team_max_sandboxes, config.team_creates_per_minute),
+            enforce_quotas=config.role == "all",  # (a cluster's nodes: its API replicas enforce them)
         )
         self.router = Router(
             self.manager,

@@ -32,6 +32,7 @@ from sandboxd.core.builds import TemplateBuilds
 from sandboxd.core.errors import BadRequest, NotFound, PayloadTooLarge, SandboxdError
 from sandboxd.core.limits import BadJSON, LimitExceeded, RequestLimits, load_bounded_json
 from sandboxd.core.manager import Sandbox, SandboxManager
+from sandboxd.core.quotas import TeamLimitReached, TeamQuotas
 from sandboxd.core.teams import Caller, Teams
 from sandboxd.telemetry.prometheus import CONTENT_TYPE, Exporter
 
@@ -180,7 +181,13 @@ def build_control_plane(
     builds: TemplateBuilds | None = None,
     exporter: Exporter | None = None,
     extra_routes: list[BaseRoute] | None = None,
+    quotas: TeamQuotas | None = None,
+    enforce_quotas: bool = True,
 ) -> ASGIApp:
+    """`quotas`: teams' limits (set through /admin/teams/{team}/limits; enforced at create unless not
+    `enforce_quotas`: a cluster's nodes leave that to its API replicas)."""
+    quotas = quotas or TeamQuotas(manager.db)
+
     async def health(request: Request) -> Response:
         return Response(status_code=204)
 
@@ -202,6 +209,8 @@ def build_control_plane(
         caller = caller_of(request)
         if not caller.admin:
             tenancy.check_create(manager, teams, caller, body.template_id, body.volume_mounts)
+            if enforce_quotas:
+                quotas.admit(caller)
         sandbox = await manager.create(
             body.template_id,
             timeout=body.timeout,
@@ -386,6 +395,8 @@ def build_control_plane(
         if isinstance(exc, PayloadTooLarge):
             # answered before the body was read to its end: the connection cannot carry another request
             return error(exc.status, str(exc), headers={"Connection": "close"})
+        if isinstance(exc, TeamLimitReached):
+            return error(exc.status, str(exc), headers={"Retry-After": str(exc.retry_after)})
         return error(exc.status, str(exc))
 
     async def not_found(request: Request, exc: Exception) -> Response:
@@ -421,7 +432,7 @@ def build_control_plane(
         *volume_routes(manager, teams, limits, _body),
         *pool_routes(manager, limits, _body),
         *log_routes(manager),
-        *key_routes(teams, limits, _body),
+        *key_routes(teams, quotas, limits, _body),
         *(template_routes(builds, teams, limits, _body) if builds is not None else []),
         *(extra_routes or []),
     ]

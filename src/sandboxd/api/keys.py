@@ -1,21 +1,23 @@
 """API keys and teams, in E2B's shapes: `GET /api-keys` (the caller's team's keys; the operator's: every team's),
 `POST /api-keys` (a key for the operator's team) and `POST /admin/teams/{team}/api-keys` (a key for any team,
 which is made by its first key), `DELETE /api-keys/{id}` and `DELETE /admin/teams/{team}/api-keys/{id}`, `GET
-/teams`. Making and revoking keys needs the server's own key (api/app.py's ADMIN_ONLY); the keys themselves
-are core/teams.py's."""
+/teams`; a team's limits, `GET|PUT|DELETE /admin/teams/{team}/limits` (core/quotas.py). Making and revoking keys
+and setting limits need the server's own key (api/app.py's ADMIN_ONLY); the keys themselves are core/teams.py's."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sandboxd.api.tenancy import caller_of
 from sandboxd.core.limits import RequestLimits
+from sandboxd.core.quotas import MAX_VALUE, TeamQuotas
 from sandboxd.core.teams import MAX_KEY_NAME, Teams, check_team
 
 
@@ -24,7 +26,15 @@ class NewKey(BaseModel):
     name: str = Field(default="key", max_length=MAX_KEY_NAME)
 
 
-def key_routes(teams: Teams, limits: RequestLimits, read: Callable[..., Awaitable[Any]]) -> list[Route]:
+class LimitsBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    max_sandboxes: StrictInt | None = Field(default=None, alias="maxSandboxes", ge=0, le=MAX_VALUE)
+    creates_per_minute: StrictInt | None = Field(default=None, alias="createsPerMinute", ge=0, le=MAX_VALUE)
+
+
+def key_routes(
+    teams: Teams, quotas: TeamQuotas, limits: RequestLimits, read: Callable[..., Awaitable[Any]]
+) -> list[Route]:
     async def list_keys(request: Request) -> Response:
         caller = caller_of(request)
         team = request.query_params.get("team") if caller.admin else caller.team
@@ -47,7 +57,18 @@ def key_routes(teams: Teams, limits: RequestLimits, read: Callable[..., Awaitabl
         names = teams.teams() if caller.admin else [caller.team]
         return JSONResponse([{"teamID": t, "name": t, "isDefault": t == caller.team} for t in names])
 
+    async def team_limits(request: Request) -> Response:
+        team = request.path_params["team"]
+        if request.method == "PUT":
+            b: LimitsBody = await read(request, LimitsBody, limits)
+            quotas.set_limits(team, b.model_dump(by_alias=True, exclude_none=True))
+        elif request.method == "DELETE":
+            quotas.reset(team)
+        current, own = quotas.limits(team)
+        return JSONResponse({"teamID": team, **asdict(current), "custom": own})
+
     return [
+        Route("/admin/teams/{team:str}/limits", team_limits, methods=["GET", "PUT", "DELETE"]),
         Route("/api-keys", list_keys, methods=["GET"]),
         Route("/api-keys", create, methods=["POST"]),
         Route("/api-keys/{key_id:str}", revoke, methods=["DELETE"]),

@@ -326,6 +326,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="--role api: where creates go (fewest sandboxes first, or fullest first)",
     )
     p_serve.add_argument(
+        "--team-max-sandboxes",
+        type=int,
+        default=0,
+        help="sandboxes a team's key may have at once, unless the team has its own limit (0: none; the operator's "
+        "key: never limited)",
+    )
+    p_serve.add_argument(
+        "--team-creates-per-minute",
+        type=int,
+        default=0,
+        help="creates per minute a team's key may make, unless the team has its own limit (0: none)",
+    )
+    p_serve.add_argument(
         "--advertise-url",
         default=None,
         help="with --database: where the cluster's other servers reach this node (default: its own host and port)",
@@ -407,7 +420,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.role == "api":
             from sandboxd.cluster.replica import serve as serve_replica
 
-            serve_replica(args.host, args.port, args.database, args.placement)
+            serve_replica(
+                args.host,
+                args.port,
+                args.database,
+                args.placement,
+                max(0, args.team_max_sandboxes),
+                max(0, args.team_creates_per_minute),
+            )
             return 0
         from sandboxd.core.limits import HostLimits
         from sandboxd.core.manager import Settings
@@ -475,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
                 templates_dir=args.templates_dir,
                 database=args.database,
                 advertise_url=args.advertise_url,
+                role=args.role,
+                team_max_sandboxes=max(0, args.team_max_sandboxes),
+                team_creates_per_minute=max(0, args.team_creates_per_minute),
                 keep_sandboxes=not args.destroy_on_exit,
                 pause_on_exit=args.pause_on_exit,
                 metrics_per_sandbox=not args.no_metrics_per_sandbox,

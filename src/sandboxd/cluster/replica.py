@@ -33,6 +33,8 @@ from starlette.types import Receive, Scope, Send
 
 from sandboxd.cluster.placement import Policy, order
 from sandboxd.core import endings
+from sandboxd.core.quotas import TeamLimitReached, TeamQuotas
+from sandboxd.core.teams import Teams
 from sandboxd.state.sql import Node, State
 
 log = logging.getLogger("sandboxd.cluster")
@@ -71,9 +73,11 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 class Replica:
-    def __init__(self, state: State, policy: Policy = "spread") -> None:
+    def __init__(self, state: State, policy: Policy = "spread", quotas: TeamQuotas | None = None) -> None:
         self.state = state
         self.policy: Policy = policy
+        self.teams = Teams(state, state.api_key()[0])
+        self.quotas = quotas or TeamQuotas(state)
         self._nodes: list[Node] = []
         self._nodes_at = 0.0
         self._sent: Counter[str] = Counter()  # creates sent to each node since its lease was read
@@ -181,6 +185,14 @@ class Replica:
         if body is None:
             await _error(413, f"request body is over the limit of {MAX_CREATE_BODY} bytes")(scope, receive, send)
             return
+        given = next((v for k, v in scope["headers"] if k == b"x-api-key"), None)
+        caller = self.teams.caller(given) if given is not None else None
+        if caller is not None:  # (else the node says what is wrong with the key)
+            try:
+                await asyncio.to_thread(self.quotas.admit, caller)
+            except TeamLimitReached as e:
+                await _error(429, str(e), {"Retry-After": str(e.retry_after)})(scope, receive, send)
+                return
         candidates = order(await self._alive(), self.policy, self._sent)
         for node in candidates:
             self._sent[node.node_id] += 1
@@ -218,7 +230,9 @@ class Replica:
         items = sorted(seen.values(), key=lambda s: (s.get("startedAt", ""), s["sandboxID"]), reverse=order_desc)
         if cursor:
             try:
-                after = tuple(base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1))
+                after = tuple(base64.b64decode(cursor.encode(), altchars=b"-_", validate=True).decode().split("|", 1))
+                if len(after) != 2:
+                    raise ValueError(cursor)
             except (ValueError, binascii.Error, UnicodeDecodeError):
                 await _error(400, "nextToken is not a token this cluster issued")(scope, receive, send)
                 return
@@ -387,7 +401,14 @@ async def _until_gone(stream: AsyncIterator[bytes], gone: asyncio.Future[None] |
             return
 
 
-def serve(host: str, port: int, database: str, policy: Policy = "spread") -> None:
+def serve(
+    host: str,
+    port: int,
+    database: str,
+    policy: Policy = "spread",
+    team_max_sandboxes: int = 0,
+    team_creates_per_minute: int = 0,
+) -> None:
     """Run an API replica on host:port until SIGTERM/SIGINT."""
     import sys
 
@@ -397,7 +418,7 @@ def serve(host: str, port: int, database: str, policy: Policy = "spread") -> Non
 
     state = PostgresState(database)
     key, _ = state.api_key()
-    replica = Replica(state, policy)
+    replica = Replica(state, policy, TeamQuotas(state, team_max_sandboxes, team_creates_per_minute))
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
     url = f"http://{shown}:{port}"
     alive = [n.node_id for n in state.nodes() if n.alive]

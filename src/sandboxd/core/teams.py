@@ -30,6 +30,7 @@ TEAM_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 MAX_KEY_NAME = 200
 MAX_KEYS = 1000
 USED_EVERY = 60.0  # s: a key's last use is written at most this often
+KEY_TTL = 2.0  # s: a key known valid is trusted this long before the state is asked again (a revoke elsewhere)
 OWNER = "owner:"  # settings "owner:<kind>:<id>" -> team
 
 
@@ -81,21 +82,28 @@ class Teams:
         self.db = db
         self._server_key = server_key.encode()
         self._lock = threading.Lock()
-        self._by_hash: dict[str, tuple[str, str]] = {}  # sha256 of a key -> (its ID, its team)
+        # sha256 of a key -> (its ID, its team, until when this is trusted without asking the state again: other
+        # servers sharing the state make and revoke keys too)
+        self._by_hash: dict[str, tuple[str, str, float]] = {}
         self._used: dict[str, float] = {}  # key ID -> last use written
-        for row in db.key_rows():
-            self._by_hash[row[3]] = (row[0], row[1])
 
     # -- who is calling ----------------------------------------------------------------------------
     def caller(self, given: bytes) -> Caller | None:
         """The caller an X-API-KEY value stands for; None: no key of this server."""
         if hmac.compare_digest(given, self._server_key):
             return OPERATOR
-        found = self._by_hash.get(_digest(given))
-        if found is None:
-            return None
-        key_id, team = found
+        digest = _digest(given)
         now = time.monotonic()
+        found = self._by_hash.get(digest)
+        if found is None or found[2] <= now:
+            row = self.db.key_by_hash(digest)
+            if row is None:
+                self._by_hash.pop(digest, None)
+                return None
+            if len(self._by_hash) >= MAX_KEYS * 2:
+                self._by_hash.clear()
+            found = self._by_hash[digest] = (row[0], row[1], now + KEY_TTL)
+        key_id, team, _ = found
         if now - self._used.get(key_id, -USED_EVERY) >= USED_EVERY:
             self._used[key_id] = now
             self.db.key_used(key_id, time.time())
@@ -108,14 +116,13 @@ class Teams:
         if not isinstance(name, str) or len(name) > MAX_KEY_NAME or any(ord(c) < 32 for c in name):
             raise BadRequest(f"a key's name is text of at most {MAX_KEY_NAME} characters, without control characters")
         with self._lock:
-            if len(self._by_hash) >= MAX_KEYS:
+            if len(self.db.key_rows()) >= MAX_KEYS:
                 raise BadRequest(f"this server has {MAX_KEYS} API keys, its limit: revoke some first")
             key = "e2b_" + secrets.token_hex(20)
             key_id = str(uuid.uuid4())
             now = time.time()
             row = (key_id, team, name or "key", _digest(key.encode()), _mask(key)["maskedValueSuffix"], now, None)
             self.db.key_put(row)
-            self._by_hash[row[3]] = (key_id, team)
         return {**self._describe(row, key), "key": key}
 
     def keys(self, team: str | None = None) -> list[dict[str, Any]]:

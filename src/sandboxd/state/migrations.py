@@ -69,6 +69,20 @@ MIGRATIONS = (
             "CREATE INDEX ended_node ON ended (node, reason)",
         ),
     ),
+    Migration(
+        4,
+        "each live sandbox's team; the creates of each team, for its rate limit",
+        (
+            "ALTER TABLE sandboxes ADD COLUMN team TEXT NOT NULL DEFAULT 'default'",
+            {
+                "sqlite": "UPDATE sandboxes SET team = coalesce(json_extract(record, '$.team'), 'default')",
+                "postgres": "UPDATE sandboxes SET team = coalesce(record::json->>'team', 'default')",
+            },
+            "CREATE INDEX sandboxes_team ON sandboxes (team)",
+            "CREATE TABLE team_creates (team TEXT NOT NULL, at {real} NOT NULL)",
+            "CREATE INDEX team_creates_at ON team_creates (team, at)",
+        ),
+    ),
 )
 LATEST = MIGRATIONS[-1].version
 TYPES = {"sqlite": {"real": "REAL"}, "postgres": {"real": "DOUBLE PRECISION"}}

@@ -65,6 +65,9 @@ class PostgresState(State):
                     conn.rollback()
                 raise
 
+    def _lock_team(self, tx: Tx, team: str) -> None:
+        tx.query("SELECT pg_advisory_xact_lock(727170002, hashtext(?))", (team,))
+
     def now(self) -> float:
         return float(self.query("SELECT extract(epoch from clock_timestamp())")[0][0])
 

@@ -114,6 +114,11 @@ class State(ABC):
     def key_rows(self) -> list[tuple]:
         return self.query(f"SELECT {self.KEY_COLUMNS} FROM api_keys ORDER BY created_at, id")
 
+    def key_by_hash(self, digest: str) -> tuple[str, str] | None:
+        """(ID, team) of the key with this hash."""
+        row = self._one("SELECT id, team FROM api_keys WHERE hash = ?", (digest,))
+        return (row[0], row[1]) if row else None
+
     def key_delete(self, key_id: str) -> bool:
         return self.execute("DELETE FROM api_keys WHERE id = ?", (key_id,)) > 0
 
@@ -166,10 +171,10 @@ class State(ABC):
     # -- sandboxes --------------------------------------------------------------------------------
     def put(self, rec: SandboxRecord, node: str | None = None) -> None:
         self.execute(
-            "INSERT INTO sandboxes (id, template_id, state, started_at, end_at, record, node) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET template_id = excluded.template_id, "
+            "INSERT INTO sandboxes (id, template_id, state, started_at, end_at, record, node, team) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET template_id = excluded.template_id, "
             "state = excluded.state, started_at = excluded.started_at, end_at = excluded.end_at, "
-            "record = excluded.record, node = excluded.node",
+            "record = excluded.record, node = excluded.node, team = excluded.team",
             (
                 rec.sandbox_id,
                 rec.template_id,
@@ -178,6 +183,7 @@ class State(ABC):
                 rec.end_at,
                 json.dumps(asdict(rec)),
                 self.node if node is None else node,
+                rec.team,
             ),
         )
 
@@ -222,9 +228,9 @@ class State(ABC):
                 rec = SandboxRecord(**json.loads(record))
                 tx.execute("DELETE FROM ended WHERE id = ?", (sandbox_id,))
                 tx.execute(
-                    "INSERT INTO sandboxes (id, template_id, state, started_at, end_at, record, node) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-                    (rec.sandbox_id, rec.template_id, rec.state, rec.started_at, rec.end_at, record, node),
+                    "INSERT INTO sandboxes (id, template_id, state, started_at, end_at, record, node, team) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                    (rec.sandbox_id, rec.template_id, rec.state, rec.started_at, rec.end_at, record, node, rec.team),
                 )
         return [SandboxRecord(**json.loads(r[1])) for r in rows]
 
@@ -251,6 +257,34 @@ class State(ABC):
     def node_of(self, sandbox_id: str) -> str | None:
         row = self._one("SELECT node FROM sandboxes WHERE id = ?", (sandbox_id,))
         return row[0] if row else None
+
+    # -- teams' limits (core/quotas.py) -----------------------------------------------------------
+    RATE_WINDOW = 60.0  # s: a team's creates per minute
+
+    def admit_create(self, team: str, max_live: int, per_minute: int) -> tuple[str, float] | None:
+        """One more create of `team`, if its live sandboxes stay within `max_live` and its creates of the last
+        minute within `per_minute` (0: no limit): counted (None), or refused: ("sandboxes" or "rate", in how many
+        seconds to try again). Atomic per team across every process sharing the state."""
+        with self.transaction() as tx:
+            self._lock_team(tx, team)
+            now = self._now_in(tx)
+            if max_live > 0:
+                live = tx.query("SELECT count(*) FROM sandboxes WHERE team = ?", (team,))[0][0]
+                if live >= max_live:
+                    return "sandboxes", 5.0  # (until one of its sandboxes ends: no time can be told)
+            if per_minute > 0:
+                recent = tx.query(
+                    "SELECT at FROM team_creates WHERE team = ? AND at > ? ORDER BY at",
+                    (team, now - self.RATE_WINDOW),
+                )
+                if len(recent) >= per_minute:
+                    return "rate", max(0.1, recent[-per_minute][0] + self.RATE_WINDOW - now)
+            tx.execute("INSERT INTO team_creates (team, at) VALUES (?, ?)", (team, now))
+            tx.execute("DELETE FROM team_creates WHERE at < ?", (now - self.RATE_WINDOW,))
+        return None
+
+    def _lock_team(self, tx: Tx, team: str) -> None:  # noqa: B027  (none needed on SQLite)
+        """Serializes admissions of one team (SQLite's transactions are serialized already)."""
 
     # -- cluster nodes and their leases -----------------------------------------------------------
     def heartbeat(self, node_id: str, url: str, capacity: dict[str, Any], lease_seconds: float) -> float:
