@@ -182,7 +182,14 @@ def test_node_leases_end_by_the_databases_clock(open_state: Callable[[], State])
     n2 = a.nodes()[1]
     assert n2.alive and n2.url == "http://10.0.0.9:3000" and n2.capacity == {"memoryMB": 4096}
     assert n2.started_at == first  # (registered once)
+    a.put(record("on-n2", 9.0), node="n2")
+    assert b.lost_nodes() == []  # (n2 alive again; n1 alive)
     a.release("n1")
+    assert b.lost_nodes() == []  # (n1 is not alive, but it has no sandboxes: nothing to declare)
+    a.put(record("on-n1", 9.0), node="n1")
+    assert [n.node_id for n in b.lost_nodes()] == ["n1"]
+    a.delete("on-n1")
+    a.delete("on-n2")
     assert [n.alive for n in b.nodes()] == [False, True]
     assert b.forget_node("n1") and not b.forget_node("n1") and [n.node_id for n in a.nodes()] == ["n2"]
 

@@ -89,8 +89,8 @@ class Membership:
         """One beat: the lease renewed, lost nodes declared, this node's own lost sandboxes taken back."""
         self.state.heartbeat(self.node, self.url, self.capacity(), self.lease)
         now = self.state.now()
-        for node in self.state.nodes():
-            if node.node_id == self.node or node.alive:
+        for node in self.state.lost_nodes():  # (only those with sandboxes left: a beat reads no other lease)
+            if node.node_id == self.node:
                 continue
             silent = now - node.lease_until + self.lease
 

@@ -2,9 +2,9 @@
 `default`, and it sees and may do everything (every team's sandboxes, the keys, the pools' limits, /metrics,
 secrets). Keys made for a team (`sandboxd keys create --team T`, or `POST /admin/teams/T/api-keys`) are kept as
 a SHA-256 of the key (a key is 160 random bits: a slow hash would add nothing) and shown once, looked up in the
-state when not known here (servers sharing a state share their keys; a revoke elsewhere holds within KEY_TTL); a
-caller with one sees only its team's sandboxes, snapshots and volumes (another team's answer 404, as if they did not exist) and
-changes only its team's templates (another team's answer 403, as E2B does).
+state when not known here (servers sharing a state share their keys; a revoke elsewhere holds within KEY_TTL). A
+caller with one sees only its team's sandboxes, snapshots and volumes (another team's answer 404, as if they did
+not exist) and changes only its team's templates (another team's answer 403, as E2B does).
 
 What a team owns: a sandbox (its record's `team`), a volume and a template or snapshot (an owner recorded in the
 state DB's settings when made; one with none is `default`'s, the operator's).

@@ -83,6 +83,11 @@ MIGRATIONS = (
             "CREATE INDEX team_creates_at ON team_creates (team, at)",
         ),
     ),
+    Migration(
+        5,
+        "the leases by their end (a beat looks for the lost ones)",
+        ("CREATE INDEX nodes_lease ON nodes (lease_until)",),
+    ),
 )
 LATEST = MIGRATIONS[-1].version
 TYPES = {"sqlite": {"real": "REAL"}, "postgres": {"real": "DOUBLE PRECISION"}}

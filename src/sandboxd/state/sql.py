@@ -308,6 +308,18 @@ class State(ABC):
             rows = tx.query("SELECT id, url, capacity, started_at, lease_until FROM nodes ORDER BY id")
         return [Node(r[0], r[1], json.loads(r[2]), r[3], r[4], r[4] > now) for r in rows]
 
+    def lost_nodes(self) -> list[Node]:
+        """The nodes whose lease ran out (by the database's clock) and that still have live sandboxes: what a beat
+        looks for, without reading every lease."""
+        with self.transaction() as tx:
+            now = self._now_in(tx)
+            rows = tx.query(
+                "SELECT n.id, n.url, n.capacity, n.started_at, n.lease_until FROM nodes n WHERE n.lease_until <= ? "
+                "AND EXISTS (SELECT 1 FROM sandboxes s WHERE s.node = n.id) ORDER BY n.id",
+                (now,),
+            )
+        return [Node(r[0], r[1], json.loads(r[2]), r[3], r[4], False) for r in rows]
+
     def release(self, node_id: str) -> None:
         """The node leaves (a clean stop): its lease ends now."""
         with self.transaction() as tx:
