@@ -197,17 +197,26 @@ def main() -> int:
             f"{r['rows_s']:>12.0f}",
         )
         print(" ".join(cells))
-    worst = rows[-1]
-    if worst["beats_done"] < 0.95 * worst["beats_needed"] or worst["beat_p95"] > 1000 * (LEASE_SECONDS - BEAT_SECONDS):
+    small, worst = rows[0], rows[-1]
+    beats_late = worst["beats_done"] < 0.95 * worst["beats_needed"]
+    beat_growth = worst["beat_p95"] / small["beat_p95"]
+    create_growth = worst["create_p50"] / small["create_p50"]
+    if beats_late or worst["beat_p95"] > 1000 * (LEASE_SECONDS - BEAT_SECONDS):
         print(
             f"first bottleneck: the heartbeats at {worst['nodes']} nodes ({worst['beats_done']:.0f} of "
-            f"{worst['beats_needed']:.0f}/s done, p95 {worst['beat_p95']:.0f} ms): every beat reads every lease"
+            f"{worst['beats_needed']:.0f}/s done, p95 {worst['beat_p95']:.0f} ms)"
+        )
+    elif create_growth >= beat_growth:
+        print(
+            f"first bottleneck: a create's admission (a team's live sandboxes counted, its recent creates read): its "
+            f"p50 grows {create_growth:.1f}x from {small['sandboxes']} to {worst['sandboxes']} sandboxes, and "
+            f"PostgreSQL reads {worst['rows_s']:.0f} rows/s ({worst['rows_s'] / small['rows_s']:.0f}x); the beats "
+            f"stay flat (p95 x{beat_growth:.1f})"
         )
     else:
-        ratio = worst["rows_s"] / max(1.0, rows[0]["rows_s"])
         print(
-            f"first bottleneck: rows read by the beats (every node reads every lease each beat: {worst['rows_s']:.0f} "
-            f"rows/s at {worst['nodes']} nodes, {ratio:.0f}x the {rows[0]['nodes']}-node figure); the creates stay flat"
+            f"first bottleneck: the heartbeats (p95 grows {beat_growth:.1f}x to {worst['beat_p95']:.1f} ms at "
+            f"{worst['nodes']} nodes, {worst['commits_s']:.0f} commits/s); the creates grow {create_growth:.1f}x"
         )
     return 0
 
