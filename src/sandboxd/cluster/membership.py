@@ -26,6 +26,7 @@ log = logging.getLogger("sandboxd.cluster")
 
 LEASE_SECONDS = 6.0
 BEAT_SECONDS = 2.0
+MAX_TEMPLATES_TOLD = 500  # templates a lease names (placement's locality); more are not told
 
 
 def _available_mb() -> int:
@@ -56,10 +57,22 @@ class Membership:
         self._loop = Periodic("sandboxd-membership", beat, self._round, log)
 
     def capacity(self) -> dict[str, Any]:
+        """What placement weighs (cluster/placement.py): load, room, and which templates are here and warm (by every
+        name and ID they answer to)."""
+        store, idle = self.manager.templates, self.manager.pool.idle()
+        templates: set[str] = set()
+        warm: dict[str, int] = {}
+        for ident in store.names()[:MAX_TEMPLATES_TOLD]:
+            names = {ident, *store.meta(ident).get("names", [])}
+            templates |= names
+            if idle.get(ident):
+                warm.update(dict.fromkeys(names, idle[ident]))
         return {
             "sandboxes": len(self.manager.sandboxes),
             "cpus": os.cpu_count() or 1,
             "memoryAvailableMB": _available_mb(),
+            "templates": sorted(templates),
+            "warm": warm,
         }
 
     def revive(self) -> list[str]:

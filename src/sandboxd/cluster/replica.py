@@ -19,6 +19,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import json
 import logging
 import re
 import time
@@ -193,7 +194,7 @@ class Replica:
             except TeamLimitReached as e:
                 await _error(429, str(e), {"Retry-After": str(e.retry_after)})(scope, receive, send)
                 return
-        candidates = order(await self._alive(), self.policy, self._sent)
+        candidates = order(await self._alive(), self.policy, self._sent, _template_of(body))
         for node in candidates:
             self._sent[node.node_id] += 1
             if await self._proxy(scope, receive, send, node.url, body=body):
@@ -353,6 +354,15 @@ async def _request_body(receive: Receive) -> AsyncIterator[bytes]:
             yield chunk
         if not message.get("more_body", False):
             return
+
+
+def _template_of(body: bytes) -> str | None:
+    """The create's templateID, for placement (a body that is not what the node expects: the node says so)."""
+    try:
+        value = json.loads(body).get("templateID") if len(body) <= 65536 else None
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and 0 < len(value) <= 256 else None
 
 
 async def _small_body(scope: Scope, receive: Receive) -> bytes | None:
