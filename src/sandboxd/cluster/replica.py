@@ -22,16 +22,18 @@ import contextlib
 import json
 import logging
 import re
+import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
+from sandboxd import httpfwd
 from sandboxd.cluster.placement import Policy, order
 from sandboxd.core import endings
 from sandboxd.core.quotas import TeamLimitReached, TeamQuotas
@@ -47,19 +49,10 @@ WHERE_TTL = 5.0  # s: a sandbox's node remembered this long (a node that stops a
 MAX_CREATE_BODY = 1024 * 1024
 MAX_PAGE = 100
 MAX_NODE_PAGES = 20  # a list asks each node for at most this many pages of 100
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"host",
-    }
-)
+RESPONSE_DROP = httpfwd.HOP_BY_HOP | {b"date", b"server"}  # (this server says its own)
+IDLE_REUSE_S = 2.0  # s: a kept-alive connection to a node reused only this fresh (uvicorn keeps it 650 s)
+MAX_IDLE_PER_NODE = 64
+CONNECT_TIMEOUT = 5.0
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -83,6 +76,7 @@ class Replica:
         self._nodes_at = 0.0
         self._sent: Counter[str] = Counter()  # creates sent to each node since its lease was read
         self._where: dict[str, tuple[str, float]] = {}  # sandbox ID -> (its node's URL, until when)
+        self._idle: dict[tuple[str, int], list[httpfwd.Upstream]] = {}  # kept-alive connections to each node
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(connect=5.0, read=None, write=None, pool=None),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30),
@@ -297,43 +291,39 @@ class Replica:
     # -- the proxy ------------------------------------------------------------------------------------
     async def _proxy(self, scope: Scope, receive: Receive, send: Send, base: str, body: bytes | None = None) -> bool:
         """The request to the node at `base` (its body: `body`, else streamed from the client), its answer streamed
-        back. False when the node could not be reached: nothing was sent to the client then."""
-        raw_path = scope.get("raw_path") or scope["path"].encode()
-        url = base + raw_path.decode("latin-1")
-        if scope["query_string"]:
-            url += "?" + scope["query_string"].decode("latin-1")
-        content: Any = body if body is not None else _request_body(receive)
-        request = self.client.build_request(scope["method"], url, headers=_forwarded(scope), content=content)
-        try:
-            upstream = await self.client.send(request, stream=True)
-        except httpx.TransportError:
+        back (httpfwd: HTTP/1.1 over kept-alive connections to each node). False when the node could not be reached
+        or gave no answer: nothing was sent to the client then."""
+        parts = urlsplit(base)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 80
+        up = await self._connection(host, port)
+        if up is None:
             return False
+        frame = [(b"content-length", str(len(body)).encode())] if body is not None else httpfwd.framing(scope)
+        headers = [(b"host", parts.netloc.encode("latin-1")), *_forwarded(scope), *frame]
+        outcome = await httpfwd.forward(scope, receive, send, up, headers, body, drop=RESPONSE_DROP)
+        if outcome is httpfwd.Outcome.DONE and up.release():
+            pool = self._idle.setdefault((host, port), [])
+            if len(pool) < MAX_IDLE_PER_NODE:
+                pool.append(up)
+        else:
+            up.close()
+        return outcome is not httpfwd.Outcome.NOT_STARTED
+
+    async def _connection(self, host: str, port: int) -> httpfwd.Upstream | None:
+        pool = self._idle.get((host, port), [])
+        while pool:
+            up = pool.pop()
+            if up.reusable(IDLE_REUSE_S):
+                return up
+            up.close()
         try:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": upstream.status_code,
-                    "headers": [
-                        (k, v)
-                        for k, v in upstream.headers.raw
-                        if k.lower() not in HOP_BY_HOP and k.lower() not in (b"date", b"server")
-                    ],
-                }
-            )
-            stream = upstream.aiter_raw()
-            # (the request's body is sent by now: what the client sends next can only be its going away)
-            gone = asyncio.ensure_future(_client_gone(receive))
-            try:
-                async for chunk in _until_gone(stream, gone):
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except httpx.TransportError:
-                pass  # (the node went away mid-answer: the client sees the answer end)
-            finally:
-                gone.cancel()
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            await upstream.aclose()
-        return True
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
+        except (OSError, TimeoutError):
+            return None
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return httpfwd.Upstream(reader, writer)
 
 
 class NoNodes(Exception):
@@ -341,7 +331,7 @@ class NoNodes(Exception):
 
 
 def _forwarded(scope: Scope) -> list[tuple[bytes, bytes]]:
-    return [(k, v) for k, v in scope["headers"] if k.lower() not in HOP_BY_HOP and k.lower() != b"content-length"]
+    return [(k, v) for k, v in scope["headers"] if k.lower() not in httpfwd.HOP_BY_HOP]
 
 
 async def _request_body(receive: Receive) -> AsyncIterator[bytes]:
@@ -384,31 +374,6 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-async def _client_gone(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _until_gone(stream: AsyncIterator[bytes], gone: asyncio.Future[None] | None) -> AsyncIterator[bytes]:
-    """The stream's chunks until it ends or the client goes away (then the upstream is closed by the caller)."""
-    if gone is None:
-        async for chunk in stream:
-            yield chunk
-        return
-    it = stream.__aiter__()
-    while True:
-        nxt: asyncio.Future[bytes] = asyncio.ensure_future(it.__anext__())
-        waiting: set[asyncio.Future[Any]] = {nxt, gone}
-        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        if nxt not in done:
-            nxt.cancel()
-            return
-        try:
-            yield nxt.result()
-        except StopAsyncIteration:
-            return
 
 
 def serve(

@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
-import socket
-import struct
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import h11
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
+from sandboxd import httpfwd
 from sandboxd.core.manager import Sandbox, SandboxManager
+from sandboxd.httpfwd import Upstream, UpstreamClosed
 
 if TYPE_CHECKING:
     from sandboxd.runtime.terminals import Terminals
@@ -36,56 +33,12 @@ SERVICE_WAIT_S = 60.0
 # (uvicorn's default is 5 s), so the service never closes it under us.
 IDLE_REUSE_S = 2.0
 MAX_IDLE_PER_PORT = 4
-HOP_BY_HOP = {
-    b"connection",
-    b"keep-alive",
-    b"proxy-authenticate",
-    b"proxy-authorization",
-    b"te",
-    b"trailer",
-    b"transfer-encoding",
-    b"upgrade",
-    b"host",
-    b"content-length",
-    b"x-sandboxd-env",
-}
+# Never passed on: per hop (httpfwd's), and what sandboxd adds for its interpreter
+HOP_BY_HOP = httpfwd.HOP_BY_HOP | {b"x-sandboxd-env"}
 # Credentials meant for sandboxd: never passed on to the sandbox's own services, which may be anyone's code.
 # (Authorization stays: it is how a browser authenticates to the user's own web app.)
 CREDENTIALS = {b"x-access-token", b"e2b-traffic-access-token", b"x-api-key"}
 DROPPED = HOP_BY_HOP | CREDENTIALS
-
-
-class UpstreamClosed(ConnectionError):
-    pass
-
-
-@dataclass
-class _Upstream:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    conn: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
-    idle_since: float = 0.0
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.writer.close()
-
-    def reset(self) -> None:
-        """Close with a reset: the service's end of the connection is closed at once (not half-closed
-        until the service reads on), whether or not the sandbox runs."""
-        with contextlib.suppress(Exception):
-            sock = self.writer.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.writer.transport.abort()
-
-    @property
-    def reusable(self) -> bool:
-        return (
-            time.monotonic() - self.idle_since < IDLE_REUSE_S
-            and not self.reader.at_eof()
-            and not self.writer.is_closing()
-        )
 
 
 def _not_open(sandbox: Sandbox, port: int) -> JSONResponse:
@@ -103,14 +56,14 @@ def _not_open(sandbox: Sandbox, port: int) -> JSONResponse:
 class PortProxy:
     def __init__(self, manager: SandboxManager) -> None:
         self.manager = manager
-        self._idle: dict[tuple[str, int], list[_Upstream]] = {}
+        self._idle: dict[tuple[str, int], list[Upstream]] = {}
 
-    async def _connect(self, sandbox: Sandbox, port: int) -> _Upstream | None:
+    async def _connect(self, sandbox: Sandbox, port: int) -> Upstream | None:
         key = (sandbox.id, port)
         pool = self._idle.get(key, [])
         while pool:
             up = pool.pop()
-            if up.reusable:
+            if up.reusable(IDLE_REUSE_S):
                 return up
             up.close()
         deadline = time.monotonic() + (SERVICE_WAIT_S if port == INTERPRETER_PORT else 0)
@@ -128,7 +81,7 @@ class PortProxy:
             self._idle[key] = []
             sandbox.on_kill.append(lambda: self._drop(key))
         reader, writer = await asyncio.open_connection(sock=sock)
-        return _Upstream(reader, writer)
+        return Upstream(reader, writer)
 
     @staticmethod
     def host_for(sandbox: Sandbox, port: int) -> str:
@@ -175,11 +128,8 @@ class PortProxy:
     async def ended(self, sandbox: Sandbox) -> None:
         pass
 
-    def _release(self, sandbox: Sandbox, port: int, up: _Upstream) -> None:
-        conn = up.conn
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE and sandbox.running:
-            conn.start_next_cycle()
-            up.idle_since = time.monotonic()
+    def _release(self, sandbox: Sandbox, port: int, up: Upstream) -> None:
+        if sandbox.running and up.release():
             pool = self._idle.setdefault((sandbox.id, port), [])
             if len(pool) < MAX_IDLE_PER_PORT:
                 pool.append(up)
@@ -205,83 +155,21 @@ class PortProxy:
 
 
 async def _forward(
-    scope: Scope, receive: Receive, send: Send, up: _Upstream, extra: list, sandbox: Sandbox, host: str
+    scope: Scope, receive: Receive, send: Send, up: Upstream, extra: list, sandbox: Sandbox, host: str
 ) -> bool:
     """Forwards one request; True if the connection finished cleanly and may be reused."""
-    conn, reader, writer = up.conn, up.reader, up.writer
-    target = scope.get("raw_path") or scope["path"].encode()
-    if scope.get("query_string"):
-        target += b"?" + scope["query_string"]
-    # The body is framed as the client framed it: a request without a body gets no framing headers
-    # (a bare "chunked" would leave a terminator that servers without chunked support read as the next
-    # request on a kept-alive connection).
-    framing: list[tuple[bytes, bytes]] = []
-    for k, v in scope["headers"]:
-        if k.lower() == b"transfer-encoding":
-            framing = [(b"transfer-encoding", b"chunked")]
-            break
-        if k.lower() == b"content-length":
-            framing = [(b"content-length", v)]
     headers = [
         (b"host", host.encode("latin-1")),
         *((k, v) for k, v in scope["headers"] if k.lower() not in DROPPED),
         *extra,
-        *framing,
+        *httpfwd.framing(scope),
     ]
-    disconnected = asyncio.Event()
-    watcher: asyncio.Task[None] | None = None
-    started = False
     try:
-        writer.write(conn.send(h11.Request(method=scope["method"], target=target, headers=headers)))
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return False
-            body = message.get("body", b"")
-            if body:
-                writer.write(conn.send(h11.Data(data=body)))
-                await writer.drain()
-            if not message.get("more_body", False):
-                break
-        writer.write(conn.send(h11.EndOfMessage()))
-        await writer.drain()
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            disconnected.set()
-            writer.close()  # the service sees the client leave
-
-        watcher = asyncio.ensure_future(watch())
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                data = await reader.read(65536)
-                if disconnected.is_set():
-                    return False
-                conn.receive_data(data)
-                continue
-            if isinstance(event, h11.Response):
-                out = [(k, v) for k, v in event.headers if k.lower() not in HOP_BY_HOP]
-                await send({"type": "http.response.start", "status": event.status_code, "headers": out})
-                started = True
-            elif isinstance(event, h11.Data):
-                await send({"type": "http.response.body", "body": bytes(event.data), "more_body": True})
-            elif isinstance(event, h11.EndOfMessage):
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                return not disconnected.is_set()
-            elif isinstance(event, h11.ConnectionClosed):
-                break
-    except (ConnectionError, h11.ProtocolError, OSError):
-        pass
-    finally:
-        if watcher is not None:
-            watcher.cancel()
-    if disconnected.is_set():
-        return False
-    if not started:
+        outcome = await httpfwd.forward(scope, receive, send, up, headers, drop=HOP_BY_HOP)
+    except UpstreamClosed:
+        # The service went away mid-response (the sandbox was killed, say): abort the client's connection
+        # rather than end the body cleanly, so the client knows the response is incomplete.
+        raise UpstreamClosed(f"sandbox {sandbox.id}: the service closed the connection mid-response") from None
+    if outcome is httpfwd.Outcome.NOT_STARTED:
         await _not_open(sandbox, 0)(scope, receive, send)
-        return False
-    # The service went away mid-response (the sandbox was killed, say): abort the client's connection
-    # rather than end the body cleanly, so the client knows the response is incomplete.
-    raise UpstreamClosed(f"sandbox {sandbox.id}: the service closed the connection mid-response")
+    return outcome is httpfwd.Outcome.DONE
