@@ -63,6 +63,7 @@ class ServerConfig:
     database: str | None = None  # PostgreSQL (a URL or conninfo) instead of data_dir/state.db (state/)
     advertise_url: str | None = None  # where other nodes reach this one (default: its own address and port)
     role: str = "all"  # "node": a cluster's node (teams' limits are its API replicas' to enforce)
+    cluster_token: str | None = None  # a node: only requests carrying it (its API replicas') are served
     team_max_sandboxes: int = 0  # teams' limits unless their own (core/quotas.py); 0: none
     team_creates_per_minute: int = 0
     # On shutdown, leave sandboxes running for the next start to re-adopt (an upgrade or restart must
@@ -187,6 +188,7 @@ class App:
             {ENVD_PORT: Requests(build_envd_app(self.manager, config.limits), self.exporter, "envd")},
             proxy,
             domain=config.domain,
+            cluster_token=config.cluster_token,
         )
         # More listeners of the same app (the TLS one of --domain), served in the lifespan's loop.
         self.extra_servers: list[tuple[Any, socket.socket]] = []

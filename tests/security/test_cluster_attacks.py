@@ -63,3 +63,36 @@ def test_a_replica_widens_nothing_and_bounds_what_it_reads(pg: PgServer, tmp_pat
             replica.stop()
     finally:
         node.stop()
+
+
+def test_nodes_with_a_cluster_token_serve_only_the_replicas(pg: PgServer, tmp_path: Path) -> None:
+    database = pg.database()
+    token = ("--cluster-token", "s3cret-of-the-cluster")
+    node = start_server(tmp_path / "node", "--role", "node", "--database", database, "--pool-size", "0", *token)
+    try:
+        replica = start_server(tmp_path / "api", "--role", "api", "--database", database, *token)
+        rogue = start_server(tmp_path / "rogue", "--role", "api", "--database", database, "--cluster-token", "guess")
+        try:
+            via = {"api_url": replica.url, "sandbox_url": replica.url, "api_key": replica.api_key}
+            sbx = Sandbox.create(template="base", timeout=60, **via)
+            try:
+                assert sbx.commands.run("echo through").stdout == "through\n"
+                direct = node.api()
+                assert direct.get("/v2/sandboxes").status_code == 403  # (straight to the node: refused)
+                r = direct.get("/v2/sandboxes", headers={"X-Sandboxd-Cluster": "guess"})
+                assert r.status_code == 403 and "API replicas" in r.json()["message"]
+                dp = httpx.post(
+                    f"{node.url}/process.Process/List",
+                    json={},
+                    headers={"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "49983"},
+                )
+                assert dp.status_code == 403  # (the data plane too)
+                assert httpx.get(f"{node.url}/health").status_code == 204
+                assert rogue.api().get(f"/sandboxes/{sbx.sandbox_id}").status_code == 403  # (a wrong token)
+            finally:
+                sbx.kill()
+        finally:
+            rogue.stop()
+            replica.stop()
+    finally:
+        node.stop()

@@ -339,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="creates per minute a team's key may make, unless the team has its own limit (0: none)",
     )
     p_serve.add_argument(
+        "--cluster-token",
+        default=os.environ.get("SANDBOXD_CLUSTER_TOKEN"),
+        help="a cluster's shared secret (default $SANDBOXD_CLUSTER_TOKEN): API replicas send it, nodes serve only "
+        "requests that carry it",
+    )
+    p_serve.add_argument(
         "--advertise-url",
         default=None,
         help="with --database: where the cluster's other servers reach this node (default: its own host and port)",
@@ -427,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.placement,
                 max(0, args.team_max_sandboxes),
                 max(0, args.team_creates_per_minute),
+                args.cluster_token or None,
             )
             return 0
         from sandboxd.core.limits import HostLimits
@@ -496,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
                 database=args.database,
                 advertise_url=args.advertise_url,
                 role=args.role,
+                cluster_token=args.cluster_token or None,
                 team_max_sandboxes=max(0, args.team_max_sandboxes),
                 team_creates_per_minute=max(0, args.team_creates_per_minute),
                 keep_sandboxes=not args.destroy_on_exit,

@@ -1,2 +1,4 @@
 """The cluster layer: servers that share their state in PostgreSQL are nodes of one cluster (membership.py: leases,
 lost nodes, their return). Above core; the state interface is state/'s."""
+
+CLUSTER_HEADER = b"x-sandboxd-cluster"  # the cluster's token (--cluster-token), from an API replica to a node

@@ -34,6 +34,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from sandboxd import httpfwd
+from sandboxd.cluster import CLUSTER_HEADER
 from sandboxd.cluster.placement import Policy, order
 from sandboxd.core import endings
 from sandboxd.core.quotas import TeamLimitReached, TeamQuotas
@@ -67,8 +68,12 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 class Replica:
-    def __init__(self, state: State, policy: Policy = "spread", quotas: TeamQuotas | None = None) -> None:
+    def __init__(
+        self, state: State, policy: Policy = "spread", quotas: TeamQuotas | None = None, token: str | None = None
+    ) -> None:
         self.state = state
+        # what every request to a node carries besides the client's own headers: the cluster's token
+        self._ours = [(CLUSTER_HEADER, token.encode())] if token else []
         self.policy: Policy = policy
         self.teams = Teams(state, state.api_key()[0])
         self.quotas = quotas or TeamQuotas(state)
@@ -211,7 +216,7 @@ class Replica:
             return
         cursor = query.pop("nextToken", None)
         order_desc = query.get("order", "desc").lower() != "asc"
-        headers = _forwarded(scope)
+        headers = [*_forwarded(scope), *self._ours]
         alive = await self._alive()
         answers = await asyncio.gather(*(self._node_list(n.url, scope["path"], query, headers) for n in alive))
         for status, body in answers:
@@ -271,7 +276,7 @@ class Replica:
             url = await self._node_of(sandbox_id)
             if url is not None:
                 by_node.setdefault(url, []).append(sandbox_id)
-        headers = _forwarded(scope)
+        headers = [*_forwarded(scope), *self._ours]
         merged: dict[str, Any] = {}
         for url, mine in by_node.items():
             with contextlib.suppress(httpx.TransportError, ValueError):
@@ -299,7 +304,7 @@ class Replica:
         if up is None:
             return False
         frame = [(b"content-length", str(len(body)).encode())] if body is not None else httpfwd.framing(scope)
-        headers = [(b"host", parts.netloc.encode("latin-1")), *_forwarded(scope), *frame]
+        headers = [(b"host", parts.netloc.encode("latin-1")), *_forwarded(scope), *self._ours, *frame]
         outcome = await httpfwd.forward(scope, receive, send, up, headers, body, drop=RESPONSE_DROP)
         if outcome is httpfwd.Outcome.DONE and up.release():
             pool = self._idle.setdefault((host, port), [])
@@ -331,7 +336,8 @@ class NoNodes(Exception):
 
 
 def _forwarded(scope: Scope) -> list[tuple[bytes, bytes]]:
-    return [(k, v) for k, v in scope["headers"] if k.lower() not in httpfwd.HOP_BY_HOP]
+    """The client's headers a node gets (never a cluster token of the client's making)."""
+    return [(k, v) for k, v in scope["headers"] if k.lower() not in httpfwd.HOP_BY_HOP and k.lower() != CLUSTER_HEADER]
 
 
 async def _request_body(receive: Receive) -> AsyncIterator[bytes]:
@@ -383,6 +389,7 @@ def serve(
     policy: Policy = "spread",
     team_max_sandboxes: int = 0,
     team_creates_per_minute: int = 0,
+    cluster_token: str | None = None,
 ) -> None:
     """Run an API replica on host:port until SIGTERM/SIGINT."""
     import sys
@@ -393,7 +400,7 @@ def serve(
 
     state = PostgresState(database)
     key, _ = state.api_key()
-    replica = Replica(state, policy, TeamQuotas(state, team_max_sandboxes, team_creates_per_minute))
+    replica = Replica(state, policy, TeamQuotas(state, team_max_sandboxes, team_creates_per_minute), cluster_token)
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
     url = f"http://{shown}:{port}"
     alive = [n.node_id for n in state.nodes() if n.alive]

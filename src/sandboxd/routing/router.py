@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from sandboxd.cluster import CLUSTER_HEADER
 from sandboxd.core.manager import Sandbox, SandboxManager
 from sandboxd.envd.context import current_sandbox
 from sandboxd.envd.files_http import operation_of, signature_matches
@@ -69,8 +70,11 @@ class Router:
         ports: dict[int, ASGIApp],
         proxy: PortProxy,
         domain: str | None = None,
+        cluster_token: str | None = None,
     ) -> None:
         self.manager = manager
+        # a cluster's node with a token: only requests the cluster's API replicas pass on (they carry it)
+        self.cluster_token = cluster_token.encode() if cluster_token else None
         # {port}-{sandbox id}.DOMAIN (an optional :port after it)
         self._host_route = (
             re.compile(rf"(\d{{1,5}})-([a-z0-9]{{1,64}})\.{re.escape(domain.lower())}(?::\d+)?") if domain else None
@@ -109,6 +113,21 @@ class Router:
         if scope["type"] not in ("http", "websocket"):
             await self.control_plane(scope, receive, send)
             return
+        if self.cluster_token is not None and scope.get("path") != "/health":
+            given = next((v for k, v in scope["headers"] if k == CLUSTER_HEADER), b"")
+            if not hmac.compare_digest(given, self.cluster_token):
+                if scope["type"] == "websocket":
+                    await receive()
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
+                await JSONResponse(
+                    {
+                        "code": 403,
+                        "message": "this node serves its cluster's API replicas only: use one",
+                    },
+                    status_code=403,
+                )(scope, receive, send)
+                return
         if self.draining:
             await JSONResponse(
                 {"code": 503, "message": "sandboxd is shutting down; sandboxes keep running: retry in a moment"},
