@@ -91,8 +91,15 @@ def test_a_cluster_of_two_nodes_behind_two_api_replicas(pg: PgServer, tmp_path: 
         r = r1.api().get(f"/sandboxes/{ids[-1]}")
         assert r.status_code == 404 and "was killed" in r.json()["message"]
 
-        # a replica dies: the other serves on
+        # a replica dies: a stream through it fails; the command runs on and is taken up through the other replica
+        streamed = Sandbox.connect(on_b, **via1)
+        ticking = streamed.commands.run("for i in $(seq 1 30); do echo tick$i; sleep 0.1; done", background=True)
+        time.sleep(0.5)
         r1.stop(signal.SIGKILL)
+        with pytest.raises(Exception):  # noqa: B017  (the SDK's error for a cut stream)
+            ticking.wait()
+        again = Sandbox.connect(on_b, **via2).commands.connect(ticking.pid)
+        assert "tick30" in again.wait().stdout
         assert Sandbox.connect(on_b, **via2).commands.run("echo still").stdout == "still\n"
 
         # a node dies: through the replica its sandboxes are lost, with why; creates go to the other node
