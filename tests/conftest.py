@@ -473,3 +473,12 @@ def team_key(srv: Server, team: str) -> str:
     assert done.returncode == 0, done.stderr
     assert "not shown again" in done.stderr
     return done.stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[Any]:
+    """A real PostgreSQL for the session (tests/pg.py); each test makes its own database (`pg.database()`)."""
+    from pg import postgres
+
+    with postgres() as server:
+        yield server

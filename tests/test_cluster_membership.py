@@ -8,22 +8,14 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import psycopg
-import pytest
 from e2b import Sandbox
-from pg import PgServer, postgres
+from pg import PgServer
 
 from conftest import keeping_server, start_server
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgServer]:
-    with postgres() as server:
-        yield server
 
 
 def test_a_lost_node_is_reported_and_takes_its_sandboxes_back(pg: PgServer, tmp_path: Path) -> None:

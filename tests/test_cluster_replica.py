@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,15 +15,9 @@ import psycopg
 import pytest
 from e2b import PtySize, Sandbox
 from e2b_code_interpreter import Sandbox as CodeSandbox
-from pg import PgServer, postgres
+from pg import PgServer
 
 from conftest import PtyOutput, Server, start_server, team_key
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgServer]:
-    with postgres() as server:
-        yield server
 
 
 def _nodes_of(database: str) -> dict[str, str]:

@@ -5,21 +5,13 @@ one database share its key, teams and ended records but each re-adopts only its 
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
-import pytest
 from e2b import Sandbox
-from pg import PgServer, postgres
+from pg import PgServer
 
 from conftest import SANDBOXD, keeping_server, start_server
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgServer]:
-    with postgres() as server:
-        yield server
 
 
 def test_a_server_keeps_its_state_in_postgresql(pg: PgServer, tmp_path: Path) -> None:

@@ -15,18 +15,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from pg import PgServer, postgres
 
 from sandboxd.state.db import StateDB
 from sandboxd.state.migrations import LATEST, SchemaTooNew, migrate
 from sandboxd.state.records import SandboxRecord
 from sandboxd.state.sql import State
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgServer]:
-    with postgres() as server:
-        yield server
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

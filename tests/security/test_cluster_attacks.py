@@ -6,21 +6,13 @@ body, page sizes, a list cursor, metrics IDs, sandbox IDs), and nothing it sends
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 from e2b import Sandbox
-from pg import PgServer, postgres
+from pg import PgServer
 
 from conftest import start_server, team_key
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgServer]:
-    with postgres() as server:
-        yield server
 
 
 def test_a_replica_widens_nothing_and_bounds_what_it_reads(pg: PgServer, tmp_path: Path) -> None:
