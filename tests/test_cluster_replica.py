@@ -6,6 +6,7 @@ creates go to the other node."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from e2b import PtySize, Sandbox
 from e2b_code_interpreter import Sandbox as CodeSandbox
 from pg import PgServer
+from websockets.sync.client import connect
 
 from conftest import PtyOutput, Server, start_server, team_key
 
@@ -68,6 +70,16 @@ def test_a_cluster_of_two_nodes_behind_two_api_replicas(pg: PgServer, tmp_path: 
             assert CodeSandbox.connect(code.sandbox_id, **via1).run_code("x").text == "20"
         finally:
             code.kill()
+
+        # the dashboard's terminal (a WebSocket) through a replica, to the sandbox's node
+        with connect(r2.url.replace("http://", "ws://") + f"/dashboard/terminal/{on_a}", open_timeout=20) as ws:
+            ws.send(json.dumps({"apiKey": r2.api_key, "cols": 80, "rows": 24}))
+            assert ws.recv(timeout=30) == "ready"
+            ws.send(b"echo ws-$((6*7))\n")
+            seen = b""
+            while b"ws-42" not in seen:
+                chunk = ws.recv(timeout=30)
+                seen += chunk if isinstance(chunk, bytes) else chunk.encode()
 
         # the lists: every node's, each sandbox once, through either replica
         listed = [s.sandbox_id for s in Sandbox.list(**via2).next_items()]

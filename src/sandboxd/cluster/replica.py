@@ -39,6 +39,7 @@ from sandboxd.cluster.placement import Policy, order
 from sandboxd.core import endings
 from sandboxd.core.quotas import TeamLimitReached, TeamQuotas
 from sandboxd.core.teams import Teams
+from sandboxd.routing.websocket import relay
 from sandboxd.state.sql import Node, State
 
 log = logging.getLogger("sandboxd.cluster")
@@ -50,6 +51,19 @@ WHERE_TTL = 5.0  # s: a sandbox's node remembered this long (a node that stops a
 MAX_CREATE_BODY = 1024 * 1024
 MAX_PAGE = 100
 MAX_NODE_PAGES = 20  # a list asks each node for at most this many pages of 100
+TERMINAL_PREFIX = "/dashboard/terminal/"
+# a WebSocket's handshake is this hop's own (the relay makes the node's)
+WS_HANDSHAKE = frozenset(
+    {
+        b"host",
+        b"connection",
+        b"upgrade",
+        b"sec-websocket-key",
+        b"sec-websocket-version",
+        b"sec-websocket-extensions",
+        b"sec-websocket-protocol",
+    }
+)
 RESPONSE_DROP = httpfwd.HOP_BY_HOP | {b"date", b"server"}  # (this server says its own)
 IDLE_REUSE_S = 2.0  # s: a kept-alive connection to a node reused only this fresh (uvicorn keeps it 650 s)
 MAX_IDLE_PER_NODE = 64
@@ -93,8 +107,8 @@ class Replica:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
-        if scope["type"] != "http":  # (WebSockets to sandboxes' ports: through a node's own address for now)
-            await send({"type": "websocket.close", "code": 1011, "reason": "the API replica serves no WebSocket"})
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
             return
         path = scope["path"]
         try:
@@ -292,6 +306,22 @@ class Replica:
             await _error(400, "sandbox_ids is required (comma-separated sandbox IDs)")(scope, receive, send)
             return
         await JSONResponse({"sandboxes": merged})(scope, receive, send)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket to a sandbox's port (E2b-Sandbox-Id) or to the dashboard's terminal of a sandbox, relayed to the
+        sandbox's node."""
+        if (await receive())["type"] != "websocket.connect":
+            return
+        sandbox_id = _header(scope, b"e2b-sandbox-id")
+        if sandbox_id is None and scope["path"].startswith(TERMINAL_PREFIX):
+            sandbox_id = scope["path"][len(TERMINAL_PREFIX) :]
+        url = await self._node_of(sandbox_id) if sandbox_id else None
+        if url is None:
+            await send({"type": "websocket.close", "code": 1008, "reason": "no such sandbox in this cluster"})
+            return
+        theirs = [(k, v) for k, v in scope["headers"] if k.lower() not in WS_HANDSHAKE and k.lower() != CLUSTER_HEADER]
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in [*theirs, *self._ours]]
+        await relay(scope, receive, send, urlsplit(url).netloc, headers, far="the sandbox's node")
 
     # -- the proxy ------------------------------------------------------------------------------------
     async def _proxy(self, scope: Scope, receive: Receive, send: Send, base: str, body: bytes | None = None) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 
 from starlette.types import Receive, Scope, Send
 from websockets.asyncio.client import connect
@@ -42,10 +43,25 @@ async def proxy_websocket(
     except (ConnectionRefusedError, OSError):
         await send({"type": "websocket.close", "code": 1011, "reason": f"port is not open: {port}"})
         return
+    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k.lower() not in _SKIP]
+    await relay(scope, receive, send, host, headers, sock=sock, far="the sandbox's service")
+
+
+async def relay(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    host: str,
+    headers: list[tuple[str, str]],
+    sock: socket.socket | None = None,
+    far: str = "the far end",
+) -> None:
+    """The client's WebSocket (its connect already received) relayed to ws://`host` at the same path, over `sock`
+    when given: accepted once the far end accepted, messages pumped both ways until either side closes. The port
+    proxy's (above) and the cluster's API replicas' (to a node)."""
     target = scope.get("raw_path") or scope["path"].encode()
     if scope.get("query_string"):
         target += b"?" + scope["query_string"]
-    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k.lower() not in _SKIP]
     try:
         upstream = await connect(
             f"ws://{host}{target.decode('latin-1')}",
@@ -57,12 +73,13 @@ async def proxy_websocket(
             compression=None,
         )
     except (InvalidStatus, InvalidHandshake, OSError, TimeoutError) as e:
-        sock.close()
-        await send({"type": "websocket.close", "code": 1011, "reason": f"the sandbox's service refused: {e}"[:120]})
+        if sock is not None:
+            sock.close()
+        await send({"type": "websocket.close", "code": 1011, "reason": f"{far} refused: {e}"[:120]})
         return
     await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
 
-    async def client_to_sandbox() -> None:
+    async def client_to_far() -> None:
         while True:
             msg = await receive()
             if msg["type"] == "websocket.disconnect":
@@ -73,7 +90,7 @@ async def proxy_websocket(
             elif msg.get("text") is not None:
                 await upstream.send(msg["text"])
 
-    async def sandbox_to_client() -> None:
+    async def far_to_client() -> None:
         try:
             async for data in upstream:
                 if isinstance(data, bytes):
@@ -86,7 +103,7 @@ async def proxy_websocket(
         with contextlib.suppress(Exception):
             await send({"type": "websocket.close", "code": code, "reason": upstream.close_reason or ""})
 
-    tasks = [asyncio.ensure_future(client_to_sandbox()), asyncio.ensure_future(sandbox_to_client())]
+    tasks = [asyncio.ensure_future(client_to_far()), asyncio.ensure_future(far_to_client())]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
