@@ -157,3 +157,43 @@ def test_teams_limits_hold_across_replicas_and_keys_made_anywhere_work_everywher
         for srv in replicas:
             srv.stop()
         node.stop()
+
+
+def test_three_nodes_a_template_built_through_one_replica_runs_on_the_others(
+    pg: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from e2b import Template
+
+    from sandboxd.templates.store import TemplateStore
+
+    from conftest import BUILTIN_TEMPLATES, TEMPLATES_DIR
+
+    database = pg.database()
+    templates = tmp_path / "templates"  # (the nodes' own, shared: what a build makes is never the session's)
+    TemplateStore(TEMPLATES_DIR).link_into(templates, BUILTIN_TEMPLATES)
+    node = ("--role", "node", "--database", database, "--pool-size", "0", "--ready-timeout", "5")
+    servers = []
+    try:
+        for name in ("n1", "n2", "n3"):
+            servers.append(start_server(tmp_path / name, *node, templates_dir=templates))
+        r1 = start_server(tmp_path / "r1", "--role", "api", "--database", database)
+        servers.append(r1)
+        r2 = start_server(tmp_path / "r2", "--role", "api", "--database", database)
+        servers.append(r2)
+        for k, v in {"E2B_API_URL": r1.url, "E2B_SANDBOX_URL": r1.url, "E2B_API_KEY": r1.api_key}.items():
+            monkeypatch.setenv(k, v)
+        Template.build(Template().from_template("base").run_cmd("echo built-$((6*7)) > /tmp/made"), "cluster-made")
+        via2 = {"api_url": r2.url, "sandbox_url": r2.url, "api_key": r2.api_key}
+        made = [Sandbox.create(template="cluster-made", timeout=60, **via2) for _ in range(6)]
+        try:
+            for s in made:
+                assert s.files.read("/tmp/made") == "built-42\n"
+            placed = _nodes_of(database)
+            node_ids = {(tmp_path / n / "node-id").read_text().strip() for n in ("n1", "n2", "n3")}
+            assert {placed[s.sandbox_id] for s in made} == node_ids, placed  # (spread over all three)
+        finally:
+            for s in made:
+                s.kill()
+    finally:
+        for srv in reversed(servers):
+            srv.stop()
