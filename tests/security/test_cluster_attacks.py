@@ -39,6 +39,9 @@ def test_a_replica_widens_nothing_and_bounds_what_it_reads(pg: PgServer, tmp_pat
                 api = replica.api()
                 r = api.post("/sandboxes", content=b"{" + b" " * (2 * 1024 * 1024) + b"}")
                 assert r.status_code == 413
+                deep = b"[" * 60_000 + b"]" * 60_000  # (read for its template by the replica: nested past any stack)
+                r = api.post("/sandboxes", content=deep, headers={"Content-Type": "application/json"})
+                assert r.status_code == 400, r.text
                 for params in ({"limit": "0"}, {"limit": "101"}, {"limit": "x"}, {"nextToken": "%%%"}):
                     assert api.get("/v2/sandboxes", params=params).status_code == 400, params
                 many = ",".join(f"id{i}" for i in range(5000))

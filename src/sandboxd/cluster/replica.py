@@ -93,7 +93,8 @@ class Replica:
         self.quotas = quotas or TeamQuotas(state)
         self._nodes: list[Node] = []
         self._nodes_at = 0.0
-        self._sent: Counter[str] = Counter()  # creates sent to each node since its lease was read
+        self._sent: Counter[str] = Counter()  # creates sent to each node since its last beat we saw
+        self._beats: dict[str, float] = {}  # node ID -> the lease end of its last beat we saw
         self._where: dict[str, tuple[str, float]] = {}  # sandbox ID -> (its node's URL, until when)
         self._idle: dict[tuple[str, int], list[httpfwd.Upstream]] = {}  # kept-alive connections to each node
         self.client = httpx.AsyncClient(
@@ -146,7 +147,10 @@ class Replica:
         if time.monotonic() - self._nodes_at >= NODES_TTL:
             self._nodes = await asyncio.to_thread(self.state.nodes)
             self._nodes_at = time.monotonic()
-            self._sent.clear()
+            for n in self._nodes:  # (a node that beat since: its capacity counts what was sent to it before)
+                if self._beats.get(n.node_id) != n.lease_until:
+                    self._beats[n.node_id] = n.lease_until
+                    self._sent[n.node_id] = 0
         return self._nodes
 
     async def _alive(self) -> list[Node]:
@@ -386,7 +390,7 @@ def _template_of(body: bytes) -> str | None:
     """The create's templateID, for placement (a body that is not what the node expects: the node says so)."""
     try:
         value = json.loads(body).get("templateID") if len(body) <= 65536 else None
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # (a body nested without end: the node refuses it)
         return None
     return value if isinstance(value, str) and 0 < len(value) <= 256 else None
 
