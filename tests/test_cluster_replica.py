@@ -183,6 +183,17 @@ def test_three_nodes_a_template_built_through_one_replica_runs_on_the_others(
         for k, v in {"E2B_API_URL": r1.url, "E2B_SANDBOX_URL": r1.url, "E2B_API_KEY": r1.api_key}.items():
             monkeypatch.setenv(k, v)
         Template.build(Template().from_template("base").run_cmd("echo built-$((6*7)) > /tmp/made"), "cluster-made")
+        # every node tells it holds the template (its next beat) before the creates: else placement rightly prefers
+        # the node that built it, and a burst lands there
+        deadline = time.monotonic() + 15
+        while True:
+            with psycopg.connect(database) as db:
+                told = [json.loads(c).get("templates", []) for (c,) in db.execute("SELECT capacity FROM nodes")]
+            if len(told) == 3 and all("cluster-made" in t for t in told):
+                break
+            assert time.monotonic() < deadline, told
+            time.sleep(0.25)
+        time.sleep(1.2)  # (the replica's view of the leases: a second old at most)
         via2 = {"api_url": r2.url, "sandbox_url": r2.url, "api_key": r2.api_key}
         made = [Sandbox.create(template="cluster-made", timeout=60, **via2) for _ in range(6)]
         try:
