@@ -13,7 +13,7 @@ from starlette.routing import Route
 
 from sandboxd.api.models import BuildStart, TagAssign, TagRemove, TemplateRequest
 from sandboxd.api.serialize import rfc3339
-from sandboxd.api.tenancy import TEMPLATE, caller_of
+from sandboxd.api.tenancy import TEMPLATE, caller_of, sees_template
 from sandboxd.core.builds import TAG_RE, TemplateBuilds
 from sandboxd.core.errors import BadRequest, Forbidden, NotFound
 from sandboxd.core.limits import RequestLimits
@@ -37,8 +37,7 @@ def template_routes(
     store = builds.store
 
     def visible(request: Request, ident: str) -> bool:
-        caller = caller_of(request)
-        return caller.admin or not store.meta(ident).get("snapshot") or caller.sees(teams.owner(TEMPLATE, ident))
+        return sees_template(store, teams, caller_of(request), ident)
 
     def may_change(request: Request, ident: str, what: str) -> None:
         if not visible(request, ident):

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from sandboxd.core.errors import NotFound
 from sandboxd.core.manager import SandboxManager
 from sandboxd.core.teams import OPERATOR, Caller, Teams
+from sandboxd.templates.store import TemplateStore
 from sandboxd.volumes.errors import VolumeError
 
 CALLER = "sandboxd.caller"  # the request scope's key for who is calling
@@ -23,13 +24,15 @@ def caller_of(request: Request) -> Caller:
     return caller if isinstance(caller, Caller) else OPERATOR
 
 
-def visible_template(manager: SandboxManager, teams: Teams, caller: Caller, name: str) -> bool:
+def sees_template(store: TemplateStore, teams: Teams, caller: Caller, ident: str) -> bool:
     """False for another team's snapshot (a template anyone may use otherwise)."""
-    store = manager.templates
-    ident, _ = store.resolve(name)
-    if ident is None or caller.admin:
-        return True
-    return not store.meta(ident).get("snapshot") or caller.sees(teams.owner(TEMPLATE, ident))
+    return caller.admin or not store.meta(ident).get("snapshot") or caller.sees(teams.owner(TEMPLATE, ident))
+
+
+def visible_template(manager: SandboxManager, teams: Teams, caller: Caller, name: str) -> bool:
+    """sees_template() for a template's name (one that names none: visible, the create says it is not found)."""
+    ident, _ = manager.templates.resolve(name)
+    return ident is None or sees_template(manager.templates, teams, caller, ident)
 
 
 def check_create(
