@@ -34,6 +34,11 @@ HOP_BY_HOP = frozenset(
 )
 
 
+# Reuse an idle connection only while it is fresh: well inside any server's keep-alive timeout (uvicorn's default is
+# 5 s), so the far end never closes it under us.
+IDLE_REUSE_S = 2.0
+
+
 class UpstreamClosed(ConnectionError):
     """The far end closed the connection in the middle of its answer."""
 
@@ -63,11 +68,10 @@ class Upstream:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.writer.transport.abort()
 
-    def reusable(self, idle_for: float) -> bool:
-        """Fresh enough to send another request on (idle less than `idle_for` seconds, still open)."""
-        return (
-            time.monotonic() - self.idle_since < idle_for and not self.reader.at_eof() and not self.writer.is_closing()
-        )
+    def reusable(self) -> bool:
+        """Fresh enough to send another request on (idle less than IDLE_REUSE_S, still open)."""
+        fresh = time.monotonic() - self.idle_since < IDLE_REUSE_S
+        return fresh and not self.reader.at_eof() and not self.writer.is_closing()
 
     def release(self) -> bool:
         """After an answer: ready for the next request (True), or not reusable (closed)."""

@@ -39,7 +39,7 @@ from sandboxd.cluster.placement import Policy, order
 from sandboxd.core import endings
 from sandboxd.core.quotas import TeamLimitReached, TeamQuotas
 from sandboxd.core.teams import Teams
-from sandboxd.routing.websocket import relay
+from sandboxd.routing.websocket import HANDSHAKE, relay
 from sandboxd.state.sql import Node, State
 
 log = logging.getLogger("sandboxd.cluster")
@@ -52,20 +52,7 @@ MAX_CREATE_BODY = 1024 * 1024
 MAX_PAGE = 100
 MAX_NODE_PAGES = 20  # a list asks each node for at most this many pages of 100
 TERMINAL_PREFIX = "/dashboard/terminal/"
-# a WebSocket's handshake is this hop's own (the relay makes the node's)
-WS_HANDSHAKE = frozenset(
-    {
-        b"host",
-        b"connection",
-        b"upgrade",
-        b"sec-websocket-key",
-        b"sec-websocket-version",
-        b"sec-websocket-extensions",
-        b"sec-websocket-protocol",
-    }
-)
 RESPONSE_DROP = httpfwd.HOP_BY_HOP | {b"date", b"server"}  # (this server says its own)
-IDLE_REUSE_S = 2.0  # s: a kept-alive connection to a node reused only this fresh (uvicorn keeps it 650 s)
 MAX_IDLE_PER_NODE = 64
 CONNECT_TIMEOUT = 5.0
 
@@ -204,7 +191,7 @@ class Replica:
             await _error(413, f"request body is over the limit of {MAX_CREATE_BODY} bytes")(scope, receive, send)
             return
         given = next((v for k, v in scope["headers"] if k == b"x-api-key"), None)
-        caller = self.teams.caller(given) if given is not None else None
+        caller = await asyncio.to_thread(self.teams.caller, given) if given is not None else None
         if caller is not None:  # (else the node says what is wrong with the key)
             try:
                 await asyncio.to_thread(self.quotas.admit, caller)
@@ -323,7 +310,7 @@ class Replica:
         if url is None:
             await send({"type": "websocket.close", "code": 1008, "reason": "no such sandbox in this cluster"})
             return
-        theirs = [(k, v) for k, v in scope["headers"] if k.lower() not in WS_HANDSHAKE and k.lower() != CLUSTER_HEADER]
+        theirs = [(k, v) for k, v in scope["headers"] if k.lower() not in HANDSHAKE and k.lower() != CLUSTER_HEADER]
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in [*theirs, *self._ours]]
         await relay(scope, receive, send, urlsplit(url).netloc, headers, far="the sandbox's node")
 
@@ -352,7 +339,7 @@ class Replica:
         pool = self._idle.get((host, port), [])
         while pool:
             up = pool.pop()
-            if up.reusable(IDLE_REUSE_S):
+            if up.reusable():
                 return up
             up.close()
         try:

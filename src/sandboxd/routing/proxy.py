@@ -29,9 +29,6 @@ if TYPE_CHECKING:
 INTERPRETER_PORT = 49999
 # The interpreter starts with the sandbox: a request that arrives first waits for it, within reason.
 SERVICE_WAIT_S = 60.0
-# Reuse an idle connection only while it is fresh: well inside any server's keep-alive timeout
-# (uvicorn's default is 5 s), so the service never closes it under us.
-IDLE_REUSE_S = 2.0
 MAX_IDLE_PER_PORT = 4
 # Never passed on: per hop (httpfwd's), and what sandboxd adds for its interpreter
 HOP_BY_HOP = httpfwd.HOP_BY_HOP | {b"x-sandboxd-env"}
@@ -63,7 +60,7 @@ class PortProxy:
         pool = self._idle.get(key, [])
         while pool:
             up = pool.pop()
-            if up.reusable(IDLE_REUSE_S):
+            if up.reusable():
                 return up
             up.close()
         deadline = time.monotonic() + (SERVICE_WAIT_S if port == INTERPRETER_PORT else 0)

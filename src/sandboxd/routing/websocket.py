@@ -16,14 +16,20 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from sandboxd.core.manager import Sandbox, SandboxManager
 
 MAX_MESSAGE = 16 * 1024 * 1024
-_SKIP = {
-    b"host",
-    b"connection",
-    b"upgrade",
-    b"sec-websocket-key",
-    b"sec-websocket-version",
-    b"sec-websocket-extensions",
-    b"sec-websocket-protocol",
+# a WebSocket's handshake is each hop's own (relay() makes the far end's)
+HANDSHAKE = frozenset(
+    {
+        b"host",
+        b"connection",
+        b"upgrade",
+        b"sec-websocket-key",
+        b"sec-websocket-version",
+        b"sec-websocket-extensions",
+        b"sec-websocket-protocol",
+    }
+)
+# ...and credentials meant for sandboxd never reach a sandbox's service
+_SKIP = HANDSHAKE | {
     b"x-access-token",
     b"e2b-traffic-access-token",
     b"x-api-key",
