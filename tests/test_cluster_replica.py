@@ -162,6 +162,9 @@ def test_teams_limits_hold_across_replicas_and_keys_made_anywhere_work_everywher
 def test_three_nodes_a_template_built_through_one_replica_runs_on_the_others(
     pg: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Each node with its own templates dir (no shared disk): the template built through one replica lands on one
+    node; creates through the other replica spread over all three, the two others fetching its layers from it
+    (checked against the digests the state recorded)."""
     from e2b import Template
 
     from sandboxd.templates.store import TemplateStore
@@ -169,13 +172,13 @@ def test_three_nodes_a_template_built_through_one_replica_runs_on_the_others(
     from conftest import BUILTIN_TEMPLATES, TEMPLATES_DIR
 
     database = pg.database()
-    templates = tmp_path / "templates"  # (the nodes' own, shared: what a build makes is never the session's)
-    TemplateStore(TEMPLATES_DIR).link_into(templates, BUILTIN_TEMPLATES)
     node = ("--role", "node", "--database", database, "--pool-size", "0", "--ready-timeout", "5")
     servers = []
+    names = ("n1", "n2", "n3")
     try:
-        for name in ("n1", "n2", "n3"):
-            servers.append(start_server(tmp_path / name, *node, templates_dir=templates))
+        for name in names:  # (the built-in templates every node's setup makes: linked, not copied)
+            TemplateStore(TEMPLATES_DIR).link_into(tmp_path / f"{name}-templates", BUILTIN_TEMPLATES)
+            servers.append(start_server(tmp_path / name, *node, templates_dir=tmp_path / f"{name}-templates"))
         r1 = start_server(tmp_path / "r1", "--role", "api", "--database", database)
         servers.append(r1)
         r2 = start_server(tmp_path / "r2", "--role", "api", "--database", database)
@@ -183,13 +186,16 @@ def test_three_nodes_a_template_built_through_one_replica_runs_on_the_others(
         for k, v in {"E2B_API_URL": r1.url, "E2B_SANDBOX_URL": r1.url, "E2B_API_KEY": r1.api_key}.items():
             monkeypatch.setenv(k, v)
         Template.build(Template().from_template("base").run_cmd("echo built-$((6*7)) > /tmp/made"), "cluster-made")
-        # every node tells it holds the template (its next beat) before the creates: else placement rightly prefers
-        # the node that built it, and a burst lands there
+        built = [n for n in names if (tmp_path / f"{n}-templates" / ".names" / "cluster-made").is_symlink()]
+        assert len(built) == 1, built  # (on one node's disk only)
+        top = TemplateStore(tmp_path / f"{built[0]}-templates").get("cluster-made").top_layer
+        assert top is not None
+        # its node tells it holds the template (its next beat) before the creates, and the replica sees that
         deadline = time.monotonic() + 15
         while True:
             with psycopg.connect(database) as db:
                 told = [json.loads(c).get("templates", []) for (c,) in db.execute("SELECT capacity FROM nodes")]
-            if len(told) == 3 and all("cluster-made" in t for t in told):
+            if sum("cluster-made" in t for t in told) == 1:
                 break
             assert time.monotonic() < deadline, told
             time.sleep(0.25)
@@ -200,11 +206,20 @@ def test_three_nodes_a_template_built_through_one_replica_runs_on_the_others(
             for s in made:
                 assert s.files.read("/tmp/made") == "built-42\n"
             placed = _nodes_of(database)
-            node_ids = {(tmp_path / n / "node-id").read_text().strip() for n in ("n1", "n2", "n3")}
+            node_ids = {(tmp_path / n / "node-id").read_text().strip() for n in names}
             assert {placed[s.sandbox_id] for s in made} == node_ids, placed  # (spread over all three)
         finally:
             for s in made:
                 s.kill()
+        with psycopg.connect(database) as db:
+            (digest,) = db.execute("SELECT digest FROM layers WHERE key = %s", (top,)).fetchone() or (None,)
+        assert digest and digest.startswith("sha256:")
+        for n in names:  # the layer on every node's own disk now, whole, with that digest; nothing half-made
+            layers = tmp_path / f"{n}-templates" / ".layers"
+            assert not (layers / top).is_symlink()
+            assert json.loads((layers / top / "layer.json").read_text())["digest"] == digest
+            assert [p.name for p in layers.glob(".new-*")] == []
+            assert (tmp_path / f"{n}-templates" / ".names" / "cluster-made").is_symlink()
     finally:
         for srv in reversed(servers):
             srv.stop()

@@ -161,6 +161,14 @@ def test_secrets_keys_and_volumes(open_state: Callable[[], State]) -> None:
     assert b.volume("vol-a") is None
 
 
+def test_layer_digests_first_told_stays(open_state: Callable[[], State]) -> None:
+    a, b = open_state(), open_state()
+    assert b.layer("k" * 32) is None
+    a.put_layer("k" * 32, "sha256:" + "a" * 64, 5 * 2**30)  # (over 32 bits)
+    b.put_layer("k" * 32, "sha256:" + "b" * 64, 1)  # (the same key is the same content: not overwritten)
+    assert b.layer("k" * 32) == ("sha256:" + "a" * 64, 5 * 2**30)
+
+
 def test_node_leases_end_by_the_databases_clock(open_state: Callable[[], State]) -> None:
     a, b = open_state(), open_state()
     until = a.heartbeat("n1", "http://10.0.0.1:3000", {"memoryMB": 1024}, lease_seconds=30)

@@ -19,6 +19,7 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from sandboxd.api.app import build_control_plane
+from sandboxd.cluster.layers import LayerShare
 from sandboxd.cluster.membership import Membership
 from sandboxd.core import workload_identity
 from sandboxd.core.builds import TemplateBuilds
@@ -172,13 +173,18 @@ class App:
             if config.database
             else None
         )
+        self.layers = (
+            LayerShare(self.manager.templates, self.db, self.api_key, config.cluster_token) if self.membership else None
+        )
+        if self.layers is not None:
+            self.manager.fetch_template = self.layers.ensure
         control = build_control_plane(
             self.manager,
             self.teams,
             config.limits,
             self.builds,
             self.exporter,
-            dashboard_routes(f"http://{own}:{config.port}"),
+            [*dashboard_routes(f"http://{own}:{config.port}"), *(self.layers.routes() if self.layers else [])],
             TeamQuotas(self.db, config.team_max_sandboxes, config.team_creates_per_minute),
             enforce_quotas=config.role == "all",  # (a cluster's nodes: its API replicas enforce them)
         )

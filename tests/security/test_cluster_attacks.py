@@ -6,9 +6,13 @@ body, page sizes, a list cursor, metrics IDs, sandbox IDs), and nothing it sends
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import httpx
+import psycopg
+import pytest
 from e2b import Sandbox
 from pg import PgServer
 
@@ -91,3 +95,69 @@ def test_nodes_with_a_cluster_token_serve_only_the_replicas(pg: PgServer, tmp_pa
             replica.stop()
     finally:
         node.stop()
+
+
+def test_a_layer_whose_content_is_not_the_recorded_one_is_refused(
+    pg: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nodes without a shared disk fetch templates from each other (cluster/layers.py): a layer changed on the node
+    that serves it after its digest was recorded is refused by the node fetching it (nothing of it kept), and the
+    routes that serve templates to other nodes are the operator's only."""
+    from e2b import Template
+
+    from sandboxd.templates.store import TemplateStore
+
+    from conftest import BUILTIN_TEMPLATES, TEMPLATES_DIR
+
+    database = pg.database()
+    node = ("--role", "node", "--database", database, "--pool-size", "0", "--ready-timeout", "5")
+    servers = []
+    try:
+        for name in ("n1", "n2"):
+            TemplateStore(TEMPLATES_DIR).link_into(tmp_path / f"{name}-templates", BUILTIN_TEMPLATES)
+            servers.append(start_server(tmp_path / name, *node, templates_dir=tmp_path / f"{name}-templates"))
+        n1, n2 = servers
+        for k, v in {"E2B_API_URL": n1.url, "E2B_SANDBOX_URL": n1.url, "E2B_API_KEY": n1.api_key}.items():
+            monkeypatch.setenv(k, v)
+        Template.build(Template().from_template("base").run_cmd("echo sound > /tmp/made"), "tamper-me")
+        top = TemplateStore(tmp_path / "n1-templates").get("tamper-me").top_layer
+        assert top is not None
+
+        key = team_key(n1, "cl-tenant")
+        for path in ("/admin/cluster/templates/tamper-me", f"/admin/cluster/layers/{top}"):
+            r = httpx.get(n1.url + path, headers={"X-API-KEY": key})
+            assert r.status_code == 403, r.text  # (a tenant never reads templates' layers this way)
+        api1 = n1.api()
+        assert api1.get("/admin/cluster/layers/..%2F..%2Fetc").status_code == 404
+        assert api1.get("/admin/cluster/layers/" + "0" * 32).status_code == 404
+        r = api1.get("/admin/cluster/templates/tamper-me")  # (serving it records its layers' digests)
+        assert r.status_code == 200 and r.json()["layers"][0]["key"] == top
+
+        evil = tmp_path / "n1-templates" / ".layers" / top / "diff" / "tmp" / "evil"
+        evil.write_text("planted after the digest was recorded\n")
+        deadline = time.monotonic() + 15  # (n2 learns from n1's lease that n1 holds it)
+        while True:
+            with psycopg.connect(database) as db:
+                told = [json.loads(c).get("templates", []) for (c,) in db.execute("SELECT capacity FROM nodes")]
+            if any("tamper-me" in t for t in told):
+                break
+            assert time.monotonic() < deadline, told
+            time.sleep(0.25)
+
+        api2 = n2.api()
+        r = api2.post("/sandboxes", json={"templateID": "tamper-me", "timeout": 60})
+        assert r.status_code == 503 and "is not the one recorded" in r.json()["message"], r.text
+        mine = tmp_path / "n2-templates"
+        assert not (mine / ".layers" / top).exists() and list((mine / ".layers").glob(".new-*")) == []
+        assert not (mine / ".names" / "tamper-me").exists()
+
+        evil.unlink()  # (as it was: the same digest, taken)
+        r = api2.post("/sandboxes", json={"templateID": "tamper-me", "timeout": 60})
+        assert r.status_code == 201, r.text
+        sandbox = Sandbox.connect(r.json()["sandboxID"], api_url=n2.url, sandbox_url=n2.url, api_key=n2.api_key)
+        assert sandbox.files.read("/tmp/made") == "sound\n"
+        assert sandbox.files.exists("/tmp/evil") is False
+        sandbox.kill()
+    finally:
+        for srv in reversed(servers):
+            srv.stop()

@@ -208,6 +208,7 @@ def build_control_plane(
         body: NewSandbox = await _body(request, NewSandbox, limits)
         caller = caller_of(request)
         if not caller.admin:
+            await manager.ensure_template(body.template_id)  # (a node of a cluster: its owner is then known here)
             tenancy.check_create(manager, teams, caller, body.template_id, body.volume_mounts)
             if enforce_quotas:
                 quotas.admit(caller)

@@ -61,10 +61,14 @@ class Membership:
         name and ID they answer to)."""
         store, idle = self.manager.templates, self.manager.pool.idle()
         templates: set[str] = set()
+        pinned: set[str] = set()  # snapshots: placed here first (cluster/placement.py)
         warm: dict[str, int] = {}
         for ident in store.names()[:MAX_TEMPLATES_TOLD]:
-            names = {ident, *store.meta(ident).get("names", [])}
+            meta = store.meta(ident)
+            names = {ident, *meta.get("names", [])}
             templates |= names
+            if meta.get("snapshot"):
+                pinned |= names
             if idle.get(ident):
                 warm.update(dict.fromkeys(names, idle[ident]))
         return {
@@ -72,6 +76,7 @@ class Membership:
             "cpus": os.cpu_count() or 1,
             "memoryAvailableMB": _available_mb(),
             "templates": sorted(templates),
+            "pinned": sorted(pinned),
             "warm": warm,
         }
 

@@ -159,6 +159,8 @@ class SandboxManager:
     def __init__(self, runtime: Runtime, templates: TemplateStore, db: State, settings: Settings | None = None):
         self.runtime = runtime
         self.templates = templates
+        # A node of a cluster: fetches a template it lacks from a node that holds it (cluster/layers.py)
+        self.fetch_template: Callable[[str], Awaitable[None]] | None = None
         runtime.on_destroyed.append(templates.release)  # (the hold each create records: _hold_template)
         self.db = db
         self.settings = settings or Settings()
@@ -614,6 +616,11 @@ class SandboxManager:
         for part, held in self._carried.pop(sandbox_id, []):
             part.drop_snapshot_restore(held)
 
+    async def ensure_template(self, name: str) -> None:
+        """On a node of a cluster: the template `name` fetched from another node if only others hold it."""
+        if self.fetch_template is not None:
+            await self.fetch_template(name)
+
     # -- lifecycle -------------------------------------------------------------------------------
     async def create(
         self,
@@ -664,6 +671,7 @@ class SandboxManager:
             claimed = Counter(m["volumeID"] for m in mounts)  # deleting these volumes is refused meanwhile
             self.creating_with.update(claimed)
             try:
+                await self.ensure_template(template_id)
                 try:
                     template = self.templates.get(template_id)
                 except TemplateError as e:

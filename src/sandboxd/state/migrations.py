@@ -88,6 +88,14 @@ MIGRATIONS = (
         "the leases by their end (a beat looks for the lost ones)",
         ("CREATE INDEX nodes_lease ON nodes (lease_until)",),
     ),
+    Migration(
+        6,
+        "the content digest of each template layer (a node fetching a layer from another checks it against this)",
+        (
+            "CREATE TABLE layers (key TEXT PRIMARY KEY, digest TEXT NOT NULL, size_bytes BIGINT NOT NULL, "
+            "created_at {real} NOT NULL)",
+        ),
+    ),
 )
 LATEST = MIGRATIONS[-1].version
 TYPES = {"sqlite": {"real": "REAL"}, "postgres": {"real": "DOUBLE PRECISION"}}

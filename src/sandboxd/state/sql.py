@@ -286,6 +286,20 @@ class State(ABC):
     def _lock_team(self, tx: Tx, team: str) -> None:  # noqa: B027  (none needed on SQLite)
         """Serializes admissions of one team (SQLite's transactions are serialized already)."""
 
+    # -- template layers' digests (cluster/layers.py) ---------------------------------------------
+    def put_layer(self, key: str, digest: str, size_bytes: int) -> None:
+        """What the layer `key` holds (its content digest, templates/transfer.py), told by the node that made it
+        (the same key is the same content: the first told stays)."""
+        self.execute(
+            "INSERT INTO layers (key, digest, size_bytes, created_at) VALUES (?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+            (key, digest, size_bytes, self.now()),
+        )
+
+    def layer(self, key: str) -> tuple[str, int] | None:
+        """The layer's (digest, size in bytes), if a node told them."""
+        row = self._one("SELECT digest, size_bytes FROM layers WHERE key = ?", (key,))
+        return (row[0], int(row[1])) if row else None
+
     # -- cluster nodes and their leases -----------------------------------------------------------
     def heartbeat(self, node_id: str, url: str, capacity: dict[str, Any], lease_seconds: float) -> float:
         """The node is alive for `lease_seconds` more (by the database's clock): its lease renewed, its address

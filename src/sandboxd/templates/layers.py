@@ -2,13 +2,14 @@
 
     <templates>/.layers/<key>/diff/         the step's changes (an overlay upper dir: whiteouts are 0/0
                                             character devices, opaque dirs carry trusted.overlay.opaque)
-    <templates>/.layers/<key>/layer.json    {key, parent, base, step, size_bytes, created}
+    <templates>/.layers/<key>/layer.json    {key, parent, base, step, size_bytes, created, digest}
     <templates>/.layers/.new-<pid>-<n>/     a layer being committed (removed if the build fails)
 
-A layer's key is a digest of its parent's key and of everything the step's result depends on (the
-step, the build's environment, workdir and user at that point, the hashes of copied files), so two
-builds that take the same step from the same parent share one layer, and a cached step is never run
-again. The bottom layer of a stack names the root filesystem it sits on (`base`: a built template's
+A layer's key is a digest of its parent's key and of everything the step's result depends on (the step, the
+build's environment, workdir and user at that point, the hashes of copied files), so two builds that take the same
+step from the same parent share one layer, and a cached step is never run again. Its `digest` is that of its
+content (templates/transfer.py), computed when it is first shared with another node of a cluster, which checks it
+(cluster/layers.py). The bottom layer of a stack names the root filesystem it sits on (`base`: a built template's
 rootfs). Files are owned by the template uids (UID_SHIFT + uid in the sandbox), like every rootfs.
 """
 
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sandboxd.fdio import syncfs
+from sandboxd.templates.transfer import tree_digest
 from sandboxd.templates.uids import UID_RANGE, UID_SHIFT
 
 _counter = itertools.count()
@@ -48,6 +50,7 @@ class Layer:
     step: str
     size_bytes: int
     created: float
+    digest: str = ""  # of its content: computed when first told to the cluster (LayerStore.digest_of), not at commit
 
     @property
     def diff(self) -> Path:
@@ -72,6 +75,7 @@ class LayerStore:
             step=meta.get("step", ""),
             size_bytes=meta.get("size_bytes", 0),
             created=meta.get("created", 0.0),
+            digest=meta.get("digest", ""),
         )
 
     def chain(self, key: str) -> list[Layer]:
@@ -137,6 +141,30 @@ class LayerStore:
             finally:
                 os.close(fd)
         layer = self.get(key)
+        assert layer is not None
+        return layer
+
+    def digest_of(self, layer: Layer) -> str:
+        """The layer's content digest, computed (once: kept in its layer.json) if it was made without one."""
+        if layer.digest:
+            return layer.digest
+        digest = tree_digest(layer.diff)
+        meta = json.loads((layer.path / "layer.json").read_text())
+        tmp = layer.path / f".layer.json.{os.getpid()}"
+        tmp.write_text(json.dumps({**meta, "digest": digest}, indent=1))
+        os.rename(tmp, layer.path / "layer.json")
+        return digest
+
+    def adopt(self, work: Path, meta: dict[str, Any]) -> Layer:
+        """Make `work` (a dir holding `diff/`, fetched from another node and checked) the layer `meta["key"]`."""
+        (work / "layer.json").write_text(json.dumps(meta, indent=1))
+        sync_tree(work)
+        final = self.dir / meta["key"]
+        if final.exists():  # (fetched meanwhile by a concurrent create)
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            os.rename(work, final)
+        layer = self.get(meta["key"])
         assert layer is not None
         return layer
 

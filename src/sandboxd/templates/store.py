@@ -285,6 +285,28 @@ class TemplateStore:
         self.set_name(name, ident)
         return ident
 
+    def adopt(self, ident: str, meta: dict, build_id: str, version: dict) -> None:
+        """A template fetched from another node of a cluster (cluster/layers.py), its layers here already: its
+        build under its ID (the default), and its names. A new one is assembled in a scratch dir and renamed into
+        place whole, as publish() does."""
+        home = self.dir / ident
+        if (home / "meta.json").is_file():
+            self.add_version(ident, build_id, version, ["default"])
+        else:
+            scratch = self.dir / f".new-template-{ident}-{os.getpid()}"
+            shutil.rmtree(scratch, ignore_errors=True)
+            (scratch / build_id).mkdir(parents=True)
+            write_json(scratch / "meta.json", {**meta, "templateID": ident})
+            write_json(
+                scratch / build_id / "template.json", {"kind": "layers", "name": ident, "build_id": build_id, **version}
+            )
+            (scratch / "current").symlink_to(build_id)
+            os.rename(scratch, home)
+        for name in meta.get("names") or []:
+            if isinstance(name, str) and 0 < len(name) <= 256 and "\0" not in name:
+                if self.resolve(name)[0] in (None, ident):  # (a name this node gave another template stays)
+                    self.set_name(name, ident)
+
     def clean_forks(self) -> None:
         """The snapshots of forks (core/snapshots.py: deleted once the forks are made) that a crash left: those of
         no running server process (the templates dir may be shared by several servers)."""

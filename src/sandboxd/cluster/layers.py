@@ -1,0 +1,259 @@
+"""Templates on every node without a shared disk: a node asked for a sandbox of a template it does not hold fetches
+the template from a node that does (the nodes' leases say which), layer by layer, and keeps each layer only if its
+content has the digest the cluster's state recorded for its key.
+
+- A node serves its templates to the others under `/admin/cluster/` (the operator's key, and the cluster's token
+  when there is one): a template's manifest (its build's config, its layers' keys from the top down, the root
+  filesystem at the bottom) and each layer as a tar stream (templates/transfer.py). Serving a manifest records each
+  of its layers' content digest in the state (computed once by the node holding the layer, kept in its layer.json;
+  the first told for a key stays).
+- The fetching node takes the layers it lacks, bottom first, each unpacked beside its layers, checked against the
+  state's digest and then renamed into place; the template itself (its ID, names, build) is written last, whole: a
+  create that fails midway leaves only whole layers. Concurrent creates of one template fetch it once.
+- The root filesystem at the bottom (a built-in Debian root filesystem every node's setup makes) is not moved: a
+  node without it says so. A snapshot with its processes' memory runs on the node that holds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+
+from sandboxd.cluster import CLUSTER_HEADER
+from sandboxd.core.errors import BadRequest, NotFound, SandboxdError
+from sandboxd.state.sql import State
+from sandboxd.templates import transfer
+from sandboxd.templates.images import empty_root
+from sandboxd.templates.store import TemplateError, TemplateStore
+
+log = logging.getLogger("sandboxd.cluster")
+
+PREFIX = "/admin/cluster"
+KEY_RE = re.compile(r"^[0-9a-f]{16,64}$")
+IDENT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+BUILD_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,63}$")
+MAX_MANIFEST = 4 * 1024 * 1024
+MAX_LAYERS = 1000
+STREAM_SLACK = 64 * 1024 * 1024  # bytes a layer's tar may carry beyond twice its size on disk (headers, padding)
+TIMEOUT = httpx.Timeout(connect=5.0, read=60.0, write=60.0, pool=5.0)
+
+
+class FetchFailed(SandboxdError):
+    """A template that other nodes hold could not be had from any of them."""
+
+    status = 503
+
+
+class LayerShare:
+    def __init__(self, store: TemplateStore, state: State, api_key: str, token: str | None) -> None:
+        self.store, self.state = store, state
+        self._headers = {"X-API-KEY": api_key, **({CLUSTER_HEADER.decode(): token} if token else {})}
+        self._fetching = asyncio.Lock()  # (one fetch at a time: creates of a template being fetched wait for it)
+
+    # -- serving ----------------------------------------------------------------------------------
+    def routes(self) -> list[BaseRoute]:
+        async def manifest(request: Request) -> Response:
+            return JSONResponse(await asyncio.to_thread(self.manifest, request.path_params["name"]))
+
+        async def layer(request: Request) -> Response:
+            key = request.path_params["key"]
+            found = self.store.layers.get(key) if KEY_RE.match(key) else None
+            if found is None:
+                raise NotFound(f"layer {key[:80]!r} is not on this node")
+            proc = transfer.pack(found.diff)
+
+            async def body() -> Any:
+                assert proc.stdout is not None
+                try:
+                    while chunk := await asyncio.to_thread(proc.stdout.read, transfer.CHUNK):
+                        yield chunk
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+                    await asyncio.to_thread(proc.wait)
+
+            return StreamingResponse(body(), media_type="application/x-tar")
+
+        return [
+            Route(PREFIX + "/templates/{name:path}", manifest, methods=["GET"]),
+            Route(PREFIX + "/layers/{key}", layer, methods=["GET"]),
+        ]
+
+    def manifest(self, name: str) -> dict[str, Any]:
+        """What another node needs to hold the template `name` (its default build, or `name:tag`'s)."""
+        try:
+            t = self.store.get(name)
+        except TemplateError as e:
+            raise NotFound(str(e)) from None
+        if t.memory_images is not None:
+            raise BadRequest(f"'{name}' is a snapshot with its processes' memory: it runs on the node that holds it")
+        if not t.top_layer:
+            raise BadRequest(f"template '{name}' is one root filesystem of an old install: build it again to share it")
+        base = self._relative(Path(t.base))
+        layers = []
+        for layer in self.store.layers.chain(t.top_layer):
+            digest = self.store.layers.digest_of(layer)
+            self.state.put_layer(layer.key, digest, layer.size_bytes)
+            layers.append(
+                {
+                    "key": layer.key,
+                    "parent": layer.parent,
+                    "step": layer.step,
+                    "size_bytes": layer.size_bytes,
+                    "created": layer.created,
+                }
+            )
+        version = json.loads((t.path / "template.json").read_text())
+        return {
+            "templateID": t.name,
+            "meta": self.store.meta(t.name),
+            "build": t.digest,
+            "version": {**version, "base": base},
+            "base": base,
+            "layers": layers,
+        }
+
+    def _relative(self, base: Path) -> str:
+        """The root filesystem's place in the templates dir (the same on every node)."""
+        rel = os.path.relpath(base, self.store.dir)
+        if not rel.startswith(".."):
+            return rel
+        parts = base.parts  # (a templates dir whose built-in root filesystems are linked from another's)
+        if ".debian" in parts:
+            return str(Path(*parts[parts.index(".debian") :]))
+        if base.name == ".empty-root":
+            return base.name
+        raise BadRequest(f"the template's root filesystem {base} is outside this node's templates dir")
+
+    # -- fetching ---------------------------------------------------------------------------------
+    async def ensure(self, name: str) -> None:
+        """`name` held here, fetched from a node that holds it if need be (nothing happens when no node does: the
+        create then says the template is not found)."""
+        if self.store.resolve(name)[0] is not None:
+            return
+        wanted = self.store.split_tag(name)[0]
+        async with self._fetching:
+            if self.store.resolve(name)[0] is not None:
+                return  # (fetched by the create that held the lock)
+            nodes = await asyncio.to_thread(self.state.nodes)
+            holders = [
+                n
+                for n in nodes
+                if n.alive and n.node_id != self.state.node and wanted in (n.capacity.get("templates") or ())
+            ]
+            problems = []
+            for node in holders:
+                try:
+                    await asyncio.to_thread(self._fetch, node.url, name)
+                    return
+                except (FetchFailed, httpx.HTTPError, OSError, ValueError, KeyError, TypeError) as e:
+                    log.warning("template %r: fetching it from node %s failed: %s", name, node.node_id, e)
+                    problems.append(f"node {node.node_id}: {e}")
+            if problems:
+                raise FetchFailed(
+                    f"template '{name}' could not be fetched from the nodes that hold it: {'; '.join(problems)}"
+                )
+
+    def _fetch(self, url: str, name: str) -> None:
+        started = time.monotonic()
+        with httpx.Client(base_url=url, headers=self._headers, timeout=TIMEOUT) as client:
+            r = client.get(f"{PREFIX}/templates/{quote(name, safe='')}")
+            if r.status_code != 200 or len(r.content) > MAX_MANIFEST:
+                raise FetchFailed(f"its manifest: HTTP {r.status_code} {r.text[:300]}")
+            manifest = r.json()
+            ident, build = str(manifest["templateID"]), str(manifest["build"])
+            if not IDENT_RE.match(ident) or not BUILD_RE.match(build):
+                raise FetchFailed(f"its manifest names a template {ident[:80]!r} / build {build[:80]!r} not allowed")
+            layers = list(manifest["layers"])[:MAX_LAYERS]
+            base = self._local_base(str(manifest["base"]))
+            moved = 0
+            for entry in reversed(layers):  # (bottom first: a layer is whole on disk only with what it sits on)
+                key = str(entry["key"])
+                if not KEY_RE.match(key):
+                    raise FetchFailed(f"its manifest names a layer {key[:80]!r} not allowed")
+                if self.store.layers.get(key) is not None:
+                    continue
+                moved += self._fetch_layer(client, key, entry, base)
+        version = {k: v for k, v in dict(manifest["version"]).items() if k not in ("kind", "name", "build_id")}
+        self.store.adopt(ident, dict(manifest["meta"]), build, {**version, "base": str(base)})
+        log.info(
+            "template %r (%s) fetched from %s: %d layer(s), %.1f MB, in %.2f s",
+            name,
+            ident,
+            url,
+            len(layers),
+            moved / 1e6,
+            time.monotonic() - started,
+        )
+
+    def _local_base(self, rel: str) -> Path:
+        parts = Path(rel).parts
+        if not parts or Path(rel).is_absolute() or ".." in parts:
+            raise FetchFailed(f"its manifest names a root filesystem {rel[:200]!r} not allowed")
+        base = self.store.dir / rel
+        if rel == ".empty-root":
+            empty_root(self.store.layers)
+        if not base.is_dir():
+            raise FetchFailed(
+                f"it sits on the root filesystem {rel!r}, which this node lacks: run the setup on this node (it "
+                "builds the built-in templates' root filesystems)"
+            )
+        return base
+
+    def _fetch_layer(self, client: httpx.Client, key: str, entry: dict[str, Any], base: Path) -> int:
+        told = self.state.layer(key)
+        if told is None:
+            raise FetchFailed(f"layer {key}: the cluster's state has no digest for it")
+        digest, size = told
+        bound = 2 * size + STREAM_SLACK
+        work = self.store.layers.new_dir()
+        try:
+            (work / "diff").mkdir()
+            unpack = transfer.unpacker(work / "diff")
+            assert unpack.stdin is not None and unpack.stderr is not None
+            got = 0
+            try:
+                with client.stream("GET", f"{PREFIX}/layers/{key}") as r:
+                    if r.status_code != 200:
+                        raise FetchFailed(f"layer {key}: HTTP {r.status_code} {r.read()[:300]!r}")
+                    for chunk in r.iter_bytes(transfer.CHUNK):
+                        got += len(chunk)
+                        if got > bound:
+                            raise FetchFailed(f"layer {key}: over {bound} bytes (its size is {size}): refused")
+                        unpack.stdin.write(chunk)
+                unpack.stdin.close()
+                if unpack.wait(timeout=600) != 0:
+                    raise FetchFailed(f"layer {key}: unpacking failed: {unpack.stderr.read()[-300:]!r}")
+            finally:
+                if unpack.poll() is None:
+                    unpack.kill()
+                    unpack.wait()
+            if (found := transfer.tree_digest(work / "diff")) != digest:
+                raise FetchFailed(f"layer {key}: its content's digest {found} is not the one recorded ({digest})")
+            meta = {
+                "key": key,
+                "parent": entry.get("parent"),
+                "base": str(base),
+                "step": str(entry.get("step", ""))[:4096],
+                "size_bytes": size,
+                "created": float(entry.get("created") or 0.0),
+                "digest": digest,
+            }
+            self.store.layers.adopt(work, meta)
+            return got
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
