@@ -257,3 +257,34 @@ def test_a_lost_nodes_sandboxes_end_and_come_back_with_it(open_state: Callable[[
     assert [(r.sandbox_id, r.metadata) for r in a.all()] == [("x", {"k": "v"}), ("y", {})]
     assert a.ended("x") is None and a.ended("z") is not None  # (only the lost come back)
     assert a.revive("n1") == [] and b.revive("n2") == []
+
+
+def test_each_teams_live_sandboxes_are_counted_as_rows_come_and_go(open_state: Callable[[], State]) -> None:
+    a, b = open_state(), open_state()
+
+    def live() -> dict[str, int]:
+        counted = dict(b.query("SELECT team, live FROM team_live WHERE live <> 0"))
+        assert counted == dict(b.query("SELECT team, count(*) FROM sandboxes GROUP BY team"))  # (the truth)
+        return {team: int(n) for team, n in counted.items()}
+
+    def rec(sandbox_id: str, team: str) -> SandboxRecord:
+        r = record(sandbox_id, 1.0)
+        r.team = team
+        return r
+
+    a.node = "n1"
+    for i in range(3):
+        a.put(rec(f"t{i}", "acme"))
+    a.put(rec("u0", "beta"))
+    assert live() == {"acme": 3, "beta": 1}
+    a.put(rec("t0", "acme"))  # (written again: not a new one)
+    a.put(rec("t1", "beta"))  # (its team changed)
+    assert live() == {"acme": 2, "beta": 2}
+    a.delete("t2")
+    a.end("u0", 5.0, {"sandboxID": "u0"})
+    assert live() == {"acme": 1, "beta": 1}
+    assert a.admit_create("acme", 2, 0) is None and a.admit_create("acme", 1, 0) == ("sandboxes", 5.0)
+    b.lose("n1", 9.0, lambda r: {"sandboxID": r.sandbox_id, "endReason": {"kind": "lost"}})
+    assert live() == {} and a.admit_create("acme", 1, 0) is None
+    a.revive("n1")
+    assert live() == {"acme": 1, "beta": 1}

@@ -96,6 +96,38 @@ MIGRATIONS = (
             "created_at {real} NOT NULL)",
         ),
     ),
+    Migration(
+        7,
+        "each team's live sandboxes counted by the database as rows come and go (a create's admission reads one row)",
+        (
+            "CREATE TABLE team_live (team TEXT PRIMARY KEY, live BIGINT NOT NULL)",
+            "INSERT INTO team_live (team, live) SELECT team, count(*) FROM sandboxes GROUP BY team",
+            {
+                "sqlite": "CREATE TRIGGER team_live_add AFTER INSERT ON sandboxes BEGIN "
+                "INSERT INTO team_live (team, live) VALUES (NEW.team, 1) "
+                "ON CONFLICT (team) DO UPDATE SET live = live + 1; END",
+                "postgres": "CREATE FUNCTION team_live_count() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "IF TG_OP <> 'INSERT' THEN UPDATE team_live SET live = live - 1 WHERE team = OLD.team; END IF; "
+                "IF TG_OP <> 'DELETE' THEN INSERT INTO team_live (team, live) VALUES (NEW.team, 1) "
+                "ON CONFLICT (team) DO UPDATE SET live = team_live.live + 1; END IF; RETURN NULL; END $$",
+            },
+            {
+                "sqlite": "CREATE TRIGGER team_live_drop AFTER DELETE ON sandboxes BEGIN "
+                "UPDATE team_live SET live = live - 1 WHERE team = OLD.team; END",
+                "postgres": "CREATE TRIGGER team_live_rows AFTER INSERT OR DELETE ON sandboxes "
+                "FOR EACH ROW EXECUTE FUNCTION team_live_count()",
+            },
+            {
+                "sqlite": "CREATE TRIGGER team_live_move AFTER UPDATE OF team ON sandboxes "
+                "WHEN OLD.team <> NEW.team BEGIN "
+                "UPDATE team_live SET live = live - 1 WHERE team = OLD.team; "
+                "INSERT INTO team_live (team, live) VALUES (NEW.team, 1) "
+                "ON CONFLICT (team) DO UPDATE SET live = live + 1; END",
+                "postgres": "CREATE TRIGGER team_live_move AFTER UPDATE OF team ON sandboxes FOR EACH ROW "
+                "WHEN (OLD.team IS DISTINCT FROM NEW.team) EXECUTE FUNCTION team_live_count()",
+            },
+        ),
+    ),
 )
 LATEST = MIGRATIONS[-1].version
 TYPES = {"sqlite": {"real": "REAL"}, "postgres": {"real": "DOUBLE PRECISION"}}

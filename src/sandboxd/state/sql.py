@@ -269,7 +269,8 @@ class State(ABC):
             self._lock_team(tx, team)
             now = self._now_in(tx)
             if max_live > 0:
-                live = tx.query("SELECT count(*) FROM sandboxes WHERE team = ?", (team,))[0][0]
+                rows = tx.query("SELECT live FROM team_live WHERE team = ?", (team,))  # (kept by triggers)
+                live = rows[0][0] if rows else 0
                 if live >= max_live:
                     return "sandboxes", 5.0  # (until one of its sandboxes ends: no time can be told)
             if per_minute > 0:
