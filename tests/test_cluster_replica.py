@@ -2,7 +2,8 @@
 and 2 API replicas (`serve --role api`), driven by the official SDKs through the replicas only: creates spread over
 the nodes; commands, files, a PTY and run_code through either replica; the lists merged (each sandbox once); a
 replica SIGKILLed while the other serves on; a node SIGKILLed: its sandboxes reported lost through the replicas,
-creates go to the other node."""
+creates go to the other node, and back it has them again. Templates fetched by nodes from each other; signed file
+URLs and host routing (--domain) through a replica."""
 
 from __future__ import annotations
 
@@ -118,11 +119,19 @@ def test_a_cluster_of_two_nodes_behind_two_api_replicas(pg: PgServer, tmp_path: 
         late = Sandbox.create(template="base", timeout=60, **via2)
         assert _nodes_of(database)[late.sandbox_id] == node_b
         late.kill()
+
+        # the node comes back: its sandboxes are its again, answering through the replicas with their files
+        a = start_server(tmp_path / "a", *node, port=port_a)
+        servers.append(a)
+        back = Sandbox.connect(on_a, **via2)
+        assert back.files.read("/home/user/f.txt") == f"written through r1 to {on_a}"
+        assert back.commands.run("echo back-$((6*7))").stdout == "back-42\n"
+        assert _nodes_of(database)[on_a] == node_a and r2.api().get(f"/sandboxes/{on_a}").status_code == 200
     finally:
         for srv in reversed(servers):
             if srv.proc.poll() is None:
                 srv.stop()
-        if a.proc.poll() is not None:  # (node A died holding sandboxes: it comes back, takes them, destroys them)
+        if servers[-1] is not a and a.proc.poll() is not None:  # (died holding sandboxes: back, they are destroyed)
             start_server(tmp_path / "a", *node, port=port_a).stop()
 
 
@@ -220,6 +229,85 @@ def test_three_nodes_a_template_built_through_one_replica_runs_on_the_others(
             assert json.loads((layers / top / "layer.json").read_text())["digest"] == digest
             assert [p.name for p in layers.glob(".new-*")] == []
             assert (tmp_path / f"{n}-templates" / ".names" / "cluster-made").is_symlink()
+    finally:
+        for srv in reversed(servers):
+            srv.stop()
+
+
+def test_signed_file_urls_and_host_routing_through_a_replica(pg: PgServer, tmp_path: Path) -> None:
+    """Nodes that serve their replicas only (a cluster token) behind a replica with --domain: the SDK's signed
+    /files URLs (no sandbox ID in them) reach the sandbox on whichever node signed them; `{port}-{id}.D` over TLS
+    reaches a sandbox's port and envd, `api.D` the API."""
+    import subprocess
+
+    from conftest import SANDBOXD, free_port
+
+    database = pg.database()
+    token = ("--cluster-token", "token-of-this-cluster")
+    node = ("--role", "node", "--database", database, "--pool-size", "0", *token)
+    servers = [start_server(tmp_path / n, *node) for n in ("a", "b")]
+    domain, tls_port = "cluster.test", free_port()
+    try:
+        replica = start_server(
+            tmp_path / "r", "--role", "api", "--database", database, *token, "--domain", domain, "--tls-port",
+            str(tls_port),
+        )  # fmt: skip
+        servers.append(replica)
+        via = {"api_url": replica.url, "sandbox_url": replica.url, "api_key": replica.api_key}
+        made = [Sandbox.create(template="base", timeout=120, secure=True, **via) for _ in range(2)]
+        try:
+            assert len({_nodes_of(database)[s.sandbox_id] for s in made}) == 2  # (one on each node)
+            for i, s in enumerate(made):
+                s.files.write("/tmp/f", f"file of sandbox {i}")
+                down = s.download_url("/tmp/f", use_signature_expiration=120)
+                assert "signature=" in down and s.sandbox_id not in down
+                r = httpx.get(down, timeout=30)
+                assert (r.status_code, r.text) == (200, f"file of sandbox {i}"), r.text
+                up = s.upload_url("/tmp/up", use_signature_expiration=120)
+                r = httpx.post(up, files={"file": ("up", f"uploaded to {i}".encode())}, timeout=30)
+                assert r.status_code == 200, r.text
+                assert s.files.read("/tmp/up") == f"uploaded to {i}"
+            r = httpx.get(f"{replica.url}/files", params={"path": "/tmp/f", "signature": "v1_forged"}, timeout=30)
+            assert r.status_code == 401, r.text
+            r = httpx.get(f"{servers[0].url}/files", params={"path": "/tmp/f"}, timeout=30)
+            assert r.status_code == 403  # (a node serves its replicas only)
+
+            ca = subprocess.run(
+                [SANDBOXD, "ca", "export", "--data-dir", str(tmp_path / "r")],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            (tmp_path / "ca.pem").write_text(ca)
+
+            def curl(host: str, *extra: str) -> tuple[int, str]:
+                r = subprocess.run(
+                    ["curl", "-sS", "-m", "10", "--cacert", str(tmp_path / "ca.pem"), "--resolve",
+                     f"{host}:{tls_port}:127.0.0.1", "-w", "\n%{http_code}", *extra, f"https://{host}:{tls_port}/"],
+                    capture_output=True, text=True,
+                )  # fmt: skip
+                assert r.returncode == 0, r.stderr
+                body, _, code = r.stdout.rpartition("\n")
+                return int(code), body
+
+            for i, s in enumerate(made):
+                s.commands.run(f"mkdir -p /tmp/site && echo 'site {i}' > /tmp/site/index.html")
+                s.commands.run("python3 -m http.server 8002 --directory /tmp/site", background=True)
+                for _ in range(100):
+                    code, body = curl(f"8002-{s.sandbox_id}.{domain}")
+                    if code == 200:
+                        break
+                    time.sleep(0.05)
+                assert (code, body.strip()) == (200, f"site {i}"), (code, body)
+                code, body = curl(f"49983-{s.sandbox_id}.{domain}")  # (envd: its token wanted)
+                assert code == 401 and "X-Access-Token" in body, (code, body)
+            code, body = curl(f"api.{domain}", "-H", f"X-API-KEY: {replica.api_key}")
+            assert code == 404 and "no such endpoint" in body, (code, body)  # (the API: a node's answer)
+            code, body = curl(f"8002-nosuchsandbox.{domain}")
+            assert code == 502 and "not found" in body, (code, body)
+        finally:
+            for s in made:
+                s.kill()
     finally:
         for srv in reversed(servers):
             srv.stop()

@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 from sandboxd.api.app import build_control_plane
 from sandboxd.cluster.layers import LayerShare
 from sandboxd.cluster.membership import Membership
+from sandboxd.cluster.signatures import signature_routes
 from sandboxd.core import workload_identity
 from sandboxd.core.builds import TemplateBuilds
 from sandboxd.core.limits import RequestLimits
@@ -184,7 +185,11 @@ class App:
             config.limits,
             self.builds,
             self.exporter,
-            [*dashboard_routes(f"http://{own}:{config.port}"), *(self.layers.routes() if self.layers else [])],
+            [
+                *dashboard_routes(f"http://{own}:{config.port}"),
+                *(self.layers.routes() if self.layers else []),
+                *(signature_routes(self.manager) if self.layers else []),
+            ],
             TeamQuotas(self.db, config.team_max_sandboxes, config.team_creates_per_minute),
             enforce_quotas=config.role == "all",  # (a cluster's nodes: its API replicas enforce them)
         )

@@ -434,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
                 max(0, args.team_max_sandboxes),
                 max(0, args.team_creates_per_minute),
                 args.cluster_token or None,
+                args.domain.lower().strip(".") if args.domain else None,
+                args.tls_port,
+                args.data_dir,
             )
             return 0
         from sandboxd.core.limits import HostLimits

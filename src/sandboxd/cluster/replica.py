@@ -7,7 +7,11 @@ E2B_API_URL and E2B_SANDBOX_URL point at a replica) never see the nodes:
   ended records are the cluster's);
 - a create goes to the node placement picks (cluster/placement.py), the next one if that node fails to answer;
 - the lists are every node's, merged (each sandbox once), sorted and paged here;
-- anything else (templates, volumes, snapshots, pools, keys, secrets, metrics) goes to one node.
+- anything else (templates, volumes, snapshots, pools, keys, secrets, metrics) goes to one node;
+- with `--domain D`, a request for the host `{port}-{id}.D` (how the SDKs reach a sandbox with E2B_DOMAIN, over TLS
+  on `--tls-port`) is the sandbox's too, sent on with E2b-Sandbox-Id and E2b-Sandbox-Port (the nodes need no
+  domain of their own); a signed `/files` URL (no sandbox ID in it) goes to the node whose sandbox signed it
+  (cluster/signatures.py).
 
 The client's own credentials go along: each node checks the API key against the cluster's teams (the state is
 shared), so a replica cannot widen what a key may do.
@@ -25,20 +29,24 @@ import re
 import socket
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import httpx
+import uvicorn
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from sandboxd import httpfwd
 from sandboxd.cluster import CLUSTER_HEADER
 from sandboxd.cluster.placement import Policy, order
+from sandboxd.cluster.signatures import PATH as SIGNED_PATH
 from sandboxd.core import endings
 from sandboxd.core.quotas import TeamLimitReached, TeamQuotas
 from sandboxd.core.teams import Teams
+from sandboxd.routing.router import host_route
 from sandboxd.routing.websocket import HANDSHAKE, relay
 from sandboxd.state.sql import Node, State
 
@@ -55,6 +63,8 @@ TERMINAL_PREFIX = "/dashboard/terminal/"
 RESPONSE_DROP = httpfwd.HOP_BY_HOP | {b"date", b"server"}  # (this server says its own)
 MAX_IDLE_PER_NODE = 64
 CONNECT_TIMEOUT = 5.0
+MAX_SIGNED = 10_000  # signed URLs' sandboxes remembered
+MAX_SIGNED_QUERY = 8192
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -70,13 +80,21 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 class Replica:
     def __init__(
-        self, state: State, policy: Policy = "spread", quotas: TeamQuotas | None = None, token: str | None = None
+        self,
+        state: State,
+        policy: Policy = "spread",
+        quotas: TeamQuotas | None = None,
+        token: str | None = None,
+        domain: str | None = None,
     ) -> None:
         self.state = state
+        self._host_route = host_route(domain) if domain else None
+        self._signed: dict[str, str] = {}  # a signed URL's signature -> the sandbox that signed it
         # what every request to a node carries besides the client's own headers: the cluster's token
         self._ours = [(CLUSTER_HEADER, token.encode())] if token else []
         self.policy: Policy = policy
-        self.teams = Teams(state, state.api_key()[0])
+        self._operator = state.api_key()[0]  # (what a replica asks its nodes with: cluster/signatures.py)
+        self.teams = Teams(state, self._operator)
         self.quotas = quotas or TeamQuotas(state)
         self._nodes: list[Node] = []
         self._nodes_at = 0.0
@@ -95,12 +113,19 @@ class Replica:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
+        scope = self._by_host(scope)
         if scope["type"] == "websocket":
             await self._websocket(scope, receive, send)
             return
         path = scope["path"]
         try:
             sandbox_id = _header(scope, b"e2b-sandbox-id")
+            if sandbox_id is None and path == "/files":
+                sandbox_id = await self._signer(scope)
+                if sandbox_id is None:
+                    message = "a /files request needs the E2b-Sandbox-Id header or a valid signature"
+                    await _error(401, message)(scope, receive, send)
+                    return
             if sandbox_id is not None:
                 await self._to_sandbox(scope, receive, send, sandbox_id, data_plane=True)
             elif path == "/health":
@@ -161,6 +186,45 @@ class Replica:
         return url
 
     # -- requests -------------------------------------------------------------------------------------
+    def _by_host(self, scope: Scope) -> Scope:
+        """`{port}-{id}.D` (with --domain D) as the headers the nodes route by; a request that names its sandbox in
+        a header keeps it."""
+        if self._host_route is None or _header(scope, b"e2b-sandbox-id") is not None:
+            return scope
+        m = self._host_route.fullmatch((_header(scope, b"host") or "").lower())
+        if m is None:
+            return scope
+        named = [(b"e2b-sandbox-id", m.group(2).encode()), (b"e2b-sandbox-port", m.group(1).encode())]
+        theirs = [(k, v) for k, v in scope["headers"] if k != b"e2b-sandbox-port"]
+        return {**scope, "headers": [*theirs, *named]}
+
+    async def _signer(self, scope: Scope) -> str | None:
+        """The sandbox whose envd token signed this /files URL: asked of every node (once per signature)."""
+        query = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
+        signature = query.get("signature", "")
+        if not signature or len(scope["query_string"]) > MAX_SIGNED_QUERY:
+            return None
+        known = self._signed.get(signature)
+        if known is not None:
+            return known
+        params = {**query, "method": scope["method"]}
+        headers = [("X-API-KEY", self._operator), *((k.decode(), v.decode()) for k, v in self._ours)]
+
+        async def ask(node: Node) -> str | None:
+            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
+                r = await self.client.get(node.url + SIGNED_PATH, params=params, headers=headers)
+                if r.status_code == 200:
+                    return str(r.json()["sandboxID"])
+            return None
+
+        found = [sid for sid in await asyncio.gather(*(ask(n) for n in await self._alive())) if sid]
+        if not found:
+            return None
+        if len(self._signed) >= MAX_SIGNED:
+            self._signed.pop(next(iter(self._signed)))
+        self._signed[signature] = found[0]
+        return found[0]
+
     async def _to_sandbox(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str, data_plane: bool) -> None:
         url = await self._node_of(sandbox_id)
         if url is None:
@@ -411,39 +475,72 @@ def serve(
     team_max_sandboxes: int = 0,
     team_creates_per_minute: int = 0,
     cluster_token: str | None = None,
+    domain: str | None = None,
+    tls_port: int = 443,
+    data_dir: Path | None = None,
 ) -> None:
-    """Run an API replica on host:port until SIGTERM/SIGINT."""
+    """Run an API replica on host:port (and, with `domain`, over TLS on tls_port: a certificate for the domain and its
+    subdomains from the local CA in `data_dir`, routing/tls.py) until SIGTERM/SIGINT."""
     import sys
-
-    import uvicorn
 
     from sandboxd.state.postgres import PostgresState
 
     state = PostgresState(database)
     key, _ = state.api_key()
-    replica = Replica(state, policy, TeamQuotas(state, team_max_sandboxes, team_creates_per_minute), cluster_token)
+    quotas = TeamQuotas(state, team_max_sandboxes, team_creates_per_minute)
+    replica = Replica(state, policy, quotas, cluster_token, domain)
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
     url = f"http://{shown}:{port}"
     alive = [n.node_id for n in state.nodes() if n.alive]
-    print(
-        "\n".join(
-            [
-                f"sandboxd API replica listening on {url} (nodes alive: {', '.join(alive) or 'none yet'})",
-                f"API key: {key}",
-                f"export E2B_API_URL={url} E2B_SANDBOX_URL={url} E2B_API_KEY={key}",
-            ]
-        ),
-        file=sys.stderr,
-        flush=True,
-    )
-    config = uvicorn.Config(
-        replica,
-        host=host,
-        port=port,
-        lifespan="on",
-        log_level="warning",
-        access_log=False,
-        timeout_keep_alive=650,
-        timeout_graceful_shutdown=5,
-    )
-    uvicorn.Server(config).run()
+    lines = [
+        f"sandboxd API replica listening on {url} (nodes alive: {', '.join(alive) or 'none yet'})",
+        f"API key: {key}",
+        f"export E2B_API_URL={url} E2B_SANDBOX_URL={url} E2B_API_KEY={key}",
+    ]
+    common: dict[str, Any] = {"log_level": "warning", "access_log": False, "timeout_keep_alive": 650}
+    listeners = [uvicorn.Config(replica, host=host, port=port, lifespan="on", timeout_graceful_shutdown=5, **common)]
+    if domain:
+        from sandboxd.routing.tls import LocalCA
+
+        chain, tls_key = LocalCA(data_dir or Path(".")).server_cert(domain)
+        listeners.append(
+            uvicorn.Config(
+                replica,
+                host=host,
+                port=tls_port,
+                lifespan="off",
+                ssl_certfile=str(chain),
+                ssl_keyfile=str(tls_key),
+                **common,
+            )
+        )
+        lines.append(
+            f"and on https://api.{domain}:{tls_port} (E2B_DOMAIN={domain}; sandboxes at {{port}}-{{id}}.{domain})"
+        )
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    main = _Main(listeners[0])
+    main.others = [_Listener(c) for c in listeners[1:]]
+
+    async def run_all() -> None:
+        await asyncio.gather(main.serve(), *(other.serve() for other in main.others))
+
+    asyncio.run(run_all())
+
+
+class _Main(uvicorn.Server):
+    """The first listener: it owns the signals and the lifespan, and stops the others with it."""
+
+    others: list[uvicorn.Server] = []
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        for other in self.others:
+            other.should_exit = True
+        super().handle_exit(sig, frame)
+
+
+class _Listener(uvicorn.Server):
+    """Another listener in the same loop (the TLS one of --domain)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield

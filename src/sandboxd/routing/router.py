@@ -62,6 +62,11 @@ async def _unauthorized(scope: Scope, receive: Receive, send: Send) -> None:
     )
 
 
+def host_route(domain: str) -> re.Pattern[str]:
+    """`{port}-{sandbox ID}.{domain}`, with or without a port: a request for a sandbox's port by its host name."""
+    return re.compile(rf"(\d{{1,5}})-([a-z0-9]{{1,64}})\.{re.escape(domain.lower())}(?::\d+)?")
+
+
 class Router:
     def __init__(
         self,
@@ -76,9 +81,7 @@ class Router:
         # a cluster's node with a token: only requests the cluster's API replicas pass on (they carry it)
         self.cluster_token = cluster_token.encode() if cluster_token else None
         # {port}-{sandbox id}.DOMAIN (an optional :port after it)
-        self._host_route = (
-            re.compile(rf"(\d{{1,5}})-([a-z0-9]{{1,64}})\.{re.escape(domain.lower())}(?::\d+)?") if domain else None
-        )
+        self._host_route = host_route(domain) if domain else None
         self.control_plane = control_plane
         self.ports = ports
         self.proxy = proxy  # every other port: the sandbox's own services
