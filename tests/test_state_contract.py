@@ -195,6 +195,22 @@ def test_node_leases_end_by_the_databases_clock(open_state: Callable[[], State])
     assert b.forget_node("n1") and not b.forget_node("n1") and [n.node_id for n in a.nodes()] == ["n2"]
 
 
+def test_a_beat_renews_and_learns_in_one_go(open_state: Callable[[], State]) -> None:
+    a, b = open_state(), open_state()
+    first = a.beat("n1", "http://n1.invalid:3000", {}, lease_seconds=30)
+    assert first.lost == [] and not first.declared_lost and first.lease_until == pytest.approx(first.now + 30)
+    b.heartbeat("n2", "http://n2.invalid:3000", {}, lease_seconds=0.2)
+    b.put(record("on-n2", 1.0), node="n2")
+    a.put(record("on-n1", 1.0), node="n1")
+    time.sleep(0.4)
+    seen = a.beat("n1", "http://n1.invalid:3000", {}, lease_seconds=30)
+    assert [n.node_id for n in seen.lost] == ["n2"] and not seen.declared_lost
+    b.lose("n1", 5.0, lambda r: {"sandboxID": r.sandbox_id, "endReason": {"kind": "lost"}})  # (n1 stalled, say)
+    assert a.beat("n1", "http://n1.invalid:3000", {}, lease_seconds=30).declared_lost
+    a.revive("n1")
+    assert not a.beat("n1", "http://n1.invalid:3000", {}, lease_seconds=30).declared_lost
+
+
 def test_migrations_run_once_and_refuse_a_newer_schema(open_state: Callable[[], State]) -> None:
     a = open_state()
     assert a.query("SELECT max(version) FROM schema_version")[0][0] == LATEST

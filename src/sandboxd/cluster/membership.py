@@ -105,11 +105,9 @@ class Membership:
 
     def step(self) -> None:
         """One beat: the lease renewed, lost nodes declared, this node's own lost sandboxes taken back."""
-        self.state.heartbeat(self.node, self.url, self.capacity(), self.lease)
-        now = self.state.now()
-        for node in self.state.lost_nodes():  # (only those with sandboxes left: a beat reads no other lease)
-            if node.node_id == self.node:
-                continue
+        beat = self.state.beat(self.node, self.url, self.capacity(), self.lease)  # (one transaction)
+        now = beat.now
+        for node in beat.lost:  # (only those with sandboxes left: a beat reads no other lease)
             silent = now - node.lease_until + self.lease
 
             def body(rec: SandboxRecord, node_id: str = node.node_id, silent: float = silent) -> dict[str, Any]:
@@ -120,8 +118,7 @@ class Membership:
                 log.warning(
                     "node %s is lost (no heartbeat for %.0f s): %d sandbox(es) lost", node.node_id, silent, len(gone)
                 )
-        mine = {r.sandbox_id for r in self.state.all()}
-        if any(sandbox_id not in mine for sandbox_id in list(self.manager.sandboxes)):  # (declared lost while it ran)
+        if beat.declared_lost:  # (while it ran: a stall longer than its lease)
             for rec in self.state.revive(self.node):
                 sandbox = self.manager.sandboxes.get(rec.sandbox_id)
                 if sandbox is not None:

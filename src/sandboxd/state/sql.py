@@ -36,6 +36,16 @@ class Node:
     alive: bool  # its lease runs (by the database's clock)
 
 
+@dataclass(frozen=True)
+class Beat:
+    """What a node's beat learns (State.beat)."""
+
+    now: float  # the database's clock
+    lease_until: float
+    lost: list[Node]  # other nodes whose lease ran out, with sandboxes left
+    declared_lost: bool  # this node's sandboxes were declared lost (it stalled): revive them
+
+
 class Tx(ABC):
     """Statements run in one transaction (State.transaction())."""
 
@@ -306,15 +316,32 @@ class State(ABC):
         """The node is alive for `lease_seconds` more (by the database's clock): its lease renewed, its address
         and capacity updated (registered on its first beat). Returns when the lease ends."""
         with self.transaction() as tx:
-            now = self._now_in(tx)
-            until = now + lease_seconds
-            tx.execute(
-                "INSERT INTO nodes (id, url, capacity, started_at, lease_until) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (id) DO UPDATE SET url = excluded.url, capacity = excluded.capacity, "
-                "lease_until = excluded.lease_until",
-                (node_id, url, json.dumps(capacity), now, until),
+            return self._renew(tx, node_id, url, capacity, lease_seconds)[1]
+
+    def beat(self, node_id: str, url: str, capacity: dict[str, Any], lease_seconds: float) -> Beat:
+        """A node's beat in one transaction (cluster/membership.py): its lease renewed, the other nodes whose lease
+        ran out with sandboxes left, and whether this node's own sandboxes were declared lost (it stalled past its
+        lease)."""
+        with self.transaction() as tx:
+            now, until = self._renew(tx, node_id, url, capacity, lease_seconds)
+            lost = self._lost_in(tx, now)
+            mine = tx.query(
+                "SELECT 1 FROM ended WHERE node = ? AND reason = ? AND record IS NOT NULL LIMIT 1", (node_id, LOST)
             )
-        return until
+        return Beat(now, until, [n for n in lost if n.node_id != node_id], bool(mine))
+
+    def _renew(
+        self, tx: Tx, node_id: str, url: str, capacity: dict[str, Any], lease_seconds: float
+    ) -> tuple[float, float]:
+        now = self._now_in(tx)
+        until = now + lease_seconds
+        tx.execute(
+            "INSERT INTO nodes (id, url, capacity, started_at, lease_until) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET url = excluded.url, capacity = excluded.capacity, "
+            "lease_until = excluded.lease_until",
+            (node_id, url, json.dumps(capacity), now, until),
+        )
+        return now, until
 
     def nodes(self) -> list[Node]:
         """Every node registered, alive or not (by the database's clock), by ID."""
@@ -327,12 +354,15 @@ class State(ABC):
         """The nodes whose lease ran out (by the database's clock) and that still have live sandboxes: what a beat
         looks for, without reading every lease."""
         with self.transaction() as tx:
-            now = self._now_in(tx)
-            rows = tx.query(
-                "SELECT n.id, n.url, n.capacity, n.started_at, n.lease_until FROM nodes n WHERE n.lease_until <= ? "
-                "AND EXISTS (SELECT 1 FROM sandboxes s WHERE s.node = n.id) ORDER BY n.id",
-                (now,),
-            )
+            return self._lost_in(tx, self._now_in(tx))
+
+    @staticmethod
+    def _lost_in(tx: Tx, now: float) -> list[Node]:
+        rows = tx.query(
+            "SELECT n.id, n.url, n.capacity, n.started_at, n.lease_until FROM nodes n WHERE n.lease_until <= ? "
+            "AND EXISTS (SELECT 1 FROM sandboxes s WHERE s.node = n.id) ORDER BY n.id",
+            (now,),
+        )
         return [Node(r[0], r[1], json.loads(r[2]), r[3], r[4], False) for r in rows]
 
     def release(self, node_id: str) -> None:
