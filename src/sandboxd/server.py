@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import fcntl
 import logging
@@ -11,7 +10,6 @@ import os
 import resource
 import socket
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from sandboxd.api.app import build_control_plane
 from sandboxd.cluster.layers import LayerShare
 from sandboxd.cluster.membership import Membership
 from sandboxd.cluster.signatures import signature_routes
+from sandboxd.cluster.tls import ClusterTLS
 from sandboxd.core import workload_identity
 from sandboxd.core.builds import TemplateBuilds
 from sandboxd.core.limits import RequestLimits
@@ -33,6 +32,7 @@ from sandboxd.envd import uploads
 from sandboxd.envd.app import SandboxGone, build_envd_app
 from sandboxd.envd.checkpointing import EnvdAtCheckpoint
 from sandboxd.envd.process_service import end_streams_for_shutdown
+from sandboxd.listeners import Listener
 from sandboxd.network.dns import Resolver, host_resolvers
 from sandboxd.network.egress import EgressProxy
 from sandboxd.routing.http_protocol import BoundedHttpToolsProtocol
@@ -66,6 +66,8 @@ class ServerConfig:
     advertise_url: str | None = None  # where other nodes reach this one (default: its own address and port)
     role: str = "all"  # "node": a cluster's node (teams' limits are its API replicas' to enforce)
     cluster_token: str | None = None  # a node: only requests carrying it (its API replicas') are served
+    cluster_tls: ClusterTLS | None = None  # a node: mutual TLS on cluster_port for its replicas and the other nodes
+    cluster_port: int | None = None
     team_max_sandboxes: int = 0  # teams' limits unless their own (core/quotas.py); 0: none
     team_creates_per_minute: int = 0
     # On shutdown, leave sandboxes running for the next start to re-adopt (an upgrade or restart must
@@ -170,12 +172,14 @@ class App:
         own = {"::": "[::1]", "0.0.0.0": "127.0.0.1", "localhost": "127.0.0.1"}.get(config.host, config.host)
         # a server whose state is shared (PostgreSQL) is a node of a cluster: leases, lost nodes, their return
         self.membership = (
-            Membership(self.manager, self.db, config.advertise_url or f"http://{own}:{config.port}")
+            Membership(self.manager, self.db, config.advertise_url or self._own_url(own, config))
             if config.database
             else None
         )
         self.layers = (
-            LayerShare(self.manager.templates, self.db, self.api_key, config.cluster_token) if self.membership else None
+            LayerShare(self.manager.templates, self.db, self.api_key, config.cluster_token, config.cluster_tls)
+            if self.membership
+            else None
         )
         if self.layers is not None:
             self.manager.fetch_template = self.layers.ensure
@@ -204,6 +208,13 @@ class App:
         # More listeners of the same app (the TLS one of --domain), served in the lifespan's loop.
         self.extra_servers: list[tuple[Any, socket.socket]] = []
         self._extra_tasks: list[asyncio.Task[None]] = []
+
+    @staticmethod
+    def _own_url(own: str, config: ServerConfig) -> str:
+        """Where the cluster reaches this node: its cluster listener with mutual TLS, else its port."""
+        if config.cluster_tls is not None and config.cluster_port is not None:
+            return f"https://{own}:{config.cluster_port}"
+        return f"http://{own}:{config.port}"
 
     def drain(self) -> None:
         """SIGTERM/SIGINT: refuse new requests (503) and stop refilling pools; open streams then end
@@ -353,6 +364,11 @@ def serve(config: ServerConfig) -> None:
     lock_fd = lock_data_dir(config.data_dir)
     sock = bind_listener(config.host, config.port)
     tls_sock = bind_listener(config.host, config.tls_port, "--tls-port") if config.domain else None
+    cluster_sock = (
+        bind_listener(config.host, config.cluster_port, "--cluster-port")
+        if config.cluster_tls is not None and config.cluster_port is not None
+        else None
+    )
     try:
         app = App(config)
     except (RuntimeError_, IdentityError, CgroupError, HelperBuildError, TemplateError) as e:
@@ -391,13 +407,6 @@ def serve(config: ServerConfig) -> None:
 
         chain, key = LocalCA(config.data_dir).server_cert(config.domain)
 
-        class _Listener(uvicorn.Server):
-            """Another listener in the same loop: the main server owns signals and the lifespan."""
-
-            @contextlib.contextmanager
-            def capture_signals(self) -> Iterator[None]:
-                yield
-
         tls_config = uvicorn.Config(
             app,
             lifespan="off",
@@ -409,7 +418,19 @@ def serve(config: ServerConfig) -> None:
             ssl_certfile=str(chain),
             ssl_keyfile=str(key),
         )
-        app.extra_servers.append((_Listener(tls_config), tls_sock))
+        app.extra_servers.append((Listener(tls_config), tls_sock))
+    if config.cluster_tls is not None and cluster_sock is not None:
+        cluster_config = uvicorn.Config(
+            app,
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            http=protocol,
+            timeout_keep_alive=650,
+            timeout_graceful_shutdown=5,
+            **config.cluster_tls.uvicorn_options(),
+        )
+        app.extra_servers.append((Listener(cluster_config), cluster_sock))
     try:
         _Server(uconfig).run(sockets=[sock])
     finally:

@@ -7,8 +7,10 @@ body, page sizes, a list cursor, metrics IDs, sandbox IDs), and nothing it sends
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -158,6 +160,119 @@ def test_a_layer_whose_content_is_not_the_recorded_one_is_refused(
         assert sandbox.files.read("/tmp/made") == "sound\n"
         assert sandbox.files.exists("/tmp/evil") is False
         sandbox.kill()
+    finally:
+        for srv in reversed(servers):
+            srv.stop()
+
+
+def _pems(ca: Any, where: Path, name: str) -> tuple[str, ...]:
+    """The three --cluster-* flags of a process with a certificate of `ca` for 127.0.0.1."""
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    ca.cert_pem.write_to_path(str(where / f"{name}-ca.pem"))
+    for i, pem in enumerate(leaf.cert_chain_pems):
+        pem.write_to_path(str(where / f"{name}.pem"), append=i > 0)
+    leaf.private_key_pem.write_to_path(str(where / f"{name}.key"))
+    return (
+        "--cluster-ca", str(where / f"{name}-ca.pem"),
+        "--cluster-cert", str(where / f"{name}.pem"),
+        "--cluster-key", str(where / f"{name}.key"),
+    )  # fmt: skip
+
+
+def test_mutual_tls_between_replicas_and_nodes(pg: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --cluster-ca/-cert/-key, nodes serve the cluster on --cluster-port over TLS to clients whose certificate
+    the cluster's CA signed: the official SDK works through a replica (commands, files, the dashboard's terminal over
+    wss), a node fetches a template from another over it, and a client without a certificate, with one of another
+    CA, or a replica that trusts another CA gets nothing from a node."""
+    import trustme
+    from e2b import Template
+    from websockets.sync.client import connect
+
+    from sandboxd.templates.store import TemplateStore
+
+    from conftest import BUILTIN_TEMPLATES, TEMPLATES_DIR, free_port
+
+    database = pg.database()
+    ca, other_ca = trustme.CA(), trustme.CA()
+    ports = [free_port(), free_port()]
+    servers = []
+    try:
+        for name, port in zip(("a", "b"), ports, strict=True):
+            flags = ("--cluster-port", str(port), *_pems(ca, tmp_path, name))
+            mine = tmp_path / f"{name}-templates"  # (each node its own: what a build makes is the test's)
+            TemplateStore(TEMPLATES_DIR).link_into(mine, BUILTIN_TEMPLATES)
+            node = ("--role", "node", "--database", database, "--pool-size", "0", *flags)
+            servers.append(start_server(tmp_path / name, *node, templates_dir=mine))
+        replica = start_server(tmp_path / "r", "--role", "api", "--database", database, *_pems(ca, tmp_path, "r"))
+        servers.append(replica)
+        with psycopg.connect(database) as db:
+            urls = sorted(u for (u,) in db.execute("SELECT url FROM nodes"))
+        assert urls == sorted(f"https://127.0.0.1:{p}" for p in ports)
+
+        via = {"api_url": replica.url, "sandbox_url": replica.url, "api_key": replica.api_key}
+        made = [Sandbox.create(template="base", timeout=120, **via) for _ in range(2)]
+        try:
+            for i, s in enumerate(made):
+                assert s.commands.run(f"echo tls-{i}").stdout == f"tls-{i}\n"
+                s.files.write("/tmp/t", f"over mutual TLS {i}")
+                assert Sandbox.connect(s.sandbox_id, **via).files.read("/tmp/t") == f"over mutual TLS {i}"
+            ws_url = replica.url.replace("http://", "ws://") + f"/dashboard/terminal/{made[0].sandbox_id}"
+            with connect(ws_url, open_timeout=20) as ws:
+                ws.send(json.dumps({"apiKey": replica.api_key, "cols": 80, "rows": 24}))
+                assert ws.recv(timeout=30) == "ready"
+                ws.send(b"echo wss-$((6*7))\n")
+                seen = b""
+                while b"wss-42" not in seen:
+                    chunk = ws.recv(timeout=30)
+                    seen += chunk if isinstance(chunk, bytes) else chunk.encode()
+        finally:
+            for s in made:
+                s.kill()
+
+        # node to node: a template built on one, created on the other (asked on its own local port), fetched over TLS
+        for k, v in {
+            "E2B_API_URL": replica.url,
+            "E2B_SANDBOX_URL": replica.url,
+            "E2B_API_KEY": replica.api_key,
+        }.items():
+            monkeypatch.setenv(k, v)
+        Template.build(Template().from_template("base").run_cmd("echo tls-made > /tmp/made"), "over-tls")
+        holder = next(s for s in servers[:2] if (tmp_path / f"{s.data_dir.name}-templates/.names/over-tls").exists())
+        other = servers[1] if holder is servers[0] else servers[0]
+        deadline = time.monotonic() + 15
+        while True:
+            with psycopg.connect(database) as db:
+                told = [json.loads(c).get("templates", []) for (c,) in db.execute("SELECT capacity FROM nodes")]
+            if any("over-tls" in t for t in told):
+                break
+            assert time.monotonic() < deadline, told
+            time.sleep(0.25)
+        r = other.api().post("/sandboxes", json={"templateID": "over-tls", "timeout": 60})
+        assert r.status_code == 201, r.text
+        fetched = Sandbox.connect(r.json()["sandboxID"], **via)
+        assert fetched.files.read("/tmp/made") == "tls-made\n"
+        fetched.kill()
+
+        # what a node's cluster port refuses
+        node_url = f"https://127.0.0.1:{ports[0]}/health"
+        with pytest.raises(httpx.TransportError):  # (no client certificate)
+            httpx.get(node_url, verify=str(tmp_path / "r-ca.pem"), timeout=10)
+        stranger = _pems(other_ca, tmp_path, "stranger")
+        with pytest.raises(httpx.TransportError):  # (a certificate of another CA)
+            ctx = ssl.create_default_context(cafile=str(tmp_path / "r-ca.pem"))
+            ctx.load_cert_chain(stranger[3], stranger[5])
+            httpx.get(node_url, verify=ctx, timeout=10)
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "r-ca.pem"))
+        ctx.load_cert_chain(str(tmp_path / "r.pem"), str(tmp_path / "r.key"))
+        assert httpx.get(node_url, verify=ctx, timeout=10).status_code == 204  # (the cluster's: served)
+        for rogue_flags in ((), stranger):  # a replica without certificates, and one of another CA
+            rogue = start_server(tmp_path / f"rogue{len(rogue_flags)}", "--role", "api", "--database", database,
+                                 *rogue_flags)  # fmt: skip
+            try:
+                r = rogue.api().post("/sandboxes", json={"templateID": "base", "timeout": 30})
+                assert r.status_code == 503 and "no node could take" in r.json()["message"], r.text
+            finally:
+                rogue.stop()
     finally:
         for srv in reversed(servers):
             srv.stop()

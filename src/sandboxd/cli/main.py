@@ -344,6 +344,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="a cluster's shared secret (default $SANDBOXD_CLUSTER_TOKEN): API replicas send it, nodes serve only "
         "requests that carry it",
     )
+    for flag, what in (
+        ("ca", "the cluster's CA certificate (PEM): the certificates of nodes and replicas it signed are trusted"),
+        ("cert", "this process's certificate (PEM), signed by the cluster's CA, for TLS server and client use"),
+        ("key", "its private key (PEM)"),
+    ):
+        p_serve.add_argument(
+            f"--cluster-{flag}",
+            default=os.environ.get(f"SANDBOXD_CLUSTER_{flag.upper()}"),
+            help=f"mutual TLS in a cluster (optional; all three or none): {what} "
+            f"(default $SANDBOXD_CLUSTER_{flag.upper()})",
+        )
+    p_serve.add_argument(
+        "--cluster-port",
+        type=int,
+        default=None,
+        help="a node with --cluster-ca/-cert/-key: the port its replicas and the other nodes reach it at, over TLS "
+        "with a client certificate the CA signed (its advertised URL: https://HOST:PORT)",
+    )
     p_serve.add_argument(
         "--advertise-url",
         default=None,
@@ -423,6 +441,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         if args.role != "all" and not args.database:
             parser.error(f"--role {args.role} needs the cluster's state: --database postgresql://...")
+        from sandboxd.cluster.tls import ClusterTLS, ClusterTLSError
+
+        try:
+            cluster_tls = ClusterTLS.from_args(args.cluster_ca, args.cluster_cert, args.cluster_key)
+        except ClusterTLSError as e:
+            parser.error(str(e))
+        if cluster_tls is not None and args.role != "api" and args.cluster_port is None:
+            parser.error(
+                "a node with mutual TLS (--cluster-ca/-cert/-key) needs --cluster-port: where the cluster "
+                "reaches it over TLS"
+            )
+        if args.cluster_port is not None and cluster_tls is None:
+            parser.error("--cluster-port is the port of a node's mutual TLS: give --cluster-ca/-cert/-key too")
         if args.role == "api":
             from sandboxd.cluster.replica import serve as serve_replica
 
@@ -437,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.domain.lower().strip(".") if args.domain else None,
                 args.tls_port,
                 args.data_dir,
+                cluster_tls,
             )
             return 0
         from sandboxd.core.limits import HostLimits
@@ -507,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
                 advertise_url=args.advertise_url,
                 role=args.role,
                 cluster_token=args.cluster_token or None,
+                cluster_tls=cluster_tls,
+                cluster_port=args.cluster_port,
                 team_max_sandboxes=max(0, args.team_max_sandboxes),
                 team_creates_per_minute=max(0, args.team_creates_per_minute),
                 keep_sandboxes=not args.destroy_on_exit,

@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from sandboxd.cluster import CLUSTER_HEADER
+from sandboxd.cluster.tls import ClusterTLS
 from sandboxd.core.errors import BadRequest, NotFound, SandboxdError
 from sandboxd.state.sql import State
 from sandboxd.templates import transfer
@@ -58,8 +60,11 @@ class FetchFailed(SandboxdError):
 
 
 class LayerShare:
-    def __init__(self, store: TemplateStore, state: State, api_key: str, token: str | None) -> None:
+    def __init__(
+        self, store: TemplateStore, state: State, api_key: str, token: str | None, tls: ClusterTLS | None = None
+    ) -> None:
         self.store, self.state = store, state
+        self._verify: ssl.SSLContext | bool = tls.client_context() if tls else True  # (other nodes: mutual TLS)
         self._headers = {"X-API-KEY": api_key, **({CLUSTER_HEADER.decode(): token} if token else {})}
         self._fetching = asyncio.Lock()  # (one fetch at a time: creates of a template being fetched wait for it)
 
@@ -169,7 +174,7 @@ class LayerShare:
 
     def _fetch(self, url: str, name: str) -> None:
         started = time.monotonic()
-        with httpx.Client(base_url=url, headers=self._headers, timeout=TIMEOUT) as client:
+        with httpx.Client(base_url=url, headers=self._headers, timeout=TIMEOUT, verify=self._verify) as client:
             r = client.get(f"{PREFIX}/templates/{quote(name, safe='')}")
             if r.status_code != 200 or len(r.content) > MAX_MANIFEST:
                 raise FetchFailed(f"its manifest: HTTP {r.status_code} {r.text[:300]}")

@@ -29,7 +29,7 @@ import re
 import socket
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -43,9 +43,11 @@ from sandboxd import httpfwd
 from sandboxd.cluster import CLUSTER_HEADER
 from sandboxd.cluster.placement import Policy, order
 from sandboxd.cluster.signatures import PATH as SIGNED_PATH
+from sandboxd.cluster.tls import ClusterTLS
 from sandboxd.core import endings
 from sandboxd.core.quotas import TeamLimitReached, TeamQuotas
 from sandboxd.core.teams import Teams
+from sandboxd.listeners import Listener, MainListener
 from sandboxd.routing.router import host_route
 from sandboxd.routing.websocket import HANDSHAKE, relay
 from sandboxd.state.sql import Node, State
@@ -86,8 +88,10 @@ class Replica:
         quotas: TeamQuotas | None = None,
         token: str | None = None,
         domain: str | None = None,
+        tls: ClusterTLS | None = None,
     ) -> None:
         self.state = state
+        self._ssl = tls.client_context() if tls else None  # (nodes whose URL is https: their certificate checked)
         self._host_route = host_route(domain) if domain else None
         self._signed: dict[str, str] = {}  # a signed URL's signature -> the sandbox that signed it
         # what every request to a node carries besides the client's own headers: the cluster's token
@@ -103,6 +107,7 @@ class Replica:
         self._where: dict[str, tuple[str, float]] = {}  # sandbox ID -> (its node's URL, until when)
         self._idle: dict[tuple[str, int], list[httpfwd.Upstream]] = {}  # kept-alive connections to each node
         self.client = httpx.AsyncClient(
+            verify=self._ssl or True,
             timeout=httpx.Timeout(connect=5.0, read=None, write=None, pool=None),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30),
             follow_redirects=False,
@@ -376,7 +381,9 @@ class Replica:
             return
         theirs = [(k, v) for k, v in scope["headers"] if k.lower() not in HANDSHAKE and k.lower() != CLUSTER_HEADER]
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in [*theirs, *self._ours]]
-        await relay(scope, receive, send, urlsplit(url).netloc, headers, far="the sandbox's node")
+        parts = urlsplit(url)
+        tls = self._ssl if parts.scheme == "https" else None
+        await relay(scope, receive, send, parts.netloc, headers, far="the sandbox's node", tls=tls)
 
     # -- the proxy ------------------------------------------------------------------------------------
     async def _proxy(self, scope: Scope, receive: Receive, send: Send, base: str, body: bytes | None = None) -> bool:
@@ -384,8 +391,9 @@ class Replica:
         back (httpfwd: HTTP/1.1 over kept-alive connections to each node). False when the node could not be reached
         or gave no answer: nothing was sent to the client then."""
         parts = urlsplit(base)
-        host, port = parts.hostname or "127.0.0.1", parts.port or 80
-        up = await self._connection(host, port)
+        tls = parts.scheme == "https"
+        host, port = parts.hostname or "127.0.0.1", parts.port or (443 if tls else 80)
+        up = await self._connection(host, port, tls)
         if up is None:
             return False
         frame = [(b"content-length", str(len(body)).encode())] if body is not None else httpfwd.framing(scope)
@@ -399,16 +407,26 @@ class Replica:
             up.close()
         return outcome is not httpfwd.Outcome.NOT_STARTED
 
-    async def _connection(self, host: str, port: int) -> httpfwd.Upstream | None:
+    async def _connection(self, host: str, port: int, tls: bool) -> httpfwd.Upstream | None:
         pool = self._idle.get((host, port), [])
         while pool:
             up = pool.pop()
             if up.reusable():
                 return up
             up.close()
+        if tls and self._ssl is None:
+            log.warning("node %s:%d is served over TLS: give this replica --cluster-ca/-cert/-key", host, port)
+            return None
+        opening = (
+            asyncio.open_connection(host, port, ssl=self._ssl, server_hostname=host)
+            if tls
+            else asyncio.open_connection(host, port)
+        )
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
-        except (OSError, TimeoutError):
+            reader, writer = await asyncio.wait_for(opening, CONNECT_TIMEOUT)
+        except (OSError, TimeoutError) as e:  # (ssl.SSLError is an OSError: a node whose certificate is not ours)
+            if tls:
+                log.warning("node %s:%d: no TLS connection: %s", host, port, e)
             return None
         sock = writer.get_extra_info("socket")
         if sock is not None:
@@ -478,6 +496,7 @@ def serve(
     domain: str | None = None,
     tls_port: int = 443,
     data_dir: Path | None = None,
+    cluster_tls: ClusterTLS | None = None,
 ) -> None:
     """Run an API replica on host:port (and, with `domain`, over TLS on tls_port: a certificate for the domain and its
     subdomains from the local CA in `data_dir`, routing/tls.py) until SIGTERM/SIGINT."""
@@ -488,7 +507,7 @@ def serve(
     state = PostgresState(database)
     key, _ = state.api_key()
     quotas = TeamQuotas(state, team_max_sandboxes, team_creates_per_minute)
-    replica = Replica(state, policy, quotas, cluster_token, domain)
+    replica = Replica(state, policy, quotas, cluster_token, domain, cluster_tls)
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
     url = f"http://{shown}:{port}"
     alive = [n.node_id for n in state.nodes() if n.alive]
@@ -518,29 +537,10 @@ def serve(
             f"and on https://api.{domain}:{tls_port} (E2B_DOMAIN={domain}; sandboxes at {{port}}-{{id}}.{domain})"
         )
     print("\n".join(lines), file=sys.stderr, flush=True)
-    main = _Main(listeners[0])
-    main.others = [_Listener(c) for c in listeners[1:]]
+    others: list[uvicorn.Server] = [Listener(c) for c in listeners[1:]]
+    main = MainListener(listeners[0], others)
 
     async def run_all() -> None:
-        await asyncio.gather(main.serve(), *(other.serve() for other in main.others))
+        await asyncio.gather(main.serve(), *(other.serve() for other in others))
 
     asyncio.run(run_all())
-
-
-class _Main(uvicorn.Server):
-    """The first listener: it owns the signals and the lifespan, and stops the others with it."""
-
-    others: list[uvicorn.Server] = []
-
-    def handle_exit(self, sig: int, frame: Any) -> None:
-        for other in self.others:
-            other.should_exit = True
-        super().handle_exit(sig, frame)
-
-
-class _Listener(uvicorn.Server):
-    """Another listener in the same loop (the TLS one of --domain)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield

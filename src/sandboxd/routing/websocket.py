@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 
 from starlette.types import Receive, Scope, Send
 from websockets.asyncio.client import connect
@@ -61,17 +62,19 @@ async def relay(
     headers: list[tuple[str, str]],
     sock: socket.socket | None = None,
     far: str = "the far end",
+    tls: ssl.SSLContext | None = None,
 ) -> None:
-    """The client's WebSocket (its connect already received) relayed to ws://`host` at the same path, over `sock`
-    when given: accepted once the far end accepted, messages pumped both ways until either side closes. The port
-    proxy's (above) and the cluster's API replicas' (to a node)."""
+    """The client's WebSocket (its connect already received) relayed to ws://`host` (wss:// with `tls`) at the same
+    path, over `sock` when given: accepted once the far end accepted, messages pumped both ways until either side
+    closes. The port proxy's (above) and the cluster's API replicas' (to a node)."""
     target = scope.get("raw_path") or scope["path"].encode()
     if scope.get("query_string"):
         target += b"?" + scope["query_string"]
     try:
         upstream = await connect(
-            f"ws://{host}{target.decode('latin-1')}",
+            f"{'wss' if tls else 'ws'}://{host}{target.decode('latin-1')}",
             sock=sock,
+            ssl=tls,
             additional_headers=headers,
             subprotocols=scope.get("subprotocols") or None,
             max_size=MAX_MESSAGE,
