@@ -311,3 +311,84 @@ def test_signed_file_urls_and_host_routing_through_a_replica(pg: PgServer, tmp_p
     finally:
         for srv in reversed(servers):
             srv.stop()
+
+
+def test_a_template_outlives_the_node_that_built_it_in_a_bucket(
+    pg: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --layer-bucket (an S3-compatible server on loopback: moto's), nodes put the templates they hold in the
+    bucket; when the node that built a template is gone, another fetches it from there — each layer checked against
+    the state's digest: an object changed in the bucket is refused."""
+    import boto3
+    from e2b import Template
+    from moto.server import ThreadedMotoServer
+
+    from sandboxd.templates.store import TemplateStore
+
+    from conftest import BUILTIN_TEMPLATES, TEMPLATES_DIR, free_port
+
+    s3_port = free_port()
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
+    s3.start()
+    endpoint = f"http://127.0.0.1:{s3_port}"
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "sandboxd",
+        "AWS_SECRET_ACCESS_KEY": "tests",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(k, v)
+    client = boto3.client("s3", endpoint_url=endpoint)
+    client.create_bucket(Bucket="templates")
+    database = pg.database()
+    bucket = ("--layer-bucket", "s3://templates/cluster", "--s3-endpoint", endpoint)
+    servers = []
+    try:
+        for name in ("a", "b"):
+            mine = tmp_path / f"{name}-templates"
+            TemplateStore(TEMPLATES_DIR).link_into(mine, BUILTIN_TEMPLATES)
+            node = ("--role", "node", "--database", database, "--pool-size", "0", *bucket)
+            servers.append(start_server(tmp_path / name, *node, templates_dir=mine))
+        replica = start_server(tmp_path / "r", "--role", "api", "--database", database)
+        servers.append(replica)
+        for k, v in {
+            "E2B_API_URL": replica.url,
+            "E2B_SANDBOX_URL": replica.url,
+            "E2B_API_KEY": replica.api_key,
+        }.items():
+            monkeypatch.setenv(k, v)
+        Template.build(Template().from_template("base").run_cmd("echo kept > /tmp/made"), "in-the-bucket")
+        holder = next(
+            s for s in servers[:2] if (tmp_path / f"{s.data_dir.name}-templates/.names/in-the-bucket").exists()
+        )
+        other = servers[1] if holder is servers[0] else servers[0]
+        top = TemplateStore(tmp_path / f"{holder.data_dir.name}-templates").get("in-the-bucket").top_layer
+        deadline = time.monotonic() + 30  # (put within a round of the node's bucket loop: 5 s)
+        while True:
+            keys = [o["Key"] for o in client.list_objects_v2(Bucket="templates").get("Contents", [])]
+            if "cluster/manifests/in-the-bucket.json" in keys:
+                break
+            assert time.monotonic() < deadline, keys
+            time.sleep(0.5)
+        assert f"cluster/layers/{top}.tar" in keys
+        holder.stop()  # (gone with its disk, as far as the cluster knows)
+        servers.remove(holder)
+
+        original = client.get_object(Bucket="templates", Key=f"cluster/layers/{top}.tar")["Body"].read()
+        changed = original.replace(b"kept\n", b"evil\n")
+        assert changed != original
+        client.put_object(Bucket="templates", Key=f"cluster/layers/{top}.tar", Body=changed)
+        r = other.api().post("/sandboxes", json={"templateID": "in-the-bucket", "timeout": 60})
+        assert r.status_code == 503 and "is not the one recorded" in r.json()["message"], r.text
+
+        client.put_object(Bucket="templates", Key=f"cluster/layers/{top}.tar", Body=original)
+        via = {"api_url": replica.url, "sandbox_url": replica.url, "api_key": replica.api_key}
+        time.sleep(1.2)  # (the replica's view of the leases: the holder gone)
+        made = Sandbox.create(template="in-the-bucket", timeout=60, **via)
+        try:
+            assert made.files.read("/tmp/made") == "kept\n"
+        finally:
+            made.kill()
+    finally:
+        for srv in reversed(servers):
+            srv.stop()
+        s3.stop()

@@ -17,6 +17,7 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from sandboxd.api.app import build_control_plane
+from sandboxd.cluster.bucket import Bucket, BucketError
 from sandboxd.cluster.layers import LayerShare
 from sandboxd.cluster.membership import Membership
 from sandboxd.cluster.signatures import signature_routes
@@ -68,6 +69,10 @@ class ServerConfig:
     cluster_token: str | None = None  # a node: only requests carrying it (its API replicas') are served
     cluster_tls: ClusterTLS | None = None  # a node: mutual TLS on cluster_port for its replicas and the other nodes
     cluster_port: int | None = None
+    layer_bucket: str | None = (
+        None  # a node: s3://BUCKET/PREFIX where the cluster's templates are put (cluster/bucket.py)
+    )
+    s3_endpoint: str | None = None
     team_max_sandboxes: int = 0  # teams' limits unless their own (core/quotas.py); 0: none
     team_creates_per_minute: int = 0
     # On shutdown, leave sandboxes running for the next start to re-adopt (an upgrade or restart must
@@ -177,7 +182,14 @@ class App:
             else None
         )
         self.layers = (
-            LayerShare(self.manager.templates, self.db, self.api_key, config.cluster_token, config.cluster_tls)
+            LayerShare(
+                self.manager.templates,
+                self.db,
+                self.api_key,
+                config.cluster_token,
+                config.cluster_tls,
+                Bucket(config.layer_bucket, config.s3_endpoint) if config.layer_bucket else None,
+            )
             if self.membership
             else None
         )
@@ -243,6 +255,8 @@ class App:
                     await self.manager.start()
                     if self.membership is not None:
                         await self.membership.start()
+                    if self.layers is not None:
+                        await self.layers.start()
                     for server, sock in self.extra_servers:
                         self._extra_tasks.append(asyncio.create_task(server.serve(sockets=[sock])))
                     cleaned = await uploads.clean_interrupted(self.manager)
@@ -266,6 +280,8 @@ class App:
                     if service is not None:
                         service.close()
                 await self.builds.stop()
+                if self.layers is not None:
+                    await self.layers.stop()
                 if self.membership is not None:
                     await self.membership.stop(release=not self.config.keep_sandboxes)
                 await self.manager.stop(destroy=not self.config.keep_sandboxes, to_disk=self.config.pause_on_exit)
@@ -371,7 +387,7 @@ def serve(config: ServerConfig) -> None:
     )
     try:
         app = App(config)
-    except (RuntimeError_, IdentityError, CgroupError, HelperBuildError, TemplateError) as e:
+    except (RuntimeError_, IdentityError, CgroupError, HelperBuildError, TemplateError, BucketError) as e:
         sock.close()
         raise SystemExit(f"sandboxd: cannot start: {e}") from None
     protocol = type(

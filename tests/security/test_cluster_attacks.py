@@ -256,7 +256,7 @@ def test_mutual_tls_between_replicas_and_nodes(pg: PgServer, tmp_path: Path, mon
         # what a node's cluster port refuses
         node_url = f"https://127.0.0.1:{ports[0]}/health"
         with pytest.raises(httpx.TransportError):  # (no client certificate)
-            httpx.get(node_url, verify=str(tmp_path / "r-ca.pem"), timeout=10)
+            httpx.get(node_url, verify=ssl.create_default_context(cafile=str(tmp_path / "r-ca.pem")), timeout=10)
         stranger = _pems(other_ca, tmp_path, "stranger")
         with pytest.raises(httpx.TransportError):  # (a certificate of another CA)
             ctx = ssl.create_default_context(cafile=str(tmp_path / "r-ca.pem"))

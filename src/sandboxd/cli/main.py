@@ -363,6 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
         "with a client certificate the CA signed (its advertised URL: https://HOST:PORT)",
     )
     p_serve.add_argument(
+        "--layer-bucket",
+        default=os.environ.get("SANDBOXD_LAYER_BUCKET"),
+        help="a node: s3://BUCKET/PREFIX, an S3-compatible bucket where the cluster's templates are put, so a node can "
+        "fetch one when no node holding it is alive (default $SANDBOXD_LAYER_BUCKET; credentials as boto3 finds them)",
+    )
+    p_serve.add_argument(
+        "--s3-endpoint",
+        default=os.environ.get("SANDBOXD_S3_ENDPOINT"),
+        help="the S3-compatible store's URL, for --layer-bucket elsewhere than AWS (default $SANDBOXD_S3_ENDPOINT)",
+    )
+    p_serve.add_argument(
         "--advertise-url",
         default=None,
         help="with --database: where the cluster's other servers reach this node (default: its own host and port)",
@@ -452,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
                 "a node with mutual TLS (--cluster-ca/-cert/-key) needs --cluster-port: where the cluster "
                 "reaches it over TLS"
             )
+        if args.layer_bucket and not (args.database and args.role != "api"):
+            parser.error("--layer-bucket is where a cluster's nodes put their templates: give it to nodes (--database)")
         if args.cluster_port is not None and cluster_tls is None:
             parser.error("--cluster-port is the port of a node's mutual TLS: give --cluster-ca/-cert/-key too")
         if args.role == "api":
@@ -541,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
                 cluster_token=args.cluster_token or None,
                 cluster_tls=cluster_tls,
                 cluster_port=args.cluster_port,
+                layer_bucket=args.layer_bucket or None,
+                s3_endpoint=args.s3_endpoint or None,
                 team_max_sandboxes=max(0, args.team_max_sandboxes),
                 team_creates_per_minute=max(0, args.team_creates_per_minute),
                 keep_sandboxes=not args.destroy_on_exit,

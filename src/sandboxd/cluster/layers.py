@@ -17,6 +17,8 @@ content has the digest the cluster's state recorded for its key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -24,8 +26,10 @@ import re
 import shutil
 import ssl
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import httpx
@@ -34,8 +38,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from sandboxd.cluster import CLUSTER_HEADER
+from sandboxd.cluster.bucket import Bucket, BucketError
 from sandboxd.cluster.tls import ClusterTLS
 from sandboxd.core.errors import BadRequest, NotFound, SandboxdError
+from sandboxd.periodic import Periodic
 from sandboxd.state.sql import State
 from sandboxd.templates import transfer
 from sandboxd.templates.images import empty_root
@@ -44,6 +50,7 @@ from sandboxd.templates.store import TemplateError, TemplateStore
 log = logging.getLogger("sandboxd.cluster")
 
 PREFIX = "/admin/cluster"
+PUSH_SECONDS = 5.0  # with a bucket: how often a node looks for templates to put there
 KEY_RE = re.compile(r"^[0-9a-f]{16,64}$")
 IDENT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 BUILD_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,63}$")
@@ -61,12 +68,84 @@ class FetchFailed(SandboxdError):
 
 class LayerShare:
     def __init__(
-        self, store: TemplateStore, state: State, api_key: str, token: str | None, tls: ClusterTLS | None = None
+        self,
+        store: TemplateStore,
+        state: State,
+        api_key: str,
+        token: str | None,
+        tls: ClusterTLS | None = None,
+        bucket: Bucket | None = None,
     ) -> None:
-        self.store, self.state = store, state
+        self.store, self.state, self.bucket = store, state, bucket
+        self._pushed: set[tuple[str, str]] = set()  # (template ID, build) in the bucket
+        self._pusher = Periodic("sandboxd-bucket", PUSH_SECONDS, self._push_round, log)
         self._verify: ssl.SSLContext | bool = tls.client_context() if tls else True  # (other nodes: mutual TLS)
         self._headers = {"X-API-KEY": api_key, **({CLUSTER_HEADER.decode(): token} if token else {})}
         self._fetching = asyncio.Lock()  # (one fetch at a time: creates of a template being fetched wait for it)
+
+    async def start(self) -> None:
+        if self.bucket is not None:
+            self._pusher.start()
+
+    async def stop(self) -> None:
+        await self._pusher.stop()
+
+    # -- the bucket -------------------------------------------------------------------------------
+    async def _push_round(self) -> None:
+        await asyncio.to_thread(self.push)
+
+    def push(self) -> int:
+        """Each template here (not the built-in ones: every node's setup makes those) into the bucket, its layers
+        first, then its manifest; the templates put."""
+        assert self.bucket is not None
+        done = 0
+        idents = self.store.names()
+        builtin = {ident for ident in idents if self.store.is_builtin(ident)}
+        theirs: set[str] = set()  # the built-in templates' layers: every node has them (and they are big)
+        for ident in builtin:
+            with contextlib.suppress(TemplateError, FileNotFoundError, ValueError):
+                top = self.store.get(ident).top_layer
+                theirs |= {layer.key for layer in self.store.layers.chain(top)} if top else set()
+        for ident in idents:
+            if ident in builtin:
+                continue
+            try:
+                if (ident, self.store.get(ident).digest) in self._pushed:
+                    continue
+                manifest = self.manifest(ident)
+            except (SandboxdError, TemplateError):  # (a snapshot with memory, an old single-rootfs one: kept here)
+                continue
+            started, sent = time.monotonic(), 0
+            for entry in manifest["layers"]:
+                if entry["key"] in theirs or self.bucket.has_layer(entry["key"]):
+                    continue
+                layer = self.store.layers.get(entry["key"])
+                if layer is None:
+                    break  # (pruned meanwhile: the next round)
+                proc = transfer.pack(layer.diff)
+                assert proc.stdout is not None
+                try:
+                    self.bucket.put_layer(layer.key, proc.stdout, self.store.layers.digest_of(layer))
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+                    proc.wait()
+                if proc.returncode != 0:
+                    raise BucketError(f"layer {layer.key}: tar failed ({proc.returncode}): not put in the bucket")
+                sent += layer.size_bytes
+            else:
+                names = [ident, *(n for n in manifest["meta"].get("names", []) if isinstance(n, str))]
+                self.bucket.put_manifest(names, manifest)
+                self._pushed.add((ident, manifest["build"]))
+                done += 1
+                log.info(
+                    "template %s put in %s (%.1f MB of new layers, %.2f s)",
+                    ident,
+                    self.bucket.url,
+                    sent / 1e6,
+                    time.monotonic() - started,
+                )
+        return done
 
     # -- serving ----------------------------------------------------------------------------------
     def routes(self) -> list[BaseRoute]:
@@ -160,51 +239,69 @@ class LayerShare:
                 if n.alive and n.node_id != self.state.node and wanted in (n.capacity.get("templates") or ())
             ]
             problems = []
-            for node in holders:
+            sources: list[tuple[str, Callable[[], AbstractContextManager[Source]]]] = [
+                (f"node {n.node_id}", functools.partial(self._peer, n.url)) for n in holders
+            ]
+            if self.bucket is not None:  # (when no node that holds it answers, or none is alive)
+                bucket_source = BucketSource(self.bucket)
+                sources.append((f"the bucket {self.bucket.url}", lambda: contextlib.nullcontext(bucket_source)))
+            for what, source in sources:
                 try:
-                    await asyncio.to_thread(self._fetch, node.url, name)
-                    return
-                except (FetchFailed, httpx.HTTPError, OSError, ValueError, KeyError, TypeError) as e:
-                    log.warning("template %r: fetching it from node %s failed: %s", name, node.node_id, e)
-                    problems.append(f"node {node.node_id}: {e}")
+                    if await asyncio.to_thread(self._fetch_with, source, name):
+                        return
+                except (FetchFailed, BucketError, httpx.HTTPError, OSError, ValueError, KeyError, TypeError) as e:
+                    log.warning("template %r: fetching it from %s failed: %s", name, what, e)
+                    problems.append(f"{what}: {e}")
+                except Exception as e:  # (boto3's errors: botocore.exceptions.*)
+                    log.warning("template %r: fetching it from %s failed: %r", name, what, e)
+                    problems.append(f"{what}: {e}")
             if problems:
                 raise FetchFailed(
                     f"template '{name}' could not be fetched from the nodes that hold it: {'; '.join(problems)}"
                 )
 
-    def _fetch(self, url: str, name: str) -> None:
-        started = time.monotonic()
+    @contextlib.contextmanager
+    def _peer(self, url: str) -> Iterator[Source]:
         with httpx.Client(base_url=url, headers=self._headers, timeout=TIMEOUT, verify=self._verify) as client:
-            r = client.get(f"{PREFIX}/templates/{quote(name, safe='')}")
-            if r.status_code != 200 or len(r.content) > MAX_MANIFEST:
-                raise FetchFailed(f"its manifest: HTTP {r.status_code} {r.text[:300]}")
-            manifest = r.json()
-            ident, build = str(manifest["templateID"]), str(manifest["build"])
-            if not IDENT_RE.match(ident) or not BUILD_RE.match(build):
-                raise FetchFailed(f"its manifest names a template {ident[:80]!r} / build {build[:80]!r} not allowed")
-            layers = list(manifest["layers"])[:MAX_LAYERS]
-            base = self._local_base(str(manifest["base"]))
-            moved = fetched = 0
-            for entry in reversed(layers):  # (bottom first: a layer is whole on disk only with what it sits on)
-                key = str(entry["key"])
-                if not KEY_RE.match(key):
-                    raise FetchFailed(f"its manifest names a layer {key[:80]!r} not allowed")
-                if self.store.layers.get(key) is not None:
-                    continue
-                moved += self._fetch_layer(client, key, entry, base)
-                fetched += 1
+            yield PeerSource(url, client)
+
+    def _fetch_with(self, opening: Callable[[], AbstractContextManager[Source]], name: str) -> bool:
+        with opening() as source:
+            return self._fetch(source, name)
+
+    def _fetch(self, source: Source, name: str) -> bool:
+        """The template `name` from `source`, layer by layer; False when the source does not have it."""
+        started = time.monotonic()
+        manifest = source.manifest(name)
+        if manifest is None:
+            return False
+        ident, build = str(manifest["templateID"]), str(manifest["build"])
+        if not IDENT_RE.match(ident) or not BUILD_RE.match(build):
+            raise FetchFailed(f"its manifest names a template {ident[:80]!r} / build {build[:80]!r} not allowed")
+        layers = list(manifest["layers"])[:MAX_LAYERS]
+        base = self._local_base(str(manifest["base"]))
+        moved = fetched = 0
+        for entry in reversed(layers):  # (bottom first: a layer is whole on disk only with what it sits on)
+            key = str(entry["key"])
+            if not KEY_RE.match(key):
+                raise FetchFailed(f"its manifest names a layer {key[:80]!r} not allowed")
+            if self.store.layers.get(key) is not None:
+                continue
+            moved += self._fetch_layer(source, key, entry, base)
+            fetched += 1
         version = {k: v for k, v in dict(manifest["version"]).items() if k not in ("kind", "name", "build_id")}
         self.store.adopt(ident, dict(manifest["meta"]), build, {**version, "base": str(base)})
         log.info(
             "template %r (%s) fetched from %s: %d of its %d layer(s), %.1f MB, in %.2f s",
             name,
             ident,
-            url,
+            source.where,
             fetched,
             len(layers),
             moved / 1e6,
             time.monotonic() - started,
         )
+        return True
 
     def _local_base(self, rel: str) -> Path:
         parts = Path(rel).parts
@@ -220,7 +317,7 @@ class LayerShare:
             )
         return base
 
-    def _fetch_layer(self, client: httpx.Client, key: str, entry: dict[str, Any], base: Path) -> int:
+    def _fetch_layer(self, source: Source, key: str, entry: dict[str, Any], base: Path) -> int:
         told = self.state.layer(key)
         if told is None:
             raise FetchFailed(f"layer {key}: the cluster's state has no digest for it")
@@ -233,10 +330,8 @@ class LayerShare:
             assert unpack.stdin is not None and unpack.stderr is not None
             got = 0
             try:
-                with client.stream("GET", f"{PREFIX}/layers/{key}") as r:
-                    if r.status_code != 200:
-                        raise FetchFailed(f"layer {key}: HTTP {r.status_code} {r.read()[:300]!r}")
-                    for chunk in r.iter_bytes(transfer.CHUNK):
+                with source.layer(key) as chunks:
+                    for chunk in chunks:
                         got += len(chunk)
                         if got > bound:
                             raise FetchFailed(f"layer {key}: over {bound} bytes (its size is {size}): refused")
@@ -264,3 +359,43 @@ class LayerShare:
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
+
+
+class Source(Protocol):
+    """Where a template is fetched from: a node that holds it, or the cluster's bucket."""
+
+    where: str
+
+    def manifest(self, name: str) -> dict[str, Any] | None: ...
+
+    def layer(self, key: str) -> AbstractContextManager[Iterator[bytes]]: ...
+
+
+class PeerSource:
+    def __init__(self, url: str, client: httpx.Client) -> None:
+        self.where, self.client = url, client
+
+    def manifest(self, name: str) -> dict[str, Any] | None:
+        r = self.client.get(f"{PREFIX}/templates/{quote(name, safe='')}")
+        if r.status_code != 200 or len(r.content) > MAX_MANIFEST:
+            raise FetchFailed(f"its manifest: HTTP {r.status_code} {r.text[:300]}")
+        value = r.json()
+        return value if isinstance(value, dict) else None
+
+    @contextlib.contextmanager
+    def layer(self, key: str) -> Iterator[Iterator[bytes]]:
+        with self.client.stream("GET", f"{PREFIX}/layers/{key}") as r:
+            if r.status_code != 200:
+                raise FetchFailed(f"layer {key}: HTTP {r.status_code} {r.read()[:300]!r}")
+            yield r.iter_bytes(transfer.CHUNK)
+
+
+class BucketSource:
+    def __init__(self, bucket: Bucket) -> None:
+        self.where, self.bucket = bucket.url, bucket
+
+    def manifest(self, name: str) -> dict[str, Any] | None:
+        return self.bucket.manifest(TemplateStore.split_tag(name)[0])  # (a tag: its default build is what is there)
+
+    def layer(self, key: str) -> AbstractContextManager[Iterator[bytes]]:
+        return self.bucket.layer(key)
