@@ -482,3 +482,46 @@ def pg() -> Iterator[Any]:
 
     with postgres() as server:
         yield server
+
+
+def terminal_echo(url: str, api_key: str, sandbox_id: str, marker: str) -> None:
+    """The dashboard's terminal of a sandbox (a WebSocket at `url`, a server or a replica): `echo MARKER-$((6*7))`
+    typed, `MARKER-42` read back."""
+    from websockets.sync.client import connect
+
+    with connect(url.replace("http://", "ws://") + f"/dashboard/terminal/{sandbox_id}", open_timeout=20) as ws:
+        ws.send(json.dumps({"apiKey": api_key, "cols": 80, "rows": 24}))
+        assert ws.recv(timeout=30) == "ready"
+        ws.send(f"echo {marker}-$((6*7))\n".encode())
+        seen = b""
+        while f"{marker}-42".encode() not in seen:
+            chunk = ws.recv(timeout=30)
+            seen += chunk if isinstance(chunk, bytes) else chunk.encode()
+
+
+def wait_for_holders(database: str, template: str, holders: int | None = None, seconds: float = 15) -> None:
+    """Until the nodes' leases in the cluster's state say `holders` of them (at least one, when None) hold
+    `template` (a node tells at its next beat what it holds)."""
+    import psycopg
+
+    deadline = time.monotonic() + seconds
+    while True:
+        with psycopg.connect(database) as db:
+            told = [json.loads(c).get("templates", []) for (c,) in db.execute("SELECT capacity FROM nodes")]
+        count = sum(template in t for t in told)
+        if count == holders if holders is not None else count >= 1:
+            return
+        assert time.monotonic() < deadline, told
+        time.sleep(0.25)
+
+
+def sdk_env(monkeypatch: pytest.MonkeyPatch, srv: Server) -> None:
+    """The official SDKs' environment pointed at `srv` (what Template.build reads: it takes no URL arguments)."""
+    for k, v in {"E2B_API_URL": srv.url, "E2B_SANDBOX_URL": srv.url, "E2B_API_KEY": srv.api_key}.items():
+        monkeypatch.setenv(k, v)
+
+
+def node_holding(nodes: list[Server], templates_of: Any, name: str) -> tuple[Server, Server]:
+    """(the node whose templates dir, `templates_of(node)`, names the template `name`; another node)."""
+    holder = next(n for n in nodes if (templates_of(n) / ".names" / name).exists())
+    return holder, next(n for n in nodes if n is not holder)

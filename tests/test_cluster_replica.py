@@ -18,9 +18,17 @@ import pytest
 from e2b import PtySize, Sandbox
 from e2b_code_interpreter import Sandbox as CodeSandbox
 from pg import PgServer
-from websockets.sync.client import connect
 
-from conftest import PtyOutput, Server, start_server, team_key
+from conftest import (
+    PtyOutput,
+    Server,
+    node_holding,
+    sdk_env,
+    start_server,
+    team_key,
+    terminal_echo,
+    wait_for_holders,
+)
 
 
 def _nodes_of(database: str) -> dict[str, str]:
@@ -73,14 +81,7 @@ def test_a_cluster_of_two_nodes_behind_two_api_replicas(pg: PgServer, tmp_path: 
             code.kill()
 
         # the dashboard's terminal (a WebSocket) through a replica, to the sandbox's node
-        with connect(r2.url.replace("http://", "ws://") + f"/dashboard/terminal/{on_a}", open_timeout=20) as ws:
-            ws.send(json.dumps({"apiKey": r2.api_key, "cols": 80, "rows": 24}))
-            assert ws.recv(timeout=30) == "ready"
-            ws.send(b"echo ws-$((6*7))\n")
-            seen = b""
-            while b"ws-42" not in seen:
-                chunk = ws.recv(timeout=30)
-                seen += chunk if isinstance(chunk, bytes) else chunk.encode()
+        terminal_echo(r2.url, r2.api_key, on_a, "ws")
 
         # the lists: every node's, each sandbox once, through either replica
         listed = [s.sandbox_id for s in Sandbox.list(**via2).next_items()]
@@ -192,22 +193,14 @@ def test_three_nodes_a_template_built_through_one_replica_runs_on_the_others(
         servers.append(r1)
         r2 = start_server(tmp_path / "r2", "--role", "api", "--database", database)
         servers.append(r2)
-        for k, v in {"E2B_API_URL": r1.url, "E2B_SANDBOX_URL": r1.url, "E2B_API_KEY": r1.api_key}.items():
-            monkeypatch.setenv(k, v)
+        sdk_env(monkeypatch, r1)
         Template.build(Template().from_template("base").run_cmd("echo built-$((6*7)) > /tmp/made"), "cluster-made")
         built = [n for n in names if (tmp_path / f"{n}-templates" / ".names" / "cluster-made").is_symlink()]
         assert len(built) == 1, built  # (on one node's disk only)
         top = TemplateStore(tmp_path / f"{built[0]}-templates").get("cluster-made").top_layer
         assert top is not None
         # its node tells it holds the template (its next beat) before the creates, and the replica sees that
-        deadline = time.monotonic() + 15
-        while True:
-            with psycopg.connect(database) as db:
-                told = [json.loads(c).get("templates", []) for (c,) in db.execute("SELECT capacity FROM nodes")]
-            if sum("cluster-made" in t for t in told) == 1:
-                break
-            assert time.monotonic() < deadline, told
-            time.sleep(0.25)
+        wait_for_holders(database, "cluster-made", holders=1)
         time.sleep(1.2)  # (the replica's view of the leases: a second old at most)
         via2 = {"api_url": r2.url, "sandbox_url": r2.url, "api_key": r2.api_key}
         made = [Sandbox.create(template="cluster-made", timeout=60, **via2) for _ in range(6)]
@@ -350,17 +343,9 @@ def test_a_template_outlives_the_node_that_built_it_in_a_bucket(
             servers.append(start_server(tmp_path / name, *node, templates_dir=mine))
         replica = start_server(tmp_path / "r", "--role", "api", "--database", database)
         servers.append(replica)
-        for k, v in {
-            "E2B_API_URL": replica.url,
-            "E2B_SANDBOX_URL": replica.url,
-            "E2B_API_KEY": replica.api_key,
-        }.items():
-            monkeypatch.setenv(k, v)
+        sdk_env(monkeypatch, replica)
         Template.build(Template().from_template("base").run_cmd("echo kept > /tmp/made"), "in-the-bucket")
-        holder = next(
-            s for s in servers[:2] if (tmp_path / f"{s.data_dir.name}-templates/.names/in-the-bucket").exists()
-        )
-        other = servers[1] if holder is servers[0] else servers[0]
+        holder, other = node_holding(servers[:2], lambda n: tmp_path / f"{n.data_dir.name}-templates", "in-the-bucket")
         top = TemplateStore(tmp_path / f"{holder.data_dir.name}-templates").get("in-the-bucket").top_layer
         deadline = time.monotonic() + 30  # (put within a round of the node's bucket loop: 5 s)
         while True:

@@ -418,35 +418,27 @@ def serve(config: ServerConfig) -> None:
         timeout_keep_alive=650,
         timeout_graceful_shutdown=5,
     )
+
+    def listener(**tls: Any) -> uvicorn.Config:
+        """Another listener of the app over TLS (the main one owns the lifespan)."""
+        return uvicorn.Config(
+            app,
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            http=protocol,
+            timeout_keep_alive=650,
+            timeout_graceful_shutdown=5,
+            **tls,
+        )
+
     if config.domain and tls_sock is not None:
         from sandboxd.routing.tls import LocalCA
 
         chain, key = LocalCA(config.data_dir).server_cert(config.domain)
-
-        tls_config = uvicorn.Config(
-            app,
-            lifespan="off",
-            log_level="warning",
-            access_log=False,
-            http=protocol,
-            timeout_keep_alive=650,
-            timeout_graceful_shutdown=5,
-            ssl_certfile=str(chain),
-            ssl_keyfile=str(key),
-        )
-        app.extra_servers.append((Listener(tls_config), tls_sock))
+        app.extra_servers.append((Listener(listener(ssl_certfile=str(chain), ssl_keyfile=str(key))), tls_sock))
     if config.cluster_tls is not None and cluster_sock is not None:
-        cluster_config = uvicorn.Config(
-            app,
-            lifespan="off",
-            log_level="warning",
-            access_log=False,
-            http=protocol,
-            timeout_keep_alive=650,
-            timeout_graceful_shutdown=5,
-            **config.cluster_tls.uvicorn_options(),
-        )
-        app.extra_servers.append((Listener(cluster_config), cluster_sock))
+        app.extra_servers.append((Listener(listener(**config.cluster_tls.uvicorn_options())), cluster_sock))
     try:
         _Server(uconfig).run(sockets=[sock])
     finally:

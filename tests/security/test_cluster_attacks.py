@@ -6,9 +6,7 @@ body, page sizes, a list cursor, metrics IDs, sandbox IDs), and nothing it sends
 
 from __future__ import annotations
 
-import json
 import ssl
-import time
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +107,7 @@ def test_a_layer_whose_content_is_not_the_recorded_one_is_refused(
 
     from sandboxd.templates.store import TemplateStore
 
-    from conftest import BUILTIN_TEMPLATES, TEMPLATES_DIR
+    from conftest import BUILTIN_TEMPLATES, TEMPLATES_DIR, sdk_env, wait_for_holders
 
     database = pg.database()
     node = ("--role", "node", "--database", database, "--pool-size", "0", "--ready-timeout", "5")
@@ -119,8 +117,7 @@ def test_a_layer_whose_content_is_not_the_recorded_one_is_refused(
             TemplateStore(TEMPLATES_DIR).link_into(tmp_path / f"{name}-templates", BUILTIN_TEMPLATES)
             servers.append(start_server(tmp_path / name, *node, templates_dir=tmp_path / f"{name}-templates"))
         n1, n2 = servers
-        for k, v in {"E2B_API_URL": n1.url, "E2B_SANDBOX_URL": n1.url, "E2B_API_KEY": n1.api_key}.items():
-            monkeypatch.setenv(k, v)
+        sdk_env(monkeypatch, n1)
         Template.build(Template().from_template("base").run_cmd("echo sound > /tmp/made"), "tamper-me")
         top = TemplateStore(tmp_path / "n1-templates").get("tamper-me").top_layer
         assert top is not None
@@ -137,14 +134,7 @@ def test_a_layer_whose_content_is_not_the_recorded_one_is_refused(
 
         evil = tmp_path / "n1-templates" / ".layers" / top / "diff" / "tmp" / "evil"
         evil.write_text("planted after the digest was recorded\n")
-        deadline = time.monotonic() + 15  # (n2 learns from n1's lease that n1 holds it)
-        while True:
-            with psycopg.connect(database) as db:
-                told = [json.loads(c).get("templates", []) for (c,) in db.execute("SELECT capacity FROM nodes")]
-            if any("tamper-me" in t for t in told):
-                break
-            assert time.monotonic() < deadline, told
-            time.sleep(0.25)
+        wait_for_holders(database, "tamper-me")  # (the other node learns from the lease who holds it)
 
         api2 = n2.api()
         r = api2.post("/sandboxes", json={"templateID": "tamper-me", "timeout": 60})
@@ -186,11 +176,18 @@ def test_mutual_tls_between_replicas_and_nodes(pg: PgServer, tmp_path: Path, mon
     CA, or a replica that trusts another CA gets nothing from a node."""
     import trustme
     from e2b import Template
-    from websockets.sync.client import connect
 
     from sandboxd.templates.store import TemplateStore
 
-    from conftest import BUILTIN_TEMPLATES, TEMPLATES_DIR, free_port
+    from conftest import (
+        BUILTIN_TEMPLATES,
+        TEMPLATES_DIR,
+        free_port,
+        node_holding,
+        sdk_env,
+        terminal_echo,
+        wait_for_holders,
+    )
 
     database = pg.database()
     ca, other_ca = trustme.CA(), trustme.CA()
@@ -216,37 +213,16 @@ def test_mutual_tls_between_replicas_and_nodes(pg: PgServer, tmp_path: Path, mon
                 assert s.commands.run(f"echo tls-{i}").stdout == f"tls-{i}\n"
                 s.files.write("/tmp/t", f"over mutual TLS {i}")
                 assert Sandbox.connect(s.sandbox_id, **via).files.read("/tmp/t") == f"over mutual TLS {i}"
-            ws_url = replica.url.replace("http://", "ws://") + f"/dashboard/terminal/{made[0].sandbox_id}"
-            with connect(ws_url, open_timeout=20) as ws:
-                ws.send(json.dumps({"apiKey": replica.api_key, "cols": 80, "rows": 24}))
-                assert ws.recv(timeout=30) == "ready"
-                ws.send(b"echo wss-$((6*7))\n")
-                seen = b""
-                while b"wss-42" not in seen:
-                    chunk = ws.recv(timeout=30)
-                    seen += chunk if isinstance(chunk, bytes) else chunk.encode()
+            terminal_echo(replica.url, replica.api_key, made[0].sandbox_id, "wss")  # (wss from the replica on)
         finally:
             for s in made:
                 s.kill()
 
         # node to node: a template built on one, created on the other (asked on its own local port), fetched over TLS
-        for k, v in {
-            "E2B_API_URL": replica.url,
-            "E2B_SANDBOX_URL": replica.url,
-            "E2B_API_KEY": replica.api_key,
-        }.items():
-            monkeypatch.setenv(k, v)
+        sdk_env(monkeypatch, replica)
         Template.build(Template().from_template("base").run_cmd("echo tls-made > /tmp/made"), "over-tls")
-        holder = next(s for s in servers[:2] if (tmp_path / f"{s.data_dir.name}-templates/.names/over-tls").exists())
-        other = servers[1] if holder is servers[0] else servers[0]
-        deadline = time.monotonic() + 15
-        while True:
-            with psycopg.connect(database) as db:
-                told = [json.loads(c).get("templates", []) for (c,) in db.execute("SELECT capacity FROM nodes")]
-            if any("over-tls" in t for t in told):
-                break
-            assert time.monotonic() < deadline, told
-            time.sleep(0.25)
+        _, other = node_holding(servers[:2], lambda n: tmp_path / f"{n.data_dir.name}-templates", "over-tls")
+        wait_for_holders(database, "over-tls")  # (the other node learns from the lease who holds it)
         r = other.api().post("/sandboxes", json={"templateID": "over-tls", "timeout": 60})
         assert r.status_code == 201, r.text
         fetched = Sandbox.connect(r.json()["sandboxID"], **via)
