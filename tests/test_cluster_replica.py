@@ -222,6 +222,19 @@ def test_three_nodes_a_template_built_through_one_replica_runs_on_the_others(
             assert json.loads((layers / top / "layer.json").read_text())["digest"] == digest
             assert [p.name for p in layers.glob(".new-*")] == []
             assert (tmp_path / f"{n}-templates" / ".names" / "cluster-made").is_symlink()
+
+        # the templates through a replica: every node's, each once; the template's own routes to a node holding it;
+        # deleted through one replica, it is gone from every node
+        listed = [t["templateID"] for t in r2.api().get("/templates").json()]
+        ident = next(t["templateID"] for t in r2.api().get("/templates").json() if "cluster-made" in t["aliases"])
+        assert listed.count(ident) == 1 and "base" in listed, listed
+        assert r1.api().get(f"/templates/{ident}").json()["builds"][0]["status"] == "ready"
+        assert r1.api().delete("/templates/cluster-made").status_code == 204
+        for n in names:
+            assert not (tmp_path / f"{n}-templates" / ".names" / "cluster-made").exists(), n
+        wait_for_holders(database, "cluster-made", holders=0)
+        r = r2.api().post("/sandboxes", json={"templateID": "cluster-made", "timeout": 60})
+        assert r.status_code == 404, r.text
     finally:
         for srv in reversed(servers):
             srv.stop()
@@ -373,6 +386,10 @@ def test_a_template_outlives_the_node_that_built_it_in_a_bucket(
             assert made.files.read("/tmp/made") == "kept\n"
         finally:
             made.kill()
+        # deleted (through the replica, on the node that now holds it): out of the bucket too
+        assert replica.api().delete("/templates/in-the-bucket").status_code == 204
+        keys = [o["Key"] for o in client.list_objects_v2(Bucket="templates").get("Contents", [])]
+        assert not [k for k in keys if k.startswith("cluster/manifests/")], keys
     finally:
         for srv in reversed(servers):
             srv.stop()

@@ -195,6 +195,7 @@ class App:
         )
         if self.layers is not None:
             self.manager.fetch_template = self.layers.ensure
+            self.builds.on_delete.append(self.layers.forget)
         control = build_control_plane(
             self.manager,
             self.teams,

@@ -5,6 +5,7 @@ so a node can fetch one even when no node that holds it is alive:
 
     PREFIX/layers/<key>.tar              a layer's content, a tar stream (templates/transfer.py)
     PREFIX/manifests/<quoted name>.json  a template's manifest (its default build), under its ID and each name
+                                         (deleted with the template; its layers stay)
 
 What is read from the bucket is checked as what comes from a node is: each layer against the digest the state
 recorded for its key.
@@ -88,6 +89,11 @@ class Bucket:
             self.s3.put_object(
                 Bucket=self.name, Key=self._manifest_key(name), Body=data, ContentType="application/json"
             )
+
+    def forget(self, names: list[str]) -> None:
+        """The manifests under these names go (the layers stay: other templates may stand on them)."""
+        for name in names:
+            self.s3.delete_object(Bucket=self.name, Key=self._manifest_key(name))
 
     def manifest(self, name: str) -> dict[str, Any] | None:
         from botocore.exceptions import ClientError

@@ -56,6 +56,7 @@ IDENT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 BUILD_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,63}$")
 MAX_MANIFEST = 4 * 1024 * 1024
 MAX_LAYERS = 1000
+MAX_LOG_ENTRIES = 500  # of a build's log, carried with its template to other nodes
 STREAM_SLACK = 64 * 1024 * 1024  # bytes a layer's tar may carry beyond twice its size on disk (headers, padding)
 TIMEOUT = httpx.Timeout(connect=5.0, read=60.0, write=60.0, pool=5.0)
 
@@ -147,6 +148,12 @@ class LayerShare:
                 )
         return done
 
+    def forget(self, ident: str, names: list[str]) -> None:
+        """The template was deleted here: not in the bucket any more either (a create elsewhere finds it nowhere)."""
+        self._pushed = {pushed for pushed in self._pushed if pushed[0] != ident}
+        if self.bucket is not None:
+            self.bucket.forget([ident, *names])
+
     # -- serving ----------------------------------------------------------------------------------
     def routes(self) -> list[BaseRoute]:
         async def manifest(request: Request) -> Response:
@@ -201,6 +208,11 @@ class LayerShare:
                 }
             )
         version = json.loads((t.path / "template.json").read_text())
+        record: dict[str, Any] | None = None  # (the build's record: its status and log, as GET /templates/{id} shows)
+        with contextlib.suppress(OSError, ValueError):
+            record = json.loads((self.store.dir / t.name / "builds" / f"{t.digest}.json").read_text())
+            if isinstance(record, dict):
+                record["logEntries"] = list(record.get("logEntries") or [])[-MAX_LOG_ENTRIES:]
         return {
             "templateID": t.name,
             "meta": self.store.meta(t.name),
@@ -208,6 +220,7 @@ class LayerShare:
             "version": {**version, "base": base},
             "base": base,
             "layers": layers,
+            "buildRecord": record,
         }
 
     def _relative(self, base: Path) -> str:
@@ -290,7 +303,9 @@ class LayerShare:
             moved += self._fetch_layer(source, key, entry, base)
             fetched += 1
         version = {k: v for k, v in dict(manifest["version"]).items() if k not in ("kind", "name", "build_id")}
-        self.store.adopt(ident, dict(manifest["meta"]), build, {**version, "base": str(base)})
+        record = manifest.get("buildRecord")
+        record = record if isinstance(record, dict) and record.get("buildID") == build else None
+        self.store.adopt(ident, dict(manifest["meta"]), build, {**version, "base": str(base)}, record)
         log.info(
             "template %r (%s) fetched from %s: %d of its %d layer(s), %.1f MB, in %.2f s",
             name,

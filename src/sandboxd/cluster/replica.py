@@ -7,7 +7,9 @@ E2B_API_URL and E2B_SANDBOX_URL point at a replica) never see the nodes:
   ended records are the cluster's);
 - a create goes to the node placement picks (cluster/placement.py), the next one if that node fails to answer;
 - the lists are every node's, merged (each sandbox once), sorted and paged here;
-- anything else (templates, volumes, snapshots, pools, keys, secrets, metrics) goes to one node;
+- a request about one template (its builds and their files, its tags, itself) goes to a node that holds it (a
+  delete to every one), the list of templates is every node's, merged;
+- anything else (volumes, snapshots, pools, keys, secrets, metrics) goes to one node;
 - with `--domain D`, a request for the host `{port}-{id}.D` (how the SDKs reach a sandbox with E2B_DOMAIN, over TLS
   on `--tls-port`) is the sandbox's too, sent on with E2b-Sandbox-Id and E2b-Sandbox-Port (the nodes need no
   domain of their own); a signed `/files` URL (no sandbox ID in it) goes to the node whose sandbox signed it
@@ -55,6 +57,8 @@ from sandboxd.state.sql import Node, State
 log = logging.getLogger("sandboxd.cluster")
 
 SANDBOX_PATH = re.compile(r"^/(?:v2/)?sandboxes/([^/]+)")
+# a template's own routes (api/templates.py): /templates/{t}..., /v2/templates/{t}/builds/..., an alias, an upload
+TEMPLATE_PATH = re.compile(r"^/(?:v\d+/)?templates/(?:aliases/)?([^/]+)|^/template-files/([^/]+)/")
 CREATE_PATHS = frozenset({"/sandboxes", "/v2/sandboxes"})
 NODES_TTL = 1.0  # s: the nodes' leases read again after this
 WHERE_TTL = 5.0  # s: a sandbox's node remembered this long (a node that stops answering drops it at once)
@@ -143,6 +147,10 @@ class Replica:
                 await self._metrics_many(scope, receive, send)
             elif m := SANDBOX_PATH.match(path):
                 await self._to_sandbox(scope, receive, send, m.group(1), data_plane=False)
+            elif path == "/templates" and scope["method"] == "GET":
+                await self._templates(scope, receive, send)
+            elif m := TEMPLATE_PATH.match(path):
+                await self._to_template(scope, receive, send, m.group(1) or m.group(2))
             else:
                 await self._to_any(scope, receive, send)
         except NoNodes as e:
@@ -244,15 +252,58 @@ class Replica:
             self._where.pop(sandbox_id, None)
             await _error(502, "the sandbox's node did not answer: retry")(scope, receive, send)
 
-    async def _to_any(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _to_any(self, scope: Scope, receive: Receive, send: Send, first: list[Node] | None = None) -> None:
+        """To the first node that answers: of `first` (those holding what the request is about), then any."""
         alive = await self._alive()
+        ordered = [*(first or []), *(n for n in alive if n not in (first or []))]
         body = await _small_body(scope, receive)
-        for node in alive:  # (the first that answers)
+        for node in ordered:
             if await self._proxy(scope, receive, send, node.url, body=body):
                 return
             if body is None:
                 break
         await _error(502, "no node of the cluster answered: retry")(scope, receive, send)
+
+    async def _to_template(self, scope: Scope, receive: Receive, send: Send, name: str) -> None:
+        """A request about one template (its builds, files, tags, itself) to a node that holds it (the leases say
+        which: a build's calls stay on the node building it); a delete to every node (one that fetched the template a
+        moment ago has not told it yet)."""
+        name = name.rpartition(":")[0] or name  # (`name:tag`: leases tell names)
+        alive = await self._alive()
+        holders = [n for n in alive if name in (n.capacity.get("templates") or ())]
+        if scope["method"] == "DELETE":  # (the others first: when the client hears it is deleted, it is everywhere)
+            headers = [*_forwarded(scope), *self._ours]
+            answering = holders[0] if holders else alive[0]
+            for node in (n for n in alive if n is not answering):
+                with contextlib.suppress(httpx.HTTPError):
+                    r = await self.client.delete(node.url + scope["path"], headers=headers)
+                    if r.status_code not in (204, 404):
+                        log.warning("template %r: its delete on node %s answered %d", name, node.node_id, r.status_code)
+        await self._to_any(scope, receive, send, first=holders)
+
+    async def _templates(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Every node's templates, each once (a template a node fetched is the same template)."""
+        headers = [*_forwarded(scope), *self._ours]
+        query = scope["query_string"].decode("latin-1")
+
+        async def ask(node: Node) -> tuple[int, Any]:
+            try:
+                r = await self.client.get(node.url + "/templates" + (f"?{query}" if query else ""), headers=headers)
+                return r.status_code, r.json()
+            except (httpx.HTTPError, ValueError):
+                return 200, []  # (a node that does not answer: its templates are not listed)
+
+        answers = await asyncio.gather(*(ask(n) for n in await self._alive()))
+        seen: dict[str, Any] = {}
+        for status, items in answers:
+            if status != 200 or not isinstance(items, list):
+                await JSONResponse(items, status_code=status)(scope, receive, send)
+                return
+            for item in items:
+                if isinstance(item, dict) and isinstance(item.get("templateID"), str):
+                    seen.setdefault(item["templateID"], item)
+        ordered = sorted(seen.values(), key=lambda t: (str(t.get("createdAt", "")), t["templateID"]))
+        await JSONResponse(ordered)(scope, receive, send)
 
     async def _create(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await _read_body(receive, MAX_CREATE_BODY)

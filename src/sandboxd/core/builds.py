@@ -23,7 +23,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -147,6 +147,8 @@ class TemplateBuilds:
         self.layers: LayerStore = store.layers
         self.builds: dict[str, Build] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # told (in a thread) of each template deleted, with its names: a cluster's bucket forgets it (cluster/layers.py)
+        self.on_delete: list[Callable[[str, list[str]], None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._upload_key = secrets.token_bytes(32)
         self.layers.clean_stale()  # what a build cut short by a crash left half-committed
@@ -234,8 +236,14 @@ class TemplateBuilds:
         write_json(d / f"{build.build_id}.json", build.to_json())
 
     async def delete(self, template_id: str) -> None:
+        names = [n for n in self.store.meta(template_id).get("names", []) if isinstance(n, str)]
         await asyncio.to_thread(self.store.delete, template_id)
         self.manager.pool.drop_stale()  # its idle pooled sandboxes go now
+        for told in self.on_delete:
+            try:
+                await asyncio.to_thread(told, template_id, names)
+            except Exception:
+                log.exception("template %s deleted: telling %r failed", template_id, told)
 
     def history(self, template_id: str) -> list[Build]:
         """The template's builds, newest first (from their files)."""

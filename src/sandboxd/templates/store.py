@@ -285,17 +285,23 @@ class TemplateStore:
         self.set_name(name, ident)
         return ident
 
-    def adopt(self, ident: str, meta: dict, build_id: str, version: dict) -> None:
+    def adopt(self, ident: str, meta: dict, build_id: str, version: dict, record: dict | None = None) -> None:
         """A template fetched from another node of a cluster (cluster/layers.py), its layers here already: its
-        build under its ID (the default), and its names. A new one is assembled in a scratch dir and renamed into
-        place whole, as publish() does."""
+        build under its ID (the default), its build's record (`record`), and its names. A new one is assembled in a
+        scratch dir and renamed into place whole, as publish() does."""
         home = self.dir / ident
         if (home / "meta.json").is_file():
+            if record is not None:
+                (home / "builds").mkdir(exist_ok=True)
+                write_json(home / "builds" / f"{build_id}.json", record)
             self.add_version(ident, build_id, version, ["default"])
         else:
             scratch = self.dir / f".new-template-{ident}-{os.getpid()}"
             shutil.rmtree(scratch, ignore_errors=True)
             (scratch / build_id).mkdir(parents=True)
+            if record is not None:
+                (scratch / "builds").mkdir()
+                write_json(scratch / "builds" / f"{build_id}.json", record)
             write_json(scratch / "meta.json", {**meta, "templateID": ident})
             write_json(
                 scratch / build_id / "template.json", {"kind": "layers", "name": ident, "build_id": build_id, **version}
