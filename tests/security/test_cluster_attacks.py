@@ -1,12 +1,15 @@
 """The cluster's new surface as a hostile client meets it (an API replica over a node, a real PostgreSQL): a team's
 key reaches only its team's sandboxes through the replica as through a node (the node checks the key the replica
 passes on: the replica widens nothing); what a client sends the replica is bounded before it is read (a create's
-body, page sizes, a list cursor, metrics IDs, sandbox IDs), and nothing it sends picks where the replica connects
-(only the nodes' leases in the database do)."""
+body, page sizes, a list cursor, metrics IDs, sandbox IDs), a body cut short is never passed on as whole, and nothing
+it sends picks where the replica connects (only the nodes' leases in the database do). Nodes fetching templates
+from each other refuse a layer that is not what the state recorded; mutual TLS keeps others off the nodes."""
 
 from __future__ import annotations
 
+import socket
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +59,19 @@ def test_a_replica_widens_nothing_and_bounds_what_it_reads(pg: PgServer, tmp_pat
                 # a Host or a forwarding header never steers the replica: it answers from the node it knows
                 r = api.get("/v2/sandboxes", headers={"Host": "169.254.169.254", "X-Forwarded-Host": "127.0.0.1:1"})
                 assert r.status_code == 200
+                # a body cut short (the client gone before its declared length) is never passed on as a whole one:
+                # a raw upload of 1000 bytes of which 400 came writes no file
+                token = getattr(mine, "_envd_access_token", None) or ""
+                head = (
+                    f"POST /files?path=/tmp/cut&username=user HTTP/1.1\r\nHost: x\r\nE2b-Sandbox-Id: {sid}\r\n"
+                    f"X-Access-Token: {token}\r\nContent-Type: application/octet-stream\r\nContent-Length: 1000\r\n\r\n"
+                )
+                with socket.create_connection(("127.0.0.1", int(replica.url.rsplit(":", 1)[1]))) as raw:
+                    raw.sendall(head.encode() + b"x" * 400)
+                    time.sleep(0.5)
+                time.sleep(0.5)
+                assert not mine.files.exists("/tmp/cut"), mine.files.get_info("/tmp/cut")
+                assert mine.commands.run("echo still").stdout == "still\n"
             finally:
                 mine.kill()
         finally:

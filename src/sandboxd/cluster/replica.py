@@ -155,6 +155,8 @@ class Replica:
                 await self._to_any(scope, receive, send)
         except NoNodes as e:
             await _error(503, str(e), {"Retry-After": "2"})(scope, receive, send)
+        except ClientGone:  # (before its whole body came: nothing was passed on, no one to answer)
+            return
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -489,6 +491,10 @@ class NoNodes(Exception):
     pass
 
 
+class ClientGone(Exception):
+    """The client went away before sending the whole body it declared."""
+
+
 def _forwarded(scope: Scope) -> list[tuple[bytes, bytes]]:
     """The client's headers a node gets (never a cluster token of the client's making)."""
     return [(k, v) for k, v in scope["headers"] if k.lower() not in httpfwd.HOP_BY_HOP and k.lower() != CLUSTER_HEADER]
@@ -498,7 +504,7 @@ async def _request_body(receive: Receive) -> AsyncIterator[bytes]:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            return
+            raise ClientGone()
         chunk = message.get("body", b"")
         if chunk:
             yield chunk
