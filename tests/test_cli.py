@@ -101,6 +101,10 @@ def test_the_cli_says_what_went_wrong(server: Server) -> None:
         text=True,
     )
     assert bad_key.returncode == 1 and "invalid API key" in bad_key.stderr, bad_key
+    alone = subprocess.run(
+        [SANDBOXD, "nodes", "--url", server.url, "--api-key", server.api_key], capture_output=True, text=True
+    )
+    assert alone.returncode == 1 and "not part of a cluster" in alone.stderr, alone
 
 
 def test_an_interactive_shell_through_a_real_terminal(server: Server) -> None:

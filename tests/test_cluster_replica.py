@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from e2b_code_interpreter import Sandbox as CodeSandbox
 from pg import PgServer
 
 from conftest import (
+    SANDBOXD,
     PtyOutput,
     Server,
     node_holding,
@@ -34,6 +36,11 @@ from conftest import (
 def _nodes_of(database: str) -> dict[str, str]:
     with psycopg.connect(database) as db:
         return dict(db.execute("SELECT id, node FROM sandboxes").fetchall())
+
+
+def _nodes_cli(srv: Server, *extra: str) -> subprocess.CompletedProcess[str]:
+    argv = [SANDBOXD, "nodes", "--url", srv.url, "--api-key", srv.api_key, *extra]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
 
 def test_a_cluster_of_two_nodes_behind_two_api_replicas(pg: PgServer, tmp_path: Path) -> None:
@@ -59,6 +66,9 @@ def test_a_cluster_of_two_nodes_behind_two_api_replicas(pg: PgServer, tmp_path: 
         placed = _nodes_of(database)
         node_a, node_b = ((tmp_path / d / "node-id").read_text().strip() for d in ("a", "b"))
         assert {placed[i] for i in ids} == {node_a, node_b}, placed  # (spread: both nodes used)
+        shown = _nodes_cli(r1)
+        assert shown.returncode == 0 and node_a in shown.stdout and node_b in shown.stdout, shown
+        assert "2 of 2 node(s) alive" in shown.stderr
         on_a = next(i for i in ids if placed[i] == node_a)
         on_b = next(i for i in ids if placed[i] == node_b)
 
@@ -116,6 +126,9 @@ def test_a_cluster_of_two_nodes_behind_two_api_replicas(pg: PgServer, tmp_path: 
             assert time.monotonic() - killed < 12, r.text
             time.sleep(0.25)
         assert r.status_code == 404 and node_a in r.json()["message"]
+        seen = {n["nodeID"]: n for n in json.loads(_nodes_cli(r2, "--json").stdout)}
+        assert not seen[node_a]["alive"] and seen[node_b]["alive"] and seen[node_b]["cpus"] >= 1, seen
+        assert httpx.get(f"{r2.url}/admin/nodes", headers={"X-API-KEY": team_key(r2, "no-nodes")}).status_code == 403
         time.sleep(1.2)  # (the replica's view of the leases is a second old at most)
         late = Sandbox.create(template="base", timeout=60, **via2)
         assert _nodes_of(database)[late.sandbox_id] == node_b
@@ -244,9 +257,7 @@ def test_signed_file_urls_and_host_routing_through_a_replica(pg: PgServer, tmp_p
     """Nodes that serve their replicas only (a cluster token) behind a replica with --domain: the SDK's signed
     /files URLs (no sandbox ID in them) reach the sandbox on whichever node signed them; `{port}-{id}.D` over TLS
     reaches a sandbox's port and envd, `api.D` the API."""
-    import subprocess
-
-    from conftest import SANDBOXD, free_port
+    from conftest import free_port
 
     database = pg.database()
     token = ("--cluster-token", "token-of-this-cluster")

@@ -17,6 +17,7 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from sandboxd.api.app import build_control_plane
+from sandboxd.api.nodes import node_routes
 from sandboxd.cluster.bucket import Bucket, BucketError
 from sandboxd.cluster.layers import LayerShare
 from sandboxd.cluster.membership import Membership
@@ -206,6 +207,7 @@ class App:
                 *dashboard_routes(f"http://{own}:{config.port}"),
                 *(self.layers.routes() if self.layers else []),
                 *(signature_routes(self.manager) if self.layers else []),
+                *(node_routes(self.db) if self.layers else []),
             ],
             TeamQuotas(self.db, config.team_max_sandboxes, config.team_creates_per_minute),
             enforce_quotas=config.role == "all",  # (a cluster's nodes: its API replicas enforce them)

@@ -1,5 +1,5 @@
-"""`sandboxd serve | template build|import|list|rm|prune|logs | sandbox ... | pool ... | keys ... | api-key | ca |
-completion`."""
+"""`sandboxd serve | template build|import|list|rm|prune|logs | sandbox ... | pool ... | keys ... | nodes | api-key |
+ca | completion`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sandboxd import __version__
 from sandboxd.cli import keys as keys_cli
+from sandboxd.cli import nodes as nodes_cli
 from sandboxd.cli import pools as pool_cli
 from sandboxd.cli import sandboxes as sandbox_cli
 from sandboxd.cli import templates as template_cli
@@ -416,6 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     ksub = p_keys.add_subparsers(dest="keys_command", required=True)
     keys_cli.add_parsers(ksub, server_options)
 
+    p_nodes = sub.add_parser(
+        "nodes", parents=[server_options], help="a cluster's nodes: address, lease, load (with the server's own key)"
+    )
+    p_nodes.add_argument("--json", action="store_true", help="print the JSON the server answers")
+
     p_key = sub.add_parser("api-key", help="print the server's API key (created on first use)")
     _add_dirs(p_key)
 
@@ -634,13 +640,15 @@ def main(argv: list[str] | None = None) -> int:
             if status:
                 return status
         return 0
-    if args.command in ("sandbox", "pool", "keys"):
+    if args.command in ("sandbox", "pool", "keys", "nodes"):
         api_key = args.api_key
         if not api_key and (args.database or (args.data_dir / "state.db").is_file()):
             from sandboxd.state import open_state
 
             api_key = open_state(args.data_dir, args.database, create=False).api_key()[0]
-        run = {"sandbox": sandbox_cli.main, "pool": pool_cli.main, "keys": keys_cli.main}[args.command]
+        run = {"sandbox": sandbox_cli.main, "pool": pool_cli.main, "keys": keys_cli.main, "nodes": nodes_cli.main}[
+            args.command
+        ]
         return run(args, args.url or "http://127.0.0.1:3000", api_key)
     if args.command == "api-key":
         from sandboxd.state import open_state
