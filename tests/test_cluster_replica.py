@@ -334,8 +334,8 @@ def test_a_template_outlives_the_node_that_built_it_in_a_bucket(
     pg: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With --layer-bucket (an S3-compatible server on loopback: moto's), nodes put the templates they hold in the
-    bucket; when the node that built a template is gone, another fetches it from there — each layer checked against
-    the state's digest: an object changed in the bucket is refused."""
+    bucket; when the node that built a template (or took a snapshot of a sandbox's files) is gone, another fetches it
+    from there — each layer checked against the state's digest: an object changed in the bucket is refused."""
     import boto3
     from e2b import Template
     from moto.server import ThreadedMotoServer
@@ -371,10 +371,19 @@ def test_a_template_outlives_the_node_that_built_it_in_a_bucket(
         Template.build(Template().from_template("base").run_cmd("echo kept > /tmp/made"), "in-the-bucket")
         holder, other = node_holding(servers[:2], lambda n: tmp_path / f"{n.data_dir.name}-templates", "in-the-bucket")
         top = TemplateStore(tmp_path / f"{holder.data_dir.name}-templates").get("in-the-bucket").top_layer
+        # a snapshot (of its files) taken on that node, straight through its own API: a template too
+        api = holder.api()
+        sid = api.post("/sandboxes", json={"templateID": "base", "timeout": 60}).json()["sandboxID"]
+        Sandbox.connect(sid, api_url=holder.url, sandbox_url=holder.url, api_key=holder.api_key).files.write(
+            "/home/user/snapped", "files of the snapshot"
+        )
+        r = api.post(f"/sandboxes/{sid}/snapshots", json={"name": "moved-snap", "memory": False})
+        assert r.status_code in (200, 201), r.text
+        api.delete(f"/sandboxes/{sid}")
         deadline = time.monotonic() + 30  # (put within a round of the node's bucket loop: 5 s)
         while True:
             keys = [o["Key"] for o in client.list_objects_v2(Bucket="templates").get("Contents", [])]
-            if "cluster/manifests/in-the-bucket.json" in keys:
+            if {"cluster/manifests/in-the-bucket.json", "cluster/manifests/moved-snap.json"} <= set(keys):
                 break
             assert time.monotonic() < deadline, keys
             time.sleep(0.5)
@@ -397,6 +406,12 @@ def test_a_template_outlives_the_node_that_built_it_in_a_bucket(
             assert made.files.read("/tmp/made") == "kept\n"
         finally:
             made.kill()
+        snapped = Sandbox.create(template="moved-snap", timeout=60, **via)  # (its node gone: from the bucket)
+        try:
+            assert snapped.files.read("/home/user/snapped") == "files of the snapshot"
+        finally:
+            snapped.kill()
+        assert replica.api().delete("/templates/moved-snap").status_code == 204
         # deleted (through the replica, on the node that now holds it): out of the bucket too
         assert replica.api().delete("/templates/in-the-bucket").status_code == 204
         keys = [o["Key"] for o in client.list_objects_v2(Bucket="templates").get("Contents", [])]
