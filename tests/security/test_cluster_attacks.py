@@ -268,3 +268,87 @@ def test_mutual_tls_between_replicas_and_nodes(pg: PgServer, tmp_path: Path, mon
     finally:
         for srv in reversed(servers):
             srv.stop()
+
+
+def test_a_hostile_manifest_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """What another node or the bucket says a template is (its manifest) is checked before any of it is used: IDs
+    and builds are names, not paths; the layers a chain ending in the build's top (no parent pointing elsewhere on
+    the host); the root filesystem inside the templates dir; a layer only with the digest the state recorded; a
+    fetched template never a built-in one, nor a snapshot with memory."""
+    import contextlib
+    import io
+    import subprocess
+    import tarfile
+    from collections.abc import Iterator
+
+    from sandboxd.cluster.layers import FetchFailed, LayerShare
+    from sandboxd.state.db import StateDB
+    from sandboxd.templates.store import TemplateStore
+    from sandboxd.templates.transfer import tree_digest
+
+    state = StateDB(tmp_path / "state.db")
+    store = TemplateStore(tmp_path / "templates")
+    share = LayerShare(store, state, "e2b_key", None)
+    content = tmp_path / "content"
+    (content / "etc").mkdir(parents=True)
+    (content / "etc" / "motd").write_text("fetched\n")
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w") as t:
+        t.add(content, arcname=".")
+
+    class Hostile:
+        where = "a hostile node"
+
+        def __init__(self, manifest: dict[str, Any]) -> None:
+            self.value = manifest
+
+        def manifest(self, name: str) -> dict[str, Any] | None:
+            return self.value
+
+        @contextlib.contextmanager
+        def layer(self, key: str) -> Iterator[Iterator[bytes]]:
+            yield iter([tar.getvalue()])
+
+    key = "ab" * 16
+
+    def manifest(**over: Any) -> dict[str, Any]:
+        good = {
+            "templateID": "fetchedone",
+            "build": "b1",
+            "meta": {"templateID": "fetchedone", "names": ["fetched-one"], "builtin": True},
+            "version": {"top": key, "start_cmd": "", "memory": {"uid_base": 1}},
+            "base": ".empty-root",
+            "layers": [{"key": key, "parent": None, "step": "s", "size_bytes": 4096, "created": 1.0}],
+        }
+        return {**good, **over}
+
+    for bad, says in (
+        (manifest(templateID="../../etc"), "not allowed"),
+        (manifest(build="../x"), "not allowed"),
+        (manifest(layers=[{"key": key, "parent": "../../../../etc"}]), "not a chain"),
+        (manifest(layers=[{"key": "../../etc", "parent": None}]), "not a chain"),
+        (manifest(layers=[]), "no layers"),
+        (manifest(version={"top": "cd" * 16}), "top layer"),
+        (manifest(base="../../../../etc"), "not allowed"),
+        (manifest(base="/etc"), "not allowed"),
+        (manifest(), "no digest"),  # (the state never heard of the layer)
+    ):
+        with pytest.raises(FetchFailed, match=says):
+            share._fetch(Hostile(bad), "fetched-one")
+        assert store.resolve("fetched-one")[0] is None and store.layers.keys() == []
+
+    state.put_layer(key, "sha256:" + "0" * 64, 4096)  # (recorded, but not this content)
+    with pytest.raises(FetchFailed, match="not the one recorded"):
+        share._fetch(Hostile(manifest()), "fetched-one")
+    assert store.layers.keys() == [] and list((store.dir / ".layers").glob(".new-*")) == []
+
+    other = StateDB(tmp_path / "other.db")  # (the same content, its digest recorded: taken)
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(unpacked)], input=tar.getvalue(), check=True)
+    other.put_layer(key, tree_digest(unpacked), 4096)
+    share = LayerShare(store, other, "e2b_key", None)
+    assert share._fetch(Hostile(manifest()), "fetched-one")
+    fetched = store.get("fetched-one")
+    assert fetched.memory_images is None and not store.is_builtin(fetched.name)  # (what only a node writes: not)
+    assert (store.layers.get(key).diff / "etc" / "motd").read_text() == "fetched\n"  # type: ignore[union-attr]

@@ -288,24 +288,19 @@ class LayerShare:
         manifest = source.manifest(name)
         if manifest is None:
             return False
-        ident, build = str(manifest["templateID"]), str(manifest["build"])
-        if not IDENT_RE.match(ident) or not BUILD_RE.match(build):
-            raise FetchFailed(f"its manifest names a template {ident[:80]!r} / build {build[:80]!r} not allowed")
-        layers = list(manifest["layers"])[:MAX_LAYERS]
+        ident, build, layers, version = _checked(manifest)
         base = self._local_base(str(manifest["base"]))
         moved = fetched = 0
         for entry in reversed(layers):  # (bottom first: a layer is whole on disk only with what it sits on)
             key = str(entry["key"])
-            if not KEY_RE.match(key):
-                raise FetchFailed(f"its manifest names a layer {key[:80]!r} not allowed")
             if self.store.layers.get(key) is not None:
                 continue
             moved += self._fetch_layer(source, key, entry, base)
             fetched += 1
-        version = {k: v for k, v in dict(manifest["version"]).items() if k not in ("kind", "name", "build_id")}
         record = manifest.get("buildRecord")
         record = record if isinstance(record, dict) and record.get("buildID") == build else None
-        self.store.adopt(ident, dict(manifest["meta"]), build, {**version, "base": str(base)}, record)
+        meta = {**dict(manifest["meta"]), "builtin": False}  # (a built-in template is every node's own, never fetched)
+        self.store.adopt(ident, meta, build, {**version, "base": str(base)}, record)
         log.info(
             "template %r (%s) fetched from %s: %d of its %d layer(s), %.1f MB, in %.2f s",
             name,
@@ -374,6 +369,29 @@ class LayerShare:
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
+
+
+def _checked(manifest: dict[str, Any]) -> tuple[str, str, list[dict[str, Any]], dict[str, Any]]:
+    """A manifest from another node or the bucket, checked before anything of it is used: its template's ID and build
+    (names, not paths), its layers a chain (each one's parent the next one's key, the last on the root filesystem)
+    ending in the build's top layer; its build's config without what only a node itself writes (a snapshot's memory)."""
+    ident, build = str(manifest["templateID"]), str(manifest["build"])
+    if not IDENT_RE.match(ident) or not BUILD_RE.match(build):
+        raise FetchFailed(f"its manifest names a template {ident[:80]!r} / build {build[:80]!r} not allowed")
+    layers = manifest["layers"]
+    if not isinstance(layers, list) or not 0 < len(layers) <= MAX_LAYERS:
+        raise FetchFailed(f"its manifest has no layers, or more than {MAX_LAYERS}")
+    for i, entry in enumerate(layers):
+        key, parent = entry.get("key"), entry.get("parent")
+        below = layers[i + 1].get("key") if i + 1 < len(layers) else None
+        if not isinstance(key, str) or not KEY_RE.match(key) or parent != below:
+            raise FetchFailed(f"its manifest's layers are not a chain (layer {str(key)[:80]!r}, parent {parent!r})")
+    version = {
+        k: v for k, v in dict(manifest["version"]).items() if k not in ("kind", "name", "build_id", "memory", "base")
+    }
+    if version.get("top") != layers[0]["key"]:
+        raise FetchFailed(f"its manifest's build does not end in its top layer ({str(version.get('top'))[:80]!r})")
+    return ident, build, layers, version
 
 
 class Source(Protocol):
