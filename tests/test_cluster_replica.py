@@ -214,6 +214,12 @@ def test_three_nodes_a_template_built_through_one_replica_runs_on_the_others(
         assert top is not None
         # its node tells it holds the template (its next beat) before the creates, and the replica sees that
         wait_for_holders(database, "cluster-made", holders=1)
+        # another build of it asked of a node that does not hold it is a build of that template, not a new one of
+        # the same name (the node fetches it first: its owner is checked as anywhere)
+        ident = TemplateStore(tmp_path / f"{built[0]}-templates").resolve("cluster-made")[0]
+        elsewhere = next(srv for srv, n in zip(servers, names, strict=False) if n != built[0])
+        again = elsewhere.api().post("/v3/templates", json={"name": "cluster-made", "tags": ["again"]})
+        assert again.status_code == 202 and again.json()["templateID"] == ident, again.text
         time.sleep(1.2)  # (the replica's view of the leases: a second old at most)
         via2 = {"api_url": r2.url, "sandbox_url": r2.url, "api_key": r2.api_key}
         made = [Sandbox.create(template="cluster-made", timeout=60, **via2) for _ in range(6)]

@@ -74,6 +74,7 @@ def template_routes(
         name = b.name or b.alias
         if not name:
             raise BadRequest("name is required")
+        await builds.manager.ensure_template(name)  # (a cluster's: held by another node, it is that template's build)
         existing, _ = store.resolve(name)
         if existing is not None:  # (another build of it: its team's)
             may_change(request, existing, "built")
