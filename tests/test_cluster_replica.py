@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -36,6 +37,29 @@ from conftest import (
 def _nodes_of(database: str) -> dict[str, str]:
     with psycopg.connect(database) as db:
         return dict(db.execute("SELECT id, node FROM sandboxes").fetchall())
+
+
+def start_s3(monkeypatch: pytest.MonkeyPatch, bucket: str) -> tuple[Any, str, Any]:
+    """An S3-compatible server on loopback (moto's: it takes any credentials, given in the environment) with
+    `bucket` made: (the server, to stop; its URL; a boto3 client)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from conftest import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "sandboxd",
+        "AWS_SECRET_ACCESS_KEY": "tests",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(k, v)
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint)
+    client.create_bucket(Bucket=bucket)
+    return server, endpoint, client
 
 
 def _nodes_cli(srv: Server, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -214,12 +238,6 @@ def test_three_nodes_a_template_built_through_one_replica_runs_on_the_others(
         assert top is not None
         # its node tells it holds the template (its next beat) before the creates, and the replica sees that
         wait_for_holders(database, "cluster-made", holders=1)
-        # another build of it asked of a node that does not hold it is a build of that template, not a new one of
-        # the same name (the node fetches it first: its owner is checked as anywhere)
-        ident = TemplateStore(tmp_path / f"{built[0]}-templates").resolve("cluster-made")[0]
-        elsewhere = next(srv for srv, n in zip(servers, names, strict=False) if n != built[0])
-        again = elsewhere.api().post("/v3/templates", json={"name": "cluster-made", "tags": ["again"]})
-        assert again.status_code == 202 and again.json()["templateID"] == ident, again.text
         time.sleep(1.2)  # (the replica's view of the leases: a second old at most)
         via2 = {"api_url": r2.url, "sandbox_url": r2.url, "api_key": r2.api_key}
         made = [Sandbox.create(template="cluster-made", timeout=60, **via2) for _ in range(6)]
@@ -232,6 +250,13 @@ def test_three_nodes_a_template_built_through_one_replica_runs_on_the_others(
         finally:
             for s in made:
                 s.kill()
+        # another build of it asked of a node that did not hold it is a build of that template, not a new one of
+        # the same name (the node fetches it first: its owner is checked as anywhere)
+        ident = TemplateStore(tmp_path / f"{built[0]}-templates").resolve("cluster-made")[0]
+        elsewhere = next(srv for srv, n in zip(servers, names, strict=False) if n != built[0])
+        (tmp_path / f"{elsewhere.data_dir.name}-templates" / ".names" / "cluster-made").unlink()  # (as if not held)
+        again = elsewhere.api().post("/v3/templates", json={"name": "cluster-made", "tags": ["again"]})
+        assert again.status_code == 202 and again.json()["templateID"] == ident, again.text
         with psycopg.connect(database) as db:
             (digest,) = db.execute("SELECT digest FROM layers WHERE key = %s", (top,)).fetchone() or (None,)
         assert digest and digest.startswith("sha256:")
@@ -342,26 +367,13 @@ def test_a_template_outlives_the_node_that_built_it_in_a_bucket(
     """With --layer-bucket (an S3-compatible server on loopback: moto's), nodes put the templates they hold in the
     bucket; when the node that built a template (or took a snapshot of a sandbox's files) is gone, another fetches it
     from there — each layer checked against the state's digest: an object changed in the bucket is refused."""
-    import boto3
     from e2b import Template
-    from moto.server import ThreadedMotoServer
 
     from sandboxd.templates.store import TemplateStore
 
-    from conftest import BUILTIN_TEMPLATES, TEMPLATES_DIR, free_port
+    from conftest import BUILTIN_TEMPLATES, TEMPLATES_DIR
 
-    s3_port = free_port()
-    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
-    s3.start()
-    endpoint = f"http://127.0.0.1:{s3_port}"
-    for k, v in {
-        "AWS_ACCESS_KEY_ID": "sandboxd",
-        "AWS_SECRET_ACCESS_KEY": "tests",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(k, v)
-    client = boto3.client("s3", endpoint_url=endpoint)
-    client.create_bucket(Bucket="templates")
+    s3, endpoint, client = start_s3(monkeypatch, "templates")
     database = pg.database()
     bucket = ("--layer-bucket", "s3://templates/cluster", "--s3-endpoint", endpoint)
     servers = []
@@ -425,4 +437,69 @@ def test_a_template_outlives_the_node_that_built_it_in_a_bucket(
     finally:
         for srv in reversed(servers):
             srv.stop()
+        s3.stop()
+
+
+def test_a_sandbox_paused_to_its_files_outlives_its_node(
+    pg: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a bucket, a sandbox paused to its files on a node that is then lost is taken over by another node when
+    its owner connects to it through a replica: the same ID, its files, a new boot (as a resume from its files is).
+    Another team's key does not move it."""
+    s3, endpoint, client = start_s3(monkeypatch, "moving")
+    database = pg.database()
+    node = ("--role", "node", "--database", database, "--pool-size", "0", "--layer-bucket", "s3://moving",
+            "--s3-endpoint", endpoint)  # fmt: skip
+    nodes = {name: start_server(tmp_path / name, *node) for name in ("a", "b")}
+    ports = {name: int(srv.url.rsplit(":", 1)[1]) for name, srv in nodes.items()}
+    servers = list(nodes.values())
+    lost_name = None
+    try:
+        replica = start_server(tmp_path / "r", "--role", "api", "--database", database)
+        servers.append(replica)
+        via = {"api_url": replica.url, "sandbox_url": replica.url, "api_key": team_key(replica, "movers")}
+        sbx = Sandbox.create(template="base", timeout=120, **via)
+        sid = sbx.sandbox_id
+        sbx.files.write("/home/user/kept.txt", "kept across nodes")
+        boot = sbx.commands.run("cut -d' ' -f22 /proc/1/stat").stdout  # (its init's start: a new boot, a new one)
+        r = httpx.post(
+            f"{replica.url}/sandboxes/{sid}/pause", json={"memory": False}, headers={"X-API-KEY": via["api_key"]}
+        )
+        assert r.status_code == 204, r.text
+        deadline = time.monotonic() + 30  # (its image in the bucket: the node's next round, 5 s)
+        while f"manifests/paused-{sid}.json" not in str(client.list_objects_v2(Bucket="moving").get("Contents", [])):
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+
+        node_ids = {name: (tmp_path / name / "node-id").read_text().strip() for name in nodes}
+        lost_name = next(name for name, n in node_ids.items() if n == _nodes_of(database)[sid])
+        nodes[lost_name].stop(signal.SIGKILL)
+        killed = time.monotonic()
+        while "lost" not in (r := replica.api().get(f"/sandboxes/{sid}")).text:
+            assert time.monotonic() - killed < 12, r.text
+            time.sleep(0.25)
+        time.sleep(1.2)  # (the replica's view of the leases)
+
+        for stranger in (team_key(replica, "not-theirs"), team_key(replica, "default")):
+            r = httpx.post(
+                f"{replica.url}/sandboxes/{sid}/connect", json={"timeout": 60}, headers={"X-API-KEY": stranger}
+            )
+            assert r.status_code == 404, r.text  # (not moved for a key that does not see it)
+            r = httpx.post(
+                f"{replica.url}/sandboxes", json={"templateID": f"paused-{sid}"}, headers={"X-API-KEY": stranger}
+            )
+            assert r.status_code == 404, r.text  # (its image is its team's)
+        back = Sandbox.connect(sid, timeout=120, **via)
+        assert back.files.read("/home/user/kept.txt") == "kept across nodes"
+        assert back.commands.run("cut -d' ' -f22 /proc/1/stat").stdout != boot  # (booted again)
+        other = next(n for name, n in node_ids.items() if name != lost_name)
+        assert _nodes_of(database)[sid] == other
+        assert replica.api().get(f"/sandboxes/{sid}").json()["state"] == "running"
+        back.kill()
+    finally:
+        for srv in reversed(servers):
+            if srv.proc.poll() is None:
+                srv.stop()
+        if lost_name is not None:  # (its leftovers cleaned: back, then gone)
+            start_server(tmp_path / lost_name, *node, port=ports[lost_name]).stop()
         s3.stop()

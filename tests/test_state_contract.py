@@ -211,6 +211,23 @@ def test_a_beat_renews_and_learns_in_one_go(open_state: Callable[[], State]) -> 
     assert not a.beat("n1", "http://n1.invalid:3000", {}, lease_seconds=30).declared_lost
 
 
+def test_a_lost_sandbox_is_claimed_by_one_node_only(open_state: Callable[[], State]) -> None:
+    a, b = open_state(), open_state()
+    a.node = "n1"
+    a.put(record("moving", 1.0, metadata={"k": "v"}))
+    b.lose("n1", 5.0, lambda r: {"sandboxID": r.sandbox_id, "endReason": {"kind": "lost"}})
+    assert b.lost_record("moving").metadata == {"k": "v"}  # type: ignore[union-attr]
+    claimed = b.claim_lost("moving")
+    assert claimed is not None and claimed[0].sandbox_id == "moving"
+    assert a.claim_lost("moving") is None and a.lost_record("moving") is None  # (one node wins)
+    b.unclaim(claimed[1])  # (the move failed: lost again, for the next try)
+    assert a.lost_record("moving") is not None and a.ended("moving") == {
+        "sandboxID": "moving",
+        "endReason": {"kind": "lost"},
+    }
+    assert a.claim_lost("nope") is None
+
+
 def test_migrations_run_once_and_refuse_a_newer_schema(open_state: Callable[[], State]) -> None:
     a = open_state()
     assert a.query("SELECT max(version) FROM schema_version")[0][0] == LATEST

@@ -18,9 +18,11 @@ from starlette.types import Receive, Scope, Send
 
 from sandboxd.api.app import build_control_plane
 from sandboxd.api.nodes import node_routes
+from sandboxd.api.tenancy import TEMPLATE
 from sandboxd.cluster.bucket import Bucket, BucketError
 from sandboxd.cluster.layers import LayerShare
 from sandboxd.cluster.membership import Membership
+from sandboxd.cluster.moving import Moving
 from sandboxd.cluster.signatures import signature_routes
 from sandboxd.cluster.tls import ClusterTLS
 from sandboxd.core import workload_identity
@@ -197,6 +199,15 @@ class App:
         if self.layers is not None:
             self.manager.fetch_template = self.layers.ensure
             self.builds.on_delete.append(self.layers.forget)
+        # with a bucket, a sandbox paused to its files outlives its node (cluster/moving.py)
+        self.moving = (
+            Moving(self.manager, self.db, self.layers, lambda ident, team: self.teams.set_owner(TEMPLATE, ident, team))
+            if self.layers and self.layers.bucket
+            else None
+        )
+        if self.moving is not None:
+            self.manager.before_files_pause.append(self.moving.keep_image)
+            self.layers.before_push.append(self.moving.collect)  # type: ignore[union-attr]
         control = build_control_plane(
             self.manager,
             self.teams,
@@ -208,6 +219,7 @@ class App:
                 *(self.layers.routes() if self.layers else []),
                 *(signature_routes(self.manager) if self.layers else []),
                 *(node_routes(self.db) if self.layers else []),
+                *(self.moving.routes() if self.moving else []),
             ],
             TeamQuotas(self.db, config.team_max_sandboxes, config.team_creates_per_minute),
             enforce_quotas=config.role == "all",  # (a cluster's nodes: its API replicas enforce them)

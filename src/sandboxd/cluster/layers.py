@@ -79,6 +79,7 @@ class LayerShare:
     ) -> None:
         self.store, self.state, self.bucket = store, state, bucket
         self._pushed: set[tuple[str, str]] = set()  # (template ID, build) in the bucket
+        self.before_push: list[Callable[[], None]] = []  # each round, first (cluster/moving.py collects its images)
         self._pusher = Periodic("sandboxd-bucket", PUSH_SECONDS, self._push_round, log)
         self._verify: ssl.SSLContext | bool = tls.client_context() if tls else True  # (other nodes: mutual TLS)
         self._headers = {"X-API-KEY": api_key, **({CLUSTER_HEADER.decode(): token} if token else {})}
@@ -99,6 +100,11 @@ class LayerShare:
         """Each template here (not the built-in ones: every node's setup makes those) into the bucket, its layers
         first, then its manifest; the templates put."""
         assert self.bucket is not None
+        for step in self.before_push:
+            try:
+                step()
+            except Exception:
+                log.exception("before putting templates in the bucket: %r failed", step)
         done = 0
         idents = self.store.names()
         builtin = {ident for ident in idents if self.store.is_builtin(ident)}

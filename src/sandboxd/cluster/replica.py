@@ -43,6 +43,7 @@ from starlette.types import Receive, Scope, Send
 
 from sandboxd import httpfwd
 from sandboxd.cluster import CLUSTER_HEADER
+from sandboxd.cluster.moving import TAKE_OVER, image_of, movable
 from sandboxd.cluster.placement import Policy, order
 from sandboxd.cluster.signatures import PATH as SIGNED_PATH
 from sandboxd.cluster.tls import ClusterTLS
@@ -58,6 +59,7 @@ log = logging.getLogger("sandboxd.cluster")
 
 SANDBOX_PATH = re.compile(r"^/(?:v2/)?sandboxes/([^/]+)")
 # a template's own routes (api/templates.py): /templates/{t}..., /v2/templates/{t}/builds/..., an alias, an upload
+RESUME_PATH = re.compile(r"^/(?:v2/)?sandboxes/[^/]+/(?:connect|resume)$")
 TEMPLATE_PATH = re.compile(r"^/(?:v\d+/)?templates/(?:aliases/)?([^/]+)|^/template-files/([^/]+)/")
 CREATE_PATHS = frozenset({"/sandboxes", "/v2/sandboxes"})
 NODES_TTL = 1.0  # s: the nodes' leases read again after this
@@ -242,6 +244,8 @@ class Replica:
 
     async def _to_sandbox(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str, data_plane: bool) -> None:
         url = await self._node_of(sandbox_id)
+        if url is None and not data_plane and scope["method"] == "POST" and RESUME_PATH.match(scope["path"]):
+            url = await self._move(scope, sandbox_id)
         if url is None:
             ended = await asyncio.to_thread(self.state.ended, sandbox_id) if len(sandbox_id) <= 64 else None
             why = f": {endings.explain(ended)}" if ended else ""
@@ -253,6 +257,37 @@ class Replica:
         if not await self._proxy(scope, receive, send, url, body=await _small_body(scope, receive)):
             self._where.pop(sandbox_id, None)
             await _error(502, "the sandbox's node did not answer: retry")(scope, receive, send)
+
+    async def _move(self, scope: Scope, sandbox_id: str) -> str | None:
+        """A connect of a sandbox whose node was lost while it was paused to its files, by a key that sees it:
+        another node takes it over from its image (cluster/moving.py); that node's URL, or None (it stays lost)."""
+        if len(sandbox_id) > 64:
+            return None
+        rec = await asyncio.to_thread(self.state.lost_record, sandbox_id)
+        given = next((v for k, v in scope["headers"] if k == b"x-api-key"), None)
+        caller = await asyncio.to_thread(self.teams.caller, given) if given is not None else None
+        if rec is None or not movable(rec) or caller is None or not caller.sees(rec.team):
+            return None
+        headers = {"X-API-KEY": self._operator, **{k.decode(): v.decode() for k, v in self._ours}}
+        for node in order(await self._alive(), self.policy, self._sent, image_of(sandbox_id)):
+            try:
+                r = await self.client.post(node.url + TAKE_OVER.format(sandbox_id=sandbox_id), headers=headers)
+            except httpx.HTTPError as e:
+                log.warning("sandbox %s: node %s did not answer its take-over: %s", sandbox_id, node.node_id, e)
+                continue
+            if r.status_code == 200:
+                self._where[sandbox_id] = (node.url, time.monotonic() + WHERE_TTL)
+                return node.url
+            log.warning(
+                "sandbox %s: node %s refused its take-over: %d %s",
+                sandbox_id,
+                node.node_id,
+                r.status_code,
+                r.text[:300],
+            )
+            if r.status_code in (404, 409):  # (taken by another, or it cannot move: no other node will do better)
+                return None
+        return None
 
     async def _to_any(self, scope: Scope, receive: Receive, send: Send, first: list[Node] | None = None) -> None:
         """To the first node that answers: of `first` (those holding what the request is about), then any."""

@@ -192,6 +192,8 @@ class SandboxManager:
         self.after_boot_again: list[Callable[[Sandbox], Awaitable[Any]]] = []
         # called when a paused sandbox runs again, from memory or from disk (envd/uploads.py tidies up after it)
         self.after_resume: list[Callable[[Sandbox], Awaitable[Any]]] = []
+        # called (under its pause lock) before a sandbox is paused to its files (a cluster keeps an image of them)
+        self.before_files_pause: list[Callable[[Sandbox], Awaitable[Any]]] = []
         # what other layers attach to a sandbox from outside, taken through a pause to disk (core/pausing.py)
         self.checkpoint_parts: list[pausing.CheckpointPart] = []
         # sandboxes from a snapshot with memory, made but not registered yet: what the parts attach to them then
@@ -640,8 +642,10 @@ class SandboxManager:
         recorded_as: tuple[str, str] | None = None,
         pool: bool = True,
         team: str = DEFAULT_TEAM,
+        same_as: SandboxRecord | None = None,
     ) -> Sandbox:
         """A new sandbox. `policy_of`: a sandbox whose network policy it gets (a fork's source: core/snapshots.py);
+        `same_as`: the record of a sandbox it takes the place of (its ID, tokens and policy: cluster/moving.py);
         `recorded_as`: the (template ID, alias) its record names instead of the template's (a fork's); `pool`:
         False for a template that goes right after (a fork's snapshot): none pooled, none taken; `team`: the team
         of the key that asked (core/teams.py), the only one (with the operator) that sees it."""
@@ -652,9 +656,10 @@ class SandboxManager:
             tokens = workload_identity.check_tokens(iam)
             if tokens and self.net.identity is None:
                 raise BadRequest("iam: this server issues no workload identity tokens")
-            if policy_of is not None:
-                policy = NetworkPolicy.from_json(policy_of.record.network)
-                allow_internet_access = policy_of.record.allow_internet_access
+            if policy_of is not None or same_as is not None:
+                theirs = same_as or policy_of.record  # type: ignore[union-attr]
+                policy = NetworkPolicy.from_json(theirs.network)
+                allow_internet_access = theirs.allow_internet_access
             else:
                 policy = parse_policy(network, allow_internet_access, set(tokens), team)
             public, mask = parse_ingress(network)
@@ -703,7 +708,7 @@ class SandboxManager:
                         await self._freeze_pooled(sandbox_id, handle, False)
                 else:
                     await self._admit(res.memory_mb, template.name)  # what it asks for, not the template's default
-                    sandbox_id = new_sandbox_id()
+                    sandbox_id = same_as.sandbox_id if same_as is not None else new_sandbox_id()
                     handle, service = await self._new(sandbox_id, template, disk_mb, res)
                 if pool:
                     self.pool.schedule_refill(template.name)
@@ -747,6 +752,9 @@ class SandboxManager:
                     iam_tokens=tokens,
                     volume_mounts=mounts,
                 )
+                if same_as is not None:  # (a sandbox moved from a lost node: the same to its clients)
+                    rec.envd_token, rec.traffic_token = same_as.envd_token, same_as.traffic_token
+                    rec.started_at, rec.iam_tokens = same_as.started_at, same_as.iam_tokens
                 sandbox = Sandbox(rec, handle)
                 sandbox.service = service
                 if ca is not None:
@@ -893,6 +901,7 @@ class SandboxManager:
         async with lock:
             if not memory:
                 with self._timed("pause", sandbox, pausing.FILESYSTEM):
+                    await pausing.run_hooks(self.before_files_pause, sandbox, "before pausing it to its files")
                     await pausing.stop(self, sandbox)
                 return
             if sandbox.record.state != "paused":

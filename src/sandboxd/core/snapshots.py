@@ -21,6 +21,7 @@ them), their layers pruned once nothing stands on them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import time
@@ -48,10 +49,17 @@ PER_START_DIRS = ("opt/sandboxd/code",)
 
 
 async def create(
-    manager: SandboxManager, sandbox_id: str, name: str | None, memory: bool, fork: bool = False
+    manager: SandboxManager,
+    sandbox_id: str,
+    name: str | None,
+    memory: bool,
+    fork: bool = False,
+    paused: bool = False,
 ) -> dict[str, Any]:
     """Snapshot the sandbox's files as a template (named `name`, or a new one); its info for the API. `fork`: the
-    snapshot of a fork (below), listed by no one."""
+    snapshot of a fork (below), listed by no one. `paused`: the image of a sandbox being paused to its files, for a
+    cluster's other nodes should its node go (cluster/moving.py): listed by no one, taken under the pause's lock
+    (held by the caller)."""
     if name is not None and not NAME_RE.match(name):
         raise BadRequest(f"snapshot name '{name[:120]}' is not valid: lowercase letters, digits, '.', '_', '-'")
     sandbox = manager.get(sandbox_id)
@@ -60,7 +68,7 @@ async def create(
     criu = manager.settings.criu
     if memory and criu is None:
         raise Conflict(f"this server has no CRIU (sandboxd serve --criu): it cannot snapshot memory; {FILESYSTEM_HINT}")
-    async with manager.pause_lock(sandbox_id):
+    async with contextlib.nullcontext() if paused else manager.pause_lock(sandbox_id):
         if pausing.without_processes(sandbox):
             raise Conflict(f"sandbox '{sandbox_id}' is paused to its files or to disk: resume it, then snapshot it")
         running = sandbox.record.state == "running"
@@ -93,6 +101,8 @@ async def create(
     snap: dict[str, Any] = {"sandboxID": sandbox_id, "createdAt": time.time(), "memory": held is not None}
     if fork:  # (hidden from lists; deleted at once, or at the next start if this process dies first)
         snap.update(fork=True, pid=os.getpid())
+    if paused:  # (hidden from lists; deleted once the sandbox runs again or ends: cluster/moving.py)
+        snap.update(paused=True)
     extra = {"snapshot": snap}
     version = _version(manager, sandbox, layer.key, base)
     if held is not None:
@@ -161,7 +171,7 @@ def listed(manager: SandboxManager, sandbox_id: str | None, name: str | None) ->
     for ident in store.names():
         meta = store.meta(ident)
         snap = meta.get("snapshot")
-        if not snap or snap.get("fork") or (sandbox_id and snap.get("sandboxID") != sandbox_id):
+        if not snap or snap.get("fork") or snap.get("paused") or (sandbox_id and snap.get("sandboxID") != sandbox_id):
             continue
         if name and name not in meta.get("names", []):
             continue

@@ -244,6 +244,32 @@ class State(ABC):
                 )
         return [SandboxRecord(**json.loads(r[1])) for r in rows]
 
+    def lost_record(self, sandbox_id: str) -> SandboxRecord | None:
+        """The record of a sandbox its lost node took with it (lose()), while no node has taken it back."""
+        row = self._one(
+            "SELECT record FROM ended WHERE id = ? AND reason = ? AND record IS NOT NULL", (sandbox_id, LOST)
+        )
+        return SandboxRecord(**json.loads(row[0])) if row else None
+
+    def claim_lost(self, sandbox_id: str) -> tuple[SandboxRecord, tuple] | None:
+        """A lost sandbox taken by another node (cluster/moving.py): its ended row gone in one statement, so one
+        node wins; (its record, what unclaim() puts back if the move fails), or None (not lost, or taken)."""
+        with self.transaction() as tx:
+            rows = tx.query(
+                "DELETE FROM ended WHERE id = ? AND reason = ? AND record IS NOT NULL "
+                "RETURNING ended_at, body, node, record",
+                (sandbox_id, LOST),
+            )
+        if not rows:
+            return None
+        ended_at, body, node, record = rows[0]
+        return SandboxRecord(**json.loads(record)), (sandbox_id, ended_at, json.loads(body), node, record)
+
+    def unclaim(self, kept: tuple) -> None:
+        sandbox_id, ended_at, body, node, record = kept
+        with self.transaction() as tx:
+            self._ended_row(tx, sandbox_id, ended_at, body, node, record)
+
     def ended(self, sandbox_id: str) -> dict | None:
         row = self._one("SELECT body FROM ended WHERE id = ?", (sandbox_id,))
         return json.loads(row[0]) if row else None
