@@ -525,3 +525,24 @@ def node_holding(nodes: list[Server], templates_of: Any, name: str) -> tuple[Ser
     """(the node whose templates dir, `templates_of(node)`, names the template `name`; another node)."""
     holder = next(n for n in nodes if (templates_of(n) / ".names" / name).exists())
     return holder, next(n for n in nodes if n is not holder)
+
+
+def _shared_templates() -> set[str]:
+    """The templates in the session's shared templates dir that no setup made (a test's build or snapshot there)."""
+    from sandboxd.templates.store import TemplateStore
+
+    if not TEMPLATES_DIR.is_dir():
+        return set()
+    store = TemplateStore(TEMPLATES_DIR)
+    homes = [p.name for p in TEMPLATES_DIR.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return {ident for ident in homes if not store.is_builtin(ident)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_templates_untouched() -> Iterator[None]:
+    """What tests build or snapshot goes to their own templates dirs (builder_server, link_into): the shared one,
+    which every later run uses, ends the session with the templates it began with."""
+    before = _shared_templates()
+    yield
+    left = _shared_templates() - before
+    assert not left, f"tests left templates in the shared {TEMPLATES_DIR}: {sorted(left)}"

@@ -446,11 +446,18 @@ def test_a_sandbox_paused_to_its_files_outlives_its_node(
     """With a bucket, a sandbox paused to its files on a node that is then lost is taken over by another node when
     its owner connects to it through a replica: the same ID, its files, a new boot (as a resume from its files is).
     Another team's key does not move it."""
+    from sandboxd.templates.store import TemplateStore
+
+    from conftest import BUILTIN_TEMPLATES, TEMPLATES_DIR
+
     s3, endpoint, client = start_s3(monkeypatch, "moving")
     database = pg.database()
     node = ("--role", "node", "--database", database, "--pool-size", "0", "--layer-bucket", "s3://moving",
             "--s3-endpoint", endpoint)  # fmt: skip
-    nodes = {name: start_server(tmp_path / name, *node) for name in ("a", "b")}
+    nodes = {}
+    for name in ("a", "b"):  # (each its own templates dir: the images of paused sandboxes are the test's)
+        TemplateStore(TEMPLATES_DIR).link_into(tmp_path / f"{name}-templates", BUILTIN_TEMPLATES)
+        nodes[name] = start_server(tmp_path / name, *node, templates_dir=tmp_path / f"{name}-templates")
     ports = {name: int(srv.url.rsplit(":", 1)[1]) for name, srv in nodes.items()}
     servers = list(nodes.values())
     lost_name = None
@@ -501,5 +508,6 @@ def test_a_sandbox_paused_to_its_files_outlives_its_node(
             if srv.proc.poll() is None:
                 srv.stop()
         if lost_name is not None:  # (its leftovers cleaned: back, then gone)
-            start_server(tmp_path / lost_name, *node, port=ports[lost_name]).stop()
+            mine = tmp_path / f"{lost_name}-templates"
+            start_server(tmp_path / lost_name, *node, port=ports[lost_name], templates_dir=mine).stop()
         s3.stop()
