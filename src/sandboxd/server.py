@@ -21,7 +21,7 @@ from sandboxd.api.nodes import node_routes
 from sandboxd.api.tenancy import TEMPLATE
 from sandboxd.cluster.bucket import Bucket, BucketError
 from sandboxd.cluster.layers import LayerShare
-from sandboxd.cluster.membership import Membership
+from sandboxd.cluster.membership import BEAT_SECONDS, LEASE_SECONDS, Membership
 from sandboxd.cluster.moving import Moving
 from sandboxd.cluster.signatures import signature_routes
 from sandboxd.cluster.tls import ClusterTLS
@@ -68,6 +68,8 @@ class ServerConfig:
     templates_dir: Path | None = None
     database: str | None = None  # PostgreSQL (a URL or conninfo) instead of data_dir/state.db (state/)
     advertise_url: str | None = None  # where other nodes reach this one (default: its own address and port)
+    lease_seconds: float = LEASE_SECONDS  # a node: how long its lease lasts, and how often it renews it
+    heartbeat_seconds: float = BEAT_SECONDS
     role: str = "all"  # "node": a cluster's node (teams' limits are its API replicas' to enforce)
     cluster_token: str | None = None  # a node: only requests carrying it (its API replicas') are served
     cluster_tls: ClusterTLS | None = None  # a node: mutual TLS on cluster_port for its replicas and the other nodes
@@ -180,7 +182,13 @@ class App:
         own = {"::": "[::1]", "0.0.0.0": "127.0.0.1", "localhost": "127.0.0.1"}.get(config.host, config.host)
         # a server whose state is shared (PostgreSQL) is a node of a cluster: leases, lost nodes, their return
         self.membership = (
-            Membership(self.manager, self.db, config.advertise_url or self._own_url(own, config))
+            Membership(
+                self.manager,
+                self.db,
+                config.advertise_url or self._own_url(own, config),
+                lease=config.lease_seconds,
+                beat=config.heartbeat_seconds,
+            )
             if config.database
             else None
         )

@@ -364,6 +364,21 @@ def build_parser() -> argparse.ArgumentParser:
         "with a client certificate the CA signed (its advertised URL: https://HOST:PORT)",
     )
     p_serve.add_argument(
+        "--lease",
+        type=float,
+        default=6.0,
+        metavar="SECONDS",
+        help="a node: how long its lease in the cluster's state lasts; a node silent this long is declared lost "
+        "(default %(default)s; larger clusters: longer, fewer commits)",
+    )
+    p_serve.add_argument(
+        "--heartbeat",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="a node: how often it renews its lease (default %(default)s; at most a third of --lease)",
+    )
+    p_serve.add_argument(
         "--layer-bucket",
         default=os.environ.get("SANDBOXD_LAYER_BUCKET"),
         help="a node: s3://BUCKET/PREFIX, an S3-compatible bucket where the cluster's templates are put, so a node can "
@@ -469,6 +484,11 @@ def main(argv: list[str] | None = None) -> int:
                 "a node with mutual TLS (--cluster-ca/-cert/-key) needs --cluster-port: where the cluster "
                 "reaches it over TLS"
             )
+        if not 0 < 3 * args.heartbeat <= args.lease <= 3600:
+            parser.error(
+                f"--heartbeat {args.heartbeat:g} and --lease {args.lease:g}: a lease of up to 3600 s, renewed at "
+                "least three times within it (a beat missed is not a node lost)"
+            )
         if args.layer_bucket and not (args.database and args.role != "api"):
             parser.error("--layer-bucket is where a cluster's nodes put their templates: give it to nodes (--database)")
         if args.cluster_port is not None and cluster_tls is None:
@@ -561,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
                 cluster_tls=cluster_tls,
                 cluster_port=args.cluster_port,
                 layer_bucket=args.layer_bucket or None,
+                lease_seconds=args.lease,
+                heartbeat_seconds=args.heartbeat,
                 s3_endpoint=args.s3_endpoint or None,
                 team_max_sandboxes=max(0, args.team_max_sandboxes),
                 team_creates_per_minute=max(0, args.team_creates_per_minute),
