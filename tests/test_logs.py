@@ -31,6 +31,7 @@ def test_a_sandboxs_log_tells_its_life_and_what_was_done_in_it(server: Server) -
     sbx.files.write("/home/user/notes.txt", "hello")
     sbx.pause()
     Sandbox.connect(sbx.sandbox_id)
+    time.sleep(0.01)  # (the cursor is in ms: the resume's line must fall in a millisecond before it)
     started = time.time()
     sbx.kill()
 
