@@ -15,6 +15,7 @@ from sandboxd.cli import nodes as nodes_cli
 from sandboxd.cli import pools as pool_cli
 from sandboxd.cli import sandboxes as sandbox_cli
 from sandboxd.cli import templates as template_cli
+from sandboxd.cluster import BEAT_SECONDS, LEASE_SECONDS
 from sandboxd.core.limits import MiB, RequestLimits
 from sandboxd.core.tenant_limits import TenantLimits
 from sandboxd.runtime.network import DEFAULT_CIDR
@@ -366,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve.add_argument(
         "--lease",
         type=float,
-        default=6.0,
+        default=LEASE_SECONDS,
         metavar="SECONDS",
         help="a node: how long its lease in the cluster's state lasts; a node silent this long is declared lost "
         "(default %(default)s; larger clusters: longer, fewer commits)",
@@ -374,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve.add_argument(
         "--heartbeat",
         type=float,
-        default=2.0,
+        default=BEAT_SECONDS,
         metavar="SECONDS",
         help="a node: how often it renews its lease (default %(default)s; at most a third of --lease)",
     )

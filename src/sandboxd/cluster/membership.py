@@ -16,6 +16,7 @@ import logging
 import os
 from typing import Any
 
+from sandboxd.cluster import BEAT_SECONDS, LEASE_SECONDS
 from sandboxd.core import endings
 from sandboxd.core.manager import SandboxManager
 from sandboxd.periodic import Periodic
@@ -24,8 +25,6 @@ from sandboxd.state.sql import State
 
 log = logging.getLogger("sandboxd.cluster")
 
-LEASE_SECONDS = 6.0
-BEAT_SECONDS = 2.0
 MAX_TEMPLATES_TOLD = 500  # templates a lease names (placement's locality); more are not told
 
 
