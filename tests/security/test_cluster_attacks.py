@@ -352,3 +352,87 @@ def test_a_hostile_manifest_is_refused_before_anything_is_written(tmp_path: Path
     fetched = store.get("fetched-one")
     assert fetched.memory_images is None and not store.is_builtin(fetched.name)  # (what only a node writes: not)
     assert (store.layers.get(key).diff / "etc" / "motd").read_text() == "fetched\n"  # type: ignore[union-attr]
+
+
+def test_a_snapshots_memory_from_elsewhere_is_taken_only_as_its_node_told_it(tmp_path: Path) -> None:
+    """A snapshot's processes (CRIU's images) travel with their restore config — the uid range their images name and
+    what the server's parts carry — under a key that hashes the template, its build and that config: a hostile node
+    or bucket that changes the config (a uid range of its choosing, volumes) without the key is refused, one that
+    changes the key finds no digest for it in the state, and images other than those recorded are refused."""
+    import contextlib
+    import io
+    import tarfile
+    from collections.abc import Iterator
+
+    from sandboxd.cluster.layers import FetchFailed, LayerShare, memory_key
+    from sandboxd.state.db import StateDB
+    from sandboxd.templates.store import TemplateStore
+    from sandboxd.templates.transfer import tree_digest
+
+    def tar_of(root: Path) -> bytes:
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w") as t:
+            t.add(root, arcname=".")
+        return out.getvalue()
+
+    files, images = tmp_path / "files", tmp_path / "images"
+    (files / "etc").mkdir(parents=True)
+    (files / "etc" / "motd").write_text("files\n")
+    images.mkdir()
+    (images / "pages-1.img").write_bytes(b"\x01" * 4096)
+    trees = {"layer": tar_of(files), "memory": tar_of(images)}
+    layer_key = "ab" * 16
+    config = {"uid_base": 200000, "parts": {"Kept": {"commands": []}}, "volume_mounts": []}
+    key = memory_key("snapped", "b1", config)
+
+    class Hostile:
+        where = "a hostile node"
+
+        def __init__(self, manifest: dict[str, Any], memory: bytes | None = None) -> None:
+            self.value, self.memory = manifest, memory or trees["memory"]
+
+        def manifest(self, name: str) -> dict[str, Any] | None:
+            return self.value
+
+        @contextlib.contextmanager
+        def layer(self, asked: str) -> Iterator[Iterator[bytes]]:
+            yield iter([trees["layer"] if asked == layer_key else self.memory])
+
+    def manifest(**memory: Any) -> dict[str, Any]:
+        return {
+            "templateID": "snapped",
+            "build": "b1",
+            "meta": {"templateID": "snapped", "names": ["snapped"]},
+            "version": {"top": layer_key, "start_cmd": ""},
+            "base": ".empty-root",
+            "layers": [{"key": layer_key, "parent": None, "step": "s", "size_bytes": 4096, "created": 1.0}],
+            "memory": {"key": key, "size_bytes": 4096, "config": config, **memory},
+        }
+
+    state = StateDB(tmp_path / "state.db")
+    store = TemplateStore(tmp_path / "templates")
+    share = LayerShare(store, state, "e2b_key", None)
+    state.put_layer(layer_key, tree_digest(files), 4096)
+    state.put_layer(key, tree_digest(images), 4096)
+    theirs = {**config, "uid_base": 0}  # (the host's root, say)
+    for bad, says in (
+        (manifest(config=theirs), "is not its config's"),
+        (manifest(config={**config, "parts": {"Kept": {"commands": [{"pid": 1}]}}}), "is not its config's"),
+        (manifest(config={**config, "volume_mounts": [{"volumeID": "v", "path": "/x"}]}), "has volumes"),
+        (manifest(config={**config, "uid_base": True}), "no uid range"),
+        (manifest(config="x"), "not an object"),
+        (manifest(key=memory_key("snapped", "b1", theirs), config=theirs), "no digest"),
+    ):
+        with pytest.raises(FetchFailed, match=says):
+            share._fetch(Hostile(bad), "snapped")
+        assert store.resolve("snapped")[0] is None
+    (images / "pages-1.img").write_bytes(b"\x02" * 4096)  # (other pages than those recorded)
+    with pytest.raises(FetchFailed, match="not the one recorded"):
+        share._fetch(Hostile(manifest(), tar_of(images)), "snapped")
+    assert store.resolve("snapped")[0] is None and list((store.dir / ".layers").glob(".new-*")) == []
+
+    assert share._fetch(Hostile(manifest()), "snapped")  # (as its node told it: taken, memory and all)
+    fetched = store.get("snapped")
+    assert fetched.memory_uid_base == 200000 and fetched.memory_parts == config["parts"]
+    assert fetched.memory_images is not None
+    assert (fetched.memory_images / "pages-1.img").read_bytes() == b"\x01" * 4096

@@ -10,8 +10,13 @@ content has the digest the cluster's state recorded for its key.
 - The fetching node takes the layers it lacks, bottom first, each unpacked beside its layers, checked against the
   state's digest and then renamed into place; the template itself (its ID, names, build) is written last, whole: a
   create that fails midway leaves only whole layers. Concurrent creates of one template fetch it once.
+- A snapshot with its processes' memory carries CRIU's images of them as one more tree, under a key of its own
+  (`memory_key`: a hash of the template's ID, build and what its processes need at a restore — their uid range and
+  what the server's parts carry for them), checked by its digest in the state as a layer is: its config cannot be
+  changed without changing its key, for which the state then has no digest. One whose processes had volumes mounted
+  stays on its node (the volumes are that node's).
 - The root filesystem at the bottom (a built-in Debian root filesystem every node's setup makes) is not moved: a
-  node without it says so. A snapshot with its processes' memory runs on the node that holds it.
+  node without it says so.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -58,6 +64,7 @@ MAX_MANIFEST = 4 * 1024 * 1024
 MAX_LAYERS = 1000
 MAX_LOG_ENTRIES = 500  # of a build's log, carried with its template to other nodes
 STREAM_SLACK = 64 * 1024 * 1024  # bytes a layer's tar may carry beyond twice its size on disk (headers, padding)
+MEMORY_DIGEST = "memory-digest.json"  # a snapshot's memory's digest, kept beside it in its build's dir
 TIMEOUT = httpx.Timeout(connect=5.0, read=60.0, write=60.0, pool=5.0)
 
 
@@ -84,6 +91,7 @@ class LayerShare:
         self._verify: ssl.SSLContext | bool = tls.client_context() if tls else True  # (other nodes: mutual TLS)
         self._headers = {"X-API-KEY": api_key, **({CLUSTER_HEADER.decode(): token} if token else {})}
         self._fetching = asyncio.Lock()  # (one fetch at a time: creates of a template being fetched wait for it)
+        self._memories: dict[str, Path] = {}  # memory key -> a snapshot's images here (told in a manifest: served)
 
     async def start(self) -> None:
         if self.bucket is not None:
@@ -123,23 +131,26 @@ class LayerShare:
             except (SandboxdError, TemplateError):  # (a snapshot with memory, an old single-rootfs one: kept here)
                 continue
             started, sent = time.monotonic(), 0
+            trees: list[tuple[str, Path | None, str, int]] = []  # (key, its tree here, digest, size): bottom last
             for entry in manifest["layers"]:
-                if entry["key"] in theirs or self.bucket.has_layer(entry["key"]):
-                    continue
                 layer = self.store.layers.get(entry["key"])
-                if layer is None:
-                    break  # (pruned meanwhile: the next round)
-                proc = transfer.pack(layer.diff)
-                assert proc.stdout is not None
-                try:
-                    self.bucket.put_layer(layer.key, proc.stdout, self.store.layers.digest_of(layer))
-                finally:
-                    if proc.poll() is None:
-                        proc.kill()
-                    proc.wait()
-                if proc.returncode != 0:
-                    raise BucketError(f"layer {layer.key}: tar failed ({proc.returncode}): not put in the bucket")
-                sent += layer.size_bytes
+                if entry["key"] not in theirs:
+                    trees.append(
+                        (entry["key"], layer.diff, self.store.layers.digest_of(layer), layer.size_bytes)
+                        if layer is not None
+                        else (entry["key"], None, "", 0)
+                    )
+            if (memory := manifest.get("memory")) is not None:
+                told = self.state.layer(memory["key"])
+                images = self._memories.get(memory["key"])
+                trees.append((memory["key"], images, told[0] if told else "", int(memory["size_bytes"])))
+            for key, tree, digest, size in trees:
+                if self.bucket.has_layer(key):
+                    continue
+                if tree is None or not digest:
+                    break  # (pruned or deleted meanwhile: the next round)
+                self._put(key, tree, digest)
+                sent += size
             else:
                 names = [ident, *(n for n in manifest["meta"].get("names", []) if isinstance(n, str))]
                 self.bucket.put_manifest(names, manifest)
@@ -153,6 +164,19 @@ class LayerShare:
                     time.monotonic() - started,
                 )
         return done
+
+    def _put(self, key: str, tree: Path, digest: str) -> None:
+        assert self.bucket is not None
+        proc = transfer.pack(tree)
+        assert proc.stdout is not None
+        try:
+            self.bucket.put_layer(key, proc.stdout, digest)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        if proc.returncode != 0:
+            raise BucketError(f"layer {key}: tar failed ({proc.returncode}): not put in the bucket")
 
     def forget(self, ident: str, names: list[str]) -> None:
         """The template was deleted here: not in the bucket any more either (a create elsewhere finds it nowhere)."""
@@ -168,9 +192,10 @@ class LayerShare:
         async def layer(request: Request) -> Response:
             key = request.path_params["key"]
             found = self.store.layers.get(key) if KEY_RE.match(key) else None
-            if found is None:
+            tree = found.diff if found is not None else self._memories.get(key)
+            if tree is None or not tree.is_dir():
                 raise NotFound(f"layer {key[:80]!r} is not on this node")
-            proc = transfer.pack(found.diff)
+            proc = transfer.pack(tree)
 
             async def body() -> Any:
                 assert proc.stdout is not None
@@ -195,8 +220,8 @@ class LayerShare:
             t = self.store.get(name)
         except TemplateError as e:
             raise NotFound(str(e)) from None
-        if t.memory_images is not None:
-            raise BadRequest(f"'{name}' is a snapshot with its processes' memory: it runs on the node that holds it")
+        if t.memory_volume_mounts:
+            raise BadRequest(f"'{name}' is a snapshot whose processes had volumes mounted: it runs on their node")
         if not t.top_layer:
             raise BadRequest(f"template '{name}' is one root filesystem of an old install: build it again to share it")
         base = self._relative(Path(t.base))
@@ -214,6 +239,7 @@ class LayerShare:
                 }
             )
         version = json.loads((t.path / "template.json").read_text())
+        memory = self._memory(t, version.get("memory")) if t.memory_images is not None else None
         record: dict[str, Any] | None = None  # (the build's record: its status and log, as GET /templates/{id} shows)
         with contextlib.suppress(OSError, ValueError):
             record = json.loads((self.store.dir / t.name / "builds" / f"{t.digest}.json").read_text())
@@ -227,7 +253,31 @@ class LayerShare:
             "base": base,
             "layers": layers,
             "buildRecord": record,
+            "memory": memory,
         }
+
+    def _memory(self, t: Any, config: Any) -> dict[str, Any]:
+        """A snapshot's processes, told: their key and size, the config a restore needs; their digest recorded (computed
+        once, then kept beside them)."""
+        images: Path = t.memory_images
+        if not isinstance(config, dict):
+            raise BadRequest(f"snapshot '{t.name}' is damaged: its memory's config is not recorded")
+        key = memory_key(t.name, t.digest, config)
+        kept = t.path / MEMORY_DIGEST
+        try:
+            told = json.loads(kept.read_text())
+            digest, size = str(told["digest"]), int(told["size"])
+            if told.get("key") != key:
+                raise ValueError("another key")
+        except (OSError, ValueError, KeyError, TypeError):
+            digest = transfer.tree_digest(images)
+            size = sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(images))
+            tmp = kept.with_name(f".{kept.name}.{os.getpid()}")
+            tmp.write_text(json.dumps({"key": key, "digest": digest, "size": size}))
+            os.rename(tmp, kept)
+        self.state.put_layer(key, digest, size)
+        self._memories[key] = images
+        return {"key": key, "size_bytes": size, "config": config}
 
     def _relative(self, base: Path) -> str:
         """The root filesystem's place in the templates dir (the same on every node)."""
@@ -295,6 +345,8 @@ class LayerShare:
         if manifest is None:
             return False
         ident, build, layers, version = _checked(manifest)
+        told = manifest.get("memory")  # (a snapshot's processes: checked as a layer is)
+        memory_entry = _checked_memory(told, ident, build) if told is not None else None
         base = self._local_base(str(manifest["base"]))
         moved = fetched = 0
         for entry in reversed(layers):  # (bottom first: a layer is whole on disk only with what it sits on)
@@ -306,7 +358,18 @@ class LayerShare:
         record = manifest.get("buildRecord")
         record = record if isinstance(record, dict) and record.get("buildID") == build else None
         meta = {**dict(manifest["meta"]), "builtin": False}  # (a built-in template is every node's own, never fetched)
-        self.store.adopt(ident, meta, build, {**version, "base": str(base)}, record)
+        version = {**version, "base": str(base)}
+        memory: Path | None = None
+        try:
+            if memory_entry is not None:
+                key, config = memory_entry
+                work, got = self._receive(source, key)
+                memory, version["memory"] = work / "diff", config
+                moved += got
+            self.store.adopt(ident, meta, build, version, record, memory=memory)
+        finally:
+            if memory is not None:
+                shutil.rmtree(memory.parent, ignore_errors=True)
         log.info(
             "template %r (%s) fetched from %s: %d of its %d layer(s), %.1f MB, in %.2f s",
             name,
@@ -334,6 +397,27 @@ class LayerShare:
         return base
 
     def _fetch_layer(self, source: Source, key: str, entry: dict[str, Any], base: Path) -> int:
+        work, got = self._receive(source, key)
+        try:
+            digest, size = self.state.layer(key) or ("", 0)
+            meta = {
+                "key": key,
+                "parent": entry.get("parent"),
+                "base": str(base),
+                "step": str(entry.get("step", ""))[:4096],
+                "size_bytes": size,
+                "created": float(entry.get("created") or 0.0),
+                "digest": digest,
+            }
+            self.store.layers.adopt(work, meta)
+            return got
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+    def _receive(self, source: Source, key: str) -> tuple[Path, int]:
+        """The tree `key` from `source`, unpacked in a new dir's `diff/` and checked against the digest the state
+        recorded for it: (the dir, the bytes received)."""
         told = self.state.layer(key)
         if told is None:
             raise FetchFailed(f"layer {key}: the cluster's state has no digest for it")
@@ -361,17 +445,7 @@ class LayerShare:
                     unpack.wait()
             if (found := transfer.tree_digest(work / "diff")) != digest:
                 raise FetchFailed(f"layer {key}: its content's digest {found} is not the one recorded ({digest})")
-            meta = {
-                "key": key,
-                "parent": entry.get("parent"),
-                "base": str(base),
-                "step": str(entry.get("step", ""))[:4096],
-                "size_bytes": size,
-                "created": float(entry.get("created") or 0.0),
-                "digest": digest,
-            }
-            self.store.layers.adopt(work, meta)
-            return got
+            return work, got
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
@@ -380,7 +454,8 @@ class LayerShare:
 def _checked(manifest: dict[str, Any]) -> tuple[str, str, list[dict[str, Any]], dict[str, Any]]:
     """A manifest from another node or the bucket, checked before anything of it is used: its template's ID and build
     (names, not paths), its layers a chain (each one's parent the next one's key, the last on the root filesystem)
-    ending in the build's top layer; its build's config without what only a node itself writes (a snapshot's memory)."""
+    ending in the build's top layer; its build's config without what only a node itself writes (a snapshot's memory:
+    checked on its own, by _checked_memory)."""
     ident, build = str(manifest["templateID"]), str(manifest["build"])
     if not IDENT_RE.match(ident) or not BUILD_RE.match(build):
         raise FetchFailed(f"its manifest names a template {ident[:80]!r} / build {build[:80]!r} not allowed")
@@ -398,6 +473,28 @@ def _checked(manifest: dict[str, Any]) -> tuple[str, str, list[dict[str, Any]], 
     if version.get("top") != layers[0]["key"]:
         raise FetchFailed(f"its manifest's build does not end in its top layer ({str(version.get('top'))[:80]!r})")
     return ident, build, layers, version
+
+
+def memory_key(ident: str, build: str, config: dict[str, Any]) -> str:
+    """The key a snapshot's processes travel under: bound to its template, build and restore config."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"sandboxd memory\0{ident}\0{build}\0{canonical}".encode()).hexdigest()
+
+
+def _checked_memory(told: Any, ident: str, build: str) -> tuple[str, dict[str, Any]]:
+    """A manifest's memory entry: its config what a restore reads (no volumes: those stay on their node), and its key
+    the one that config gives (else the state's digest would not be for this config)."""
+    if not isinstance(told, dict) or not isinstance(config := told.get("config"), dict):
+        raise FetchFailed("its manifest's memory entry is not an object")
+    uid_base, parts = config.get("uid_base"), config.get("parts", {})
+    if not isinstance(uid_base, int) or isinstance(uid_base, bool) or uid_base < 0 or not isinstance(parts, dict):
+        raise FetchFailed("its manifest's memory entry has no uid range or parts")
+    if config.get("volume_mounts"):
+        raise FetchFailed("its manifest's memory entry has volumes: such a snapshot stays on its node")
+    key = memory_key(ident, build, config)
+    if told.get("key") != key:
+        raise FetchFailed(f"its manifest's memory key {str(told.get('key'))[:80]!r} is not its config's")
+    return key, config
 
 
 class Source(Protocol):

@@ -285,20 +285,35 @@ class TemplateStore:
         self.set_name(name, ident)
         return ident
 
-    def adopt(self, ident: str, meta: dict, build_id: str, version: dict, record: dict | None = None) -> None:
+    def adopt(
+        self,
+        ident: str,
+        meta: dict,
+        build_id: str,
+        version: dict,
+        record: dict | None = None,
+        memory: Path | None = None,
+    ) -> None:
         """A template fetched from another node of a cluster (cluster/layers.py), its layers here already: its
-        build under its ID (the default), its build's record (`record`), and its names. A new one is assembled in a
-        scratch dir and renamed into place whole, as publish() does."""
+        build under its ID (the default), its build's record (`record`), its processes (`memory`: a snapshot's,
+        a directory moved into the build), and its names. A new one is assembled in a scratch dir and renamed into
+        place whole, as publish() does."""
         home = self.dir / ident
         if (home / "meta.json").is_file():
             if record is not None:
                 (home / "builds").mkdir(exist_ok=True)
                 write_json(home / "builds" / f"{build_id}.json", record)
+            if memory is not None:  # (before its template.json: a version is whole once that is written)
+                (home / build_id).mkdir(exist_ok=True)
+                shutil.rmtree(home / build_id / MEMORY_DIR, ignore_errors=True)
+                os.rename(memory, home / build_id / MEMORY_DIR)
             self.add_version(ident, build_id, version, ["default"])
         else:
             scratch = self.dir / f".new-template-{ident}-{os.getpid()}"
             shutil.rmtree(scratch, ignore_errors=True)
             (scratch / build_id).mkdir(parents=True)
+            if memory is not None:
+                os.rename(memory, scratch / build_id / MEMORY_DIR)
             if record is not None:
                 (scratch / "builds").mkdir()
                 write_json(scratch / "builds" / f"{build_id}.json", record)
