@@ -7,9 +7,11 @@ URLs and host routing (--domain) through a replica."""
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import subprocess
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -510,4 +512,119 @@ def test_a_sandbox_paused_to_its_files_outlives_its_node(
         if lost_name is not None:  # (its leftovers cleaned: back, then gone)
             mine = tmp_path / f"{lost_name}-templates"
             start_server(tmp_path / lost_name, *node, port=ports[lost_name], templates_dir=mine).stop()
+        s3.stop()
+
+
+COUNTER = "import itertools, time\nfor i in itertools.count():\n    print(i, flush=True)\n    time.sleep(0.1)\n"
+
+
+def _numbers(sbx: Sandbox, pid: int) -> list[int]:
+    """The next numbers the command `pid` prints (connected to it; ten at most, for ten seconds at most)."""
+    seen: list[str] = []
+    handle = sbx.commands.connect(pid, timeout=10)
+    deadline = time.monotonic() + 10
+    for stdout, _, _ in handle:
+        seen.append(stdout or "")
+        if "".join(seen).count("\n") >= 10 or time.monotonic() > deadline:
+            break
+    handle.disconnect()
+    return [int(line) for line in "".join(seen).split("\n")[:-1]]
+
+
+@pytest.mark.parametrize("elsewhere", ["restored", "booted"])
+def test_a_sandbox_on_disk_and_a_snapshot_with_memory_outlive_their_node(
+    pg: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, elsewhere: str
+) -> None:
+    """With a bucket, the processes of a sandbox written to disk (and of a snapshot with memory) go there too: when
+    their node is lost, the sandbox's owner connects to it through a replica and another node restores its processes
+    from where they were (a command counting on from its count, connected to again); new sandboxes start from the
+    snapshot's processes on the other node. The memory travels checked as a layer is: changed in the bucket, refused.
+    `booted`: the other node cannot restore them (it has no CRIU): the sandbox boots there from its files."""
+    from sandboxd.templates.store import TemplateStore
+
+    from conftest import BUILTIN_TEMPLATES, TEMPLATES_DIR
+
+    s3, endpoint, client = start_s3(monkeypatch, "memory")
+    database = pg.database()
+    node = ("--role", "node", "--database", database, "--pool-size", "0", "--layer-bucket", "s3://memory",
+            "--s3-endpoint", endpoint, "--checkpoint-after", "0")  # fmt: skip
+    nodes = {}
+    for name in ("a", "b"):
+        TemplateStore(TEMPLATES_DIR).link_into(tmp_path / f"{name}-templates", BUILTIN_TEMPLATES)
+        criu = ("--criu", "none") if name == "b" and elsewhere == "booted" else ()
+        nodes[name] = start_server(tmp_path / name, *node, *criu, templates_dir=tmp_path / f"{name}-templates")
+    port_a = int(nodes["a"].url.rsplit(":", 1)[1])
+    servers = list(nodes.values())
+    lost = False
+    try:
+        replica = start_server(tmp_path / "r", "--role", "api", "--database", database)
+        servers.append(replica)
+        key = team_key(replica, "movers")
+        via = {"api_url": replica.url, "sandbox_url": replica.url, "api_key": key}
+        a = nodes["a"]  # (made there: the node that is lost)
+        sid = Sandbox.create(template="base", timeout=120, api_url=a.url, sandbox_url=a.url, api_key=key).sandbox_id
+        sbx = Sandbox.connect(sid, **via)
+        sbx.files.write("/tmp/counter.py", COUNTER)
+        counting = sbx.commands.run("python3 /tmp/counter.py", background=True)
+        time.sleep(1)
+        r = httpx.post(
+            f"{replica.url}/sandboxes/{sid}/snapshots", json={"name": "mem-snap"}, headers={"X-API-KEY": key}
+        )
+        assert r.status_code in (200, 201), r.text
+        assert sbx.pause() is True
+        deadline = time.monotonic() + 30
+        while replica.api().get(f"/sandboxes/{sid}").json().get("pausedTo") != "disk":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        deadline = time.monotonic() + 60  # (its images in the bucket: the node's next round, 5 s)
+        while True:
+            keys = [o["Key"] for o in client.list_objects_v2(Bucket="memory").get("Contents", [])]
+            if {f"manifests/paused-{sid}.json", "manifests/mem-snap.json"} <= set(keys):
+                break
+            assert time.monotonic() < deadline, keys
+            time.sleep(0.5)
+
+        a.stop(signal.SIGKILL)
+        lost = True
+        killed = time.monotonic()
+        while "lost" not in (r := replica.api().get(f"/sandboxes/{sid}")).text:
+            assert time.monotonic() - killed < 12, r.text
+            time.sleep(0.25)
+        time.sleep(1.2)  # (the replica's view of the leases)
+
+        back = Sandbox.connect(sid, timeout=120, **via)
+        assert _nodes_of(database)[sid] == (tmp_path / "b" / "node-id").read_text().strip()
+        running = [p.pid for p in back.commands.list()]
+        if elsewhere == "booted":  # (its files; a new boot)
+            assert counting.pid not in running and back.files.read("/tmp/counter.py") == COUNTER
+            back.kill()
+            return
+        assert counting.pid in running
+        counted = _numbers(back, counting.pid)
+        assert counted and counted[0] > 5 and counted == list(range(counted[0], counted[0] + len(counted))), counted
+        back.kill()
+
+        told = json.loads(client.get_object(Bucket="memory", Key="manifests/mem-snap.json")["Body"].read())
+        memory = f"layers/{told['memory']['key']}.tar"
+        original = client.get_object(Bucket="memory", Key=memory)["Body"].read()
+        with tarfile.open(fileobj=io.BytesIO(original)) as tar:  # (a byte of its processes' memory changed)
+            at = next(m for m in tar.getmembers() if m.name.startswith("./pages-") and m.size).offset_data + 100
+        changed = original[:at] + bytes([original[at] ^ 0xFF]) + original[at + 1 :]
+        client.put_object(Bucket="memory", Key=memory, Body=changed)
+        r = httpx.post(f"{replica.url}/sandboxes", json={"templateID": "mem-snap"}, headers={"X-API-KEY": key})
+        assert r.status_code == 503 and "is not the one recorded" in r.json()["message"], r.text
+        client.put_object(Bucket="memory", Key=memory, Body=original)
+        made = Sandbox.create(template="mem-snap", timeout=60, **via)  # (from the bucket: its node is gone)
+        try:
+            assert counting.pid in [p.pid for p in made.commands.list()]
+            counted = _numbers(made, counting.pid)
+            assert counted and counted[0] > 5, counted
+        finally:
+            made.kill()
+    finally:
+        for srv in reversed(servers):
+            if srv.proc.poll() is None:
+                srv.stop()
+        if lost:  # (its leftovers cleaned: back, then gone)
+            start_server(tmp_path / "a", *node, port=port_a, templates_dir=tmp_path / "a-templates").stop()
         s3.stop()

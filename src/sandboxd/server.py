@@ -207,7 +207,7 @@ class App:
         if self.layers is not None:
             self.manager.fetch_template = self.layers.ensure
             self.builds.on_delete.append(self.layers.forget)
-        # with a bucket, a sandbox paused to its files outlives its node (cluster/moving.py)
+        # with a bucket, a sandbox paused to its files or to disk outlives its node (cluster/moving.py)
         self.moving = (
             Moving(self.manager, self.db, self.layers, lambda ident, team: self.teams.set_owner(TEMPLATE, ident, team))
             if self.layers and self.layers.bucket
@@ -215,6 +215,7 @@ class App:
         )
         if self.moving is not None:
             self.manager.before_files_pause.append(self.moving.keep_image)
+            self.manager.before_disk_pause.append(self.moving.keep_memory_image)
             self.layers.before_push.append(self.moving.collect)  # type: ignore[union-attr]
         control = build_control_plane(
             self.manager,

@@ -194,6 +194,8 @@ class SandboxManager:
         self.after_resume: list[Callable[[Sandbox], Awaitable[Any]]] = []
         # called (under its pause lock) before a sandbox is paused to its files (a cluster keeps an image of them)
         self.before_files_pause: list[Callable[[Sandbox], Awaitable[Any]]] = []
+        # called (under its pause lock) before a sandbox paused in memory is written to disk (likewise, with memory)
+        self.before_disk_pause: list[Callable[[Sandbox], Awaitable[Any]]] = []
         # what other layers attach to a sandbox from outside, taken through a pause to disk (core/pausing.py)
         self.checkpoint_parts: list[pausing.CheckpointPart] = []
         # sandboxes from a snapshot with memory, made but not registered yet: what the parts attach to them then
@@ -643,12 +645,14 @@ class SandboxManager:
         pool: bool = True,
         team: str = DEFAULT_TEAM,
         same_as: SandboxRecord | None = None,
+        memory: bool = True,
     ) -> Sandbox:
         """A new sandbox. `policy_of`: a sandbox whose network policy it gets (a fork's source: core/snapshots.py);
         `same_as`: the record of a sandbox it takes the place of (its ID, tokens and policy: cluster/moving.py);
         `recorded_as`: the (template ID, alias) its record names instead of the template's (a fork's); `pool`:
         False for a template that goes right after (a fork's snapshot): none pooled, none taken; `team`: the team
-        of the key that asked (core/teams.py), the only one (with the operator) that sees it."""
+        of the key that asked (core/teams.py), the only one (with the operator) that sees it; `memory`: False boots
+        a snapshot with memory from its files alone (a moved sandbox whose processes could not be restored)."""
         with self.events.timed("create") as event:
             timeout = self._check_timeout(self.settings.default_timeout if timeout is None else timeout, positive=True)
             _check_str_map("metadata", metadata)
@@ -681,6 +685,8 @@ class SandboxManager:
                     template = self.templates.get(template_id)
                 except TemplateError as e:
                     raise NotFound(str(e)) from None
+                if not memory:
+                    template = replace(template, memory_uid_base=None)
                 event.template = recorded_as[0] if recorded_as else template.name
                 if template.memory_images is not None and template.memory_volume_mounts:
                     # a snapshot whose processes had volumes mounted: the same volumes, where they were

@@ -226,6 +226,7 @@ async def to_disk(manager: SandboxManager, sandbox: Sandbox) -> None:
     if not in_memory(sandbox):
         raise Conflict(f"sandbox '{sandbox.id}' is not paused in memory")
     volumes = volume_paths(sandbox, "keeps the sandbox paused in memory")
+    await run_hooks(manager.before_disk_pause, sandbox, "before writing it to disk")
     images = sandbox.handle.state_dir / IMAGES
     shutil.rmtree(images, ignore_errors=True)
     used = await room_for_memory(
