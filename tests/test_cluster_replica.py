@@ -571,6 +571,19 @@ def test_a_sandbox_on_disk_and_a_snapshot_with_memory_outlive_their_node(
             f"{replica.url}/sandboxes/{sid}/snapshots", json={"name": "mem-snap"}, headers={"X-API-KEY": key}
         )
         assert r.status_code in (200, 201), r.text
+        if elsewhere == "restored":  # (a node asked for another straight fetches it from the node holding it)
+            r = httpx.post(
+                f"{replica.url}/sandboxes/{sid}/snapshots", json={"name": "peer-snap"}, headers={"X-API-KEY": key}
+            )
+            assert r.status_code in (200, 201), r.text
+            b = nodes["b"]
+            wait_for_holders(database, "peer-snap")  # (b learns who holds it from their leases)
+            peer = Sandbox.create(template="peer-snap", timeout=60, api_url=b.url, sandbox_url=b.url, api_key=key)
+            try:
+                assert counting.pid in [p.pid for p in peer.commands.list()]
+                assert _numbers(peer, counting.pid)[0] > 5
+            finally:
+                peer.kill()
         assert sbx.pause() is True
         deadline = time.monotonic() + 30
         while replica.api().get(f"/sandboxes/{sid}").json().get("pausedTo") != "disk":
