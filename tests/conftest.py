@@ -448,8 +448,8 @@ def builder_server(root: Path, *extra: str) -> Iterator[Server]:
     TemplateStore(TEMPLATES_DIR).link_into(templates, BUILTIN_TEMPLATES)
     srv = start_server(root / "data", "--ready-timeout", "5", *extra, templates_dir=templates)
     srv.templates = templates  # type: ignore[attr-defined]
-    old = {k: os.environ.get(k) for k in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY")}
-    os.environ.update(E2B_API_URL=srv.url, E2B_SANDBOX_URL=srv.url, E2B_API_KEY=srv.api_key)
+    old = {k: os.environ.get(k) for k in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY", "E2B_VOLUME_API_URL")}
+    os.environ.update(E2B_API_URL=srv.url, E2B_SANDBOX_URL=srv.url, E2B_API_KEY=srv.api_key, E2B_VOLUME_API_URL=srv.url)
     try:
         yield srv
     finally:
@@ -517,7 +517,14 @@ def wait_for_holders(database: str, template: str, holders: int | None = None, s
 
 def sdk_env(monkeypatch: pytest.MonkeyPatch, srv: Server) -> None:
     """The official SDKs' environment pointed at `srv` (what Template.build reads: it takes no URL arguments)."""
-    for k, v in {"E2B_API_URL": srv.url, "E2B_SANDBOX_URL": srv.url, "E2B_API_KEY": srv.api_key}.items():
+    # (E2B_VOLUME_API_URL too: the SDKs' volume content API ignores E2B_API_URL, and would go to api.e2b.app)
+    env = {
+        "E2B_API_URL": srv.url,
+        "E2B_SANDBOX_URL": srv.url,
+        "E2B_API_KEY": srv.api_key,
+        "E2B_VOLUME_API_URL": srv.url,
+    }
+    for k, v in env.items():
         monkeypatch.setenv(k, v)
 
 
