@@ -641,3 +641,73 @@ def test_a_sandbox_on_disk_and_a_snapshot_with_memory_outlive_their_node(
         if lost:  # (its leftovers cleaned: back, then gone)
             start_server(tmp_path / "a", *node, port=port_a, templates_dir=tmp_path / "a-templates").stop()
         s3.stop()
+
+
+def _volume_nodes(database: str) -> dict[str, str]:
+    with psycopg.connect(database) as db:
+        return {json.loads(b)["name"]: json.loads(b).get("node", "") for (b,) in db.execute("SELECT body FROM volumes")}
+
+
+def test_a_volume_is_kept_on_one_node_and_the_sandboxes_that_mount_it_go_there(
+    pg: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A volume's files are one node's (its image on that node's disk): made through a replica, its content API and
+    every sandbox that mounts it go to that node, whatever the placement policy says (three sandboxes mounting it
+    under spread land there and share its files, while sandboxes without it spread to the other node); a sandbox
+    cannot mount volumes of two nodes (400, saying so); a volume whose node is lost says so (503)."""
+    from e2b import Volume
+    from e2b.exceptions import SandboxException, ServiceBusyException, VolumeException
+
+    database = pg.database()
+    node = ("--role", "node", "--database", database, "--pool-size", "0")
+    nodes = [start_server(tmp_path / name, *node) for name in ("a", "b")]
+    servers = list(nodes)
+    holder = None
+    try:
+        replica = start_server(tmp_path / "r", "--role", "api", "--database", database)
+        servers.append(replica)
+        sdk_env(monkeypatch, replica)
+        vol = Volume.create("kept-here")
+        vol.write_file("/hello.txt", "from the API\n")
+        kept_on = _volume_nodes(database)["kept-here"]
+        holder = next(srv for srv in nodes if (srv.data_dir / "node-id").read_text().strip() == kept_on)
+        other = next(srv for srv in nodes if srv is not holder)
+        other_id = (other.data_dir / "node-id").read_text().strip()
+
+        mounting = [Sandbox.create(template="base", timeout=120, volume_mounts={"/data": vol}) for _ in range(3)]
+        plain = [Sandbox.create(template="base", timeout=120) for _ in range(2)]
+        where = _nodes_of(database)
+        assert {where[s.sandbox_id] for s in mounting} == {kept_on}
+        assert {where[s.sandbox_id] for s in plain} == {other_id}  # (spread: the other was emptier)
+        mounting[0].files.write("/data/from-a-sandbox.txt", "written inside\n")
+        for sbx in mounting:
+            assert sbx.files.read("/data/hello.txt") == "from the API\n"
+            assert sbx.files.read("/data/from-a-sandbox.txt") == "written inside\n"
+        for _ in range(3):
+            assert Volume.connect(vol.volume_id).read_file("/from-a-sandbox.txt") == "written inside\n"
+
+        r = httpx.post(f"{other.url}/volumes", json={"name": "kept-there"}, headers={"X-API-KEY": other.api_key})
+        assert r.status_code == 201, r.text
+        with pytest.raises(SandboxException, match="different nodes"):
+            Sandbox.create(template="base", timeout=30, volume_mounts={"/a": vol, "/b": "kept-there"})
+        for sbx in [*mounting, *plain]:
+            sbx.kill()
+
+        holder.stop(signal.SIGKILL)
+        killed = time.monotonic()
+        while True:  # (until its lease runs out: then the replicas say so)
+            with pytest.raises((VolumeException, ServiceBusyException)) as failed:
+                vol.read_file("/hello.txt")
+            if "was lost" in str(failed.value):
+                break
+            assert time.monotonic() - killed < 15, failed.value
+            time.sleep(0.25)
+        with pytest.raises((SandboxException, ServiceBusyException), match="was lost"):
+            Sandbox.create(template="base", timeout=30, volume_mounts={"/data": vol})
+        assert Volume.get_info(vol.volume_id).name == "kept-here"  # (its record is the cluster's)
+    finally:
+        for srv in reversed(servers):
+            if srv.proc.poll() is None:
+                srv.stop()
+        if holder is not None and holder.proc.poll() is not None:  # (its volume unmounted: back, then gone)
+            start_server(holder.data_dir, *node, port=int(holder.url.rsplit(":", 1)[1])).stop()

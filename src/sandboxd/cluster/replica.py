@@ -9,7 +9,9 @@ E2B_API_URL and E2B_SANDBOX_URL point at a replica) never see the nodes:
 - the lists are every node's, merged (each sandbox once), sorted and paged here;
 - a request about one template (its builds and their files, its tags, itself) goes to a node that holds it (a
   delete to every one), the list of templates is every node's, merged;
-- anything else (volumes, snapshots, pools, keys, secrets, metrics) goes to one node;
+- a request about one volume (itself, its files) goes to the node that keeps it (its files are that node's disk),
+  and so does a create that mounts volumes (all of one node); one whose node was lost says so;
+- anything else (the list of volumes, snapshots, pools, keys, secrets, metrics) goes to one node;
 - with `--domain D`, a request for the host `{port}-{id}.D` (how the SDKs reach a sandbox with E2B_DOMAIN, over TLS
   on `--tls-port`) is the sandbox's too, sent on with E2b-Sandbox-Id and E2b-Sandbox-Port (the nodes need no
   domain of their own); a signed `/files` URL (no sandbox ID in it) goes to the node whose sandbox signed it
@@ -62,6 +64,7 @@ SANDBOX_PATH = re.compile(r"^/(?:v2/)?sandboxes/([^/]+)")
 RESUME_PATH = re.compile(r"^/(?:v2/)?sandboxes/[^/]+/(?:connect|resume)$")
 TEMPLATE_PATH = re.compile(r"^/(?:v\d+/)?templates/(?:aliases/)?([^/]+)|^/template-files/([^/]+)/")
 CREATE_PATHS = frozenset({"/sandboxes", "/v2/sandboxes"})
+VOLUME_PATH = re.compile(r"^/(?:volumes|volumecontent)/([^/]+)")
 NODES_TTL = 1.0  # s: the nodes' leases read again after this
 WHERE_TTL = 5.0  # s: a sandbox's node remembered this long (a node that stops answering drops it at once)
 MAX_CREATE_BODY = 1024 * 1024
@@ -153,6 +156,10 @@ class Replica:
                 await self._templates(scope, receive, send)
             elif m := TEMPLATE_PATH.match(path):
                 await self._to_template(scope, receive, send, m.group(1) or m.group(2))
+            elif path == "/volumes" and scope["method"] == "POST":  # (where its files go: spread as sandboxes)
+                await self._to_any(scope, receive, send, first=order(await self._alive(), self.policy, self._sent))
+            elif m := VOLUME_PATH.match(path):
+                await self._to_volume(scope, receive, send, m.group(1))
             else:
                 await self._to_any(scope, receive, send)
         except NoNodes as e:
@@ -318,6 +325,45 @@ class Replica:
                         log.warning("template %r: its delete on node %s answered %d", name, node.node_id, r.status_code)
         await self._to_any(scope, receive, send, first=holders)
 
+    async def _to_volume(self, scope: Scope, receive: Receive, send: Send, ref: str) -> None:
+        """A request about one volume to the node that keeps it; if that node was lost, its record (a GET of the
+        volume itself) is any node's to tell, anything else says where the files are."""
+        found = await asyncio.to_thread(self.state.volume, ref) if len(ref) <= 256 else None
+        home = found.get("node") if isinstance(found, dict) else None
+        if not home or not isinstance(found, dict):  # (unknown, or a single server's: any node answers)
+            await self._to_any(scope, receive, send)
+            return
+        node = next((n for n in await self._alive() if n.node_id == home), None)
+        if node is None:
+            if scope["method"] == "GET" and scope["path"].startswith("/volumes/"):
+                await self._to_any(scope, receive, send)
+            else:
+                await _error(503, _lost_volume(repr(found.get("name")), home), {"Retry-After": "5"})(
+                    scope, receive, send
+                )
+            return
+        if not await self._proxy(scope, receive, send, node.url, body=await _small_body(scope, receive)):
+            await _error(502, f"volume {found.get('name')!r}: its node {home} did not answer: retry")(
+                scope, receive, send
+            )
+
+    async def _volumes_home(self, body: bytes) -> tuple[str | None, str | None]:
+        """(the node keeping the volumes a create mounts, or None when it mounts none of a node; why it cannot be
+        placed, or None)."""
+        homes: dict[str, str] = {}  # node -> a volume of it
+        for ref in _volumes_of(body):
+            found = await asyncio.to_thread(self.state.volume, ref)
+            if isinstance(found, dict) and found.get("node"):
+                homes.setdefault(str(found["node"]), str(found.get("name")))
+        if len(homes) > 1:
+            shown = ", ".join(f"{name!r} on node {node}" for node, name in sorted(homes.items()))
+            return (
+                None,
+                f"volumeMounts: these volumes are kept on different nodes ({shown}): a sandbox mounts volumes of one "
+                "node",
+            )
+        return next(iter(homes), None), None
+
     async def _templates(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Every node's templates, each once (a template a node fetched is the same template)."""
         headers = [*_forwarded(scope), *self._ours]
@@ -356,6 +402,17 @@ class Replica:
                 await _error(429, str(e), {"Retry-After": str(e.retry_after)})(scope, receive, send)
                 return
         candidates = order(await self._alive(), self.policy, self._sent, _template_of(body))
+        home, refused = await self._volumes_home(body)
+        if refused is not None:
+            await _error(400, refused)(scope, receive, send)
+            return
+        if home is not None:  # (its volumes' files are that node's: it runs there, or nowhere)
+            candidates = [n for n in candidates if n.node_id == home]
+            if not candidates:
+                await _error(503, _lost_volume(", ".join(map(repr, _volumes_of(body))), home), {"Retry-After": "5"})(
+                    scope, receive, send
+                )
+                return
         for node in candidates:
             self._sent[node.node_id] += 1
             if await self._proxy(scope, receive, send, node.url, body=body):
@@ -545,6 +602,28 @@ async def _request_body(receive: Receive) -> AsyncIterator[bytes]:
             yield chunk
         if not message.get("more_body", False):
             return
+
+
+def _lost_volume(names: str, node: str) -> str:
+    return (
+        f"volume {names} is kept on node {node}, which was lost (its lease ran out): its files are on that node's "
+        "disk, and come back with it"
+    )
+
+
+def _volumes_of(body: bytes) -> list[str]:
+    """The names (or IDs) of the volumes a create mounts (a body that is not what a node expects: the node says so)."""
+    try:
+        mounts = json.loads(body).get("volumeMounts") if len(body) <= 65536 else None
+    except (ValueError, AttributeError, RecursionError):
+        return []
+    if not isinstance(mounts, list):
+        return []
+    return [
+        m["name"]
+        for m in mounts[:16]
+        if isinstance(m, dict) and isinstance(m.get("name"), str) and len(m["name"]) <= 256
+    ]
 
 
 def _template_of(body: bytes) -> str | None:

@@ -21,3 +21,9 @@ class NoSpace(VolumeError):
 
 class TooMany(VolumeError):
     status = 429
+
+
+class Elsewhere(VolumeError):
+    """The volume's files are another node's (a cluster: volumes/store.py)."""
+
+    status = 409

@@ -13,6 +13,11 @@ How they are kept
     filesystem mounted once, so several sandboxes and the API see the same files at once. A volume
     mounted by a server that crashed stays mounted and is used again; `mount -o loop` uses the loop device
     already attached to the image (a sandbox's bind may still hold it), never a second one.
+
+In a cluster
+    The records are the cluster's (its state), the files one node's: a volume names the node that made it
+    (`node`), where its image is. An API replica sends its content API, its delete and every sandbox that mounts
+    it to that node (cluster/replica.py); another node asked for its files says where they are.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from sandboxd.runtime import quota
 from sandboxd.state.sql import State
 from sandboxd.templates.uids import UID_SHIFT
 from sandboxd.volumes.content import VolumeFiles
-from sandboxd.volumes.errors import Conflict, NotFound, TooMany, VolumeError
+from sandboxd.volumes.errors import Conflict, Elsewhere, NotFound, TooMany, VolumeError
 
 log = logging.getLogger("sandboxd.volumes")
 
@@ -58,6 +63,7 @@ class Volume:
     token: str
     size_mb: int
     created_at: float
+    node: str = ""  # the cluster node whose disk holds it ("": a single server's)
 
     def to_json(self) -> dict:
         return {
@@ -66,6 +72,7 @@ class Volume:
             "token": self.token,
             "size_mb": self.size_mb,
             "created_at": self.created_at,
+            **({"node": self.node} if self.node else {}),
         }
 
 
@@ -125,7 +132,7 @@ class VolumeStore:
             except BaseException:
                 shutil.rmtree(scratch, ignore_errors=True)
                 raise
-            vol = Volume(vid, name, secrets.token_urlsafe(32), size, time.time())
+            vol = Volume(vid, name, secrets.token_urlsafe(32), size, time.time(), self.db.node)
             self.db.put_volume(vol.to_json())
         # The volume starts empty: no lost+found (e2fsck makes one again if it ever needs one).
         with contextlib.suppress(OSError):
@@ -135,6 +142,7 @@ class VolumeStore:
 
     def delete(self, vol: Volume, users: list[str]) -> None:
         """Remove the volume and its files. Refused while sandboxes (running or paused) mount it."""
+        self._here(vol)
         if users:
             shown = ", ".join(sorted(users)[:5]) + (" ..." if len(users) > 5 else "")
             raise Conflict(f"volume {vol.name!r} is mounted by {len(users)} sandbox(es) ({shown}): kill them first")
@@ -144,10 +152,18 @@ class VolumeStore:
             shutil.rmtree(self.root / vol.volume_id, ignore_errors=True)
         log.info("volume %s (%s) deleted", vol.volume_id, vol.name)
 
+    def _here(self, vol: Volume) -> None:
+        if vol.node and vol.node != self.db.node:
+            raise Elsewhere(
+                f"volume {vol.name!r} is kept on node {vol.node} (its files are on that node's disk): its files are "
+                "read, its sandboxes run and it is deleted there (an API replica sends each there)"
+            )
+
     # -- the host mount --------------------------------------------------------------------------
     def mounted(self, vol: Volume) -> Path:
         """The volume's files on the host (mounted now if they were not)."""
         mnt, image = self.root / vol.volume_id / MOUNT, self.root / vol.volume_id / IMAGE
+        self._here(vol)
         with self._lock:
             if not os.path.ismount(mnt):
                 if not image.is_file():
