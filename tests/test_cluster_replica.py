@@ -711,3 +711,86 @@ def test_a_volume_is_kept_on_one_node_and_the_sandboxes_that_mount_it_go_there(
                 srv.stop()
         if holder is not None and holder.proc.poll() is not None:  # (its volume unmounted: back, then gone)
             start_server(holder.data_dir, *node, port=int(holder.url.rsplit(":", 1)[1])).stop()
+
+
+def test_the_catalog_a_rebuild_or_a_tag_on_one_node_holds_on_every_node(
+    pg: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cluster's catalog of templates (cluster/catalog.py): a template rebuilt through a replica (on one node) is
+    that build on a node that fetched the old one; a tag assigned or removed through a replica holds on every node; two
+    nodes building the same new name at the same moment make one template (the later build its default on both)."""
+    import threading
+
+    from e2b import Template
+
+    from sandboxd.templates.store import TemplateStore
+
+    from conftest import BUILTIN_TEMPLATES, TEMPLATES_DIR
+
+    database = pg.database()
+    node = ("--role", "node", "--database", database, "--pool-size", "0", "--ready-timeout", "5")
+    servers = []
+    try:
+        for name in ("a", "b"):
+            TemplateStore(TEMPLATES_DIR).link_into(tmp_path / f"{name}-templates", BUILTIN_TEMPLATES)
+            servers.append(start_server(tmp_path / name, *node, templates_dir=tmp_path / f"{name}-templates"))
+        nodes = list(servers)
+        replica = start_server(tmp_path / "r", "--role", "api", "--database", database)
+        servers.append(replica)
+        sdk_env(monkeypatch, replica)
+
+        def made_on(srv: Server, name: str) -> str:
+            sbx = Sandbox.create(template=name, timeout=30, api_url=srv.url, sandbox_url=srv.url, api_key=srv.api_key)
+            try:
+                return sbx.files.read("/tmp/v")
+            finally:
+                sbx.kill()
+
+        Template.build(Template().from_template("base").run_cmd("echo one > /tmp/v"), "cat-tpl")
+        wait_for_holders(database, "cat-tpl")
+        for n in nodes:  # (a build asked of a node by name only: not a path)
+            r = httpx.get(f"{n.url}/admin/cluster/templates/cat-tpl?build=../../etc", headers={"X-API-KEY": n.api_key})
+            assert r.status_code == 400, r.text
+        assert [made_on(n, "cat-tpl") for n in nodes] == ["one\n", "one\n"]  # (the other fetched it)
+        r = replica.api().post("/templates/tags", json={"target": "cat-tpl", "tags": ["stable"]})
+        assert r.status_code == 201, r.text
+        Template.build(Template().from_template("base").run_cmd("echo two > /tmp/v"), "cat-tpl")  # (on one of them)
+        time.sleep(1.1)  # (a node reads what a name means once a second at most)
+        assert [made_on(n, "cat-tpl") for n in nodes] == ["two\n", "two\n"]
+        assert [made_on(n, "cat-tpl:stable") for n in nodes] == ["one\n", "one\n"]
+        r = replica.api().request("DELETE", "/templates/tags", json={"name": "cat-tpl", "tags": ["stable"]})
+        assert r.status_code == 204, r.text
+        time.sleep(1.1)
+        for n in nodes:
+            r = n.api().post("/sandboxes", json={"templateID": "cat-tpl:stable", "timeout": 30})
+            assert r.status_code == 404 and "no tag 'stable'" in r.text, r.text
+
+        raced = Template().from_template("base").run_cmd("echo raced > /tmp/v")
+        failed: list[BaseException] = []
+
+        def build(srv: Server) -> None:
+            try:
+                Template.build(raced, "raced", api_url=srv.url, api_key=srv.api_key)
+            except BaseException as e:  # (said below)
+                failed.append(e)
+
+        threads = [threading.Thread(target=build, args=(n,)) for n in nodes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert not failed, failed
+        idents = {TemplateStore(tmp_path / f"{n}-templates").resolve("raced")[0] for n in ("a", "b")}
+        assert len(idents) == 1, idents  # (one template, two builds of it)
+        listed = [t for t in replica.api().get("/templates").json() if "raced" in (t.get("aliases") or [])]
+        assert len(listed) == 1, listed
+        time.sleep(1.1)
+        assert [made_on(n, "raced") for n in nodes] == ["raced\n", "raced\n"]
+        (ident,) = idents
+        with psycopg.connect(database) as db:
+            (told,) = db.execute("SELECT build FROM template_tags WHERE template_id = %s AND tag = 'default'", (ident,))
+        defaults = {TemplateStore(tmp_path / f"{n}-templates").tags(ident)["default"] for n in ("a", "b")}
+        assert defaults == {told[0]}  # (the same build, the catalog's default, on both)
+    finally:
+        for srv in reversed(servers):
+            srv.stop()

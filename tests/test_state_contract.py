@@ -169,6 +169,22 @@ def test_layer_digests_first_told_stays(open_state: Callable[[], State]) -> None
     assert b.layer("k" * 32) == ("sha256:" + "a" * 64, 5 * 2**30)
 
 
+def test_the_template_catalog_names_once_and_tags_follow_the_last_told(open_state: Callable[[], State]) -> None:
+    a, b = open_state(), open_state()
+    a.node, b.node = "node-a", "node-b"
+    assert a.name_template("app", "tid-a") == "tid-a"
+    assert b.name_template("app", "tid-b") == "tid-a"  # (named first by another node: that template)
+    assert b.template_tags("app") is None
+    a.tag_template("tid-a", ["default", "v1"], "build-1")
+    b.tag_template("tid-a", ["default"], "build-2")  # (a rebuild elsewhere: the default moves)
+    assert a.template_tags("app") == ("tid-a", {"default": ("build-2", b.node), "v1": ("build-1", a.node)})
+    assert a.template_tags("tid-a") == a.template_tags("app")  # (by its ID too)
+    b.untag_template("tid-a", ["v1"])
+    assert a.template_tags("app") == ("tid-a", {"default": ("build-2", b.node)})
+    a.forget_template("tid-a")
+    assert b.template_tags("app") is None and b.name_template("app", "tid-c") == "tid-c"
+
+
 def test_node_leases_end_by_the_databases_clock(open_state: Callable[[], State]) -> None:
     a, b = open_state(), open_state()
     until = a.heartbeat("n1", "http://10.0.0.1:3000", {"memoryMB": 1024}, lease_seconds=30)

@@ -20,6 +20,7 @@ from sandboxd.api.app import build_control_plane
 from sandboxd.api.nodes import node_routes
 from sandboxd.api.tenancy import TEMPLATE
 from sandboxd.cluster.bucket import Bucket, BucketError
+from sandboxd.cluster.catalog import Catalog
 from sandboxd.cluster.layers import LayerShare
 from sandboxd.cluster.membership import BEAT_SECONDS, LEASE_SECONDS, Membership
 from sandboxd.cluster.moving import Moving
@@ -207,6 +208,12 @@ class App:
         if self.layers is not None:
             self.manager.fetch_template = self.layers.ensure
             self.builds.on_delete.append(self.layers.forget)
+            # which template a name means, which build a tag means: the cluster's (cluster/catalog.py)
+            catalog = self.layers.catalog = Catalog(self.db)
+            self.builds.naming = catalog.name
+            self.builds.on_tagged.append(catalog.tagged)
+            self.builds.on_untagged.append(catalog.untagged)
+            self.builds.on_delete.append(catalog.forget)
         # with a bucket, a sandbox paused to its files or to disk outlives its node (cluster/moving.py)
         self.moving = (
             Moving(self.manager, self.db, self.layers, lambda ident, team: self.teams.set_owner(TEMPLATE, ident, team))

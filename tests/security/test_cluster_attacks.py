@@ -302,7 +302,7 @@ def test_a_hostile_manifest_is_refused_before_anything_is_written(tmp_path: Path
         def __init__(self, manifest: dict[str, Any]) -> None:
             self.value = manifest
 
-        def manifest(self, name: str) -> dict[str, Any] | None:
+        def manifest(self, name: str, build: str | None = None) -> dict[str, Any] | None:
             return self.value
 
         @contextlib.contextmanager
@@ -348,6 +348,8 @@ def test_a_hostile_manifest_is_refused_before_anything_is_written(tmp_path: Path
     subprocess.run(["tar", "-x", "-C", str(unpacked)], input=tar.getvalue(), check=True)
     other.put_layer(key, tree_digest(unpacked), 4096)
     share = LayerShare(store, other, "e2b_key", None)
+    with pytest.raises(FetchFailed, match="asked for build"):  # (the catalog's build asked for, another sent)
+        share._fetch(Hostile(manifest()), "fetched-one", "b2")
     assert share._fetch(Hostile(manifest()), "fetched-one")
     fetched = store.get("fetched-one")
     assert fetched.memory_images is None and not store.is_builtin(fetched.name)  # (what only a node writes: not)
@@ -391,7 +393,7 @@ def test_a_snapshots_memory_from_elsewhere_is_taken_only_as_its_node_told_it(tmp
         def __init__(self, manifest: dict[str, Any], memory: bytes | None = None) -> None:
             self.value, self.memory = manifest, memory or trees["memory"]
 
-        def manifest(self, name: str) -> dict[str, Any] | None:
+        def manifest(self, name: str, build: str | None = None) -> dict[str, Any] | None:
             return self.value
 
         @contextlib.contextmanager

@@ -170,6 +170,7 @@ def template_routes(
 
     async def assign_tags(request: Request) -> Response:
         b: TagAssign = await read(request, TagAssign, limits)
+        await builds.manager.ensure_template(b.target)  # (a cluster's: its build as the catalog says, here)
         ident, tag = _target(request, b.target, "tagged")
         build_id = store.tags(ident).get(tag or "default")
         if build_id is None:
@@ -179,16 +180,19 @@ def template_routes(
                 raise BadRequest(f"tag '{t[:130]}' is not valid: letters, digits, '.', '_', '-', at most 128")
         for t in b.tags:
             store.set_tag(ident, t, build_id)
+        builds.tagged(ident, b.tags, build_id)
         return JSONResponse({"tags": b.tags, "buildID": build_id}, status_code=201)
 
     async def remove_tags(request: Request) -> Response:
         b: TagRemove = await read(request, TagRemove, limits)
+        await builds.manager.ensure_template(b.name)
         ident, _ = _target(request, b.name, "untagged")
         missing = [t for t in b.tags if t not in store.tags(ident)]
         if missing:
             raise NotFound(f"template '{b.name}' has no tag {', '.join(repr(t) for t in missing)}")
         for t in b.tags:
             store.drop_tag(ident, t)
+        builds.untagged(ident, b.tags)
         return _empty(204)
 
     async def get_tags(request: Request) -> Response:

@@ -45,6 +45,7 @@ from starlette.routing import BaseRoute, Route
 
 from sandboxd.cluster import CLUSTER_HEADER
 from sandboxd.cluster.bucket import Bucket, BucketError
+from sandboxd.cluster.catalog import Catalog
 from sandboxd.cluster.tls import ClusterTLS
 from sandboxd.core.errors import BadRequest, NotFound, SandboxdError
 from sandboxd.periodic import Periodic
@@ -91,6 +92,7 @@ class LayerShare:
         self._verify: ssl.SSLContext | bool = tls.client_context() if tls else True  # (other nodes: mutual TLS)
         self._headers = {"X-API-KEY": api_key, **({CLUSTER_HEADER.decode(): token} if token else {})}
         self._fetching = asyncio.Lock()  # (one fetch at a time: creates of a template being fetched wait for it)
+        self.catalog: Catalog | None = None  # (the cluster's: cluster/catalog.py, set by the server)
         self._memories: dict[str, Path] = {}  # memory key -> a snapshot's images here (told in a manifest: served)
 
     async def start(self) -> None:
@@ -187,7 +189,10 @@ class LayerShare:
     # -- serving ----------------------------------------------------------------------------------
     def routes(self) -> list[BaseRoute]:
         async def manifest(request: Request) -> Response:
-            return JSONResponse(await asyncio.to_thread(self.manifest, request.path_params["name"]))
+            build = request.query_params.get("build")
+            if build is not None and not BUILD_RE.match(build):
+                raise BadRequest(f"build {build[:80]!r} is not a build's ID")
+            return JSONResponse(await asyncio.to_thread(self.manifest, request.path_params["name"], build))
 
         async def layer(request: Request) -> Response:
             key = request.path_params["key"]
@@ -214,10 +219,12 @@ class LayerShare:
             Route(PREFIX + "/layers/{key}", layer, methods=["GET"]),
         ]
 
-    def manifest(self, name: str) -> dict[str, Any]:
-        """What another node needs to hold the template `name` (its default build, or `name:tag`'s)."""
+    def manifest(self, name: str, build: str | None = None) -> dict[str, Any]:
+        """What another node needs to hold the template `name` (its default build, or `name:tag`'s, or `build`)."""
         try:
             t = self.store.get(name)
+            if build is not None and t.digest != build:
+                t = self.store.version(t.name, build)
         except TemplateError as e:
             raise NotFound(str(e)) from None
         if t.memory_volume_mounts:
@@ -293,20 +300,54 @@ class LayerShare:
 
     # -- fetching ---------------------------------------------------------------------------------
     async def ensure(self, name: str) -> None:
-        """`name` held here, fetched from a node that holds it if need be (nothing happens when no node does: the
-        create then says the template is not found)."""
-        if self.store.resolve(name)[0] is not None:
+        """`name` held here as the cluster's catalog says (cluster/catalog.py: the build its tag means, fetched if
+        need be; a tag removed elsewhere removed here), or — not catalogued — held here at all, fetched from a node
+        that holds it if need be (nothing happens when no node does: the create then says it is not found)."""
+        base, tag = self.store.split_tag(name)
+        told = await asyncio.to_thread(self.catalog.tags, base) if self.catalog is not None else None
+        if told is None:
+            if self.store.resolve(name)[0] is None:
+                await self._fetch_any(name, base, None, ("default",))
             return
-        wanted = self.store.split_tag(name)[0]
+        ident, tags = told
+        tag = tag or "default"
+        if tag not in tags:  # (removed elsewhere, or never there: not here either)
+            if tag in self.store.tags(ident) and self.store.drop_tag(ident, tag):
+                log.info("template %s: tag %r removed, as the cluster's catalog says", ident, tag)
+            return
+        build, holder = tags[tag]
+        if self.store.tags(ident).get(tag) == build:
+            return
+        if not self.store.has_version(ident, build):
+            await self._fetch_any(ident, ident, build, (tag,), holder)
+        if not self.store.has_version(ident, build):
+            raise FetchFailed(
+                f"template '{name}' is build {build} in the cluster (built or tagged on node {holder}), which this "
+                "node could not fetch from any node or bucket: try again once that node answers"
+            )
+        if self.store.tags(ident).get(tag) != build:
+            self.store.set_tag(ident, tag, build)
+            log.info("template %s: tag %r is build %s, as the cluster's catalog says", ident, tag, build)
+
+    async def _fetch_any(
+        self, name: str, held_as: str, build: str | None, tags: tuple[str, ...], holder: str | None = None
+    ) -> None:
+        """The template `name` (its build `build`, then `name` is its ID; else its default) from the node `holder` (the
+        one that told the catalog of that build) or a node whose lease says it holds `held_as`, else from the bucket."""
         async with self._fetching:
-            if self.store.resolve(name)[0] is not None:
+            if self.store.has_version(name, build) if build is not None else self.store.resolve(name)[0] is not None:
                 return  # (fetched by the create that held the lock)
             nodes = await asyncio.to_thread(self.state.nodes)
-            holders = [
-                n
-                for n in nodes
-                if n.alive and n.node_id != self.state.node and wanted in (n.capacity.get("templates") or ())
-            ]
+            holders = sorted(
+                (
+                    n
+                    for n in nodes
+                    if n.alive
+                    and n.node_id != self.state.node
+                    and (n.node_id == holder or held_as in (n.capacity.get("templates") or ()))
+                ),
+                key=lambda n: n.node_id != holder,
+            )
             problems = []
             sources: list[tuple[str, Callable[[], AbstractContextManager[Source]]]] = [
                 (f"node {n.node_id}", functools.partial(self._peer, n.url)) for n in holders
@@ -316,7 +357,7 @@ class LayerShare:
                 sources.append((f"the bucket {self.bucket.url}", lambda: contextlib.nullcontext(bucket_source)))
             for what, source in sources:
                 try:
-                    if await asyncio.to_thread(self._fetch_with, source, name):
+                    if await asyncio.to_thread(self._fetch_with, source, name, build, tags):
                         return
                 except (FetchFailed, BucketError, httpx.HTTPError, OSError, ValueError, KeyError, TypeError) as e:
                     log.warning("template %r: fetching it from %s failed: %s", name, what, e)
@@ -325,8 +366,9 @@ class LayerShare:
                     log.warning("template %r: fetching it from %s failed: %r", name, what, e)
                     problems.append(f"{what}: {e}")
             if problems:
+                which = f"'{name}'" + (f" (build {build})" if build else "")
                 raise FetchFailed(
-                    f"template '{name}' could not be fetched from the nodes that hold it: {'; '.join(problems)}"
+                    f"template {which} could not be fetched from the nodes that hold it: {'; '.join(problems)}"
                 )
 
     @contextlib.contextmanager
@@ -334,17 +376,22 @@ class LayerShare:
         with httpx.Client(base_url=url, headers=self._headers, timeout=TIMEOUT, verify=self._verify) as client:
             yield PeerSource(url, client)
 
-    def _fetch_with(self, opening: Callable[[], AbstractContextManager[Source]], name: str) -> bool:
+    def _fetch_with(
+        self, opening: Callable[[], AbstractContextManager[Source]], name: str, build: str | None, tags: tuple[str, ...]
+    ) -> bool:
         with opening() as source:
-            return self._fetch(source, name)
+            return self._fetch(source, name, build, tags)
 
-    def _fetch(self, source: Source, name: str) -> bool:
-        """The template `name` from `source`, layer by layer; False when the source does not have it."""
+    def _fetch(self, source: Source, name: str, want: str | None = None, tags: tuple[str, ...] = ("default",)) -> bool:
+        """The template `name` (its build `want`, else its default) from `source`, layer by layer, under `tags`; False
+        when the source does not have it."""
         started = time.monotonic()
-        manifest = source.manifest(name)
+        manifest = source.manifest(name, want)
         if manifest is None:
             return False
         ident, build, layers, version = _checked(manifest)
+        if want is not None and build != want:
+            raise FetchFailed(f"asked for build {want}, it sent build {build[:80]!r}")
         told = manifest.get("memory")  # (a snapshot's processes: checked as a layer is)
         memory_entry = _checked_memory(told, ident, build) if told is not None else None
         base = self._local_base(str(manifest["base"]))
@@ -366,7 +413,7 @@ class LayerShare:
                 work, got = self._receive(source, key)
                 memory, version["memory"] = work / "diff", config
                 moved += got
-            self.store.adopt(ident, meta, build, version, record, memory=memory)
+            self.store.adopt(ident, meta, build, version, record, memory=memory, tags=tags)
         finally:
             if memory is not None:
                 shutil.rmtree(memory.parent, ignore_errors=True)
@@ -502,7 +549,7 @@ class Source(Protocol):
 
     where: str
 
-    def manifest(self, name: str) -> dict[str, Any] | None: ...
+    def manifest(self, name: str, build: str | None = None) -> dict[str, Any] | None: ...
 
     def layer(self, key: str) -> AbstractContextManager[Iterator[bytes]]: ...
 
@@ -511,8 +558,9 @@ class PeerSource:
     def __init__(self, url: str, client: httpx.Client) -> None:
         self.where, self.client = url, client
 
-    def manifest(self, name: str) -> dict[str, Any] | None:
-        r = self.client.get(f"{PREFIX}/templates/{quote(name, safe='')}")
+    def manifest(self, name: str, build: str | None = None) -> dict[str, Any] | None:
+        query = {"build": build} if build else None
+        r = self.client.get(f"{PREFIX}/templates/{quote(name, safe='')}", params=query)
         if r.status_code != 200 or len(r.content) > MAX_MANIFEST:
             raise FetchFailed(f"its manifest: HTTP {r.status_code} {r.text[:300]}")
         value = r.json()
@@ -530,8 +578,9 @@ class BucketSource:
     def __init__(self, bucket: Bucket) -> None:
         self.where, self.bucket = bucket.url, bucket
 
-    def manifest(self, name: str) -> dict[str, Any] | None:
-        return self.bucket.manifest(TemplateStore.split_tag(name)[0])  # (a tag: its default build is what is there)
+    def manifest(self, name: str, build: str | None = None) -> dict[str, Any] | None:
+        found = self.bucket.manifest(TemplateStore.split_tag(name)[0])  # (a tag: its default build is what is there)
+        return None if found is None or (build is not None and found.get("build") != build) else found
 
     def layer(self, key: str) -> AbstractContextManager[Iterator[bytes]]:
         return self.bucket.layer(key)

@@ -154,6 +154,8 @@ class Replica:
                 await self._to_sandbox(scope, receive, send, m.group(1), data_plane=False)
             elif path == "/templates" and scope["method"] == "GET":
                 await self._templates(scope, receive, send)
+            elif path == "/templates/tags":
+                await self._to_tags(scope, receive, send)
             elif m := TEMPLATE_PATH.match(path):
                 await self._to_template(scope, receive, send, m.group(1) or m.group(2))
             elif path == "/volumes" and scope["method"] == "POST":  # (where its files go: spread as sandboxes)
@@ -296,11 +298,15 @@ class Replica:
                 return None
         return None
 
-    async def _to_any(self, scope: Scope, receive: Receive, send: Send, first: list[Node] | None = None) -> None:
-        """To the first node that answers: of `first` (those holding what the request is about), then any."""
+    async def _to_any(
+        self, scope: Scope, receive: Receive, send: Send, first: list[Node] | None = None, body: bytes | None = None
+    ) -> None:
+        """To the first node that answers: of `first` (those holding what the request is about), then any. `body`:
+        the request's, read already."""
         alive = await self._alive()
         ordered = [*(first or []), *(n for n in alive if n not in (first or []))]
-        body = await _small_body(scope, receive)
+        if body is None:
+            body = await _small_body(scope, receive)
         for node in ordered:
             if await self._proxy(scope, receive, send, node.url, body=body):
                 return
@@ -324,6 +330,21 @@ class Replica:
                     if r.status_code not in (204, 404):
                         log.warning("template %r: its delete on node %s answered %d", name, node.node_id, r.status_code)
         await self._to_any(scope, receive, send, first=holders)
+
+    async def _to_tags(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Tags assigned to or removed from a template (named in the body): to a node that holds it (the cluster's
+        catalog tells the others)."""
+        body = await _read_body(receive, MAX_CREATE_BODY)
+        if body is None:
+            await _error(413, f"request body is over the limit of {MAX_CREATE_BODY} bytes")(scope, receive, send)
+            return
+        name = None
+        with contextlib.suppress(ValueError, AttributeError, RecursionError):
+            value = json.loads(body) if len(body) <= 65536 else {}
+            name = value.get("target") or value.get("name")
+        name = name.rpartition(":")[0] or name if isinstance(name, str) else None
+        holders = [n for n in await self._alive() if name in (n.capacity.get("templates") or ())]
+        await self._to_any(scope, receive, send, first=holders, body=body)
 
     async def _to_volume(self, scope: Scope, receive: Receive, send: Send, ref: str) -> None:
         """A request about one volume to the node that keeps it; if that node was lost, its record (a GET of the

@@ -38,7 +38,7 @@ from sandboxd.templates.builtin import names as builtin_names
 from sandboxd.templates.context import ContextError, CopyTarget, copy_stream
 from sandboxd.templates.layers import LayerStore, drop_per_sandbox_files, layer_key
 from sandboxd.templates.recipe import DEFAULT_IMAGE, BuildState, Recipe, Step
-from sandboxd.templates.store import TemplateError, TemplateStore, write_json
+from sandboxd.templates.store import TemplateError, TemplateStore, new_template_id, write_json
 
 if TYPE_CHECKING:
     from sandboxd.core.manager import SandboxManager
@@ -149,6 +149,11 @@ class TemplateBuilds:
         self._locks: dict[str, asyncio.Lock] = {}
         # told (in a thread) of each template deleted, with its names: a cluster's bucket forgets it (cluster/layers.py)
         self.on_delete: list[Callable[[str, list[str]], None]] = []
+        # a cluster's catalog (cluster/catalog.py): the ID a name means (`naming`: given the one proposed), told of
+        # the tags each build and each API call sets (`on_tagged`) or removes (`on_untagged`)
+        self.naming: Callable[[str, str], str] | None = None
+        self.on_tagged: list[Callable[[str, list[str], str], None]] = []
+        self.on_untagged: list[Callable[[str, list[str]], None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._upload_key = secrets.token_bytes(32)
         self.layers.clean_stale()  # what a build cut short by a crash left half-committed
@@ -186,8 +191,17 @@ class TemplateBuilds:
                 f"'{base}' is a built-in template: it is built on the server's host (`sandboxd template build "
                 f"{base}`); give your template another name"
             )
+        local, _ = self.store.resolve(base)
+        ident_for_new = None
+        if self.naming is not None and not builtin:  # (the cluster's ID for it: one template per name)
+            named = self.naming(base, local or new_template_id())
+            if local is None:
+                ident_for_new = named
+            elif named != local:
+                log.warning("template %r here is %s, but %s in the cluster's catalog: built here as %s", base, local,
+                            named, local)  # fmt: skip
         try:
-            ident = self.store.claim(base, builtin=builtin)
+            ident = self.store.claim(base, builtin=builtin, ident_for_new=ident_for_new)
         except TemplateError as e:
             raise Forbidden(str(e)) from None
         build = Build(
@@ -205,6 +219,22 @@ class TemplateBuilds:
         for b in stale:
             self.builds.pop(b.build_id, None)
         return build
+
+    def tagged(self, ident: str, tags: list[str], build_id: str) -> None:
+        """`tags` of the template now mean `build_id` (a build, or the API): told to whoever asked (a cluster's
+        catalog)."""
+        for told in self.on_tagged if not self.store.is_builtin(ident) else ():
+            try:
+                told(ident, tags, build_id)
+            except Exception:
+                log.exception("template %s tagged %s: telling %r failed", ident, tags, told)
+
+    def untagged(self, ident: str, tags: list[str]) -> None:
+        for told in self.on_untagged if not self.store.is_builtin(ident) else ():
+            try:
+                told(ident, tags)
+            except Exception:
+                log.exception("template %s untagged %s: telling %r failed", ident, tags, told)
 
     def template_id(self, ident_or_name: str) -> str:
         ident, _ = self.store.resolve(ident_or_name)
@@ -594,6 +624,7 @@ class TemplateBuilds:
             "size_bytes": size,
         }
         self.store.add_version(build.template_id, build.build_id, meta, build.tags)
+        self.tagged(build.template_id, build.tags, build.build_id)
         build.log(f"template {build.names[0]} ({build.template_id}) tagged {', '.join(build.tags)}")
 
 

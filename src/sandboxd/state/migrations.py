@@ -128,6 +128,17 @@ MIGRATIONS = (
             },
         ),
     ),
+    Migration(
+        8,
+        "the cluster's catalog of templates: which template a name means and which build each of its tags means "
+        "(the node that builds or retags one tells, and holds that build; the others follow it)",
+        (
+            "CREATE TABLE template_names (name TEXT PRIMARY KEY, template_id TEXT NOT NULL)",
+            "CREATE INDEX template_names_id ON template_names (template_id)",
+            "CREATE TABLE template_tags (template_id TEXT NOT NULL, tag TEXT NOT NULL, build TEXT NOT NULL, "
+            "node TEXT NOT NULL, at {real} NOT NULL, PRIMARY KEY (template_id, tag))",
+        ),
+    ),
 )
 LATEST = MIGRATIONS[-1].version
 TYPES = {"sqlite": {"real": "REAL"}, "postgres": {"real": "DOUBLE PRECISION"}}

@@ -337,6 +337,48 @@ class State(ABC):
         row = self._one("SELECT digest, size_bytes FROM layers WHERE key = ?", (key,))
         return (row[0], int(row[1])) if row else None
 
+    # -- the cluster's catalog of templates (cluster/catalog.py) ---------------------------------
+    def name_template(self, name: str, template_id: str) -> str:
+        """The template `name` means in the cluster: `template_id`, unless a node named another first."""
+        with self.transaction() as tx:
+            tx.execute(
+                "INSERT INTO template_names (name, template_id) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                (name, template_id),
+            )
+            return str(tx.query("SELECT template_id FROM template_names WHERE name = ?", (name,))[0][0])
+
+    def tag_template(self, template_id: str, tags: list[str], build: str) -> None:
+        """The template's `tags` mean `build` from now on (told by this node, which holds it)."""
+        with self.transaction() as tx:
+            for tag in tags:
+                tx.execute(
+                    "INSERT INTO template_tags (template_id, tag, build, node, at) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT (template_id, tag) DO UPDATE SET build = excluded.build, node = excluded.node, "
+                    "at = excluded.at",
+                    (template_id, tag, build, self.node, self.now()),
+                )
+
+    def untag_template(self, template_id: str, tags: list[str]) -> None:
+        with self.transaction() as tx:
+            for tag in tags:
+                tx.execute("DELETE FROM template_tags WHERE template_id = ? AND tag = ?", (template_id, tag))
+
+    def template_tags(self, name: str) -> tuple[str, dict[str, tuple[str, str]]] | None:
+        """(the template `name` means in the cluster, tag -> (build, the node that told it)), if a node told (`name`: a
+        name or an ID)."""
+        rows = self.query(
+            "SELECT template_id, tag, build, node FROM template_tags WHERE template_id = "
+            "COALESCE((SELECT n.template_id FROM template_names n WHERE n.name = ?), ?)",
+            (name, name),
+        )
+        return (str(rows[0][0]), {str(t): (str(b), str(n)) for _, t, b, n in rows}) if rows else None
+
+    def forget_template(self, template_id: str) -> None:
+        """The template was deleted: its names and tags go."""
+        with self.transaction() as tx:
+            tx.execute("DELETE FROM template_names WHERE template_id = ?", (template_id,))
+            tx.execute("DELETE FROM template_tags WHERE template_id = ?", (template_id,))
+
     # -- cluster nodes and their leases -----------------------------------------------------------
     def heartbeat(self, node_id: str, url: str, capacity: dict[str, Any], lease_seconds: float) -> float:
         """The node is alive for `lease_seconds` more (by the database's clock): its lease renewed, its address

@@ -103,6 +103,10 @@ class Template:
         return {"PYTHONPATH": f"{CODE_DIR}:{SITE_DIR}", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
 
 
+def new_template_id() -> str:
+    return "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(20))
+
+
 class TemplateStore:
     def __init__(self, directory: Path) -> None:
         self.dir = Path(directory)
@@ -138,6 +142,19 @@ class TemplateStore:
             disk_mb=meta.get("disk_mb"),
             names=(ident,),
         )
+
+    def version(self, ident: str, build_id: str) -> Template:
+        """One build of a layered template, whatever its tags."""
+        try:
+            meta = json.loads((self.dir / ident / build_id / "template.json").read_text())
+        except (OSError, ValueError):
+            raise TemplateError(f"template '{ident}' has no build '{build_id}'") from None
+        if meta.get("kind") != "layers":
+            raise TemplateError(f"template '{ident}' build '{build_id}' is not a layered build")
+        return self._layered(ident, self.dir / ident / build_id, meta)
+
+    def has_version(self, ident: str, build_id: str) -> bool:
+        return (self.dir / ident / build_id / "template.json").is_file()
 
     def _layered(self, ident: str, path: Path, meta: dict) -> Template:
         try:
@@ -237,9 +254,10 @@ class TemplateStore:
         """A built-in template (templates/builtin.py): every tenant's, made by `sandboxd template build`."""
         return ident in FIXED_IDS or bool(self.meta(ident).get("builtin"))
 
-    def claim(self, name: str, builtin: bool = False) -> str:
-        """The ID of the template called `name`, made (with no build yet) if there is none. Only a build of
-        a built-in template (`builtin`) may claim a built-in name."""
+    def claim(self, name: str, builtin: bool = False, ident_for_new: str | None = None) -> str:
+        """The ID of the template called `name`, made (with no build yet) if there is none — under `ident_for_new`
+        when given (the cluster's catalog's: cluster/catalog.py). Only a build of a built-in template (`builtin`) may
+        claim a built-in name."""
         ident, _ = self.resolve(name)
         if not builtin and (name in builtin_names() or (ident is not None and self.is_builtin(ident))):
             raise TemplateError(f"'{name}' is a built-in template: give your template another name")
@@ -248,7 +266,7 @@ class TemplateStore:
                 self.write_meta(ident, {**self.meta(ident), "builtin": True})
             return ident
         if ident is None or not builtin:
-            ident = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(20))
+            ident = ident_for_new or new_template_id()
         if builtin and name in FIXED_IDS:
             ident = name  # its name is its ID, as it always was
         self.write_meta(ident, {"templateID": ident, "names": [name], "createdAt": time.time(), "builtin": builtin})
@@ -270,7 +288,7 @@ class TemplateStore:
                 os.rename(memory, self.dir / ident / build_id / MEMORY_DIR)
             self.add_version(ident, build_id, version, ["default"])
             return ident
-        ident = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(20))
+        ident = new_template_id()
         scratch = self.dir / f".new-template-{ident}-{os.getpid()}"
         (scratch / build_id).mkdir(parents=True)
         if memory is not None:
@@ -293,11 +311,12 @@ class TemplateStore:
         version: dict,
         record: dict | None = None,
         memory: Path | None = None,
+        tags: tuple[str, ...] = ("default",),
     ) -> None:
         """A template fetched from another node of a cluster (cluster/layers.py), its layers here already: its
-        build under its ID (the default), its build's record (`record`), its processes (`memory`: a snapshot's,
-        a directory moved into the build), and its names. A new one is assembled in a scratch dir and renamed into
-        place whole, as publish() does."""
+        build under its ID (`tags`: the default unless told), its build's record (`record`), its processes
+        (`memory`: a snapshot's, a directory moved into the build), and its names. A new one is assembled in a
+        scratch dir and renamed into place whole, as publish() does."""
         home = self.dir / ident
         if (home / "meta.json").is_file():
             if record is not None:
@@ -307,7 +326,7 @@ class TemplateStore:
                 (home / build_id).mkdir(exist_ok=True)
                 shutil.rmtree(home / build_id / MEMORY_DIR, ignore_errors=True)
                 os.rename(memory, home / build_id / MEMORY_DIR)
-            self.add_version(ident, build_id, version, ["default"])
+            self.add_version(ident, build_id, version, list(tags))
         else:
             scratch = self.dir / f".new-template-{ident}-{os.getpid()}"
             shutil.rmtree(scratch, ignore_errors=True)
@@ -321,8 +340,10 @@ class TemplateStore:
             write_json(
                 scratch / build_id / "template.json", {"kind": "layers", "name": ident, "build_id": build_id, **version}
             )
-            (scratch / "current").symlink_to(build_id)
+            (scratch / "current").symlink_to(build_id)  # (its first build: its default too)
             os.rename(scratch, home)
+            for tag in tags:
+                self.set_tag(ident, tag, build_id)
         for name in meta.get("names") or []:
             if isinstance(name, str) and 0 < len(name) <= 256 and "\0" not in name:
                 if self.resolve(name)[0] in (None, ident):  # (a name this node gave another template stays)
