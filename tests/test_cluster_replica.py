@@ -432,10 +432,32 @@ def test_a_template_outlives_the_node_that_built_it_in_a_bucket(
         finally:
             snapped.kill()
         assert replica.api().delete("/templates/moved-snap").status_code == 204
+        # the layers no manifest names go (a node's round every 10 min, for layers an hour old: here at once)
+        from sandboxd.cluster.bucket import Bucket, BucketError
+
+        bucket = Bucket("s3://templates/cluster", endpoint)
+
+        def layers() -> set[str]:
+            listed = client.list_objects_v2(Bucket="templates", Prefix="cluster/layers/").get("Contents", [])
+            return {o["Key"] for o in listed}
+
+        before = layers()
+        assert bucket.collect() == []  # (all younger than an hour: maybe a manifest on its way)
+        client.put_object(Bucket="templates", Key="cluster/manifests/x.json", Body=b"not json")
+        with pytest.raises(BucketError, match="cannot be read"):  # (what it names unknown: nothing deleted)
+            bucket.collect(grace=0)
+        client.delete_object(Bucket="templates", Key="cluster/manifests/x.json")
+        gone = bucket.collect(grace=0)  # (the snapshot's own layer; not the template's, still named)
+        assert (
+            gone
+            and f"cluster/layers/{top}.tar" in layers()
+            and layers() == before - {f"cluster/layers/{k}.tar" for k in gone}
+        )
         # deleted (through the replica, on the node that now holds it): out of the bucket too
         assert replica.api().delete("/templates/in-the-bucket").status_code == 204
         keys = [o["Key"] for o in client.list_objects_v2(Bucket="templates").get("Contents", [])]
         assert not [k for k in keys if k.startswith("cluster/manifests/")], keys
+        assert bucket.collect(grace=0) and layers() == set()
     finally:
         for srv in reversed(servers):
             srv.stop()

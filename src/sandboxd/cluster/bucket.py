@@ -5,7 +5,11 @@ so a node can fetch one even when no node that holds it is alive:
 
     PREFIX/layers/<key>.tar              a layer's content, a tar stream (templates/transfer.py)
     PREFIX/manifests/<quoted name>.json  a template's manifest (its default build), under its ID and each name
-                                         (deleted with the template; its layers stay)
+                                         (deleted with the template)
+
+A layer no manifest names any more goes once it is older than COLLECT_GRACE (a node puts a template's layers
+before its manifest: a young layer may be one whose manifest is on its way); each node with the bucket looks every
+COLLECT_SECONDS (`collect`).
 
 What is read from the bucket is checked as what comes from a node is: each layer against the digest the state
 recorded for its key.
@@ -15,12 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Iterator
 from typing import IO, Any
 from urllib.parse import quote, urlsplit
 
 CHUNK = 1 << 20
 MAX_MANIFEST = 4 * 1024 * 1024
+COLLECT_SECONDS = 600.0
+COLLECT_GRACE = 3600.0  # s
 
 
 class BucketError(Exception):
@@ -95,11 +102,46 @@ class Bucket:
         for name in names:
             self.s3.delete_object(Bucket=self.name, Key=self._manifest_key(name))
 
+    def collect(self, grace: float = COLLECT_GRACE) -> list[str]:
+        """The layers no manifest names, older than `grace` seconds, deleted; their keys. A manifest that cannot be
+        read stops it (BucketError) before anything is deleted."""
+        named: set[str] = set()
+        for obj in self._objects("manifests/"):
+            try:
+                manifest = self._manifest_at(obj["Key"], obj["Key"])
+            except (BucketError, ValueError) as e:  # (what it names is not known: nothing is deleted)
+                raise BucketError(f"{obj['Key']} in {self.url} cannot be read ({e}): no layer collected") from None
+            if manifest is None:
+                continue  # (deleted meanwhile)
+            for entry in manifest.get("layers") or []:
+                if isinstance(entry, dict) and isinstance(entry.get("key"), str):
+                    named.add(entry["key"])
+            memory = manifest.get("memory")
+            if isinstance(memory, dict) and isinstance(memory.get("key"), str):
+                named.add(memory["key"])
+        gone = []
+        now = time.time()
+        start = f"{self.prefix}layers/"
+        for obj in self._objects("layers/"):
+            key = obj["Key"][len(start) :].removesuffix(".tar")
+            if key in named or now - obj["LastModified"].timestamp() < grace:
+                continue
+            self.s3.delete_object(Bucket=self.name, Key=obj["Key"])
+            gone.append(key)
+        return gone
+
+    def _objects(self, under: str) -> Iterator[dict[str, Any]]:
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=self.prefix + under):
+            yield from page.get("Contents", [])
+
     def manifest(self, name: str) -> dict[str, Any] | None:
+        return self._manifest_at(self._manifest_key(name), name)
+
+    def _manifest_at(self, object_key: str, name: str) -> dict[str, Any] | None:
         from botocore.exceptions import ClientError
 
         try:
-            got = self.s3.get_object(Bucket=self.name, Key=self._manifest_key(name))
+            got = self.s3.get_object(Bucket=self.name, Key=object_key)
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return None

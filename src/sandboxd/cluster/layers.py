@@ -44,7 +44,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from sandboxd.cluster import CLUSTER_HEADER
-from sandboxd.cluster.bucket import Bucket, BucketError
+from sandboxd.cluster.bucket import COLLECT_SECONDS, Bucket, BucketError
 from sandboxd.cluster.catalog import Catalog
 from sandboxd.cluster.tls import ClusterTLS
 from sandboxd.core.errors import BadRequest, NotFound, SandboxdError
@@ -88,6 +88,7 @@ class LayerShare:
         self.store, self.state, self.bucket = store, state, bucket
         self._pushed: set[tuple[str, str]] = set()  # (template ID, build) in the bucket
         self.before_push: list[Callable[[], None]] = []  # each round, first (cluster/moving.py collects its images)
+        self._collect_at = time.monotonic() + COLLECT_SECONDS  # (the bucket's layers no manifest names: collected)
         self._pusher = Periodic("sandboxd-bucket", PUSH_SECONDS, self._push_round, log)
         self._verify: ssl.SSLContext | bool = tls.client_context() if tls else True  # (other nodes: mutual TLS)
         self._headers = {"X-API-KEY": api_key, **({CLUSTER_HEADER.decode(): token} if token else {})}
@@ -105,6 +106,12 @@ class LayerShare:
     # -- the bucket -------------------------------------------------------------------------------
     async def _push_round(self) -> None:
         await asyncio.to_thread(self.push)
+        if time.monotonic() >= self._collect_at:
+            self._collect_at = time.monotonic() + COLLECT_SECONDS
+            assert self.bucket is not None
+            gone = await asyncio.to_thread(self.bucket.collect)
+            if gone:
+                log.info("%d layer(s) no template names any more deleted from %s", len(gone), self.bucket.url)
 
     def push(self) -> int:
         """Each template here (not the built-in ones: every node's setup makes those) into the bucket, its layers
