@@ -81,7 +81,8 @@ def test_the_dashboard_shows_a_sandbox_and_runs_a_command_in_its_terminal(server
         page.screenshot(path=str(OUTPUT / "terminal.png"), full_page=True)
         page.keyboard.type("exit 3\n")
         page.wait_for_selector("[data-testid=terminal][data-status=closed]", timeout=15_000)
-        assert "exited 3" in page.inner_text(".xterm-rows")
+        # (xterm.js renders what it is given on a later frame than the status is set: waited for, not read at once)
+        page.wait_for_selector(".xterm-rows:has-text('exited 3')", timeout=15_000)
 
         page.click("text=Pools")
         page.wait_for_selector("tr[data-template='base']")
