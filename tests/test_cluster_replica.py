@@ -43,7 +43,8 @@ def _nodes_of(database: str) -> dict[str, str]:
 
 def start_s3(monkeypatch: pytest.MonkeyPatch, bucket: str) -> tuple[Any, str, Any]:
     """An S3-compatible server on loopback (moto's: it takes any credentials, given in the environment) with
-    `bucket` made: (the server, to stop; its URL; a boto3 client)."""
+    `bucket` made: (the server, to stop; its URL; a boto3 client). Moto keeps its buckets for the whole process,
+    whatever server made them: each test names its own."""
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -566,9 +567,10 @@ def test_a_sandbox_on_disk_and_a_snapshot_with_memory_outlive_their_node(
 
     from conftest import BUILTIN_TEMPLATES, TEMPLATES_DIR
 
-    s3, endpoint, client = start_s3(monkeypatch, "memory")
+    bucket = f"memory-{elsewhere}"  # (moto keeps its buckets for the whole process: one per test)
+    s3, endpoint, client = start_s3(monkeypatch, bucket)
     database = pg.database()
-    node = ("--role", "node", "--database", database, "--pool-size", "0", "--layer-bucket", "s3://memory",
+    node = ("--role", "node", "--database", database, "--pool-size", "0", "--layer-bucket", f"s3://{bucket}",
             "--s3-endpoint", endpoint, "--checkpoint-after", "0")  # fmt: skip
     nodes = {}
     for name in ("a", "b"):
@@ -613,7 +615,7 @@ def test_a_sandbox_on_disk_and_a_snapshot_with_memory_outlive_their_node(
             time.sleep(0.2)
         deadline = time.monotonic() + 60  # (its images in the bucket: the node's next round, 5 s)
         while True:
-            keys = [o["Key"] for o in client.list_objects_v2(Bucket="memory").get("Contents", [])]
+            keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
             if {f"manifests/paused-{sid}.json", "manifests/mem-snap.json"} <= set(keys):
                 break
             assert time.monotonic() < deadline, keys
@@ -639,16 +641,16 @@ def test_a_sandbox_on_disk_and_a_snapshot_with_memory_outlive_their_node(
         assert counted and counted[0] > 5 and counted == list(range(counted[0], counted[0] + len(counted))), counted
         back.kill()
 
-        told = json.loads(client.get_object(Bucket="memory", Key="manifests/mem-snap.json")["Body"].read())
+        told = json.loads(client.get_object(Bucket=bucket, Key="manifests/mem-snap.json")["Body"].read())
         memory = f"layers/{told['memory']['key']}.tar"
-        original = client.get_object(Bucket="memory", Key=memory)["Body"].read()
+        original = client.get_object(Bucket=bucket, Key=memory)["Body"].read()
         with tarfile.open(fileobj=io.BytesIO(original)) as tar:  # (a byte of its processes' memory changed)
             at = next(m for m in tar.getmembers() if m.name.startswith("./pages-") and m.size).offset_data + 100
         changed = original[:at] + bytes([original[at] ^ 0xFF]) + original[at + 1 :]
-        client.put_object(Bucket="memory", Key=memory, Body=changed)
+        client.put_object(Bucket=bucket, Key=memory, Body=changed)
         r = httpx.post(f"{replica.url}/sandboxes", json={"templateID": "mem-snap"}, headers={"X-API-KEY": key})
         assert r.status_code == 503 and "is not the one recorded" in r.json()["message"], r.text
-        client.put_object(Bucket="memory", Key=memory, Body=original)
+        client.put_object(Bucket=bucket, Key=memory, Body=original)
         made = Sandbox.create(template="mem-snap", timeout=60, **via)  # (from the bucket: its node is gone)
         try:
             assert counting.pid in [p.pid for p in made.commands.list()]

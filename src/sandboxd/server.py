@@ -209,10 +209,7 @@ class App:
             self.manager.fetch_template = self.layers.ensure
             self.builds.on_delete.append(self.layers.forget)
             # which template a name means, which build a tag means: the cluster's (cluster/catalog.py)
-            catalog = self.layers.catalog = Catalog(self.db)
-            self.builds.naming = catalog.name
-            self.builds.on_tagged.append(catalog.tagged)
-            self.builds.on_untagged.append(catalog.untagged)
+            catalog = self.layers.catalog = self.manager.catalog = Catalog(self.db)
             self.builds.on_delete.append(catalog.forget)
         # with a bucket, a sandbox paused to its files or to disk outlives its node (cluster/moving.py)
         self.moving = (

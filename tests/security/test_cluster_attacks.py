@@ -438,3 +438,53 @@ def test_a_snapshots_memory_from_elsewhere_is_taken_only_as_its_node_told_it(tmp
     assert fetched.memory_uid_base == 200000 and fetched.memory_parts == config["parts"]
     assert fetched.memory_images is not None
     assert (fetched.memory_images / "pages-1.img").read_bytes() == b"\x01" * 4096
+
+
+def test_a_snapshot_name_of_another_team_on_another_node_is_not_taken(pg: PgServer, tmp_path: Path) -> None:
+    """A team's named snapshot on one node: another team snapshotting a sandbox of its own under that name on
+    another node (which did not hold the snapshot) is refused as it is on the snapshot's own node (it made a second
+    template of that name, its own, which creates of the name could then be placed on); the owning team's snapshot
+    of that name taken on the other node is a new version of the same template, which every node then starts."""
+    from sandboxd.templates.store import TemplateStore
+
+    from conftest import BUILTIN_TEMPLATES, TEMPLATES_DIR
+
+    database = pg.database()
+    node = ("--role", "node", "--database", database, "--pool-size", "0")
+    servers = []
+    try:
+        for name in ("a", "b"):
+            TemplateStore(TEMPLATES_DIR).link_into(tmp_path / f"{name}-templates", BUILTIN_TEMPLATES)
+            servers.append(start_server(tmp_path / name, *node, templates_dir=tmp_path / f"{name}-templates"))
+        a, b = servers
+        owner, other = team_key(a, "owners"), team_key(a, "others")
+
+        def sandbox_on(srv: Any, key: str, text: str) -> str:
+            sbx = Sandbox.create(template="base", timeout=60, api_url=srv.url, sandbox_url=srv.url, api_key=key)
+            sbx.files.write("/home/user/which", text)
+            return sbx.sandbox_id
+
+        def snapshot(srv: Any, key: str, sandbox_id: str) -> httpx.Response:
+            return httpx.post(
+                f"{srv.url}/sandboxes/{sandbox_id}/snapshots",
+                json={"name": "prod-snap", "memory": False},
+                headers={"X-API-KEY": key},
+                timeout=60,
+            )
+
+        assert snapshot(a, owner, sandbox_on(a, owner, "first")).status_code == 201
+        time.sleep(2.5)  # (a's lease tells it holds the snapshot)
+        r = snapshot(b, other, sandbox_on(b, other, "evil"))
+        assert r.status_code == 403 and "another team's" in r.json()["message"], r.text
+        r = snapshot(b, owner, sandbox_on(b, owner, "second"))
+        assert r.status_code == 201, r.text
+        idents = {TemplateStore(tmp_path / f"{n}-templates").resolve("prod-snap")[0] for n in ("a", "b")}
+        assert len(idents) == 1, idents
+        time.sleep(1.1)  # (a reads what the name means once a second at most)
+        for srv in servers:
+            made = Sandbox.create(template="prod-snap", timeout=30, api_url=srv.url, sandbox_url=srv.url, api_key=owner)
+            assert made.files.read("/home/user/which") == "second"
+            made.kill()
+    finally:
+        for srv in servers:
+            srv.stop()

@@ -30,6 +30,8 @@ def snapshot_routes(
         b: SnapshotRequest = await read(request, SnapshotRequest, limits, required=False)
         sandbox_id = request.path_params["sandbox_id"]
         caller = caller_of(request)
+        if b.name:  # (a cluster's: a snapshot of that name on another node is fetched first, and checked as here)
+            await manager.ensure_template(b.name)
         existing = manager.templates.resolve(b.name)[0] if b.name else None
         if existing is not None and existing in manager.templates.names():  # (a new version of it)
             if not tenancy.visible_template(manager, teams, caller, existing):

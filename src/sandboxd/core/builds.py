@@ -149,11 +149,6 @@ class TemplateBuilds:
         self._locks: dict[str, asyncio.Lock] = {}
         # told (in a thread) of each template deleted, with its names: a cluster's bucket forgets it (cluster/layers.py)
         self.on_delete: list[Callable[[str, list[str]], None]] = []
-        # a cluster's catalog (cluster/catalog.py): the ID a name means (`naming`: given the one proposed), told of
-        # the tags each build and each API call sets (`on_tagged`) or removes (`on_untagged`)
-        self.naming: Callable[[str, str], str] | None = None
-        self.on_tagged: list[Callable[[str, list[str], str], None]] = []
-        self.on_untagged: list[Callable[[str, list[str]], None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._upload_key = secrets.token_bytes(32)
         self.layers.clean_stale()  # what a build cut short by a crash left half-committed
@@ -193,8 +188,8 @@ class TemplateBuilds:
             )
         local, _ = self.store.resolve(base)
         ident_for_new = None
-        if self.naming is not None and not builtin:  # (the cluster's ID for it: one template per name)
-            named = self.naming(base, local or new_template_id())
+        if self.manager.catalog is not None and not builtin:  # (the cluster's ID for it: one template per name)
+            named = self.manager.catalog.name(base, local or new_template_id())
             if local is None:
                 ident_for_new = named
             elif named != local:
@@ -221,20 +216,16 @@ class TemplateBuilds:
         return build
 
     def tagged(self, ident: str, tags: list[str], build_id: str) -> None:
-        """`tags` of the template now mean `build_id` (a build, or the API): told to whoever asked (a cluster's
-        catalog)."""
-        for told in self.on_tagged if not self.store.is_builtin(ident) else ():
-            try:
-                told(ident, tags, build_id)
-            except Exception:
-                log.exception("template %s tagged %s: telling %r failed", ident, tags, told)
+        """`tags` of the template now mean `build_id` (a build, or the API): told to a cluster's catalog."""
+        tell_tagged(self.manager, ident, tags, build_id)
 
     def untagged(self, ident: str, tags: list[str]) -> None:
-        for told in self.on_untagged if not self.store.is_builtin(ident) else ():
+        catalog = self.manager.catalog
+        if catalog is not None and not self.store.is_builtin(ident):
             try:
-                told(ident, tags)
+                catalog.untagged(ident, tags)
             except Exception:
-                log.exception("template %s untagged %s: telling %r failed", ident, tags, told)
+                log.exception("template %s untagged %s: telling the cluster's catalog failed", ident, tags)
 
     def template_id(self, ident_or_name: str) -> str:
         ident, _ = self.store.resolve(ident_or_name)
@@ -626,6 +617,17 @@ class TemplateBuilds:
         self.store.add_version(build.template_id, build.build_id, meta, build.tags)
         self.tagged(build.template_id, build.tags, build.build_id)
         build.log(f"template {build.names[0]} ({build.template_id}) tagged {', '.join(build.tags)}")
+
+
+def tell_tagged(manager: SandboxManager, ident: str, tags: list[str], build_id: str) -> None:
+    """A cluster's catalog told that `tags` of the template now mean `build_id` (a failure is logged: the template is
+    made here all the same, and other nodes follow at the next change)."""
+    catalog = manager.catalog
+    if catalog is not None and not manager.templates.is_builtin(ident):
+        try:
+            catalog.tagged(ident, tags, build_id)
+        except Exception:
+            log.exception("template %s tagged %s: telling the cluster's catalog failed", ident, tags)
 
 
 def _expand(value: str, env: dict[str, str]) -> str:

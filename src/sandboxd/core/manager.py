@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sandboxd.core import endings, pausing, startup, workload_identity
 from sandboxd.core import volume_mounts as volume_mounts_
@@ -155,12 +155,24 @@ class Sandbox:
         return self.record.state == "running" and not self.killed.is_set()
 
 
+class TemplateCatalog(Protocol):
+    """A cluster's catalog of templates (cluster/catalog.py): which template a name means, which build a tag means."""
+
+    def name(self, name: str, proposed: str) -> str: ...
+
+    def tagged(self, ident: str, tags: list[str], build: str) -> None: ...
+
+    def untagged(self, ident: str, tags: list[str]) -> None: ...
+
+
 class SandboxManager:
     def __init__(self, runtime: Runtime, templates: TemplateStore, db: State, settings: Settings | None = None):
         self.runtime = runtime
         self.templates = templates
         # A node of a cluster: fetches a template it lacks from a node that holds it (cluster/layers.py)
         self.fetch_template: Callable[[str], Awaitable[None]] | None = None
+        # and names templates (builds', snapshots') and tells their tags as the cluster's catalog says
+        self.catalog: TemplateCatalog | None = None
         runtime.on_destroyed.append(templates.release)  # (the hold each create records: _hold_template)
         self.db = db
         self.settings = settings or Settings()

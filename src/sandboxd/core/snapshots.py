@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sandboxd.core import pausing
-from sandboxd.core.builds import NAME_RE
+from sandboxd.core.builds import NAME_RE, tell_tagged
 from sandboxd.core.errors import BadRequest, Conflict, SandboxdError
 from sandboxd.runtime.base import RuntimeError_
 from sandboxd.templates.layers import drop_per_sandbox_files, layer_key, sync_tree
-from sandboxd.templates.store import MEMORY_DIR, SNAPSHOT_STEP, TemplateError
+from sandboxd.templates.store import MEMORY_DIR, SNAPSHOT_STEP, TemplateError, new_template_id
 
 if TYPE_CHECKING:
     from sandboxd.core.manager import Sandbox, SandboxManager
@@ -108,19 +108,28 @@ async def create(
     if held is not None:
         # (its volumes, mounted where they were in the sandboxes made from it: the same volumes)
         version["memory"] = {"uid_base": sandbox.handle.uid_base, "parts": parts, "volume_mounts": rec_mounts}
+    name = name or f"snapshot-{sandbox_id}-{uuid.uuid4().hex[:8]}"
+    build_id = str(uuid.uuid4())
+    catalog = manager.catalog if not (fork or paused) else None  # (a cluster's: one template per name)
     try:
+        ident_for_new = None
+        if catalog is not None and store.resolve(name)[0] is None:
+            ident_for_new = await asyncio.to_thread(catalog.name, name, new_template_id())
         ident = store.publish(
-            name or f"snapshot-{sandbox_id}-{uuid.uuid4().hex[:8]}",
+            name,
             extra,
-            str(uuid.uuid4()),
+            build_id,
             version,
             memory=held / MEMORY_DIR if held is not None else None,
+            ident_for_new=ident_for_new,
         )
     except TemplateError as e:
         raise BadRequest(str(e)) from None
     finally:
         if held is not None:
             shutil.rmtree(held, ignore_errors=True)
+    if catalog is not None:
+        await asyncio.to_thread(tell_tagged, manager, ident, ["default"], build_id)
     return info(store, ident)
 
 

@@ -273,11 +273,19 @@ class TemplateStore:
         self.set_name(name, ident)
         return ident
 
-    def publish(self, name: str, extra: dict, build_id: str, version: dict, memory: Path | None = None) -> str:
-        """A new version of the template called `name` (made if there is none), its default; its ID. A new
-        template is assembled in a scratch dir and renamed into place whole, then named: a crash leaves a
-        scratch dir (`clean_scratch`) or a whole template, never one without its version. `memory`: a snapshot's
-        processes (a directory, moved into the version)."""
+    def publish(
+        self,
+        name: str,
+        extra: dict,
+        build_id: str,
+        version: dict,
+        memory: Path | None = None,
+        ident_for_new: str | None = None,
+    ) -> str:
+        """A new version of the template called `name` (made if there is none, under `ident_for_new` when given: a
+        cluster's catalog's), its default; its ID. A new template is assembled in a scratch dir and renamed into place
+        whole, then named: a crash leaves a scratch dir (`clean_scratch`) or a whole template, never one without its
+        version. `memory`: a snapshot's processes (a directory, moved into the version)."""
         ident, _ = self.resolve(name)
         if name in builtin_names() or (ident is not None and self.is_builtin(ident)):
             raise TemplateError(f"'{name}' is a built-in template: give yours another name")
@@ -288,7 +296,7 @@ class TemplateStore:
                 os.rename(memory, self.dir / ident / build_id / MEMORY_DIR)
             self.add_version(ident, build_id, version, ["default"])
             return ident
-        ident = new_template_id()
+        ident = ident_for_new or new_template_id()
         scratch = self.dir / f".new-template-{ident}-{os.getpid()}"
         (scratch / build_id).mkdir(parents=True)
         if memory is not None:
