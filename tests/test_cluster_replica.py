@@ -714,6 +714,13 @@ def test_a_volume_is_kept_on_one_node_and_the_sandboxes_that_mount_it_go_there(
         assert r.status_code == 201, r.text
         with pytest.raises(SandboxException, match="different nodes"):
             Sandbox.create(template="base", timeout=30, volume_mounts={"/a": vol, "/b": "kept-there"})
+        # another team learns nothing of these volumes from the replica (which node, or that they exist)
+        stranger = {"X-API-KEY": team_key(replica, "strangers")}
+        mounts = [{"name": "kept-here", "path": "/a"}, {"name": "kept-there", "path": "/b"}]
+        r = httpx.post(
+            f"{replica.url}/sandboxes", json={"templateID": "base", "volumeMounts": mounts}, headers=stranger
+        )
+        assert r.status_code == 404 and "node" not in r.text, r.text
         for sbx in [*mounting, *plain]:
             sbx.kill()
 
@@ -728,6 +735,14 @@ def test_a_volume_is_kept_on_one_node_and_the_sandboxes_that_mount_it_go_there(
             time.sleep(0.25)
         with pytest.raises((SandboxException, ServiceBusyException), match="was lost"):
             Sandbox.create(template="base", timeout=30, volume_mounts={"/data": vol})
+        for method, path in (("GET", "/file?path=/hello.txt"), ("DELETE", "")):
+            url = f"{replica.url}/volumecontent/{vol.volume_id}{path}" if path else f"{replica.url}/volumes/kept-here"
+            r = httpx.request(method, url, headers=stranger)
+            assert r.status_code in (401, 403, 404) and "node" not in r.text, r.text
+        r = httpx.post(
+            f"{replica.url}/sandboxes", json={"templateID": "base", "volumeMounts": mounts[:1]}, headers=stranger
+        )
+        assert r.status_code == 404 and "node" not in r.text, r.text
         assert Volume.get_info(vol.volume_id).name == "kept-here"  # (its record is the cluster's)
     finally:
         for srv in reversed(servers):

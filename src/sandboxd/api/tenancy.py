@@ -10,13 +10,11 @@ from starlette.requests import Request
 
 from sandboxd.core.errors import NotFound
 from sandboxd.core.manager import SandboxManager
-from sandboxd.core.teams import OPERATOR, Caller, Teams
+from sandboxd.core.teams import OPERATOR, TEMPLATE, VOLUME, Caller, Teams
 from sandboxd.templates.store import TemplateStore
 from sandboxd.volumes.errors import VolumeError
 
 CALLER = "sandboxd.caller"  # the request scope's key for who is calling
-
-TEMPLATE, VOLUME = "template", "volume"  # what teams own (besides sandboxes)
 
 
 def caller_of(request: Request) -> Caller:

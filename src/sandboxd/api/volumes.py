@@ -21,7 +21,7 @@ from sandboxd.core.manager import SandboxManager
 from sandboxd.core.teams import Teams
 from sandboxd.fdio import ThreadFd, pipe_chunks
 from sandboxd.volumes.content import Owner, Upload, VolumeFiles
-from sandboxd.volumes.errors import VolumeError
+from sandboxd.volumes.errors import Elsewhere, VolumeError
 from sandboxd.volumes.store import Volume, VolumeStore
 
 CONTENT_PREFIX = "/volumecontent/"
@@ -140,6 +140,8 @@ def volume_routes(
             raise Failed(401, "the token is not valid for this volume (was the volume deleted?)")
         try:
             return await asyncio.to_thread(store().files, vol)
+        except Elsewhere as e:  # (a cluster's: another node's files)
+            raise Failed.of(e) from None
         except VolumeError as e:
             raise Failed(500, str(e)) from None
 

@@ -27,6 +27,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hmac
 import json
 import logging
 import re
@@ -51,7 +52,7 @@ from sandboxd.cluster.signatures import PATH as SIGNED_PATH
 from sandboxd.cluster.tls import ClusterTLS
 from sandboxd.core import endings
 from sandboxd.core.quotas import TeamLimitReached, TeamQuotas
-from sandboxd.core.teams import Teams
+from sandboxd.core.teams import VOLUME, Caller, Teams
 from sandboxd.listeners import Listener, MainListener
 from sandboxd.routing.router import host_route
 from sandboxd.routing.websocket import HANDSHAKE, relay
@@ -273,8 +274,7 @@ class Replica:
         if len(sandbox_id) > 64:
             return None
         rec = await asyncio.to_thread(self.state.lost_record, sandbox_id)
-        given = next((v for k, v in scope["headers"] if k == b"x-api-key"), None)
-        caller = await asyncio.to_thread(self.teams.caller, given) if given is not None else None
+        caller = await self._caller(scope)
         if rec is None or not movable(rec) or caller is None or not caller.sees(rec.team):
             return None
         headers = {"X-API-KEY": self._operator, **{k.decode(): v.decode() for k, v in self._ours}}
@@ -351,8 +351,8 @@ class Replica:
         volume itself) is any node's to tell, anything else says where the files are."""
         found = await asyncio.to_thread(self.state.volume, ref) if len(ref) <= 256 else None
         home = found.get("node") if isinstance(found, dict) else None
-        if not home or not isinstance(found, dict):  # (unknown, or a single server's: any node answers)
-            await self._to_any(scope, receive, send)
+        if not home or not isinstance(found, dict) or not await self._sees_volume(scope, found):
+            await self._to_any(scope, receive, send)  # (unknown, a single server's, or not the caller's: a node says)
             return
         node = next((n for n in await self._alive() if n.node_id == home), None)
         if node is None:
@@ -368,13 +368,34 @@ class Replica:
                 scope, receive, send
             )
 
-    async def _volumes_home(self, body: bytes) -> tuple[str | None, str | None]:
+    async def _caller(self, scope: Scope) -> Caller | None:
+        """Whose API key the request carries (None: none, or not a key: the node says so)."""
+        given = _header(scope, b"x-api-key")
+        return await asyncio.to_thread(self.teams.caller, given.encode("latin-1")) if given is not None else None
+
+    async def _sees_volume(self, scope: Scope, found: dict[str, Any]) -> bool:
+        """The request may learn where the volume is: its content API with the volume's token, anything else with a
+        key of the team that owns it (else the node answers, as for a volume that does not exist)."""
+        if scope["path"].startswith("/volumecontent/"):
+            scheme, _, token = (_header(scope, b"authorization") or "").partition(" ")
+            return scheme.lower() == "bearer" and hmac.compare_digest(
+                token.strip().encode(), str(found.get("token", "")).encode()
+            )
+        caller = await self._caller(scope)
+        return caller is not None and await self._owns_volume(caller, found)
+
+    async def _owns_volume(self, caller: Caller, found: dict[str, Any]) -> bool:
+        return caller.sees(await asyncio.to_thread(self.teams.owner, VOLUME, str(found.get("volume_id"))))
+
+    async def _volumes_home(self, body: bytes, caller: Caller | None) -> tuple[str | None, str | None]:
         """(the node keeping the volumes a create mounts, or None when it mounts none of a node; why it cannot be
-        placed, or None)."""
+        placed, or None). Volumes the caller does not see count for nothing (the node then says not found)."""
         homes: dict[str, str] = {}  # node -> a volume of it
+        if caller is None:
+            return None, None
         for ref in _volumes_of(body):
             found = await asyncio.to_thread(self.state.volume, ref)
-            if isinstance(found, dict) and found.get("node"):
+            if isinstance(found, dict) and found.get("node") and await self._owns_volume(caller, found):
                 homes.setdefault(str(found["node"]), str(found.get("name")))
         if len(homes) > 1:
             shown = ", ".join(f"{name!r} on node {node}" for node, name in sorted(homes.items()))
@@ -414,8 +435,7 @@ class Replica:
         if body is None:
             await _error(413, f"request body is over the limit of {MAX_CREATE_BODY} bytes")(scope, receive, send)
             return
-        given = next((v for k, v in scope["headers"] if k == b"x-api-key"), None)
-        caller = await asyncio.to_thread(self.teams.caller, given) if given is not None else None
+        caller = await self._caller(scope)
         if caller is not None:  # (else the node says what is wrong with the key)
             try:
                 await asyncio.to_thread(self.quotas.admit, caller)
@@ -423,7 +443,7 @@ class Replica:
                 await _error(429, str(e), {"Retry-After": str(e.retry_after)})(scope, receive, send)
                 return
         candidates = order(await self._alive(), self.policy, self._sent, _template_of(body))
-        home, refused = await self._volumes_home(body)
+        home, refused = await self._volumes_home(body, caller)
         if refused is not None:
             await _error(400, refused)(scope, receive, send)
             return

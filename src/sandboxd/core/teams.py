@@ -33,6 +33,7 @@ MAX_KEYS = 1000
 USED_EVERY = 60.0  # s: a key's last use is written at most this often
 KEY_TTL = 2.0  # s: a key known valid is trusted this long before the state is asked again (a revoke elsewhere)
 OWNER = "owner:"  # settings "owner:<kind>:<id>" -> team
+TEMPLATE, VOLUME = "template", "volume"  # what teams own (besides sandboxes): `kind`s of owner()
 
 
 @dataclass(frozen=True)
