@@ -172,8 +172,12 @@ def test_layer_digests_first_told_stays(open_state: Callable[[], State]) -> None
 def test_the_template_catalog_names_once_and_tags_follow_the_last_told(open_state: Callable[[], State]) -> None:
     a, b = open_state(), open_state()
     a.node, b.node = "node-a", "node-b"
+    assert a.template_named("app") is None
     assert a.name_template("app", "tid-a") == "tid-a"
     assert b.name_template("app", "tid-b") == "tid-a"  # (named first by another node: that template)
+    assert b.template_named("app") == "tid-a"
+    assert a.claim_setting("owner:template:tid-a", "team-a") == "team-a"
+    assert b.claim_setting("owner:template:tid-a", "team-b") == "team-a"  # (one claim wins)
     assert b.template_tags("app") is None
     a.tag_template("tid-a", ["default", "v1"], "build-1")
     b.tag_template("tid-a", ["default"], "build-2")  # (a rebuild elsewhere: the default moves)

@@ -440,11 +440,13 @@ def test_a_snapshots_memory_from_elsewhere_is_taken_only_as_its_node_told_it(tmp
     assert (fetched.memory_images / "pages-1.img").read_bytes() == b"\x01" * 4096
 
 
-def test_a_snapshot_name_of_another_team_on_another_node_is_not_taken(pg: PgServer, tmp_path: Path) -> None:
-    """A team's named snapshot on one node: another team snapshotting a sandbox of its own under that name on
-    another node (which did not hold the snapshot) is refused as it is on the snapshot's own node (it made a second
-    template of that name, its own, which creates of the name could then be placed on); the owning team's snapshot
-    of that name taken on the other node is a new version of the same template, which every node then starts."""
+def test_a_template_or_snapshot_name_of_another_team_on_another_node_is_not_taken(pg: PgServer, tmp_path: Path) -> None:
+    """A team's new template or snapshot name, taken on one node: another team building it, or snapshotting over it, on
+    another node is refused. A team's named snapshot on one node: another team snapshotting a sandbox of its own
+    under that name on another node (which did not hold the snapshot) is refused as it is on the snapshot's own node
+    (it made a second template of that name, its own, which creates of the name could then be placed on); the owning
+    team's snapshot of that name taken on the other node is a new version of the same template, which every node
+    then starts."""
     from sandboxd.templates.store import TemplateStore
 
     from conftest import BUILTIN_TEMPLATES, TEMPLATES_DIR
@@ -471,6 +473,23 @@ def test_a_snapshot_name_of_another_team_on_another_node_is_not_taken(pg: PgServ
                 headers={"X-API-KEY": key},
                 timeout=60,
             )
+
+        # a team's new template, requested on one node (named in the cluster, its build not even started): another
+        # team asking for a build, or taking a snapshot, of that name on another node is refused (it took it over:
+        # a build request's new template was given to the caller's team)
+        r = httpx.post(f"{a.url}/v3/templates", json={"name": "first-named"}, headers={"X-API-KEY": owner})
+        assert r.status_code == 202, r.text
+        r = httpx.post(f"{b.url}/v3/templates", json={"name": "first-named"}, headers={"X-API-KEY": other})
+        assert r.status_code == 403, r.text
+        r = httpx.post(
+            f"{b.url}/sandboxes/{sandbox_on(b, other, 'x')}/snapshots",
+            json={"name": "first-named", "memory": False},
+            headers={"X-API-KEY": other},
+            timeout=60,
+        )
+        assert r.status_code == 403, r.text
+        r = httpx.post(f"{b.url}/v3/templates", json={"name": "first-named"}, headers={"X-API-KEY": owner})
+        assert r.status_code == 202, r.text  # (its own team: another build of it, anywhere)
 
         assert snapshot(a, owner, sandbox_on(a, owner, "first")).status_code == 201
         time.sleep(2.5)  # (a's lease tells it holds the snapshot)

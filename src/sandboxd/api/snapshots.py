@@ -4,6 +4,7 @@ are core/snapshots.py's."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ from sandboxd.core.errors import BadRequest, Forbidden, SandboxdError
 from sandboxd.core.limits import RequestLimits
 from sandboxd.core.manager import SandboxManager
 from sandboxd.core.teams import Teams
+from sandboxd.templates.store import new_template_id
 
 MAX_PAGE = 100
 
@@ -33,13 +35,23 @@ def snapshot_routes(
         if b.name:  # (a cluster's: a snapshot of that name on another node is fetched first, and checked as here)
             await manager.ensure_template(b.name)
         existing = manager.templates.resolve(b.name)[0] if b.name else None
-        if existing is not None and existing in manager.templates.names():  # (a new version of it)
+        if existing is not None and existing not in manager.templates.names():
+            existing = None  # (a name claimed here, never built)
+        catalog = manager.catalog
+        if existing is None and b.name and catalog is not None:  # (named in the cluster: maybe being taken elsewhere)
+            existing = await asyncio.to_thread(catalog.known, b.name)
+        if existing is not None:  # (a new version of it)
             if not tenancy.visible_template(manager, teams, caller, existing):
                 raise Forbidden(f"snapshot name '{b.name}' is another team's: choose another name")
             teams.may_change(caller, TEMPLATE, existing, "snapshotted over")
-        body = await snapshots.create(manager, sandbox_id, b.name, b.memory)
         sandbox = manager.find(sandbox_id)  # (the snapshot is the sandbox's team's)
-        teams.set_owner(TEMPLATE, body["snapshotID"], sandbox.record.team if sandbox else caller.team)
+        team = sandbox.record.team if sandbox else caller.team
+        if b.name and existing is None and catalog is not None:  # (a new name: named and owned before it is written)
+            ident = await asyncio.to_thread(catalog.name, b.name, new_template_id())
+            if not caller.sees(await asyncio.to_thread(teams.claim_owner, TEMPLATE, ident, team)):
+                raise Forbidden(f"snapshot name '{b.name}' was just taken by another team: choose another name")
+        body = await snapshots.create(manager, sandbox_id, b.name, b.memory)
+        teams.set_owner(TEMPLATE, body["snapshotID"], team)
         return JSONResponse(body, status_code=201)
 
     async def fork(request: Request) -> Response:

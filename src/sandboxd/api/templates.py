@@ -4,6 +4,7 @@ themselves are core/builds.py's."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -76,11 +77,17 @@ def template_routes(
             raise BadRequest("name is required")
         await builds.manager.ensure_template(name)  # (a cluster's: held by another node, it is that template's build)
         existing, _ = store.resolve(name)
+        catalog = builds.manager.catalog
+        if existing is None and catalog is not None:  # (named in the cluster: its first build may be under way)
+            existing = await asyncio.to_thread(catalog.known, store.split_tag(name)[0])
         if existing is not None:  # (another build of it: its team's)
             may_change(request, existing, "built")
         build = builds.request(name, b.tags, b.cpu_count, b.memory_mb)
-        if existing is None:  # (a new template: the caller's team's)
-            teams.set_owner(TEMPLATE, build.template_id, caller_of(request).team)
+        if existing is None:  # (a new template: the caller's team's — unless another team's request named it first)
+            caller = caller_of(request)
+            owner = await asyncio.to_thread(teams.claim_owner, TEMPLATE, build.template_id, caller.team)
+            if not caller.sees(owner):
+                raise Forbidden(f"template '{name[:120]}' was just made by another team: choose another name")
         body = {
             "templateID": build.template_id,
             "buildID": build.build_id,

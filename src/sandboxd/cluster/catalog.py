@@ -38,6 +38,10 @@ class Catalog:
             log.info("template name %r is template %s in the cluster (named by another node first)", name, ident)
         return ident
 
+    def known(self, name: str) -> str | None:
+        """The template ID `name` means in the cluster, if a node named it (its build may still be under way)."""
+        return self.state.template_named(name)
+
     def tagged(self, ident: str, tags: list[str], build: str) -> None:
         self.state.tag_template(ident, tags, build)
         self._told.clear()

@@ -167,6 +167,10 @@ class Teams:
         else:
             self.db.set_setting(f"{OWNER}{kind}:{ident}", team)
 
+    def claim_owner(self, kind: str, ident: str, team: str) -> str:
+        """`team` owns it unless a team owns it already (of two claims at once, one wins): its owner after."""
+        return self.db.claim_setting(f"{OWNER}{kind}:{ident}", team)
+
     def forget(self, kind: str, ident: str) -> None:
         self.db.delete_setting(f"{OWNER}{kind}:{ident}")
 

@@ -100,6 +100,13 @@ class State(ABC):
         rows = self.query("SELECT key, value FROM settings WHERE substr(key, 1, ?) = ?", (len(prefix), prefix))
         return {key[len(prefix) :]: value for key, value in rows}
 
+    def claim_setting(self, key: str, value: str) -> str:
+        """`value` under `key` unless a value is there already (one statement: of two at once, one wins); the value
+        there after."""
+        with self.transaction() as tx:
+            tx.execute("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING", (key, value))
+            return str(tx.query("SELECT value FROM settings WHERE key = ?", (key,))[0][0])
+
     def delete_setting(self, key: str) -> None:
         self.execute("DELETE FROM settings WHERE key = ?", (key,))
 
@@ -372,6 +379,11 @@ class State(ABC):
             (name, name),
         )
         return (str(rows[0][0]), {str(t): (str(b), str(n)) for _, t, b, n in rows}) if rows else None
+
+    def template_named(self, name: str) -> str | None:
+        """The template a name means in the cluster, if a node named it."""
+        row = self._one("SELECT template_id FROM template_names WHERE name = ?", (name,))
+        return str(row[0]) if row else None
 
     def forget_template(self, template_id: str) -> None:
         """The template was deleted: its names and tags go."""
