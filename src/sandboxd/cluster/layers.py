@@ -95,6 +95,7 @@ class LayerShare:
         self._fetching = asyncio.Lock()  # (one fetch at a time: creates of a template being fetched wait for it)
         self.catalog: Catalog | None = None  # (the cluster's: cluster/catalog.py, set by the server)
         self._memories: dict[str, Path] = {}  # memory key -> a snapshot's images here (told in a manifest: served)
+        self._told: set[str] = set()  # keys whose digest this process told the state
 
     async def start(self) -> None:
         if self.bucket is not None:
@@ -242,7 +243,7 @@ class LayerShare:
         layers = []
         for layer in self.store.layers.chain(t.top_layer):
             digest = self.store.layers.digest_of(layer)
-            self.state.put_layer(layer.key, digest, layer.size_bytes)
+            self._tell(layer.key, digest, layer.size_bytes)
             layers.append(
                 {
                     "key": layer.key,
@@ -289,9 +290,15 @@ class LayerShare:
             tmp = kept.with_name(f".{kept.name}.{os.getpid()}")
             tmp.write_text(json.dumps({"key": key, "digest": digest, "size": size}))
             os.rename(tmp, kept)
-        self.state.put_layer(key, digest, size)
+        self._tell(key, digest, size)
         self._memories[key] = images
         return {"key": key, "size_bytes": size, "config": config}
+
+    def _tell(self, key: str, digest: str, size: int) -> None:
+        """The state told a tree's digest (once per process: the first told stays there anyway)."""
+        if key not in self._told:
+            self.state.put_layer(key, digest, size)
+            self._told.add(key)
 
     def _relative(self, base: Path) -> str:
         """The root filesystem's place in the templates dir (the same on every node)."""
