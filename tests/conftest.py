@@ -515,6 +515,18 @@ def wait_for_holders(database: str, template: str, holders: int | None = None, s
         time.sleep(0.25)
 
 
+def own_node(tmp_path: Path, name: str, *args: str, port: int | None = None) -> Server:
+    """A server (a cluster node: `args`) with a data dir and a templates dir of its own, `<name>-templates` (the
+    cached built-in templates linked in), as nodes on different machines have; started again on its dirs if they
+    are there."""
+    from sandboxd.templates.store import TemplateStore
+
+    templates = tmp_path / f"{name}-templates"
+    if not templates.exists():
+        TemplateStore(TEMPLATES_DIR).link_into(templates, BUILTIN_TEMPLATES)
+    return start_server(tmp_path / name, *args, templates_dir=templates, **({"port": port} if port else {}))
+
+
 def sdk_env(monkeypatch: pytest.MonkeyPatch, srv: Server) -> None:
     """The official SDKs' environment pointed at `srv` (what Template.build reads: it takes no URL arguments)."""
     # (E2B_VOLUME_API_URL too: the SDKs' volume content API ignores E2B_API_URL, and would go to api.e2b.app)

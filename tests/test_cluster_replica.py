@@ -28,6 +28,7 @@ from conftest import (
     PtyOutput,
     Server,
     node_holding,
+    own_node,
     sdk_env,
     start_server,
     team_key,
@@ -219,16 +220,13 @@ def test_three_nodes_a_template_built_through_one_replica_runs_on_the_others(
 
     from sandboxd.templates.store import TemplateStore
 
-    from conftest import BUILTIN_TEMPLATES, TEMPLATES_DIR
-
     database = pg.database()
     node = ("--role", "node", "--database", database, "--pool-size", "0", "--ready-timeout", "5")
     servers = []
     names = ("n1", "n2", "n3")
     try:
         for name in names:  # (the built-in templates every node's setup makes: linked, not copied)
-            TemplateStore(TEMPLATES_DIR).link_into(tmp_path / f"{name}-templates", BUILTIN_TEMPLATES)
-            servers.append(start_server(tmp_path / name, *node, templates_dir=tmp_path / f"{name}-templates"))
+            servers.append(own_node(tmp_path, name, *node))
         r1 = start_server(tmp_path / "r1", "--role", "api", "--database", database)
         servers.append(r1)
         r2 = start_server(tmp_path / "r2", "--role", "api", "--database", database)
@@ -374,18 +372,15 @@ def test_a_template_outlives_the_node_that_built_it_in_a_bucket(
 
     from sandboxd.templates.store import TemplateStore
 
-    from conftest import BUILTIN_TEMPLATES, TEMPLATES_DIR
-
     s3, endpoint, client = start_s3(monkeypatch, "templates")
     database = pg.database()
     bucket = ("--layer-bucket", "s3://templates/cluster", "--s3-endpoint", endpoint)
     servers = []
     try:
         for name in ("a", "b"):
-            mine = tmp_path / f"{name}-templates"
-            TemplateStore(TEMPLATES_DIR).link_into(mine, BUILTIN_TEMPLATES)
-            node = ("--role", "node", "--database", database, "--pool-size", "0", *bucket)
-            servers.append(start_server(tmp_path / name, *node, templates_dir=mine))
+            servers.append(
+                own_node(tmp_path, name, "--role", "node", "--database", database, "--pool-size", "0", *bucket)
+            )
         replica = start_server(tmp_path / "r", "--role", "api", "--database", database)
         servers.append(replica)
         sdk_env(monkeypatch, replica)
@@ -471,9 +466,6 @@ def test_a_sandbox_paused_to_its_files_outlives_its_node(
     """With a bucket, a sandbox paused to its files on a node that is then lost is taken over by another node when
     its owner connects to it through a replica: the same ID, its files, a new boot (as a resume from its files is).
     Another team's key does not move it."""
-    from sandboxd.templates.store import TemplateStore
-
-    from conftest import BUILTIN_TEMPLATES, TEMPLATES_DIR
 
     s3, endpoint, client = start_s3(monkeypatch, "moving")
     database = pg.database()
@@ -481,8 +473,7 @@ def test_a_sandbox_paused_to_its_files_outlives_its_node(
             "--s3-endpoint", endpoint)  # fmt: skip
     nodes = {}
     for name in ("a", "b"):  # (each its own templates dir: the images of paused sandboxes are the test's)
-        TemplateStore(TEMPLATES_DIR).link_into(tmp_path / f"{name}-templates", BUILTIN_TEMPLATES)
-        nodes[name] = start_server(tmp_path / name, *node, templates_dir=tmp_path / f"{name}-templates")
+        nodes[name] = own_node(tmp_path, name, *node)
     ports = {name: int(srv.url.rsplit(":", 1)[1]) for name, srv in nodes.items()}
     servers = list(nodes.values())
     lost_name = None
@@ -533,8 +524,7 @@ def test_a_sandbox_paused_to_its_files_outlives_its_node(
             if srv.proc.poll() is None:
                 srv.stop()
         if lost_name is not None:  # (its leftovers cleaned: back, then gone)
-            mine = tmp_path / f"{lost_name}-templates"
-            start_server(tmp_path / lost_name, *node, port=ports[lost_name], templates_dir=mine).stop()
+            own_node(tmp_path, lost_name, *node, port=ports[lost_name]).stop()
         s3.stop()
 
 
@@ -563,9 +553,6 @@ def test_a_sandbox_on_disk_and_a_snapshot_with_memory_outlive_their_node(
     from where they were (a command counting on from its count, connected to again); new sandboxes start from the
     snapshot's processes on the other node. The memory travels checked as a layer is: changed in the bucket, refused.
     `booted`: the other node cannot restore them (it has no CRIU): the sandbox boots there from its files."""
-    from sandboxd.templates.store import TemplateStore
-
-    from conftest import BUILTIN_TEMPLATES, TEMPLATES_DIR
 
     bucket = f"memory-{elsewhere}"  # (moto keeps its buckets for the whole process: one per test)
     s3, endpoint, client = start_s3(monkeypatch, bucket)
@@ -574,9 +561,8 @@ def test_a_sandbox_on_disk_and_a_snapshot_with_memory_outlive_their_node(
             "--s3-endpoint", endpoint, "--checkpoint-after", "0")  # fmt: skip
     nodes = {}
     for name in ("a", "b"):
-        TemplateStore(TEMPLATES_DIR).link_into(tmp_path / f"{name}-templates", BUILTIN_TEMPLATES)
         criu = ("--criu", "none") if name == "b" and elsewhere == "booted" else ()
-        nodes[name] = start_server(tmp_path / name, *node, *criu, templates_dir=tmp_path / f"{name}-templates")
+        nodes[name] = own_node(tmp_path, name, *node, *criu)
     port_a = int(nodes["a"].url.rsplit(":", 1)[1])
     servers = list(nodes.values())
     lost = False
@@ -663,7 +649,7 @@ def test_a_sandbox_on_disk_and_a_snapshot_with_memory_outlive_their_node(
             if srv.proc.poll() is None:
                 srv.stop()
         if lost:  # (its leftovers cleaned: back, then gone)
-            start_server(tmp_path / "a", *node, port=port_a, templates_dir=tmp_path / "a-templates").stop()
+            own_node(tmp_path, "a", *node, port=port_a).stop()
         s3.stop()
 
 
@@ -764,15 +750,12 @@ def test_the_catalog_a_rebuild_or_a_tag_on_one_node_holds_on_every_node(
 
     from sandboxd.templates.store import TemplateStore
 
-    from conftest import BUILTIN_TEMPLATES, TEMPLATES_DIR
-
     database = pg.database()
     node = ("--role", "node", "--database", database, "--pool-size", "0", "--ready-timeout", "5")
     servers = []
     try:
         for name in ("a", "b"):
-            TemplateStore(TEMPLATES_DIR).link_into(tmp_path / f"{name}-templates", BUILTIN_TEMPLATES)
-            servers.append(start_server(tmp_path / name, *node, templates_dir=tmp_path / f"{name}-templates"))
+            servers.append(own_node(tmp_path, name, *node))
         nodes = list(servers)
         replica = start_server(tmp_path / "r", "--role", "api", "--database", database)
         servers.append(replica)

@@ -19,7 +19,7 @@ import pytest
 from e2b import Sandbox
 from pg import PgServer
 
-from conftest import start_server, team_key
+from conftest import own_node, start_server, team_key
 
 
 def test_a_replica_widens_nothing_and_bounds_what_it_reads(pg: PgServer, tmp_path: Path) -> None:
@@ -123,15 +123,14 @@ def test_a_layer_whose_content_is_not_the_recorded_one_is_refused(
 
     from sandboxd.templates.store import TemplateStore
 
-    from conftest import BUILTIN_TEMPLATES, TEMPLATES_DIR, sdk_env, wait_for_holders
+    from conftest import sdk_env, wait_for_holders
 
     database = pg.database()
     node = ("--role", "node", "--database", database, "--pool-size", "0", "--ready-timeout", "5")
     servers = []
     try:
         for name in ("n1", "n2"):
-            TemplateStore(TEMPLATES_DIR).link_into(tmp_path / f"{name}-templates", BUILTIN_TEMPLATES)
-            servers.append(start_server(tmp_path / name, *node, templates_dir=tmp_path / f"{name}-templates"))
+            servers.append(own_node(tmp_path, name, *node))
         n1, n2 = servers
         sdk_env(monkeypatch, n1)
         Template.build(Template().from_template("base").run_cmd("echo sound > /tmp/made"), "tamper-me")
@@ -193,11 +192,7 @@ def test_mutual_tls_between_replicas_and_nodes(pg: PgServer, tmp_path: Path, mon
     import trustme
     from e2b import Template
 
-    from sandboxd.templates.store import TemplateStore
-
     from conftest import (
-        BUILTIN_TEMPLATES,
-        TEMPLATES_DIR,
         free_port,
         node_holding,
         sdk_env,
@@ -212,10 +207,8 @@ def test_mutual_tls_between_replicas_and_nodes(pg: PgServer, tmp_path: Path, mon
     try:
         for name, port in zip(("a", "b"), ports, strict=True):
             flags = ("--cluster-port", str(port), *_pems(ca, tmp_path, name))
-            mine = tmp_path / f"{name}-templates"  # (each node its own: what a build makes is the test's)
-            TemplateStore(TEMPLATES_DIR).link_into(mine, BUILTIN_TEMPLATES)
             node = ("--role", "node", "--database", database, "--pool-size", "0", *flags)
-            servers.append(start_server(tmp_path / name, *node, templates_dir=mine))
+            servers.append(own_node(tmp_path, name, *node))  # (its own templates: what a build makes is the test's)
         replica = start_server(tmp_path / "r", "--role", "api", "--database", database, *_pems(ca, tmp_path, "r"))
         servers.append(replica)
         with psycopg.connect(database) as db:
@@ -449,15 +442,12 @@ def test_a_template_or_snapshot_name_of_another_team_on_another_node_is_not_take
     then starts."""
     from sandboxd.templates.store import TemplateStore
 
-    from conftest import BUILTIN_TEMPLATES, TEMPLATES_DIR
-
     database = pg.database()
     node = ("--role", "node", "--database", database, "--pool-size", "0")
     servers = []
     try:
         for name in ("a", "b"):
-            TemplateStore(TEMPLATES_DIR).link_into(tmp_path / f"{name}-templates", BUILTIN_TEMPLATES)
-            servers.append(start_server(tmp_path / name, *node, templates_dir=tmp_path / f"{name}-templates"))
+            servers.append(own_node(tmp_path, name, *node))
         a, b = servers
         owner, other = team_key(a, "owners"), team_key(a, "others")
 
