@@ -6,16 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
-from sandboxd.cli.sandboxes import failed
-
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False)
+from sandboxd.cli.output import console, err, failed, unreachable
 
 
 def add_parsers(ksub: argparse._SubParsersAction, server_options: argparse.ArgumentParser) -> None:
@@ -45,8 +40,7 @@ def main(args: argparse.Namespace, url: str, api_key: str | None) -> int:
             else:
                 r = client.delete(f"/api-keys/{args.key_id}")
     except httpx.TransportError as e:
-        err.print(f"sandboxd: cannot reach the server at {url} ({e}): is `sandboxd serve` running? (--url)")
-        return 1
+        return unreachable(url, e)
     if r.status_code not in (200, 201, 204):
         return failed(r)
     if args.keys_command == "revoke":

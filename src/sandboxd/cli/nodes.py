@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from rich.console import Console
 from rich.table import Table
 
-from sandboxd.cli.sandboxes import failed
-
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False)
+from sandboxd.cli.output import console, err, failed, unreachable
 
 
 def main(args: argparse.Namespace, url: str, api_key: str | None) -> int:
@@ -24,8 +19,7 @@ def main(args: argparse.Namespace, url: str, api_key: str | None) -> int:
     try:
         r = httpx.get(f"{url}/admin/nodes", headers={"X-API-KEY": api_key}, timeout=30)
     except httpx.TransportError as e:
-        err.print(f"sandboxd: cannot reach the server at {url} ({e}): is `sandboxd serve` running? (--url)")
-        return 1
+        return unreachable(url, e)
     if r.status_code == 404 and "no such endpoint" in r.text:
         err.print(f"sandboxd: the server at {url} is not part of a cluster (it was started without --database)")
         return 1

@@ -6,17 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
-from sandboxd.cli.sandboxes import failed
-
-# (piped: wide enough for whole IDs and times, never cut with an ellipsis)
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False)
+from sandboxd.cli.output import console, err, failed, unreachable
 
 
 def add_parsers(psub: argparse._SubParsersAction, server_options: argparse.ArgumentParser) -> None:
@@ -48,8 +42,7 @@ def main(args: argparse.Namespace, url: str, api_key: str | None) -> int:
             else:
                 r = client.delete(f"/pools/{args.template}")
     except httpx.TransportError as e:
-        err.print(f"sandboxd: cannot reach the server at {url} ({e}): is `sandboxd serve` running? (--url)")
-        return 1
+        return unreachable(url, e)
     if r.status_code != 200:
         return failed(r)
     body: Any = r.json()

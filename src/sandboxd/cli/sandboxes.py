@@ -14,13 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-# (piped: wide enough for whole IDs and times, never cut with an ellipsis)
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False)
+from sandboxd.cli.output import console, err, failed, unreachable
 
 
 def add_parsers(ssub: argparse._SubParsersAction, server_options: argparse.ArgumentParser) -> None:
@@ -79,8 +76,7 @@ def main(args: argparse.Namespace, url: str, api_key: str | None) -> int:
             with httpx.Client(base_url=url, headers={"X-API-KEY": api_key}, timeout=120) as client:
                 return COMMANDS[args.sandbox_command](args, client)
         except httpx.TransportError as e:
-            err.print(f"sandboxd: cannot reach the server at {url} ({e}): is `sandboxd serve` running? (--url)")
-            return 1
+            return unreachable(url, e)
         except KeyboardInterrupt:
             return 130
     headers = {"X-API-KEY": api_key}
@@ -102,8 +98,7 @@ def main(args: argparse.Namespace, url: str, api_key: str | None) -> int:
                     return 0
             r = client.get(path, params=params)
     except httpx.TransportError as e:
-        err.print(f"sandboxd: cannot reach the server at {url} ({e}): is `sandboxd serve` running? (--url)")
-        return 1
+        return unreachable(url, e)
     if r.status_code != 200:
         return failed(r)
     body = r.json()
@@ -312,15 +307,3 @@ def _copy(r: object, out: IO[bytes]) -> int:
         out.write(chunk)
         size += len(chunk)
     return size
-
-
-def failed(r: object) -> int:
-    import httpx
-
-    assert isinstance(r, httpx.Response)
-    try:
-        message = r.json().get("message", r.text)
-    except ValueError:
-        message = r.text
-    err.print(f"sandboxd: {message} ({r.status_code})")
-    return 1

@@ -19,9 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from sandboxd.cli.output import err
 
-err = Console(stderr=True, highlight=False)
 COMMANDS = ("exec", "shell", "cp")
 
 

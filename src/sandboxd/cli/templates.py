@@ -23,6 +23,7 @@ from typing import IO, Any
 from rich.console import Console
 from rich.markup import escape
 
+from sandboxd.cli.output import unreachable
 from sandboxd.templates import builtin, images
 from sandboxd.templates.dockerfile import DockerfileError, convert
 from sandboxd.templates.store import TemplateError, TemplateStore
@@ -130,8 +131,7 @@ def submit(
     try:
         r = client.post("/v3/templates", json={"name": name, **request})
     except httpx.TransportError as e:
-        console.print(f"sandboxd: cannot reach the server at {url} ({e}): is `sandboxd serve` running? (--url)")
-        return 1
+        return unreachable(url, e)
     if r.status_code != 202:
         console.print(f"sandboxd: {r.json().get('message', r.text)}")
         return 1
