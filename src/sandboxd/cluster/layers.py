@@ -134,11 +134,11 @@ class LayerShare:
         for ident in idents:
             if ident in builtin:
                 continue
+            if (ident, self.store.tags(ident).get("default")) in self._pushed:  # (a link read, not its layers)
+                continue
             try:
-                if (ident, self.store.get(ident).digest) in self._pushed:
-                    continue
                 manifest = self.manifest(ident)
-            except (SandboxdError, TemplateError):  # (a snapshot with memory, an old single-rootfs one: kept here)
+            except (SandboxdError, TemplateError):  # (a snapshot whose processes had volumes, an old single rootfs)
                 continue
             started, sent = time.monotonic(), 0
             trees: list[tuple[str, Path | None, str, int]] = []  # (key, its tree here, digest, size): bottom last
