@@ -94,7 +94,8 @@ class LayerShare:
         self._headers = {"X-API-KEY": api_key, **({CLUSTER_HEADER.decode(): token} if token else {})}
         self._fetching = asyncio.Lock()  # (one fetch at a time: creates of a template being fetched wait for it)
         self.catalog: Catalog | None = None  # (the cluster's: cluster/catalog.py, set by the server)
-        self._memories: dict[str, Path] = {}  # memory key -> a snapshot's images here (told in a manifest: served)
+        # memory key -> (a snapshot's images here, their digest): told in a manifest, served and put in the bucket
+        self._memories: dict[str, tuple[Path, str]] = {}
         self._told: set[str] = set()  # keys whose digest this process told the state
 
     async def start(self) -> None:
@@ -134,7 +135,7 @@ class LayerShare:
         for ident in idents:
             if ident in builtin:
                 continue
-            if (ident, self.store.tags(ident).get("default")) in self._pushed:  # (a link read, not its layers)
+            if (ident, self.store.tag(ident, "default")) in self._pushed:  # (a link read, not its layers)
                 continue
             try:
                 manifest = self.manifest(ident)
@@ -143,17 +144,16 @@ class LayerShare:
             started, sent = time.monotonic(), 0
             trees: list[tuple[str, Path | None, str, int]] = []  # (key, its tree here, digest, size): bottom last
             for entry in manifest["layers"]:
-                layer = self.store.layers.get(entry["key"])
                 if entry["key"] not in theirs:
+                    layer = self.store.layers.get(entry["key"])
                     trees.append(
                         (entry["key"], layer.diff, self.store.layers.digest_of(layer), layer.size_bytes)
                         if layer is not None
                         else (entry["key"], None, "", 0)
                     )
             if (memory := manifest.get("memory")) is not None:
-                told = self.state.layer(memory["key"])
-                images = self._memories.get(memory["key"])
-                trees.append((memory["key"], images, told[0] if told else "", int(memory["size_bytes"])))
+                images, digest = self._memories[memory["key"]]  # (just told, by manifest())
+                trees.append((memory["key"], images, digest, int(memory["size_bytes"])))
             for key, tree, digest, size in trees:
                 if self.bucket.has_layer(key):
                     continue
@@ -205,7 +205,7 @@ class LayerShare:
         async def layer(request: Request) -> Response:
             key = request.path_params["key"]
             found = self.store.layers.get(key) if KEY_RE.match(key) else None
-            tree = found.diff if found is not None else self._memories.get(key)
+            tree = found.diff if found is not None else self._memories.get(key, (None, ""))[0]
             if tree is None or not tree.is_dir():
                 raise NotFound(f"layer {key[:80]!r} is not on this node")
             proc = transfer.pack(tree)
@@ -291,7 +291,7 @@ class LayerShare:
             tmp.write_text(json.dumps({"key": key, "digest": digest, "size": size}))
             os.rename(tmp, kept)
         self._tell(key, digest, size)
-        self._memories[key] = images
+        self._memories[key] = (images, digest)
         return {"key": key, "size_bytes": size, "config": config}
 
     def _tell(self, key: str, digest: str, size: int) -> None:
@@ -326,11 +326,11 @@ class LayerShare:
         ident, tags = told
         tag = tag or "default"
         if tag not in tags:  # (removed elsewhere, or never there: not here either)
-            if tag in self.store.tags(ident) and self.store.drop_tag(ident, tag):
+            if self.store.drop_tag(ident, tag):
                 log.info("template %s: tag %r removed, as the cluster's catalog says", ident, tag)
             return
         build, holder = tags[tag]
-        if self.store.tags(ident).get(tag) == build:
+        if self.store.tag(ident, tag) == build:
             return
         if not self.store.has_version(ident, build):
             await self._fetch_any(ident, ident, build, (tag,), holder)
@@ -339,7 +339,7 @@ class LayerShare:
                 f"template '{name}' is build {build} in the cluster (built or tagged on node {holder}), which this "
                 "node could not fetch from any node or bucket: try again once that node answers"
             )
-        if self.store.tags(ident).get(tag) != build:
+        if self.store.tag(ident, tag) != build:
             self.store.set_tag(ident, tag, build)
             log.info("template %s: tag %r is build %s, as the cluster's catalog says", ident, tag, build)
 

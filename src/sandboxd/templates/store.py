@@ -291,25 +291,42 @@ class TemplateStore:
             raise TemplateError(f"'{name}' is a built-in template: give yours another name")
         if ident is not None and (self.dir / ident / "meta.json").is_file():
             self.write_meta(ident, {**self.meta(ident), **extra})
-            if memory is not None:  # (before its template.json: a version is whole once that is written)
-                (self.dir / ident / build_id).mkdir(parents=True, exist_ok=True)
-                os.rename(memory, self.dir / ident / build_id / MEMORY_DIR)
-            self.add_version(ident, build_id, version, ["default"])
+            self._add_built(ident, build_id, version, ["default"], memory)
             return ident
         ident = ident_for_new or new_template_id()
+        meta = {"templateID": ident, "names": [name], "createdAt": time.time(), "builtin": False, **extra}
+        self._assemble(ident, meta, build_id, version, memory)
+        self.set_name(name, ident)
+        return ident
+
+    def _add_built(self, ident: str, build_id: str, version: dict, tags: list[str], memory: Path | None) -> None:
+        """A new version of a template here, its processes (`memory`) moved in first: a version is whole once its
+        template.json is written."""
+        if memory is not None:
+            (self.dir / ident / build_id).mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.dir / ident / build_id / MEMORY_DIR, ignore_errors=True)
+            os.rename(memory, self.dir / ident / build_id / MEMORY_DIR)
+        self.add_version(ident, build_id, version, tags)
+
+    def _assemble(
+        self, ident: str, meta: dict, build_id: str, version: dict, memory: Path | None, record: dict | None = None
+    ) -> None:
+        """A new template with its first build (its default), assembled in a scratch dir and renamed into place whole:
+        a crash leaves a scratch dir (`clean_scratch`) or a whole template."""
         scratch = self.dir / f".new-template-{ident}-{os.getpid()}"
+        shutil.rmtree(scratch, ignore_errors=True)
         (scratch / build_id).mkdir(parents=True)
         if memory is not None:
             os.rename(memory, scratch / build_id / MEMORY_DIR)
-        meta = {"templateID": ident, "names": [name], "createdAt": time.time(), "builtin": False, **extra}
+        if record is not None:
+            (scratch / "builds").mkdir()
+            write_json(scratch / "builds" / f"{build_id}.json", record)
         write_json(scratch / "meta.json", meta)
         write_json(
             scratch / build_id / "template.json", {"kind": "layers", "name": ident, "build_id": build_id, **version}
         )
         (scratch / "current").symlink_to(build_id)
         os.rename(scratch, self.dir / ident)
-        self.set_name(name, ident)
-        return ident
 
     def adopt(
         self,
@@ -330,26 +347,9 @@ class TemplateStore:
             if record is not None:
                 (home / "builds").mkdir(exist_ok=True)
                 write_json(home / "builds" / f"{build_id}.json", record)
-            if memory is not None:  # (before its template.json: a version is whole once that is written)
-                (home / build_id).mkdir(exist_ok=True)
-                shutil.rmtree(home / build_id / MEMORY_DIR, ignore_errors=True)
-                os.rename(memory, home / build_id / MEMORY_DIR)
-            self.add_version(ident, build_id, version, list(tags))
+            self._add_built(ident, build_id, version, list(tags), memory)
         else:
-            scratch = self.dir / f".new-template-{ident}-{os.getpid()}"
-            shutil.rmtree(scratch, ignore_errors=True)
-            (scratch / build_id).mkdir(parents=True)
-            if memory is not None:
-                os.rename(memory, scratch / build_id / MEMORY_DIR)
-            if record is not None:
-                (scratch / "builds").mkdir()
-                write_json(scratch / "builds" / f"{build_id}.json", record)
-            write_json(scratch / "meta.json", {**meta, "templateID": ident})
-            write_json(
-                scratch / build_id / "template.json", {"kind": "layers", "name": ident, "build_id": build_id, **version}
-            )
-            (scratch / "current").symlink_to(build_id)  # (its first build: its default too)
-            os.rename(scratch, home)
+            self._assemble(ident, {**meta, "templateID": ident}, build_id, version, memory, record)
             for tag in tags:
                 self.set_tag(ident, tag, build_id)
         for name in meta.get("names") or []:
@@ -499,13 +499,23 @@ class TemplateStore:
         if not (home / "current").exists():
             self.set_tag(ident, "default", build_id)
 
+    def tag(self, ident: str, tag: str) -> str | None:
+        """The build `tag` of the template means here (one link read), if it has that tag."""
+        try:
+            return os.readlink(self._tag_link(ident, tag)).rpartition("/")[2]
+        except OSError:
+            return None
+
     def drop_tag(self, ident: str, tag: str) -> bool:
-        home = self.dir / ident
-        link = home / "current" if tag == "default" else home / "tags" / tag
+        link = self._tag_link(ident, tag)
         if not link.is_symlink():
             return False
         link.unlink()
         return True
+
+    def _tag_link(self, ident: str, tag: str) -> Path:
+        home = self.dir / ident
+        return home / "current" if tag == "default" else home / "tags" / tag
 
     def names(self) -> list[str]:
         if not self.dir.is_dir():
