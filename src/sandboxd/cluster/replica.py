@@ -269,8 +269,8 @@ class Replica:
             await _error(502, "the sandbox's node did not answer: retry")(scope, receive, send)
 
     async def _move(self, scope: Scope, sandbox_id: str) -> str | None:
-        """A connect of a sandbox whose node was lost while it was paused to its files, by a key that sees it:
-        another node takes it over from its image (cluster/moving.py); that node's URL, or None (it stays lost)."""
+        """A connect of a sandbox whose node was lost while it was paused to its files or to disk, by a key that sees
+        it: another node takes it over from its image (cluster/moving.py); that node's URL, or None (it stays lost)."""
         if len(sandbox_id) > 64:
             return None
         rec = await asyncio.to_thread(self.state.lost_record, sandbox_id)
@@ -318,9 +318,8 @@ class Replica:
         """A request about one template (its builds, files, tags, itself) to a node that holds it (the leases say
         which: a build's calls stay on the node building it); a delete to every node (one that fetched the template a
         moment ago has not told it yet)."""
-        name = name.rpartition(":")[0] or name  # (`name:tag`: leases tell names)
         alive = await self._alive()
-        holders = [n for n in alive if name in (n.capacity.get("templates") or ())]
+        holders = await self._holders(name)
         if scope["method"] == "DELETE":  # (the others first: when the client hears it is deleted, it is everywhere)
             headers = [*_forwarded(scope), *self._ours]
             answering = holders[0] if holders else alive[0]
@@ -338,13 +337,15 @@ class Replica:
         if body is None:
             await _error(413, f"request body is over the limit of {MAX_CREATE_BODY} bytes")(scope, receive, send)
             return
-        name = None
-        with contextlib.suppress(ValueError, AttributeError, RecursionError):
-            value = json.loads(body) if len(body) <= 65536 else {}
-            name = value.get("target") or value.get("name")
-        name = name.rpartition(":")[0] or name if isinstance(name, str) else None
-        holders = [n for n in await self._alive() if name in (n.capacity.get("templates") or ())]
+        fields = _fields(body)
+        name = fields.get("target") or fields.get("name")
+        holders = await self._holders(name) if isinstance(name, str) else []
         await self._to_any(scope, receive, send, first=holders, body=body)
+
+    async def _holders(self, name: str) -> list[Node]:
+        """The alive nodes whose leases say they hold the template `name` (`name:tag`: the template's)."""
+        name = name.rpartition(":")[0] or name  # (leases tell names)
+        return [n for n in await self._alive() if name in (n.capacity.get("templates") or ())]
 
     async def _to_volume(self, scope: Scope, receive: Receive, send: Send, ref: str) -> None:
         """A request about one volume to the node that keeps it; if that node was lost, its record (a GET of the
@@ -387,13 +388,13 @@ class Replica:
     async def _owns_volume(self, caller: Caller, found: dict[str, Any]) -> bool:
         return caller.sees(await asyncio.to_thread(self.teams.owner, VOLUME, str(found.get("volume_id"))))
 
-    async def _volumes_home(self, body: bytes, caller: Caller | None) -> tuple[str | None, str | None]:
-        """(the node keeping the volumes a create mounts, or None when it mounts none of a node; why it cannot be
+    async def _volumes_home(self, volumes: list[str], caller: Caller | None) -> tuple[str | None, str | None]:
+        """(the node keeping the `volumes` a create mounts, or None when it mounts none of a node; why it cannot be
         placed, or None). Volumes the caller does not see count for nothing (the node then says not found)."""
         homes: dict[str, str] = {}  # node -> a volume of it
         if caller is None:
             return None, None
-        for ref in _volumes_of(body):
+        for ref in volumes:
             found = await asyncio.to_thread(self.state.volume, ref)
             if isinstance(found, dict) and found.get("node") and await self._owns_volume(caller, found):
                 homes.setdefault(str(found["node"]), str(found.get("name")))
@@ -442,15 +443,17 @@ class Replica:
             except TeamLimitReached as e:
                 await _error(429, str(e), {"Retry-After": str(e.retry_after)})(scope, receive, send)
                 return
-        candidates = order(await self._alive(), self.policy, self._sent, _template_of(body))
-        home, refused = await self._volumes_home(body, caller)
+        fields = _fields(body)
+        candidates = order(await self._alive(), self.policy, self._sent, _template_of(fields))
+        volumes = _volumes_of(fields)
+        home, refused = await self._volumes_home(volumes, caller)
         if refused is not None:
             await _error(400, refused)(scope, receive, send)
             return
         if home is not None:  # (its volumes' files are that node's: it runs there, or nowhere)
             candidates = [n for n in candidates if n.node_id == home]
             if not candidates:
-                await _error(503, _lost_volume(", ".join(map(repr, _volumes_of(body))), home), {"Retry-After": "5"})(
+                await _error(503, _lost_volume(", ".join(map(repr, volumes)), home), {"Retry-After": "5"})(
                     scope, receive, send
                 )
                 return
@@ -652,12 +655,19 @@ def _lost_volume(names: str, node: str) -> str:
     )
 
 
-def _volumes_of(body: bytes) -> list[str]:
-    """The names (or IDs) of the volumes a create mounts (a body that is not what a node expects: the node says so)."""
+def _fields(body: bytes) -> dict[str, Any]:
+    """A small request body's JSON object, for routing (a body that is not what a node expects — too large to look
+    into here, not an object, nested without end — routes as an empty one: the node says what is wrong)."""
     try:
-        mounts = json.loads(body).get("volumeMounts") if len(body) <= 65536 else None
-    except (ValueError, AttributeError, RecursionError):
-        return []
+        value = json.loads(body) if len(body) <= 65536 else None
+    except (ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _volumes_of(fields: dict[str, Any]) -> list[str]:
+    """The names (or IDs) of the volumes a create mounts."""
+    mounts = fields.get("volumeMounts")
     if not isinstance(mounts, list):
         return []
     return [
@@ -667,12 +677,9 @@ def _volumes_of(body: bytes) -> list[str]:
     ]
 
 
-def _template_of(body: bytes) -> str | None:
-    """The create's templateID, for placement (a body that is not what the node expects: the node says so)."""
-    try:
-        value = json.loads(body).get("templateID") if len(body) <= 65536 else None
-    except (ValueError, AttributeError, RecursionError):  # (a body nested without end: the node refuses it)
-        return None
+def _template_of(fields: dict[str, Any]) -> str | None:
+    """The create's templateID, for placement."""
+    value = fields.get("templateID")
     return value if isinstance(value, str) and 0 < len(value) <= 256 else None
 
 
