@@ -18,7 +18,6 @@ from starlette.types import Receive, Scope, Send
 
 from sandboxd.api.app import build_control_plane
 from sandboxd.api.nodes import node_routes
-from sandboxd.api.tenancy import TEMPLATE
 from sandboxd.cluster.bucket import Bucket, BucketError
 from sandboxd.cluster.catalog import Catalog
 from sandboxd.cluster.layers import LayerShare
@@ -31,7 +30,7 @@ from sandboxd.core.builds import TemplateBuilds
 from sandboxd.core.limits import RequestLimits
 from sandboxd.core.manager import SandboxManager, Settings
 from sandboxd.core.quotas import TeamQuotas
-from sandboxd.core.teams import Teams
+from sandboxd.core.teams import TEMPLATE, Teams
 from sandboxd.dashboard.app import dashboard_routes
 from sandboxd.envd import uploads
 from sandboxd.envd.app import SandboxGone, build_envd_app
@@ -75,9 +74,8 @@ class ServerConfig:
     cluster_token: str | None = None  # a node: only requests carrying it (its API replicas') are served
     cluster_tls: ClusterTLS | None = None  # a node: mutual TLS on cluster_port for its replicas and the other nodes
     cluster_port: int | None = None
-    layer_bucket: str | None = (
-        None  # a node: s3://BUCKET/PREFIX where the cluster's templates are put (cluster/bucket.py)
-    )
+    # a node: s3://BUCKET/PREFIX where the cluster's templates are put (cluster/bucket.py)
+    layer_bucket: str | None = None
     s3_endpoint: str | None = None
     team_max_sandboxes: int = 0  # teams' limits unless their own (core/quotas.py); 0: none
     team_creates_per_minute: int = 0

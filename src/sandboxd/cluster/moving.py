@@ -56,7 +56,10 @@ class Moving:
 
     async def keep_image(self, sandbox: Sandbox) -> None:
         """Before the sandbox is paused to its files (its pause lock held): an image of them, its team's."""
-        made = await snapshots.create(self.manager, sandbox.id, image_of(sandbox.id), memory=False, paused=True)
+        await self._keep(sandbox, memory=False)
+
+    async def _keep(self, sandbox: Sandbox, memory: bool) -> None:
+        made = await snapshots.create(self.manager, sandbox.id, image_of(sandbox.id), memory=memory, paused=True)
         await asyncio.to_thread(self._owned_by, made["snapshotID"], sandbox.record.team)
 
     async def keep_memory_image(self, sandbox: Sandbox) -> None:
@@ -66,13 +69,11 @@ class Moving:
         if sandbox.record.volume_mounts:
             return
         try:
-            made = await snapshots.create(self.manager, sandbox.id, image_of(sandbox.id), memory=True, paused=True)
+            await self._keep(sandbox, memory=True)
         except SandboxdError as e:
             log.warning(
                 "sandbox %s: no image of its memory for other nodes (it stays with this node): %s", sandbox.id, e
             )
-            return
-        await asyncio.to_thread(self._owned_by, made["snapshotID"], sandbox.record.team)
 
     def collect(self) -> None:
         """Images whose sandbox runs again here, or ended, go (here and from the bucket)."""
