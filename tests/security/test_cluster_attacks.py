@@ -7,6 +7,8 @@ from each other refuse a layer that is not what the state recorded; mutual TLS k
 
 from __future__ import annotations
 
+import json
+import signal
 import socket
 import ssl
 import time
@@ -481,6 +483,9 @@ def test_a_template_or_snapshot_name_of_another_team_on_another_node_is_not_take
         r = httpx.post(f"{b.url}/v3/templates", json={"name": "first-named"}, headers={"X-API-KEY": owner})
         assert r.status_code == 202, r.text  # (its own team: another build of it, anywhere)
 
+        for srv in servers:  # (a build asked of a node's cluster routes is a build's ID, not a path)
+            r = httpx.get(f"{srv.url}/admin/cluster/templates/base?build=../../etc", headers={"X-API-KEY": srv.api_key})
+            assert r.status_code == 400, r.text
         assert snapshot(a, owner, sandbox_on(a, owner, "first")).status_code == 201
         time.sleep(2.5)  # (a's lease tells it holds the snapshot)
         r = snapshot(b, other, sandbox_on(b, other, "evil"))
@@ -497,3 +502,60 @@ def test_a_template_or_snapshot_name_of_another_team_on_another_node_is_not_take
     finally:
         for srv in servers:
             srv.stop()
+
+
+def test_a_replica_tells_where_a_volume_is_only_to_its_team(pg: PgServer, tmp_path: Path) -> None:
+    """Volumes are one node's (its disk) and a team's: a replica places a create mounting them, and routes their
+    content API, by their node — which another team must not learn, nor that they exist. A create naming two teams'
+    volumes on two nodes said "kept on different nodes (… on node N)", and calls on a lost node's volume named it and
+    its node: an oracle. Another team gets the node's own answer (404 / 401), without a node's name."""
+    database = pg.database()
+    node = ("--role", "node", "--database", database, "--pool-size", "0")
+    servers = [start_server(tmp_path / name, *node) for name in ("a", "b")]
+    holder = None
+    try:
+        replica = start_server(tmp_path / "r", "--role", "api", "--database", database)
+        servers.append(replica)
+        owner = {"X-API-KEY": team_key(replica, "owners")}
+        stranger = {"X-API-KEY": team_key(replica, "strangers")}
+        r = httpx.post(f"{replica.url}/volumes", json={"name": "secret-a"}, headers=owner)
+        assert r.status_code == 201, r.text
+        vol = r.json()
+        with psycopg.connect(database) as db:
+            (body,) = db.execute("SELECT body FROM volumes WHERE id = %s", (vol["volumeID"],)).fetchone()
+        home = json.loads(body)["node"]
+        holder = next(s for s in servers[:2] if (s.data_dir / "node-id").read_text().strip() == home)
+        other = next(s for s in servers[:2] if s is not holder)
+        r = httpx.post(f"{other.url}/volumes", json={"name": "secret-b"}, headers=owner)
+        assert r.status_code == 201, r.text
+        mounts = [{"name": "secret-a", "path": "/a"}, {"name": "secret-b", "path": "/b"}]
+        r = httpx.post(f"{replica.url}/sandboxes", json={"templateID": "base", "volumeMounts": mounts}, headers=owner)
+        assert r.status_code == 400 and "different nodes" in r.text, r.text  # (its own team is told)
+        r = httpx.post(
+            f"{replica.url}/sandboxes", json={"templateID": "base", "volumeMounts": mounts}, headers=stranger
+        )
+        assert r.status_code == 404 and "node" not in r.text, r.text
+
+        holder.stop(signal.SIGKILL)
+        content = f"{replica.url}/volumecontent/{vol['volumeID']}/file?path=/x"
+        deadline = time.monotonic() + 15
+        while "was lost" not in (r := httpx.get(content, headers={"Authorization": f"Bearer {vol['token']}"})).text:
+            assert time.monotonic() < deadline, r.text  # (its token's holder is told, once its lease ran out)
+            time.sleep(0.25)
+        for method, url, headers in (
+            ("GET", content, {"Authorization": "Bearer not-its-token"}),
+            ("GET", content, stranger),
+            ("DELETE", f"{replica.url}/volumes/secret-a", stranger),
+        ):
+            r = httpx.request(method, url, headers=headers)
+            assert r.status_code in (401, 404) and "node" not in r.text, (method, url, r.text)
+        r = httpx.post(
+            f"{replica.url}/sandboxes", json={"templateID": "base", "volumeMounts": mounts[:1]}, headers=stranger
+        )
+        assert r.status_code == 404 and "node" not in r.text, r.text
+    finally:
+        for srv in reversed(servers):
+            if srv.proc.poll() is None:
+                srv.stop()
+        if holder is not None and holder.proc.poll() is not None:  # (its volume unmounted: back, then gone)
+            start_server(holder.data_dir, *node, port=int(holder.url.rsplit(":", 1)[1])).stop()
